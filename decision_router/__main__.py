@@ -1,0 +1,3 @@
+from decision_router.cli import main
+
+main()

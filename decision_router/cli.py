@@ -1,0 +1,338 @@
+"""`decision-router`: parse arguments, call the modules that do the work, format output."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from decision_router.contracts import OutcomeEvent
+from decision_router.durations import parse_duration
+from decision_router.keys import Keys
+from decision_router.logs import configure_logging
+from decision_router.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    help="Route model predictions to named owners, track what they did and whether it worked.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+rules_app = typer.Typer(help="Check the routing rules and owner directory.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        fail(str(exc), code=2)
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    return settings
+
+
+async def _connect(settings: Settings) -> Redis:
+    redis = Redis.from_url(settings.effective_redis_url)
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as exc:
+        await redis.aclose()
+        hint = (
+            " (no DECISION_ROUTER_REDIS_URL is set, so this is the embedded Redis: is `decision-router serve` running?)"
+            if settings.embedded
+            else ""
+        )
+        fail(f"cannot reach Redis at {settings.effective_redis_url}: {exc}{hint}")
+    return redis
+
+
+# serve / demo --------------------------------------------------------------------------
+
+
+@app.command()
+def serve() -> None:
+    """Run the router: consume predictions and outcomes, route, deliver, record."""
+    from decision_router.embedded import EmbeddedRedisError
+    from decision_router.rules import RulesInvalid
+    from decision_router.service import serve as run
+
+    settings = settings_or_exit()
+    try:
+        asyncio.run(run(settings))
+    except RulesInvalid as exc:
+        fail(f"refusing to start: the rules in {settings.rules_dir} are invalid:\n{exc}")
+    except EmbeddedRedisError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def demo(
+    predictions: Annotated[int, typer.Option(help="How many synthetic churn predictions to publish.")] = 3000,
+    seed: Annotated[int, typer.Option(help="Random seed, for a repeatable run.")] = 7,
+    database: Annotated[
+        Optional[str], typer.Option(help="Database URL (default: a fresh SQLite file, decision_router_demo.db).")
+    ] = None,
+) -> None:
+    """Run the whole loop in one process, no server needed, and print the stats."""
+    from decision_router.demo import run_demo
+
+    settings = settings_or_exit()
+    result = asyncio.run(run_demo(settings, predictions=predictions, seed=seed, database_url=database, console=out))
+    print_stats(result.rows, result.by, "table")
+
+
+# publish / outcome ---------------------------------------------------------------------
+
+
+@app.command()
+def publish(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON lines or CSV of predictions.")],
+    fmt: Annotated[str, typer.Option("--format", help="auto (by extension), jsonl or csv.")] = "auto",
+    batch: Annotated[int, typer.Option(help="Entries per pipelined write.")] = 500,
+) -> None:
+    """Publish predictions from a file onto the predictions stream; bad lines are reported and skipped."""
+    from decision_router.contracts import Prediction
+    from decision_router.publisher import BadLine, FileSummary, chunks, describe, publish_predictions, read_entries, validate_entry
+
+    if fmt not in ("auto", "jsonl", "csv"):
+        fail(f"--format must be auto, jsonl or csv, not {fmt!r}", code=2)
+    settings = settings_or_exit()
+    stream = Keys(settings.stream_prefix).predictions
+    summary = FileSummary()
+    total = sum(1 for _ in read_entries(file, fmt))
+
+    async def run() -> None:
+        redis = await _connect(settings)
+        try:
+            with Progress(
+                TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=err, transient=True, disable=not err.is_terminal,
+            ) as progress:
+                task = progress.add_task("publish", total=total)
+                for group in chunks(read_entries(file, fmt), batch):
+                    good: list[Prediction] = []
+                    for number, entry in group:
+                        checked = validate_entry(entry)
+                        if isinstance(checked, Prediction):
+                            good.append(checked)
+                        else:
+                            summary.bad.append(BadLine(number, describe(checked)))
+                            err.print(f"{file}:{number}: skipped: {describe(checked)}", highlight=False)
+                    await publish_predictions(redis, stream, good)
+                    summary.published += len(good)
+                    progress.advance(task, len(group))
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
+    out.print(f"published {summary.published} predictions to {stream}; skipped {len(summary.bad)} bad lines")
+    if summary.bad and not summary.published:
+        raise typer.Exit(1)
+
+
+@app.command()
+def outcome(
+    type_: Annotated[str, typer.Argument(metavar="TYPE", help="acknowledged | intervened | outcome | reassigned")],
+    actor: Annotated[str, typer.Option(help="Who did it (owner id, system name).")],
+    alert: Annotated[Optional[str], typer.Option(help="Address by alert_id.")] = None,
+    prediction: Annotated[Optional[str], typer.Option(help="Address by prediction_id.")] = None,
+    entity: Annotated[Optional[str], typer.Option(help="Address by entity, as TYPE:ID (e.g. account:acct-17).")] = None,
+    action: Annotated[Optional[str], typer.Option(help="What was done (e.g. exec-call, discount-offer).")] = None,
+    result: Annotated[Optional[str], typer.Option(help="For TYPE outcome: success | failure.")] = None,
+    value: Annotated[Optional[float], typer.Option(help="A measured value (e.g. renewed ARR).")] = None,
+    owner: Annotated[Optional[str], typer.Option(help="For TYPE reassigned: the new owner's id.")] = None,
+    note: Annotated[Optional[str], typer.Option(help="Free text kept in the audit trail.")] = None,
+) -> None:
+    """Record an outcome event (it goes onto the outcomes stream, like any producer's)."""
+    from pydantic import ValidationError
+
+    from decision_router.publisher import publish_outcome
+
+    document: dict[str, Any] = {
+        "type": type_, "actor": actor, "alert_id": alert, "prediction_id": prediction,
+        "action": action, "result": result, "value": value, "owner": owner, "note": note,
+    }
+    if entity is not None:
+        entity_type, sep, entity_id = entity.partition(":")
+        if not sep or not entity_type or not entity_id:
+            fail(f"--entity must look like TYPE:ID (e.g. account:acct-17), not {entity!r}", code=2)
+        document.update(entity_type=entity_type, entity_id=entity_id)
+    try:
+        event = OutcomeEvent.model_validate({k: v for k, v in document.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+        )
+        fail(f"invalid outcome event: {problems}", code=2)
+    settings = settings_or_exit()
+    stream = Keys(settings.stream_prefix).outcomes
+
+    async def run() -> str:
+        redis = await _connect(settings)
+        try:
+            return await publish_outcome(redis, stream, event)
+        finally:
+            await redis.aclose()
+
+    entry_id = asyncio.run(run())
+    out.print(f"recorded {event.type.value} on {stream} as entry {entry_id}")
+
+
+# stats ---------------------------------------------------------------------------------
+
+
+def _since(value: Optional[str]) -> Optional[datetime]:
+    """`7d` (relative to now) or an ISO-8601 date/time."""
+    from decision_router.contracts import utc
+    from decision_router.pipeline import utcnow
+
+    if value is None:
+        return None
+    try:
+        return utcnow() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        return utc(datetime.fromisoformat(value))
+    except ValueError:
+        fail(f"expected a duration like 7d or an ISO date like 2026-11-01, not {value!r}", code=2)
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 1_000 else f"{value:,.0f}"
+    return str(value)
+
+
+def print_stats(rows: list[Any], by: Any, fmt: str) -> None:
+    dicts = [row.as_dict(by) for row in rows]
+    if fmt == "json":
+        sys.stdout.write(json.dumps(dicts, indent=2) + "\n")
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        columns = list(dicts[0]) if dicts else [by.value]
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(dicts)
+        sys.stdout.write(buffer.getvalue())
+    else:
+        table = Table(title=f"intervention outcomes by {by.value}", title_justify="left")
+        columns = list(dicts[0]) if dicts else [by.value]
+        for column in columns:
+            table.add_column(column.replace("_", " "), justify="left" if column == by.value else "right")
+        for row in dicts:
+            table.add_row(*(_format_value(row[c]) for c in columns))
+        out.print(table)
+        if not dicts:
+            out.print("no alerts in this window yet")
+        else:
+            out.print("n/a: no data for that rate (for example, no alert with an outcome yet)", style="dim")
+
+
+@app.command()
+def stats(
+    by: Annotated[str, typer.Option(help="Group by rule, owner or model.")] = "rule",
+    fmt: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+    since: Annotated[Optional[str], typer.Option(help="Only alerts created since: 7d, 24h or an ISO date.")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Only alerts created before: a duration ago or an ISO date.")] = None,
+) -> None:
+    """Routed, acknowledged, intervened, successes and rates per rule, owner or model."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlmodel import Session
+
+    from decision_router.stats import GroupBy, compute_stats
+    from decision_router.store import create_schema, make_engine
+
+    try:
+        group = GroupBy(by)
+    except ValueError:
+        fail(f"--by must be one of {', '.join(g.value for g in GroupBy)}, not {by!r}", code=2)
+    if fmt not in ("table", "json", "csv"):
+        fail(f"--format must be table, json or csv, not {fmt!r}", code=2)
+    settings = settings_or_exit()
+    engine = make_engine(settings.database_url)
+    try:
+        create_schema(engine)
+        with Session(engine) as session:
+            rows = compute_stats(session, by=group, since=_since(since), until=_since(until))
+    except SQLAlchemyError as exc:
+        fail(f"cannot read the store at {settings.database_url}: {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}")
+    finally:
+        engine.dispose()
+    print_stats(rows, group, fmt)
+
+
+# rules / health ------------------------------------------------------------------------
+
+
+@rules_app.command("check")
+def rules_check(
+    directory: Annotated[Optional[Path], typer.Argument(help="Rules directory (default: DECISION_ROUTER_RULES_DIR or ./rules).")] = None,
+) -> None:
+    """Validate routing.yaml and owners.yaml; list every problem; exit 0 only when valid."""
+    from decision_router.rules import check_rules, load_rules
+
+    directory = directory or settings_or_exit().rules_dir
+    problems = check_rules(directory)
+    if problems:
+        for problem in problems:
+            err.print(str(problem), highlight=False, soft_wrap=True)
+        err.print(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {directory}", style="bold red")
+        raise typer.Exit(1)
+    ruleset = load_rules(directory)
+    out.print(
+        f"{directory}: ok — {len(ruleset.rules)} rules, {len(ruleset.owners)} owners, version {ruleset.version}",
+        highlight=False,
+    )
+
+
+@app.command()
+def health() -> None:
+    """Exit 0 when Redis and the database answer (used by the compose health check)."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from decision_router.store import make_engine
+
+    settings = settings_or_exit()
+
+    async def ping() -> None:
+        redis = await _connect(settings)
+        await redis.aclose()
+
+    asyncio.run(ping())
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("select 1"))
+    except SQLAlchemyError as exc:
+        fail(f"cannot reach the database: {exc.__class__.__name__}")
+    finally:
+        engine.dispose()
+    out.print("ok")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,149 @@
+"""Wire messages: what producers send and what owners receive. The public API.
+
+These are pydantic models only; SQL tables live in `tables.py` and the tracker maps
+one onto the other.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NonEmpty = Field(min_length=1, max_length=200)
+
+
+def utc(value: datetime) -> datetime:
+    """Naive datetimes are read as UTC, as the contract says timestamps are UTC."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class Prediction(BaseModel):
+    """One model output. `prediction_id` is the idempotency key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prediction_id: str = NonEmpty
+    model: str = NonEmpty
+    model_version: str = NonEmpty
+    entity_type: str = NonEmpty
+    entity_id: str = NonEmpty
+    # Range is checked by the quality gate so it gets its own rejection reason.
+    score: float = Field(allow_inf_nan=False)
+    label: str | None = None
+    predicted_at: datetime
+    features: dict[str, Any] = Field(default_factory=dict)
+    context: dict[str, Any] = Field(default_factory=dict)
+
+    _utc = field_validator("predicted_at")(lambda cls, v: utc(v))
+
+    def as_document(self) -> dict[str, Any]:
+        """Plain dict for rule evaluation and compact storage."""
+        return self.model_dump(mode="json")
+
+
+class Alert(BaseModel):
+    """What an owner receives on `alerts:<owner_id>` (one `data` field holding this JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alert_id: str
+    prediction_id: str
+    owner: str
+    owner_source: str
+    rule: str
+    priority: str
+    model: str
+    model_version: str
+    entity_type: str
+    entity_id: str
+    score: float
+    label: str | None = None
+    context: dict[str, Any] = Field(default_factory=dict)
+    missing_context: list[str] = Field(default_factory=list)
+    ack_by: AwareDatetime
+    act_by: AwareDatetime
+    rules_version: str
+    predicted_at: AwareDatetime
+    created_at: AwareDatetime
+    reassigned_from: str | None = None
+
+
+class OutcomeType(StrEnum):
+    ACKNOWLEDGED = "acknowledged"
+    INTERVENED = "intervened"
+    OUTCOME = "outcome"
+    REASSIGNED = "reassigned"
+
+
+class OutcomeResult(StrEnum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+class OutcomeEvent(BaseModel):
+    """Something that happened to an alert, addressed by alert, prediction or entity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alert_id: str | None = None
+    prediction_id: str | None = None
+    entity_type: str | None = None
+    entity_id: str | None = None
+    type: OutcomeType
+    actor: str = NonEmpty
+    action: str | None = None
+    result: OutcomeResult | None = None
+    value: float | None = Field(default=None, allow_inf_nan=False)
+    # New owner of a reassigned alert.
+    owner: str | None = None
+    note: str | None = None
+    at: datetime | None = None
+
+    @field_validator("at")
+    @classmethod
+    def _at_utc(cls, value: datetime | None) -> datetime | None:
+        return utc(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _addressed_once(self) -> "OutcomeEvent":
+        by_entity = self.entity_type is not None or self.entity_id is not None
+        modes = [self.alert_id is not None, self.prediction_id is not None, by_entity]
+        if sum(modes) != 1:
+            raise ValueError("address the event by exactly one of alert_id, prediction_id, or entity_type+entity_id")
+        if by_entity and not (self.entity_type and self.entity_id):
+            raise ValueError("entity addressing needs both entity_type and entity_id")
+        if self.type is OutcomeType.OUTCOME and self.result is None:
+            raise ValueError("an outcome event needs result: success or failure")
+        if self.type is not OutcomeType.OUTCOME and self.result is not None:
+            raise ValueError("result is only allowed on type: outcome")
+        if self.type is OutcomeType.REASSIGNED and not self.owner:
+            raise ValueError("a reassigned event needs owner: the new owner's id")
+        return self
+
+
+class RejectionReason(StrEnum):
+    """Why an input went to a dead-letter stream. Machine-readable; counted per model."""
+
+    INVALID_JSON = "invalid_json"  # `data` field is not a JSON object
+    SCHEMA = "schema"  # wrong types, unknown or missing fields
+    MISSING_ID = "missing_id"  # prediction_id, entity_id or entity_type absent or empty
+    SCORE_OUT_OF_RANGE = "score_out_of_range"
+    STALE = "stale"  # predicted_at older than the configured max age
+    FROM_FUTURE = "from_future"  # predicted_at ahead of the clock by more than the allowed skew
+    DUPLICATE = "duplicate"  # prediction_id seen before, in another stream entry
+    UNKNOWN_ALERT = "unknown_alert"  # outcome addressed to no known alert
+    UNKNOWN_OWNER = "unknown_owner"  # reassignment to an owner not in the directory
+
+
+class Rejection(BaseModel):
+    """A rejected input, as written to a `...:dlq` stream."""
+
+    reason: RejectionReason
+    detail: str
+    model: str | None = None
+    source_stream: str
+    source_id: str | None = None
+    payload: str  # the original entry, as JSON text of its fields

@@ -1,0 +1,42 @@
+"""Human durations ("30s", "15m", "4h", "2d", "1w") used by rules and settings."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+def parse_duration(text: str | int | float | timedelta) -> timedelta:
+    """Parse "4h", "1d12h", "90m" or a number of seconds; raise ValueError with the reason."""
+    if isinstance(text, timedelta):
+        return text
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError("duration must not be negative")
+        return timedelta(seconds=text)
+    if not isinstance(text, str):
+        raise ValueError(f"expected a duration like '4h' or '2d', got {text!r}")
+    compact = text.strip().lower().replace(" ", "")
+    if compact.isdigit():
+        return timedelta(seconds=int(compact))
+    pos, seconds = 0, 0.0
+    for match in _PART.finditer(compact):
+        if match.start() != pos:
+            break
+        seconds += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(compact) or not compact:
+        raise ValueError(f"expected a duration like '30s', '15m', '4h', '2d' or '1w', got {text!r}")
+    return timedelta(seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    """Inverse of parse_duration for whole units: 14400 s -> "4h"."""
+    seconds = int(value.total_seconds())
+    for unit, size in sorted(_UNITS.items(), key=lambda kv: -kv[1]):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

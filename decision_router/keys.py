@@ -1,0 +1,35 @@
+"""Every Redis stream and key name, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Stream and key names under an optional prefix (tests and tenants share a server)."""
+
+    prefix: str = ""
+
+    @property
+    def predictions(self) -> str:
+        return f"{self.prefix}predictions"
+
+    @property
+    def predictions_dlq(self) -> str:
+        return f"{self.prefix}predictions:dlq"
+
+    @property
+    def outcomes(self) -> str:
+        return f"{self.prefix}outcomes"
+
+    @property
+    def outcomes_dlq(self) -> str:
+        return f"{self.prefix}outcomes:dlq"
+
+    def inbox(self, owner_id: str) -> str:
+        return f"{self.prefix}alerts:{owner_id}"
+
+    def dedupe(self, marker: str) -> str:
+        """Marker that makes one stream write happen once (see delivery.inbox.xadd_once)."""
+        return f"{self.prefix}dedupe:{marker}"

@@ -1,0 +1,278 @@
+"""One batch at a time: gate -> route -> persist -> deliver. The caller acknowledges after.
+
+Exactly-once effect on at-least-once input: alert ids derive from prediction ids, the
+store has unique keys, and every stream write goes through `xadd_once`. Alerts are
+committed first and written to inboxes after (the outbox), so a crash in between is
+repaired by the redelivery or by `drain_outbox` at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import structlog
+from redis.asyncio import Redis
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from decision_router import tracker
+from decision_router.contracts import Alert, OutcomeEvent, OutcomeType, Prediction, Rejection, RejectionReason
+from decision_router.delivery import INBOX, inbox_writes
+from decision_router.keys import Keys
+from decision_router.quality import RawEntry, check_outcome, check_prediction, original_payload
+from decision_router.router import route
+from decision_router.rules import RuleSet
+from decision_router.settings import Settings
+from decision_router.streams import StreamWrite, xadd_once
+
+log = structlog.get_logger("decision_router.pipeline")
+
+Entry = tuple[str | None, RawEntry]  # (stream entry id, fields)
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class BatchResult:
+    accepted: int = 0
+    redelivered: int = 0
+    alerts: int = 0
+    recorded: int = 0
+    delivered: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, rejection: Rejection) -> None:
+        self.rejected[rejection.reason.value] = self.rejected.get(rejection.reason.value, 0) + 1
+
+
+def dlq_writes(rejections: Sequence[Rejection], *, stream: str, keys: Keys) -> list[StreamWrite]:
+    writes = []
+    for r in rejections:
+        fields = {
+            "reason": r.reason.value,
+            "detail": r.detail,
+            "model": r.model or "",
+            "source_stream": r.source_stream,
+            "source_id": r.source_id or "",
+            "payload": r.payload,
+        }
+        # Entries without an id (never from a real stream) are written unconditionally.
+        marker = f"dlq:{r.source_stream}:{r.source_id}" if r.source_id else f"dlq:{id(r)}:{r.payload}"
+        writes.append(StreamWrite(stream=stream, fields=fields, dedupe_key=keys.dedupe(marker)))
+    return writes
+
+
+class Pipeline:
+    def __init__(
+        self, *, settings: Settings, ruleset: RuleSet, engine: Engine, redis: Redis, clock: Clock = utcnow
+    ) -> None:
+        self.settings = settings
+        self.ruleset = ruleset
+        self.engine = engine
+        self.redis = redis
+        self.clock = clock
+        self.keys = Keys(settings.stream_prefix)
+
+    # predictions ------------------------------------------------------------------
+
+    async def process_predictions(self, entries: Sequence[Entry]) -> BatchResult:
+        now = self.clock()
+        checked = [
+            (entry_id, fields, self._check(entry_id, fields, now)) for entry_id, fields in entries
+        ]
+        try:
+            result, rejections, batch_ids = await asyncio.to_thread(self._store_predictions, checked, now)
+        except IntegrityError:
+            # Another worker stored one of these prediction ids between our read and commit;
+            # a second pass sees its row and treats ours as a duplicate.
+            result, rejections, batch_ids = await asyncio.to_thread(self._store_predictions, checked, now)
+        await xadd_once(
+            self.redis,
+            dlq_writes(rejections, stream=self.keys.predictions_dlq, keys=self.keys),
+            ttl=self.settings.dedupe_ttl,
+        )
+        result.delivered = await self.drain_outbox(prediction_ids=batch_ids)
+        log.info(
+            "batch routed",
+            size=len(entries),
+            accepted=result.accepted,
+            alerts=result.alerts,
+            recorded=result.recorded,
+            redelivered=result.redelivered,
+            rejected=result.rejected or None,
+        )
+        return result
+
+    def _check(self, entry_id: str | None, fields: RawEntry, now: datetime) -> Prediction | Rejection:
+        return check_prediction(
+            fields,
+            now=now,
+            max_age=self.settings.max_prediction_age,
+            max_skew=self.settings.max_clock_skew,
+            source_stream=self.keys.predictions,
+            source_id=entry_id,
+        )
+
+    def _store_predictions(
+        self, checked: Sequence[tuple[str | None, RawEntry, Prediction | Rejection]], now: datetime
+    ) -> tuple[BatchResult, list[Rejection], list[str]]:
+        result = BatchResult()
+        rejections: list[Rejection] = []
+        batch_ids: list[str] = []
+        with Session(self.engine) as session:
+            known = tracker.known_predictions(
+                session, (p.prediction_id for _, _, p in checked if isinstance(p, Prediction))
+            )
+            for entry_id, fields, item in checked:
+                if isinstance(item, Rejection):
+                    rejections.append(item)
+                    continue
+                pid = item.prediction_id
+                if pid in known:
+                    if entry_id is not None and known[pid] == entry_id:
+                        # The same stream entry again (crash before ack): only finish its delivery.
+                        result.redelivered += 1
+                        batch_ids.append(pid)
+                    else:
+                        rejections.append(
+                            Rejection(
+                                reason=RejectionReason.DUPLICATE,
+                                detail=f"prediction_id {pid} was already accepted from entry {known[pid] or '?'}",
+                                model=item.model,
+                                source_stream=self.keys.predictions,
+                                source_id=entry_id,
+                                payload=original_payload(fields),
+                            )
+                        )
+                    continue
+                known[pid] = entry_id
+                records = tracker.record_prediction(
+                    session,
+                    prediction=item,
+                    stream_id=entry_id,
+                    decisions=route(item.as_document(), self.ruleset),
+                    rules_version=self.ruleset.version,
+                    now=now,
+                )
+                result.accepted += 1
+                result.alerts += sum(1 for r in records if r.action == "alert")
+                result.recorded += sum(1 for r in records if r.action != "alert")
+                batch_ids.append(pid)
+            for rejection in rejections:
+                result.reject(rejection)
+            tracker.record_rejections(session, rejections, now=now)
+            session.commit()
+        return result, rejections, batch_ids
+
+    # delivery ---------------------------------------------------------------------
+
+    async def drain_outbox(self, *, prediction_ids: Sequence[str] | None = None) -> int:
+        """Write stored, undelivered alerts to their owners' inboxes; returns how many."""
+        if prediction_ids is not None and not prediction_ids:
+            return 0
+        delivered = 0
+        while True:
+            alerts = await asyncio.to_thread(self._undelivered, prediction_ids)
+            if not alerts:
+                return delivered
+            await xadd_once(self.redis, inbox_writes(alerts, self.keys), ttl=self.settings.dedupe_ttl)
+            await asyncio.to_thread(self._mark_delivered, [a.alert_id for a in alerts])
+            delivered += len(alerts)
+            if prediction_ids is not None:
+                return delivered
+
+    def _undelivered(self, prediction_ids: Sequence[str] | None) -> list[Alert]:
+        with Session(self.engine) as session:
+            return [tracker.to_alert(r) for r in tracker.undelivered_alerts(session, prediction_ids=prediction_ids)]
+
+    def _mark_delivered(self, alert_ids: list[str]) -> None:
+        with Session(self.engine) as session:
+            tracker.mark_delivered(session, alert_ids, channel=INBOX, now=self.clock())
+            session.commit()
+
+    # outcomes ---------------------------------------------------------------------
+
+    async def process_outcomes(self, entries: Sequence[Entry]) -> BatchResult:
+        now = self.clock()
+        parsed = [
+            (entry_id, fields, check_outcome(fields, source_stream=self.keys.outcomes, source_id=entry_id))
+            for entry_id, fields in entries
+        ]
+        try:
+            result, rejections, touched = await asyncio.to_thread(self._store_outcomes, parsed, now)
+        except IntegrityError:
+            # A concurrent worker applied the same entry: the second pass skips it.
+            result, rejections, touched = await asyncio.to_thread(self._store_outcomes, parsed, now)
+        await xadd_once(
+            self.redis,
+            dlq_writes(rejections, stream=self.keys.outcomes_dlq, keys=self.keys),
+            ttl=self.settings.dedupe_ttl,
+        )
+        # Reassigned alerts went back into the outbox for their new owner.
+        result.delivered = await self.drain_outbox(prediction_ids=touched)
+        log.info(
+            "outcomes recorded",
+            size=len(entries),
+            applied=result.accepted,
+            redelivered=result.redelivered,
+            rejected=result.rejected or None,
+        )
+        return result
+
+    def _store_outcomes(
+        self, parsed: Sequence[tuple[str | None, RawEntry, OutcomeEvent | Rejection]], now: datetime
+    ) -> tuple[BatchResult, list[Rejection], list[str]]:
+        result = BatchResult()
+        rejections: list[Rejection] = []
+        reassigned: list[str] = []
+        with Session(self.engine) as session:
+            for entry_id, fields, item in parsed:
+                if isinstance(item, Rejection):
+                    rejections.append(item)
+                    continue
+                source_id = f"{self.keys.outcomes}/{entry_id}" if entry_id else None
+                if tracker.already_applied(session, source_id):
+                    result.redelivered += 1
+                    continue
+                alerts = tracker.find_alerts(session, item)
+                reason, detail = self._outcome_problem(item, alerts)
+                if reason is not None:
+                    rejections.append(
+                        Rejection(
+                            reason=reason,
+                            detail=detail,
+                            source_stream=self.keys.outcomes,
+                            source_id=entry_id,
+                            payload=original_payload(fields),
+                        )
+                    )
+                    continue
+                tracker.apply_outcome(session, event=item, alerts=alerts, source_id=source_id, now=now)
+                result.accepted += 1
+                if item.type is OutcomeType.REASSIGNED:
+                    reassigned.extend(a.prediction_id for a in alerts)
+            for rejection in rejections:
+                result.reject(rejection)
+            tracker.record_rejections(session, rejections, now=now)
+            session.commit()
+        return result, rejections, reassigned
+
+    def _outcome_problem(
+        self, event: OutcomeEvent, alerts: Sequence[object]
+    ) -> tuple[RejectionReason | None, str]:
+        if not alerts:
+            if event.alert_id is not None:
+                return RejectionReason.UNKNOWN_ALERT, f"no alert {event.alert_id}"
+            if event.prediction_id is not None:
+                return RejectionReason.UNKNOWN_ALERT, f"no alert for prediction {event.prediction_id}"
+            return RejectionReason.UNKNOWN_ALERT, f"no open alert for {event.entity_type}:{event.entity_id}"
+        if event.type is OutcomeType.REASSIGNED and event.owner not in self.ruleset.owners:
+            return RejectionReason.UNKNOWN_OWNER, f"owner {event.owner!r} is not in the owner directory"
+        return None, ""

@@ -1,0 +1,19 @@
+"""Routing rules and the owner directory: load, check and compile `rules/*.yaml`.
+
+The format is documented in docs/rules.md.
+"""
+
+from decision_router.rules.compile import MISSING, CompiledRule, Owner, RuleSet, lookup
+from decision_router.rules.load import RuleProblem, RulesInvalid, check_rules, load_rules
+
+__all__ = [
+    "MISSING",
+    "CompiledRule",
+    "Owner",
+    "RuleProblem",
+    "RuleSet",
+    "RulesInvalid",
+    "check_rules",
+    "load_rules",
+    "lookup",
+]

@@ -1,0 +1,218 @@
+"""Validated specs -> plain predicates, built once per load.
+
+Nothing here parses YAML or reports problems: `load.py` only calls `build_ruleset` on a
+rule set with no problems, so an operator or regex here is known to be good. Evaluation
+never raises on odd document values (a string where a number was expected, a list
+where a string was); such a condition is simply false.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from decision_router.rules.spec import ConditionSpec, DefaultsSpec, OwnerSpec, RoutingFile, RuleSpec
+
+
+class _Missing:
+    """Sentinel for a field that is absent (or null) in the document."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+Test = Callable[[Any], bool]
+
+
+@lru_cache(maxsize=4096)
+def _split(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
+def lookup(document: Mapping[str, Any], path: str) -> Any:
+    """Value at a dotted path, or MISSING. Null counts as missing: producers send
+    `"label": null` for "no label", and `as_document()` does the same."""
+    value: Any = document
+    for part in _split(path):
+        if not isinstance(value, Mapping) or part not in value:
+            return MISSING
+        value = value[part]
+    return MISSING if value is None else value
+
+
+def _as_number(value: Any) -> float | None:
+    # Flat Redis producers send every field as a string ("120000"), so numeric strings
+    # count as numbers; anything else makes a numeric comparison false.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def same(actual: Any, expected: Any) -> bool:
+    """eq/ne/in/not_in equality, tolerant of stringly typed producers.
+
+    A string and a number are equal when the string is exactly `str(number)`
+    ("120000" == 120000, "0.5" == 0.5); a string and a boolean when it is
+    "true"/"false" in any case. Otherwise Python equality, except that booleans never
+    equal numbers (True is not 1 for a rule author).
+    """
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        if isinstance(actual, bool) and isinstance(expected, bool):
+            return actual == expected
+        text, flag = (actual, expected) if isinstance(expected, bool) else (expected, actual)
+        return isinstance(text, str) and text.strip().lower() == ("true" if flag else "false")
+    if isinstance(actual, str) and isinstance(expected, (int, float)):
+        return actual == str(expected)
+    if isinstance(expected, str) and isinstance(actual, (int, float)):
+        return str(actual) == expected
+    if isinstance(actual, (Mapping, list)):
+        return False  # rule values are scalars; a container never equals one
+    return bool(actual == expected)
+
+
+def _numeric(compare: Callable[[float], bool]) -> Test:
+    def test(value: Any) -> bool:
+        number = _as_number(value)
+        return number is not None and compare(number)
+
+    return test
+
+
+def _regex(pattern: str) -> Test:
+    search = re.compile(pattern).search  # compiled once per load, not per prediction
+
+    def test(value: Any) -> bool:
+        if isinstance(value, str):
+            return search(value) is not None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return search(str(value)) is not None
+        return False
+
+    return test
+
+
+def _operator(op: str, expected: Any) -> Test:
+    """One operator on a present value; MISSING is handled by the caller."""
+    if op == "eq":
+        return lambda v: same(v, expected)
+    if op == "ne":
+        return lambda v: not same(v, expected)
+    if op == "in":
+        return lambda v: any(same(v, e) for e in expected)
+    if op == "not_in":
+        return lambda v: not any(same(v, e) for e in expected)
+    if op == "gt":
+        return _numeric(lambda n: n > expected)
+    if op == "gte":
+        return _numeric(lambda n: n >= expected)
+    if op == "lt":
+        return _numeric(lambda n: n < expected)
+    if op == "lte":
+        return _numeric(lambda n: n <= expected)
+    if op == "between":
+        low, high = expected
+        return _numeric(lambda n: low <= n <= high)
+    if op == "regex":
+        return _regex(expected)
+    raise AssertionError(f"operator {op!r} passed validation but has no implementation")
+
+
+def compile_condition(condition: ConditionSpec) -> Test:
+    """All operators on one field, ANDed, as one test of the looked-up value."""
+    operators = condition.operators()
+    exists = operators.pop("exists", None)
+    tests = tuple(_operator(op, expected) for op, expected in operators.items())
+    if exists is False:  # spec.py rejects it next to any other operator
+        return lambda value: value is MISSING
+    return lambda value: value is not MISSING and all(test(value) for test in tests)
+
+
+@dataclass(frozen=True)
+class Owner:
+    id: str
+    name: str
+    email: str | None
+    manager: str | None
+    team: str | None
+    channels: tuple[str, ...] = ("inbox",)
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    name: str
+    index: int  # 0-based position in routing.yaml
+    priority: str
+    action: str  # "alert" | "record"
+    continue_: bool
+    owner_static: str | None
+    owner_from: str | None
+    owner_fallback: str | None
+    context_fields: tuple[str, ...]
+    ack_within: timedelta
+    act_within: timedelta
+    # (path, test) per field condition; all must hold.
+    conditions: tuple[tuple[str, Test], ...] = field(default=(), repr=False, compare=False)
+
+    def matches(self, document: Mapping[str, Any]) -> bool:
+        for path, test in self.conditions:
+            if not test(lookup(document, path)):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    version: str  # first 12 hex of sha256(routing.yaml + b"\0" + owners.yaml)
+    rules: tuple[CompiledRule, ...]
+    owners: Mapping[str, Owner]
+    source_dir: Path
+
+
+def compile_rule(spec: RuleSpec, index: int, defaults: DefaultsSpec) -> CompiledRule:
+    static = spec.owner if isinstance(spec.owner, str) else None
+    dynamic = None if isinstance(spec.owner, str) else spec.owner
+    return CompiledRule(
+        name=spec.name,
+        index=index,
+        priority=spec.priority or defaults.priority,
+        action=spec.action,
+        continue_=spec.continue_,
+        owner_static=static,
+        owner_from=dynamic.from_ if dynamic else None,
+        owner_fallback=dynamic.fallback if dynamic else None,
+        context_fields=tuple(dict.fromkeys(spec.context)),
+        ack_within=spec.ack_within or defaults.ack_within,
+        act_within=spec.act_within or defaults.act_within,
+        conditions=tuple((path, compile_condition(cond)) for path, cond in spec.when.items()),
+    )
+
+
+def compile_owner(spec: OwnerSpec) -> Owner:
+    return Owner(spec.id, spec.name, spec.email, spec.manager, spec.team, tuple(spec.channels))
+
+
+def build_ruleset(routing: RoutingFile, owners: list[OwnerSpec], *, version: str, source_dir: Path) -> RuleSet:
+    return RuleSet(
+        version=version,
+        rules=tuple(compile_rule(rule, i, routing.defaults) for i, rule in enumerate(routing.rules)),
+        owners=MappingProxyType({o.id: compile_owner(o) for o in owners}),
+        source_dir=source_dir,
+    )

@@ -1,0 +1,342 @@
+"""Read, validate and cross-check a rules directory; compile it only when it is clean.
+
+Every problem is collected before anything is reported, so an author fixes a file in
+one round instead of one error per run. Each problem names the file, the rule (or
+owner) by name and the dotted field, as `rules check` prints them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from decision_router.durations import format_duration
+from decision_router.rules.compile import RuleSet, build_ruleset
+from decision_router.rules.spec import (
+    OPERATORS,
+    OWNER_TAGS,
+    DefaultsSpec,
+    OwnerFromSpec,
+    OwnersFile,
+    OwnerSpec,
+    RoutingFile,
+    RuleSpec,
+)
+
+ROUTING_FILE = "routing.yaml"
+OWNERS_FILE = "owners.yaml"
+_END = 1 << 30  # sort position of whole-file checks that belong after every rule
+
+
+@dataclass(frozen=True)
+class RuleProblem:
+    file: str  # "rules/routing.yaml"
+    rule: str  # rule name or "#3"; "owner <id>" / "owner #3" in owners.yaml; "-" for the whole file
+    field: str  # dotted field ("when.score.gte"), a YAML position ("line 4, column 7"), or "-"
+    message: str
+
+    def __str__(self) -> str:
+        # "-" parts are left out so whole-file problems read "rules/routing.yaml: rules: ...".
+        parts = [self.file]
+        if self.rule != "-":
+            parts.append(self.rule if self.rule.startswith("owner ") else f"rule {self.rule}")
+        if self.field != "-":
+            parts.append(self.field)
+        return ": ".join([*parts, self.message])
+
+
+class RulesInvalid(Exception):
+    """A rules directory with problems; `str()` lists them, one per line."""
+
+    def __init__(self, problems: Iterable[RuleProblem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def check_rules(rules_dir: Path | str) -> list[RuleProblem]:
+    """Every problem in the directory; [] when it loads."""
+    return _load(Path(rules_dir))[1]
+
+
+def load_rules(rules_dir: Path | str) -> RuleSet:
+    ruleset, problems = _load(Path(rules_dir))
+    if problems or ruleset is None:
+        raise RulesInvalid(problems)
+    return ruleset
+
+
+@dataclass
+class _Problems:
+    """Problems of one file, sorted by position (file-level first, then item order)."""
+
+    file: str
+    found: list[tuple[int, int, RuleProblem]] = field(default_factory=list)
+
+    def add(self, position: int, label: str, field_: str, message: str) -> None:
+        self.found.append((position, len(self.found), RuleProblem(self.file, label, field_, message)))
+
+    def sorted(self) -> list[RuleProblem]:
+        return [p for _, _, p in sorted(self.found, key=lambda t: t[:2])]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that records duplicate mapping keys: plain YAML keeps the last one,
+    which would silently drop a condition or an owner field."""
+
+    def __init__(self, stream: bytes) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, str]] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    self.duplicates.append((key_node.start_mark.line + 1, key_node.value))
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, Any] | None]:
+    """File bytes (for the version hash) and its top-level mapping, or None with problems."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        out.add(-1, "-", "-", f"not found in {path.parent}/ (a rules directory holds {ROUTING_FILE} and {OWNERS_FILE})")
+        return b"", None
+    except OSError as exc:
+        out.add(-1, "-", "-", f"cannot read: {exc.strerror}")
+        return b"", None
+    loader = _Loader(raw)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "-"
+        out.add(-1, "-", where, f"invalid YAML: {exc.problem or exc.context}")
+        return raw, None
+    except yaml.YAMLError as exc:
+        out.add(-1, "-", "-", f"invalid YAML: {exc}")
+        return raw, None
+    finally:
+        loader.dispose()
+    for line, key in loader.duplicates:
+        out.add(-1, "-", f"line {line}", f"duplicate key '{key}' (YAML would silently keep only the last one)")
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        out.add(-1, "-", "-", f"expected a mapping with '{top_key}:' at the top, got {got}")
+        return raw, None
+    return raw, data
+
+
+def _labels(items: Any, key: str, prefix: str) -> list[str]:
+    """How each list item is named in problems: its name/id if it has one, else "#n"."""
+    labels = []
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        value = item.get(key) if isinstance(item, dict) else None
+        labels.append(f"{prefix}{value}" if isinstance(value, str) and value else f"{prefix}#{i + 1}")
+    return labels
+
+
+# Which model an "unknown key" sits in, by the shape of its location (list indices removed).
+def _container(path: tuple[str, ...], in_item: bool, list_key: str) -> tuple[type[BaseModel], str]:
+    if not in_item:
+        if path[:1] == ("defaults",):
+            return DefaultsSpec, "key"
+        return (RoutingFile if list_key == "rules" else OwnersFile), "key"
+    if list_key == "owners":
+        return OwnerSpec, "key"
+    if path[:1] == ("when",) and len(path) == 3:
+        return RuleSpec, "operator"
+    if path[:1] == ("owner",):
+        return OwnerFromSpec, "key"
+    return RuleSpec, "key"
+
+
+def _message(error: Any, path: tuple[str, ...], in_item: bool, list_key: str) -> str:
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        model, what = _container(path, in_item, list_key)
+        if what == "operator":
+            return f"unknown operator '{path[-1]}'; expected one of {', '.join(OPERATORS)}"
+        allowed = [f.alias or name for name, f in model.model_fields.items()]
+        return f"unknown key '{path[-1]}'; expected one of {', '.join(allowed)}"
+    if kind == "missing":
+        return "required"
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"expected a mapping, got {value!r}"
+    if kind == "literal_error":
+        return f"expected {error['ctx']['expected']}, got {value!r}"
+    if kind in ("list_type", "tuple_type"):
+        return f"expected a list, got {value!r}"
+    message = str(error["msg"])
+    return f"{message}, got {value!r}" if not isinstance(value, (dict, list)) else message
+
+
+def _validation_problems(exc: ValidationError, labels: list[str], list_key: str, out: _Problems) -> None:
+    for error in exc.errors():
+        loc = error["loc"]
+        in_item = len(loc) > 1 and loc[0] == list_key and isinstance(loc[1], int)
+        rest = loc[2:] if in_item else loc
+        # Drop list positions and pydantic's internal markers: the message quotes the value.
+        path = tuple(str(p) for p in rest if not isinstance(p, int) and p not in OWNER_TAGS and p != "[key]")
+        position = int(loc[1]) if in_item else -1
+        label = labels[position] if in_item else "-"
+        out.add(position, label, ".".join(path) or "-", _message(error, path, in_item, list_key))
+
+
+def _did_you_mean(value: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(value, list(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _str(item: Any, key: str) -> str | None:
+    value = item.get(key) if isinstance(item, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _parse(model: type[BaseModel], item: Any) -> Any:
+    """The item as `model`, or None: its own problems are reported by the whole-file validation."""
+    try:
+        return model.model_validate(item)
+    except ValidationError:
+        return None
+
+
+def _check_owners(raw: list[Any], labels: list[str], out: _Problems) -> None:
+    """Duplicate ids, unknown managers, manager loops, email channel without email.
+
+    Works on the raw entries, so an owner with a typo elsewhere is still checked here.
+    """
+    first: dict[str, int] = {}
+    managers: dict[str, str | None] = {}
+    for i, item in enumerate(raw):
+        oid = _str(item, "id")
+        if oid is not None:
+            if oid in first:
+                out.add(i, labels[i], "id", f"duplicate id '{oid}': owners #{first[oid] + 1} and #{i + 1} both use it")
+            first.setdefault(oid, i)
+            managers.setdefault(oid, _str(item, "manager"))
+    reported: set[str] = set()
+    for i, item in enumerate(raw):
+        oid, manager = _str(item, "id"), _str(item, "manager")
+        if manager is not None and manager not in first:
+            out.add(i, labels[i], "manager", f"'{manager}' is not in the owner directory{_did_you_mean(manager, first)}")
+        channels = item.get("channels") if isinstance(item, dict) else None
+        if isinstance(channels, list) and "email" in channels and _str(item, "email") is None:
+            out.add(i, labels[i], "channels", "channel 'email' needs an email address, and email is not set")
+        if oid is None or oid in reported or first[oid] != i:
+            continue
+        chain = [oid]
+        while (nxt := managers.get(chain[-1])) is not None and nxt not in chain:
+            chain.append(nxt)
+        if nxt == oid:  # report each loop once, on its first owner in the file
+            reported.update(chain)
+            out.add(i, labels[i], "manager", f"manager chain loops: {' -> '.join([*chain, oid])}")
+
+
+def _check_routing(data: dict[str, Any], labels: list[str], directory: set[str] | None, out: _Problems) -> None:
+    """Names unique, owners known, deadlines ordered, a catch-all last and nothing after it.
+
+    Works on the raw rules, so a rule with a typo elsewhere still gets these checks.
+    """
+    raw = data.get("rules") if isinstance(data.get("rules"), list) else []
+    defaults = _parse(DefaultsSpec, data.get("defaults") or {})
+    if defaults and defaults.ack_within > defaults.act_within:
+        out.add(-1, "-", "defaults.ack_within", f"ack_within ({format_duration(defaults.ack_within)}) is longer than act_within "
+                f"({format_duration(defaults.act_within)}): the action would be due before the acknowledgement")
+    first_name: dict[str, int] = {}
+    catch_all: int | None = None
+    for i, item in enumerate(raw):
+        item = item if isinstance(item, dict) else {}
+        name = _str(item, "name")
+        if name is not None:
+            if name in first_name:
+                out.add(i, labels[i], "name", f"duplicate name: rules #{first_name[name] + 1} and #{i + 1} are both called '{name}'")
+            first_name.setdefault(name, i)
+        if catch_all is not None:
+            out.add(i, labels[i], "-", f"unreachable: rule {labels[catch_all]} (#{catch_all + 1}) above has when: {{}} "
+                    "and no continue: true, so it takes every prediction first")
+        elif item.get("when") == {} and item.get("continue") is not True:
+            catch_all = i
+        _check_owner_ref(item.get("owner"), i, labels[i], directory, out)
+        _check_deadlines(item, i, labels[i], defaults, out)
+    if not any(isinstance(item, dict) and item.get("when") == {} for item in raw):
+        out.add(_END, "-", "rules", "no catch-all rule: some predictions could match no rule and go unowned; "
+                "add a last rule with when: {} (for example owner: analytics-desk, action: record)")
+
+
+def _check_owner_ref(owner: Any, i: int, label: str, directory: set[str] | None, out: _Problems) -> None:
+    named: list[tuple[str, Any]] = []
+    if isinstance(owner, str):
+        named.append(("owner", owner))
+    elif isinstance(owner, dict) and "from" in owner:
+        if owner.get("fallback") is None:
+            out.add(i, label, "owner.fallback", "required with owner.from: the owner used when "
+                    f"{owner['from']} is missing or names no one in the directory")
+        else:
+            named.append(("owner.fallback", owner["fallback"]))
+    for field_, oid in named:
+        # Skipped when owners.yaml is unreadable: every owner would be "unknown".
+        if directory is not None and isinstance(oid, str) and oid not in directory:
+            out.add(i, label, field_, f"'{oid}' is not in the owner directory{_did_you_mean(oid, directory)}")
+
+
+def _check_deadlines(item: dict[str, Any], i: int, label: str, defaults: DefaultsSpec | None, out: _Problems) -> None:
+    given = {key: item[key] for key in ("ack_within", "act_within") if key in item}
+    own = _parse(DefaultsSpec, given) if given else None
+    if own is None:
+        return  # nothing set on the rule, or a bad duration that is reported already
+    ack = own.ack_within if "ack_within" in given else (defaults.ack_within if defaults else None)
+    act = own.act_within if "act_within" in given else (defaults.act_within if defaults else None)
+    if ack is not None and act is not None and ack > act:
+        field_ = "ack_within" if "ack_within" in given else "act_within"
+        out.add(i, label, field_, f"ack_within ({format_duration(ack)}) is longer than act_within "
+                f"({format_duration(act)}): the action would be due before the acknowledgement")
+
+
+def _load(rules_dir: Path) -> tuple[RuleSet | None, list[RuleProblem]]:
+    base = rules_dir.resolve().name or str(rules_dir)
+    routing_out = _Problems(f"{base}/{ROUTING_FILE}")
+    owners_out = _Problems(f"{base}/{OWNERS_FILE}")
+
+    owners_bytes, owners_data = _read(rules_dir / OWNERS_FILE, owners_out, "owners")
+    owner_specs: list[OwnerSpec] = []
+    directory: set[str] | None = None
+    if owners_data is not None:
+        labels = _labels(owners_data.get("owners"), "id", "owner ")
+        try:
+            OwnersFile.model_validate(owners_data)
+        except ValidationError as exc:
+            _validation_problems(exc, labels, "owners", owners_out)
+        raw_owners = owners_data.get("owners") if isinstance(owners_data.get("owners"), list) else None
+        if raw_owners is not None:
+            _check_owners(raw_owners, labels, owners_out)
+            owner_specs = [spec for spec in (_parse(OwnerSpec, o) for o in raw_owners) if spec is not None]
+            directory = {oid for oid in (_str(o, "id") for o in raw_owners) if oid is not None}
+
+    routing_bytes, routing_data = _read(rules_dir / ROUTING_FILE, routing_out, "rules")
+    routing: RoutingFile | None = None
+    if routing_data is not None:
+        labels = _labels(routing_data.get("rules"), "name", "")
+        try:
+            routing = RoutingFile.model_validate(routing_data)
+        except ValidationError as exc:
+            _validation_problems(exc, labels, "rules", routing_out)
+        _check_routing(routing_data, labels, directory, routing_out)
+
+    problems = routing_out.sorted() + owners_out.sorted()
+    if problems or routing is None:
+        return None, problems
+    version = hashlib.sha256(routing_bytes + b"\0" + owners_bytes).hexdigest()[:12]
+    return build_ruleset(routing, owner_specs, version=version, source_dir=rules_dir), []

@@ -1,0 +1,198 @@
+"""The router service: FastStream subscribers on the input streams, feeding the pipeline.
+
+Both inputs are consumed in batches by one consumer group. Entries pending on a consumer
+that died are reclaimed (XAUTOCLAIM) after `claim_idle` and run through the same pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import structlog
+from faststream.redis import RedisBroker, StreamSub
+from faststream.redis.annotations import RedisBatchStreamMessage
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+from sqlalchemy.engine import Engine
+
+from decision_router.embedded import EmbeddedRedis
+from decision_router.pipeline import BatchResult, Clock, Entry, Pipeline, utcnow
+from decision_router.rules import RuleSet, load_rules
+from decision_router.settings import Settings
+from decision_router.store import create_schema, make_engine
+
+log = structlog.get_logger("decision_router.service")
+
+Process = Callable[[Sequence[Entry]], Awaitable[BatchResult]]
+
+
+def _entries(msg: RedisBatchStreamMessage) -> list[Entry]:
+    raw = msg.raw_message
+    return [(mid.decode(), fields) for mid, fields in zip(raw["message_ids"], raw["data"], strict=True)]
+
+
+async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+    """Create the group at the start of the stream, so a backlog published before the
+    service first started is routed too (FastStream would start at `$`)."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class RouterService:
+    """Owns the broker, the pipeline and the reclaim task for one worker process."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        settings = pipeline.settings
+        self.keys = pipeline.keys
+        self.group = settings.consumer_group
+        self.consumer = settings.consumer_name
+        # FastStream logs two lines per message by default; we log per batch instead.
+        self.broker = RedisBroker(settings.effective_redis_url, logger=None)
+        self._reclaimer: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._subscribe(self.keys.predictions, pipeline.process_predictions)
+        self._subscribe(self.keys.outcomes, pipeline.process_outcomes)
+
+    def _subscribe(self, stream: str, process: Process) -> None:
+        sub = StreamSub(
+            stream,
+            group=self.group,
+            consumer=self.consumer,
+            batch=True,
+            max_records=self.pipeline.settings.batch_size,
+            polling_interval=100,
+        )
+
+        @self.broker.subscriber(stream=sub)
+        async def handle(msg: RedisBatchStreamMessage) -> None:
+            try:
+                await process(_entries(msg))
+            except Exception:
+                # Not bad input (the gate turns that into DLQ entries) but a broken store or
+                # Redis: leave the batch pending so it is retried or reclaimed.
+                log.exception("batch failed; left pending for retry", stream=stream)
+                raise
+
+    async def start(self) -> None:
+        redis = self.pipeline.redis
+        for stream in (self.keys.predictions, self.keys.outcomes):
+            await ensure_group(redis, stream, self.group)
+        delivered = await self.pipeline.drain_outbox()
+        if delivered:
+            log.info("outbox drained at start", delivered=delivered)
+        await self.broker.start()
+        self._reclaimer = asyncio.create_task(self._reclaim_forever(), name="reclaim")
+        log.info(
+            "router started",
+            redis=_redact(self.pipeline.settings.effective_redis_url),
+            group=self.group,
+            consumer=self.consumer,
+            rules_version=self.pipeline.ruleset.version,
+            rules=len(self.pipeline.ruleset.rules),
+            owners=len(self.pipeline.ruleset.owners),
+        )
+
+    async def stop(self) -> None:
+        # An event, not cancel(): redis-py may turn a cancellation mid-command into a
+        # connection error, which the loop would log and carry on past.
+        self._stopping.set()
+        if self._reclaimer is not None:
+            await self._reclaimer
+        await self.broker.stop()
+
+    async def reclaim_once(self) -> int:
+        """Take over entries idle on any consumer longer than claim_idle; returns how many."""
+        total = 0
+        for stream, process in (
+            (self.keys.predictions, self.pipeline.process_predictions),
+            (self.keys.outcomes, self.pipeline.process_outcomes),
+        ):
+            total += await self._reclaim(stream, process)
+        return total
+
+    async def _reclaim(self, stream: str, process: Process) -> int:
+        redis = self.pipeline.redis
+        idle_ms = int(self.pipeline.settings.claim_idle.total_seconds() * 1000)
+        start, total = "0-0", 0
+        while True:
+            next_id, messages, *_ = await redis.xautoclaim(
+                stream, self.group, self.consumer, min_idle_time=idle_ms, start_id=start,
+                count=self.pipeline.settings.batch_size,
+            )
+            # Entries deleted from the stream while pending come back empty: just ack them.
+            entries = [(_text(mid), fields) for mid, fields in messages if fields]
+            if entries:
+                log.info("reclaimed pending entries", stream=stream, count=len(entries))
+                await process(entries)
+            if messages:
+                await redis.xack(stream, self.group, *[mid for mid, _ in messages])
+            total += len(entries)
+            if _text(next_id) == "0-0":
+                return total
+            start = _text(next_id)
+
+    async def _reclaim_forever(self) -> None:
+        interval = max(0.05, self.pipeline.settings.claim_idle.total_seconds() / 2)
+        while not self._stopping.is_set():
+            try:
+                await self.reclaim_once()
+            except Exception:
+                log.exception("reclaim failed; will retry")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _redact(url: str) -> str:
+    """Never log a password that is part of the URL."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    settings: Settings, ruleset: RuleSet, engine: Engine, *, clock: Clock = utcnow
+) -> AsyncIterator[RouterService]:
+    """Start one worker against settings.effective_redis_url; stop it cleanly on exit."""
+    redis = Redis.from_url(settings.effective_redis_url)
+    service = RouterService(Pipeline(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=clock))
+    try:
+        await service.start()
+        yield service
+    finally:
+        await service.stop()
+        await redis.aclose()
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """`decision-router serve`: run until SIGINT/SIGTERM (or `stop` is set)."""
+    ruleset = load_rules(settings.rules_dir)  # invalid rules: refuse to start, before anything else
+    engine = make_engine(settings.database_url)
+    create_schema(engine)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    embedded = EmbeddedRedis(settings.embedded_host, settings.embedded_port).start() if settings.embedded else None
+    if embedded:
+        log.info("embedded Redis (fakeredis) serving", url=embedded.url, database=settings.database_url)
+    try:
+        async with running_service(settings, ruleset, engine):
+            await stop.wait()
+            log.info("stopping")
+    finally:
+        if embedded:
+            embedded.stop()
+        engine.dispose()

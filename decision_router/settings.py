@@ -1,0 +1,93 @@
+"""Settings from the environment (prefix DECISION_ROUTER_), validated once at start."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from decision_router.durations import parse_duration
+
+ENV_PREFIX = "DECISION_ROUTER_"
+
+
+class SettingsError(Exception):
+    """A bad setting: the message is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Unset: the embedded default (in-process fakeredis served on loopback).
+    redis_url: str | None = None
+    database_url: str = "sqlite:///decision_router.db"
+    rules_dir: Path = Path("rules")
+
+    # Quality gate.
+    max_prediction_age: timedelta = timedelta(days=1)
+    max_clock_skew: timedelta = timedelta(minutes=5)
+
+    # Stream names are prefixed so several deployments (or tests) can share one Redis.
+    stream_prefix: str = ""
+    consumer_group: str = "decision-router"
+    consumer_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    # A message pending this long on another consumer is presumed orphaned and reclaimed.
+    claim_idle: timedelta = timedelta(seconds=60)
+    # How long the Redis dedupe markers for written alerts and DLQ entries live.
+    dedupe_ttl: timedelta = timedelta(days=7)
+
+    embedded_host: str = "127.0.0.1"
+    embedded_port: int = Field(default=6399, ge=1, le=65535)
+
+    log_format: Literal["auto", "console", "json"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("max_prediction_age", "max_clock_skew", "claim_idle", "dedupe_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> timedelta:
+        return parse_duration(value)  # type: ignore[arg-type]
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        if value.startswith("postgresql://") or value.startswith("postgres://"):
+            # SQLAlchemy's bare postgresql:// means psycopg2, which we do not ship.
+            value = "postgresql+psycopg://" + value.split("://", 1)[1]
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def effective_redis_url(self) -> str:
+        """Where clients connect: the configured server or the embedded one on loopback."""
+        return self.redis_url or f"redis://{self.embedded_host}:{self.embedded_port}/0"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings or raise SettingsError with one line naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        message = first["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"{ENV_PREFIX}{field.upper()}: {message}") from None

@@ -1,0 +1,110 @@
+"""SQL tables (SQLModel). Wire messages live in contracts.py; tracker.py maps between them.
+
+Timestamps are stored timezone-aware where the database can (PostgreSQL) and read back
+as UTC everywhere (SQLite drops the offset), see `as_utc`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def _when(*, index: bool = False, nullable: bool = False) -> Any:
+    return Field(default=None if nullable else ..., sa_type=DateTime(timezone=True), index=index, nullable=nullable)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class PredictionRecord(SQLModel, table=True):
+    """Every accepted prediction, compactly, so rule changes can be replayed against it."""
+
+    __tablename__ = "predictions"
+
+    prediction_id: str = Field(primary_key=True)
+    # The stream entry it came from: a redelivery of the same entry is not a duplicate.
+    stream_id: str | None = None
+    model: str = Field(index=True)
+    model_version: str
+    entity_type: str
+    entity_id: str = Field(index=True)
+    score: float
+    predicted_at: datetime = _when()
+    received_at: datetime = _when(index=True)
+    rules_version: str
+    document: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+
+
+class AlertRecord(SQLModel, table=True):
+    """One routing decision: delivered to its owner (action alert) or only tracked (record)."""
+
+    __tablename__ = "alerts"
+
+    alert_id: str = Field(primary_key=True)
+    prediction_id: str = Field(index=True)
+    rule: str = Field(index=True)
+    owner: str = Field(index=True)  # accountable now; changes on reassignment
+    original_owner: str
+    owner_source: str  # static | field | fallback
+    fallback_reason: str | None = None
+    priority: str
+    action: str  # alert | record
+    model: str = Field(index=True)
+    model_version: str
+    entity_type: str
+    entity_id: str = Field(index=True)
+    score: float
+    context: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    missing_context: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    rules_version: str
+    predicted_at: datetime = _when()
+    created_at: datetime = _when(index=True)
+    ack_by: datetime = _when()
+    act_by: datetime = _when()
+    delivered_at: datetime | None = _when(nullable=True)
+    acknowledged_at: datetime | None = _when(nullable=True)
+    intervened_at: datetime | None = _when(nullable=True)
+    intervention: str | None = None
+    outcome: str | None = None  # success | failure
+    outcome_at: datetime | None = _when(nullable=True)
+    outcome_value: float | None = None
+    status: str = Field(default="open", index=True)  # open | closed (has an outcome)
+
+
+class AuditEvent(SQLModel, table=True):
+    """Append-only history: rows are inserted, never updated or deleted."""
+
+    __tablename__ = "audit_events"
+    # An input entry applied twice (redelivery) must not write its events twice.
+    __table_args__ = (UniqueConstraint("source_id", "alert_id", "type", name="uq_audit_source"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    alert_id: str | None = Field(default=None, index=True)
+    prediction_id: str | None = Field(default=None, index=True)
+    type: str  # received | routed | recorded | delivered | acknowledged | intervened | outcome | reassigned
+    actor: str
+    at: datetime = _when(index=True)
+    source_id: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class RejectionRecord(SQLModel, table=True):
+    """A rejected input, counted per model and reason (its payload is in the DLQ stream)."""
+
+    __tablename__ = "rejections"
+    __table_args__ = (UniqueConstraint("source_stream", "source_id", name="uq_rejection_source"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    source_stream: str
+    source_id: str | None = None
+    model: str | None = Field(default=None, index=True)
+    reason: str = Field(index=True)
+    detail: str
+    at: datetime = _when(index=True)

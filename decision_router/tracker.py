@@ -1,0 +1,259 @@
+"""Writes decisions, deliveries and lifecycle events to the store. The caller owns the transaction."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from decision_router.contracts import Alert, OutcomeEvent, OutcomeType, Prediction, Rejection
+from decision_router.router import Decision
+from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord, RejectionRecord, as_utc
+
+SYSTEM_ACTOR = "decision-router"
+
+
+def alert_id_for(prediction_id: str, rule: str) -> str:
+    """Deterministic, so a redelivered prediction maps to the alert it already made."""
+    digest = hashlib.sha256(f"{prediction_id}\0{rule}".encode()).hexdigest()
+    return f"al-{digest[:24]}"
+
+
+def known_predictions(session: Session, prediction_ids: Iterable[str]) -> dict[str, str | None]:
+    """prediction_id -> the stream entry id it was first accepted from."""
+    ids = list(set(prediction_ids))
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(PredictionRecord.prediction_id, PredictionRecord.stream_id).where(PredictionRecord.prediction_id.in_(ids))
+    )
+    return {pid: sid for pid, sid in rows}
+
+
+def record_prediction(
+    session: Session,
+    *,
+    prediction: Prediction,
+    stream_id: str | None,
+    decisions: Sequence[Decision],
+    rules_version: str,
+    now: datetime,
+) -> list[AlertRecord]:
+    """Store the prediction, one AlertRecord per decision, and their audit events."""
+    session.add(
+        PredictionRecord(
+            prediction_id=prediction.prediction_id,
+            stream_id=stream_id,
+            model=prediction.model,
+            model_version=prediction.model_version,
+            entity_type=prediction.entity_type,
+            entity_id=prediction.entity_id,
+            score=prediction.score,
+            predicted_at=prediction.predicted_at,
+            received_at=now,
+            rules_version=rules_version,
+            document=prediction.as_document(),
+        )
+    )
+    session.add(
+        AuditEvent(
+            prediction_id=prediction.prediction_id,
+            type="received",
+            actor=SYSTEM_ACTOR,
+            at=now,
+            detail={"stream_id": stream_id, "model": prediction.model, "score": prediction.score},
+        )
+    )
+    records = []
+    for decision in decisions:
+        record = AlertRecord(
+            alert_id=alert_id_for(prediction.prediction_id, decision.rule),
+            prediction_id=prediction.prediction_id,
+            rule=decision.rule,
+            owner=decision.owner,
+            original_owner=decision.owner,
+            owner_source=decision.owner_source,
+            fallback_reason=decision.fallback_reason,
+            priority=decision.priority,
+            action=decision.action,
+            model=prediction.model,
+            model_version=prediction.model_version,
+            entity_type=prediction.entity_type,
+            entity_id=prediction.entity_id,
+            score=prediction.score,
+            context=decision.context,
+            missing_context=list(decision.missing_context),
+            rules_version=rules_version,
+            predicted_at=prediction.predicted_at,
+            created_at=now,
+            ack_by=now + decision.ack_within,
+            act_by=now + decision.act_within,
+        )
+        records.append(record)
+        session.add(record)
+        session.add(
+            AuditEvent(
+                alert_id=record.alert_id,
+                prediction_id=prediction.prediction_id,
+                type="routed" if decision.action == "alert" else "recorded",
+                actor=SYSTEM_ACTOR,
+                at=now,
+                detail={
+                    "rule": decision.rule,
+                    "rules_version": rules_version,
+                    "owner": decision.owner,
+                    "owner_source": decision.owner_source,
+                    "fallback_reason": decision.fallback_reason,
+                    "priority": decision.priority,
+                },
+            )
+        )
+    return records
+
+
+def record_rejections(session: Session, rejections: Sequence[Rejection], *, now: datetime) -> None:
+    """Count each rejected entry once, even when its stream entry is redelivered."""
+    keyed = [r for r in rejections if r.source_id is not None]
+    seen: set[tuple[str, str | None]] = set()
+    if keyed:
+        rows = session.execute(
+            select(RejectionRecord.source_stream, RejectionRecord.source_id).where(
+                RejectionRecord.source_id.in_([r.source_id for r in keyed])
+            )
+        )
+        seen = {(stream, sid) for stream, sid in rows}
+    for rejection in rejections:
+        key = (rejection.source_stream, rejection.source_id)
+        if rejection.source_id is not None and key in seen:
+            continue
+        seen.add(key)
+        session.add(
+            RejectionRecord(
+                source_stream=rejection.source_stream,
+                source_id=rejection.source_id,
+                model=rejection.model,
+                reason=rejection.reason.value,
+                detail=rejection.detail,
+                at=now,
+            )
+        )
+
+
+def undelivered_alerts(
+    session: Session, *, prediction_ids: Iterable[str] | None = None, limit: int = 1000
+) -> list[AlertRecord]:
+    """Alerts stored but not yet written to an inbox: the outbox, drained after commit."""
+    query = select(AlertRecord).where(AlertRecord.action == "alert", AlertRecord.delivered_at.is_(None))
+    if prediction_ids is not None:
+        query = query.where(AlertRecord.prediction_id.in_(list(prediction_ids)))
+    return list(session.scalars(query.order_by(AlertRecord.created_at).limit(limit)))
+
+
+def mark_delivered(session: Session, alert_ids: Sequence[str], *, channel: str, now: datetime) -> None:
+    if not alert_ids:
+        return
+    for record in session.scalars(select(AlertRecord).where(AlertRecord.alert_id.in_(list(alert_ids)))):
+        if record.delivered_at is not None:
+            continue
+        record.delivered_at = now
+        session.add(
+            AuditEvent(
+                alert_id=record.alert_id,
+                prediction_id=record.prediction_id,
+                type="delivered",
+                actor=SYSTEM_ACTOR,
+                at=now,
+                detail={"channel": channel, "owner": record.owner},
+            )
+        )
+
+
+def to_alert(record: AlertRecord) -> Alert:
+    """The wire form an owner receives."""
+    return Alert(
+        alert_id=record.alert_id,
+        prediction_id=record.prediction_id,
+        owner=record.owner,
+        owner_source=record.owner_source,
+        rule=record.rule,
+        priority=record.priority,
+        model=record.model,
+        model_version=record.model_version,
+        entity_type=record.entity_type,
+        entity_id=record.entity_id,
+        score=record.score,
+        context=record.context,
+        missing_context=record.missing_context,
+        ack_by=as_utc(record.ack_by),
+        act_by=as_utc(record.act_by),
+        rules_version=record.rules_version,
+        predicted_at=as_utc(record.predicted_at),
+        created_at=as_utc(record.created_at),
+        reassigned_from=record.original_owner if record.owner != record.original_owner else None,
+    )
+
+
+def find_alerts(session: Session, event: OutcomeEvent) -> list[AlertRecord]:
+    """The alerts an outcome event addresses; by entity, only the open ones."""
+    query = select(AlertRecord)
+    if event.alert_id is not None:
+        query = query.where(AlertRecord.alert_id == event.alert_id)
+    elif event.prediction_id is not None:
+        query = query.where(AlertRecord.prediction_id == event.prediction_id)
+    else:
+        query = query.where(
+            AlertRecord.entity_type == event.entity_type,
+            AlertRecord.entity_id == event.entity_id,
+            AlertRecord.status == "open",
+        )
+    return list(session.scalars(query.order_by(AlertRecord.created_at)))
+
+
+def already_applied(session: Session, source_id: str | None) -> bool:
+    if source_id is None:
+        return False
+    found = session.execute(select(AuditEvent.id).where(AuditEvent.source_id == source_id).limit(1)).first()
+    return found is not None
+
+
+def apply_outcome(
+    session: Session, *, event: OutcomeEvent, alerts: Sequence[AlertRecord], source_id: str | None, now: datetime
+) -> None:
+    """Record the event on each alert: acknowledged -> intervened -> outcome, first time wins."""
+    at = event.at or now
+    for record in alerts:
+        detail: dict[str, object] = {k: v for k, v in (("action", event.action), ("note", event.note)) if v is not None}
+        if event.type is OutcomeType.ACKNOWLEDGED:
+            record.acknowledged_at = record.acknowledged_at or at
+        elif event.type is OutcomeType.INTERVENED:
+            # Acting on an alert implies having seen it.
+            record.acknowledged_at = record.acknowledged_at or at
+            if record.intervened_at is None:
+                record.intervened_at, record.intervention = at, event.action
+        elif event.type is OutcomeType.OUTCOME:
+            assert event.result is not None
+            detail.update(result=event.result.value, value=event.value)
+            if record.outcome is None:
+                record.outcome, record.outcome_at, record.outcome_value = event.result.value, at, event.value
+                record.status = "closed"
+        elif event.type is OutcomeType.REASSIGNED:
+            assert event.owner is not None
+            detail.update(from_owner=record.owner, to_owner=event.owner)
+            record.owner = event.owner
+            # The new owner must receive it: back into the outbox.
+            record.delivered_at = None
+        session.add(record)
+        session.add(
+            AuditEvent(
+                alert_id=record.alert_id,
+                prediction_id=record.prediction_id,
+                type=event.type.value,
+                actor=event.actor,
+                at=at,
+                source_id=source_id,
+                detail=detail,
+            )
+        )

@@ -1,0 +1,31 @@
+"""Shared fixtures. Integration tests use real Redis and PostgreSQL (see tests/integration)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+REQUIRE_SERVICES = os.environ.get("DECISION_ROUTER_REQUIRE_SERVICES") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests under tests/integration are marked by folder so none escapes the CI check.
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from the environment: keep the developer's own out of the tests."""
+    for name in list(os.environ):
+        if name.startswith("DECISION_ROUTER_") and not name.startswith(("DECISION_ROUTER_TEST_", "DECISION_ROUTER_REQUIRE")):
+            monkeypatch.delenv(name)
+
+
+def unavailable(what: str, error: Exception) -> None:
+    message = f"{what} is not reachable ({error}); start it or unset DECISION_ROUTER_REQUIRE_SERVICES"
+    if REQUIRE_SERVICES:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)

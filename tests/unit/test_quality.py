@@ -1,0 +1,158 @@
+"""The quality gate: every kind of bad input gets its own reason, good input parses both ways."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from decision_router.contracts import OutcomeEvent, OutcomeType, Prediction, Rejection, RejectionReason
+from decision_router.quality import check_outcome, check_prediction
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+GOOD = {
+    "prediction_id": "p1",
+    "model": "churn",
+    "model_version": "2026.11",
+    "entity_type": "account",
+    "entity_id": "acct-1",
+    "score": 0.91,
+    "predicted_at": "2026-11-25T11:00:00Z",
+    "features": {"top_drivers": ["usage_drop"]},
+    "context": {"segment": "enterprise", "account_manager": "alice"},
+}
+
+
+def gate(entry: dict, **kw) -> Prediction | Rejection:
+    return check_prediction(
+        entry,
+        now=NOW,
+        max_age=kw.get("max_age", timedelta(hours=24)),
+        max_skew=timedelta(minutes=5),
+        source_stream="predictions",
+        source_id="1-0",
+    )
+
+
+def as_data(document: dict) -> dict[bytes, bytes]:
+    return {b"data": json.dumps(document).encode()}
+
+
+def flat(document: dict) -> dict[bytes, bytes]:
+    fields = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                fields[f"{key}.{sub}".encode()] = str(subvalue).encode()
+        else:
+            fields[key.encode()] = str(value).encode()
+    return fields
+
+
+@pytest.mark.parametrize("encode", [as_data, flat], ids=["data-json", "flat-fields"])
+def test_good_prediction_parses_from_both_producer_forms(encode) -> None:
+    result = gate(encode(GOOD))
+    assert isinstance(result, Prediction), result
+    assert result.prediction_id == "p1"
+    assert result.score == pytest.approx(0.91)
+    assert result.context["account_manager"] == "alice"
+    assert result.predicted_at == datetime(2026, 11, 25, 11, 0, tzinfo=timezone.utc)
+
+
+def test_flat_nested_field_may_be_json_text() -> None:
+    fields = flat({k: v for k, v in GOOD.items() if k != "context"})
+    fields[b"context"] = json.dumps({"segment": "smb", "arr": 1200}).encode()
+    result = gate(fields)
+    assert isinstance(result, Prediction)
+    assert result.context == {"segment": "smb", "arr": 1200}
+
+
+def test_naive_timestamp_is_read_as_utc() -> None:
+    result = gate(as_data({**GOOD, "predicted_at": "2026-11-25T11:30:00"}))
+    assert isinstance(result, Prediction)
+    assert result.predicted_at.tzinfo is not None
+    assert result.predicted_at.hour == 11
+
+
+def _without(key: str) -> dict:
+    return {k: v for k, v in GOOD.items() if k != key}
+
+
+BAD = [
+    ("not-json", {b"data": b"{nope"}, RejectionReason.INVALID_JSON, "not valid JSON"),
+    ("json-array", {b"data": b"[1, 2]"}, RejectionReason.INVALID_JSON, "JSON object"),
+    ("no-prediction-id", as_data(_without("prediction_id")), RejectionReason.MISSING_ID, "prediction_id"),
+    ("empty-entity-id", as_data({**GOOD, "entity_id": ""}), RejectionReason.MISSING_ID, "entity_id"),
+    ("no-entity-type", flat(_without("entity_type")), RejectionReason.MISSING_ID, "entity_type"),
+    ("score-not-number", as_data({**GOOD, "score": "high"}), RejectionReason.SCHEMA, "score"),
+    ("no-model", as_data(_without("model")), RejectionReason.SCHEMA, "model"),
+    ("unknown-field", as_data({**GOOD, "colour": "red"}), RejectionReason.SCHEMA, "colour"),
+    ("bad-timestamp", as_data({**GOOD, "predicted_at": "yesterday"}), RejectionReason.SCHEMA, "predicted_at"),
+    ("score-above-1", as_data({**GOOD, "score": 1.2}), RejectionReason.SCORE_OUT_OF_RANGE, "1.2"),
+    ("score-negative", flat({**GOOD, "score": -0.1}), RejectionReason.SCORE_OUT_OF_RANGE, "-0.1"),
+    ("score-nan", flat({**GOOD, "score": "nan"}), RejectionReason.SCHEMA, "score"),
+    ("stale", as_data({**GOOD, "predicted_at": "2026-11-23T11:00:00Z"}), RejectionReason.STALE, "old"),
+    ("future", as_data({**GOOD, "predicted_at": "2026-11-25T13:00:00Z"}), RejectionReason.FROM_FUTURE, "future"),
+    ("context-not-object", flat({**_without("context"), "context": "[1]"}), RejectionReason.INVALID_JSON, "context"),
+]
+
+
+@pytest.mark.parametrize(("entry", "reason", "detail_part"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_rejected_with_reason(entry: dict, reason: RejectionReason, detail_part: str) -> None:
+    result = gate(entry)
+    assert isinstance(result, Rejection)
+    assert result.reason is reason
+    assert detail_part in result.detail
+    assert result.source_id == "1-0"
+    # The original entry is kept verbatim so the producer can see what it sent.
+    assert json.loads(result.payload) == {k.decode(): v.decode() for k, v in entry.items()}
+
+
+def test_rejection_names_the_model_when_known() -> None:
+    result = gate(as_data({**GOOD, "score": 3}))
+    assert isinstance(result, Rejection) and result.model == "churn"
+    result = gate({b"data": b"garbage"})
+    assert isinstance(result, Rejection) and result.model is None
+
+
+def test_max_age_is_configurable() -> None:
+    old = as_data({**GOOD, "predicted_at": "2026-11-23T11:00:00Z"})
+    assert isinstance(gate(old, max_age=timedelta(days=7)), Prediction)
+
+
+OUTCOMES_OK = [
+    ("by-alert", {"alert_id": "al-1", "type": "acknowledged", "actor": "alice"}, OutcomeType.ACKNOWLEDGED),
+    ("by-prediction", {"prediction_id": "p1", "type": "intervened", "actor": "alice", "action": "call"}, OutcomeType.INTERVENED),
+    ("by-entity", {"entity_type": "account", "entity_id": "a1", "type": "outcome", "result": "success", "actor": "crm", "value": "1200"}, OutcomeType.OUTCOME),
+    ("reassigned", {"alert_id": "al-1", "type": "reassigned", "actor": "ops", "owner": "bob"}, OutcomeType.REASSIGNED),
+    ("empty-flat-fields-ignored", {"alert_id": "al-1", "prediction_id": "", "type": "acknowledged", "actor": "a"}, OutcomeType.ACKNOWLEDGED),
+]
+
+
+@pytest.mark.parametrize(("fields", "kind"), [o[1:] for o in OUTCOMES_OK], ids=[o[0] for o in OUTCOMES_OK])
+def test_outcome_events_parse(fields: dict, kind: OutcomeType) -> None:
+    result = check_outcome({k.encode(): v.encode() for k, v in fields.items()}, source_stream="outcomes")
+    assert isinstance(result, OutcomeEvent), result
+    assert result.type is kind
+
+
+OUTCOMES_BAD = [
+    ("no-address", {"type": "acknowledged", "actor": "a"}, "exactly one of"),
+    ("two-addresses", {"alert_id": "x", "prediction_id": "p", "type": "acknowledged", "actor": "a"}, "exactly one of"),
+    ("half-entity", {"entity_type": "account", "type": "acknowledged", "actor": "a"}, "both entity_type and entity_id"),
+    ("outcome-without-result", {"alert_id": "x", "type": "outcome", "actor": "a"}, "needs result"),
+    ("result-on-ack", {"alert_id": "x", "type": "acknowledged", "result": "success", "actor": "a"}, "only allowed"),
+    ("bad-type", {"alert_id": "x", "type": "liked", "actor": "a"}, "type"),
+    ("bad-result", {"alert_id": "x", "type": "outcome", "result": "meh", "actor": "a"}, "result"),
+    ("no-actor", {"alert_id": "x", "type": "acknowledged"}, "actor"),
+    ("reassign-without-owner", {"alert_id": "x", "type": "reassigned", "actor": "ops"}, "new owner"),
+]
+
+
+@pytest.mark.parametrize(("fields", "detail_part"), [o[1:] for o in OUTCOMES_BAD], ids=[o[0] for o in OUTCOMES_BAD])
+def test_bad_outcome_events_are_rejected(fields: dict, detail_part: str) -> None:
+    result = check_outcome({"data": json.dumps(fields)}, source_stream="outcomes", source_id="9-0")
+    assert isinstance(result, Rejection)
+    assert result.reason is RejectionReason.SCHEMA
+    assert detail_part in result.detail

@@ -1,0 +1,258 @@
+"""Broken rule files -> the exact problems `rules check` prints, all of them at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from decision_router.rules import RuleProblem, RulesInvalid, check_rules, load_rules
+
+OWNERS = """
+owners:
+  - {id: alice, name: Alice, manager: carol}
+  - {id: carol, name: Carol}
+  - {id: desk, name: Desk}
+"""
+
+CATCH_ALL = """
+  - name: rest
+    when: {}
+    owner: desk
+"""
+
+
+def write(tmp_path: Path, routing: str | None, owners: str | None = OWNERS) -> Path:
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    if routing is not None:
+        (rules_dir / "routing.yaml").write_text(routing)
+    if owners is not None:
+        (rules_dir / "owners.yaml").write_text(owners)
+    return rules_dir
+
+
+R = "rules/routing.yaml: "
+O = "rules/owners.yaml: "
+
+ROUTING_CASES = [
+    ("yaml-syntax", "rules:\n  - name: a\n    when: {model: churn\n", [
+        R + "line 4, column 1: invalid YAML: expected ',' or '}', but got '<stream end>'",
+    ]),
+    ("empty-file", "", [R + "expected a mapping with 'rules:' at the top, got an empty file"]),
+    ("top-level-list", "- name: a\n", [R + "expected a mapping with 'rules:' at the top, got a list"]),
+    ("duplicate-yaml-key", "rules:\n  - name: a\n    when: {score: {gte: 0.5}, score: {lt: 0.9}}\n    owner: desk\n" + CATCH_ALL, [
+        R + "line 3: duplicate key 'score' (YAML would silently keep only the last one)",
+    ]),
+    ("rules-missing-and-unknown-top-key", "defaults: {ack_within: 4h}\nholdout: 0.1\n", [
+        R + "rules: required",
+        R + "holdout: unknown key 'holdout'; expected one of defaults, rules",
+        R + "rules: no catch-all rule: some predictions could match no rule and go unowned; "
+        "add a last rule with when: {} (for example owner: analytics-desk, action: record)",
+    ]),
+    ("no-catch-all", "rules:\n  - name: a\n    when: {model: churn}\n    owner: desk\n", [
+        R + "rules: no catch-all rule: some predictions could match no rule and go unowned; "
+        "add a last rule with when: {} (for example owner: analytics-desk, action: record)",
+    ]),
+    ("unreachable-after-catch-all", "rules:" + CATCH_ALL + "  - name: late\n    when: {model: churn}\n    owner: desk\n", [
+        R + "rule late: unreachable: rule rest (#1) above has when: {} and no continue: true, "
+        "so it takes every prediction first",
+    ]),
+    ("continue-catch-all-does-not-hide", "rules:\n  - {name: all, when: {}, owner: desk, continue: true}" + CATCH_ALL, []),
+    ("unknown-rule-keys-later-features", "rules:\n  - name: a\n    when: {}\n    owner: desk\n    holdout: 0.1\n    cooldown: 7d\n", [
+        R + "rule a: holdout: unknown key 'holdout'; expected one of name, when, owner, priority, action, "
+        "continue, ack_within, act_within, context",
+        R + "rule a: cooldown: unknown key 'cooldown'; expected one of name, when, owner, priority, action, "
+        "continue, ack_within, act_within, context",
+    ]),
+    ("operators", """
+rules:
+  - name: ops
+    when:
+      score: {gte: high, above: 1, between: [0.9, 0.1]}
+      context.arr: {between: [1, 2, 3]}
+      context.name: {regex: "("}
+      context.tier: [gold, silver]
+      context.kind: {}
+      context.flag: {exists: "yes"}
+      context.x: {lt: true, in: gold}
+      context.y: {exists: false, eq: 1}
+      context.renewal_date: {in: [2024-06-01]}
+      scroe: 1
+    owner: desk
+""" + CATCH_ALL, [
+        R + "rule ops: when.score.gte: expected a number, got 'high'",
+        R + "rule ops: when.score.between: expected [low, high] with low <= high, got [0.9, 0.1]",
+        R + "rule ops: when.score.above: unknown operator 'above'; expected one of eq, ne, in, not_in, gt, gte, "
+        "lt, lte, between, regex, exists",
+        R + "rule ops: when.context.arr.between: expected [low, high] with two numbers, got [1, 2, 3]",
+        R + "rule ops: when.context.name.regex: invalid regular expression '(': missing ), unterminated "
+        "subpattern at position 0",
+        R + "rule ops: when.context.tier: a list needs an operator, e.g. {in: ['gold', 'silver']}",
+        R + "rule ops: when.context.kind: no operator given; use one of eq, ne, in, not_in, gt, gte, lt, lte, "
+        "between, regex, exists",
+        R + "rule ops: when.context.flag.exists: expected true or false, got 'yes'",
+        R + "rule ops: when.context.x.in: expected a non-empty list like [a, b], got 'gold'",
+        R + "rule ops: when.context.x.lt: expected a number, got True",
+        R + "rule ops: when.context.y: exists: false cannot be combined with other operators (the rule could never match)",
+        R + "rule ops: when.context.renewal_date.in: quote dates and times: write '2024-06-01', not 2024-06-01",
+        R + "rule ops: when.scroe: unknown field 'scroe': a path starts with one of prediction_id, model, "
+        "model_version, entity_type, entity_id, score, label, predicted_at, features, context",
+    ]),
+    ("types-and-durations", """
+defaults: {ack_within: 4 hours, priority: urgent}
+rules:
+  - name: a b
+    when: {model: churn}
+    owner: desk
+    action: alrt
+    continue: "yes"
+    ack_within: 0s
+    context: [arr]
+  - when: {model: churn}
+    owner: 5
+""" + CATCH_ALL, [
+        R + "defaults.ack_within: expected a duration like '30s', '15m', '4h', '2d' or '1w', got '4 hours'",
+        R + "defaults.priority: expected 'low', 'normal', 'high' or 'critical', got 'urgent'",
+        R + "rule a b: name: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got 'a b'",
+        R + "rule a b: action: expected 'alert' or 'record', got 'alrt'",
+        R + "rule a b: continue: expected true or false, got 'yes'",
+        R + "rule a b: ack_within: expected a duration above zero, got '0s'",
+        R + "rule a b: context: unknown field 'arr': a path starts with one of prediction_id, model, "
+        "model_version, entity_type, entity_id, score, label, predicted_at, features, context",
+        R + "rule #2: name: required",
+        R + "rule #2: owner: expected an owner id or {from: FIELD, fallback: OWNER_ID}, got 5",
+    ]),
+    ("owners-and-names", """
+rules:
+  - name: a
+    when: {model: churn}
+    owner: alcie
+  - name: a
+    when: {model: churn}
+    owner: {from: context.account_manager}
+  - name: b
+    when: {model: churn}
+    owner: {from: context.account_manager, fallback: nobody, to: x}
+""" + CATCH_ALL, [
+        R + "rule a: owner: 'alcie' is not in the owner directory; did you mean 'alice'?",
+        R + "rule a: name: duplicate name: rules #1 and #2 are both called 'a'",
+        R + "rule a: owner.fallback: required with owner.from: the owner used when context.account_manager "
+        "is missing or names no one in the directory",
+        R + "rule b: owner.to: unknown key 'to'; expected one of from, fallback",
+        R + "rule b: owner.fallback: 'nobody' is not in the owner directory",
+    ]),
+    ("deadlines", """
+defaults: {ack_within: 2d, act_within: 1d}
+rules:
+  - {name: a, when: {model: churn}, owner: desk, ack_within: 8h, act_within: 4h}
+  - {name: b, when: {}, owner: desk, act_within: 1w}
+""", [
+        R + "defaults.ack_within: ack_within (2d) is longer than act_within (1d): the action would be due "
+        "before the acknowledgement",
+        R + "rule a: ack_within: ack_within (8h) is longer than act_within (4h): the action would be due "
+        "before the acknowledgement",
+    ]),
+]
+
+
+@pytest.mark.parametrize(("routing", "expected"), [c[1:] for c in ROUTING_CASES], ids=[c[0] for c in ROUTING_CASES])
+def test_routing_problems(tmp_path: Path, routing: str, expected: list[str]) -> None:
+    assert [str(p) for p in check_rules(write(tmp_path, routing))] == expected
+
+
+GOOD_ROUTING = "rules:" + CATCH_ALL
+
+OWNER_CASES = [
+    ("owners-missing-key", "people: []\n", [
+        O + "owners: required",
+        O + "people: unknown key 'people'; expected one of owners",
+    ]),
+    ("owner-problems", """
+owners:
+  - {id: desk, name: Desk}
+  - {id: alice, name: Alice, manager: carl, channels: [inbox, sms]}
+  - {id: carol, name: Carol, manager: dave, channels: [email]}
+  - {id: dave, name: Dave, manager: carol, email: dave@example}
+  - {id: desk, name: Desk Two, phone: 123}
+  - {name: Nobody}
+  - {id: self, name: Self, manager: self, channels: []}
+""", [
+        O + "owner alice: channels: unknown channel 'sms'; expected one of inbox, webhook, email",
+        O + "owner alice: manager: 'carl' is not in the owner directory; did you mean 'carol'?",
+        O + "owner carol: channels: channel 'email' needs an email address, and email is not set",
+        O + "owner carol: manager: manager chain loops: carol -> dave -> carol",
+        O + "owner dave: email: expected an email address like name@example.com, got 'dave@example'",
+        O + "owner desk: phone: unknown key 'phone'; expected one of id, name, email, manager, team, channels",
+        O + "owner desk: id: duplicate id 'desk': owners #1 and #5 both use it",
+        O + "owner #6: id: required",
+        O + "owner self: channels: expected a non-empty list of inbox, webhook, email, got []",
+        O + "owner self: manager: manager chain loops: self -> self",
+    ]),
+]
+
+
+@pytest.mark.parametrize(("owners", "expected"), [c[1:] for c in OWNER_CASES], ids=[c[0] for c in OWNER_CASES])
+def test_owner_problems(tmp_path: Path, owners: str, expected: list[str]) -> None:
+    assert [str(p) for p in check_rules(write(tmp_path, GOOD_ROUTING, owners))] == expected
+
+
+def test_problems_in_both_files_are_reported_together(tmp_path: Path) -> None:
+    routing = "rules:\n  - {name: a, when: {}, owner: zed, priority: hgih}\n"
+    owners = "owners:\n  - {id: desk, name: Desk, manager: boss}\n"
+    assert [str(p) for p in check_rules(write(tmp_path, routing, owners))] == [
+        R + "rule a: priority: expected 'low', 'normal', 'high' or 'critical', got 'hgih'",
+        R + "rule a: owner: 'zed' is not in the owner directory",
+        O + "owner desk: manager: 'boss' is not in the owner directory",
+    ]
+
+
+def test_unreadable_owners_file_does_not_flag_every_owner(tmp_path: Path) -> None:
+    # Without a directory every owner would be "unknown": report the cause only.
+    assert [str(p) for p in check_rules(write(tmp_path, GOOD_ROUTING, "owners: [\n"))] == [
+        O + "line 2, column 1: invalid YAML: expected the node content, but found '<stream end>'",
+    ]
+
+
+def test_missing_files_are_problems_not_tracebacks(tmp_path: Path) -> None:
+    rules_dir = write(tmp_path, None, None)
+    assert [str(p) for p in check_rules(rules_dir)] == [
+        R + f"not found in {rules_dir}/ (a rules directory holds routing.yaml and owners.yaml)",
+        O + f"not found in {rules_dir}/ (a rules directory holds routing.yaml and owners.yaml)",
+    ]
+
+
+def test_problem_fields_name_file_rule_and_field(tmp_path: Path) -> None:
+    routing = "rules:\n  - {name: a, when: {score: {gte: x}}, owner: desk}\n  - {when: {}, owner: desk}\n"
+    assert check_rules(write(tmp_path, routing)) == [
+        RuleProblem("rules/routing.yaml", "a", "when.score.gte", "expected a number, got 'x'"),
+        RuleProblem("rules/routing.yaml", "#2", "name", "required"),
+    ]
+
+
+def test_load_rules_raises_with_every_problem_one_per_line(tmp_path: Path) -> None:
+    routing = "rules:\n  - {name: a, when: {model: churn}, owner: zed}\n"
+    with pytest.raises(RulesInvalid) as caught:
+        load_rules(write(tmp_path, routing))
+    assert len(caught.value.problems) == 2
+    assert str(caught.value).splitlines() == [str(p) for p in caught.value.problems]
+
+
+def test_valid_set_loads_and_version_hashes_both_files(tmp_path: Path) -> None:
+    rules_dir = write(tmp_path, GOOD_ROUTING)
+    first = load_rules(rules_dir)
+    assert check_rules(rules_dir) == []
+    assert len(first.version) == 12 and int(first.version, 16) >= 0
+    assert first.source_dir == rules_dir
+    assert load_rules(rules_dir).version == first.version
+    (rules_dir / "owners.yaml").write_text(OWNERS + "  - {id: zoe, name: Zoe}\n")
+    assert load_rules(rules_dir).version != first.version
+
+
+def test_owner_directory_is_compiled_with_defaults(tmp_path: Path) -> None:
+    owners = "owners:\n  - {id: desk, name: Desk, email: desk@example.com, team: ops, channels: [webhook, email, webhook]}\n"
+    ruleset = load_rules(write(tmp_path, GOOD_ROUTING, owners + "  - {id: bo, name: Bo, manager: desk}\n"))
+    desk, bo = ruleset.owners["desk"], ruleset.owners["bo"]
+    assert desk.channels == ("webhook", "email")  # listed twice, delivered once
+    assert (desk.email, desk.team, desk.manager) == ("desk@example.com", "ops", None)
+    assert (bo.channels, bo.manager, bo.email) == (("inbox",), "desk", None)

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from decision_router.durations import format_duration, parse_duration
+from decision_router.settings import SettingsError, load_settings
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("15m", 900), ("4h", 14400), ("2d", 172800), ("1w", 604800), ("1d12h", 129600), ("90", 90), (2.5, 2.5)],
+)
+def test_durations(text, seconds) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "4x", "h4", "4h 5", "-1h", "soon", None])
+def test_bad_durations(text) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_format_duration_round_trips() -> None:
+    assert format_duration(timedelta(hours=4)) == "4h"
+    assert format_duration(timedelta(days=14)) == "2w"
+    assert parse_duration(format_duration(timedelta(seconds=129600))) == timedelta(seconds=129600)
+
+
+def test_defaults_are_the_embedded_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert settings.embedded
+    assert settings.effective_redis_url == "redis://127.0.0.1:6399/0"
+    assert settings.database_url == "sqlite:///decision_router.db"
+    assert str(settings.rules_dir) == "rules"
+
+
+def test_settings_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://cache:6380/2")
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", "postgresql://u:p@db/x")
+    monkeypatch.setenv("DECISION_ROUTER_MAX_PREDICTION_AGE", "2d")
+    settings = load_settings()
+    assert not settings.embedded
+    assert settings.effective_redis_url == "redis://cache:6380/2"
+    # bare postgresql:// means psycopg2 to SQLAlchemy; we ship psycopg 3
+    assert settings.database_url == "postgresql+psycopg://u:p@db/x"
+    assert settings.max_prediction_age == timedelta(days=2)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("DECISION_ROUTER_REDIS_URL", "http://x", "DECISION_ROUTER_REDIS_URL: must start with redis://"),
+        ("DECISION_ROUTER_DATABASE_URL", "mysql://x", "DECISION_ROUTER_DATABASE_URL: must be a sqlite:/// or postgresql"),
+        ("DECISION_ROUTER_MAX_PREDICTION_AGE", "soon", "DECISION_ROUTER_MAX_PREDICTION_AGE: expected a duration"),
+        ("DECISION_ROUTER_BATCH_SIZE", "0", "DECISION_ROUTER_BATCH_SIZE: Input should be greater than or equal to 1"),
+        ("DECISION_ROUTER_LOG_FORMAT", "xml", "DECISION_ROUTER_LOG_FORMAT: Input should be 'auto', 'console' or 'json'"),
+    ],
+)
+def test_bad_setting_is_one_line_naming_the_variable(monkeypatch, variable, value, message) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
