@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import sys
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -33,7 +33,8 @@ app = typer.Typer(
 rules_app = typer.Typer(help="Check the routing rules and owner directory.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 
-out = Console()
+# Tables are wide: when output is piped, do not squeeze them into 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 
@@ -42,12 +43,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def settings_or_exit() -> Settings:
+def settings_or_exit(*, log_level: str | None = None) -> Settings:
     try:
         settings = load_settings()
     except SettingsError as exc:
         fail(str(exc), code=2)
-    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    configure_logging(fmt=settings.log_format, level=log_level or settings.log_level)
     return settings
 
 
@@ -92,12 +93,22 @@ def demo(
     database: Annotated[
         Optional[str], typer.Option(help="Database URL (default: a fresh SQLite file, decision_router_demo.db).")
     ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the service's per-batch log lines.")] = False,
 ) -> None:
     """Run the whole loop in one process, no server needed, and print the stats."""
     from decision_router.demo import run_demo
+    from decision_router.rules import RulesInvalid
 
-    settings = settings_or_exit()
-    result = asyncio.run(run_demo(settings, predictions=predictions, seed=seed, database_url=database, console=out))
+    settings = settings_or_exit(log_level=None if verbose else "warning")
+    if not (settings.rules_dir / "routing.yaml").exists():
+        fail(
+            f"no rules in {settings.rules_dir.resolve()}: run the demo from the project folder "
+            "or set DECISION_ROUTER_RULES_DIR to the shipped rules/ directory"
+        )
+    try:
+        result = asyncio.run(run_demo(settings, predictions=predictions, seed=seed, database_url=database, console=out))
+    except RulesInvalid as exc:
+        fail(f"the rules in {settings.rules_dir} are invalid:\n{exc}")
     print_stats(result.rows, result.by, "table")
 
 
@@ -218,9 +229,14 @@ def _since(value: Optional[str]) -> Optional[datetime]:
         fail(f"expected a duration like 7d or an ISO date like 2026-11-01, not {value!r}", code=2)
 
 
-def _format_value(value: Any) -> str:
+def _format_value(column: str, value: Any) -> str:
     if value is None:
         return "n/a"
+    if column.endswith("_s"):
+        hours = value / 3600
+        return f"{hours:.1f}h" if hours >= 1 else f"{value / 60:.0f}m"
+    if column.endswith("_rate"):
+        return f"{value:.0%}"
     if isinstance(value, float):
         return f"{value:.2f}" if abs(value) < 1_000 else f"{value:,.0f}"
     return str(value)
@@ -241,9 +257,10 @@ def print_stats(rows: list[Any], by: Any, fmt: str) -> None:
         table = Table(title=f"intervention outcomes by {by.value}", title_justify="left")
         columns = list(dicts[0]) if dicts else [by.value]
         for column in columns:
-            table.add_column(column.replace("_", " "), justify="left" if column == by.value else "right")
+            header = column.removesuffix("_s").replace("_", " ")
+            table.add_column(header, justify="left" if column == by.value else "right")
         for row in dicts:
-            table.add_row(*(_format_value(row[c]) for c in columns))
+            table.add_row(*(_format_value(c, row[c]) for c in columns))
         out.print(table)
         if not dicts:
             out.print("no alerts in this window yet")

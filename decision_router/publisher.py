@@ -7,8 +7,6 @@ can produce with `XADD predictions * data '<json>'`.
 from __future__ import annotations
 
 import csv
-import io
-import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -90,10 +88,3 @@ def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 def describe(rejection: Rejection) -> str:
     return f"{rejection.reason.value}: {rejection.detail}"
-
-
-def as_json_lines(rows: Iterable[Mapping[str, Any]]) -> str:
-    buffer = io.StringIO()
-    for row in rows:
-        buffer.write(json.dumps(row) + "\n")
-    return buffer.getvalue()

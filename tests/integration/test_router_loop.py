@@ -191,7 +191,7 @@ async def test_outbox_is_drained_at_start(settings, ruleset, engine, r) -> None:
     from decision_router.service import running_service
 
     keys = Keys(settings.stream_prefix)
-    async with running_service(settings, ruleset, engine) as service:
+    async with running_service(settings, ruleset, engine):
         r.xadd(keys.predictions, {"data": json.dumps(prediction("p-out"))})
         await wait_until(lambda: r.xlen(keys.inbox("alice-moreau")) == 1, what="delivery")
     # Forget the delivery (as if the worker died right after commit) and remove the inbox entry.

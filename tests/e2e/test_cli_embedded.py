@@ -1,0 +1,203 @@
+"""The embedded default from a user's seat: `serve` in one process, the CLI in others.
+
+No Redis server is involved: `serve` hosts fakeredis on loopback and the CLI reaches it
+there. These run the installed console script, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "decision_router"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path, input_text: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=60, input=input_text)
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    shutil.copytree(ROOT / "rules", tmp_path / "rules")
+    return tmp_path
+
+
+@pytest.fixture
+def env(workdir: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    return {**clean, "DECISION_ROUTER_EMBEDDED_PORT": str(free_port()), "DECISION_ROUTER_LOG_FORMAT": "json",
+            "DECISION_ROUTER_CLAIM_IDLE": "1s"}
+
+
+@pytest.fixture
+def server(workdir: Path, env: dict[str, str]):
+    process = subprocess.Popen(CLI + ["serve"], env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = redis.Redis(port=int(env["DECISION_ROUTER_EMBEDDED_PORT"]), decode_responses=True)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"serve exited: {process.stderr.read()}")
+        try:
+            return client.exists("predictions") == 1  # the consumer group creates the stream
+        except redis.ConnectionError:
+            return False
+
+    wait_for(ready, what="serve to start")
+    yield process, client
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+    client.close()
+
+
+def prediction_line(pid: str, manager: str = "alice-moreau", **extra) -> str:
+    document = {
+        "prediction_id": pid, "model": "churn", "model_version": "2026.11", "entity_type": "account",
+        "entity_id": f"acct-{pid}", "score": 0.92,
+        "predicted_at": (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat(),
+        "context": {"segment": "strategic", "account_manager": manager, "arr": 80000},
+        **extra,
+    }
+    return json.dumps(document)
+
+
+def test_serve_publish_outcome_stats_on_the_embedded_default(workdir, env, server) -> None:
+    process, client = server
+    lines = [prediction_line("c1"), "{broken", prediction_line("c2", manager="ghost"), prediction_line("c3", score=4)]
+    (workdir / "batch.jsonl").write_text("\n".join(lines) + "\n")
+
+    published = run(["publish", "batch.jsonl"], env, workdir)
+    assert published.returncode == 0, published.stderr
+    assert "published 2 predictions" in published.stdout and "skipped 2 bad lines" in published.stdout
+    assert "batch.jsonl:2: skipped: invalid_json" in published.stderr
+    assert "batch.jsonl:4: skipped: score_out_of_range" in published.stderr
+
+    wait_for(lambda: client.xlen("alerts:alice-moreau") == 1 and client.xlen("alerts:enterprise-desk") == 1, what="alerts")
+    alert = json.loads(client.xrange("alerts:alice-moreau")[0][1]["data"])
+    fallback = json.loads(client.xrange("alerts:enterprise-desk")[0][1]["data"])
+    assert fallback["owner_source"] == "fallback"
+
+    for args in (
+        ["outcome", "acknowledged", "--alert", alert["alert_id"], "--actor", "alice-moreau"],
+        ["outcome", "intervened", "--prediction", "c1", "--actor", "alice-moreau", "--action", "exec-call"],
+        ["outcome", "outcome", "--entity", "account:acct-c1", "--result", "success", "--actor", "crm"],
+    ):
+        recorded = run(args, env, workdir)
+        assert recorded.returncode == 0, recorded.stderr
+        assert "recorded" in recorded.stdout
+
+    def stats() -> list[dict]:
+        shown = run(["stats", "--by", "owner", "--format", "json"], env, workdir)
+        assert shown.returncode == 0, shown.stderr
+        return json.loads(shown.stdout)
+
+    wait_for(lambda: any(row["successes"] == 1 for row in stats()), what="the outcome in the stats")
+    rows = {row["owner"]: row for row in stats()}
+    assert rows["alice-moreau"] | {"median_time_to_act_s": None} == {
+        "owner": "alice-moreau", "routed": 1, "recorded": 0, "acknowledged": 1, "intervened": 1, "successes": 1,
+        "failures": 0, "intervention_rate": 1.0, "success_rate": 1.0, "median_time_to_act_s": None,
+    }
+    assert rows["alice-moreau"]["median_time_to_act_s"] >= 0
+    assert rows["enterprise-desk"]["routed"] == 1 and rows["enterprise-desk"]["success_rate"] is None
+
+    table = run(["stats", "--by", "rule"], env, workdir)
+    assert table.returncode == 0 and "enterprise-churn-risk" in table.stdout and "n/a" in table.stdout
+    csv_out = run(["stats", "--by", "model", "--format", "csv"], env, workdir)
+    assert csv_out.stdout.splitlines()[0].startswith("model,routed,recorded,acknowledged")
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0
+    assert "Traceback" not in process.stderr.read()
+
+
+def test_publish_csv_with_dotted_columns(workdir, env, server) -> None:
+    _, client = server
+    now = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
+    (workdir / "scores.csv").write_text(
+        "prediction_id,model,model_version,entity_type,entity_id,score,predicted_at,context.segment,context.account_manager\n"
+        f"v1,churn,3,account,acct-v1,0.95,{now},enterprise,elena-petrova\n"
+        f"v2,churn,3,account,acct-v2,not-a-number,{now},enterprise,elena-petrova\n"
+    )
+    published = run(["publish", "scores.csv"], env, workdir)
+    assert published.returncode == 0, published.stderr
+    assert "scores.csv:3: skipped: schema: score" in published.stderr
+    wait_for(lambda: client.xlen("alerts:elena-petrova") == 1, what="the CSV prediction routed")
+
+
+def test_cli_without_a_running_service_says_so(workdir, env) -> None:
+    (workdir / "one.jsonl").write_text(prediction_line("x1") + "\n")
+    result = run(["publish", "one.jsonl"], env, workdir)
+    assert result.returncode == 1
+    assert "cannot reach Redis" in result.stderr and "decision-router serve" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_setting_stops_with_one_line(workdir, env) -> None:
+    result = run(["serve"], {**env, "DECISION_ROUTER_DATABASE_URL": "mysql://nope"}, workdir)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("error: DECISION_ROUTER_DATABASE_URL: must be a sqlite:/// or postgresql")
+
+
+def test_invalid_rules_refuse_to_start_with_every_problem(workdir, env) -> None:
+    routing = workdir / "rules" / "routing.yaml"
+    text = routing.read_text().replace("owner: smb-desk", "owner: nobody-here", 1).replace("{gte: 0.9}", "{greater: 0.9}", 1)
+    routing.write_text(text)
+    checked = run(["rules", "check"], env, workdir)
+    assert checked.returncode == 1
+    assert "rules/routing.yaml: rule smb-churn-risk: owner: " in checked.stderr and "nobody-here" in checked.stderr
+    assert "rules/routing.yaml: rule payment-fraud-block: when.score" in checked.stderr and "greater" in checked.stderr
+    served = run(["serve"], env, workdir)
+    assert served.returncode == 1
+    assert "refusing to start" in served.stderr and "nobody-here" in served.stderr and "greater" in served.stderr
+    assert "Traceback" not in served.stderr
+
+
+def test_rules_check_accepts_the_shipped_rules(workdir, env) -> None:
+    result = run(["rules", "check", "rules"], env, workdir)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout and "rules" in result.stdout
+
+
+def test_outcome_cli_validates_before_sending(workdir, env) -> None:
+    result = run(["outcome", "outcome", "--alert", "al-1", "--actor", "crm"], env, workdir)
+    assert result.returncode == 2
+    assert "needs result" in result.stderr
+    result = run(["outcome", "acknowledged", "--entity", "acct-1", "--actor", "a"], env, workdir)
+    assert result.returncode == 2 and "TYPE:ID" in result.stderr
+
+
+def test_demo_runs_the_whole_loop(workdir, env) -> None:
+    result = run(["demo", "--predictions", "600"], env, workdir)
+    assert result.returncode == 0, result.stderr
+    assert "publishing 612 predictions" in result.stdout
+    assert "quality gate rejected: duplicate 3, missing_id 3, score_out_of_range 3, stale 3" in result.stdout
+    assert "enterprise-churn" in result.stdout and "intervention outcomes by rule" in result.stdout
+    assert (workdir / "decision_router_demo.db").exists()

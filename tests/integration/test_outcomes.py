@@ -1,0 +1,131 @@
+"""Outcome events on real Redis: lifecycle, addressing, dead letters, idempotency, stats."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+from sqlmodel import Session
+
+from decision_router.stats import GroupBy, compute_stats
+from decision_router.tables import AlertRecord, AuditEvent
+from decision_router.tracker import alert_id_for
+from tests.integration.conftest import wait_until
+from tests.integration.test_router_loop import count, prediction
+
+pytestmark = pytest.mark.redis
+
+
+def alert_row(engine, alert_id: str) -> AlertRecord:
+    with Session(engine) as session:
+        row = session.get(AlertRecord, alert_id)
+        assert row is not None
+        session.expunge(row)
+        return row
+
+
+async def route_three(service, r, engine) -> list[str]:
+    keys = service.keys
+    for pid, manager in (("o1", "alice-moreau"), ("o2", "alice-moreau"), ("o3", "elena-petrova")):
+        r.xadd(keys.predictions, {"data": json.dumps(prediction(pid, context={"segment": "enterprise", "account_manager": manager}))})
+    await wait_until(lambda: count(engine, AlertRecord, AlertRecord.delivered_at.is_not(None)) == 3, what="3 alerts delivered")
+    return [alert_id_for(pid, "enterprise-churn-risk") for pid in ("o1", "o2", "o3")]
+
+
+async def test_lifecycle_events_update_alerts_and_stats(service, r, engine) -> None:
+    keys = service.keys
+    a1, a2, a3 = await route_three(service, r, engine)
+    created = alert_row(engine, a1).created_at.replace(tzinfo=timezone.utc)
+    acted = created + timedelta(minutes=90)
+    # by alert id, flat fields as a CRM or a shell script would send them
+    r.xadd(keys.outcomes, {"alert_id": a1, "type": "acknowledged", "actor": "alice-moreau"})
+    r.xadd(keys.outcomes, {"alert_id": a1, "type": "intervened", "actor": "alice-moreau", "action": "exec-call", "at": acted.isoformat()})
+    # by prediction id
+    r.xadd(keys.outcomes, {"data": json.dumps({"prediction_id": "o2", "type": "intervened", "actor": "alice-moreau", "action": "discount"})})
+    # by entity: the CRM reports renewals and churn
+    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o1", "type": "outcome", "result": "success", "actor": "crm", "value": "120000"})
+    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o2", "type": "outcome", "result": "failure", "actor": "crm"})
+    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o3", "type": "outcome", "result": "success", "actor": "crm"})
+
+    await wait_until(lambda: count(engine, AlertRecord, AlertRecord.status == "closed") == 3, what="3 outcomes applied")
+    first = alert_row(engine, a1)
+    assert first.acknowledged_at is not None
+    assert first.intervention == "exec-call" and first.outcome == "success" and first.outcome_value == 120000
+    second = alert_row(engine, a2)
+    assert second.acknowledged_at is not None  # intervening implies having seen it
+    assert second.outcome == "failure"
+
+    with Session(engine) as session:
+        by_owner = {row.key: row for row in compute_stats(session, by=GroupBy.OWNER)}
+        audit = session.execute(
+            select(AuditEvent.type, AuditEvent.actor).where(AuditEvent.alert_id == a1).order_by(AuditEvent.id)
+        ).all()
+    alice = by_owner["alice-moreau"]
+    assert (alice.routed, alice.acknowledged, alice.intervened, alice.successes, alice.failures) == (2, 2, 2, 1, 1)
+    assert alice.intervention_rate == 1.0 and alice.success_rate == 0.5
+    elena = by_owner["elena-petrova"]
+    assert (elena.routed, elena.intervened, elena.successes, elena.intervention_rate) == (1, 0, 1, 0.0)
+    assert elena.median_time_to_act_s is None
+    assert [t for t, _ in audit] == ["routed", "delivered", "acknowledged", "intervened", "outcome"]
+    assert audit[-1] == ("outcome", "crm")
+    await wait_until(lambda: r.xpending(keys.outcomes, service.group)["pending"] == 0, what="outcomes acked")
+    assert r.xlen(keys.outcomes_dlq) == 0
+
+
+async def test_median_time_to_act_comes_from_the_intervened_event(service, r, engine) -> None:
+    keys = service.keys
+    a1, a2, _ = await route_three(service, r, engine)
+    for alert_id, minutes in ((a1, 30), (a2, 90)):
+        created = alert_row(engine, alert_id).created_at.replace(tzinfo=timezone.utc)
+        r.xadd(keys.outcomes, {"alert_id": alert_id, "type": "intervened", "actor": "alice-moreau",
+                               "at": (created + timedelta(minutes=minutes)).isoformat()})
+    await wait_until(lambda: count(engine, AlertRecord, AlertRecord.intervened_at.is_not(None)) == 2, what="interventions")
+    with Session(engine) as session:
+        (row,) = [r_ for r_ in compute_stats(session, by=GroupBy.RULE) if r_.key == "enterprise-churn-risk"]
+    assert row.median_time_to_act_s == pytest.approx(3600.0)
+
+
+async def test_bad_and_unknown_outcomes_go_to_the_dlq(service, r, engine) -> None:
+    keys = service.keys
+    await route_three(service, r, engine)
+    r.xadd(keys.outcomes, {"alert_id": "al-nope", "type": "acknowledged", "actor": "x"})
+    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-none", "type": "outcome", "result": "success", "actor": "crm"})
+    r.xadd(keys.outcomes, {"alert_id": alert_id_for("o1", "enterprise-churn-risk"), "type": "outcome", "actor": "crm"})
+    r.xadd(keys.outcomes, {"data": "not json"})
+    r.xadd(keys.outcomes, {"alert_id": alert_id_for("o1", "enterprise-churn-risk"), "type": "reassigned", "actor": "ops", "owner": "nobody"})
+    await wait_until(lambda: r.xlen(keys.outcomes_dlq) == 5, what="5 dead letters")
+    reasons = [fields["reason"] for _, fields in r.xrange(keys.outcomes_dlq)]
+    assert reasons == ["unknown_alert", "unknown_alert", "schema", "invalid_json", "unknown_owner"]
+    details = [fields["detail"] for _, fields in r.xrange(keys.outcomes_dlq)]
+    assert "no alert al-nope" in details[0]
+    assert "account:acct-none" in details[1]
+    assert "needs result" in details[2]
+    assert alert_row(engine, alert_id_for("o1", "enterprise-churn-risk")).owner == "alice-moreau"
+
+
+async def test_a_redelivered_outcome_entry_is_applied_once(service, r, engine) -> None:
+    keys = service.keys
+    a1, _, _ = await route_three(service, r, engine)
+    entry_id = r.xadd(keys.outcomes, {"alert_id": a1, "type": "acknowledged", "actor": "alice-moreau"})
+    await wait_until(lambda: count(engine, AuditEvent, AuditEvent.type == "acknowledged") == 1, what="ack applied")
+    result = await service.pipeline.process_outcomes([(entry_id, {b"alert_id": a1.encode(), b"type": b"acknowledged", b"actor": b"alice-moreau"})])
+    assert (result.accepted, result.redelivered) == (0, 1)
+    assert count(engine, AuditEvent, AuditEvent.type == "acknowledged") == 1
+
+
+async def test_reassigned_alert_reaches_the_new_owner(service, r, engine) -> None:
+    keys = service.keys
+    a1, _, _ = await route_three(service, r, engine)
+    r.xadd(keys.outcomes, {"alert_id": a1, "type": "reassigned", "actor": "lead-strategic", "owner": "benoit-garnier", "note": "holiday"})
+    await wait_until(lambda: r.xlen(keys.inbox("benoit-garnier")) == 1, what="the new owner's inbox")
+    (_, fields), = r.xrange(keys.inbox("benoit-garnier"))
+    alert = json.loads(fields["data"])
+    assert alert["alert_id"] == a1 and alert["owner"] == "benoit-garnier" and alert["reassigned_from"] == "alice-moreau"
+    row = alert_row(engine, a1)
+    assert (row.owner, row.original_owner) == ("benoit-garnier", "alice-moreau")
+    with Session(engine) as session:
+        detail = session.scalar(select(AuditEvent.detail).where(AuditEvent.type == "reassigned"))
+    assert detail["from_owner"] == "alice-moreau" and detail["to_owner"] == "benoit-garnier" and detail["note"] == "holiday"
+    assert r.xlen(keys.inbox("alice-moreau")) == 2  # o1 and o2; nothing new for alice
