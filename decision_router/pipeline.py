@@ -9,6 +9,7 @@ repaired by the redelivery or by `drain_outbox` at start-up.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -64,7 +65,7 @@ def dlq_writes(rejections: Sequence[Rejection], *, stream: str, keys: Keys) -> l
             "payload": r.payload,
         }
         # Entries without an id (never from a real stream) are written unconditionally.
-        marker = f"dlq:{r.source_stream}:{r.source_id}" if r.source_id else f"dlq:{id(r)}:{r.payload}"
+        marker = f"dlq:{r.source_stream}:{r.source_id}" if r.source_id else f"dlq:{uuid.uuid4().hex}"
         writes.append(StreamWrite(stream=stream, fields=fields, dedupe_key=keys.dedupe(marker)))
     return writes
 

@@ -131,9 +131,20 @@ def test_serve_publish_outcome_stats_on_the_embedded_default(workdir, env, serve
     csv_out = run(["stats", "--by", "model", "--format", "csv"], env, workdir)
     assert csv_out.stdout.splitlines()[0].startswith("model,routed,recorded,acknowledged")
 
+    # Bad input straight onto the stream, from a producer that skips the CLI's checks.
+    client.xadd("predictions", {"data": "{oops"})
+    client.xadd("predictions", {"prediction_id": "c9", "score": "2"})
+    wait_for(lambda: client.xlen("predictions:dlq") == 2, what="the dead letters")
+    assert [f["reason"] for _, f in client.xrange("predictions:dlq")] == ["invalid_json", "missing_id"]
+
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=20) == 0
-    assert "Traceback" not in process.stderr.read()
+    log = process.stderr.read()
+    assert "Traceback" not in log
+    events = [json.loads(line) for line in log.splitlines()]
+    assert {"router started", "batch routed", "outcomes recorded", "stopping"} <= {e["event"] for e in events}
+    assert any(e.get("rejected") == {"invalid_json": 1} or e.get("rejected") == {"invalid_json": 1, "missing_id": 1}
+               for e in events)
 
 
 def test_publish_csv_with_dotted_columns(workdir, env, server) -> None:
