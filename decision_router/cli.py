@@ -22,7 +22,7 @@ from decision_router.contracts import OutcomeEvent
 from decision_router.durations import parse_duration
 from decision_router.keys import Keys
 from decision_router.logs import configure_logging
-from decision_router.settings import Settings, SettingsError, load_settings
+from decision_router.settings import Settings, SettingsError, load_settings, redact_url
 
 app = typer.Typer(
     help="Route model predictions to named owners, track what they did and whether it worked.",
@@ -63,7 +63,7 @@ async def _connect(settings: Settings) -> Redis:
             if settings.embedded
             else ""
         )
-        fail(f"cannot reach Redis at {settings.effective_redis_url}: {exc}{hint}")
+        fail(f"cannot reach Redis at {redact_url(settings.effective_redis_url)}: {exc}{hint}")
     return redis
 
 
@@ -295,7 +295,7 @@ def stats(
         with Session(engine) as session:
             rows = compute_stats(session, by=group, since=_since(since), until=_since(until))
     except SQLAlchemyError as exc:
-        fail(f"cannot read the store at {settings.database_url}: {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}")
+        fail(f"cannot read the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
     finally:
         engine.dispose()
     print_stats(rows, group, fmt)

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from decision_router.embedded import EmbeddedRedis
 from decision_router.pipeline import BatchResult, Clock, Entry, Pipeline, utcnow
 from decision_router.rules import RuleSet, load_rules
-from decision_router.settings import Settings
+from decision_router.settings import Settings, redact_url
 from decision_router.store import create_schema, make_engine
 
 log = structlog.get_logger("decision_router.service")
@@ -91,7 +91,7 @@ class RouterService:
         self._reclaimer = asyncio.create_task(self._reclaim_forever(), name="reclaim")
         log.info(
             "router started",
-            redis=_redact(self.pipeline.settings.effective_redis_url),
+            redis=redact_url(self.pipeline.settings.effective_redis_url),
             group=self.group,
             consumer=self.consumer,
             rules_version=self.pipeline.ruleset.version,
@@ -151,14 +151,6 @@ class RouterService:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _redact(url: str) -> str:
-    """Never log a password that is part of the URL."""
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 @contextlib.asynccontextmanager

@@ -82,6 +82,16 @@ class Settings(BaseSettings):
         return self.redis_url or f"redis://{self.embedded_host}:{self.embedded_port}/0"
 
 
+def redact_url(url: str) -> str:
+    """The URL with its password masked, for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build settings or raise SettingsError with one line naming the variable."""
     try:

@@ -212,3 +212,10 @@ def test_demo_runs_the_whole_loop(workdir, env) -> None:
     assert "quality gate rejected: duplicate 3, missing_id 3, score_out_of_range 3, stale 3" in result.stdout
     assert "enterprise-churn" in result.stdout and "intervention outcomes by rule" in result.stdout
     assert (workdir / "decision_router_demo.db").exists()
+
+
+def test_errors_do_not_show_passwords(workdir, env) -> None:
+    port = free_port()
+    result = run(["health"], {**env, "DECISION_ROUTER_REDIS_URL": f"redis://:hunter2@127.0.0.1:{port}/0"}, workdir)
+    assert result.returncode == 1
+    assert "hunter2" not in result.stderr and "redis://:***@127.0.0.1" in result.stderr

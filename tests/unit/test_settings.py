@@ -64,3 +64,18 @@ def test_bad_setting_is_one_line_naming_the_variable(monkeypatch, variable, valu
         load_settings()
     assert str(caught.value).startswith(message)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("postgresql+psycopg://app:pw@db:5432/x", "postgresql+psycopg://app:***@db:5432/x"),
+        ("redis://127.0.0.1:6399/0", "redis://127.0.0.1:6399/0"),
+        ("postgresql+psycopg://postgres@db/test", "postgresql+psycopg://postgres@db/test"),
+    ],
+)
+def test_passwords_never_shown(url, shown) -> None:
+    from decision_router.settings import redact_url
+
+    assert redact_url(url) == shown
