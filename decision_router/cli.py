@@ -30,7 +30,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-rules_app = typer.Typer(help="Check the routing rules and owner directory.", no_args_is_help=True)
+rules_app = typer.Typer(
+    help="Check the routing rules and owner directory, test them on a prediction, replay stored predictions.",
+    no_args_is_help=True,
+)
 app.add_typer(rules_app, name="rules")
 
 # Tables are wide: when output is piped, do not squeeze them into 80 columns.
@@ -175,19 +178,30 @@ def outcome(
     note: Annotated[Optional[str], typer.Option(help="Free text kept in the audit trail.")] = None,
 ) -> None:
     """Record an outcome event (it goes onto the outcomes stream, like any producer's)."""
-    from pydantic import ValidationError
-
-    from decision_router.publisher import publish_outcome
-
     document: dict[str, Any] = {
         "type": type_, "actor": actor, "alert_id": alert, "prediction_id": prediction,
         "action": action, "result": result, "value": value, "owner": owner, "note": note,
     }
     if entity is not None:
-        entity_type, sep, entity_id = entity.partition(":")
-        if not sep or not entity_type or not entity_id:
-            fail(f"--entity must look like TYPE:ID (e.g. account:acct-17), not {entity!r}", code=2)
+        entity_type, entity_id = parse_entity(entity)
         document.update(entity_type=entity_type, entity_id=entity_id)
+    send_outcome(document)
+
+
+def parse_entity(entity: str) -> tuple[str, str]:
+    """`account:acct-17` -> ("account", "acct-17"); anything else is a usage error."""
+    entity_type, sep, entity_id = entity.partition(":")
+    if not sep or not entity_type or not entity_id:
+        fail(f"--entity must look like TYPE:ID (e.g. account:acct-17), not {entity!r}", code=2)
+    return entity_type, entity_id
+
+
+def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> None:
+    """Validate an outcome event (exit 2 when invalid) and publish it on the outcomes stream."""
+    from pydantic import ValidationError
+
+    from decision_router.publisher import publish_outcome
+
     try:
         event = OutcomeEvent.model_validate({k: v for k, v in document.items() if v is not None})
     except ValidationError as exc:
@@ -195,7 +209,7 @@ def outcome(
             f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
         )
         fail(f"invalid outcome event: {problems}", code=2)
-    settings = settings_or_exit()
+    settings = settings or settings_or_exit()
     stream = Keys(settings.stream_prefix).outcomes
 
     async def run() -> str:
@@ -242,6 +256,21 @@ def _format_value(column: str, value: Any) -> str:
     return str(value)
 
 
+# Terminal tables are narrow; JSON and CSV keep the full names.
+SHORT_HEADERS = {
+    "acknowledged": "acked",
+    "intervened": "acted",
+    "successes": "success",
+    "failures": "failure",
+    "suppressed": "suppr.",
+    "intervention_rate": "act rate",
+    "success_rate": "success rate",
+    "median_time_to_act_s": "median to act",
+    "escalations": "escal.",
+    "sla_breaches": "breaches",
+}
+
+
 def print_stats(rows: list[Any], by: Any, fmt: str) -> None:
     dicts = [row.as_dict(by) for row in rows]
     if fmt == "json":
@@ -257,8 +286,8 @@ def print_stats(rows: list[Any], by: Any, fmt: str) -> None:
         table = Table(title=f"intervention outcomes by {by.value}", title_justify="left")
         columns = list(dicts[0]) if dicts else [by.value]
         for column in columns:
-            header = column.removesuffix("_s").replace("_", " ")
-            table.add_column(header, justify="left" if column == by.value else "right")
+            header = SHORT_HEADERS.get(column, column.removesuffix("_s").replace("_", " "))
+            table.add_column(header, justify="left" if column == by.value else "right", no_wrap=column == by.value)
         for row in dicts:
             table.add_row(*(_format_value(c, row[c]) for c in columns))
         out.print(table)
@@ -304,6 +333,14 @@ def stats(
 # rules / health ------------------------------------------------------------------------
 
 
+def fail_with_problems(problems: list[Any], directory: Path) -> NoReturn:
+    """Every problem of a rules directory on stderr, then exit 1."""
+    for problem in problems:
+        err.print(str(problem), highlight=False, soft_wrap=True)
+    err.print(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {directory}", style="bold red")
+    raise typer.Exit(1)
+
+
 @rules_app.command("check")
 def rules_check(
     directory: Annotated[Optional[Path], typer.Argument(help="Rules directory (default: DECISION_ROUTER_RULES_DIR or ./rules).")] = None,
@@ -314,10 +351,7 @@ def rules_check(
     directory = directory or settings_or_exit().rules_dir
     problems = check_rules(directory)
     if problems:
-        for problem in problems:
-            err.print(str(problem), highlight=False, soft_wrap=True)
-        err.print(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {directory}", style="bold red")
-        raise typer.Exit(1)
+        fail_with_problems(problems, directory)
     ruleset = load_rules(directory)
     out.print(
         f"{directory}: ok — {len(ruleset.rules)} rules, {len(ruleset.owners)} owners, version {ruleset.version}",
@@ -349,6 +383,10 @@ def health() -> None:
     finally:
         engine.dispose()
     out.print("ok")
+
+
+# audit, reassign, rules test, rules replay: defined in cli_governance.py on `app` and `rules_app`.
+from decision_router import cli_governance  # noqa: F401
 
 
 def main() -> None:

@@ -44,6 +44,19 @@ class Prediction(BaseModel):
         return self.model_dump(mode="json")
 
 
+class Escalation(BaseModel):
+    """Why an alert reached someone other than its owner."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    level: int  # 1 = the owner's manager, 2 = theirs, ...
+    kind: str  # ack | act: the deadline that was missed
+    reason: str
+    original_owner: str
+    from_owner: str
+    to_owner: str
+
+
 class Alert(BaseModel):
     """What an owner receives on `alerts:<owner_id>` (one `data` field holding this JSON)."""
 
@@ -69,6 +82,10 @@ class Alert(BaseModel):
     predicted_at: AwareDatetime
     created_at: AwareDatetime
     reassigned_from: str | None = None
+    # The owner was away; this is their delegate.
+    delegated_from: str | None = None
+    # Set on the copy delivered to a manager when the owner missed a deadline.
+    escalation: Escalation | None = None
 
 
 class OutcomeType(StrEnum):

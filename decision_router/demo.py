@@ -3,7 +3,8 @@
 Synthetic churn predictions go through the real service (gate, rules, store, inboxes);
 simulated account managers read their inboxes and record what they did; a simulated
 CRM reports renewals and churn by entity. The service runs on a clock three days
-behind, so the simulated actions of the following days are already in the past.
+behind, so the simulated actions of the following days are already in the past; at the
+end the clock catches up and the SLA sweeper escalates what nobody acted on.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ async def run_demo(
             update={"redis_url": embedded.url, "stream_prefix": keys.prefix, "consumer_name": "demo-worker"}
         )
         redis = Redis.from_url(embedded.url)
-        async with running_service(demo_settings, ruleset, engine, clock=lambda: utcnow() - CLOCK_OFFSET):
+        offset = [CLOCK_OFFSET]  # moved to zero at the end, when the simulated days have passed
+        async with running_service(demo_settings, ruleset, engine, clock=lambda: utcnow() - offset[0]) as service:
             documents = synthetic_predictions(
                 predictions, rng=rng, managers=_account_managers(ruleset), now=sim_now
             )
@@ -169,6 +171,13 @@ async def run_demo(
                 return (applied or 0) + (rejected or 0) >= outcomes
 
             await _wait_for(all_recorded, what="outcomes to be recorded")
+            # Three days later: whatever nobody acted on has missed its deadline.
+            offset[0] = timedelta(0)
+            swept = await service.sweeper.sweep_once()
+            console.print(
+                f"SLA sweep {CLOCK_OFFSET.days} days later: {swept.escalated} alerts escalated to a manager, "
+                f"{swept.breached} SLA breaches at the top of a chain"
+            )
         await redis.aclose()
     with Session(engine) as session:
         rows = compute_stats(session, by=GroupBy.RULE)

@@ -25,7 +25,7 @@ from decision_router.contracts import Alert, OutcomeEvent, OutcomeType, Predicti
 from decision_router.delivery import INBOX, inbox_writes
 from decision_router.keys import Keys
 from decision_router.quality import RawEntry, check_outcome, check_prediction, original_payload
-from decision_router.router import route
+from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
 from decision_router.streams import StreamWrite, xadd_once
@@ -46,6 +46,8 @@ class BatchResult:
     redelivered: int = 0
     alerts: int = 0
     recorded: int = 0
+    held_out: int = 0
+    suppressed: int = 0
     delivered: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
@@ -106,10 +108,38 @@ class Pipeline:
             accepted=result.accepted,
             alerts=result.alerts,
             recorded=result.recorded,
+            held_out=result.held_out,
+            suppressed=result.suppressed,
             redelivered=result.redelivered,
             rejected=result.rejected or None,
         )
         return result
+
+    @staticmethod
+    def _cooldowns(
+        session: Session,
+        prediction: Prediction,
+        decisions: Sequence[Decision],
+        now: datetime,
+        *,
+        in_batch: dict[tuple[str, str, str], str],
+    ) -> dict[str, str]:
+        """rule -> the alert whose cooldown window covers this prediction's entity."""
+        suppressed: dict[str, str] = {}
+        for decision in decisions:
+            if not decision.cooldown:
+                continue
+            key = (decision.rule, prediction.entity_type, prediction.entity_id)
+            active = in_batch.get(key) or tracker.active_cooldown_alert(
+                session,
+                rule=decision.rule,
+                entity_type=prediction.entity_type,
+                entity_id=prediction.entity_id,
+                since=now - decision.cooldown,
+            )
+            if active:
+                suppressed[decision.rule] = active
+        return suppressed
 
     def _check(self, entry_id: str | None, fields: RawEntry, now: datetime) -> Prediction | Rejection:
         return check_prediction(
@@ -127,6 +157,7 @@ class Pipeline:
         result = BatchResult()
         rejections: list[Rejection] = []
         batch_ids: list[str] = []
+        cooling: dict[tuple[str, str, str], str] = {}
         with Session(self.engine) as session:
             known = tracker.known_predictions(
                 session, (p.prediction_id for _, _, p in checked if isinstance(p, Prediction))
@@ -154,17 +185,31 @@ class Pipeline:
                         )
                     continue
                 known[pid] = entry_id
+                ruleset = self.ruleset  # one rule set per prediction, even across a hot reload
+                decisions = route(item.as_document(), ruleset, now=now)
                 records = tracker.record_prediction(
                     session,
                     prediction=item,
                     stream_id=entry_id,
-                    decisions=route(item.as_document(), self.ruleset),
-                    rules_version=self.ruleset.version,
+                    decisions=decisions,
+                    rules_version=ruleset.version,
                     now=now,
+                    suppressed_by=self._cooldowns(session, item, decisions, now, in_batch=cooling),
                 )
+                for record, decision in zip(records, decisions, strict=True):
+                    if decision.cooldown and not record.suppressed_by:
+                        cooling[(record.rule, record.entity_type, record.entity_id)] = record.alert_id
                 result.accepted += 1
-                result.alerts += sum(1 for r in records if r.action == "alert")
-                result.recorded += sum(1 for r in records if r.action != "alert")
+                for record in records:
+                    kind = record.effective_action
+                    if kind == "alert":
+                        result.alerts += 1
+                    elif kind == "record":
+                        result.recorded += 1
+                    elif kind == "control":
+                        result.held_out += 1
+                    else:
+                        result.suppressed += 1
                 batch_ids.append(pid)
             for rejection in rejections:
                 result.reject(rejection)

@@ -2,14 +2,19 @@
 
 Every decision names an owner: a valid rule set ends with a catch-all and every
 `owner.from` has a fallback that is in the directory (checked in rules/load.py), so the
-fallback path here cannot fail.
+fallback path here cannot fail. The caller passes `now` to hand away owners' decisions
+to their delegates; without it, nobody is away.
+
+The router knows no history: a rule's `cooldown` is carried on the decision for the
+caller to enforce, and `held_out` is a pure function of (rule, entity), see `in_holdout`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from decision_router.rules import MISSING, CompiledRule, Owner, RuleSet, lookup
@@ -20,22 +25,44 @@ class Decision:
     rule: str
     rule_index: int
     owner: str
-    owner_source: str  # "static" | "field" | "fallback"
-    fallback_reason: str | None  # why the fallback owner was used; None otherwise
+    owner_source: str  # "static" | "field" | "fallback" | "delegate"
+    fallback_reason: str | None  # why the fallback owner was used (kept when it was then delegated); None otherwise
     priority: str
     action: str  # "alert" | "record"
     context: dict[str, Any]  # selected dotted field -> value, only those present
     missing_context: tuple[str, ...]  # selected fields absent (or null) in the prediction
     ack_within: timedelta
     act_within: timedelta
+    cooldown: timedelta | None = None  # the rule's cooldown: at most one alert per entity and rule per window
+    held_out: bool = False  # in the rule's control group: store as a control record, do not deliver
+    delegated_from: str | None = None  # the away owner whose decision went to `owner`; None otherwise
 
 
-def route(document: Mapping[str, Any], ruleset: RuleSet) -> list[Decision]:
-    """Rules in file order; the first match wins unless it has `continue: true`."""
+def in_holdout(rule: str, entity_type: str, entity_id: str, fraction: float) -> bool:
+    """Whether (rule, entity) is in the rule's control group of `fraction` (0 <= fraction < 1).
+
+    A stable hash, not Python's salted `hash()`: the same entity gets the same answer in
+    every process, on every machine and in every release, for as long as the rule keeps
+    its name; raising the fraction only adds entities to the group.
+    """
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{rule}\0{entity_type}\0{entity_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def route(document: Mapping[str, Any], ruleset: RuleSet, *, now: datetime | None = None) -> list[Decision]:
+    """Rules in file order; the first match wins unless it has `continue: true`.
+
+    With `now` (timezone-aware), an owner away at that instant is replaced by their
+    delegate; without it nobody is away, so the result depends on the inputs only.
+    """
+    if now is not None and now.utcoffset() is None:
+        raise ValueError(f"now must be timezone-aware, got {now!r}")
     decisions = []
     for rule in ruleset.rules:
         if rule.matches(document):
-            decisions.append(_decide(rule, document, ruleset.owners))
+            decisions.append(_decide(rule, document, ruleset.owners, now))
             if not rule.continue_:
                 break
     return decisions
@@ -58,8 +85,34 @@ def _owner(rule: CompiledRule, document: Mapping[str, Any], owners: Mapping[str,
     return rule.owner_fallback, "fallback", reason
 
 
-def _decide(rule: CompiledRule, document: Mapping[str, Any], owners: Mapping[str, Owner]) -> Decision:
+def _present(owner: str, owners: Mapping[str, Owner], now: datetime) -> str:
+    """The owner, or the first delegate along the chain who is not away at `now`.
+
+    load.py guarantees away owners have a delegate in the directory and delegate chains
+    do not loop; the step limit keeps this total even so.
+    """
+    for _ in range(len(owners)):
+        current = owners.get(owner)
+        if current is None or current.delegate is None or not current.is_away(now):
+            break
+        owner = current.delegate
+    return owner
+
+
+def _text(value: Any) -> str:
+    return "" if value is MISSING else str(value)
+
+
+def _decide(
+    rule: CompiledRule, document: Mapping[str, Any], owners: Mapping[str, Owner], now: datetime | None
+) -> Decision:
     owner, source, reason = _owner(rule, document, owners)
+    delegated_from = None
+    if now is not None and (present := _present(owner, owners, now)) != owner:
+        owner, source, delegated_from = present, "delegate", owner
+    held_out = rule.holdout > 0 and in_holdout(
+        rule.name, _text(lookup(document, "entity_type")), _text(lookup(document, "entity_id")), rule.holdout
+    )
     context: dict[str, Any] = {}
     missing: list[str] = []
     for path in rule.context_fields:
@@ -80,4 +133,7 @@ def _decide(rule: CompiledRule, document: Mapping[str, Any], owners: Mapping[str
         missing_context=tuple(missing),
         ack_within=rule.ack_within,
         act_within=rule.act_within,
+        cooldown=rule.cooldown,
+        held_out=held_out,
+        delegated_from=delegated_from,
     )

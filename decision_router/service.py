@@ -19,8 +19,10 @@ from redis.exceptions import ResponseError
 from sqlalchemy.engine import Engine
 
 from decision_router.embedded import EmbeddedRedis
+from decision_router.escalation import EscalationSweeper
 from decision_router.pipeline import BatchResult, Clock, Entry, Pipeline, utcnow
 from decision_router.rules import RuleSet, load_rules
+from decision_router.rules.watch import RulesWatcher
 from decision_router.settings import Settings, redact_url
 from decision_router.store import create_schema, make_engine
 
@@ -45,17 +47,20 @@ async def ensure_group(redis: Redis, stream: str, group: str) -> None:
 
 
 class RouterService:
-    """Owns the broker, the pipeline and the reclaim task for one worker process."""
+    """Owns the broker, the pipeline and the periodic tasks of one worker process:
+    reclaiming orphaned entries, escalating missed deadlines, reloading changed rules."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, watcher: RulesWatcher | None = None) -> None:
         self.pipeline = pipeline
+        self.sweeper = EscalationSweeper(pipeline)
+        self.watcher = watcher
         settings = pipeline.settings
         self.keys = pipeline.keys
         self.group = settings.consumer_group
         self.consumer = settings.consumer_name
         # FastStream logs two lines per message by default; we log per batch instead.
         self.broker = RedisBroker(settings.effective_redis_url, logger=None)
-        self._reclaimer: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._subscribe(self.keys.predictions, pipeline.process_predictions)
         self._subscribe(self.keys.outcomes, pipeline.process_outcomes)
@@ -88,7 +93,11 @@ class RouterService:
         if delivered:
             log.info("outbox drained at start", delivered=delivered)
         await self.broker.start()
-        self._reclaimer = asyncio.create_task(self._reclaim_forever(), name="reclaim")
+        settings = self.pipeline.settings
+        self._every("reclaim", max(0.05, settings.claim_idle.total_seconds() / 2), self.reclaim_once)
+        self._every("escalate", settings.sweep_interval.total_seconds(), self.sweeper.sweep_once)
+        if self.watcher is not None and settings.rules_poll_interval.total_seconds() > 0:
+            self._every("rules", settings.rules_poll_interval.total_seconds(), self.check_rules)
         log.info(
             "router started",
             redis=redact_url(self.pipeline.settings.effective_redis_url),
@@ -103,9 +112,29 @@ class RouterService:
         # An event, not cancel(): redis-py may turn a cancellation mid-command into a
         # connection error, which the loop would log and carry on past.
         self._stopping.set()
-        if self._reclaimer is not None:
-            await self._reclaimer
+        await asyncio.gather(*self._tasks)
         await self.broker.stop()
+
+    async def check_rules(self, *, force: bool = False) -> None:
+        """Swap in changed rule files if they are valid; a bad file keeps the old rules."""
+        assert self.watcher is not None
+        fresh = await asyncio.to_thread(self.watcher.reload if force else self.watcher.check)
+        if fresh is not None:
+            old = self.pipeline.ruleset.version
+            self.pipeline.ruleset = fresh  # one assignment: each batch sees one rule set
+            log.info("rules reloaded", rules_version=fresh.version, previous=old, rules=len(fresh.rules))
+
+    def _every(self, name: str, interval: float, job: Callable[[], Awaitable[object]]) -> None:
+        async def loop() -> None:
+            while not self._stopping.is_set():
+                try:
+                    await job()
+                except Exception:
+                    log.exception(f"{name} failed; will retry")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), max(0.05, interval))
+
+        self._tasks.append(asyncio.create_task(loop(), name=name))
 
     async def reclaim_once(self) -> int:
         """Take over entries idle on any consumer longer than claim_idle; returns how many."""
@@ -138,28 +167,18 @@ class RouterService:
                 return total
             start = _text(next_id)
 
-    async def _reclaim_forever(self) -> None:
-        interval = max(0.05, self.pipeline.settings.claim_idle.total_seconds() / 2)
-        while not self._stopping.is_set():
-            try:
-                await self.reclaim_once()
-            except Exception:
-                log.exception("reclaim failed; will retry")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval)
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
 @contextlib.asynccontextmanager
 async def running_service(
-    settings: Settings, ruleset: RuleSet, engine: Engine, *, clock: Clock = utcnow
+    settings: Settings, ruleset: RuleSet, engine: Engine, *, clock: Clock = utcnow, watch_rules: bool = False
 ) -> AsyncIterator[RouterService]:
     """Start one worker against settings.effective_redis_url; stop it cleanly on exit."""
     redis = Redis.from_url(settings.effective_redis_url)
-    service = RouterService(Pipeline(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=clock))
+    pipeline = Pipeline(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=clock)
+    service = RouterService(pipeline, RulesWatcher(settings.rules_dir, ruleset) if watch_rules else None)
     try:
         await service.start()
         yield service
@@ -181,7 +200,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     if embedded:
         log.info("embedded Redis (fakeredis) serving", url=embedded.url, database=settings.database_url)
     try:
-        async with running_service(settings, ruleset, engine):
+        async with running_service(settings, ruleset, engine, watch_rules=True) as service:
+            # SIGHUP: re-read the rules now rather than at the next poll.
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.check_rules(force=True)))
             await stop.wait()
             log.info("stopping")
     finally:

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=500, ge=1, le=10_000)
     # A message pending this long on another consumer is presumed orphaned and reclaimed.
     claim_idle: timedelta = timedelta(seconds=60)
+    # How often each worker looks for missed SLA deadlines to escalate.
+    sweep_interval: timedelta = timedelta(seconds=30)
+    # How often `serve` checks the rule files for changes (0 = only on SIGHUP).
+    rules_poll_interval: timedelta = timedelta(seconds=5)
     # How long the Redis dedupe markers for written alerts and DLQ entries live.
     dedupe_ttl: timedelta = timedelta(days=7)
 
@@ -48,7 +52,10 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("max_prediction_age", "max_clock_skew", "claim_idle", "dedupe_ttl", mode="before")
+    @field_validator(
+        "max_prediction_age", "max_clock_skew", "claim_idle", "dedupe_ttl", "sweep_interval", "rules_poll_interval",
+        mode="before",
+    )
     @classmethod
     def _duration(cls, value: object) -> timedelta:
         return parse_duration(value)  # type: ignore[arg-type]

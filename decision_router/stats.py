@@ -1,7 +1,10 @@
 """Intervention-outcome statistics, read from the alerts table.
 
 Definitions (also in the README):
-- routed: alerts delivered to an owner (rule action `alert`); recorded: tracked only.
+- routed: alerts delivered to an owner (rule action `alert`); recorded: tracked only
+  (action `record`); held_out: control records of a rule's holdout, not delivered;
+  suppressed: matches inside a rule's cooldown, not delivered.
+- escalations: steps up the manager chain; sla_breaches: deadlines missed at the top.
 - intervention_rate = intervened / routed; success_rate = successes / (successes + failures),
   over routed alerts with an outcome; median_time_to_act_s from alert creation to the
   first `intervened` event. A rate with no denominator is null, never 0.
@@ -33,6 +36,8 @@ class StatsRow:
     key: str
     routed: int
     recorded: int
+    held_out: int
+    suppressed: int
     acknowledged: int
     intervened: int
     successes: int
@@ -40,6 +45,8 @@ class StatsRow:
     intervention_rate: float | None
     success_rate: float | None
     median_time_to_act_s: float | None
+    escalations: int
+    sla_breaches: int
 
     def as_dict(self, by: GroupBy) -> dict[str, Any]:
         row = asdict(self)
@@ -58,10 +65,14 @@ def median(values: list[float]) -> float | None:
 class _Tally:
     routed: int = 0
     recorded: int = 0
+    held_out: int = 0
+    suppressed: int = 0
     acknowledged: int = 0
     intervened: int = 0
     successes: int = 0
     failures: int = 0
+    escalations: int = 0
+    sla_breaches: int = 0
 
     def __post_init__(self) -> None:
         self.times_to_act: list[float] = []
@@ -71,6 +82,8 @@ class _Tally:
             key=key,
             routed=self.routed,
             recorded=self.recorded,
+            held_out=self.held_out,
+            suppressed=self.suppressed,
             acknowledged=self.acknowledged,
             intervened=self.intervened,
             successes=self.successes,
@@ -78,6 +91,8 @@ class _Tally:
             intervention_rate=ratio(self.intervened, self.routed),
             success_rate=ratio(self.successes, self.successes + self.failures),
             median_time_to_act_s=median(self.times_to_act),
+            escalations=self.escalations,
+            sla_breaches=self.sla_breaches,
         )
 
 
@@ -89,22 +104,38 @@ def compute_stats(
     query = select(
         column,
         AlertRecord.action,
+        AlertRecord.held_out,
+        AlertRecord.suppressed_by,
         AlertRecord.created_at,
         AlertRecord.acknowledged_at,
         AlertRecord.intervened_at,
         AlertRecord.outcome,
+        AlertRecord.escalation_level,
+        AlertRecord.ack_breached_at,
+        AlertRecord.act_breached_at,
     )
     if since is not None:
         query = query.where(AlertRecord.created_at >= since)
     if until is not None:
         query = query.where(AlertRecord.created_at < until)
     tallies: dict[str, _Tally] = defaultdict(_Tally)
-    for key, action, created_at, acknowledged_at, intervened_at, outcome in session.execute(query):
+    for (
+        key, action, held_out, suppressed_by, created_at, acknowledged_at, intervened_at, outcome,
+        escalation_level, ack_breached_at, act_breached_at,
+    ) in session.execute(query):
         tally = tallies[key]
+        if suppressed_by:
+            tally.suppressed += 1
+            continue
+        if held_out:
+            tally.held_out += 1
+            continue
         if action != "alert":
             tally.recorded += 1
             continue
         tally.routed += 1
+        tally.escalations += escalation_level
+        tally.sla_breaches += (ack_breached_at is not None) + (act_breached_at is not None)
         tally.acknowledged += acknowledged_at is not None
         if intervened_at is not None:
             tally.intervened += 1
@@ -112,4 +143,4 @@ def compute_stats(
         tally.successes += outcome == "success"
         tally.failures += outcome == "failure"
     rows = [tally.row(key) for key, tally in tallies.items()]
-    return sorted(rows, key=lambda r: (-r.routed, -r.recorded, r.key))
+    return sorted(rows, key=lambda r: (-r.routed, -r.recorded, -r.held_out, r.key))

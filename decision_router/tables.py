@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, UniqueConstraint, event
 from sqlmodel import Field, SQLModel
 
 
@@ -52,8 +52,9 @@ class AlertRecord(SQLModel, table=True):
     rule: str = Field(index=True)
     owner: str = Field(index=True)  # accountable now; changes on reassignment
     original_owner: str
-    owner_source: str  # static | field | fallback
+    owner_source: str  # static | field | fallback | delegate
     fallback_reason: str | None = None
+    delegated_from: str | None = None  # the away owner this went to a delegate for
     priority: str
     action: str  # alert | record
     model: str = Field(index=True)
@@ -75,7 +76,44 @@ class AlertRecord(SQLModel, table=True):
     outcome: str | None = None  # success | failure
     outcome_at: datetime | None = _when(nullable=True)
     outcome_value: float | None = None
-    status: str = Field(default="open", index=True)  # open | closed (has an outcome)
+    status: str = Field(default="open", index=True)  # open | closed (has an outcome) | suppressed
+    # Control group: recorded with the prediction and rule, never delivered.
+    held_out: bool = Field(default=False, index=True)
+    # Cooldown: the alert for the same entity and rule that made this one redundant.
+    suppressed_by: str | None = None
+    # SLA state. A due time is cleared once met or breached; escalated_to holds the alert
+    # now (None: its owner). sla_revision makes concurrent sweepers compare-and-set.
+    ack_due_at: datetime | None = _when(index=True, nullable=True)
+    act_due_at: datetime | None = _when(index=True, nullable=True)
+    escalation_level: int = 0
+    escalated_to: str | None = None
+    ack_breached_at: datetime | None = _when(nullable=True)
+    act_breached_at: datetime | None = _when(nullable=True)
+    sla_revision: int = 0
+
+    @property
+    def effective_action(self) -> str:
+        """What happened to this decision: alert, record, control or suppressed."""
+        if self.suppressed_by:
+            return "suppressed"
+        return "control" if self.held_out else self.action
+
+
+class EscalationRecord(SQLModel, table=True):
+    """One step up the manager chain; also the outbox of escalated deliveries."""
+
+    __tablename__ = "escalations"
+    __table_args__ = (UniqueConstraint("alert_id", "level", name="uq_escalation_level"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    alert_id: str = Field(index=True)
+    level: int
+    kind: str  # ack | act: which deadline was missed
+    from_owner: str
+    to_owner: str
+    reason: str
+    at: datetime = _when()
+    delivered_at: datetime | None = _when(nullable=True)
 
 
 class AuditEvent(SQLModel, table=True):
@@ -88,7 +126,9 @@ class AuditEvent(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     alert_id: str | None = Field(default=None, index=True)
     prediction_id: str | None = Field(default=None, index=True)
-    type: str  # received | routed | recorded | delivered | acknowledged | intervened | outcome | reassigned
+    # received | routed | recorded | held_out | suppressed | delivered | acknowledged |
+    # intervened | outcome | reassigned | escalated | sla_breached
+    type: str
     actor: str
     at: datetime = _when(index=True)
     source_id: str | None = None
@@ -108,3 +148,9 @@ class RejectionRecord(SQLModel, table=True):
     reason: str = Field(index=True)
     detail: str
     at: datetime = _when(index=True)
+
+
+@event.listens_for(AuditEvent, "before_update")
+@event.listens_for(AuditEvent, "before_delete")
+def _audit_is_append_only(_mapper: Any, _connection: Any, target: AuditEvent) -> None:
+    raise PermissionError(f"audit events are append-only (event {target.id} of alert {target.alert_id})")

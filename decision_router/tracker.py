@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from decision_router.contracts import Alert, OutcomeEvent, OutcomeType, Prediction, Rejection
+from decision_router.contracts import Alert, Escalation, OutcomeEvent, OutcomeType, Prediction, Rejection
 from decision_router.router import Decision
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord, RejectionRecord, as_utc
 
@@ -33,6 +33,32 @@ def known_predictions(session: Session, prediction_ids: Iterable[str]) -> dict[s
     return {pid: sid for pid, sid in rows}
 
 
+def active_cooldown_alert(
+    session: Session, *, rule: str, entity_type: str, entity_id: str, since: datetime
+) -> str | None:
+    """The alert (or control record) of this rule and entity still inside its cooldown."""
+    return session.scalar(
+        select(AlertRecord.alert_id)
+        .where(
+            AlertRecord.rule == rule,
+            AlertRecord.entity_type == entity_type,
+            AlertRecord.entity_id == entity_id,
+            AlertRecord.suppressed_by.is_(None),
+            AlertRecord.created_at > since,
+        )
+        .order_by(AlertRecord.created_at.desc())
+        .limit(1)
+    )
+
+
+def _decision_event(decision: Decision, suppressed_by: str | None) -> str:
+    if suppressed_by:
+        return "suppressed"
+    if decision.held_out:
+        return "held_out"
+    return "routed" if decision.action == "alert" else "recorded"
+
+
 def record_prediction(
     session: Session,
     *,
@@ -41,8 +67,13 @@ def record_prediction(
     decisions: Sequence[Decision],
     rules_version: str,
     now: datetime,
+    suppressed_by: Mapping[str, str] | None = None,
 ) -> list[AlertRecord]:
-    """Store the prediction, one AlertRecord per decision, and their audit events."""
+    """Store the prediction, one AlertRecord per decision, and their audit events.
+
+    `suppressed_by` maps a rule name to the alert whose cooldown covers this prediction.
+    """
+    suppressed_by = suppressed_by or {}
     session.add(
         PredictionRecord(
             prediction_id=prediction.prediction_id,
@@ -69,6 +100,9 @@ def record_prediction(
     )
     records = []
     for decision in decisions:
+        suppressor = suppressed_by.get(decision.rule)
+        # Only delivered alerts have deadlines to meet.
+        treated = decision.action == "alert" and not decision.held_out and not suppressor
         record = AlertRecord(
             alert_id=alert_id_for(prediction.prediction_id, decision.rule),
             prediction_id=prediction.prediction_id,
@@ -77,6 +111,7 @@ def record_prediction(
             original_owner=decision.owner,
             owner_source=decision.owner_source,
             fallback_reason=decision.fallback_reason,
+            delegated_from=decision.delegated_from,
             priority=decision.priority,
             action=decision.action,
             model=prediction.model,
@@ -91,6 +126,11 @@ def record_prediction(
             created_at=now,
             ack_by=now + decision.ack_within,
             act_by=now + decision.act_within,
+            held_out=decision.held_out,
+            suppressed_by=suppressor,
+            status="suppressed" if suppressor else "open",
+            ack_due_at=now + decision.ack_within if treated else None,
+            act_due_at=now + decision.act_within if treated else None,
         )
         records.append(record)
         session.add(record)
@@ -98,7 +138,7 @@ def record_prediction(
             AuditEvent(
                 alert_id=record.alert_id,
                 prediction_id=prediction.prediction_id,
-                type="routed" if decision.action == "alert" else "recorded",
+                type=_decision_event(decision, suppressor),
                 actor=SYSTEM_ACTOR,
                 at=now,
                 detail={
@@ -107,7 +147,12 @@ def record_prediction(
                     "owner": decision.owner,
                     "owner_source": decision.owner_source,
                     "fallback_reason": decision.fallback_reason,
+                    "delegated_from": decision.delegated_from,
                     "priority": decision.priority,
+                    "action": decision.action,
+                    "held_out": decision.held_out,
+                    "suppressed_by": suppressor,
+                    "cooldown_s": decision.cooldown.total_seconds() if decision.cooldown else None,
                 },
             )
         )
@@ -146,7 +191,12 @@ def undelivered_alerts(
     session: Session, *, prediction_ids: Iterable[str] | None = None, limit: int = 1000
 ) -> list[AlertRecord]:
     """Alerts stored but not yet written to an inbox: the outbox, drained after commit."""
-    query = select(AlertRecord).where(AlertRecord.action == "alert", AlertRecord.delivered_at.is_(None))
+    query = select(AlertRecord).where(
+        AlertRecord.action == "alert",
+        AlertRecord.delivered_at.is_(None),
+        AlertRecord.held_out.is_(False),
+        AlertRecord.suppressed_by.is_(None),
+    )
     if prediction_ids is not None:
         query = query.where(AlertRecord.prediction_id.in_(list(prediction_ids)))
     return list(session.scalars(query.order_by(AlertRecord.created_at).limit(limit)))
@@ -171,8 +221,8 @@ def mark_delivered(session: Session, alert_ids: Sequence[str], *, channel: str, 
         )
 
 
-def to_alert(record: AlertRecord) -> Alert:
-    """The wire form an owner receives."""
+def to_alert(record: AlertRecord, escalation: Escalation | None = None) -> Alert:
+    """The wire form an owner (or, escalated, their manager) receives."""
     return Alert(
         alert_id=record.alert_id,
         prediction_id=record.prediction_id,
@@ -193,6 +243,8 @@ def to_alert(record: AlertRecord) -> Alert:
         predicted_at=as_utc(record.predicted_at),
         created_at=as_utc(record.created_at),
         reassigned_from=record.original_owner if record.owner != record.original_owner else None,
+        delegated_from=record.delegated_from,
+        escalation=escalation,
     )
 
 
@@ -228,11 +280,13 @@ def apply_outcome(
         detail: dict[str, object] = {k: v for k, v in (("action", event.action), ("note", event.note)) if v is not None}
         if event.type is OutcomeType.ACKNOWLEDGED:
             record.acknowledged_at = record.acknowledged_at or at
+            record.ack_due_at = None
         elif event.type is OutcomeType.INTERVENED:
             # Acting on an alert implies having seen it.
             record.acknowledged_at = record.acknowledged_at or at
             if record.intervened_at is None:
                 record.intervened_at, record.intervention = at, event.action
+            record.ack_due_at = record.act_due_at = None
         elif event.type is OutcomeType.OUTCOME:
             assert event.result is not None
             detail.update(result=event.result.value, value=event.value)
@@ -243,8 +297,14 @@ def apply_outcome(
             assert event.owner is not None
             detail.update(from_owner=record.owner, to_owner=event.owner)
             record.owner = event.owner
-            # The new owner must receive it: back into the outbox.
+            # The new owner must receive it (back into the outbox) and gets fresh deadlines.
             record.delivered_at = None
+            record.escalated_to = None
+            if record.acknowledged_at is None and record.ack_breached_at is None:
+                record.ack_due_at = now + (as_utc(record.ack_by) - as_utc(record.created_at))
+            if record.intervened_at is None and record.act_breached_at is None:
+                record.act_due_at = now + (as_utc(record.act_by) - as_utc(record.created_at))
+        record.sla_revision += 1
         session.add(record)
         session.add(
             AuditEvent(

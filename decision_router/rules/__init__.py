@@ -5,6 +5,7 @@ The format is documented in docs/rules.md.
 
 from decision_router.rules.compile import MISSING, CompiledRule, Owner, RuleSet, lookup
 from decision_router.rules.load import RuleProblem, RulesInvalid, check_rules, load_rules
+from decision_router.rules.watch import RulesWatcher
 
 __all__ = [
     "MISSING",
@@ -13,6 +14,7 @@ __all__ = [
     "RuleProblem",
     "RuleSet",
     "RulesInvalid",
+    "RulesWatcher",
     "check_rules",
     "load_rules",
     "lookup",

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
@@ -153,6 +153,11 @@ class Owner:
     manager: str | None
     team: str | None
     channels: tuple[str, ...] = ("inbox",)
+    away_until: datetime | None = None  # UTC; away while now < away_until (a date D in YAML -> D+1 00:00 UTC)
+    delegate: str | None = None  # owner id who takes this owner's decisions while away
+
+    def is_away(self, now: datetime) -> bool:
+        return self.away_until is not None and now < self.away_until
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,8 @@ class CompiledRule:
     context_fields: tuple[str, ...]
     ack_within: timedelta
     act_within: timedelta
+    cooldown: timedelta | None = None  # at most one alert per entity and rule per window; alert rules only
+    holdout: float = 0.0  # share of entities held out as a control group; alert rules only
     # (path, test) per field condition; all must hold.
     conditions: tuple[tuple[str, Test], ...] = field(default=(), repr=False, compare=False)
 
@@ -201,12 +208,17 @@ def compile_rule(spec: RuleSpec, index: int, defaults: DefaultsSpec) -> Compiled
         context_fields=tuple(dict.fromkeys(spec.context)),
         ack_within=spec.ack_within or defaults.ack_within,
         act_within=spec.act_within or defaults.act_within,
+        cooldown=spec.cooldown,
+        holdout=spec.holdout,
         conditions=tuple((path, compile_condition(cond)) for path, cond in spec.when.items()),
     )
 
 
 def compile_owner(spec: OwnerSpec) -> Owner:
-    return Owner(spec.id, spec.name, spec.email, spec.manager, spec.team, tuple(spec.channels))
+    return Owner(
+        spec.id, spec.name, spec.email, spec.manager, spec.team, tuple(spec.channels),
+        away_until=spec.away_until, delegate=spec.delegate,
+    )
 
 
 def build_ruleset(routing: RoutingFile, owners: list[OwnerSpec], *, version: str, source_dir: Path) -> RuleSet:

@@ -104,6 +104,17 @@ class _Loader(yaml.SafeLoader):
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        # An impossible date such as 2027-13-01 makes PyYAML raise a bare ValueError; keep
+        # the text instead, so the field that holds it reports the problem.
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError:
+            return self.construct_scalar(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
+
 
 def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, Any] | None]:
     """File bytes (for the version hash) and its top-level mapping, or None with problems."""
@@ -213,13 +224,23 @@ def _parse(model: type[BaseModel], item: Any) -> Any:
         return None
 
 
+def _loop(start: str, links: dict[str, str | None]) -> list[str] | None:
+    """The chain start -> ... -> start if following `links` from start comes back to it."""
+    chain = [start]
+    while (nxt := links.get(chain[-1])) is not None and nxt not in chain:
+        chain.append(nxt)
+    return [*chain, start] if nxt == start else None
+
+
 def _check_owners(raw: list[Any], labels: list[str], out: _Problems) -> None:
-    """Duplicate ids, unknown managers, manager loops, email channel without email.
+    """Duplicate ids, unknown managers and delegates, manager and delegate loops, email
+    channel without email, away owners without a delegate.
 
     Works on the raw entries, so an owner with a typo elsewhere is still checked here.
     """
     first: dict[str, int] = {}
     managers: dict[str, str | None] = {}
+    delegates: dict[str, str | None] = {}
     for i, item in enumerate(raw):
         oid = _str(item, "id")
         if oid is not None:
@@ -227,22 +248,30 @@ def _check_owners(raw: list[Any], labels: list[str], out: _Problems) -> None:
                 out.add(i, labels[i], "id", f"duplicate id '{oid}': owners #{first[oid] + 1} and #{i + 1} both use it")
             first.setdefault(oid, i)
             managers.setdefault(oid, _str(item, "manager"))
-    reported: set[str] = set()
+            delegates.setdefault(oid, _str(item, "delegate"))
+    reported: dict[str, set[str]] = {"manager": set(), "delegate": set()}
     for i, item in enumerate(raw):
-        oid, manager = _str(item, "id"), _str(item, "manager")
+        oid, manager, delegate = _str(item, "id"), _str(item, "manager"), _str(item, "delegate")
         if manager is not None and manager not in first:
             out.add(i, labels[i], "manager", f"'{manager}' is not in the owner directory{_did_you_mean(manager, first)}")
         channels = item.get("channels") if isinstance(item, dict) else None
         if isinstance(channels, list) and "email" in channels and _str(item, "email") is None:
             out.add(i, labels[i], "channels", "channel 'email' needs an email address, and email is not set")
-        if oid is None or oid in reported or first[oid] != i:
+        if delegate is not None and delegate == oid:
+            out.add(i, labels[i], "delegate", "an owner cannot be their own delegate")
+        elif delegate is not None and delegate not in first:
+            others = [known for known in first if known != oid]  # never suggest delegating to oneself
+            out.add(i, labels[i], "delegate", f"'{delegate}' is not in the owner directory{_did_you_mean(delegate, others)}")
+        if isinstance(item, dict) and item.get("away_until") is not None and item.get("delegate") is None:
+            out.add(i, labels[i], "delegate", "away owners need a delegate, or alerts would go unread")
+        if oid is None or first[oid] != i:
             continue
-        chain = [oid]
-        while (nxt := managers.get(chain[-1])) is not None and nxt not in chain:
-            chain.append(nxt)
-        if nxt == oid:  # report each loop once, on its first owner in the file
-            reported.update(chain)
-            out.add(i, labels[i], "manager", f"manager chain loops: {' -> '.join([*chain, oid])}")
+        for field_, links in (("manager", managers), ("delegate", delegates)):
+            if oid in reported[field_] or (field_ == "delegate" and delegate == oid):  # self-delegation: reported above
+                continue
+            if (loop := _loop(oid, links)) is not None:  # report each loop once, on its first owner in the file
+                reported[field_].update(loop)
+                out.add(i, labels[i], field_, f"{field_} chain loops: {' -> '.join(loop)}")
 
 
 def _check_routing(data: dict[str, Any], labels: list[str], directory: set[str] | None, out: _Problems) -> None:
@@ -271,6 +300,7 @@ def _check_routing(data: dict[str, Any], labels: list[str], directory: set[str] 
             catch_all = i
         _check_owner_ref(item.get("owner"), i, labels[i], directory, out)
         _check_deadlines(item, i, labels[i], defaults, out)
+        _check_alert_only(item, i, labels[i], out)
     if not any(isinstance(item, dict) and item.get("when") == {} for item in raw):
         out.add(_END, "-", "rules", "no catch-all rule: some predictions could match no rule and go unowned; "
                 "add a last rule with when: {} (for example owner: analytics-desk, action: record)")
@@ -292,6 +322,20 @@ def _check_owner_ref(owner: Any, i: int, label: str, directory: set[str] | None,
             out.add(i, label, field_, f"'{oid}' is not in the owner directory{_did_you_mean(oid, directory)}")
 
 
+_ALERT_ONLY = {
+    "cooldown": "cooldown only applies to action: alert; a record rule delivers nothing to hold back",
+    "holdout": "holdout only applies to action: alert; a record rule delivers nothing to hold out",
+}
+
+
+def _check_alert_only(item: dict[str, Any], i: int, label: str, out: _Problems) -> None:
+    if item.get("action") != "record":  # the default is alert; a bad action is reported already
+        return
+    for key, message in _ALERT_ONLY.items():
+        if key in item:
+            out.add(i, label, key, message)
+
+
 def _check_deadlines(item: dict[str, Any], i: int, label: str, defaults: DefaultsSpec | None, out: _Problems) -> None:
     given = {key: item[key] for key in ("ack_within", "act_within") if key in item}
     own = _parse(DefaultsSpec, given) if given else None
@@ -305,7 +349,28 @@ def _check_deadlines(item: dict[str, Any], i: int, label: str, defaults: Default
                 f"({format_duration(act)}): the action would be due before the acknowledgement")
 
 
+def version_of(routing: bytes, owners: bytes) -> str:
+    """The rules version: first 12 hex characters of sha256(routing.yaml + b"\0" + owners.yaml)."""
+    return hashlib.sha256(routing + b"\0" + owners).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class LoadAttempt:
+    """One read of a rules directory: the rule set when it is valid, else its problems.
+    `version` hashes the bytes read either way (missing files count as empty)."""
+
+    ruleset: RuleSet | None
+    problems: list[RuleProblem]
+    version: str
+
+
 def _load(rules_dir: Path) -> tuple[RuleSet | None, list[RuleProblem]]:
+    attempt = attempt_load(rules_dir)
+    return attempt.ruleset, attempt.problems
+
+
+def attempt_load(rules_dir: Path | str) -> LoadAttempt:
+    rules_dir = Path(rules_dir)
     base = rules_dir.resolve().name or str(rules_dir)
     routing_out = _Problems(f"{base}/{ROUTING_FILE}")
     owners_out = _Problems(f"{base}/{OWNERS_FILE}")
@@ -336,7 +401,7 @@ def _load(rules_dir: Path) -> tuple[RuleSet | None, list[RuleProblem]]:
         _check_routing(routing_data, labels, directory, routing_out)
 
     problems = routing_out.sorted() + owners_out.sorted()
+    version = version_of(routing_bytes, owners_bytes)
     if problems or routing is None:
-        return None, problems
-    version = hashlib.sha256(routing_bytes + b"\0" + owners_bytes).hexdigest()[:12]
-    return build_ruleset(routing, owner_specs, version=version, source_dir=rules_dir), []
+        return LoadAttempt(None, problems, version)
+    return LoadAttempt(build_ruleset(routing, owner_specs, version=version, source_dir=rules_dir), [], version)

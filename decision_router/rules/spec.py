@@ -1,7 +1,7 @@
 """YAML-shaped models of `routing.yaml` and `owners.yaml`.
 
 Strict on purpose: unknown keys are errors (a typo such as `prority:` or a field a later
-version adds, like `holdout:`, must not be ignored silently), and validators raise
+version adds must not be ignored silently), and validators raise
 ValueError with a message that `load.py` shows as-is next to the rule and field.
 These models only describe and check shape; whole-file checks live in `load.py` and
 evaluation in `compile.py`.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import date, timedelta
+from datetime import date, datetime, time, timedelta, timezone
 from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
@@ -128,6 +128,33 @@ def _duration(value: object) -> timedelta:
     return result
 
 
+def _fraction(value: object) -> float:
+    if not _is_number(value) or not 0 <= value < 1:  # type: ignore[operator]
+        raise ValueError(f"expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+_AWAY_FORMAT = "a date like 2027-01-15 or a date-time with a time zone like 2027-01-15T09:00:00Z"
+
+
+def _away_until(value: object) -> datetime:
+    """A date means "away through the end of that day (UTC)", so the owner is back at the
+    next midnight UTC; a date-time is the instant they are back and needs a time zone."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"expected {_AWAY_FORMAT}, got {value!r}") from None
+    if isinstance(value, datetime):  # checked first: a datetime is also a date
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"a date-time needs a time zone (Z or +01:00), got {value.isoformat()!r}")
+        return value.astimezone(timezone.utc)
+    if isinstance(value, date):
+        return datetime.combine(value + timedelta(days=1), time(0), tzinfo=timezone.utc)
+    raise ValueError(f"expected {_AWAY_FORMAT}, got {value!r}")
+
+
 Name = Annotated[str, BeforeValidator(_name)]
 FieldPath = Annotated[str, BeforeValidator(_path)]
 Scalar = Annotated[Union[str, int, float, bool, None], BeforeValidator(_scalar)]
@@ -214,6 +241,9 @@ class RuleSpec(_Strict):
     ack_within: Duration = None
     act_within: Duration = None
     context: list[FieldPath] = Field(default_factory=list)
+    # Alert rules only (load.py rejects them on record rules).
+    cooldown: Duration = None
+    holdout: Annotated[float, BeforeValidator(_fraction)] = 0.0
 
     @property
     def is_catch_all(self) -> bool:
@@ -239,6 +269,8 @@ class OwnerSpec(_Strict):
     manager: Annotated[Union[str, None], BeforeValidator(_name)] = None
     team: Annotated[Union[str, None], BeforeValidator(_name)] = None
     channels: Annotated[tuple[str, ...], BeforeValidator(_channels)] = ("inbox",)
+    away_until: Annotated[Union[datetime, None], BeforeValidator(_away_until)] = None  # UTC, exclusive
+    delegate: Annotated[Union[str, None], BeforeValidator(_name)] = None
 
 
 class OwnersFile(_Strict):

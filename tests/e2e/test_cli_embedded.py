@@ -120,8 +120,9 @@ def test_serve_publish_outcome_stats_on_the_embedded_default(workdir, env, serve
     wait_for(lambda: any(row["successes"] == 1 for row in stats()), what="the outcome in the stats")
     rows = {row["owner"]: row for row in stats()}
     assert rows["alice-moreau"] | {"median_time_to_act_s": None} == {
-        "owner": "alice-moreau", "routed": 1, "recorded": 0, "acknowledged": 1, "intervened": 1, "successes": 1,
-        "failures": 0, "intervention_rate": 1.0, "success_rate": 1.0, "median_time_to_act_s": None,
+        "owner": "alice-moreau", "routed": 1, "recorded": 0, "held_out": 0, "suppressed": 0, "acknowledged": 1,
+        "intervened": 1, "successes": 1, "failures": 0, "intervention_rate": 1.0, "success_rate": 1.0,
+        "median_time_to_act_s": None, "escalations": 0, "sla_breaches": 0,
     }
     assert rows["alice-moreau"]["median_time_to_act_s"] >= 0
     assert rows["enterprise-desk"]["routed"] == 1 and rows["enterprise-desk"]["success_rate"] is None
@@ -129,7 +130,7 @@ def test_serve_publish_outcome_stats_on_the_embedded_default(workdir, env, serve
     table = run(["stats", "--by", "rule"], env, workdir)
     assert table.returncode == 0 and "enterprise-churn-risk" in table.stdout and "n/a" in table.stdout
     csv_out = run(["stats", "--by", "model", "--format", "csv"], env, workdir)
-    assert csv_out.stdout.splitlines()[0].startswith("model,routed,recorded,acknowledged")
+    assert csv_out.stdout.splitlines()[0].startswith("model,routed,recorded,held_out,suppressed,acknowledged")
 
     # Bad input straight onto the stream, from a producer that skips the CLI's checks.
     client.xadd("predictions", {"data": "{oops"})

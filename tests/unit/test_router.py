@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 
 from decision_router.contracts import Prediction
-from decision_router.router import route
+from decision_router.router import in_holdout, route
 from decision_router.rules import RuleSet, load_rules
 
 OWNERS = """
@@ -189,3 +195,160 @@ def test_route_never_raises_on_odd_documents(ruleset: RuleSet) -> None:
     # A hand-built document (as `rules test` may pass) with odd shapes: context not a mapping.
     odd = {"model": "churn", "score": "n/a", "context": ["enterprise"], "model_version": 7}
     assert [d.rule for d in route(odd, ruleset)] == ["catch-all"]
+
+
+# holdout ---------------------------------------------------------------------------------
+
+# (rule, entity_type, entity_id) -> bucket (sha256 of "rule\0type\0id", first 8 bytes / 2**64):
+# 0.471119, 0.092484, 0.111810, 0.919597, 0.350734, 0.996596. Changing the hash would move
+# every entity between the groups of a running experiment, so these values are fixed.
+HOLDOUT_CASES = [
+    ("below-fraction", ("mid-market-churn-risk", "account", "acct-2", 0.1), True),
+    ("just-above-bucket", ("mid-market-churn-risk", "account", "acct-2", 0.092485), True),
+    ("just-below-bucket", ("mid-market-churn-risk", "account", "acct-2", 0.092483), False),
+    ("above-fraction", ("mid-market-churn-risk", "account", "acct-1", 0.1), False),
+    ("larger-fraction-adds", ("mid-market-churn-risk", "account", "acct-1", 0.5), True),
+    ("acct-5-at-10pct", ("mid-market-churn-risk", "account", "acct-5", 0.1), False),
+    ("acct-5-at-30pct", ("mid-market-churn-risk", "account", "acct-5", 0.3), True),
+    ("rule-name-matters", ("smb-churn-risk", "account", "acct-1", 0.9), False),
+    ("other-rule-at-30pct", ("enterprise-churn-watch", "account", "acct-1", 0.3), False),
+    ("other-rule-at-40pct", ("enterprise-churn-watch", "account", "acct-1", 0.4), True),
+    ("entity-type-matters", ("mid-market-churn-risk", "invoice", "acct-1", 0.99), False),
+    ("zero-holds-out-nobody", ("mid-market-churn-risk", "account", "acct-2", 0.0), False),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), [c[1:] for c in HOLDOUT_CASES], ids=[c[0] for c in HOLDOUT_CASES])
+def test_in_holdout_is_a_fixed_function_of_rule_and_entity(args: tuple[str, str, str, float], expected: bool) -> None:
+    assert in_holdout(*args) is expected
+
+
+def test_in_holdout_is_the_same_in_another_process() -> None:
+    # Python's hash() is salted per process; the assignment must not be.
+    entities = [f"acct-{n}" for n in range(200)]
+    here = [in_holdout("mid-market-churn-risk", "account", e, 0.3) for e in entities]
+    script = (
+        "import json, sys; from decision_router.router import in_holdout; "
+        "print(json.dumps([in_holdout('mid-market-churn-risk', 'account', e, 0.3) for e in json.load(sys.stdin)]))"
+    )
+    there = subprocess.run(
+        [sys.executable, "-c", script], input=json.dumps(entities), capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
+    assert json.loads(there.stdout) == here
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3], ids=["10pct", "30pct"])
+def test_holdout_share_matches_the_fraction(fraction: float) -> None:
+    entities = 20_000
+    held = sum(in_holdout("smb-churn-risk", "account", f"acct-{n:05d}", fraction) for n in range(entities))
+    assert abs(held / entities - fraction) <= 0.015
+
+
+FEATURE_OWNERS = """
+owners:
+  - {id: alice, name: Alice, away_until: 2027-01-15, delegate: bob}
+  - {id: bob, name: Bob, away_until: 2027-01-10T12:00:00Z, delegate: carol}
+  - {id: carol, name: Carol}
+  - {id: dora, name: Dora, delegate: carol}
+  - {id: desk, name: Desk, away_until: 2027-01-05, delegate: carol}
+  - {id: analytics, name: Analytics}
+"""
+
+FEATURE_ROUTING = """
+rules:
+  - name: fraud-copy
+    when: {model: payment-fraud}
+    owner: bob
+    continue: true
+    cooldown: 1d
+  - name: high-risk
+    when: {score: {gte: 0.8}}
+    owner: {from: context.account_manager, fallback: desk}
+    cooldown: 7d
+    holdout: 0.5
+  - name: catch-all
+    when: {}
+    owner: analytics
+    action: record
+"""
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory: pytest.TempPathFactory) -> RuleSet:
+    rules_dir: Path = tmp_path_factory.mktemp("features") / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "routing.yaml").write_text(FEATURE_ROUTING)
+    (rules_dir / "owners.yaml").write_text(FEATURE_OWNERS)
+    return load_rules(rules_dir)
+
+
+def test_held_out_follows_in_holdout_and_record_rules_are_never_held_out(features: RuleSet) -> None:
+    held = []
+    for n in range(40):
+        decisions = route(doc(entity_id=f"acct-{n}", score=0.9, context={"account_manager": "carol"}), features)
+        (decision,) = decisions
+        assert decision.held_out is in_holdout("high-risk", "account", f"acct-{n}", 0.5)
+        held.append(decision.held_out)
+    assert any(held) and not all(held)
+    assert all(not route(doc(entity_id=f"acct-{n}", score=0.1), features)[0].held_out for n in range(40))
+
+
+def test_decisions_carry_the_rule_cooldown(features: RuleSet) -> None:
+    copy, high = route(doc(model="payment-fraud", score=0.9, context={"account_manager": "carol"}), features)
+    assert (copy.rule, copy.cooldown, high.rule, high.cooldown) == ("fraud-copy", timedelta(days=1), "high-risk", timedelta(days=7))
+    (rest,) = route(doc(score=0.1), features)
+    assert (rest.rule, rest.cooldown, rest.held_out) == ("catch-all", None, False)
+
+
+# away owners and delegates ---------------------------------------------------------------
+
+
+def at(*args: int) -> datetime:
+    return datetime(*args, tzinfo=timezone.utc)
+
+
+DELEGATION_CASES = [
+    # (now, context.account_manager) -> (owner, owner_source, delegated_from, fallback_reason)
+    ("no-clock-no-delegation", None, "alice", ("alice", "field", None, None)),
+    ("away-delegate-present", at(2027, 1, 12), "alice", ("bob", "delegate", "alice", None)),
+    ("chain-while-delegate-away", at(2026, 12, 1), "alice", ("carol", "delegate", "alice", None)),
+    ("delegate-back-at-exact-instant", at(2027, 1, 10, 12), "alice", ("bob", "delegate", "alice", None)),
+    ("date-covers-the-whole-day", datetime(2027, 1, 15, 23, 59, 59, 999999, tzinfo=timezone.utc), "alice",
+     ("bob", "delegate", "alice", None)),
+    ("back-the-next-midnight-utc", at(2027, 1, 16), "alice", ("alice", "field", None, None)),
+    ("offset-clock-is-compared-in-utc", datetime(2027, 1, 16, 0, 30, tzinfo=timezone(timedelta(hours=1))), "alice",
+     ("bob", "delegate", "alice", None)),
+    ("delegate-set-but-not-away", at(2027, 1, 1), "dora", ("dora", "field", None, None)),
+    ("fallback-owner-away-keeps-reason", at(2027, 1, 3), None,
+     ("carol", "delegate", "desk", "context.account_manager missing")),
+    ("fallback-owner-back", at(2027, 1, 6), None, ("desk", "fallback", None, "context.account_manager missing")),
+]
+
+
+@pytest.mark.parametrize(("now", "manager", "expected"), [c[1:] for c in DELEGATION_CASES], ids=[c[0] for c in DELEGATION_CASES])
+def test_away_owner_is_replaced_by_delegate(
+    features: RuleSet, now: datetime | None, manager: str | None, expected: tuple[str, str, str | None, str | None]
+) -> None:
+    (decision,) = route(doc(score=0.9, context={"account_manager": manager}), features, now=now)
+    assert (decision.owner, decision.owner_source, decision.delegated_from, decision.fallback_reason) == expected
+
+
+def test_static_owner_is_delegated_too(features: RuleSet) -> None:
+    copy, high = route(doc(model="payment-fraud", score=0.9, context={"account_manager": "dora"}), features, now=at(2027, 1, 1))
+    assert (copy.owner, copy.owner_source, copy.delegated_from) == ("carol", "delegate", "bob")
+    assert (high.owner, high.owner_source, high.delegated_from) == ("dora", "field", None)
+
+
+def test_naive_clock_is_refused(features: RuleSet) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        route(doc(), features, now=datetime(2027, 1, 1))
+
+
+def test_delegation_stops_even_on_a_loop_load_would_reject(features: RuleSet) -> None:
+    # load.py rejects delegate loops; the router still must not spin on a hand-built set.
+    owners = dict(features.owners)
+    owners["carol"] = dataclasses.replace(owners["carol"], away_until=at(2030, 1, 1), delegate="alice")
+    looped = dataclasses.replace(features, owners=MappingProxyType(owners))
+    (decision,) = route(doc(score=0.9, context={"account_manager": "alice"}), looped, now=at(2026, 12, 1))
+    assert decision.owner in {"alice", "bob", "carol"} and decision.delegated_from in {None, "alice"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -59,11 +60,36 @@ ROUTING_CASES = [
         "so it takes every prediction first",
     ]),
     ("continue-catch-all-does-not-hide", "rules:\n  - {name: all, when: {}, owner: desk, continue: true}" + CATCH_ALL, []),
-    ("unknown-rule-keys-later-features", "rules:\n  - name: a\n    when: {}\n    owner: desk\n    holdout: 0.1\n    cooldown: 7d\n", [
-        R + "rule a: holdout: unknown key 'holdout'; expected one of name, when, owner, priority, action, "
-        "continue, ack_within, act_within, context",
-        R + "rule a: cooldown: unknown key 'cooldown'; expected one of name, when, owner, priority, action, "
-        "continue, ack_within, act_within, context",
+    ("unknown-rule-key", "rules:\n  - name: a\n    when: {}\n    owner: desk\n    prority: high\n", [
+        R + "rule a: prority: unknown key 'prority'; expected one of name, when, owner, priority, action, "
+        "continue, ack_within, act_within, context, cooldown, holdout",
+    ]),
+    ("cooldown-and-holdout-values", """
+rules:
+  - {name: a, when: {model: churn}, owner: desk, cooldown: 7 days, holdout: 1}
+  - {name: b, when: {model: churn}, owner: desk, cooldown: 0s, holdout: -0.1}
+  - {name: c, when: {model: churn}, owner: desk, cooldown: null, holdout: "0.1"}
+  - {name: d, when: {model: churn}, owner: desk, cooldown: 1w, holdout: true}
+  - {name: e, when: {model: churn}, owner: desk, cooldown: 12h, holdout: 0}
+""" + CATCH_ALL, [
+        R + "rule a: cooldown: expected a duration like '30s', '15m', '4h', '2d' or '1w', got '7 days'",
+        R + "rule a: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got 1",
+        R + "rule b: cooldown: expected a duration above zero, got '0s'",
+        R + "rule b: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got -0.1",
+        R + "rule c: cooldown: expected a duration like '4h' or '2d', got None",
+        R + "rule c: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got '0.1'",
+        R + "rule d: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got True",
+    ]),
+    ("cooldown-and-holdout-on-record-rules", """
+rules:
+  - {name: tracked, when: {model: churn}, owner: desk, action: record, cooldown: 7d, holdout: 0.1}
+  - {name: alerted, when: {model: churn}, owner: desk, cooldown: 7d, holdout: 0.1}
+  - {name: explicit, when: {model: fraud}, owner: desk, action: alert, cooldown: 1d, holdout: 0.5}
+  - {name: rest, when: {}, owner: desk, action: record, holdout: 0}
+""", [
+        R + "rule tracked: cooldown: cooldown only applies to action: alert; a record rule delivers nothing to hold back",
+        R + "rule tracked: holdout: holdout only applies to action: alert; a record rule delivers nothing to hold out",
+        R + "rule rest: holdout: holdout only applies to action: alert; a record rule delivers nothing to hold out",
     ]),
     ("operators", """
 rules:
@@ -183,11 +209,48 @@ owners:
         O + "owner carol: channels: channel 'email' needs an email address, and email is not set",
         O + "owner carol: manager: manager chain loops: carol -> dave -> carol",
         O + "owner dave: email: expected an email address like name@example.com, got 'dave@example'",
-        O + "owner desk: phone: unknown key 'phone'; expected one of id, name, email, manager, team, channels",
+        O + "owner desk: phone: unknown key 'phone'; expected one of id, name, email, manager, team, channels, "
+        "away_until, delegate",
         O + "owner desk: id: duplicate id 'desk': owners #1 and #5 both use it",
         O + "owner #6: id: required",
         O + "owner self: channels: expected a non-empty list of inbox, webhook, email, got []",
         O + "owner self: manager: manager chain loops: self -> self",
+    ]),
+    ("away-and-delegates", """
+owners:
+  - {id: desk, name: Desk}
+  - {id: ann, name: Ann, away_until: 2027-01-15}
+  - {id: ben, name: Ben, away_until: next week, delegate: dsk}
+  - {id: cat, name: Cat, delegate: cat}
+  - {id: dan, name: Dan, away_until: 2027-01-15T09:00:00Z, delegate: eve}
+  - {id: eve, name: Eve, delegate: fay}
+  - {id: fay, name: Fay, away_until: '2027-01-15', delegate: dan}
+  - {id: gil, name: Gil, away_until: 2027-01-15 09:00:00, delegate: desk}
+  - {id: hal, name: Hal, away_until: 2027-02-30, delegate: desk}
+  - {id: ivy, name: Ivy, away_until: 20270115, delegate: 42}
+  - {id: jo, name: Jo, delegate: ann, away_until: null}
+""", [
+        O + "owner ann: delegate: away owners need a delegate, or alerts would go unread",
+        O + "owner ben: away_until: expected a date like 2027-01-15 or a date-time with a time zone like "
+        "2027-01-15T09:00:00Z, got 'next week'",
+        O + "owner ben: delegate: 'dsk' is not in the owner directory; did you mean 'desk'?",
+        O + "owner cat: delegate: an owner cannot be their own delegate",
+        O + "owner dan: delegate: delegate chain loops: dan -> eve -> fay -> dan",
+        O + "owner gil: away_until: a date-time needs a time zone (Z or +01:00), got '2027-01-15T09:00:00'",
+        O + "owner hal: away_until: expected a date like 2027-01-15 or a date-time with a time zone like "
+        "2027-01-15T09:00:00Z, got '2027-02-30'",
+        O + "owner ivy: away_until: expected a date like 2027-01-15 or a date-time with a time zone like "
+        "2027-01-15T09:00:00Z, got 20270115",
+        O + "owner ivy: delegate: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got 42",
+        O + "owner jo: away_until: expected a date like 2027-01-15 or a date-time with a time zone like "
+        "2027-01-15T09:00:00Z, got None",
+    ]),
+    ("self-delegation-is-not-also-a-loop", """
+owners:
+  - {id: desk, name: Desk, delegate: desk}
+  - {id: ann, name: Ann, away_until: 2027-01-15, delegate: desk}
+""", [
+        O + "owner desk: delegate: an owner cannot be their own delegate",
     ]),
 ]
 
@@ -256,3 +319,48 @@ def test_owner_directory_is_compiled_with_defaults(tmp_path: Path) -> None:
     assert desk.channels == ("webhook", "email")  # listed twice, delivered once
     assert (desk.email, desk.team, desk.manager) == ("desk@example.com", "ops", None)
     assert (bo.channels, bo.manager, bo.email) == (("inbox",), "desk", None)
+
+
+def test_rule_cooldown_and_holdout_are_compiled(tmp_path: Path) -> None:
+    routing = """
+rules:
+  - {name: a, when: {model: churn}, owner: desk, cooldown: 1d12h, holdout: 0.25}
+  - {name: b, when: {}, owner: desk, action: record}
+"""
+    a, b = load_rules(write(tmp_path, routing)).rules
+    assert (a.cooldown, a.holdout) == (timedelta(hours=36), 0.25)
+    assert (b.cooldown, b.holdout) == (None, 0.0)
+
+
+UTC = timezone.utc
+AWAY_CASES = [
+    # A date is "away through the end of that day (UTC)": back at the next midnight UTC.
+    ("date", "2027-01-15", datetime(2027, 1, 16, tzinfo=UTC)),
+    ("quoted-date", "'2027-01-15'", datetime(2027, 1, 16, tzinfo=UTC)),
+    ("last-day-of-year", "2026-12-31", datetime(2027, 1, 1, tzinfo=UTC)),
+    ("date-time-utc", "2027-01-15T09:30:00Z", datetime(2027, 1, 15, 9, 30, tzinfo=UTC)),
+    ("date-time-offset-to-utc", "2027-01-15T09:30:00+01:00", datetime(2027, 1, 15, 8, 30, tzinfo=UTC)),
+    ("quoted-date-time", "'2027-01-15T09:30:00Z'", datetime(2027, 1, 15, 9, 30, tzinfo=UTC)),
+    ("quoted-date-time-space", "'2027-01-15 09:30+02:00'", datetime(2027, 1, 15, 7, 30, tzinfo=UTC)),
+]
+
+
+@pytest.mark.parametrize(("written", "expected"), [c[1:] for c in AWAY_CASES], ids=[c[0] for c in AWAY_CASES])
+def test_away_until_is_compiled_to_utc(tmp_path: Path, written: str, expected: datetime) -> None:
+    owners = OWNERS + f"  - {{id: ann, name: Ann, away_until: {written}, delegate: desk}}\n"
+    ann = load_rules(write(tmp_path, GOOD_ROUTING, owners)).owners["ann"]
+    assert (ann.away_until, ann.delegate) == (expected, "desk")
+    assert ann.away_until is not None and ann.away_until.utcoffset() == timedelta(0)
+    assert ann.is_away(expected - timedelta(microseconds=1)) and not ann.is_away(expected)
+
+
+def test_owner_without_leave_is_never_away(tmp_path: Path) -> None:
+    alice = load_rules(write(tmp_path, GOOD_ROUTING)).owners["alice"]
+    assert (alice.away_until, alice.delegate) == (None, None)
+    assert not alice.is_away(datetime(2027, 1, 1, tzinfo=UTC))
+
+
+def test_impossible_yaml_date_is_kept_as_text_not_a_traceback(tmp_path: Path) -> None:
+    # PyYAML raises a bare ValueError for 2024-13-01; the loader keeps it as text instead.
+    routing = "rules:\n  - {name: a, when: {context.renewal_date: {in: [2024-13-01]}}, owner: desk}\n" + CATCH_ALL
+    assert check_rules(write(tmp_path, routing)) == []

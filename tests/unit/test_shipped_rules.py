@@ -93,3 +93,59 @@ def test_account_managers_for_demo_data(ruleset: RuleSet) -> None:
     managers = [o for o in ruleset.owners.values() if o.team == "account-management"]
     assert len(managers) >= 10
     assert all(o.email and o.email.endswith("@example.com") for o in managers)
+
+
+D7, D1 = timedelta(days=7), timedelta(days=1)
+# rule -> (cooldown, holdout). enterprise-churn-risk has no holdout on purpose: the riskiest
+# enterprise accounts are always worked (and the integration tests expect every alert).
+SHIPPED_LIMITS = {
+    "shadow-models": (None, 0.0),
+    "key-account-churn-visibility": (D7, 0.0),
+    "enterprise-churn-risk": (D7, 0.0),
+    "enterprise-churn-watch": (D7, 0.1),
+    "mid-market-churn-risk": (D7, 0.1),
+    "smb-churn-risk": (D7, 0.1),
+    "smb-churn-watch": (None, 0.0),
+    "payment-fraud-block": (D1, 0.0),
+    "payment-fraud-large-invoice": (D1, 0.0),
+    "everything-else": (None, 0.0),
+}
+
+
+def test_cooldowns_and_holdouts_as_documented(ruleset: RuleSet) -> None:
+    assert {r.name: (r.cooldown, r.holdout) for r in ruleset.rules} == SHIPPED_LIMITS
+
+
+def test_holdout_marks_decisions_of_the_shipped_rules(ruleset: RuleSet) -> None:
+    held = []
+    for n in range(300):
+        document = {**churn(0.9, segment="smb"), "entity_id": f"acct-{n}"}
+        (decision,) = route(document, ruleset)
+        held.append(decision.held_out)
+    assert 0.03 < sum(held) / len(held) < 0.2
+    assert not any(route({**churn(0.95, segment="enterprise"), "entity_id": f"acct-{n}"}, ruleset)[0].held_out for n in range(300))
+
+
+UTC = timezone.utc
+AWAY_CASES = [
+    ("no-clock", None, ("hugo-lambert", "field", None)),
+    ("on-leave", datetime(2026, 12, 1, tzinfo=UTC), ("felix-wagner", "delegate", "hugo-lambert")),
+    ("last-day-of-leave", datetime(2027, 1, 15, 23, 59, tzinfo=UTC), ("felix-wagner", "delegate", "hugo-lambert")),
+    ("back", datetime(2027, 1, 16, tzinfo=UTC), ("hugo-lambert", "field", None)),
+]
+
+
+@pytest.mark.parametrize(("now", "expected"), [c[1:] for c in AWAY_CASES], ids=[c[0] for c in AWAY_CASES])
+def test_away_account_manager_is_covered_by_a_colleague(ruleset: RuleSet, now: datetime | None, expected: tuple) -> None:
+    (decision,) = route(churn(0.9, segment="enterprise", account_manager="hugo-lambert"), ruleset, now=now)
+    assert (decision.owner, decision.owner_source, decision.delegated_from) == expected
+
+
+def test_delegates_are_colleagues_and_test_owners_are_not_away(ruleset: RuleSet) -> None:
+    away = {o.id: o.delegate for o in ruleset.owners.values() if o.away_until is not None}
+    assert away == {"hugo-lambert": "felix-wagner"}
+    for oid, delegate in away.items():
+        owner, stand_in = ruleset.owners[oid], ruleset.owners[delegate]  # type: ignore[index]
+        assert (stand_in.team, stand_in.manager, stand_in.away_until) == (owner.team, owner.manager, None)
+    # The integration and end-to-end tests route to these owners and expect them, not a delegate.
+    assert all(ruleset.owners[oid].away_until is None for oid in ("alice-moreau", "elena-petrova", "benoit-garnier"))

@@ -42,6 +42,17 @@ def session():
             ))
         # catch-all: tracked only
         rows += [alert(n, rule="catch-all", owner="desk", action="record", outcome="success") for n in range(2)]
+        # churn-high control group and cooldown suppressions: counted apart, never as routed
+        control = [alert(n, rule="churn-high", owner="alice", outcome="failure") for n in range(20, 23)]
+        for row in control:
+            row.held_out = True
+        suppressed = alert(30, rule="churn-high", owner="alice")
+        suppressed.suppressed_by, suppressed.status = "al-churn-high-0", "suppressed"
+        rows += [*control, suppressed]
+        # escalated twice, then breached its ack deadline at the top
+        rows[3].escalation_level = 2
+        rows[3].ack_breached_at = T0 + timedelta(hours=9)
+        rows[4].escalation_level = 1
         # fraud: routed, nothing happened yet
         rows.append(alert(0, rule="fraud", owner="bob", created=T0 + timedelta(days=10)))
         s.add_all(rows)
@@ -58,6 +69,7 @@ def test_stats_by_rule_have_exact_numbers(session) -> None:
     assert high.intervention_rate == pytest.approx(0.5)
     assert high.success_rate == pytest.approx(0.6)
     assert high.median_time_to_act_s == pytest.approx(180.0)
+    assert (high.held_out, high.suppressed, high.escalations, high.sla_breaches) == (3, 1, 3, 1)
 
 
 def test_rates_without_a_denominator_are_null_not_zero(session) -> None:

@@ -1,0 +1,287 @@
+"""`audit`: the story of an alert or an entity, from the append-only audit events.
+
+Who did what, when: the prediction received, the rule and rules version that matched,
+the owner and how they were found, deliveries, acknowledgements, escalations,
+reassignments, interventions and the outcome. Read-only; the CLI only formats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord, as_utc
+
+DECISION_EVENTS = ("routed", "recorded", "held_out", "suppressed")
+
+
+def iso(value: datetime | None) -> str | None:
+    return as_utc(value).isoformat() if value is not None else None  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class StoryEvent:
+    id: int | None
+    at: datetime
+    type: str
+    actor: str
+    alert_id: str | None
+    prediction_id: str | None
+    detail: Mapping[str, Any]
+
+    @property
+    def summary(self) -> str:
+        return describe(self.type, self.prediction_id, self.detail)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "at": iso(self.at),
+            "type": self.type,
+            "actor": self.actor,
+            "alert_id": self.alert_id,
+            "prediction_id": self.prediction_id,
+            "summary": self.summary,
+            "detail": dict(self.detail),
+        }
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    prediction_id: str
+    model: str
+    model_version: str
+    entity_type: str
+    entity_id: str
+    score: float
+    predicted_at: datetime
+    received_at: datetime
+    rules_version: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prediction_id": self.prediction_id, "model": self.model, "model_version": self.model_version,
+            "entity_type": self.entity_type, "entity_id": self.entity_id, "score": self.score,
+            "predicted_at": iso(self.predicted_at), "received_at": iso(self.received_at),
+            "rules_version": self.rules_version,
+        }
+
+
+_ALERT_FIELDS = (
+    "alert_id", "prediction_id", "rule", "rules_version", "owner", "original_owner", "owner_source",
+    "fallback_reason", "delegated_from", "priority", "action", "status", "held_out", "suppressed_by",
+    "model", "model_version", "entity_type", "entity_id", "score", "created_at", "ack_by", "act_by",
+    "delivered_at", "acknowledged_at", "intervened_at", "intervention", "outcome", "outcome_value", "outcome_at",
+    "escalation_level", "escalated_to",
+)
+
+
+@dataclass(frozen=True)
+class AlertSummary:
+    """One decision as stored, with `effective_action`: alert | record | control | suppressed."""
+
+    alert_id: str
+    prediction_id: str
+    rule: str
+    rules_version: str
+    owner: str  # now, after any reassignment
+    original_owner: str
+    owner_source: str
+    fallback_reason: str | None
+    delegated_from: str | None
+    priority: str
+    action: str
+    status: str
+    held_out: bool
+    suppressed_by: str | None
+    model: str
+    model_version: str
+    entity_type: str
+    entity_id: str
+    score: float
+    created_at: datetime
+    ack_by: datetime
+    act_by: datetime
+    delivered_at: datetime | None
+    acknowledged_at: datetime | None
+    intervened_at: datetime | None
+    intervention: str | None
+    outcome: str | None
+    outcome_value: float | None
+    outcome_at: datetime | None
+    escalation_level: int
+    escalated_to: str | None
+    effective_action: str
+
+    @classmethod
+    def of(cls, record: AlertRecord) -> AlertSummary:
+        return cls(**{name: getattr(record, name) for name in _ALERT_FIELDS}, effective_action=record.effective_action)
+
+    def as_dict(self) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in (*_ALERT_FIELDS, "effective_action")}
+        return {k: iso(v) if isinstance(v, datetime) else v for k, v in values.items()}
+
+    def brief(self) -> dict[str, Any]:
+        return {"alert_id": self.alert_id, "rule": self.rule, "owner": self.owner, "priority": self.priority,
+                "effective_action": self.effective_action}
+
+
+@dataclass(frozen=True)
+class AlertStory:
+    """One alert, its prediction's `received` event and its own events in time order."""
+
+    alert: AlertSummary
+    prediction: PredictionSummary | None
+    events: tuple[StoryEvent, ...]
+    siblings: tuple[AlertSummary, ...] = ()  # the other decisions for the same prediction
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "alert": self.alert.as_dict(),
+            "prediction": self.prediction.as_dict() if self.prediction else None,
+            "siblings": [s.brief() for s in self.siblings],
+            "events": [e.as_dict() for e in self.events],
+        }
+
+
+@dataclass(frozen=True)
+class EntityStory:
+    entity_type: str
+    entity_id: str
+    predictions: tuple[PredictionSummary, ...]
+    alerts: tuple[AlertStory, ...]  # every decision, including control and suppressed ones, with its events
+    events: tuple[StoryEvent, ...]  # the whole story in time order, each event once
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "entity": {"type": self.entity_type, "id": self.entity_id},
+            "predictions": [p.as_dict() for p in self.predictions],
+            "alerts": [{"alert": s.alert.as_dict(), "events": [e.as_dict() for e in s.events]} for s in self.alerts],
+            "events": [e.as_dict() for e in self.events],
+        }
+
+
+def _owner_how(detail: Mapping[str, Any]) -> str:
+    """field / static / fallback: reason / delegate for away owner X[; fallback: reason]."""
+    how = detail.get("owner_source") or "?"
+    if detail.get("fallback_reason"):
+        how = f"fallback: {detail['fallback_reason']}"
+    if detail.get("delegated_from"):
+        how = f"delegate for away owner {detail['delegated_from']}" + (f"; {how}" if how != "delegate" else "")
+    return how
+
+
+def describe(kind: str, prediction_id: str | None, detail: Mapping[str, Any]) -> str:
+    """One line per event type; unknown types list their detail."""
+    d = detail
+    if kind == "received":
+        text = f"prediction {prediction_id} received (model {d.get('model')}, score {d.get('score')})"
+    elif kind in DECISION_EVENTS:
+        text = (f"rule {d.get('rule')} matched (rules {d.get('rules_version')}): owner {d.get('owner')} "
+                f"({_owner_how(d)}), priority {d.get('priority')}")
+        text += {
+            "routed": "",
+            "recorded": "; recorded only (action: record)",
+            "held_out": "; held out as control, not delivered",
+            "suppressed": f"; suppressed by cooldown (alert {d.get('suppressed_by')}), not delivered",
+        }[kind]
+    elif kind == "delivered":
+        level = f" (escalation level {d['escalation_level']})" if d.get("escalation_level") else ""
+        text = f"delivered to {d.get('owner')} via {d.get('channel')}{level}"
+    elif kind == "acknowledged":
+        text = "acknowledged"
+    elif kind == "intervened":
+        text = f"intervened: {d.get('action') or 'no action named'}"
+    elif kind == "outcome":
+        value = f", value {d['value']:g}" if isinstance(d.get("value"), (int, float)) else ""
+        text = f"outcome {d.get('result')}{value}"
+    elif kind == "reassigned":
+        text = f"reassigned {d.get('from_owner')} -> {d.get('to_owner')}"
+    elif kind == "escalated":
+        text = (f"escalated ({d.get('kind')} deadline missed, level {d.get('level')}) "
+                f"{d.get('from_owner')} -> {d.get('to_owner')}: {d.get('reason')}")
+    elif kind == "sla_breached":
+        text = f"SLA breached ({d.get('kind')}): {d.get('reason')}; no manager above {d.get('top_of_chain') or d.get('from_owner')}"
+    else:
+        return " ".join([kind, *(f"{k}={v}" for k, v in d.items() if v is not None)])
+    if d.get("note") and kind not in DECISION_EVENTS:
+        text += f" (note: {d['note']})"
+    return text
+
+
+def _events(session: Session, condition: Any) -> list[StoryEvent]:
+    rows = session.scalars(select(AuditEvent).where(condition))
+    events = [
+        StoryEvent(row.id, as_utc(row.at), row.type, row.actor, row.alert_id, row.prediction_id, dict(row.detail or {}))  # type: ignore[arg-type]
+        for row in rows
+    ]
+    # Time order; events written together (same instant) keep their insertion order.
+    return sorted(events, key=lambda e: (e.at, e.id or 0))
+
+
+def _prediction(row: PredictionRecord) -> PredictionSummary:
+    return PredictionSummary(
+        row.prediction_id, row.model, row.model_version, row.entity_type, row.entity_id, row.score,
+        as_utc(row.predicted_at), as_utc(row.received_at), row.rules_version,  # type: ignore[arg-type]
+    )
+
+
+def _received(prediction_ids: Iterable[str]) -> Any:
+    return (AuditEvent.type == "received") & AuditEvent.prediction_id.in_(list(prediction_ids)) & AuditEvent.alert_id.is_(None)
+
+
+def alert_story(session: Session, alert_id: str) -> AlertStory | None:
+    """None when the store has no such alert."""
+    record = session.get(AlertRecord, alert_id)
+    if record is None:
+        return None
+    prediction = session.get(PredictionRecord, record.prediction_id)
+    siblings = session.scalars(
+        select(AlertRecord)
+        .where(AlertRecord.prediction_id == record.prediction_id, AlertRecord.alert_id != alert_id)
+        .order_by(AlertRecord.created_at, AlertRecord.alert_id)
+    )
+    events = _events(session, or_(AuditEvent.alert_id == alert_id, _received([record.prediction_id])))
+    return AlertStory(
+        alert=AlertSummary.of(record),
+        prediction=_prediction(prediction) if prediction else None,
+        events=tuple(events),
+        siblings=tuple(AlertSummary.of(s) for s in siblings),
+    )
+
+
+def entity_story(session: Session, entity_type: str, entity_id: str) -> EntityStory | None:
+    """Every prediction and decision for the entity, grouped per alert; None when there is nothing."""
+    predictions = list(session.scalars(
+        select(PredictionRecord)
+        .where(PredictionRecord.entity_type == entity_type, PredictionRecord.entity_id == entity_id)
+        .order_by(PredictionRecord.received_at, PredictionRecord.prediction_id)
+    ))
+    records = list(session.scalars(
+        select(AlertRecord)
+        .where(AlertRecord.entity_type == entity_type, AlertRecord.entity_id == entity_id)
+        .order_by(AlertRecord.created_at, AlertRecord.prediction_id, AlertRecord.alert_id)
+    ))
+    if not predictions and not records:
+        return None
+    prediction_ids = {p.prediction_id for p in predictions} | {r.prediction_id for r in records}
+    alert_ids = [r.alert_id for r in records]
+    by_alert: dict[str | None, list[StoryEvent]] = {}
+    received: dict[str, StoryEvent] = {}
+    everything = _events(session, or_(AuditEvent.alert_id.in_(alert_ids), _received(prediction_ids)))
+    for event in everything:
+        if event.alert_id is None and event.prediction_id is not None:
+            received.setdefault(event.prediction_id, event)
+        else:
+            by_alert.setdefault(event.alert_id, []).append(event)
+    summaries = {p.prediction_id: _prediction(p) for p in predictions}
+    stories = []
+    for record in records:
+        first = received.get(record.prediction_id)
+        events = sorted(([first] if first else []) + by_alert.get(record.alert_id, []), key=lambda e: (e.at, e.id or 0))
+        stories.append(AlertStory(AlertSummary.of(record), summaries.get(record.prediction_id), tuple(events)))
+    return EntityStory(entity_type, entity_id, tuple(summaries.values()), tuple(stories), tuple(everything))

@@ -1,0 +1,323 @@
+"""Operator and rules-author commands: `audit`, `reassign`, `rules test`, `rules replay`.
+
+Registered on cli.py's `app` and `rules_app` when cli.py imports this module. The work is
+done in audit.py, explain.py and replay.py; this module parses options and formats.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from decision_router.cli import (
+    _since,
+    app,
+    err,
+    fail,
+    fail_with_problems,
+    out,
+    parse_entity,
+    rules_app,
+    send_outcome,
+    settings_or_exit,
+)
+from decision_router.settings import Settings, redact_url
+
+FORMATS = ("table", "json")
+
+
+def _format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        fail(f"--format must be table or json, not {fmt!r}", code=2)
+    return fmt
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def say(text: str = "", *, style: str | None = None, stderr: bool = False) -> None:
+    """One line of plain text: values from the store or a prediction are never read as markup."""
+    (err if stderr else out).print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def read_store(settings: Settings) -> Iterator[Any]:
+    """A Session on the store (None when it has no tables yet); it is never committed."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlmodel import Session
+
+    from decision_router.store import make_engine
+
+    engine = make_engine(settings.database_url)
+    try:
+        if not inspect(engine).has_table("alerts"):
+            yield None
+        else:
+            with Session(engine) as session:
+                yield session
+                session.rollback()
+    except SQLAlchemyError as exc:
+        fail(f"cannot read the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
+    finally:
+        engine.dispose()
+
+
+def _ruleset_or_exit(directory: Path) -> Any:
+    """The rule set in `directory`, or every problem on stderr and exit 1 (as `rules check`)."""
+    from decision_router.rules import RulesInvalid, load_rules
+
+    try:
+        return load_rules(directory)
+    except RulesInvalid as exc:
+        fail_with_problems(exc.problems, directory)
+
+
+# audit ---------------------------------------------------------------------------------
+
+
+def _print_alert(story: Any, *, siblings: bool) -> None:
+    alert, prediction = story.alert, story.prediction
+    say(f"alert {alert.alert_id}  rule {alert.rule}  rules version {alert.rules_version}  "
+        f"entity {alert.entity_type}:{alert.entity_id}", style="bold")
+    if prediction is not None:
+        say(f"prediction {prediction.prediction_id}: {prediction.model} {prediction.model_version}, "
+            f"score {prediction.score:g}, predicted {_when(prediction.predicted_at)}, received {_when(prediction.received_at)}")
+    owner = alert.owner if alert.owner == alert.original_owner else f"{alert.owner} (originally {alert.original_owner})"
+    say(f"owner {owner} via {alert.owner_source}  priority {alert.priority}  action {alert.effective_action}  "
+        f"status {alert.status}" + (f"  outcome {alert.outcome}" if alert.outcome else ""))
+    if siblings and story.siblings:
+        say("other decisions for this prediction:")
+        for s in story.siblings:
+            say(f"  {s.alert_id}  {s.rule} -> {s.owner}  {s.priority}  {s.effective_action}")
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("when", "event", "actor", "what"):
+        table.add_column(column, overflow="fold")
+    for event in story.events:
+        table.add_row(*(Text(cell) for cell in (_when(event.at), event.type, event.actor, event.summary)))
+    out.print(table)
+
+
+@app.command()
+def audit(
+    alert_id: Annotated[Optional[str], typer.Argument(metavar="[ALERT_ID]", help="The alert to tell the story of.")] = None,
+    entity: Annotated[Optional[str], typer.Option(help="Every prediction and decision for TYPE:ID (e.g. account:acct-17).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """The full story of an alert or an entity: received, routed, delivered, acknowledged, escalated, outcome."""
+    from decision_router.audit import alert_story, entity_story
+
+    _format(fmt)
+    if (alert_id is None) == (entity is None):
+        fail("give an ALERT_ID or --entity TYPE:ID (one of the two)", code=2)
+    entity_key = parse_entity(entity) if entity is not None else None
+    settings = settings_or_exit()
+    with read_store(settings) as session:
+        if entity_key is None:
+            story = alert_story(session, alert_id) if session is not None else None  # type: ignore[arg-type]
+            missing = f"no alert {alert_id!r} in the store"
+        else:
+            story = entity_story(session, *entity_key) if session is not None else None
+            missing = f"nothing recorded for entity {entity!r} in the store"
+    if story is None:
+        fail(f"{missing} at {redact_url(settings.database_url)}")
+    if fmt == "json":
+        _json(story.as_dict())
+    elif entity_key is None:
+        _print_alert(story, siblings=True)
+    else:
+        say(f"entity {entity}: {_count(len(story.predictions), 'prediction')}, {_count(len(story.alerts), 'decision')}",
+            style="bold")
+        for alert_story_ in story.alerts:
+            say()
+            _print_alert(alert_story_, siblings=False)
+
+
+# reassign ------------------------------------------------------------------------------
+
+
+@app.command()
+def reassign(
+    alert_id: Annotated[str, typer.Argument(help="The alert to hand over.")],
+    to: Annotated[str, typer.Option("--to", help="The new owner's id (must be in the owner directory).")],
+    by: Annotated[str, typer.Option("--by", help="Who reassigns it (kept as the event's actor).")],
+    reason: Annotated[Optional[str], typer.Option(help="Why; kept in the audit trail as the note.")] = None,
+) -> None:
+    """Hand an alert to another owner: the same event as `outcome reassigned --alert ID --owner ...`."""
+    import difflib
+
+    from decision_router.rules import RulesInvalid, load_rules
+
+    settings = settings_or_exit()
+    try:
+        owners = load_rules(settings.rules_dir).owners
+    except RulesInvalid:
+        say(f"warning: the rules in {settings.rules_dir} do not load, so '{to}' is not checked here; "
+            "the router dead-letters a reassignment to an unknown owner (unknown_owner)", stderr=True)
+    else:
+        if to not in owners:
+            close = difflib.get_close_matches(to, list(owners), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            fail(f"owner '{to}' is not in the owner directory ({settings.rules_dir}){hint}", code=2)
+    send_outcome({"type": "reassigned", "alert_id": alert_id, "actor": by, "owner": to, "note": reason}, settings)
+
+
+# rules test ----------------------------------------------------------------------------
+
+
+def _print_case(result: Any) -> None:
+    from decision_router.durations import format_duration
+    from decision_router.explain import COOLDOWN_NOTE, context_text
+
+    case, explanation = result.case, result.explanation
+    if explanation is None:
+        return
+    count = len(explanation.matches)
+    say(f"{explanation.prediction_id} ({case.source}): {_count(count, 'rule')} match{'es' if count == 1 else ''}", style="bold")
+    for n, m in enumerate(explanation.matches, start=1):
+        lines = [
+            f"{n}. {m.rule}",
+            f"   owner     {m.owner} ({m.owner_why})",
+            f"   priority  {m.priority}   action {m.action}   {m.treatment}"
+            + ("  (held out: recorded, not delivered)" if m.held_out else ""),
+            f"   cooldown  {format_duration(m.cooldown) + ' (' + COOLDOWN_NOTE + ')' if m.cooldown else '-'}",
+            f"   ack by    {_when(m.ack_by)} ({format_duration(m.ack_within)})",
+            f"   act by    {_when(m.act_by)} ({format_duration(m.act_within)})",
+            f"   context   {context_text(m.context)}",
+            f"   missing   {', '.join(m.missing_context) or '-'}",
+        ]
+        say("\n".join(lines))
+
+
+@rules_app.command("test")
+def rules_test(
+    prediction: Annotated[Optional[str], typer.Argument(help="A prediction as JSON; '-' or nothing reads stdin.")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", exists=True, dir_okay=False, help="A JSON object or JSON lines.")] = None,
+    rules: Annotated[Optional[Path], typer.Option("--rules", help="Rules directory (default: DECISION_ROUTER_RULES_DIR).")] = None,
+    expect_rule: Annotated[Optional[list[str]], typer.Option("--expect-rule", help="Rules that must match (repeat or a,b).")] = None,
+    expect_owner: Annotated[Optional[list[str]], typer.Option("--expect-owner", help="Owners that must be chosen (repeat or a,b).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Which rules match a prediction, who owns it and why; exit 1 when --expect-* do not hold."""
+    from decision_router.explain import (
+        as_document,
+        exit_code,
+        parse_inputs,
+        run_cases,
+        split_expectations,
+    )
+    from decision_router.pipeline import utcnow
+
+    _format(fmt)
+    if file is not None and prediction is not None:
+        fail("give the prediction as an argument or --file, not both", code=2)
+    directory = rules or settings_or_exit().rules_dir
+    ruleset = _ruleset_or_exit(directory)
+    if file is not None:
+        text, source = file.read_text(encoding="utf-8"), str(file)
+    elif prediction not in (None, "-"):
+        text, source = prediction, "argument"  # type: ignore[assignment]
+    else:
+        if sys.stdin.isatty():
+            say("reading predictions from stdin (end with Ctrl-D)", stderr=True)
+        text, source = sys.stdin.read(), "stdin"
+    rule_names, owner_ids = split_expectations(expect_rule), split_expectations(expect_owner)
+    now = utcnow()
+    results = run_cases(parse_inputs(text, source), ruleset, now=now, rules=rule_names, owners=owner_ids)
+    if fmt == "json":
+        _json(as_document(results, ruleset, now=now, rules=rule_names, owners=owner_ids))
+    else:
+        say(f"rules {directory} (version {ruleset.version}), evaluated at {_when(now)}")
+        for result in results:
+            _print_case(result)
+    for result in results:
+        if result.case.rejection is not None:
+            rejection = result.case.rejection
+            say(f"error: {result.case.source}: invalid prediction: {rejection.reason.value}: {rejection.detail}",
+                stderr=True)
+        for problem in result.mismatches:
+            say(f"mismatch: {problem}", stderr=True)
+    code = exit_code(results)
+    if code == 0 and (rule_names or owner_ids):
+        say("expectations met", stderr=True)
+    raise typer.Exit(code)
+
+
+# rules replay --------------------------------------------------------------------------
+
+_CHANGED = {"rule": "rule changed", "owner": "owner changed", "priority": "priority changed", "action": "action changed"}
+
+
+@rules_app.command("replay")
+def rules_replay(
+    rules: Annotated[Path, typer.Option("--rules", help="The candidate rules directory.")],
+    since: Annotated[str, typer.Option(help="Predictions received since: 7d, 24h or an ISO date.")] = "7d",
+    until: Annotated[Optional[str], typer.Option(help="...and before: a duration ago or an ISO date (default: now).")] = None,
+    examples: Annotated[int, typer.Option(min=0, help="Examples shown per kind of change.")] = 5,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Route stored predictions through candidate rules and compare with what happened. Writes nothing."""
+    from decision_router.replay import replay, replay_store
+    from decision_router.rules import RulesInvalid, load_rules
+
+    _format(fmt)
+    candidate = _ruleset_or_exit(rules)
+    settings = settings_or_exit()
+    start, end = _since(since), _since(until)
+    try:
+        current: str | None = load_rules(settings.rules_dir).version
+    except RulesInvalid:
+        current = None
+    with read_store(settings) as session:
+        if session is None:
+            report = replay([], {}, candidate)  # no store yet: nothing received
+        else:
+            report = replay_store(session, candidate, since=start, until=end, examples=examples)
+    window = f"{_when(start)} .. {_when(end) if end else 'now'}"
+    if fmt == "json":
+        _json({"since": start.isoformat() if start else None, "until": end.isoformat() if end else None,
+               "candidate_rules_dir": str(rules), "current_rules_dir": str(settings.rules_dir),
+               "current_rules_version": current, **report.as_dict()})
+        return
+    say(f"candidate rules {rules} (version {candidate.version}); current rules {settings.rules_dir} "
+        f"(version {current or 'n/a: they do not load'})")
+    if not report.replayed:
+        say(f"no predictions received in {window}: nothing to replay")
+        return
+    versions = ", ".join(f"{v} ({n})" for v, n in sorted(report.recorded_versions.items()))
+    say(f"replayed {_count(report.replayed, 'prediction')} received in {window}, routed then by rules {versions}")
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column("what")
+    table.add_column("predictions", justify="right")
+    table.add_row("replayed", str(report.replayed))
+    table.add_row("unchanged", str(report.unchanged))
+    for aspect, label in _CHANGED.items():
+        table.add_row(label, str(report.changed.get(aspect, 0)))
+    out.print(table)
+    for aspect, label in _CHANGED.items():
+        shown = report.examples.get(aspect, ())
+        if not shown:
+            continue
+        say(f"\n{label}: {len(shown)} of {report.changed[aspect]} shown")
+        for change in shown:
+            say(f"  {change.prediction_id}  {change.entity}  {change.before} -> {change.after}")

@@ -1,0 +1,226 @@
+"""SLA escalation: an alert not acknowledged (or not acted on) by its deadline goes one
+step up the owner directory's manager chain, again and again, until someone responds or
+the chain ends, which is an SLA breach.
+
+Deadlines live in the alerts table, so an escalation that fell due while the service was
+down fires when it comes back, once. Each step is a compare-and-set on `sla_revision`
+plus a unique (alert, level) row, so several workers never escalate an alert twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import and_, or_, select, update
+from sqlmodel import Session
+
+from decision_router.contracts import Escalation
+from decision_router.durations import format_duration
+from decision_router.keys import Keys
+from decision_router.pipeline import Pipeline
+from decision_router.rules import Owner
+from decision_router.streams import StreamWrite, xadd_once
+from decision_router.tables import AlertRecord, AuditEvent, EscalationRecord, as_utc
+from decision_router.tracker import SYSTEM_ACTOR, to_alert
+
+log = structlog.get_logger("decision_router.escalation")
+
+
+@dataclass
+class SweepResult:
+    escalated: int = 0
+    breached: int = 0
+    conflicts: int = 0  # another worker changed the alert first
+    delivered: int = 0
+
+
+def due_alerts(session: Session, *, now: datetime, limit: int = 500) -> list[AlertRecord]:
+    """Open, delivered-kind alerts with a deadline that has passed unmet."""
+    return list(
+        session.scalars(
+            select(AlertRecord)
+            .where(
+                AlertRecord.status == "open",
+                AlertRecord.action == "alert",
+                AlertRecord.held_out.is_(False),
+                AlertRecord.suppressed_by.is_(None),
+                or_(
+                    and_(AlertRecord.acknowledged_at.is_(None), AlertRecord.ack_due_at <= now),
+                    and_(AlertRecord.intervened_at.is_(None), AlertRecord.act_due_at <= now),
+                ),
+            )
+            .order_by(AlertRecord.created_at)
+            .limit(limit)
+        )
+    )
+
+
+def _missed(record: AlertRecord, now: datetime) -> tuple[str, timedelta, str] | None:
+    """(kind, window, reason) of the deadline to escalate for, if any."""
+    created = as_utc(record.created_at)
+    ack_window = as_utc(record.ack_by) - created
+    act_window = as_utc(record.act_by) - created
+    ack_missed = record.acknowledged_at is None and record.ack_due_at is not None and as_utc(record.ack_due_at) <= now
+    act_missed = record.intervened_at is None and record.act_due_at is not None and as_utc(record.act_due_at) <= now
+    if act_missed:
+        # Both missed (e.g. the service was down): one escalation, for the graver one.
+        reason = f"no intervention recorded within {format_duration(act_window)}"
+        if ack_missed:
+            reason = f"not acknowledged within {format_duration(ack_window)}, and {reason}"
+        return "act", act_window, reason
+    if ack_missed:
+        return "ack", ack_window, f"not acknowledged within {format_duration(ack_window)}"
+    return None
+
+
+def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owner], now: datetime) -> str | None:
+    """One step for one alert: "escalated", "breached", "conflict", or None if nothing is due."""
+    missed = _missed(record, now)
+    if missed is None:
+        return None
+    kind, window, reason = missed
+    holder = record.escalated_to or record.owner
+    manager = owners[holder].manager if holder in owners else None
+    values: dict[str, object] = {"sla_revision": record.sla_revision + 1}
+    if kind == "act":
+        values["ack_due_at"] = None
+    if manager:
+        level = record.escalation_level + 1
+        values.update({"escalation_level": level, "escalated_to": manager, f"{kind}_due_at": now + window})
+    else:
+        values.update({f"{kind}_due_at": None, f"{kind}_breached_at": now})
+    changed = session.execute(
+        update(AlertRecord)
+        .where(AlertRecord.alert_id == record.alert_id, AlertRecord.sla_revision == record.sla_revision)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if changed.rowcount != 1:
+        return "conflict"
+    detail = {"kind": kind, "reason": reason, "original_owner": record.owner, "from_owner": holder}
+    if manager:
+        session.add(
+            EscalationRecord(
+                alert_id=record.alert_id, level=level, kind=kind, from_owner=holder, to_owner=manager, reason=reason, at=now
+            )
+        )
+        detail.update(level=level, to_owner=manager)
+    else:
+        detail.update(level=record.escalation_level, top_of_chain=holder)
+    session.add(
+        AuditEvent(
+            alert_id=record.alert_id,
+            prediction_id=record.prediction_id,
+            type="escalated" if manager else "sla_breached",
+            actor=SYSTEM_ACTOR,
+            at=now,
+            source_id=f"sla:{record.alert_id}:{record.sla_revision}",
+            detail=detail,
+        )
+    )
+    return "escalated" if manager else "breached"
+
+
+def escalation_writes(session: Session, keys: Keys, *, limit: int = 500) -> list[tuple[int, StreamWrite]]:
+    """The escalation outbox: copies for managers not yet written to their inboxes."""
+    rows = session.execute(
+        select(EscalationRecord, AlertRecord)
+        .join(AlertRecord, AlertRecord.alert_id == EscalationRecord.alert_id)
+        .where(EscalationRecord.delivered_at.is_(None))
+        .order_by(EscalationRecord.id)
+        .limit(limit)
+    ).all()
+    writes = []
+    for step, record in rows:
+        alert = to_alert(
+            record,
+            Escalation(
+                level=step.level,
+                kind=step.kind,
+                reason=step.reason,
+                original_owner=record.owner,
+                from_owner=step.from_owner,
+                to_owner=step.to_owner,
+            ),
+        )
+        writes.append(
+            (
+                step.id,
+                StreamWrite(
+                    stream=keys.inbox(step.to_owner),
+                    fields={"data": alert.model_dump_json()},
+                    dedupe_key=keys.dedupe(f"alert:{record.alert_id}:escalation:{step.level}"),
+                ),
+            )
+        )
+    return writes
+
+
+class EscalationSweeper:
+    """Runs in every worker; safe to run concurrently."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    async def sweep_once(self) -> SweepResult:
+        result = await asyncio.to_thread(self._sweep)
+        result.delivered = await self.deliver()
+        if result.escalated or result.breached:
+            log.info(
+                "escalations", escalated=result.escalated, sla_breaches=result.breached, conflicts=result.conflicts or None
+            )
+        return result
+
+    def _sweep(self) -> SweepResult:
+        result = SweepResult()
+        now = self.pipeline.clock()
+        owners = self.pipeline.ruleset.owners
+        with Session(self.pipeline.engine) as session:
+            for record in due_alerts(session, now=now):
+                outcome = escalate(session, record, owners=owners, now=now)
+                if outcome == "escalated":
+                    result.escalated += 1
+                elif outcome == "breached":
+                    result.breached += 1
+                elif outcome == "conflict":
+                    result.conflicts += 1
+            session.commit()
+        return result
+
+    async def deliver(self) -> int:
+        keys = self.pipeline.keys
+        delivered = 0
+        while True:
+            pending = await asyncio.to_thread(self._pending, keys)
+            if not pending:
+                return delivered
+            await xadd_once(self.pipeline.redis, [w for _, w in pending], ttl=self.pipeline.settings.dedupe_ttl)
+            await asyncio.to_thread(self._mark_delivered, [i for i, _ in pending])
+            delivered += len(pending)
+
+    def _pending(self, keys: Keys) -> list[tuple[int, StreamWrite]]:
+        with Session(self.pipeline.engine) as session:
+            return escalation_writes(session, keys)
+
+    def _mark_delivered(self, ids: list[int]) -> None:
+        now = self.pipeline.clock()
+        with Session(self.pipeline.engine) as session:
+            for step in session.scalars(select(EscalationRecord).where(EscalationRecord.id.in_(ids))):
+                if step.delivered_at is not None:
+                    continue
+                step.delivered_at = now
+                session.add(step)
+                session.add(
+                    AuditEvent(
+                        alert_id=step.alert_id,
+                        type="delivered",
+                        actor=SYSTEM_ACTOR,
+                        at=now,
+                        detail={"channel": "inbox", "owner": step.to_owner, "escalation_level": step.level},
+                    )
+                )
+            session.commit()

@@ -1,0 +1,244 @@
+"""`rules test`: what the rules would decide for one prediction, and why. Pure: no store, no Redis.
+
+Like `amtool config routes test`, the result can be checked against expectations
+(`--expect-rule`, `--expect-owner`), so a rules change can be guarded in CI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from decision_router.contracts import Prediction, Rejection
+from decision_router.durations import format_duration
+from decision_router.publisher import validate_entry
+from decision_router.router import Decision, route
+from decision_router.rules import RuleSet
+
+COOLDOWN_NOTE = "cooldown depends on earlier alerts for the entity and is not evaluated here"
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """One decision the rules would make, with the reasons an author needs."""
+
+    rule: str
+    rule_index: int
+    owner: str
+    owner_source: str  # static | field | fallback | delegate
+    owner_why: str  # human: "static", "from field context.account_manager", ...
+    owner_field: str | None  # the `owner.from` path, for field / fallback owners
+    fallback_reason: str | None
+    delegated_from: str | None
+    priority: str
+    action: str  # alert | record
+    held_out: bool
+    cooldown: timedelta | None
+    ack_within: timedelta
+    act_within: timedelta
+    ack_by: datetime
+    act_by: datetime
+    context: dict[str, Any]
+    missing_context: tuple[str, ...]
+
+    @property
+    def treatment(self) -> str:
+        """treated (delivered), control (held out, not delivered) or record (tracked only)."""
+        if self.action != "alert":
+            return "record"
+        return "control" if self.held_out else "treated"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "rule_index": self.rule_index,
+            "owner": self.owner,
+            "owner_source": self.owner_source,
+            "owner_why": self.owner_why,
+            "owner_field": self.owner_field,
+            "fallback_reason": self.fallback_reason,
+            "delegated_from": self.delegated_from,
+            "priority": self.priority,
+            "action": self.action,
+            "held_out": self.held_out,
+            "treatment": self.treatment,
+            "cooldown": format_duration(self.cooldown) if self.cooldown else None,
+            "cooldown_note": COOLDOWN_NOTE if self.cooldown else None,
+            "ack_within": format_duration(self.ack_within),
+            "act_within": format_duration(self.act_within),
+            "ack_by": self.ack_by.isoformat(),
+            "act_by": self.act_by.isoformat(),
+            "context": self.context,
+            "missing_context": list(self.missing_context),
+        }
+
+
+@dataclass(frozen=True)
+class Explanation:
+    prediction_id: str
+    rules_version: str
+    now: datetime
+    matches: tuple[RuleMatch, ...]
+
+    @property
+    def rules(self) -> list[str]:
+        return [m.rule for m in self.matches]
+
+    @property
+    def owners(self) -> list[str]:
+        return list(dict.fromkeys(m.owner for m in self.matches))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input of `rules test`: a prediction that passed the gate, or its rejection."""
+
+    source: str  # "argument", "stdin", "FILE", "FILE:3" (JSON lines), "FILE[2]" (JSON array)
+    prediction: Prediction | None
+    rejection: Rejection | None
+
+
+def owner_why(decision: Decision, owner_field: str | None) -> str:
+    """static / from field X / fallback: reason / delegate for away owner Y (how Y was found)."""
+    if decision.fallback_reason is not None:
+        how = f"fallback: {decision.fallback_reason}"
+    elif owner_field is not None:
+        how = f"from field {owner_field}"
+    else:
+        how = "static"
+    if decision.owner_source == "delegate":
+        return f"delegate for away owner {decision.delegated_from} ({how})"
+    return how
+
+
+def explain(prediction: Prediction, ruleset: RuleSet, *, now: datetime) -> Explanation:
+    """Route the prediction as the service would at `now`, and say why each owner was chosen."""
+    matches = []
+    for decision in route(prediction.as_document(), ruleset, now=now):
+        rule = ruleset.rules[decision.rule_index]
+        matches.append(
+            RuleMatch(
+                rule=decision.rule,
+                rule_index=decision.rule_index,
+                owner=decision.owner,
+                owner_source=decision.owner_source,
+                owner_why=owner_why(decision, rule.owner_from),
+                owner_field=rule.owner_from,
+                fallback_reason=decision.fallback_reason,
+                delegated_from=decision.delegated_from,
+                priority=decision.priority,
+                action=decision.action,
+                held_out=decision.held_out,
+                cooldown=decision.cooldown,
+                ack_within=decision.ack_within,
+                act_within=decision.act_within,
+                ack_by=now + decision.ack_within,
+                act_by=now + decision.act_within,
+                context=dict(decision.context),
+                missing_context=tuple(decision.missing_context),
+            )
+        )
+    return Explanation(prediction.prediction_id, ruleset.version, now, tuple(matches))
+
+
+def split_expectations(values: Iterable[str] | None) -> list[str]:
+    """`--expect-rule a --expect-rule b,c` -> [a, b, c]."""
+    return [part.strip() for value in values or () for part in value.split(",") if part.strip()]
+
+
+def mismatches(explanation: Explanation, *, rules: Sequence[str], owners: Sequence[str]) -> list[str]:
+    """Expected sets compared with the matching rules and their owners (order does not matter)."""
+    problems = []
+    for what, expected, actual in (("rules", rules, explanation.rules), ("owners", owners, explanation.owners)):
+        if expected and set(expected) != set(actual):
+            problems.append(
+                f"{explanation.prediction_id}: expected {what} {', '.join(sorted(set(expected)))}; "
+                f"got {', '.join(actual) or 'none'}"
+            )
+    return problems
+
+
+def parse_inputs(text: str, source: str) -> list[Case]:
+    """A JSON object, a JSON array of objects, or JSON lines; each checked by the publish gate."""
+    try:
+        whole: Any = json.loads(text)
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict):
+        return [check(json.dumps(whole), source)]
+    if isinstance(whole, list):
+        return [check(json.dumps(item), f"{source}[{n}]") for n, item in enumerate(whole, start=1)]
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if len(lines) <= 1:
+        return [check(lines[0][1] if lines else text, source)]
+    return [check(line, f"{source}:{n}") for n, line in lines]
+
+
+def check(line: str, source: str) -> Case:
+    """The gate's checks except age and duplicates, exactly as `publish` runs them."""
+    checked = validate_entry({"data": line})
+    if isinstance(checked, Prediction):
+        return Case(source, checked, None)
+    return Case(source, None, checked)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: Case
+    explanation: Explanation | None  # None when the prediction was rejected
+    mismatches: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.case.rejection is not None:
+            rejection = self.case.rejection
+            return {"source": self.case.source, "valid": False,
+                    "rejection": {"reason": rejection.reason.value, "detail": rejection.detail}}
+        assert self.explanation is not None
+        return {
+            "source": self.case.source,
+            "valid": True,
+            "prediction_id": self.explanation.prediction_id,
+            "matches": [m.as_dict() for m in self.explanation.matches],
+            "expectations_met": not self.mismatches,
+            "mismatches": list(self.mismatches),
+        }
+
+
+def run_cases(
+    cases: Sequence[Case], ruleset: RuleSet, *, now: datetime, rules: Sequence[str] = (), owners: Sequence[str] = ()
+) -> list[CaseResult]:
+    results = []
+    for case in cases:
+        if case.prediction is None:
+            results.append(CaseResult(case, None, ()))
+            continue
+        explanation = explain(case.prediction, ruleset, now=now)
+        results.append(CaseResult(case, explanation, tuple(mismatches(explanation, rules=rules, owners=owners))))
+    return results
+
+
+def as_document(
+    results: Sequence[CaseResult], ruleset: RuleSet, *, now: datetime, rules: Sequence[str] = (), owners: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The JSON form of a whole `rules test` run."""
+    return {
+        "rules_dir": str(ruleset.source_dir),
+        "rules_version": ruleset.version,
+        "now": now.isoformat(),
+        "expect": {"rules": list(rules), "owners": list(owners)},
+        "predictions": [result.as_dict() for result in results],
+    }
+
+
+def exit_code(results: Sequence[CaseResult]) -> int:
+    """2 when a prediction was rejected (a usage error), 1 when an expectation failed, else 0."""
+    if any(result.case.rejection is not None for result in results):
+        return 2
+    return 1 if any(result.mismatches for result in results) else 0
+
+
+def context_text(context: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in context.items()) or "-"

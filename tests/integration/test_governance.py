@@ -1,0 +1,285 @@
+"""Ownership and accountability on real Redis and both stores: SLA escalation along the
+manager chain (driven by a controllable clock), cooldown, control groups, delegation,
+hot reload, and the append-only audit trail."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlmodel import Session
+
+from decision_router.escalation import EscalationSweeper
+from decision_router.rules import load_rules
+from decision_router.service import running_service
+from decision_router.tables import AlertRecord, AuditEvent, EscalationRecord
+from decision_router.tracker import alert_id_for
+from tests.integration.conftest import wait_until
+from tests.integration.test_router_loop import count
+
+pytestmark = pytest.mark.redis
+
+ROUTING = """
+defaults: {ack_within: 1h, act_within: 4h}
+rules:
+  - name: churn-high
+    when: {model: churn, score: {gte: 0.8}}
+    owner: {from: context.account_manager, fallback: desk}
+    priority: high
+    cooldown: 7d
+  - name: upsell
+    when: {model: upsell}
+    owner: desk
+    holdout: 0.5
+  - name: rest
+    when: {}
+    owner: desk
+    action: record
+"""
+OWNERS = """
+owners:
+  - {id: vp, name: VP}
+  - {id: lead, name: Lead, manager: vp}
+  - {id: am, name: Account Manager, manager: lead}
+  - {id: desk, name: Desk, manager: lead}
+  - {id: away-am, name: On Leave, manager: lead, away_until: "2099-01-01", delegate: am}
+"""
+T0 = datetime.now(timezone.utc).replace(microsecond=0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def rules_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "rules"
+    directory.mkdir()
+    (directory / "routing.yaml").write_text(ROUTING)
+    (directory / "owners.yaml").write_text(OWNERS)
+    return directory
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def gov(settings, rules_dir, engine, clock):
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "sweep_interval": timedelta(hours=1)})
+    async with running_service(tuned, load_rules(rules_dir), engine, clock=clock, watch_rules=True) as service:
+        yield service
+
+
+def publish(r, keys, pid: str, **overrides) -> None:
+    document = {
+        "prediction_id": pid, "model": "churn", "model_version": "1", "entity_type": "account",
+        "entity_id": f"acct-{pid}", "score": 0.9, "predicted_at": T0.isoformat(),
+        "context": {"account_manager": "am"},
+    }
+    document.update(overrides)
+    r.xadd(keys.predictions, {"data": json.dumps(document)})
+
+
+def inbox(r, keys, owner: str) -> list[dict]:
+    return [json.loads(fields["data"]) for _, fields in r.xrange(keys.inbox(owner))]
+
+
+def events(engine, alert_id: str) -> list[tuple[str, dict]]:
+    with Session(engine) as session:
+        return [(e.type, e.detail) for e in session.scalars(select(AuditEvent).where(AuditEvent.alert_id == alert_id).order_by(AuditEvent.id))]
+
+
+async def test_unacknowledged_alert_escalates_up_the_chain_then_breaches(gov, r, engine, clock) -> None:
+    keys = gov.keys
+    publish(r, keys, "e1")
+    await wait_until(lambda: len(inbox(r, keys, "am")) == 1, what="alert for am")
+    alert_id = alert_id_for("e1", "churn-high")
+
+    # Before the deadline nothing happens.
+    clock.now = T0 + timedelta(minutes=59)
+    assert (await gov.sweeper.sweep_once()).escalated == 0
+
+    clock.now = T0 + timedelta(hours=1, minutes=1)
+    first = await gov.sweeper.sweep_once()
+    assert (first.escalated, first.breached, first.delivered) == (1, 0, 1)
+    (copy,) = inbox(r, keys, "lead")
+    assert copy["alert_id"] == alert_id and copy["owner"] == "am"
+    assert copy["escalation"] == {"level": 1, "kind": "ack", "reason": "not acknowledged within 1h",
+                                  "original_owner": "am", "from_owner": "am", "to_owner": "lead"}
+    # Swept again at once: nothing new is due, nothing is sent twice.
+    assert (await gov.sweeper.sweep_once()).escalated == 0
+    assert len(inbox(r, keys, "lead")) == 1
+
+    clock.now += timedelta(hours=1, minutes=1)
+    assert (await gov.sweeper.sweep_once()).escalated == 1
+    assert inbox(r, keys, "vp")[0]["escalation"]["level"] == 2
+
+    clock.now += timedelta(hours=1, minutes=1)
+    top = await gov.sweeper.sweep_once()
+    assert (top.escalated, top.breached) == (0, 1)
+    clock.now += timedelta(minutes=30)
+    assert (await gov.sweeper.sweep_once()).breached == 0  # the ack breach is counted once
+    clock.now += timedelta(days=3)
+    # The act deadline is a second SLA; the chain is exhausted, so it breaches at once.
+    assert (await gov.sweeper.sweep_once()).breached == 1
+    assert (await gov.sweeper.sweep_once()).breached == 0
+
+    with Session(engine) as session:
+        row = session.get(AlertRecord, alert_id)
+        assert (row.escalation_level, row.escalated_to) == (2, "vp")
+        assert row.ack_breached_at is not None and row.act_breached_at is not None
+        steps = session.scalars(select(EscalationRecord.to_owner).where(EscalationRecord.alert_id == alert_id).order_by(EscalationRecord.level)).all()
+    assert steps == ["lead", "vp"]
+    kinds = [t for t, _ in events(engine, alert_id)]
+    assert kinds.count("escalated") == 2 and kinds.count("sla_breached") == 2
+
+
+async def test_acknowledged_alert_escalates_only_when_nobody_acts(gov, r, engine, clock) -> None:
+    keys = gov.keys
+    publish(r, keys, "e2")
+    alert_id = alert_id_for("e2", "churn-high")
+    await wait_until(lambda: len(inbox(r, keys, "am")) == 1, what="alert")
+    r.xadd(keys.outcomes, {"alert_id": alert_id, "type": "acknowledged", "actor": "am"})
+    await wait_until(lambda: count(engine, AlertRecord, AlertRecord.acknowledged_at.is_not(None)) == 1, what="ack")
+
+    clock.now = T0 + timedelta(hours=3)
+    assert (await gov.sweeper.sweep_once()).escalated == 0
+    clock.now = T0 + timedelta(hours=4, minutes=1)
+    result = await gov.sweeper.sweep_once()
+    assert result.escalated == 1
+    assert inbox(r, keys, "lead")[0]["escalation"]["kind"] == "act"
+    assert inbox(r, keys, "lead")[0]["escalation"]["reason"] == "no intervention recorded within 4h"
+
+    r.xadd(keys.outcomes, {"alert_id": alert_id, "type": "intervened", "actor": "lead", "action": "call"})
+    await wait_until(lambda: count(engine, AlertRecord, AlertRecord.intervened_at.is_not(None)) == 1, what="intervention")
+    clock.now += timedelta(days=2)
+    assert (await gov.sweeper.sweep_once()).escalated == 0
+
+
+async def test_deadlines_missed_while_down_fire_once_even_with_two_workers(settings, rules_dir, engine, clock, r) -> None:
+    ruleset = load_rules(rules_dir)
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "sweep_interval": timedelta(hours=1)})
+    async with running_service(tuned, ruleset, engine, clock=clock) as service:
+        for n in range(5):
+            publish(r, service.keys, f"d{n}")
+        await wait_until(lambda: len(inbox(r, service.keys, "am")) == 5, what="5 alerts")
+    # The service is down while every deadline passes, both ack and act. On restart the
+    # start-up sweep fires them, once; two workers sweeping at the same time send nothing twice.
+    clock.now = T0 + timedelta(hours=5)
+    other = tuned.model_copy(update={"consumer_name": "worker-2"})
+    async with running_service(tuned, ruleset, engine, clock=clock) as one, running_service(other, ruleset, engine, clock=clock) as two:
+        results = await asyncio.gather(*(EscalationSweeper(s.pipeline).sweep_once() for s in (one, two, one, two)))
+        assert sum(res.escalated for res in results) == 0  # already done at start-up
+        await wait_until(lambda: len(inbox(r, one.keys, "lead")) == 5, what="5 escalations delivered")
+        # Racing sweepers on the next level.
+        clock.now = T0 + timedelta(hours=9, minutes=1)
+        results = await asyncio.gather(*(EscalationSweeper(s.pipeline).sweep_once() for s in (one, two, one, two)))
+    assert sum(res.escalated for res in results) == 5
+    assert len(inbox(r, one.keys, "lead")) == 5
+    assert len(inbox(r, one.keys, "vp")) == 5
+    copies = inbox(r, one.keys, "lead")
+    assert {c["escalation"]["kind"] for c in copies} == {"act"}
+    assert copies[0]["escalation"]["reason"] == "not acknowledged within 1h, and no intervention recorded within 4h"
+    assert count(engine, EscalationRecord) == 10
+
+
+async def test_reassignment_changes_the_accountable_owner_and_restarts_the_clock(gov, r, engine, clock) -> None:
+    keys = gov.keys
+    publish(r, keys, "e3")
+    alert_id = alert_id_for("e3", "churn-high")
+    await wait_until(lambda: len(inbox(r, keys, "am")) == 1, what="alert")
+    clock.now = T0 + timedelta(minutes=50)
+    r.xadd(keys.outcomes, {"alert_id": alert_id, "type": "reassigned", "actor": "lead", "owner": "desk", "note": "am on a call"})
+    await wait_until(lambda: len(inbox(r, keys, "desk")) == 1, what="the new owner's inbox")
+    clock.now = T0 + timedelta(hours=1, minutes=10)  # past the original deadline, not the new one
+    assert (await gov.sweeper.sweep_once()).escalated == 0
+    clock.now = T0 + timedelta(hours=1, minutes=51)
+    assert (await gov.sweeper.sweep_once()).escalated == 1
+    escalated = inbox(r, keys, "lead")[0]["escalation"]
+    assert (escalated["original_owner"], escalated["from_owner"]) == ("desk", "desk")
+    reassigned = [d for t, d in events(engine, alert_id) if t == "reassigned"]
+    assert reassigned == [{"note": "am on a call", "from_owner": "am", "to_owner": "desk"}]
+
+
+async def test_cooldown_suppresses_repeat_alerts_per_entity_and_rule(gov, r, engine) -> None:
+    keys = gov.keys
+    publish(r, keys, "k1", entity_id="acct-same")
+    await wait_until(lambda: len(inbox(r, keys, "am")) == 1, what="first alert")
+    publish(r, keys, "k2", entity_id="acct-same")
+    publish(r, keys, "k3", entity_id="acct-other")
+    await wait_until(lambda: count(engine, AlertRecord) == 3, what="3 decisions")
+    await wait_until(lambda: len(inbox(r, keys, "am")) == 2, what="the other entity's alert")
+    with Session(engine) as session:
+        suppressed = session.get(AlertRecord, alert_id_for("k2", "churn-high"))
+        assert suppressed.suppressed_by == alert_id_for("k1", "churn-high")
+        assert suppressed.status == "suppressed" and suppressed.delivered_at is None and suppressed.ack_due_at is None
+    assert [t for t, _ in events(engine, alert_id_for("k2", "churn-high"))] == ["suppressed"]
+    assert {a["prediction_id"] for a in inbox(r, keys, "am")} == {"k1", "k3"}
+
+
+async def test_held_out_entities_are_recorded_not_delivered(gov, r, engine) -> None:
+    from decision_router.router import in_holdout
+
+    keys = gov.keys
+    entities = [f"acct-u{n}" for n in range(40)]
+    for n, entity in enumerate(entities):
+        publish(r, keys, f"u{n}", model="upsell", entity_id=entity)
+    await wait_until(lambda: count(engine, AlertRecord) == 40, what="40 decisions")
+    expected_control = {e for e in entities if in_holdout("upsell", "account", e, 0.5)}
+    assert 5 < len(expected_control) < 35
+    await wait_until(lambda: len(inbox(r, keys, "desk")) == 40 - len(expected_control), what="treated alerts delivered")
+    with Session(engine) as session:
+        control = set(session.scalars(select(AlertRecord.entity_id).where(AlertRecord.held_out.is_(True))))
+    assert control == expected_control
+    assert not {a["entity_id"] for a in inbox(r, keys, "desk")} & control
+
+
+async def test_away_owner_gets_their_delegate(gov, r, engine) -> None:
+    keys = gov.keys
+    publish(r, keys, "w1", context={"account_manager": "away-am"})
+    await wait_until(lambda: len(inbox(r, keys, "am")) == 1, what="the delegate's inbox")
+    alert = inbox(r, keys, "am")[0]
+    assert (alert["owner"], alert["owner_source"], alert["delegated_from"]) == ("am", "delegate", "away-am")
+    assert r.xlen(keys.inbox("away-am")) == 0
+
+
+async def test_changed_rules_are_reloaded_and_a_bad_file_keeps_the_old_ones(gov, r, engine, rules_dir) -> None:
+    keys = gov.keys
+    first = gov.pipeline.ruleset.version
+    (rules_dir / "routing.yaml").write_text(ROUTING.replace("owner: desk\n    holdout: 0.5", "owner: lead\n    holdout: 0.5").replace("score: {gte: 0.8}", "score: {gte: 0.95}"))
+    await gov.check_rules()
+    second = gov.pipeline.ruleset.version
+    assert second != first
+    (rules_dir / "routing.yaml").write_text(ROUTING.replace("owner: desk", "owner: nobody"))
+    await gov.check_rules(force=True)
+    assert gov.pipeline.ruleset.version == second  # the broken file was refused
+    publish(r, keys, "h1")  # 0.9 < 0.95 now: recorded by the catch-all
+    await wait_until(lambda: count(engine, AlertRecord) == 1, what="routed with the reloaded rules")
+    with Session(engine) as session:
+        row = session.scalars(select(AlertRecord)).one()
+    assert (row.rule, row.rules_version) == ("rest", second)
+
+
+async def test_audit_events_cannot_be_updated_or_deleted(gov, r, engine) -> None:
+    publish(r, gov.keys, "a1")
+    await wait_until(lambda: count(engine, AuditEvent) >= 3, what="audit events")
+    with Session(engine) as session:
+        event = session.scalars(select(AuditEvent)).first()
+        event.actor = "someone-else"
+        session.add(event)
+        with pytest.raises(PermissionError, match="append-only"):
+            session.commit()
+        session.rollback()
+        session.delete(session.scalars(select(AuditEvent)).first())
+        with pytest.raises(PermissionError, match="append-only"):
+            session.commit()

@@ -1,0 +1,208 @@
+"""`audit`: an alert's and an entity's story, assembled from rows with known answers."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from sqlmodel import Session
+
+from decision_router.audit import alert_story, describe, entity_story
+from decision_router.store import create_schema, make_engine
+from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord
+
+T0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
+SYSTEM = "decision-router"
+
+
+def prediction(pid: str, entity_id: str, at: datetime) -> PredictionRecord:
+    return PredictionRecord(
+        prediction_id=pid, stream_id=f"1-{pid}", model="churn", model_version="2026.11", entity_type="account",
+        entity_id=entity_id, score=0.91, predicted_at=at - timedelta(minutes=5), received_at=at, rules_version="v1",
+        document={"prediction_id": pid},
+    )
+
+
+def alert(aid: str, pid: str, rule: str, owner: str, at: datetime, entity_id: str = "acct-17", **extra: Any) -> AlertRecord:
+    return AlertRecord(
+        alert_id=aid, prediction_id=pid, rule=rule, owner=extra.pop("owner_now", owner), original_owner=owner,
+        owner_source=extra.pop("owner_source", "field"), priority="high", action=extra.pop("action", "alert"),
+        model="churn", model_version="2026.11", entity_type="account", entity_id=entity_id, score=0.91,
+        rules_version="v1", predicted_at=at - timedelta(minutes=5), created_at=at, ack_by=at + timedelta(hours=2),
+        act_by=at + timedelta(days=1), **extra,
+    )
+
+
+def event(kind: str, at: datetime, aid: str | None, /, pid: str | None = "p1", actor: str = SYSTEM,
+          **detail: Any) -> AuditEvent:
+    return AuditEvent(alert_id=aid, prediction_id=pid, type=kind, actor=actor, at=at, detail=detail)
+
+
+ROUTED = {"rule": "enterprise-churn-risk", "rules_version": "v1", "owner": "alice", "owner_source": "field",
+          "fallback_reason": None, "delegated_from": None, "priority": "high", "action": "alert", "held_out": False,
+          "suppressed_by": None}
+H = timedelta(hours=1)
+
+
+@pytest.fixture
+def session():
+    engine = make_engine("sqlite:///:memory:")
+    create_schema(engine)
+    with Session(engine) as s:
+        s.add_all([
+            prediction("p1", "acct-17", T0),
+            alert("al-a", "p1", "enterprise-churn-risk", "alice", T0, owner_now="bob", delivered_at=T0,
+                  acknowledged_at=T0 + 3 * H, intervened_at=T0 + 5 * H, intervention="exec-call", outcome="success",
+                  outcome_value=120000.0, status="closed", escalation_level=1),
+            alert("al-v", "p1", "key-account-visibility", "dir-enterprise", T0, owner_source="static"),
+            # A later prediction for the same entity: one control record, one suppressed by cooldown.
+            prediction("p2", "acct-17", T0 + 48 * H),
+            alert("al-c", "p2", "enterprise-churn-watch", "alice", T0 + 48 * H, held_out=True),
+            alert("al-s", "p2", "key-account-visibility", "dir-enterprise", T0 + 48 * H, suppressed_by="al-v",
+                  status="suppressed", owner_source="static"),
+            # Another entity: never part of acct-17's story.
+            prediction("p9", "acct-99", T0), alert("al-z", "p9", "enterprise-churn-risk", "alice", T0, entity_id="acct-99"),
+        ])
+        # Inserted out of time order on purpose; same-instant events keep their insertion order.
+        s.add_all([
+            event("outcome", T0 + 30 * 24 * H, "al-a", actor="crm", result="success", value=120000.0),
+            event("received", T0, None, model="churn", score=0.91, stream_id="1-p1"),
+            event("routed", T0, "al-a", **ROUTED),
+            event("routed", T0, "al-v", **{**ROUTED, "rule": "key-account-visibility", "owner": "dir-enterprise",
+                                           "owner_source": "static"}),
+            event("delivered", T0 + timedelta(seconds=1), "al-a", channel="inbox", owner="alice"),
+            event("intervened", T0 + 5 * H, "al-a", actor="bob", action="exec-call"),
+            event("escalated", T0 + 2 * H, "al-a", kind="ack", level=1, from_owner="alice", to_owner="lead-strategic",
+                  reason="not acknowledged within 2h", original_owner="alice"),
+            event("delivered", T0 + 2 * H, "al-a", pid=None, channel="inbox", owner="lead-strategic", escalation_level=1),
+            event("acknowledged", T0 + 3 * H, "al-a", actor="lead-strategic"),
+            event("reassigned", T0 + 4 * H, "al-a", actor="lead-strategic", from_owner="alice", to_owner="bob",
+                  note="alice is on leave"),
+            event("received", T0 + 48 * H, None, pid="p2", model="churn", score=0.7),
+            event("held_out", T0 + 48 * H, "al-c", pid="p2", **{**ROUTED, "rule": "enterprise-churn-watch", "held_out": True}),
+            event("suppressed", T0 + 48 * H, "al-s", pid="p2", **{**ROUTED, "rule": "key-account-visibility",
+                                                             "owner": "dir-enterprise", "owner_source": "static",
+                                                             "suppressed_by": "al-v"}),
+            event("received", T0, None, pid="p9", model="churn", score=0.91),
+            event("routed", T0, "al-z", pid="p9", **ROUTED),
+        ])
+        s.commit()
+        yield s
+    engine.dispose()
+
+
+def test_alert_story_in_time_order(session: Session) -> None:
+    story = alert_story(session, "al-a")
+    assert story is not None
+    assert [(e.at - T0, e.type, e.actor) for e in story.events] == [
+        (timedelta(0), "received", SYSTEM),
+        (timedelta(0), "routed", SYSTEM),
+        (timedelta(seconds=1), "delivered", SYSTEM),
+        (2 * H, "escalated", SYSTEM),
+        (2 * H, "delivered", SYSTEM),
+        (3 * H, "acknowledged", "lead-strategic"),
+        (4 * H, "reassigned", "lead-strategic"),
+        (5 * H, "intervened", "bob"),
+        (30 * 24 * H, "outcome", "crm"),
+    ]
+    assert [e.summary for e in story.events] == [
+        "prediction p1 received (model churn, score 0.91)",
+        "rule enterprise-churn-risk matched (rules v1): owner alice (field), priority high",
+        "delivered to alice via inbox",
+        "escalated (ack deadline missed, level 1) alice -> lead-strategic: not acknowledged within 2h",
+        "delivered to lead-strategic via inbox (escalation level 1)",
+        "acknowledged",
+        "reassigned alice -> bob (note: alice is on leave)",
+        "intervened: exec-call",
+        "outcome success, value 120000",
+    ]
+    assert [(s.alert_id, s.rule, s.owner, s.effective_action) for s in story.siblings] == [
+        ("al-v", "key-account-visibility", "dir-enterprise", "alert")
+    ]
+    summary = story.alert
+    assert (summary.owner, summary.original_owner, summary.status, summary.outcome, summary.escalation_level) == (
+        "bob", "alice", "closed", "success", 1
+    )
+    assert story.prediction is not None and story.prediction.received_at == T0
+
+
+def test_alert_story_json(session: Session) -> None:
+    document = json.loads(json.dumps(alert_story(session, "al-a").as_dict()))
+    assert set(document) == {"alert", "prediction", "siblings", "events"}
+    assert document["alert"]["created_at"] == "2026-11-02T09:00:00+00:00"
+    assert document["alert"]["effective_action"] == "alert" and document["alert"]["outcome_value"] == 120000.0
+    assert document["prediction"]["prediction_id"] == "p1"
+    assert document["siblings"] == [{"alert_id": "al-v", "rule": "key-account-visibility", "owner": "dir-enterprise",
+                                     "priority": "high", "effective_action": "alert"}]
+    assert document["events"][0] == {
+        "at": "2026-11-02T09:00:00+00:00", "type": "received", "actor": SYSTEM, "alert_id": None, "prediction_id": "p1",
+        "summary": "prediction p1 received (model churn, score 0.91)",
+        "detail": {"model": "churn", "score": 0.91, "stream_id": "1-p1"},
+    }
+    assert [e["type"] for e in document["events"]][-2:] == ["intervened", "outcome"]
+
+
+def test_unknown_alert_and_entity(session: Session) -> None:
+    assert alert_story(session, "al-nope") is None
+    assert entity_story(session, "account", "acct-nope") is None
+    assert entity_story(session, "invoice", "acct-17") is None
+
+
+def test_entity_story_groups_every_decision(session: Session) -> None:
+    story = entity_story(session, "account", "acct-17")
+    assert story is not None
+    assert [p.prediction_id for p in story.predictions] == ["p1", "p2"]
+    assert [(s.alert.alert_id, s.alert.effective_action) for s in story.alerts] == [
+        ("al-a", "alert"), ("al-v", "alert"), ("al-c", "control"), ("al-s", "suppressed"),
+    ]
+    by_id = {s.alert.alert_id: s for s in story.alerts}
+    assert [e.type for e in by_id["al-a"].events] == [
+        "received", "routed", "delivered", "escalated", "delivered", "acknowledged", "reassigned", "intervened", "outcome"
+    ]
+    assert [e.type for e in by_id["al-v"].events] == ["received", "routed"]
+    assert [e.summary for e in by_id["al-c"].events] == [
+        "prediction p2 received (model churn, score 0.7)",
+        "rule enterprise-churn-watch matched (rules v1): owner alice (field), priority high; held out as control, not delivered",
+    ]
+    assert by_id["al-s"].events[-1].summary == (
+        "rule key-account-visibility matched (rules v1): owner dir-enterprise (static), priority high; "
+        "suppressed by cooldown (alert al-v), not delivered"
+    )
+    document = json.loads(json.dumps(story.as_dict()))
+    assert document["entity"] == {"type": "account", "id": "acct-17"}
+    assert [a["alert"]["alert_id"] for a in document["alerts"]] == ["al-a", "al-v", "al-c", "al-s"]
+    assert all(e["prediction_id"] != "p9" for a in document["alerts"] for e in a["events"])
+    # The whole story once, in time order: each received event once, not once per decision.
+    assert [(e["type"], e["alert_id"]) for e in document["events"]] == [
+        ("received", None), ("routed", "al-a"), ("routed", "al-v"), ("delivered", "al-a"), ("escalated", "al-a"),
+        ("delivered", "al-a"), ("acknowledged", "al-a"), ("reassigned", "al-a"), ("intervened", "al-a"),
+        ("received", None), ("held_out", "al-c"), ("suppressed", "al-s"), ("outcome", "al-a"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "detail", "text"),
+    [
+        ("recorded", {"rule": "r", "rules_version": "v", "owner": "desk", "owner_source": "fallback",
+                      "fallback_reason": "context.account_manager missing", "priority": "low"},
+         ("rule r matched (rules v): owner desk (fallback: context.account_manager missing), priority low; "
+          "recorded only (action: record)")),
+        ("routed", {"rule": "r", "rules_version": "v", "owner": "felix", "owner_source": "delegate",
+                    "delegated_from": "hugo", "priority": "high"},
+         "rule r matched (rules v): owner felix (delegate for away owner hugo), priority high"),
+        ("routed", {"rule": "r", "rules_version": "v", "owner": "felix", "owner_source": "delegate",
+                    "delegated_from": "hugo", "fallback_reason": "owner 'zed' not in directory", "priority": "high"},
+         ("rule r matched (rules v): owner felix (delegate for away owner hugo; fallback: owner 'zed' not in directory), "
+          "priority high")),
+        ("sla_breached", {"kind": "act", "reason": "no intervention recorded within 1d", "top_of_chain": "vp"},
+         "SLA breached (act): no intervention recorded within 1d; no manager above vp"),
+        ("intervened", {}, "intervened: no action named"),
+        ("outcome", {"result": "failure", "value": None}, "outcome failure"),
+        ("acknowledged", {"note": "on it"}, "acknowledged (note: on it)"),
+        ("something-new", {"a": 1, "b": None}, "something-new a=1"),
+    ],
+)
+def test_describe(kind: str, detail: dict[str, Any], text: str) -> None:
+    assert describe(kind, "p1", detail) == text

@@ -1,0 +1,216 @@
+"""`rules test` logic: what each matching rule decides and why, input parsing, expectations."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from decision_router.contracts import Prediction
+from decision_router.explain import (
+    COOLDOWN_NOTE,
+    as_document,
+    exit_code,
+    explain,
+    mismatches,
+    parse_inputs,
+    run_cases,
+    split_expectations,
+)
+from decision_router.router import in_holdout
+from decision_router.rules import RuleSet, load_rules
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+
+OWNERS = """
+owners:
+  - {id: alice, name: Alice}
+  - {id: bob, name: Bob, away_until: 2026-12-31, delegate: carol}
+  - {id: carol, name: Carol}
+  - {id: desk, name: Desk}
+  - {id: analytics, name: Analytics}
+"""
+
+ROUTING = """
+defaults: {ack_within: 4h, act_within: 48h, priority: normal}
+rules:
+  - name: big-account-copy
+    when: {context.arr: {gte: 500000}}
+    owner: bob
+    continue: true
+    cooldown: 7d
+    ack_within: 1d
+    act_within: 5d
+  - name: churn-high
+    when:
+      score: {gte: 0.8}
+    owner: {from: context.account_manager, fallback: desk}
+    priority: high
+    ack_within: 2h
+    act_within: 24h
+    context: [context.arr, context.renewal_date]
+  - name: churn-watch
+    when:
+      score: {gte: 0.5}
+    owner: alice
+    holdout: 0.5
+  - name: catch-all
+    when: {}
+    owner: analytics
+    action: record
+"""
+
+
+@pytest.fixture(scope="module")
+def ruleset(tmp_path_factory: pytest.TempPathFactory) -> RuleSet:
+    rules_dir: Path = tmp_path_factory.mktemp("explain") / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "routing.yaml").write_text(ROUTING)
+    (rules_dir / "owners.yaml").write_text(OWNERS)
+    return load_rules(rules_dir)
+
+
+def prediction(score: float = 0.9, entity_id: str = "acct-1", **context: Any) -> Prediction:
+    return Prediction(
+        prediction_id="p-1", model="churn", model_version="1", entity_type="account", entity_id=entity_id,
+        score=score, predicted_at=NOW - timedelta(hours=1), context=context,
+    )
+
+
+def entity_with(holdout: bool) -> str:
+    """An entity id that is (or is not) in churn-watch's 50% control group."""
+    return next(f"acct-{n}" for n in range(1000) if in_holdout("churn-watch", "account", f"acct-{n}", 0.5) is holdout)
+
+
+def test_every_field_of_a_match(ruleset: RuleSet) -> None:
+    result = explain(prediction(arr=900000, account_manager="alice"), ruleset, now=NOW)
+    assert result.prediction_id == "p-1" and result.rules_version == ruleset.version
+    assert result.rules == ["big-account-copy", "churn-high"]
+    assert result.owners == ["carol", "alice"]
+    assert result.matches[0].as_dict() == {
+        "rule": "big-account-copy",
+        "rule_index": 0,
+        "owner": "carol",
+        "owner_source": "delegate",
+        "owner_why": "delegate for away owner bob (static)",
+        "owner_field": None,
+        "fallback_reason": None,
+        "delegated_from": "bob",
+        "priority": "normal",
+        "action": "alert",
+        "held_out": False,
+        "treatment": "treated",
+        "cooldown": "1w",
+        "cooldown_note": COOLDOWN_NOTE,
+        "ack_within": "1d",
+        "act_within": "5d",
+        "ack_by": "2026-11-26T12:00:00+00:00",
+        "act_by": "2026-11-30T12:00:00+00:00",
+        "context": {},
+        "missing_context": [],
+    }
+    high = result.matches[1]
+    assert (high.owner, high.owner_source, high.owner_why, high.owner_field) == (
+        "alice", "field", "from field context.account_manager", "context.account_manager"
+    )
+    assert (high.priority, high.cooldown, high.ack_by, high.act_by) == ("high", None, NOW + timedelta(hours=2), NOW + timedelta(days=1))
+    assert high.context == {"context.arr": 900000} and high.missing_context == ("context.renewal_date",)
+    assert high.as_dict()["cooldown_note"] is None
+
+
+def test_owner_back_from_leave_is_not_delegated(ruleset: RuleSet) -> None:
+    back = datetime(2027, 1, 1, tzinfo=timezone.utc)
+    match = explain(prediction(arr=900000, account_manager="alice"), ruleset, now=back).matches[0]
+    assert (match.owner, match.owner_source, match.owner_why, match.delegated_from) == ("bob", "static", "static", None)
+
+
+@pytest.mark.parametrize(
+    ("context", "owner", "why"),
+    [
+        ({}, "desk", "fallback: context.account_manager missing"),
+        ({"account_manager": "zed"}, "desk", "fallback: owner 'zed' not in directory"),
+        ({"account_manager": "bob"}, "carol", "delegate for away owner bob (from field context.account_manager)"),
+    ],
+    ids=["missing", "unknown", "field-owner-away"],
+)
+def test_owner_reasons(ruleset: RuleSet, context: dict[str, Any], owner: str, why: str) -> None:
+    (match,) = explain(prediction(**context), ruleset, now=NOW).matches
+    assert (match.owner, match.owner_why) == (owner, why)
+
+
+def test_treated_control_and_record(ruleset: RuleSet) -> None:
+    (control,) = explain(prediction(0.6, entity_with(holdout=True)), ruleset, now=NOW).matches
+    (treated,) = explain(prediction(0.6, entity_with(holdout=False)), ruleset, now=NOW).matches
+    (record,) = explain(prediction(0.1), ruleset, now=NOW).matches
+    assert (control.rule, control.held_out, control.treatment) == ("churn-watch", True, "control")
+    assert (treated.rule, treated.held_out, treated.treatment) == ("churn-watch", False, "treated")
+    assert (record.rule, record.action, record.treatment) == ("catch-all", "record", "record")
+
+
+def test_expectations_compare_sets(ruleset: RuleSet) -> None:
+    result = explain(prediction(arr=900000, account_manager="alice"), ruleset, now=NOW)
+    assert mismatches(result, rules=["churn-high", "big-account-copy"], owners=["alice", "carol"]) == []
+    assert mismatches(result, rules=[], owners=[]) == []
+    assert mismatches(result, rules=["churn-high"], owners=["bob"]) == [
+        "p-1: expected rules churn-high; got big-account-copy, churn-high",
+        "p-1: expected owners bob; got carol, alice",
+    ]
+    assert split_expectations(["a,b", " c ", "", "d,"]) == ["a", "b", "c", "d"]
+    assert split_expectations(None) == []
+
+
+def line(pid: str, **extra: Any) -> str:
+    return json.dumps({
+        "prediction_id": pid, "model": "churn", "model_version": "1", "entity_type": "account",
+        "entity_id": f"acct-{pid}", "score": 0.9, "predicted_at": "2020-01-01T00:00:00Z", **extra,
+    })
+
+
+def test_parse_inputs_object_lines_and_array() -> None:
+    pretty = json.dumps(json.loads(line("a")), indent=2)  # one object over several lines
+    assert [(c.source, c.prediction.prediction_id) for c in parse_inputs(pretty, "f.json")] == [("f.json", "a")]
+    lines = line("a") + "\n\n" + line("b", score=7) + "\n{oops\n"
+    cases = parse_inputs(lines, "f.jsonl")
+    assert [c.source for c in cases] == ["f.jsonl:1", "f.jsonl:3", "f.jsonl:4"]
+    assert cases[0].prediction is not None and cases[0].rejection is None
+    assert [c.rejection.reason.value for c in cases[1:]] == ["score_out_of_range", "invalid_json"]
+    array = "[" + line("a") + "," + line("b") + "]"
+    assert [(c.source, c.prediction.prediction_id) for c in parse_inputs(array, "stdin")] == [("stdin[1]", "a"), ("stdin[2]", "b")]
+
+
+def test_parse_inputs_applies_the_publish_gate_but_not_age() -> None:
+    # 2020 is years old: the gate's age check does not apply, as for `publish`.
+    (old,) = parse_inputs(line("a"), "argument")
+    assert old.prediction is not None and old.prediction.prediction_id == "a"
+    (unknown,) = parse_inputs(line("a", colour="red"), "argument")
+    assert unknown.rejection is not None and unknown.rejection.reason.value == "schema"
+    assert "colour" in unknown.rejection.detail
+    (empty,) = parse_inputs("", "stdin")
+    assert empty.rejection is not None and empty.rejection.reason.value == "invalid_json"
+
+
+def test_run_cases_document_and_exit_codes(ruleset: RuleSet) -> None:
+    good = parse_inputs(line("a", context={"account_manager": "alice"}), "argument")
+    results = run_cases(good, ruleset, now=NOW, rules=["churn-high"], owners=["alice"])
+    assert exit_code(results) == 0
+    document = as_document(results, ruleset, now=NOW, rules=["churn-high"], owners=["alice"])
+    assert document["rules_version"] == ruleset.version and document["now"] == "2026-11-25T12:00:00+00:00"
+    assert document["expect"] == {"rules": ["churn-high"], "owners": ["alice"]}
+    (entry,) = document["predictions"]
+    assert {k: v for k, v in entry.items() if k != "matches"} == {
+        "source": "argument", "valid": True, "prediction_id": "a", "expectations_met": True, "mismatches": [],
+    }
+    assert [m["rule"] for m in entry["matches"]] == ["churn-high"]
+    json.dumps(document)  # serialisable as is
+
+    wrong = run_cases(good, ruleset, now=NOW, owners=["desk"])
+    assert exit_code(wrong) == 1 and wrong[0].mismatches == ("a: expected owners desk; got alice",)
+    bad = run_cases(parse_inputs(line("a") + "\n" + line("b", score=-1), "f"), ruleset, now=NOW, owners=["desk"])
+    assert exit_code(bad) == 2
+    assert bad[1].as_dict() == {
+        "source": "f:2", "valid": False,
+        "rejection": {"reason": "score_out_of_range", "detail": "score -1.0 is outside 0..1"},
+    }
