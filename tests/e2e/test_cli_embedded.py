@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -220,3 +221,44 @@ def test_errors_do_not_show_passwords(workdir, env) -> None:
     result = run(["health"], {**env, "DECISION_ROUTER_REDIS_URL": f"redis://:hunter2@127.0.0.1:{port}/0"}, workdir)
     assert result.returncode == 1
     assert "hunter2" not in result.stderr and "redis://:***@127.0.0.1" in result.stderr
+
+
+def test_sighup_reloads_rules_and_a_bad_edit_keeps_the_old_ones(workdir, env) -> None:
+    env = {**env, "DECISION_ROUTER_RULES_POLL_INTERVAL": "0"}  # only SIGHUP, no polling
+    process = subprocess.Popen(CLI + ["serve"], env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in process.stderr), daemon=True)
+    reader.start()
+    client = redis.Redis(port=int(env["DECISION_ROUTER_EMBEDDED_PORT"]), decode_responses=True)
+
+    def logged(name: str) -> list[dict]:
+        return [e for e in list(events) if e["event"] == name]
+
+    try:
+        wait_for(lambda: bool(logged("router started")), what="serve to start")
+        routing = workdir / "rules" / "routing.yaml"
+        original = routing.read_text()
+        routing.write_text(original.replace("owner: smb-desk", "owner: nobody-here", 1))
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: bool(logged("rules reload rejected")), what="the bad edit to be refused")
+        routing.write_text(original.replace("priority: critical", "priority: high", 1))
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: bool(logged("rules reloaded")), what="the good edit to be loaded")
+        client.xadd("predictions", {"data": prediction_line("r1")})
+        wait_for(lambda: client.xlen("alerts:alice-moreau") == 1, what="routing after the reload")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+        reader.join(timeout=5)
+        client.close()
+    started = logged("router started")[0]
+    assert "nobody-here" in logged("rules reload rejected")[0]["problem"]
+    (reloaded,) = logged("rules reloaded")
+    assert reloaded["previous"] == started["rules_version"] and reloaded["rules_version"] != started["rules_version"]
+
+
+def _exists(client: redis.Redis, key: str) -> bool:
+    try:
+        return client.exists(key) == 1
+    except redis.ConnectionError:
+        return False
