@@ -23,6 +23,7 @@ from sqlmodel import Session
 from decision_router import tracker
 from decision_router.contracts import Alert, OutcomeEvent, OutcomeType, Prediction, Rejection, RejectionReason
 from decision_router.delivery import INBOX, inbox_writes
+from decision_router.durations import format_duration
 from decision_router.keys import Keys
 from decision_router.quality import RawEntry, check_outcome, check_prediction, original_payload
 from decision_router.router import Decision, route
@@ -287,7 +288,9 @@ class Pipeline:
                 if tracker.already_applied(session, source_id):
                     result.redelivered += 1
                     continue
-                alerts = tracker.find_alerts(session, item)
+                alerts = tracker.find_alerts(
+                    session, item, now=now, outcome_window=self.settings.outcome_window
+                )
                 reason, detail = self._outcome_problem(item, alerts)
                 if reason is not None:
                     rejections.append(
@@ -318,7 +321,11 @@ class Pipeline:
                 return RejectionReason.UNKNOWN_ALERT, f"no alert {event.alert_id}"
             if event.prediction_id is not None:
                 return RejectionReason.UNKNOWN_ALERT, f"no alert for prediction {event.prediction_id}"
-            return RejectionReason.UNKNOWN_ALERT, f"no open alert for {event.entity_type}:{event.entity_id}"
+            return (
+                RejectionReason.UNKNOWN_ALERT,
+                f"no open alert for {event.entity_type}:{event.entity_id} predicted within the outcome window "
+                f"({format_duration(self.settings.outcome_window)}) before the event",
+            )
         if event.type is OutcomeType.REASSIGNED and event.owner not in self.ruleset.owners:
             return RejectionReason.UNKNOWN_OWNER, f"owner {event.owner!r} is not in the owner directory"
         return None, ""

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_prediction_age: timedelta = timedelta(days=1)
     max_clock_skew: timedelta = timedelta(minutes=5)
 
+    # An outcome addressed by entity applies to predictions made this long before it.
+    outcome_window: timedelta = timedelta(days=30)
+
     # Stream names are prefixed so several deployments (or tests) can share one Redis.
     stream_prefix: str = ""
     consumer_group: str = "decision-router"
@@ -54,6 +57,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "max_prediction_age", "max_clock_skew", "claim_idle", "dedupe_ttl", "sweep_interval", "rules_poll_interval",
+        "outcome_window",
         mode="before",
     )
     @classmethod

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from decision_router.contracts import Alert, Escalation, OutcomeEvent, OutcomeType, Prediction, Rejection
+from decision_router.contracts import (
+    Alert,
+    Escalation,
+    OutcomeEvent,
+    OutcomeType,
+    Prediction,
+    Rejection,
+)
 from decision_router.router import Decision
-from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord, RejectionRecord, as_utc
+from decision_router.tables import (
+    AlertRecord,
+    AuditEvent,
+    PredictionRecord,
+    RejectionRecord,
+    as_utc,
+)
 
 SYSTEM_ACTOR = "decision-router"
 
@@ -248,18 +261,24 @@ def to_alert(record: AlertRecord, escalation: Escalation | None = None) -> Alert
     )
 
 
-def find_alerts(session: Session, event: OutcomeEvent) -> list[AlertRecord]:
-    """The alerts an outcome event addresses; by entity, only the open ones."""
+def find_alerts(
+    session: Session, event: OutcomeEvent, *, now: datetime, outcome_window: timedelta
+) -> list[AlertRecord]:
+    """The alerts an outcome event addresses. By entity: the open ones (control records
+    included) whose prediction was made within `outcome_window` before the event."""
     query = select(AlertRecord)
     if event.alert_id is not None:
         query = query.where(AlertRecord.alert_id == event.alert_id)
     elif event.prediction_id is not None:
         query = query.where(AlertRecord.prediction_id == event.prediction_id)
     else:
+        at = event.at or now
         query = query.where(
             AlertRecord.entity_type == event.entity_type,
             AlertRecord.entity_id == event.entity_id,
             AlertRecord.status == "open",
+            AlertRecord.predicted_at >= at - outcome_window,
+            AlertRecord.predicted_at <= at,
         )
     return list(session.scalars(query.order_by(AlertRecord.created_at)))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
@@ -129,3 +129,21 @@ async def test_reassigned_alert_reaches_the_new_owner(service, r, engine) -> Non
         detail = session.scalar(select(AuditEvent.detail).where(AuditEvent.type == "reassigned"))
     assert detail["from_owner"] == "alice-moreau" and detail["to_owner"] == "benoit-garnier" and detail["note"] == "holiday"
     assert r.xlen(keys.inbox("alice-moreau")) == 2  # o1 and o2; nothing new for alice
+
+
+async def test_entity_outcomes_apply_within_the_outcome_window_only(service, r, engine) -> None:
+    keys = service.keys
+    await route_three(service, r, engine)
+    window = service.pipeline.settings.outcome_window
+    late = datetime.now(timezone.utc) + window + timedelta(hours=1)
+    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o1", "type": "outcome", "result": "success",
+                           "actor": "crm", "at": late.isoformat()})
+    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o2", "type": "outcome", "result": "failure",
+                           "actor": "crm", "at": (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()})
+    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o3", "type": "outcome", "result": "success", "actor": "crm"})
+    await wait_until(lambda: r.xlen(keys.outcomes_dlq) == 2, what="two outcomes outside the window")
+    details = [fields["detail"] for _, fields in r.xrange(keys.outcomes_dlq)]
+    assert "acct-o1" in details[0] and "outcome window (30d)" in details[0]
+    assert "acct-o2" in details[1]  # reported as before the prediction was made
+    await wait_until(lambda: count(engine, AlertRecord, AlertRecord.status == "closed") == 1, what="the one in the window")
+    assert alert_row(engine, alert_id_for("o3", "enterprise-churn-risk")).outcome == "success"
