@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
-import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +13,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from decision_router.contracts import OutcomeEvent
 from decision_router.durations import parse_duration
@@ -112,6 +108,8 @@ def demo(
         result = asyncio.run(run_demo(settings, predictions=predictions, seed=seed, database_url=database, console=out))
     except RulesInvalid as exc:
         fail(f"the rules in {settings.rules_dir} are invalid:\n{exc}")
+    from decision_router.cli_stats import print_stats
+
     print_stats(result.rows, result.by, "table")
 
 
@@ -223,7 +221,7 @@ def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> 
     out.print(f"recorded {event.type.value} on {stream} as entry {entry_id}")
 
 
-# stats ---------------------------------------------------------------------------------
+# shared by the stats and governance commands ----------------------------------------------
 
 
 def _since(value: Optional[str]) -> Optional[datetime]:
@@ -241,93 +239,6 @@ def _since(value: Optional[str]) -> Optional[datetime]:
         return utc(datetime.fromisoformat(value))
     except ValueError:
         fail(f"expected a duration like 7d or an ISO date like 2026-11-01, not {value!r}", code=2)
-
-
-def _format_value(column: str, value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if column.endswith("_s"):
-        hours = value / 3600
-        return f"{hours:.1f}h" if hours >= 1 else f"{value / 60:.0f}m"
-    if column.endswith("_rate"):
-        return f"{value:.0%}"
-    if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) < 1_000 else f"{value:,.0f}"
-    return str(value)
-
-
-# Terminal tables are narrow; JSON and CSV keep the full names.
-SHORT_HEADERS = {
-    "acknowledged": "acked",
-    "intervened": "acted",
-    "successes": "success",
-    "failures": "failure",
-    "suppressed": "suppr.",
-    "intervention_rate": "act rate",
-    "success_rate": "success rate",
-    "median_time_to_act_s": "median to act",
-    "escalations": "escal.",
-    "sla_breaches": "breaches",
-}
-
-
-def print_stats(rows: list[Any], by: Any, fmt: str) -> None:
-    dicts = [row.as_dict(by) for row in rows]
-    if fmt == "json":
-        sys.stdout.write(json.dumps(dicts, indent=2) + "\n")
-    elif fmt == "csv":
-        buffer = io.StringIO()
-        columns = list(dicts[0]) if dicts else [by.value]
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(dicts)
-        sys.stdout.write(buffer.getvalue())
-    else:
-        table = Table(title=f"intervention outcomes by {by.value}", title_justify="left")
-        columns = list(dicts[0]) if dicts else [by.value]
-        for column in columns:
-            header = SHORT_HEADERS.get(column, column.removesuffix("_s").replace("_", " "))
-            table.add_column(header, justify="left" if column == by.value else "right", no_wrap=column == by.value)
-        for row in dicts:
-            table.add_row(*(_format_value(c, row[c]) for c in columns))
-        out.print(table)
-        if not dicts:
-            out.print("no alerts in this window yet")
-        else:
-            out.print("n/a: no data for that rate (for example, no alert with an outcome yet)", style="dim")
-
-
-@app.command()
-def stats(
-    by: Annotated[str, typer.Option(help="Group by rule, owner or model.")] = "rule",
-    fmt: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
-    since: Annotated[Optional[str], typer.Option(help="Only alerts created since: 7d, 24h or an ISO date.")] = None,
-    until: Annotated[Optional[str], typer.Option(help="Only alerts created before: a duration ago or an ISO date.")] = None,
-) -> None:
-    """Routed, acknowledged, intervened, successes and rates per rule, owner or model."""
-    from sqlalchemy.exc import SQLAlchemyError
-    from sqlmodel import Session
-
-    from decision_router.stats import GroupBy, compute_stats
-    from decision_router.store import create_schema, make_engine
-
-    try:
-        group = GroupBy(by)
-    except ValueError:
-        fail(f"--by must be one of {', '.join(g.value for g in GroupBy)}, not {by!r}", code=2)
-    if fmt not in ("table", "json", "csv"):
-        fail(f"--format must be table, json or csv, not {fmt!r}", code=2)
-    settings = settings_or_exit()
-    engine = make_engine(settings.database_url)
-    try:
-        create_schema(engine)
-        with Session(engine) as session:
-            rows = compute_stats(session, by=group, since=_since(since), until=_since(until))
-    except SQLAlchemyError as exc:
-        fail(f"cannot read the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
-    finally:
-        engine.dispose()
-    print_stats(rows, group, fmt)
 
 
 # rules / health ------------------------------------------------------------------------
@@ -386,7 +297,13 @@ def health() -> None:
 
 
 # audit, reassign, rules test, rules replay: defined in cli_governance.py on `app` and `rules_app`.
-from decision_router import cli_governance  # noqa: F401
+from decision_router import cli_delivery, cli_governance  # noqa: F401
+
+# stats, stats quality, stats model: the `stats` group (cli_stats.stats_app), added to `app` there.
+from decision_router import cli_stats  # noqa: F401
+
+# stats drift: defined in cli_drift.py on the `stats` group.
+from decision_router import cli_drift  # noqa: F401
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -164,3 +164,44 @@ class Rejection(BaseModel):
     source_stream: str
     source_id: str | None = None
     payload: str  # the original entry, as JSON text of its fields
+
+
+class DataQualityWindow(BaseModel):
+    """The periods a data-quality figure compares: reference (a version's first days, or a
+    pinned baseline version's) against recent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference_version: str
+    reference_from: AwareDatetime | None = None  # None: no reference data (then nothing is flagged)
+    reference_to: AwareDatetime | None = None
+    recent_from: AwareDatetime
+    recent_to: AwareDatetime
+
+
+class DataQualityAlert(BaseModel):
+    """What a model's owner receives on `alerts:<owner_id>` when its data drifts or its quality
+    drops: one `data` field holding this JSON (plus a `kind: data_quality` field on the entry,
+    so readers tell it from an `Alert`, which has no `kind`).
+
+    `alert_id` derives from (model, model_version, metric, day): at most one per metric and day.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["data_quality"] = "data_quality"
+    alert_id: str
+    model: str
+    model_version: str  # "*" for model-level figures (rejection_rate)
+    metric: str  # score | feature:<name> | rejection_rate | missing_context_rate
+    value: float | None  # PSI for score and features; the recent rate for rates
+    threshold: float | None  # PSI threshold; for rates the lowest recent rate that is flagged
+    reference_value: float | None = None  # rates: the reference rate
+    p_value: float | None = None  # rates: one-sided Fisher p-value
+    alpha: float | None = None  # false-alarm rate this metric was tested at
+    n_reference: int
+    n_recent: int
+    window: DataQualityWindow
+    owner: str | None
+    created_at: AwareDatetime
+    detail: str

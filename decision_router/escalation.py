@@ -18,9 +18,10 @@ import structlog
 from sqlalchemy import and_, or_, select, update
 from sqlmodel import Session
 
-from decision_router.contracts import Escalation
+from decision_router.contracts import Alert, Escalation
 from decision_router.durations import format_duration
 from decision_router.keys import Keys
+from decision_router.notify import queue_deliveries
 from decision_router.pipeline import Pipeline
 from decision_router.rules import Owner
 from decision_router.streams import StreamWrite, xadd_once
@@ -125,7 +126,7 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
     return "escalated" if manager else "breached"
 
 
-def escalation_writes(session: Session, keys: Keys, *, limit: int = 500) -> list[tuple[int, StreamWrite]]:
+def escalation_writes(session: Session, keys: Keys, *, limit: int = 500) -> list[tuple[int, StreamWrite, Alert]]:
     """The escalation outbox: copies for managers not yet written to their inboxes."""
     rows = session.execute(
         select(EscalationRecord, AlertRecord)
@@ -155,6 +156,7 @@ def escalation_writes(session: Session, keys: Keys, *, limit: int = 500) -> list
                     fields={"data": alert.model_dump_json()},
                     dedupe_key=keys.dedupe(f"alert:{record.alert_id}:escalation:{step.level}"),
                 ),
+                alert,
             )
         )
     return writes
@@ -198,21 +200,30 @@ class EscalationSweeper:
             pending = await asyncio.to_thread(self._pending, keys)
             if not pending:
                 return delivered
-            await xadd_once(self.pipeline.redis, [w for _, w in pending], ttl=self.pipeline.settings.dedupe_ttl)
-            await asyncio.to_thread(self._mark_delivered, [i for i, _ in pending])
+            await xadd_once(self.pipeline.redis, [w for _, w, _ in pending], ttl=self.pipeline.settings.dedupe_ttl)
+            await asyncio.to_thread(self._mark_delivered, {i: alert for i, _, alert in pending})
             delivered += len(pending)
+            if self.pipeline.channels is not None:
+                await self.pipeline.channels.pump()
 
-    def _pending(self, keys: Keys) -> list[tuple[int, StreamWrite]]:
+    def _pending(self, keys: Keys) -> list[tuple[int, StreamWrite, Alert]]:
         with Session(self.pipeline.engine) as session:
             return escalation_writes(session, keys)
 
-    def _mark_delivered(self, ids: list[int]) -> None:
+    def _mark_delivered(self, copies: dict[int, Alert]) -> None:
         now = self.pipeline.clock()
+        channels = self.pipeline.channels
         with Session(self.pipeline.engine) as session:
-            for step in session.scalars(select(EscalationRecord).where(EscalationRecord.id.in_(ids))):
+            for step in session.scalars(select(EscalationRecord).where(EscalationRecord.id.in_(list(copies)))):
                 if step.delivered_at is not None:
                     continue
                 step.delivered_at = now
+                if channels is not None:
+                    # The manager gets the escalated copy on their own channels too.
+                    queue_deliveries(
+                        session, alert=copies[step.id], recipient=step.to_owner,
+                        channels=channels.channels_for(step.to_owner), now=now,
+                    )
                 session.add(step)
                 session.add(
                     AuditEvent(

@@ -27,6 +27,10 @@ class Keys:
     def outcomes_dlq(self) -> str:
         return f"{self.prefix}outcomes:dlq"
 
+    @property
+    def deliveries_dlq(self) -> str:
+        return f"{self.prefix}deliveries:dlq"
+
     def inbox(self, owner_id: str) -> str:
         return f"{self.prefix}alerts:{owner_id}"
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any, Protocol
 
 import structlog
 from redis.asyncio import Redis
@@ -25,6 +26,7 @@ from decision_router.contracts import Alert, OutcomeEvent, OutcomeType, Predicti
 from decision_router.delivery import INBOX, inbox_writes
 from decision_router.durations import format_duration
 from decision_router.keys import Keys
+from decision_router.notify import ChannelDelivery, queue_deliveries
 from decision_router.quality import RawEntry, check_outcome, check_prediction, original_payload
 from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
@@ -34,6 +36,10 @@ from decision_router.streams import StreamWrite, xadd_once
 log = structlog.get_logger("decision_router.pipeline")
 
 Entry = tuple[str | None, RawEntry]  # (stream entry id, fields)
+
+
+class Enricher(Protocol):
+    async def lookup(self, predictions: Sequence[Prediction]) -> Mapping[str, dict[str, Any]]: ...
 Clock = Callable[[], datetime]
 
 
@@ -83,6 +89,10 @@ class Pipeline:
         self.redis = redis
         self.clock = clock
         self.keys = Keys(settings.stream_prefix)
+        # Webhook and email delivery after the inbox (see notify.py); optional.
+        self.channels: ChannelDelivery | None = None
+        # Looks up extra context per prediction before routing (see enrich.py); optional.
+        self.enricher: Enricher | None = None
 
     # predictions ------------------------------------------------------------------
 
@@ -91,12 +101,13 @@ class Pipeline:
         checked = [
             (entry_id, fields, self._check(entry_id, fields, now)) for entry_id, fields in entries
         ]
+        lookups = await self._lookups([item for _, _, item in checked if isinstance(item, Prediction)])
         try:
-            result, rejections, batch_ids = await asyncio.to_thread(self._store_predictions, checked, now)
+            result, rejections, batch_ids = await asyncio.to_thread(self._store_predictions, checked, now, lookups)
         except IntegrityError:
             # Another worker stored one of these prediction ids between our read and commit;
             # a second pass sees its row and treats ours as a duplicate.
-            result, rejections, batch_ids = await asyncio.to_thread(self._store_predictions, checked, now)
+            result, rejections, batch_ids = await asyncio.to_thread(self._store_predictions, checked, now, lookups)
         await xadd_once(
             self.redis,
             dlq_writes(rejections, stream=self.keys.predictions_dlq, keys=self.keys),
@@ -152,8 +163,17 @@ class Pipeline:
             source_id=entry_id,
         )
 
+    async def _lookups(self, predictions: Sequence[Prediction]) -> Mapping[str, dict[str, Any]]:
+        """Context looked up at routing time (prediction_id -> {source: {field: value}})."""
+        if self.enricher is None or not predictions:
+            return {}
+        return await self.enricher.lookup(predictions)
+
     def _store_predictions(
-        self, checked: Sequence[tuple[str | None, RawEntry, Prediction | Rejection]], now: datetime
+        self,
+        checked: Sequence[tuple[str | None, RawEntry, Prediction | Rejection]],
+        now: datetime,
+        lookups: Mapping[str, dict[str, Any]],
     ) -> tuple[BatchResult, list[Rejection], list[str]]:
         result = BatchResult()
         rejections: list[Rejection] = []
@@ -187,7 +207,11 @@ class Pipeline:
                     continue
                 known[pid] = entry_id
                 ruleset = self.ruleset  # one rule set per prediction, even across a hot reload
-                decisions = route(item.as_document(), ruleset, now=now)
+                document = item.as_document()
+                if item.prediction_id in lookups:
+                    # Looked-up context is addressed as lookup.<source>.<field> in rules.
+                    document["lookup"] = lookups[item.prediction_id]
+                decisions = route(document, ruleset, now=now)
                 records = tracker.record_prediction(
                     session,
                     prediction=item,
@@ -230,8 +254,10 @@ class Pipeline:
             if not alerts:
                 return delivered
             await xadd_once(self.redis, inbox_writes(alerts, self.keys), ttl=self.settings.dedupe_ttl)
-            await asyncio.to_thread(self._mark_delivered, [a.alert_id for a in alerts])
+            await asyncio.to_thread(self._mark_delivered, alerts)
             delivered += len(alerts)
+            if self.channels is not None:
+                await self.channels.pump()
             if prediction_ids is not None:
                 return delivered
 
@@ -239,9 +265,15 @@ class Pipeline:
         with Session(self.engine) as session:
             return [tracker.to_alert(r) for r in tracker.undelivered_alerts(session, prediction_ids=prediction_ids)]
 
-    def _mark_delivered(self, alert_ids: list[str]) -> None:
+    def _mark_delivered(self, alerts: list[Alert]) -> None:
+        now = self.clock()
         with Session(self.engine) as session:
-            tracker.mark_delivered(session, alert_ids, channel=INBOX, now=self.clock())
+            newly = set(tracker.mark_delivered(session, [a.alert_id for a in alerts], channel=INBOX, now=now))
+            if self.channels is not None:
+                for alert in alerts:
+                    if alert.alert_id in newly:
+                        channels = self.channels.channels_for(alert.owner)
+                        queue_deliveries(session, alert=alert, recipient=alert.owner, channels=channels, now=now)
             session.commit()
 
     # outcomes ---------------------------------------------------------------------

@@ -19,7 +19,10 @@ from redis.exceptions import ResponseError
 from sqlalchemy.engine import Engine
 
 from decision_router.embedded import EmbeddedRedis
+from decision_router.enrich import build_enricher
 from decision_router.escalation import EscalationSweeper
+from decision_router.monitor import DataQualityMonitor
+from decision_router.notify import ChannelDelivery
 from decision_router.pipeline import BatchResult, Clock, Entry, Pipeline, utcnow
 from decision_router.rules import RuleSet, load_rules
 from decision_router.rules.watch import RulesWatcher
@@ -53,6 +56,7 @@ class RouterService:
     def __init__(self, pipeline: Pipeline, watcher: RulesWatcher | None = None) -> None:
         self.pipeline = pipeline
         self.sweeper = EscalationSweeper(pipeline)
+        self.monitor = DataQualityMonitor(pipeline)
         self.watcher = watcher
         settings = pipeline.settings
         self.keys = pipeline.keys
@@ -96,6 +100,11 @@ class RouterService:
         settings = self.pipeline.settings
         self._every("reclaim", max(0.05, settings.claim_idle.total_seconds() / 2), self.reclaim_once)
         self._every("escalate", settings.sweep_interval.total_seconds(), self.sweeper.sweep_once)
+        if settings.drift_interval.total_seconds() > 0:
+            self._every("drift", settings.drift_interval.total_seconds(), self.monitor.check_once)
+        if self.pipeline.channels is not None:
+            # Pending channel deliveries left by a crash, or queued by another path.
+            self._every("channels", 1.0, self.pipeline.channels.pump)
         if self.watcher is not None and settings.rules_poll_interval.total_seconds() > 0:
             self._every("rules", settings.rules_poll_interval.total_seconds(), self.check_rules)
         log.info(
@@ -114,6 +123,9 @@ class RouterService:
         self._stopping.set()
         await asyncio.gather(*self._tasks)
         await self.broker.stop()
+        if self.pipeline.channels is not None:
+            # Unfinished channel deliveries stay pending in the store for the next start.
+            await self.pipeline.channels.close()
 
     async def check_rules(self, *, force: bool = False) -> None:
         """Swap in changed rule files if they are valid; a bad file keeps the old rules."""
@@ -178,6 +190,9 @@ async def running_service(
     """Start one worker against settings.effective_redis_url; stop it cleanly on exit."""
     redis = Redis.from_url(settings.effective_redis_url)
     pipeline = Pipeline(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=clock)
+    # Reads pipeline.ruleset per batch, so a hot reload's context_sources apply at once.
+    pipeline.enricher = enricher = build_enricher(lambda: pipeline.ruleset, redis=redis, engine=engine, keys=pipeline.keys)
+    pipeline.channels = ChannelDelivery(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=clock)
     service = RouterService(pipeline, RulesWatcher(settings.rules_dir, ruleset) if watch_rules else None)
     try:
         await service.start()
@@ -185,6 +200,7 @@ async def running_service(
     finally:
         await service.stop()
         await redis.aclose()
+        enricher.close()
 
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from decision_router.durations import parse_duration
@@ -46,8 +46,20 @@ class Settings(BaseSettings):
     sweep_interval: timedelta = timedelta(seconds=30)
     # How often `serve` checks the rule files for changes (0 = only on SIGHUP).
     rules_poll_interval: timedelta = timedelta(seconds=5)
+    # How often each worker checks models for drift and data-quality jumps (0 = never).
+    drift_interval: timedelta = timedelta(hours=1)
     # How long the Redis dedupe markers for written alerts and DLQ entries live.
     dedupe_ttl: timedelta = timedelta(days=7)
+
+    # SMTP for the email channel; unset host = email deliveries are skipped (warned at start).
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_starttls: bool = False
+    smtp_use_tls: bool = False
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_password_file: Path | None = None
+    smtp_sender: str = "decision-router@localhost"
 
     embedded_host: str = "127.0.0.1"
     embedded_port: int = Field(default=6399, ge=1, le=65535)
@@ -57,7 +69,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "max_prediction_age", "max_clock_skew", "claim_idle", "dedupe_ttl", "sweep_interval", "rules_poll_interval",
-        "outcome_window",
+        "outcome_window", "drift_interval",
         mode="before",
     )
     @classmethod

@@ -1,39 +1,116 @@
-"""Intervention-outcome statistics, read from the alerts table.
+"""Intervention-outcome statistics, read from the tracker's tables.
 
-Definitions (also in the README):
+Three reports, each a pure read of the store (no Redis, no settings):
+- `compute_stats`: per rule, owner, model, model version, priority or ISO week: who acts,
+  how fast, treated vs control success, uplift with a fixed and an always-valid 95%
+  interval, and the sample ratio check of a rule's holdout.
+- `compute_quality`: accepted and rejected predictions per model and reason, fallback
+  owners, missing context.
+- `compute_model_precision`: model precision by score band, from the control group.
+
+Definitions (the README's "Stats" section is the user-facing version):
 - routed: alerts delivered to an owner (rule action `alert`); recorded: tracked only
   (action `record`); held_out: control records of a rule's holdout, not delivered;
   suppressed: matches inside a rule's cooldown, not delivered.
 - escalations: steps up the manager chain; sla_breaches: deadlines missed at the top.
-- intervention_rate = intervened / routed; success_rate = successes / (successes + failures),
-  over routed alerts with an outcome; median_time_to_act_s from alert creation to the
-  first `intervened` event. A rate with no denominator is null, never 0.
+- intervention_rate = intervened / routed; acknowledged_rate = acknowledged / routed;
+  success_rate = successes / (successes + failures), over routed alerts with an outcome.
+  Times run from alert creation to the first `acknowledged` / `intervened` event; medians
+  are the middle value (mean of the two middle ones for an even count), p90 the
+  nearest-rank 90th percentile (the smallest time that at least 90% of them do not exceed).
+- Uplift: treated success rate - control success rate (decision_router.uplift), where
+  treated are the routed alerts of rules that have a control group (intention to treat:
+  whether or not anyone intervened) and control are the held-out records; both counted
+  over records with an outcome. Null below uplift.MIN_N per group.
+A rate with no denominator is null, never 0. Every quantile and week key is computed here
+in Python from the rows, so SQLite and PostgreSQL give the same numbers.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections import defaultdict
-from dataclasses import asdict, dataclass
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import StrEnum
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from decision_router.tables import AlertRecord, as_utc
+from decision_router.tables import AlertRecord, PredictionRecord, RejectionRecord, as_utc
+from decision_router.uplift import (
+    DEFAULT_BAND_EDGES,
+    MIN_N,
+    PLANNED_N,
+    estimate_uplift,
+    sample_ratio_mismatch,
+    score_band_precision,
+)
+
+UNKNOWN_MODEL = "(unknown)"
+"""The model of a rejected prediction whose model could not be read."""
 
 
 class GroupBy(StrEnum):
     RULE = "rule"
     OWNER = "owner"
     MODEL = "model"
+    MODEL_VERSION = "model_version"  # per (model, model_version): a version string alone is ambiguous
+    PRIORITY = "priority"
+    WEEK = "week"  # ISO week of alert creation (UTC), e.g. "2026-W48"
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+
+def ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def nearest_rank(values: Sequence[float], q: float) -> float | None:
+    """The nearest-rank q-quantile: the ceil(q * n)-th smallest value; None when empty.
+
+    Always one of the observed values, so "p90 = 5h" reads as "90% were acted on within 5h".
+    """
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"q must be in (0, 1], got {q}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q * len(ordered) - 1e-9)) - 1]
+
+
+def iso_week(moment: datetime) -> str:
+    """ISO-8601 week of a UTC moment, e.g. 2026-11-23 -> "2026-W48" (ISO year, not calendar)."""
+    year, week, _ = as_utc(moment).isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+def _window(query: Any, column: Any, since: datetime | None, until: datetime | None) -> Any:
+    if since is not None:
+        query = query.where(column >= since)
+    if until is not None:
+        query = query.where(column < until)
+    return query
+
+
+# --- stats: one row per group --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class StatsRow:
+    """One group. Fields are the JSON/CSV columns in this order (after the group key)."""
+
     key: str
+    # Core loop (unchanged meaning).
     routed: int
     recorded: int
     held_out: int
@@ -47,18 +124,43 @@ class StatsRow:
     median_time_to_act_s: float | None
     escalations: int
     sla_breaches: int
+    # Accountability.
+    acknowledged_rate: float | None
+    median_time_to_ack_s: float | None
+    p90_time_to_ack_s: float | None
+    p90_time_to_act_s: float | None
+    # Treated vs control.
+    control_successes: int
+    control_failures: int
+    treated_n: int  # routed alerts with an outcome, of rules with a control group
+    control_n: int  # held-out records with an outcome
+    treated_success_rate: float | None
+    control_success_rate: float | None
+    uplift: float | None
+    uplift_ci_low: float | None  # fixed 95% (Newcombe): one read at a planned size
+    uplift_ci_high: float | None
+    uplift_seq_low: float | None  # always-valid 95%: for reading every day
+    uplift_seq_high: float | None
+    # Sample ratio check (rows whose routed and held-out decisions belong to one rule with a holdout).
+    srm_expected_fraction: float | None
+    srm_observed_fraction: float | None
+    srm_p_value: float | None
+    srm_mismatch: bool | None
+    # The named parts of `key`: (("rule", "x"),) or (("model", "churn"), ("model_version", "3")).
+    group: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
-    def as_dict(self, by: GroupBy) -> dict[str, Any]:
-        row = asdict(self)
-        return {by.value: row.pop("key"), **row}
+    def as_dict(self, by: GroupBy | str | None = None) -> dict[str, Any]:
+        """JSON/CSV form: the group column(s) first, then every statistic."""
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("key", "group")}
+        group = dict(self.group) if self.group else {GroupBy(by or GroupBy.RULE).value: self.key}
+        return {**group, **row}
 
 
-def ratio(numerator: int, denominator: int) -> float | None:
-    return numerator / denominator if denominator else None
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
+def stats_columns(by: GroupBy | str) -> list[str]:
+    """Every JSON/CSV column of `compute_stats` rows grouped `by`, in order."""
+    by = GroupBy(by)
+    keys = ["model", "model_version"] if by is GroupBy.MODEL_VERSION else [by.value]
+    return keys + [f.name for f in fields(StatsRow) if f.name not in ("key", "group")]
 
 
 @dataclass
@@ -73,11 +175,34 @@ class _Tally:
     failures: int = 0
     escalations: int = 0
     sla_breaches: int = 0
+    # Routed alerts of rules with a control group, and the control records.
+    treated_successes: int = 0
+    treated_failures: int = 0
+    control_successes: int = 0
+    control_failures: int = 0
+    times_to_ack: list[float] = field(default_factory=list)
+    times_to_act: list[float] = field(default_factory=list)
+    # Rules contributing routed or held-out decisions (for the sample ratio check).
+    rules: set[str] = field(default_factory=set)
 
-    def __post_init__(self) -> None:
-        self.times_to_act: list[float] = []
-
-    def row(self, key: str) -> StatsRow:
+    def row(
+        self, key: str, group: tuple[tuple[str, str], ...], holdouts: Mapping[str, float], *,
+        min_n: int, planned_n: int,
+    ) -> StatsRow:
+        treated_n = self.treated_successes + self.treated_failures
+        control_n = self.control_successes + self.control_failures
+        estimate = estimate_uplift(
+            self.treated_successes, treated_n, self.control_successes, control_n, min_n=min_n, planned_n=planned_n
+        )
+        srm_expected = srm_observed = srm_p = srm_mismatch = None
+        # The check is sound only where one holdout fraction applies to the whole row.
+        if len(self.rules) == 1:
+            (rule,) = self.rules
+            fraction = holdouts.get(rule, 0.0)
+            if 0.0 < fraction < 1.0:
+                srm = sample_ratio_mismatch(self.held_out, self.routed + self.held_out, fraction)
+                srm_expected, srm_observed = srm.expected_fraction, srm.observed_fraction
+                srm_p, srm_mismatch = srm.p_value, srm.mismatch
         return StatsRow(
             key=key,
             routed=self.routed,
@@ -93,54 +218,349 @@ class _Tally:
             median_time_to_act_s=median(self.times_to_act),
             escalations=self.escalations,
             sla_breaches=self.sla_breaches,
+            acknowledged_rate=ratio(self.acknowledged, self.routed),
+            median_time_to_ack_s=median(self.times_to_ack),
+            p90_time_to_ack_s=nearest_rank(self.times_to_ack, 0.9),
+            p90_time_to_act_s=nearest_rank(self.times_to_act, 0.9),
+            control_successes=self.control_successes,
+            control_failures=self.control_failures,
+            treated_n=treated_n,
+            control_n=control_n,
+            treated_success_rate=estimate.treated_rate,
+            control_success_rate=estimate.control_rate,
+            uplift=estimate.uplift,
+            uplift_ci_low=estimate.ci_low,
+            uplift_ci_high=estimate.ci_high,
+            uplift_seq_low=estimate.seq_low,
+            uplift_seq_high=estimate.seq_high,
+            srm_expected_fraction=srm_expected,
+            srm_observed_fraction=srm_observed,
+            srm_p_value=srm_p,
+            srm_mismatch=srm_mismatch,
+            group=group,
         )
 
 
+_STATS_COLUMNS = (
+    AlertRecord.rule,
+    AlertRecord.owner,
+    AlertRecord.model,
+    AlertRecord.model_version,
+    AlertRecord.priority,
+    AlertRecord.action,
+    AlertRecord.held_out,
+    AlertRecord.suppressed_by,
+    AlertRecord.created_at,
+    AlertRecord.acknowledged_at,
+    AlertRecord.intervened_at,
+    AlertRecord.outcome,
+    AlertRecord.escalation_level,
+    AlertRecord.ack_breached_at,
+    AlertRecord.act_breached_at,
+)
+
+
+def _group(by: GroupBy, record: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
+    if by is GroupBy.MODEL_VERSION:
+        parts = (("model", record.model), ("model_version", record.model_version))
+        return f"{record.model} {record.model_version}", parts
+    key = iso_week(record.created_at) if by is GroupBy.WEEK else getattr(record, by.value)
+    return key, ((by.value, key),)
+
+
 def compute_stats(
-    session: Session, *, by: GroupBy = GroupBy.RULE, since: datetime | None = None, until: datetime | None = None
+    session: Session,
+    *,
+    by: GroupBy | str = GroupBy.RULE,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    rule: str | None = None,
+    owner: str | None = None,
+    model: str | None = None,
+    holdouts: Mapping[str, float] | None = None,
+    min_n: int = MIN_N,
+    planned_n: int = PLANNED_N,
 ) -> list[StatsRow]:
-    """One row per group, sorted by routed (most first) then key."""
-    column = getattr(AlertRecord, by.value)
-    query = select(
-        column,
-        AlertRecord.action,
-        AlertRecord.held_out,
-        AlertRecord.suppressed_by,
-        AlertRecord.created_at,
-        AlertRecord.acknowledged_at,
-        AlertRecord.intervened_at,
-        AlertRecord.outcome,
-        AlertRecord.escalation_level,
-        AlertRecord.ack_breached_at,
-        AlertRecord.act_breached_at,
-    )
-    if since is not None:
-        query = query.where(AlertRecord.created_at >= since)
-    if until is not None:
-        query = query.where(AlertRecord.created_at < until)
+    """One row per group of the decisions created in [since, until) that match the filters.
+
+    `holdouts` maps rule name -> configured holdout fraction (CompiledRule.holdout). It
+    drives the sample ratio check, which runs only for rows whose routed and held-out
+    decisions all come from one rule with a holdout (every `--by rule` row; other rows can
+    mix rules with different fractions, and then the srm_* fields are null). A rule counts
+    as having a control group when its holdout is > 0 or it has held-out records in the
+    selection; only such rules' routed alerts are the treated group of the uplift.
+
+    Sorted by routed, recorded, held out (most first), then key; by week, oldest first.
+    """
+    by = GroupBy(by)
+    holdouts = dict(holdouts or {})
+    query = _window(select(*_STATS_COLUMNS), AlertRecord.created_at, since, until)
+    if rule is not None:
+        query = query.where(AlertRecord.rule == rule)
+    if owner is not None:
+        query = query.where(AlertRecord.owner == owner)
+    if model is not None:
+        query = query.where(AlertRecord.model == model)
+    records = session.execute(query).all()
+
+    controlled = {r.rule for r in records if r.held_out and not r.suppressed_by}
+    controlled |= {name for name, fraction in holdouts.items() if fraction > 0}
     tallies: dict[str, _Tally] = defaultdict(_Tally)
-    for (
-        key, action, held_out, suppressed_by, created_at, acknowledged_at, intervened_at, outcome,
-        escalation_level, ack_breached_at, act_breached_at,
-    ) in session.execute(query):
+    groups: dict[str, tuple[tuple[str, str], ...]] = {}
+    for r in records:
+        key, groups[key] = _group(by, r)
         tally = tallies[key]
-        if suppressed_by:
+        if r.suppressed_by:
             tally.suppressed += 1
             continue
-        if held_out:
+        if r.held_out:
             tally.held_out += 1
+            tally.rules.add(r.rule)
+            tally.control_successes += r.outcome == "success"
+            tally.control_failures += r.outcome == "failure"
             continue
-        if action != "alert":
+        if r.action != "alert":
             tally.recorded += 1
             continue
         tally.routed += 1
-        tally.escalations += escalation_level
-        tally.sla_breaches += (ack_breached_at is not None) + (act_breached_at is not None)
-        tally.acknowledged += acknowledged_at is not None
-        if intervened_at is not None:
+        tally.rules.add(r.rule)
+        tally.escalations += r.escalation_level
+        tally.sla_breaches += (r.ack_breached_at is not None) + (r.act_breached_at is not None)
+        created = as_utc(r.created_at)
+        if r.acknowledged_at is not None:
+            tally.acknowledged += 1
+            tally.times_to_ack.append((as_utc(r.acknowledged_at) - created).total_seconds())
+        if r.intervened_at is not None:
             tally.intervened += 1
-            tally.times_to_act.append((as_utc(intervened_at) - as_utc(created_at)).total_seconds())
-        tally.successes += outcome == "success"
-        tally.failures += outcome == "failure"
-    rows = [tally.row(key) for key, tally in tallies.items()]
+            tally.times_to_act.append((as_utc(r.intervened_at) - created).total_seconds())
+        tally.successes += r.outcome == "success"
+        tally.failures += r.outcome == "failure"
+        if r.rule in controlled:
+            tally.treated_successes += r.outcome == "success"
+            tally.treated_failures += r.outcome == "failure"
+    rows = [
+        tally.row(key, groups[key], holdouts, min_n=min_n, planned_n=planned_n) for key, tally in tallies.items()
+    ]
+    if by is GroupBy.WEEK:
+        return sorted(rows, key=lambda r: r.key)
     return sorted(rows, key=lambda r: (-r.routed, -r.recorded, -r.held_out, r.key))
+
+
+# --- stats quality: what the gate rejected, where owners and context were missing -----------
+
+
+@dataclass(frozen=True)
+class RejectionCount:
+    model: str  # UNKNOWN_MODEL when the rejected input had no readable model
+    reason: str
+    count: int
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    """Data quality of one model's predictions and decisions in the window."""
+
+    model: str
+    accepted: int  # predictions that passed the gate
+    rejected: int  # predictions the gate sent to the dead-letter stream
+    rejection_rate: float | None  # rejected / (accepted + rejected)
+    decisions: int  # routing decisions (alerts, records, control, suppressed)
+    fallback_owner: int  # decisions whose owner is a rule's fallback (owner_source "fallback")
+    fallback_owner_rate: float | None  # fallback_owner / decisions
+    missing_context: int  # decisions with at least one missing context field
+    missing_context_rate: float | None  # missing_context / decisions
+    missing_fields: tuple[tuple[str, int], ...]  # (field, decisions missing it), most frequent first
+    rejections: tuple[tuple[str, int], ...]  # (reason, count), most frequent first
+
+    def as_dict(self) -> dict[str, Any]:
+        row = {f.name: getattr(self, f.name) for f in fields(self)}
+        row["missing_fields"] = dict(self.missing_fields)
+        row["rejections"] = dict(self.rejections)
+        return row
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    models: list[QualityRow]
+    rejections: list[RejectionCount]  # predictions, per model and reason
+    outcome_rejections: list[tuple[str, int]]  # outcome events, per reason (they carry no model)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "models": [row.as_dict() for row in self.models],
+            "rejections": [{"model": r.model, "reason": r.reason, "count": r.count} for r in self.rejections],
+            "outcome_rejections": [{"reason": reason, "count": n} for reason, n in self.outcome_rejections],
+        }
+
+
+def _is_outcome_stream(stream: str) -> bool:
+    # Keys(prefix).outcomes is f"{prefix}outcomes"; predictions is f"{prefix}predictions".
+    return stream.endswith("outcomes")
+
+
+def _most_frequent(counts: Counter[str]) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def compute_quality(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None, model: str | None = None
+) -> QualityReport:
+    """Per model: accepted vs rejected predictions (and why), fallback owners, missing context.
+
+    Windows: predictions by received_at, rejections by their time, decisions by created_at.
+    Models are sorted by accepted + rejected (most first), UNKNOWN_MODEL last. Outcome-event
+    rejections are listed apart, per reason, and are not filtered by `model`.
+    """
+    accepted: Counter[str] = Counter()
+    query = _window(select(PredictionRecord.model), PredictionRecord.received_at, since, until)
+    if model is not None:
+        query = query.where(PredictionRecord.model == model)
+    for (name,) in session.execute(query):
+        accepted[name] += 1
+
+    rejected: dict[str, Counter[str]] = defaultdict(Counter)
+    outcome_rejected: Counter[str] = Counter()
+    columns = (RejectionRecord.source_stream, RejectionRecord.model, RejectionRecord.reason)
+    query = _window(select(*columns), RejectionRecord.at, since, until)
+    for stream, name, reason in session.execute(query):
+        if _is_outcome_stream(stream):
+            outcome_rejected[reason] += 1
+            continue
+        name = name or UNKNOWN_MODEL
+        if model is None or name == model:
+            rejected[name][reason] += 1
+
+    decisions: Counter[str] = Counter()
+    fallback: Counter[str] = Counter()
+    missing: Counter[str] = Counter()
+    missing_fields: dict[str, Counter[str]] = defaultdict(Counter)
+    columns = (AlertRecord.model, AlertRecord.owner_source, AlertRecord.missing_context)
+    query = _window(select(*columns), AlertRecord.created_at, since, until)
+    if model is not None:
+        query = query.where(AlertRecord.model == model)
+    for name, owner_source, missing_context in session.execute(query):
+        decisions[name] += 1
+        fallback[name] += owner_source == "fallback"
+        if missing_context:
+            missing[name] += 1
+            missing_fields[name].update(set(missing_context))
+
+    names = set(accepted) | set(rejected) | set(decisions)
+    rows = []
+    for name in names:
+        n_rejected = sum(rejected[name].values())
+        rows.append(
+            QualityRow(
+                model=name,
+                accepted=accepted[name],
+                rejected=n_rejected,
+                rejection_rate=ratio(n_rejected, accepted[name] + n_rejected),
+                decisions=decisions[name],
+                fallback_owner=fallback[name],
+                fallback_owner_rate=ratio(fallback[name], decisions[name]),
+                missing_context=missing[name],
+                missing_context_rate=ratio(missing[name], decisions[name]),
+                missing_fields=_most_frequent(missing_fields[name]),
+                rejections=_most_frequent(rejected[name]),
+            )
+        )
+    rows.sort(key=lambda r: (r.model == UNKNOWN_MODEL, -(r.accepted + r.rejected), -r.decisions, r.model))
+    by_reason = [
+        RejectionCount(row.model, reason, count) for row in rows for reason, count in row.rejections
+    ]
+    return QualityReport(models=rows, rejections=by_reason, outcome_rejections=list(_most_frequent(outcome_rejected)))
+
+
+# --- stats model: precision by score band, from the control group ---------------------------
+
+
+@dataclass(frozen=True)
+class BandRow:
+    """Control predictions of one model version with low <= score < high (last band: <= high)."""
+
+    model: str
+    model_version: str
+    band_low: float
+    band_high: float
+    held_out: int  # control predictions in the band, with or without an outcome yet
+    n: int  # of which with an outcome
+    positives: int  # of which had the bad outcome the model predicts (result: failure)
+    precision: float | None  # positives / n; None when n == 0
+    ci_low: float | None  # Wilson 95% interval of precision
+    ci_high: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def parse_band_edges(text: str) -> tuple[float, ...]:
+    """"0,0.5,0.8,1" -> (0.0, 0.5, 0.8, 1.0); ValueError unless >= 2 strictly increasing numbers."""
+    try:
+        edges = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers like 0,0.5,0.8,1, not {text!r}") from None
+    if len(edges) < 2 or any(math.isnan(e) for e in edges) or any(b <= a for a, b in pairwise(edges)):
+        raise ValueError(f"expected at least two strictly increasing numbers, not {text!r}")
+    return edges
+
+
+def _untouched_controls(records: Iterable[Any]) -> dict[tuple[str, str], list[tuple[float, bool | None]]]:
+    """(model, version) -> (score, bad outcome or None if none yet) per control prediction.
+
+    A unit is a prediction: held out by some rule and delivered to nobody by any other
+    rule (with `continue: true` a prediction can be control for one rule and an alert for
+    another; then someone may have acted, and it is not a clean control).
+    """
+    by_prediction: dict[str, list[Any]] = defaultdict(list)
+    for record in records:
+        by_prediction[record.prediction_id].append(record)
+    units: dict[tuple[str, str], list[tuple[float, bool | None]]] = defaultdict(list)
+    for decisions in by_prediction.values():
+        live = [d for d in decisions if not d.suppressed_by]
+        control = [d for d in live if d.held_out]
+        if not control or any(d.action == "alert" and not d.held_out for d in live):
+            continue
+        outcomes = [d.outcome for d in control if d.outcome is not None]
+        first = control[0]
+        units[(first.model, first.model_version)].append((first.score, outcomes[0] == "failure" if outcomes else None))
+    return units
+
+
+def compute_model_precision(
+    session: Session,
+    *,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    edges: Sequence[float] = DEFAULT_BAND_EDGES,
+) -> list[BandRow]:
+    """Precision by score band per model and model version, from untouched control predictions.
+
+    Convention: models predict the bad outcome (churn, fraud), so a control record whose
+    outcome is `failure` is a positive: the predicted bad thing happened with nobody acting.
+    Decisions in the window are by created_at. Every band is listed, empty ones with n = 0
+    and null precision. Sorted by model, model version, band.
+    """
+    query = _window(
+        select(
+            AlertRecord.prediction_id, AlertRecord.model, AlertRecord.model_version, AlertRecord.score,
+            AlertRecord.held_out, AlertRecord.suppressed_by, AlertRecord.action, AlertRecord.outcome,
+        ),
+        AlertRecord.created_at, since, until,
+    )
+    if model is not None:
+        query = query.where(AlertRecord.model == model)
+    units = _untouched_controls(session.execute(query).all())
+    rows = []
+    for (name, version), scored in sorted(units.items()):
+        bands = score_band_precision([(score, bad) for score, bad in scored if bad is not None], edges)
+        everyone = score_band_precision([(score, False) for score, _ in scored], edges)
+        for band, total in zip(bands, everyone):
+            ci_low, ci_high = band.ci if band.ci is not None else (None, None)
+            rows.append(
+                BandRow(
+                    model=name, model_version=version, band_low=band.low, band_high=band.high, held_out=total.n,
+                    n=band.n, positives=band.positives, precision=band.precision, ci_low=ci_low, ci_high=ci_high,
+                )
+            )
+    return rows

@@ -150,7 +150,70 @@ class RejectionRecord(SQLModel, table=True):
     at: datetime = _when(index=True)
 
 
+class DeliveryRecord(SQLModel, table=True):
+    """One alert to one receiver (an owner's webhook or email): the channel outbox.
+
+    The payload is the alert as sent (an escalated copy carries its escalation), so a
+    redrive sends exactly what failed."""
+
+    __tablename__ = "deliveries"
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_key: str = Field(unique=True)  # alert, recipient, channel and copy: written once
+    alert_id: str = Field(index=True)
+    recipient: str  # owner id
+    channel: str  # webhook | email
+    payload: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="pending", index=True)  # pending | delivered | failed
+    attempts: int = 0
+    status_code: int | None = None
+    error: str | None = None
+    latency_ms: float | None = None
+    created_at: datetime = _when()
+    finished_at: datetime | None = _when(nullable=True)
+
+
+class DeliveryAttemptRecord(SQLModel, table=True):
+    """Each try of a delivery and how it went."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: int = Field(index=True)
+    n: int
+    ok: bool
+    status_code: int | None = None
+    error: str | None = None
+    latency_ms: float
+    at: datetime = _when()
+
+
 @event.listens_for(AuditEvent, "before_update")
 @event.listens_for(AuditEvent, "before_delete")
 def _audit_is_append_only(_mapper: Any, _connection: Any, target: AuditEvent) -> None:
     raise PermissionError(f"audit events are append-only (event {target.id} of alert {target.alert_id})")
+
+
+class DataQualityAlertRecord(SQLModel, table=True):
+    """A data-quality alert (drift, rejection or missing-context jump), for the record and as
+    the outbox of its inbox delivery. One per model, version, metric and day (alert_id)."""
+
+    __tablename__ = "data_quality_alerts"
+
+    alert_id: str = Field(primary_key=True)  # unique: several workers store it once
+    day: str  # UTC date of the check, part of alert_id
+    model: str = Field(index=True)
+    model_version: str
+    metric: str  # score | feature:<name> | rejection_rate | missing_context_rate
+    value: float | None = None
+    threshold: float | None = None
+    reference_value: float | None = None
+    p_value: float | None = None
+    alpha: float | None = None
+    n_reference: int
+    n_recent: int
+    window: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    owner: str | None = Field(default=None, index=True)  # None: the model has no owner in `models:`
+    detail: str
+    created_at: datetime = _when(index=True)
+    delivered_at: datetime | None = _when(nullable=True)

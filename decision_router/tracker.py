@@ -215,12 +215,15 @@ def undelivered_alerts(
     return list(session.scalars(query.order_by(AlertRecord.created_at).limit(limit)))
 
 
-def mark_delivered(session: Session, alert_ids: Sequence[str], *, channel: str, now: datetime) -> None:
+def mark_delivered(session: Session, alert_ids: Sequence[str], *, channel: str, now: datetime) -> list[str]:
+    """Mark inbox delivery; returns the alerts that were not marked before."""
     if not alert_ids:
-        return
+        return []
+    newly = []
     for record in session.scalars(select(AlertRecord).where(AlertRecord.alert_id.in_(list(alert_ids)))):
         if record.delivered_at is not None:
             continue
+        newly.append(record.alert_id)
         record.delivered_at = now
         session.add(
             AuditEvent(
@@ -232,6 +235,7 @@ def mark_delivered(session: Session, alert_ids: Sequence[str], *, channel: str, 
                 detail={"channel": channel, "owner": record.owner},
             )
         )
+    return newly
 
 
 def to_alert(record: AlertRecord, escalation: Escalation | None = None) -> Alert:

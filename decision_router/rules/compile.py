@@ -18,7 +18,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from decision_router.rules.spec import ConditionSpec, DefaultsSpec, OwnerSpec, RoutingFile, RuleSpec
+from decision_router.rules.spec import ConditionSpec, DefaultsSpec, OwnerSpec, RoutingFile, RuleSpec, WebhookSpec
+from decision_router.rules.spec import ModelSpec
+from decision_router.rules.spec import ContextSourceSpec, key_placeholders, sql_parameters
 
 
 class _Missing:
@@ -155,6 +157,8 @@ class Owner:
     channels: tuple[str, ...] = ("inbox",)
     away_until: datetime | None = None  # UTC; away while now < away_until (a date D in YAML -> D+1 00:00 UTC)
     delegate: str | None = None  # owner id who takes this owner's decisions while away
+    webhook: WebhookSpec | None = None  # where the webhook channel posts (secret read at start)
+    digest: timedelta | None = None  # webhook/email alerts grouped into one message per window
 
     def is_away(self, now: datetime) -> bool:
         return self.away_until is not None and now < self.away_until
@@ -186,11 +190,46 @@ class CompiledRule:
 
 
 @dataclass(frozen=True)
+class DriftConfig:
+    """How decision_router.monitor watches one model; `models.<name>.drift` overrides these."""
+
+    reference_days: int = 3  # the reference: the first days of a model version's predictions
+    recent: timedelta = timedelta(days=1)  # compared with the reference: the last day
+    alpha: float = 0.01  # false-alarm rate per model version and check (split over its metrics)
+    min_samples: int = 200  # fewest values in each window before anything is judged
+    baseline_version: str | None = None  # pinned reference: this version's first days instead
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    owner: str  # receives the model's data-quality alerts
+    drift: DriftConfig = DriftConfig()
+
+
+@dataclass(frozen=True)
+class ContextSource:
+    """`context_sources.<name>`: looked up per prediction at routing time (decision_router.enrich)."""
+
+    name: str
+    kind: str  # "redis_hash" | "sql"
+    key_pattern: str | None = None  # redis_hash: formatted with the prediction, after the stream prefix
+    sql: str | None = None  # sql: one SELECT; the first row's columns are the fields
+    parameters: tuple[str, ...] = ()  # what the key pattern / query uses of the prediction
+    database_url_env: str | None = None  # sql: variable holding the database URL; None = the service's store
+    timeout_s: float = 2.0  # bound on this source's lookups for one batch
+
+
+@dataclass(frozen=True)
 class RuleSet:
     version: str  # first 12 hex of sha256(routing.yaml + b"\0" + owners.yaml)
     rules: tuple[CompiledRule, ...]
     owners: Mapping[str, Owner]
     source_dir: Path
+    # routing.yaml `models:` -> model name -> its owner (and its drift settings in `models`).
+    model_owners: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    models: Mapping[str, ModelConfig] = field(default_factory=lambda: MappingProxyType({}))
+    # routing.yaml `context_sources:` -> source name -> where lookup.<name>.<field> comes from.
+    context_sources: Mapping[str, ContextSource] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def compile_rule(spec: RuleSpec, index: int, defaults: DefaultsSpec) -> CompiledRule:
@@ -217,14 +256,34 @@ def compile_rule(spec: RuleSpec, index: int, defaults: DefaultsSpec) -> Compiled
 def compile_owner(spec: OwnerSpec) -> Owner:
     return Owner(
         spec.id, spec.name, spec.email, spec.manager, spec.team, tuple(spec.channels),
-        away_until=spec.away_until, delegate=spec.delegate,
+        away_until=spec.away_until, delegate=spec.delegate, webhook=spec.webhook, digest=spec.digest,
     )
 
 
+def compile_model(spec: ModelSpec) -> ModelConfig:
+    overrides = spec.drift.model_dump(exclude_none=True)
+    return ModelConfig(owner=spec.owner, drift=DriftConfig(**overrides))
+
+
+def compile_source(name: str, spec: ContextSourceSpec) -> ContextSource:
+    if spec.redis_hash is not None:
+        return ContextSource(name, "redis_hash", key_pattern=spec.redis_hash,
+                             parameters=key_placeholders(spec.redis_hash), timeout_s=spec.timeout_s)
+    assert spec.sql is not None  # spec.py requires exactly one of the two
+    return ContextSource(name, "sql", sql=spec.sql, parameters=sql_parameters(spec.sql),
+                         database_url_env=spec.database_url_env, timeout_s=spec.timeout_s)
+
+
 def build_ruleset(routing: RoutingFile, owners: list[OwnerSpec], *, version: str, source_dir: Path) -> RuleSet:
+    models = {name: compile_model(spec) for name, spec in routing.models.items()}
     return RuleSet(
         version=version,
         rules=tuple(compile_rule(rule, i, routing.defaults) for i, rule in enumerate(routing.rules)),
         owners=MappingProxyType({o.id: compile_owner(o) for o in owners}),
         source_dir=source_dir,
+        model_owners=MappingProxyType({name: model.owner for name, model in models.items()}),
+        models=MappingProxyType(models),
+        context_sources=MappingProxyType(
+            {name: compile_source(name, spec) for name, spec in routing.context_sources.items()}
+        ),
     )

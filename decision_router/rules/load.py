@@ -21,8 +21,12 @@ from decision_router.durations import format_duration
 from decision_router.rules.compile import RuleSet, build_ruleset
 from decision_router.rules.spec import (
     OPERATORS,
+    LOOKUP,
     OWNER_TAGS,
+    ContextSourceSpec,
     DefaultsSpec,
+    ModelDriftSpec,
+    ModelSpec,
     OwnerFromSpec,
     OwnersFile,
     OwnerSpec,
@@ -46,7 +50,7 @@ class RuleProblem:
         # "-" parts are left out so whole-file problems read "rules/routing.yaml: rules: ...".
         parts = [self.file]
         if self.rule != "-":
-            parts.append(self.rule if self.rule.startswith("owner ") else f"rule {self.rule}")
+            parts.append(self.rule if self.rule.startswith(("owner ", "model ")) else f"rule {self.rule}")
         if self.field != "-":
             parts.append(self.field)
         return ": ".join([*parts, self.message])
@@ -162,6 +166,8 @@ def _container(path: tuple[str, ...], in_item: bool, list_key: str) -> tuple[typ
     if not in_item:
         if path[:1] == ("defaults",):
             return DefaultsSpec, "key"
+        if path[:1] == ("context_sources",) and len(path) == 3:
+            return ContextSourceSpec, "key"
         return (RoutingFile if list_key == "rules" else OwnersFile), "key"
     if list_key == "owners":
         return OwnerSpec, "key"
@@ -197,6 +203,8 @@ def _message(error: Any, path: tuple[str, ...], in_item: bool, list_key: str) ->
 def _validation_problems(exc: ValidationError, labels: list[str], list_key: str, out: _Problems) -> None:
     for error in exc.errors():
         loc = error["loc"]
+        if list_key == "rules" and loc[:1] == ("models",) and len(loc) > 1:
+            continue  # reported per model by _check_models
         in_item = len(loc) > 1 and loc[0] == list_key and isinstance(loc[1], int)
         rest = loc[2:] if in_item else loc
         # Drop list positions and pydantic's internal markers: the message quotes the value.
@@ -232,7 +240,7 @@ def _loop(start: str, links: dict[str, str | None]) -> list[str] | None:
     return [*chain, start] if nxt == start else None
 
 
-def _check_owners(raw: list[Any], labels: list[str], out: _Problems) -> None:
+def _check_owners(raw: list[Any], labels: list[str], out: _Problems, rules_dir: Path) -> None:
     """Duplicate ids, unknown managers and delegates, manager and delegate loops, email
     channel without email, away owners without a delegate.
 
@@ -257,6 +265,14 @@ def _check_owners(raw: list[Any], labels: list[str], out: _Problems) -> None:
         channels = item.get("channels") if isinstance(item, dict) else None
         if isinstance(channels, list) and "email" in channels and _str(item, "email") is None:
             out.add(i, labels[i], "channels", "channel 'email' needs an email address, and email is not set")
+        webhook = item.get("webhook") if isinstance(item, dict) else None
+        if isinstance(channels, list) and "webhook" in channels and webhook is None:
+            out.add(i, labels[i], "channels", "channel 'webhook' needs webhook: {url: ...}, and webhook is not set")
+        if webhook is not None and not (isinstance(channels, list) and "webhook" in channels):
+            out.add(i, labels[i], "webhook", "webhook is configured but 'webhook' is not in channels")
+        if isinstance(webhook, dict) and isinstance(webhook.get("secret_file"), str):
+            if not (rules_dir / webhook["secret_file"]).is_file():
+                out.add(i, labels[i], "webhook.secret_file", f"file not found: {webhook['secret_file']} (relative to {rules_dir})")
         if delegate is not None and delegate == oid:
             out.add(i, labels[i], "delegate", "an owner cannot be their own delegate")
         elif delegate is not None and delegate not in first:
@@ -349,6 +365,70 @@ def _check_deadlines(item: dict[str, Any], i: int, label: str, defaults: Default
                 f"({format_duration(act)}): the action would be due before the acknowledgement")
 
 
+def _check_models(data: dict[str, Any], directory: set[str] | None, out: _Problems) -> None:
+    """`models:` entries, each named "model <name>": shape, drift settings, owner in the directory.
+
+    Reported after the rules. A top-level `models:` that is not a mapping is reported by the
+    whole-file validation.
+    """
+    raw = data.get("models")
+    if not isinstance(raw, dict):
+        return
+    for i, (name, item) in enumerate(raw.items()):
+        position = _END + 1 + i
+        if not isinstance(name, str) or not name.strip():
+            out.add(position, f"model #{i + 1}", "-", f"a model name must be a non-empty string, got {name!r}")
+            continue
+        label = f"model {name}"
+        try:
+            ModelSpec.model_validate(item)
+        except ValidationError as exc:
+            for error in exc.errors():
+                path = tuple(str(p) for p in error["loc"] if not isinstance(p, int))
+                if error["type"] == "extra_forbidden":
+                    model = ModelDriftSpec if path[:1] == ("drift",) and len(path) == 2 else ModelSpec
+                    allowed = ", ".join(model.model_fields)
+                    message = f"unknown key '{path[-1]}'; expected one of {allowed}"
+                else:
+                    message = _message(error, path, True, "rules")
+                out.add(position, label, ".".join(path) or "-", message)
+        owner = _str(item, "owner")
+        # Skipped when owners.yaml is unreadable: every owner would be "unknown".
+        if directory is not None and owner is not None and owner not in directory:
+            out.add(position, label, "owner", f"'{owner}' is not in the owner directory{_did_you_mean(owner, directory)}")
+
+
+def _check_lookups(data: dict[str, Any], labels: list[str], out: _Problems) -> None:
+    """Every lookup.<source>.<field> a rule uses (in when, context or owner.from) names a
+    source declared under context_sources.
+
+    Works on the raw rules and source names, so a declared source with a problem of its own
+    is still declared here: its problem is reported once, on the source.
+    """
+    sources = data.get("context_sources")
+    declared = [name for name in sources if isinstance(name, str)] if isinstance(sources, dict) else []
+    for i, item in enumerate(data.get("rules") if isinstance(data.get("rules"), list) else []):
+        if not isinstance(item, dict):
+            continue
+        used: list[tuple[str, Any]] = []
+        if isinstance(item.get("when"), dict):
+            used += [(f"when.{path}", path) for path in item["when"]]
+        if isinstance(item.get("owner"), dict):
+            used.append(("owner.from", item["owner"].get("from")))
+        if isinstance(item.get("context"), list):
+            used += [("context", path) for path in item["context"]]
+        reported: set[tuple[str, str]] = set()
+        for field_, path in used:
+            parts = path.split(".") if isinstance(path, str) else []
+            if len(parts) < 3 or parts[0] != LOOKUP or not parts[1]:
+                continue  # not a lookup, or a malformed path that spec.py reports
+            source = parts[1]
+            if source not in declared and (field_, source) not in reported:
+                reported.add((field_, source))
+                out.add(i, labels[i], field_, f"context source '{source}' is not declared in context_sources"
+                        f"{_did_you_mean(source, declared)}")
+
+
 def version_of(routing: bytes, owners: bytes) -> str:
     """The rules version: first 12 hex characters of sha256(routing.yaml + b"\0" + owners.yaml)."""
     return hashlib.sha256(routing + b"\0" + owners).hexdigest()[:12]
@@ -386,7 +466,7 @@ def attempt_load(rules_dir: Path | str) -> LoadAttempt:
             _validation_problems(exc, labels, "owners", owners_out)
         raw_owners = owners_data.get("owners") if isinstance(owners_data.get("owners"), list) else None
         if raw_owners is not None:
-            _check_owners(raw_owners, labels, owners_out)
+            _check_owners(raw_owners, labels, owners_out, rules_dir)
             owner_specs = [spec for spec in (_parse(OwnerSpec, o) for o in raw_owners) if spec is not None]
             directory = {oid for oid in (_str(o, "id") for o in raw_owners) if oid is not None}
 
@@ -399,6 +479,8 @@ def attempt_load(rules_dir: Path | str) -> LoadAttempt:
         except ValidationError as exc:
             _validation_problems(exc, labels, "rules", routing_out)
         _check_routing(routing_data, labels, directory, routing_out)
+        _check_models(routing_data, directory, routing_out)
+        _check_lookups(routing_data, labels, routing_out)
 
     problems = routing_out.sorted() + owners_out.sorted()
     version = version_of(routing_bytes, owners_bytes)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from decision_router.contracts import Prediction
+from decision_router.drift import PSI_MIN_N
 from decision_router.durations import parse_duration
 
 # Top-level keys of `Prediction.as_document()`: a path starting elsewhere can never match.
@@ -30,6 +32,10 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 # Tags of the `owner` union; pydantic puts them in error locations and load.py drops them.
 OWNER_TAGS = ("owner-id", "owner-mapping")
+# Context looked up at routing time is addressed as lookup.<source>.<field> (see enrich.py).
+LOOKUP = "lookup"
+# What a context source's key pattern ({name}) and SQL query (:name) may use of a prediction.
+SOURCE_PARAMETERS: tuple[str, ...] = ("entity_type", "entity_id", "prediction_id", "model")
 
 
 def _is_number(value: object) -> bool:
@@ -47,8 +53,13 @@ def _path(value: object) -> str:
     if not isinstance(value, str) or not value or any(not part for part in value.split(".")):
         raise ValueError(f"expected a dotted field path like 'context.segment', got {value!r}")
     head = value.split(".", 1)[0]
+    if head == LOOKUP:
+        # Looked-up context: lookup.<source>.<field>; load.py checks the source is declared.
+        if value.count(".") < 2:
+            raise ValueError(f"expected lookup.<source>.<field>, like 'lookup.crm.health_score', got {value!r}")
+        return value
     if head not in DOCUMENT_FIELDS:
-        raise ValueError(f"unknown field '{head}': a path starts with one of {', '.join(DOCUMENT_FIELDS)}")
+        raise ValueError(f"unknown field '{head}': a path starts with one of {', '.join((*DOCUMENT_FIELDS, LOOKUP))}")
     return value
 
 
@@ -257,9 +268,217 @@ class DefaultsSpec(_Strict):
     priority: Priority = "normal"
 
 
+def _whole(value: object, low: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"expected a whole number >= {low} ({what}), got {value!r}")
+    return value
+
+
+def _days(value: object) -> int:
+    return _whole(value, 1, "days")
+
+
+def _min_samples(value: object) -> int:
+    return _whole(value, PSI_MIN_N, "no PSI is computed on fewer values")
+
+
+def _alpha(value: object) -> float:
+    if not _is_number(value) or not 0 < value < 1:  # type: ignore[operator]
+        raise ValueError(f"expected a false-alarm rate with 0 < alpha < 1, like 0.01, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _version(value: object) -> str:
+    if _is_number(value):  # YAML reads an unquoted 2026.10 as the number 2026.1
+        raise ValueError(f"expected a quoted version like '2026.10' (YAML reads an unquoted one as a number), got {value!r}")
+    return _text(value)
+
+
+class ModelDriftSpec(_Strict):
+    """`models.<name>.drift`: how the data-quality monitor watches the model. None = the
+    monitor's default (decision_router.rules.compile.DriftConfig)."""
+
+    reference_days: Annotated[Union[int, None], BeforeValidator(_days)] = None
+    recent: Duration = None
+    alpha: Annotated[Union[float, None], BeforeValidator(_alpha)] = None
+    min_samples: Annotated[Union[int, None], BeforeValidator(_min_samples)] = None
+    baseline_version: Annotated[Union[str, None], BeforeValidator(_version)] = None
+
+
+class ModelSpec(_Strict):
+    """`models.<name>`: who owns the model (receives its data-quality alerts), and drift settings."""
+
+    owner: Name
+    drift: ModelDriftSpec = Field(default_factory=ModelDriftSpec)
+
+
+# --- context_sources ---------------------------------------------------------------------
+
+# Source names are the middle part of lookup.<source>.<field>, so no dots.
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+# SQLAlchemy's own bind-parameter syntax in text(): `:name`, but not `::cast` or `12:30`.
+_BIND = re.compile(r"(?<![:\w\x5c]):(\w+)(?![:\w])")
+_KEY_EXAMPLE = "'context:{entity_type}:{entity_id}'"
+_PARAMETER_LIST = ", ".join(f":{name}" for name in SOURCE_PARAMETERS)
+_PLACEHOLDER_LIST = ", ".join(f"{{{name}}}" for name in SOURCE_PARAMETERS)
+
+
+def _source_name(value: object) -> str:
+    if not isinstance(value, str) or not _SOURCE_NAME.fullmatch(value):
+        raise ValueError(f"expected a source name of letters, digits, '-' or '_' (no dots), got {value!r}")
+    return value
+
+
+def _key_pattern(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a key pattern like {_KEY_EXAMPLE}, got {value!r}")
+    try:
+        parts = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"invalid key pattern {value!r}: {exc}") from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in SOURCE_PARAMETERS or spec or conversion:
+            written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"unknown placeholder '{written}' in key pattern {value!r}; use {_PLACEHOLDER_LIST}")
+    return value
+
+
+def key_placeholders(pattern: str) -> tuple[str, ...]:
+    """The placeholders a (valid) key pattern uses, in order of first use."""
+    return tuple(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(pattern) if name))
+
+
+def _sql_code(sql: str) -> str:
+    """`sql` with string literals, quoted names and comments blanked out (same length), so
+    keywords and `;` are only looked for in the SQL itself."""
+    out: list[str] = []
+    i, n = 0, len(sql)
+    while i < n:
+        char = sql[i]
+        if char in "'\"":
+            j = i + 1
+            while True:
+                j = sql.find(char, j)
+                if j < 0:
+                    what = "string" if char == "'" else "quoted name"
+                    raise ValueError(f"unterminated {what} starting at {sql[i:i + 20]!r}")
+                if sql.startswith(char * 2, j):  # '' inside a string, "" inside a name
+                    j += 2
+                    continue
+                break
+            out.append(" " * (j + 1 - i))
+            i = j + 1
+        elif sql.startswith("--", i):
+            j = sql.find("\n", i)
+            j = n if j < 0 else j
+            out.append(" " * (j - i))
+            i = j
+        elif sql.startswith("/*", i):
+            j = sql.find("*/", i + 2)
+            if j < 0:
+                raise ValueError("unterminated /* comment")
+            out.append(" " * (j + 2 - i))
+            i = j + 2
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def sql_parameters(sql: str) -> tuple[str, ...]:
+    """The :parameters a query uses (as SQLAlchemy's text() reads them), in order of first use."""
+    return tuple(dict.fromkeys(_BIND.findall(sql)))
+
+
+def _select(value: object) -> str:
+    """A single SELECT statement, with parameters only from SOURCE_PARAMETERS. (The enricher
+    also runs it in a read-only transaction: this check is the author's early warning.)"""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a SELECT statement, got {value!r}")
+    code = _sql_code(value).strip()
+    code = code[:-1].rstrip() if code.endswith(";") else code  # one trailing ';' is harmless
+    first = re.match(r"[A-Za-z_]+", code)
+    if first is None or first.group().lower() != "select":
+        got = first.group() if first else code[:20]
+        raise ValueError(
+            f"expected a single SELECT statement (a context query only reads), got one starting with {got!r}"
+        )
+    if ";" in code:
+        raise ValueError("expected a single SELECT statement, got several separated by ';'")
+    if re.search(r"\binto\b", code, re.IGNORECASE):
+        raise ValueError("SELECT ... INTO writes a table; a context query only reads")
+    for name in sql_parameters(value):
+        if name not in SOURCE_PARAMETERS:
+            raise ValueError(f"unknown parameter ':{name}'; a context query can use {_PARAMETER_LIST}")
+    return value
+
+
+def _env_name(value: object) -> str:
+    if isinstance(value, str) and "://" in value:
+        # Never echo what looks like a URL: it may carry a password.
+        raise ValueError("expected the name of an environment variable that holds the database URL, "
+                         "like DECISION_ROUTER_CONTEXT_DB_URL, not the URL itself")
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise ValueError(f"expected an environment variable name like DECISION_ROUTER_CONTEXT_DB_URL, got {value!r}")
+    return value
+
+
+def _timeout(value: object) -> float:
+    if not _is_number(value) or not 0 < value <= 60:  # type: ignore[operator]
+        raise ValueError(f"expected a number of seconds above 0 and at most 60, like 2, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+class ContextSourceSpec(_Strict):
+    """`context_sources.<name>`: where routing-time context comes from, either a Redis hash
+    per entity (`redis_hash: KEY_PATTERN`) or a SQL query (`sql: SELECT ...`)."""
+
+    redis_hash: Annotated[Union[str, None], BeforeValidator(_key_pattern)] = None
+    sql: Annotated[Union[str, None], BeforeValidator(_select)] = None
+    database_url_env: Annotated[Union[str, None], BeforeValidator(_env_name)] = None
+    timeout_s: Annotated[float, BeforeValidator(_timeout)] = 2.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ContextSourceSpec":
+        if (self.redis_hash is None) == (self.sql is None):
+            raise ValueError(f"expected exactly one of redis_hash (a key pattern like {_KEY_EXAMPLE}) "
+                             "or sql (a SELECT statement)")
+        if self.database_url_env is not None and self.sql is None:
+            raise ValueError("database_url_env only applies to a sql source")
+        return self
+
+
+SourceName = Annotated[str, BeforeValidator(_source_name)]
+
+
 class RoutingFile(_Strict):
     defaults: DefaultsSpec = Field(default_factory=DefaultsSpec)
     rules: list[RuleSpec]
+    # Model name (as in predictions) -> its owner and drift settings; owners checked in load.py.
+    models: dict[Annotated[str, BeforeValidator(_text)], ModelSpec] = Field(default_factory=dict)
+    # Source name -> where lookup.<name>.<field> comes from; rules naming others are rejected in load.py.
+    context_sources: dict[SourceName, ContextSourceSpec] = Field(default_factory=dict)
+
+
+def _http_url(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value
+
+
+class WebhookSpec(_Strict):
+    """Where an owner's webhook channel posts. The secret never sits in this file: it is
+    read from `secret_file` (relative to the rules directory) or the `secret_env` variable."""
+
+    url: Annotated[str, BeforeValidator(_http_url)]
+    format: Literal["json", "slack"] = "json"
+    secret_file: Annotated[Union[str, None], BeforeValidator(_text)] = None
+    secret_env: Annotated[Union[str, None], BeforeValidator(_text)] = None
+    timeout_s: float = Field(default=5.0, gt=0, le=120)
+    max_attempts: int = Field(default=5, ge=1, le=20)
 
 
 class OwnerSpec(_Strict):
@@ -271,6 +490,9 @@ class OwnerSpec(_Strict):
     channels: Annotated[tuple[str, ...], BeforeValidator(_channels)] = ("inbox",)
     away_until: Annotated[Union[datetime, None], BeforeValidator(_away_until)] = None  # UTC, exclusive
     delegate: Annotated[Union[str, None], BeforeValidator(_name)] = None
+    webhook: Union[WebhookSpec, None] = None
+    # Group webhook and email alerts into one message per window (the inbox is not grouped).
+    digest: Annotated[Union[timedelta, None], BeforeValidator(_duration)] = None
 
 
 class OwnersFile(_Strict):

@@ -297,7 +297,7 @@ def populate_story(workdir: Path, shipped: RuleSet) -> tuple[str, str]:
         ]
         for n, (fields, after) in enumerate(steps):
             event = OutcomeEvent(alert_id=alert_id, at=t0 + after, **fields)
-            alerts = tracker.find_alerts(session, event)
+            alerts = tracker.find_alerts(session, event, now=t0 + after, outcome_window=timedelta(days=30))
             tracker.apply_outcome(session, event=event, alerts=alerts, source_id=f"9-{n}", now=t0 + after)
             session.commit()
     engine.dispose()

@@ -47,7 +47,7 @@ ROUTING_CASES = [
     ]),
     ("rules-missing-and-unknown-top-key", "defaults: {ack_within: 4h}\nholdout: 0.1\n", [
         R + "rules: required",
-        R + "holdout: unknown key 'holdout'; expected one of defaults, rules",
+        R + "holdout: unknown key 'holdout'; expected one of defaults, rules, models, context_sources",
         R + "rules: no catch-all rule: some predictions could match no rule and go unowned; "
         "add a last rule with when: {} (for example owner: analytics-desk, action: record)",
     ]),
@@ -123,7 +123,7 @@ rules:
         R + "rule ops: when.context.y: exists: false cannot be combined with other operators (the rule could never match)",
         R + "rule ops: when.context.renewal_date.in: quote dates and times: write '2024-06-01', not 2024-06-01",
         R + "rule ops: when.scroe: unknown field 'scroe': a path starts with one of prediction_id, model, "
-        "model_version, entity_type, entity_id, score, label, predicted_at, features, context",
+        "model_version, entity_type, entity_id, score, label, predicted_at, features, context, lookup",
     ]),
     ("types-and-durations", """
 defaults: {ack_within: 4 hours, priority: urgent}
@@ -145,7 +145,7 @@ rules:
         R + "rule a b: continue: expected true or false, got 'yes'",
         R + "rule a b: ack_within: expected a duration above zero, got '0s'",
         R + "rule a b: context: unknown field 'arr': a path starts with one of prediction_id, model, "
-        "model_version, entity_type, entity_id, score, label, predicted_at, features, context",
+        "model_version, entity_type, entity_id, score, label, predicted_at, features, context, lookup",
         R + "rule #2: name: required",
         R + "rule #2: owner: expected an owner id or {from: FIELD, fallback: OWNER_ID}, got 5",
     ]),
@@ -210,7 +210,7 @@ owners:
         O + "owner carol: manager: manager chain loops: carol -> dave -> carol",
         O + "owner dave: email: expected an email address like name@example.com, got 'dave@example'",
         O + "owner desk: phone: unknown key 'phone'; expected one of id, name, email, manager, team, channels, "
-        "away_until, delegate",
+        "away_until, delegate, webhook, digest",
         O + "owner desk: id: duplicate id 'desk': owners #1 and #5 both use it",
         O + "owner #6: id: required",
         O + "owner self: channels: expected a non-empty list of inbox, webhook, email, got []",
@@ -313,12 +313,47 @@ def test_valid_set_loads_and_version_hashes_both_files(tmp_path: Path) -> None:
 
 
 def test_owner_directory_is_compiled_with_defaults(tmp_path: Path) -> None:
-    owners = "owners:\n  - {id: desk, name: Desk, email: desk@example.com, team: ops, channels: [webhook, email, webhook]}\n"
+    owners = (
+        "owners:\n  - {id: desk, name: Desk, email: desk@example.com, team: ops, channels: [webhook, email, webhook],"
+        " webhook: {url: 'http://127.0.0.1:9/hook', format: slack, secret_env: DESK_SECRET}}\n"
+    )
     ruleset = load_rules(write(tmp_path, GOOD_ROUTING, owners + "  - {id: bo, name: Bo, manager: desk}\n"))
     desk, bo = ruleset.owners["desk"], ruleset.owners["bo"]
     assert desk.channels == ("webhook", "email")  # listed twice, delivered once
+    assert (desk.webhook.url, desk.webhook.format, desk.webhook.secret_env) == ("http://127.0.0.1:9/hook", "slack", "DESK_SECRET")
+    assert bo.webhook is None
     assert (desk.email, desk.team, desk.manager) == ("desk@example.com", "ops", None)
     assert (bo.channels, bo.manager, bo.email) == (("inbox",), "desk", None)
+
+
+WEBHOOK_PROBLEMS = [
+    ("channel-without-config", "channels: [inbox, webhook]",
+     "owner desk: channels: channel 'webhook' needs webhook: {url: ...}, and webhook is not set"),
+    ("config-without-channel", "webhook: {url: 'https://example.com/h'}",
+     "owner desk: webhook: webhook is configured but 'webhook' is not in channels"),
+    ("bad-url", "channels: [webhook], webhook: {url: 'ftp://x'}",
+     "owner desk: webhook.url: expected an http:// or https:// URL, got 'ftp://x'"),
+    ("missing-secret-file", "channels: [webhook], webhook: {url: 'https://example.com/h', secret_file: nope.key}",
+     "owner desk: webhook.secret_file: file not found: nope.key (relative to "),
+    ("bad-digest", "digest: 15 minutes",
+     "owner desk: digest: expected a duration like '30s', '15m', '4h', '2d' or '1w', got '15 minutes'"),
+    ("zero-digest", "digest: 0s",
+     "owner desk: digest: expected a duration above zero, got '0s'"),
+]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [c[1:] for c in WEBHOOK_PROBLEMS], ids=[c[0] for c in WEBHOOK_PROBLEMS])
+def test_webhook_and_digest_problems(tmp_path: Path, extra: str, expected: str) -> None:
+    owners = "owners:\n  - {id: desk, name: Desk, " + extra + "}\n"
+    problems = [str(p) for p in check_rules(write(tmp_path, GOOD_ROUTING, owners))]
+    assert any(p.startswith(f"rules/owners.yaml: {expected}") for p in problems), problems
+
+
+def test_owner_digest_is_compiled(tmp_path: Path) -> None:
+    owners = OWNERS + "  - {id: dg, name: Dg, email: dg@example.com, channels: [inbox, email], digest: 15m}\n"
+    ruleset = load_rules(write(tmp_path, GOOD_ROUTING, owners))
+    assert ruleset.owners["dg"].digest == timedelta(minutes=15)
+    assert ruleset.owners["alice"].digest is None
 
 
 def test_rule_cooldown_and_holdout_are_compiled(tmp_path: Path) -> None:
@@ -364,3 +399,208 @@ def test_impossible_yaml_date_is_kept_as_text_not_a_traceback(tmp_path: Path) ->
     # PyYAML raises a bare ValueError for 2024-13-01; the loader keeps it as text instead.
     routing = "rules:\n  - {name: a, when: {context.renewal_date: {in: [2024-13-01]}}, owner: desk}\n" + CATCH_ALL
     assert check_rules(write(tmp_path, routing)) == []
+
+
+# context_sources -------------------------------------------------------------------------
+
+SOURCE_PROBLEMS = [
+    ("unknown-placeholder", '{redis_hash: "context:{account}"}',
+     "context_sources.s.redis_hash: unknown placeholder '{account}' in key pattern 'context:{account}'; "
+     "use {entity_type}, {entity_id}, {prediction_id}, {model}"),
+    ("placeholder-with-conversion", '{redis_hash: "context:{entity_id!r}"}',
+     "context_sources.s.redis_hash: unknown placeholder '{entity_id!r}' in key pattern 'context:{entity_id!r}'; "
+     "use {entity_type}, {entity_id}, {prediction_id}, {model}"),
+    ("unbalanced-brace", '{redis_hash: "context:{entity_id"}',
+     "context_sources.s.redis_hash: invalid key pattern 'context:{entity_id': expected '}' before end of string"),
+    ("null-pattern", "{redis_hash: null}",
+     "context_sources.s.redis_hash: expected a key pattern like 'context:{entity_type}:{entity_id}', got None"),
+    ("not-a-select", '{sql: "delete from billing_accounts where account_id = :entity_id"}',
+     "context_sources.s.sql: expected a single SELECT statement (a context query only reads), "
+     "got one starting with 'delete'"),
+    ("with-is-not-a-plain-select", '{sql: "with x as (delete from t returning *) select * from x"}',
+     "context_sources.s.sql: expected a single SELECT statement (a context query only reads), "
+     "got one starting with 'with'"),
+    ("comment-hides-nothing", '{sql: "/* select */ update t set a = 1"}',
+     "context_sources.s.sql: expected a single SELECT statement (a context query only reads), "
+     "got one starting with 'update'"),
+    ("two-statements", '{sql: "select 1; drop table billing_accounts"}',
+     "context_sources.s.sql: expected a single SELECT statement, got several separated by ';'"),
+    ("select-into", '{sql: "select * into copy from billing_accounts"}',
+     "context_sources.s.sql: SELECT ... INTO writes a table; a context query only reads"),
+    ("unknown-parameter", '{sql: "select plan from billing_accounts where account_id = :account_id"}',
+     "context_sources.s.sql: unknown parameter ':account_id'; a context query can use "
+     ":entity_type, :entity_id, :prediction_id, :model"),
+    ("unterminated-string", """{sql: "select 'abc from t"}""",
+     "context_sources.s.sql: unterminated string starting at \"'abc from t\""),
+    ("empty-sql", '{sql: ""}', "context_sources.s.sql: expected a SELECT statement, got ''"),
+    ("both-kinds", '{redis_hash: "k:{entity_id}", sql: "select 1"}',
+     "context_sources.s: expected exactly one of redis_hash (a key pattern like "
+     "'context:{entity_type}:{entity_id}') or sql (a SELECT statement)"),
+    ("neither-kind", "{timeout_s: 2}",
+     "context_sources.s: expected exactly one of redis_hash (a key pattern like "
+     "'context:{entity_type}:{entity_id}') or sql (a SELECT statement)"),
+    ("url-instead-of-variable-is-not-echoed", '{sql: "select 1", database_url_env: "postgresql://u:s3cret@db/x"}',
+     "context_sources.s.database_url_env: expected the name of an environment variable that holds the database "
+     "URL, like DECISION_ROUTER_CONTEXT_DB_URL, not the URL itself"),
+    ("bad-variable-name", '{sql: "select 1", database_url_env: "CTX URL"}',
+     "context_sources.s.database_url_env: expected an environment variable name like "
+     "DECISION_ROUTER_CONTEXT_DB_URL, got 'CTX URL'"),
+    ("database-on-a-hash", '{redis_hash: "k:{entity_id}", database_url_env: CTX_URL}',
+     "context_sources.s: database_url_env only applies to a sql source"),
+    ("zero-timeout", '{redis_hash: "k:{entity_id}", timeout_s: 0}',
+     "context_sources.s.timeout_s: expected a number of seconds above 0 and at most 60, like 2, got 0"),
+    ("text-timeout", '{redis_hash: "k:{entity_id}", timeout_s: "2s"}',
+     "context_sources.s.timeout_s: expected a number of seconds above 0 and at most 60, like 2, got '2s'"),
+    ("unknown-key", '{redis_hash: "k:{entity_id}", url: "redis://x"}',
+     "context_sources.s.url: unknown key 'url'; expected one of redis_hash, sql, database_url_env, timeout_s"),
+    ("not-a-mapping", '"context:{entity_id}"', "context_sources.s: expected a mapping, got 'context:{entity_id}'"),
+]
+
+
+@pytest.mark.parametrize(("source", "expected"), [c[1:] for c in SOURCE_PROBLEMS], ids=[c[0] for c in SOURCE_PROBLEMS])
+def test_context_source_problems(tmp_path: Path, source: str, expected: str) -> None:
+    routing = f"context_sources:\n  s: {source}\nrules:" + CATCH_ALL
+    assert [str(p) for p in check_rules(write(tmp_path, routing))] == [R + expected]
+    assert "s3cret" not in expected  # a URL written by mistake is never echoed back
+
+
+def test_context_source_names_and_section_shape(tmp_path: Path) -> None:
+    routing = 'context_sources:\n  crm.v2: {redis_hash: "k:{entity_id}"}\nrules:' + CATCH_ALL
+    assert [str(p) for p in check_rules(write(tmp_path, routing))] == [
+        R + "context_sources.crm.v2: expected a source name of letters, digits, '-' or '_' (no dots), got 'crm.v2'",
+    ]
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    assert [str(p) for p in check_rules(write(listed, "context_sources: [crm]\nrules:" + CATCH_ALL))] == [
+        R + "context_sources: expected a mapping, got ['crm']",
+    ]
+
+
+def test_lookup_paths_must_be_well_formed_and_name_declared_sources(tmp_path: Path) -> None:
+    routing = """
+context_sources:
+  crm: {redis_hash: "context:{entity_type}:{entity_id}"}
+  billing: {sql: "delete from billing_accounts"}
+rules:
+  - name: a
+    when: {lookup.crn.tier: gold, lookup.crm: {exists: true}}
+    owner: {from: lookup.hr.manager, fallback: desk}
+    context: [lookup.crm.health_score, lookup.erp.plan, lookup.erp.terms, lookup.billing.plan, crm.tier]
+""" + CATCH_ALL
+    assert [str(p) for p in check_rules(write(tmp_path, routing))] == [
+        # The declared billing source has a problem of its own, reported once, on the source.
+        R + "context_sources.billing.sql: expected a single SELECT statement (a context query only reads), "
+        "got one starting with 'delete'",
+        R + "rule a: when.lookup.crm: expected lookup.<source>.<field>, like 'lookup.crm.health_score', got 'lookup.crm'",
+        R + "rule a: context: unknown field 'crm': a path starts with one of prediction_id, model, model_version, "
+        "entity_type, entity_id, score, label, predicted_at, features, context, lookup",
+        R + "rule a: when.lookup.crn.tier: context source 'crn' is not declared in context_sources; did you mean 'crm'?",
+        R + "rule a: owner.from: context source 'hr' is not declared in context_sources",
+        R + "rule a: context: context source 'erp' is not declared in context_sources",  # once per rule and field
+    ]
+
+
+def test_lookup_without_any_context_sources(tmp_path: Path) -> None:
+    routing = "rules:\n  - {name: a, when: {lookup.crm.tier: gold}, owner: desk}\n" + CATCH_ALL
+    assert [str(p) for p in check_rules(write(tmp_path, routing))] == [
+        R + "rule a: when.lookup.crm.tier: context source 'crm' is not declared in context_sources",
+    ]
+
+
+def test_context_sources_are_compiled(tmp_path: Path) -> None:
+    routing = """
+context_sources:
+  crm:
+    redis_hash: "context:{entity_type}:{entity_id}"
+  billing:
+    # Comments, casts, times in strings and a trailing ';' are all fine.
+    sql: >-
+      select overdue_amount, plan::text as plan, '12:30' as cutoff -- owed; per account
+      from billing_accounts where account_id = :entity_id and kind = :entity_type and :entity_id <> '';
+    database_url_env: DECISION_ROUTER_CONTEXT_DB_URL
+    timeout_s: 0.5
+rules:
+  - {name: a, when: {lookup.crm.tier: gold}, owner: {from: lookup.crm.owner, fallback: desk}, context: [lookup.billing.plan]}
+""" + CATCH_ALL
+    ruleset = load_rules(write(tmp_path, routing))
+    crm, billing = ruleset.context_sources["crm"], ruleset.context_sources["billing"]
+    assert (crm.name, crm.kind, crm.key_pattern, crm.parameters, crm.timeout_s) == (
+        "crm", "redis_hash", "context:{entity_type}:{entity_id}", ("entity_type", "entity_id"), 2.0)
+    assert (billing.kind, billing.parameters, billing.database_url_env, billing.timeout_s) == (
+        "sql", ("entity_id", "entity_type"), "DECISION_ROUTER_CONTEXT_DB_URL", 0.5)
+    assert billing.sql is not None and billing.sql.startswith("select overdue_amount")
+    assert ruleset.rules[0].context_fields == ("lookup.billing.plan",)
+    (tmp_path / "none").mkdir()
+    assert load_rules(write(tmp_path / "none", GOOD_ROUTING)).context_sources == {}
+
+
+
+# --- models: owners and drift settings of the models --------------------------------------
+
+MODEL_CASES = [
+    ("unknown-owner", "models: {churn: {owner: alcie}}\n", [
+        R + "model churn: owner: 'alcie' is not in the owner directory; did you mean 'alice'?",
+    ]),
+    ("shape", "models: {churn: {}, fraud: null, upsell: {owner: desk, colour: red}, 3: {owner: desk}}\n", [
+        R + "model churn: owner: required",
+        R + "model fraud: expected a mapping, got None",
+        R + "model upsell: colour: unknown key 'colour'; expected one of owner, drift",
+        R + "model #4: a model name must be a non-empty string, got 3",
+    ]),
+    ("not-a-mapping", "models: [churn]\n", [R + "models: expected a mapping, got ['churn']"]),
+    ("drift-values", """
+models:
+  churn:
+    owner: desk
+    drift: {reference_days: 0, recent: 0s, alpha: 1, min_samples: 10, baseline_version: 2026.10, bins: 5}
+  fraud: {owner: desk, drift: {reference_days: 2.5, recent: 1 day, alpha: '0.01', min_samples: true}}
+""", [
+        R + "model churn: drift.reference_days: expected a whole number >= 1 (days), got 0",
+        R + "model churn: drift.recent: expected a duration above zero, got '0s'",
+        R + "model churn: drift.alpha: expected a false-alarm rate with 0 < alpha < 1, like 0.01, got 1",
+        R + "model churn: drift.min_samples: expected a whole number >= 50 (no PSI is computed on fewer values), got 10",
+        R + "model churn: drift.baseline_version: expected a quoted version like '2026.10' "
+        "(YAML reads an unquoted one as a number), got 2026.1",
+        R + "model churn: drift.bins: unknown key 'bins'; expected one of reference_days, recent, alpha, min_samples, "
+        "baseline_version",
+        R + "model fraud: drift.reference_days: expected a whole number >= 1 (days), got 2.5",
+        R + "model fraud: drift.recent: expected a duration like '30s', '15m', '4h', '2d' or '1w', got '1 day'",
+        R + "model fraud: drift.alpha: expected a false-alarm rate with 0 < alpha < 1, like 0.01, got '0.01'",
+        R + "model fraud: drift.min_samples: expected a whole number >= 50 (no PSI is computed on fewer values), got True",
+    ]),
+]
+
+
+@pytest.mark.parametrize(("models", "expected"), [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES])
+def test_model_problems(tmp_path: Path, models: str, expected: list[str]) -> None:
+    assert [str(p) for p in check_rules(write(tmp_path, GOOD_ROUTING + models))] == expected
+
+
+def test_model_problems_come_after_the_rules_and_name_the_model(tmp_path: Path) -> None:
+    routing = "rules:\n  - {name: a, when: {}, owner: zed}\nmodels: {churn: {owner: nobody}}\n"
+    assert check_rules(write(tmp_path, routing)) == [
+        RuleProblem("rules/routing.yaml", "a", "owner", "'zed' is not in the owner directory"),
+        RuleProblem("rules/routing.yaml", "model churn", "owner", "'nobody' is not in the owner directory"),
+    ]
+
+
+def test_model_owners_and_drift_settings_are_compiled(tmp_path: Path) -> None:
+    from decision_router.rules import DriftConfig
+
+    routing = GOOD_ROUTING + """
+models:
+  churn: {owner: alice}
+  payment-fraud:
+    owner: carol
+    drift: {reference_days: 7, recent: 12h, alpha: 0.001, min_samples: 500, baseline_version: '2026.10'}
+"""
+    ruleset = load_rules(write(tmp_path, routing))
+    assert dict(ruleset.model_owners) == {"churn": "alice", "payment-fraud": "carol"}
+    assert ruleset.models["churn"].drift == DriftConfig()  # the defaults
+    assert ruleset.models["payment-fraud"].drift == DriftConfig(
+        reference_days=7, recent=timedelta(hours=12), alpha=0.001, min_samples=500, baseline_version="2026.10"
+    )
+    assert (DriftConfig().reference_days, DriftConfig().recent, DriftConfig().min_samples) == (3, timedelta(days=1), 200)
+    # Without a models: section there are no model owners (and nothing breaks).
+    (tmp_path / "plain").mkdir()
+    assert dict(load_rules(write(tmp_path / "plain", GOOD_ROUTING)).model_owners) == {}

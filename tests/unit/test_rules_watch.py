@@ -98,7 +98,7 @@ BROKEN = [
         O + "owner felix-wagner: delegate: delegate chain loops: felix-wagner -> hugo-lambert -> felix-wagner",
     ]),
     ("yaml-syntax", "owners.yaml", "owners:\n", "owners: [\n", [
-        O + "line 6, column 3: invalid YAML: expected the node content, but found '-'",
+        O + "line 12, column 3: invalid YAML: expected the node content, but found '-'",
     ]),
 ]
 

@@ -1,0 +1,114 @@
+"""`decision-router stats drift`: the current drift and data-quality figures per model.
+
+A subcommand of the `stats` group (cli_stats.stats_app); registered when cli.py imports
+this module. The figures come from monitor.assess_models, the same code the service's
+periodic check runs, read now against the store.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from decision_router.cli import err, fail, out, settings_or_exit
+from decision_router.cli_stats import stats_app
+from decision_router.settings import redact_url
+
+FORMATS = ("table", "json")
+
+
+def _models(rules_dir: Path) -> Any:
+    """RuleSet.models of the rules directory; {} (defaults, with a warning) if it does not load."""
+    from decision_router.rules import RulesInvalid, load_rules
+
+    try:
+        return load_rules(rules_dir).models
+    except RulesInvalid as exc:
+        first = exc.problems[0] if exc.problems else "invalid"
+        err.print(
+            f"warning: cannot load the rules in {rules_dir} ({first}); every model is checked with the default "
+            "drift settings (set DECISION_ROUTER_RULES_DIR to the rules the service runs)",
+            style="yellow", markup=False, highlight=False, soft_wrap=True,
+        )
+        return {}
+
+
+def _number(metric: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if metric.endswith("_rate"):
+        return f"{value:.2%}"
+    return f"{value:.4f}"
+
+
+def _flag(flagged: bool | None) -> Text:
+    if flagged is None:
+        return Text("not enough data", style="dim")
+    return Text("DRIFT", style="bold red") if flagged else Text("ok", style="green")
+
+
+def print_drift(rows: list[Any], fmt: str) -> None:
+    if fmt == "json":
+        sys.stdout.write(json.dumps([row.as_dict() for row in rows], indent=2, ensure_ascii=False) + "\n")
+        return
+    table = Table(title="drift and data quality by model version (recent window vs reference)", title_justify="left")
+    numbers = ("value", "threshold", "n reference", "n recent")
+    for header in ("model", "version", "metric", *numbers, "flag", "note"):
+        table.add_column(header, justify="right" if header in numbers else "left", overflow="fold",
+                         no_wrap=header in ("model", "version", "metric"))
+    for row in rows:
+        table.add_row(
+            Text(row.model), Text(row.model_version), Text(row.metric), _number(row.metric, row.value),
+            _number(row.metric, row.threshold), str(row.n_reference), str(row.n_recent), _flag(row.flagged),
+            Text(row.note),
+        )
+    out.print(table)
+    if not rows:
+        out.print("no predictions in any model's recent window", markup=False, highlight=False)
+        return
+    out.print(
+        "value: PSI for score and feature:<name>, the recent rate for *_rate; threshold: the PSI above which "
+        "(or the rate from which) a figure is flagged, sample-size aware; not enough data: a window has fewer "
+        "values than drift.min_samples, or no reference yet. version *: the whole model. "
+        "--format json has every figure's full detail.",
+        style="dim", markup=False, highlight=False, soft_wrap=True,
+    )
+
+
+@stats_app.command("drift")
+def drift(
+    model: Annotated[Optional[str], typer.Option(help="Only this model.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Drift of scores and numeric features, rejection and missing-context rate jumps, per model version, now."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlmodel import Session
+
+    from decision_router.monitor import assess_models
+    from decision_router.pipeline import utcnow
+    from decision_router.store import make_engine
+
+    if fmt not in FORMATS:
+        fail(f"--format must be table or json, not {fmt!r}", code=2)
+    settings = settings_or_exit()
+    models = _models(settings.rules_dir)
+    engine = make_engine(settings.database_url)
+    try:
+        if not inspect(engine).has_table("predictions"):
+            rows = []
+        else:
+            only = None if model is None else {model}
+            with Session(engine) as session:
+                rows = assess_models(session, now=utcnow(), ruleset_models=models, only=only)
+    except SQLAlchemyError as exc:
+        fail(f"cannot read the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
+    finally:
+        engine.dispose()
+    print_drift(rows, fmt)

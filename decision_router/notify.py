@@ -1,0 +1,496 @@
+"""Delivery to owners' external channels (webhook, email), after the inbox.
+
+Every delivery is a row in the `deliveries` table first (the channel outbox, written in
+the same transaction that marks the inbox delivery), then handed to the channel
+dispatcher (one bounded queue and worker pool per receiver, retries with backoff). Each
+attempt is recorded; a delivery that fails for good is an audit event and an entry on
+`deliveries:dlq`, from which `decision-router redrive deliveries` re-sends it once.
+Pending rows left by a crash are sent again at start (receivers dedupe on the
+X-Decision-Router-Delivery header).
+
+Digests: an owner with `digest: <window>` in owners.yaml gets webhook and email alerts
+grouped (the inbox stream is not). The first alert after a quiet period (nothing sent to
+that receiver within the window) goes out at once, on its own; alerts that arrive within
+the window of the last send wait in the outbox and go out together, as one message, once
+the window has passed since that send (`plan_digest`). The last send is read from the
+store (the receiver's latest finished row), so a restart keeps the window. Every row of a
+digest gets the digest's result, attempts and audit event (`digest: n`); a failed digest
+dead-letters each row, and a redrive re-sends each on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Generic, Protocol, TypeVar
+
+import structlog
+from pydantic import SecretStr, ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from decision_router.channels import (
+    QUEUE_FULL,
+    Attempt,
+    DeliveryResult,
+    Dispatcher,
+    EmailReceiver,
+    Renderer,
+    SmtpSettings,
+    WebhookReceiver,
+)
+from decision_router.contracts import Alert
+from decision_router.keys import Keys
+from decision_router.rules import Owner, RuleSet
+from decision_router.settings import Settings
+from decision_router.streams import StreamWrite, xadd_once
+from decision_router.tables import AuditEvent, DeliveryAttemptRecord, DeliveryRecord, as_utc
+from decision_router.tracker import SYSTEM_ACTOR
+
+log = structlog.get_logger("decision_router.notify")
+
+EXTERNAL = ("webhook", "email")
+# The most alerts in one digest message; a larger backlog goes out as several digests.
+MAX_DIGEST_ALERTS = 500
+# Pending rows read per pump: for receivers without a digest, and for those with one (their
+# rows wait in the outbox, so they are read apart and never hold up the others).
+PENDING_BATCH = 1000
+DIGEST_PENDING_BATCH = 5000
+
+
+class _Created(Protocol):
+    @property
+    def created_at(self) -> datetime: ...
+
+
+P = TypeVar("P", bound=_Created)
+
+
+@dataclass(frozen=True)
+class DigestPlan(Generic[P]):
+    """What to do with one digest receiver's pending rows now."""
+
+    singles: tuple[P, ...] = ()  # send now, each on its own
+    digests: tuple[tuple[P, ...], ...] = ()  # send now, each group as one message
+    waiting: tuple[P, ...] = ()  # keep pending
+    due_at: datetime | None = None  # when the waiting rows are due (None: nothing waits)
+
+
+def plan_digest(
+    pending: Sequence[P], *, last_sent: datetime | None, window: timedelta, now: datetime,
+    max_alerts: int = MAX_DIGEST_ALERTS,
+) -> DigestPlan[P]:
+    """The digest decision for one receiver, given its pending rows (oldest first) and when
+    it was last sent to. Pure.
+
+    * Within the window of the last send (`now < last_sent + window`): everything waits.
+    * The window has passed, and some rows arrived within it (they were held back): all
+      pending rows go now, as one digest (as a single message when there is only one;
+      several digests of at most `max_alerts` for a large backlog).
+    * A quiet period (never sent, or every row arrived after the window ended): the first
+      row goes at once on its own; the rest wait one window from now.
+    """
+    rows = tuple(pending)
+    if not rows:
+        return DigestPlan()
+    if last_sent is not None and now < last_sent + window:
+        return DigestPlan(waiting=rows, due_at=last_sent + window)
+    held = last_sent is not None and any(row.created_at < last_sent + window for row in rows)
+    if not held:
+        rest = rows[1:]
+        return DigestPlan(singles=rows[:1], waiting=rest, due_at=now + window if rest else None)
+    step = max(1, max_alerts)
+    groups = [rows[i : i + step] for i in range(0, len(rows), step)]
+    return DigestPlan(
+        singles=tuple(g[0] for g in groups if len(g) == 1),
+        digests=tuple(g for g in groups if len(g) > 1),
+    )
+
+
+@dataclass(frozen=True)
+class PendingDelivery:
+    """A pending `deliveries` row, as the pump sees it."""
+
+    row_id: int
+    key: str  # receiver key, owner:channel
+    recipient: str
+    alert: Alert
+    created_at: datetime
+    # Finished before (dead-lettered, then redriven): re-sent on its own, never in a digest.
+    redriven: bool = False
+
+
+def receiver_key(owner_id: str, channel: str) -> str:
+    return f"{owner_id}:{channel}"
+
+
+def smtp_settings(settings: Settings) -> SmtpSettings | None:
+    if not settings.smtp_host:
+        return None
+    return SmtpSettings(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        starttls=settings.smtp_starttls,
+        use_tls=settings.smtp_use_tls,
+        username=settings.smtp_username,
+        password=settings.smtp_password,
+        password_file=settings.smtp_password_file,
+        sender=settings.smtp_sender,
+    )
+
+
+def webhook_receiver(owner: Owner, rules_dir: Path) -> WebhookReceiver:
+    spec = owner.webhook
+    assert spec is not None  # rules check: a webhook channel has a webhook config
+    secret: SecretStr | None = None
+    if spec.secret_env:
+        value = os.environ.get(spec.secret_env)
+        if not value:
+            raise ValueError(f"owner {owner.id}: webhook secret variable {spec.secret_env} is not set")
+        secret = SecretStr(value)
+    return WebhookReceiver(
+        url=spec.url,
+        format=spec.format,
+        secret=secret,
+        secret_file=(rules_dir / spec.secret_file) if spec.secret_file else None,
+        timeout_s=spec.timeout_s,
+        max_attempts=spec.max_attempts,
+    )
+
+
+def build_receivers(
+    ruleset: RuleSet, smtp: SmtpSettings | None
+) -> tuple[dict[str, WebhookReceiver | EmailReceiver], list[str]]:
+    """Receivers per `owner:channel`, and a warning per channel that cannot be used."""
+    receivers: dict[str, WebhookReceiver | EmailReceiver] = {}
+    warnings: list[str] = []
+    for owner in ruleset.owners.values():
+        if "webhook" in owner.channels:
+            try:
+                receivers[receiver_key(owner.id, "webhook")] = webhook_receiver(owner, ruleset.source_dir)
+            except (ValueError, ValidationError) as exc:
+                warnings.append(f"webhook of {owner.id} disabled: {exc}")
+        if "email" in owner.channels and owner.email:
+            if smtp is None:
+                continue
+            receivers[receiver_key(owner.id, "email")] = EmailReceiver(to=[owner.email])
+    if smtp is None and any("email" in o.channels for o in ruleset.owners.values()):
+        warnings.append("owners use the email channel but DECISION_ROUTER_SMTP_HOST is unset: email is not sent")
+    return receivers, warnings
+
+
+class ChannelDelivery:
+    """Owns the dispatcher of one worker and moves `deliveries` rows through it."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        ruleset: RuleSet,
+        engine: Engine,
+        redis,
+        clock,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        self.settings, self.engine, self.redis, self.clock = settings, engine, redis, clock
+        self.keys = Keys(settings.stream_prefix)
+        receivers, warnings = build_receivers(ruleset, smtp_settings(settings))
+        for warning in warnings:
+            log.warning("channel disabled", reason=warning)
+        self.receivers = receivers
+        templates = ruleset.source_dir / "templates"
+        self.dispatcher = dispatcher or Dispatcher.from_config(
+            receivers,
+            smtp=smtp_settings(settings),
+            renderer=Renderer(templates if templates.is_dir() else None) if receivers else None,
+            on_result=self._on_result,
+        )
+        self._inflight: dict[tuple[str, str, int], int] = {}  # (receiver, alert, copy level) -> row id
+        # Rows finished since the current pump began: its snapshot of pending rows may be
+        # older than their result, and they must not be sent twice.
+        self._done: set[int] = set()
+        self._lock = asyncio.Lock()
+        # Receivers of owners with a digest window, and when each was last handed a message
+        # by this process (the store's finished_at covers sends before a restart).
+        self.digests: dict[str, timedelta] = {
+            receiver_key(owner.id, channel): owner.digest
+            for owner in ruleset.owners.values()
+            if owner.digest
+            for channel in EXTERNAL
+            if receiver_key(owner.id, channel) in receivers
+        }
+        self._last_sent: dict[str, datetime] = {}
+
+    def channels_for(self, owner_id: str) -> tuple[str, ...]:
+        """The external channels an alert for this owner goes to (configured and usable)."""
+        return tuple(c for c in EXTERNAL if receiver_key(owner_id, c) in self.receivers)
+
+    async def pump(self) -> int:
+        """Hand pending rows to the dispatcher; returns how many rows were submitted.
+
+        Rows for a receiver with a digest window are grouped by `plan_digest`: they may
+        wait (stay pending) until the window since the receiver's last send has passed."""
+        if not self.receivers:
+            return 0
+        async with self._lock:
+            self._done.clear()
+            rows, stored_last = await asyncio.to_thread(self._pending)
+            now = self.clock()
+            submitted = 0
+            grouped: dict[str, list[PendingDelivery]] = {}
+            for row in rows:
+                if _token(row.key, row.alert) in self._inflight or row.row_id in self._done:
+                    continue
+                if row.key in self.digests and not row.redriven:
+                    grouped.setdefault(row.key, []).append(row)
+                else:
+                    submitted += await self._submit(row)
+            for key, group in grouped.items():
+                last = max((t for t in (stored_last.get(key), self._last_sent.get(key)) if t is not None), default=None)
+                plan = plan_digest(group, last_sent=last, window=self.digests[key], now=now)
+                for row in plan.singles:
+                    submitted += await self._submit(row)
+                    self._last_sent[key] = now
+                for digest in plan.digests:
+                    submitted += await self._submit_digest(key, digest)
+                    self._last_sent[key] = now
+            return submitted
+
+    async def _submit(self, row: PendingDelivery) -> int:
+        token = _token(row.key, row.alert)
+        self._inflight[token] = row.row_id
+        if await self.dispatcher.submit(row.key, row.alert):
+            return 1
+        del self._inflight[token]
+        await self._finish(row.row_id, row.key, row.alert, ok=False, error=QUEUE_FULL, status_code=None,
+                           latency_ms=0.0, attempts=())
+        return 0
+
+    async def _submit_digest(self, key: str, rows: Sequence[PendingDelivery]) -> int:
+        tokens = [_token(key, row.alert) for row in rows]
+        for token, row in zip(tokens, rows, strict=True):
+            self._inflight[token] = row.row_id
+        window_s = self.digests[key].total_seconds()
+        if await self.dispatcher.submit_digest(key, [row.alert for row in rows], recipient=rows[0].recipient, window_s=window_s):
+            return len(rows)
+        for token, row in zip(tokens, rows, strict=True):
+            del self._inflight[token]
+            await self._finish(row.row_id, key, row.alert, ok=False, error=QUEUE_FULL, status_code=None,
+                               latency_ms=0.0, attempts=(), digest=len(rows))
+        return 0
+
+    def _pending(self) -> tuple[list[PendingDelivery], dict[str, datetime]]:
+        """Pending rows of configured receivers (oldest first), and for each digest
+        receiver among them when it was last sent to (its latest finished row)."""
+        digest_owners = sorted({key.rsplit(":", 1)[0] for key in self.digests})
+        pending = select(DeliveryRecord).where(DeliveryRecord.status == "pending").order_by(DeliveryRecord.id)
+        with Session(self.engine) as session:
+            if digest_owners:
+                rows = list(session.scalars(pending.where(DeliveryRecord.recipient.not_in(digest_owners)).limit(PENDING_BATCH)))
+                rows += session.scalars(pending.where(DeliveryRecord.recipient.in_(digest_owners)).limit(DIGEST_PENDING_BATCH))
+            else:
+                rows = list(session.scalars(pending.limit(PENDING_BATCH)))
+            out = [
+                PendingDelivery(
+                    row_id=row.id, key=receiver_key(row.recipient, row.channel), recipient=row.recipient,
+                    alert=Alert.model_validate(row.payload), created_at=as_utc(row.created_at),
+                    redriven=row.finished_at is not None,
+                )
+                for row in rows
+                if receiver_key(row.recipient, row.channel) in self.receivers
+            ]
+            waiting = sorted({row.recipient for row in out if row.key in self.digests})
+            last: dict[str, datetime] = {}
+            if waiting:
+                latest = session.execute(
+                    select(DeliveryRecord.recipient, DeliveryRecord.channel, func.max(DeliveryRecord.finished_at))
+                    .where(
+                        DeliveryRecord.recipient.in_(waiting),
+                        DeliveryRecord.status.in_(("delivered", "failed")),
+                        DeliveryRecord.finished_at.is_not(None),
+                    )
+                    .group_by(DeliveryRecord.recipient, DeliveryRecord.channel)
+                )
+                for recipient, channel, at in latest:
+                    if at is not None:
+                        last[receiver_key(recipient, channel)] = as_utc(at)
+            return out, last
+
+    async def _on_result(self, alert: Alert, result: DeliveryResult, attempts: Sequence[Attempt]) -> None:
+        # Called once per alert; for a digest, once for each of its alerts with the same result.
+        token = _token(result.receiver, alert)
+        row_id = self._inflight.get(token)
+        if row_id is None:
+            return
+        try:
+            await self._finish(
+                row_id, result.receiver, alert, ok=result.ok, error=result.error, status_code=result.status_code,
+                latency_ms=result.latency_ms, attempts=attempts, digest=result.digest,
+                digest_id=result.alert_id if result.digest else None,
+            )
+            self._done.add(row_id)
+        finally:
+            # Only now, with the result stored: a pump reading pending rows meanwhile skips it.
+            self._inflight.pop(token, None)
+
+    async def _finish(
+        self, row_id: int, key: str, alert: Alert, *, ok: bool, error: str | None, status_code: int | None,
+        latency_ms: float, attempts: Sequence[Attempt], digest: int = 0, digest_id: str | None = None,
+    ) -> None:
+        tries = await asyncio.to_thread(
+            self._record, row_id, ok, error, status_code, latency_ms, attempts, digest, digest_id
+        )
+        if ok:
+            return
+        owner, channel = key.rsplit(":", 1)
+        await xadd_once(
+            self.redis,
+            [
+                StreamWrite(
+                    stream=self.keys.deliveries_dlq,
+                    fields={
+                        "delivery_id": str(row_id),
+                        "alert_id": alert.alert_id,
+                        "receiver": key,
+                        "owner": owner,
+                        "channel": channel,
+                        "error": error or "",
+                        "status_code": "" if status_code is None else str(status_code),
+                        "attempts": str(tries),
+                        "payload": alert.model_dump_json(),
+                        # A digest's rows are dead-lettered one by one; redrive re-sends each on its own.
+                        **({"digest": str(digest)} if digest else {}),
+                    },
+                    dedupe_key=self.keys.dedupe(f"deliverydlq:{row_id}:{tries}"),
+                )
+            ],
+            ttl=self.settings.dedupe_ttl,
+        )
+        log.warning("delivery failed", receiver=key, alert_id=alert.alert_id, error=error, attempts=tries)
+
+    def _record(
+        self, row_id: int, ok: bool, error: str | None, status_code: int | None, latency_ms: float,
+        attempts: Sequence[Attempt], digest: int = 0, digest_id: str | None = None,
+    ) -> int:
+        now: datetime = self.clock()
+        with Session(self.engine) as session:
+            row = session.get(DeliveryRecord, row_id)
+            assert row is not None
+            for attempt in attempts:
+                session.add(
+                    DeliveryAttemptRecord(
+                        delivery_id=row_id, n=row.attempts + attempt.n, ok=attempt.ok, status_code=attempt.status_code,
+                        error=attempt.error, latency_ms=attempt.latency_ms, at=attempt.at,
+                    )
+                )
+            row.attempts += len(attempts)
+            row.status = "delivered" if ok else "failed"
+            row.status_code, row.error, row.latency_ms, row.finished_at = status_code, error, latency_ms, now
+            session.add(row)
+            session.add(
+                AuditEvent(
+                    alert_id=row.alert_id,
+                    type="delivered" if ok else "delivery_failed",
+                    actor=SYSTEM_ACTOR,
+                    at=now,
+                    detail={
+                        "channel": row.channel,
+                        "owner": row.recipient,
+                        "status_code": status_code,
+                        "attempts": row.attempts,
+                        "latency_ms": round(latency_ms, 1),
+                        **({} if ok else {"error": error}),
+                        **({"escalation_level": row.payload["escalation"]["level"]} if row.payload.get("escalation") else {}),
+                        **({"digest": digest} if digest else {}),
+                        **({"digest_id": digest_id} if digest_id else {}),
+                    },
+                )
+            )
+            session.commit()
+            return row.attempts
+
+    async def drain(self) -> None:
+        await self.pump()
+        await self.dispatcher.drain()
+
+    async def close(self) -> None:
+        await self.dispatcher.close(timeout=5.0)
+
+
+def _token(key: str, alert: Alert) -> tuple[str, str, int]:
+    """An in-flight delivery: receiver, alert and copy (escalation level)."""
+    return (key, alert.alert_id, alert.escalation.level if alert.escalation else 0)
+
+
+def queue_deliveries(
+    session: Session, *, alert: Alert, recipient: str, channels: Sequence[str], now: datetime
+) -> None:
+    """Outbox rows for an alert (or escalated copy) to the recipient's external channels."""
+    copy = f"escalation-{alert.escalation.level}" if alert.escalation else "alert"
+    for channel in channels:
+        key = f"{alert.alert_id}:{recipient}:{channel}:{copy}"
+        if session.scalar(select(DeliveryRecord.id).where(DeliveryRecord.delivery_key == key)) is not None:
+            continue
+        session.add(
+            DeliveryRecord(
+                delivery_key=key,
+                alert_id=alert.alert_id,
+                recipient=recipient,
+                channel=channel,
+                payload=alert.model_dump(mode="json"),
+                created_at=now,
+            )
+        )
+
+
+def redrive_candidates(entries: Sequence[tuple[str, Mapping[str, str]]]) -> list[tuple[str, int]]:
+    """(DLQ entry id, delivery id) for each well-formed deliveries:dlq entry."""
+    out = []
+    for entry_id, fields in entries:
+        try:
+            out.append((entry_id, int(fields["delivery_id"])))
+        except (KeyError, ValueError):
+            log.warning("deliveries:dlq entry without a delivery id skipped", entry_id=entry_id)
+    return out
+
+
+async def redrive(channels: ChannelDelivery, *, limit: int = 10_000) -> tuple[int, int]:
+    """Re-send each deliveries:dlq entry once: its row goes back to pending and the entry
+    is removed; a delivery that fails again is dead-lettered again. Returns (re-sent, delivered)."""
+    stream = channels.keys.deliveries_dlq
+    entries = [
+        (_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
+        for entry_id, fields in await channels.redis.xrange(stream, count=limit)
+    ]
+    candidates = redrive_candidates(entries)
+    ids = [delivery_id for _, delivery_id in candidates]
+    await asyncio.to_thread(_reset_to_pending, channels.engine, ids)
+    if entries:
+        await channels.redis.xdel(stream, *[entry_id for entry_id, _ in entries])
+    await channels.drain()
+    delivered = await asyncio.to_thread(_count_delivered, channels.engine, ids)
+    return len(ids), delivered
+
+
+def _reset_to_pending(engine: Engine, ids: Sequence[int]) -> None:
+    with Session(engine) as session:
+        for row in session.scalars(select(DeliveryRecord).where(DeliveryRecord.id.in_(list(ids)))):
+            row.status = "pending"
+            session.add(row)
+        session.commit()
+
+
+def _count_delivered(engine: Engine, ids: Sequence[int]) -> int:
+    with Session(engine) as session:
+        return len(session.scalars(select(DeliveryRecord.id).where(
+            DeliveryRecord.id.in_(list(ids)), DeliveryRecord.status == "delivered"
+        )).all())
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,334 @@
+"""Context enrichment without servers: key formatting, which sources are looked up, Redis
+hashes on fakeredis, SQL on SQLite, and failures that never fail routing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+import sqlalchemy
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from structlog.testing import capture_logs
+
+from decision_router.contracts import Prediction
+from decision_router.enrich import (
+    ContextEnricher,
+    build_enricher,
+    hash_key,
+    jsonable,
+    redact,
+    referenced_sources,
+    run_queries,
+)
+from decision_router.keys import Keys
+from decision_router.rules import RuleSet, load_rules
+from decision_router.store import make_engine
+
+OWNERS = "owners:\n  - {id: desk, name: Desk}\n  - {id: gold-desk, name: Gold Desk}\n"
+CRM = '  crm: {redis_hash: "context:{entity_type}:{entity_id}"}\n'
+BILLING = '  billing: {sql: "select overdue_amount, plan from billing_accounts where account_id = :entity_id"}\n'
+NOW = datetime.now(timezone.utc)
+
+
+def ruleset_with(tmp_path: Path, sources: str, rules: str | None = None, name: str = "rules") -> RuleSet:
+    """A rule set declaring `sources`; by default one rule uses every one of them."""
+    if rules is None:
+        names = [line.split(":")[0].strip() for line in sources.splitlines() if line.strip()]
+        used = ", ".join(f"lookup.{n}.tier" for n in names)
+        rules = f"rules:\n  - {{name: a, when: {{}}, owner: desk, continue: true, context: [{used}]}}\n" \
+                "  - {name: rest, when: {}, owner: desk}\n"
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "routing.yaml").write_text("context_sources:\n" + sources + rules)
+    (directory / "owners.yaml").write_text(OWNERS)
+    return load_rules(directory)
+
+
+def prediction(pid: str, entity_id: str | None = None, **overrides: Any) -> Prediction:
+    fields: dict[str, Any] = dict(
+        prediction_id=pid, model="churn", model_version="1", entity_type="account",
+        entity_id=entity_id or f"acct-{pid}", score=0.9, predicted_at=NOW,
+    )
+    return Prediction(**{**fields, **overrides})
+
+
+def warnings_of(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["log_level"] == "warning"]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Redis]:
+    client = fakeredis.FakeAsyncRedis()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def sqlite(tmp_path: Path) -> Iterator[Engine]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'context.db'}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("create table billing_accounts (account_id text primary key, overdue_amount real, plan text)")
+        connection.exec_driver_sql("insert into billing_accounts values ('acct-1', 1250.5, 'pro'), ('acct-2', 0, 'basic')")
+    yield engine
+    engine.dispose()
+
+
+def count_queries(engine: Engine, needle: str) -> list[dict[str, Any]]:
+    """Parameters of every statement run on `engine` that contains `needle`."""
+    seen: list[dict[str, Any]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        if needle in statement:
+            seen.append(parameters)
+
+    return seen
+
+
+# keys and references ---------------------------------------------------------------------
+
+
+def test_hash_key_is_prefix_then_pattern_with_the_prediction() -> None:
+    p = prediction("p1", "acct:{17}", model="churn-v2")
+    assert hash_key("context:{entity_type}:{entity_id}", p) == "context:account:acct:{17}"
+    assert hash_key("context:{entity_type}:{entity_id}", p, prefix="tenant-a:") == "tenant-a:context:account:acct:{17}"
+    assert hash_key("ctx:{model}:{prediction_id}", p, prefix="t:") == "t:ctx:churn-v2:p1"
+    assert hash_key("static", p, prefix="t:") == "t:static"
+
+
+def test_only_sources_a_rule_uses_are_looked_up_in_order_of_use(tmp_path: Path) -> None:
+    sources = CRM + BILLING + '  unused: {redis_hash: "x:{entity_id}"}\n  owners: {redis_hash: "o:{entity_id}"}\n'
+    rules = """
+rules:
+  - {name: a, when: {model: churn}, owner: {from: lookup.owners.am, fallback: desk}, context: [lookup.billing.plan]}
+  - {name: b, when: {lookup.crm.tier: gold}, owner: desk, context: [lookup.billing.plan]}
+  - {name: rest, when: {}, owner: desk}
+"""
+    assert referenced_sources(ruleset_with(tmp_path, sources, rules)) == ("owners", "billing", "crm")
+    assert referenced_sources(load_rules(Path(__file__).resolve().parents[2] / "rules")) == ("crm",)
+
+
+def test_jsonable_and_redact() -> None:
+    assert jsonable(Decimal("1250.50")) == 1250.5 and jsonable(Decimal("3")) == 3 and isinstance(jsonable(Decimal("3")), int)
+    assert jsonable(Decimal("NaN")) == "NaN" and jsonable(float("inf")) == "inf"
+    assert jsonable(date(2026, 11, 2)) == "2026-11-02"
+    assert jsonable(datetime(2026, 11, 2, 9, 30, tzinfo=timezone.utc)) == "2026-11-02T09:30:00+00:00"
+    assert jsonable({"a": [Decimal("1.5"), b"x"]}) == {"a": [1.5, "x"]}
+    assert jsonable(True) is True and jsonable(None) is None and jsonable("7") == "7"
+    assert redact("failed at postgresql+psycopg://bob:s3cret@db:5432/x, retry") == (
+        "failed at postgresql+psycopg://bob:***@db:5432/x, retry"
+    )
+
+
+# Redis hashes (fakeredis) ------------------------------------------------------------------
+
+
+async def test_redis_hash_fields_are_text_per_prediction_with_one_pipelined_read_per_key(tmp_path: Path, fake: Redis) -> None:
+    ruleset = ruleset_with(tmp_path, CRM)
+    await fake.hset("t:context:account:acct-1", mapping={"tier": "gold", "health_score": 42, "note": "é"})
+    sent: list[list[tuple[Any, ...]]] = []
+    original = fake.pipeline
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        pipe = original(*args, **kwargs)
+        execute = pipe.execute
+
+        async def recorded(**options: Any) -> Any:
+            sent.append([command for command, _ in pipe.command_stack])
+            return await execute(**options)
+
+        pipe.execute = recorded
+        return pipe
+
+    fake.pipeline = spy  # type: ignore[method-assign]
+    enricher = ContextEnricher(ruleset, redis=fake, keys=Keys("t:"))
+    batch = [prediction("p1", "acct-1"), prediction("p2", "acct-1"), prediction("p3", "acct-3")]
+    found = await enricher.lookup(batch)
+    assert found == {
+        "p1": {"crm": {"tier": "gold", "health_score": "42", "note": "é"}},  # numbers stay strings
+        "p2": {"crm": {"tier": "gold", "health_score": "42", "note": "é"}},
+        "p3": {"crm": {}},  # no hash: no fields
+    }
+    assert sent == [[("HGETALL", "t:context:account:acct-1"), ("HGETALL", "t:context:account:acct-3")]]
+    assert enricher.failures == {}
+
+
+async def test_a_key_that_is_not_a_hash_fails_only_its_predictions_and_warns_once(tmp_path: Path, fake: Redis) -> None:
+    enricher = ContextEnricher(ruleset_with(tmp_path, CRM), redis=fake)
+    await fake.hset("context:account:acct-1", "tier", "gold")
+    await fake.set("context:account:acct-2", "not a hash")
+    await fake.set("context:account:acct-3", "not a hash either")
+    with capture_logs() as logs:
+        found = await enricher.lookup([prediction("p1", "acct-1"), prediction("p2", "acct-2"), prediction("p3", "acct-3")])
+    assert found == {"p1": {"crm": {"tier": "gold"}}}
+    (warning,) = warnings_of(logs)
+    assert (warning["source"], warning["kind"], warning["predictions"], warning["failures"]) == ("crm", "redis_hash", 3, 1)
+    assert warning["error"].startswith("2 of 3 keys failed, first context:account:acct-2: WRONGTYPE")
+    assert enricher.failures == {"crm": 1}
+
+
+async def test_unreachable_redis_yields_no_fields_and_is_counted(tmp_path: Path) -> None:
+    client = Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))  # fail at once, no retries
+    enricher = ContextEnricher(ruleset_with(tmp_path, CRM), redis=client)
+    try:
+        with capture_logs() as logs:
+            assert await enricher.lookup([prediction("p1")]) == {}
+            assert await enricher.lookup([prediction("p2")]) == {}
+    finally:
+        await client.aclose()
+    assert [w["error"].split(":")[0] for w in warnings_of(logs)] == ["ConnectionError", "ConnectionError"]
+    assert enricher.failures == {"crm": 2}
+
+
+async def test_redis_that_does_not_answer_times_out_within_the_source_timeout(tmp_path: Path) -> None:
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # accept the command, never reply
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = Redis(host="127.0.0.1", port=port)
+    sources = '  crm: {redis_hash: "context:{entity_type}:{entity_id}", timeout_s: 0.2}\n'
+    enricher = ContextEnricher(ruleset_with(tmp_path, sources), redis=client)
+    try:
+        with capture_logs() as logs:
+            started = time.monotonic()
+            assert await enricher.lookup([prediction("p1")]) == {}
+            elapsed = time.monotonic() - started
+    finally:
+        await client.aclose()
+        server.close()
+    assert 0.2 <= elapsed < 1.5
+    assert [(w["source"], w["error"]) for w in warnings_of(logs)] == [("crm", "timed out after 0.2s")]
+    assert enricher.failures == {"crm": 1}
+
+
+async def test_no_used_source_means_no_lookup_at_all(tmp_path: Path) -> None:
+    rules = "\nrules:\n  - {name: rest, when: {}, owner: desk}\n"
+    enricher = ContextEnricher(ruleset_with(tmp_path, CRM, rules), redis=None)  # a lookup would fail: no client
+    assert enricher.sources() == ()
+    assert await enricher.lookup([prediction("p1")]) == {}
+    assert enricher.failures == {}
+
+
+async def test_the_current_rule_set_is_read_on_every_batch(tmp_path: Path, fake: Redis) -> None:
+    await fake.hset("context:account:acct-1", "tier", "gold")
+    await fake.hset("other:acct-1", "tier", "silver")
+    current = {"ruleset": ruleset_with(tmp_path, CRM)}
+    enricher = build_enricher(lambda: current["ruleset"], redis=fake)
+    assert await enricher.lookup([prediction("p1", "acct-1")]) == {"p1": {"crm": {"tier": "gold"}}}
+    current["ruleset"] = ruleset_with(tmp_path, '  crm: {redis_hash: "other:{entity_id}"}\n', name="v2")
+    assert await enricher.lookup([prediction("p1", "acct-1")]) == {"p1": {"crm": {"tier": "silver"}}}
+
+
+# SQL (SQLite) ------------------------------------------------------------------------------
+
+
+async def test_sql_first_row_per_distinct_entity(tmp_path: Path, sqlite: Engine) -> None:
+    enricher = ContextEnricher(ruleset_with(tmp_path, BILLING), engine=sqlite)
+    queries = count_queries(sqlite, "billing_accounts")
+    batch = [prediction("p1", "acct-1"), prediction("p2", "acct-1"), prediction("p3", "acct-2"), prediction("p4", "acct-9")]
+    found = await enricher.lookup(batch)
+    assert found == {
+        "p1": {"billing": {"overdue_amount": 1250.5, "plan": "pro"}},
+        "p2": {"billing": {"overdue_amount": 1250.5, "plan": "pro"}},
+        "p3": {"billing": {"overdue_amount": 0.0, "plan": "basic"}},
+        "p4": {"billing": {}},  # no row
+    }
+    assert queries == [("acct-1",), ("acct-2",), ("acct-9",)]  # one query per entity, not per prediction
+    assert enricher.failures == {}
+    with sqlite.begin() as connection:  # the pooled connection is writable again afterwards
+        connection.exec_driver_sql("insert into billing_accounts values ('acct-3', 1, 'pro')")
+
+
+async def test_sql_error_yields_no_fields_and_warns_once_per_batch(tmp_path: Path, sqlite: Engine) -> None:
+    sources = '  billing: {sql: "select plan from missing_table where account_id = :entity_id"}\n'
+    enricher = ContextEnricher(ruleset_with(tmp_path, sources), engine=sqlite)
+    with capture_logs() as logs:
+        assert await enricher.lookup([prediction("p1", "acct-1"), prediction("p2", "acct-2")]) == {}
+    (warning,) = warnings_of(logs)
+    assert (warning["source"], warning["kind"], warning["predictions"]) == ("billing", "sql", 2)
+    assert warning["error"] == "OperationalError: no such table: missing_table"
+    assert enricher.failures == {"billing": 1}
+
+
+async def test_slow_sql_times_out_and_the_query_is_interrupted(tmp_path: Path, sqlite: Engine) -> None:
+    with sqlite.begin() as connection:
+        connection.exec_driver_sql("create table n (i integer)")
+        connection.exec_driver_sql("insert into n (i) " + " union all ".join(f"select {i}" for i in range(400)))
+    slow = "select count(*) as rows from n a, n b, n c, n d where a.i <> :entity_id"  # 400^4 rows
+    sources = f'  billing: {{sql: "{slow}", timeout_s: 0.3}}\n'
+    enricher = ContextEnricher(ruleset_with(tmp_path, sources), engine=sqlite)
+    with capture_logs() as logs:
+        started = time.monotonic()
+        assert await enricher.lookup([prediction("p1")]) == {}
+        assert time.monotonic() - started < 1.5
+    assert [w["error"] for w in warnings_of(logs)] == ["timed out after 0.3s"]
+    # The worker thread cannot be cancelled, but its query is interrupted at the deadline:
+    # the connection is back in the pool promptly and writable again.
+    deadline = time.monotonic() + 3
+    while sqlite.pool.checkedout() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        await asyncio.sleep(0.02)
+    assert sqlite.pool.checkedout() == 0  # type: ignore[attr-defined]
+    with sqlite.connect() as connection:
+        assert connection.exec_driver_sql("pragma query_only").scalar() == 0
+
+
+async def test_sql_source_on_its_own_database_from_an_environment_variable(tmp_path: Path, sqlite: Engine) -> None:
+    sources = '  billing: {sql: "select plan from billing_accounts where account_id = :entity_id", database_url_env: CTX_URL}\n'
+    ruleset = ruleset_with(tmp_path, sources)
+    environ = {"CTX_URL": f"sqlite:///{tmp_path / 'context.db'}"}
+    enricher = ContextEnricher(ruleset, engine=None, environ=environ)  # not the service's store
+    assert await enricher.lookup([prediction("p1", "acct-2")]) == {"p1": {"billing": {"plan": "basic"}}}
+    assert len(enricher._engines) == 1
+    enricher.close()
+    assert enricher._engines == {}
+
+
+@pytest.mark.parametrize(
+    ("environ", "error"),
+    [
+        ({}, "SourceError: environment variable CTX_URL is not set"),
+        ({"CTX_URL": "mysql://bob:s3cret@db/x"},
+         "SourceError: CTX_URL is mysql://bob:***@db/x: expected a sqlite:/// or postgresql+psycopg:// URL"),
+    ],
+    ids=["unset", "unsupported-and-redacted"],
+)
+async def test_unusable_database_setting_is_a_failure_not_a_crash(tmp_path: Path, environ: dict[str, str], error: str) -> None:
+    sources = '  billing: {sql: "select plan from billing_accounts where account_id = :entity_id", database_url_env: CTX_URL}\n'
+    enricher = ContextEnricher(ruleset_with(tmp_path, sources), environ=environ)
+    with capture_logs() as logs:
+        assert await enricher.lookup([prediction("p1")]) == {}
+    assert [w["error"] for w in warnings_of(logs)] == [error]
+    assert "s3cret" not in str(logs)
+
+
+async def test_one_failing_source_does_not_take_the_others_down(tmp_path: Path, fake: Redis, sqlite: Engine) -> None:
+    await fake.hset("context:account:acct-1", "tier", "gold")
+    sources = CRM + '  billing: {sql: "select plan from nowhere where account_id = :entity_id"}\n'
+    enricher = ContextEnricher(ruleset_with(tmp_path, sources), redis=fake, engine=sqlite)
+    with capture_logs() as logs:
+        assert await enricher.lookup([prediction("p1", "acct-1")]) == {"p1": {"crm": {"tier": "gold"}}}
+    assert [w["source"] for w in warnings_of(logs)] == ["billing"]
+    assert enricher.failures == {"billing": 1}
+
+
+def test_sql_connection_is_read_only(tmp_path: Path, sqlite: Engine) -> None:
+    # A statement that passed the load check cannot write either: the transaction is read-only.
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="readonly"):
+        run_queries(sqlite, "insert into billing_accounts values (:entity_id, 0, 'x')", [(("entity_id", "acct-7"),)],
+                    time.monotonic() + 5)
+    with sqlite.connect() as connection:
+        assert connection.exec_driver_sql("select count(*) from billing_accounts").scalar() == 2
+        assert connection.exec_driver_sql("pragma query_only").scalar() == 0
