@@ -99,11 +99,6 @@ def demo(
     from decision_router.rules import RulesInvalid
 
     settings = settings_or_exit(log_level=None if verbose else "warning")
-    if not (settings.rules_dir / "routing.yaml").exists():
-        fail(
-            f"no rules in {settings.rules_dir.resolve()}: run the demo from the project folder "
-            "or set DECISION_ROUTER_RULES_DIR to the shipped rules/ directory"
-        )
     try:
         result = asyncio.run(run_demo(settings, predictions=predictions, seed=seed, database_url=database, console=out))
     except RulesInvalid as exc:
@@ -304,6 +299,9 @@ from decision_router import cli_stats  # noqa: F401
 
 # stats drift: defined in cli_drift.py on the `stats` group.
 from decision_router import cli_drift  # noqa: F401
+
+# simulate: defined in cli_simulate.py on `app`.
+from decision_router import cli_simulate  # noqa: F401
 
 
 def main() -> None:

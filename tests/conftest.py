@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import structlog
 
 REQUIRE_SERVICES = os.environ.get("DECISION_ROUTER_REQUIRE_SERVICES") == "1"
 
@@ -22,6 +23,14 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("DECISION_ROUTER_") and not name.startswith(("DECISION_ROUTER_TEST_", "DECISION_ROUTER_REQUIRE")):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging():
+    """A test that configures logging (the CLI in-process, a level filter) must not
+    change what the next test's capture_logs sees."""
+    yield
+    structlog.reset_defaults()
 
 
 def unavailable(what: str, error: Exception) -> None:

@@ -213,9 +213,11 @@ def test_outcome_cli_validates_before_sending(workdir, env) -> None:
 def test_demo_runs_the_whole_loop(workdir, env) -> None:
     result = run(["demo", "--predictions", "600"], env, workdir)
     assert result.returncode == 0, result.stderr
-    assert "publishing 612 predictions" in result.stdout
+    assert "publishing 612 predictions over 14 simulated days" in result.stdout
     assert "quality gate rejected: duplicate 3, missing_id 3, score_out_of_range 3, stale 3" in result.stdout
-    assert "enterprise-churn" in result.stdout and "intervention outcomes by rule" in result.stdout
+    # The simulator's world: the truth next to what the stats measured, then the stats per rule.
+    assert "truth vs measured" in result.stdout and "uplift (treated - control)" in result.stdout
+    assert "churn-risk" in result.stdout and "intervention outcomes by rule" in result.stdout
     assert (workdir / "decision_router_demo.db").exists()
 
 
