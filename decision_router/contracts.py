@@ -205,3 +205,16 @@ class DataQualityAlert(BaseModel):
     owner: str | None
     created_at: AwareDatetime
     detail: str
+
+
+# What the channel outbox (`deliveries.payload`) and the senders carry: a routed alert or a
+# data-quality alert (told apart by `kind`).
+AnyAlert = Alert | DataQualityAlert
+
+
+def alert_from_payload(payload: dict[str, Any]) -> AnyAlert:
+    """The alert a stored delivery payload holds: a `DataQualityAlert` when its `kind` is
+    `data_quality`, otherwise an `Alert`."""
+    if payload.get("kind") == "data_quality":
+        return DataQualityAlert.model_validate(payload)
+    return Alert.model_validate(payload)

@@ -12,7 +12,8 @@ window: such a figure is reported with `flagged=None`, "not enough data".
 `assess_models` does the reading and the maths, nothing else. `DataQualityMonitor` runs it
 periodically in every worker, stores a `DataQualityAlert` for each flagged figure (one per
 model, version, metric and day, however many workers and checks find it) and delivers it to
-the model's owner (`models:` in routing.yaml) through their inbox stream, with the figures.
+the model's owner (`models:` in routing.yaml) with the figures: to their inbox stream, and
+through the channel outbox (notify.py) to their webhook and email channels, like any alert.
 Definitions and how to read them: docs/rules.md#models and docs/statistics.md#drift.
 """
 
@@ -35,6 +36,7 @@ from sqlmodel import Session
 from decision_router import drift
 from decision_router.contracts import DataQualityAlert, DataQualityWindow
 from decision_router.keys import Keys
+from decision_router.notify import queue_deliveries
 from decision_router.rules import DriftConfig, ModelConfig, Owner
 from decision_router.streams import StreamWrite, xadd_once
 from decision_router.tables import AlertRecord, DataQualityAlertRecord, PredictionRecord, RejectionRecord, as_utc
@@ -433,8 +435,8 @@ def inbox_write(alert: DataQualityAlert, keys: Keys) -> StreamWrite:
 
 class DataQualityMonitor:
     """Runs in every worker (`RouterService`, every DECISION_ROUTER_DRIFT_INTERVAL); safe to
-    run concurrently: alerts are stored once by their deterministic id and written to the
-    inbox once by their dedupe marker."""
+    run concurrently: alerts are stored once by their deterministic id (with their webhook
+    and email outbox rows) and written to the inbox once by their dedupe marker."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
@@ -444,6 +446,8 @@ class DataQualityMonitor:
         """Assess every model now; store and deliver an alert per newly flagged figure."""
         health = await asyncio.to_thread(self._check)
         await self.deliver()
+        if self.pipeline.channels is not None:
+            await self.pipeline.channels.pump()  # the webhook and email rows queued with the alerts
         return health
 
     def _check(self) -> list[ModelHealth]:
@@ -482,7 +486,8 @@ class DataQualityMonitor:
         return _present(owner, ruleset.owners, now)
 
     def _store(self, flagged: Sequence[ModelHealth], ruleset: RuleSet, now: datetime) -> list[DataQualityAlertRecord]:
-        """Insert the alerts not stored yet (by alert_id); returns the new ones."""
+        """Insert the alerts not stored yet (by alert_id), and in the same transaction the
+        channel outbox rows of each one that has an owner; returns the new ones."""
         day = now.date().isoformat()
         records: dict[str, DataQualityAlertRecord] = {}
         for h in flagged:
@@ -513,6 +518,14 @@ class DataQualityMonitor:
             )
             new = [record for alert_id, record in records.items() if alert_id not in known]
             session.add_all(new)
+            channels = self.pipeline.channels
+            if channels is not None:
+                for record in new:
+                    if record.owner is not None:
+                        queue_deliveries(
+                            session, alert=to_alert(record), recipient=record.owner,
+                            channels=channels.channels_for(record.owner), now=now,
+                        )
             session.commit()
         return new
 

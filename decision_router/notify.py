@@ -16,6 +16,12 @@ the window has passed since that send (`plan_digest`). The last send is read fro
 store (the receiver's latest finished row), so a restart keeps the window. Every row of a
 digest gets the digest's result, attempts and audit event (`digest: n`); a failed digest
 dead-letters each row, and a redrive re-sends each on its own.
+
+Data-quality alerts (monitor.py) take the same path: `DataQualityMonitor` queues a row per
+channel of the model's owner, its payload the `DataQualityAlert` JSON (`kind:
+data_quality`), in the transaction that stores the alert. They are always sent on their
+own, never in a digest (a send still counts as the receiver's last send for its window);
+failures, the DLQ and redrive are as for any row.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from decision_router.channels import (
     SmtpSettings,
     WebhookReceiver,
 )
-from decision_router.contracts import Alert
+from decision_router.contracts import Alert, AnyAlert, DataQualityAlert, alert_from_payload
 from decision_router.keys import Keys
 from decision_router.rules import Owner, RuleSet
 from decision_router.settings import Settings
@@ -119,7 +125,7 @@ class PendingDelivery:
     row_id: int
     key: str  # receiver key, owner:channel
     recipient: str
-    alert: Alert
+    alert: AnyAlert  # a routed alert, or a data-quality alert (never grouped into a digest)
     created_at: datetime
     # Finished before (dead-lettered, then redriven): re-sent on its own, never in a digest.
     redriven: bool = False
@@ -246,7 +252,7 @@ class ChannelDelivery:
             for row in rows:
                 if _token(row.key, row.alert) in self._inflight or row.row_id in self._done:
                     continue
-                if row.key in self.digests and not row.redriven:
+                if row.key in self.digests and not row.redriven and isinstance(row.alert, Alert):
                     grouped.setdefault(row.key, []).append(row)
                 else:
                     submitted += await self._submit(row)
@@ -276,7 +282,9 @@ class ChannelDelivery:
         for token, row in zip(tokens, rows, strict=True):
             self._inflight[token] = row.row_id
         window_s = self.digests[key].total_seconds()
-        if await self.dispatcher.submit_digest(key, [row.alert for row in rows], recipient=rows[0].recipient, window_s=window_s):
+        alerts = [row.alert for row in rows if isinstance(row.alert, Alert)]
+        assert len(alerts) == len(rows), "a digest holds routed alerts only"
+        if await self.dispatcher.submit_digest(key, alerts, recipient=rows[0].recipient, window_s=window_s):
             return len(rows)
         for token, row in zip(tokens, rows, strict=True):
             del self._inflight[token]
@@ -298,7 +306,7 @@ class ChannelDelivery:
             out = [
                 PendingDelivery(
                     row_id=row.id, key=receiver_key(row.recipient, row.channel), recipient=row.recipient,
-                    alert=Alert.model_validate(row.payload), created_at=as_utc(row.created_at),
+                    alert=alert_from_payload(row.payload), created_at=as_utc(row.created_at),
                     redriven=row.finished_at is not None,
                 )
                 for row in rows
@@ -321,7 +329,7 @@ class ChannelDelivery:
                         last[receiver_key(recipient, channel)] = as_utc(at)
             return out, last
 
-    async def _on_result(self, alert: Alert, result: DeliveryResult, attempts: Sequence[Attempt]) -> None:
+    async def _on_result(self, alert: AnyAlert, result: DeliveryResult, attempts: Sequence[Attempt]) -> None:
         # Called once per alert; for a digest, once for each of its alerts with the same result.
         token = _token(result.receiver, alert)
         row_id = self._inflight.get(token)
@@ -339,7 +347,7 @@ class ChannelDelivery:
             self._inflight.pop(token, None)
 
     async def _finish(
-        self, row_id: int, key: str, alert: Alert, *, ok: bool, error: str | None, status_code: int | None,
+        self, row_id: int, key: str, alert: AnyAlert, *, ok: bool, error: str | None, status_code: int | None,
         latency_ms: float, attempts: Sequence[Attempt], digest: int = 0, digest_id: str | None = None,
     ) -> None:
         tries = await asyncio.to_thread(
@@ -422,16 +430,22 @@ class ChannelDelivery:
         await self.dispatcher.close(timeout=5.0)
 
 
-def _token(key: str, alert: Alert) -> tuple[str, str, int]:
+def _level(alert: AnyAlert) -> int:
+    """The copy: 0 for an alert to its owner (and every data-quality alert), else its escalation level."""
+    return 0 if isinstance(alert, DataQualityAlert) or alert.escalation is None else alert.escalation.level
+
+
+def _token(key: str, alert: AnyAlert) -> tuple[str, str, int]:
     """An in-flight delivery: receiver, alert and copy (escalation level)."""
-    return (key, alert.alert_id, alert.escalation.level if alert.escalation else 0)
+    return (key, alert.alert_id, _level(alert))
 
 
 def queue_deliveries(
-    session: Session, *, alert: Alert, recipient: str, channels: Sequence[str], now: datetime
+    session: Session, *, alert: AnyAlert, recipient: str, channels: Sequence[str], now: datetime
 ) -> None:
-    """Outbox rows for an alert (or escalated copy) to the recipient's external channels."""
-    copy = f"escalation-{alert.escalation.level}" if alert.escalation else "alert"
+    """Outbox rows for an alert (or escalated copy, or data-quality alert) to the
+    recipient's external channels."""
+    copy = f"escalation-{_level(alert)}" if _level(alert) else "alert"
     for channel in channels:
         key = f"{alert.alert_id}:{recipient}:{channel}:{copy}"
         if session.scalar(select(DeliveryRecord.id).where(DeliveryRecord.delivery_key == key)) is not None:

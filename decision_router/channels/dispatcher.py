@@ -33,7 +33,7 @@ from decision_router.channels.send import (
     Sender,
     WebhookSender,
 )
-from decision_router.contracts import Alert
+from decision_router.contracts import Alert, AnyAlert
 
 __all__ = ["Dispatcher", "LaneStats", "OnResult", "QUEUE_FULL"]
 
@@ -42,7 +42,7 @@ log = structlog.get_logger(__name__)
 # The dead-letter reason for a refused submit, for callers that want one spelling.
 QUEUE_FULL = "queue full"
 
-OnResult = Callable[[Alert, DeliveryResult, tuple[Attempt, ...]], Awaitable[None] | None]
+OnResult = Callable[[AnyAlert, DeliveryResult, tuple[Attempt, ...]], Awaitable[None] | None]
 
 
 @dataclass
@@ -56,10 +56,10 @@ class LaneStats:
     digests: int = 0  # of the submitted, how many were digests (several alerts, one message)
 
 
-Item = Alert | Digest
+Item = AnyAlert | Digest  # a single alert (routed or data-quality), or a digest of routed alerts
 
 
-def _alerts(item: Item) -> tuple[Alert, ...]:
+def _alerts(item: Item) -> tuple[AnyAlert, ...]:
     return item.alerts if isinstance(item, Digest) else (item,)
 
 
@@ -145,9 +145,10 @@ class Dispatcher:
 
     # --- delivering ----------------------------------------------------------------
 
-    async def submit(self, receiver_key: str, alert: Alert) -> bool:
-        """Queue `alert` for `receiver_key`. Returns at once: True when queued, False when
-        that receiver's queue is full (the caller dead-letters it with `QUEUE_FULL`)."""
+    async def submit(self, receiver_key: str, alert: AnyAlert) -> bool:
+        """Queue `alert` (an `Alert` or a `DataQualityAlert`) for `receiver_key`. Returns at
+        once: True when queued, False when that receiver's queue is full (the caller
+        dead-letters it with `QUEUE_FULL`)."""
         return self._put(receiver_key, alert)
 
     async def submit_digest(
@@ -218,7 +219,7 @@ class Dispatcher:
                 lane.current[slot] = None
                 lane.queue.task_done()
 
-    async def _report(self, lane: _Lane, alert: Alert, result: DeliveryResult) -> None:
+    async def _report(self, lane: _Lane, alert: AnyAlert, result: DeliveryResult) -> None:
         if self._on_result is None:
             return
         try:
@@ -245,7 +246,7 @@ class Dispatcher:
         """Wait until every queued and in-flight delivery has finished (and been reported)."""
         await asyncio.gather(*(lane.queue.join() for lane in self._lanes.values()))
 
-    async def close(self, timeout: float | None = 10.0) -> list[tuple[str, Alert]]:
+    async def close(self, timeout: float | None = 10.0) -> list[tuple[str, AnyAlert]]:
         """Stop accepting alerts, give queued and in-flight deliveries up to `timeout`
         seconds (None: wait for all; 0: none) to finish, cancel the rest and close the
         senders. Returns the (receiver key, alert) pairs that did not finish and were not
@@ -261,7 +262,7 @@ class Dispatcher:
                 await asyncio.wait_for(self.drain(), timeout)
             except TimeoutError:
                 pass
-        abandoned: list[tuple[str, Alert]] = []
+        abandoned: list[tuple[str, AnyAlert]] = []
         for lane in lanes:
             abandoned += [(lane.key, a) for item in lane.current if item is not None for a in _alerts(item)]
             while not lane.queue.empty():

@@ -18,9 +18,16 @@ the file and line, not on the first real alert.
 | `email_digest_subject.txt.j2` | digest email Subject | no |
 | `email_digest_body.txt.j2` | digest email text/plain part | no |
 | `email_digest_body.html.j2` | digest email text/html part | yes (HTML) |
+| `webhook_data_quality.json.j2` | data-quality alert webhook body, `format: json` (default: its JSON) | no; must render JSON |
+| `slack_data_quality.json.j2` | data-quality alert webhook body, `format: slack` | no; must render JSON |
+| `email_data_quality_subject.txt.j2` | data-quality alert email Subject | no |
+| `email_data_quality_body.txt.j2` | data-quality alert email text/plain part | no |
+| `email_data_quality_body.html.j2` | data-quality alert email text/html part | yes (HTML) |
 
 A digest is several alerts for one recipient in one message (an owner's `digest:` window,
-see notify.py); its templates see `digest_variables`.
+see notify.py); its templates see `digest_variables`. A `DataQualityAlert` (drift or a
+data-quality jump, monitor.py) is rendered with the data-quality templates, which see
+`data_quality_variables`; it is never part of a digest.
 
 Files in the override directory whose name starts with `_` are partials (for
 `{% include %}`); any other unknown `*.j2` file is an error, to catch misspelt overrides.
@@ -41,10 +48,16 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel
 
-from decision_router.contracts import Alert, Escalation
+from decision_router.contracts import Alert, AnyAlert, DataQualityAlert, DataQualityWindow, Escalation
 from decision_router.durations import format_duration
 
 __all__ = [
+    "DATA_QUALITY_EMAIL_HTML",
+    "DATA_QUALITY_EMAIL_SUBJECT",
+    "DATA_QUALITY_EMAIL_TEXT",
+    "DATA_QUALITY_NAMES",
+    "DATA_QUALITY_SLACK",
+    "DATA_QUALITY_WEBHOOK_JSON",
     "DIGEST_EMAIL_HTML",
     "DIGEST_EMAIL_SUBJECT",
     "DIGEST_EMAIL_TEXT",
@@ -62,9 +75,11 @@ __all__ = [
     "TEMPLATE_NAMES",
     "TemplateError",
     "WEBHOOK_JSON",
+    "data_quality_variables",
     "digest_variables",
     "fit_slack_message",
     "sample_alerts",
+    "sample_data_quality_alerts",
 ]
 
 WEBHOOK_JSON = "webhook.json.j2"
@@ -78,7 +93,17 @@ DIGEST_EMAIL_SUBJECT = "email_digest_subject.txt.j2"
 DIGEST_EMAIL_TEXT = "email_digest_body.txt.j2"
 DIGEST_EMAIL_HTML = "email_digest_body.html.j2"
 DIGEST_NAMES: tuple[str, ...] = (DIGEST_WEBHOOK_JSON, DIGEST_SLACK, DIGEST_EMAIL_SUBJECT, DIGEST_EMAIL_TEXT, DIGEST_EMAIL_HTML)
-TEMPLATE_NAMES: tuple[str, ...] = (WEBHOOK_JSON, SLACK, EMAIL_SUBJECT, EMAIL_TEXT, EMAIL_HTML, *DIGEST_NAMES)
+DATA_QUALITY_WEBHOOK_JSON = "webhook_data_quality.json.j2"
+DATA_QUALITY_SLACK = "slack_data_quality.json.j2"
+DATA_QUALITY_EMAIL_SUBJECT = "email_data_quality_subject.txt.j2"
+DATA_QUALITY_EMAIL_TEXT = "email_data_quality_body.txt.j2"
+DATA_QUALITY_EMAIL_HTML = "email_data_quality_body.html.j2"
+DATA_QUALITY_NAMES: tuple[str, ...] = (
+    DATA_QUALITY_WEBHOOK_JSON, DATA_QUALITY_SLACK, DATA_QUALITY_EMAIL_SUBJECT, DATA_QUALITY_EMAIL_TEXT, DATA_QUALITY_EMAIL_HTML,
+)
+TEMPLATE_NAMES: tuple[str, ...] = (
+    WEBHOOK_JSON, SLACK, EMAIL_SUBJECT, EMAIL_TEXT, EMAIL_HTML, *DIGEST_NAMES, *DATA_QUALITY_NAMES,
+)
 
 # Slack Block Kit limits the renderer enforces after rendering (truncating or splitting),
 # so an overridden template or a very long entity id can never produce a rejected message.
@@ -252,6 +277,97 @@ def digest_variables(
     }
 
 
+def _is_rate(metric: str) -> bool:
+    return metric.endswith("_rate")
+
+
+def _figure(value: float | None, rate: bool) -> str:
+    """A PSI with four decimals, a rate as a percentage, None as n/a."""
+    if value is None:
+        return "n/a"
+    return f"{value:.2%}" if rate else f"{value:.4f}"
+
+
+def _period(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return "none"
+    return f"{format_datetime(start)} – {format_datetime(end)}"
+
+
+def data_quality_variables(alert: DataQualityAlert, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a data-quality template sees. Documented in docs/delivery.md#data-quality-variables."""
+    rate = _is_rate(alert.metric)
+    w = alert.window
+    version = "all versions" if alert.model_version == "*" else alert.model_version
+    measure = "rate" if rate else "PSI"
+    value = _figure(alert.value, rate)
+    threshold = _figure(alert.threshold, rate)
+    samples = f"{alert.n_reference} reference, {alert.n_recent} recent"
+    reference = f"{w.reference_version}, {_period(w.reference_from, w.reference_to)}"
+    recent = _period(w.recent_from, w.recent_to)
+    window = f"reference {reference}; recent {recent}"
+    value_text = f"{measure} {value}"
+    if alert.reference_value is not None:
+        value_text += f" (reference {_figure(alert.reference_value, rate)})"
+    facts = [
+        ("Model", f"{alert.model} {version}"),
+        ("Metric", alert.metric),
+        ("Value", value_text),
+        ("Threshold", threshold),
+        ("Samples", samples),
+        ("Reference", reference),
+        ("Recent", recent),
+    ]
+    if alert.p_value is not None:
+        facts.append(("p-value", f"{alert.p_value:.2g}"))
+    if alert.alpha is not None:
+        facts.append(("False-alarm rate", f"{alert.alpha:.2g}"))
+    return {
+        "alert": alert,
+        "alert_json": alert.model_dump_json(),
+        "version": version,
+        "measure": measure,
+        "value": value,
+        "value_text": value_text,
+        "threshold": threshold,
+        "samples": samples,
+        "reference": reference,
+        "recent": recent,
+        "window": window,
+        "owner": alert.owner or "unowned",
+        "facts": facts,
+        "extra": dict(extra or {}),
+    }
+
+
+def sample_data_quality_alerts() -> list[DataQualityAlert]:
+    """Data-quality alerts used to test-render templates at load: a drifted score (PSI) and a
+    rate jump with every optional figure, and a bare one (no figures, no reference, no owner)."""
+    now = datetime(2026, 11, 25, 1, 0, tzinfo=timezone.utc)
+    window = DataQualityWindow(
+        reference_version="2026.11", reference_from=now - timedelta(days=3), reference_to=now - timedelta(days=1),
+        recent_from=now - timedelta(days=1), recent_to=now,
+    )
+    psi = DataQualityAlert(
+        alert_id="dq-000000000000000000000000", model="churn", model_version="2026.11", metric="score",
+        value=0.4123, threshold=0.0871, alpha=0.0033, n_reference=360, n_recent=120, window=window,
+        owner="sample-owner", created_at=now,
+        detail="PSI 0.4123 above its threshold 0.0871 (n = 360 reference, 120 recent; 10 bins; false-alarm rate 0.0033); "
+        "mean 0.6 recent, 0.4 reference",
+    )
+    rate = psi.model_copy(update={
+        "alert_id": "dq-000000000000000000000001", "model_version": "*", "metric": "rejection_rate", "value": 0.08,
+        "threshold": 0.04, "reference_value": 0.01, "p_value": 0.0001, "alpha": 0.01,
+        "detail": "jumped: 8 of 100 recent inputs (8.00%), 3 of 300 in the reference (1.00%)",
+    })
+    bare = psi.model_copy(update={
+        "alert_id": "dq-000000000000000000000002", "value": None, "threshold": None, "alpha": None, "owner": None,
+        "window": DataQualityWindow(reference_version="2026.10", recent_from=now - timedelta(days=1), recent_to=now),
+        "detail": "",
+    })
+    return [psi, rate, bare]
+
+
 def digest_recipient(alert: Alert) -> str:
     """Who a copy of the alert is for: the manager of an escalated copy, else the owner."""
     return alert.escalation.to_owner if alert.escalation is not None else alert.owner
@@ -368,6 +484,12 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
+def _variables(alert: AnyAlert, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    if isinstance(alert, DataQualityAlert):
+        return data_quality_variables(alert, extra)
+    return template_variables(alert, extra)
+
+
 def _autoescape(name: str | None) -> bool:
     return name is not None and name.removesuffix(".j2").endswith((".html", ".htm", ".xml"))
 
@@ -434,7 +556,7 @@ class Renderer:
                 raise TemplateError(f"template {self._origin(name)}: includes {exc.name!r}, which does not exist") from None
         if check:
             samples = sample_alerts()
-            for alert in samples:
+            for alert in [*samples, *sample_data_quality_alerts()]:
                 self.webhook_body(alert, "json")
                 self.webhook_body(alert, "slack")
                 self.email(alert)
@@ -451,9 +573,10 @@ class Renderer:
             return f"{name} ({template.filename})"
         return name
 
-    def render(self, name: str, alert: Alert, extra: Mapping[str, Any] | None = None) -> str:
-        """One template by name, with the variables of `template_variables`."""
-        return self._render(name, template_variables(alert, extra))
+    def render(self, name: str, alert: AnyAlert, extra: Mapping[str, Any] | None = None) -> str:
+        """One template by name, with the variables of `template_variables` (or of
+        `data_quality_variables` for a `DataQualityAlert`)."""
+        return self._render(name, _variables(alert, extra))
 
     def render_digest(
         self,
@@ -488,11 +611,14 @@ class Renderer:
         message = getattr(exc, "message", None) or str(exc)
         return TemplateError(f"template {name}{where}: {type(exc).__name__}: {message}")
 
-    def webhook_body(self, alert: Alert, fmt: str = "json", extra: Mapping[str, Any] | None = None) -> str:
+    def webhook_body(self, alert: AnyAlert, fmt: str = "json", extra: Mapping[str, Any] | None = None) -> str:
         """The request body for a webhook of `format` json or slack; always valid JSON."""
         if fmt not in ("json", "slack"):
             raise ValueError(f"unknown webhook format {fmt!r}")
-        name = SLACK if fmt == "slack" else WEBHOOK_JSON
+        if isinstance(alert, DataQualityAlert):
+            name = DATA_QUALITY_SLACK if fmt == "slack" else DATA_QUALITY_WEBHOOK_JSON
+        else:
+            name = SLACK if fmt == "slack" else WEBHOOK_JSON
         return self._json_body(name, fmt, self.render(name, alert, extra))
 
     def _json_body(self, name: str, fmt: str, text: str) -> str:
@@ -512,11 +638,15 @@ class Renderer:
             return text  # the shipped template: the alert JSON exactly as it is in the inbox
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
-    def slack_message(self, alert: Alert, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def slack_message(self, alert: AnyAlert, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return json.loads(self.webhook_body(alert, "slack", extra))
 
-    def email(self, alert: Alert, extra: Mapping[str, Any] | None = None) -> RenderedEmail:
-        return self._email(EMAIL_SUBJECT, EMAIL_TEXT, EMAIL_HTML, template_variables(alert, extra))
+    def email(self, alert: AnyAlert, extra: Mapping[str, Any] | None = None) -> RenderedEmail:
+        if isinstance(alert, DataQualityAlert):
+            names = (DATA_QUALITY_EMAIL_SUBJECT, DATA_QUALITY_EMAIL_TEXT, DATA_QUALITY_EMAIL_HTML)
+        else:
+            names = (EMAIL_SUBJECT, EMAIL_TEXT, EMAIL_HTML)
+        return self._email(*names, _variables(alert, extra))
 
     def _email(self, subject_name: str, text_name: str, html_name: str, variables: dict[str, Any]) -> RenderedEmail:
         subject = " ".join(self._render(subject_name, variables).split())

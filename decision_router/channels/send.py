@@ -48,7 +48,7 @@ from decision_router.channels.config import (
 )
 from decision_router.channels.render import PRIORITY_ORDER, Renderer, TemplateError, digest_recipient
 from decision_router.channels.signing import signature_headers
-from decision_router.contracts import Alert
+from decision_router.contracts import Alert, AnyAlert, DataQualityAlert
 
 __all__ = [
     "Attempt",
@@ -233,11 +233,11 @@ class Sender(ABC):
         return self.receiver.max_queue
 
     @abstractmethod
-    def _prepare(self, alert: Alert) -> Any:
+    def _prepare(self, alert: AnyAlert) -> Any:
         """Render the message once per delivery; may raise TemplateError."""
 
     @abstractmethod
-    async def _attempt(self, alert: Alert, prepared: Any, n: int) -> _Outcome:
+    async def _attempt(self, alert: AnyAlert, prepared: Any, n: int) -> _Outcome:
         """One try; raises on transport problems (classified by `_classify`)."""
 
     def _prepare_digest(self, digest: Digest) -> Any:
@@ -261,8 +261,9 @@ class Sender(ABC):
             return min(outcome.retry_after, cap)
         return backoff_delay(attempt, initial=self.receiver.backoff_initial_s, maximum=cap, random=self._random)
 
-    async def send(self, alert: Alert) -> DeliveryResult:
-        """Deliver one alert; never raises for a delivery problem."""
+    async def send(self, alert: AnyAlert) -> DeliveryResult:
+        """Deliver one alert (a routed `Alert` or a `DataQualityAlert`); never raises for a
+        delivery problem."""
         log = await self._deliver(lambda: self._prepare(alert), lambda prepared, n: self._attempt(alert, prepared, n))
         return self._result(alert.alert_id, (alert.alert_id,), 0, log)
 
@@ -380,7 +381,7 @@ class WebhookSender(Sender):
         self._secret = receiver.secret.get_secret_value().encode() if receiver.secret is not None else None
         self._static_headers = {name: value.get_secret_value() for name, value in receiver.headers.items()}
 
-    def _prepare(self, alert: Alert) -> bytes:
+    def _prepare(self, alert: AnyAlert) -> bytes:
         return self.renderer.webhook_body(alert, self.receiver.format).encode("utf-8")
 
     def _prepare_digest(self, digest: Digest) -> bytes:
@@ -388,7 +389,7 @@ class WebhookSender(Sender):
             digest.alerts, self.receiver.format, recipient=digest.recipient, window_s=digest.window_s
         ).encode("utf-8")
 
-    def headers(self, alert: Alert, body: bytes, n: int) -> dict[str, str]:
+    def headers(self, alert: AnyAlert, body: bytes, n: int) -> dict[str, str]:
         return self._headers({ALERT_HEADER: alert.alert_id, DELIVERY_HEADER: f"{alert.alert_id}:{alert.owner}"}, body, n)
 
     def digest_headers(self, digest: Digest, body: bytes, n: int) -> dict[str, str]:
@@ -409,7 +410,7 @@ class WebhookSender(Sender):
             headers.update(signature_headers(self._secret, body, now=self._wall_clock()))
         return headers
 
-    async def _attempt(self, alert: Alert, prepared: bytes, n: int) -> _Outcome:
+    async def _attempt(self, alert: AnyAlert, prepared: bytes, n: int) -> _Outcome:
         return await self._post(prepared, self.headers(alert, prepared, n))
 
     async def _attempt_digest(self, digest: Digest, prepared: bytes, n: int) -> _Outcome:
@@ -462,8 +463,9 @@ async def _read_excerpt(response: httpx.Response, limit: int = BODY_EXCERPT, rea
 # --- email ---------------------------------------------------------------------------
 
 
-def build_email(alert: Alert, renderer: Renderer, receiver: EmailReceiver, smtp: SmtpSettings) -> EmailMessage:
-    """multipart/alternative: text/plain then text/html (clients show the last they can)."""
+def build_email(alert: AnyAlert, renderer: Renderer, receiver: EmailReceiver, smtp: SmtpSettings) -> EmailMessage:
+    """multipart/alternative: text/plain then text/html (clients show the last they can).
+    A data-quality alert has no priority: it is sent as normal (X-Priority 3)."""
     rendered = renderer.email(alert)
     message = EmailMessage()
     message["From"] = smtp.sender
@@ -472,9 +474,10 @@ def build_email(alert: Alert, renderer: Renderer, receiver: EmailReceiver, smtp:
     message["Date"] = formatdate(localtime=False, usegmt=True)
     domain = parseaddr(smtp.sender)[1].rpartition("@")[2] or "decision-router"
     # Stable across retries, so a mailbox that got a retried message can tell.
-    message["Message-ID"] = f"<{alert.alert_id}.{_safe_id(alert.owner)}@{domain}>"
+    message["Message-ID"] = f"<{alert.alert_id}.{_safe_id(alert.owner or 'unowned')}@{domain}>"
     message[ALERT_HEADER] = alert.alert_id
-    message["X-Priority"] = "1" if alert.priority in ("high", "critical") else "3"
+    urgent = not isinstance(alert, DataQualityAlert) and alert.priority in ("high", "critical")
+    message["X-Priority"] = "1" if urgent else "3"
     message.set_content(rendered.text)
     message.add_alternative(rendered.html, subtype="html")
     return message
@@ -527,7 +530,7 @@ class EmailSender(Sender):
         self.renderer = renderer or Renderer()
         self._limiter = limiter
 
-    def _prepare(self, alert: Alert) -> EmailMessage:
+    def _prepare(self, alert: AnyAlert) -> EmailMessage:
         return build_email(alert, self.renderer, self.receiver, self.smtp)
 
     def _prepare_digest(self, digest: Digest) -> EmailMessage:
@@ -536,7 +539,7 @@ class EmailSender(Sender):
     def _slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._limiter if self._limiter is not None else contextlib.nullcontext()
 
-    async def _attempt(self, alert: Alert, prepared: EmailMessage, n: int) -> _Outcome:
+    async def _attempt(self, alert: AnyAlert, prepared: EmailMessage, n: int) -> _Outcome:
         return await self._send_message(prepared)
 
     async def _attempt_digest(self, digest: Digest, prepared: EmailMessage, n: int) -> _Outcome:

@@ -7,40 +7,17 @@ there. These run the installed console script, as a user would.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import redis
 
-ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "decision_router"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(args: list[str], env: dict[str, str], cwd: Path, input_text: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=60, input=input_text)
-
-
-def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+from tests.e2e.helpers import CLI, ROOT, clean_env, free_port, run, wait_for
 
 
 @pytest.fixture
@@ -51,9 +28,7 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def env(workdir: Path) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
-    return {**clean, "DECISION_ROUTER_EMBEDDED_PORT": str(free_port()), "DECISION_ROUTER_LOG_FORMAT": "json",
-            "DECISION_ROUTER_CLAIM_IDLE": "1s"}
+    return clean_env(DECISION_ROUTER_EMBEDDED_PORT=str(free_port()), DECISION_ROUTER_CLAIM_IDLE="1s")
 
 
 @pytest.fixture

@@ -7,13 +7,10 @@ service writes; only the `reassign` round trip runs `serve` (embedded Redis).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -29,20 +26,9 @@ from decision_router.contracts import OutcomeEvent, Prediction
 from decision_router.router import in_holdout, route
 from decision_router.rules import RuleSet, load_rules
 from decision_router.store import create_schema, make_engine
+from tests.e2e.helpers import CLI, ROOT, clean_env, free_port, run
 
-ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "decision_router"]
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def run(args: list[str], env: dict[str, str], cwd: Path, input_text: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=60, input=input_text)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -53,9 +39,7 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def env(workdir: Path) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
-    return {**clean, "DECISION_ROUTER_EMBEDDED_PORT": str(free_port()), "DECISION_ROUTER_LOG_FORMAT": "json",
-            "DECISION_ROUTER_DATABASE_URL": f"sqlite:///{workdir / 'store.db'}"}
+    return clean_env(DECISION_ROUTER_EMBEDDED_PORT=str(free_port()), DECISION_ROUTER_DATABASE_URL=f"sqlite:///{workdir / 'store.db'}")
 
 
 @pytest.fixture

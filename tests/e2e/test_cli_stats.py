@@ -7,20 +7,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from sqlmodel import Session
 
 from decision_router.store import create_schema, make_engine
+from tests.e2e.helpers import clean_env, run
 from tests.unit.test_stats import HOLDOUTS, known_records
 from tests.unit.test_stats_model import control_records
 from tests.unit.test_stats_quality import quality_records
-
-CLI = [sys.executable, "-m", "decision_router"]
 
 
 def routing_yaml() -> str:
@@ -47,13 +44,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def env(workdir: Path) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
-    return {**clean, "DECISION_ROUTER_DATABASE_URL": f"sqlite:///{workdir / 'store.db'}",
-            "DECISION_ROUTER_LOG_FORMAT": "json"}
-
-
-def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    return clean_env(DECISION_ROUTER_DATABASE_URL=f"sqlite:///{workdir / 'store.db'}")
 
 
 def ok(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from decision_router.channels.render import (
     format_score,
     format_value,
 )
-from decision_router.contracts import Alert, Escalation
+from decision_router.contracts import Alert, DataQualityAlert, DataQualityWindow, Escalation
 
 NOW = datetime(2026, 11, 25, 15, 8, 6, 990711, tzinfo=timezone.utc)
 
@@ -220,6 +220,83 @@ def test_fit_slack_rejects_shapeless_messages() -> None:
         fit_slack_message({"blocks": []})
     with pytest.raises(ValueError, match="type"):
         fit_slack_message({"text": "x", "blocks": [{"no": "type"}]})
+
+
+# --- data-quality alerts -------------------------------------------------------------
+
+
+def make_data_quality_alert(**overrides: Any) -> DataQualityAlert:
+    """A drifted score, as the monitor stores it; keyword arguments replace fields."""
+    data: dict[str, Any] = {
+        "alert_id": "dq-5b1f0c7e9a2d4e6f8a0b1c2d",
+        "model": "churn",
+        "model_version": "2026.11",
+        "metric": "score",
+        "value": 0.4123,
+        "threshold": 0.0871,
+        "alpha": 0.0033,
+        "n_reference": 360,
+        "n_recent": 120,
+        "window": DataQualityWindow(
+            reference_version="2026.11", reference_from=NOW - timedelta(days=4), reference_to=NOW - timedelta(days=2),
+            recent_from=NOW - timedelta(days=1), recent_to=NOW,
+        ),
+        "owner": "alice-moreau",
+        "created_at": NOW,
+        "detail": "PSI 0.4123 above its threshold 0.0871 (n = 360 reference, 120 recent); mean 0.6 recent, 0.4 reference",
+    }
+    data.update(overrides)
+    return DataQualityAlert.model_validate(data)
+
+
+def test_data_quality_slack_message_has_the_figures(renderer: Renderer) -> None:
+    message = renderer.slack_message(make_data_quality_alert())
+    assert validate_slack_message(message) == []
+    header, section = message["blocks"][:2]
+    assert header == {"type": "header", "text": {"type": "plain_text", "text": "Data quality: churn 2026.11 score"}}
+    assert section["type"] == "section" and section["text"]["text"].startswith("PSI 0.4123 above its threshold")
+    fields = [f["text"] for f in section["fields"]]
+    assert fields[:3] == ["*Value*\nPSI 0.4123", "*Threshold*\n0.0871", "*Samples*\n360 reference, 120 recent"]
+    assert fields[3] == "*Window*\nreference 2026.11, 2026-11-21 15:08 UTC – 2026-11-23 15:08 UTC\nrecent 2026-11-24 15:08 UTC – 2026-11-25 15:08 UTC"
+    assert [b["type"] for b in message["blocks"][2:]] == ["divider", "context"]
+    assert "dq-5b1f0c7e9a2d4e6f8a0b1c2d" in all_text(message)
+    assert "churn 2026.11 score" in message["text"] and "0.4123" in message["text"]
+
+
+def test_data_quality_slack_rate_escaped_and_bare(renderer: Renderer) -> None:
+    rate = make_data_quality_alert(
+        model_version="*", metric="rejection_rate", value=0.08, threshold=0.04, reference_value=0.01, p_value=1e-4,
+        detail="jumped: <!channel> 8 of 100",
+    )
+    message = renderer.slack_message(rate)
+    assert validate_slack_message(message) == []
+    assert message["blocks"][0]["text"]["text"] == "Data quality: churn all versions rejection_rate"
+    section = message["blocks"][1]
+    assert section["fields"][0]["text"] == "*Value*\nrate 8.00% (reference 1.00%)"
+    assert "<!channel>" not in section["text"]["text"]
+    # No figures, no reference, no detail: still a valid message (no empty section text).
+    bare = make_data_quality_alert(
+        value=None, threshold=None, detail="", window=DataQualityWindow(reference_version="1", recent_from=NOW, recent_to=NOW)
+    )
+    message = renderer.slack_message(bare)
+    assert validate_slack_message(message) == [] and "text" not in message["blocks"][1]
+
+
+def test_data_quality_webhook_json_and_email(renderer: Renderer) -> None:
+    alert = make_data_quality_alert()
+    body = renderer.webhook_body(alert, "json")
+    assert body == alert.model_dump_json() and json.loads(body)["kind"] == "data_quality"
+    email = renderer.email(alert)
+    assert email.subject == "[DATA QUALITY] churn 2026.11 score: PSI 0.4123 (threshold 0.0871)"
+    for part in (email.text, email.html):
+        assert "0.4123" in part and "0.0871" in part and "360 reference, 120 recent" in part and alert.alert_id in part
+
+
+def test_data_quality_templates_are_overridable(tmp_path: Path) -> None:
+    templates = write(tmp_path, "email_data_quality_subject.txt.j2", "DQ {{ alert.model }} {{ alert.metric }} {{ value }}")
+    renderer = Renderer(templates)
+    assert renderer.email(make_data_quality_alert()).subject == "DQ churn score 0.4123"
+    assert renderer.email(make_alert()).subject.startswith("[HIGH]")  # routed alerts keep theirs
 
 
 # --- overrides -----------------------------------------------------------------------

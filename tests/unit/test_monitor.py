@@ -290,7 +290,7 @@ def fake_pipeline(engine: Engine, model_owners: dict[str, str]) -> Any:
         models=MappingProxyType({m: ModelConfig(owner=o) for m, o in model_owners.items()}),
     )
     # No Redis: check_once only writes to Redis when an alert has an owner to deliver to.
-    return SimpleNamespace(clock=lambda: NOW, ruleset=ruleset, engine=engine, redis=None, keys=None, settings=None)
+    return SimpleNamespace(clock=lambda: NOW, ruleset=ruleset, engine=engine, redis=None, keys=None, settings=None, channels=None)
 
 
 def test_unowned_model_alert_is_stored_not_delivered_and_warned_once(engine: Engine) -> None:
