@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
+from decision_router.store import within
 from decision_router.tables import AlertRecord, PredictionRecord, as_utc
 
 ASPECTS: tuple[str, ...] = ("rule", "owner", "priority", "action")
@@ -201,20 +202,12 @@ def replay(
 # reading the store ---------------------------------------------------------------------
 
 
-def _window(query: Any, column: Any, since: datetime | None, until: datetime | None) -> Any:
-    if since is not None:
-        query = query.where(column >= since)
-    if until is not None:
-        query = query.where(column < until)
-    return query
-
-
 def load_window(
     session: Session, *, since: datetime | None, until: datetime | None
 ) -> tuple[list[StoredPrediction], dict[str, list[Outcome]]]:
     """Predictions received in [since, until) and what actually happened to each."""
     rows = session.scalars(
-        _window(select(PredictionRecord), PredictionRecord.received_at, since, until).order_by(
+        within(select(PredictionRecord), PredictionRecord.received_at, since, until).order_by(
             PredictionRecord.received_at, PredictionRecord.prediction_id
         )
     )

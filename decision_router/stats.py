@@ -41,6 +41,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from decision_router.store import within
 from decision_router.tables import AlertRecord, PredictionRecord, RejectionRecord, as_utc
 from decision_router.uplift import (
     DEFAULT_BAND_EDGES,
@@ -92,14 +93,6 @@ def iso_week(moment: datetime) -> str:
     """ISO-8601 week of a UTC moment, e.g. 2026-11-23 -> "2026-W48" (ISO year, not calendar)."""
     year, week, _ = as_utc(moment).isocalendar()
     return f"{year}-W{week:02d}"
-
-
-def _window(query: Any, column: Any, since: datetime | None, until: datetime | None) -> Any:
-    if since is not None:
-        query = query.where(column >= since)
-    if until is not None:
-        query = query.where(column < until)
-    return query
 
 
 # --- stats: one row per group --------------------------------------------------------------
@@ -294,7 +287,7 @@ def compute_stats(
     """
     by = GroupBy(by)
     holdouts = dict(holdouts or {})
-    query = _window(select(*_STATS_COLUMNS), AlertRecord.created_at, since, until)
+    query = within(select(*_STATS_COLUMNS), AlertRecord.created_at, since, until)
     if rule is not None:
         query = query.where(AlertRecord.rule == rule)
     if owner is not None:
@@ -412,7 +405,7 @@ def compute_quality(
     rejections are listed apart, per reason, and are not filtered by `model`.
     """
     accepted: Counter[str] = Counter()
-    query = _window(select(PredictionRecord.model), PredictionRecord.received_at, since, until)
+    query = within(select(PredictionRecord.model), PredictionRecord.received_at, since, until)
     if model is not None:
         query = query.where(PredictionRecord.model == model)
     for (name,) in session.execute(query):
@@ -421,7 +414,7 @@ def compute_quality(
     rejected: dict[str, Counter[str]] = defaultdict(Counter)
     outcome_rejected: Counter[str] = Counter()
     columns = (RejectionRecord.source_stream, RejectionRecord.model, RejectionRecord.reason)
-    query = _window(select(*columns), RejectionRecord.at, since, until)
+    query = within(select(*columns), RejectionRecord.at, since, until)
     for stream, name, reason in session.execute(query):
         if _is_outcome_stream(stream):
             outcome_rejected[reason] += 1
@@ -435,7 +428,7 @@ def compute_quality(
     missing: Counter[str] = Counter()
     missing_fields: dict[str, Counter[str]] = defaultdict(Counter)
     columns = (AlertRecord.model, AlertRecord.owner_source, AlertRecord.missing_context)
-    query = _window(select(*columns), AlertRecord.created_at, since, until)
+    query = within(select(*columns), AlertRecord.created_at, since, until)
     if model is not None:
         query = query.where(AlertRecord.model == model)
     for name, owner_source, missing_context in session.execute(query):
@@ -541,7 +534,7 @@ def compute_model_precision(
     Decisions in the window are by created_at. Every band is listed, empty ones with n = 0
     and null precision. Sorted by model, model version, band.
     """
-    query = _window(
+    query = within(
         select(
             AlertRecord.prediction_id, AlertRecord.model, AlertRecord.model_version, AlertRecord.score,
             AlertRecord.held_out, AlertRecord.suppressed_by, AlertRecord.action, AlertRecord.outcome,

@@ -46,7 +46,7 @@ from decision_router.channels.config import (
     SmtpSettings,
     WebhookReceiver,
 )
-from decision_router.channels.render import PRIORITY_ORDER, Renderer, TemplateError, digest_recipient
+from decision_router.channels.render import PRIORITY_ORDER, RenderedEmail, Renderer, TemplateError, digest_recipient
 from decision_router.channels.signing import signature_headers
 from decision_router.contracts import Alert, AnyAlert, DataQualityAlert
 
@@ -463,10 +463,8 @@ async def _read_excerpt(response: httpx.Response, limit: int = BODY_EXCERPT, rea
 # --- email ---------------------------------------------------------------------------
 
 
-def build_email(alert: AnyAlert, renderer: Renderer, receiver: EmailReceiver, smtp: SmtpSettings) -> EmailMessage:
-    """multipart/alternative: text/plain then text/html (clients show the last they can).
-    A data-quality alert has no priority: it is sent as normal (X-Priority 3)."""
-    rendered = renderer.email(alert)
+def _message(rendered: RenderedEmail, receiver: EmailReceiver, smtp: SmtpSettings, *, id_left: str, urgent: bool) -> EmailMessage:
+    """multipart/alternative: text/plain then text/html (clients show the last they can)."""
     message = EmailMessage()
     message["From"] = smtp.sender
     message["To"] = ", ".join(receiver.to)
@@ -474,30 +472,33 @@ def build_email(alert: AnyAlert, renderer: Renderer, receiver: EmailReceiver, sm
     message["Date"] = formatdate(localtime=False, usegmt=True)
     domain = parseaddr(smtp.sender)[1].rpartition("@")[2] or "decision-router"
     # Stable across retries, so a mailbox that got a retried message can tell.
-    message["Message-ID"] = f"<{alert.alert_id}.{_safe_id(alert.owner or 'unowned')}@{domain}>"
-    message[ALERT_HEADER] = alert.alert_id
-    urgent = not isinstance(alert, DataQualityAlert) and alert.priority in ("high", "critical")
+    message["Message-ID"] = f"<{id_left}@{domain}>"
     message["X-Priority"] = "1" if urgent else "3"
     message.set_content(rendered.text)
     message.add_alternative(rendered.html, subtype="html")
     return message
 
 
+def build_email(alert: AnyAlert, renderer: Renderer, receiver: EmailReceiver, smtp: SmtpSettings) -> EmailMessage:
+    """One alert. A data-quality alert has no priority: it is sent as normal (X-Priority 3)."""
+    urgent = not isinstance(alert, DataQualityAlert) and alert.priority in ("high", "critical")
+    message = _message(
+        renderer.email(alert), receiver, smtp,
+        id_left=f"{alert.alert_id}.{_safe_id(alert.owner or 'unowned')}", urgent=urgent,
+    )
+    message[ALERT_HEADER] = alert.alert_id
+    return message
+
+
 def build_digest_email(digest: Digest, renderer: Renderer, receiver: EmailReceiver, smtp: SmtpSettings) -> EmailMessage:
-    """One multipart email listing all the digest's alerts."""
+    """One multipart email listing all the digest's alerts, as urgent as its most urgent one."""
     rendered = renderer.email_digest(digest.alerts, recipient=digest.recipient, window_s=digest.window_s)
-    message = EmailMessage()
-    message["From"] = smtp.sender
-    message["To"] = ", ".join(receiver.to)
-    message["Subject"] = rendered.subject
-    message["Date"] = formatdate(localtime=False, usegmt=True)
-    domain = parseaddr(smtp.sender)[1].rpartition("@")[2] or "decision-router"
-    message["Message-ID"] = f"<{digest.digest_id}.{_safe_id(digest.recipient)}@{domain}>"
-    message[DIGEST_HEADER] = str(len(digest))
     top = max((PRIORITY_ORDER.index(a.priority) for a in digest.alerts if a.priority in PRIORITY_ORDER), default=0)
-    message["X-Priority"] = "1" if PRIORITY_ORDER[top] in ("high", "critical") else "3"
-    message.set_content(rendered.text)
-    message.add_alternative(rendered.html, subtype="html")
+    message = _message(
+        rendered, receiver, smtp, id_left=f"{digest.digest_id}.{_safe_id(digest.recipient)}",
+        urgent=PRIORITY_ORDER[top] in ("high", "critical"),
+    )
+    message[DIGEST_HEADER] = str(len(digest))
     return message
 
 
