@@ -215,16 +215,21 @@ class EscalationSweeper:
         channels = self.pipeline.channels
         with Session(self.pipeline.engine) as session:
             for step in session.scalars(select(EscalationRecord).where(EscalationRecord.id.in_(list(copies)))):
-                if step.delivered_at is not None:
+                # Conditional, so two workers draining the same copy mark it once.
+                marked = session.execute(
+                    update(EscalationRecord)
+                    .where(EscalationRecord.id == step.id, EscalationRecord.delivered_at.is_(None))
+                    .values(delivered_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                if marked.rowcount != 1:
                     continue
-                step.delivered_at = now
                 if channels is not None:
                     # The manager gets the escalated copy on their own channels too.
                     queue_deliveries(
                         session, alert=copies[step.id], recipient=step.to_owner,
                         channels=channels.channels_for(step.to_owner), now=now,
                     )
-                session.add(step)
                 session.add(
                     AuditEvent(
                         alert_id=step.alert_id,

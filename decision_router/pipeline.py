@@ -268,7 +268,7 @@ class Pipeline:
     def _mark_delivered(self, alerts: list[Alert]) -> None:
         now = self.clock()
         with Session(self.engine) as session:
-            newly = set(tracker.mark_delivered(session, [a.alert_id for a in alerts], channel=INBOX, now=now))
+            newly = set(tracker.mark_delivered(session, {a.alert_id: a.owner for a in alerts}, channel=INBOX, now=now))
             if self.channels is not None:
                 for alert in alerts:
                     if alert.alert_id in newly:

@@ -6,8 +6,9 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import flag_modified
 
 from decision_router.contracts import (
     Alert,
@@ -215,24 +216,30 @@ def undelivered_alerts(
     return list(session.scalars(query.order_by(AlertRecord.created_at).limit(limit)))
 
 
-def mark_delivered(session: Session, alert_ids: Sequence[str], *, channel: str, now: datetime) -> list[str]:
-    """Mark inbox delivery; returns the alerts that were not marked before."""
-    if not alert_ids:
-        return []
+def mark_delivered(session: Session, delivered: Mapping[str, str], *, channel: str, now: datetime) -> list[str]:
+    """Mark inbox delivery of alert_id -> the owner it was written for; returns the alerts
+    marked now. Conditional updates, so a concurrent redelivery cannot mark an alert twice,
+    and a delivery to an owner the alert was meanwhile reassigned away from marks nothing
+    (the reassignment's own delivery will)."""
     newly = []
-    for record in session.scalars(select(AlertRecord).where(AlertRecord.alert_id.in_(list(alert_ids)))):
-        if record.delivered_at is not None:
+    for alert_id, owner in delivered.items():
+        changed = session.execute(
+            update(AlertRecord)
+            .where(AlertRecord.alert_id == alert_id, AlertRecord.owner == owner, AlertRecord.delivered_at.is_(None))
+            .values(delivered_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if changed.rowcount != 1:
             continue
-        newly.append(record.alert_id)
-        record.delivered_at = now
+        newly.append(alert_id)
         session.add(
             AuditEvent(
-                alert_id=record.alert_id,
-                prediction_id=record.prediction_id,
+                alert_id=alert_id,
+                prediction_id=session.scalar(select(AlertRecord.prediction_id).where(AlertRecord.alert_id == alert_id)),
                 type="delivered",
                 actor=SYSTEM_ACTOR,
                 at=now,
-                detail={"channel": channel, "owner": record.owner},
+                detail={"channel": channel, "owner": owner},
             )
         )
     return newly
@@ -322,6 +329,9 @@ def apply_outcome(
             record.owner = event.owner
             # The new owner must receive it (back into the outbox) and gets fresh deadlines.
             record.delivered_at = None
+            # Written even if it looked unchanged here: the inbox write to the old owner may
+            # have been marked delivered by another transaction since this row was read.
+            flag_modified(record, "delivered_at")
             record.escalated_to = None
             if record.acknowledged_at is None and record.ack_breached_at is None:
                 record.ack_due_at = now + (as_utc(record.ack_by) - as_utc(record.created_at))

@@ -26,6 +26,7 @@ from decision_router.contracts import OutcomeEvent, Prediction
 from decision_router.router import in_holdout, route
 from decision_router.rules import RuleSet, load_rules
 from decision_router.store import create_schema, make_engine
+from decision_router.tables import AlertRecord
 from tests.e2e.helpers import CLI, ROOT, clean_env, free_port, run
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -270,7 +271,8 @@ def populate_story(workdir: Path, shipped: RuleSet) -> tuple[str, str]:
     alert_id = next(aid for aid, rule, _ in records if rule == "enterprise-churn-risk")
     engine = make_engine(f"sqlite:///{workdir / 'store.db'}")
     with Session(engine) as session:
-        tracker.mark_delivered(session, [aid for aid, _, _ in records], channel="inbox", now=t0 + timedelta(seconds=2))
+        owners = {aid: session.get(AlertRecord, aid).owner for aid, _, _ in records}
+        tracker.mark_delivered(session, owners, channel="inbox", now=t0 + timedelta(seconds=2))
         session.commit()
         steps = [
             ({"type": "acknowledged", "actor": "alice-moreau"}, timedelta(minutes=30)),

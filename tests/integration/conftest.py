@@ -7,6 +7,7 @@ import asyncio
 import os
 import time
 import uuid
+from datetime import datetime
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -123,6 +124,16 @@ def settings(redis_server: str, prefix: str) -> Settings:
 async def service(settings: Settings, ruleset: RuleSet, engine: Engine) -> AsyncIterator[RouterService]:
     async with running_service(settings, ruleset, engine) as running:
         yield running
+
+
+class ManualClock:
+    """The service's clock in tests: time moves only when a test moves `now`."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
 
 
 async def wait_until(condition: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition") -> None:

@@ -19,7 +19,7 @@ from decision_router.rules import load_rules
 from decision_router.service import running_service
 from decision_router.tables import AuditEvent, DeliveryAttemptRecord, DeliveryRecord
 from decision_router.tracker import alert_id_for
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import ManualClock, wait_until
 from tests.integration.test_channels_email import _FreePortController
 from tests.integration.test_channels_webhook import ReceiverState, receiver  # noqa: F401  (fixture)
 from tests.integration.test_router_loop import count
@@ -70,14 +70,8 @@ def rules_dir(tmp_path: Path, receiver: ReceiverState) -> Path:  # noqa: F811
 
 
 @pytest.fixture
-def clock():
-    class Clock:
-        now = T0
-
-        def __call__(self):
-            return self.now
-
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 @pytest.fixture

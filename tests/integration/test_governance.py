@@ -18,7 +18,7 @@ from decision_router.rules import load_rules
 from decision_router.service import running_service
 from decision_router.tables import AlertRecord, AuditEvent, EscalationRecord
 from decision_router.tracker import alert_id_for
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import ManualClock, wait_until
 from tests.integration.test_router_loop import count
 
 pytestmark = pytest.mark.redis
@@ -51,14 +51,6 @@ owners:
 T0 = datetime.now(timezone.utc).replace(microsecond=0)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture
 def rules_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "rules"
@@ -69,8 +61,8 @@ def rules_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 @pytest.fixture

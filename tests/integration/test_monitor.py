@@ -19,7 +19,7 @@ from decision_router.monitor import ALL_VERSIONS, data_quality_alert_id
 from decision_router.rules import load_rules
 from decision_router.service import running_service
 from decision_router.tables import DataQualityAlertRecord, PredictionRecord
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import ManualClock, wait_until
 from tests.integration.test_router_loop import count
 
 pytestmark = pytest.mark.redis
@@ -40,12 +40,6 @@ PER_DAY = 120
 T0 = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=10)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture
@@ -57,7 +51,7 @@ def rules_dir(tmp_path: Path) -> Path:
     return directory
 
 
-def publish_day(r, keys, day: int, clock: Clock, rng: random.Random, *, score_mean: float) -> None:
+def publish_day(r, keys, day: int, clock: ManualClock, rng: random.Random, *, score_mean: float) -> None:
     pipe = r.pipeline(transaction=False)
     for i in range(PER_DAY):
         document = {
@@ -76,7 +70,7 @@ def inbox_entries(r, keys, owner: str) -> list[dict[str, str]]:
 
 
 async def test_drift_alert_reaches_the_model_owner_once_a_day(settings, rules_dir, engine, r) -> None:
-    clock = Clock()
+    clock = ManualClock(T0)
     rng = random.Random(5)
     ruleset = load_rules(rules_dir)
     tuned = settings.model_copy(update={"rules_dir": rules_dir, "drift_interval": timedelta(hours=1)})

@@ -21,10 +21,10 @@ from decision_router.notify import redrive
 from decision_router.rules import load_rules
 from decision_router.service import running_service
 from decision_router.tables import AuditEvent, DeliveryRecord, PredictionRecord
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import ManualClock, wait_until
 from tests.integration.test_channels_webhook import ReceiverState, receiver  # noqa: F401  (fixture)
 from tests.integration.test_delivery_channels import mailbox  # noqa: F401  (fixture)
-from tests.integration.test_monitor import PER_DAY, ROUTING, T0, Clock, publish_day
+from tests.integration.test_monitor import PER_DAY, ROUTING, T0, publish_day
 from tests.integration.test_router_loop import count
 
 pytestmark = pytest.mark.redis
@@ -47,7 +47,7 @@ def write_rules(tmp_path: Path, webhook_url: str) -> Path:
 async def drifted_service_check(settings, rules_dir: Path, engine, r, mailbox):  # noqa: F811
     """Run the service through three reference days and a drifted one; yields the service,
     its clock and the figures of the drift check of the drifted day."""
-    clock = Clock()
+    clock = ManualClock(T0)
     rng = random.Random(5)
     tuned = settings.model_copy(update={
         "rules_dir": rules_dir, "drift_interval": timedelta(hours=1), "smtp_host": "127.0.0.1",

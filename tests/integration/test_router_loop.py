@@ -115,6 +115,8 @@ async def test_same_prediction_id_twice_is_a_duplicate_not_a_second_alert(servic
     (_, dead), = r.xrange(keys.predictions_dlq)
     assert dead["reason"] == "duplicate"
     assert json.loads(json.loads(dead["payload"])["data"])["score"] == 0.99
+    # The inbox is written after the DLQ within a batch: wait for the batch to finish.
+    await wait_until(lambda: r.xpending(keys.predictions, service.group)["pending"] == 0, what="both entries acked")
     assert r.xlen(keys.inbox("alice-moreau")) == 1
     assert count(engine, AlertRecord) == 1
 
