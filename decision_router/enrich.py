@@ -48,6 +48,7 @@ from decision_router.rules import ContextSource, RuleSet
 from decision_router.rules.spec import LOOKUP
 from decision_router.settings import redact_url
 from decision_router.store import make_engine
+from decision_router.streams import as_text
 
 log = structlog.get_logger("decision_router.enrich")
 
@@ -113,10 +114,6 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return str(value)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _first_line(text_: str) -> str:
@@ -295,7 +292,7 @@ class ContextEnricher:
             if isinstance(reply, BaseException):
                 errors.append((key, reply))  # e.g. WRONGTYPE: that key is not a hash
             else:
-                hashes[key] = {_text(field): _text(value) for field, value in reply.items()}
+                hashes[key] = {as_text(field): as_text(value) for field, value in reply.items()}
         found = {pid: dict(hashes[key]) for pid, key in keys.items() if key in hashes}
         problem = None
         if errors:

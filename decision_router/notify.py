@@ -54,7 +54,7 @@ from decision_router.contracts import Alert, AnyAlert, DataQualityAlert, alert_f
 from decision_router.keys import Keys
 from decision_router.rules import Owner, RuleSet
 from decision_router.settings import Settings
-from decision_router.streams import StreamWrite, xadd_once
+from decision_router.streams import StreamWrite, as_text, xadd_once
 from decision_router.tables import AuditEvent, DeliveryAttemptRecord, DeliveryRecord, as_utc
 from decision_router.tracker import SYSTEM_ACTOR
 
@@ -478,7 +478,7 @@ async def redrive(channels: ChannelDelivery, *, limit: int = 10_000) -> tuple[in
     is removed; a delivery that fails again is dead-lettered again. Returns (re-sent, delivered)."""
     stream = channels.keys.deliveries_dlq
     entries = [
-        (_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
+        (as_text(entry_id), {as_text(k): as_text(v) for k, v in fields.items()})
         for entry_id, fields in await channels.redis.xrange(stream, count=limit)
     ]
     candidates = redrive_candidates(entries)
@@ -504,7 +504,3 @@ def _count_delivered(engine: Engine, ids: Sequence[int]) -> int:
         return len(session.scalars(select(DeliveryRecord.id).where(
             DeliveryRecord.id.in_(list(ids)), DeliveryRecord.status == "delivered"
         )).all())
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

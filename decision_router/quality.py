@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from decision_router.contracts import OutcomeEvent, Prediction, Rejection, RejectionReason
+from decision_router.streams import as_text
 
 RawEntry = Mapping[bytes | str, bytes | str]
 ID_FIELDS = ("prediction_id", "entity_type", "entity_id")
@@ -26,18 +27,14 @@ class _Reject(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
-
-
 def original_payload(entry: RawEntry) -> str:
     """The entry's fields as JSON text, kept verbatim in the dead-letter stream."""
-    return json.dumps({_text(k): _text(v) for k, v in entry.items()}, ensure_ascii=False)
+    return json.dumps({as_text(k): as_text(v) for k, v in entry.items()}, ensure_ascii=False)
 
 
 def decode_entry(entry: RawEntry) -> dict[str, Any]:
     """`XADD s * data '<json>'` or flat fields (`XADD s * prediction_id p1 score 0.9 ...`) -> dict."""
-    fields = {_text(k): _text(v) for k, v in entry.items()}
+    fields = {as_text(k): as_text(v) for k, v in entry.items()}
     if set(fields) == {"data"}:
         try:
             document = json.loads(fields["data"])

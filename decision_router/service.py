@@ -28,6 +28,7 @@ from decision_router.rules import RuleSet, load_rules
 from decision_router.rules.watch import RulesWatcher
 from decision_router.settings import Settings, redact_url
 from decision_router.store import create_schema, make_engine
+from decision_router.streams import as_text
 
 log = structlog.get_logger("decision_router.service")
 
@@ -168,19 +169,16 @@ class RouterService:
                 count=self.pipeline.settings.batch_size,
             )
             # Entries deleted from the stream while pending come back empty: just ack them.
-            entries = [(_text(mid), fields) for mid, fields in messages if fields]
+            entries = [(as_text(mid), fields) for mid, fields in messages if fields]
             if entries:
                 log.info("reclaimed pending entries", stream=stream, count=len(entries))
                 await process(entries)
             if messages:
                 await redis.xack(stream, self.group, *[mid for mid, _ in messages])
             total += len(entries)
-            if _text(next_id) == "0-0":
+            if as_text(next_id) == "0-0":
                 return total
-            start = _text(next_id)
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+            start = as_text(next_id)
 
 
 @contextlib.asynccontextmanager

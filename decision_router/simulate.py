@@ -91,6 +91,7 @@ from decision_router.settings import Settings
 from decision_router.stats import StatsRow, compute_stats
 from decision_router.store import create_schema, make_engine
 from decision_router.tables import RejectionRecord
+from decision_router.streams import as_text
 
 RULE = "churn-risk"
 WATCH_RULE = "churn-watch"
@@ -706,12 +707,8 @@ def default_start(total_days: int) -> datetime:
     return today - timedelta(days=total_days - 1)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _entry_id(value: bytes | str) -> tuple[int, int]:
-    ms, _, seq = _text(value).partition("-")
+    ms, _, seq = as_text(value).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -722,7 +719,7 @@ async def _processed(redis: Redis, stream: str, group: str, last_id: str, *, tim
     delay = 0.002
     while True:
         for info in await redis.xinfo_groups(stream):
-            if _text(info["name"]) == group:
+            if as_text(info["name"]) == group:
                 delivered = info.get("last-delivered-id") or "0-0"
                 if info["pending"] == 0 and _entry_id(delivered) >= target:
                     return
@@ -739,7 +736,7 @@ async def _publish(redis: Redis, stream: str, documents: Sequence[dict[str, Any]
         for doc in documents:
             pipe.xadd(stream, {"data": json.dumps(doc)})
         ids = await pipe.execute()
-    return _text(ids[-1])
+    return as_text(ids[-1])
 
 
 def _iso(moment: datetime) -> str:

@@ -17,6 +17,11 @@ return false
 """
 
 
+def as_text(value: bytes | str) -> str:
+    """A Redis reply (bytes) or field as text; bad UTF-8 from a producer is replaced, not fatal."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
 @dataclass(frozen=True)
 class StreamWrite:
     stream: str
