@@ -40,6 +40,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from decision_router import metrics
 from decision_router.channels import (
     QUEUE_FULL,
     Attempt,
@@ -356,6 +357,7 @@ class ChannelDelivery:
         if ok:
             return
         owner, channel = key.rsplit(":", 1)
+        metrics.delivery_failed(channel)
         await xadd_once(
             self.redis,
             [

@@ -9,6 +9,7 @@ repaired by the redelivery or by `drain_outbox` at start-up.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from decision_router import tracker
+from decision_router import metrics, tracker
 from decision_router.contracts import Alert, OutcomeEvent, OutcomeType, Prediction, Rejection, RejectionReason
 from decision_router.delivery import INBOX, inbox_writes
 from decision_router.durations import format_duration
@@ -97,6 +98,7 @@ class Pipeline:
     # predictions ------------------------------------------------------------------
 
     async def process_predictions(self, entries: Sequence[Entry]) -> BatchResult:
+        started = time.perf_counter()
         now = self.clock()
         checked = [
             (entry_id, fields, self._check(entry_id, fields, now)) for entry_id, fields in entries
@@ -114,6 +116,12 @@ class Pipeline:
             ttl=self.settings.dedupe_ttl,
         )
         result.delivered = await self.drain_outbox(prediction_ids=batch_ids)
+        metrics.observe_batch(
+            "predictions", size=len(entries), seconds=time.perf_counter() - started, rejected=result.rejected,
+            routed=result.accepted,
+            decisions={"alert": result.alerts, "record": result.recorded, "control": result.held_out,
+                       "suppressed": result.suppressed},
+        )
         log.info(
             "batch routed",
             size=len(entries),
@@ -279,6 +287,7 @@ class Pipeline:
     # outcomes ---------------------------------------------------------------------
 
     async def process_outcomes(self, entries: Sequence[Entry]) -> BatchResult:
+        started = time.perf_counter()
         now = self.clock()
         parsed = [
             (entry_id, fields, check_outcome(fields, source_stream=self.keys.outcomes, source_id=entry_id))
@@ -296,6 +305,9 @@ class Pipeline:
         )
         # Reassigned alerts went back into the outbox for their new owner.
         result.delivered = await self.drain_outbox(prediction_ids=touched)
+        metrics.observe_batch(
+            "outcomes", size=len(entries), seconds=time.perf_counter() - started, rejected=result.rejected
+        )
         log.info(
             "outcomes recorded",
             size=len(entries),

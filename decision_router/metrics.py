@@ -1,0 +1,62 @@
+"""Prometheus counters for `GET /metrics`, fed by the pipeline and the delivery channels.
+
+Kept in one small module that imports nothing of ours, so the hot path can count without
+pulling in the HTTP layer. Consumer-group lag is not counted here: it is read from Redis
+(XINFO GROUPS) when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CONSUMED = Counter(
+    "decision_router_entries_consumed", "Stream entries read and processed.", ["stream"], registry=REGISTRY
+)
+PREDICTIONS_ROUTED = Counter(
+    "decision_router_predictions_routed", "Predictions accepted and routed (each once).", registry=REGISTRY
+)
+DECISIONS = Counter(
+    "decision_router_decisions",
+    "Routing decisions by effective action (alert, record, control, suppressed).",
+    ["action"],
+    registry=REGISTRY,
+)
+REJECTED = Counter(
+    "decision_router_rejected", "Entries sent to a dead-letter stream, by stream and reason.", ["stream", "reason"],
+    registry=REGISTRY,
+)
+DELIVERIES_FAILED = Counter(
+    "decision_router_deliveries_failed", "Channel deliveries that failed for good (sent to deliveries:dlq).",
+    ["channel"], registry=REGISTRY,
+)
+BATCH_SECONDS = Histogram(
+    "decision_router_batch_processing_seconds",
+    "Time to gate, route, persist and deliver one batch read from a stream.",
+    ["stream"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+
+
+def observe_batch(
+    stream: str, *, size: int, seconds: float, rejected: Mapping[str, int], routed: int = 0,
+    decisions: Mapping[str, int] | None = None,
+) -> None:
+    """One processed batch of `size` entries from `stream` (predictions or outcomes)."""
+    CONSUMED.labels(stream).inc(size)
+    BATCH_SECONDS.labels(stream).observe(seconds)
+    if routed:
+        PREDICTIONS_ROUTED.inc(routed)
+    for action, count in (decisions or {}).items():
+        if count:
+            DECISIONS.labels(action).inc(count)
+    for reason, count in rejected.items():
+        REJECTED.labels(stream, reason).inc(count)
+
+
+def delivery_failed(channel: str) -> None:
+    DELIVERIES_FAILED.labels(channel).inc()
