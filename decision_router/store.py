@@ -9,7 +9,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel, create_engine
 
-from decision_router import tables  # noqa: F401  (registers the tables on SQLModel.metadata)
+from decision_router import tables, tokens  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 
 def make_engine(database_url: str, **kwargs: Any) -> Engine:

@@ -1,0 +1,1 @@
+"""The HTTP face of the service: FastAPI app, token access control, Prometheus /metrics."""
