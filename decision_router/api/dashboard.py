@@ -1,5 +1,161 @@
-"""Ops and owner dashboard (owned by the dashboard work; stub so the app can include it)."""
+"""The dashboard: one static page at `/` (login by token) and the JSON it reads.
 
-from fastapi import APIRouter
+The page and its assets are files in api/static, served by the service itself: no CDN, no
+network asset, charts drawn as inline SVG by vanilla JS. A strict Content-Security-Policy
+(no inline script, no eval) keeps a pasted token from being read by injected code.
+
+JSON endpoints (bearer token, like the rest of /v1):
+- GET /v1/dashboard/ops (ops, admin): funnel, uplift, time to act, owners' SLA, rejections
+  per day, for a period (since/until or the last N days), a model and a rule;
+- GET /v1/dashboard/owner (owner): the caller's open alerts with context and deadlines.
+The owner view's buttons call the alert endpoints (/v1/alerts/{id}/ack, ...).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import FileResponse
+from sqlalchemy import distinct, select
+from sqlmodel import Session
+
+from decision_router import insights
+from decision_router.api.auth import Principal, require
+from decision_router.api.common import parse_since, query_error, read_store, ruleset_of
+from decision_router.pipeline import utcnow
+from decision_router.tables import AlertRecord, as_utc
+from decision_router.uplift import MIN_N
+
+STATIC = Path(__file__).resolve().parent / "static"
+# Served by name only: nothing else under the package can be reached through /assets.
+ASSETS = {"app.js": "text/javascript", "charts.js": "text/javascript", "app.css": "text/css"}
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # The page holds a token in sessionStorage: never serve a stale copy from a cache.
+    "Cache-Control": "no-store",
+}
 
 router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers=HEADERS)
+
+
+@router.get("/assets/{name}", include_in_schema=False)
+def asset(name: str) -> FileResponse:
+    if name not in ASSETS:
+        raise HTTPException(status_code=404, detail=f"no asset {name!r}")
+    return FileResponse(STATIC / name, media_type=ASSETS[name], headers=HEADERS)
+
+
+def _period(since: str | None, until: str | None, days: int | None) -> tuple[datetime | None, datetime | None]:
+    if days is not None and (since or until):
+        raise query_error("days", "give either days or since/until, not both")
+    if days is not None:
+        return utcnow() - timedelta(days=days), None
+    start, end = parse_since(since, "since"), parse_since(until, "until")
+    if start is not None and end is not None and start >= end:
+        raise query_error("until", "must be after since")
+    return start, end
+
+
+def _choices(session: Session, column: Any) -> list[str]:
+    return sorted(session.scalars(select(distinct(column))))
+
+
+@router.get("/v1/dashboard/ops", tags=["dashboard"])
+async def ops_view(
+    request: Request,
+    _: Annotated[Principal, Depends(require("ops", "admin"))],
+    since: Annotated[str | None, Query(description="A duration ago (7d) or an ISO date; alerts created since")] = None,
+    until: Annotated[str | None, Query(description="A duration ago or an ISO date; alerts created before")] = None,
+    days: Annotated[int | None, Query(ge=1, le=3660, description="The last N days (instead of since/until)")] = None,
+    model: Annotated[str | None, Query(description="Only this model")] = None,
+    rule: Annotated[str | None, Query(description="Only this rule")] = None,
+) -> dict[str, Any]:
+    """Everything the ops view draws, for one period, model and rule."""
+    start, end = _period(since, until, days)
+    model, rule = model or None, rule or None
+    ruleset = ruleset_of(request)
+    holdouts = {r.name: r.holdout for r in ruleset.rules}
+    now = utcnow()
+
+    def read(session: Session) -> dict[str, Any]:
+        rows = insights.rule_stats(session, since=start, until=end, rule=rule, model=model, holdouts=holdouts)
+        histogram = insights.time_to_act_histogram(session, since=start, until=end, rule=rule, model=model)
+        return {
+            "window": {"since": start.isoformat() if start else None, "until": end.isoformat() if end else None},
+            "filters": {
+                "models": _choices(session, AlertRecord.model),
+                "rules": sorted({r.name for r in ruleset.rules} | set(_choices(session, AlertRecord.rule))),
+                "model": model,
+                "rule": rule,
+            },
+            "min_n": MIN_N,
+            "funnel": insights.as_json(insights.funnel(rows)),
+            "uplift": insights.as_json(insights.uplift(rows, holdouts)),
+            "time_to_act": insights.as_json(histogram),
+            "sla": insights.as_json(
+                insights.owner_sla(session, now=now, since=start, until=end, rule=rule, model=model)
+            ),
+            # Rejections are not tied to a rule: the rule filter does not apply to them.
+            "rejections": insights.as_json(insights.rejections_per_day(session, since=start, until=end, model=model)),
+        }
+
+    return await read_store(request, read)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return as_utc(value).isoformat() if value is not None else None
+
+
+def _owner_alert(record: AlertRecord, now: datetime) -> dict[str, Any]:
+    ack_by, act_by = as_utc(record.ack_by), as_utc(record.act_by)
+    return {
+        "alert_id": record.alert_id,
+        "rule": record.rule,
+        "priority": record.priority,
+        "model": record.model,
+        "entity_type": record.entity_type,
+        "entity_id": record.entity_id,
+        "score": record.score,
+        "context": record.context,
+        "missing_context": record.missing_context,
+        "created_at": _iso(record.created_at),
+        "ack_by": _iso(ack_by),
+        "act_by": _iso(act_by),
+        "acknowledged_at": _iso(record.acknowledged_at),
+        "intervened_at": _iso(record.intervened_at),
+        "intervention": record.intervention,
+        "ack_overdue": record.acknowledged_at is None and ack_by <= now,
+        "act_overdue": record.intervened_at is None and act_by <= now,
+        "escalation_level": record.escalation_level,
+        "escalated_to": record.escalated_to,
+    }
+
+
+@router.get("/v1/dashboard/owner", tags=["dashboard"])
+async def owner_view(
+    request: Request, principal: Annotated[Principal, Depends(require("owner"))]
+) -> dict[str, Any]:
+    """The caller's open alerts (never anyone else's), the nearest acknowledgement deadline first."""
+    owner = principal.owner
+    if not owner:  # an owner token is always bound to an owner id; refuse rather than show all
+        raise HTTPException(status_code=403, detail="this owner token is bound to no owner")
+    now = utcnow()
+
+    def read(session: Session) -> list[dict[str, Any]]:
+        return [_owner_alert(record, now) for record in insights.open_alerts(session, owner=owner)]
+
+    return {"owner": owner, "now": now.isoformat(), "alerts": await read_store(request, read)}

@@ -1,0 +1,265 @@
+"""Read-side views for the dashboard, on top of stats.py.
+
+stats.compute_stats already gives the per-rule funnel and uplift; this module shapes them
+for charts and adds what the dashboard needs and stats lacks:
+- `funnel` / `uplift`: per rule, routed -> acknowledged -> intervened -> success, and the
+  uplift with its fixed 95% interval (straight from compute_stats, so the two never disagree);
+- `time_to_act_histogram`: how long routed alerts waited for their first intervention;
+- `owner_sla`: per accountable owner, open, overdue and escalated alerts right now;
+- `rejections_per_day`: data-quality rejections per UTC day and reason.
+
+Every function is a pure read of the store; windows are [since, until) on the same column
+as stats (alert creation, rejection time), and every bucket is computed in Python so SQLite
+and PostgreSQL give the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from decision_router.durations import format_duration
+from decision_router.stats import UNKNOWN_MODEL, GroupBy, StatsRow, compute_stats
+from decision_router.store import within
+from decision_router.tables import AlertRecord, RejectionRecord, as_utc
+
+# Upper edges of the time-to-act buckets, in seconds; the last bucket is open-ended.
+DEFAULT_ACT_EDGES: tuple[int, ...] = (15 * 60, 3600, 4 * 3600, 24 * 3600, 48 * 3600, 7 * 86400)
+MAX_DAYS = 366  # rejections_per_day fills at most this many days (a chart, not an export)
+
+
+# --- funnel and uplift, from compute_stats ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FunnelRow:
+    rule: str
+    routed: int
+    acknowledged: int
+    intervened: int
+    successes: int
+    failures: int
+    acknowledged_rate: float | None
+    intervention_rate: float | None
+    success_rate: float | None
+
+
+@dataclass(frozen=True)
+class UpliftRow:
+    rule: str
+    treated_n: int
+    control_n: int
+    treated_success_rate: float | None
+    control_success_rate: float | None
+    uplift: float | None  # None: "not enough data" (a group below uplift.MIN_N with an outcome)
+    ci_low: float | None
+    ci_high: float | None
+    has_control: bool  # the rule has a control group at all (else uplift cannot exist)
+
+
+def rule_stats(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None, rule: str | None = None,
+    model: str | None = None, holdouts: Mapping[str, float] | None = None,
+) -> list[StatsRow]:
+    """compute_stats by rule; the funnel and uplift views are two projections of these rows."""
+    return compute_stats(session, by=GroupBy.RULE, since=since, until=until, rule=rule, model=model, holdouts=holdouts)
+
+
+def funnel(rows: Sequence[StatsRow]) -> list[FunnelRow]:
+    """Rules that alert someone (routed > 0); record-only rules have no funnel."""
+    return [
+        FunnelRow(
+            rule=r.key, routed=r.routed, acknowledged=r.acknowledged, intervened=r.intervened,
+            successes=r.successes, failures=r.failures, acknowledged_rate=r.acknowledged_rate,
+            intervention_rate=r.intervention_rate, success_rate=r.success_rate,
+        )
+        for r in rows
+        if r.routed
+    ]
+
+
+def uplift(rows: Sequence[StatsRow], holdouts: Mapping[str, float] | None = None) -> list[UpliftRow]:
+    """Rules that alert someone, with the fixed 95% (Newcombe) interval of compute_stats."""
+    holdouts = holdouts or {}
+    return [
+        UpliftRow(
+            rule=r.key, treated_n=r.treated_n, control_n=r.control_n,
+            treated_success_rate=r.treated_success_rate, control_success_rate=r.control_success_rate,
+            uplift=r.uplift, ci_low=r.uplift_ci_low, ci_high=r.uplift_ci_high,
+            has_control=r.held_out > 0 or holdouts.get(r.key, 0.0) > 0,
+        )
+        for r in rows
+        if r.routed
+    ]
+
+
+# --- time to act ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bucket:
+    label: str
+    low_s: float  # inclusive
+    high_s: float | None  # exclusive; None: open-ended
+    count: int
+
+
+@dataclass(frozen=True)
+class TimeToAct:
+    buckets: list[Bucket]
+    acted: int  # routed alerts with an intervention (the sum of the buckets)
+    not_acted: int  # routed alerts without one yet
+
+
+def _routed(query: Any) -> Any:
+    """Alerts delivered to an owner: the `routed` of compute_stats."""
+    return query.where(
+        AlertRecord.action == "alert", AlertRecord.held_out.is_(False), AlertRecord.suppressed_by.is_(None)
+    )
+
+
+def _filtered(query: Any, rule: str | None, model: str | None) -> Any:
+    if rule is not None:
+        query = query.where(AlertRecord.rule == rule)
+    if model is not None:
+        query = query.where(AlertRecord.model == model)
+    return query
+
+
+def time_to_act_histogram(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None, rule: str | None = None,
+    model: str | None = None, edges: Sequence[int] = DEFAULT_ACT_EDGES,
+) -> TimeToAct:
+    """Routed alerts by time from creation to the first intervention, in buckets ending at `edges`."""
+    if list(edges) != sorted(set(edges)) or not edges or edges[0] <= 0:
+        raise ValueError(f"edges must be strictly increasing positive seconds, got {list(edges)}")
+    query = _routed(within(select(AlertRecord.created_at, AlertRecord.intervened_at), AlertRecord.created_at, since, until))
+    counts = [0] * (len(edges) + 1)
+    not_acted = 0
+    for created, intervened in session.execute(_filtered(query, rule, model)):
+        if intervened is None:
+            not_acted += 1
+            continue
+        seconds = (as_utc(intervened) - as_utc(created)).total_seconds()
+        counts[sum(seconds >= edge for edge in edges)] += 1
+    lows = [0, *edges]
+    highs: list[int | None] = [*edges, None]
+    buckets = []
+    for low, high, n in zip(lows, highs, counts, strict=True):
+        if high is None:
+            label = f"≥ {format_duration(timedelta(seconds=low))}"
+        elif low == 0:
+            label = f"< {format_duration(timedelta(seconds=high))}"
+        else:
+            label = f"{format_duration(timedelta(seconds=low))}–{format_duration(timedelta(seconds=high))}"
+        buckets.append(Bucket(label=label, low_s=low, high_s=high, count=n))
+    return TimeToAct(buckets=buckets, acted=sum(counts), not_acted=not_acted)
+
+
+# --- owners' SLA ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OwnerSla:
+    owner: str
+    open: int  # routed alerts without an outcome
+    overdue: int  # of which past a deadline they have not met (ack_by unacknowledged, act_by not acted on)
+    escalated: int  # of which escalated up the manager chain at least once
+    breached: int  # of which missed a deadline at the top of the chain (an SLA breach)
+
+
+def owner_sla(
+    session: Session, *, now: datetime, since: datetime | None = None, until: datetime | None = None,
+    rule: str | None = None, model: str | None = None,
+) -> list[OwnerSla]:
+    """Per accountable owner, their open alerts right now; most overdue first, then most open."""
+    columns = (
+        AlertRecord.owner, AlertRecord.ack_by, AlertRecord.act_by, AlertRecord.acknowledged_at,
+        AlertRecord.intervened_at, AlertRecord.escalation_level, AlertRecord.ack_breached_at,
+        AlertRecord.act_breached_at,
+    )
+    query = _routed(within(select(*columns), AlertRecord.created_at, since, until)).where(AlertRecord.status == "open")
+    tallies: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in session.execute(_filtered(query, rule, model)):
+        tally = tallies[r.owner]
+        tally["open"] += 1
+        late_ack = r.acknowledged_at is None and as_utc(r.ack_by) <= now
+        late_act = r.intervened_at is None and as_utc(r.act_by) <= now
+        tally["overdue"] += late_ack or late_act
+        tally["escalated"] += r.escalation_level > 0
+        tally["breached"] += r.ack_breached_at is not None or r.act_breached_at is not None
+    rows = [
+        OwnerSla(owner=owner, open=t["open"], overdue=t["overdue"], escalated=t["escalated"], breached=t["breached"])
+        for owner, t in tallies.items()
+    ]
+    return sorted(rows, key=lambda r: (-r.overdue, -r.escalated, -r.open, r.owner))
+
+
+# --- data quality over time -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RejectionDays:
+    days: list[str]  # every UTC day of the window, oldest first ("2026-11-25")
+    reasons: list[str]  # every reason seen, most frequent first
+    counts: dict[str, list[int]]  # reason -> count per day, aligned with `days`
+    total: int
+
+
+def _day_range(first: date, last: date) -> list[date]:
+    span = min((last - first).days, MAX_DAYS - 1)
+    return [last - timedelta(days=span - i) for i in range(span + 1)]
+
+
+def rejections_per_day(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None, model: str | None = None,
+) -> RejectionDays:
+    """Rejected predictions and outcome events per UTC day and reason.
+
+    With `model`, only that model's rejected predictions (outcome events carry no model),
+    as compute_quality counts them. The days run from `since` (or the first rejection) to
+    `until` (or the last), empty days included, at most MAX_DAYS (the latest ones).
+    """
+    columns = (RejectionRecord.source_stream, RejectionRecord.model, RejectionRecord.reason, RejectionRecord.at)
+    per_day: dict[date, Counter[str]] = defaultdict(Counter)
+    totals: Counter[str] = Counter()
+    for stream, name, reason, at in session.execute(within(select(*columns), RejectionRecord.at, since, until)):
+        # Same test as stats.compute_quality: Keys(prefix).outcomes ends in "outcomes".
+        if model is not None and (stream.endswith("outcomes") or (name or UNKNOWN_MODEL) != model):
+            continue
+        day = as_utc(at).date()
+        per_day[day][reason] += 1
+        totals[reason] += 1
+    seen = sorted(per_day)
+    first = as_utc(since).date() if since is not None else (seen[0] if seen else None)
+    # until is exclusive: a window ending at midnight does not include that day.
+    last = (as_utc(until) - timedelta(microseconds=1)).date() if until is not None else (seen[-1] if seen else first)
+    days = _day_range(first, last) if first is not None and last is not None and first <= last else []
+    reasons = [reason for reason, _ in sorted(totals.items(), key=lambda item: (-item[1], item[0]))]
+    counts = {reason: [per_day[day][reason] if day in per_day else 0 for day in days] for reason in reasons}
+    return RejectionDays(
+        days=[day.isoformat() for day in days], reasons=reasons, counts=counts,
+        total=sum(sum(c) for c in counts.values()),
+    )
+
+
+# --- owner inbox --------------------------------------------------------------------------
+
+
+def open_alerts(session: Session, *, owner: str, limit: int = 200) -> list[AlertRecord]:
+    """An owner's open routed alerts, the nearest deadline first."""
+    query = _routed(select(AlertRecord)).where(AlertRecord.owner == owner, AlertRecord.status == "open")
+    return list(session.scalars(query.order_by(AlertRecord.ack_by, AlertRecord.created_at).limit(limit)))
+
+
+def as_json(value: Any) -> Any:
+    """Dataclasses (and lists of them) as JSON-ready dicts."""
+    if isinstance(value, list):
+        return [as_json(v) for v in value]
+    return asdict(value)
