@@ -70,18 +70,24 @@ async def _connect(settings: Settings) -> Redis:
 
 
 @app.command()
-def serve() -> None:
-    """Run the router: consume predictions and outcomes, route, deliver, record."""
+def serve(
+    api: Annotated[bool, typer.Option("--api/--no-api", help="Also serve the HTTP API and dashboard.")] = True,
+    api_port: Annotated[Optional[int], typer.Option(help="HTTP API port (default DECISION_ROUTER_API_PORT or 8080).")] = None,
+) -> None:
+    """Run the router: consume predictions and outcomes, route, deliver, record; serve the HTTP API."""
+    from decision_router.api.server import ApiStartError
     from decision_router.embedded import EmbeddedRedisError
     from decision_router.rules import RulesInvalid
     from decision_router.service import serve as run
 
     settings = settings_or_exit()
+    if api_port is not None:
+        settings = settings.model_copy(update={"api_port": api_port})
     try:
-        asyncio.run(run(settings))
+        asyncio.run(run(settings, api=api))
     except RulesInvalid as exc:
         fail(f"refusing to start: the rules in {settings.rules_dir} are invalid:\n{exc}")
-    except EmbeddedRedisError as exc:
+    except (EmbeddedRedisError, ApiStartError) as exc:
         fail(str(exc))
 
 
@@ -302,6 +308,9 @@ from decision_router import cli_drift  # noqa: F401
 
 # simulate: defined in cli_simulate.py on `app`.
 from decision_router import cli_simulate  # noqa: F401
+
+# api, tokens, asyncapi: defined in cli_api.py on `app`.
+from decision_router import cli_api  # noqa: F401
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -60,3 +60,23 @@ def observe_batch(
 
 def delivery_failed(channel: str) -> None:
     DELIVERIES_FAILED.labels(channel).inc()
+
+
+# Read from Redis when /metrics is scraped (see api/routes_health.py), not counted.
+CONSUMER_LAG = Gauge(
+    "decision_router_consumer_group_lag",
+    "Entries in the stream not yet delivered to the consumer group (XINFO GROUPS lag).",
+    ["stream", "group"], registry=REGISTRY,
+)
+CONSUMER_PENDING = Gauge(
+    "decision_router_consumer_group_pending",
+    "Entries delivered to the consumer group but not yet acknowledged (XINFO GROUPS pending).",
+    ["stream", "group"], registry=REGISTRY,
+)
+
+
+def set_group_state(stream: str, group: str, *, lag: int | None, pending: int) -> None:
+    """The group's state at scrape time; lag None (Redis cannot tell, e.g. after XDEL) is left unset."""
+    if lag is not None:
+        CONSUMER_LAG.labels(stream, group).set(lag)
+    CONSUMER_PENDING.labels(stream, group).set(pending)

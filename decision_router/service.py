@@ -201,8 +201,9 @@ async def running_service(
         enricher.close()
 
 
-async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """`decision-router serve`: run until SIGINT/SIGTERM (or `stop` is set)."""
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: bool = True) -> None:
+    """`decision-router serve`: run until SIGINT/SIGTERM (or `stop` is set), with the HTTP API unless `api=False`."""
+    from decision_router.api.server import api_for_service
     ruleset = load_rules(settings.rules_dir)  # invalid rules: refuse to start, before anything else
     engine = make_engine(settings.database_url)
     create_schema(engine)
@@ -217,8 +218,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         async with running_service(settings, ruleset, engine, watch_rules=True) as service:
             # SIGHUP: re-read the rules now rather than at the next poll.
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.check_rules(force=True)))
-            await stop.wait()
-            log.info("stopping")
+            async with api_for_service(service, engine, enabled=api):  # stops before the consumers
+                await stop.wait()
+                log.info("stopping")
     finally:
         if embedded:
             embedded.stop()

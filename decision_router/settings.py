@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     smtp_password_file: Path | None = None
     smtp_sender: str = "decision-router@localhost"
 
+    # The HTTP API (served by `serve` unless --no-api, or by `decision-router api`); port 0 = any free port.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+
     embedded_host: str = "127.0.0.1"
     embedded_port: int = Field(default=6399, ge=1, le=65535)
 

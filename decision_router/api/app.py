@@ -1,17 +1,32 @@
-"""The FastAPI application: wiring only; the endpoints live in routes_*.py."""
+"""The FastAPI application: wiring only; the endpoints live in routes_*.py.
+
+Served by `decision-router serve` next to the stream consumers (sharing their pipeline)
+or alone by `decision-router api`; see api/server.py.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import Depends, FastAPI
+import structlog
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
+from decision_router import __version__
+from decision_router.api.actions import QueueOnlyChannels
 from decision_router.api.auth import Principal, require
+from decision_router.pipeline import Pipeline
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
+
+log = structlog.get_logger("decision_router.api")
 
 
 def create_app(
@@ -21,19 +36,80 @@ def create_app(
     redis: Redis,
     ruleset: RuleSet | Callable[[], RuleSet],
     reload_rules: Callable[[], Awaitable[Any]] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="decision-router", docs_url=None, redoc_url=None)
+    """`pipeline`: the running service's, so actions use its channels and current rules;
+    without one the app builds its own for outcome events (see api/actions.py)."""
+    app = FastAPI(
+        title="decision-router",
+        version=__version__,
+        description="Route model predictions to named owners; track what they did and whether it worked.",
+        docs_url=None,  # /docs is served by routes_docs without CDN assets
+        redoc_url=None,
+    )
+    current: Callable[[], RuleSet] = ruleset if callable(ruleset) else (lambda: ruleset)
     app.state.settings = settings
     app.state.engine = engine
     app.state.redis = redis
-    app.state.ruleset = ruleset if callable(ruleset) else (lambda: ruleset)
+    app.state.ruleset = current
     app.state.reload_rules = reload_rules
+    app.state.owns_pipeline = pipeline is None
+    if pipeline is None:
+        rules = current()
+        pipeline = Pipeline(settings=settings, ruleset=rules, engine=engine, redis=redis)
+        pipeline.channels = QueueOnlyChannels(settings, rules)  # type: ignore[assignment]
+    app.state.pipeline = pipeline
 
-    @app.get("/v1/whoami")
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def log_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        # DEBUG only: a busy dashboard or scraper must not flood the INFO log.
+        log.debug("http request", method=request.method, path=request.url.path, status=response.status_code,
+                  ms=round((time.perf_counter() - started) * 1000, 1))
+        return response
+
+    @app.get("/v1/whoami", tags=["auth"], summary="The caller's role and owner id (any token)")
     def whoami(principal: Principal = Depends(require("publisher", "owner", "ops", "admin"))) -> dict[str, Any]:
         return {"role": principal.role, "owner": principal.owner}
+
+    from decision_router.api import (
+        routes_admin,
+        routes_alerts,
+        routes_docs,
+        routes_health,
+        routes_outcomes,
+        routes_predictions,
+        routes_stats,
+    )
+
+    for module in (routes_health, routes_predictions, routes_alerts, routes_outcomes, routes_stats, routes_admin,
+                   routes_docs):
+        app.include_router(module.router)
 
     from decision_router.api.dashboard import router as dashboard_router
 
     app.include_router(dashboard_router)
     return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's shape ({"detail": [{"loc": [...], "msg": ...}]}) names the field; the
+        # rejected input is left out so a large or secret body is not echoed back.
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(RedisError)
+    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        log.warning("redis unavailable for a request", path=request.url.path, error=str(exc))
+        return JSONResponse({"detail": "Redis is unavailable; retry later"}, status_code=503)
+
+    @app.exception_handler(OperationalError)
+    async def database_down(request: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable for a request", path=request.url.path, error=exc.__class__.__name__)
+        return JSONResponse({"detail": "the database is unavailable; retry later"}, status_code=503)

@@ -1,0 +1,80 @@
+"""Outcome events from HTTP, applied through the outcome stream's own code path.
+
+An action (acknowledge, intervene, outcome, reassign, or a CRM's outcome webhook) is one
+entry handed to Pipeline.process_outcomes: the same parse (quality.check_outcome), the
+same addressing (tracker.find_alerts), the same audit trail, dead-lettering on
+outcomes:dlq and counting as an entry read from the outcomes stream. It runs
+synchronously, so the caller learns at once whether it applied, and the dashboard shows
+the change on its next read. (A retried HTTP call is a new event, like a second stream
+entry: the alert's first ack/intervention/outcome wins; the audit trail shows both.)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from decision_router.contracts import Rejection
+from decision_router.notify import build_receivers, receiver_key, smtp_settings
+from decision_router.pipeline import Pipeline
+from decision_router.quality import check_outcome
+from decision_router.rules import RuleSet
+from decision_router.settings import Settings
+
+
+class QueueOnlyChannels:
+    """The API's stand-in for ChannelDelivery when it runs without the consumers
+    (`decision-router api`): a reassigned alert's webhook/email deliveries are queued in
+    the store, and the worker's channel loop sends them (one sender per deployment)."""
+
+    def __init__(self, settings: Settings, ruleset: RuleSet) -> None:
+        self.receivers, _warnings = build_receivers(ruleset, smtp_settings(settings))
+
+    def channels_for(self, owner_id: str) -> tuple[str, ...]:
+        return tuple(c for c in ("webhook", "email") if receiver_key(owner_id, c) in self.receivers)
+
+    async def pump(self) -> int:
+        return 0
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Applied:
+    applied: bool
+    reason: str | None = None
+    detail: str | None = None
+
+
+def outcome_pipeline(request: Request) -> Pipeline:
+    """The service's pipeline when served by `serve`, else the app's own (rules kept current)."""
+    state = request.app.state
+    pipeline: Pipeline = state.pipeline
+    if state.owns_pipeline:
+        ruleset = state.ruleset()
+        if pipeline.ruleset is not ruleset:
+            pipeline.ruleset = ruleset
+            pipeline.channels = QueueOnlyChannels(state.settings, ruleset)  # type: ignore[assignment]
+    return pipeline
+
+
+async def apply_event(request: Request, document: dict[str, Any]) -> Applied:
+    """One outcome event (a JSON object) through the outcomes path; applied or rejected with its reason."""
+    pipeline = outcome_pipeline(request)
+    fields = {"data": json.dumps(document, ensure_ascii=False, default=str)}
+    parsed = check_outcome(fields, source_stream=pipeline.keys.outcomes)
+    result = await pipeline.process_outcomes([(None, fields)])
+    if result.accepted:
+        return Applied(True)
+    reason = next(iter(result.rejected), "unknown")
+    if isinstance(parsed, Rejection):
+        return Applied(False, reason, parsed.detail)
+    details = {
+        "unknown_alert": "no alert matches this event (by entity: no open alert predicted within the outcome window)",
+        "unknown_owner": f"owner {document.get('owner')!r} is not in the owner directory",
+    }
+    return Applied(False, reason, details.get(reason, reason))

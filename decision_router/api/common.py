@@ -1,0 +1,81 @@
+"""Small helpers shared by the route modules: app state, filter parsing, store access."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from fastapi import HTTPException, Request
+from sqlmodel import Session
+
+from decision_router.contracts import utc
+from decision_router.durations import parse_duration
+from decision_router.keys import Keys
+from decision_router.pipeline import utcnow
+from decision_router.rules import RuleSet
+from decision_router.settings import Settings
+
+T = TypeVar("T")
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def keys_of(request: Request) -> Keys:
+    return Keys(settings_of(request).stream_prefix)
+
+
+def ruleset_of(request: Request) -> RuleSet:
+    return request.app.state.ruleset()  # type: ignore[no-any-return]
+
+
+def query_error(field: str, message: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=[{"loc": ["query", field], "msg": message, "type": "value_error"}])
+
+
+def body_error(field: str, message: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
+
+
+def parse_since(value: str | None, field: str = "since") -> datetime | None:
+    """The CLI's `--since`: a duration ago (7d, 24h) or an ISO date/time (UTC if naive)."""
+    if value is None or value == "":
+        return None
+    try:
+        return utcnow() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        return utc(datetime.fromisoformat(value))
+    except ValueError:
+        raise query_error(field, f"expected a duration like 7d or an ISO date like 2026-11-01, not {value!r}") from None
+
+
+def parse_entity(value: str | None, field: str = "entity") -> tuple[str, str] | None:
+    """`account:acct-17` -> ("account", "acct-17")."""
+    if value is None or value == "":
+        return None
+    entity_type, sep, entity_id = value.partition(":")
+    if not sep or not entity_type or not entity_id:
+        raise query_error(field, f"must look like TYPE:ID (e.g. account:acct-17), not {value!r}")
+    return entity_type, entity_id
+
+
+async def read_store(request: Request, work: Callable[[Session], T]) -> T:
+    """Run a blocking store read in a thread, so the event loop keeps serving."""
+    engine = request.app.state.engine
+
+    def run() -> T:
+        with Session(engine) as session:
+            return work(session)
+
+    return await asyncio.to_thread(run)
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value

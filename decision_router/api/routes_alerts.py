@@ -1,0 +1,290 @@
+"""Alerts: list with filters and pages, one with its audit trail, and the actions on it.
+
+Owner tokens see only alerts delivered to them: decisions they own whose effective action
+is `alert` (not held-out control records, which must stay unseen for the uplift to mean
+anything, nor cooldown-suppressed ones). Another owner's alert is a 404, not a 403, so
+alert ids do not leak; asking the list for another owner is a 403 (the filter is the
+caller's own mistake, nothing leaks by saying so).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import and_, or_, select
+from sqlmodel import Session
+
+from decision_router.api.actions import apply_event
+from decision_router.api.auth import Principal, require
+from decision_router.api.common import body_error, parse_entity, parse_since, query_error, read_store, ruleset_of
+from decision_router.audit import AlertSummary, alert_story, iso
+from decision_router.contracts import OutcomeResult
+from decision_router.tables import AlertRecord, as_utc
+
+router = APIRouter(tags=["alerts"])
+
+READERS = ("owner", "ops")  # ops admits admin
+
+
+class State(StrEnum):
+    OPEN = "open"  # not yet acknowledged
+    ACKNOWLEDGED = "acknowledged"  # acknowledged, no intervention yet
+    INTERVENED = "intervened"  # intervention recorded, no outcome yet
+    CLOSED = "closed"  # has an outcome
+
+
+class Action(StrEnum):
+    ALERT = "alert"
+    RECORD = "record"
+    CONTROL = "control"
+    SUPPRESSED = "suppressed"
+
+
+def _state_clause(state: State) -> Any:
+    a = AlertRecord
+    if state is State.CLOSED:
+        return a.status == "closed"
+    open_ = a.status == "open"
+    if state is State.OPEN:
+        return and_(open_, a.acknowledged_at.is_(None))
+    if state is State.ACKNOWLEDGED:
+        return and_(open_, a.acknowledged_at.is_not(None), a.intervened_at.is_(None))
+    return and_(open_, a.intervened_at.is_not(None))
+
+
+def _action_clause(action: Action) -> Any:
+    a = AlertRecord
+    if action is Action.SUPPRESSED:
+        return a.suppressed_by.is_not(None)
+    not_suppressed = a.suppressed_by.is_(None)
+    if action is Action.CONTROL:
+        return and_(not_suppressed, a.held_out.is_(True))
+    return and_(not_suppressed, a.held_out.is_(False), a.action == action.value)
+
+
+def state_of(record: AlertRecord) -> str:
+    if record.status == "closed":
+        return State.CLOSED.value
+    if record.intervened_at is not None:
+        return State.INTERVENED.value
+    if record.acknowledged_at is not None:
+        return State.ACKNOWLEDGED.value
+    return State.OPEN.value if record.status == "open" else record.status
+
+
+def alert_view(record: AlertRecord) -> dict[str, Any]:
+    """An alert as the API shows it: the stored decision, its state, deadlines and context."""
+    view = AlertSummary.of(record).as_dict()
+    view.update(
+        state=state_of(record), context=record.context, missing_context=record.missing_context,
+        ack_due_at=iso(record.ack_due_at), act_due_at=iso(record.act_due_at),
+        predicted_at=iso(record.predicted_at),
+    )
+    return view
+
+
+def visible_to(principal: Principal, record: AlertRecord) -> bool:
+    if principal.role != "owner":
+        return True
+    return record.owner == principal.owner and record.effective_action == Action.ALERT.value
+
+
+def _encode_cursor(record: AlertRecord) -> str:
+    raw = json.dumps([as_utc(record.created_at).isoformat(), record.alert_id])  # type: ignore[union-attr]
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, alert_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        return as_utc(datetime.fromisoformat(created)), str(alert_id)  # type: ignore[return-value]
+    except (ValueError, TypeError, binascii.Error):
+        raise query_error("cursor", "not a cursor this API returned (use next_cursor from the previous page)") from None
+
+
+@router.get("/v1/alerts", summary="List alerts, newest first, with filters and cursor pages (role: owner, ops, admin)")
+async def list_alerts(
+    request: Request,
+    owner: str | None = Query(None, description="Only this owner (owner tokens: only their own)."),
+    state: State | None = Query(None, description="open | acknowledged | intervened | closed"),
+    rule: str | None = Query(None),
+    entity: str | None = Query(None, description="TYPE:ID, e.g. account:acct-17"),
+    model: str | None = Query(None),
+    action: Action | None = Query(None, description="alert | record | control | suppressed (owner tokens: alert)"),
+    since: str | None = Query(None, description="Created since: a duration ago (7d, 24h) or an ISO date."),
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = Query(None, description="next_cursor of the previous page."),
+    principal: Principal = Depends(require(*READERS)),
+) -> dict[str, Any]:
+    if principal.role == "owner":
+        if owner is not None and owner != principal.owner:
+            raise HTTPException(status_code=403, detail="an owner token lists only its own alerts")
+        if action is not None and action is not Action.ALERT:
+            raise HTTPException(status_code=403, detail="an owner token lists only delivered alerts (action=alert)")
+        owner, action = principal.owner, Action.ALERT
+    start = parse_since(since)
+    entity_key = parse_entity(entity)
+    after = _decode_cursor(cursor) if cursor else None
+
+    def query(session: Session) -> tuple[list[dict[str, Any]], str | None]:
+        a = AlertRecord
+        q = select(a)
+        if owner is not None:
+            q = q.where(a.owner == owner)
+        if state is not None:
+            q = q.where(_state_clause(state))
+        if rule is not None:
+            q = q.where(a.rule == rule)
+        if entity_key is not None:
+            q = q.where(a.entity_type == entity_key[0], a.entity_id == entity_key[1])
+        if model is not None:
+            q = q.where(a.model == model)
+        if action is not None:
+            q = q.where(_action_clause(action))
+        if start is not None:
+            q = q.where(a.created_at >= start)
+        if after is not None:
+            q = q.where(or_(a.created_at < after[0], and_(a.created_at == after[0], a.alert_id < after[1])))
+        rows = list(session.scalars(q.order_by(a.created_at.desc(), a.alert_id.desc()).limit(limit + 1)))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [alert_view(r) for r in rows], (_encode_cursor(rows[-1]) if more and rows else None)
+
+    items, next_cursor = await read_store(request, query)
+    return {"items": items, "next_cursor": next_cursor}
+
+
+async def _visible(request: Request, alert_id: str, principal: Principal) -> AlertRecord:
+    record = await read_store(request, lambda session: session.get(AlertRecord, alert_id))
+    if record is None or not visible_to(principal, record):
+        raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")
+    return record
+
+
+async def _story(request: Request, alert_id: str) -> dict[str, Any]:
+    def read(session: Session) -> dict[str, Any] | None:
+        story = alert_story(session, alert_id)
+        record = session.get(AlertRecord, alert_id)
+        if story is None or record is None:
+            return None
+        document = story.as_dict()
+        document["alert"] = alert_view(record)
+        return document
+
+    document = await read_store(request, read)
+    if document is None:
+        raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")
+    return document
+
+
+@router.get("/v1/alerts/{alert_id}", summary="One alert with its audit trail (role: owner, ops, admin)")
+async def get_alert(
+    request: Request, alert_id: str, principal: Principal = Depends(require(*READERS))
+) -> dict[str, Any]:
+    await _visible(request, alert_id, principal)
+    document = await _story(request, alert_id)
+    if principal.role == "owner":
+        # Sibling decisions of the same prediction may belong to other owners or be control records.
+        document.pop("siblings", None)
+    return document
+
+
+# actions ---------------------------------------------------------------------------------
+
+
+class _Action(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: str | None = Field(None, max_length=2000, description="Free text kept in the audit trail.")
+    at: datetime | None = Field(None, description="When it happened (default: now).")
+    actor: str | None = Field(None, min_length=1, max_length=200,
+                              description="Who did it; owner tokens always act as their owner.")
+
+
+class AckBody(_Action):
+    pass
+
+
+class InterveneBody(_Action):
+    action: str | None = Field(None, max_length=200, description="What was done, e.g. exec-call.")
+
+
+class OutcomeBody(_Action):
+    result: OutcomeResult
+    value: float | None = Field(None, allow_inf_nan=False, description="A measured value, e.g. renewed ARR.")
+
+
+class ReassignBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str = Field(min_length=1, max_length=200, description="The new owner's id (in the owner directory).")
+    note: str | None = Field(None, max_length=2000, description="Why; kept in the audit trail.")
+    actor: str | None = Field(None, min_length=1, max_length=200)
+
+
+def actor_of(principal: Principal, requested: str | None) -> str:
+    if principal.role == "owner":
+        if requested is not None and requested != principal.owner:
+            raise HTTPException(status_code=403, detail="an owner token acts as its own owner; omit actor")
+        return principal.owner or "?"
+    return requested or f"token:{principal.token_id}"
+
+
+async def _act(
+    request: Request, alert_id: str, principal: Principal, event_type: str, body: BaseModel, extra: dict[str, Any]
+) -> dict[str, Any]:
+    await _visible(request, alert_id, principal)
+    values = body.model_dump(exclude_none=True, mode="json")
+    actor = actor_of(principal, values.pop("actor", None))
+    document = {**values, **extra, "type": event_type, "alert_id": alert_id, "actor": actor}
+    applied = await apply_event(request, document)
+    if not applied.applied:
+        if applied.reason == "unknown_alert":
+            raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")
+        field = "owner" if applied.reason == "unknown_owner" else "body"
+        raise body_error(field, f"{applied.reason}: {applied.detail}")
+    return await _story(request, alert_id)
+
+
+@router.post("/v1/alerts/{alert_id}/ack", summary="Acknowledge an alert (role: owner of it, ops, admin)")
+async def ack(
+    request: Request, alert_id: str, body: AckBody | None = Body(None),
+    principal: Principal = Depends(require(*READERS)),
+) -> dict[str, Any]:
+    return await _act(request, alert_id, principal, "acknowledged", body or AckBody(), {})
+
+
+@router.post("/v1/alerts/{alert_id}/intervene", summary="Record the intervention (role: owner of it, ops, admin)")
+async def intervene(
+    request: Request, alert_id: str, body: InterveneBody | None = Body(None),
+    principal: Principal = Depends(require(*READERS)),
+) -> dict[str, Any]:
+    return await _act(request, alert_id, principal, "intervened", body or InterveneBody(), {})
+
+
+@router.post("/v1/alerts/{alert_id}/outcome", summary="Record the outcome (role: owner of it, ops, admin)")
+async def outcome(
+    request: Request, alert_id: str, body: OutcomeBody, principal: Principal = Depends(require(*READERS)),
+) -> dict[str, Any]:
+    return await _act(request, alert_id, principal, "outcome", body, {})
+
+
+@router.post("/v1/alerts/{alert_id}/reassign", summary="Hand an alert to another owner (role: ops, admin)")
+async def reassign(
+    request: Request, alert_id: str, body: ReassignBody, principal: Principal = Depends(require("ops")),
+) -> dict[str, Any]:
+    owners = ruleset_of(request).owners
+    if body.owner not in owners:
+        close = difflib.get_close_matches(body.owner, list(owners), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise body_error("owner", f"owner {body.owner!r} is not in the owner directory{hint}")
+    return await _act(request, alert_id, principal, "reassigned", body, {})

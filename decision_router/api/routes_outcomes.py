@@ -1,0 +1,40 @@
+"""POST /v1/outcomes: the CRM webhook. A business system is a `publisher` (it writes events,
+reads nothing); ops and admin may post too. Owners act through /v1/alerts/{id}/... instead,
+where the alert is checked to be theirs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
+
+from decision_router.api.actions import apply_event
+from decision_router.api.auth import Principal, require
+from decision_router.api.common import body_error
+
+router = APIRouter(tags=["outcomes"])
+
+MAX_EVENTS = 500
+
+
+@router.post("/v1/outcomes", summary="Record outcome events by alert, prediction or entity (role: publisher, ops, admin)")
+async def post_outcomes(
+    request: Request,
+    body: Any = Body(..., description="An OutcomeEvent object (see the contract) or a list of them."),
+    principal: Principal = Depends(require("publisher", "ops")),
+) -> dict[str, Any]:
+    events = body if isinstance(body, list) else [body]
+    if not events:
+        raise body_error("body", "an empty list: send one event or a non-empty list")
+    if len(events) > MAX_EVENTS:
+        raise body_error("body", f"{len(events)} events; at most {MAX_EVENTS} per request")
+    results: list[dict[str, Any]] = []
+    for index, event in enumerate(events):
+        # Not a JSON object: the gate rejects it (invalid_json) and dead-letters it like a stream entry.
+        applied = await apply_event(request, event if isinstance(event, dict) else {"_": event})
+        if applied.applied:
+            results.append({"index": index, "status": "applied"})
+        else:
+            results.append({"index": index, "status": "rejected", "reason": applied.reason, "detail": applied.detail})
+    done = sum(1 for r in results if r["status"] == "applied")
+    return {"applied": done, "rejected": len(results) - done, "results": results}

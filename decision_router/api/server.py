@@ -1,0 +1,123 @@
+"""Running the HTTP API: next to the consumers in `serve`, or alone in `decision-router api`.
+
+uvicorn serves the app inside our event loop. Its own signal handling is turned off: the
+process owner (service.serve or the `api` command) handles SIGINT/SIGTERM and stops the
+server, so one signal stops consumers and API together, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Generator
+from typing import Any
+
+import structlog
+import uvicorn
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from sqlalchemy.engine import Engine
+
+from decision_router.api.app import create_app
+from decision_router.rules import RuleSet, RulesWatcher
+from decision_router.settings import Settings
+
+log = structlog.get_logger("decision_router.api")
+
+
+class ApiStartError(Exception):
+    """The API could not listen (port taken, bad host): one line for the CLI."""
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # signals belong to the process owner, see the module docstring
+
+
+class ApiServer:
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self.app, self.host, self.requested_port = app, host, port
+        self.port = port
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # Bind here, not in uvicorn, so a taken port is a clear error rather than sys.exit.
+        try:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.requested_port))
+        except OSError as exc:
+            sock.close()
+            raise ApiStartError(f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}") from None
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", server_header=False)
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-api")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise ApiStartError(f"the API on {self.host}:{self.port} stopped while starting")
+            await asyncio.sleep(0.01)
+        log.info("http api listening", url=f"http://{self.host}:{self.port}", docs=f"http://{self.host}:{self.port}/docs")
+
+    async def stop(self) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+        log.info("http api stopped")
+
+
+@contextlib.asynccontextmanager
+async def api_running(
+    settings: Settings,
+    *,
+    engine: Engine,
+    redis: Redis,
+    ruleset: Callable[[], RuleSet],
+    reload_rules: Callable[[], Any] | None = None,
+    pipeline: Any = None,
+    port: int | None = None,
+) -> AsyncIterator[ApiServer]:
+    app = create_app(settings, engine=engine, redis=redis, ruleset=ruleset, reload_rules=reload_rules, pipeline=pipeline)
+    server = ApiServer(app, settings.api_host, settings.api_port if port is None else port)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def api_for_service(service: Any, engine: Engine, *, enabled: bool = True) -> AsyncIterator[ApiServer | None]:
+    """`serve`: the API shares the running service's pipeline, so actions use its channels
+    and its current rules, and POST /v1/rules/reload is the SIGHUP reload."""
+    if not enabled:
+        yield None
+        return
+    pipeline = service.pipeline
+    async with api_running(
+        pipeline.settings, engine=engine, redis=pipeline.redis, ruleset=lambda: pipeline.ruleset,
+        reload_rules=lambda: service.check_rules(force=True), pipeline=pipeline,
+    ) as server:
+        yield server
+
+
+async def run_api(settings: Settings, ruleset: RuleSet, engine: Engine, redis: Redis, stop: asyncio.Event) -> None:
+    """`decision-router api`: the API alone (the consumers run elsewhere), until `stop`."""
+    watcher = RulesWatcher(settings.rules_dir, ruleset)
+    current = {"rules": ruleset}
+
+    async def reload() -> None:
+        fresh = await asyncio.to_thread(watcher.reload)
+        if fresh is not None:
+            current["rules"] = fresh
+            log.info("rules reloaded", rules_version=fresh.version)
+
+    async with api_running(settings, engine=engine, redis=redis, ruleset=lambda: current["rules"], reload_rules=reload):
+        await stop.wait()
+        log.info("stopping")

@@ -1,0 +1,167 @@
+"""`decision-router api`, `decision-router tokens create|list|revoke`, `decision-router asyncapi`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from decision_router.cli import _connect, app, err, fail, out, settings_or_exit
+from decision_router.settings import redact_url
+
+tokens_app = typer.Typer(help="API tokens: create (printed once), list, revoke.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+
+
+@app.command()
+def api(
+    host: Annotated[Optional[str], typer.Option(help="Listen address (default DECISION_ROUTER_API_HOST or 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default DECISION_ROUTER_API_PORT or 8080).")] = None,
+) -> None:
+    """Serve only the HTTP API and dashboard (the consumers run in `serve --no-api` or elsewhere)."""
+    from decision_router.api.server import ApiStartError, run_api
+    from decision_router.rules import RulesInvalid, load_rules
+    from decision_router.store import create_schema, make_engine
+
+    settings = settings_or_exit()
+    update = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
+    settings = settings.model_copy(update=update) if update else settings
+    try:
+        ruleset = load_rules(settings.rules_dir)
+    except RulesInvalid as exc:
+        fail(f"refusing to start: the rules in {settings.rules_dir} are invalid:\n{exc}")
+    engine = make_engine(settings.database_url)
+
+    async def main() -> None:
+        create_schema(engine)
+        redis = await _connect(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await run_api(settings, ruleset, engine, redis, stop)
+        finally:
+            await redis.aclose()
+
+    try:
+        asyncio.run(main())
+    except ApiStartError as exc:
+        fail(str(exc))
+    finally:
+        engine.dispose()
+
+
+def _engine():  # type: ignore[no-untyped-def]
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from decision_router.store import create_schema, make_engine
+
+    settings = settings_or_exit()
+    engine = make_engine(settings.database_url)
+    try:
+        create_schema(engine)
+    except SQLAlchemyError as exc:
+        fail(f"cannot open the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
+    return settings, engine
+
+
+@tokens_app.command("create")
+def tokens_create(
+    role: Annotated[str, typer.Option(help="publisher | owner | ops | admin")],
+    owner: Annotated[Optional[str], typer.Option(help="For role owner: the owner id (from owners.yaml).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="A label, e.g. the system or person it is for.")] = None,
+) -> None:
+    """Create a token and print it once; the store keeps only its hash."""
+    from decision_router.rules import RulesInvalid, load_rules
+    from decision_router.tokens import TokenError, create_token
+
+    settings, engine = _engine()
+    owners = None
+    if role == "owner":
+        try:
+            owners = load_rules(settings.rules_dir).owners
+        except RulesInvalid:
+            engine.dispose()
+            fail(f"the rules in {settings.rules_dir} do not load, so owner {owner!r} cannot be checked; "
+                 "fix them (decision-router rules check) first", code=2)
+    try:
+        secret, info = create_token(engine, role=role, owner=owner, name=name, owners=owners)
+    except TokenError as exc:
+        fail(str(exc), code=2)
+    finally:
+        engine.dispose()
+    err.print(f"created token {info.token_id} (role {info.role}{', owner ' + info.owner if info.owner else ''}); "
+              "it is shown only now:", highlight=False)
+    # The secret alone on stdout, so `TOKEN=$(decision-router tokens create ...)` works.
+    print(secret)
+
+
+@tokens_app.command("list")
+def tokens_list(fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table") -> None:
+    """Every token: id, name, role, owner, created, revoked (never the secret)."""
+    from rich.table import Table
+
+    from decision_router.tokens import list_tokens
+
+    if fmt not in ("table", "json"):
+        fail(f"--format must be table or json, not {fmt!r}", code=2)
+    _settings, engine = _engine()
+    try:
+        tokens = list_tokens(engine)
+    finally:
+        engine.dispose()
+    rows = [
+        {"id": t.token_id, "name": t.name, "role": t.role, "owner": t.owner, "created_at": t.created_at.isoformat(),
+         "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None}
+        for t in tokens
+    ]
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="API tokens", title_justify="left")
+    for column in ("id", "name", "role", "owner", "created_at", "revoked_at"):
+        table.add_column(column.replace("_", " "))
+    for row in rows:
+        table.add_row(*(str(row[c] or "-") for c in ("id", "name", "role", "owner", "created_at", "revoked_at")))
+    out.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: Annotated[str, typer.Argument(metavar="ID", help="The token id from `tokens list`.")]) -> None:
+    """Revoke a token: every request with it is refused (401) from now on."""
+    from decision_router.tokens import TokenError, revoke_token
+
+    _settings, engine = _engine()
+    try:
+        info = revoke_token(engine, token_id)
+    except TokenError as exc:
+        fail(str(exc), code=2)
+    finally:
+        engine.dispose()
+    out.print(f"revoked token {info.token_id} ({info.role}{', ' + info.owner if info.owner else ''})", highlight=False)
+
+
+@app.command()
+def asyncapi(
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Write here (.json or .yaml); default: stdout as YAML.")] = None,
+) -> None:
+    """The stream contracts as an AsyncAPI document (generated by FastStream from the pydantic contracts)."""
+    from decision_router.asyncapi import asyncapi_text
+
+    if out_path is None:
+        print(asyncapi_text("yaml"), end="")
+        return
+    suffix = out_path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        fail(f"--out must end in .json, .yaml or .yml, not {out_path.name!r}", code=2)
+    text = asyncapi_text("json" if suffix == ".json" else "yaml")
+    try:
+        out_path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {out_path}: {exc.strerror or exc}")
+    out.print(f"wrote {out_path}", highlight=False)
