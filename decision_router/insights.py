@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -252,10 +252,20 @@ def rejections_per_day(
 # --- owner inbox --------------------------------------------------------------------------
 
 
-def open_alerts(session: Session, *, owner: str, limit: int = 200) -> list[AlertRecord]:
-    """An owner's open routed alerts, the nearest deadline first."""
+def next_deadline(record: AlertRecord) -> datetime | None:
+    """The deadline the owner has still to meet: acknowledge, then act; None once acted on."""
+    if record.acknowledged_at is None:
+        return as_utc(record.ack_by)
+    return as_utc(record.act_by) if record.intervened_at is None else None
+
+
+def open_alerts(session: Session, *, owner: str, limit: int = 500) -> list[AlertRecord]:
+    """An owner's open routed alerts (the `limit` oldest), the nearest unmet deadline first;
+    alerts already acted on (waiting for their outcome) last."""
     query = _routed(select(AlertRecord)).where(AlertRecord.owner == owner, AlertRecord.status == "open")
-    return list(session.scalars(query.order_by(AlertRecord.ack_by, AlertRecord.created_at).limit(limit)))
+    records = list(session.scalars(query.order_by(AlertRecord.created_at, AlertRecord.alert_id).limit(limit)))
+    never = datetime.max.replace(tzinfo=UTC)
+    return sorted(records, key=lambda r: (next_deadline(r) or never, as_utc(r.created_at)))
 
 
 def as_json(value: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse
-from sqlalchemy import distinct, select
+from sqlalchemy import select
 from sqlmodel import Session
 
 from decision_router import insights
@@ -71,7 +71,7 @@ def _period(since: str | None, until: str | None, days: int | None) -> tuple[dat
 
 
 def _choices(session: Session, column: Any) -> list[str]:
-    return sorted(session.scalars(select(distinct(column))))
+    return sorted(session.scalars(select(column).distinct()))
 
 
 @router.get("/v1/dashboard/ops", tags=["dashboard"])

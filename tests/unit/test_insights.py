@@ -167,3 +167,17 @@ async def test_views_agree_with_stats_on_a_pipeline_seeded_store() -> None:
     for reason, n in quality.outcome_rejections:
         expected[reason] += n
     assert by_reason == expected and days.total == 5 and len(days.days) == 2
+
+
+def test_open_alerts_are_the_owners_own_nearest_unmet_deadline_first() -> None:
+    acted = alert(1, rule="r", owner="alice", ack=True, act_after_s=60)  # waiting for its outcome: last
+    acked = alert(2, rule="r", owner="alice", ack=True)  # next deadline: act_by T0+2d
+    fresh = alert(3, rule="r", owner="alice", created=T0 + timedelta(hours=1))  # ack_by T0+5h
+    late = alert(4, rule="r", owner="alice", created=T0 + timedelta(hours=2))  # ack_by T0+6h
+    closed = alert(5, rule="r", owner="alice", outcome="failure")
+    control = alert(6, rule="r", owner="alice", held_out=True)
+    others = alert(7, rule="r", owner="bob")
+    engine = memory_store([acted, acked, fresh, late, closed, control, others])
+    with Session(engine) as session:
+        listed = [r.alert_id for r in insights.open_alerts(session, owner="alice")]
+    assert listed == ["al-r-3", "al-r-4", "al-r-2", "al-r-1"]

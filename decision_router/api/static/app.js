@@ -108,6 +108,7 @@ function slaTable(rows) {
 }
 
 async function loadOps() {
+  document.body.dataset.loaded = "busy";
   const query = opsQuery();
   const data = await api(`/v1/dashboard/ops${query ? `?${query}` : ""}`);
   say("");
@@ -187,6 +188,7 @@ function alertCard(alert) {
 }
 
 async function loadOwner() {
+  document.body.dataset.loaded = "busy";
   const data = await api("/v1/dashboard/owner");
   const list = $("alerts");
   list.replaceChildren(...data.alerts.map(alertCard));
