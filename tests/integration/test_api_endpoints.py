@@ -1,0 +1,341 @@
+"""Each endpoint's behaviour against the real pipeline: real Redis streams, consumers,
+SQLite and PostgreSQL. Access control is in test_api_access.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from decision_router.api.app import create_app
+from decision_router.api.server import api_for_service
+from decision_router.rules import RuleSet, load_rules
+from decision_router.service import running_service
+from decision_router.settings import Settings
+from decision_router.stats import GroupBy, compute_stats
+from decision_router.tables import AlertRecord, AuditEvent, RejectionRecord
+from decision_router.tokens import create_token
+from decision_router.tracker import alert_id_for
+from tests.integration.conftest import RULES_DIR, wait_until
+from tests.integration.test_api_access import ALICE, ELENA, RULE, for_owner, route
+from tests.integration.test_router_loop import count, inbox, prediction
+
+pytestmark = pytest.mark.redis
+
+
+class Client:
+    def __init__(self, client: httpx.AsyncClient, engine: Engine, ruleset: RuleSet) -> None:
+        self.http, self.engine = client, engine
+        self.ops = {"Authorization": f"Bearer {create_token(engine, role='ops')[0]}"}
+        self.admin = {"Authorization": f"Bearer {create_token(engine, role='admin')[0]}"}
+        self.publisher = {"Authorization": f"Bearer {create_token(engine, role='publisher')[0]}"}
+        self.alice = {"Authorization": f"Bearer {create_token(engine, role='owner', owner=ALICE, owners=ruleset.owners)[0]}"}
+
+
+@pytest.fixture
+async def served(service, settings: Settings, ruleset: RuleSet, engine: Engine) -> AsyncIterator[Client]:
+    """The app as `serve` builds it: on the running service's pipeline, consumers running."""
+    pipeline = service.pipeline
+    app = create_app(settings, engine=engine, redis=pipeline.redis, ruleset=lambda: pipeline.ruleset, pipeline=pipeline)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+        yield Client(client, engine, ruleset)
+
+
+@pytest.fixture
+async def standalone(settings: Settings, ruleset: RuleSet, engine: Engine) -> AsyncIterator[tuple[Client, object]]:
+    """The app as `decision-router api` builds it: no consumers, its own pipeline for outcome events."""
+    redis = Redis.from_url(settings.effective_redis_url)
+    app = create_app(settings, engine=engine, redis=redis, ruleset=ruleset)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+        yield Client(client, engine, ruleset), app
+    await redis.aclose()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
+        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+# predictions ------------------------------------------------------------------------------
+
+
+async def test_posted_predictions_are_gated_and_routed_like_stream_ones(served: Client, service, r, engine) -> None:
+    keys = service.keys
+    before = (await served.http.get("/metrics", headers=served.ops)).text
+    stale = (datetime.now(timezone.utc) - timedelta(days=3)).isoformat()
+    batch = [
+        prediction("h1"),
+        prediction("h2", score=1.5),
+        prediction("h1", entity_id="acct-other"),  # same prediction_id again
+        prediction("h3", predicted_at=stale),
+        "not an object",
+    ]
+    response = await served.http.post("/v1/predictions", json=batch, headers=served.publisher)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert (body["accepted"], body["rejected"]) == (1, 4)
+    assert [(i["status"], i.get("reason")) for i in body["results"]] == [
+        ("accepted", None), ("rejected", "score_out_of_range"), ("rejected", "duplicate"), ("rejected", "stale"),
+        ("rejected", "invalid_json"),
+    ]
+    assert "1.5" in body["results"][1]["detail"]
+    # The router does the rest: stored, delivered to the owner's inbox, rejections dead-lettered once.
+    alert_id = alert_id_for("h1", RULE)
+    await wait_until(lambda: count(engine, AlertRecord, AlertRecord.alert_id == alert_id,
+                                   AlertRecord.delivered_at.is_not(None)) == 1, what="h1 routed and delivered")
+    assert [a.alert_id for a in inbox(r, keys, ALICE)] == [alert_id]
+    await wait_until(lambda: r.xlen(keys.predictions_dlq) == 4, what="4 dead letters")
+    reasons = sorted(fields["reason"] for _, fields in r.xrange(keys.predictions_dlq))
+    assert reasons == ["duplicate", "invalid_json", "score_out_of_range", "stale"]
+    with Session(engine) as session:
+        stored = sorted(session.scalars(select(RejectionRecord.reason)))
+    assert stored == reasons
+    after = (await served.http.get("/metrics", headers=served.ops)).text
+    for reason in reasons:
+        delta = (metric(after, "decision_router_rejected_total", stream="predictions", reason=reason)
+                 - metric(before, "decision_router_rejected_total", stream="predictions", reason=reason))
+        assert delta == 1, reason
+    assert metric(after, "decision_router_predictions_routed_total") - metric(
+        before, "decision_router_predictions_routed_total") == 1
+    # One object (not a list) is a batch of one; posting h1 again is now a stored duplicate.
+    again = await served.http.post("/v1/predictions", json=prediction("h1"), headers=served.publisher)
+    assert again.json()["results"][0]["reason"] == "duplicate"
+
+
+# alerts: list, filters, pages ----------------------------------------------------------------
+
+
+async def test_alert_list_filters_and_pages(standalone) -> None:
+    api, app = standalone
+    await route(app, *(for_owner(f"l{i}", ALICE) for i in range(5)), for_owner("m1", ELENA))
+    # pages of 2, newest first, every alert once
+    seen, cursor, pages = [], None, 0
+    while True:
+        response = await api.http.get("/v1/alerts", params={"limit": 2, **({"cursor": cursor} if cursor else {})},
+                                      headers=api.ops)
+        assert response.status_code == 200
+        page = response.json()
+        seen += [a["alert_id"] for a in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3 and len(seen) == len(set(seen)) == 6
+    with Session(api.engine) as session:
+        expected = list(session.scalars(
+            select(AlertRecord.alert_id).order_by(AlertRecord.created_at.desc(), AlertRecord.alert_id.desc())))
+    assert seen == expected
+
+    async def ids(**params: str) -> set[str]:
+        response = await api.http.get("/v1/alerts", params=params, headers=api.ops)
+        assert response.status_code == 200, response.text
+        return {a["alert_id"] for a in response.json()["items"]}
+
+    assert await ids(owner=ELENA) == {alert_id_for("m1", RULE)}
+    assert await ids(entity="account:acct-l3") == {alert_id_for("l3", RULE)}
+    assert await ids(rule=RULE, model="churn") == set(expected)
+    assert await ids(rule="no-such-rule") == set()
+    assert await ids(since="1h") == set(expected)
+    assert await ids(since=(datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat()) == set()
+    acked = alert_id_for("l1", RULE)
+    assert (await api.http.post(f"/v1/alerts/{acked}/ack", headers=api.alice)).status_code == 200
+    assert await ids(state="acknowledged") == {acked}
+    assert await ids(state="open", owner=ALICE) == {alert_id_for(f"l{i}", RULE) for i in (0, 2, 3, 4)}
+    assert await ids(state="closed") == set()
+    item = (await api.http.get("/v1/alerts", params={"entity": "account:acct-l1"}, headers=api.alice)).json()["items"][0]
+    assert item["state"] == "acknowledged" and item["owner"] == ALICE and item["ack_by"] and item["ack_due_at"] is None
+    assert set(item["context"]) == {"context.arr", "context.renewal_date", "context.region", "features.top_drivers"} - set(
+        item["missing_context"])
+
+
+# one alert and the actions on it -------------------------------------------------------------
+
+
+async def test_actions_follow_the_outcome_path_into_the_audit_trail_and_stats(standalone) -> None:
+    api, app = standalone
+    await route(app, for_owner("x1", ALICE), for_owner("x2", ALICE))
+    alert_id = alert_id_for("x1", RULE)
+    for action, body in (("ack", None), ("intervene", {"action": "exec-call", "note": "called the CFO"}),
+                         ("outcome", {"result": "success", "value": 120000})):
+        response = await api.http.post(f"/v1/alerts/{alert_id}/{action}", json=body, headers=api.alice)
+        assert response.status_code == 200, response.text
+    story = (await api.http.get(f"/v1/alerts/{alert_id}", headers=api.alice)).json()
+    assert [e["type"] for e in story["events"]] == ["received", "routed", "delivered", "acknowledged", "intervened",
+                                                   "outcome"]
+    assert all(e["actor"] == ALICE for e in story["events"][-3:])
+    assert story["alert"]["state"] == "closed" and story["alert"]["intervention"] == "exec-call"
+    assert story["alert"]["outcome_value"] == 120000 and story["prediction"]["prediction_id"] == "x1"
+    # The API's stats are the CLI's numbers.
+    response = await api.http.get("/v1/stats", params={"by": "owner"}, headers=api.ops)
+    with Session(api.engine) as session:
+        holdouts = {rule.name: rule.holdout for rule in load_rules(RULES_DIR).rules}
+        expected = [row.as_dict(GroupBy.OWNER) for row in compute_stats(session, by=GroupBy.OWNER, holdouts=holdouts)]
+    assert response.json() == {"by": "owner", "rows": json.loads(json.dumps(expected))}
+    alice = response.json()["rows"][0]
+    assert (alice["routed"], alice["acknowledged"], alice["intervened"], alice["successes"]) == (2, 1, 1, 1)
+    filtered = (await api.http.get("/v1/stats", params={"rule": "nope"}, headers=api.ops)).json()
+    assert filtered == {"by": "rule", "rows": []}
+
+
+async def test_reassign_hands_the_alert_over_and_delivers_it_to_the_new_owner(served: Client, service, r, engine) -> None:
+    keys = service.keys
+    r.xadd(keys.predictions, {"data": json.dumps(for_owner("g1", ALICE))})
+    alert_id = alert_id_for("g1", RULE)
+    await wait_until(lambda: count(engine, AlertRecord, AlertRecord.delivered_at.is_not(None)) == 1, what="delivered")
+    unknown = await served.http.post(f"/v1/alerts/{alert_id}/reassign", json={"owner": "alice-moreu"}, headers=served.ops)
+    assert unknown.status_code == 422
+    assert unknown.json()["detail"][0]["loc"] == ["body", "owner"] and "alice-moreau" in unknown.json()["detail"][0]["msg"]
+    response = await served.http.post(f"/v1/alerts/{alert_id}/reassign", json={"owner": ELENA, "note": "on leave"},
+                                      headers=served.ops)
+    assert response.status_code == 200, response.text
+    assert response.json()["alert"]["owner"] == ELENA
+    assert [a.alert_id for a in inbox(r, keys, ELENA)] == [alert_id]  # delivered before the answer
+    assert (await served.http.get(f"/v1/alerts/{alert_id}", headers=served.alice)).status_code == 404
+    [event] = [e for e in response.json()["events"] if e["type"] == "reassigned"]
+    assert (event["detail"]["from_owner"], event["detail"]["to_owner"], event["detail"]["note"]) == (ALICE, ELENA, "on leave")
+
+
+async def test_outcome_webhook_addresses_by_alert_prediction_or_entity_and_dead_letters_the_rest(
+    standalone, r, settings: Settings
+) -> None:
+    api, app = standalone
+    await route(app, for_owner("w1", ALICE), for_owner("w2", ALICE), for_owner("w3", ALICE))
+    events = [
+        {"alert_id": alert_id_for("w1", RULE), "type": "acknowledged", "actor": "crm"},
+        {"prediction_id": "w2", "type": "intervened", "actor": "crm", "action": "discount"},
+        {"entity_type": "account", "entity_id": "acct-w3", "type": "outcome", "result": "success", "actor": "crm"},
+        {"alert_id": "al-nope", "type": "acknowledged", "actor": "crm"},
+        {"alert_id": alert_id_for("w1", RULE), "type": "outcome", "actor": "crm"},  # no result
+    ]
+    response = await api.http.post("/v1/outcomes", json=events, headers=api.publisher)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [(x["status"], x.get("reason")) for x in results] == [
+        ("applied", None), ("applied", None), ("applied", None), ("rejected", "unknown_alert"), ("rejected", "schema")]
+    assert "result" in results[4]["detail"]
+    with Session(api.engine) as session:
+        w1, w2, w3 = (session.get(AlertRecord, alert_id_for(p, RULE)) for p in ("w1", "w2", "w3"))
+        assert w1.acknowledged_at is not None and w2.intervention == "discount" and w3.outcome == "success"
+        assert session.scalar(select(AuditEvent.actor).where(AuditEvent.type == "outcome")) == "crm"
+    dlq = [fields["reason"] for _, fields in r.xrange(f"{settings.stream_prefix}outcomes:dlq")]
+    assert dlq == ["unknown_alert", "schema"]
+
+
+# rules reload, readiness, metrics, serving ---------------------------------------------------
+
+
+async def test_serve_runs_the_api_on_a_port_and_reload_swaps_valid_rules_only(
+    settings: Settings, engine: Engine, tmp_path: Path
+) -> None:
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules_dir)
+    settings = settings.model_copy(update={"rules_dir": rules_dir, "api_port": 0})
+    ruleset = load_rules(rules_dir)
+    admin = {"Authorization": f"Bearer {create_token(engine, role='admin')[0]}"}
+    async with running_service(settings, ruleset, engine, watch_rules=True) as service:
+        async with api_for_service(service, engine) as server:
+            assert server is not None and server.port > 0
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                assert (await client.get("/healthz")).json() == {"status": "ok"}
+                unchanged = (await client.post("/v1/rules/reload", headers=admin)).json()
+                assert unchanged["changed"] is False and unchanged["rules_version"] == ruleset.version
+                routing = rules_dir / "routing.yaml"
+                routing.write_text(routing.read_text().replace("priority: normal}", "priority: low}", 1))
+                changed = (await client.post("/v1/rules/reload", headers=admin)).json()
+                assert changed["changed"] is True and changed["previous"] == ruleset.version
+                assert service.pipeline.ruleset.version == changed["rules_version"] != ruleset.version
+                routing.write_text(routing.read_text().replace("owner: analytics-desk", "owner: nobody-known", 1))
+                refused = await client.post("/v1/rules/reload", headers=admin)
+                assert refused.status_code == 422 and "nobody-known" in json.dumps(refused.json())
+                assert service.pipeline.ruleset.version == changed["rules_version"]
+        with pytest.raises(httpx.ConnectError):  # stopped with the service's context
+            async with httpx.AsyncClient() as client:
+                await client.get(f"http://127.0.0.1:{server.port}/healthz")
+
+
+async def test_readyz_names_what_is_not_ready(settings: Settings, ruleset: RuleSet, engine: Engine) -> None:
+    from tests.e2e.helpers import free_port
+
+    down = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    app = create_app(settings, engine=engine, redis=down, ruleset=ruleset)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+        response = await client.get("/readyz")
+        assert response.status_code == 503
+        checks = response.json()["checks"]
+        assert checks["database"] == "ok" and checks["rules"] == "ok" and checks["redis"] != "ok"
+        # An endpoint that needs Redis says so with a 503, not a 500.
+        token = create_token(engine, role="publisher")[0]
+        posted = await client.post("/v1/predictions", json=prediction("z1"), headers={"Authorization": f"Bearer {token}"})
+        assert posted.status_code == 503 and "Redis" in posted.json()["detail"]
+    await down.aclose()
+
+
+async def test_metrics_read_consumer_group_lag_and_pending_at_scrape_time(standalone, r, settings: Settings) -> None:
+    api, _app = standalone
+    stream = f"{settings.stream_prefix}predictions"
+    r.xgroup_create(stream, settings.consumer_group, id="0", mkstream=True)
+    for i in range(5):
+        r.xadd(stream, {"data": json.dumps(prediction(f"lag{i}"))})
+    r.xreadgroup(settings.consumer_group, "slow-worker", {stream: ">"}, count=2)  # read, never acknowledged
+    text = (await api.http.get("/metrics", headers=api.ops)).text
+    labels = {"stream": "predictions", "group": settings.consumer_group}
+    assert metric(text, "decision_router_consumer_group_lag", **labels) == 3
+    assert metric(text, "decision_router_consumer_group_pending", **labels) == 2
+    assert "decision_router_batch_processing_seconds_bucket" in text
+    assert "decision_router_deliveries_failed" in text
+
+
+# bad input ---------------------------------------------------------------------------------
+
+
+async def test_bad_requests_get_4xx_json_naming_the_field_never_500(standalone) -> None:
+    api, app = standalone
+    await route(app, for_owner("b1", ALICE))
+    alert = alert_id_for("b1", RULE)
+    cases = [
+        ("POST", "/v1/predictions", {"content": b"{not json"}, api.publisher, 422, "body"),
+        ("POST", "/v1/predictions", {"json": []}, api.publisher, 422, "body"),
+        ("POST", "/v1/predictions", {"json": [prediction(f"n{i}") for i in range(1001)]}, api.publisher, 422, "body"),
+        ("GET", "/v1/alerts?limit=abc", {}, api.ops, 422, "limit"),
+        ("GET", "/v1/alerts?limit=0", {}, api.ops, 422, "limit"),
+        ("GET", "/v1/alerts?state=sleeping", {}, api.ops, 422, "state"),
+        ("GET", "/v1/alerts?entity=acct-17", {}, api.ops, 422, "entity"),
+        ("GET", "/v1/alerts?since=last-tuesday", {}, api.ops, 422, "since"),
+        ("GET", "/v1/alerts?cursor=%%%", {}, api.ops, 422, "cursor"),
+        ("GET", "/v1/alerts?cursor=bm90IGpzb24", {}, api.ops, 422, "cursor"),
+        ("GET", "/v1/alerts/al-does-not-exist", {}, api.ops, 404, None),
+        ("POST", "/v1/alerts/al-does-not-exist/ack", {}, api.ops, 404, None),
+        ("POST", f"/v1/alerts/{alert}/ack", {"json": ["a", "list"]}, api.alice, 422, "body"),
+        ("POST", f"/v1/alerts/{alert}/ack", {"json": {"at": "yesterday"}}, api.alice, 422, "at"),
+        ("POST", f"/v1/alerts/{alert}/outcome", {"json": {}}, api.alice, 422, "result"),
+        ("POST", f"/v1/alerts/{alert}/outcome", {"json": {"result": "success", "value": "lots"}}, api.alice, 422, "value"),
+        ("POST", f"/v1/alerts/{alert}/intervene", {"json": {"acton": "typo"}}, api.alice, 422, "acton"),
+        ("POST", f"/v1/alerts/{alert}/reassign", {"json": {}}, api.ops, 422, "owner"),
+        ("POST", "/v1/outcomes", {"content": b"[1,"}, api.publisher, 422, "body"),
+        ("GET", "/v1/stats?by=colour", {}, api.ops, 422, "by"),
+        ("GET", "/v1/stats?until=soon", {}, api.ops, 422, "until"),
+        ("GET", "/v1/stats/quality?since=x", {}, api.ops, 422, "since"),
+    ]
+    for method, path, kwargs, headers, status, field in cases:
+        if "content" in kwargs:
+            headers = {**headers, "content-type": "application/json"}
+        response = await api.http.request(method, path, headers=headers, **kwargs)
+        assert response.status_code == status, (method, path, response.text)
+        detail = response.json()["detail"]
+        if field is not None:
+            assert any(field in map(str, d["loc"]) for d in detail), (path, detail)
