@@ -1,0 +1,126 @@
+"""The dashboard's page, assets and JSON endpoints over HTTP (real Redis; SQLite and
+PostgreSQL), on a store seeded through the pipeline. Access by role is covered with every
+other endpoint in test_api_access.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from decision_router.api.app import create_app
+from decision_router.pipeline import Pipeline
+from decision_router.rules import RuleSet
+from decision_router.settings import Settings
+from decision_router.stats import compute_stats
+from decision_router.tables import AlertRecord
+from decision_router.tokens import create_token
+from tests.browser.seed import MID, RISK, WATCH, Clock, seed
+
+pytestmark = pytest.mark.redis
+
+
+@dataclass
+class Dashboard:
+    client: httpx.AsyncClient
+    headers: dict[str, dict[str, str]]  # "ops", "alice", "elena"
+    seeded: dict[str, list[str]]
+    now: datetime
+
+
+@pytest.fixture
+async def dash(settings: Settings, ruleset: RuleSet, engine: Engine) -> AsyncIterator[Dashboard]:
+    redis = Redis.from_url(settings.effective_redis_url)
+    now = datetime.now(UTC)
+    clock = Clock(now)
+    seeded = await seed(Pipeline(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=clock), clock, now)
+    app = create_app(settings, engine=engine, redis=redis, ruleset=ruleset)
+    secrets = {
+        "ops": create_token(engine, role="ops")[0],
+        "alice": create_token(engine, role="owner", owner="alice-moreau", owners=ruleset.owners)[0],
+        "elena": create_token(engine, role="owner", owner="elena-petrova", owners=ruleset.owners)[0],
+    }
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://dashboard.test") as client:
+        yield Dashboard(client, {k: {"Authorization": f"Bearer {v}"} for k, v in secrets.items()}, seeded, now)
+    await redis.aclose()
+
+
+async def test_page_and_assets_are_served_with_a_strict_content_security_policy(dash: Dashboard) -> None:
+    page = await dash.client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe" not in policy and "default-src 'none'" in policy
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from elsewhere
+    for name, kind in (("app.js", "text/javascript"), ("charts.js", "text/javascript"), ("app.css", "text/css")):
+        asset = await dash.client.get(f"/assets/{name}")
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind), name
+        assert "http://" not in asset.text.replace("http://www.w3.org/2000/svg", "")
+    assert (await dash.client.get("/assets/index.html")).status_code == 404
+    assert (await dash.client.get("/assets/..%2Fdashboard.py")).status_code == 404
+
+
+async def test_ops_view_has_the_stats_figures_and_applies_its_filters(dash: Dashboard, engine: Engine) -> None:
+    ops = dash.headers["ops"]
+    body = (await dash.client.get("/v1/dashboard/ops", headers=ops)).json()
+    with Session(engine) as session:
+        stats = {row.key: row for row in compute_stats(session)}
+    assert {row["rule"]: row["acknowledged"] for row in body["funnel"]} == {
+        rule: stats[rule].acknowledged for rule in (WATCH, RISK, MID)}
+    assert body["time_to_act"]["acted"] == sum(row.intervened for row in stats.values())
+    assert body["rejections"]["total"] == 5 and body["filters"]["models"] == ["churn"]
+    assert RISK in body["filters"]["rules"] and "payment-fraud-block" in body["filters"]["rules"]
+    uplift = {row["rule"]: row for row in body["uplift"]}
+    assert uplift[WATCH]["uplift"] == pytest.approx(stats[WATCH].uplift) and uplift[MID]["uplift"] is None
+
+    one_rule = (await dash.client.get("/v1/dashboard/ops", headers=ops, params={"rule": RISK})).json()
+    assert [row["rule"] for row in one_rule["funnel"]] == [RISK]
+    assert one_rule["time_to_act"]["acted"] + one_rule["time_to_act"]["not_acted"] == stats[RISK].routed
+    assert {row["owner"] for row in one_rule["sla"]} == {"alice-moreau", "elena-petrova"}
+
+    other_model = (await dash.client.get("/v1/dashboard/ops", headers=ops, params={"model": "payment-fraud"})).json()
+    assert other_model["funnel"] == [] and other_model["sla"] == [] and other_model["rejections"]["total"] == 0
+
+    # The second day only: the high-risk alerts, and that day's two rejections.
+    with Session(engine) as session:
+        risk_created = session.get(AlertRecord, dash.seeded["owner_open"][0]).created_at
+    since = risk_created.date().isoformat()
+    later = (await dash.client.get("/v1/dashboard/ops", headers=ops, params={"since": since})).json()
+    assert [row["rule"] for row in later["funnel"]] == [RISK]
+    assert later["rejections"]["total"] == 2 and later["rejections"]["days"][0] == since
+
+
+BAD_FILTERS = [
+    ({"days": 7, "since": "7d"}, "days"), ({"since": "yesterday"}, "since"), ({"since": "2d", "until": "3d"}, "until"),
+    ({"days": 0}, "days"), ({"days": "many"}, "days"),
+]
+
+
+async def test_bad_filters_are_a_422_naming_the_field(dash: Dashboard) -> None:
+    for params, field in BAD_FILTERS:
+        response = await dash.client.get("/v1/dashboard/ops", headers=dash.headers["ops"], params=params)
+        assert response.status_code == 422, params
+        assert any(field in error["loc"] for error in response.json()["detail"]), (params, response.json())
+
+
+async def test_owner_view_lists_only_the_callers_open_alerts_with_context_and_deadlines(
+    dash: Dashboard, engine: Engine
+) -> None:
+    alice = (await dash.client.get("/v1/dashboard/owner", headers=dash.headers["alice"])).json()
+    assert alice["owner"] == "alice-moreau"
+    assert {a["alert_id"] for a in alice["alerts"]} == set(dash.seeded["owner_open"])
+    first = alice["alerts"][0]
+    assert first["context"]["context.renewal_date"] == "2027-02-01" and first["ack_by"] and first["act_by"]
+    # Unacknowledged high-risk alerts are past their 2h deadline and were escalated once.
+    waiting = [a for a in alice["alerts"] if a["acknowledged_at"] is None]
+    assert waiting and all(a["ack_overdue"] and a["escalation_level"] == 1 for a in waiting)
+    elena = (await dash.client.get("/v1/dashboard/owner", headers=dash.headers["elena"])).json()
+    with Session(engine) as session:
+        owners = {session.get(AlertRecord, a["alert_id"]).owner for a in elena["alerts"]}
+    assert owners == {"elena-petrova"}
