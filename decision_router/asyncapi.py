@@ -30,29 +30,37 @@ def build_broker() -> RedisBroker:
     broker = RedisBroker("redis://localhost:6379", logger=None)
 
     @broker.subscriber(
-        stream="predictions", title="predictions",
+        stream="predictions",
+        title="predictions",
         description="Model outputs to route. `prediction_id` is the idempotency key; the quality gate checks the "
         "schema, ids, score in 0..1 and predicted_at age/skew.",
     )
     async def predictions(message: Prediction) -> None: ...
 
     @broker.subscriber(
-        stream="outcomes", title="outcomes",
+        stream="outcomes",
+        title="outcomes",
         description="What happened to an alert (acknowledged, intervened, outcome, reassigned), addressed by exactly "
         "one of alert_id, prediction_id or entity_type+entity_id.",
     )
     async def outcomes(message: OutcomeEvent) -> None: ...
 
     broker.publisher(
-        stream="predictions:dlq", title="predictions:dlq", schema=Rejection,
+        stream="predictions:dlq",
+        title="predictions:dlq",
+        schema=Rejection,
         description="Rejected predictions with their reason; `payload` is the original entry as JSON text.",
     )
     broker.publisher(
-        stream="outcomes:dlq", title="outcomes:dlq", schema=Rejection,
+        stream="outcomes:dlq",
+        title="outcomes:dlq",
+        schema=Rejection,
         description="Rejected outcome events (schema, unknown_alert, unknown_owner) with their reason.",
     )
     broker.publisher(
-        stream="alerts:{owner}", title="alerts:{owner}", schema=AnyAlert,
+        stream="alerts:{owner}",
+        title="alerts:{owner}",
+        schema=AnyAlert,
         description="An owner's inbox: one entry per alert routed (or escalated, or reassigned) to them, field "
         "`data` holding an Alert, or a DataQualityAlert for a model's owner (told apart by "
         "`kind: data_quality`, also set as an entry field).",

@@ -69,7 +69,11 @@ def _now() -> datetime:
 
 
 def create_token(
-    engine: Engine, *, role: str, owner: str | None = None, name: str | None = None,
+    engine: Engine,
+    *,
+    role: str,
+    owner: str | None = None,
+    name: str | None = None,
     owners: Mapping[str, object] | None = None,
 ) -> tuple[str, TokenInfo]:
     """Make a token; returns (the secret, shown once, and its stored description).
@@ -87,7 +91,11 @@ def create_token(
         raise TokenError(f"--owner only applies to role owner, not {role}")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ApiToken(
-        token_id=secrets.token_hex(6), token_hash=hash_token(secret), name=name, role=role, owner=owner,
+        token_id=secrets.token_hex(6),
+        token_hash=hash_token(secret),
+        name=name,
+        role=role,
+        owner=owner,
         created_at=_now(),
     )
     with Session(engine) as session:
@@ -99,8 +107,12 @@ def create_token(
 
 def _info(row: ApiToken) -> TokenInfo:
     return TokenInfo(
-        token_id=row.token_id, name=row.name, role=row.role, owner=row.owner,
-        created_at=as_utc(row.created_at), revoked_at=as_utc(row.revoked_at),  # type: ignore[arg-type]
+        token_id=row.token_id,
+        name=row.name,
+        role=row.role,
+        owner=row.owner,
+        created_at=as_utc(row.created_at),
+        revoked_at=as_utc(row.revoked_at),  # type: ignore[arg-type]
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
 from fastapi import Depends, FastAPI, Request, Response
@@ -67,12 +67,19 @@ def create_app(
         started = time.perf_counter()
         response = await call_next(request)
         # DEBUG only: a busy dashboard or scraper must not flood the INFO log.
-        log.debug("http request", method=request.method, path=request.url.path, status=response.status_code,
-                  ms=round((time.perf_counter() - started) * 1000, 1))
+        log.debug(
+            "http request",
+            method=request.method,
+            path=request.url.path,
+            status=response.status_code,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
         return response
 
     @app.get("/v1/whoami", tags=["auth"], summary="The caller's role and owner id (any token)")
-    def whoami(principal: Principal = Depends(require("publisher", "owner", "ops", "admin"))) -> dict[str, Any]:
+    def whoami(
+        principal: Annotated[Principal, Depends(require("publisher", "owner", "ops", "admin"))],
+    ) -> dict[str, Any]:
         return {"role": principal.role, "owner": principal.owner}
 
     from decision_router.api import (
@@ -85,8 +92,15 @@ def create_app(
         routes_stats,
     )
 
-    for module in (routes_health, routes_predictions, routes_alerts, routes_outcomes, routes_stats, routes_admin,
-                   routes_docs):
+    for module in (
+        routes_health,
+        routes_predictions,
+        routes_alerts,
+        routes_outcomes,
+        routes_stats,
+        routes_admin,
+        routes_docs,
+    ):
         app.include_router(module.router)
 
     from decision_router.api.dashboard import router as dashboard_router
@@ -100,8 +114,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's shape ({"detail": [{"loc": [...], "msg": ...}]}) names the field; the
         # rejected input is left out so a large or secret body is not echoed back.
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
         return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(RedisError)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
@@ -15,7 +15,7 @@ router = APIRouter(tags=["admin"])
 
 
 @router.post("/v1/rules/reload", summary="Reload routing.yaml and owners.yaml (role: admin)")
-async def reload_rules(request: Request, principal: Principal = Depends(require("admin"))) -> dict[str, Any]:
+async def reload_rules(request: Request, principal: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
     reload = request.app.state.reload_rules
     if reload is None:
         raise HTTPException(status_code=503, detail="this process cannot reload rules")
@@ -23,12 +23,17 @@ async def reload_rules(request: Request, principal: Principal = Depends(require(
     # Invalid files keep the running rules (as the watcher does); say why instead of swapping.
     problems = await asyncio.to_thread(check_rules, rules_dir)
     if problems:
-        raise HTTPException(status_code=422, detail=[
-            {"loc": [p.file, p.rule, p.field], "msg": str(p), "type": "rules_invalid"}
-            for p in problems
-        ])
+        raise HTTPException(
+            status_code=422,
+            detail=[{"loc": [p.file, p.rule, p.field], "msg": str(p), "type": "rules_invalid"} for p in problems],
+        )
     previous = ruleset_of(request).version
     await reload()
     current = ruleset_of(request)
-    return {"rules_version": current.version, "previous": previous, "changed": current.version != previous,
-            "rules": len(current.rules), "owners": len(current.owners)}
+    return {
+        "rules_version": current.version,
+        "previous": previous,
+        "changed": current.version != previous,
+        "rules": len(current.rules),
+        "owners": len(current.owners),
+    }

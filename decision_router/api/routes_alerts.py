@@ -15,7 +15,7 @@ import difflib
 import json
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -84,8 +84,11 @@ def alert_view(record: AlertRecord) -> dict[str, Any]:
     """An alert as the API shows it: the stored decision, its state, deadlines and context."""
     view = AlertSummary.of(record).as_dict()
     view.update(
-        state=state_of(record), context=record.context, missing_context=record.missing_context,
-        ack_due_at=iso(record.ack_due_at), act_due_at=iso(record.act_due_at),
+        state=state_of(record),
+        context=record.context,
+        missing_context=record.missing_context,
+        ack_due_at=iso(record.ack_due_at),
+        act_due_at=iso(record.act_due_at),
         predicted_at=iso(record.predicted_at),
     )
     return view
@@ -114,16 +117,18 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 @router.get("/v1/alerts", summary="List alerts, newest first, with filters and cursor pages (role: owner, ops, admin)")
 async def list_alerts(
     request: Request,
-    owner: str | None = Query(None, description="Only this owner (owner tokens: only their own)."),
-    state: State | None = Query(None, description="open | acknowledged | intervened | closed"),
-    rule: str | None = Query(None),
-    entity: str | None = Query(None, description="TYPE:ID, e.g. account:acct-17"),
-    model: str | None = Query(None),
-    action: Action | None = Query(None, description="alert | record | control | suppressed (owner tokens: alert)"),
-    since: str | None = Query(None, description="Created since: a duration ago (7d, 24h) or an ISO date."),
-    limit: int = Query(50, ge=1, le=500),
-    cursor: str | None = Query(None, description="next_cursor of the previous page."),
-    principal: Principal = Depends(require(*READERS)),
+    principal: Annotated[Principal, Depends(require(*READERS))],
+    owner: Annotated[str | None, Query(description="Only this owner (owner tokens: only their own).")] = None,
+    state: Annotated[State | None, Query(description="open | acknowledged | intervened | closed")] = None,
+    rule: Annotated[str | None, Query()] = None,
+    entity: Annotated[str | None, Query(description="TYPE:ID, e.g. account:acct-17")] = None,
+    model: Annotated[str | None, Query()] = None,
+    action: Annotated[
+        Action | None, Query(description="alert | record | control | suppressed (owner tokens: alert)")
+    ] = None,
+    since: Annotated[str | None, Query(description="Created since: a duration ago (7d, 24h) or an ISO date.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> dict[str, Any]:
     if principal.role == "owner":
         if owner is not None and owner != principal.owner:
@@ -188,7 +193,7 @@ async def _story(request: Request, alert_id: str) -> dict[str, Any]:
 
 @router.get("/v1/alerts/{alert_id}", summary="One alert with its audit trail (role: owner, ops, admin)")
 async def get_alert(
-    request: Request, alert_id: str, principal: Principal = Depends(require(*READERS))
+    request: Request, alert_id: str, principal: Annotated[Principal, Depends(require(*READERS))]
 ) -> dict[str, Any]:
     await _visible(request, alert_id, principal)
     document = await _story(request, alert_id)
@@ -206,8 +211,9 @@ class _Action(BaseModel):
 
     note: str | None = Field(None, max_length=2000, description="Free text kept in the audit trail.")
     at: datetime | None = Field(None, description="When it happened (default: now).")
-    actor: str | None = Field(None, min_length=1, max_length=200,
-                              description="Who did it; owner tokens always act as their owner.")
+    actor: str | None = Field(
+        None, min_length=1, max_length=200, description="Who did it; owner tokens always act as their owner."
+    )
 
 
 class AckBody(_Action):
@@ -257,30 +263,40 @@ async def _act(
 
 @router.post("/v1/alerts/{alert_id}/ack", summary="Acknowledge an alert (role: owner of it, ops, admin)")
 async def ack(
-    request: Request, alert_id: str, body: AckBody | None = Body(None),
-    principal: Principal = Depends(require(*READERS)),
+    request: Request,
+    alert_id: str,
+    principal: Annotated[Principal, Depends(require(*READERS))],
+    body: Annotated[AckBody | None, Body()] = None,
 ) -> dict[str, Any]:
     return await _act(request, alert_id, principal, "acknowledged", body or AckBody(), {})
 
 
 @router.post("/v1/alerts/{alert_id}/intervene", summary="Record the intervention (role: owner of it, ops, admin)")
 async def intervene(
-    request: Request, alert_id: str, body: InterveneBody | None = Body(None),
-    principal: Principal = Depends(require(*READERS)),
+    request: Request,
+    alert_id: str,
+    principal: Annotated[Principal, Depends(require(*READERS))],
+    body: Annotated[InterveneBody | None, Body()] = None,
 ) -> dict[str, Any]:
     return await _act(request, alert_id, principal, "intervened", body or InterveneBody(), {})
 
 
 @router.post("/v1/alerts/{alert_id}/outcome", summary="Record the outcome (role: owner of it, ops, admin)")
 async def outcome(
-    request: Request, alert_id: str, body: OutcomeBody, principal: Principal = Depends(require(*READERS)),
+    request: Request,
+    alert_id: str,
+    body: OutcomeBody,
+    principal: Annotated[Principal, Depends(require(*READERS))],
 ) -> dict[str, Any]:
     return await _act(request, alert_id, principal, "outcome", body, {})
 
 
 @router.post("/v1/alerts/{alert_id}/reassign", summary="Hand an alert to another owner (role: ops, admin)")
 async def reassign(
-    request: Request, alert_id: str, body: ReassignBody, principal: Principal = Depends(require("ops")),
+    request: Request,
+    alert_id: str,
+    body: ReassignBody,
+    principal: Annotated[Principal, Depends(require("ops"))],
 ) -> dict[str, Any]:
     owners = ruleset_of(request).owners
     if body.owner not in owners:

@@ -41,10 +41,12 @@ def render_docs(spec: dict[str, Any]) -> str:
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f"<title>{escape(spec['info']['title'])} API</title><style>{_STYLE}</style></head><body>",
         f"<h1>{escape(spec['info']['title'])} HTTP API <small>{escape(spec['info']['version'])}</small></h1>",
-        "<p>Every endpoint except <code>/healthz</code> and <code>/readyz</code> needs "
-        "<code>Authorization: Bearer &lt;token&gt;</code> (<code>decision-router tokens create</code>). "
-        'Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI) and '
-        '<a href="/asyncapi.json">/asyncapi.json</a> (the stream contracts, AsyncAPI).</p>',
+        (
+            "<p>Every endpoint except <code>/healthz</code> and <code>/readyz</code> needs "
+            "<code>Authorization: Bearer &lt;token&gt;</code> (<code>decision-router tokens create</code>). "
+            'Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI) and '
+            '<a href="/asyncapi.json">/asyncapi.json</a> (the stream contracts, AsyncAPI).</p>'
+        ),
     ]
     for path, operations in spec.get("paths", {}).items():
         for method, op in operations.items():
@@ -52,7 +54,9 @@ def render_docs(spec: dict[str, Any]) -> str:
             parts.append(f"<p>{escape(op.get('summary', ''))}</p>")
             params = op.get("parameters", [])
             if params:
-                parts.append("<table><tr><th>parameter</th><th>in</th><th>required</th><th>schema</th><th>description</th></tr>")
+                parts.append(
+                    "<table><tr><th>parameter</th><th>in</th><th>required</th><th>schema</th><th>description</th></tr>"
+                )
                 for p in params:
                     parts.append(
                         f"<tr><td><code>{escape(p['name'])}</code></td><td>{escape(p['in'])}</td>"

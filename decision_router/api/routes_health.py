@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Depends, Request, Response
@@ -40,7 +40,7 @@ def _database_ok(engine: Any) -> str | None:
     try:
         with engine.connect() as connection:
             connection.execute(text("select 1"))
-    except Exception as exc:  # any driver error means "not ready"; the name is enough to act on
+    except Exception as exc:  # noqa: BLE001  (any driver error means "not ready"; its name is enough to act on)
         return exc.__class__.__name__
     return None
 
@@ -56,12 +56,14 @@ async def readyz(request: Request) -> JSONResponse:
     try:
         ruleset = request.app.state.ruleset()
         rules_problem = None if ruleset is not None and ruleset.rules else "no rules loaded"
-    except Exception as exc:  # a broken rules provider is "not ready", never a 500
+    except Exception as exc:  # noqa: BLE001  (a broken rules provider is "not ready", never a 500)
         rules_problem = exc.__class__.__name__
     for name, problem in (("redis", redis_problem), ("database", db_problem), ("rules", rules_problem)):
         checks[name] = problem or "ok"
     ready = all(value == "ok" for value in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
+    )
 
 
 async def _read_group_state(request: Request) -> None:
@@ -75,12 +77,13 @@ async def _read_group_state(request: Request) -> None:
         for info in groups:
             if as_text(info.get("name", b"")) == group:
                 lag = info.get("lag")
-                metrics.set_group_state(name, group, lag=int(lag) if lag is not None else None,
-                                        pending=int(info.get("pending", 0)))
+                metrics.set_group_state(
+                    name, group, lag=int(lag) if lag is not None else None, pending=int(info.get("pending", 0))
+                )
 
 
 @router.get("/metrics", summary="Prometheus metrics (role: ops, admin)", response_class=Response)
-async def prometheus(request: Request, principal: Principal = Depends(require("ops"))) -> Response:
+async def prometheus(request: Request, principal: Annotated[Principal, Depends(require("ops"))]) -> Response:
     try:
         await _read_group_state(request)
     except (RedisError, OSError) as exc:

@@ -4,7 +4,7 @@ where the alert is checked to be theirs."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
 
@@ -17,11 +17,13 @@ router = APIRouter(tags=["outcomes"])
 MAX_EVENTS = 500
 
 
-@router.post("/v1/outcomes", summary="Record outcome events by alert, prediction or entity (role: publisher, ops, admin)")
+@router.post(
+    "/v1/outcomes", summary="Record outcome events by alert, prediction or entity (role: publisher, ops, admin)"
+)
 async def post_outcomes(
     request: Request,
-    body: Any = Body(..., description="An OutcomeEvent object (see the contract) or a list of them."),
-    principal: Principal = Depends(require("publisher", "ops")),
+    body: Annotated[Any, Body(description="An OutcomeEvent object (see the contract) or a list of them.")],
+    principal: Annotated[Principal, Depends(require("publisher", "ops"))],
 ) -> dict[str, Any]:
     events = body if isinstance(body, list) else [body]
     if not events:

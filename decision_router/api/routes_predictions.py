@@ -15,7 +15,7 @@ duplicate check against the store; 202 because routing happens just after the an
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
 
@@ -38,8 +38,8 @@ MAX_ITEMS = 1000
 )
 async def post_predictions(
     request: Request,
-    body: Any = Body(..., description="A prediction object (see the Prediction contract) or a list of them."),
-    principal: Principal = Depends(require("publisher", "ops")),
+    body: Annotated[Any, Body(description="A prediction object (see the Prediction contract) or a list of them.")],
+    principal: Annotated[Principal, Depends(require("publisher", "ops"))],
 ) -> dict[str, Any]:
     items = body if isinstance(body, list) else [body]
     if not items:
@@ -51,7 +51,10 @@ async def post_predictions(
     entries = [{"data": json.dumps(item, ensure_ascii=False)} for item in items]
     checked = [
         check_prediction(
-            entry, now=now, max_age=settings.max_prediction_age, max_skew=settings.max_clock_skew,
+            entry,
+            now=now,
+            max_age=settings.max_prediction_age,
+            max_skew=settings.max_clock_skew,
             source_stream=keys.predictions,
         )
         for entry in entries
@@ -63,11 +66,25 @@ async def post_predictions(
     for index, item in enumerate(checked):
         if isinstance(item, Rejection):
             pid = items[index].get("prediction_id") if isinstance(items[index], dict) else None
-            results.append({"index": index, "prediction_id": pid if isinstance(pid, str) else None,
-                            "status": "rejected", "reason": item.reason.value, "detail": item.detail})
+            results.append(
+                {
+                    "index": index,
+                    "prediction_id": pid if isinstance(pid, str) else None,
+                    "status": "rejected",
+                    "reason": item.reason.value,
+                    "detail": item.detail,
+                }
+            )
         elif item.prediction_id in known or item.prediction_id in seen:
-            results.append({"index": index, "prediction_id": item.prediction_id, "status": "rejected",
-                            "reason": "duplicate", "detail": f"prediction_id {item.prediction_id} was already accepted"})
+            results.append(
+                {
+                    "index": index,
+                    "prediction_id": item.prediction_id,
+                    "status": "rejected",
+                    "reason": "duplicate",
+                    "detail": f"prediction_id {item.prediction_id} was already accepted",
+                }
+            )
         else:
             seen.add(item.prediction_id)
             results.append({"index": index, "prediction_id": item.prediction_id, "status": "accepted"})
@@ -80,5 +97,3 @@ async def post_predictions(
         result["stream_id"] = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
     accepted = sum(1 for r in results if r["status"] == "accepted")
     return {"accepted": accepted, "rejected": len(results) - accepted, "results": results}
-
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from sqlmodel import Session
@@ -17,13 +17,15 @@ router = APIRouter(tags=["stats"])
 @router.get("/v1/stats", summary="Outcome and uplift statistics, as `decision-router stats` (role: owner, ops, admin)")
 async def stats(
     request: Request,
-    by: GroupBy = Query(GroupBy.RULE, description="rule, owner, model, model_version, priority or week"),
-    since: str | None = Query(None, description="Alerts created since: 7d, 24h or an ISO date."),
-    until: str | None = Query(None, description="Alerts created before: 1d or an ISO date."),
-    rule: str | None = Query(None),
-    owner: str | None = Query(None, description="Only alerts owned by this owner (owner tokens: their own)."),
-    model: str | None = Query(None),
-    principal: Principal = Depends(require("owner", "ops")),
+    principal: Annotated[Principal, Depends(require("owner", "ops"))],
+    by: Annotated[GroupBy, Query(description="rule, owner, model, model_version, priority or week")] = GroupBy.RULE,
+    since: Annotated[str | None, Query(description="Alerts created since: 7d, 24h or an ISO date.")] = None,
+    until: Annotated[str | None, Query(description="Alerts created before: 1d or an ISO date.")] = None,
+    rule: Annotated[str | None, Query()] = None,
+    owner: Annotated[
+        str | None, Query(description="Only alerts owned by this owner (owner tokens: their own).")
+    ] = None,
+    model: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
     if principal.role == "owner":
         if owner is not None and owner != principal.owner:
@@ -33,20 +35,23 @@ async def stats(
     holdouts = {r.name: r.holdout for r in ruleset_of(request).rules}
 
     def compute(session: Session) -> list[dict[str, Any]]:
-        rows = compute_stats(session, by=by, since=start, until=end, rule=rule, owner=owner, model=model,
-                             holdouts=holdouts)
+        rows = compute_stats(
+            session, by=by, since=start, until=end, rule=rule, owner=owner, model=model, holdouts=holdouts
+        )
         return [row.as_dict(by) for row in rows]
 
     return {"by": by.value, "rows": await read_store(request, compute)}
 
 
-@router.get("/v1/stats/quality", summary="Data quality per model, as `decision-router stats quality` (role: ops, admin)")
+@router.get(
+    "/v1/stats/quality", summary="Data quality per model, as `decision-router stats quality` (role: ops, admin)"
+)
 async def quality(
     request: Request,
-    since: str | None = Query(None),
-    until: str | None = Query(None),
-    model: str | None = Query(None),
-    principal: Principal = Depends(require("ops")),
+    principal: Annotated[Principal, Depends(require("ops"))],
+    since: Annotated[str | None, Query()] = None,
+    until: Annotated[str | None, Query()] = None,
+    model: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
     start, end = parse_since(since, "since"), parse_since(until, "until")
     report = await read_store(request, lambda session: compute_quality(session, since=start, until=end, model=model))

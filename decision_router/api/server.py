@@ -62,7 +62,9 @@ class ApiServer:
                 self._task.result()
                 raise ApiStartError(f"the API on {self.host}:{self.port} stopped while starting")
             await asyncio.sleep(0.01)
-        log.info("http api listening", url=f"http://{self.host}:{self.port}", docs=f"http://{self.host}:{self.port}/docs")
+        log.info(
+            "http api listening", url=f"http://{self.host}:{self.port}", docs=f"http://{self.host}:{self.port}/docs"
+        )
 
     async def stop(self) -> None:
         if self._server is None or self._task is None:
@@ -83,7 +85,9 @@ async def api_running(
     pipeline: Any = None,
     port: int | None = None,
 ) -> AsyncIterator[ApiServer]:
-    app = create_app(settings, engine=engine, redis=redis, ruleset=ruleset, reload_rules=reload_rules, pipeline=pipeline)
+    app = create_app(
+        settings, engine=engine, redis=redis, ruleset=ruleset, reload_rules=reload_rules, pipeline=pipeline
+    )
     server = ApiServer(app, settings.api_host, settings.api_port if port is None else port)
     await server.start()
     try:
@@ -101,8 +105,12 @@ async def api_for_service(service: Any, engine: Engine, *, enabled: bool = True)
         return
     pipeline = service.pipeline
     async with api_running(
-        pipeline.settings, engine=engine, redis=pipeline.redis, ruleset=lambda: pipeline.ruleset,
-        reload_rules=lambda: service.check_rules(force=True), pipeline=pipeline,
+        pipeline.settings,
+        engine=engine,
+        redis=pipeline.redis,
+        ruleset=lambda: pipeline.ruleset,
+        reload_rules=lambda: service.check_rules(force=True),
+        pipeline=pipeline,
     ) as server:
         yield server
 

@@ -38,8 +38,10 @@ def up(url: str) -> bool:
 def test_tokens_and_api_server_from_the_command_line(tmp_path: Path) -> None:
     port = free_port()
     env = clean_env(
-        DECISION_ROUTER_REDIS_URL=REDIS_URL, DECISION_ROUTER_DATABASE_URL=f"sqlite:///{tmp_path / 'store.db'}",
-        DECISION_ROUTER_RULES_DIR=str(ROOT / "rules"), DECISION_ROUTER_STREAM_PREFIX=f"e2e-{uuid.uuid4().hex[:8]}:",
+        DECISION_ROUTER_REDIS_URL=REDIS_URL,
+        DECISION_ROUTER_DATABASE_URL=f"sqlite:///{tmp_path / 'store.db'}",
+        DECISION_ROUTER_RULES_DIR=str(ROOT / "rules"),
+        DECISION_ROUTER_STREAM_PREFIX=f"e2e-{uuid.uuid4().hex[:8]}:",
         DECISION_ROUTER_API_PORT=str(port),
     )
     created = run(["tokens", "create", "--role", "ops", "--name", "grafana"], env, tmp_path)
@@ -53,11 +55,16 @@ def test_tokens_and_api_server_from_the_command_line(tmp_path: Path) -> None:
     assert [(t["name"], t["role"], t["revoked_at"]) for t in listed] == [("grafana", "ops", None)]
     assert token not in json.dumps(listed)
 
-    server = subprocess.Popen([*CLI, "api"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [*CLI, "api"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: up(f"{base}/healthz"), what="the API to answer /healthz")
-        assert get(f"{base}/readyz") == (200, {"status": "ready", "checks": {"redis": "ok", "database": "ok", "rules": "ok"}})
+        assert get(f"{base}/readyz") == (
+            200,
+            {"status": "ready", "checks": {"redis": "ok", "database": "ok", "rules": "ok"}},
+        )
         assert get(f"{base}/v1/whoami", token) == (200, {"role": "ops", "owner": None})
         assert get(f"{base}/v1/alerts")[0] == 401
         revoked = run(["tokens", "revoke", listed[0]["id"]], env, tmp_path)
@@ -80,7 +87,8 @@ def test_api_refuses_a_taken_port_with_one_clear_line(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         env = clean_env(
-            DECISION_ROUTER_REDIS_URL=REDIS_URL, DECISION_ROUTER_DATABASE_URL=f"sqlite:///{tmp_path / 'store.db'}",
+            DECISION_ROUTER_REDIS_URL=REDIS_URL,
+            DECISION_ROUTER_DATABASE_URL=f"sqlite:///{tmp_path / 'store.db'}",
             DECISION_ROUTER_RULES_DIR=str(ROOT / "rules"),
         )
         port = taken.getsockname()[1]

@@ -55,8 +55,10 @@ async def api(settings: Settings, ruleset: RuleSet, engine: Engine) -> AsyncIter
         reloads.append(1)
 
     app = create_app(settings, engine=engine, redis=redis, ruleset=ruleset, reload_rules=reload_rules)
-    tokens = {role: create_token(engine, role=role, owner=ALICE if role == "owner" else None, owners=ruleset.owners)[0]
-              for role in ROLES}
+    tokens = {
+        role: create_token(engine, role=role, owner=ALICE if role == "owner" else None, owners=ruleset.owners)[0]
+        for role in ROLES
+    }
     tokens["elena"] = create_token(engine, role="owner", owner=ELENA, owners=ruleset.owners)[0]
     revoked, info = create_token(engine, role="admin")
     revoke_token(engine, info.token_id)
@@ -81,8 +83,12 @@ ENDPOINTS = [
     ("POST", f"/v1/alerts/{ALICE_ALERT}/intervene", {"action": "exec-call"}, {"owner", "ops", "admin"}),
     ("POST", f"/v1/alerts/{ALICE_ALERT}/outcome", {"result": "success"}, {"owner", "ops", "admin"}),
     ("POST", f"/v1/alerts/{ALICE_ALERT}/reassign", {"owner": ALICE}, {"ops", "admin"}),
-    ("POST", "/v1/outcomes", {"alert_id": ALICE_ALERT, "type": "acknowledged", "actor": "crm"},
-     {"publisher", "ops", "admin"}),
+    (
+        "POST",
+        "/v1/outcomes",
+        {"alert_id": ALICE_ALERT, "type": "acknowledged", "actor": "crm"},
+        {"publisher", "ops", "admin"},
+    ),
     ("GET", "/v1/stats", None, {"owner", "ops", "admin"}),
     ("GET", "/v1/stats/quality", None, {"ops", "admin"}),
     ("POST", "/v1/rules/reload", None, {"admin"}),
@@ -90,7 +96,13 @@ ENDPOINTS = [
     ("GET", "/v1/dashboard/ops", None, {"ops", "admin"}),
     ("GET", "/v1/dashboard/owner", None, {"owner"}),
 ]
-PUBLIC = [("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/asyncapi.json")]
+PUBLIC = [
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/docs"),
+    ("GET", "/openapi.json"),
+    ("GET", "/asyncapi.json"),
+]
 
 
 async def call(api: Api, method: str, path: str, body, headers: dict[str, str]) -> httpx.Response:
@@ -154,17 +166,23 @@ async def test_owner_never_reads_another_owners_alerts(api: Api) -> None:
     response = await api.client.get(f"/v1/alerts/{ELENA_ALERT}", headers=alice)
     assert response.status_code == 404
     assert response.json() == (await api.client.get("/v1/alerts/al-no-such-alert", headers=alice)).json() | {
-        "detail": f"no alert {ELENA_ALERT!r}"}
+        "detail": f"no alert {ELENA_ALERT!r}"
+    }
     # Their stats are theirs only.
     assert (await api.client.get(f"/v1/stats?owner={ELENA}", headers=alice)).status_code == 403
     rows = (await api.client.get("/v1/stats?by=owner", headers=alice)).json()["rows"]
     assert [r["owner"] for r in rows] == [ALICE]
 
 
-@pytest.mark.parametrize(("action", "body"), [
-    ("ack", {}), ("intervene", {"action": "exec-call"}), ("outcome", {"result": "failure"}),
-    ("reassign", {"owner": ALICE}),
-])
+@pytest.mark.parametrize(
+    ("action", "body"),
+    [
+        ("ack", {}),
+        ("intervene", {"action": "exec-call"}),
+        ("outcome", {"result": "failure"}),
+        ("reassign", {"owner": ALICE}),
+    ],
+)
 async def test_owner_never_changes_another_owners_alert(api: Api, action: str, body: dict) -> None:
     from sqlalchemy import select
     from sqlmodel import Session

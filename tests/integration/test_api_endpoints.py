@@ -39,7 +39,9 @@ class Client:
         self.ops = {"Authorization": f"Bearer {create_token(engine, role='ops')[0]}"}
         self.admin = {"Authorization": f"Bearer {create_token(engine, role='admin')[0]}"}
         self.publisher = {"Authorization": f"Bearer {create_token(engine, role='publisher')[0]}"}
-        self.alice = {"Authorization": f"Bearer {create_token(engine, role='owner', owner=ALICE, owners=ruleset.owners)[0]}"}
+        self.alice = {
+            "Authorization": f"Bearer {create_token(engine, role='owner', owner=ALICE, owners=ruleset.owners)[0]}"
+        }
 
 
 @pytest.fixture
@@ -90,14 +92,21 @@ async def test_posted_predictions_are_gated_and_routed_like_stream_ones(served: 
     body = response.json()
     assert (body["accepted"], body["rejected"]) == (1, 4)
     assert [(i["status"], i.get("reason")) for i in body["results"]] == [
-        ("accepted", None), ("rejected", "score_out_of_range"), ("rejected", "duplicate"), ("rejected", "stale"),
+        ("accepted", None),
+        ("rejected", "score_out_of_range"),
+        ("rejected", "duplicate"),
+        ("rejected", "stale"),
         ("rejected", "invalid_json"),
     ]
     assert "1.5" in body["results"][1]["detail"]
     # The router does the rest: stored, delivered to the owner's inbox, rejections dead-lettered once.
     alert_id = alert_id_for("h1", RULE)
-    await wait_until(lambda: count(engine, AlertRecord, AlertRecord.alert_id == alert_id,
-                                   AlertRecord.delivered_at.is_not(None)) == 1, what="h1 routed and delivered")
+    await wait_until(
+        lambda: (
+            count(engine, AlertRecord, AlertRecord.alert_id == alert_id, AlertRecord.delivered_at.is_not(None)) == 1
+        ),
+        what="h1 routed and delivered",
+    )
     assert [a.alert_id for a in inbox(r, keys, ALICE)] == [alert_id]
     await wait_until(lambda: r.xlen(keys.predictions_dlq) == 4, what="4 dead letters")
     reasons = sorted(fields["reason"] for _, fields in r.xrange(keys.predictions_dlq))
@@ -107,11 +116,15 @@ async def test_posted_predictions_are_gated_and_routed_like_stream_ones(served: 
     assert stored == reasons
     after = (await served.http.get("/metrics", headers=served.ops)).text
     for reason in reasons:
-        delta = (metric(after, "decision_router_rejected_total", stream="predictions", reason=reason)
-                 - metric(before, "decision_router_rejected_total", stream="predictions", reason=reason))
+        delta = metric(after, "decision_router_rejected_total", stream="predictions", reason=reason) - metric(
+            before, "decision_router_rejected_total", stream="predictions", reason=reason
+        )
         assert delta == 1, reason
-    assert metric(after, "decision_router_predictions_routed_total") - metric(
-        before, "decision_router_predictions_routed_total") == 1
+    assert (
+        metric(after, "decision_router_predictions_routed_total")
+        - metric(before, "decision_router_predictions_routed_total")
+        == 1
+    )
     # One object (not a list) is a batch of one; posting h1 again is now a stored duplicate.
     again = await served.http.post("/v1/predictions", json=prediction("h1"), headers=served.publisher)
     assert again.json()["results"][0]["reason"] == "duplicate"
@@ -126,8 +139,9 @@ async def test_alert_list_filters_and_pages(standalone) -> None:
     # pages of 2, newest first, every alert once
     seen, cursor, pages = [], None, 0
     while True:
-        response = await api.http.get("/v1/alerts", params={"limit": 2, **({"cursor": cursor} if cursor else {})},
-                                      headers=api.ops)
+        response = await api.http.get(
+            "/v1/alerts", params={"limit": 2, **({"cursor": cursor} if cursor else {})}, headers=api.ops
+        )
         assert response.status_code == 200
         page = response.json()
         seen += [a["alert_id"] for a in page["items"]]
@@ -137,8 +151,11 @@ async def test_alert_list_filters_and_pages(standalone) -> None:
             break
     assert pages == 3 and len(seen) == len(set(seen)) == 6
     with Session(api.engine) as session:
-        expected = list(session.scalars(
-            select(AlertRecord.alert_id).order_by(AlertRecord.created_at.desc(), AlertRecord.alert_id.desc())))
+        expected = list(
+            session.scalars(
+                select(AlertRecord.alert_id).order_by(AlertRecord.created_at.desc(), AlertRecord.alert_id.desc())
+            )
+        )
     assert seen == expected
 
     async def ids(**params: str) -> set[str]:
@@ -157,10 +174,16 @@ async def test_alert_list_filters_and_pages(standalone) -> None:
     assert await ids(state="acknowledged") == {acked}
     assert await ids(state="open", owner=ALICE) == {alert_id_for(f"l{i}", RULE) for i in (0, 2, 3, 4)}
     assert await ids(state="closed") == set()
-    item = (await api.http.get("/v1/alerts", params={"entity": "account:acct-l1"}, headers=api.alice)).json()["items"][0]
+    item = (await api.http.get("/v1/alerts", params={"entity": "account:acct-l1"}, headers=api.alice)).json()["items"][
+        0
+    ]
     assert item["state"] == "acknowledged" and item["owner"] == ALICE and item["ack_by"] and item["ack_due_at"] is None
-    assert set(item["context"]) == {"context.arr", "context.renewal_date", "context.region", "features.top_drivers"} - set(
-        item["missing_context"])
+    assert set(item["context"]) == {
+        "context.arr",
+        "context.renewal_date",
+        "context.region",
+        "features.top_drivers",
+    } - set(item["missing_context"])
 
 
 # one alert and the actions on it -------------------------------------------------------------
@@ -170,13 +193,22 @@ async def test_actions_follow_the_outcome_path_into_the_audit_trail_and_stats(st
     api, app = standalone
     await route(app, for_owner("x1", ALICE), for_owner("x2", ALICE))
     alert_id = alert_id_for("x1", RULE)
-    for action, body in (("ack", None), ("intervene", {"action": "exec-call", "note": "called the CFO"}),
-                         ("outcome", {"result": "success", "value": 120000})):
+    for action, body in (
+        ("ack", None),
+        ("intervene", {"action": "exec-call", "note": "called the CFO"}),
+        ("outcome", {"result": "success", "value": 120000}),
+    ):
         response = await api.http.post(f"/v1/alerts/{alert_id}/{action}", json=body, headers=api.alice)
         assert response.status_code == 200, response.text
     story = (await api.http.get(f"/v1/alerts/{alert_id}", headers=api.alice)).json()
-    assert [e["type"] for e in story["events"]] == ["received", "routed", "delivered", "acknowledged", "intervened",
-                                                   "outcome"]
+    assert [e["type"] for e in story["events"]] == [
+        "received",
+        "routed",
+        "delivered",
+        "acknowledged",
+        "intervened",
+        "outcome",
+    ]
     assert all(e["actor"] == ALICE for e in story["events"][-3:])
     assert story["alert"]["state"] == "closed" and story["alert"]["intervention"] == "exec-call"
     assert story["alert"]["outcome_value"] == 120000 and story["prediction"]["prediction_id"] == "x1"
@@ -192,22 +224,33 @@ async def test_actions_follow_the_outcome_path_into_the_audit_trail_and_stats(st
     assert filtered == {"by": "rule", "rows": []}
 
 
-async def test_reassign_hands_the_alert_over_and_delivers_it_to_the_new_owner(served: Client, service, r, engine) -> None:
+async def test_reassign_hands_the_alert_over_and_delivers_it_to_the_new_owner(
+    served: Client, service, r, engine
+) -> None:
     keys = service.keys
     r.xadd(keys.predictions, {"data": json.dumps(for_owner("g1", ALICE))})
     alert_id = alert_id_for("g1", RULE)
     await wait_until(lambda: count(engine, AlertRecord, AlertRecord.delivered_at.is_not(None)) == 1, what="delivered")
-    unknown = await served.http.post(f"/v1/alerts/{alert_id}/reassign", json={"owner": "alice-moreu"}, headers=served.ops)
+    unknown = await served.http.post(
+        f"/v1/alerts/{alert_id}/reassign", json={"owner": "alice-moreu"}, headers=served.ops
+    )
     assert unknown.status_code == 422
-    assert unknown.json()["detail"][0]["loc"] == ["body", "owner"] and "alice-moreau" in unknown.json()["detail"][0]["msg"]
-    response = await served.http.post(f"/v1/alerts/{alert_id}/reassign", json={"owner": ELENA, "note": "on leave"},
-                                      headers=served.ops)
+    assert (
+        unknown.json()["detail"][0]["loc"] == ["body", "owner"] and "alice-moreau" in unknown.json()["detail"][0]["msg"]
+    )
+    response = await served.http.post(
+        f"/v1/alerts/{alert_id}/reassign", json={"owner": ELENA, "note": "on leave"}, headers=served.ops
+    )
     assert response.status_code == 200, response.text
     assert response.json()["alert"]["owner"] == ELENA
     assert [a.alert_id for a in inbox(r, keys, ELENA)] == [alert_id]  # delivered before the answer
     assert (await served.http.get(f"/v1/alerts/{alert_id}", headers=served.alice)).status_code == 404
     [event] = [e for e in response.json()["events"] if e["type"] == "reassigned"]
-    assert (event["detail"]["from_owner"], event["detail"]["to_owner"], event["detail"]["note"]) == (ALICE, ELENA, "on leave")
+    assert (event["detail"]["from_owner"], event["detail"]["to_owner"], event["detail"]["note"]) == (
+        ALICE,
+        ELENA,
+        "on leave",
+    )
 
 
 async def test_outcome_webhook_addresses_by_alert_prediction_or_entity_and_dead_letters_the_rest(
@@ -226,7 +269,12 @@ async def test_outcome_webhook_addresses_by_alert_prediction_or_entity_and_dead_
     assert response.status_code == 200
     results = response.json()["results"]
     assert [(x["status"], x.get("reason")) for x in results] == [
-        ("applied", None), ("applied", None), ("applied", None), ("rejected", "unknown_alert"), ("rejected", "schema")]
+        ("applied", None),
+        ("applied", None),
+        ("applied", None),
+        ("rejected", "unknown_alert"),
+        ("rejected", "schema"),
+    ]
     assert "result" in results[4]["detail"]
     with Session(api.engine) as session:
         w1, w2, w3 = (session.get(AlertRecord, alert_id_for(p, RULE)) for p in ("w1", "w2", "w3"))
@@ -280,7 +328,9 @@ async def test_readyz_names_what_is_not_ready(settings: Settings, ruleset: RuleS
         assert checks["database"] == "ok" and checks["rules"] == "ok" and checks["redis"] != "ok"
         # An endpoint that needs Redis says so with a 503, not a 500.
         token = create_token(engine, role="publisher")[0]
-        posted = await client.post("/v1/predictions", json=prediction("z1"), headers={"Authorization": f"Bearer {token}"})
+        posted = await client.post(
+            "/v1/predictions", json=prediction("z1"), headers={"Authorization": f"Bearer {token}"}
+        )
         assert posted.status_code == 503 and "Redis" in posted.json()["detail"]
     await down.aclose()
 
@@ -323,7 +373,14 @@ async def test_bad_requests_get_4xx_json_naming_the_field_never_500(standalone) 
         ("POST", f"/v1/alerts/{alert}/ack", {"json": ["a", "list"]}, api.alice, 422, "body"),
         ("POST", f"/v1/alerts/{alert}/ack", {"json": {"at": "yesterday"}}, api.alice, 422, "at"),
         ("POST", f"/v1/alerts/{alert}/outcome", {"json": {}}, api.alice, 422, "result"),
-        ("POST", f"/v1/alerts/{alert}/outcome", {"json": {"result": "success", "value": "lots"}}, api.alice, 422, "value"),
+        (
+            "POST",
+            f"/v1/alerts/{alert}/outcome",
+            {"json": {"result": "success", "value": "lots"}},
+            api.alice,
+            422,
+            "value",
+        ),
         ("POST", f"/v1/alerts/{alert}/intervene", {"json": {"acton": "typo"}}, api.alice, 422, "acton"),
         ("POST", f"/v1/alerts/{alert}/reassign", {"json": {}}, api.ops, 422, "owner"),
         ("POST", "/v1/outcomes", {"content": b"[1,"}, api.publisher, 422, "body"),

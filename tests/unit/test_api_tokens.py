@@ -46,18 +46,26 @@ def test_revoked_tokens_stop_working_and_list_shows_no_secrets(engine) -> None:
     again = revoke_token(engine, info.token_id)
     assert again.revoked_at == first.revoked_at is not None
     [listed] = list_tokens(engine)
-    assert (listed.token_id, listed.name, listed.role, listed.revoked_at) == (info.token_id, "grafana", "ops", first.revoked_at)
+    assert (listed.token_id, listed.name, listed.role, listed.revoked_at) == (
+        info.token_id,
+        "grafana",
+        "ops",
+        first.revoked_at,
+    )
     assert secret not in repr(listed)
     with pytest.raises(TokenError, match="no token with id 'nope'"):
         revoke_token(engine, "nope")
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"role": "root"}, "unknown role 'root'"),
-    ({"role": "owner"}, "needs --owner"),
-    ({"role": "owner", "owner": "carol"}, "'carol' is not in the owner directory.*known: alice, bob"),
-    ({"role": "ops", "owner": "alice"}, "only applies to role owner"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"role": "root"}, "unknown role 'root'"),
+        ({"role": "owner"}, "needs --owner"),
+        ({"role": "owner", "owner": "carol"}, "'carol' is not in the owner directory.*known: alice, bob"),
+        ({"role": "ops", "owner": "alice"}, "only applies to role owner"),
+    ],
+)
 def test_bad_token_requests_are_refused_with_a_clear_reason(engine, kwargs, message) -> None:
     with pytest.raises(TokenError, match=message):
         create_token(engine, owners=OWNERS, **kwargs)
