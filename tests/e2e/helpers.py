@@ -27,7 +27,8 @@ def free_port() -> int:
 def clean_env(**settings: str) -> dict[str, str]:
     """This process's environment without the developer's DECISION_ROUTER_* settings, plus `settings`."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
-    return {**base, "DECISION_ROUTER_LOG_FORMAT": "json", **settings}
+    # API port 0: each `serve` under test listens on a free port, never on a busy 8080.
+    return {**base, "DECISION_ROUTER_LOG_FORMAT": "json", "DECISION_ROUTER_API_PORT": "0", **settings}
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
