@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from decision_router.durations import parse_duration
+from decision_router.quality import PayloadLimits
 
 ENV_PREFIX = "DECISION_ROUTER_"
 
@@ -31,6 +33,9 @@ class Settings(BaseSettings):
     # Quality gate.
     max_prediction_age: timedelta = timedelta(days=1)
     max_clock_skew: timedelta = timedelta(minutes=5)
+    # Hostile-input bounds: an entry's size is checked before anything is parsed.
+    max_payload_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_payload_depth: int = Field(default=10, ge=2, le=100)
 
     # An outcome addressed by entity applies to predictions made this long before it.
     outcome_window: timedelta = timedelta(days=30)
@@ -90,10 +95,14 @@ class Settings(BaseSettings):
     def _database_scheme(cls, value: str) -> str:
         if not value.startswith(("sqlite", "postgresql")):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
-        if value.startswith("postgresql://") or value.startswith("postgres://"):
+        if value.startswith(("postgresql://", "postgres://")):
             # SQLAlchemy's bare postgresql:// means psycopg2, which we do not ship.
             value = "postgresql+psycopg://" + value.split("://", 1)[1]
         return value
+
+    @cached_property  # read per message by the gate
+    def payload_limits(self) -> PayloadLimits:
+        return PayloadLimits(max_bytes=self.max_payload_bytes, max_depth=self.max_payload_depth)
 
     @property
     def embedded(self) -> bool:
