@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from datetime import timedelta
 from functools import cached_property
@@ -114,14 +115,40 @@ class Settings(BaseSettings):
         return self.redis_url or f"redis://{self.embedded_host}:{self.embedded_port}/0"
 
 
+# Query parameters and keys whose values are secrets (redis-py accepts ?password=...).
+SECRET_NAMES = re.compile(
+    r"(?:^|[_.-])(?:pass(?:word|wd|phrase)?|pwd|secrets?|token|authori[sz]ation|api[_-]?key|apikey|cookie|credentials?)"
+    r"(?:$|[_.-])",
+    re.IGNORECASE,
+)
+_QUERY_SECRET = re.compile(r"([?&;](?:[\w.-]*(?:pass(?:word|wd)?|pwd|secret|token|api[_-]?key)[\w.-]*)=)[^&;#\s'\"]*", re.IGNORECASE)
+# scheme://user:password@host: the password never contains "@" unescaped, but may contain ":".
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]*(@[^\s@'\"]+)")
+_AUTH_HEADER = re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE)
+MASK = "***"
+
+
 def redact_url(url: str) -> str:
     """The URL with its password masked, for logs and error messages."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
         return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+    if "@" in rest.split("?", 1)[0]:
+        credentials, _, host = rest.rpartition("@")
+        if ":" in credentials:
+            user = credentials.split(":", 1)[0]
+            url = f"{scheme}://{user}:{MASK}@{host}"
+    return _QUERY_SECRET.sub(rf"\1{MASK}", url)
+
+
+def redact_text(text: str) -> str:
+    """Any text (an error message, a traceback) with URL passwords, secret query parameters
+    and bearer tokens masked."""
+    if "://" in text:
+        text = _URL_PASSWORD.sub(rf"\1{MASK}\2", text)
+    if "=" in text:
+        text = _QUERY_SECRET.sub(rf"\1{MASK}", text)
+    return _AUTH_HEADER.sub(rf"\1 {MASK}", text)
 
 
 def load_settings(**overrides: object) -> Settings:
