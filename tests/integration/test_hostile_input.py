@@ -118,3 +118,21 @@ async def test_each_nasty_entry_gets_its_reason(service, r, settings) -> None:
         "invalid_encoding", "invalid_encoding", "schema", "too_deep", "too_large", "invalid_encoding",
         "invalid_encoding", "schema",
     ]
+
+
+async def test_nasty_outcome_events_are_dead_lettered_too(service, r, settings) -> None:
+    keys = Keys(settings.stream_prefix)
+    event = {"type": "acknowledged", "alert_id": "al-1", "actor": "crm"}
+    nasty = [
+        {b"data": json.dumps({**event, "actor": "crm\x00"}).encode()},
+        {b"data": json.dumps({**event, "value": float("inf")}).encode()},
+        {b"data": b"{\"a\": " * 3000},
+        {b"data": b"x" * 70_000},
+        {b"type": b"acknowledged", b"alert_id": b"al-\xff", b"actor": b"crm"},
+    ]
+    published = [r.xadd(keys.outcomes, fields) for fields in nasty]
+    await wait_until(lambda: r.xlen(keys.outcomes_dlq) == len(nasty), what="all nasty events dead-lettered")
+    reasons = {fields["source_id"]: fields["reason"] for _, fields in r.xrange(keys.outcomes_dlq)}
+    assert [reasons[entry_id] for entry_id in published] == [
+        "invalid_encoding", "schema", "too_deep", "too_large", "invalid_encoding",
+    ]
