@@ -10,7 +10,7 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -89,6 +89,8 @@ def serve(
         fail(f"refusing to start: the rules in {settings.rules_dir} are invalid:\n{exc}")
     except (EmbeddedRedisError, ApiStartError) as exc:
         fail(str(exc))
+    except AuthenticationError as exc:  # a wrong password does not heal by retrying: say so, no traceback
+        fail(f"cannot reach Redis at {redact_url(settings.effective_redis_url)}: {exc}")
 
 
 @app.command()

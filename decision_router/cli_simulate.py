@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from decision_router.cli import app, fail, out, settings_or_exit
+from decision_router.settings import redact_url
 from decision_router.simulate import SimulationParams, SimulationResult
 
 
@@ -211,4 +212,4 @@ def simulate(
         return
     print_result(result)
     if database is not None:
-        out.print(f"store kept: {database}", markup=False, highlight=False, soft_wrap=True)
+        out.print(f"store kept: {redact_url(database)}", markup=False, highlight=False, soft_wrap=True)

@@ -153,6 +153,9 @@ class RejectionReason(StrEnum):
     DUPLICATE = "duplicate"  # prediction_id seen before, in another stream entry
     UNKNOWN_ALERT = "unknown_alert"  # outcome addressed to no known alert
     UNKNOWN_OWNER = "unknown_owner"  # reassignment to an owner not in the directory
+    TOO_LARGE = "too_large"  # entry larger than DECISION_ROUTER_MAX_PAYLOAD_BYTES (checked before parsing)
+    TOO_DEEP = "too_deep"  # objects/lists nested deeper than DECISION_ROUTER_MAX_PAYLOAD_DEPTH
+    INVALID_ENCODING = "invalid_encoding"  # bytes not UTF-8, or text with NUL / lone surrogates no store can hold
 
 
 class Rejection(BaseModel):

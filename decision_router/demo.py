@@ -18,7 +18,7 @@ from rich.console import Console
 from sqlmodel import Session
 
 from decision_router.keys import Keys
-from decision_router.settings import Settings
+from decision_router.settings import Settings, redact_url
 from decision_router.simulate import RULE, WATCH_RULE, SimulationParams, run_simulation
 from decision_router.stats import GroupBy, StatsRow, compute_stats
 from decision_router.store import make_engine
@@ -85,10 +85,10 @@ async def run_demo(
     finally:
         engine.dispose()
     console.print(
-        f"demo finished in {time.monotonic() - started:.1f}s; store: {database_url}", markup=False, highlight=False
+        f"demo finished in {time.monotonic() - started:.1f}s; store: {redact_url(database_url)}", markup=False, highlight=False
     )
     console.print(
-        f"explore it: DECISION_ROUTER_DATABASE_URL={database_url} decision-router stats --by owner",
+        f"explore it: DECISION_ROUTER_DATABASE_URL={redact_url(database_url)} decision-router stats --by owner",
         markup=False, highlight=False, soft_wrap=True,
     )
     return DemoResult(rows=rows, by=GroupBy.RULE)

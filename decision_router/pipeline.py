@@ -169,6 +169,7 @@ class Pipeline:
             max_skew=self.settings.max_clock_skew,
             source_stream=self.keys.predictions,
             source_id=entry_id,
+            limits=self.settings.payload_limits,
         )
 
     async def _lookups(self, predictions: Sequence[Prediction]) -> Mapping[str, dict[str, Any]]:
@@ -289,8 +290,9 @@ class Pipeline:
     async def process_outcomes(self, entries: Sequence[Entry]) -> BatchResult:
         started = time.perf_counter()
         now = self.clock()
+        limits = self.settings.payload_limits
         parsed = [
-            (entry_id, fields, check_outcome(fields, source_stream=self.keys.outcomes, source_id=entry_id))
+            (entry_id, fields, check_outcome(fields, source_stream=self.keys.outcomes, source_id=entry_id, limits=limits))
             for entry_id, fields in entries
         ]
         try:

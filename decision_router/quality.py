@@ -1,13 +1,17 @@
 """The quality gate: a raw stream entry becomes a typed message or a Rejection with a reason.
 
 Nothing here raises on bad input; every failure is a value the pipeline sends to a
-dead-letter stream and counts.
+dead-letter stream and counts. Hostile input is bounded before it is parsed (size), while
+it is parsed (nesting depth) and after (text and numbers no store can hold), so what
+passes the gate can be routed and stored without surprises.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,6 +24,23 @@ RawEntry = Mapping[bytes | str, bytes | str]
 ID_FIELDS = ("prediction_id", "entity_type", "entity_id")
 # Flat producers cannot nest, so these may arrive as JSON text or as dotted keys.
 NESTED_FIELDS = ("features", "context")
+# A Rejection's detail and model are stored in the DLQ stream and the rejections table:
+# bounded, so a hostile field name cannot make them huge.
+MAX_DETAIL_CHARS = 500
+MAX_MODEL_CHARS = 200
+# Integers beyond this many bits do not fit a float; a rule comparing one would overflow.
+MAX_INT_BITS = 1000
+
+
+@dataclass(frozen=True)
+class PayloadLimits:
+    """Bounds on one stream entry (settings: DECISION_ROUTER_MAX_PAYLOAD_BYTES / _DEPTH)."""
+
+    max_bytes: int = 64 * 1024  # keys + values, as UTF-8 bytes
+    max_depth: int = 10  # nesting of objects and lists; the message itself is level 1
+
+
+DEFAULT_LIMITS = PayloadLimits()
 
 
 class _Reject(Exception):
@@ -32,14 +53,68 @@ def original_payload(entry: RawEntry) -> str:
     return json.dumps({as_text(k): as_text(v) for k, v in entry.items()}, ensure_ascii=False)
 
 
+def _truncated_payload(entry: RawEntry, budget: int) -> str:
+    """The fields of an oversized entry as JSON text, each value cut so the whole stays near
+    `budget` characters: the DLQ keeps enough to identify the producer, not the whole blob."""
+    kept: dict[str, str] = {}
+    for key, value in entry.items():
+        if budget <= 0:
+            kept["..."] = "[more fields left out]"
+            break
+        name = as_text(key[:200])
+        size = len(value)
+        text = as_text(value[:budget])
+        if size > budget:
+            text += f"... [{size} in all]"
+        kept[name] = text
+        budget -= len(name) + len(text)
+    return json.dumps(kept, ensure_ascii=False)
+
+
+def _size(value: bytes | str) -> int:
+    if isinstance(value, bytes):
+        return len(value)
+    text = str(value)
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _check_size(entry: RawEntry, limits: PayloadLimits) -> None:
+    """First and cheap: lengths only, nothing decoded or parsed."""
+    total = 0
+    for key, value in entry.items():
+        total += (len(key) if type(key) is bytes else _size(key)) + (len(value) if type(value) is bytes else _size(value))
+    if total > limits.max_bytes:
+        raise _Reject(RejectionReason.TOO_LARGE, f"{total} bytes; the limit is {limits.max_bytes}")
+
+
+def _text(value: bytes | str, field: str | None) -> str:
+    """Strict UTF-8: a replaced byte would silently change an id or a rule's input."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            what = "a field name" if field is None else f"field {_clean(field, 100)}"
+            raise _Reject(RejectionReason.INVALID_ENCODING, f"{what} is not valid UTF-8 (byte {exc.start})") from None
+    return str(value)
+
+
+def _loads(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise _Reject(RejectionReason.TOO_DEEP, f"{what} is nested too deeply to parse") from None
+    except ValueError as exc:
+        raise _Reject(RejectionReason.INVALID_JSON, f"{what} is not valid JSON: {_clean(str(exc), 200)}") from None
+
+
 def decode_entry(entry: RawEntry) -> dict[str, Any]:
     """`XADD s * data '<json>'` or flat fields (`XADD s * prediction_id p1 score 0.9 ...`) -> dict."""
-    fields = {as_text(k): as_text(v) for k, v in entry.items()}
+    fields: dict[str, str] = {}
+    for raw_key, raw_value in entry.items():
+        key = _text(raw_key, None)
+        fields[key] = _text(raw_value, key)
     if set(fields) == {"data"}:
-        try:
-            document = json.loads(fields["data"])
-        except ValueError as exc:
-            raise _Reject(RejectionReason.INVALID_JSON, f"data is not valid JSON: {exc}") from None
+        document = _loads(fields["data"], "data")
         if not isinstance(document, dict):
             raise _Reject(RejectionReason.INVALID_JSON, "data must hold a JSON object")
         return document
@@ -49,13 +124,10 @@ def decode_entry(entry: RawEntry) -> dict[str, Any]:
         if dot and head in NESTED_FIELDS:
             document.setdefault(head, {})
             if not isinstance(document[head], dict):
-                raise _Reject(RejectionReason.SCHEMA, f"{head}: given both as a value and as {key}")
+                raise _Reject(RejectionReason.SCHEMA, f"{head}: given both as a value and as {_clean(key, 100)}")
             document[head][rest] = value
         elif key in NESTED_FIELDS:
-            try:
-                nested = json.loads(value)
-            except ValueError:
-                raise _Reject(RejectionReason.INVALID_JSON, f"{key} is not valid JSON") from None
+            nested = _loads(value, key)
             if not isinstance(nested, dict):
                 raise _Reject(RejectionReason.INVALID_JSON, f"{key} must hold a JSON object")
             document[key] = {**nested, **document.get(key, {})}
@@ -64,10 +136,77 @@ def decode_entry(entry: RawEntry) -> dict[str, Any]:
     return document
 
 
+def _storable_text(text: str) -> bool:
+    # PostgreSQL text cannot hold NUL; no UTF-8 encoder (SQLite, PostgreSQL, Redis) takes a
+    # lone surrogate, which JSON can smuggle in as "\ud800".
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _Bad(Exception):
+    """A bad value deep in a document; containers add their key on the way up, so the
+    path is built only for the one value that fails."""
+
+    def __init__(self, reason: RejectionReason, problem: str) -> None:
+        self.reason, self.problem, self.path = reason, problem, []
+
+
+def _check_values(value: Any, depth: int, max_depth: int) -> None:
+    """Every value in the decoded document: nesting, text and numbers the store and the rules
+    can take (JSON allows NaN, Infinity, 1e999 and 400-digit integers; a float column and
+    PostgreSQL's JSON do not)."""
+    kind = type(value)
+    if kind is str:
+        if not _storable_text(value):
+            raise _Bad(RejectionReason.INVALID_ENCODING, "text holds a NUL character or a lone surrogate")
+    elif kind is float:
+        if not math.isfinite(value):
+            raise _Bad(RejectionReason.SCHEMA, f"{value} is not a finite number")
+    elif kind is int:
+        if value.bit_length() > MAX_INT_BITS:
+            raise _Bad(RejectionReason.SCHEMA, f"an integer of {value.bit_length()} bits is too large")
+    elif kind is dict or kind is list:
+        if depth > max_depth:
+            raise _Bad(RejectionReason.TOO_DEEP, f"nested more than {max_depth} levels deep")
+        items = value.items() if kind is dict else enumerate(value)
+        for key, item in items:
+            try:
+                if kind is dict and not _storable_text(key):
+                    raise _Bad(RejectionReason.INVALID_ENCODING, "field name holds a NUL character or a lone surrogate")
+                _check_values(item, depth + 1, max_depth)
+            except _Bad as bad:
+                bad.path.append(key)
+                raise
+
+
+def _check_document(document: dict[str, Any], max_depth: int) -> None:
+    try:
+        _check_values(document, 1, max_depth)
+    except _Bad as bad:
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{_clean(p, 60)}" for p in reversed(bad.path))
+        raise _Reject(bad.reason, f"{path.lstrip('.') or 'message'}: {bad.problem}") from None
+
+
+def _clean(text: str, limit: int) -> str:
+    """Text safe to store and print: NUL and lone surrogates escaped, length bounded."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if _storable_text(text):
+        return text
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _schema_detail(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:
-        where = ".".join(str(p) for p in error["loc"]) or "message"
+        where = ".".join(_clean(str(p), 60) for p in error["loc"]) or "message"
         parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
@@ -79,6 +218,22 @@ def _validate(model: type[BaseModel], document: dict[str, Any]) -> Any:
         raise _Reject(RejectionReason.SCHEMA, _schema_detail(exc)) from None
 
 
+def _rejection(rejected: _Reject, entry: RawEntry, limits: PayloadLimits, **fields: Any) -> Rejection:
+    payload = (
+        _truncated_payload(entry, limits.max_bytes)
+        if rejected.reason is RejectionReason.TOO_LARGE
+        else original_payload(entry)
+    )
+    return Rejection(reason=rejected.reason, detail=_clean(rejected.detail, MAX_DETAIL_CHARS), payload=payload, **fields)
+
+
+def _model_name(document: dict[str, Any]) -> str | None:
+    model = document.get("model")
+    if isinstance(model, str) and model and len(model) <= MAX_MODEL_CHARS and _storable_text(model):
+        return model
+    return None
+
+
 def check_prediction(
     entry: RawEntry,
     *,
@@ -87,11 +242,14 @@ def check_prediction(
     max_skew: timedelta,
     source_stream: str,
     source_id: str | None = None,
+    limits: PayloadLimits = DEFAULT_LIMITS,
 ) -> Prediction | Rejection:
     """Everything but duplicates, which need the store; the pipeline checks those."""
     document: dict[str, Any] = {}
     try:
+        _check_size(entry, limits)
         document = decode_entry(entry)
+        _check_document(document, limits.max_depth)
         missing = [f for f in ID_FIELDS if not str(document.get(f) or "").strip()]
         if missing:
             raise _Reject(RejectionReason.MISSING_ID, f"missing or empty: {', '.join(missing)}")
@@ -105,29 +263,25 @@ def check_prediction(
             raise _Reject(RejectionReason.FROM_FUTURE, f"predicted_at is {-age} in the future")
         return prediction
     except _Reject as rejected:
-        model = document.get("model")
-        return Rejection(
-            reason=rejected.reason,
-            detail=rejected.detail,
-            model=model if isinstance(model, str) and model else None,
-            source_stream=source_stream,
-            source_id=source_id,
-            payload=original_payload(entry),
+        return _rejection(
+            rejected, entry, limits, model=_model_name(document), source_stream=source_stream, source_id=source_id
         )
 
 
-def check_outcome(entry: RawEntry, *, source_stream: str, source_id: str | None = None) -> OutcomeEvent | Rejection:
+def check_outcome(
+    entry: RawEntry,
+    *,
+    source_stream: str,
+    source_id: str | None = None,
+    limits: PayloadLimits = DEFAULT_LIMITS,
+) -> OutcomeEvent | Rejection:
     """Parse an outcome event; whether its alert exists is the tracker's question."""
     try:
+        _check_size(entry, limits)
         document = decode_entry(entry)
+        _check_document(document, limits.max_depth)
         # Flat producers send "" for fields they do not use.
         document = {k: v for k, v in document.items() if v != ""}
         return _validate(OutcomeEvent, document)
     except _Reject as rejected:
-        return Rejection(
-            reason=rejected.reason,
-            detail=rejected.detail,
-            source_stream=source_stream,
-            source_id=source_id,
-            payload=original_payload(entry),
-        )
+        return _rejection(rejected, entry, limits, source_stream=source_stream, source_id=source_id)

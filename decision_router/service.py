@@ -213,7 +213,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
         loop.add_signal_handler(sig, stop.set)
     embedded = EmbeddedRedis(settings.embedded_host, settings.embedded_port).start() if settings.embedded else None
     if embedded:
-        log.info("embedded Redis (fakeredis) serving", url=embedded.url, database=settings.database_url)
+        log.info("embedded Redis (fakeredis) serving", url=embedded.url, database=redact_url(settings.database_url))
     try:
         async with running_service(settings, ruleset, engine, watch_rules=True) as service:
             # SIGHUP: re-read the rules now rather than at the next poll.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from decision_router.durations import parse_duration
+from decision_router.quality import PayloadLimits
 
 ENV_PREFIX = "DECISION_ROUTER_"
 
@@ -31,6 +34,9 @@ class Settings(BaseSettings):
     # Quality gate.
     max_prediction_age: timedelta = timedelta(days=1)
     max_clock_skew: timedelta = timedelta(minutes=5)
+    # Hostile-input bounds: an entry's size is checked before anything is parsed.
+    max_payload_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_payload_depth: int = Field(default=10, ge=2, le=100)
 
     # An outcome addressed by entity applies to predictions made this long before it.
     outcome_window: timedelta = timedelta(days=30)
@@ -94,10 +100,14 @@ class Settings(BaseSettings):
     def _database_scheme(cls, value: str) -> str:
         if not value.startswith(("sqlite", "postgresql")):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
-        if value.startswith("postgresql://") or value.startswith("postgres://"):
+        if value.startswith(("postgresql://", "postgres://")):
             # SQLAlchemy's bare postgresql:// means psycopg2, which we do not ship.
             value = "postgresql+psycopg://" + value.split("://", 1)[1]
         return value
+
+    @cached_property  # read per message by the gate
+    def payload_limits(self) -> PayloadLimits:
+        return PayloadLimits(max_bytes=self.max_payload_bytes, max_depth=self.max_payload_depth)
 
     @property
     def embedded(self) -> bool:
@@ -109,14 +119,40 @@ class Settings(BaseSettings):
         return self.redis_url or f"redis://{self.embedded_host}:{self.embedded_port}/0"
 
 
+# Query parameters and keys whose values are secrets (redis-py accepts ?password=...).
+SECRET_NAMES = re.compile(
+    r"(?:^|[_.-])(?:pass(?:word|wd|phrase)?|pwd|secrets?|token|authori[sz]ation|api[_-]?key|apikey|cookie|credentials?)"
+    r"(?:$|[_.-])",
+    re.IGNORECASE,
+)
+_QUERY_SECRET = re.compile(r"([?&;](?:[\w.-]*(?:pass(?:word|wd)?|pwd|secret|token|api[_-]?key)[\w.-]*)=)[^&;#\s'\"]*", re.IGNORECASE)
+# scheme://user:password@host: the password never contains "@" unescaped, but may contain ":".
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]*(@[^\s@'\"]+)")
+_AUTH_HEADER = re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE)
+MASK = "***"
+
+
 def redact_url(url: str) -> str:
     """The URL with its password masked, for logs and error messages."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
         return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+    if "@" in rest.split("?", 1)[0]:
+        credentials, _, host = rest.rpartition("@")
+        if ":" in credentials:
+            user = credentials.split(":", 1)[0]
+            url = f"{scheme}://{user}:{MASK}@{host}"
+    return _QUERY_SECRET.sub(rf"\1{MASK}", url)
+
+
+def redact_text(text: str) -> str:
+    """Any text (an error message, a traceback) with URL passwords, secret query parameters
+    and bearer tokens masked."""
+    if "://" in text:
+        text = _URL_PASSWORD.sub(rf"\1{MASK}\2", text)
+    if "=" in text:
+        text = _QUERY_SECRET.sub(rf"\1{MASK}", text)
+    return _AUTH_HEADER.sub(rf"\1 {MASK}", text)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -87,7 +87,7 @@ from decision_router.monitor import DataQualityMonitor, ModelHealth
 from decision_router.router import in_holdout
 from decision_router.rules import RuleSet, load_rules
 from decision_router.service import RouterService, running_service
-from decision_router.settings import Settings
+from decision_router.settings import Settings, redact_url
 from decision_router.stats import StatsRow, compute_stats
 from decision_router.store import create_schema, make_engine
 from decision_router.tables import RejectionRecord
@@ -587,7 +587,7 @@ class SimulationResult:
             "drift_detected_day": self.drift_detected_day,
             "flagged_days": self.flagged_days,
             "drift_checked": self.drift_checked,
-            "database_url": self.database_url,
+            "database_url": redact_url(self.database_url) if self.database_url else None,  # printed: no password
             "stream_prefix": self.stream_prefix,
             "elapsed_s": round(self.elapsed_s, 3),
         }

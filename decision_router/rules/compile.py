@@ -9,7 +9,6 @@ where a string was); such a condition is simply false.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -20,7 +19,7 @@ from typing import Any
 
 from decision_router.rules.spec import ConditionSpec, DefaultsSpec, OwnerSpec, RoutingFile, RuleSpec, WebhookSpec
 from decision_router.rules.spec import ModelSpec
-from decision_router.rules.spec import ContextSourceSpec, key_placeholders, sql_parameters
+from decision_router.rules.spec import ContextSourceSpec, compile_regex, key_placeholders, sql_parameters
 
 
 class _Missing:
@@ -98,15 +97,30 @@ def _numeric(compare: Callable[[float], bool]) -> Test:
     return test
 
 
+# Texts up to this long have their regex result cached: RE2 calls cost microseconds from
+# Python, and the values rules test (model_version, segment, region) repeat a lot.
+_REGEX_CACHED_CHARS = 256
+
+
 def _regex(pattern: str) -> Test:
-    search = re.compile(pattern).search  # compiled once per load, not per prediction
+    # RE2 (see spec.compile_regex): linear-time matching, so a pattern such as (a+)+$ cannot
+    # hang the router on a long input. Compiled once per load, not per prediction.
+    search = compile_regex(pattern).search
+
+    def found(text: str) -> bool:
+        try:
+            return search(text) is not None
+        except UnicodeEncodeError:  # a lone surrogate from a context lookup: not text RE2 can read
+            return False
+
+    cached = lru_cache(maxsize=4096)(found)
 
     def test(value: Any) -> bool:
-        if isinstance(value, str):
-            return search(value) is not None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return search(str(value)) is not None
-        return False
+            value = str(value)
+        elif not isinstance(value, str):
+            return False
+        return cached(value) if len(value) <= _REGEX_CACHED_CHARS else found(value)
 
     return test
 

@@ -90,13 +90,43 @@ class _Problems:
         return [p for _, _, p in sorted(self.found, key=lambda t: t[:2])]
 
 
+# Bounds on a rules file, so a hostile or broken one is reported instead of exhausting the
+# stack (deep nesting), memory or time (aliases that expand exponentially: "billion laughs").
+MAX_FILE_BYTES = 4 * 1024 * 1024
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 200_000  # after expanding aliases; a large routing.yaml has a few thousand
+
+
+class _TooMuch(yaml.MarkedYAMLError):
+    """Raised while composing; reported like any YAML error, with its line and column."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that records duplicate mapping keys: plain YAML keeps the last one,
-    which would silently drop a condition or an owner field."""
+    """SafeLoader (no Python tags: `!!python/object` is refused) that records duplicate
+    mapping keys, since plain YAML keeps the last one, which would silently drop a condition
+    or an owner field; and that bounds nesting and alias expansion."""
 
     def __init__(self, stream: bytes) -> None:
         super().__init__(stream)
         self.duplicates: list[tuple[int, str]] = []
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _TooMuch(problem=f"nested more than {MAX_YAML_DEPTH} levels deep",
+                               problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return self.construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[tuple[str, str]] = set()
@@ -117,12 +147,40 @@ class _Loader(yaml.SafeLoader):
             return self.construct_scalar(node)
 
 
+def _check_expansion(root: yaml.Node) -> None:
+    """Count nodes as the constructed data will hold them, each alias expanded; stop early."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            if known < 0:
+                raise _TooMuch(problem="an alias refers to the node that contains it", problem_mark=node.start_mark)
+            return known
+        sizes[id(node)] = -1  # in progress: seeing it again means a cycle
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(key) + size(value) for key, value in node.value)
+        if total > MAX_YAML_NODES:
+            raise _TooMuch(problem=f"expands to more than {MAX_YAML_NODES} values (aliases repeated inside aliases?)",
+                           problem_mark=node.start_mark)
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
 
 
 def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, Any] | None]:
     """File bytes (for the version hash) and its top-level mapping, or None with problems."""
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            out.add(-1, "-", "-", f"file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; is this a rules file?")
+            return b"", None
         raw = path.read_bytes()
     except FileNotFoundError:
         out.add(-1, "-", "-", f"not found in {path.parent}/ (a rules directory holds {ROUTING_FILE} and {OWNERS_FILE})")
@@ -130,19 +188,39 @@ def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, An
     except OSError as exc:
         out.add(-1, "-", "-", f"cannot read: {exc.strerror}")
         return b"", None
-    loader = _Loader(raw)
+    loader: _Loader | None = None
     try:
+        loader = _Loader(raw)  # reads the first bytes already: may raise a ReaderError
         data = loader.get_single_data()
+    except yaml.reader.ReaderError as exc:
+        # Bytes that do not decode (located by byte), or a control character (by character).
+        if isinstance(exc.character, bytes):
+            before: bytes | str = raw[: exc.position]
+            what = f"byte {exc.character!r} is not {exc.encoding}"
+        else:
+            encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8"
+            before = raw.decode(encoding, "replace")[: exc.position]
+            what = f"character #x{exc.character:04x} is not allowed"
+        newline = b"\n" if isinstance(before, bytes) else "\n"
+        where = f"line {before.count(newline) + 1}, column {exc.position - before.rfind(newline)}"  # type: ignore[arg-type]
+        out.add(-1, "-", where, f"invalid YAML: {what}")
+        return raw, None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "-"
-        out.add(-1, "-", where, f"invalid YAML: {exc.problem or exc.context}")
+        problem = str(exc.problem or exc.context)
+        if isinstance(exc, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
+            # Safe loading: a tag such as !!python/object would run code under an unsafe loader.
+            tag = problem.rsplit("tag ", 1)[-1]
+            problem = f"tag {tag} is not allowed: rules files hold plain YAML data, loaded safely"
+        out.add(-1, "-", where, f"invalid YAML: {problem}")
         return raw, None
     except yaml.YAMLError as exc:
         out.add(-1, "-", "-", f"invalid YAML: {exc}")
         return raw, None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     for line, key in loader.duplicates:
         out.add(-1, "-", f"line {line}", f"duplicate key '{key}' (YAML would silently keep only the last one)")
     if not isinstance(data, dict):

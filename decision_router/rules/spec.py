@@ -15,6 +15,7 @@ import string
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Annotated, Any, Literal, Union, get_args
 
+import re2
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from decision_router.contracts import Prediction
@@ -95,13 +96,35 @@ def _between(value: object) -> tuple[float, float]:
     return (value[0], value[1])
 
 
+# A regex condition runs on RE2, whose matching time is linear in the text: no pattern can
+# make the router backtrack for ever. RE2 refuses backreferences and lookarounds, and its
+# compiled program is bounded in memory; the pattern's length is bounded here too.
+MAX_REGEX_LENGTH = 500
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # errors are reported by the loader, not written to stderr
+
+
+def compile_regex(pattern: str) -> Any:
+    """The pattern compiled by RE2 (raises re2.error)."""
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
 def _regex(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a regular expression string, got {value!r}")
+    shown = value if len(value) <= 60 else value[:60] + "..."
+    if len(value) > MAX_REGEX_LENGTH:
+        raise ValueError(f"regular expression of {len(value)} characters is too long (at most {MAX_REGEX_LENGTH})")
     try:
         re.compile(value)
     except re.error as exc:
-        raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+        raise ValueError(f"invalid regular expression {shown!r}: {exc}") from None
+    try:
+        compile_regex(value)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise ValueError(f"regular expression {shown!r} is not supported by the linear-time engine (RE2): {reason}; "
+                         "backreferences and lookarounds are not available") from None
     return value
 
 
