@@ -153,6 +153,7 @@ class RejectionReason(StrEnum):
     DUPLICATE = "duplicate"  # prediction_id seen before, in another stream entry
     UNKNOWN_ALERT = "unknown_alert"  # outcome addressed to no known alert
     UNKNOWN_OWNER = "unknown_owner"  # reassignment to an owner not in the directory
+    PROCESSING_FAILED = "processing_failed"  # passed the gate but failed processing max_attempts times
 
 
 class Rejection(BaseModel):
