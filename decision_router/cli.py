@@ -70,7 +70,11 @@ async def _connect(settings: Settings) -> Redis:
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, max=256, help="Worker processes in one consumer group (needs a real Redis).")
+    ] = 1,
+) -> None:
     """Run the router: consume predictions and outcomes, route, deliver, record."""
     from decision_router.embedded import EmbeddedRedisError
     from decision_router.rules import RulesInvalid
@@ -78,6 +82,13 @@ def serve() -> None:
 
     settings = settings_or_exit()
     try:
+        if workers > 1:
+            from decision_router.workers import WorkersError, run_workers
+
+            try:
+                raise typer.Exit(run_workers(settings, workers))
+            except WorkersError as exc:
+                fail(str(exc), code=2)
         asyncio.run(run(settings))
     except RulesInvalid as exc:
         fail(f"refusing to start: the rules in {settings.rules_dir} are invalid:\n{exc}")
