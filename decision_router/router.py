@@ -60,7 +60,7 @@ def route(document: Mapping[str, Any], ruleset: RuleSet, *, now: datetime | None
     if now is not None and now.utcoffset() is None:
         raise ValueError(f"now must be timezone-aware, got {now!r}")
     decisions = []
-    for rule in ruleset.rules:
+    for rule in ruleset.candidates(document.get("model")):
         if rule.matches(document):
             decisions.append(_decide(rule, document, ruleset.owners, now))
             if not rule.continue_:

@@ -181,6 +181,9 @@ class CompiledRule:
     holdout: float = 0.0  # share of entities held out as a control group; alert rules only
     # (path, test) per field condition; all must hold.
     conditions: tuple[tuple[str, Test], ...] = field(default=(), repr=False, compare=False)
+    # The models this rule can match (its `model` condition is eq/in on text), None: any model.
+    # Only an index: `matches` still tests the condition.
+    models: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
     def matches(self, document: Mapping[str, Any]) -> bool:
         for path, test in self.conditions:
@@ -230,6 +233,37 @@ class RuleSet:
     models: Mapping[str, ModelConfig] = field(default_factory=lambda: MappingProxyType({}))
     # routing.yaml `context_sources:` -> source name -> where lookup.<name>.<field> comes from.
     context_sources: Mapping[str, ContextSource] = field(default_factory=lambda: MappingProxyType({}))
+    # model -> the rules a prediction of that model can match, in file order (see `candidates`).
+    _by_model: Mapping[str, tuple[CompiledRule, ...]] = field(init=False, repr=False, compare=False)
+    _any_model: tuple[CompiledRule, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # With hundreds of rules, most name a model: a prediction is tested only against the
+        # rules of its own model and those that name none, instead of every rule in turn.
+        named = {model for rule in self.rules if rule.models for model in rule.models}
+        by_model = {m: tuple(r for r in self.rules if r.models is None or m in r.models) for m in named}
+        object.__setattr__(self, "_by_model", MappingProxyType(by_model))
+        object.__setattr__(self, "_any_model", tuple(r for r in self.rules if r.models is None))
+
+    def candidates(self, model: Any) -> tuple[CompiledRule, ...]:
+        """The rules, in file order, that a document whose `model` is this value can match."""
+        if isinstance(model, str):
+            return self._by_model.get(model, self._any_model)
+        return self.rules  # not text (no gate in front): no shortcut
+
+
+def indexed_models(spec: RuleSpec) -> frozenset[str] | None:
+    """The model names a rule's `model` condition accepts when it is plain eq/in on text
+    (then `same` is string equality), else None (the rule is tried for every model)."""
+    condition = spec.when.get("model")
+    if condition is None:
+        return None
+    operators = condition.operators()
+    if set(operators) == {"eq"} and isinstance(operators["eq"], str):
+        return frozenset([operators["eq"]])
+    if set(operators) == {"in"} and all(isinstance(v, str) for v in operators["in"]):
+        return frozenset(operators["in"])
+    return None
 
 
 def compile_rule(spec: RuleSpec, index: int, defaults: DefaultsSpec) -> CompiledRule:
@@ -250,6 +284,7 @@ def compile_rule(spec: RuleSpec, index: int, defaults: DefaultsSpec) -> Compiled
         cooldown=spec.cooldown,
         holdout=spec.holdout,
         conditions=tuple((path, compile_condition(cond)) for path, cond in spec.when.items()),
+        models=indexed_models(spec),
     )
 
 
