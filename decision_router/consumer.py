@@ -57,11 +57,22 @@ class Input:
     dlq: str
 
 
+# Replies of a Redis that is failing over or not ready (READONLY: a replica just demoted).
+_REDIS_NOT_READY = ("READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "LOADING")
+# PostgreSQL SQLSTATEs of a server going away or not taking writes: connection exceptions (08...),
+# shutdown (57P01-57P03), too many connections (53300), read-only after a failover (25006).
+_PG_NOT_READY = ("08", "57P01", "57P02", "57P03", "53300", "25006")
+
+
 def infrastructure_failure(exc: BaseException) -> str | None:
     """'Redis' or 'store' if `exc` means a service is unreachable (retry, never dead-letter)."""
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
         return "Redis"
+    if isinstance(exc, ResponseError) and str(exc).startswith(_REDIS_NOT_READY):
+        return "Redis"
     if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return "store"
+    if isinstance(exc, DBAPIError) and str(getattr(exc.orig, "sqlstate", "") or "").startswith(_PG_NOT_READY):
         return "store"
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
         return "Redis"  # socket errors outside redis-py's wrappers (the store's are wrapped by SQLAlchemy)
@@ -137,6 +148,8 @@ class Consumer:
         self.stopping = asyncio.Event()
         self.outage = Outage(settings, self.stopping)
         self.dead_lettered = 0
+        # Entry ids this process is working on: its own reclaim must not run them a second time.
+        self.in_hand: set[str] = set()
 
     async def retrying(self, what: Callable[[], Awaitable[object]]) -> bool:
         """Run `what` until it gets through an outage; False if stopping first."""
@@ -208,7 +221,21 @@ class Consumer:
         # Deleted from the stream while pending: nothing to process, just ack.
         if gone and not await self.retrying(lambda: self.redis.xack(source.stream, self.group, *gone)):
             return False
-        return await self._settle(source, entries)
+        ids = {entry_id for entry_id, _ in entries}
+        self.in_hand |= ids
+        try:
+            return await self._settle(source, entries)
+        finally:
+            self.in_hand -= ids
+
+    async def _touch(self, source: Input, entries: Sequence[Entry], delay: float | None = None) -> None:
+        """Reset the idle time of entries we are still retrying, so another worker's reclaim
+        does not take them over while we wait out a store outage (JUSTID: no delivery counted)."""
+        if self.settings.claim_idle.total_seconds() > 2 * (self.outage.delay if delay is None else delay):
+            return  # the next retry comes well before anyone would reclaim them
+        with contextlib.suppress(Exception):
+            await self.redis.xclaim(source.stream, self.group, self.name, min_idle_time=0,
+                                    message_ids=[entry_id for entry_id, _ in entries], justid=True)
 
     async def _settle(self, source: Input, entries: Sequence[Entry]) -> bool:
         if not entries:
@@ -219,6 +246,7 @@ class Consumer:
             except Exception as exc:  # noqa: BLE001 - classified below: outage (retry) or this batch's fault
                 service = infrastructure_failure(exc)
                 if service is not None:
+                    await self._touch(source, entries)
                     if not await self.outage.wait(service, exc):
                         log.info("stopping during an outage; batch left pending", stream=source.stream,
                                  size=len(entries))
@@ -241,8 +269,10 @@ class Consumer:
         for attempt in range(2, self.settings.max_attempts + 1):
             log.warning("entry failed; retrying", stream=source.stream, entry_id=entry[0], attempt=attempt - 1,
                         error=repr(error)[:300])
+            delay = min(2.0, 0.05 * 2**attempt)
+            await self._touch(source, [entry], delay)
             try:
-                await asyncio.wait_for(self.stopping.wait(), min(2.0, 0.05 * 2**attempt))
+                await asyncio.wait_for(self.stopping.wait(), delay)
                 return False  # stopping: leave it pending
             except TimeoutError:
                 pass
@@ -309,6 +339,8 @@ class Consumer:
                 source.stream, self.group, self.name, min_idle_time=idle_ms, start_id=start,
                 count=self.settings.batch_size,
             )
+            # Our own entries still being retried come back too (they idle while we back off).
+            messages = [m for m in messages if as_text(m[0]) not in self.in_hand]
             if messages:
                 log.info("reclaimed pending entries", stream=source.stream, count=len(messages))
                 if not await self.handle(source, messages):

@@ -1,0 +1,53 @@
+"""What the read loop treats as an outage (retry, never dead-letter) and how it decodes entries."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DataError, IntegrityError, InternalError, OperationalError
+
+from decision_router.consumer import decoded, infrastructure_failure
+
+
+@pytest.mark.parametrize(
+    ("error", "service"),
+    [
+        (RedisConnectionError("Connection refused"), "Redis"),
+        (RedisTimeoutError("Timeout reading from socket"), "Redis"),
+        (BusyLoadingError("Redis is loading the dataset in memory"), "Redis"),  # just restarted
+        (ConnectionResetError("reset by peer"), "Redis"),
+        (OperationalError("select 1", {}, ConnectionRefusedError("refused")), "store"),
+        (OperationalError("insert", {}, Exception("database is locked")), "store"),
+        (ReadOnlyError("READONLY You can't write against a read only replica."), "Redis"),  # failover
+        (InternalError("insert", {}, psycopg.errors.ReadOnlySqlTransaction("read-only transaction")), "store"),
+    ],
+)
+def test_outages_are_recognised(error: Exception, service: str) -> None:
+    assert infrastructure_failure(error) == service
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("bad value"),
+        KeyError("field"),
+        IntegrityError("insert", {}, Exception("duplicate key")),
+        DataError("insert", {}, Exception("PostgreSQL text fields cannot contain NUL (0x00) bytes")),
+        ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+    ],
+)
+def test_other_errors_count_against_the_entry(error: Exception) -> None:
+    assert infrastructure_failure(error) is None
+
+
+def test_entries_are_decoded_once_bad_utf8_replaced_and_deleted_ones_set_aside() -> None:
+    entries, gone = decoded([
+        (b"1-0", {b"data": b'{"a": 1}'}),
+        (b"2-0", {}),  # deleted from the stream while pending
+        (b"3-0", {b"entity_id": b"caf\xe9"}),
+    ])
+    assert entries == [("1-0", {"data": '{"a": 1}'}), ("3-0", {"entity_id": "caf\ufffd"})]
+    assert gone == [b"2-0"]
