@@ -114,4 +114,7 @@ def _wait_all(workers: list[_Worker], timeout: float) -> int:
             worker.process.kill()
             codes.append(worker.process.wait())
     log.info("workers stopped", codes=codes)
-    return 0 if all(c == 0 for c in codes) else 1
+    # Killed by the forwarded signal itself: a worker still starting, before its handlers were
+    # installed, so it held no work. Anything else is a worker that failed.
+    clean = (0, -signal.SIGTERM, -signal.SIGINT)
+    return 0 if all(c in clean for c in codes) else 1
