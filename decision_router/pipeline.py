@@ -29,7 +29,7 @@ from decision_router.durations import format_duration
 from decision_router.keys import Keys
 from decision_router.notify import ChannelDelivery, queue_deliveries
 from decision_router.quality import RawEntry, check_outcome, check_prediction, original_payload
-from decision_router.router import Decision, route
+from decision_router.router import Decision, route, route_without_lookups
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
 from decision_router.streams import StreamWrite, xadd_once
@@ -100,19 +100,25 @@ class Pipeline:
     async def process_predictions(self, entries: Sequence[Entry]) -> BatchResult:
         started = time.perf_counter()
         now = self.clock()
+        ruleset = self.ruleset  # one rule set for the batch, even across a hot reload
         checked = [
             (entry_id, fields, self._check(entry_id, fields, now)) for entry_id, fields in entries
         ]
-        lookups = await self._lookups([item for _, _, item in checked if isinstance(item, Prediction)])
+        # Route first without looked-up context: most predictions never reach a rule that
+        # reads it, and only the others need their lookups (a Redis or SQL round trip).
+        early = [self._route_early(item, ruleset, now) for _, _, item in checked]
+        lookups = await self._lookups(
+            [item for (_, _, item), pre in zip(checked, early, strict=True) if pre is not None and pre[1] is None]
+        )
         try:
             result, rejections, fresh, redelivered = await asyncio.to_thread(
-                self._store_predictions, checked, now, lookups
+                self._store_predictions, checked, early, ruleset, now, lookups
             )
         except IntegrityError:
             # Another worker stored one of these prediction ids between our read and commit;
             # a second pass sees its row and treats ours as a duplicate.
             result, rejections, fresh, redelivered = await asyncio.to_thread(
-                self._store_predictions, checked, now, lookups
+                self._store_predictions, checked, early, ruleset, now, lookups
             )
         await xadd_once(
             self.redis,
@@ -156,6 +162,16 @@ class Pipeline:
                     since[decision.rule] = now - decision.cooldown
         return keys, since
 
+    @staticmethod
+    def _route_early(
+        item: Prediction | Rejection, ruleset: RuleSet, now: datetime
+    ) -> tuple[dict[str, Any], list[Decision] | None] | None:
+        """(stored document, decisions or None if they need the lookups); None for a rejection."""
+        if isinstance(item, Rejection):
+            return None
+        document = item.as_document()
+        return document, route_without_lookups(document, ruleset, now=now)
+
     def _check(self, entry_id: str | None, fields: RawEntry, now: datetime) -> Prediction | Rejection:
         return check_prediction(
             fields,
@@ -175,6 +191,8 @@ class Pipeline:
     def _store_predictions(
         self,
         checked: Sequence[tuple[str | None, RawEntry, Prediction | Rejection]],
+        early: Sequence[tuple[dict[str, Any], list[Decision] | None] | None],
+        ruleset: RuleSet,
         now: datetime,
         lookups: Mapping[str, dict[str, Any]],
     ) -> tuple[BatchResult, list[Rejection], list[Alert], list[str]]:
@@ -184,14 +202,14 @@ class Pipeline:
         result = BatchResult()
         rejections: list[Rejection] = []
         redelivered: list[str] = []
-        ruleset = self.ruleset  # one rule set for the batch, even across a hot reload
         with Session(self.engine) as session:
             known = tracker.known_predictions(
                 session, (p.prediction_id for _, _, p in checked if isinstance(p, Prediction))
             )
             routed: list[tuple[str | None, Prediction, dict[str, Any], list[Decision]]] = []
-            for entry_id, fields, item in checked:
-                if isinstance(item, Rejection):
+            for (entry_id, fields, item), pre in zip(checked, early, strict=True):
+                if isinstance(item, Rejection) or pre is None:
+                    assert isinstance(item, Rejection)
                     rejections.append(item)
                     continue
                 pid = item.prediction_id
@@ -213,10 +231,12 @@ class Pipeline:
                         )
                     continue
                 known[pid] = entry_id
-                document = item.as_document()  # stored as is; routing may see looked-up context too
-                # Looked-up context is addressed as lookup.<source>.<field> in rules.
-                seen = {**document, "lookup": lookups[pid]} if pid in lookups else document
-                routed.append((entry_id, item, document, route(seen, ruleset, now=now)))
+                document, decisions = pre  # the document is stored as is, without lookups
+                if decisions is None:
+                    # Looked-up context is addressed as lookup.<source>.<field> in rules.
+                    seen = {**document, "lookup": lookups[pid]} if pid in lookups else document
+                    decisions = route(seen, ruleset, now=now)
+                routed.append((entry_id, item, document, decisions))
             keys, since = self._cooldown_keys([(p, d) for _, p, _, d in routed], now)
             stored_cooldowns = tracker.cooldown_holders(session, keys, since=since)
             cooling: dict[tuple[str, str, str], str] = {}  # cooldowns started in this batch

@@ -20,7 +20,7 @@ from typing import Any
 
 from decision_router.rules.spec import ConditionSpec, DefaultsSpec, OwnerSpec, RoutingFile, RuleSpec, WebhookSpec
 from decision_router.rules.spec import ModelSpec
-from decision_router.rules.spec import ContextSourceSpec, key_placeholders, sql_parameters
+from decision_router.rules.spec import LOOKUP, ContextSourceSpec, key_placeholders, sql_parameters
 
 
 class _Missing:
@@ -184,6 +184,10 @@ class CompiledRule:
     # The models this rule can match (its `model` condition is eq/in on text), None: any model.
     # Only an index: `matches` still tests the condition.
     models: frozenset[str] | None = field(default=None, repr=False, compare=False)
+    # Whether a `when` condition, or the owner/context of a match, reads lookup.<source>.<field>:
+    # routing that never reaches such a rule does not need the batch's context lookups.
+    when_reads_lookup: bool = field(default=False, repr=False, compare=False)
+    decision_reads_lookup: bool = field(default=False, repr=False, compare=False)
 
     def matches(self, document: Mapping[str, Any]) -> bool:
         for path, test in self.conditions:
@@ -285,7 +289,13 @@ def compile_rule(spec: RuleSpec, index: int, defaults: DefaultsSpec) -> Compiled
         holdout=spec.holdout,
         conditions=tuple((path, compile_condition(cond)) for path, cond in spec.when.items()),
         models=indexed_models(spec),
+        when_reads_lookup=any(_reads_lookup(path) for path in spec.when),
+        decision_reads_lookup=any(_reads_lookup(path) for path in (dynamic.from_ if dynamic else "", *spec.context)),
     )
+
+
+def _reads_lookup(path: str) -> bool:
+    return path.split(".", 1)[0] == LOOKUP
 
 
 def compile_owner(spec: OwnerSpec) -> Owner:
