@@ -51,6 +51,23 @@ def lookup(document: Mapping[str, Any], path: str) -> Any:
     return MISSING if value is None else value
 
 
+def getter(path: str) -> Callable[[Mapping[str, Any]], Any]:
+    """`lookup` of one path, specialised once per rule load: a top-level field (most
+    conditions) is one dict access instead of a walk."""
+    parts = _split(path)
+    if len(parts) == 1:
+        (key,) = parts
+
+        def top(document: Mapping[str, Any]) -> Any:
+            if isinstance(document, dict):
+                value = document.get(key)
+                return MISSING if value is None else value
+            return lookup(document, path)
+
+        return top
+    return lambda document: lookup(document, path)
+
+
 def _as_number(value: Any) -> float | None:
     # Flat Redis producers send every field as a string ("120000"), so numeric strings
     # count as numbers; anything else makes a numeric comparison false.
@@ -92,6 +109,8 @@ def same(actual: Any, expected: Any) -> bool:
 
 def _numeric(compare: Callable[[float], bool]) -> Test:
     def test(value: Any) -> bool:
+        if type(value) is float and math.isfinite(value):  # scores: no conversion needed
+            return compare(value)
         number = _as_number(value)
         return number is not None and compare(number)
 
@@ -114,10 +133,17 @@ def _regex(pattern: str) -> Test:
 def _operator(op: str, expected: Any) -> Test:
     """One operator on a present value; MISSING is handled by the caller."""
     if op == "eq":
+        if type(expected) is str:
+            # The common case, tested for every prediction: text against text is plain
+            # equality; anything else takes the tolerant path of `same`.
+            return lambda v: v == expected if type(v) is str else same(v, expected)
         return lambda v: same(v, expected)
     if op == "ne":
         return lambda v: not same(v, expected)
     if op == "in":
+        if all(type(e) is str for e in expected):
+            texts = frozenset(expected)
+            return lambda v: v in texts if type(v) is str else any(same(v, e) for e in expected)
         return lambda v: any(same(v, e) for e in expected)
     if op == "not_in":
         return lambda v: not any(same(v, e) for e in expected)
@@ -189,9 +215,12 @@ class CompiledRule:
     when_reads_lookup: bool = field(default=False, repr=False, compare=False)
     decision_reads_lookup: bool = field(default=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_checks", tuple((getter(path), test) for path, test in self.conditions))
+
     def matches(self, document: Mapping[str, Any]) -> bool:
-        for path, test in self.conditions:
-            if not test(lookup(document, path)):
+        for get, test in self._checks:  # type: ignore[attr-defined]
+            if not test(get(document)):
                 return False
         return True
 
