@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -481,6 +482,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke run: every part scaled down (~2,000)")
     parser.add_argument("--profile", type=Path, help="write a pyinstrument profile of (c) to this file")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (databases, router logs)")
     args = parser.parse_args(argv)
     if args.quick:
         args.predictions = min(args.predictions, 2000)
@@ -595,6 +597,12 @@ def run(args: argparse.Namespace) -> Report:
             report.add("scale_ratio", "two / one", two / one, "x")
         if "stats" in args.parts:
             stats_rows(report, args)
+    except BaseException:
+        print(f"  work files (router logs) kept in {workdir}", file=sys.stderr)
+        raise
+    else:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)  # SQLite files of a full run take gigabytes
     finally:
         delete_prefix(client, prefix)
         client.close()

@@ -314,6 +314,9 @@ from decision_router import cli_drift  # noqa: F401
 # simulate: defined in cli_simulate.py on `app`.
 from decision_router import cli_simulate  # noqa: F401
 
+# bench: the benchmark of issue 8 (benchmarks/run.py), defined in cli_bench.py on `app`.
+from decision_router import cli_bench  # noqa: F401
+
 
 def main() -> None:
     app()

@@ -4,7 +4,7 @@ file order: the index of rules by model, and routing without looked-up context."
 from __future__ import annotations
 
 import itertools
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ import pytest
 from decision_router.router import Decision, _decide, route, route_without_lookups
 from decision_router.rules import RuleSet, load_rules
 
-NOW = datetime(2026, 11, 25, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 ROUTING = """
 context_sources:
   crm: {redis_hash: "context:{entity_type}:{entity_id}"}
