@@ -150,6 +150,7 @@ class Consumer:
         self.dead_lettered = 0
         # Entry ids this process is working on: its own reclaim must not run them a second time.
         self.in_hand: set[str] = set()
+        self.groups_ready = False
 
     async def retrying(self, what: Callable[[], Awaitable[object]]) -> bool:
         """Run `what` until it gets through an outage; False if stopping first."""
@@ -166,15 +167,17 @@ class Consumer:
                 self.outage.ok()
                 return True
 
+    async def ensure_groups(self) -> None:
+        for stream in self.inputs:
+            await ensure_group(self.redis, stream, self.group)
+        # Once: the embedded fakeredis drops the connection on a BUSYGROUP reply instead of sending it.
+        self.groups_ready = True
+
     async def run(self) -> None:
         """Until stop(): first this consumer's own pending entries (left by an earlier run under
         the same name), then new ones. Each batch is finished and acknowledged before the next read."""
 
-        async def groups() -> None:
-            for stream in self.inputs:
-                await ensure_group(self.redis, stream, self.group)
-
-        if not await self.retrying(groups):
+        if not self.groups_ready and not await self.retrying(self.ensure_groups):
             return
         cursors = {stream: "0" for stream in self.inputs}  # "0": our own pending history first
         while not self.stopping.is_set():
@@ -189,7 +192,7 @@ class Consumer:
                     raise
                 # Redis restarted without persistence: the group is gone; recreate it (from 0).
                 log.warning("consumer group missing; recreating it", error=str(exc))
-                await self.retrying(groups)
+                await self.retrying(self.ensure_groups)
                 continue
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failed read
                 await self._failed(exc, "read failed")

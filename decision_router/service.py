@@ -60,9 +60,7 @@ class RouterService:
         self._stopping = self.reader.stopping
 
     async def start(self) -> None:
-        redis = self.pipeline.redis
-        for stream in (self.keys.predictions, self.keys.outcomes):
-            await ensure_group(redis, stream, self.group)
+        await self.reader.ensure_groups()
         delivered = await self.pipeline.drain_outbox()
         if delivered:
             log.info("outbox drained at start", delivered=delivered)
