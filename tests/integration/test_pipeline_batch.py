@@ -88,9 +88,14 @@ async def test_one_batch_suppresses_repeats_of_an_entity_and_a_redelivery_change
         assert repeat.delivered_at is None and repeat.ack_due_at is None
         first = session.get(AlertRecord, alert_id_for("p1", "churn-high"))
         assert first.delivered_at is not None and as_utc(first.ack_due_at) == T0 + timedelta(hours=4)
-        types = [e.type for e in session.scalars(select(AuditEvent).where(AuditEvent.prediction_id == "p1")
-                                                 .order_by(AuditEvent.id))]
-        assert types == ["received", "routed", "delivered"]
+        story = session.scalars(select(AuditEvent).where(AuditEvent.prediction_id == "p1").order_by(AuditEvent.id)).all()
+        assert [e.type for e in story] == ["received", "routed", "delivered"]
+        # Bulk-inserted rows read back as the ORM wrote them: JSON, timestamps, booleans.
+        assert story[0].detail == {"stream_id": "1-0", "model": "churn", "score": 0.9} and as_utc(story[0].at) == T0
+        assert story[1].detail["rule"] == "churn-high" and story[1].detail["cooldown_s"] == 86400.0
+        stored_prediction = session.get(PredictionRecord, "p1")
+        assert stored_prediction.document["entity_id"] == "a" and as_utc(stored_prediction.predicted_at) == T0
+        assert first.held_out is False and first.missing_context == [] and first.context == {}
     assert sorted(a["prediction_id"] for a in inbox(r, pipeline, "am")) == ["p1", "p3", "p5"]
     # Only the upsell prediction reaches a rule that reads looked-up context.
     assert pipeline.enricher.asked == ["p5"]
