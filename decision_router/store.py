@@ -22,10 +22,15 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets the CLI read stats while the service writes.
+    # WAL lets the CLI read stats while the service writes; with synchronous=NORMAL a commit
+    # does not wait for fsync (a power cut may lose the last commits, never corrupt the file).
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # 64 MiB of page cache (the default is 2 MiB): the index pages every batch of inserts
+    # touches stay in memory as the store grows; temporary sort tables stay in memory too.
+    cursor.execute("PRAGMA cache_size=-65536")
+    cursor.execute("PRAGMA temp_store=MEMORY")
     cursor.close()
 
 
