@@ -28,6 +28,7 @@ in Python from the rows, so SQLite and PostgreSQL give the same numbers.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import Counter, defaultdict
@@ -38,11 +39,19 @@ from enum import StrEnum
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import BigInteger, Text, cast, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from decision_router.store import within
-from decision_router.tables import AlertRecord, PredictionRecord, RejectionRecord, as_utc
+from decision_router.tables import (
+    SQLITE_ACK_US,
+    SQLITE_ACT_US,
+    STATS_LIVE,
+    AlertRecord,
+    PredictionRecord,
+    RejectionRecord,
+    as_utc,
+)
 from decision_router.uplift import (
     DEFAULT_BAND_EDGES,
     MIN_N,
@@ -177,6 +186,10 @@ class _Tally:
     times_to_act: list[float] = field(default_factory=list)
     # Rules contributing routed or held-out decisions (for the sample ratio check).
     rules: set[str] = field(default_factory=set)
+    # (median, p90) of the times to ack and to act when the database picked them (compute_stats);
+    # None: computed here from times_to_ack / times_to_act (compute_stats_reference).
+    ack_quantiles: tuple[float | None, float | None] | None = None
+    act_quantiles: tuple[float | None, float | None] | None = None
 
     def row(
         self, key: str, group: tuple[tuple[str, str], ...], holdouts: Mapping[str, float], *,
@@ -187,6 +200,8 @@ class _Tally:
         estimate = estimate_uplift(
             self.treated_successes, treated_n, self.control_successes, control_n, min_n=min_n, planned_n=planned_n
         )
+        median_ack, p90_ack = self.ack_quantiles or (median(self.times_to_ack), nearest_rank(self.times_to_ack, 0.9))
+        median_act, p90_act = self.act_quantiles or (median(self.times_to_act), nearest_rank(self.times_to_act, 0.9))
         srm_expected = srm_observed = srm_p = srm_mismatch = None
         # The check is sound only where one holdout fraction applies to the whole row.
         if len(self.rules) == 1:
@@ -208,13 +223,13 @@ class _Tally:
             failures=self.failures,
             intervention_rate=ratio(self.intervened, self.routed),
             success_rate=ratio(self.successes, self.successes + self.failures),
-            median_time_to_act_s=median(self.times_to_act),
+            median_time_to_act_s=median_act,
             escalations=self.escalations,
             sla_breaches=self.sla_breaches,
             acknowledged_rate=ratio(self.acknowledged, self.routed),
-            median_time_to_ack_s=median(self.times_to_ack),
-            p90_time_to_ack_s=nearest_rank(self.times_to_ack, 0.9),
-            p90_time_to_act_s=nearest_rank(self.times_to_act, 0.9),
+            median_time_to_ack_s=median_ack,
+            p90_time_to_ack_s=p90_ack,
+            p90_time_to_act_s=p90_act,
             control_successes=self.control_successes,
             control_failures=self.control_failures,
             treated_n=treated_n,
@@ -261,7 +276,7 @@ def _group(by: GroupBy, record: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
     return key, ((by.value, key),)
 
 
-def compute_stats(
+def compute_stats_reference(
     session: Session,
     *,
     by: GroupBy | str = GroupBy.RULE,
@@ -334,6 +349,181 @@ def compute_stats(
     rows = [
         tally.row(key, groups[key], holdouts, min_n=min_n, planned_n=planned_n) for key, tally in tallies.items()
     ]
+    if by is GroupBy.WEEK:
+        return sorted(rows, key=lambda r: r.key)
+    return sorted(rows, key=lambda r: (-r.routed, -r.recorded, -r.held_out, r.key))
+
+
+# --- the same numbers, computed by the database -----------------------------------------------
+#
+# compute_stats_reference above is the definition: it loads one row per decision and tallies in
+# Python, which takes seconds at a million alerts. compute_stats gets the same numbers from one
+# GROUP BY over the same rows, grouped also by what decides how a decision counts (suppressed,
+# held out, action, outcome), so every figure is a plain count or sum of a few hundred groups.
+# Only the times to ack and to act come back one by one, as a comma-separated list of integer
+# microseconds per group (the resolution both databases store), from which Python takes the
+# order statistics with the reference's own `median` and `nearest_rank`. Each time is exact
+# in SQL and divided by 10**6 here like timedelta.total_seconds(), so every float is
+# bit-for-bit the reference's. On SQLite the query reads one covering index (tables.py, "Stats").
+
+
+def _elapsed_us(dialect: str, end: Any) -> Any:
+    """end - created_at in integer microseconds, exact on both databases."""
+    if dialect == "sqlite":
+        return SQLITE_ACK_US if end is AlertRecord.acknowledged_at else SQLITE_ACT_US  # indexed: read, not computed
+    # date_part is double precision: microseconds / 10**6 rounded once, so * 10**6 and round()
+    # give the exact integer back for any time under ~30 years (numeric extract() is exact but
+    # several times slower).
+    return cast(func.round(func.date_part("epoch", end - AlertRecord.created_at) * 1_000_000), BigInteger)
+
+
+def _times(dialect: str, end: Any) -> Any:
+    """The group's times from creation to `end` as "us,us,..." (NULL when there are none)."""
+    elapsed = _elapsed_us(dialect, end)
+    if dialect == "sqlite":
+        return func.group_concat(elapsed)  # NULLs are skipped
+    return func.string_agg(cast(elapsed, Text), literal_column("','"))
+
+
+def _group_key(by: GroupBy, dialect: str) -> Any:
+    """The SQL expression one group shares: the reference's key, or (by week) the week's Monday."""
+    if by is GroupBy.MODEL_VERSION:
+        return AlertRecord.model + " " + AlertRecord.model_version  # the reference's key string
+    if by is GroupBy.WEEK:
+        # ISO weeks start on Monday; the date part only (UTC), so no fraction can round into the next day.
+        if dialect == "sqlite":
+            return func.date(func.substr(AlertRecord.created_at, 1, 10), "-6 days", "weekday 1")
+        return func.date_trunc("week", func.timezone("UTC", AlertRecord.created_at))
+    return getattr(AlertRecord, by.value)
+
+
+def _week_of(monday: Any) -> str:
+    return iso_week(datetime.fromisoformat(monday) if isinstance(monday, str) else monday)
+
+
+def _quantiles(chunks: list[str]) -> tuple[int, float | None, float | None]:
+    """How many times, their median and p90 in seconds, from comma-separated integer microseconds.
+
+    Exactly median() and nearest_rank(, 0.9) of the seconds the reference collects: each value
+    they pick is us / 10**6, which is what timedelta.total_seconds() returns.
+    """
+    micros = sorted(json.loads(f"[{','.join(chunks)}]"))  # the fastest int parser in the standard library
+    n = len(micros)
+    if not n:
+        return 0, None, None
+    middle = [micros[(n - 1) // 2], micros[n // 2]] if n % 2 == 0 else [micros[n // 2]]
+    p90 = micros[max(1, math.ceil(0.9 * n - 1e-9)) - 1]  # as nearest_rank
+    return n, median([us / 1_000_000 for us in middle]), p90 / 1_000_000
+
+
+def _add(tally: _Tally, part: Any) -> None:
+    """Count one group of decisions that share how they count, as the reference counts each of them."""
+    if not part.live:
+        tally.suppressed += part.n
+    elif part.held_out:
+        tally.held_out += part.n
+        tally.control_successes += part.n if part.outcome == "success" else 0
+        tally.control_failures += part.n if part.outcome == "failure" else 0
+    elif part.action != "alert":
+        tally.recorded += part.n
+    else:
+        tally.routed += part.n
+        tally.successes += part.n if part.outcome == "success" else 0
+        tally.failures += part.n if part.outcome == "failure" else 0
+        tally.escalations += part.escalations or 0
+        tally.sla_breaches += part.ack_breaches + part.act_breaches
+
+
+def compute_stats(
+    session: Session,
+    *,
+    by: GroupBy | str = GroupBy.RULE,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    rule: str | None = None,
+    owner: str | None = None,
+    model: str | None = None,
+    holdouts: Mapping[str, float] | None = None,
+    min_n: int = MIN_N,
+    planned_n: int = PLANNED_N,
+) -> list[StatsRow]:
+    """One row per group of the decisions created in [since, until) that match the filters.
+
+    `holdouts` maps rule name -> configured holdout fraction (CompiledRule.holdout). It
+    drives the sample ratio check, which runs only for rows whose routed and held-out
+    decisions all come from one rule with a holdout (every `--by rule` row; other rows can
+    mix rules with different fractions, and then the srm_* fields are null). A rule counts
+    as having a control group when its holdout is > 0 or it has held-out records in the
+    selection; only such rules' routed alerts are the treated group of the uplift.
+
+    Sorted by routed, recorded, held out (most first), then key; by week, oldest first.
+    The same rows as compute_stats_reference (the definition), computed by the database.
+    """
+    by = GroupBy(by)
+    holdouts = dict(holdouts or {})
+    dialect = session.get_bind().dialect.name
+    key = _group_key(by, dialect).label("k")
+    live = STATS_LIVE.label("live")
+    # The rule tells treated from untreated alerts and feeds the SRM check, so it is always a key.
+    grouping = [key] if by is GroupBy.RULE else [key, AlertRecord.rule]
+    if by is GroupBy.MODEL_VERSION:  # the key joins them with a space; the row names them apart
+        grouping += [AlertRecord.model, AlertRecord.model_version]
+    grouping += [live, AlertRecord.held_out, AlertRecord.action, AlertRecord.outcome]
+    query = select(
+        *grouping,
+        func.count().label("n"),
+        func.sum(AlertRecord.escalation_level).label("escalations"),
+        func.count(AlertRecord.ack_breached_at).label("ack_breaches"),
+        func.count(AlertRecord.act_breached_at).label("act_breaches"),
+        _times(dialect, AlertRecord.acknowledged_at).label("acks"),
+        _times(dialect, AlertRecord.intervened_at).label("acts"),
+    )
+    query = within(query, AlertRecord.created_at, since, until)
+    for column, value in ((AlertRecord.rule, rule), (AlertRecord.owner, owner), (AlertRecord.model, model)):
+        if value is not None:
+            query = query.where(column == value)
+    parts = session.execute(query.group_by(*grouping)).all()
+
+    def rule_of(part: Any) -> str:
+        return part.k if by is GroupBy.RULE else part.rule
+
+    controlled = {rule_of(p) for p in parts if p.live and p.held_out}
+    controlled |= {name for name, fraction in holdouts.items() if fraction > 0}
+    tallies: dict[Any, _Tally] = defaultdict(_Tally)
+    acks: dict[Any, list[str]] = defaultdict(list)
+    acts: dict[Any, list[str]] = defaultdict(list)
+    names: dict[Any, tuple[str, str]] = {}
+    for p in parts:
+        tally = tallies[p.k]
+        if by is GroupBy.MODEL_VERSION:
+            names[p.k] = (p.model, p.model_version)
+        _add(tally, p)
+        if not p.live:
+            continue
+        if p.held_out or p.action == "alert":
+            tally.rules.add(rule_of(p))
+        if p.held_out or p.action != "alert":
+            continue
+        if rule_of(p) in controlled:
+            tally.treated_successes += p.n if p.outcome == "success" else 0
+            tally.treated_failures += p.n if p.outcome == "failure" else 0
+        if p.acks:
+            acks[p.k].append(p.acks)
+        if p.acts:
+            acts[p.k].append(p.acts)
+    rows = []
+    for k, tally in tallies.items():
+        tally.acknowledged, ack_median, ack_p90 = _quantiles(acks[k])
+        tally.intervened, act_median, act_p90 = _quantiles(acts[k])
+        tally.ack_quantiles, tally.act_quantiles = (ack_median, ack_p90), (act_median, act_p90)
+        if by is GroupBy.WEEK:
+            week = _week_of(k)
+            name, group = week, ((by.value, week),)
+        elif by is GroupBy.MODEL_VERSION:
+            name, group = k, (("model", names[k][0]), ("model_version", names[k][1]))
+        else:
+            name, group = k, ((by.value, k),)
+        rows.append(tally.row(name, group, holdouts, min_n=min_n, planned_n=planned_n))
     if by is GroupBy.WEEK:
         return sorted(rows, key=lambda r: r.key)
     return sorted(rows, key=lambda r: (-r.routed, -r.recorded, -r.held_out, r.key))
