@@ -149,7 +149,8 @@ class Consumer:
         self.outage = Outage(settings, self.stopping)
         self.dead_lettered = 0
         # Entry ids this process is working on: its own reclaim must not run them a second time.
-        self.in_hand: set[str] = set()
+        # Entry id -> when its idle time was last reset (read, or touched while retrying).
+        self.in_hand: dict[str, float] = {}
         self.groups_ready = False
 
     async def retrying(self, what: Callable[[], Awaitable[object]]) -> bool:
@@ -204,7 +205,7 @@ class Consumer:
                     cursors[stream] = as_text(messages[-1][0]) if messages else ">"
                 if messages:
                     try:
-                        await self.handle(self.inputs[stream], messages)
+                        await self.handle(self.inputs[stream], messages, redelivered=history)
                     except Exception as exc:  # noqa: BLE001 - left pending; reclaimed after claim_idle
                         await self._failed(exc, "batch failed; left pending")
 
@@ -218,27 +219,57 @@ class Consumer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), 1.0)
 
-    async def handle(self, source: Input, messages: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> bool:
-        """Process and acknowledge one batch as read from Redis; False if left pending (stopping)."""
+    async def handle(
+        self, source: Input, messages: Sequence[tuple[bytes, dict[bytes, bytes]]], *, redelivered: bool = False
+    ) -> bool:
+        """Process and acknowledge one batch as read from Redis; False if left pending (stopping).
+        `redelivered`: read again (own pending history, or reclaimed), so it may be one that
+        brought its worker down each time it was read."""
         entries, gone = decoded(messages)
         # Deleted from the stream while pending: nothing to process, just ack.
         if gone and not await self.retrying(lambda: self.redis.xack(source.stream, self.group, *gone)):
             return False
-        ids = {entry_id for entry_id, _ in entries}
-        self.in_hand |= ids
+        now = time.monotonic()
+        ids = [entry_id for entry_id, _ in entries]
+        self.in_hand.update(dict.fromkeys(ids, now))
         try:
+            if redelivered and entries:
+                entries = await self._drop_crashers(source, entries)
             return await self._settle(source, entries)
         finally:
-            self.in_hand -= ids
+            for entry_id in ids:
+                self.in_hand.pop(entry_id, None)
 
-    async def _touch(self, source: Input, entries: Sequence[Entry], delay: float | None = None) -> None:
+    async def _drop_crashers(self, source: Input, entries: list[Entry]) -> list[Entry]:
+        """Dead-letter entries delivered more than 2 x max_attempts times without an ack: each
+        read ended with its worker gone (a crash, the OOM killer) before any error could be
+        counted. Returns the others. Outages do not count: retries do not redeliver."""
+        limit = 2 * self.settings.max_attempts
+        pending = await self.redis.xpending_range(
+            source.stream, self.group, min=entries[0][0], max=entries[-1][0],
+            count=len(entries) + len(self.in_hand), consumername=self.name,
+        )
+        deliveries = {as_text(p["message_id"]): p["times_delivered"] for p in pending}
+        keep = []
+        for entry in entries:
+            times = deliveries.get(entry[0], 0)
+            if times > limit:
+                error = RuntimeError(f"delivered {times} times and never acknowledged: its worker stopped each time")
+                await self._dead_letter(source, entry, error, attempts=times)
+            else:
+                keep.append(entry)
+        return keep
+
+    async def _touch(self, source: Input, entries: Sequence[Entry]) -> None:
         """Reset the idle time of entries we are still retrying, so another worker's reclaim
-        does not take them over while we wait out a store outage (JUSTID: no delivery counted)."""
-        if self.settings.claim_idle.total_seconds() > 2 * (self.outage.delay if delay is None else delay):
-            return  # the next retry comes well before anyone would reclaim them
+        does not take them over while we wait out an outage (JUSTID: no delivery counted)."""
+        now = time.monotonic()
+        due = [e for e, _ in entries if now - self.in_hand.get(e, now) > self.settings.claim_idle.total_seconds() / 3]
+        if not due:
+            return
         with contextlib.suppress(Exception):
-            await self.redis.xclaim(source.stream, self.group, self.name, min_idle_time=0,
-                                    message_ids=[entry_id for entry_id, _ in entries], justid=True)
+            await self.redis.xclaim(source.stream, self.group, self.name, min_idle_time=0, message_ids=due, justid=True)
+            self.in_hand.update(dict.fromkeys(due, now))
 
     async def _settle(self, source: Input, entries: Sequence[Entry]) -> bool:
         if not entries:
@@ -273,7 +304,7 @@ class Consumer:
             log.warning("entry failed; retrying", stream=source.stream, entry_id=entry[0], attempt=attempt - 1,
                         error=repr(error)[:300])
             delay = min(2.0, 0.05 * 2**attempt)
-            await self._touch(source, [entry], delay)
+            await self._touch(source, [entry])
             try:
                 await asyncio.wait_for(self.stopping.wait(), delay)
                 return False  # stopping: leave it pending
@@ -290,7 +321,7 @@ class Consumer:
                 return await self.retrying(lambda: self.redis.xack(source.stream, self.group, entry[0]))
         return await self._dead_letter(source, entry, error)
 
-    async def _dead_letter(self, source: Input, entry: Entry, error: Exception) -> bool:
+    async def _dead_letter(self, source: Input, entry: Entry, error: Exception, *, attempts: int = 0) -> bool:
         entry_id, fields = entry
         try:
             model = decode_entry(fields).get("model")
@@ -298,7 +329,7 @@ class Consumer:
             model = None
         rejection = Rejection(
             reason=RejectionReason.PROCESSING_FAILED,
-            detail=f"failed {self.settings.max_attempts} times: {error!r}"[:2000],
+            detail=(f"failed {self.settings.max_attempts} times: {error!r}" if not attempts else str(error))[:2000],
             model=model if isinstance(model, str) else None,
             source_stream=source.stream,
             source_id=entry_id,
@@ -309,7 +340,7 @@ class Consumer:
         if not wrote:
             return False
         log.error("entry dead-lettered after repeated failures", stream=source.stream, entry_id=entry_id,
-                  attempts=self.settings.max_attempts, error=repr(error)[:300])
+                  attempts=attempts or self.settings.max_attempts, error=repr(error)[:300])
         self.dead_lettered += 1
         metrics.observe_batch(source.label, size=1, seconds=0.0, rejected={rejection.reason.value: 1})
         await asyncio.to_thread(self._record, rejection)
@@ -346,7 +377,7 @@ class Consumer:
             messages = [m for m in messages if as_text(m[0]) not in self.in_hand]
             if messages:
                 log.info("reclaimed pending entries", stream=source.stream, count=len(messages))
-                if not await self.handle(source, messages):
+                if not await self.handle(source, messages, redelivered=True):
                     return total
                 total += len(messages)
             if as_text(next_id) == "0-0":

@@ -92,7 +92,7 @@ def test_sigkill_mid_backlog_then_restart_routes_everything_exactly_once(
     second = start(routers, tmp_path / "second.log", consumer_name="second", **common)
     wait_for(all_acknowledged(client, keys, "decision-router", KILL_BACKLOG), timeout=180, what="the whole backlog")
     recovered = time.monotonic() - killed_at
-    assert second.terminate() == 0
+    second.stop_cleanly()
 
     assert_exactly_once(client, keys, schema.engine, documents)
     assert second.said("reclaimed pending entries") >= 1 or pending == 0
@@ -122,7 +122,7 @@ def test_two_workers_one_killed_the_survivor_reclaims_and_finishes(
     wait_for(all_acknowledged(client, keys, "decision-router", BACKLOG), timeout=120, what="the whole backlog")
     print(f"\nsurvivor finished {time.monotonic() - killed_at:.1f}s after the kill")
     assert survivor.said("reclaimed pending entries") >= 1
-    assert survivor.terminate() == 0
+    survivor.stop_cleanly()
     assert_exactly_once(client, keys, schema.engine, documents)
 
 
@@ -148,7 +148,7 @@ def test_redis_restarted_mid_backlog_the_router_reconnects_and_finishes(
         assert down_at < BACKLOG
         assert router.said("Redis reachable again") >= 1
         assert router.process.poll() is None, "the router must ride out the outage, not exit"
-        assert router.terminate() == 0
+        router.stop_cleanly()
         assert_exactly_once(client, keys, schema.engine, documents)
         client.close()
     finally:
@@ -178,7 +178,7 @@ def test_database_unreachable_for_a_while_messages_stay_pending_then_all_are_pro
     print(f"\nstore back: backlog finished {time.monotonic() - back:.1f}s later")
     assert router.said("store unavailable; retrying in 0.2s") == 1, "the outage is logged once, not per retry"
     assert router.said("store reachable again") == 1
-    assert router.terminate() == 0
+    router.stop_cleanly()
     proxy.cut()
     assert_exactly_once(client, keys, schema.engine, documents)
 
@@ -193,7 +193,7 @@ def test_sigterm_mid_backlog_finishes_the_batch_in_hand_and_exits_cleanly(
     first = start(routers, tmp_path / "first.log", consumer_name="first", **common)
     wait_for(lambda: stored(schema.engine) >= BACKLOG // 4, timeout=60, what="a quarter of the backlog")
     asked = time.monotonic()
-    assert first.terminate(timeout=20) == 0
+    first.stop_cleanly(timeout=20)
     print(f"\nSIGTERM to exit: {time.monotonic() - asked:.2f}s")
     assert "stopping" in first.log()
     # The batch in hand was finished and acknowledged: nothing is left pending on it.
@@ -206,5 +206,5 @@ def test_sigterm_mid_backlog_finishes_the_batch_in_hand_and_exits_cleanly(
 
     second = start(routers, tmp_path / "second.log", consumer_name="second", **common)
     wait_for(all_acknowledged(client, keys, "decision-router", BACKLOG), timeout=120, what="the rest of the backlog")
-    assert second.terminate() == 0
+    second.stop_cleanly()
     assert_exactly_once(client, keys, schema.engine, documents)

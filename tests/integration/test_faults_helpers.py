@@ -179,6 +179,11 @@ class Router:
         self.process.send_signal(signal.SIGTERM)
         return self.wait(timeout)
 
+    def stop_cleanly(self, timeout: float = 30) -> None:
+        """SIGTERM; the exit code must be 0 (the log's tail is shown if not)."""
+        code = self.terminate(timeout)
+        assert code == 0, f"exit code {code}; log tail:\n{self.log()[-4000:]}"
+
     def wait(self, timeout: float = 30) -> int:
         try:
             return self.process.wait(timeout)
