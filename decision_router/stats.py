@@ -42,9 +42,10 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from enum import StrEnum
 from itertools import pairwise
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import ARRAY, Float, Integer, Interval, and_, cast, func, literal, not_, or_, select, type_coerce
+from sqlalchemy import ARRAY, Float, Integer, Interval, and_, cast, func, literal, not_, or_, select, text, type_coerce
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.orm import Session
 
@@ -472,20 +473,22 @@ def compute_stats(
     grouping = [key] if by is GroupBy.RULE else [key, AlertRecord.rule]
     if by is GroupBy.MODEL_VERSION:  # the key joins them with a space; the row names them apart
         grouping += [AlertRecord.model, AlertRecord.model_version]
-    grouping += [STATS_LIVE.label("live"), AlertRecord.held_out, AlertRecord.action, AlertRecord.outcome]
-    times = (
-        [_times(AlertRecord.acknowledged_at).label("acks"), _times(AlertRecord.intervened_at).label("acts")]
-        if sqlite else []
-    )
-    query = select(
-        *grouping,
-        func.count().label("n"),
-        func.sum(AlertRecord.escalation_level).label("escalations"),
-        func.count(AlertRecord.ack_breached_at).label("ack_breaches"),
-        func.count(AlertRecord.act_breached_at).label("act_breaches"),
-        *times,
-    )
-    parts = session.execute(selected(query).group_by(*grouping)).all()
+    outcome = [AlertRecord.held_out, AlertRecord.action, AlertRecord.outcome]
+    if sqlite:
+        # Suppressed or not is a key too: the stats index is in this order, so no sort and no CASE.
+        grouping += [STATS_LIVE.label("live"), *outcome]
+        query = select(
+            *grouping,
+            func.count().label("n"),
+            func.sum(AlertRecord.escalation_level).label("escalations"),
+            func.count(AlertRecord.ack_breached_at).label("ack_breaches"),
+            func.count(AlertRecord.act_breached_at).label("act_breaches"),
+            _times(AlertRecord.acknowledged_at).label("acks"),
+            _times(AlertRecord.intervened_at).label("acts"),
+        )
+        parts = session.execute(selected(query).group_by(*grouping)).all()
+    else:
+        parts = _postgres_counts(session, selected(select(*grouping, *outcome, *_POSTGRES_COUNTS)), grouping + outcome)
 
     def rule_of(part: Any) -> str:
         return part.k if by is GroupBy.RULE else part.rule
@@ -533,6 +536,53 @@ def compute_stats(
     if by is GroupBy.WEEK:
         return sorted(rows, key=lambda r: r.key)
     return sorted(rows, key=lambda r: (-r.routed, -r.recorded, -r.held_out, r.key))
+
+
+_POSTGRES_COUNTS = (
+    func.count().label("all"),
+    func.count().filter(STATS_LIVE).label("n"),
+    func.sum(AlertRecord.escalation_level).filter(STATS_LIVE).label("escalations"),
+    func.count(AlertRecord.ack_breached_at).filter(STATS_LIVE).label("ack_breaches"),
+    func.count(AlertRecord.act_breached_at).filter(STATS_LIVE).label("act_breaches"),
+)
+
+
+def _postgres_counts(session: Session, query: Any, grouping: list[Any]) -> list[Any]:
+    """The SQLite query's groups, from a GROUP BY in the order of ix_alerts_stats_counts.
+
+    Suppressed decisions are counted with FILTER rather than grouped apart, so the groups are an
+    index prefix and PostgreSQL can aggregate a parallel index-only scan without sorting: ~1.5-2x
+    faster than the parallel scan of the table it prefers (it rates the two about the same). So
+    sequential scans are off for this statement, but only while (auto)vacuum has marked most of
+    the table all-visible: otherwise an index-only scan fetches the rows anyway, at random.
+    """
+    visible = session.execute(_ALL_VISIBLE).scalar()
+    if visible is None or visible < 0.8:
+        return _postgres_parts(session.execute(query.group_by(*grouping)).all())
+    seqscan = session.execute(text("select current_setting('enable_seqscan')")).scalar_one()
+    session.execute(text("select set_config('enable_seqscan', 'off', true)"))
+    try:
+        return _postgres_parts(session.execute(query.group_by(*grouping)).all())
+    finally:
+        session.execute(text("select set_config('enable_seqscan', :value, true)"), {"value": seqscan})
+
+
+_ALL_VISIBLE = text(
+    "select relallvisible::float8 / relpages from pg_class where oid = to_regclass('alerts') and relpages > 0"
+)
+
+
+def _postgres_parts(rows: list[Any]) -> list[Any]:
+    """Split each row into its live and its suppressed part, as the SQLite query groups them."""
+    parts = []
+    for row in rows:
+        fields = row._asdict()
+        total = fields.pop("all")
+        if fields["n"]:
+            parts.append(SimpleNamespace(**fields, live=True))
+        if total > fields["n"]:
+            parts.append(SimpleNamespace(**fields | {"n": total - fields["n"]}, live=False))
+    return parts
 
 
 def _postgres_quantiles(

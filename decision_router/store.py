@@ -48,8 +48,8 @@ def create_schema(engine: Engine) -> None:
     SQLModel.metadata.create_all(engine)
     # create_all skips tables that exist, and so indexes added to them later: the stats indexes
     # (tables.py, "Stats") are built here on a store created before them (once; seconds per 1M alerts).
-    name = {"sqlite": "ix_alerts_stats", "postgresql": "ix_alerts_stats_times"}.get(engine.dialect.name)
+    names = {"sqlite": ["ix_alerts_stats"], "postgresql": ["ix_alerts_stats_times", "ix_alerts_stats_counts"]}
     for index in tables.AlertRecord.__table__.indexes:
-        if index.name == name:
+        if index.name in names.get(engine.dialect.name, []):
             with engine.begin() as connection:
                 connection.execute(CreateIndex(index, if_not_exists=True))

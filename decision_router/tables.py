@@ -265,12 +265,18 @@ Index(
     AlertRecord.act_breached_at, AlertRecord.created_at, AlertRecord.owner, AlertRecord.model,
     AlertRecord.model_version, AlertRecord.priority,
 ).ddl_if(dialect="sqlite")
-# PostgreSQL counts with a parallel scan of the table; for the medians and p90s it sorts the times
-# of routed alerts per group, read from this smaller index (only those rows, already in rule order).
+# PostgreSQL sorts the times of routed alerts per group for the medians and p90s, read from this
+# smaller index (only those rows, already in rule order) ...
 Index(
     "ix_alerts_stats_times", AlertRecord.rule,
     postgresql_include=["created_at", "acknowledged_at", "intervened_at", "owner", "model", "model_version",
                         "priority"],
     postgresql_where=and_(STATS_LIVE, not_(AlertRecord.held_out), AlertRecord.action == literal_column("'alert'"),
                           or_(AlertRecord.acknowledged_at.is_not(None), AlertRecord.intervened_at.is_not(None))),
+).ddl_if(dialect="postgresql")
+# ... and counts from this one: an index-only scan in GROUP BY order, a third of the table's size.
+Index(
+    "ix_alerts_stats_counts", AlertRecord.rule, AlertRecord.held_out, AlertRecord.action, AlertRecord.outcome,
+    postgresql_include=["suppressed_by", "escalation_level", "ack_breached_at", "act_breached_at", "created_at",
+                        "owner", "model", "model_version", "priority"],
 ).ddl_if(dialect="postgresql")
