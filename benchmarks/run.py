@@ -252,10 +252,11 @@ async def full_pipeline(redis_url: str, store: Store, rules_dir: Path, prefix: s
     started = time.perf_counter()
     async with running_service(settings, ruleset, engine):
         while True:
-            read, pending = group_progress(client, stream, settings.consumer_group)
+            # In a thread: a blocking call here would stall the service's event loop.
+            read, pending = await asyncio.to_thread(group_progress, client, stream, settings.consumer_group)
             if read >= total and pending == 0:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - started
     if profiler is not None:
         profiler.stop()
