@@ -51,3 +51,23 @@ def test_entries_are_decoded_once_bad_utf8_replaced_and_deleted_ones_set_aside()
     ])
     assert entries == [("1-0", {"data": '{"a": 1}'}), ("3-0", {"entity_id": "caf\ufffd"})]
     assert gone == [b"2-0"]
+
+
+def test_the_embedded_redis_keeps_the_connection_after_an_error_reply() -> None:
+    """Like Redis: BUSYGROUP (a group that exists) and NOSCRIPT (a script not loaded yet) are
+    routine replies, and the next command on the same connection must still work."""
+    import redis as redis_sync
+    from redis.exceptions import NoScriptError
+
+    from decision_router.embedded import EmbeddedRedis
+
+    with EmbeddedRedis(port=0) as embedded:
+        client = redis_sync.Redis.from_url(embedded.url, retry_on_error=[], single_connection_client=True)
+        client.xgroup_create("s", "g", id="0", mkstream=True)
+        with pytest.raises(ResponseError, match="BUSYGROUP"):
+            client.xgroup_create("s", "g", id="0", mkstream=True)
+        assert client.ping()
+        with pytest.raises(NoScriptError):
+            client.evalsha("0" * 40, 0)
+        assert client.xadd("s", {"a": "1"})
+        client.close()
