@@ -171,7 +171,7 @@ class Consumer:
     async def ensure_groups(self) -> None:
         for stream in self.inputs:
             await ensure_group(self.redis, stream, self.group)
-        # Once: the embedded fakeredis drops the connection on a BUSYGROUP reply instead of sending it.
+        # Once, at start; the read loop recreates them only if Redis lost them (NOGROUP).
         self.groups_ready = True
 
     async def run(self) -> None:
