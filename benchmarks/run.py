@@ -565,10 +565,12 @@ def run(args: argparse.Namespace) -> Report:
                     report.add(f"c_{base}", f"c/{base}", rate / report.figures[key], "x")
         if "latency" in args.parts:
             store = store_for("latency")
+            latency_prefix = f"bench-{new_run_id()}:"
             try:
-                p50, p99, seen = latency(args.redis_url, store, rules_dir, f"bench-{new_run_id()}:", workdir,
+                p50, p99, seen = latency(args.redis_url, store, rules_dir, latency_prefix, workdir,
                                          rate=args.rate, seconds=args.latency_seconds)
             finally:
+                delete_prefix(client, latency_prefix)
                 store.drop()
             note = f"{seen:,} alerts at {args.rate:,.0f}/s for {args.latency_seconds:g}s"
             report.add("latency_p50_ms", "end-to-end latency p50", p50, "ms", note)
