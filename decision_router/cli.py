@@ -73,6 +73,9 @@ async def _connect(settings: Settings) -> Redis:
 def serve(
     api: Annotated[bool, typer.Option("--api/--no-api", help="Also serve the HTTP API and dashboard.")] = True,
     api_port: Annotated[Optional[int], typer.Option(help="HTTP API port (default DECISION_ROUTER_API_PORT or 8080).")] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, max=256, help="Worker processes in one consumer group (needs a real Redis).")
+    ] = 1,
 ) -> None:
     """Run the router: consume predictions and outcomes, route, deliver, record; serve the HTTP API."""
     from decision_router.api.server import ApiStartError
@@ -84,6 +87,13 @@ def serve(
     if api_port is not None:
         settings = settings.model_copy(update={"api_port": api_port})
     try:
+        if workers > 1:
+            from decision_router.workers import WorkersError, run_workers
+
+            try:
+                raise typer.Exit(run_workers(settings, workers, api=api))
+            except WorkersError as exc:
+                fail(str(exc), code=2)
         asyncio.run(run(settings, api=api))
     except RulesInvalid as exc:
         fail(f"refusing to start: the rules in {settings.rules_dir} are invalid:\n{exc}")
@@ -313,6 +323,9 @@ from decision_router import cli_simulate  # noqa: F401
 
 # api, tokens, asyncapi: defined in cli_api.py on `app`.
 from decision_router import cli_api  # noqa: F401
+
+# bench: the benchmark of issue 8 (benchmarks/run.py), defined in cli_bench.py on `app`.
+from decision_router import cli_bench  # noqa: F401
 
 
 def main() -> None:

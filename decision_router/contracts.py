@@ -156,6 +156,7 @@ class RejectionReason(StrEnum):
     TOO_LARGE = "too_large"  # entry larger than DECISION_ROUTER_MAX_PAYLOAD_BYTES (checked before parsing)
     TOO_DEEP = "too_deep"  # objects/lists nested deeper than DECISION_ROUTER_MAX_PAYLOAD_DEPTH
     INVALID_ENCODING = "invalid_encoding"  # bytes not UTF-8, or text with NUL / lone surrogates no store can hold
+    PROCESSING_FAILED = "processing_failed"  # passed the gate but failed processing max_attempts times
 
 
 class Rejection(BaseModel):

@@ -7,13 +7,35 @@ The service talks to it over TCP like any Redis, so the CLI in another terminal
 from __future__ import annotations
 
 import threading
-from types import TracebackType
+from collections.abc import Callable
+from typing import Any, Self
 
 import fakeredis
+from fakeredis._clients._tcp_server import TCPFakeRequestHandler
+from redis.exceptions import ResponseError
 
 
 class EmbeddedRedisError(Exception):
     pass
+
+
+class _Handler(TCPFakeRequestHandler):
+    """fakeredis's handler lets an error reply escape its loop, so it writes the error and then
+    closes the connection; Redis keeps the connection open. A BUSYGROUP or NOSCRIPT reply
+    (both routine: creating a group that exists, a script not yet loaded) would otherwise
+    break the next command on that connection. Return server errors as replies instead."""
+
+    def setup(self) -> None:
+        super().setup()
+        read: Callable[..., Any] = self.current_client.read_response
+
+        def read_response(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return read(*args, **kwargs)
+            except ResponseError as exc:
+                return exc  # written back as `-<PREFIX> message`, like Redis
+
+        self.current_client.read_response = read_response  # type: ignore[method-assign]
 
 
 class EmbeddedRedis:
@@ -26,7 +48,7 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def start(self) -> "EmbeddedRedis":
+    def start(self) -> EmbeddedRedis:
         try:
             self._server = fakeredis.TcpFakeServer((self.host, self.port), server_type="redis")
         except OSError as exc:
@@ -35,6 +57,7 @@ class EmbeddedRedis:
                 "set DECISION_ROUTER_EMBEDDED_PORT to a free port or DECISION_ROUTER_REDIS_URL to a real Redis"
             ) from None
         self._server.daemon_threads = True
+        self._server.RequestHandlerClass = _Handler
         # Port 0 asks the OS for a free port (used by the demo and tests).
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="embedded-redis", daemon=True)
@@ -47,8 +70,8 @@ class EmbeddedRedis:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "EmbeddedRedis":
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: tuple[type[BaseException], BaseException, TracebackType] | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

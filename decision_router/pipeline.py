@@ -29,7 +29,7 @@ from decision_router.durations import format_duration
 from decision_router.keys import Keys
 from decision_router.notify import ChannelDelivery, queue_deliveries
 from decision_router.quality import RawEntry, check_outcome, check_prediction, original_payload
-from decision_router.router import Decision, route
+from decision_router.router import Decision, route, route_without_lookups
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
 from decision_router.streams import StreamWrite, xadd_once
@@ -100,22 +100,34 @@ class Pipeline:
     async def process_predictions(self, entries: Sequence[Entry]) -> BatchResult:
         started = time.perf_counter()
         now = self.clock()
+        ruleset = self.ruleset  # one rule set for the batch, even across a hot reload
         checked = [
             (entry_id, fields, self._check(entry_id, fields, now)) for entry_id, fields in entries
         ]
-        lookups = await self._lookups([item for _, _, item in checked if isinstance(item, Prediction)])
+        # Route first without looked-up context: most predictions never reach a rule that
+        # reads it, and only the others need their lookups (a Redis or SQL round trip).
+        early = [self._route_early(item, ruleset, now) for _, _, item in checked]
+        lookups = await self._lookups(
+            [item for (_, _, item), pre in zip(checked, early, strict=True) if pre is not None and pre[1] is None]
+        )
         try:
-            result, rejections, batch_ids = await asyncio.to_thread(self._store_predictions, checked, now, lookups)
+            result, rejections, fresh, redelivered = await asyncio.to_thread(
+                self._store_predictions, checked, early, ruleset, now, lookups
+            )
         except IntegrityError:
             # Another worker stored one of these prediction ids between our read and commit;
             # a second pass sees its row and treats ours as a duplicate.
-            result, rejections, batch_ids = await asyncio.to_thread(self._store_predictions, checked, now, lookups)
+            result, rejections, fresh, redelivered = await asyncio.to_thread(
+                self._store_predictions, checked, early, ruleset, now, lookups
+            )
         await xadd_once(
             self.redis,
             dlq_writes(rejections, stream=self.keys.predictions_dlq, keys=self.keys),
             ttl=self.settings.dedupe_ttl,
         )
-        result.delivered = await self.drain_outbox(prediction_ids=batch_ids)
+        # The alerts just committed go straight to their inboxes; a redelivered entry's
+        # alerts are read back from the outbox (they may or may not have been written).
+        result.delivered = await self._deliver(fresh) + await self.drain_outbox(prediction_ids=redelivered)
         metrics.observe_batch(
             "predictions", size=len(entries), seconds=time.perf_counter() - started, rejected=result.rejected,
             routed=result.accepted,
@@ -136,30 +148,29 @@ class Pipeline:
         return result
 
     @staticmethod
-    def _cooldowns(
-        session: Session,
-        prediction: Prediction,
-        decisions: Sequence[Decision],
-        now: datetime,
-        *,
-        in_batch: dict[tuple[str, str, str], str],
-    ) -> dict[str, str]:
-        """rule -> the alert whose cooldown window covers this prediction's entity."""
-        suppressed: dict[str, str] = {}
-        for decision in decisions:
-            if not decision.cooldown:
-                continue
-            key = (decision.rule, prediction.entity_type, prediction.entity_id)
-            active = in_batch.get(key) or tracker.active_cooldown_alert(
-                session,
-                rule=decision.rule,
-                entity_type=prediction.entity_type,
-                entity_id=prediction.entity_id,
-                since=now - decision.cooldown,
-            )
-            if active:
-                suppressed[decision.rule] = active
-        return suppressed
+    def _cooldown_keys(
+        routed: Sequence[tuple[Prediction, Sequence[Decision]]], now: datetime
+    ) -> tuple[set[tuple[str, str, str]], dict[str, datetime]]:
+        """The (rule, entity) pairs of a batch that a cooldown applies to, and for each such
+        rule the instant after which an earlier alert still covers the entity."""
+        keys: set[tuple[str, str, str]] = set()
+        since: dict[str, datetime] = {}
+        for prediction, decisions in routed:
+            for decision in decisions:
+                if decision.cooldown:
+                    keys.add((decision.rule, prediction.entity_type, prediction.entity_id))
+                    since[decision.rule] = now - decision.cooldown
+        return keys, since
+
+    @staticmethod
+    def _route_early(
+        item: Prediction | Rejection, ruleset: RuleSet, now: datetime
+    ) -> tuple[dict[str, Any], list[Decision] | None] | None:
+        """(stored document, decisions or None if they need the lookups); None for a rejection."""
+        if isinstance(item, Rejection):
+            return None
+        document = item.as_document()
+        return document, route_without_lookups(document, ruleset, now=now)
 
     def _check(self, entry_id: str | None, fields: RawEntry, now: datetime) -> Prediction | Rejection:
         return check_prediction(
@@ -181,19 +192,25 @@ class Pipeline:
     def _store_predictions(
         self,
         checked: Sequence[tuple[str | None, RawEntry, Prediction | Rejection]],
+        early: Sequence[tuple[dict[str, Any], list[Decision] | None] | None],
+        ruleset: RuleSet,
         now: datetime,
         lookups: Mapping[str, dict[str, Any]],
-    ) -> tuple[BatchResult, list[Rejection], list[str]]:
+    ) -> tuple[BatchResult, list[Rejection], list[Alert], list[str]]:
+        """Route and store one batch in one transaction: one query for known prediction ids,
+        one for cooldowns, one bulk insert per table. Returns the result, the rejections,
+        the alerts to deliver now and the prediction ids redelivered (already stored)."""
         result = BatchResult()
         rejections: list[Rejection] = []
-        batch_ids: list[str] = []
-        cooling: dict[tuple[str, str, str], str] = {}
+        redelivered: list[str] = []
         with Session(self.engine) as session:
             known = tracker.known_predictions(
                 session, (p.prediction_id for _, _, p in checked if isinstance(p, Prediction))
             )
-            for entry_id, fields, item in checked:
-                if isinstance(item, Rejection):
+            routed: list[tuple[str | None, Prediction, dict[str, Any], list[Decision]]] = []
+            for (entry_id, fields, item), pre in zip(checked, early, strict=True):
+                if isinstance(item, Rejection) or pre is None:
+                    assert isinstance(item, Rejection)
                     rejections.append(item)
                     continue
                 pid = item.prediction_id
@@ -201,7 +218,7 @@ class Pipeline:
                     if entry_id is not None and known[pid] == entry_id:
                         # The same stream entry again (crash before ack): only finish its delivery.
                         result.redelivered += 1
-                        batch_ids.append(pid)
+                        redelivered.append(pid)
                     else:
                         rejections.append(
                             Rejection(
@@ -215,41 +232,51 @@ class Pipeline:
                         )
                     continue
                 known[pid] = entry_id
-                ruleset = self.ruleset  # one rule set per prediction, even across a hot reload
-                document = item.as_document()
-                if item.prediction_id in lookups:
+                document, decisions = pre  # the document is stored as is, without lookups
+                if decisions is None:
                     # Looked-up context is addressed as lookup.<source>.<field> in rules.
-                    document["lookup"] = lookups[item.prediction_id]
-                decisions = route(document, ruleset, now=now)
-                records = tracker.record_prediction(
-                    session,
-                    prediction=item,
-                    stream_id=entry_id,
-                    decisions=decisions,
-                    rules_version=ruleset.version,
-                    now=now,
-                    suppressed_by=self._cooldowns(session, item, decisions, now, in_batch=cooling),
+                    seen = {**document, "lookup": lookups[pid]} if pid in lookups else document
+                    decisions = route(seen, ruleset, now=now)
+                routed.append((entry_id, item, document, decisions))
+            keys, since = self._cooldown_keys([(p, d) for _, p, _, d in routed], now)
+            stored_cooldowns = tracker.cooldown_holders(session, keys, since=since)
+            cooling: dict[tuple[str, str, str], str] = {}  # cooldowns started in this batch
+            predictions: list[dict[str, Any]] = []
+            alerts: list[dict[str, Any]] = []
+            events: list[dict[str, Any]] = []
+            fresh: list[Alert] = []
+            for entry_id, item, document, decisions in routed:
+                suppressed_by: dict[str, str] = {}
+                for decision in decisions:
+                    key = (decision.rule, item.entity_type, item.entity_id)
+                    if decision.cooldown and (active := cooling.get(key) or stored_cooldowns.get(key)):
+                        suppressed_by[decision.rule] = active
+                prediction_row, alert_rows, event_rows = tracker.decision_rows(
+                    prediction=item, document=document, stream_id=entry_id, decisions=decisions,
+                    rules_version=ruleset.version, now=now, suppressed_by=suppressed_by,
                 )
-                for record, decision in zip(records, decisions, strict=True):
-                    if decision.cooldown and not record.suppressed_by:
-                        cooling[(record.rule, record.entity_type, record.entity_id)] = record.alert_id
+                predictions.append(prediction_row)
+                alerts.extend(alert_rows)
+                events.extend(event_rows)
                 result.accepted += 1
-                for record in records:
-                    kind = record.effective_action
-                    if kind == "alert":
-                        result.alerts += 1
-                    elif kind == "record":
-                        result.recorded += 1
-                    elif kind == "control":
-                        result.held_out += 1
-                    else:
+                for row, decision in zip(alert_rows, decisions, strict=True):
+                    if decision.cooldown and not row["suppressed_by"]:
+                        cooling[(decision.rule, item.entity_type, item.entity_id)] = row["alert_id"]
+                    if row["suppressed_by"]:
                         result.suppressed += 1
-                batch_ids.append(pid)
+                    elif row["held_out"]:
+                        result.held_out += 1
+                    elif row["action"] == "record":
+                        result.recorded += 1
+                    else:
+                        result.alerts += 1
+                        fresh.append(tracker.alert_of(row))
+            tracker.insert_rows(session, predictions, alerts, events)
             for rejection in rejections:
                 result.reject(rejection)
             tracker.record_rejections(session, rejections, now=now)
             session.commit()
-        return result, rejections, batch_ids
+        return result, rejections, fresh, redelivered
 
     # delivery ---------------------------------------------------------------------
 
@@ -262,13 +289,24 @@ class Pipeline:
             alerts = await asyncio.to_thread(self._undelivered, prediction_ids)
             if not alerts:
                 return delivered
-            await xadd_once(self.redis, inbox_writes(alerts, self.keys), ttl=self.settings.dedupe_ttl)
-            await asyncio.to_thread(self._mark_delivered, alerts)
-            delivered += len(alerts)
-            if self.channels is not None:
-                await self.channels.pump()
+            delivered += await self._deliver(alerts)
             if prediction_ids is not None:
                 return delivered
+
+    async def _deliver(self, alerts: list[Alert]) -> int:
+        """Inbox writes (deduplicated, one pipelined round trip), then mark them delivered."""
+        if not alerts:
+            return 0
+        await xadd_once(self.redis, inbox_writes(alerts, self.keys), ttl=self.settings.dedupe_ttl)
+        await asyncio.to_thread(self._mark_delivered, alerts)
+        if self._external_channels:
+            await self.channels.pump()  # type: ignore[union-attr]
+        return len(alerts)
+
+    @property
+    def _external_channels(self) -> bool:
+        """Whether any owner has a usable webhook or email; without, that path is skipped."""
+        return self.channels is not None and bool(self.channels.receivers)
 
     def _undelivered(self, prediction_ids: Sequence[str] | None) -> list[Alert]:
         with Session(self.engine) as session:
@@ -278,11 +316,13 @@ class Pipeline:
         now = self.clock()
         with Session(self.engine) as session:
             newly = set(tracker.mark_delivered(session, {a.alert_id: a.owner for a in alerts}, channel=INBOX, now=now))
-            if self.channels is not None:
+            if self._external_channels:
+                assert self.channels is not None
                 for alert in alerts:
                     if alert.alert_id in newly:
                         channels = self.channels.channels_for(alert.owner)
-                        queue_deliveries(session, alert=alert, recipient=alert.owner, channels=channels, now=now)
+                        if channels:
+                            queue_deliveries(session, alert=alert, recipient=alert.owner, channels=channels, now=now)
             session.commit()
 
     # outcomes ---------------------------------------------------------------------

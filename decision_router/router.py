@@ -60,8 +60,29 @@ def route(document: Mapping[str, Any], ruleset: RuleSet, *, now: datetime | None
     if now is not None and now.utcoffset() is None:
         raise ValueError(f"now must be timezone-aware, got {now!r}")
     decisions = []
-    for rule in ruleset.rules:
+    for rule in ruleset.candidates(document.get("model")):
         if rule.matches(document):
+            decisions.append(_decide(rule, document, ruleset.owners, now))
+            if not rule.continue_:
+                break
+    return decisions
+
+
+def route_without_lookups(document: Mapping[str, Any], ruleset: RuleSet, *, now: datetime | None = None
+                          ) -> list[Decision] | None:
+    """`route`, or None as soon as the outcome could depend on looked-up context (a rule
+    reached whose `when` reads lookup.*, or a match whose owner or context does). When it
+    returns decisions, they are exactly what `route` gives with any lookups added to the
+    document, so the caller can skip the lookups of this prediction."""
+    if now is not None and now.utcoffset() is None:
+        raise ValueError(f"now must be timezone-aware, got {now!r}")
+    decisions = []
+    for rule in ruleset.candidates(document.get("model")):
+        if rule.when_reads_lookup:
+            return None
+        if rule.matches(document):
+            if rule.decision_reads_lookup:
+                return None
             decisions.append(_decide(rule, document, ruleset.owners, now))
             if not rule.continue_:
                 break

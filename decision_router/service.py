@@ -1,7 +1,8 @@
-"""The router service: FastStream subscribers on the input streams, feeding the pipeline.
+"""The router service: one read/ack loop (consumer.py) on the input streams, feeding the pipeline.
 
 Both inputs are consumed in batches by one consumer group. Entries pending on a consumer
 that died are reclaimed (XAUTOCLAIM) after `claim_idle` and run through the same pipeline.
+FastStream is not on the hot path (see consumer.py for why).
 """
 
 from __future__ import annotations
@@ -9,49 +10,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
-from faststream.redis import RedisBroker, StreamSub
-from faststream.redis.annotations import RedisBatchStreamMessage
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 from sqlalchemy.engine import Engine
 
+from decision_router.consumer import Consumer, Input, ensure_group, infrastructure_failure
 from decision_router.embedded import EmbeddedRedis
 from decision_router.enrich import build_enricher
 from decision_router.escalation import EscalationSweeper
 from decision_router.monitor import DataQualityMonitor
 from decision_router.notify import ChannelDelivery
-from decision_router.pipeline import BatchResult, Clock, Entry, Pipeline, utcnow
+from decision_router.pipeline import Clock, Pipeline, utcnow
 from decision_router.rules import RuleSet, load_rules
 from decision_router.rules.watch import RulesWatcher
 from decision_router.settings import Settings, redact_url
 from decision_router.store import create_schema, make_engine
-from decision_router.streams import as_text
+
+__all__ = ["RouterService", "ensure_group", "running_service", "serve"]
 
 log = structlog.get_logger("decision_router.service")
 
-Process = Callable[[Sequence[Entry]], Awaitable[BatchResult]]
-
-
-def _entries(msg: RedisBatchStreamMessage) -> list[Entry]:
-    raw = msg.raw_message
-    return [(mid.decode(), fields) for mid, fields in zip(raw["message_ids"], raw["data"], strict=True)]
-
-
-async def ensure_group(redis: Redis, stream: str, group: str) -> None:
-    """Create the group at the start of the stream, so a backlog published before the
-    service first started is routed too (FastStream would start at `$`)."""
-    try:
-        await redis.xgroup_create(stream, group, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
 
 class RouterService:
-    """Owns the broker, the pipeline and the periodic tasks of one worker process:
+    """Owns the read loop, the pipeline and the periodic tasks of one worker process:
     reclaiming orphaned entries, escalating missed deadlines, reloading changed rules."""
 
     def __init__(self, pipeline: Pipeline, watcher: RulesWatcher | None = None) -> None:
@@ -63,41 +46,25 @@ class RouterService:
         self.keys = pipeline.keys
         self.group = settings.consumer_group
         self.consumer = settings.consumer_name
-        # FastStream logs two lines per message by default; we log per batch instead.
-        self.broker = RedisBroker(settings.effective_redis_url, logger=None)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
-        self._subscribe(self.keys.predictions, pipeline.process_predictions)
-        self._subscribe(self.keys.outcomes, pipeline.process_outcomes)
-
-    def _subscribe(self, stream: str, process: Process) -> None:
-        sub = StreamSub(
-            stream,
-            group=self.group,
-            consumer=self.consumer,
-            batch=True,
-            max_records=self.pipeline.settings.batch_size,
-            polling_interval=100,
+        self.reader = Consumer(
+            pipeline.redis,
+            settings,
+            [
+                Input(self.keys.predictions, "predictions", pipeline.process_predictions, self.keys.predictions_dlq),
+                Input(self.keys.outcomes, "outcomes", pipeline.process_outcomes, self.keys.outcomes_dlq),
+            ],
+            engine=pipeline.engine,
+            clock=pipeline.clock,
         )
-
-        @self.broker.subscriber(stream=sub)
-        async def handle(msg: RedisBatchStreamMessage) -> None:
-            try:
-                await process(_entries(msg))
-            except Exception:
-                # Not bad input (the gate turns that into DLQ entries) but a broken store or
-                # Redis: leave the batch pending so it is retried or reclaimed.
-                log.exception("batch failed; left pending for retry", stream=stream)
-                raise
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = self.reader.stopping
 
     async def start(self) -> None:
-        redis = self.pipeline.redis
-        for stream in (self.keys.predictions, self.keys.outcomes):
-            await ensure_group(redis, stream, self.group)
+        await self.reader.ensure_groups()
         delivered = await self.pipeline.drain_outbox()
         if delivered:
             log.info("outbox drained at start", delivered=delivered)
-        await self.broker.start()
+        self._tasks.append(asyncio.create_task(self.reader.run(), name="read"))
         settings = self.pipeline.settings
         self._every("reclaim", max(0.05, settings.claim_idle.total_seconds() / 2), self.reclaim_once)
         self._every("escalate", settings.sweep_interval.total_seconds(), self.sweeper.sweep_once)
@@ -119,11 +86,22 @@ class RouterService:
         )
 
     async def stop(self) -> None:
+        """Stop reading, finish and acknowledge the batch in hand, stop the periodic jobs.
+        Bounded by shutdown_timeout: past it, whatever is unfinished stays pending (and is
+        redelivered later, which the pipeline's idempotency makes harmless)."""
         # An event, not cancel(): redis-py may turn a cancellation mid-command into a
-        # connection error, which the loop would log and carry on past.
+        # connection error, and a cancelled batch would be left half-done for no reason.
         self._stopping.set()
-        await asyncio.gather(*self._tasks)
-        await self.broker.stop()
+        timeout = self.pipeline.settings.shutdown_timeout.total_seconds()
+        done, pending = await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else (set(), set())
+        if pending:
+            log.warning("shutdown timeout; unfinished work left pending", tasks=sorted(t.get_name() for t in pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("task ended with an error", task=task.get_name(), exc_info=task.exception())
         if self.pipeline.channels is not None:
             # Unfinished channel deliveries stay pending in the store for the next start.
             await self.pipeline.channels.close()
@@ -142,8 +120,12 @@ class RouterService:
             while not self._stopping.is_set():
                 try:
                     await job()
-                except Exception:
-                    log.exception(f"{name} failed; will retry")
+                except Exception as exc:
+                    # An outage is logged once by the read loop; a bug in a job is logged in full.
+                    if infrastructure_failure(exc) is not None:
+                        log.debug(f"{name} skipped: a service is unreachable", error=str(exc)[:300])
+                    else:
+                        log.exception(f"{name} failed; will retry")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), max(0.05, interval))
 
@@ -151,34 +133,7 @@ class RouterService:
 
     async def reclaim_once(self) -> int:
         """Take over entries idle on any consumer longer than claim_idle; returns how many."""
-        total = 0
-        for stream, process in (
-            (self.keys.predictions, self.pipeline.process_predictions),
-            (self.keys.outcomes, self.pipeline.process_outcomes),
-        ):
-            total += await self._reclaim(stream, process)
-        return total
-
-    async def _reclaim(self, stream: str, process: Process) -> int:
-        redis = self.pipeline.redis
-        idle_ms = int(self.pipeline.settings.claim_idle.total_seconds() * 1000)
-        start, total = "0-0", 0
-        while True:
-            next_id, messages, *_ = await redis.xautoclaim(
-                stream, self.group, self.consumer, min_idle_time=idle_ms, start_id=start,
-                count=self.pipeline.settings.batch_size,
-            )
-            # Entries deleted from the stream while pending come back empty: just ack them.
-            entries = [(as_text(mid), fields) for mid, fields in messages if fields]
-            if entries:
-                log.info("reclaimed pending entries", stream=stream, count=len(entries))
-                await process(entries)
-            if messages:
-                await redis.xack(stream, self.group, *[mid for mid, _ in messages])
-            total += len(entries)
-            if as_text(next_id) == "0-0":
-                return total
-            start = as_text(next_id)
+        return await self.reader.reclaim_once()
 
 
 @contextlib.asynccontextmanager

@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=500, ge=1, le=10_000)
     # A message pending this long on another consumer is presumed orphaned and reclaimed.
     claim_idle: timedelta = timedelta(seconds=60)
+    # Blocking read: how long an idle worker waits for entries (and, at most, how long SIGTERM waits for the read).
+    read_block_ms: int = Field(default=1000, ge=1, le=60_000)
+    # An entry failing on its own this many times goes to its DLQ (reason processing_failed).
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    # Longest wait between retries while Redis or the store is unreachable (backoff doubles up to it).
+    retry_backoff_max: timedelta = timedelta(seconds=5)
+    # SIGTERM: how long to finish and acknowledge the batch in hand before exiting anyway.
+    shutdown_timeout: timedelta = timedelta(seconds=10)
     # How often each worker looks for missed SLA deadlines to escalate.
     sweep_interval: timedelta = timedelta(seconds=30)
     # How often `serve` checks the rule files for changes (0 = only on SIGHUP).
@@ -79,7 +87,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "max_prediction_age", "max_clock_skew", "claim_idle", "dedupe_ttl", "sweep_interval", "rules_poll_interval",
-        "outcome_window", "drift_interval",
+        "outcome_window", "drift_interval", "retry_backoff_max", "shutdown_timeout",
         mode="before",
     )
     @classmethod

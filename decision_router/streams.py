@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 # SET NX and XADD in one script: atomic, so a crash leaves either both or neither.
 _XADD_ONCE = """
@@ -29,15 +31,30 @@ class StreamWrite:
     dedupe_key: str
 
 
+_XADD_ONCE_SHA = hashlib.sha1(_XADD_ONCE.encode()).hexdigest()
+
+
 async def xadd_once(redis: Redis, writes: Sequence[StreamWrite], *, ttl: timedelta) -> int:
-    """Write each entry unless its dedupe key is already set; returns how many were written."""
+    """Write each entry unless its dedupe key is already set; returns how many were written.
+
+    One pipelined round trip of EVALSHA calls (not redis-py's Script wrapper, which costs a
+    SCRIPT EXISTS round trip and per-call overhead per batch). If Redis does not know the
+    script (first use, or after a restart), it is loaded and the whole batch sent again:
+    writes that got through the first time are skipped by their dedupe keys."""
     if not writes:
         return 0
-    script = redis.register_script(_XADD_ONCE)
     seconds = max(1, int(ttl.total_seconds()))
-    async with redis.pipeline(transaction=False) as pipe:
-        for write in writes:
-            flat = [item for pair in write.fields.items() for item in pair]
-            await script(keys=[write.dedupe_key, write.stream], args=[seconds, *flat], client=pipe)
-        results = await pipe.execute()
+    for attempt in (1, 2):
+        async with redis.pipeline(transaction=False) as pipe:
+            for write in writes:
+                flat = [item for pair in write.fields.items() for item in pair]
+                pipe.execute_command("EVALSHA", _XADD_ONCE_SHA, 2, write.dedupe_key, write.stream, seconds, *flat)
+            results = await pipe.execute(raise_on_error=False)
+        missing = [r for r in results if isinstance(r, NoScriptError)]
+        if not missing or attempt == 2:
+            break
+        await redis.script_load(_XADD_ONCE)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
     return sum(1 for r in results if r)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from functools import cache
 
-from sqlalchemy import select, update
+from sqlalchemy import JSON, DateTime, Integer, Table, insert, select, tuple_, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
 
@@ -63,6 +66,35 @@ def active_cooldown_alert(
         .order_by(AlertRecord.created_at.desc())
         .limit(1)
     )
+
+
+def cooldown_holders(
+    session: Session, wanted: Iterable[tuple[str, str, str]], *, since: Mapping[str, datetime]
+) -> dict[tuple[str, str, str], str]:
+    """(rule, entity_type, entity_id) -> the latest alert (or control record) of that rule and
+    entity created after `since[rule]`: the cooldowns a whole batch runs into, in one query
+    (`active_cooldown_alert` asks the same of one key)."""
+    wanted = set(wanted)
+    if not wanted:
+        return {}
+    rules = {rule for rule, _, _ in wanted}
+    rows = session.execute(
+        select(AlertRecord.alert_id, AlertRecord.rule, AlertRecord.entity_type, AlertRecord.entity_id,
+               AlertRecord.created_at)
+        .where(
+            AlertRecord.rule.in_(rules),
+            AlertRecord.entity_id.in_({entity_id for _, _, entity_id in wanted}),
+            AlertRecord.suppressed_by.is_(None),
+            AlertRecord.created_at > min(since[rule] for rule in rules),
+        )
+    )
+    latest: dict[tuple[str, str, str], tuple[datetime, str]] = {}
+    for alert_id, rule, entity_type, entity_id, created_at in rows:
+        key = (rule, entity_type, entity_id)
+        created = as_utc(created_at)
+        if key in wanted and created > since[rule] and (key not in latest or created > latest[key][0]):
+            latest[key] = (created, alert_id)
+    return {key: alert_id for key, (_, alert_id) in latest.items()}
 
 
 def _decision_event(decision: Decision, suppressed_by: str | None) -> str:
@@ -173,6 +205,156 @@ def record_prediction(
     return records
 
 
+def decision_rows(
+    *,
+    prediction: Prediction,
+    document: dict,
+    stream_id: str | None,
+    decisions: Sequence[Decision],
+    rules_version: str,
+    now: datetime,
+    suppressed_by: Mapping[str, str],
+) -> tuple[dict, list[dict], list[dict]]:
+    """The rows `record_prediction` stores, as plain dicts for one bulk insert per table and
+    batch: (prediction row, alert rows, audit event rows). Same columns and values."""
+    prediction_row = {
+        "prediction_id": prediction.prediction_id, "stream_id": stream_id, "model": prediction.model,
+        "model_version": prediction.model_version, "entity_type": prediction.entity_type,
+        "entity_id": prediction.entity_id, "score": prediction.score, "predicted_at": prediction.predicted_at,
+        "received_at": now, "rules_version": rules_version, "document": document,
+    }
+    events = [{
+        "alert_id": None, "prediction_id": prediction.prediction_id, "type": "received", "actor": SYSTEM_ACTOR,
+        "at": now, "source_id": None,
+        "detail": {"stream_id": stream_id, "model": prediction.model, "score": prediction.score},
+    }]
+    alerts = []
+    for decision in decisions:
+        suppressor = suppressed_by.get(decision.rule)
+        # Only delivered alerts have deadlines to meet.
+        treated = decision.action == "alert" and not decision.held_out and not suppressor
+        alert_id = alert_id_for(prediction.prediction_id, decision.rule)
+        alerts.append({
+            **_ALERT_DEFAULTS,
+            "alert_id": alert_id, "prediction_id": prediction.prediction_id, "rule": decision.rule,
+            "owner": decision.owner, "original_owner": decision.owner, "owner_source": decision.owner_source,
+            "fallback_reason": decision.fallback_reason, "delegated_from": decision.delegated_from,
+            "priority": decision.priority, "action": decision.action, "model": prediction.model,
+            "model_version": prediction.model_version, "entity_type": prediction.entity_type,
+            "entity_id": prediction.entity_id, "score": prediction.score, "context": decision.context,
+            "missing_context": list(decision.missing_context), "rules_version": rules_version,
+            "predicted_at": prediction.predicted_at, "created_at": now,
+            "ack_by": now + decision.ack_within, "act_by": now + decision.act_within,
+            "held_out": decision.held_out, "suppressed_by": suppressor,
+            "status": "suppressed" if suppressor else "open",
+            "ack_due_at": now + decision.ack_within if treated else None,
+            "act_due_at": now + decision.act_within if treated else None,
+        })
+        events.append({
+            "alert_id": alert_id, "prediction_id": prediction.prediction_id,
+            "type": _decision_event(decision, suppressor), "actor": SYSTEM_ACTOR, "at": now, "source_id": None,
+            "detail": {
+                "rule": decision.rule, "rules_version": rules_version, "owner": decision.owner,
+                "owner_source": decision.owner_source, "fallback_reason": decision.fallback_reason,
+                "delegated_from": decision.delegated_from, "priority": decision.priority,
+                "action": decision.action, "held_out": decision.held_out, "suppressed_by": suppressor,
+                "cooldown_s": decision.cooldown.total_seconds() if decision.cooldown else None,
+            },
+        })
+    return prediction_row, alerts, events
+
+
+# Columns a new alert row starts with (the ORM model's defaults), so every row of one bulk
+# insert has the same keys.
+_ALERT_DEFAULTS: dict = {
+    "delivered_at": None, "acknowledged_at": None, "intervened_at": None, "intervention": None, "outcome": None,
+    "outcome_at": None, "outcome_value": None, "escalation_level": 0, "escalated_to": None,
+    "ack_breached_at": None, "act_breached_at": None, "sla_revision": 0,
+}
+
+
+def insert_rows(session: Session, predictions: list[dict], alerts: list[dict], events: list[dict]) -> None:
+    """One bulk INSERT per table, not an ORM object per row. Audit events are only ever
+    inserted here; the append-only guard is about updates and deletes."""
+    batches = ((PredictionRecord, predictions), (AlertRecord, alerts), (AuditEvent, events))
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLAlchemy's per-value conversions cost about a third of an insert on SQLite (its
+        # datetimes are formatted in Python); the driver's executemany with values converted
+        # here, in the same transaction, stores exactly what SQLAlchemy would.
+        connection = session.connection()
+        cursor = connection.connection.cursor()
+        try:
+            for table, rows in batches:
+                if rows:
+                    sql, convert = _sqlite_insert(table.__table__)  # type: ignore[attr-defined]
+                    try:
+                        cursor.executemany(sql, convert(rows))
+                    except connection.dialect.loaded_dbapi.Error as exc:
+                        # As SQLAlchemy would raise it (IntegrityError, OperationalError...): callers
+                        # tell a concurrent insert or a locked database from a bug by these classes.
+                        raise DBAPIError.instance(sql, None, exc, connection.dialect.loaded_dbapi.Error) from exc
+        finally:
+            cursor.close()
+        return
+    for table, rows in batches:
+        if rows:
+            # insertmanyvalues: a few multi-row INSERT statements per batch.
+            session.execute(insert(table.__table__), rows)  # type: ignore[attr-defined]
+
+
+@cache
+def _sqlite_insert(table: Table) -> tuple[str, Callable[[list[dict]], list[tuple]]]:
+    """The INSERT of every column but an integer id (the database assigns it), and a converter of row dicts to
+    its parameters: datetimes as SQLAlchemy stores them on SQLite, JSON columns as JSON text."""
+    columns = [c for c in table.columns if not (c.primary_key and isinstance(c.type, Integer))]  # ids: assigned
+    names = [c.name for c in columns]
+    dates = {c.name for c in columns if isinstance(c.type, DateTime)}
+    documents = {c.name for c in columns if isinstance(c.type, JSON)}
+    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})"
+    kinds = [(name, 1 if name in dates else 2 if name in documents else 0) for name in names]
+
+    def convert(rows: list[dict]) -> list[tuple]:
+        formatted: dict[datetime, str] = {}  # most rows of a batch share `now` and its deadlines
+        dumps = json.dumps
+        out = []
+        for row in rows:
+            values = []
+            for name, kind in kinds:
+                value = row[name]
+                if value is not None and kind == 1:
+                    text = formatted.get(value)
+                    if text is None:
+                        text = formatted[value] = _sqlite_datetime(value)
+                    value = text
+                elif kind == 2:
+                    value = dumps(value)
+                values.append(value)
+            out.append(tuple(values))
+        return out
+
+    return sql, convert
+
+
+def _sqlite_datetime(value: datetime) -> str:
+    """SQLAlchemy's SQLite DATETIME storage format (the wall-clock fields, microseconds always)."""
+    return (f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
+            f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}")
+
+
+def alert_of(row: Mapping) -> Alert:
+    """The wire form of a freshly stored alert row (as `to_alert` reads it back), built
+    without re-validating what the router just produced."""
+    return Alert.model_construct(
+        alert_id=row["alert_id"], prediction_id=row["prediction_id"], owner=row["owner"],
+        owner_source=row["owner_source"], rule=row["rule"], priority=row["priority"], model=row["model"],
+        model_version=row["model_version"], entity_type=row["entity_type"], entity_id=row["entity_id"],
+        score=row["score"], label=None, context=row["context"], missing_context=row["missing_context"],
+        ack_by=row["ack_by"], act_by=row["act_by"], rules_version=row["rules_version"],
+        predicted_at=row["predicted_at"], created_at=row["created_at"], reassigned_from=None,
+        delegated_from=row["delegated_from"], escalation=None,
+    )
+
+
 def record_rejections(session: Session, rejections: Sequence[Rejection], *, now: datetime) -> None:
     """Count each rejected entry once, even when its stream entry is redelivered."""
     keyed = [r for r in rejections if r.source_id is not None]
@@ -218,31 +400,32 @@ def undelivered_alerts(
 
 def mark_delivered(session: Session, delivered: Mapping[str, str], *, channel: str, now: datetime) -> list[str]:
     """Mark inbox delivery of alert_id -> the owner it was written for; returns the alerts
-    marked now. Conditional updates, so a concurrent redelivery cannot mark an alert twice,
-    and a delivery to an owner the alert was meanwhile reassigned away from marks nothing
-    (the reassignment's own delivery will)."""
-    newly = []
-    for alert_id, owner in delivered.items():
-        changed = session.execute(
-            update(AlertRecord)
-            .where(AlertRecord.alert_id == alert_id, AlertRecord.owner == owner, AlertRecord.delivered_at.is_(None))
-            .values(delivered_at=now)
-            .execution_options(synchronize_session=False)
+    marked now. One conditional UPDATE for the lot, so a concurrent redelivery cannot mark an
+    alert twice, and a delivery to an owner the alert was meanwhile reassigned away from
+    marks nothing (the reassignment's own delivery will)."""
+    if not delivered:
+        return []
+    session.flush()  # a Core statement does not autoflush the caller's pending ORM objects
+    table = AlertRecord.__table__  # type: ignore[attr-defined]
+    changed = session.execute(
+        update(table)
+        .where(
+            # The plain IN lets SQLite find the rows by primary key; the row-value IN alone scans the table.
+            table.c.alert_id.in_(list(delivered)),
+            tuple_(table.c.alert_id, table.c.owner).in_(list(delivered.items())),
+            table.c.delivered_at.is_(None),
         )
-        if changed.rowcount != 1:
-            continue
-        newly.append(alert_id)
-        session.add(
-            AuditEvent(
-                alert_id=alert_id,
-                prediction_id=session.scalar(select(AlertRecord.prediction_id).where(AlertRecord.alert_id == alert_id)),
-                type="delivered",
-                actor=SYSTEM_ACTOR,
-                at=now,
-                detail={"channel": channel, "owner": owner},
-            )
-        )
-    return newly
+        .values(delivered_at=now)
+        .returning(table.c.alert_id, table.c.prediction_id)
+    ).all()
+    if changed:
+        session.execute(insert(AuditEvent.__table__), [  # type: ignore[attr-defined]
+            {"alert_id": alert_id, "prediction_id": prediction_id, "type": "delivered", "actor": SYSTEM_ACTOR,
+             "at": now, "source_id": None, "detail": {"channel": channel, "owner": delivered[alert_id]}}
+            for alert_id, prediction_id in changed
+        ])
+    marked = {alert_id for alert_id, _ in changed}
+    return [alert_id for alert_id in delivered if alert_id in marked]
 
 
 def to_alert(record: AlertRecord, escalation: Escalation | None = None) -> Alert:

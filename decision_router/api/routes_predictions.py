@@ -56,6 +56,7 @@ async def post_predictions(
             max_age=settings.max_prediction_age,
             max_skew=settings.max_clock_skew,
             source_stream=keys.predictions,
+            limits=settings.payload_limits,
         )
         for entry in entries
     ]

@@ -19,7 +19,7 @@ from typing import Any
 
 from decision_router.rules.spec import ConditionSpec, DefaultsSpec, OwnerSpec, RoutingFile, RuleSpec, WebhookSpec
 from decision_router.rules.spec import ModelSpec
-from decision_router.rules.spec import ContextSourceSpec, compile_regex, key_placeholders, sql_parameters
+from decision_router.rules.spec import LOOKUP, ContextSourceSpec, compile_regex, key_placeholders, sql_parameters
 
 
 class _Missing:
@@ -48,6 +48,23 @@ def lookup(document: Mapping[str, Any], path: str) -> Any:
             return MISSING
         value = value[part]
     return MISSING if value is None else value
+
+
+def getter(path: str) -> Callable[[Mapping[str, Any]], Any]:
+    """`lookup` of one path, specialised once per rule load: a top-level field (most
+    conditions) is one dict access instead of a walk."""
+    parts = _split(path)
+    if len(parts) == 1:
+        (key,) = parts
+
+        def top(document: Mapping[str, Any]) -> Any:
+            if isinstance(document, dict):
+                value = document.get(key)
+                return MISSING if value is None else value
+            return lookup(document, path)
+
+        return top
+    return lambda document: lookup(document, path)
 
 
 def _as_number(value: Any) -> float | None:
@@ -91,6 +108,8 @@ def same(actual: Any, expected: Any) -> bool:
 
 def _numeric(compare: Callable[[float], bool]) -> Test:
     def test(value: Any) -> bool:
+        if type(value) is float and math.isfinite(value):  # scores: no conversion needed
+            return compare(value)
         number = _as_number(value)
         return number is not None and compare(number)
 
@@ -128,10 +147,17 @@ def _regex(pattern: str) -> Test:
 def _operator(op: str, expected: Any) -> Test:
     """One operator on a present value; MISSING is handled by the caller."""
     if op == "eq":
+        if type(expected) is str:
+            # The common case, tested for every prediction: text against text is plain
+            # equality; anything else takes the tolerant path of `same`.
+            return lambda v: v == expected if type(v) is str else same(v, expected)
         return lambda v: same(v, expected)
     if op == "ne":
         return lambda v: not same(v, expected)
     if op == "in":
+        if all(type(e) is str for e in expected):
+            texts = frozenset(expected)
+            return lambda v: v in texts if type(v) is str else any(same(v, e) for e in expected)
         return lambda v: any(same(v, e) for e in expected)
     if op == "not_in":
         return lambda v: not any(same(v, e) for e in expected)
@@ -195,10 +221,20 @@ class CompiledRule:
     holdout: float = 0.0  # share of entities held out as a control group; alert rules only
     # (path, test) per field condition; all must hold.
     conditions: tuple[tuple[str, Test], ...] = field(default=(), repr=False, compare=False)
+    # The models this rule can match (its `model` condition is eq/in on text), None: any model.
+    # Only an index: `matches` still tests the condition.
+    models: frozenset[str] | None = field(default=None, repr=False, compare=False)
+    # Whether a `when` condition, or the owner/context of a match, reads lookup.<source>.<field>:
+    # routing that never reaches such a rule does not need the batch's context lookups.
+    when_reads_lookup: bool = field(default=False, repr=False, compare=False)
+    decision_reads_lookup: bool = field(default=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_checks", tuple((getter(path), test) for path, test in self.conditions))
 
     def matches(self, document: Mapping[str, Any]) -> bool:
-        for path, test in self.conditions:
-            if not test(lookup(document, path)):
+        for get, test in self._checks:  # type: ignore[attr-defined]
+            if not test(get(document)):
                 return False
         return True
 
@@ -244,6 +280,37 @@ class RuleSet:
     models: Mapping[str, ModelConfig] = field(default_factory=lambda: MappingProxyType({}))
     # routing.yaml `context_sources:` -> source name -> where lookup.<name>.<field> comes from.
     context_sources: Mapping[str, ContextSource] = field(default_factory=lambda: MappingProxyType({}))
+    # model -> the rules a prediction of that model can match, in file order (see `candidates`).
+    _by_model: Mapping[str, tuple[CompiledRule, ...]] = field(init=False, repr=False, compare=False)
+    _any_model: tuple[CompiledRule, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # With hundreds of rules, most name a model: a prediction is tested only against the
+        # rules of its own model and those that name none, instead of every rule in turn.
+        named = {model for rule in self.rules if rule.models for model in rule.models}
+        by_model = {m: tuple(r for r in self.rules if r.models is None or m in r.models) for m in named}
+        object.__setattr__(self, "_by_model", MappingProxyType(by_model))
+        object.__setattr__(self, "_any_model", tuple(r for r in self.rules if r.models is None))
+
+    def candidates(self, model: Any) -> tuple[CompiledRule, ...]:
+        """The rules, in file order, that a document whose `model` is this value can match."""
+        if isinstance(model, str):
+            return self._by_model.get(model, self._any_model)
+        return self.rules  # not text (no gate in front): no shortcut
+
+
+def indexed_models(spec: RuleSpec) -> frozenset[str] | None:
+    """The model names a rule's `model` condition accepts when it is plain eq/in on text
+    (then `same` is string equality), else None (the rule is tried for every model)."""
+    condition = spec.when.get("model")
+    if condition is None:
+        return None
+    operators = condition.operators()
+    if set(operators) == {"eq"} and isinstance(operators["eq"], str):
+        return frozenset([operators["eq"]])
+    if set(operators) == {"in"} and all(isinstance(v, str) for v in operators["in"]):
+        return frozenset(operators["in"])
+    return None
 
 
 def compile_rule(spec: RuleSpec, index: int, defaults: DefaultsSpec) -> CompiledRule:
@@ -264,7 +331,14 @@ def compile_rule(spec: RuleSpec, index: int, defaults: DefaultsSpec) -> Compiled
         cooldown=spec.cooldown,
         holdout=spec.holdout,
         conditions=tuple((path, compile_condition(cond)) for path, cond in spec.when.items()),
+        models=indexed_models(spec),
+        when_reads_lookup=any(_reads_lookup(path) for path in spec.when),
+        decision_reads_lookup=any(_reads_lookup(path) for path in (dynamic.from_ if dynamic else "", *spec.context)),
     )
+
+
+def _reads_lookup(path: str) -> bool:
+    return path.split(".", 1)[0] == LOOKUP
 
 
 def compile_owner(spec: OwnerSpec) -> Owner:

@@ -1,0 +1,127 @@
+"""`decision-router serve --workers N`: N router processes in one consumer group.
+
+One Python process routes on one core (the GIL), so scaling out means processes. Each worker
+is a plain `decision-router serve` with its own consumer name (`<consumer_name>-<i>`); Redis
+hands each entry to one consumer of the group, so each prediction is routed by one worker.
+The parent only supervises: it forwards SIGTERM/SIGINT, waits for the workers to finish their
+batches, and restarts a worker that dies under the same consumer name, so the new one picks
+up that worker's pending entries at once instead of after claim_idle.
+
+The embedded Redis is refused here: it is fakeredis in one Python thread, slower than a
+single worker, so several workers behind it would only add contention.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from decision_router.rules import load_rules
+from decision_router.settings import ENV_PREFIX, Settings
+
+log = structlog.get_logger("decision_router.workers")
+
+_RESTART_FIRST, _RESTART_MAX = 1.0, 30.0  # seconds between restarts of a worker that keeps dying
+_STABLE_AFTER = 30.0  # a worker that ran this long resets its restart delay
+
+
+class WorkersError(Exception):
+    pass
+
+
+@dataclass
+class _Worker:
+    name: str
+    args: tuple[str, ...] = ()
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    delay: float = _RESTART_FIRST
+    restart_at: float = field(default=0.0)
+
+
+def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
+    """Run `count` workers until SIGTERM/SIGINT; returns the exit code (0 if all stopped cleanly).
+
+    With `api`, the first worker also serves the HTTP API (one port, one listener); the others
+    run consumers only."""
+    if settings.embedded:
+        raise WorkersError(
+            "--workers needs a real Redis: set DECISION_ROUTER_REDIS_URL (the embedded Redis serves one process)"
+        )
+    load_rules(settings.rules_dir)  # invalid rules: refuse once here, not N times in the workers
+    first = ("--api-port", str(settings.api_port)) if api else ("--no-api",)
+    workers = [
+        _Worker(f"{settings.consumer_name}-{i}", first if i == 1 else ("--no-api",)) for i in range(1, count + 1)
+    ]
+    stopping = threading.Event()
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.set()
+        for worker in workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for worker in workers:
+            _spawn(worker)
+        log.info("workers started", workers=[w.name for w in workers], pids=[w.process.pid for w in workers])
+        while not stopping.is_set():
+            for worker in workers:
+                _supervise(worker, stopping)
+            stopping.wait(0.2)
+        return _wait_all(workers, settings.shutdown_timeout.total_seconds() + 5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _spawn(worker: _Worker) -> None:
+    env = {**os.environ, f"{ENV_PREFIX}CONSUMER_NAME": worker.name}
+    worker.process = subprocess.Popen([sys.executable, "-m", "decision_router", "serve", *worker.args], env=env)
+    worker.started = time.monotonic()
+
+
+def _supervise(worker: _Worker, stopping: threading.Event) -> None:
+    assert worker.process is not None
+    code = worker.process.poll()
+    if code is None or stopping.is_set():
+        return
+    now = time.monotonic()
+    if worker.restart_at == 0.0:
+        if now - worker.started > _STABLE_AFTER:
+            worker.delay = _RESTART_FIRST
+        worker.restart_at = now + worker.delay
+        log.error("worker exited; restarting it", worker=worker.name, pid=worker.process.pid, code=code,
+                  restart_in=worker.delay)
+        worker.delay = min(_RESTART_MAX, worker.delay * 2)
+    elif now >= worker.restart_at:
+        worker.restart_at = 0.0
+        _spawn(worker)
+        log.info("worker restarted", worker=worker.name, pid=worker.process.pid)
+
+
+def _wait_all(workers: list[_Worker], timeout: float) -> int:
+    """After the stop signal: wait for each worker to finish its batch; kill what hangs."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for worker in workers:
+        assert worker.process is not None
+        try:
+            codes.append(worker.process.wait(max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            log.error("worker did not stop in time; killed", worker=worker.name, pid=worker.process.pid)
+            worker.process.kill()
+            codes.append(worker.process.wait())
+    log.info("workers stopped", codes=codes)
+    # Killed by the forwarded signal itself: a worker still starting, before its handlers were
+    # installed, so it held no work. Anything else is a worker that failed.
+    clean = (0, -signal.SIGTERM, -signal.SIGINT)
+    return 0 if all(c in clean for c in codes) else 1

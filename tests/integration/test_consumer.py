@@ -1,0 +1,141 @@
+"""The read/ack loop on real Redis: a poison entry is isolated and dead-lettered after
+max_attempts while the rest of its batch goes through; an outage is retried (never
+dead-lettered), logged once, and leaves the batch pending if the service stops meanwhile."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from sqlalchemy.exc import OperationalError
+from structlog.testing import capture_logs
+
+from decision_router import metrics
+from decision_router.keys import Keys
+from decision_router.pipeline import Pipeline
+from decision_router.service import running_service
+from decision_router.tables import PredictionRecord, RejectionRecord
+from tests.integration.conftest import wait_until
+from tests.integration.test_router_loop import count, prediction
+
+pytestmark = pytest.mark.redis
+
+
+def poisoned_by(entity_id: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Any batch holding `entity_id` fails, as a payload the store refuses would. Returns the
+    sizes of the batches that failed, to see the poison isolated."""
+    real = Pipeline.process_predictions
+    failed: list[int] = []
+
+    async def process(self, entries):
+        if any(entity_id in json.dumps(fields) for _, fields in entries):
+            failed.append(len(entries))
+            raise ValueError(f"the store refused {entity_id}")
+        return await real(self, entries)
+
+    monkeypatch.setattr(Pipeline, "process_predictions", process)
+    return failed
+
+
+async def test_poison_entry_goes_to_the_dlq_after_max_attempts_and_the_rest_flows(
+    settings, ruleset, engine, r, monkeypatch
+) -> None:
+    settings = settings.model_copy(update={"max_attempts": 3})
+    keys = Keys(settings.stream_prefix)
+    failed = poisoned_by("acct-poison", monkeypatch)
+    before = metrics.REJECTED.labels("predictions", "processing_failed")._value.get()
+    for n in range(5):
+        r.xadd(keys.predictions, {"data": json.dumps(prediction(f"good-{n}", entity_id=f"acct-{n}"))})
+    poison_id = r.xadd(keys.predictions, {"data": json.dumps(prediction("bad", entity_id="acct-poison"))})
+    for n in range(5, 11):
+        r.xadd(keys.predictions, {"data": json.dumps(prediction(f"good-{n}", entity_id=f"acct-{n}"))})
+
+    async with running_service(settings, ruleset, engine) as service:
+        await wait_until(lambda: r.xlen(keys.predictions_dlq) == 1, what="the poison in the DLQ")
+        await wait_until(lambda: r.xpending(keys.predictions, service.group)["pending"] == 0, what="all acked")
+    (_, dead), = r.xrange(keys.predictions_dlq)
+    assert dead["reason"] == "processing_failed"
+    assert "ValueError" in dead["detail"] and "the store refused acct-poison" in dead["detail"]
+    assert dead["source_id"] == poison_id and dead["source_stream"] == keys.predictions
+    assert dead["model"] == "churn"
+    assert json.loads(json.loads(dead["payload"])["data"])["prediction_id"] == "bad"
+    # The eleven good entries, read in the same batch as the poison, went through.
+    assert count(engine, PredictionRecord) == 11
+    assert r.xlen(keys.inbox("alice-moreau")) == 11
+    # Halved down to the poison alone, then tried on its own max_attempts times in all.
+    assert failed[0] == 12 and failed.count(1) == 3
+    assert count(engine, RejectionRecord, RejectionRecord.reason == "processing_failed") == 1
+    assert metrics.REJECTED.labels("predictions", "processing_failed")._value.get() == before + 1
+
+
+def unreachable_store(calls: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The store refuses connections for the first `calls` batches."""
+    real = Pipeline.process_predictions
+    failures: list[int] = []
+
+    async def process(self, entries):
+        if len(failures) < calls:
+            failures.append(len(entries))
+            raise OperationalError("insert", {}, ConnectionRefusedError("connection refused"))
+        return await real(self, entries)
+
+    monkeypatch.setattr(Pipeline, "process_predictions", process)
+    return failures
+
+
+async def test_store_outage_is_retried_never_dead_lettered_and_logged_once(
+    settings, ruleset, engine, r, monkeypatch
+) -> None:
+    settings = settings.model_copy(update={"max_attempts": 2, "retry_backoff_max": timedelta(seconds=0.2)})
+    keys = Keys(settings.stream_prefix)
+    failures = unreachable_store(6, monkeypatch)  # three times max_attempts
+    r.xadd(keys.predictions, {"data": json.dumps(prediction("p-out"))})
+    with capture_logs() as logs:
+        async with running_service(settings, ruleset, engine) as service:
+            await wait_until(lambda: len(failures) >= 3, what="a few failed attempts")
+            # Unacknowledged while the store is away.
+            assert r.xpending(keys.predictions, service.group)["pending"] == 1
+            await wait_until(lambda: count(engine, PredictionRecord) == 1, what="the entry processed")
+            await wait_until(lambda: r.xpending(keys.predictions, service.group)["pending"] == 0, what="acked")
+    assert len(failures) == 6
+    assert r.xlen(keys.predictions_dlq) == 0
+    events = [e["event"] for e in logs]
+    assert events.count("store unavailable; retrying in 0.2s") == 1
+    assert events.count("store reachable again") == 1
+
+
+async def test_stopping_during_an_outage_leaves_the_batch_pending(settings, ruleset, engine, r, monkeypatch) -> None:
+    keys = Keys(settings.stream_prefix)
+    failures = unreachable_store(10**6, monkeypatch)
+    r.xadd(keys.predictions, {"data": json.dumps(prediction("p-stop"))})
+    async with running_service(settings, ruleset, engine) as service:
+        await wait_until(lambda: len(failures) >= 1, what="the outage")
+    # stop() returned: the entry is still pending on this consumer, to be retried later.
+    assert r.xpending(keys.predictions, service.group)["pending"] == 1
+    assert r.xlen(keys.predictions_dlq) == 0
+    assert count(engine, PredictionRecord) == 0
+
+
+async def test_entry_whose_worker_died_each_time_is_dead_lettered_on_reclaim(settings, ruleset, engine, r) -> None:
+    """No error to count when the process dies (OOM killer, segfault): the delivery count
+    Redis keeps is what stops the crash loop."""
+    keys = Keys(settings.stream_prefix)
+    r.xgroup_create(keys.predictions, settings.consumer_group, id="0", mkstream=True)
+    crasher = r.xadd(keys.predictions, {"data": json.dumps(prediction("p-crash", entity_id="acct-crash"))})
+    r.xadd(keys.predictions, {"data": json.dumps(prediction("p-fine", entity_id="acct-fine"))})
+    r.xreadgroup(settings.consumer_group, "dead-1", {keys.predictions: ">"}, count=2)
+    # Taken over and lost again by 2 x max_attempts workers in turn (each XCLAIM is a delivery).
+    for n in range(2 * settings.max_attempts):
+        r.xclaim(keys.predictions, settings.consumer_group, f"dead-{n + 2}", 0, [crasher])
+    assert r.xpending_range(keys.predictions, settings.consumer_group, crasher, crasher, 1)[0]["times_delivered"] == 11
+    async with running_service(settings, ruleset, engine) as service:
+        await wait_until(lambda: r.xlen(keys.predictions_dlq) == 1, what="the crasher in the DLQ")
+        await wait_until(lambda: r.xpending(keys.predictions, service.group)["pending"] == 0, what="all acked")
+    (_, dead), = r.xrange(keys.predictions_dlq)
+    assert dead["reason"] == "processing_failed" and dead["source_id"] == crasher
+    assert "delivered 12 times and never acknowledged" in dead["detail"]
+    # The other entry, delivered twice (read, then reclaimed), was routed.
+    assert count(engine, PredictionRecord) == 1
+    assert count(engine, PredictionRecord, PredictionRecord.prediction_id == "p-fine") == 1
+    assert r.xlen(keys.inbox("alice-moreau")) == 1

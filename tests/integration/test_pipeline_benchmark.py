@@ -1,0 +1,40 @@
+"""The benchmark harness runs end to end on a small backlog (no timing assertions: speed is
+shown by the figures it prints, see README "Performance")."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_benchmark_completes_with_positive_figures(redis_server, postgres_server, tmp_path) -> None:
+    figures_file = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--store", "sqlite", "--redis-url", redis_server,
+         "--postgres-url", postgres_server, "--parts", "bare,faststream,pipeline,latency,rss,scaleout",
+         "--json", str(figures_file)],
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(figures_file.read_text())
+    for key in ("bare", "faststream", "pipeline", "c_a", "c_b", "latency_p50_ms", "latency_p99_ms",
+                "rss_peak_mb", "scale_1", "scale_2", "scale_ratio"):
+        assert figures[key] > 0, (key, figures)
+    assert figures["latency_p99_ms"] >= figures["latency_p50_ms"]
+    assert "| (c) full pipeline, sqlite" in done.stdout and "% routed, " in done.stdout
+
+
+def test_bad_options_are_one_line_errors() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--parts", "bare,warp"], cwd=ROOT,
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 2 and "unknown part(s) warp" in done.stderr and "Traceback" not in done.stderr
+    unreachable = subprocess.run([sys.executable, "-m", "benchmarks.run", "--redis-url", "redis://127.0.0.1:1/0"],
+                                 cwd=ROOT, capture_output=True, text=True, check=False, timeout=60)
+    assert unreachable.returncode == 2 and "cannot reach Redis at redis://127.0.0.1:1/0" in unreachable.stderr

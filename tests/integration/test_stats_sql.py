@@ -1,0 +1,52 @@
+"""compute_stats returns exactly compute_stats_reference's rows on SQLite and PostgreSQL.
+
+The random stores of tests/unit/test_stats_sql.py (sub-millisecond edges, week boundaries,
+clock skew, empty suppressed_by...), loaded the way the service writes them. On PostgreSQL
+the session runs at UTC+14, so a database-side date function that used the session's time
+zone would move late-Sunday alerts into the next week and fail this.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from decision_router.stats import GroupBy, compute_stats
+from tests.unit.test_stats_sql import HOLDOUTS, assert_same_stats, load, random_alerts
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_sql_stats_equal_the_reference_tally(engine: Engine, seed: int) -> None:
+    load(engine, random_alerts(seed, 500))
+    with Session(engine) as session:
+        if engine.dialect.name == "postgresql":
+            session.execute(text("set time zone 'Pacific/Kiritimati'"))
+        assert_same_stats(session, seed)
+        weeks = compute_stats(session, by=GroupBy.WEEK, holdouts=HOLDOUTS)
+    assert [w.key for w in weeks] == ["2026-W47", "2026-W48", "2026-W49", "2026-W50"][: len(weeks)]
+    assert sum(w.routed for w in weeks) > 200
+
+
+@pytest.mark.postgres
+def test_postgres_counts_read_the_stats_index_and_leave_the_session_as_it_was(pg_engine: Engine) -> None:
+    # The counts query turns sequential scans off for itself (an index-only scan in GROUP BY order is
+    # about twice as fast; the planner rates them the same): the plan must use the index, and the
+    # caller's transaction must get its own setting back.
+    load(pg_engine, random_alerts(5, 200))
+    with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("vacuum analyze alerts"))  # what autovacuum does: index-only scans need it
+    plans: list[str] = []
+
+    def explain(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("SELECT alerts.rule") and "GROUP BY" in statement:
+            raw = conn.connection.driver_connection
+            plans.extend(row[0] for row in raw.execute(f"EXPLAIN {statement}", parameters))
+
+    event.listen(pg_engine, "before_cursor_execute", explain)
+    with Session(pg_engine) as session:
+        session.execute(text("set local enable_seqscan = on"))
+        compute_stats(session, by=GroupBy.RULE)
+        assert session.execute(text("select current_setting('enable_seqscan')")).scalar() == "on"
+    assert any("Index Only Scan using ix_alerts_stats_counts" in line for line in plans), plans

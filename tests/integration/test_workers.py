@@ -1,0 +1,77 @@
+"""`decision-router serve --workers N`: N processes in one consumer group route each prediction
+once; a worker that dies is restarted under its name; SIGTERM stops them all cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from decision_router.keys import Keys
+from tests.integration.test_faults_helpers import (
+    ROOT,
+    PostgresSchema,
+    Router,
+    all_acknowledged,
+    assert_exactly_once,
+    publish_backlog,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+
+
+@pytest.fixture
+def schema(postgres_server: str) -> Iterator[PostgresSchema]:
+    store = PostgresSchema(postgres_server)
+    store.create()
+    yield store
+    store.drop()
+
+
+def test_two_workers_route_a_backlog_exactly_once_and_a_dead_worker_is_restarted(
+    prefix, schema, redis_server, tmp_path
+) -> None:
+    client = redis.Redis.from_url(redis_server)
+    keys = Keys(prefix)
+    documents = publish_backlog(client, keys.predictions, 4_000)
+    router = Router(tmp_path / "router.log", workers=2, redis_url=redis_server, database_url=schema.url(),
+                    stream_prefix=prefix, consumer_name="box", batch_size="100", claim_idle="1s")
+    try:
+        router.wait_started(times=2)
+        (started,) = [e for e in router.events() if e.get("event") == "workers started"]
+        assert started["workers"] == ["box-1", "box-2"]
+        first_pid = started["pids"][0]
+        wait_for(lambda: client.xinfo_groups(keys.predictions)[0]["entries-read"] >= 1_000, timeout=60,
+                 what="the workers to get going")
+        os.kill(first_pid, signal.SIGKILL)
+        wait_for(lambda: router.said("worker restarted") == 1, timeout=30, what="the dead worker's restart")
+        wait_for(lambda: router.said("router started") >= 3, timeout=30, what="the restarted worker to start")
+        wait_for(all_acknowledged(client, keys, "decision-router", 4_000), timeout=120, what="the whole backlog")
+        consumers = {c["name"] for c in client.xinfo_consumers(keys.predictions, "decision-router")}
+        assert consumers == {b"box-1", b"box-2"}, "two consumers, the restarted one under its old name"
+        stopped = time.monotonic()
+        router.stop_cleanly()
+        print(f"\n--workers 2: SIGTERM to all stopped {time.monotonic() - stopped:.2f}s")
+        assert router.said("workers stopped") == 1
+        assert router.said("stopping") == 2, router.log()[-4000:]  # each worker stopped on the forwarded signal"
+        assert_exactly_once(client, keys, schema.engine, documents)
+    finally:
+        router.close()
+        client.close()
+
+
+def test_workers_refused_on_the_embedded_redis(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    env["DECISION_ROUTER_DATABASE_URL"] = f"sqlite:///{tmp_path / 'store.db'}"
+    result = subprocess.run([sys.executable, "-m", "decision_router", "serve", "--workers", "2"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "--workers needs a real Redis: set DECISION_ROUTER_REDIS_URL" in result.stderr
+    assert "Traceback" not in result.stderr
