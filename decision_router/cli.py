@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from decision_router.contracts import OutcomeEvent
-from decision_router.durations import parse_duration
 from decision_router.keys import Keys
 from decision_router.logs import configure_logging
 from decision_router.settings import Settings, SettingsError, load_settings, redact_url
@@ -239,19 +238,15 @@ def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> 
 
 def _since(value: Optional[str]) -> Optional[datetime]:
     """`7d` (relative to now) or an ISO-8601 date/time."""
-    from decision_router.contracts import utc
+    from decision_router.durations import parse_since
     from decision_router.pipeline import utcnow
 
     if value is None:
         return None
     try:
-        return utcnow() - parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        return utc(datetime.fromisoformat(value))
-    except ValueError:
-        fail(f"expected a duration like 7d or an ISO date like 2026-11-01, not {value!r}", code=2)
+        return parse_since(value, now=utcnow())
+    except ValueError as exc:
+        fail(str(exc), code=2)
 
 
 # rules / health ------------------------------------------------------------------------

@@ -10,8 +10,7 @@ from typing import Any, TypeVar
 from fastapi import HTTPException, Request
 from sqlmodel import Session
 
-from decision_router.contracts import utc
-from decision_router.durations import parse_duration
+from decision_router import durations
 from decision_router.keys import Keys
 from decision_router.pipeline import utcnow
 from decision_router.rules import RuleSet
@@ -45,13 +44,9 @@ def parse_since(value: str | None, field: str = "since") -> datetime | None:
     if value is None or value == "":
         return None
     try:
-        return utcnow() - parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        return utc(datetime.fromisoformat(value))
-    except ValueError:
-        raise query_error(field, f"expected a duration like 7d or an ISO date like 2026-11-01, not {value!r}") from None
+        return durations.parse_since(value, now=utcnow())
+    except ValueError as exc:
+        raise query_error(field, str(exc)) from None
 
 
 def parse_entity(value: str | None, field: str = "entity") -> tuple[str, str] | None:
