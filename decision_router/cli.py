@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from decision_router.contracts import OutcomeEvent
 from decision_router.keys import Keys
 from decision_router.logs import configure_logging
-from decision_router.settings import Settings, SettingsError, load_settings, redact_url
+from decision_router.settings import Settings, SettingsError, load_settings, redact_text, redact_url
 
 app = typer.Typer(
     help="Route model predictions to named owners, track what they did and whether it worked.",
@@ -77,6 +77,8 @@ def serve(
     ] = 1,
 ) -> None:
     """Run the router: consume predictions and outcomes, route, deliver, record; serve the HTTP API."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from decision_router.api.server import ApiStartError
     from decision_router.embedded import EmbeddedRedisError
     from decision_router.rules import RulesInvalid
@@ -100,6 +102,10 @@ def serve(
         fail(str(exc))
     except AuthenticationError as exc:  # a wrong password does not heal by retrying: say so, no traceback
         fail(f"cannot reach Redis at {redact_url(settings.effective_redis_url)}: {exc}")
+    except SQLAlchemyError as exc:
+        # Only at start (creating the schema): once running, the read loop waits out store outages.
+        reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
+        fail(f"cannot open the store at {redact_url(settings.database_url)}: {reason}")
 
 
 @app.command()

@@ -273,6 +273,8 @@ def test_an_unreachable_database_is_reported_without_its_password(password_redis
         assert result.returncode != 0, command
         outputs += [result.stdout, result.stderr]
     assert "cannot read the store at postgresql+psycopg://postgres:***@127.0.0.1" in outputs[1]
+    assert "cannot open the store at postgresql+psycopg://postgres:***@127.0.0.1" in outputs[5]  # serve
+    assert not any("Traceback" in output for output in outputs)
     assert_no_secret(*outputs)
 
 
