@@ -15,6 +15,7 @@ from sqlalchemy import text
 from decision_router import metrics
 from decision_router.api.auth import Principal, require
 from decision_router.api.common import keys_of, settings_of
+from decision_router.settings import redact_text
 from decision_router.streams import as_text
 
 log = structlog.get_logger("decision_router.api")
@@ -32,7 +33,8 @@ async def _redis_ok(request: Request) -> str | None:
     try:
         await asyncio.wait_for(request.app.state.redis.ping(), CHECK_TIMEOUT_S)
     except (RedisError, OSError, TimeoutError) as exc:
-        return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+        # /readyz needs no token: mask anything credential-like a driver puts in its message.
+        return f"{exc.__class__.__name__}: {redact_text(str(exc))}" if str(exc) else exc.__class__.__name__
     return None
 
 
