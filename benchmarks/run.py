@@ -304,7 +304,7 @@ def router_processes(n: int, *, redis_url: str, store: Store, rules_dir: Path, p
     for i in range(n):
         log = open(workdir / f"router-{prefix.strip(':')}-{i}.log", "w")  # noqa: SIM115 (closed with the process)
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "decision_router", "serve"],
+            [sys.executable, "-m", "decision_router", "serve", "--no-api"],
             env={**env, "DECISION_ROUTER_CONSUMER_NAME": f"bench-{i}"}, stdout=log, stderr=subprocess.STDOUT,
         ))
     client = redis.Redis.from_url(redis_url)
@@ -393,10 +393,10 @@ def latency(redis_url: str, store: Store, rules_dir: Path, prefix: str, workdir:
 
 
 def rss_run(redis_url: str, store: Store, rules_dir: Path, prefix: str, workdir: Path, *,
-            total: int, chunk: int) -> tuple[float, float, float, float]:
+            total: int, chunk: int) -> tuple[float, float, float, float, float]:
     """Feed `total` predictions through one router process in chunks (the backlog stays
     bounded) while sampling its /proc status. Returns (rate, peak RSS MB, RSS MB after the
-    first 10%, RSS MB at the end)."""
+    first 10%, after half, at the end)."""
     run = new_run_id()
     stream = f"{prefix}predictions"
     client = redis.Redis.from_url(redis_url)
@@ -429,7 +429,8 @@ def rss_run(redis_url: str, store: Store, rules_dir: Path, prefix: str, workdir:
         elapsed = time.perf_counter() - (started or time.perf_counter())
     client.close()
     warm = next((rss for n, rss in samples if n >= total * 0.1), samples[0][1])
-    return total / max(elapsed, 1e-9), peak, warm, samples[-1][1]
+    half = next((rss for n, rss in samples if n >= total * 0.5), samples[0][1])
+    return total / max(elapsed, 1e-9), peak, warm, half, samples[-1][1]
 
 
 def _memory(pid: int) -> tuple[float, float]:
@@ -579,7 +580,7 @@ def run(args: argparse.Namespace) -> Report:
             store = store_for("rss")
             rss_prefix = f"bench-{new_run_id()}:"
             try:
-                rate, peak, warm, end = rss_run(args.redis_url, store, rules_dir, rss_prefix, workdir,
+                rate, peak, warm, half, end = rss_run(args.redis_url, store, rules_dir, rss_prefix, workdir,
                                                 total=args.rss_predictions,
                                                 chunk=max(1000, min(50_000, args.rss_predictions // 20)))
             finally:
@@ -589,6 +590,9 @@ def run(args: argparse.Namespace) -> Report:
             report.add("rss_peak_mb", "router peak RSS (VmHWM)", peak, "MB", note)
             report.add("rss_growth_pct", "RSS growth after the first 10%", (end - warm) / warm * 100, "%",
                        f"{warm:.0f} MB -> {end:.0f} MB")
+            # Caches (SQLite pages, prepared statements) fill early; a leak keeps growing.
+            report.add("rss_growth_second_half_pct", "RSS growth over the second half", (end - half) / half * 100,
+                       "%", f"{half:.0f} MB -> {end:.0f} MB")
         if "scaleout" in args.parts:
             def pg_store(name: str) -> Store:
                 return store_for(name, "postgres")

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
@@ -45,7 +45,7 @@ Clock = Callable[[], datetime]
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass
@@ -409,8 +409,10 @@ class Pipeline:
                 return RejectionReason.UNKNOWN_ALERT, f"no alert for prediction {event.prediction_id}"
             return (
                 RejectionReason.UNKNOWN_ALERT,
-                f"no open alert for {event.entity_type}:{event.entity_id} predicted within the outcome window "
-                f"({format_duration(self.settings.outcome_window)}) before the event",
+                (
+                    f"no open alert for {event.entity_type}:{event.entity_id} predicted within the outcome window "
+                    f"({format_duration(self.settings.outcome_window)}) before the event"
+                ),
             )
         if event.type is OutcomeType.REASSIGNED and event.owner not in self.ruleset.owners:
             return RejectionReason.UNKNOWN_OWNER, f"owner {event.owner!r} is not in the owner directory"

@@ -17,9 +17,20 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from decision_router.rules.spec import ConditionSpec, DefaultsSpec, OwnerSpec, RoutingFile, RuleSpec, WebhookSpec
-from decision_router.rules.spec import ModelSpec
-from decision_router.rules.spec import LOOKUP, ContextSourceSpec, compile_regex, key_placeholders, sql_parameters
+from decision_router.rules.spec import (
+    LOOKUP,
+    ConditionSpec,
+    ContextSourceSpec,
+    DefaultsSpec,
+    ModelSpec,
+    OwnerSpec,
+    RoutingFile,
+    RuleSpec,
+    WebhookSpec,
+    compile_regex,
+    key_placeholders,
+    sql_parameters,
+)
 
 
 class _Missing:

@@ -146,7 +146,7 @@ class Router:
             "DECISION_ROUTER_RETRY_BACKOFF_MAX": "1s",
         })
         env.update({f"DECISION_ROUTER_{k.upper()}": v for k, v in settings.items()})
-        args = [sys.executable, "-m", "decision_router", "serve"] + (["--workers", str(workers)] if workers > 1 else [])
+        args = [sys.executable, "-m", "decision_router", "serve", "--no-api"] + (["--workers", str(workers)] if workers > 1 else [])
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
 

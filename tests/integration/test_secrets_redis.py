@@ -192,6 +192,7 @@ def prediction(pid: str) -> dict[str, str]:
 def cli(args: list[str], tmp_path: Path, **settings: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
     env.update(DECISION_ROUTER_LOG_FORMAT="json", DECISION_ROUTER_RULES_DIR=str(ROOT / "rules"),
+               DECISION_ROUTER_API_PORT="0",  # `serve` also serves the API: never on a busy 8080
                DECISION_ROUTER_DATABASE_URL=f"sqlite:///{tmp_path / 'store.db'}")
     env.update(settings)
     return subprocess.run([sys.executable, "-m", "decision_router", *args], env=env, cwd=tmp_path,

@@ -75,3 +75,42 @@ def test_workers_refused_on_the_embedded_redis(tmp_path) -> None:
     assert result.returncode == 2
     assert "--workers needs a real Redis: set DECISION_ROUTER_REDIS_URL" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_with_workers_the_first_one_serves_the_api_and_only_it(redis_server: str, tmp_path) -> None:
+    """One port, one listener: worker 1 serves the HTTP API, the others run consumers only."""
+    import httpx
+
+    from tests.e2e.helpers import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    env.update(
+        DECISION_ROUTER_REDIS_URL=redis_server,
+        DECISION_ROUTER_STREAM_PREFIX=f"workers-api-{port}:",
+        DECISION_ROUTER_DATABASE_URL=f"sqlite:///{tmp_path / 'store.db'}",
+        DECISION_ROUTER_RULES_DIR=str(ROOT / "rules"),
+        DECISION_ROUTER_API_PORT=str(port),
+        DECISION_ROUTER_LOG_FORMAT="json",
+    )
+    process = subprocess.Popen([sys.executable, "-m", "decision_router", "serve", "--workers", "2"], env=env,
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the API never came up"
+            time.sleep(0.2)
+        time.sleep(1.0)  # give a second listener on the same port time to fail, if one were started
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Address already in use" not in stderr and "cannot listen" not in stderr
+    assert "Traceback" not in stderr
