@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
-from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError, RedisError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from decision_router.contracts import OutcomeEvent
 from decision_router.keys import Keys
-from decision_router.logs import configure_logging
-from decision_router.settings import Settings, SettingsError, load_settings, redact_text, redact_url
+
+if TYPE_CHECKING:
+    # Every command is registered at import, so `decision-router <cmd>` and --help start fast only if
+    # nothing heavy is imported here: redis, pydantic (settings, contracts), structlog, SQLAlchemy,
+    # the service modules are imported in the command that uses them (tests/unit/test_cli_startup.py).
+    from redis.asyncio import Redis
+
+    from decision_router.settings import Settings
 
 app = typer.Typer(
     help="Route model predictions to named owners, track what they did and whether it worked.",
@@ -42,6 +43,9 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def settings_or_exit(*, log_level: str | None = None) -> Settings:
+    from decision_router.logs import configure_logging
+    from decision_router.settings import SettingsError, load_settings
+
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -51,6 +55,11 @@ def settings_or_exit(*, log_level: str | None = None) -> Settings:
 
 
 async def _connect(settings: Settings) -> Redis:
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+
+    from decision_router.settings import redact_url
+
     redis = Redis.from_url(settings.effective_redis_url)
     try:
         await redis.ping()
@@ -77,12 +86,16 @@ def serve(
     ] = 1,
 ) -> None:
     """Run the router: consume predictions and outcomes, route, deliver, record; serve the HTTP API."""
+    import asyncio
+
+    from redis.exceptions import AuthenticationError
     from sqlalchemy.exc import SQLAlchemyError
 
     from decision_router.api.server import ApiStartError
     from decision_router.embedded import EmbeddedRedisError
     from decision_router.rules import RulesInvalid
     from decision_router.service import serve as run
+    from decision_router.settings import redact_text, redact_url
 
     settings = settings_or_exit()
     if api_port is not None:
@@ -118,6 +131,8 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the service's per-batch log lines.")] = False,
 ) -> None:
     """Run the whole loop in one process, no server needed, and print the stats."""
+    import asyncio
+
     from decision_router.demo import run_demo
     from decision_router.rules import RulesInvalid
 
@@ -141,6 +156,10 @@ def publish(
     batch: Annotated[int, typer.Option(help="Entries per pipelined write.")] = 500,
 ) -> None:
     """Publish predictions from a file onto the predictions stream; bad lines are reported and skipped."""
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from decision_router.contracts import Prediction
     from decision_router.publisher import BadLine, FileSummary, chunks, describe, publish_predictions, read_entries, validate_entry
 
@@ -214,8 +233,11 @@ def parse_entity(entity: str) -> tuple[str, str]:
 
 def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> None:
     """Validate an outcome event (exit 2 when invalid) and publish it on the outcomes stream."""
+    import asyncio
+
     from pydantic import ValidationError
 
+    from decision_router.contracts import OutcomeEvent
     from decision_router.publisher import publish_outcome
 
     try:
@@ -287,6 +309,8 @@ def rules_check(
 @app.command()
 def health() -> None:
     """Exit 0 when Redis and the database answer (used by the compose health check)."""
+    import asyncio
+
     from sqlalchemy import text
     from sqlalchemy.exc import SQLAlchemyError
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from decision_router.cli import _connect, app, err, fail, out, settings_or_exit
-from decision_router.settings import redact_url
 
 tokens_app = typer.Typer(help="API tokens: create (printed once), list, revoke.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
@@ -25,6 +22,9 @@ def api(
     port: Annotated[Optional[int], typer.Option(help="Port (default DECISION_ROUTER_API_PORT or 8080).")] = None,
 ) -> None:
     """Serve only the HTTP API and dashboard (the consumers run in `serve --no-api` or elsewhere)."""
+    import asyncio
+    import signal
+
     from decision_router.api.server import ApiStartError, run_api
     from decision_router.rules import RulesInvalid, load_rules
     from decision_router.store import create_schema, make_engine
@@ -61,6 +61,7 @@ def api(
 def _engine():  # type: ignore[no-untyped-def]
     from sqlalchemy.exc import SQLAlchemyError
 
+    from decision_router.settings import redact_url
     from decision_router.store import create_schema, make_engine
 
     settings = settings_or_exit()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
+from typing import TYPE_CHECKING
 
 import typer
-from redis.asyncio import Redis
 
 from decision_router.cli import _connect, app, fail, out, settings_or_exit
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 redrive_app = typer.Typer(help="Re-send dead-lettered deliveries.", no_args_is_help=True)
 app.add_typer(redrive_app, name="redrive")
@@ -16,6 +18,8 @@ app.add_typer(redrive_app, name="redrive")
 @redrive_app.command("deliveries")
 def redrive_deliveries() -> None:
     """Re-send every entry on deliveries:dlq once (a new failure is dead-lettered again)."""
+    import asyncio
+
     from decision_router.notify import ChannelDelivery, redrive
     from decision_router.pipeline import utcnow
     from decision_router.rules import RulesInvalid, load_rules

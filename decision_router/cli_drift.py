@@ -18,7 +18,6 @@ from rich.text import Text
 
 from decision_router.cli import err, fail, out, settings_or_exit
 from decision_router.cli_stats import stats_app
-from decision_router.settings import redact_url
 
 FORMATS = ("table", "json")
 
@@ -93,6 +92,7 @@ def drift(
 
     from decision_router.monitor import assess_models
     from decision_router.pipeline import utcnow
+    from decision_router.settings import redact_url
     from decision_router.store import make_engine
 
     if fmt not in FORMATS:

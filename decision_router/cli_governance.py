@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -30,7 +30,9 @@ from decision_router.cli import (
     send_outcome,
     settings_or_exit,
 )
-from decision_router.settings import Settings, redact_url
+
+if TYPE_CHECKING:
+    from decision_router.settings import Settings
 
 FORMATS = ("table", "json")
 
@@ -67,6 +69,7 @@ def read_store(settings: Settings) -> Iterator[Any]:
     from sqlalchemy.exc import SQLAlchemyError
     from sqlmodel import Session
 
+    from decision_router.settings import redact_url
     from decision_router.store import make_engine
 
     engine = make_engine(settings.database_url)
@@ -126,6 +129,7 @@ def audit(
 ) -> None:
     """The full story of an alert or an entity: received, routed, delivered, acknowledged, escalated, outcome."""
     from decision_router.audit import alert_story, entity_story
+    from decision_router.settings import redact_url
 
     _format(fmt)
     if (alert_id is None) == (entity is None):

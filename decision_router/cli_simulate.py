@@ -7,11 +7,10 @@ registered on cli.py's `app` when cli.py imports it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from dataclasses import replace
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -19,8 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from decision_router.cli import app, fail, out, settings_or_exit
-from decision_router.settings import redact_url
-from decision_router.simulate import SimulationParams, SimulationResult
+
+if TYPE_CHECKING:  # simulate.py pulls in the whole service (monitor, notify, channels, httpx): imported when run
+    from decision_router.simulate import SimulationResult
 
 
 def _points(value: float | None) -> str:
@@ -178,7 +178,10 @@ def simulate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the service's per-batch log lines.")] = False,
 ) -> None:
     """Simulate a world with a known truth through the real pipeline; print the truth next to the stats."""
-    from decision_router.simulate import run_simulation
+    import asyncio
+
+    from decision_router.settings import redact_url
+    from decision_router.simulate import SimulationParams, run_simulation
 
     if fmt not in ("table", "json"):
         fail(f"--format must be table or json, not {fmt!r}", code=2)

@@ -23,10 +23,10 @@ from rich.table import Table
 from rich.text import Text
 
 from decision_router.cli import _since, app, err, fail, out, settings_or_exit
-from decision_router.settings import Settings, redact_url
 from decision_router.uplift import DEFAULT_BAND_EDGES, MIN_N
 
 if TYPE_CHECKING:  # stats.py pulls in SQLAlchemy: imported where a command needs it, so other commands start fast
+    from decision_router.settings import Settings
     from decision_router.stats import BandRow, GroupBy, QualityReport, StatsRow
 
 FORMATS = ("table", "json", "csv")
@@ -59,6 +59,7 @@ def _store(settings: Settings) -> Iterator[Any]:
     from sqlalchemy.exc import SQLAlchemyError
     from sqlmodel import Session
 
+    from decision_router.settings import redact_url
     from decision_router.store import create_schema, make_engine
 
     engine = make_engine(settings.database_url)

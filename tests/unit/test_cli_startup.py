@@ -1,0 +1,90 @@
+"""`decision-router` starts fast: importing the CLI registers every command but imports none of the heavy modules.
+
+Every command is registered when decision_router.cli is imported (typer needs the signatures), so a
+module-level import in cli*.py is paid by every command, even `--help`. The service, the API and the
+store are imported in the command that uses them. Checked in a fresh interpreter, as `sys.modules` of
+the test process already holds everything the other tests imported.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# Each pulls in a large import tree (or is the root of one); none is needed to parse arguments.
+HEAVY = (
+    "fastapi",
+    "uvicorn",
+    "httpx",
+    "faststream",
+    "redis",
+    "sqlalchemy",
+    "sqlmodel",
+    "structlog",
+    "pydantic",
+    "rich.progress",
+    "asyncio",
+    "decision_router.settings",
+    "decision_router.contracts",
+    "decision_router.simulate",
+    "decision_router.monitor",
+    "decision_router.notify",
+    "decision_router.channels",
+    "decision_router.stats",
+    "decision_router.store",
+    "decision_router.service",
+    "decision_router.api",
+)
+
+PROBE = """
+import json, sys
+import decision_router.cli as cli
+names = sorted({c.name or c.callback.__name__ for c in cli.app.registered_commands}
+               | {g.name for g in cli.app.registered_groups})
+print(json.dumps({"modules": sorted(sys.modules), "commands": names}))
+"""
+
+
+def _probe() -> dict[str, list[str]]:
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(done.stdout)
+
+
+def test_importing_the_cli_imports_no_heavy_module() -> None:
+    loaded = set(_probe()["modules"])
+    imported = sorted(name for name in HEAVY if name in loaded)
+    assert not imported, f"imported by `import decision_router.cli`: {imported} (import them in the command)"
+
+
+def test_importing_the_cli_still_registers_every_command() -> None:
+    commands = set(_probe()["commands"])
+    expected = {
+        "serve", "demo", "publish", "outcome", "health", "audit", "reassign", "simulate", "api", "asyncapi", "bench",
+        "rules", "stats", "tokens", "redrive",
+    }
+    assert expected <= commands, f"not registered: {sorted(expected - commands)}"
+
+
+def test_help_of_every_command_works_without_the_heavy_modules() -> None:
+    """`--help` resolves every signature's annotations (typer) with only what cli*.py import at module level."""
+    # pydantic is left out here: typer (0.29+) imports it itself to build the parameters' converters.
+    commands = [
+        [], ["serve"], ["demo"], ["publish"], ["outcome"], ["health"], ["audit"], ["reassign"], ["simulate"],
+        ["api"], ["asyncapi"], ["rules"], ["rules", "check"], ["rules", "test"], ["rules", "replay"], ["stats"],
+        ["stats", "quality"], ["stats", "model"], ["stats", "drift"], ["tokens"], ["tokens", "create"],
+        ["tokens", "list"], ["tokens", "revoke"], ["redrive"], ["redrive", "deliveries"],
+    ]
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from decision_router.cli import app\n"
+        f"for args in {commands!r}:\n"
+        "    result = CliRunner().invoke(app, [*args, '--help'])\n"
+        "    assert result.exit_code == 0, (args, result.output, result.exception)\n"
+        "    assert 'Usage' in result.output, (args, result.output)\n"
+        f"heavy = [m for m in {[m for m in HEAVY if m != 'pydantic']!r} if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
