@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +28,14 @@ from dataclasses import dataclass
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -59,6 +68,8 @@ class Input:
 
 # Replies of a Redis that is failing over or not ready (READONLY: a replica just demoted).
 _REDIS_NOT_READY = ("READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "LOADING")
+_REDIS_NOT_READY_ERRORS = (ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError, BusyLoadingError)
+_NETWORK_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.EPIPE})
 # PostgreSQL SQLSTATEs of a server going away or not taking writes: connection exceptions (08...),
 # shutdown (57P01-57P03), too many connections (53300), read-only after a failover (25006).
 _PG_NOT_READY = ("08", "57P01", "57P02", "57P03", "53300", "25006")
@@ -68,14 +79,22 @@ def infrastructure_failure(exc: BaseException) -> str | None:
     """'Redis' or 'store' if `exc` means a service is unreachable (retry, never dead-letter)."""
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
         return "Redis"
-    if isinstance(exc, ResponseError) and str(exc).startswith(_REDIS_NOT_READY):
+    # redis-py maps these replies to classes and strips the code from the message; the others
+    # (NOREPLICAS...) keep it.
+    if isinstance(exc, _REDIS_NOT_READY_ERRORS) or (
+        isinstance(exc, ResponseError) and str(exc).startswith(_REDIS_NOT_READY)
+    ):
         return "Redis"
     if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
         return "store"
     if isinstance(exc, DBAPIError) and str(getattr(exc.orig, "sqlstate", "") or "").startswith(_PG_NOT_READY):
         return "store"
-    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
-        return "Redis"  # socket errors outside redis-py's wrappers (the store's are wrapped by SQLAlchemy)
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)) or (
+        isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS
+    ):
+        # Socket errors outside redis-py's wrappers (the store's are wrapped by SQLAlchemy). Not
+        # every OSError: a PermissionError from a bug must count against the entry, not wait forever.
+        return "Redis"
     return None
 
 
@@ -201,7 +220,10 @@ class Consumer:
                 )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
-                    raise
+                    # A failover reply (READONLY...) waits like an outage; anything else is logged.
+                    # Never raise: nothing would restart this task.
+                    await self._failed(exc, "read failed")
+                    continue
                 # Redis restarted without persistence: the group is gone; recreate it (from 0).
                 log.warning("consumer group missing; recreating it", error=str(exc))
                 await self.retrying(self.ensure_groups)

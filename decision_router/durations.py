@@ -47,10 +47,14 @@ def parse_since(text: str, *, now: datetime) -> datetime:
     CLI's and the API's `since`/`until` filters take it; ValueError says what was expected."""
     try:
         return now - parse_duration(text)
+    except OverflowError:
+        raise ValueError(f"{text!r} reaches back before the year 1") from None
     except ValueError:
         pass
     try:
         moment = datetime.fromisoformat(text)
+        return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range") from None
     except ValueError:
         raise ValueError(f"expected a duration like 7d or an ISO date like 2026-11-01, not {text!r}") from None
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)

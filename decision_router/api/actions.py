@@ -65,7 +65,8 @@ def outcome_pipeline(request: Request) -> Pipeline:
 async def apply_event(request: Request, document: dict[str, Any]) -> Applied:
     """One outcome event (a JSON object) through the outcomes path; applied or rejected with its reason."""
     pipeline = outcome_pipeline(request)
-    fields = {"data": json.dumps(document, ensure_ascii=False, default=str)}
+    # ASCII escapes: a lone surrogate stays an escape for the gate to reject, not a crash in XADD.
+    fields = {"data": json.dumps(document, default=str)}
     parsed = check_outcome(fields, source_stream=pipeline.keys.outcomes, limits=pipeline.settings.payload_limits)
     result = await pipeline.process_outcomes([(None, fields)])
     if result.accepted:

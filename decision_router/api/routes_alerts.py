@@ -110,7 +110,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, alert_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
         return as_utc(datetime.fromisoformat(created)), str(alert_id)  # type: ignore[return-value]
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError, OverflowError, binascii.Error):
         raise query_error("cursor", "not a cursor this API returned (use next_cursor from the previous page)") from None
 
 
@@ -175,7 +175,7 @@ async def _visible(request: Request, alert_id: str, principal: Principal) -> Ale
     return record
 
 
-async def _story(request: Request, alert_id: str) -> dict[str, Any]:
+async def _story(request: Request, alert_id: str, principal: Principal) -> dict[str, Any]:
     def read(session: Session) -> dict[str, Any] | None:
         story = alert_story(session, alert_id)
         record = session.get(AlertRecord, alert_id)
@@ -188,6 +188,9 @@ async def _story(request: Request, alert_id: str) -> dict[str, Any]:
     document = await read_store(request, read)
     if document is None:
         raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")
+    if principal.role == "owner":
+        # Sibling decisions of the same prediction may belong to other owners or be control records.
+        document.pop("siblings", None)
     return document
 
 
@@ -196,11 +199,7 @@ async def get_alert(
     request: Request, alert_id: str, principal: Annotated[Principal, Depends(require(*READERS))]
 ) -> dict[str, Any]:
     await _visible(request, alert_id, principal)
-    document = await _story(request, alert_id)
-    if principal.role == "owner":
-        # Sibling decisions of the same prediction may belong to other owners or be control records.
-        document.pop("siblings", None)
-    return document
+    return await _story(request, alert_id, principal)
 
 
 # actions ---------------------------------------------------------------------------------
@@ -258,7 +257,7 @@ async def _act(
             raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")
         field = "owner" if applied.reason == "unknown_owner" else "body"
         raise body_error(field, f"{applied.reason}: {applied.detail}")
-    return await _story(request, alert_id)
+    return await _story(request, alert_id, principal)
 
 
 @router.post("/v1/alerts/{alert_id}/ack", summary="Acknowledge an alert (role: owner of it, ops, admin)")

@@ -1,12 +1,13 @@
 """POST /v1/outcomes: the CRM webhook. A business system is a `publisher` (it writes events,
 reads nothing); ops and admin may post too. Owners act through /v1/alerts/{id}/... instead,
-where the alert is checked to be theirs."""
+where the alert is checked to be theirs. Reassigning is for ops and admin, here as on
+/v1/alerts/{id}/reassign: a publisher's `reassigned` event is refused (403)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Request
 
 from decision_router.api.actions import apply_event
 from decision_router.api.auth import Principal, require
@@ -30,6 +31,8 @@ async def post_outcomes(
         raise body_error("body", "an empty list: send one event or a non-empty list")
     if len(events) > MAX_EVENTS:
         raise body_error("body", f"{len(events)} events; at most {MAX_EVENTS} per request")
+    if principal.role == "publisher" and any(isinstance(e, dict) and e.get("type") == "reassigned" for e in events):
+        raise HTTPException(status_code=403, detail="reassigning needs an ops or admin token")
     results: list[dict[str, Any]] = []
     for index, event in enumerate(events):
         # Not a JSON object: the gate rejects it (invalid_json) and dead-letters it like a stream entry.

@@ -48,7 +48,8 @@ async def post_predictions(
         raise body_error("body", f"{len(items)} items; at most {MAX_ITEMS} per request")
     settings, keys = settings_of(request), keys_of(request)
     now = utcnow()
-    entries = [{"data": json.dumps(item, ensure_ascii=False)} for item in items]
+    # ASCII escapes: text Redis cannot encode (a lone surrogate) reaches the gate, which rejects it.
+    entries = [{"data": json.dumps(item)} for item in items]
     checked = [
         check_prediction(
             entry,
@@ -70,7 +71,8 @@ async def post_predictions(
             results.append(
                 {
                     "index": index,
-                    "prediction_id": pid if isinstance(pid, str) else None,
+                    # Echoed only as text JSON can carry back (not a lone surrogate, say).
+                    "prediction_id": pid if isinstance(pid, str) and pid.isprintable() else None,
                     "status": "rejected",
                     "reason": item.reason.value,
                     "detail": item.detail,

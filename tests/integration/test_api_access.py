@@ -206,6 +206,11 @@ async def test_owner_tokens_act_as_their_owner(api: Api) -> None:
     assert response.status_code == 200
     acked = [e for e in response.json()["events"] if e["type"] == "acknowledged"]
     assert [(e["actor"], e["detail"].get("note")) for e in acked] == [(ALICE, "on it")]
+    # The answer to an action is the alert's story as GET shows it to an owner: without the
+    # sibling decisions of the same prediction (other owners' alerts, control records).
+    assert "siblings" not in response.json()
+    ops_view = await api.client.get(f"/v1/alerts/{ALICE_ALERT}", headers=api.auth("ops"))
+    assert "siblings" in ops_view.json()
 
 
 async def test_owner_does_not_see_held_out_control_records(api: Api, ruleset: RuleSet) -> None:
@@ -223,3 +228,19 @@ async def test_owner_does_not_see_held_out_control_records(api: Api, ruleset: Ru
     assert (await api.client.get(f"/v1/alerts/{ALICE_ALERT}", headers=alice)).status_code == 404
     ops = (await api.client.get("/v1/alerts?action=control", headers=api.auth("ops"))).json()["items"]
     assert [a["alert_id"] for a in ops] == [ALICE_ALERT]
+
+
+async def test_only_ops_and_admin_reassign_through_the_outcome_webhook_too(api: Api) -> None:
+    from sqlmodel import Session
+
+    from decision_router.tables import AlertRecord
+
+    event = {"alert_id": ALICE_ALERT, "type": "reassigned", "owner": ELENA, "actor": "crm"}
+    refused = await api.client.post("/v1/outcomes", json=event, headers=api.auth("publisher"))
+    assert refused.status_code == 403, refused.text
+    with Session(api.engine) as session:
+        assert session.get(AlertRecord, ALICE_ALERT).owner == ALICE
+    allowed = await api.client.post("/v1/outcomes", json=event, headers=api.auth("ops"))
+    assert allowed.status_code == 200 and allowed.json()["applied"] == 1, allowed.text
+    with Session(api.engine) as session:
+        assert session.get(AlertRecord, ALICE_ALERT).owner == ELENA

@@ -284,6 +284,22 @@ async def test_outcome_webhook_addresses_by_alert_prediction_or_entity_and_dead_
     assert dlq == ["unknown_alert", "schema"]
 
 
+async def test_text_no_store_can_hold_is_rejected_per_item_never_a_500(standalone, r, settings: Settings) -> None:
+    """A lone surrogate (valid JSON, not encodable text) is the gate's invalid_encoding, not a crash."""
+    api, _ = standalone
+    body = b'[{"prediction_id": "s\\ud800", "model": "churn"}]'
+    headers = {**api.publisher, "content-type": "application/json"}
+    response = await api.http.post("/v1/predictions", content=body, headers=headers)
+    assert response.status_code == 202, response.text
+    assert [(i["status"], i.get("reason")) for i in response.json()["results"]] == [("rejected", "invalid_encoding")]
+    outcome = b'[{"alert_id": "al-\\udfff", "type": "acknowledged", "actor": "crm"}]'
+    response = await api.http.post("/v1/outcomes", content=outcome, headers=headers)
+    assert response.status_code == 200, response.text
+    assert [(x["status"], x.get("reason")) for x in response.json()["results"]] == [("rejected", "invalid_encoding")]
+    dlq = [fields["reason"] for _, fields in r.xrange(f"{settings.stream_prefix}outcomes:dlq")]
+    assert dlq == ["invalid_encoding"]  # dead-lettered, not only counted
+
+
 # rules reload, readiness, metrics, serving ---------------------------------------------------
 
 
@@ -387,6 +403,8 @@ async def test_bad_requests_get_4xx_json_naming_the_field_never_500(standalone) 
         ("GET", "/v1/stats?by=colour", {}, api.ops, 422, "by"),
         ("GET", "/v1/stats?until=soon", {}, api.ops, 422, "until"),
         ("GET", "/v1/stats/quality?since=x", {}, api.ops, 422, "since"),
+        ("GET", "/v1/stats?since=1000000d", {}, api.ops, 422, "since"),  # before the year 1
+        ("GET", "/v1/alerts?since=0001-01-01T00:00:00%2B01:00", {}, api.ops, 422, "since"),
     ]
     for method, path, kwargs, headers, status, field in cases:
         if "content" in kwargs:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+
 import psycopg
 import pytest
-from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
+from redis.exceptions import BusyLoadingError, ClusterDownError, MasterDownError, ReadOnlyError, ResponseError
+from redis.exceptions import TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DataError, IntegrityError, InternalError, OperationalError
@@ -21,7 +24,13 @@ from decision_router.consumer import decoded, infrastructure_failure
         (ConnectionResetError("reset by peer"), "Redis"),
         (OperationalError("select 1", {}, ConnectionRefusedError("refused")), "store"),
         (OperationalError("insert", {}, Exception("database is locked")), "store"),
-        (ReadOnlyError("READONLY You can't write against a read only replica."), "Redis"),  # failover
+        # As redis-py raises them: the reply code is mapped to a class and stripped from the message.
+        (ReadOnlyError("You can't write against a read only replica."), "Redis"),  # failover
+        (MasterDownError("Link with MASTER is down and replica-serve-stale-data is set to 'no'."), "Redis"),
+        (TryAgainError("Multiple keys request during rehashing of slot"), "Redis"),
+        (ClusterDownError("The cluster is down"), "Redis"),
+        (ResponseError("NOREPLICAS Not enough good replicas to write."), "Redis"),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), "Redis"),
         (InternalError("insert", {}, psycopg.errors.ReadOnlySqlTransaction("read-only transaction")), "store"),
     ],
 )
@@ -37,6 +46,8 @@ def test_outages_are_recognised(error: Exception, service: str) -> None:
         IntegrityError("insert", {}, Exception("duplicate key")),
         DataError("insert", {}, Exception("PostgreSQL text fields cannot contain NUL (0x00) bytes")),
         ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        PermissionError("audit events are append-only"),  # a bug, not an outage: never retried forever
+        FileNotFoundError("no such file"),
     ],
 )
 def test_other_errors_count_against_the_entry(error: Exception) -> None:
