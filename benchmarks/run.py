@@ -45,6 +45,7 @@ from benchmarks.workload import (
     publish_backlog,
     write_rules,
 )
+from decision_router.settings import redact_url
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -509,7 +510,7 @@ def check_services(args: argparse.Namespace) -> str | None:
     try:
         redis.Redis.from_url(args.redis_url, socket_connect_timeout=3).ping()
     except redis.RedisError as exc:
-        return f"cannot reach Redis at {args.redis_url}: {exc}"
+        return f"cannot reach Redis at {redact_url(args.redis_url)}: {exc}"
     if args.store == "postgres" or "scaleout" in args.parts:
         try:
             engine = sqlalchemy.create_engine(args.postgres_url, connect_args={"connect_timeout": 3})
@@ -517,7 +518,7 @@ def check_services(args: argparse.Namespace) -> str | None:
                 connection.execute(sqlalchemy.text("select 1"))
             engine.dispose()
         except sqlalchemy.exc.SQLAlchemyError as exc:
-            return f"cannot reach PostgreSQL at {args.postgres_url}: {str(exc).splitlines()[0]}"
+            return f"cannot reach PostgreSQL at {redact_url(args.postgres_url)}: {str(exc).splitlines()[0]}"
     return None
 
 

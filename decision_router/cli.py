@@ -88,7 +88,7 @@ def serve(
     """Run the router: consume predictions and outcomes, route, deliver, record; serve the HTTP API."""
     import asyncio
 
-    from redis.exceptions import AuthenticationError
+    from redis.exceptions import RedisError
     from sqlalchemy.exc import SQLAlchemyError
 
     from decision_router.api.server import ApiStartError
@@ -113,8 +113,10 @@ def serve(
         fail(f"refusing to start: the rules in {settings.rules_dir} are invalid:\n{exc}")
     except (EmbeddedRedisError, ApiStartError) as exc:
         fail(str(exc))
-    except AuthenticationError as exc:  # a wrong password does not heal by retrying: say so, no traceback
-        fail(f"cannot reach Redis at {redact_url(settings.effective_redis_url)}: {exc}")
+    except RedisError as exc:
+        # Only at start (creating the consumer groups), e.g. a wrong password or Redis down: once
+        # running, the read loop waits out Redis outages.
+        fail(f"cannot reach Redis at {redact_url(settings.effective_redis_url)}: {redact_text(str(exc))}")
     except SQLAlchemyError as exc:
         # Only at start (creating the schema): once running, the read loop waits out store outages.
         reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()

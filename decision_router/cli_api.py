@@ -61,7 +61,7 @@ def api(
 def _engine():  # type: ignore[no-untyped-def]
     from sqlalchemy.exc import SQLAlchemyError
 
-    from decision_router.settings import redact_url
+    from decision_router.settings import redact_text, redact_url
     from decision_router.store import create_schema, make_engine
 
     settings = settings_or_exit()
@@ -69,7 +69,8 @@ def _engine():  # type: ignore[no-untyped-def]
     try:
         create_schema(engine)
     except SQLAlchemyError as exc:
-        fail(f"cannot open the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
+        reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
+        fail(f"cannot open the store at {redact_url(settings.database_url)}: {reason}")
     return settings, engine
 
 

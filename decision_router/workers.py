@@ -68,7 +68,14 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
             if worker.process is not None and worker.process.poll() is None:
                 worker.process.send_signal(signum)
 
+    def reload(signum: int, _frame: object) -> None:
+        # SIGHUP means "re-read the rules" (as for a single `serve`): pass it on, keep running.
+        for worker in workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(signum)
+
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     try:
         for worker in workers:
             _spawn(worker)

@@ -253,6 +253,15 @@ def test_a_wrong_redis_password_is_a_clear_error_without_the_password(
     assert_no_secret(result.stdout, result.stderr)
 
 
+def test_serve_with_redis_down_at_start_is_one_clear_line(tmp_path: Path) -> None:
+    url = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"  # nothing listens there
+    result = cli(["serve"], tmp_path, DECISION_ROUTER_REDIS_URL=url)
+    assert result.returncode == 1
+    assert "cannot reach Redis at redis://:***@127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_no_secret(result.stdout, result.stderr)
+
+
 def test_tls_verifies_the_server_certificate(tls_redis: PrivateRedis, tmp_path: Path) -> None:
     # Without the test CA, the self-signed chain is refused: verification is really on.
     url = tls_redis.url.split("&ssl_ca_certs=")[0]

@@ -78,18 +78,24 @@ def test_workers_refused_on_the_embedded_redis(tmp_path) -> None:
 
 
 def test_with_workers_the_first_one_serves_the_api_and_only_it(redis_server: str, tmp_path) -> None:
-    """One port, one listener: worker 1 serves the HTTP API, the others run consumers only."""
+    """One port, one listener: worker 1 serves the HTTP API, the others run consumers only; SIGHUP
+    reaches the workers without stopping anything."""
     import httpx
 
     from tests.e2e.helpers import free_port
 
+    import shutil
+
     port = free_port()
+    rules = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", rules)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
     env.update(
         DECISION_ROUTER_REDIS_URL=redis_server,
         DECISION_ROUTER_STREAM_PREFIX=f"workers-api-{port}:",
         DECISION_ROUTER_DATABASE_URL=f"sqlite:///{tmp_path / 'store.db'}",
-        DECISION_ROUTER_RULES_DIR=str(ROOT / "rules"),
+        DECISION_ROUTER_RULES_DIR=str(rules),
+        DECISION_ROUTER_RULES_POLL_INTERVAL="0",  # only SIGHUP reloads
         DECISION_ROUTER_API_PORT=str(port),
         DECISION_ROUTER_LOG_FORMAT="json",
     )
@@ -108,9 +114,17 @@ def test_with_workers_the_first_one_serves_the_api_and_only_it(redis_server: str
             time.sleep(0.2)
         time.sleep(1.0)  # give a second listener on the same port time to fail, if one were started
         assert process.poll() is None
+        # SIGHUP (re-read the rules) goes on to the workers; the supervisor keeps running.
+        with (rules / "routing.yaml").open("a") as routing:
+            routing.write("\n# edited: a new version of the same rules\n")
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert process.poll() is None
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr[-3000:]
     assert "Address already in use" not in stderr and "cannot listen" not in stderr
     assert "Traceback" not in stderr
+    assert stderr.count('"rules reloaded"') == 2, stderr[-3000:]  # each worker re-read its rules
