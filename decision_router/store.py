@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.schema import CreateIndex
 from sqlmodel import SQLModel, create_engine
 
@@ -45,8 +46,20 @@ def within(query: Any, column: Any, since: datetime | None, until: datetime | No
     return query
 
 
+_SCHEMA_ATTEMPTS = 10  # one per table at worst, when several processes create a new store at once
+
+
 def create_schema(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine)
+    for attempt in range(_SCHEMA_ATTEMPTS):
+        try:
+            SQLModel.metadata.create_all(engine)
+            break
+        except (OperationalError, ProgrammingError, IntegrityError):
+            # Another process (a worker starting at the same moment) created a table between our
+            # check and our CREATE: check again, which skips what exists now. A store that fails
+            # for another reason fails every attempt and raises on the last.
+            if attempt == _SCHEMA_ATTEMPTS - 1:
+                raise
     # create_all skips tables that exist, and so indexes added to them later: the stats indexes
     # (tables.py, "Stats") are built here on a store created before them (once; seconds per 1M alerts).
     names = {"sqlite": ["ix_alerts_stats"], "postgresql": ["ix_alerts_stats_times", "ix_alerts_stats_counts"]}

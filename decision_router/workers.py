@@ -25,6 +25,7 @@ import structlog
 
 from decision_router.rules import load_rules
 from decision_router.settings import ENV_PREFIX, Settings
+from decision_router.store import create_schema, make_engine
 
 log = structlog.get_logger("decision_router.workers")
 
@@ -56,6 +57,12 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
             "--workers needs a real Redis: set DECISION_ROUTER_REDIS_URL (the embedded Redis serves one process)"
         )
     load_rules(settings.rules_dir)  # invalid rules: refuse once here, not N times in the workers
+    # The schema too, once, before the workers race to create it on a new store.
+    engine = make_engine(settings.database_url)
+    try:
+        create_schema(engine)
+    finally:
+        engine.dispose()
     first = ("--api-port", str(settings.api_port)) if api else ("--no-api",)
     workers = [
         _Worker(f"{settings.consumer_name}-{i}", first if i == 1 else ("--no-api",)) for i in range(1, count + 1)

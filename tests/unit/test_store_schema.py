@@ -1,0 +1,39 @@
+"""Several processes creating a new store at once (serve --workers N on a fresh database)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from sqlalchemy import inspect
+
+from decision_router.store import create_schema, make_engine
+
+
+def test_workers_creating_a_new_store_at_the_same_moment_all_succeed(tmp_path: Path) -> None:
+    # Each round is a new store and three creators racing on it; without the re-check they
+    # collide on "table ... already exists" in most rounds.
+    for round_ in range(10):
+        url = f"sqlite:///{tmp_path / f'store-{round_}.db'}"
+        errors: list[BaseException] = []
+        start = threading.Barrier(3)
+
+        def create() -> None:
+            engine = make_engine(url)
+            try:
+                start.wait()
+                create_schema(engine)
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+            finally:
+                engine.dispose()
+
+        threads = [threading.Thread(target=create) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [], errors
+        engine = make_engine(url)
+        assert {"predictions", "alerts", "audit_events"} <= set(inspect(engine).get_table_names())
+        engine.dispose()
