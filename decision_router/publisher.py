@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from decision_router.contracts import OutcomeEvent, Prediction, Rejection
 from decision_router.pipeline import utcnow
 from decision_router.quality import check_prediction
+from decision_router.streams import xadd_all
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,7 @@ def prediction_fields(prediction: Prediction) -> dict[str, str]:
 
 
 async def publish_predictions(redis: Redis, stream: str, predictions: Sequence[Prediction]) -> None:
-    async with redis.pipeline(transaction=False) as pipe:
-        for prediction in predictions:
-            pipe.xadd(stream, prediction_fields(prediction))
-        await pipe.execute()
+    await xadd_all(redis, stream, [prediction_fields(prediction) for prediction in predictions])
 
 
 async def publish_outcome(redis: Redis, stream: str, event: OutcomeEvent) -> str:

@@ -58,3 +58,11 @@ async def xadd_once(redis: Redis, writes: Sequence[StreamWrite], *, ttl: timedel
         if isinstance(result, Exception):
             raise result
     return sum(1 for r in results if r)
+
+
+async def xadd_all(redis: Redis, stream: str, entries: Sequence[Mapping[str, str]]) -> list[str]:
+    """Append entries in one pipelined round trip (producers: no dedupe); their entry ids."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for entry in entries:
+            pipe.xadd(stream, dict(entry))
+        return [as_text(entry_id) for entry_id in await pipe.execute()]

@@ -25,6 +25,7 @@ from decision_router.api.common import body_error, keys_of, read_store, settings
 from decision_router.contracts import Prediction, Rejection
 from decision_router.pipeline import utcnow
 from decision_router.quality import check_prediction
+from decision_router.streams import xadd_all
 
 router = APIRouter(tags=["predictions"])
 
@@ -91,12 +92,8 @@ async def post_predictions(
         else:
             seen.add(item.prediction_id)
             results.append({"index": index, "prediction_id": item.prediction_id, "status": "accepted"})
-    redis = request.app.state.redis
-    async with redis.pipeline(transaction=False) as pipe:
-        for entry in entries:
-            pipe.xadd(keys.predictions, entry)
-        stream_ids = await pipe.execute()
+    stream_ids = await xadd_all(request.app.state.redis, keys.predictions, entries)
     for result, stream_id in zip(results, stream_ids, strict=True):
-        result["stream_id"] = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+        result["stream_id"] = stream_id
     accepted = sum(1 for r in results if r["status"] == "accepted")
     return {"accepted": accepted, "rejected": len(results) - accepted, "results": results}
