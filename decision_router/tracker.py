@@ -50,30 +50,11 @@ def known_predictions(session: Session, prediction_ids: Iterable[str]) -> dict[s
     return {pid: sid for pid, sid in rows}
 
 
-def active_cooldown_alert(
-    session: Session, *, rule: str, entity_type: str, entity_id: str, since: datetime
-) -> str | None:
-    """The alert (or control record) of this rule and entity still inside its cooldown."""
-    return session.scalar(
-        select(AlertRecord.alert_id)
-        .where(
-            AlertRecord.rule == rule,
-            AlertRecord.entity_type == entity_type,
-            AlertRecord.entity_id == entity_id,
-            AlertRecord.suppressed_by.is_(None),
-            AlertRecord.created_at > since,
-        )
-        .order_by(AlertRecord.created_at.desc())
-        .limit(1)
-    )
-
-
 def cooldown_holders(
     session: Session, wanted: Iterable[tuple[str, str, str]], *, since: Mapping[str, datetime]
 ) -> dict[tuple[str, str, str], str]:
     """(rule, entity_type, entity_id) -> the latest alert (or control record) of that rule and
-    entity created after `since[rule]`: the cooldowns a whole batch runs into, in one query
-    (`active_cooldown_alert` asks the same of one key)."""
+    entity created after `since[rule]`: the cooldowns a whole batch runs into, in one query."""
     wanted = set(wanted)
     if not wanted:
         return {}
@@ -105,106 +86,6 @@ def _decision_event(decision: Decision, suppressed_by: str | None) -> str:
     return "routed" if decision.action == "alert" else "recorded"
 
 
-def record_prediction(
-    session: Session,
-    *,
-    prediction: Prediction,
-    stream_id: str | None,
-    decisions: Sequence[Decision],
-    rules_version: str,
-    now: datetime,
-    suppressed_by: Mapping[str, str] | None = None,
-) -> list[AlertRecord]:
-    """Store the prediction, one AlertRecord per decision, and their audit events.
-
-    `suppressed_by` maps a rule name to the alert whose cooldown covers this prediction.
-    """
-    suppressed_by = suppressed_by or {}
-    session.add(
-        PredictionRecord(
-            prediction_id=prediction.prediction_id,
-            stream_id=stream_id,
-            model=prediction.model,
-            model_version=prediction.model_version,
-            entity_type=prediction.entity_type,
-            entity_id=prediction.entity_id,
-            score=prediction.score,
-            predicted_at=prediction.predicted_at,
-            received_at=now,
-            rules_version=rules_version,
-            document=prediction.as_document(),
-        )
-    )
-    session.add(
-        AuditEvent(
-            prediction_id=prediction.prediction_id,
-            type="received",
-            actor=SYSTEM_ACTOR,
-            at=now,
-            detail={"stream_id": stream_id, "model": prediction.model, "score": prediction.score},
-        )
-    )
-    records = []
-    for decision in decisions:
-        suppressor = suppressed_by.get(decision.rule)
-        # Only delivered alerts have deadlines to meet.
-        treated = decision.action == "alert" and not decision.held_out and not suppressor
-        record = AlertRecord(
-            alert_id=alert_id_for(prediction.prediction_id, decision.rule),
-            prediction_id=prediction.prediction_id,
-            rule=decision.rule,
-            owner=decision.owner,
-            original_owner=decision.owner,
-            owner_source=decision.owner_source,
-            fallback_reason=decision.fallback_reason,
-            delegated_from=decision.delegated_from,
-            priority=decision.priority,
-            action=decision.action,
-            model=prediction.model,
-            model_version=prediction.model_version,
-            entity_type=prediction.entity_type,
-            entity_id=prediction.entity_id,
-            score=prediction.score,
-            context=decision.context,
-            missing_context=list(decision.missing_context),
-            rules_version=rules_version,
-            predicted_at=prediction.predicted_at,
-            created_at=now,
-            ack_by=now + decision.ack_within,
-            act_by=now + decision.act_within,
-            held_out=decision.held_out,
-            suppressed_by=suppressor,
-            status="suppressed" if suppressor else "open",
-            ack_due_at=now + decision.ack_within if treated else None,
-            act_due_at=now + decision.act_within if treated else None,
-        )
-        records.append(record)
-        session.add(record)
-        session.add(
-            AuditEvent(
-                alert_id=record.alert_id,
-                prediction_id=prediction.prediction_id,
-                type=_decision_event(decision, suppressor),
-                actor=SYSTEM_ACTOR,
-                at=now,
-                detail={
-                    "rule": decision.rule,
-                    "rules_version": rules_version,
-                    "owner": decision.owner,
-                    "owner_source": decision.owner_source,
-                    "fallback_reason": decision.fallback_reason,
-                    "delegated_from": decision.delegated_from,
-                    "priority": decision.priority,
-                    "action": decision.action,
-                    "held_out": decision.held_out,
-                    "suppressed_by": suppressor,
-                    "cooldown_s": decision.cooldown.total_seconds() if decision.cooldown else None,
-                },
-            )
-        )
-    return records
-
-
 def decision_rows(
     *,
     prediction: Prediction,
@@ -215,8 +96,8 @@ def decision_rows(
     now: datetime,
     suppressed_by: Mapping[str, str],
 ) -> tuple[dict, list[dict], list[dict]]:
-    """The rows `record_prediction` stores, as plain dicts for one bulk insert per table and
-    batch: (prediction row, alert rows, audit event rows). Same columns and values."""
+    """The rows one prediction adds to the store, as plain dicts for one bulk insert per table
+    and batch: (prediction row, alert rows, audit event rows)."""
     prediction_row = {
         "prediction_id": prediction.prediction_id, "stream_id": stream_id, "model": prediction.model,
         "model_version": prediction.model_version, "entity_type": prediction.entity_type,
