@@ -68,13 +68,16 @@ def build_broker() -> RedisBroker:
     return broker
 
 
-def asyncapi_document() -> dict[str, Any]:
+def _specification() -> Any:
     spec = AsyncAPI(build_broker(), title="decision-router streams", version=__version__, description=DESCRIPTION)
-    return spec.to_specification().to_jsonable()  # type: ignore[no-any-return]
+    return spec.to_specification()
+
+
+def asyncapi_document() -> dict[str, Any]:
+    return _specification().to_jsonable()  # type: ignore[no-any-return]
 
 
 def asyncapi_text(fmt: str) -> str:
     """The document as `json` or `yaml` text, stable for a given code version."""
-    spec = AsyncAPI(build_broker(), title="decision-router streams", version=__version__, description=DESCRIPTION)
-    specification = spec.to_specification()
+    specification = _specification()
     return specification.to_yaml() if fmt == "yaml" else specification.to_json()

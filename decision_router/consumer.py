@@ -177,7 +177,6 @@ class Consumer:
         self.clock = clock
         self.stopping = asyncio.Event()
         self.outage = Outage(settings, self.stopping)
-        self.dead_lettered = 0
         # Entry ids this process is working on: its own reclaim must not run them a second time.
         # Entry id -> when its idle time was last reset (read, or touched while retrying).
         self.in_hand: dict[str, float] = {}
@@ -374,7 +373,6 @@ class Consumer:
             return False
         log.error("entry dead-lettered after repeated failures", stream=source.stream, entry_id=entry_id,
                   attempts=attempts or self.settings.max_attempts, error=repr(error)[:300])
-        self.dead_lettered += 1
         metrics.observe_batch(source.label, size=1, seconds=0.0, rejected={rejection.reason.value: 1})
         await asyncio.to_thread(self._record, rejection)
         return await self.retrying(lambda: self.redis.xack(source.stream, self.group, entry_id))

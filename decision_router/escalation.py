@@ -25,7 +25,7 @@ from decision_router.notify import queue_deliveries
 from decision_router.pipeline import Pipeline
 from decision_router.rules import Owner
 from decision_router.streams import StreamWrite, xadd_once
-from decision_router.tables import AlertRecord, AuditEvent, EscalationRecord, as_utc
+from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, AuditEvent, EscalationRecord, as_utc
 from decision_router.tracker import SYSTEM_ACTOR, to_alert
 
 log = structlog.get_logger("decision_router.escalation")
@@ -46,9 +46,7 @@ def due_alerts(session: Session, *, now: datetime, limit: int = 500) -> list[Ale
             select(AlertRecord)
             .where(
                 AlertRecord.status == "open",
-                AlertRecord.action == "alert",
-                AlertRecord.held_out.is_(False),
-                AlertRecord.suppressed_by.is_(None),
+                DELIVERED_TO_OWNER,
                 or_(
                     and_(AlertRecord.acknowledged_at.is_(None), AlertRecord.ack_due_at <= now),
                     and_(AlertRecord.intervened_at.is_(None), AlertRecord.act_due_at <= now),

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from decision_router.durations import format_duration
 from decision_router.stats import UNKNOWN_MODEL, GroupBy, StatsRow, compute_stats
 from decision_router.store import within
-from decision_router.tables import AlertRecord, RejectionRecord, as_utc
+from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, RejectionRecord, as_utc
 
 # Upper edges of the time-to-act buckets, in seconds; the last bucket is open-ended.
 DEFAULT_ACT_EDGES: tuple[int, ...] = (15 * 60, 3600, 4 * 3600, 24 * 3600, 48 * 3600, 7 * 86400)
@@ -119,9 +119,7 @@ class TimeToAct:
 
 def _routed(query: Any) -> Any:
     """Alerts delivered to an owner: the `routed` of compute_stats."""
-    return query.where(
-        AlertRecord.action == "alert", AlertRecord.held_out.is_(False), AlertRecord.suppressed_by.is_(None)
-    )
+    return query.where(DELIVERED_TO_OWNER)
 
 
 def _filtered(query: Any, rule: str | None, model: str | None) -> Any:

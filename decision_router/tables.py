@@ -113,6 +113,13 @@ class AlertRecord(SQLModel, table=True):
         return "control" if self.held_out else self.action
 
 
+# Decisions that go to an owner (inbox, channels, deadlines): alerts neither held out nor
+# suppressed by a cooldown. Stats call them "routed".
+DELIVERED_TO_OWNER = and_(
+    AlertRecord.action == "alert", AlertRecord.held_out.is_(False), AlertRecord.suppressed_by.is_(None)
+)
+
+
 class EscalationRecord(SQLModel, table=True):
     """One step up the manager chain; also the outbox of escalated deliveries."""
 

@@ -23,6 +23,7 @@ from decision_router.contracts import (
 )
 from decision_router.router import Decision
 from decision_router.tables import (
+    DELIVERED_TO_OWNER,
     AlertRecord,
     AuditEvent,
     PredictionRecord,
@@ -268,12 +269,7 @@ def undelivered_alerts(
     session: Session, *, prediction_ids: Iterable[str] | None = None, limit: int = 1000
 ) -> list[AlertRecord]:
     """Alerts stored but not yet written to an inbox: the outbox, drained after commit."""
-    query = select(AlertRecord).where(
-        AlertRecord.action == "alert",
-        AlertRecord.delivered_at.is_(None),
-        AlertRecord.held_out.is_(False),
-        AlertRecord.suppressed_by.is_(None),
-    )
+    query = select(AlertRecord).where(DELIVERED_TO_OWNER, AlertRecord.delivered_at.is_(None))
     if prediction_ids is not None:
         query = query.where(AlertRecord.prediction_id.in_(list(prediction_ids)))
     return list(session.scalars(query.order_by(AlertRecord.created_at).limit(limit)))
