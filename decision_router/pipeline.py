@@ -58,9 +58,11 @@ class BatchResult:
     suppressed: int = 0
     delivered: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    rejections: list[Rejection] = field(default_factory=list, repr=False)  # each with its detail, in order
 
     def reject(self, rejection: Rejection) -> None:
         self.rejected[rejection.reason.value] = self.rejected.get(rejection.reason.value, 0) + 1
+        self.rejections.append(rejection)
 
 
 def dlq_writes(rejections: Sequence[Rejection], *, stream: str, keys: Keys) -> list[StreamWrite]:

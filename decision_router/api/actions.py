@@ -1,9 +1,10 @@
 """Outcome events from HTTP, applied through the outcome stream's own code path.
 
 An action (acknowledge, intervene, outcome, reassign, or a CRM's outcome webhook) is one
-entry handed to Pipeline.process_outcomes: the same parse (quality.check_outcome), the
-same addressing (tracker.find_alerts), the same audit trail, dead-lettering on
-outcomes:dlq and counting as an entry read from the outcomes stream. It runs
+entry handed to Pipeline.process_outcomes: the same parse (quality.check_outcome, done
+once, there), the same addressing (tracker.find_alerts), the same audit trail,
+dead-lettering on outcomes:dlq and counting as an entry read from the outcomes stream;
+a rejection's reason and detail are the DLQ entry's. It runs
 synchronously, so the caller learns at once whether it applied, and the dashboard shows
 the change on its next read. (A retried HTTP call is a new event, like a second stream
 entry: the alert's first ack/intervention/outcome wins; the audit trail shows both.)
@@ -17,10 +18,8 @@ from typing import Any
 
 from fastapi import Request
 
-from decision_router.contracts import Rejection
 from decision_router.notify import build_receivers, receiver_key, smtp_settings
 from decision_router.pipeline import Pipeline
-from decision_router.quality import check_outcome
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
 
@@ -66,16 +65,9 @@ async def apply_event(request: Request, document: dict[str, Any]) -> Applied:
     """One outcome event (a JSON object) through the outcomes path; applied or rejected with its reason."""
     pipeline = outcome_pipeline(request)
     # ASCII escapes: a lone surrogate stays an escape for the gate to reject, not a crash in XADD.
-    fields = {"data": json.dumps(document, default=str)}
-    parsed = check_outcome(fields, source_stream=pipeline.keys.outcomes, limits=pipeline.settings.payload_limits)
-    result = await pipeline.process_outcomes([(None, fields)])
+    result = await pipeline.process_outcomes([(None, {"data": json.dumps(document, default=str)})])
     if result.accepted:
         return Applied(True)
-    reason = next(iter(result.rejected), "unknown")
-    if isinstance(parsed, Rejection):
-        return Applied(False, reason, parsed.detail)
-    details = {
-        "unknown_alert": "no alert matches this event (by entity: no open alert predicted within the outcome window)",
-        "unknown_owner": f"owner {document.get('owner')!r} is not in the owner directory",
-    }
-    return Applied(False, reason, details.get(reason, reason))
+    # The pipeline parsed the event once and says why it refused it (the DLQ entry's detail).
+    [rejection] = result.rejections  # one entry, not applied: rejected
+    return Applied(False, rejection.reason.value, rejection.detail)

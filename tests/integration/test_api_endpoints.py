@@ -23,7 +23,7 @@ from decision_router.rules import RuleSet, load_rules
 from decision_router.service import running_service
 from decision_router.settings import Settings
 from decision_router.stats import GroupBy, compute_stats
-from decision_router.tables import AlertRecord, AuditEvent, RejectionRecord
+from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, AuditEvent, RejectionRecord
 from decision_router.tokens import create_token
 from decision_router.tracker import alert_id_for
 from tests.integration.conftest import RULES_DIR, wait_until
@@ -186,6 +186,38 @@ async def test_alert_list_filters_and_pages(standalone) -> None:
     } - set(item["missing_context"])
 
 
+async def test_the_action_filter_splits_decisions_into_delivered_recorded_control_and_suppressed(standalone) -> None:
+    """Each decision is listed under exactly one action; `alert` is tables.DELIVERED_TO_OWNER."""
+    api, app = standalone
+    await route(
+        app,
+        for_owner("f-alert", ALICE),
+        for_owner("f-control", ALICE),
+        # The same entity and rule within the cooldown: suppressed by f-alert's alert.
+        {**for_owner("f-again", ALICE), "entity_id": "acct-f-alert"},
+        # A shadow model version: recorded for analytics-desk, nobody alerted.
+        {**for_owner("f-shadow", ALICE), "model_version": "2026.11-shadow"},
+    )
+    with Session(api.engine) as session:
+        control = session.get(AlertRecord, alert_id_for("f-control", RULE))
+        control.held_out = True  # as if drawn into the control group
+        session.add(control)
+        session.commit()
+        delivered = set(session.scalars(select(AlertRecord.alert_id).where(DELIVERED_TO_OWNER)))
+
+    async def listed(action: str) -> set[str]:
+        response = await api.http.get("/v1/alerts", params={"action": action}, headers=api.ops)
+        assert response.status_code == 200, response.text
+        return {a["alert_id"] for a in response.json()["items"]}
+
+    assert await listed("alert") == delivered == {alert_id_for("f-alert", RULE)}
+    assert await listed("control") == {alert_id_for("f-control", RULE)}
+    assert await listed("suppressed") == {alert_id_for("f-again", RULE)}
+    assert await listed("record") == {alert_id_for("f-shadow", "shadow-models")}
+    # An owner token's list is the delivered one.
+    assert {a["alert_id"] for a in (await api.http.get("/v1/alerts", headers=api.alice)).json()["items"]} == delivered
+
+
 # one alert and the actions on it -------------------------------------------------------------
 
 
@@ -280,8 +312,10 @@ async def test_outcome_webhook_addresses_by_alert_prediction_or_entity_and_dead_
         w1, w2, w3 = (session.get(AlertRecord, alert_id_for(p, RULE)) for p in ("w1", "w2", "w3"))
         assert w1.acknowledged_at is not None and w2.intervention == "discount" and w3.outcome == "success"
         assert session.scalar(select(AuditEvent.actor).where(AuditEvent.type == "outcome")) == "crm"
-    dlq = [fields["reason"] for _, fields in r.xrange(f"{settings.stream_prefix}outcomes:dlq")]
-    assert dlq == ["unknown_alert", "schema"]
+    dlq = [(fields["reason"], fields["detail"]) for _, fields in r.xrange(f"{settings.stream_prefix}outcomes:dlq")]
+    # The answer's reason and detail are the DLQ entry's: the event was parsed once, by the pipeline.
+    assert dlq == [("unknown_alert", results[3]["detail"]), ("schema", results[4]["detail"])]
+    assert results[3]["detail"] == "no alert al-nope"
 
 
 async def test_text_no_store_can_hold_is_rejected_per_item_never_a_500(standalone, r, settings: Settings) -> None:
