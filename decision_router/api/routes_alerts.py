@@ -27,7 +27,7 @@ from decision_router.api.auth import Principal, require
 from decision_router.api.common import body_error, parse_entity, parse_since, query_error, read_store, ruleset_of
 from decision_router.audit import AlertSummary, alert_story, iso
 from decision_router.contracts import OutcomeResult
-from decision_router.tables import AlertRecord, as_utc
+from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, as_utc
 
 router = APIRouter(tags=["alerts"])
 
@@ -62,12 +62,14 @@ def _state_clause(state: State) -> Any:
 
 def _action_clause(action: Action) -> Any:
     a = AlertRecord
+    if action is Action.ALERT:
+        return DELIVERED_TO_OWNER
     if action is Action.SUPPRESSED:
         return a.suppressed_by.is_not(None)
     not_suppressed = a.suppressed_by.is_(None)
     if action is Action.CONTROL:
         return and_(not_suppressed, a.held_out.is_(True))
-    return and_(not_suppressed, a.held_out.is_(False), a.action == action.value)
+    return and_(not_suppressed, a.held_out.is_(False), a.action == Action.RECORD.value)
 
 
 def state_of(record: AlertRecord) -> str:
