@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     # The HTTP API (served by `serve` unless --no-api, or by `decision-router api`); port 0 = any free port.
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
+    # The largest request body the API reads; unset: max_payload_bytes x the most items per request.
+    api_max_body_bytes: int | None = Field(default=None, ge=1024)
 
     embedded_host: str = "127.0.0.1"
     embedded_port: int = Field(default=6399, ge=1, le=65535)

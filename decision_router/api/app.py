@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 from decision_router import __version__
 from decision_router.api.actions import QueueOnlyChannels
 from decision_router.api.auth import Principal, require
+from decision_router.api.limits import BodyLimit, max_body_bytes
 from decision_router.pipeline import Pipeline
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
@@ -106,6 +107,8 @@ def create_app(
     from decision_router.api.dashboard import router as dashboard_router
 
     app.include_router(dashboard_router)
+    # Outermost, so an oversized body is refused before any other work.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes(settings))
     return app
 
 
