@@ -14,6 +14,8 @@ import fakeredis
 from fakeredis._clients._tcp_server import TCPFakeRequestHandler
 from redis.exceptions import ResponseError
 
+SHUTDOWN_POLL_S = 0.05  # seconds: how soon the embedded server notices stop()
+
 
 class EmbeddedRedisError(Exception):
     pass
@@ -60,7 +62,12 @@ class EmbeddedRedis:
         self._server.RequestHandlerClass = _Handler
         # Port 0 asks the OS for a free port (used by the demo and tests).
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="embedded-redis", daemon=True)
+        # shutdown() waits for serve_forever's next look at its stop flag: every poll
+        # interval (socketserver's default, 0.5 s, was most of the time Ctrl-C took).
+        server = self._server
+        self._thread = threading.Thread(
+            target=lambda: server.serve_forever(poll_interval=SHUTDOWN_POLL_S), name="embedded-redis", daemon=True
+        )
         self._thread.start()
         return self
 
