@@ -68,6 +68,9 @@ MAX_DIGEST_ALERTS = 500
 # rows wait in the outbox, so they are read apart and never hold up the others).
 PENDING_BATCH = 1000
 DIGEST_PENDING_BATCH = 5000
+# How long a dispatcher being closed (at stop, or replaced by a rules reload) may take to
+# finish the deliveries in hand; the rest stay pending in the outbox.
+CLOSE_TIMEOUT_S = 5.0
 
 
 class _Created(Protocol):
@@ -134,6 +137,11 @@ class PendingDelivery:
 
 def receiver_key(owner_id: str, channel: str) -> str:
     return f"{owner_id}:{channel}"
+
+
+def usable_channels(receivers: Mapping[str, object], owner_id: str) -> tuple[str, ...]:
+    """The external channels an alert for this owner goes to (configured and usable)."""
+    return tuple(c for c in EXTERNAL if receiver_key(owner_id, c) in receivers)
 
 
 def smtp_settings(settings: Settings) -> SmtpSettings | None:
@@ -206,36 +214,71 @@ class ChannelDelivery:
     ) -> None:
         self.settings, self.engine, self.redis, self.clock = settings, engine, redis, clock
         self.keys = Keys(settings.stream_prefix)
-        receivers, warnings = build_receivers(ruleset, smtp_settings(settings))
-        for warning in warnings:
-            log.warning("channel disabled", reason=warning)
-        self.receivers = receivers
-        templates = ruleset.source_dir / "templates"
-        self.dispatcher = dispatcher or Dispatcher.from_config(
-            receivers,
-            smtp=smtp_settings(settings),
-            renderer=Renderer(templates if templates.is_dir() else None) if receivers else None,
-            on_result=self._on_result,
-        )
+        self.receivers, self.digests = self._configure(ruleset)
+        self.dispatcher = dispatcher or self._dispatcher(ruleset)
         self._inflight: dict[tuple[str, str, int], int] = {}  # (receiver, alert, copy level) -> row id
         # Rows finished since the current pump began: its snapshot of pending rows may be
         # older than their result, and they must not be sent twice.
         self._done: set[int] = set()
         self._lock = asyncio.Lock()
-        # Receivers of owners with a digest window, and when each was last handed a message
-        # by this process (the store's finished_at covers sends before a restart).
-        self.digests: dict[str, timedelta] = {
+        # When each digest receiver was last handed a message by this process (the store's
+        # finished_at covers sends before a restart).
+        self._last_sent: dict[str, datetime] = {}
+        # Dispatchers replaced by a rules reload, finishing what they had in hand.
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def _configure(self, ruleset: RuleSet) -> tuple[dict[str, WebhookReceiver | EmailReceiver], dict[str, timedelta]]:
+        """Receivers per `owner:channel` from the owner directory (each unusable one warned
+        about), and the digest window of each receiver whose owner has one."""
+        receivers, warnings = build_receivers(ruleset, smtp_settings(self.settings))
+        for warning in warnings:
+            log.warning("channel disabled", reason=warning)
+        digests = {
             receiver_key(owner.id, channel): owner.digest
             for owner in ruleset.owners.values()
             if owner.digest
             for channel in EXTERNAL
             if receiver_key(owner.id, channel) in receivers
         }
-        self._last_sent: dict[str, datetime] = {}
+        return receivers, digests
+
+    def _dispatcher(self, ruleset: RuleSet) -> Dispatcher:
+        templates = ruleset.source_dir / "templates"
+        return Dispatcher.from_config(
+            self.receivers,
+            smtp=smtp_settings(self.settings),
+            renderer=Renderer(templates if templates.is_dir() else None) if self.receivers else None,
+            on_result=self._on_result,
+        )
+
+    async def reconfigure(self, ruleset: RuleSet) -> bool:
+        """A rules reload: rebuild the receivers (webhook URLs and secrets, email addresses,
+        digest windows) from the new owner directory; True if they changed.
+
+        Nothing queued is lost: pending rows stay in the outbox and the next pump sends them
+        to the new receivers. The old dispatcher finishes what it has in hand (results are
+        recorded as usual); what it cannot finish within CLOSE_TIMEOUT_S goes back to
+        being pending, and is sent again (receivers dedupe on the delivery header)."""
+        receivers, digests = await asyncio.to_thread(self._configure, ruleset)
+        if (receivers, digests) == (self.receivers, self.digests):
+            return False
+        async with self._lock:  # between pumps
+            retired = self.dispatcher
+            self.receivers, self.digests = receivers, digests
+            self.dispatcher = self._dispatcher(ruleset)
+        task = asyncio.create_task(self._retire(retired), name="channels-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        log.info("channel receivers rebuilt", receivers=sorted(receivers), digests=sorted(digests))
+        return True
+
+    async def _retire(self, dispatcher: Dispatcher) -> None:
+        for key, alert in await dispatcher.close(timeout=CLOSE_TIMEOUT_S):
+            # Not reported, so its row is still pending: let the next pump hand it over again.
+            self._inflight.pop(_token(key, alert), None)
 
     def channels_for(self, owner_id: str) -> tuple[str, ...]:
-        """The external channels an alert for this owner goes to (configured and usable)."""
-        return tuple(c for c in EXTERNAL if receiver_key(owner_id, c) in self.receivers)
+        return usable_channels(self.receivers, owner_id)
 
     async def pump(self) -> int:
         """Hand pending rows to the dispatcher; returns how many rows were submitted.
@@ -429,7 +472,7 @@ class ChannelDelivery:
         await self.dispatcher.drain()
 
     async def close(self) -> None:
-        await self.dispatcher.close(timeout=5.0)
+        await asyncio.gather(self.dispatcher.close(timeout=CLOSE_TIMEOUT_S), *self._retiring)
 
 
 def _level(alert: AnyAlert) -> int:

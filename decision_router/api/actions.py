@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import Request
 
-from decision_router.notify import build_receivers, receiver_key, smtp_settings
+from decision_router.notify import build_receivers, smtp_settings, usable_channels
 from decision_router.pipeline import Pipeline
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
@@ -33,7 +33,7 @@ class QueueOnlyChannels:
         self.receivers, _warnings = build_receivers(ruleset, smtp_settings(settings))
 
     def channels_for(self, owner_id: str) -> tuple[str, ...]:
-        return tuple(c for c in ("webhook", "email") if receiver_key(owner_id, c) in self.receivers)
+        return usable_channels(self.receivers, owner_id)
 
     async def pump(self) -> int:
         return 0
