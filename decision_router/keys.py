@@ -31,6 +31,11 @@ class Keys:
     def deliveries_dlq(self) -> str:
         return f"{self.prefix}deliveries:dlq"
 
+    @property
+    def rules_reload(self) -> str:
+        """Pub/sub channel: every router process on this prefix re-reads its rule files now."""
+        return f"{self.prefix}rules:reload"
+
     def inbox(self, owner_id: str) -> str:
         return f"{self.prefix}alerts:{owner_id}"
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
@@ -20,6 +22,7 @@ from decision_router.consumer import Consumer, Input, ensure_group, infrastructu
 from decision_router.embedded import EmbeddedRedis
 from decision_router.enrich import build_enricher
 from decision_router.escalation import EscalationSweeper
+from decision_router.keys import Keys
 from decision_router.monitor import DataQualityMonitor
 from decision_router.notify import ChannelDelivery
 from decision_router.pipeline import Clock, Pipeline, utcnow
@@ -28,9 +31,26 @@ from decision_router.rules.watch import RulesWatcher
 from decision_router.settings import Settings, redact_url
 from decision_router.store import create_schema, make_engine
 
-__all__ = ["RouterService", "ensure_group", "running_service", "serve"]
+__all__ = ["RouterService", "ensure_group", "request_reload", "running_service", "serve"]
 
 log = structlog.get_logger("decision_router.service")
+
+RELOAD_POLL_S = 0.1  # how often the reload subscriber looks at the stop flag
+
+
+async def request_reload(redis: Redis, keys: Keys, *, rules_version: str, by: str) -> int:
+    """Ask every router process on this prefix to re-read its rules now; returns how many
+    subscribed processes received the request (PUBLISH's count)."""
+    return int(await redis.publish(keys.rules_reload, json.dumps({"rules_version": rules_version, "by": by})))
+
+
+def reload_request(data: bytes | str) -> dict[str, Any]:
+    """The request's fields; anything else published on the channel still means "reload"."""
+    try:
+        request = json.loads(data)
+    except ValueError:
+        return {}
+    return request if isinstance(request, dict) else {}
 
 
 class RouterService:
@@ -73,8 +93,11 @@ class RouterService:
         if self.pipeline.channels is not None:
             # Pending channel deliveries left by a crash, or queued by another path.
             self._every("channels", 1.0, self.pipeline.channels.pump)
-        if self.watcher is not None and settings.rules_poll_interval.total_seconds() > 0:
-            self._every("rules", settings.rules_poll_interval.total_seconds(), self.check_rules)
+        if self.watcher is not None:
+            if settings.rules_poll_interval.total_seconds() > 0:
+                self._every("rules", settings.rules_poll_interval.total_seconds(), self.check_rules)
+            # Resubscribes a second after a Redis error; a request missed meanwhile is caught by the poll.
+            self._every("rules-reload", 1.0, self.follow_reload_requests)
         log.info(
             "router started",
             redis=redact_url(self.pipeline.settings.effective_redis_url),
@@ -114,6 +137,26 @@ class RouterService:
             old = self.pipeline.ruleset.version
             self.pipeline.ruleset = fresh  # one assignment: each batch sees one rule set
             log.info("rules reloaded", rules_version=fresh.version, previous=old, rules=len(fresh.rules))
+            if self.pipeline.channels is not None:
+                # Webhook URLs, secrets, emails and digest windows come from the owner directory.
+                await self.pipeline.channels.reconfigure(fresh)
+
+    async def follow_reload_requests(self) -> None:
+        """Re-read the rules when any process on this stream prefix asks (POST /v1/rules/reload,
+        published on keys.rules_reload), until stop; a Redis error ends it (the caller resubscribes)."""
+        pubsub = self.pipeline.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.keys.rules_reload)
+            while not self._stopping.is_set():
+                message = await pubsub.get_message(timeout=RELOAD_POLL_S)
+                if message is None:
+                    continue
+                request = reload_request(message["data"])
+                if request.get("by") != self.consumer:  # the API in this process has reloaded already
+                    log.info("rules reload requested", by=request.get("by"), rules_version=request.get("rules_version"))
+                    await self.check_rules(force=True)
+        finally:
+            await pubsub.aclose()
 
     def _every(self, name: str, interval: float, job: Callable[[], Awaitable[object]]) -> None:
         async def loop() -> None:

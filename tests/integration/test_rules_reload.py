@@ -1,0 +1,207 @@
+"""Hot reload reaching everything it should: every router process on the stream prefix (POST
+/v1/rules/reload broadcasts), and the channel receivers (webhooks from owners.yaml are rebuilt,
+no queued delivery lost). Real Redis; real `serve --workers 2` processes for the broadcast."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import select
+from sqlmodel import Session
+
+from decision_router import notify
+from decision_router.api.server import api_for_service
+from decision_router.keys import Keys
+from decision_router.rules import load_rules
+from decision_router.service import running_service
+from decision_router.store import make_engine
+from decision_router.tables import AlertRecord, DeliveryRecord
+from decision_router.tokens import create_token
+from decision_router.tracker import alert_id_for
+from tests.integration.conftest import RULES_DIR, wait_until
+from tests.integration.test_channels_webhook import ReceiverState, receiver  # noqa: F401  (fixture)
+from tests.integration.test_faults_helpers import ROOT, all_acknowledged, free_port, publish_backlog, wait_for
+from tests.integration.test_router_loop import count
+
+pytestmark = pytest.mark.redis
+
+# The edit every test makes: enterprise churn goes to the enterprise desk, not the account manager.
+ACCOUNT_MANAGER = "owner: {from: context.account_manager, fallback: enterprise-desk}\n    priority: high"
+DESK = "owner: enterprise-desk\n    priority: high"
+
+
+def send_enterprise_churn_to_the_desk(rules_dir: Path) -> None:
+    routing = rules_dir / "routing.yaml"
+    text = routing.read_text()
+    assert text.count(ACCOUNT_MANAGER) == 1
+    routing.write_text(text.replace(ACCOUNT_MANAGER, DESK))
+
+
+def log_events(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_an_api_reload_reaches_every_worker_at_once(redis_server: str, prefix: str, tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", rules)
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    env.update(
+        DECISION_ROUTER_REDIS_URL=redis_server,
+        DECISION_ROUTER_STREAM_PREFIX=prefix,
+        DECISION_ROUTER_DATABASE_URL=store,
+        DECISION_ROUTER_RULES_DIR=str(rules),
+        DECISION_ROUTER_RULES_POLL_INTERVAL="1h",  # only the broadcast can explain a reload
+        DECISION_ROUTER_BATCH_SIZE="10",  # both workers take part of the backlog
+        DECISION_ROUTER_READ_BLOCK_MS="200",
+        DECISION_ROUTER_DRIFT_INTERVAL="0",
+        DECISION_ROUTER_API_PORT=str(port),
+        DECISION_ROUTER_LOG_FORMAT="json",
+    )
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "decision_router", "serve", "--workers", "2"], env=env,
+                                   cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT)
+    engine = make_engine(store)
+    client = redis.Redis.from_url(redis_server)
+    keys = Keys(prefix)
+    try:
+        wait_for(lambda: log_path.read_text().count('"router started"') == 2 or process.poll() is not None,
+                 timeout=60, what="both workers to start")
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        admin = {"Authorization": f"Bearer {create_token(engine, role='admin')[0]}"}
+        time.sleep(1.0)  # past each worker's first look at the files, which it takes as it starts
+        send_enterprise_churn_to_the_desk(rules)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/rules/reload", headers=admin, timeout=10)
+        answered = datetime.now(UTC)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["changed"] is True and body["notified_processes"] == 2, body  # both workers subscribe
+        new_version = body["rules_version"]
+
+        def reloads() -> list[dict]:
+            return [e for e in log_events(log_path.read_text()) if e.get("event") == "rules reloaded"]
+
+        # Worker 1 reloaded to answer; worker 2 on the broadcast, within a second or two.
+        wait_for(lambda: len(reloads()) == 2, timeout=3, what="both workers to reload")
+        assert {e["rules_version"] for e in reloads()} == {new_version}
+        assert all((datetime.fromisoformat(e["timestamp"]) - answered).total_seconds() < 2 for e in reloads())
+        requested = [e for e in log_events(log_path.read_text()) if e.get("event") == "rules reload requested"]
+        assert len(requested) == 1, requested  # the API's own worker does not reload twice
+
+        documents = publish_backlog(client, keys.predictions, 400)
+        wait_for(all_acknowledged(client, keys, "decision-router", 400), timeout=60, what="the backlog")
+        enterprise = {alert_id_for(d["prediction_id"], "enterprise-churn-risk") for d in documents
+                      if d["context"]["segment"] == "enterprise" and d["score"] >= 0.8}
+        with Session(engine) as session:
+            owners = {alert_id: owner for alert_id, owner in session.execute(
+                select(AlertRecord.alert_id, AlertRecord.owner).where(AlertRecord.alert_id.in_(enterprise)))}
+        assert len(owners) == len(enterprise) == 100
+        assert set(owners.values()) == {"enterprise-desk"}  # by the new rules, whichever worker routed it
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+        engine.dispose()
+        client.close()
+    assert code == 0, log_path.read_text()[-3000:]
+    assert "Traceback" not in log_path.read_text()
+
+
+async def test_an_api_reload_reaches_a_separate_service_which_rereads_its_own_files(
+    settings, engine, tmp_path: Path
+) -> None:
+    """Two `serve` processes (say, two hosts, each with its copy of the rules) on one prefix."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    for directory in (here, there):
+        shutil.copytree(RULES_DIR, directory)
+    ruleset = load_rules(here)
+    first = settings.model_copy(update={"rules_dir": here, "api_port": 0, "consumer_name": "host-a",
+                                        "rules_poll_interval": timedelta(hours=1)})
+    second = settings.model_copy(update={"rules_dir": there, "consumer_name": "host-b",
+                                         "rules_poll_interval": timedelta(hours=1)})
+    admin = {"Authorization": f"Bearer {create_token(engine, role='admin')[0]}"}
+    async with (
+        running_service(first, ruleset, engine, watch_rules=True) as a,
+        running_service(second, ruleset, engine, watch_rules=True) as b,
+        api_for_service(a, engine) as server,
+    ):
+        assert server is not None
+        for directory in (here, there):
+            send_enterprise_churn_to_the_desk(directory)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            body = (await client.post("/v1/rules/reload", headers=admin)).json()
+        assert body["changed"] is True and body["notified_processes"] == 2
+        assert a.pipeline.ruleset.version == body["rules_version"]
+        await wait_until(lambda: b.pipeline.ruleset.version == body["rules_version"], timeout=2,
+                         what="the other service to reload")
+        # Unchanged files: nothing to swap anywhere, and the answer says so.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            again = (await client.post("/v1/rules/reload", headers=admin)).json()
+        assert again["changed"] is False and again["rules_version"] == body["rules_version"]
+
+
+async def test_a_reload_rebuilds_the_webhook_receivers_and_loses_no_queued_delivery(
+    settings, engine, tmp_path: Path, receiver: ReceiverState, r, monkeypatch  # noqa: F811
+) -> None:
+    monkeypatch.setattr(notify, "CLOSE_TIMEOUT_S", 0.5)  # how long the replaced dispatcher may finish
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "routing.yaml").write_text(
+        "defaults: {ack_within: 1h, act_within: 4h}\n"
+        "rules:\n  - {name: churn, when: {model: churn}, owner: {from: context.account_manager, fallback: am}}\n"
+        "  - {name: rest, when: {}, owner: am, action: record}\n"
+    )
+    owners = rules_dir / "owners.yaml"
+
+    def write_owners(am_path: str, new_owner_webhook: bool) -> None:
+        new = (f"channels: [inbox, webhook], webhook: {{url: '{receiver.url('/ok/new')}'}}"
+               if new_owner_webhook else "channels: [inbox]")
+        owners.write_text(
+            "owners:\n"
+            f"  - {{id: am, name: AM, channels: [inbox, webhook], webhook: {{url: '{receiver.url(am_path)}', timeout_s: 30}}}}\n"
+            f"  - {{id: new, name: New, {new}}}\n"
+        )
+
+    write_owners("/hang/am", new_owner_webhook=False)  # am's receiver hangs: its delivery stays in flight
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "rules_poll_interval": timedelta(0)})
+    keys = Keys(settings.stream_prefix)
+
+    def publish(pid: str, manager: str) -> None:
+        r.xadd(keys.predictions, {"data": json.dumps({
+            "prediction_id": pid, "model": "churn", "model_version": "1", "entity_type": "account",
+            "entity_id": f"acct-{pid}", "score": 0.9, "predicted_at": datetime.now(UTC).isoformat(),
+            "context": {"account_manager": manager},
+        })})
+
+    def delivered_to(path: str) -> list[str]:
+        return [json.loads(request.body)["alert_id"] for request in receiver.to(path)]
+
+    async with running_service(tuned, load_rules(rules_dir), engine, watch_rules=True) as service:
+        publish("p-am", "am")
+        await wait_until(lambda: len(receiver.to("/hang/am")) == 1, what="am's delivery in flight")
+        # Edit owners.yaml: am's webhook moves, and `new` gets one. Then reload, as SIGHUP or the API do.
+        write_owners("/ok/am-moved", new_owner_webhook=True)
+        await service.check_rules(force=True)
+        assert set(service.pipeline.channels.receivers) == {"am:webhook", "new:webhook"}
+        publish("p-new", "new")
+        await wait_until(lambda: delivered_to("/ok/new") == [alert_id_for("p-new", "churn")], what="new's webhook")
+        # The delivery the old dispatcher could not finish went back to the outbox and out to the new URL.
+        await wait_until(lambda: delivered_to("/ok/am-moved") == [alert_id_for("p-am", "churn")], timeout=15,
+                         what="am's delivery at its new address")
+        await wait_until(lambda: count(engine, DeliveryRecord, DeliveryRecord.status == "delivered") == 2,
+                         what="both rows delivered")
+    with Session(engine) as session:
+        rows = {row.alert_id: (row.recipient, row.status) for row in session.scalars(select(DeliveryRecord))}
+    assert rows == {alert_id_for("p-am", "churn"): ("am", "delivered"), alert_id_for("p-new", "churn"): ("new", "delivered")}
