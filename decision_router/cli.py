@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import gc
 import sys
+from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -124,6 +125,39 @@ def serve(
         fail(f"cannot open the store at {redact_url(settings.database_url)}: {reason}")
 
 
+T = TypeVar("T")
+INTERRUPT_GRACE_S = 1.0  # after Ctrl-C, how long `demo` may take to stop by itself
+
+
+def run_interruptibly(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, where Ctrl-C always stops `main`: it is cancelled, and cancelled again every
+    INTERRUPT_GRACE_S while it keeps running (a cancellation can be lost inside an await that
+    completes at the same moment: seen under load, the demo then ran to its end). The outcome
+    is KeyboardInterrupt (exit 130), as with asyncio.run."""
+    import asyncio
+    import signal
+
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def interrupt() -> None:
+            if not task.done():
+                task.cancel()
+                loop.call_later(INTERRUPT_GRACE_S, interrupt)
+
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+        try:
+            return await main
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    return asyncio.run(guarded())
+
+
 @app.command()
 def demo(
     predictions: Annotated[int, typer.Option(help="How many synthetic churn predictions to publish.")] = 3000,
@@ -134,14 +168,14 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the service's per-batch log lines.")] = False,
 ) -> None:
     """Run the whole loop in one process, no server needed, and print the stats."""
-    import asyncio
-
     from decision_router.demo import run_demo
     from decision_router.rules import RulesInvalid
 
     settings = settings_or_exit(log_level=None if verbose else "warning")
     try:
-        result = asyncio.run(run_demo(settings, predictions=predictions, seed=seed, database_url=database, console=out))
+        result = run_interruptibly(
+            run_demo(settings, predictions=predictions, seed=seed, database_url=database, console=out)
+        )
     except RulesInvalid as exc:
         fail(f"the rules in {settings.rules_dir} are invalid:\n{exc}")
     from decision_router.cli_stats import print_stats

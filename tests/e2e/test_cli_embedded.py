@@ -245,9 +245,10 @@ def _exists(client: redis.Redis, key: str) -> bool:
         return False
 
 
-# Before: 0.7-1.2 s here (2-7 s reported on busier machines): half a second for the embedded
-# server's poll loop to notice stop(), half a second of interpreter teardown. Now about 0.3 s.
-EXIT_BOUND_S = 1.5
+# Before: 0.7-1.2 s here (2-7 s reported on busier machines): up to half a second for the
+# embedded server's poll loop to notice stop(), half a second of interpreter teardown; and the
+# demo could lose a Ctrl-C under load and run to its end. Now about 0.3 s. Generous, not to flake.
+EXIT_BOUND_S = 2.5
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -266,7 +267,7 @@ def test_serve_on_the_embedded_redis_exits_promptly(workdir, env, server, sig) -
 
 
 def test_demo_exits_promptly_on_ctrl_c(workdir, env) -> None:
-    process = subprocess.Popen(CLI + ["demo", "--predictions", "20000"], env=env, cwd=workdir, stdout=subprocess.PIPE,
+    process = subprocess.Popen(CLI + ["demo"], env=env, cwd=workdir, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
@@ -290,3 +291,30 @@ def test_the_embedded_server_stops_within_its_poll_interval() -> None:
     started = time.monotonic()
     embedded.stop()
     assert time.monotonic() - started < SHUTDOWN_POLL_S + 0.2  # socketserver's default poll was 0.5 s
+
+
+def test_ctrl_c_stops_even_a_coroutine_that_loses_the_cancellation(workdir) -> None:
+    """The demo's guard: a cancellation swallowed inside an await still ends the run, within the grace."""
+    code = (
+        "import asyncio\n"
+        "from decision_router.cli import run_interruptibly\n"
+        "async def loses_the_first_cancel():\n"
+        "    print('running', flush=True)\n"
+        "    lost = False\n"
+        "    while True:\n"
+        "        try:\n"
+        "            await asyncio.sleep(10)\n"
+        "        except asyncio.CancelledError:\n"
+        "            if lost:\n"
+        "                raise\n"
+        "            lost = True  # as it can be, once, inside a library\n"
+        "run_interruptibly(loses_the_first_cancel())\n"
+    )
+    process = subprocess.Popen([CLI[0], "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "running\n"
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)
+    took = time.monotonic() - started
+    assert "KeyboardInterrupt" in stderr
+    assert 0.9 < took < EXIT_BOUND_S, f"exit took {took:.2f}s"  # the grace (1 s), then cancelled again
