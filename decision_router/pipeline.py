@@ -236,11 +236,13 @@ class Pipeline:
                         )
                     continue
                 known[pid] = entry_id
-                document, decisions = pre  # the document is stored as is, without lookups
+                document, decisions = pre
                 if decisions is None:
-                    # Looked-up context is addressed as lookup.<source>.<field> in rules.
-                    seen = {**document, "lookup": lookups[pid]} if pid in lookups else document
-                    decisions = route(seen, ruleset, now=now)
+                    # Looked-up context is addressed as lookup.<source>.<field> in rules, and stored
+                    # with the prediction so that `rules replay` routes it as it was routed here.
+                    if pid in lookups:
+                        document = {**document, "lookup": lookups[pid]}
+                    decisions = route(document, ruleset, now=now)
                 routed.append((entry_id, item, document, decisions))
             keys, since = self._cooldown_keys([(p, d) for _, p, _, d in routed], now)
             stored_cooldowns = cooldowns.holders(session, keys, since=since, now=now)
