@@ -127,9 +127,11 @@ class CooldownRecord(SQLModel, table=True):
 
     __tablename__ = "cooldowns"
 
-    rule: str = Field(primary_key=True)
-    entity_type: str = Field(primary_key=True)
+    # Key columns in this order, the entity first: a batch looks up its entities (entity_id IN ...)
+    # through the primary key; with the rule first, the few rules of a batch match most rows.
     entity_id: str = Field(primary_key=True)
+    entity_type: str = Field(primary_key=True)
+    rule: str = Field(primary_key=True)
     alert_id: str  # the decision (alert or control record) the window's later decisions are suppressed by
     started_at: datetime = _when()
     ends_at: datetime = _when()  # started_at + the rule's cooldown when the window started

@@ -78,7 +78,7 @@ def suppressed_by(engine: Engine, pid: str) -> str | None:
 
 def window(engine: Engine) -> tuple[str, datetime, datetime]:
     with Session(engine) as session:
-        row = session.get(CooldownRecord, KEY)
+        row = session.get(CooldownRecord, dict(zip(("rule", "entity_type", "entity_id"), KEY, strict=True)))
         return row.alert_id, as_utc(row.started_at), as_utc(row.ends_at)
 
 
