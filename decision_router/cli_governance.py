@@ -318,6 +318,9 @@ def rules_replay(
     for aspect, label in _CHANGED.items():
         table.add_row(label, str(report.changed.get(aspect, 0)))
     out.print(table)
+    if report.missing_lookups:
+        sources = ", ".join(f"{name} ({_count(n, 'prediction')})" for name, n in report.missing_lookups.items())
+        say(f"replayed without looked-up context they were not stored with (lookup.* fields missing): {sources}")
     for aspect, label in _CHANGED.items():
         shown = report.examples.get(aspect, ())
         if not shown:

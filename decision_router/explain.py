@@ -2,6 +2,10 @@
 
 Like `amtool config routes test`, the result can be checked against expectations
 (`--expect-rule`, `--expect-owner`), so a rules change can be guarded in CI.
+
+Nothing is looked up here (no context sources are queried): a `lookup` object given with the
+prediction, {source: {field: value}} as the store keeps it with a routed prediction, is the
+looked-up context the rules see as lookup.<source>.<field>; without it those fields are missing.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from decision_router.contracts import Prediction, Rejection
+from decision_router.contracts import Prediction, Rejection, RejectionReason
 from decision_router.durations import format_duration
 from decision_router.publisher import validate_entry
+from decision_router.quality import original_payload
 from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
+from decision_router.rules.spec import LOOKUP
 
 COOLDOWN_NOTE = "cooldown depends on earlier alerts for the entity and is not evaluated here"
 
@@ -99,6 +105,7 @@ class Case:
     source: str  # "argument", "stdin", "FILE", "FILE:3" (JSON lines), "FILE[2]" (JSON array)
     prediction: Prediction | None
     rejection: Rejection | None
+    lookup: dict[str, dict[str, Any]] | None = None  # looked-up context given with the prediction
 
 
 def owner_why(decision: Decision, owner_field: str | None) -> str:
@@ -114,10 +121,16 @@ def owner_why(decision: Decision, owner_field: str | None) -> str:
     return how
 
 
-def explain(prediction: Prediction, ruleset: RuleSet, *, now: datetime) -> Explanation:
-    """Route the prediction as the service would at `now`, and say why each owner was chosen."""
+def explain(
+    prediction: Prediction, ruleset: RuleSet, *, now: datetime, lookup: Mapping[str, Any] | None = None
+) -> Explanation:
+    """Route the prediction as the service would at `now` with `lookup` as its looked-up
+    context, and say why each owner was chosen."""
+    document = prediction.as_document()
+    if lookup is not None:
+        document[LOOKUP] = lookup
     matches = []
-    for decision in route(prediction.as_document(), ruleset, now=now):
+    for decision in route(document, ruleset, now=now):
         rule = ruleset.rules[decision.rule_index]
         matches.append(
             RuleMatch(
@@ -177,12 +190,35 @@ def parse_inputs(text: str, source: str) -> list[Case]:
     return [check(line, f"{source}:{n}") for n, line in lines]
 
 
+LOOKUP_SHAPE = 'lookup: expected an object of sources, each an object of fields, like {"crm": {"tier": "gold"}}'
+
+
 def check(line: str, source: str) -> Case:
-    """The gate's checks except age and duplicates, exactly as `publish` runs them."""
+    """The gate's checks except age and duplicates, exactly as `publish` runs them, on the
+    prediction without its `lookup` object (the gate knows no such field)."""
+    line, looked_up, problem = split_lookup(line)
+    if problem is not None:
+        rejection = Rejection(reason=RejectionReason.SCHEMA, detail=problem, source_stream="file",
+                              payload=original_payload({"data": line}))
+        return Case(source, None, rejection)
     checked = validate_entry({"data": line})
     if isinstance(checked, Prediction):
-        return Case(source, checked, None)
+        return Case(source, checked, None, looked_up)
     return Case(source, None, checked)
+
+
+def split_lookup(line: str) -> tuple[str, dict[str, dict[str, Any]] | None, str | None]:
+    """(the prediction's JSON without `lookup`, the lookup object or None, what is wrong with it)."""
+    try:
+        document = json.loads(line)
+    except ValueError:
+        return line, None, None  # the gate says what is wrong with it
+    if not isinstance(document, dict) or LOOKUP not in document:
+        return line, None, None
+    looked_up = document.pop(LOOKUP)
+    if not isinstance(looked_up, dict) or not all(isinstance(fields, dict) for fields in looked_up.values()):
+        return line, None, LOOKUP_SHAPE
+    return json.dumps(document), looked_up, None
 
 
 @dataclass(frozen=True)
@@ -197,10 +233,12 @@ class CaseResult:
             return {"source": self.case.source, "valid": False,
                     "rejection": {"reason": rejection.reason.value, "detail": rejection.detail}}
         assert self.explanation is not None
+        given = {"lookup": self.case.lookup} if self.case.lookup is not None else {}
         return {
             "source": self.case.source,
             "valid": True,
             "prediction_id": self.explanation.prediction_id,
+            **given,
             "matches": [m.as_dict() for m in self.explanation.matches],
             "expectations_met": not self.mismatches,
             "mismatches": list(self.mismatches),
@@ -215,7 +253,7 @@ def run_cases(
         if case.prediction is None:
             results.append(CaseResult(case, None, ()))
             continue
-        explanation = explain(case.prediction, ruleset, now=now)
+        explanation = explain(case.prediction, ruleset, now=now, lookup=case.lookup)
         results.append(CaseResult(case, explanation, tuple(mismatches(explanation, rules=rules, owners=owners))))
     return results
 

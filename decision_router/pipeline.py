@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from decision_router import metrics, tracker
+from decision_router import cooldowns, metrics, tracker
 from decision_router.contracts import Alert, OutcomeEvent, OutcomeType, Prediction, Rejection, RejectionReason
 from decision_router.delivery import INBOX, inbox_writes
 from decision_router.durations import format_duration
@@ -37,6 +37,8 @@ from decision_router.streams import StreamWrite, xadd_once
 log = structlog.get_logger("decision_router.pipeline")
 
 Entry = tuple[str | None, RawEntry]  # (stream entry id, fields)
+# Passes over one batch when concurrent workers keep storing what it stores (each pass sees more of it).
+STORE_ATTEMPTS = 5
 
 
 class Enricher(Protocol):
@@ -112,16 +114,18 @@ class Pipeline:
         lookups = await self._lookups(
             [item for (_, _, item), pre in zip(checked, early, strict=True) if pre is not None and pre[1] is None]
         )
-        try:
-            result, rejections, fresh, redelivered = await asyncio.to_thread(
-                self._store_predictions, checked, early, ruleset, now, lookups
-            )
-        except IntegrityError:
-            # Another worker stored one of these prediction ids between our read and commit;
-            # a second pass sees its row and treats ours as a duplicate.
-            result, rejections, fresh, redelivered = await asyncio.to_thread(
-                self._store_predictions, checked, early, ruleset, now, lookups
-            )
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                result, rejections, fresh, redelivered = await asyncio.to_thread(
+                    self._store_predictions, checked, early, ruleset, now, lookups
+                )
+                break
+            except (IntegrityError, cooldowns.ClaimLost):
+                # Another worker stored one of these prediction ids, or started a cooldown window
+                # this batch meant to start, between our reads and commit: the transaction rolled
+                # back, and the next pass sees its rows (a duplicate; suppressed by its alert).
+                if attempt == STORE_ATTEMPTS:
+                    raise
         await xadd_once(
             self.redis,
             dlq_writes(rejections, stream=self.keys.predictions_dlq, keys=self.keys),
@@ -234,14 +238,16 @@ class Pipeline:
                         )
                     continue
                 known[pid] = entry_id
-                document, decisions = pre  # the document is stored as is, without lookups
+                document, decisions = pre
                 if decisions is None:
-                    # Looked-up context is addressed as lookup.<source>.<field> in rules.
-                    seen = {**document, "lookup": lookups[pid]} if pid in lookups else document
-                    decisions = route(seen, ruleset, now=now)
+                    # Looked-up context is addressed as lookup.<source>.<field> in rules, and stored
+                    # with the prediction so that `rules replay` routes it as it was routed here.
+                    if pid in lookups:
+                        document = {**document, "lookup": lookups[pid]}
+                    decisions = route(document, ruleset, now=now)
                 routed.append((entry_id, item, document, decisions))
             keys, since = self._cooldown_keys([(p, d) for _, p, _, d in routed], now)
-            stored_cooldowns = tracker.cooldown_holders(session, keys, since=since)
+            stored_cooldowns = cooldowns.holders(session, keys, since=since, now=now)
             cooling: dict[tuple[str, str, str], str] = {}  # cooldowns started in this batch
             predictions: list[dict[str, Any]] = []
             alerts: list[dict[str, Any]] = []
@@ -273,6 +279,7 @@ class Pipeline:
                     else:
                         result.alerts += 1
                         fresh.append(tracker.alert_of(row))
+            cooldowns.claim(session, cooling, ruleset=ruleset, now=now)  # first: ClaimLost has written nothing
             tracker.insert_rows(session, predictions, alerts, events)
             for rejection in rejections:
                 result.reject(rejection)

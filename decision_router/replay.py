@@ -13,12 +13,18 @@ change. A prediction counts at most once per aspect, and may count for several a
 Cooldown is simulated: a candidate decision is "suppressed" when an earlier
 unsuppressed decision of the same rule and entity falls inside the rule's cooldown,
 counting the replayed decisions and the actual decisions stored before the window.
+
+Looked-up context (lookup.<source>.<field>) is replayed from what was stored with each
+prediction: the pipeline stores what it looked up under the document's `lookup` key. It
+looks up only for predictions whose routing read it, so a candidate that reads a source for
+other predictions (or for predictions stored before lookups were kept) routes them as if
+those fields were missing; the report counts them per source (`missing_lookups`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -28,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
+from decision_router.rules.spec import LOOKUP
 from decision_router.store import within
 from decision_router.tables import AlertRecord, PredictionRecord, as_utc
 
@@ -78,6 +85,8 @@ class ReplayReport:
     changed: dict[str, int]  # aspect -> predictions with that kind of change
     examples: dict[str, tuple[Change, ...]]  # aspect -> up to N examples
     recorded_versions: dict[str, int] = field(default_factory=dict)  # rules versions that routed the window
+    # context source -> replayed predictions whose candidate routing read it, though it was not stored with them
+    missing_lookups: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +96,7 @@ class ReplayReport:
             "unchanged": self.unchanged,
             "changed": dict(self.changed),
             "examples": {aspect: [c.as_dict() for c in changes] for aspect, changes in self.examples.items()},
+            "missing_lookups": dict(self.missing_lookups),
         }
 
 
@@ -162,6 +172,28 @@ def candidate_outcomes(
     return outcomes
 
 
+def _sources(paths: Iterable[str]) -> set[str]:
+    """The source names of the lookup.<source>.<field> paths among `paths`."""
+    return {parts[1] for path in paths if len(parts := path.split(".")) >= 3 and parts[0] == LOOKUP}
+
+
+def unstored_lookups(document: Mapping[str, Any], candidate: RuleSet) -> set[str]:
+    """The context sources that routing `document` through `candidate` reads (in the `when` of
+    a rule it reaches, the owner or context of a rule it matches) but that were not stored
+    with it: replay can only take their fields as missing."""
+    stored = document.get(LOOKUP)
+    read: set[str] = set()
+    for rule in candidate.candidates(document.get("model")):
+        if rule.when_reads_lookup:
+            read |= _sources(path for path, _ in rule.conditions)
+        if rule.matches(document):
+            if rule.decision_reads_lookup:
+                read |= _sources((rule.owner_from or "", *rule.context_fields))
+            if not rule.continue_:
+                break
+    return read - set(stored) if isinstance(stored, Mapping) else read
+
+
 def replay(
     predictions: Sequence[StoredPrediction],
     actual: Mapping[str, Sequence[Outcome]],
@@ -180,7 +212,11 @@ def replay(
     changed: Counter[str] = Counter()
     shown: dict[str, list[Change]] = {aspect: [] for aspect in ASPECTS}
     unchanged = 0
+    missing_lookups: Counter[str] = Counter()
+    reads_lookups = any(rule.when_reads_lookup or rule.decision_reads_lookup for rule in candidate.rules)
     for prediction in sorted(predictions, key=lambda p: (p.received_at, p.prediction_id)):
+        if reads_lookups:
+            missing_lookups.update(unstored_lookups(prediction.document, candidate))
         decisions = route(prediction.document, candidate, now=prediction.received_at)
         after = candidate_outcomes(prediction, decisions, last)
         changes = compare(prediction, actual.get(prediction.prediction_id, ()), after, order)
@@ -196,6 +232,7 @@ def replay(
         changed={aspect: changed[aspect] for aspect in ASPECTS},
         examples={aspect: tuple(changes) for aspect, changes in shown.items()},
         recorded_versions=dict(Counter(p.rules_version for p in predictions)),
+        missing_lookups=dict(sorted(missing_lookups.items())),
     )
 
 

@@ -120,6 +120,23 @@ DELIVERED_TO_OWNER = and_(
 )
 
 
+class CooldownRecord(SQLModel, table=True):
+    """The decision that started the current cooldown window of a rule and entity, and when the
+    window ends. Claimed in the transaction that stores that decision, so every worker sees one
+    holder per window (see cooldowns.py)."""
+
+    __tablename__ = "cooldowns"
+
+    # Key columns in this order, the entity first: a batch looks up its entities (entity_id IN ...)
+    # through the primary key; with the rule first, the few rules of a batch match most rows.
+    entity_id: str = Field(primary_key=True)
+    entity_type: str = Field(primary_key=True)
+    rule: str = Field(primary_key=True)
+    alert_id: str  # the decision (alert or control record) the window's later decisions are suppressed by
+    started_at: datetime = _when()
+    ends_at: datetime = _when()  # started_at + the rule's cooldown when the window started
+
+
 class EscalationRecord(SQLModel, table=True):
     """One step up the manager chain; also the outbox of escalated deliveries."""
 

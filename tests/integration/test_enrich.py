@@ -26,7 +26,8 @@ from decision_router.keys import Keys
 from decision_router.router import in_holdout
 from decision_router.rules import load_rules
 from decision_router.service import running_service
-from decision_router.tables import AlertRecord
+from decision_router.replay import replay_store
+from decision_router.tables import AlertRecord, PredictionRecord
 from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.redis
@@ -139,6 +140,15 @@ async def test_looked_up_context_is_on_the_alert_or_listed_as_missing(settings, 
     assert (gold["p3"].rule, gold["p3"].context, gold["p3"].missing_context) == (
         "gold-accounts", {"lookup.crm.health_score": "17"}, [])
     assert "p3" not in am
+    # What was looked up is stored with the prediction, so replaying the window with the same
+    # rules decides the same (the gold rule included) and finds nothing missing.
+    with Session(engine) as session:
+        assert session.get(PredictionRecord, "p1").document["lookup"] == {
+            "crm": {"tier": "silver", "health_score": "42", "last_contact": "2026-11-02"},
+            "billing": {"overdue_amount": 1250.5, "plan": "pro"}}
+        assert session.get(PredictionRecord, "p2").document["lookup"] == {"crm": {}, "billing": {}}
+        report = replay_store(session, ruleset, since=None, until=None)
+    assert (report.replayed, report.unchanged, report.missing_lookups) == (3, 3, {})
 
 
 async def test_failing_and_slow_sources_leave_fields_missing_but_never_fail_routing(settings, engine, r, tmp_path) -> None:

@@ -214,3 +214,52 @@ def test_run_cases_document_and_exit_codes(ruleset: RuleSet) -> None:
         "source": "f:2", "valid": False,
         "rejection": {"reason": "score_out_of_range", "detail": "score -1.0 is outside 0..1"},
     }
+
+
+LOOKUP_ROUTING = """
+context_sources:
+  crm: {redis_hash: "context:{entity_type}:{entity_id}"}
+rules:
+  - name: gold
+    when: {lookup.crm.tier: gold}
+    owner: {from: lookup.crm.manager, fallback: desk}
+    context: [lookup.crm.health]
+  - name: catch-all
+    when: {}
+    owner: analytics
+    action: record
+"""
+
+
+@pytest.fixture(scope="module")
+def lookup_rules(tmp_path_factory: pytest.TempPathFactory) -> RuleSet:
+    rules_dir: Path = tmp_path_factory.mktemp("explain-lookups") / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "routing.yaml").write_text(LOOKUP_ROUTING)
+    (rules_dir / "owners.yaml").write_text(OWNERS)
+    return load_rules(rules_dir)
+
+
+def test_a_lookup_given_with_the_prediction_is_its_looked_up_context(lookup_rules: RuleSet) -> None:
+    crm = {"crm": {"tier": "gold", "manager": "alice", "health": "42"}}
+    (case,) = parse_inputs(line("a", lookup=crm), "argument")
+    assert case.prediction is not None and case.prediction.prediction_id == "a" and case.lookup == crm
+    (result,) = run_cases([case], lookup_rules, now=NOW, rules=["gold"], owners=["alice"])
+    (match,) = result.explanation.matches
+    assert (match.owner_why, match.context, match.missing_context) == (
+        "from field lookup.crm.manager", {"lookup.crm.health": "42"}, ())
+    assert exit_code([result]) == 0 and result.as_dict()["lookup"] == crm
+
+    (without,) = run_cases(parse_inputs(line("b"), "argument"), lookup_rules, now=NOW)
+    assert without.explanation.rules == ["catch-all"] and "lookup" not in without.as_dict()
+    partial = explain(prediction(), lookup_rules, now=NOW, lookup={"crm": {"tier": "gold"}})
+    assert (partial.matches[0].owner_why, partial.matches[0].missing_context) == (
+        "fallback: lookup.crm.manager missing", ("lookup.crm.health",))
+
+
+@pytest.mark.parametrize("lookup", [None, "gold", {"crm": "gold"}, ["crm"]], ids=["null", "text", "flat", "list"])
+def test_a_lookup_that_is_not_sources_of_fields_is_rejected(lookup: Any, lookup_rules: RuleSet) -> None:
+    (case,) = parse_inputs(line("a", lookup=lookup), "argument")
+    assert case.prediction is None and case.rejection is not None
+    assert case.rejection.reason.value == "schema" and case.rejection.detail.startswith("lookup: expected an object")
+    assert exit_code(run_cases([case], lookup_rules, now=NOW)) == 2

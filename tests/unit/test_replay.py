@@ -142,6 +142,7 @@ def test_each_kind_of_change_is_counted_with_examples(tmp_path: Path) -> None:
             "action": [{"prediction_id": "control", "entity": f"account:{held}",
                         "before": "watch: alert", "after": "watch: control"}],
         },
+        "missing_lookups": {},  # the rules read no looked-up context
     }
 
 
@@ -278,3 +279,59 @@ def test_replay_store_compares_and_writes_nothing(session: Session, current: Rul
 def test_empty_window(session: Session, current: RuleSet) -> None:
     report = replay_store(session, current, since=T0 + timedelta(days=10), until=None)
     assert (report.replayed, report.unchanged, report.changed["rule"]) == (0, 0, 0)
+
+
+LOOKUP_ROUTING = """
+context_sources:
+  crm: {redis_hash: "context:{entity_type}:{entity_id}"}
+  billing: {redis_hash: "billing:{entity_id}"}
+rules:
+  - name: gold
+    when: {lookup.crm.tier: gold}
+    owner: {from: lookup.billing.payer, fallback: desk}
+  - name: copy
+    when: {score: {gte: 0.8}}
+    owner: bob
+    context: [lookup.billing.overdue]
+    continue: true
+  - name: catch-all
+    when: {}
+    owner: analytics
+    action: record
+"""
+
+
+@pytest.mark.parametrize(
+    ("score", "lookup", "missing"),
+    [
+        (0.5, None, {"crm"}),  # gold's `when` reads crm; it does not match, so billing is never read
+        (0.9, None, {"crm", "billing"}),  # copy matches and its context reads billing
+        (0.5, {"crm": {"tier": "gold"}}, {"billing"}),  # gold matches: its owner reads billing
+        (0.5, {"crm": {"tier": "silver"}}, set()),  # looked up (and stored), nothing else reached
+        (0.9, {"crm": {}, "billing": {}}, set()),  # looked up and found nothing: stored as such
+    ],
+    ids=["when-only", "when-and-context", "owner", "stored", "stored-empty"],
+)
+def test_unstored_lookups_are_the_sources_the_candidate_reads_and_the_store_lacks(
+    tmp_path: Path, score: float, lookup: dict | None, missing: set[str]
+) -> None:
+    from decision_router.replay import unstored_lookups
+
+    candidate = rules_dir(tmp_path, "lookups", LOOKUP_ROUTING)
+    p = stored("p1", score)
+    document = {**p.document, "lookup": lookup} if lookup is not None else p.document
+    assert unstored_lookups(document, candidate) == missing
+
+
+def test_replay_routes_with_the_stored_lookups_and_counts_the_missing_ones(tmp_path: Path) -> None:
+    candidate = rules_dir(tmp_path, "lookups", LOOKUP_ROUTING)
+    gold = stored("p1", 0.5)
+    with_lookup = StoredPrediction(**{**gold.__dict__, "document": {
+        **gold.document, "lookup": {"crm": {"tier": "gold"}, "billing": {"payer": "alice"}}}})
+    bare = stored("p2", 0.5)
+    actual = {"p1": [Outcome("gold", "alice", "normal", "alert")], "p2": [Outcome("catch-all", "analytics", "normal", "record")]}
+    report = replay([with_lookup, bare], actual, candidate)
+    assert (report.unchanged, report.missing_lookups) == (2, {"crm": 1})
+    assert report.as_dict()["missing_lookups"] == {"crm": 1}
+    # Rules that read no lookups count nothing, whatever the documents hold.
+    assert replay([bare], actual, rules_dir(tmp_path, "plain")).missing_lookups == {}

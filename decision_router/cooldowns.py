@@ -1,0 +1,96 @@
+"""Cooldown windows, held in the store: one decision per (rule, entity) and window across workers.
+
+A rule's `cooldown` lets one decision of a (rule, entity_type, entity_id) through per window;
+the later ones are stored as suppressed by it. Reading earlier alerts is not enough when several
+workers route at once: two of them can both read "nothing yet" and both alert. So the decision
+that starts a window claims it in the `cooldowns` table, in the transaction that stores the
+decision, with an upsert that takes a row only when its window has ended (or when the row already
+holds this very decision: the same entry routed again by a worker it was handed to). The database
+serialises claims of one key (PostgreSQL: the row lock the upsert takes and keeps until commit;
+SQLite: its single writer), so of two workers one wins. The loser's batch raises `ClaimLost`
+before writing anything else; the caller rolls it back and routes it again, and the new pass reads
+the winner and stores the decision as suppressed by it. The claim and the alert commit together,
+so after a crash the store holds both or neither: there is no other state to repair.
+
+Control records (held-out decisions) take and hold windows like alerts, as they always have: a
+held-out entity gets one control record per window. Alerts stored before this table existed
+still count: `holders` also reads them (tracker.cooldown_holders), which keeps a cooldown that a
+rules reload lengthened covering the windows started before. A window's end is fixed when it
+starts; a reload that shortens a cooldown applies to windows started after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+
+from sqlalchemy import or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from decision_router import tracker
+from decision_router.rules import RuleSet
+from decision_router.tables import CooldownRecord
+
+CooldownKey = tuple[str, str, str]  # (rule, entity_type, entity_id)
+
+
+class ClaimLost(Exception):
+    """Another worker started a window this batch meant to start; roll back and route it again."""
+
+    def __init__(self, keys: Iterable[CooldownKey]) -> None:
+        self.keys = sorted(keys)
+        shown = ", ".join(f"{rule} {entity_type}:{entity_id}" for rule, entity_type, entity_id in self.keys[:3])
+        more = f" and {len(self.keys) - 3} more" if len(self.keys) > 3 else ""
+        super().__init__(f"cooldown taken by another worker: {shown}{more}")
+
+
+def holders(
+    session: Session, wanted: Iterable[CooldownKey], *, since: Mapping[str, datetime], now: datetime
+) -> dict[CooldownKey, str]:
+    """(rule, entity_type, entity_id) -> the decision holding its cooldown at `now`: the holder of
+    an unexpired window, else the latest unsuppressed decision after `since[rule]` (alerts stored
+    before the cooldowns table)."""
+    wanted = set(wanted)
+    if not wanted:
+        return {}
+    found = tracker.cooldown_holders(session, wanted, since=since)
+    table = CooldownRecord.__table__  # type: ignore[attr-defined]
+    rows = session.execute(
+        select(table.c.rule, table.c.entity_type, table.c.entity_id, table.c.alert_id).where(
+            table.c.rule.in_({rule for rule, _, _ in wanted}),
+            table.c.entity_id.in_({entity_id for _, _, entity_id in wanted}),
+            table.c.ends_at > now,
+        )
+    )
+    for rule, entity_type, entity_id, alert_id in rows:
+        if (key := (rule, entity_type, entity_id)) in wanted:
+            found[key] = alert_id
+    return found
+
+
+def claim(session: Session, started: Mapping[CooldownKey, str], *, ruleset: RuleSet, now: datetime) -> None:
+    """Claim the windows a batch starts at `now` (key -> the decision starting it), in the caller's
+    transaction; raises ClaimLost, having written nothing else, when another decision holds one."""
+    if not started:
+        return
+    lengths = {rule.name: rule.cooldown for rule in ruleset.rules if rule.cooldown is not None}
+    # Sorted: two batches claiming the same keys lock them in the same order, so never deadlock.
+    rows = []
+    for key in sorted(started):
+        rule, entity_type, entity_id = key
+        rows.append({"rule": rule, "entity_type": entity_type, "entity_id": entity_id, "alert_id": started[key],
+                     "started_at": now, "ends_at": now + lengths[rule]})
+    table = CooldownRecord.__table__  # type: ignore[attr-defined]
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    upsert = dialect.insert(table)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[table.c.rule, table.c.entity_type, table.c.entity_id],
+        set_={"alert_id": upsert.excluded.alert_id, "started_at": upsert.excluded.started_at,
+              "ends_at": upsert.excluded.ends_at},
+        # The window has ended at this batch's clock, or it is held by this same decision.
+        where=or_(table.c.ends_at <= upsert.excluded.started_at, table.c.alert_id == upsert.excluded.alert_id),
+    ).returning(table.c.rule, table.c.entity_type, table.c.entity_id)
+    won = {(rule, entity_type, entity_id) for rule, entity_type, entity_id in session.execute(upsert, rows)}
+    if lost := set(started) - won:
+        raise ClaimLost(lost)
