@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import cache
@@ -157,31 +158,33 @@ _ALERT_DEFAULTS: dict = {
 
 def insert_rows(session: Session, predictions: list[dict], alerts: list[dict], events: list[dict]) -> None:
     """One bulk INSERT per table, not an ORM object per row. Audit events are only ever
-    inserted here; the append-only guard is about updates and deletes."""
-    batches = ((PredictionRecord, predictions), (AlertRecord, alerts), (AuditEvent, events))
-    if session.get_bind().dialect.name == "sqlite":
-        # SQLAlchemy's per-value conversions cost about a third of an insert on SQLite (its
-        # datetimes are formatted in Python); the driver's executemany with values converted
-        # here, in the same transaction, stores exactly what SQLAlchemy would.
-        connection = session.connection()
-        cursor = connection.connection.cursor()
-        try:
-            for table, rows in batches:
-                if rows:
-                    sql, convert = _sqlite_insert(table.__table__)  # type: ignore[attr-defined]
-                    try:
-                        cursor.executemany(sql, convert(rows))
-                    except connection.dialect.loaded_dbapi.Error as exc:
-                        # As SQLAlchemy would raise it (IntegrityError, OperationalError...): callers
-                        # tell a concurrent insert or a locked database from a bug by these classes.
-                        raise DBAPIError.instance(sql, None, exc, connection.dialect.loaded_dbapi.Error) from exc
-        finally:
-            cursor.close()
+    inserted here and in `mark_delivered`; the append-only guard is about updates and deletes."""
+    for table, rows in ((PredictionRecord, predictions), (AlertRecord, alerts), (AuditEvent, events)):
+        bulk_insert(session, table.__table__, rows)  # type: ignore[attr-defined]
+
+
+def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
+    """Insert row dicts (every row with the same keys) in the session's transaction."""
+    if not rows:
         return
-    for table, rows in batches:
-        if rows:
-            # insertmanyvalues: a few multi-row INSERT statements per batch.
-            session.execute(insert(table.__table__), rows)  # type: ignore[attr-defined]
+    if session.get_bind().dialect.name != "sqlite":
+        # insertmanyvalues: a few multi-row INSERT statements per batch.
+        session.execute(insert(table), rows)
+        return
+    # SQLAlchemy's per-value conversions cost about a third of an insert on SQLite (its
+    # datetimes are formatted in Python); the driver's executemany with values converted
+    # here, in the same transaction, stores exactly what SQLAlchemy would.
+    connection = session.connection()
+    sql, convert = _sqlite_insert(table)
+    cursor = connection.connection.cursor()
+    try:
+        cursor.executemany(sql, convert(rows))
+    except connection.dialect.loaded_dbapi.Error as exc:
+        # As SQLAlchemy would raise it (IntegrityError, OperationalError...): callers
+        # tell a concurrent insert or a locked database from a bug by these classes.
+        raise DBAPIError.instance(sql, None, exc, connection.dialect.loaded_dbapi.Error) from exc
+    finally:
+        cursor.close()
 
 
 @cache
@@ -193,24 +196,26 @@ def _sqlite_insert(table: Table) -> tuple[str, Callable[[list[dict]], list[tuple
     dates = {c.name for c in columns if isinstance(c.type, DateTime)}
     documents = {c.name for c in columns if isinstance(c.type, JSON)}
     sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})"
-    kinds = [(name, 1 if name in dates else 2 if name in documents else 0) for name in names]
+    # The row's values in column order in one C call; only dates and JSON are then replaced.
+    values_of = operator.itemgetter(*names)
+    date_at = [i for i, name in enumerate(names) if name in dates]
+    json_at = [i for i, name in enumerate(names) if name in documents]
 
     def convert(rows: list[dict]) -> list[tuple]:
         formatted: dict[datetime, str] = {}  # most rows of a batch share `now` and its deadlines
         dumps = json.dumps
         out = []
         for row in rows:
-            values = []
-            for name, kind in kinds:
-                value = row[name]
-                if value is not None and kind == 1:
+            values = list(values_of(row))
+            for i in date_at:
+                value = values[i]
+                if value is not None:
                     text = formatted.get(value)
                     if text is None:
                         text = formatted[value] = _sqlite_datetime(value)
-                    value = text
-                elif kind == 2:
-                    value = dumps(value)
-                values.append(value)
+                    values[i] = text
+            for i in json_at:
+                values[i] = dumps(values[i])
             out.append(tuple(values))
         return out
 
@@ -295,12 +300,11 @@ def mark_delivered(session: Session, delivered: Mapping[str, str], *, channel: s
         .values(delivered_at=now)
         .returning(table.c.alert_id, table.c.prediction_id)
     ).all()
-    if changed:
-        session.execute(insert(AuditEvent.__table__), [  # type: ignore[attr-defined]
-            {"alert_id": alert_id, "prediction_id": prediction_id, "type": "delivered", "actor": SYSTEM_ACTOR,
-             "at": now, "source_id": None, "detail": {"channel": channel, "owner": delivered[alert_id]}}
-            for alert_id, prediction_id in changed
-        ])
+    bulk_insert(session, AuditEvent.__table__, [  # type: ignore[attr-defined]
+        {"alert_id": alert_id, "prediction_id": prediction_id, "type": "delivered", "actor": SYSTEM_ACTOR,
+         "at": now, "source_id": None, "detail": {"channel": channel, "owner": delivered[alert_id]}}
+        for alert_id, prediction_id in changed
+    ])
     marked = {alert_id for alert_id, _ in changed}
     return [alert_id for alert_id in delivered if alert_id in marked]
 
