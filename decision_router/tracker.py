@@ -229,17 +229,16 @@ def _sqlite_datetime(value: datetime) -> str:
 
 
 def alert_of(row: Mapping) -> Alert:
-    """The wire form of a freshly stored alert row (as `to_alert` reads it back), built
-    without re-validating what the router just produced."""
-    return Alert.model_construct(
-        alert_id=row["alert_id"], prediction_id=row["prediction_id"], owner=row["owner"],
-        owner_source=row["owner_source"], rule=row["rule"], priority=row["priority"], model=row["model"],
-        model_version=row["model_version"], entity_type=row["entity_type"], entity_id=row["entity_id"],
-        score=row["score"], label=None, context=row["context"], missing_context=row["missing_context"],
-        ack_by=row["ack_by"], act_by=row["act_by"], rules_version=row["rules_version"],
-        predicted_at=row["predicted_at"], created_at=row["created_at"], reassigned_from=None,
-        delegated_from=row["delegated_from"], escalation=None,
-    )
+    """The wire form of a freshly stored alert row (as `to_alert` reads it back). Validated:
+    pydantic-core checks these values faster than `model_construct` assigns them."""
+    return Alert.model_validate({
+        "alert_id": row["alert_id"], "prediction_id": row["prediction_id"], "owner": row["owner"],
+        "owner_source": row["owner_source"], "rule": row["rule"], "priority": row["priority"], "model": row["model"],
+        "model_version": row["model_version"], "entity_type": row["entity_type"], "entity_id": row["entity_id"],
+        "score": row["score"], "context": row["context"], "missing_context": row["missing_context"],
+        "ack_by": row["ack_by"], "act_by": row["act_by"], "rules_version": row["rules_version"],
+        "predicted_at": row["predicted_at"], "created_at": row["created_at"], "delegated_from": row["delegated_from"],
+    })
 
 
 def record_rejections(session: Session, rejections: Sequence[Rejection], *, now: datetime) -> None:
