@@ -64,9 +64,6 @@ class Input:
     label: str  # "predictions" or "outcomes", for metrics
     process: Process
     dlq: str
-    # Optional CPU-only head start on a batch (the gate, routing), run while the batch before
-    # it is still being stored; `process` then skips that work.
-    prepare: Callable[[Sequence[Entry]], None] | None = None
 
 
 # Replies of a Redis that is failing over or not ready (READONLY: a replica just demoted).
@@ -158,9 +155,8 @@ class Outage:
             self.delay = min(self.cap, self.delay * 2)
             return True
 
-    def ok(self, service: str | None = None) -> None:
-        """The outage is over (only if it was `service`'s, when given)."""
-        if self.down is not None and service in (None, self.down):
+    def ok(self) -> None:
+        if self.down is not None:
             log.info(f"{self.down} reachable again", down_for=round(time.monotonic() - self.since, 2))
             self.down = None
 
@@ -185,8 +181,6 @@ class Consumer:
         # Entry id -> when its idle time was last reset (read, or touched while retrying).
         self.in_hand: dict[str, float] = {}
         self.groups_ready = False
-        # The batch being processed while the read loop reads and prepares the next one.
-        self._in_flight: asyncio.Task[None] | None = None
 
     async def retrying(self, what: Callable[[], Awaitable[object]]) -> bool:
         """Run `what` until it gets through an outage; False if stopping first."""
@@ -211,48 +205,10 @@ class Consumer:
 
     async def run(self) -> None:
         """Until stop(): first this consumer's own pending entries (left by an earlier run under
-        the same name), then new ones.
-
-        Two batches at most are in hand: while batch N is processed (its store work runs in a
-        thread), batch N+1 is read and prepared (gated and routed) on the event loop. Batch N+1
-        is processed only once batch N is finished and acknowledged, so the store sees batches
-        one at a time and in order (each one's duplicate and cooldown checks see every earlier
-        commit), and acknowledgements stay in order. On stop, the batches in hand are finished."""
+        the same name), then new ones. Each batch is finished and acknowledged before the next read."""
 
         if not self.groups_ready and not await self.retrying(self.ensure_groups):
             return
-        try:
-            await self._read_loop()
-        finally:
-            await self._finish_in_flight()
-
-    async def _finish_in_flight(self) -> None:
-        if self._in_flight is not None:
-            task, self._in_flight = self._in_flight, None
-            await task  # never raises: _process_in_background logs its batch's failure
-
-    async def _process_in_background(
-        self, source: Input, entries: list[Entry], gone: list[bytes], *, redelivered: bool
-    ) -> None:
-        """Start processing one batch once the one before it is finished; returns at once."""
-        # In hand from now: our own reclaim must not take it while it waits for its turn.
-        self.in_hand.update(dict.fromkeys((entry_id for entry_id, _ in entries), time.monotonic()))
-        if source.prepare is not None and not redelivered and entries:
-            try:
-                source.prepare(entries)  # overlaps the batch in flight: its store work is in a thread
-            except Exception:  # only a head start: `process` does the same work and handles its failure
-                log.debug("preparing a batch failed; it is processed without a head start", exc_info=True)
-        await self._finish_in_flight()
-
-        async def process() -> None:
-            try:
-                await self._handle_decoded(source, entries, gone, redelivered=redelivered)
-            except Exception as exc:  # noqa: BLE001 - left pending; reclaimed after claim_idle
-                await self._failed(exc, "batch failed; left pending")
-
-        self._in_flight = asyncio.create_task(process(), name=f"batch {source.label}")
-
-    async def _read_loop(self) -> None:
         cursors = {stream: "0" for stream in self.inputs}  # "0": our own pending history first
         while not self.stopping.is_set():
             history = any(c != ">" for c in cursors.values())
@@ -274,15 +230,16 @@ class Consumer:
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failed read
                 await self._failed(exc, "read failed")
                 continue
-            # A read proves Redis is back, not the store: the batch in flight may be waiting for it.
-            self.outage.ok("Redis")
+            self.outage.ok()
             for raw_stream, messages in reply or []:
                 stream = as_text(raw_stream)
                 if cursors[stream] != ">":
                     cursors[stream] = as_text(messages[-1][0]) if messages else ">"
                 if messages:
-                    entries, gone = decoded(messages)
-                    await self._process_in_background(self.inputs[stream], entries, gone, redelivered=history)
+                    try:
+                        await self.handle(self.inputs[stream], messages, redelivered=history)
+                    except Exception as exc:  # noqa: BLE001 - left pending; reclaimed after claim_idle
+                        await self._failed(exc, "batch failed; left pending")
 
     async def _failed(self, exc: Exception, what: str) -> None:
         service = infrastructure_failure(exc)
@@ -300,11 +257,7 @@ class Consumer:
         """Process and acknowledge one batch as read from Redis; False if left pending (stopping).
         `redelivered`: read again (own pending history, or reclaimed), so it may be one that
         brought its worker down each time it was read."""
-        return await self._handle_decoded(source, *decoded(messages), redelivered=redelivered)
-
-    async def _handle_decoded(
-        self, source: Input, entries: list[Entry], gone: list[bytes], *, redelivered: bool
-    ) -> bool:
+        entries, gone = decoded(messages)
         # Deleted from the stream while pending: nothing to process, just ack.
         if gone and not await self.retrying(lambda: self.redis.xack(source.stream, self.group, *gone)):
             return False

@@ -80,23 +80,6 @@ def dlq_writes(rejections: Sequence[Rejection], *, stream: str, keys: Keys) -> l
     return writes
 
 
-Checked = tuple[str | None, RawEntry, Prediction | Rejection]
-Early = tuple[dict[str, Any], list[Decision] | None] | None  # (document, decisions or None: needs lookups)
-_MAX_PREPARED = 4
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    now: datetime
-    ruleset: RuleSet
-    checked: list[Checked]
-    early: list[Early]
-
-
-def _batch_key(entries: Sequence[Entry]) -> tuple[str | None, ...]:
-    return tuple(entry_id for entry_id, _ in entries)
-
-
 class Pipeline:
     def __init__(
         self, *, settings: Settings, ruleset: RuleSet, engine: Engine, redis: Redis, clock: Clock = utcnow
@@ -111,20 +94,11 @@ class Pipeline:
         self.channels: ChannelDelivery | None = None
         # Looks up extra context per prediction before routing (see enrich.py); optional.
         self.enricher: Enricher | None = None
-        # Batches gated and routed ahead by prepare_predictions, by their entry ids.
-        self._prepared: dict[tuple[str | None, ...], _Prepared] = {}
 
     # predictions ------------------------------------------------------------------
 
-    def prepare_predictions(self, entries: Sequence[Entry]) -> None:
-        """Gate and route a batch ahead of `process_predictions`, which then skips that work:
-        the read loop calls this for batch N+1 while batch N is in the store (a thread)."""
-        if len(self._prepared) >= _MAX_PREPARED:  # prepared for a batch never processed (a test's stub)
-            self._prepared.pop(next(iter(self._prepared)))
-        self._prepared[_batch_key(entries)] = self._prepare(entries)
-
-    def _prepare(self, entries: Sequence[Entry]) -> _Prepared:
-        """The CPU-only part of a batch: the gate, and routing without looked-up context."""
+    async def process_predictions(self, entries: Sequence[Entry]) -> BatchResult:
+        started = time.perf_counter()
         now = self.clock()
         ruleset = self.ruleset  # one rule set for the batch, even across a hot reload
         checked = [
@@ -133,13 +107,6 @@ class Pipeline:
         # Route first without looked-up context: most predictions never reach a rule that
         # reads it, and only the others need their lookups (a Redis or SQL round trip).
         early = [self._route_early(item, ruleset, now) for _, _, item in checked]
-        return _Prepared(now, ruleset, checked, early)
-
-    async def process_predictions(self, entries: Sequence[Entry]) -> BatchResult:
-        started = time.perf_counter()
-        # Prepared work is used once: a retry (after an outage, or of a half) gates again, at its own time.
-        prepared = self._prepared.pop(_batch_key(entries), None) or self._prepare(entries)
-        now, ruleset, checked, early = prepared.now, prepared.ruleset, prepared.checked, prepared.early
         lookups = await self._lookups(
             [item for (_, _, item), pre in zip(checked, early, strict=True) if pre is not None and pre[1] is None]
         )
@@ -196,7 +163,9 @@ class Pipeline:
         return keys, since
 
     @staticmethod
-    def _route_early(item: Prediction | Rejection, ruleset: RuleSet, now: datetime) -> Early:
+    def _route_early(
+        item: Prediction | Rejection, ruleset: RuleSet, now: datetime
+    ) -> tuple[dict[str, Any], list[Decision] | None] | None:
         """(stored document, decisions or None if they need the lookups); None for a rejection."""
         if isinstance(item, Rejection):
             return None
@@ -222,8 +191,8 @@ class Pipeline:
 
     def _store_predictions(
         self,
-        checked: Sequence[Checked],
-        early: Sequence[Early],
+        checked: Sequence[tuple[str | None, RawEntry, Prediction | Rejection]],
+        early: Sequence[tuple[dict[str, Any], list[Decision] | None] | None],
         ruleset: RuleSet,
         now: datetime,
         lookups: Mapping[str, dict[str, Any]],

@@ -50,8 +50,7 @@ class RouterService:
             pipeline.redis,
             settings,
             [
-                Input(self.keys.predictions, "predictions", pipeline.process_predictions, self.keys.predictions_dlq,
-                      prepare=pipeline.prepare_predictions),
+                Input(self.keys.predictions, "predictions", pipeline.process_predictions, self.keys.predictions_dlq),
                 Input(self.keys.outcomes, "outcomes", pipeline.process_outcomes, self.keys.outcomes_dlq),
             ],
             engine=pipeline.engine,
