@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import cache
 
-from sqlalchemy import JSON, DateTime, Integer, Table, insert, select, tuple_, update
+from sqlalchemy import JSON, Column, DateTime, Integer, Table, insert, select, tuple_, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
@@ -196,19 +196,22 @@ def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
         cursor.close()
 
 
+def _bulk_columns(table: Table) -> tuple[list[Column], Callable[[dict], tuple]]:
+    """Every column but an integer id (the database assigns it), and a getter of a row dict's
+    values in their order (one C call)."""
+    columns = [c for c in table.columns if not (c.primary_key and isinstance(c.type, Integer))]
+    return columns, operator.itemgetter(*(c.name for c in columns))
+
+
 @cache
 def _sqlite_insert(table: Table) -> tuple[str, Callable[[list[dict]], list[tuple]]]:
-    """The INSERT of every column but an integer id (the database assigns it), and a converter of row dicts to
-    its parameters: datetimes as SQLAlchemy stores them on SQLite, JSON columns as JSON text."""
-    columns = [c for c in table.columns if not (c.primary_key and isinstance(c.type, Integer))]  # ids: assigned
-    names = [c.name for c in columns]
-    dates = {c.name for c in columns if isinstance(c.type, DateTime)}
-    documents = {c.name for c in columns if isinstance(c.type, JSON)}
-    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})"
-    # The row's values in column order in one C call; only dates and JSON are then replaced.
-    values_of = operator.itemgetter(*names)
-    date_at = [i for i, name in enumerate(names) if name in dates]
-    json_at = [i for i, name in enumerate(names) if name in documents]
+    """The INSERT of a bulk insert, and a converter of row dicts to its parameters: datetimes
+    as SQLAlchemy stores them on SQLite, JSON columns as JSON text."""
+    columns, values_of = _bulk_columns(table)
+    names, marks = ", ".join(c.name for c in columns), ", ".join("?" for _ in columns)
+    sql = f"INSERT INTO {table.name} ({names}) VALUES ({marks})"
+    date_at = [i for i, c in enumerate(columns) if isinstance(c.type, DateTime)]
+    json_at = [i for i, c in enumerate(columns) if isinstance(c.type, JSON)]
 
     def convert(rows: list[dict]) -> list[tuple]:
         formatted: dict[datetime, str] = {}  # most rows of a batch share `now` and its deadlines
@@ -233,13 +236,11 @@ def _sqlite_insert(table: Table) -> tuple[str, Callable[[list[dict]], list[tuple
 
 @cache
 def _postgres_copy(table: Table) -> tuple[str, Callable[[list[dict]], Iterator[tuple]]]:
-    """The COPY of every column but an integer id, and the rows' values for it: JSON columns as
-    JSON text (as SQLAlchemy writes them, `null` for None), the others as psycopg adapts them."""
-    columns = [c for c in table.columns if not (c.primary_key and isinstance(c.type, Integer))]
-    names = [c.name for c in columns]
-    values_of = operator.itemgetter(*names)
+    """The COPY of a bulk insert, and the rows' values for it: JSON columns as JSON text (as
+    SQLAlchemy writes them, `null` for None), the others as psycopg adapts them."""
+    columns, values_of = _bulk_columns(table)
+    sql = f"COPY {table.name} ({', '.join(c.name for c in columns)}) FROM STDIN"
     json_at = [i for i, c in enumerate(columns) if isinstance(c.type, JSON)]
-    sql = f"COPY {table.name} ({', '.join(names)}) FROM STDIN"
 
     def values(rows: list[dict]) -> Iterator[tuple]:
         dumps = json.dumps
