@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import cache
 
-from sqlalchemy import JSON, DateTime, Integer, Table, insert, select, tuple_, update
+from sqlalchemy import JSON, Column, DateTime, Integer, Table, insert, select, tuple_, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
@@ -157,64 +158,99 @@ _ALERT_DEFAULTS: dict = {
 
 def insert_rows(session: Session, predictions: list[dict], alerts: list[dict], events: list[dict]) -> None:
     """One bulk INSERT per table, not an ORM object per row. Audit events are only ever
-    inserted here; the append-only guard is about updates and deletes."""
-    batches = ((PredictionRecord, predictions), (AlertRecord, alerts), (AuditEvent, events))
-    if session.get_bind().dialect.name == "sqlite":
-        # SQLAlchemy's per-value conversions cost about a third of an insert on SQLite (its
-        # datetimes are formatted in Python); the driver's executemany with values converted
-        # here, in the same transaction, stores exactly what SQLAlchemy would.
-        connection = session.connection()
-        cursor = connection.connection.cursor()
-        try:
-            for table, rows in batches:
-                if rows:
-                    sql, convert = _sqlite_insert(table.__table__)  # type: ignore[attr-defined]
-                    try:
-                        cursor.executemany(sql, convert(rows))
-                    except connection.dialect.loaded_dbapi.Error as exc:
-                        # As SQLAlchemy would raise it (IntegrityError, OperationalError...): callers
-                        # tell a concurrent insert or a locked database from a bug by these classes.
-                        raise DBAPIError.instance(sql, None, exc, connection.dialect.loaded_dbapi.Error) from exc
-        finally:
-            cursor.close()
+    inserted here and in `mark_delivered`; the append-only guard is about updates and deletes."""
+    for table, rows in ((PredictionRecord, predictions), (AlertRecord, alerts), (AuditEvent, events)):
+        bulk_insert(session, table.__table__, rows)  # type: ignore[attr-defined]
+
+
+def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
+    """Insert row dicts (every row with the same keys) in the session's transaction."""
+    if not rows:
         return
-    for table, rows in batches:
-        if rows:
-            # insertmanyvalues: a few multi-row INSERT statements per batch.
-            session.execute(insert(table.__table__), rows)  # type: ignore[attr-defined]
+    dialect = session.get_bind().dialect.name
+    if dialect not in ("sqlite", "postgresql"):
+        # insertmanyvalues: a few multi-row INSERT statements per batch.
+        session.execute(insert(table), rows)
+        return
+    # SQLAlchemy's per-value conversions cost about a third of an insert (on SQLite its
+    # datetimes are formatted in Python); the driver's executemany (SQLite) or COPY
+    # (PostgreSQL) with values converted here, in the same transaction, stores exactly what
+    # SQLAlchemy would.
+    connection = session.connection()
+    cursor = connection.connection.cursor()
+    sql = ""
+    try:
+        if dialect == "sqlite":
+            sql, convert = _sqlite_insert(table)
+            cursor.executemany(sql, convert(rows))
+        else:
+            sql, values = _postgres_copy(table)
+            with cursor.copy(sql) as copy:
+                for row in values(rows):
+                    copy.write_row(row)
+    except connection.dialect.loaded_dbapi.Error as exc:
+        # As SQLAlchemy would raise it (IntegrityError, OperationalError...): callers
+        # tell a concurrent insert or a locked database from a bug by these classes.
+        raise DBAPIError.instance(sql, None, exc, connection.dialect.loaded_dbapi.Error) from exc
+    finally:
+        cursor.close()
+
+
+def _bulk_columns(table: Table) -> tuple[list[Column], Callable[[dict], tuple]]:
+    """Every column but an integer id (the database assigns it), and a getter of a row dict's
+    values in their order (one C call)."""
+    columns = [c for c in table.columns if not (c.primary_key and isinstance(c.type, Integer))]
+    return columns, operator.itemgetter(*(c.name for c in columns))
 
 
 @cache
 def _sqlite_insert(table: Table) -> tuple[str, Callable[[list[dict]], list[tuple]]]:
-    """The INSERT of every column but an integer id (the database assigns it), and a converter of row dicts to
-    its parameters: datetimes as SQLAlchemy stores them on SQLite, JSON columns as JSON text."""
-    columns = [c for c in table.columns if not (c.primary_key and isinstance(c.type, Integer))]  # ids: assigned
-    names = [c.name for c in columns]
-    dates = {c.name for c in columns if isinstance(c.type, DateTime)}
-    documents = {c.name for c in columns if isinstance(c.type, JSON)}
-    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})"
-    kinds = [(name, 1 if name in dates else 2 if name in documents else 0) for name in names]
+    """The INSERT of a bulk insert, and a converter of row dicts to its parameters: datetimes
+    as SQLAlchemy stores them on SQLite, JSON columns as JSON text."""
+    columns, values_of = _bulk_columns(table)
+    names, marks = ", ".join(c.name for c in columns), ", ".join("?" for _ in columns)
+    sql = f"INSERT INTO {table.name} ({names}) VALUES ({marks})"
+    date_at = [i for i, c in enumerate(columns) if isinstance(c.type, DateTime)]
+    json_at = [i for i, c in enumerate(columns) if isinstance(c.type, JSON)]
 
     def convert(rows: list[dict]) -> list[tuple]:
         formatted: dict[datetime, str] = {}  # most rows of a batch share `now` and its deadlines
         dumps = json.dumps
         out = []
         for row in rows:
-            values = []
-            for name, kind in kinds:
-                value = row[name]
-                if value is not None and kind == 1:
+            values = list(values_of(row))
+            for i in date_at:
+                value = values[i]
+                if value is not None:
                     text = formatted.get(value)
                     if text is None:
                         text = formatted[value] = _sqlite_datetime(value)
-                    value = text
-                elif kind == 2:
-                    value = dumps(value)
-                values.append(value)
+                    values[i] = text
+            for i in json_at:
+                values[i] = dumps(values[i])
             out.append(tuple(values))
         return out
 
     return sql, convert
+
+
+@cache
+def _postgres_copy(table: Table) -> tuple[str, Callable[[list[dict]], Iterator[tuple]]]:
+    """The COPY of a bulk insert, and the rows' values for it: JSON columns as JSON text (as
+    SQLAlchemy writes them, `null` for None), the others as psycopg adapts them."""
+    columns, values_of = _bulk_columns(table)
+    sql = f"COPY {table.name} ({', '.join(c.name for c in columns)}) FROM STDIN"
+    json_at = [i for i, c in enumerate(columns) if isinstance(c.type, JSON)]
+
+    def values(rows: list[dict]) -> Iterator[tuple]:
+        dumps = json.dumps
+        for row in rows:
+            converted = list(values_of(row))
+            for i in json_at:
+                converted[i] = dumps(converted[i])
+            yield tuple(converted)
+
+    return sql, values
 
 
 def _sqlite_datetime(value: datetime) -> str:
@@ -224,17 +260,16 @@ def _sqlite_datetime(value: datetime) -> str:
 
 
 def alert_of(row: Mapping) -> Alert:
-    """The wire form of a freshly stored alert row (as `to_alert` reads it back), built
-    without re-validating what the router just produced."""
-    return Alert.model_construct(
-        alert_id=row["alert_id"], prediction_id=row["prediction_id"], owner=row["owner"],
-        owner_source=row["owner_source"], rule=row["rule"], priority=row["priority"], model=row["model"],
-        model_version=row["model_version"], entity_type=row["entity_type"], entity_id=row["entity_id"],
-        score=row["score"], label=None, context=row["context"], missing_context=row["missing_context"],
-        ack_by=row["ack_by"], act_by=row["act_by"], rules_version=row["rules_version"],
-        predicted_at=row["predicted_at"], created_at=row["created_at"], reassigned_from=None,
-        delegated_from=row["delegated_from"], escalation=None,
-    )
+    """The wire form of a freshly stored alert row (as `to_alert` reads it back). Validated:
+    pydantic-core checks these values faster than `model_construct` assigns them."""
+    return Alert.model_validate({
+        "alert_id": row["alert_id"], "prediction_id": row["prediction_id"], "owner": row["owner"],
+        "owner_source": row["owner_source"], "rule": row["rule"], "priority": row["priority"], "model": row["model"],
+        "model_version": row["model_version"], "entity_type": row["entity_type"], "entity_id": row["entity_id"],
+        "score": row["score"], "context": row["context"], "missing_context": row["missing_context"],
+        "ack_by": row["ack_by"], "act_by": row["act_by"], "rules_version": row["rules_version"],
+        "predicted_at": row["predicted_at"], "created_at": row["created_at"], "delegated_from": row["delegated_from"],
+    })
 
 
 def record_rejections(session: Session, rejections: Sequence[Rejection], *, now: datetime) -> None:
@@ -295,12 +330,11 @@ def mark_delivered(session: Session, delivered: Mapping[str, str], *, channel: s
         .values(delivered_at=now)
         .returning(table.c.alert_id, table.c.prediction_id)
     ).all()
-    if changed:
-        session.execute(insert(AuditEvent.__table__), [  # type: ignore[attr-defined]
-            {"alert_id": alert_id, "prediction_id": prediction_id, "type": "delivered", "actor": SYSTEM_ACTOR,
-             "at": now, "source_id": None, "detail": {"channel": channel, "owner": delivered[alert_id]}}
-            for alert_id, prediction_id in changed
-        ])
+    bulk_insert(session, AuditEvent.__table__, [  # type: ignore[attr-defined]
+        {"alert_id": alert_id, "prediction_id": prediction_id, "type": "delivered", "actor": SYSTEM_ACTOR,
+         "at": now, "source_id": None, "detail": {"channel": channel, "owner": delivered[alert_id]}}
+        for alert_id, prediction_id in changed
+    ])
     marked = {alert_id for alert_id, _ in changed}
     return [alert_id for alert_id in delivered if alert_id in marked]
 

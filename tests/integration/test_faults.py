@@ -106,11 +106,13 @@ def test_two_workers_one_killed_the_survivor_reclaims_and_finishes(
     client, prefix, schema, routers, redis_server, tmp_path
 ) -> None:
     keys = Keys(prefix)
-    documents = publish_backlog(client, keys.predictions, BACKLOG)
     common = {"redis_url": redis_server, "database_url": schema.url(), "stream_prefix": prefix, "claim_idle": "1s",
               "batch_size": "100"}
     doomed = start(routers, tmp_path / "doomed.log", consumer_name="doomed", **common)
     survivor = start(routers, tmp_path / "survivor.log", consumer_name="survivor", **common)
+    # Published once both run: a backlog published before could be finished by the first
+    # router while the second is still starting, leaving nothing for the kill to strike.
+    documents = publish_backlog(client, keys.predictions, BACKLOG)
 
     def doomed_holds_entries() -> bool:
         consumers = {c["name"]: c["pending"] for c in client.xinfo_consumers(keys.predictions, "decision-router")}

@@ -1,0 +1,94 @@
+"""tracker.bulk_insert (the driver's executemany on SQLite, COPY on PostgreSQL) stores exactly
+what SQLAlchemy's own INSERT stores, and a clash on a unique key raises SQLAlchemy's
+IntegrityError, which the pipeline's concurrent-insert retry relies on."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import insert, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from decision_router import tracker
+from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord
+
+NOW = datetime(2026, 11, 25, 20, 0, 0, 123456, tzinfo=UTC)
+# Not UTC: both paths must store the same instant.
+PARIS = timezone(timedelta(hours=1))
+
+
+def prediction_rows(tag: str) -> list[dict]:
+    return [
+        {
+            "prediction_id": f"{tag}-{n}", "stream_id": None if n == 0 else f"{n}-0", "model": "churn",
+            "model_version": "v1", "entity_type": "account", "entity_id": f"acct-{n}", "score": 0.25 * n,
+            "predicted_at": datetime(2026, 11, 25, 19, 0, n, tzinfo=PARIS), "received_at": NOW,
+            "rules_version": "abc",
+            "document": {"features": {"é": [1, 2.5, None, True], "nested": {"deep": "ü\u2028"}}, "n": n},
+        }
+        for n in range(3)
+    ]
+
+
+def alert_rows(tag: str) -> list[dict]:
+    rows = []
+    for n in range(3):
+        rows.append({
+            "delivered_at": None, "acknowledged_at": None, "intervened_at": None, "intervention": None,
+            "outcome": None, "outcome_at": None, "outcome_value": None, "escalation_level": 0, "escalated_to": None,
+            "ack_breached_at": None, "act_breached_at": None, "sla_revision": 0,
+            "alert_id": f"al-{tag}-{n}", "prediction_id": f"{tag}-{n}", "rule": "r", "owner": "o",
+            "original_owner": "o", "owner_source": "static", "fallback_reason": "why" if n else None,
+            "delegated_from": None, "priority": "high", "action": "alert", "model": "churn", "model_version": "v1",
+            "entity_type": "account", "entity_id": f"acct-{n}", "score": 0.5, "context": {"context.arr": n},
+            "missing_context": ["context.x"] if n else [], "rules_version": "abc",
+            "predicted_at": NOW, "created_at": NOW, "ack_by": NOW + timedelta(hours=n), "act_by": NOW,
+            "held_out": n == 1, "suppressed_by": None, "status": "open",
+            "ack_due_at": NOW if n != 1 else None, "act_due_at": None,
+        })
+    return rows
+
+
+def event_rows(tag: str) -> list[dict]:
+    return [
+        {"alert_id": None if n == 0 else f"al-{tag}-{n}", "prediction_id": f"{tag}-{n}", "type": "received",
+         "actor": "decision-router", "at": NOW, "source_id": None,
+         "detail": {"stream_id": None, "score": 0.1 * n, "text": "quote \" and backslash \\"}}
+        for n in range(3)
+    ]
+
+
+def stored(session: Session, table: type, key: str, tag: str) -> list[dict]:
+    columns = [c for c in table.__table__.columns if c.name != "id"]  # type: ignore[attr-defined]
+    rows = session.execute(select(*columns).where(getattr(table, key).like(f"%{tag}-%")).order_by(key))
+    return [{name: value for name, value in row._mapping.items() if name != key} for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("table", "rows_of", "key"),
+    [(PredictionRecord, prediction_rows, "prediction_id"), (AlertRecord, alert_rows, "alert_id"),
+     (AuditEvent, event_rows, "prediction_id")],
+    ids=["predictions", "alerts", "audit_events"],
+)
+def test_bulk_insert_stores_what_sqlalchemy_stores(engine: Engine, table: type, rows_of, key: str) -> None:
+    with Session(engine) as session:
+        session.execute(insert(table.__table__), rows_of("ref"))  # type: ignore[attr-defined]
+        tracker.bulk_insert(session, table.__table__, rows_of("bulk"))  # type: ignore[attr-defined]
+        session.commit()
+    with Session(engine) as session:
+        reference, bulk = stored(session, table, key, "ref"), stored(session, table, key, "bulk")
+    assert len(bulk) == 3
+    for ref_row, bulk_row in zip(reference, bulk, strict=True):
+        # The same but for the tag in ids.
+        assert {k: v.replace("bulk", "ref") if isinstance(v, str) else v for k, v in bulk_row.items()} == ref_row
+
+
+def test_a_duplicate_key_raises_sqlalchemys_integrity_error(engine: Engine) -> None:
+    with Session(engine) as session:
+        tracker.bulk_insert(session, PredictionRecord.__table__, prediction_rows("dup"))  # type: ignore[attr-defined]
+        session.commit()
+    with Session(engine) as session, pytest.raises(IntegrityError):
+        tracker.bulk_insert(session, PredictionRecord.__table__, prediction_rows("dup")[:1])  # type: ignore[attr-defined]
