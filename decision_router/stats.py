@@ -42,12 +42,28 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from itertools import pairwise
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import ARRAY, Float, Integer, Interval, and_, bindparam, cast, func, literal, or_, select, text, type_coerce
+from sqlalchemy import (
+    ARRAY,
+    Float,
+    Integer,
+    Interval,
+    and_,
+    bindparam,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    type_coerce,
+)
 from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from decision_router.store import within
@@ -391,6 +407,9 @@ def compute_stats_reference(
 #   each rule's times in order (tables.py, "Stats"), a walk to the rank instead of a sort of them all.
 
 
+_SQLITE_ELAPSED_US = {"ack": SQLITE_ACK_US, "act": SQLITE_ACT_US}
+
+
 def _times(end: Any) -> Any:
     """SQLite: the group's times from creation to `end` as "us,us,..." (NULL when there are none)."""
     return func.group_concat(SQLITE_ACK_US if end is AlertRecord.acknowledged_at else SQLITE_ACT_US)
@@ -465,16 +484,16 @@ def _ranked_quantiles(session: Session, sqlite: bool, counts: Mapping[str, Mappi
     `counts` maps "ack" / "act" to each rule's number of such times (as the counts query found them).
     """
     found: dict[str, dict[Any, _Quantiles]] = {}
-    for name, end in STATS_RANKED_TIMES.items():
+    for name in STATS_RANKED_TIMES:
         ranks = {k: _Ranks(n) for k, n in counts[name].items() if n}
-        picked = (_sqlite_pick if sqlite else _postgres_pick)(session, end, ranks)
+        picked = (_sqlite_pick if sqlite else _postgres_pick)(session, name, ranks)
         found[name] = {}
         for k, rank in ranks.items():
             middle, p90 = picked.get(k, ([], None))
             if len(middle) == rank.middle[1] and p90 is not None:
                 found[name][k] = _seconds(rank.n, middle, p90)
             else:  # the rule's times changed between the two reads: take them all as they are now
-                found[name][k] = _sorted_quantiles(_all_times(session, end, k, sqlite))
+                found[name][k] = _sorted_quantiles(_all_times(session, name, k, sqlite))
     none: _Quantiles = (0, None, None)
     rules = set(found["ack"]) | set(found["act"])
     return {k: (found["ack"].get(k, none), found["act"].get(k, none)) for k in rules}
@@ -499,55 +518,68 @@ def _one_snapshot(session: Session) -> Iterator[None]:
         driver.commit()
 
 
-def _all_times(session: Session, end: Any, rule: str, sqlite: bool) -> list[Any]:
-    """A rule's times from creation to `end`, ascending, read from its rank index."""
-    elapsed = (SQLITE_ACK_US if end is AlertRecord.acknowledged_at else SQLITE_ACT_US) if sqlite else \
-        end - AlertRecord.created_at
+def _all_times(session: Session, name: str, rule: str, sqlite: bool) -> list[Any]:
+    """A rule's times to ack or to act, ascending, read from its rank index."""
+    end = STATS_RANKED_TIMES[name]
+    elapsed = _SQLITE_ELAPSED_US[name] if sqlite else end - AlertRecord.created_at
     query = select(elapsed).where(AlertRecord.rule == rule, STATS_ROUTED, end.is_not(None)).order_by(elapsed)
     return list(session.execute(query).scalars())
 
 
-def _sqlite_pick(session: Session, end: Any, ranks: Mapping[Any, _Ranks]) -> dict[Any, tuple[list[int], int]]:
+def _sqlite_pick(session: Session, name: str, ranks: Mapping[Any, _Ranks]) -> dict[Any, tuple[list[int], int]]:
     """Per rule: its middle time(s) and its p90, in integer us, by two walks of its index entries.
 
     SQLite cannot take an OFFSET from a joined row, so two short statements per rule, straight on
     the driver's connection (which keeps them prepared): a few microseconds each, not SQLAlchemy's ~50.
     """
-    elapsed = SQLITE_ACK_US if end is AlertRecord.acknowledged_at else SQLITE_ACT_US
-    times = select(elapsed).where(AlertRecord.rule == bindparam("rule"), STATS_ROUTED, end.is_not(None))
-    up, down = (times.order_by(order).limit(bindparam("take")).offset(bindparam("skip"))
-                .compile(dialect=session.get_bind().dialect) for order in (elapsed, elapsed.desc()))
-    assert up.positiontup == down.positiontup == ["rule", "take", "skip"], up.positiontup
+    up, down = _sqlite_walks(session.get_bind().dialect, name)
     driver = session.connection().connection.driver_connection
     picked = {}
     for k, rank in ranks.items():
-        middle = [us for (us,) in driver.execute(str(up), (k, rank.middle[1], rank.middle[0]))]
-        p90 = driver.execute(str(down), (k, 1, rank.p90_from_top)).fetchone()
+        middle = [us for (us,) in driver.execute(up, (k, rank.middle[1], rank.middle[0]))]
+        p90 = driver.execute(down, (k, 1, rank.p90_from_top)).fetchone()
         picked[k] = middle, p90 and p90[0]
     return picked
 
 
-def _postgres_pick(session: Session, end: Any, ranks: Mapping[Any, _Ranks]) -> dict[Any, tuple[list[Any], Any]]:
+@lru_cache(maxsize=8)
+def _sqlite_walks(dialect: Dialect, name: str) -> tuple[str, str]:
+    """The SQL of a walk up and of one down a rule's times to ack or to act; parameters (rule, take, skip)."""
+    end, elapsed = STATS_RANKED_TIMES[name], _SQLITE_ELAPSED_US[name]
+    times = select(elapsed).where(AlertRecord.rule == bindparam("rule"), STATS_ROUTED, end.is_not(None))
+    up, down = (times.order_by(order).limit(bindparam("take")).offset(bindparam("skip")).compile(dialect=dialect)
+                for order in (elapsed, elapsed.desc()))
+    assert up.positiontup == down.positiontup == ["rule", "take", "skip"], up.positiontup
+    return str(up), str(down)
+
+
+def _postgres_pick(session: Session, name: str, ranks: Mapping[Any, _Ranks]) -> dict[Any, tuple[list[Any], Any]]:
     """Per rule: its middle time(s) and its p90, as timedeltas, in one statement (OFFSET per rule)."""
     if not ranks:
         return {}
-    compiled = {  # rendered from the index's own expressions, so the planner matches them to it
-        name: str(expression.compile(dialect=session.get_bind().dialect, compile_kwargs={"literal_binds": True}))
-        for name, expression in (("elapsed", end - AlertRecord.created_at),
-                                 ("routed", and_(STATS_ROUTED, end.is_not(None))))
-    }
-    times = "select {elapsed} from alerts where alerts.rule = r.k and {routed} order by {elapsed}".format(**compiled)
-    statement = text(
-        f"select r.k, array({times} offset r.skip limit r.take), ({times} desc offset r.top limit 1)"
-        " from unnest(cast(:keys as text[]), cast(:skips as int[]), cast(:takes as int[]), cast(:tops as int[]))"
-        " as r(k, skip, take, top)"
-    )
     keys = list(ranks)
-    rows = session.execute(statement, {
+    rows = session.execute(_postgres_walks(session.get_bind().dialect, name), {
         "keys": keys, "skips": [ranks[k].middle[0] for k in keys], "takes": [ranks[k].middle[1] for k in keys],
         "tops": [ranks[k].p90_from_top for k in keys],
     })
     return {k: (middle, p90) for k, middle, p90 in rows}
+
+
+@lru_cache(maxsize=8)
+def _postgres_walks(dialect: Dialect, name: str) -> Any:
+    """Per rule in :keys, its times to ack or to act at positions :skips (:takes of them) and :tops from the top."""
+    end = STATS_RANKED_TIMES[name]
+    compiled = {  # rendered from the index's own expressions, so the planner matches them to it
+        name: str(expression.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+        for name, expression in (("elapsed", end - AlertRecord.created_at),
+                                 ("routed", and_(STATS_ROUTED, end.is_not(None))))
+    }
+    times = "select {elapsed} from alerts where alerts.rule = r.k and {routed} order by {elapsed}".format(**compiled)
+    return text(
+        f"select r.k, array({times} offset r.skip limit r.take), ({times} desc offset r.top limit 1)"
+        " from unnest(cast(:keys as text[]), cast(:skips as int[]), cast(:takes as int[]), cast(:tops as int[]))"
+        " as r(k, skip, take, top)"
+    )
 
 
 def _add(tally: _Tally, part: Any) -> None:

@@ -50,3 +50,30 @@ def test_postgres_counts_read_the_stats_index_and_leave_the_session_as_it_was(pg
         compute_stats(session, by=GroupBy.RULE)
         assert session.execute(text("select current_setting('enable_seqscan')")).scalar() == "on"
     assert any("Index Only Scan using ix_alerts_stats_tally" in line for line in plans), plans
+
+
+@pytest.mark.postgres
+def test_postgres_walks_to_the_ranks_match_the_rank_indexes(pg_engine: Engine) -> None:
+    # By rule over everything, medians and p90s are read at their ranks from ix_alerts_stats_{ack,act}_rank_pg.
+    # On a table this small the planner may rightly prefer a scan and a sort; with scans off, what this checks
+    # is that the walk's expression and predicate match the indexes: ordered index-only scans, no sort.
+    load(pg_engine, random_alerts(8, 200))
+    with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("vacuum analyze alerts"))
+    plans: list[str] = []
+
+    def explain(conn, cursor, statement, parameters, context, executemany):
+        if "unnest(" in statement:
+            raw = conn.connection.driver_connection
+            raw.execute("set local enable_seqscan = off")
+            raw.execute("set local enable_bitmapscan = off")
+            plans.append("\n".join(row[0] for row in raw.execute(f"EXPLAIN {statement}", parameters)))
+
+    event.listen(pg_engine, "before_cursor_execute", explain)
+    with Session(pg_engine) as session:
+        compute_stats(session, by=GroupBy.RULE)
+    assert len(plans) == 2, plans
+    for plan, name in zip(plans, ("ack", "act")):
+        assert f"Index Only Scan using ix_alerts_stats_{name}_rank_pg" in plan, plan
+        assert f"Index Only Scan Backward using ix_alerts_stats_{name}_rank_pg" in plan, plan
+        assert "Sort" not in plan, plan
