@@ -500,22 +500,35 @@ def _ranked_quantiles(session: Session, sqlite: bool, counts: Mapping[str, Mappi
 
 
 @contextmanager
-def _one_snapshot(session: Session) -> Iterator[None]:
-    """SQLite: the statements inside read one state of the store, whatever is written meanwhile.
+def _one_snapshot(session: Session, sqlite: bool) -> Iterator[None]:
+    """The statements inside read one state of the store, whatever is written meanwhile.
 
-    The driver starts a transaction only before a write, so each read sees the store as it is then;
-    a read transaction (BEGIN ... COMMIT, which commits nothing) keeps one snapshot. Inside a
-    transaction the caller began, the reads already share one.
+    SQLite: the driver starts a transaction only before a write, so each read sees the store as it
+    is then; a read transaction (BEGIN ... COMMIT, which commits nothing) keeps one snapshot; inside
+    a transaction the caller began, the reads already share one. PostgreSQL: each statement of a
+    READ COMMITTED transaction has its own snapshot, a REPEATABLE READ one has one; so when the
+    session has no transaction (nor pending changes), it gets a REPEATABLE READ one for these reads,
+    ended afterwards. In a transaction of the caller's, a walk that comes back short is read again.
     """
-    driver = session.connection().connection.driver_connection
-    if driver.in_transaction:
+    if sqlite:
+        driver = session.connection().connection.driver_connection
+        if driver.in_transaction:
+            yield
+            return
+        driver.execute("BEGIN")
+        try:
+            yield
+        finally:
+            driver.commit()
+        return
+    if session.in_transaction() or session.new or session.dirty or session.deleted:
         yield
         return
-    driver.execute("BEGIN")
+    session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     try:
         yield
     finally:
-        driver.commit()
+        session.rollback()  # only reads: this ends the transaction, and the connection's level is reset
 
 
 def _all_times(session: Session, name: str, rule: str, sqlite: bool) -> list[Any]:
@@ -647,8 +660,8 @@ def compute_stats(
     def rule_of(part: Any) -> str:
         return part.k if by is GroupBy.RULE else part.rule
 
-    # The counts and (ranked) the walks to the ranks are two reads: on SQLite, of one snapshot.
-    with _one_snapshot(session) if sqlite and ranked else nullcontext():
+    # The counts and (ranked) the walks to the ranks are two reads: of one snapshot.
+    with _one_snapshot(session, sqlite) if ranked else nullcontext():
         if sqlite:
             # How a decision counts is one indexed key (tables.STATS_KIND), in the stats index's order: no sort.
             grouping.append(STATS_KIND.label("kind"))

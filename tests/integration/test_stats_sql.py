@@ -13,8 +13,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from decision_router.stats import GroupBy, compute_stats
-from tests.unit.test_stats_sql import HOLDOUTS, assert_same_stats, load, random_alerts
+from decision_router.stats import GroupBy, compute_stats, compute_stats_reference
+from tests.unit.test_stats_sql import HOLDOUTS, as_rows, assert_same_stats, load, random_alerts
 
 
 @pytest.mark.parametrize("seed", [11, 12])
@@ -77,3 +77,30 @@ def test_postgres_walks_to_the_ranks_match_the_rank_indexes(pg_engine: Engine) -
         assert f"Index Only Scan using ix_alerts_stats_{name}_rank_pg" in plan, plan
         assert f"Index Only Scan Backward using ix_alerts_stats_{name}_rank_pg" in plan, plan
         assert "Sort" not in plan, plan
+
+
+def test_ranked_stats_read_one_snapshot_while_the_store_changes(engine: Engine) -> None:
+    # By rule over everything, the counts and the walks to the ranks are two statements. Another
+    # connection clearing some acks in between must not shift the ranks: the rows are the store's as
+    # it was at the first read, exactly (PostgreSQL: the reads share a REPEATABLE READ transaction).
+    load(engine, random_alerts(9, 300))
+    with Session(engine) as session:
+        before = compute_stats_reference(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+
+    def clear_acks(conn, cursor, statement, parameters, context, executemany):
+        if "GROUP BY" in statement:
+            with engine.connect() as other:  # another connection of the pool: another session
+                other.execute(text("UPDATE alerts SET acknowledged_at = NULL WHERE alert_id LIKE '%0' "
+                                   "OR alert_id LIKE '%3' OR alert_id LIKE '%6'"))
+                other.commit()
+
+    event.listen(engine, "after_cursor_execute", clear_acks)
+    try:
+        with Session(engine) as session:
+            got = compute_stats(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+    finally:
+        event.remove(engine, "after_cursor_execute", clear_acks)
+    assert as_rows(got, GroupBy.RULE) == as_rows(before, GroupBy.RULE)
+    with Session(engine) as session:  # and the change did happen
+        after = compute_stats_reference(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+    assert as_rows(after, GroupBy.RULE) != as_rows(before, GroupBy.RULE)
