@@ -583,8 +583,8 @@ def _postgres_walks(dialect: Dialect, name: str) -> Any:
     """Per rule in :keys, its times to ack or to act at positions :skips (:takes of them) and :tops from the top."""
     end = STATS_RANKED_TIMES[name]
     compiled = {  # rendered from the index's own expressions, so the planner matches them to it
-        name: str(expression.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
-        for name, expression in (("elapsed", end - AlertRecord.created_at),
+        part: str(expression.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+        for part, expression in (("elapsed", end - AlertRecord.created_at),
                                  ("routed", and_(STATS_ROUTED, end.is_not(None))))
     }
     times = "select {elapsed} from alerts where alerts.rule = r.k and {routed} order by {elapsed}".format(**compiled)
