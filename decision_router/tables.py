@@ -264,7 +264,8 @@ def sqlite_elapsed_us(start: Any, end: Any) -> Any:
 
 # Not suppressed by a cooldown (the reference tally's `not r.suppressed_by`: NULL or empty).
 STATS_LIVE = or_(AlertRecord.suppressed_by.is_(None), AlertRecord.suppressed_by == literal_column("''"))
-# Delivered to an owner: the alerts whose times to ack and to act the stats report.
+# Delivered to an owner: the alerts whose times to ack and to act the stats report. DELIVERED_TO_OWNER, as the
+# reference reads it ('' is no suppression) and with literals, which an index predicate needs.
 STATS_ROUTED = and_(STATS_LIVE, not_(AlertRecord.held_out), AlertRecord.action == literal_column("'alert'"))
 SQLITE_ACK_US = sqlite_elapsed_us(AlertRecord.created_at, AlertRecord.acknowledged_at)
 SQLITE_ACT_US = sqlite_elapsed_us(AlertRecord.created_at, AlertRecord.intervened_at)

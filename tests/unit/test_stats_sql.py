@@ -5,7 +5,7 @@ The stores are random but seeded, and lean on the edges: fractions of a second t
 up in SQLite's own date functions (.9996 s), Sunday 23:59:59.9999 against Monday 00:00,
 empty-string `suppressed_by`, acks before creation (clock skew), even and odd counts for
 medians, groups of one, outcomes other than success/failure, model names with spaces.
-The same stores on PostgreSQL: tests/integration/test_stats_sql_postgres.py.
+The same stores on both databases: tests/integration/test_stats_sql.py.
 """
 
 from __future__ import annotations
