@@ -3,12 +3,17 @@
     python -m benchmarks.bench_stats --store sqlite            # a fresh SQLite file in a temp dir
     python -m benchmarks.bench_stats --store postgres          # a private schema, dropped afterwards
     python -m benchmarks.bench_stats --store sqlite --db /tmp/stats.db --keep   # seed once, time again later
+    python -m benchmarks.bench_stats --store postgres --insert-cost 100000       # what the stats indexes cost writes
 
 Seeds the alerts table with a realistic mix (bulk inserts: executemany on SQLite, COPY on
 PostgreSQL), then times, several times each, and prints median and min:
 - `compute_stats(by=rule)` in this process (the query and the maths);
 - `compute_stats_reference(by=rule)`, the former load-every-row tally, unless --no-reference;
 - the CLI `decision-router stats --by rule --format json` as a subprocess (wall time, start-up included).
+
+With --insert-cost N it instead times inserting N alerts in batches of 1,000 (SQLite: the driver's
+executemany, CPU time; PostgreSQL: SQLAlchemy's insertmanyvalues, wall time), as the routing hot
+path writes them, into fresh stores with and without the stats indexes (tables.STATS_INDEXES), alternately.
 
 The mix: 200 rules (a few busy ones, a long tail), 60 owners, 20 models over 6 weeks; about
 half the decisions routed to an owner, 2% suppressed, the rest recorded; every fourth rule has a
@@ -35,13 +40,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from decision_router.stats import GroupBy, compute_stats, compute_stats_reference
 from decision_router.store import create_schema, make_engine
-from decision_router.tables import AlertRecord
+from decision_router.tables import STATS_INDEXES, AlertRecord
 
 POSTGRES_URL = os.environ.get("DECISION_ROUTER_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 START = datetime(2026, 10, 12, tzinfo=UTC)  # a Monday; 6 weeks of alerts from here
@@ -220,7 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the SQLite file / PostgreSQL schema afterwards")
     parser.add_argument("--no-reference", action="store_true", help="skip the former Python tally")
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI wall time")
+    parser.add_argument("--insert-cost", type=int, metavar="N", help="time N alert inserts with/without the indexes")
     args = parser.parse_args(argv)
+    if args.insert_cost:
+        insert_cost(args.store, args.insert_cost, args.repeat)
+        return
 
     cleanup: Callable[[], None] = lambda: None
     if args.store == "sqlite":
@@ -282,6 +291,60 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         engine.dispose()
         cleanup()
+
+
+def insert_cost(store: str, n: int, repeat: int) -> None:
+    rows = list(alerts(n, seed=3))
+    values = [[_sqlite_value(row[c]) for c in COLUMNS] for row in rows]
+    times: dict[str, list[float]] = {"with the stats indexes": [], "without": []}
+    for _ in range(repeat):
+        for config, runs in times.items():
+            with tempfile.TemporaryDirectory(prefix="bench-inserts-") as workdir:
+                schema = f"bench_inserts_{uuid.uuid4().hex[:8]}"
+                admin = make_engine(POSTGRES_URL)
+                if store == "sqlite":
+                    url = f"sqlite:///{workdir}/inserts.db"
+                else:
+                    with admin.begin() as connection:
+                        connection.execute(text(f'create schema "{schema}"'))
+                    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+                engine = make_engine(url)
+                try:
+                    create_schema(engine)
+                    if config == "without":
+                        with engine.begin() as connection:
+                            for name in STATS_INDEXES[engine.dialect.name]:
+                                connection.execute(text(f"drop index {name}"))
+                    runs.append(_insert(engine, rows, values))
+                finally:
+                    engine.dispose()
+                    if store != "sqlite":
+                        with admin.begin() as connection:
+                            connection.execute(text(f'drop schema "{schema}" cascade'))
+                    admin.dispose()
+    for config, runs in times.items():
+        per_row = statistics.median(runs) / n * 1e6
+        print(f"{n:,} alert inserts, {config:<24} median {statistics.median(runs):6.2f} s  ({per_row:.1f} us/alert)")
+    ratio = statistics.median(times["with the stats indexes"]) / statistics.median(times["without"])
+    print(f"with / without: {ratio:.2f}")
+
+
+def _insert(engine: Engine, rows: list[dict[str, Any]], values: list[list[Any]]) -> float:
+    """Seconds to insert the rows in batches of 1,000, one transaction each (SQLite: CPU seconds)."""
+    if engine.dialect.name == "sqlite":
+        sql = f"insert into alerts ({', '.join(COLUMNS)}) values ({', '.join('?' for _ in COLUMNS)})"
+        with engine.connect() as connection:
+            driver = connection.connection.driver_connection
+            start = time.process_time()  # the insert runs in this process: CPU time is what load does not blur
+            for i in range(0, len(values), 1000):
+                driver.executemany(sql, values[i:i + 1000])
+                driver.commit()
+            return time.process_time() - start
+    start = time.perf_counter()
+    for i in range(0, len(rows), 1000):
+        with engine.begin() as connection:
+            connection.execute(insert(AlertRecord.__table__), rows[i:i + 1000])
+    return time.perf_counter() - start
 
 
 def _startup_only() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.schema import CreateIndex
@@ -62,8 +62,11 @@ def create_schema(engine: Engine) -> None:
                 raise
     # create_all skips tables that exist, and so indexes added to them later: the stats indexes
     # (tables.py, "Stats") are built here on a store created before them (once; seconds per 1M alerts).
-    names = {"sqlite": ["ix_alerts_stats"], "postgresql": ["ix_alerts_stats_times", "ix_alerts_stats_counts"]}
+    names = tables.STATS_INDEXES.get(engine.dialect.name, [])
     for index in tables.AlertRecord.__table__.indexes:
-        if index.name in names.get(engine.dialect.name, []):
+        if index.name in names:
             with engine.begin() as connection:
                 connection.execute(CreateIndex(index, if_not_exists=True))
+    for name in tables.RETIRED_STATS_INDEXES.get(engine.dialect.name, []):  # replaced: writes stop paying for it
+        with engine.begin() as connection:
+            connection.execute(text(f"drop index if exists {name}"))

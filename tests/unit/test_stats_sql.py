@@ -5,7 +5,7 @@ The stores are random but seeded, and lean on the edges: fractions of a second t
 up in SQLite's own date functions (.9996 s), Sunday 23:59:59.9999 against Monday 00:00,
 empty-string `suppressed_by`, acks before creation (clock skew), even and odd counts for
 medians, groups of one, outcomes other than success/failure, model names with spaces.
-The same stores on PostgreSQL: tests/integration/test_stats_sql_postgres.py.
+The same stores on both databases: tests/integration/test_stats_sql.py.
 """
 
 from __future__ import annotations
@@ -167,9 +167,11 @@ def test_times_are_exact_where_sqlite_would_round(engine: Engine) -> None:
     assert week.key == "2026-W47"
 
 
-def test_sqlite_reads_the_stats_index_not_the_table(engine: Engine) -> None:
+@pytest.mark.parametrize("window", [{}, {"since": START + timedelta(days=3)}], ids=["ranked", "window"])
+def test_sqlite_reads_the_stats_index_not_the_table(engine: Engine, window: dict) -> None:
     # Speed is the benchmark's business (benchmarks/bench_stats.py); this only checks the plan it
-    # relies on: the query is answered from ix_alerts_stats, with the times read from the index.
+    # relies on: the query is answered from ix_alerts_stats_kind, with how each alert counts and its
+    # times read from the index, for the ranked path (by rule, everything) and the general one.
     load(engine, random_alerts(4, 50))
     plans: list[str] = []
     opcodes: list[str] = []
@@ -182,7 +184,56 @@ def test_sqlite_reads_the_stats_index_not_the_table(engine: Engine) -> None:
 
     event.listen(engine, "before_cursor_execute", explain)
     with Session(engine) as session:
-        compute_stats(session, by=GroupBy.RULE)
-    assert plans == ["SCAN alerts USING INDEX ix_alerts_stats"], plans
-    # No sorter (the index is in GROUP BY order) and no date function run per row (the indexed values are read).
+        compute_stats(session, by=GroupBy.RULE, **window)
+    assert plans == ["SCAN alerts USING INDEX ix_alerts_stats_kind"], plans
+    # No sorter (the index is in GROUP BY order) and no function run per row (the indexed values are read).
     assert "SorterOpen" not in opcodes and "Function" not in opcodes, opcodes
+
+
+def test_sqlite_picks_medians_and_p90s_from_the_rank_indexes(engine: Engine) -> None:
+    # By rule over everything, each rule's median and p90 are the rows at their ranks in
+    # ix_alerts_stats_ack_rank / _act_rank: a walk in index order, no sort, no time computed per row.
+    load(engine, random_alerts(6, 300))
+    walks: list[str] = []
+    used: set[str] = set()
+    with Session(engine) as session:
+        raw = session.connection().connection.driver_connection
+        raw.set_trace_callback(lambda sql: walks.append(sql) if "LIMIT" in sql else None)
+        compute_stats(session, by=GroupBy.RULE)
+        raw.set_trace_callback(None)
+        assert walks
+        for sql in walks:
+            (plan,) = [row[-1] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}")]
+            assert plan in ("SEARCH alerts USING INDEX ix_alerts_stats_ack_rank (rule=?)",
+                            "SEARCH alerts USING INDEX ix_alerts_stats_act_rank (rule=?)"), (plan, sql)
+            opcodes = [row[1] for row in raw.execute(f"EXPLAIN {sql}")]
+            assert "SorterOpen" not in opcodes and "Function" not in opcodes, (opcodes, sql)
+            used.add(plan.split()[4])
+    assert used == {"ix_alerts_stats_ack_rank", "ix_alerts_stats_act_rank"}
+
+
+def test_ranked_stats_read_one_snapshot_while_the_store_changes(engine: Engine) -> None:
+    # By rule over everything, the counts and the walks to the ranks are two reads. Another process
+    # clearing a third of the acks in between must not shift the ranks: the rows are the store's as
+    # it was at the first read, exactly.
+    load(engine, random_alerts(7, 200))
+    with Session(engine) as session:
+        before = compute_stats_reference(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+    writer = make_engine(str(engine.url))
+
+    def clear_acks(conn, cursor, statement, parameters, context, executemany):
+        if "GROUP BY" in statement:
+            with writer.begin() as connection:
+                connection.exec_driver_sql("UPDATE alerts SET acknowledged_at = NULL WHERE rowid % 3 = 0")
+
+    event.listen(engine, "after_cursor_execute", clear_acks)
+    try:
+        with Session(engine) as session:
+            got = compute_stats(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+    finally:
+        event.remove(engine, "after_cursor_execute", clear_acks)
+        writer.dispose()
+    assert as_rows(got, GroupBy.RULE) == as_rows(before, GroupBy.RULE)
+    with Session(engine) as session:  # and the change did happen
+        after = compute_stats_reference(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+    assert as_rows(after, GroupBy.RULE) != as_rows(before, GroupBy.RULE)
