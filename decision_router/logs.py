@@ -60,6 +60,8 @@ def configure_logging(*, fmt: str = "auto", level: str = "info", stream=None) ->
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write per line (print() writes the newline separately): worker processes share
+        # stderr, and a line written whole is not interleaved with another worker's.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )

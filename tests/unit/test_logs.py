@@ -47,3 +47,21 @@ def test_level_filters() -> None:
     structlog.get_logger("t").info("hidden")
     structlog.get_logger("t").warning("shown")
     assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == ["shown"]
+
+
+class CountingWrites(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_each_line_is_one_write_so_workers_sharing_stderr_do_not_interleave() -> None:
+    stream = CountingWrites()
+    configure_logging(fmt="json", stream=stream)
+    structlog.get_logger("t").info("stopping")
+    structlog.get_logger("t").info("stopping")
+    assert len(stream.writes) == 2 and all(w.endswith("\n") and w.count("\n") == 1 for w in stream.writes)
