@@ -78,6 +78,9 @@ class RouterService:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = self.reader.stopping
+        # The poll, SIGHUP, the API and the broadcast each start reloads: one at a time, so one
+        # that read older files cannot finish last and put back its rules or receivers.
+        self._reloading = asyncio.Lock()
 
     async def start(self) -> None:
         await self.reader.ensure_groups()
@@ -132,8 +135,10 @@ class RouterService:
     async def check_rules(self, *, force: bool = False) -> None:
         """Swap in changed rule files if they are valid; a bad file keeps the old rules."""
         assert self.watcher is not None
-        fresh = await asyncio.to_thread(self.watcher.reload if force else self.watcher.check)
-        if fresh is not None:
+        async with self._reloading:
+            fresh = await asyncio.to_thread(self.watcher.reload if force else self.watcher.check)
+            if fresh is None:
+                return
             old = self.pipeline.ruleset.version
             self.pipeline.ruleset = fresh  # one assignment: each batch sees one rule set
             log.info("rules reloaded", rules_version=fresh.version, previous=old, rules=len(fresh.rules))

@@ -4,12 +4,14 @@ no queued delivery lost). Real Redis; real `serve --workers 2` processes for the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -205,3 +207,46 @@ async def test_a_reload_rebuilds_the_webhook_receivers_and_loses_no_queued_deliv
     with Session(engine) as session:
         rows = {row.alert_id: (row.recipient, row.status) for row in session.scalars(select(DeliveryRecord))}
     assert rows == {alert_id_for("p-am", "churn"): ("am", "delivered"), alert_id_for("p-new", "churn"): ("new", "delivered")}
+
+
+async def test_reloads_at_once_leave_the_receivers_of_the_last_rules_read(
+    settings, engine, tmp_path: Path, monkeypatch
+) -> None:
+    """The poll, SIGHUP, the API and the broadcast can each start a reload; one that read older
+    files must not finish after a newer one and put its receivers back (the watcher already
+    holds the newer rules, so no later check would repair it)."""
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "routing.yaml").write_text(
+        "rules:\n  - {name: churn, when: {model: churn}, owner: am}\n  - {name: rest, when: {}, owner: am, action: record}\n"
+    )
+
+    def write_owners(path: str) -> None:
+        (rules_dir / "owners.yaml").write_text(
+            f"owners:\n  - {{id: am, name: AM, channels: [inbox, webhook], webhook: {{url: 'http://127.0.0.1:9{path}'}}}}\n"
+        )
+
+    write_owners("/v1")
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "rules_poll_interval": timedelta(0)})
+    async with running_service(tuned, load_rules(rules_dir), engine, watch_rules=True) as service:
+        channels = service.pipeline.channels
+        configure = channels._configure
+        first_in, release_first = threading.Event(), threading.Event()
+
+        def first_is_slow(ruleset):
+            if not first_in.is_set():
+                first_in.set()
+                assert release_first.wait(10)
+            return configure(ruleset)
+
+        monkeypatch.setattr(channels, "_configure", first_is_slow)
+        write_owners("/v2")
+        first = asyncio.create_task(service.check_rules(force=True))
+        assert await asyncio.to_thread(first_in.wait, 10)  # read v2; rebuilding its receivers
+        write_owners("/v3")
+        second = asyncio.create_task(service.check_rules(force=True))
+        await asyncio.wait({second}, timeout=1.0)  # unserialised, the second reload finishes meanwhile
+        release_first.set()
+        await asyncio.gather(first, second)
+        assert service.pipeline.ruleset.version == load_rules(rules_dir).version
+        assert str(channels.receivers["am:webhook"].url).endswith("/v3")
