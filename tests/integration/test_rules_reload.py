@@ -5,10 +5,12 @@ no queued delivery lost). Real Redis; real `serve --workers 2` processes for the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,11 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlmodel import Session
 
 from decision_router import notify
-from decision_router.api.server import api_for_service
+from decision_router.api.server import api_for_service, run_api
 from decision_router.keys import Keys
 from decision_router.rules import load_rules
 from decision_router.service import running_service
@@ -48,6 +51,12 @@ def send_enterprise_churn_to_the_desk(rules_dir: Path) -> None:
     text = routing.read_text()
     assert text.count(ACCOUNT_MANAGER) == 1
     routing.write_text(text.replace(ACCOUNT_MANAGER, DESK))
+
+
+def listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
 
 
 def log_events(text: str) -> list[dict]:
@@ -250,3 +259,33 @@ async def test_reloads_at_once_leave_the_receivers_of_the_last_rules_read(
         await asyncio.gather(first, second)
         assert service.pipeline.ruleset.version == load_rules(rules_dir).version
         assert str(channels.receivers["am:webhook"].url).endswith("/v3")
+
+
+async def test_a_standalone_api_named_like_a_router_still_reaches_it(settings, engine, tmp_path: Path) -> None:
+    """`decision-router api` and `serve` sharing one environment (one DECISION_ROUTER_CONSUMER_NAME):
+    only the process whose API reloaded may skip the broadcast, not every process of that name."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    for directory in (here, there):
+        shutil.copytree(RULES_DIR, directory)
+    port = free_port()
+    api_settings = settings.model_copy(update={"rules_dir": here, "api_port": port, "consumer_name": "router"})
+    router_settings = settings.model_copy(update={"rules_dir": there, "consumer_name": "router",
+                                                  "rules_poll_interval": timedelta(hours=1)})
+    stop = asyncio.Event()
+    admin = {"Authorization": f"Bearer {create_token(engine, role='admin')[0]}"}
+    redis_client = Redis.from_url(settings.effective_redis_url)
+    async with running_service(router_settings, load_rules(there), engine, watch_rules=True) as router:
+        api = asyncio.create_task(run_api(api_settings, load_rules(here), engine, redis_client, stop))
+        try:
+            await wait_until(lambda: listening(port) or api.done(), what="the API to listen")
+            for directory in (here, there):
+                send_enterprise_churn_to_the_desk(directory)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                body = (await client.post("/v1/rules/reload", headers=admin)).json()
+            assert body["changed"] is True and body["notified_processes"] == 1, body
+            await wait_until(lambda: router.pipeline.ruleset.version == body["rules_version"], timeout=5,
+                             what="the router to reload")
+        finally:
+            stop.set()
+            await api
+            await redis_client.aclose()
