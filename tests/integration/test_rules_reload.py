@@ -29,14 +29,21 @@ from decision_router import notify
 from decision_router.api.server import api_for_service, run_api
 from decision_router.keys import Keys
 from decision_router.rules import load_rules
-from decision_router.service import running_service
+from decision_router.service import request_reload, running_service
 from decision_router.store import make_engine
 from decision_router.tables import AlertRecord, DeliveryRecord
 from decision_router.tokens import create_token
 from decision_router.tracker import alert_id_for
 from tests.integration.conftest import RULES_DIR, wait_until
 from tests.integration.test_channels_webhook import ReceiverState, receiver  # noqa: F401  (fixture)
-from tests.integration.test_faults_helpers import ROOT, all_acknowledged, free_port, publish_backlog, wait_for
+from tests.integration.test_faults_helpers import (
+    ROOT,
+    PrivateRedis,
+    all_acknowledged,
+    free_port,
+    publish_backlog,
+    wait_for,
+)
 from tests.integration.test_router_loop import count
 
 pytestmark = pytest.mark.redis
@@ -289,3 +296,36 @@ async def test_a_standalone_api_named_like_a_router_still_reaches_it(settings, e
             stop.set()
             await api
             await redis_client.aclose()
+
+
+async def test_the_reload_subscriber_outlives_a_redis_restart(settings, engine, tmp_path: Path) -> None:
+    """Its connection dies with the server; it must subscribe again, not end quietly."""
+    private = PrivateRedis(tmp_path).start()
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules)
+    tuned = settings.model_copy(update={"redis_url": private.url, "rules_dir": rules,
+                                        "rules_poll_interval": timedelta(hours=1)})
+    keys = Keys(tuned.stream_prefix)
+    asker, probe = Redis.from_url(private.url), redis.Redis.from_url(private.url)
+    try:
+        async with running_service(tuned, load_rules(rules), engine, watch_rules=True) as service:
+            await wait_until(lambda: probe.pubsub_numsub(keys.rules_reload)[0][1] == 1, what="the subscription")
+            private.kill()
+            private.start()
+            send_enterprise_churn_to_the_desk(rules)
+            version = load_rules(rules).version
+
+            async def ask_until_reloaded() -> bool:
+                # A request published before it has subscribed again is not seen (the poll catches those).
+                with contextlib.suppress(redis.RedisError):
+                    await request_reload(asker, keys, rules_version=version, by="test", origin=None)
+                return service.pipeline.ruleset.version == version
+
+            deadline = time.monotonic() + 15
+            while not await ask_until_reloaded():
+                assert time.monotonic() < deadline, "the service no longer follows reload requests"
+                await asyncio.sleep(0.2)
+    finally:
+        await asker.aclose()
+        probe.close()
+        private.close()
