@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -38,10 +39,12 @@ log = structlog.get_logger("decision_router.service")
 RELOAD_POLL_S = 0.1  # how often the reload subscriber looks at the stop flag
 
 
-async def request_reload(redis: Redis, keys: Keys, *, rules_version: str, by: str) -> int:
+async def request_reload(redis: Redis, keys: Keys, *, rules_version: str, by: str, origin: str | None) -> int:
     """Ask every router process on this prefix to re-read its rules now; returns how many
-    subscribed processes received the request (PUBLISH's count)."""
-    return int(await redis.publish(keys.rules_reload, json.dumps({"rules_version": rules_version, "by": by})))
+    subscribed processes received the request (PUBLISH's count). `by` names the asker in logs;
+    `origin` is the RouterService.instance that has reloaded already (its API's), if any."""
+    request = {"rules_version": rules_version, "by": by, "origin": origin}
+    return int(await redis.publish(keys.rules_reload, json.dumps(request)))
 
 
 def reload_request(data: bytes | str) -> dict[str, Any]:
@@ -66,6 +69,9 @@ class RouterService:
         self.keys = pipeline.keys
         self.group = settings.consumer_group
         self.consumer = settings.consumer_name
+        # Tells this service's own reload broadcasts from the others: consumer names can repeat
+        # (a standalone API sharing the environment of a `serve`), this cannot.
+        self.instance = uuid.uuid4().hex
         self.reader = Consumer(
             pipeline.redis,
             settings,
@@ -78,6 +84,9 @@ class RouterService:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = self.reader.stopping
+        # The poll, SIGHUP, the API and the broadcast each start reloads: one at a time, so one
+        # that read older files cannot finish last and put back its rules or receivers.
+        self._reloading = asyncio.Lock()
 
     async def start(self) -> None:
         await self.reader.ensure_groups()
@@ -132,8 +141,10 @@ class RouterService:
     async def check_rules(self, *, force: bool = False) -> None:
         """Swap in changed rule files if they are valid; a bad file keeps the old rules."""
         assert self.watcher is not None
-        fresh = await asyncio.to_thread(self.watcher.reload if force else self.watcher.check)
-        if fresh is not None:
+        async with self._reloading:
+            fresh = await asyncio.to_thread(self.watcher.reload if force else self.watcher.check)
+            if fresh is None:
+                return
             old = self.pipeline.ruleset.version
             self.pipeline.ruleset = fresh  # one assignment: each batch sees one rule set
             log.info("rules reloaded", rules_version=fresh.version, previous=old, rules=len(fresh.rules))
@@ -152,7 +163,7 @@ class RouterService:
                 if message is None:
                     continue
                 request = reload_request(message["data"])
-                if request.get("by") != self.consumer:  # the API in this process has reloaded already
+                if request.get("origin") != self.instance:  # else this service's API has reloaded it already
                     log.info("rules reload requested", by=request.get("by"), rules_version=request.get("rules_version"))
                     await self.check_rules(force=True)
         finally:

@@ -37,10 +37,13 @@ def create_app(
     redis: Redis,
     ruleset: RuleSet | Callable[[], RuleSet],
     reload_rules: Callable[[], Awaitable[Any]] | None = None,
+    reload_origin: str | None = None,
     pipeline: Pipeline | None = None,
 ) -> FastAPI:
     """`pipeline`: the running service's, so actions use its channels and current rules;
-    without one the app builds its own for outcome events (see api/actions.py)."""
+    without one the app builds its own for outcome events (see api/actions.py). `reload_origin`:
+    the service whose rules `reload_rules` reloads (RouterService.instance), so that its reload
+    broadcast does not reload it twice."""
     app = FastAPI(
         title="decision-router",
         version=__version__,
@@ -54,6 +57,7 @@ def create_app(
     app.state.redis = redis
     app.state.ruleset = current
     app.state.reload_rules = reload_rules
+    app.state.reload_origin = reload_origin
     app.state.owns_pipeline = pipeline is None
     if pipeline is None:
         rules = current()

@@ -43,7 +43,8 @@ async def reload_rules(request: Request, principal: Annotated[Principal, Depends
     current = ruleset_of(request)
     try:
         notified: int | None = await request_reload(
-            request.app.state.redis, keys_of(request), rules_version=current.version, by=settings.consumer_name
+            request.app.state.redis, keys_of(request), rules_version=current.version, by=settings.consumer_name,
+            origin=request.app.state.reload_origin,
         )
     except RedisError as exc:
         # Reloaded here; the others will see the files at their next poll.

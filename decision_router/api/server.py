@@ -82,11 +82,13 @@ async def api_running(
     redis: Redis,
     ruleset: Callable[[], RuleSet],
     reload_rules: Callable[[], Any] | None = None,
+    reload_origin: str | None = None,
     pipeline: Any = None,
     port: int | None = None,
 ) -> AsyncIterator[ApiServer]:
     app = create_app(
-        settings, engine=engine, redis=redis, ruleset=ruleset, reload_rules=reload_rules, pipeline=pipeline
+        settings, engine=engine, redis=redis, ruleset=ruleset, reload_rules=reload_rules,
+        reload_origin=reload_origin, pipeline=pipeline,
     )
     server = ApiServer(app, settings.api_host, settings.api_port if port is None else port)
     await server.start()
@@ -110,6 +112,7 @@ async def api_for_service(service: Any, engine: Engine, *, enabled: bool = True)
         redis=pipeline.redis,
         ruleset=lambda: pipeline.ruleset,
         reload_rules=lambda: service.check_rules(force=True),
+        reload_origin=service.instance,
         pipeline=pipeline,
     ) as server:
         yield server

@@ -4,12 +4,16 @@ no queued delivery lost). Real Redis; real `serve --workers 2` processes for the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,21 +21,29 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlmodel import Session
 
 from decision_router import notify
-from decision_router.api.server import api_for_service
+from decision_router.api.server import api_for_service, run_api
 from decision_router.keys import Keys
 from decision_router.rules import load_rules
-from decision_router.service import running_service
+from decision_router.service import request_reload, running_service
 from decision_router.store import make_engine
 from decision_router.tables import AlertRecord, DeliveryRecord
 from decision_router.tokens import create_token
 from decision_router.tracker import alert_id_for
 from tests.integration.conftest import RULES_DIR, wait_until
 from tests.integration.test_channels_webhook import ReceiverState, receiver  # noqa: F401  (fixture)
-from tests.integration.test_faults_helpers import ROOT, all_acknowledged, free_port, publish_backlog, wait_for
+from tests.integration.test_faults_helpers import (
+    ROOT,
+    PrivateRedis,
+    all_acknowledged,
+    free_port,
+    publish_backlog,
+    wait_for,
+)
 from tests.integration.test_router_loop import count
 
 pytestmark = pytest.mark.redis
@@ -46,6 +58,12 @@ def send_enterprise_churn_to_the_desk(rules_dir: Path) -> None:
     text = routing.read_text()
     assert text.count(ACCOUNT_MANAGER) == 1
     routing.write_text(text.replace(ACCOUNT_MANAGER, DESK))
+
+
+def listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
 
 
 def log_events(text: str) -> list[dict]:
@@ -205,3 +223,109 @@ async def test_a_reload_rebuilds_the_webhook_receivers_and_loses_no_queued_deliv
     with Session(engine) as session:
         rows = {row.alert_id: (row.recipient, row.status) for row in session.scalars(select(DeliveryRecord))}
     assert rows == {alert_id_for("p-am", "churn"): ("am", "delivered"), alert_id_for("p-new", "churn"): ("new", "delivered")}
+
+
+async def test_reloads_at_once_leave_the_receivers_of_the_last_rules_read(
+    settings, engine, tmp_path: Path, monkeypatch
+) -> None:
+    """The poll, SIGHUP, the API and the broadcast can each start a reload; one that read older
+    files must not finish after a newer one and put its receivers back (the watcher already
+    holds the newer rules, so no later check would repair it)."""
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "routing.yaml").write_text(
+        "rules:\n  - {name: churn, when: {model: churn}, owner: am}\n  - {name: rest, when: {}, owner: am, action: record}\n"
+    )
+
+    def write_owners(path: str) -> None:
+        (rules_dir / "owners.yaml").write_text(
+            f"owners:\n  - {{id: am, name: AM, channels: [inbox, webhook], webhook: {{url: 'http://127.0.0.1:9{path}'}}}}\n"
+        )
+
+    write_owners("/v1")
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "rules_poll_interval": timedelta(0)})
+    async with running_service(tuned, load_rules(rules_dir), engine, watch_rules=True) as service:
+        channels = service.pipeline.channels
+        configure = channels._configure
+        first_in, release_first = threading.Event(), threading.Event()
+
+        def first_is_slow(ruleset):
+            if not first_in.is_set():
+                first_in.set()
+                assert release_first.wait(10)
+            return configure(ruleset)
+
+        monkeypatch.setattr(channels, "_configure", first_is_slow)
+        write_owners("/v2")
+        first = asyncio.create_task(service.check_rules(force=True))
+        assert await asyncio.to_thread(first_in.wait, 10)  # read v2; rebuilding its receivers
+        write_owners("/v3")
+        second = asyncio.create_task(service.check_rules(force=True))
+        await asyncio.wait({second}, timeout=1.0)  # unserialised, the second reload finishes meanwhile
+        release_first.set()
+        await asyncio.gather(first, second)
+        assert service.pipeline.ruleset.version == load_rules(rules_dir).version
+        assert str(channels.receivers["am:webhook"].url).endswith("/v3")
+
+
+async def test_a_standalone_api_named_like_a_router_still_reaches_it(settings, engine, tmp_path: Path) -> None:
+    """`decision-router api` and `serve` sharing one environment (one DECISION_ROUTER_CONSUMER_NAME):
+    only the process whose API reloaded may skip the broadcast, not every process of that name."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    for directory in (here, there):
+        shutil.copytree(RULES_DIR, directory)
+    port = free_port()
+    api_settings = settings.model_copy(update={"rules_dir": here, "api_port": port, "consumer_name": "router"})
+    router_settings = settings.model_copy(update={"rules_dir": there, "consumer_name": "router",
+                                                  "rules_poll_interval": timedelta(hours=1)})
+    stop = asyncio.Event()
+    admin = {"Authorization": f"Bearer {create_token(engine, role='admin')[0]}"}
+    redis_client = Redis.from_url(settings.effective_redis_url)
+    async with running_service(router_settings, load_rules(there), engine, watch_rules=True) as router:
+        api = asyncio.create_task(run_api(api_settings, load_rules(here), engine, redis_client, stop))
+        try:
+            await wait_until(lambda: listening(port) or api.done(), what="the API to listen")
+            for directory in (here, there):
+                send_enterprise_churn_to_the_desk(directory)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                body = (await client.post("/v1/rules/reload", headers=admin)).json()
+            assert body["changed"] is True and body["notified_processes"] == 1, body
+            await wait_until(lambda: router.pipeline.ruleset.version == body["rules_version"], timeout=5,
+                             what="the router to reload")
+        finally:
+            stop.set()
+            await api
+            await redis_client.aclose()
+
+
+async def test_the_reload_subscriber_outlives_a_redis_restart(settings, engine, tmp_path: Path) -> None:
+    """Its connection dies with the server; it must subscribe again, not end quietly."""
+    private = PrivateRedis(tmp_path).start()
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules)
+    tuned = settings.model_copy(update={"redis_url": private.url, "rules_dir": rules,
+                                        "rules_poll_interval": timedelta(hours=1)})
+    keys = Keys(tuned.stream_prefix)
+    asker, probe = Redis.from_url(private.url), redis.Redis.from_url(private.url)
+    try:
+        async with running_service(tuned, load_rules(rules), engine, watch_rules=True) as service:
+            await wait_until(lambda: probe.pubsub_numsub(keys.rules_reload)[0][1] == 1, what="the subscription")
+            private.kill()
+            private.start()
+            send_enterprise_churn_to_the_desk(rules)
+            version = load_rules(rules).version
+
+            async def ask_until_reloaded() -> bool:
+                # A request published before it has subscribed again is not seen (the poll catches those).
+                with contextlib.suppress(redis.RedisError):
+                    await request_reload(asker, keys, rules_version=version, by="test", origin=None)
+                return service.pipeline.ruleset.version == version
+
+            deadline = time.monotonic() + 15
+            while not await ask_until_reloaded():
+                assert time.monotonic() < deadline, "the service no longer follows reload requests"
+                await asyncio.sleep(0.2)
+    finally:
+        await asker.aclose()
+        probe.close()
+        private.close()

@@ -64,13 +64,17 @@ rules:
 """
 
 
-@pytest.fixture(scope="module")
-def ruleset(tmp_path_factory: pytest.TempPathFactory) -> RuleSet:
-    rules_dir: Path = tmp_path_factory.mktemp("explain") / "rules"
+def rules_in(tmp_path_factory: pytest.TempPathFactory, name: str, routing: str) -> RuleSet:
+    rules_dir: Path = tmp_path_factory.mktemp(name) / "rules"
     rules_dir.mkdir()
-    (rules_dir / "routing.yaml").write_text(ROUTING)
+    (rules_dir / "routing.yaml").write_text(routing)
     (rules_dir / "owners.yaml").write_text(OWNERS)
     return load_rules(rules_dir)
+
+
+@pytest.fixture(scope="module")
+def ruleset(tmp_path_factory: pytest.TempPathFactory) -> RuleSet:
+    return rules_in(tmp_path_factory, "explain", ROUTING)
 
 
 def prediction(score: float = 0.9, entity_id: str = "acct-1", **context: Any) -> Prediction:
@@ -233,11 +237,7 @@ rules:
 
 @pytest.fixture(scope="module")
 def lookup_rules(tmp_path_factory: pytest.TempPathFactory) -> RuleSet:
-    rules_dir: Path = tmp_path_factory.mktemp("explain-lookups") / "rules"
-    rules_dir.mkdir()
-    (rules_dir / "routing.yaml").write_text(LOOKUP_ROUTING)
-    (rules_dir / "owners.yaml").write_text(OWNERS)
-    return load_rules(rules_dir)
+    return rules_in(tmp_path_factory, "explain-lookups", LOOKUP_ROUTING)
 
 
 def test_a_lookup_given_with_the_prediction_is_its_looked_up_context(lookup_rules: RuleSet) -> None:
