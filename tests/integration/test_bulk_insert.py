@@ -7,12 +7,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
 from decision_router import tracker
+from decision_router.consumer import infrastructure_failure
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord
 
 NOW = datetime(2026, 11, 25, 20, 0, 0, 123456, tzinfo=UTC)
@@ -92,3 +93,20 @@ def test_a_duplicate_key_raises_sqlalchemys_integrity_error(engine: Engine) -> N
         session.commit()
     with Session(engine) as session, pytest.raises(IntegrityError):
         tracker.bulk_insert(session, PredictionRecord.__table__, prediction_rows("dup")[:1])  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_mid_copy_is_the_store_unavailable_and_is_dropped(pg_engine: Engine) -> None:
+    # As SQLAlchemy handles a lost connection on its own INSERT: the error says the store is
+    # unreachable (the consumer retries, never dead-letters) and the connection is invalidated,
+    # so the rollback that follows does not fail on it again and the pool does not hand it out.
+    with Session(pg_engine) as session:
+        pid = session.execute(text("select pg_backend_pid()")).scalar()
+        with pg_engine.connect() as other:
+            other.execute(text("select pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(OperationalError) as lost:
+            tracker.bulk_insert(session, PredictionRecord.__table__, prediction_rows("lost"))  # type: ignore[attr-defined]
+        assert infrastructure_failure(lost.value) == "store"
+        assert lost.value.connection_invalidated
+        session.rollback()
+        assert session.execute(text("select 1")).scalar() == 1
