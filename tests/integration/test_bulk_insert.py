@@ -110,3 +110,28 @@ def test_a_connection_lost_mid_copy_is_the_store_unavailable_and_is_dropped(pg_e
         assert lost.value.connection_invalidated
         session.rollback()
         assert session.execute(text("select 1")).scalar() == 1
+
+
+# What COPY's text format must escape (its NULL marker \N, its end marker \., tabs, newlines,
+# backslashes), beyond the BMP, and a long value: each stored as SQLAlchemy's INSERT stores it.
+AWKWARD_TEXT = ["\\N", "\\.", "a\tb\nc\rd\\e", "end\\", "", "\u2028\U0001f600\x01\x7f", "x" * 200_000]
+
+
+def test_bulk_insert_stores_text_copy_must_escape_as_sqlalchemy_does(engine: Engine) -> None:
+    def awkward_rows(tag: str) -> list[dict]:
+        rows = []
+        for n, value in enumerate(AWKWARD_TEXT):
+            row = prediction_rows(tag)[0] | {"prediction_id": f"{tag}-{n}", "entity_id": value}
+            row["document"] = {"text": value, "nul": "a\u0000b", "big": 10**30}
+            rows.append(row)
+        return rows
+
+    with Session(engine) as session:
+        session.execute(insert(PredictionRecord.__table__), awkward_rows("ref"))  # type: ignore[attr-defined]
+        tracker.bulk_insert(session, PredictionRecord.__table__, awkward_rows("bulk"))  # type: ignore[attr-defined]
+        session.commit()
+    with Session(engine) as session:
+        reference = stored(session, PredictionRecord, "prediction_id", "ref")
+        bulk = stored(session, PredictionRecord, "prediction_id", "bulk")
+    assert [row["entity_id"] for row in bulk] == AWKWARD_TEXT
+    assert bulk == reference
