@@ -12,15 +12,12 @@ import json
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy
-
-from benchmarks.run import DEFAULT_POSTGRES
+from benchmarks.run import DEFAULT_POSTGRES, new_store
 from benchmarks.workload import new_run_id, prediction, write_rules
 
 BATCH = 1000
@@ -35,21 +32,8 @@ def measure(store: str, batches: int, postgres_url: str) -> dict[str, float]:
 
     work = Path(tempfile.mkdtemp(prefix="decision-router-stages-"))
     rules_dir = write_rules(work / "rules", 200)
-    drop: Callable[[], None] = lambda: None
-    if store == "postgres":
-        schema = f"stages_{uuid.uuid4().hex[:8]}"
-        admin = sqlalchemy.create_engine(postgres_url)
-        with admin.begin() as connection:
-            connection.execute(sqlalchemy.text(f'create schema "{schema}"'))
-
-        def drop() -> None:
-            with admin.begin() as connection:
-                connection.execute(sqlalchemy.text(f'drop schema "{schema}" cascade'))
-            admin.dispose()
-
-        url = f"{postgres_url}?options=-csearch_path%3D{schema}"
-    else:
-        url = f"sqlite:///{work / 'store.db'}"
+    store_of_run = new_store(store, work, postgres_url, "stages")
+    url = store_of_run.url
     engine = make_engine(url)
     try:
         create_schema(engine)
@@ -77,7 +61,7 @@ def measure(store: str, batches: int, postgres_url: str) -> dict[str, float]:
         return {stage: min(times) / BATCH * 1e6 for stage, times in spent.items()}
     finally:
         engine.dispose()
-        drop()
+        store_of_run.drop()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -49,24 +50,32 @@ def within(query: Any, column: Any, since: datetime | None, until: datetime | No
 _SCHEMA_ATTEMPTS = 10  # one per table at worst, when several processes create a new store at once
 
 
-def create_schema(engine: Engine) -> None:
+def _concurrently(step: Callable[[], None]) -> None:
+    """Run a schema step that another process (a worker starting at the same moment) may be
+    running too: when it created the table or index between our check and our CREATE, check
+    again, which skips what exists now. A step that fails for another reason fails every
+    attempt and raises on the last."""
     for attempt in range(_SCHEMA_ATTEMPTS):
         try:
-            SQLModel.metadata.create_all(engine)
-            break
+            step()
+            return
         except (OperationalError, ProgrammingError, IntegrityError):
-            # Another process (a worker starting at the same moment) created a table between our
-            # check and our CREATE: check again, which skips what exists now. A store that fails
-            # for another reason fails every attempt and raises on the last.
             if attempt == _SCHEMA_ATTEMPTS - 1:
                 raise
+
+
+def _execute(engine: Engine, statement: Any) -> None:
+    with engine.begin() as connection:
+        connection.execute(statement)
+
+
+def create_schema(engine: Engine) -> None:
+    _concurrently(lambda: SQLModel.metadata.create_all(engine))
     # create_all skips tables that exist, and so indexes added to them later: the stats indexes
     # (tables.py, "Stats") are built here on a store created before them (once; seconds per 1M alerts).
     names = tables.STATS_INDEXES.get(engine.dialect.name, [])
     for index in tables.AlertRecord.__table__.indexes:
         if index.name in names:
-            with engine.begin() as connection:
-                connection.execute(CreateIndex(index, if_not_exists=True))
+            _concurrently(lambda index=index: _execute(engine, CreateIndex(index, if_not_exists=True)))
     for name in tables.RETIRED_STATS_INDEXES.get(engine.dialect.name, []):  # replaced: writes stop paying for it
-        with engine.begin() as connection:
-            connection.execute(text(f"drop index if exists {name}"))
+        _execute(engine, text(f"drop index if exists {name}"))

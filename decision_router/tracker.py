@@ -190,8 +190,15 @@ def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
                     copy.write_row(row)
     except connection.dialect.loaded_dbapi.Error as exc:
         # As SQLAlchemy would raise it (IntegrityError, OperationalError...): callers
-        # tell a concurrent insert or a locked database from a bug by these classes.
-        raise DBAPIError.instance(sql, None, exc, connection.dialect.loaded_dbapi.Error) from exc
+        # tell a concurrent insert or a locked database from a bug by these classes. A lost
+        # connection is invalidated, as SQLAlchemy does: else the rollback that follows fails
+        # on it again and the pool keeps it.
+        lost = connection.dialect.is_disconnect(exc, connection.connection.dbapi_connection, cursor)
+        if lost:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            sql, None, exc, connection.dialect.loaded_dbapi.Error, connection_invalidated=lost
+        ) from exc
     finally:
         cursor.close()
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
 from decision_router import tracker
+from decision_router.consumer import infrastructure_failure
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord
 
 NOW = datetime(2026, 11, 25, 20, 0, 0, 123456, tzinfo=UTC)
@@ -92,3 +93,45 @@ def test_a_duplicate_key_raises_sqlalchemys_integrity_error(engine: Engine) -> N
         session.commit()
     with Session(engine) as session, pytest.raises(IntegrityError):
         tracker.bulk_insert(session, PredictionRecord.__table__, prediction_rows("dup")[:1])  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_mid_copy_is_the_store_unavailable_and_is_dropped(pg_engine: Engine) -> None:
+    # As SQLAlchemy handles a lost connection on its own INSERT: the error says the store is
+    # unreachable (the consumer retries, never dead-letters) and the connection is invalidated,
+    # so the rollback that follows does not fail on it again and the pool does not hand it out.
+    with Session(pg_engine) as session:
+        pid = session.execute(text("select pg_backend_pid()")).scalar()
+        with pg_engine.connect() as other:
+            other.execute(text("select pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(OperationalError) as lost:
+            tracker.bulk_insert(session, PredictionRecord.__table__, prediction_rows("lost"))  # type: ignore[attr-defined]
+        assert infrastructure_failure(lost.value) == "store"
+        assert lost.value.connection_invalidated
+        session.rollback()
+        assert session.execute(text("select 1")).scalar() == 1
+
+
+# What COPY's text format must escape (its NULL marker \N, its end marker \., tabs, newlines,
+# backslashes), beyond the BMP, and a long value: each stored as SQLAlchemy's INSERT stores it.
+AWKWARD_TEXT = ["\\N", "\\.", "a\tb\nc\rd\\e", "end\\", "", "\u2028\U0001f600\x01\x7f", "x" * 200_000]
+
+
+def test_bulk_insert_stores_text_copy_must_escape_as_sqlalchemy_does(engine: Engine) -> None:
+    def awkward_rows(tag: str) -> list[dict]:
+        rows = []
+        for n, value in enumerate(AWKWARD_TEXT):
+            row = prediction_rows(tag)[0] | {"prediction_id": f"{tag}-{n}", "entity_id": value}
+            row["document"] = {"text": value, "nul": "a\u0000b", "big": 10**30}
+            rows.append(row)
+        return rows
+
+    with Session(engine) as session:
+        session.execute(insert(PredictionRecord.__table__), awkward_rows("ref"))  # type: ignore[attr-defined]
+        tracker.bulk_insert(session, PredictionRecord.__table__, awkward_rows("bulk"))  # type: ignore[attr-defined]
+        session.commit()
+    with Session(engine) as session:
+        reference = stored(session, PredictionRecord, "prediction_id", "ref")
+        bulk = stored(session, PredictionRecord, "prediction_id", "bulk")
+    assert [row["entity_id"] for row in bulk] == AWKWARD_TEXT
+    assert bulk == reference

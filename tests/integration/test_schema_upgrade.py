@@ -1,0 +1,50 @@
+"""create_schema on a store created before the stats indexes: it builds them (and drops the ones
+they replaced), also when several workers start on that store at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from decision_router import tables
+from decision_router.store import create_schema
+
+pytestmark = pytest.mark.postgres
+
+
+def test_workers_starting_together_build_the_new_stats_indexes_once(pg_engine: Engine) -> None:
+    # An older store: without the rank indexes, with the index they retired.
+    with pg_engine.begin() as connection:
+        for name in ("ix_alerts_stats_ack_rank_pg", "ix_alerts_stats_act_rank_pg"):
+            connection.execute(text(f"drop index {name}"))
+        connection.execute(text("create index ix_alerts_stats_counts on alerts (rule)"))
+    # A running worker's insert holds the table against index builds: both starting workers pass
+    # their IF NOT EXISTS check and wait to build; when it ends, one commits first, the other clashes.
+    writer = pg_engine.connect()
+    writer.execute(text("lock table alerts in row exclusive mode"))
+    failures: list[BaseException] = []
+
+    def start_worker() -> None:
+        try:
+            create_schema(pg_engine)
+        except Exception as exc:  # noqa: BLE001 - any error fails the test below
+            failures.append(exc)
+
+    workers = [threading.Thread(target=start_worker) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.5)  # both wait on the lock by now
+    writer.rollback()
+    writer.close()
+    for worker in workers:
+        worker.join(30)
+    assert not failures, failures
+    with pg_engine.connect() as connection:
+        present = set(connection.execute(text(
+            "select indexname from pg_indexes where schemaname = current_schema() and tablename = 'alerts'")).scalars())
+    assert set(tables.STATS_INDEXES["postgresql"]) <= present
+    assert not present & set(tables.RETIRED_STATS_INDEXES["postgresql"])
