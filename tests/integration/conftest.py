@@ -27,6 +27,16 @@ POSTGRES_URL = os.environ.get("DECISION_ROUTER_TEST_DATABASE_URL", "postgresql+p
 RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
 
 
+@pytest.fixture
+def rules_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A rules directory holding the test module's ROUTING and OWNERS (a module may define its own)."""
+    directory = tmp_path / "rules"
+    directory.mkdir()
+    (directory / "routing.yaml").write_text(request.module.ROUTING)
+    (directory / "owners.yaml").write_text(request.module.OWNERS)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> str:
     try:

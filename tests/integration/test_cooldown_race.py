@@ -105,15 +105,6 @@ def run_workers(settings, engine, rules_dir: Path) -> list[BatchResult]:
     return results
 
 
-@pytest.fixture
-def rules_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "rules"
-    directory.mkdir()
-    (directory / "routing.yaml").write_text(ROUTING)
-    (directory / "owners.yaml").write_text(OWNERS)
-    return directory
-
-
 def test_workers_routing_the_same_entities_at_once_make_one_decision_per_window(
     settings, engine, rules_dir, r, monkeypatch
 ):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -49,15 +48,6 @@ owners:
   - {id: away-am, name: On Leave, manager: lead, away_until: "2099-01-01", delegate: am}
 """
 T0 = datetime.now(timezone.utc).replace(microsecond=0)
-
-
-@pytest.fixture
-def rules_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "rules"
-    directory.mkdir()
-    (directory / "routing.yaml").write_text(ROUTING)
-    (directory / "owners.yaml").write_text(OWNERS)
-    return directory
 
 
 @pytest.fixture

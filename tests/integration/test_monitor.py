@@ -9,7 +9,6 @@ import asyncio
 import json
 import random
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from sqlmodel import Session, select
@@ -40,15 +39,6 @@ PER_DAY = 120
 T0 = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=10)
 
 
-
-
-@pytest.fixture
-def rules_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "rules"
-    directory.mkdir()
-    (directory / "routing.yaml").write_text(ROUTING)
-    (directory / "owners.yaml").write_text(OWNERS)
-    return directory
 
 
 def publish_day(r, keys, day: int, clock: ManualClock, rng: random.Random, *, score_mean: float) -> None:
