@@ -121,14 +121,22 @@ def decoded(messages: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[
             gone.append(mid)
             continue
         try:
-            text = {_strict_text(k): _strict_text(v) for k, v in fields.items()}
-        except UnicodeDecodeError:
-            # Not UTF-8: hand the bytes to the gate, which rejects the entry as invalid_encoding
-            # (replacing bad bytes would silently change ids and values).
-            entries.append((as_text(mid), dict(fields)))
-        else:
-            entries.append((as_text(mid), text))
+            # The common case, bytes of UTF-8 from a client that does not decode replies: no
+            # per-field type checks (this runs for every entry read).
+            entries.append((mid.decode(), {k.decode(): v.decode() for k, v in fields.items()}))
+        except (AttributeError, UnicodeDecodeError):
+            entries.append(_decoded_one(mid, fields))
     return entries, gone
+
+
+def _decoded_one(mid: bytes | str, fields: dict) -> Entry:
+    """One entry that is not all bytes of UTF-8: text as it is, bad bytes left for the gate."""
+    try:
+        return as_text(mid), {_strict_text(k): _strict_text(v) for k, v in fields.items()}
+    except UnicodeDecodeError:
+        # Not UTF-8: hand the bytes to the gate, which rejects the entry as invalid_encoding
+        # (replacing bad bytes would silently change ids and values).
+        return as_text(mid), dict(fields)
 
 
 class Outage:
@@ -326,7 +334,8 @@ class Consumer:
                             error=repr(exc)[:300])
                 return await self._settle(source, entries[:half]) and await self._settle(source, entries[half:])
             self.outage.ok()
-            ids = [entry_id for entry_id, _ in entries]
+            # As bytes: redis-py's encoder passes bytes through, and an XACK has one id per entry.
+            ids = [entry_id.encode() for entry_id, _ in entries]
             return await self.retrying(lambda: self.redis.xack(source.stream, self.group, *ids))  # noqa: B023
 
     async def _poison(self, source: Input, entry: Entry, first: Exception) -> bool:

@@ -65,6 +65,11 @@ def test_entries_are_decoded_once_bad_utf8_left_as_bytes_for_the_gate_and_delete
     assert gone == [b"2-0"]
 
 
+def test_entries_read_by_a_client_that_decodes_replies_are_taken_as_text() -> None:
+    entries, _ = decoded([("1-0", {"data": '{"a": 1}'}), (b"2-0", {b"data": b"x", "kind": "y"})])
+    assert entries == [("1-0", {"data": '{"a": 1}'}), ("2-0", {"data": "x", "kind": "y"})]
+
+
 def test_the_embedded_redis_keeps_the_connection_after_an_error_reply() -> None:
     """Like Redis: BUSYGROUP (a group that exists) and NOSCRIPT (a script not loaded yet) are
     routine replies, and the next command on the same connection must still work."""
