@@ -42,6 +42,15 @@ class Decision:
     delegated_from: str | None = None  # the away owner whose decision went to `owner`; None otherwise
 
 
+def _decision(**fields: Any) -> Decision:
+    """`Decision(**fields)` with every field given, without the frozen dataclass's `__init__`:
+    its one `object.__setattr__` per field cost ~1.5 µs, a third of routing a prediction. The
+    object is the same (fields in its `__dict__`, still frozen against assignment)."""
+    decision = object.__new__(Decision)
+    decision.__dict__.update(fields)
+    return decision
+
+
 def in_holdout(rule: str, entity_type: str, entity_id: str, fraction: float) -> bool:
     """Whether (rule, entity) is in the rule's control group of `fraction` (0 <= fraction < 1).
 
@@ -146,7 +155,7 @@ def _decide(
             missing.append(path)
         else:
             context[path] = value
-    return Decision(
+    return _decision(
         rule=rule.name,
         rule_index=rule.index,
         owner=owner,
