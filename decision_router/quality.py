@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from decision_router.contracts import OutcomeEvent, Prediction, Rejection, RejectionReason
@@ -96,6 +97,46 @@ def _text(value: bytes | str, field: str | None) -> str:
             what = "a field name" if field is None else f"field {_clean(field, 100)}"
             raise _Reject(RejectionReason.INVALID_ENCODING, f"{what} is not valid UTF-8 (byte {exc.start})") from None
     return str(value)
+
+
+# The one-field `data` entry that nearly every producer sends is parsed by orjson (3x faster than
+# json) when its text shows that orjson and the value walk can only agree with json.loads and find
+# nothing: orjson rejects NaN, Infinity, numbers that overflow a float, raw control characters
+# and lone surrogate escapes (json accepts all but control characters), and parses integers
+# beyond 64 bits as floats (json: exact ints), which need 19+ digits in a row. Anything else
+# takes the json path, so every rejection keeps its reason and detail.
+_ONLY_DIGITS = bytes(ord("9") if ord("0") <= b <= ord("9") else ord(" ") for b in range(256))
+_LONG_NUMBER = b"9" * 19
+# Brackets beyond this may nest deeper than json.loads can recurse (its RecursionError has its
+# own detail), so such a text takes the json path whatever the depth limit.
+_PROVEN_MAX_BRACKETS = 64
+
+
+def _proven_document(entry: RawEntry, max_depth: int) -> dict[str, Any] | None:
+    """The document of a one-field `data` entry, parsed by orjson, when it is provably what
+    `decode_entry` returns and `_check_document` passes; None when that is not shown (then the
+    caller takes that path, which also finds the reason of a rejection)."""
+    if len(entry) != 1:
+        return None
+    ((key, value),) = entry.items()
+    if key != "data" and key != b"data":
+        return None
+    try:
+        text = value.decode("utf-8") if type(value) is bytes else value
+        raw = value if type(value) is bytes else text.encode("utf-8")  # raises on a lone surrogate
+    except (UnicodeError, AttributeError):
+        return None
+    if (
+        text.count("{") + text.count("[") > min(max_depth, _PROVEN_MAX_BRACKETS)  # nesting: at most one level per bracket
+        or "\\u0000" in text  # NUL: the only escape orjson accepts that no store takes
+        or _LONG_NUMBER in raw.translate(_ONLY_DIGITS)  # a 64-bit-plus integer: orjson makes it a float
+    ):
+        return None
+    try:
+        document = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return document if type(document) is dict else None
 
 
 def _loads(text: str, what: str) -> Any:
@@ -194,6 +235,15 @@ def _check_document(document: dict[str, Any], max_depth: int) -> None:
         raise _Reject(bad.reason, f"{path.lstrip('.') or 'message'}: {bad.problem}") from None
 
 
+def _checked_document(entry: RawEntry, limits: PayloadLimits) -> dict[str, Any]:
+    """The decoded document, every value of it checked (see `_proven_document`)."""
+    document = _proven_document(entry, limits.max_depth)
+    if document is None:
+        document = decode_entry(entry)
+        _check_document(document, limits.max_depth)
+    return document
+
+
 def _clean(text: str, limit: int) -> str:
     """Text safe to store and print: NUL and lone surrogates escaped, length bounded."""
     if len(text) > limit:
@@ -248,8 +298,7 @@ def check_prediction(
     document: dict[str, Any] = {}
     try:
         _check_size(entry, limits)
-        document = decode_entry(entry)
-        _check_document(document, limits.max_depth)
+        document = _checked_document(entry, limits)
         missing = [f for f in ID_FIELDS if not str(document.get(f) or "").strip()]
         if missing:
             raise _Reject(RejectionReason.MISSING_ID, f"missing or empty: {', '.join(missing)}")
@@ -278,8 +327,7 @@ def check_outcome(
     """Parse an outcome event; whether its alert exists is the tracker's question."""
     try:
         _check_size(entry, limits)
-        document = decode_entry(entry)
-        _check_document(document, limits.max_depth)
+        document = _checked_document(entry, limits)
         # Flat producers send "" for fields they do not use.
         document = {k: v for k, v in document.items() if v != ""}
         return _validate(OutcomeEvent, document)

@@ -9,6 +9,7 @@ where a string was); such a condition is simply false.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -62,20 +63,39 @@ def lookup(document: Mapping[str, Any], path: str) -> Any:
 
 
 def getter(path: str) -> Callable[[Mapping[str, Any]], Any]:
-    """`lookup` of one path, specialised once per rule load: a top-level field (most
-    conditions) is one dict access instead of a walk."""
+    """`lookup` of one path, specialised once per rule load: on plain dicts (what routing
+    sees) a chain of `dict.get` instead of a walk with `Mapping` checks; anything else
+    takes `lookup`."""
     parts = _split(path)
     if len(parts) == 1:
         (key,) = parts
 
         def top(document: Mapping[str, Any]) -> Any:
-            if isinstance(document, dict):
+            if type(document) is dict:
                 value = document.get(key)
                 return MISSING if value is None else value
             return lookup(document, path)
 
         return top
+    if len(parts) == 2:
+        outer, inner = parts
+
+        def nested(document: Mapping[str, Any]) -> Any:
+            if type(document) is dict:
+                parent = document.get(outer)
+                if type(parent) is dict:
+                    value = parent.get(inner)
+                    return MISSING if value is None else value
+                if parent is None or type(parent) in _SCALARS:
+                    return MISSING
+            return lookup(document, path)
+
+        return nested
     return lambda document: lookup(document, path)
+
+
+# Types that are never a Mapping: a path through one is MISSING without asking `lookup`.
+_SCALARS = frozenset({str, int, float, bool, list})
 
 
 def _as_number(value: Any) -> float | None:
@@ -117,12 +137,22 @@ def same(actual: Any, expected: Any) -> bool:
     return bool(actual == expected)
 
 
-def _numeric(compare: Callable[[float], bool]) -> Test:
+def _numeric(compare: Callable[[float, Any], bool], bound: Any) -> Test:
+    """`compare(number, bound)` on a finite number (or numeric text); false otherwise."""
+
     def test(value: Any) -> bool:
-        if type(value) is float and math.isfinite(value):  # scores: no conversion needed
-            return compare(value)
+        if type(value) is float and -math.inf < value < math.inf:  # scores: no conversion needed
+            return compare(value, bound)
         number = _as_number(value)
-        return number is not None and compare(number)
+        return number is not None and compare(number, bound)
+
+    return test
+
+
+def _between(low: Any, high: Any) -> Test:
+    def test(value: Any) -> bool:
+        number = value if type(value) is float and -math.inf < value < math.inf else _as_number(value)
+        return number is not None and low <= number <= high
 
     return test
 
@@ -155,8 +185,15 @@ def _regex(pattern: str) -> Test:
     return test
 
 
+_COMPARISONS = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}
+# Operators whose test is false on MISSING by itself (MISSING equals nothing, is no number and
+# no text); the others (ne, not_in) would be true on it, so the caller tests presence first.
+_FALSE_ON_MISSING = frozenset({"eq", "in", "regex", "between", *_COMPARISONS})
+
+
 def _operator(op: str, expected: Any) -> Test:
-    """One operator on a present value; MISSING is handled by the caller."""
+    """One operator on a value; MISSING is handled by the caller unless `op` is in
+    `_FALSE_ON_MISSING`."""
     if op == "eq":
         if type(expected) is str:
             # The common case, tested for every prediction: text against text is plain
@@ -172,30 +209,67 @@ def _operator(op: str, expected: Any) -> Test:
         return lambda v: any(same(v, e) for e in expected)
     if op == "not_in":
         return lambda v: not any(same(v, e) for e in expected)
-    if op == "gt":
-        return _numeric(lambda n: n > expected)
-    if op == "gte":
-        return _numeric(lambda n: n >= expected)
-    if op == "lt":
-        return _numeric(lambda n: n < expected)
-    if op == "lte":
-        return _numeric(lambda n: n <= expected)
+    if op in _COMPARISONS:
+        return _numeric(_COMPARISONS[op], expected)
     if op == "between":
-        low, high = expected
-        return _numeric(lambda n: low <= n <= high)
+        return _between(*expected)
     if op == "regex":
         return _regex(expected)
     raise AssertionError(f"operator {op!r} passed validation but has no implementation")
 
 
 def compile_condition(condition: ConditionSpec) -> Test:
-    """All operators on one field, ANDed, as one test of the looked-up value."""
+    """All operators on one field, ANDed, as one test of the looked-up value (MISSING when
+    absent). The common condition, one operator false on MISSING, is that operator's test."""
     operators = condition.operators()
     exists = operators.pop("exists", None)
-    tests = tuple(_operator(op, expected) for op, expected in operators.items())
     if exists is False:  # spec.py rejects it next to any other operator
         return lambda value: value is MISSING
-    return lambda value: value is not MISSING and all(test(value) for test in tests)
+    tests = tuple(_operator(op, expected) for op, expected in operators.items())
+    if not tests:
+        return lambda value: value is not MISSING
+    test = tests[0] if len(tests) == 1 else _all_of(tests)
+    if set(operators) <= _FALSE_ON_MISSING:
+        return test
+    return lambda value: value is not MISSING and test(value)
+
+
+def _all_of(tests: tuple[Test, ...]) -> Test:
+    def test(value: Any) -> bool:
+        for one in tests:
+            if not one(value):
+                return False
+        return True
+
+    return test
+
+
+Check = Callable[[Mapping[str, Any]], bool]
+
+
+def all_conditions(conditions: tuple[tuple[str, Test], ...]) -> Check:
+    """(path, test) pairs -> one function of the document, true when every test holds: the
+    usual rule has two or three conditions, each one call of its getter and one of its test."""
+    checks = tuple((getter(path), test) for path, test in conditions)
+    if not checks:
+        return lambda document: True
+    if len(checks) == 1:
+        ((get, test),) = checks
+        return lambda document: test(get(document))
+    if len(checks) == 2:
+        (get1, test1), (get2, test2) = checks
+        return lambda document: test1(get1(document)) and test2(get2(document))
+    if len(checks) == 3:
+        (get1, test1), (get2, test2), (get3, test3) = checks
+        return lambda document: test1(get1(document)) and test2(get2(document)) and test3(get3(document))
+
+    def every(document: Mapping[str, Any]) -> bool:
+        for get, test in checks:
+            if not test(get(document)):
+                return False
+        return True
+
+    return every
 
 
 @dataclass(frozen=True)
@@ -241,13 +315,21 @@ class CompiledRule:
     decision_reads_lookup: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_checks", tuple((getter(path), test) for path, test in self.conditions))
+        object.__setattr__(self, "matches", all_conditions(self.conditions))
+        # A document found through the model index has a model in `models`: its model
+        # condition (eq/in on text) holds, and only the others are left to test.
+        rest = self.conditions if self.models is None else tuple(c for c in self.conditions if c[0] != "model")
+        object.__setattr__(self, "matches_past_model", all_conditions(rest))
+        # What a decision reads of the document, looked up the fast way (see `getter`).
+        object.__setattr__(self, "owner_getter", getter(self.owner_from) if self.owner_from else None)
+        object.__setattr__(self, "context_getters", tuple((path, getter(path)) for path in self.context_fields))
 
-    def matches(self, document: Mapping[str, Any]) -> bool:
-        for get, test in self._checks:  # type: ignore[attr-defined]
-            if not test(get(document)):
-                return False
-        return True
+    # Set per instance by __post_init__ (a plain function, one call less than a method).
+    matches: Check = field(init=False, repr=False, compare=False)
+    matches_past_model: Check = field(init=False, repr=False, compare=False)
+    owner_getter: Callable[[Mapping[str, Any]], Any] | None = field(init=False, repr=False, compare=False)
+    context_getters: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...] = field(
+        init=False, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -294,6 +376,11 @@ class RuleSet:
     # model -> the rules a prediction of that model can match, in file order (see `candidates`).
     _by_model: Mapping[str, tuple[CompiledRule, ...]] = field(init=False, repr=False, compare=False)
     _any_model: tuple[CompiledRule, ...] = field(init=False, repr=False, compare=False)
+    # The same, each rule with the test of its conditions left to make (see `candidate_checks`).
+    _checks_by_model: Mapping[str, tuple[tuple[CompiledRule, Check], ...]] = field(
+        init=False, repr=False, compare=False)
+    _checks_any_model: tuple[tuple[CompiledRule, Check], ...] = field(init=False, repr=False, compare=False)
+    _checks_all: tuple[tuple[CompiledRule, Check], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # With hundreds of rules, most name a model: a prediction is tested only against the
@@ -302,12 +389,25 @@ class RuleSet:
         by_model = {m: tuple(r for r in self.rules if r.models is None or m in r.models) for m in named}
         object.__setattr__(self, "_by_model", MappingProxyType(by_model))
         object.__setattr__(self, "_any_model", tuple(r for r in self.rules if r.models is None))
+        # Found through the index, a rule that names models has the document's model among them.
+        indexed = {m: tuple((r, r.matches if r.models is None else r.matches_past_model) for r in rules)
+                   for m, rules in by_model.items()}
+        object.__setattr__(self, "_checks_by_model", MappingProxyType(indexed))
+        object.__setattr__(self, "_checks_any_model", tuple((r, r.matches) for r in self._any_model))
+        object.__setattr__(self, "_checks_all", tuple((r, r.matches) for r in self.rules))
 
     def candidates(self, model: Any) -> tuple[CompiledRule, ...]:
         """The rules, in file order, that a document whose `model` is this value can match."""
         if isinstance(model, str):
             return self._by_model.get(model, self._any_model)
         return self.rules  # not text (no gate in front): no shortcut
+
+    def candidate_checks(self, model: Any) -> tuple[tuple[CompiledRule, Check], ...]:
+        """`candidates(model)`, each with a test of the document equal to `rule.matches` for a
+        document whose `model` is this value, but without the model condition the index decided."""
+        if isinstance(model, str):
+            return self._checks_by_model.get(model, self._checks_any_model)
+        return self._checks_all
 
 
 def indexed_models(spec: RuleSpec) -> frozenset[str] | None:

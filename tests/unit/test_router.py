@@ -352,3 +352,16 @@ def test_delegation_stops_even_on_a_loop_load_would_reject(features: RuleSet) ->
     looped = dataclasses.replace(features, owners=MappingProxyType(owners))
     (decision,) = route(doc(score=0.9, context={"account_manager": "alice"}), looped, now=at(2026, 12, 1))
     assert decision.owner in {"alice", "bob", "carol"} and decision.delegated_from in {None, "alice"}
+
+
+def test_decisions_are_the_frozen_dataclass_the_constructor_makes(ruleset: RuleSet) -> None:
+    # route builds Decisions without the dataclass __init__ (see router._decision): same object.
+    decisions = route(doc(), ruleset) + route(doc(model="fraud", score=0.99), ruleset)
+    assert decisions
+    for decision in decisions:
+        fields = {f.name: getattr(decision, f.name) for f in dataclasses.fields(decision)}
+        assert vars(decision) == fields  # every field set, nothing else
+        rebuilt = type(decision)(**fields)
+        assert rebuilt == decision and repr(rebuilt) == repr(decision)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            decision.owner = "someone"  # type: ignore[misc]
