@@ -100,5 +100,6 @@ def create_schema(engine: Engine) -> None:
     for index in tables.AlertRecord.__table__.indexes:
         if index.name in names:
             _concurrently(lambda index=index: _execute(engine, CreateIndex(index, if_not_exists=True)))
-    for name in tables.RETIRED_STATS_INDEXES.get(engine.dialect.name, []):  # replaced: writes stop paying for it
+    retired = [*tables.RETIRED_STATS_INDEXES.get(engine.dialect.name, []), *tables.RETIRED_INDEXES]
+    for name in retired:  # replaced or unused: writes stop paying for it
         _execute(engine, text(f"drop index if exists {name}"))
