@@ -96,10 +96,14 @@ def create_schema(engine: Engine) -> None:
     _concurrently(lambda: SQLModel.metadata.create_all(engine))
     # create_all skips tables that exist, and so indexes added to them later: the stats indexes
     # (tables.py, "Stats") are built here on a store created before them (once; seconds per 1M alerts).
-    names = tables.STATS_INDEXES.get(engine.dialect.name, [])
-    for index in tables.AlertRecord.__table__.indexes:
-        if index.name in names:
-            _concurrently(lambda index=index: _execute(engine, CreateIndex(index, if_not_exists=True)))
+    names = [*tables.STATS_INDEXES.get(engine.dialect.name, []), *tables.ADDED_INDEXES]
+    for table in SQLModel.metadata.sorted_tables:
+        for index in table.indexes:
+            if index.name in names:
+                _concurrently(lambda index=index: _execute(engine, CreateIndex(index, if_not_exists=True)))
+    if engine.dialect.name == "postgresql":  # replaced by an added index, built above
+        for table_name, constraint in tables.RETIRED_CONSTRAINTS:
+            _execute(engine, text(f"alter table {table_name} drop constraint if exists {constraint}"))
     retired = [*tables.RETIRED_STATS_INDEXES.get(engine.dialect.name, []), *tables.RETIRED_INDEXES]
     for name in retired:  # replaced or unused: writes stop paying for it
         _execute(engine, text(f"drop index if exists {name}"))

@@ -158,8 +158,6 @@ class AuditEvent(SQLModel, table=True):
     """Append-only history: rows are inserted, never updated or deleted."""
 
     __tablename__ = "audit_events"
-    # An input entry applied twice (redelivery) must not write its events twice.
-    __table_args__ = (UniqueConstraint("source_id", "alert_id", "type", name="uq_audit_source"),)
 
     id: int | None = Field(default=None, primary_key=True)
     alert_id: str | None = Field(default=None, index=True)
@@ -224,6 +222,17 @@ class DeliveryAttemptRecord(SQLModel, table=True):
     error: str | None = None
     latency_ms: float
     at: datetime = _when()
+
+
+# An input entry applied twice (redelivery) must not write its events twice. Only events with a
+# source_id are in the index: NULLs never clash, so the events the pipeline writes itself (received,
+# routed..., delivered; none has one) need no index entry for the same guarantee. It replaces the
+# constraint uq_audit_source (on every event), which create_schema drops on PostgreSQL; SQLite cannot
+# drop a table's constraint, so a SQLite store created before keeps it (and its cost) as well.
+Index(
+    "uq_audit_source_entry", AuditEvent.source_id, AuditEvent.alert_id, AuditEvent.type, unique=True,
+    sqlite_where=AuditEvent.source_id.is_not(None), postgresql_where=AuditEvent.source_id.is_not(None),
+)
 
 
 @event.listens_for(AuditEvent, "before_update")
@@ -350,3 +359,7 @@ RETIRED_STATS_INDEXES = {"sqlite": ["ix_alerts_stats"], "postgresql": ["ix_alert
 # dialect's stats index (ix_alerts_stats_kind, ix_alerts_stats_tally), which serves its lookups and
 # its distinct values. Audit events' time: no query filters or orders on it alone.
 RETIRED_INDEXES = ["ix_alerts_rule", "ix_alerts_status", "ix_alerts_held_out", "ix_audit_events_at"]
+# Indexes added to tables that older stores have (create_schema builds them there), and the
+# PostgreSQL constraints they replace (dropped after).
+ADDED_INDEXES = ["uq_audit_source_entry"]
+RETIRED_CONSTRAINTS = [("audit_events", "uq_audit_source")]
