@@ -92,18 +92,39 @@ def _execute(engine: Engine, statement: Any) -> None:
         connection.execute(statement)
 
 
+def _index_names(engine: Engine) -> set[str]:
+    query = ("select name from sqlite_master where type = 'index'" if engine.dialect.name == "sqlite"
+             else "select indexname from pg_indexes where schemaname = current_schema()")
+    with engine.connect() as connection:
+        return set(connection.execute(text(query)).scalars())
+
+
+def _drop_constraint(engine: Engine, table_name: str, constraint: str) -> None:
+    # ALTER TABLE locks the table out, running writers first, even with nothing to drop: look first,
+    # so that a worker starting on an up-to-date store does not stall the others.
+    with engine.begin() as connection:
+        present = connection.execute(
+            text("select 1 from pg_constraint where conname = :name and conrelid = to_regclass(:table)"),
+            {"name": constraint, "table": table_name},
+        ).first()
+        if present:
+            connection.execute(text(f"alter table {table_name} drop constraint if exists {constraint}"))
+
+
 def create_schema(engine: Engine) -> None:
     _concurrently(lambda: SQLModel.metadata.create_all(engine))
     # create_all skips tables that exist, and so indexes added to them later: the stats indexes
-    # (tables.py, "Stats") are built here on a store created before them (once; seconds per 1M alerts).
-    names = [*tables.STATS_INDEXES.get(engine.dialect.name, []), *tables.ADDED_INDEXES]
+    # (tables.py, "Stats") and the others added since are built here on a store created before them
+    # (once; seconds per 1M alerts).
+    names = set(tables.STATS_INDEXES.get(engine.dialect.name, [])) | set(tables.ADDED_INDEXES)
+    names -= _index_names(engine)  # CREATE INDEX IF NOT EXISTS waits for running writers even when it exists
     for table in SQLModel.metadata.sorted_tables:
         for index in table.indexes:
             if index.name in names:
                 _concurrently(lambda index=index: _execute(engine, CreateIndex(index, if_not_exists=True)))
     if engine.dialect.name == "postgresql":  # replaced by an added index, built above
         for table_name, constraint in tables.RETIRED_CONSTRAINTS:
-            _execute(engine, text(f"alter table {table_name} drop constraint if exists {constraint}"))
+            _drop_constraint(engine, table_name, constraint)
     retired = [*tables.RETIRED_STATS_INDEXES.get(engine.dialect.name, []), *tables.RETIRED_INDEXES]
     for name in retired:  # replaced or unused: writes stop paying for it
         _execute(engine, text(f"drop index if exists {name}"))

@@ -4,6 +4,7 @@ unique key of audit events by input entry holds only events that have one, with 
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -99,3 +100,19 @@ def test_create_schema_replaces_the_constraint_of_an_older_postgres_store(pg_eng
             "select conname from pg_constraint where conrelid = 'audit_events'::regclass")).scalars())
     assert "uq_audit_source" not in constraints
     assert_an_entry_applies_once(pg_engine)
+
+
+@pytest.mark.postgres
+def test_a_worker_starting_on_an_up_to_date_store_does_not_wait_for_running_writers(pg_engine: Engine) -> None:
+    # CREATE INDEX IF NOT EXISTS and ALTER TABLE ... IF EXISTS lock the table first (behind every running
+    # insert, and every later insert behind them) even with nothing to do: create_schema looks first.
+    writer = pg_engine.connect()
+    writer.execute(text("lock table alerts, audit_events in row exclusive mode"))  # a batch being stored
+    started = threading.Thread(target=create_schema, args=(pg_engine,), daemon=True)
+    started.start()
+    started.join(10)
+    waited = started.is_alive()
+    writer.rollback()
+    writer.close()
+    started.join(30)
+    assert not waited
