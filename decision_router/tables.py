@@ -63,7 +63,7 @@ class AlertRecord(SQLModel, table=True):
 
     alert_id: str = Field(primary_key=True)
     prediction_id: str = Field(index=True)
-    rule: str = Field(index=True)
+    rule: str  # no index of its own: the stats index of each dialect leads with it (see RETIRED_INDEXES)
     owner: str = Field(index=True)  # accountable now; changes on reassignment
     original_owner: str
     owner_source: str  # static | field | fallback | delegate
@@ -90,9 +90,9 @@ class AlertRecord(SQLModel, table=True):
     outcome: str | None = None  # success | failure
     outcome_at: datetime | None = _when(nullable=True)
     outcome_value: float | None = None
-    status: str = Field(default="open", index=True)  # open | closed (has an outcome) | suppressed
+    status: str = "open"  # open | closed (has an outcome) | suppressed
     # Control group: recorded with the prediction and rule, never delivered.
-    held_out: bool = Field(default=False, index=True)
+    held_out: bool = False
     # Cooldown: the alert for the same entity and rule that made this one redundant.
     suppressed_by: str | None = None
     # SLA state. A due time is cleared once met or breached; escalated_to holds the alert
@@ -158,8 +158,6 @@ class AuditEvent(SQLModel, table=True):
     """Append-only history: rows are inserted, never updated or deleted."""
 
     __tablename__ = "audit_events"
-    # An input entry applied twice (redelivery) must not write its events twice.
-    __table_args__ = (UniqueConstraint("source_id", "alert_id", "type", name="uq_audit_source"),)
 
     id: int | None = Field(default=None, primary_key=True)
     alert_id: str | None = Field(default=None, index=True)
@@ -168,7 +166,7 @@ class AuditEvent(SQLModel, table=True):
     # intervened | outcome | reassigned | escalated | sla_breached
     type: str
     actor: str
-    at: datetime = _when(index=True)
+    at: datetime = _when()
     source_id: str | None = None
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
@@ -224,6 +222,17 @@ class DeliveryAttemptRecord(SQLModel, table=True):
     error: str | None = None
     latency_ms: float
     at: datetime = _when()
+
+
+# An input entry applied twice (redelivery) must not write its events twice. Only events with a
+# source_id are in the index: NULLs never clash, so the events the pipeline writes itself (received,
+# routed..., delivered; none has one) need no index entry for the same guarantee. It replaces the
+# constraint uq_audit_source (on every event), which create_schema drops on PostgreSQL; SQLite cannot
+# drop a table's constraint, so a SQLite store created before keeps it (and its cost) as well.
+Index(
+    "uq_audit_source_entry", AuditEvent.source_id, AuditEvent.alert_id, AuditEvent.type, unique=True,
+    sqlite_where=AuditEvent.source_id.is_not(None), postgresql_where=AuditEvent.source_id.is_not(None),
+)
 
 
 @event.listens_for(AuditEvent, "before_update")
@@ -344,3 +353,13 @@ STATS_INDEXES = {
                    "ix_alerts_stats_act_rank_pg"],
 }
 RETIRED_STATS_INDEXES = {"sqlite": ["ix_alerts_stats"], "postgresql": ["ix_alerts_stats_counts"]}
+# Indexes no query needed, which every stored decision paid for (create_schema drops them from older
+# stores). Status and held_out: a value most alerts share, so no plan chose them but to read most of
+# the table (the SLA sweep did, on SQLite, and got slower for it). Rule: the leading column of each
+# dialect's stats index (ix_alerts_stats_kind, ix_alerts_stats_tally), which serves its lookups and
+# its distinct values. Audit events' time: no query filters or orders on it alone.
+RETIRED_INDEXES = ["ix_alerts_rule", "ix_alerts_status", "ix_alerts_held_out", "ix_audit_events_at"]
+# Indexes added to tables that older stores have (create_schema builds them there), and the
+# PostgreSQL constraints they replace (dropped after).
+ADDED_INDEXES = ["uq_audit_source_entry"]
+RETIRED_CONSTRAINTS = [("audit_events", "uq_audit_source")]

@@ -177,16 +177,18 @@ def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
     # (PostgreSQL) with values converted here, in the same transaction, stores exactly what
     # SQLAlchemy would.
     connection = session.connection()
+    # JSON columns as the engine's ORM writes them (store.make_engine's serializer, or SQLAlchemy's default).
+    dumps = connection.dialect._json_serializer or json.dumps  # type: ignore[attr-defined]
     cursor = connection.connection.cursor()
     sql = ""
     try:
         if dialect == "sqlite":
             sql, convert = _sqlite_insert(table)
-            cursor.executemany(sql, convert(rows))
+            cursor.executemany(sql, convert(rows, dumps))
         else:
             sql, values = _postgres_copy(table)
             with cursor.copy(sql) as copy:
-                for row in values(rows):
+                for row in values(rows, dumps):
                     copy.write_row(row)
     except connection.dialect.loaded_dbapi.Error as exc:
         # As SQLAlchemy would raise it (IntegrityError, OperationalError...): callers
@@ -211,7 +213,7 @@ def _bulk_columns(table: Table) -> tuple[list[Column], Callable[[dict], tuple]]:
 
 
 @cache
-def _sqlite_insert(table: Table) -> tuple[str, Callable[[list[dict]], list[tuple]]]:
+def _sqlite_insert(table: Table) -> tuple[str, Callable[[list[dict], Callable[[object], str]], list[tuple]]]:
     """The INSERT of a bulk insert, and a converter of row dicts to its parameters: datetimes
     as SQLAlchemy stores them on SQLite, JSON columns as JSON text."""
     columns, values_of = _bulk_columns(table)
@@ -220,9 +222,8 @@ def _sqlite_insert(table: Table) -> tuple[str, Callable[[list[dict]], list[tuple
     date_at = [i for i, c in enumerate(columns) if isinstance(c.type, DateTime)]
     json_at = [i for i, c in enumerate(columns) if isinstance(c.type, JSON)]
 
-    def convert(rows: list[dict]) -> list[tuple]:
+    def convert(rows: list[dict], dumps: Callable[[object], str]) -> list[tuple]:
         formatted: dict[datetime, str] = {}  # most rows of a batch share `now` and its deadlines
-        dumps = json.dumps
         out = []
         for row in rows:
             values = list(values_of(row))
@@ -242,15 +243,14 @@ def _sqlite_insert(table: Table) -> tuple[str, Callable[[list[dict]], list[tuple
 
 
 @cache
-def _postgres_copy(table: Table) -> tuple[str, Callable[[list[dict]], Iterator[tuple]]]:
+def _postgres_copy(table: Table) -> tuple[str, Callable[[list[dict], Callable[[object], str]], Iterator[tuple]]]:
     """The COPY of a bulk insert, and the rows' values for it: JSON columns as JSON text (as
     SQLAlchemy writes them, `null` for None), the others as psycopg adapts them."""
     columns, values_of = _bulk_columns(table)
     sql = f"COPY {table.name} ({', '.join(c.name for c in columns)}) FROM STDIN"
     json_at = [i for i, c in enumerate(columns) if isinstance(c.type, JSON)]
 
-    def values(rows: list[dict]) -> Iterator[tuple]:
-        dumps = json.dumps
+    def values(rows: list[dict], dumps: Callable[[object], str]) -> Iterator[tuple]:
         for row in rows:
             converted = list(values_of(row))
             for i in json_at:

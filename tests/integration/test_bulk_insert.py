@@ -135,3 +135,21 @@ def test_bulk_insert_stores_text_copy_must_escape_as_sqlalchemy_does(engine: Eng
         bulk = stored(session, PredictionRecord, "prediction_id", "bulk")
     assert [row["entity_id"] for row in bulk] == AWKWARD_TEXT
     assert bulk == reference
+
+
+def test_bulk_insert_writes_the_json_text_the_engine_writes(engine: Engine) -> None:
+    # Not only the same values read back: the same text, the engine's serializer's (store.json_text),
+    # also for a value it hands to json.dumps (an integer beyond 64 bits).
+    def rows(tag: str) -> list[dict]:
+        documents = [{"features": {"é": [1, 2.5, None, True]}, "text": "ü \" \\"}, {"big": 10**30, "n": None}]
+        return [prediction_rows(tag)[0] | {"prediction_id": f"{tag}-{n}", "document": document}
+                for n, document in enumerate(documents)]
+
+    with Session(engine) as session:
+        session.execute(insert(PredictionRecord.__table__), rows("ref"))  # type: ignore[attr-defined]
+        tracker.bulk_insert(session, PredictionRecord.__table__, rows("bulk"))  # type: ignore[attr-defined]
+        session.commit()
+        texts = dict(session.execute(text("select prediction_id, cast(document as text) from predictions")).all())
+    assert [texts["bulk-0"], texts["bulk-1"]] == [texts["ref-0"], texts["ref-1"]]
+    assert texts["ref-0"] == '{"features":{"é":[1,2.5,null,true]},"text":"ü \\" \\\\"}'
+    assert texts["ref-1"] == '{"big": 1000000000000000000000000000000, "n": null}'
