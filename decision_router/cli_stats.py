@@ -101,16 +101,22 @@ def load_holdouts(rules_dir: Path) -> dict[str, float] | None:
 
 
 class HoldoutsLoading(Mapping[str, float]):
-    """load_holdouts(rules_dir) in a thread, so the rules load while the database counts (its
-    driver releases the GIL while it waits); reading the mapping waits for it (None reads as {}).
-    compute_stats reads its holdouts only after its counts query."""
+    """load_holdouts(rules_dir), in a thread when `in_thread`: the rules then load while PostgreSQL
+    counts (psycopg waits for the whole result with the GIL released). Not on SQLite: its driver
+    takes the GIL back after each row and each statement of the rank walks, so a thread loading
+    meanwhile slows the query by more than it saves (measured: benchmarks/bench_stats.py). Reading
+    the mapping waits for the load (None reads as {}); compute_stats reads it after its counts query."""
 
-    def __init__(self, rules_dir: Path) -> None:
+    def __init__(self, rules_dir: Path, *, in_thread: bool) -> None:
         import threading
 
         self._outcome: tuple[dict[str, float] | None, BaseException | None] = (None, None)
-        self._thread = threading.Thread(target=self._load, args=(rules_dir,), name="load-holdouts", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if in_thread:
+            self._thread = threading.Thread(target=self._load, args=(rules_dir,), name="load-holdouts", daemon=True)
+            self._thread.start()
+        else:
+            self._load(rules_dir)
 
     def _load(self, rules_dir: Path) -> None:
         try:
@@ -119,7 +125,8 @@ class HoldoutsLoading(Mapping[str, float]):
             self._outcome = (None, exc)
 
     def join(self) -> None:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def wait(self) -> dict[str, float]:
         self.join()
@@ -316,7 +323,7 @@ def stats(
     def read(session: Any) -> list[StatsRow]:
         # Started now, not earlier: the imports are done (a thread importing meanwhile would hold
         # the import lock), and the database is about to count.
-        holdouts = HoldoutsLoading(settings.rules_dir)
+        holdouts = HoldoutsLoading(settings.rules_dir, in_thread=session.get_bind().dialect.name == "postgresql")
         try:
             return compute_stats(
                 session, by=group, since=start, until=end, rule=rule, owner=owner, model=model, holdouts=holdouts,

@@ -84,7 +84,7 @@ def test_stats_on_a_current_store_runs_no_schema_set_up(store_url: str, monkeypa
     monkeypatch.setattr(store, "create_schema", refuse)
     rows = json.loads(_stats("--format", "json").stdout)
     assert {row["rule"] for row in rows} >= {name for name, fraction in HOLDOUTS.items() if fraction}
-    # the holdouts, loaded in a thread meanwhile, reached the sample ratio check
+    # the holdouts reached the sample ratio check
     assert any(row["srm_expected_fraction"] is not None for row in rows)
 
 
@@ -160,13 +160,17 @@ def test_holdouts_loading_gives_the_rules_holdouts_or_raises_their_error(
     store_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     rules = Path(tmp_path / "rules")
-    assert dict(cli_stats.HoldoutsLoading(rules)) == cli_stats.load_holdouts(rules)
+    expected = cli_stats.load_holdouts(rules)
+    assert expected
+    for in_thread in (True, False):
+        assert dict(cli_stats.HoldoutsLoading(rules, in_thread=in_thread)) == expected
 
     def broken(rules_dir: Path) -> None:
         raise OSError("disk on fire")
 
     monkeypatch.setattr(cli_stats, "load_holdouts", broken)
-    loading = cli_stats.HoldoutsLoading(rules)
-    loading.join()  # never raises: the error is for whoever reads the holdouts
-    with pytest.raises(OSError, match="disk on fire"):
-        dict(loading)
+    for in_thread in (True, False):
+        loading = cli_stats.HoldoutsLoading(rules, in_thread=in_thread)
+        loading.join()  # never raises: the error is for whoever reads the holdouts
+        with pytest.raises(OSError, match="disk on fire"):
+            dict(loading)
