@@ -9,6 +9,7 @@ Seeds the alerts table with a realistic mix (bulk inserts: executemany on SQLite
 PostgreSQL), then times, several times each, and prints median and min:
 - `compute_stats(by=rule)` in this process (the query and the maths);
 - `compute_stats_reference(by=rule)`, the former load-every-row tally, unless --no-reference;
+- the rules loaded before compute_stats, and loading in a thread while it counts (as the CLI does on PostgreSQL);
 - the CLI `decision-router stats --by rule --format json` as a subprocess (wall time, start-up included).
 
 With --insert-cost N it instead times inserting N alerts in batches of 1,000 (SQLite: the driver's
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"same rows as the reference: {'yes' if same else 'NO'}")
                 if not same:
                     raise SystemExit(1)
+            rules_overlap(session, args.repeat)
         if not args.no_cli:
             cli_times, output = timed(cli_once(url), args.repeat)
             report("decision-router stats --by rule (wall)", cli_times)
@@ -292,6 +294,25 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         engine.dispose()
         cleanup()
+
+
+def rules_overlap(session: Session, repeat: int) -> None:
+    """What the CLI does with the rules: load them, then compute_stats; or load them in a thread
+    while compute_stats counts (cli_stats.HoldoutsLoading). Alternately, the rules module imported."""
+    import decision_router.cli  # noqa: F401  (cli_stats is registered by, and imports, cli)
+    from decision_router import cli_stats, rules  # noqa: F401
+
+    rules_dir = _rules_dir()
+    times: dict[str, list[float]] = {"rules loaded, then compute_stats": [], "  rules loading in a thread meanwhile": []}
+    for _ in range(repeat):
+        for name, runs in times.items():
+            in_thread = name.strip().startswith("rules loading")
+            start = time.perf_counter()
+            holdouts = cli_stats.HoldoutsLoading(rules_dir, in_thread=in_thread)
+            compute_stats(session, by=GroupBy.RULE, holdouts=holdouts)
+            runs.append(time.perf_counter() - start)
+    for name, runs in times.items():
+        report(name, runs)
 
 
 def insert_cost(store: str, n: int, repeat: int) -> None:

@@ -22,7 +22,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import _since, app, err, fail, out, settings_or_exit
+from decision_router.cli import _since, app, err, fail, no_gc_until_done, out, settings_or_exit
 from decision_router.uplift import DEFAULT_BAND_EDGES, MIN_N
 
 if TYPE_CHECKING:  # stats.py pulls in SQLAlchemy: imported where a command needs it, so other commands start fast
@@ -55,16 +55,21 @@ def _check_format(fmt: str) -> str:
 
 @contextmanager
 def _store(settings: Settings) -> Iterator[Any]:
-    """A read session on the store (tables are created if missing, as the service does)."""
+    """A read session on the store (tables are created if missing, as the service does).
+
+    One catalog query tells whether the store is up to date; only a new or older store goes through
+    create_schema (its checks are a dozen round trips, and it may build the stats indexes, once).
+    """
     from sqlalchemy.exc import SQLAlchemyError
     from sqlmodel import Session
 
     from decision_router.settings import redact_url
-    from decision_router.store import create_schema, make_engine
+    from decision_router.store import create_schema, make_engine, schema_is_current
 
     engine = make_engine(settings.database_url)
     try:
-        create_schema(engine)
+        if not schema_is_current(engine):
+            create_schema(engine)
         with Session(engine) as session:
             yield session
     except SQLAlchemyError as exc:
@@ -93,6 +98,51 @@ def load_holdouts(rules_dir: Path) -> dict[str, float] | None:
         )
         return None
     return {rule.name: rule.holdout for rule in ruleset.rules}
+
+
+class HoldoutsLoading(Mapping[str, float]):
+    """load_holdouts(rules_dir), in a thread when `in_thread`: the rules then load while PostgreSQL
+    counts (psycopg waits for the whole result with the GIL released). Not on SQLite: its driver
+    takes the GIL back after each row and each statement of the rank walks, so a thread loading
+    meanwhile slows the query by more than it saves (measured: benchmarks/bench_stats.py). Reading
+    the mapping waits for the load (None reads as {}); compute_stats reads it after its counts query."""
+
+    def __init__(self, rules_dir: Path, *, in_thread: bool) -> None:
+        import threading
+
+        self._outcome: tuple[dict[str, float] | None, BaseException | None] = (None, None)
+        self._thread: threading.Thread | None = None
+        if in_thread:
+            self._thread = threading.Thread(target=self._load, args=(rules_dir,), name="load-holdouts", daemon=True)
+            self._thread.start()
+        else:
+            self._load(rules_dir)
+
+    def _load(self, rules_dir: Path) -> None:
+        try:
+            self._outcome = (load_holdouts(rules_dir), None)
+        except BaseException as exc:  # raised where the holdouts are read, as if loaded there
+            self._outcome = (None, exc)
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def wait(self) -> dict[str, float]:
+        self.join()
+        holdouts, error = self._outcome
+        if error is not None:
+            raise error
+        return holdouts or {}
+
+    def __getitem__(self, rule: str) -> float:
+        return self.wait()[rule]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.wait())
+
+    def __len__(self) -> int:
+        return len(self.wait())
 
 
 # Output helpers ------------------------------------------------------------------------
@@ -257,6 +307,7 @@ def stats(
     model: ModelOption = None,
 ) -> None:
     """Routed, acknowledged, intervened, success treated vs control, uplift, SRM; per rule, owner, model, ..."""
+    no_gc_until_done(ctx)  # `stats` and its subcommands only read and print
     if ctx.invoked_subcommand is not None:
         return
     from decision_router.stats import GroupBy, compute_stats
@@ -268,10 +319,19 @@ def stats(
     _check_format(fmt)
     start, end = _since(since), _since(until)
     settings = settings_or_exit()
-    holdouts = load_holdouts(settings.rules_dir)
-    rows = _read(settings, lambda session: compute_stats(
-        session, by=group, since=start, until=end, rule=rule, owner=owner, model=model, holdouts=holdouts,
-    ))
+
+    def read(session: Any) -> list[StatsRow]:
+        # Started now, not earlier: the imports are done (a thread importing meanwhile would hold
+        # the import lock), and the database is about to count.
+        holdouts = HoldoutsLoading(settings.rules_dir, in_thread=session.get_bind().dialect.name == "postgresql")
+        try:
+            return compute_stats(
+                session, by=group, since=start, until=end, rule=rule, owner=owner, model=model, holdouts=holdouts,
+            )
+        finally:
+            holdouts.join()  # also when the store fails: a warning about the rules comes before the error
+
+    rows = _read(settings, read)
     if fmt != "table":
         _warn_srm(rows)
     print_stats(rows, group, fmt)

@@ -641,9 +641,10 @@ def compute_stats(
 
     Sorted by routed, recorded, held out (most first), then key; by week, oldest first.
     The same rows as compute_stats_reference (the definition), computed by the database.
+    `holdouts` is read only once the counts query has returned, so a caller may pass a mapping
+    that is still loading meanwhile (cli_stats loads the rules while the database counts).
     """
     by = GroupBy(by)
-    holdouts = dict(holdouts or {})
     sqlite = session.get_bind().dialect.name == "sqlite"
     key = _group_key(by, sqlite).label("k")
 
@@ -679,6 +680,7 @@ def compute_stats(
             aggregates = _POSTGRES_COUNTS + (_POSTGRES_TIME_COUNTS if ranked else ())
             parts = _postgres_counts(session, selected(select(*grouping, *aggregates)), grouping)
 
+        holdouts = dict(holdouts or {})
         controlled = {rule_of(p) for p in parts if p.live and p.held_out}
         controlled |= {name for name, fraction in holdouts.items() if fraction > 0}
         tallies: dict[Any, _Tally] = defaultdict(_Tally)

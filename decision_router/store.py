@@ -128,3 +128,26 @@ def create_schema(engine: Engine) -> None:
     retired = [*tables.RETIRED_STATS_INDEXES.get(engine.dialect.name, []), *tables.RETIRED_INDEXES]
     for name in retired:  # replaced or unused: writes stop paying for it
         _execute(engine, text(f"drop index if exists {name}"))
+
+
+def schema_is_current(engine: Engine) -> bool:
+    """Whether create_schema would change nothing: every table and stats index there, no retired index.
+
+    One query on the catalog, so a read-only command (`stats`) skips create_schema's checks and DDL
+    (a dozen round trips) on a store that is up to date, and runs it only on a new or older one.
+    """
+    from sqlalchemy import bindparam
+
+    dialect = engine.dialect.name
+    wanted = set(SQLModel.metadata.tables) | set(tables.STATS_INDEXES.get(dialect, []))
+    retired = set(tables.RETIRED_STATS_INDEXES.get(dialect, []))
+    if dialect == "sqlite":
+        query = "select name from sqlite_master where name in :names"
+    elif dialect == "postgresql":  # the relations the search path resolves, as create_all's checks see them
+        query = "select relname from pg_class where relname in :names and pg_table_is_visible(oid)"
+    else:
+        return False
+    statement = text(query).bindparams(bindparam("names", expanding=True))
+    with engine.connect() as connection:
+        present = set(connection.execute(statement, {"names": sorted(wanted | retired)}).scalars())
+    return wanted <= present and not present & retired
