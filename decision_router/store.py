@@ -131,7 +131,7 @@ def create_schema(engine: Engine) -> None:
 
 
 def schema_is_current(engine: Engine) -> bool:
-    """Whether create_schema would change nothing: every table and stats index there, no retired index.
+    """Whether create_schema would change nothing: every table and added index there, nothing retired.
 
     One query on the catalog, so a read-only command (`stats`) skips create_schema's checks and DDL
     (a dozen round trips) on a store that is up to date, and runs it only on a new or older one.
@@ -139,8 +139,10 @@ def schema_is_current(engine: Engine) -> bool:
     from sqlalchemy import bindparam
 
     dialect = engine.dialect.name
-    wanted = set(SQLModel.metadata.tables) | set(tables.STATS_INDEXES.get(dialect, []))
-    retired = set(tables.RETIRED_STATS_INDEXES.get(dialect, []))
+    wanted = set(SQLModel.metadata.tables) | set(tables.STATS_INDEXES.get(dialect, [])) | set(tables.ADDED_INDEXES)
+    retired = set(tables.RETIRED_STATS_INDEXES.get(dialect, [])) | set(tables.RETIRED_INDEXES)
+    if dialect == "postgresql":  # a constraint's index has its name
+        retired |= {constraint for _, constraint in tables.RETIRED_CONSTRAINTS}
     if dialect == "sqlite":
         query = "select name from sqlite_master where name in :names"
     elif dialect == "postgresql":  # the relations the search path resolves, as create_all's checks see them

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from decision_router.cli import app  # first: importing cli_stats on its own is a circular import
 from decision_router import cli_stats, stats, store  # noqa: I001
 from decision_router.store import create_schema, make_engine, schema_is_current
-from decision_router.tables import RETIRED_STATS_INDEXES, STATS_INDEXES
+from decision_router.tables import ADDED_INDEXES, RETIRED_INDEXES, RETIRED_STATS_INDEXES, STATS_INDEXES
 from tests.unit.test_stats import HOLDOUTS, known_records
 
 
@@ -36,6 +36,16 @@ def test_schema_is_current_only_when_create_schema_would_change_nothing(engine: 
     with engine.begin() as connection:
         connection.execute(text(f"create index {RETIRED_STATS_INDEXES[dialect][0]} on alerts (rule)"))
     assert not schema_is_current(engine)  # create_schema would drop it
+    create_schema(engine)
+    assert schema_is_current(engine)
+    with engine.begin() as connection:  # an index retired as unused, as older stores have it
+        connection.execute(text(f"create index {RETIRED_INDEXES[0]} on alerts (rule)"))
+    assert not schema_is_current(engine)
+    create_schema(engine)
+    assert schema_is_current(engine)
+    with engine.begin() as connection:  # an index added to a table older stores have
+        connection.execute(text(f"drop index {ADDED_INDEXES[0]}"))
+    assert not schema_is_current(engine)
     create_schema(engine)
     assert schema_is_current(engine)
     with engine.begin() as connection:
