@@ -298,7 +298,14 @@ def check_prediction(
     document: dict[str, Any] = {}
     try:
         _check_size(entry, limits)
-        document = _checked_document(entry, limits)
+        proven = _proven_document(entry, limits.max_depth)
+        if proven is not None:
+            document = proven
+        else:
+            # As `_checked_document`, but the decoded document is kept: a value the walk
+            # rejects (a NaN score, say) still names its model, for the per-model counts.
+            document = decode_entry(entry)
+            _check_document(document, limits.max_depth)
         missing = [f for f in ID_FIELDS if not str(document.get(f) or "").strip()]
         if missing:
             raise _Reject(RejectionReason.MISSING_ID, f"missing or empty: {', '.join(missing)}")

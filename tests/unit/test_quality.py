@@ -116,6 +116,27 @@ def test_rejection_names_the_model_when_known() -> None:
     assert isinstance(result, Rejection) and result.model is None
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('"score": NaN', RejectionReason.SCHEMA), ('"score": Infinity', RejectionReason.SCHEMA),
+        ('"score": 1e999', RejectionReason.SCHEMA), ('"note": "a\\u0000b"', RejectionReason.INVALID_ENCODING),
+        ('"note": "\\ud800"', RejectionReason.INVALID_ENCODING),
+        ('"note": ' + "[" * 20 + "]" * 20, RejectionReason.TOO_DEEP),
+    ],
+    ids=["nan", "infinity", "overflow", "nul", "lone-surrogate", "too-deep"],
+)
+def test_a_value_rejected_by_the_walk_still_names_the_model(text: str, reason: RejectionReason) -> None:
+    # The per-model rejection counts (and the data-quality alert on them) need the model of a
+    # prediction whose score is NaN as much as of any other.
+    body = json.dumps({k: v for k, v in GOOD.items() if k != "score"})
+    entry = {b"data": (body[:-1] + ", " + text + ("" if "score" in text else ', "score": 0.5') + "}").encode()}
+    result = gate(entry)
+    assert isinstance(result, Rejection), result
+    assert result.reason is reason
+    assert result.model == "churn"
+
+
 def test_max_age_is_configurable() -> None:
     old = as_data({**GOOD, "predicted_at": "2026-11-23T11:00:00Z"})
     assert isinstance(gate(old, max_age=timedelta(days=7)), Prediction)
