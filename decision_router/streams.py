@@ -14,23 +14,29 @@ from redis.exceptions import NoScriptError
 # KEYS: dedupe key and stream of each write, in turn. ARGV: the ttl in seconds, then per write
 # its number of field items (names and values) and the items. Returns how many were written.
 # A script runs atomically, so a crash leaves both the marker and the entry of a write or
-# neither. A failing XADD (e.g. WRONGTYPE) takes its marker back and ends the call with its
-# error: the writes before it stay, and the caller's retry skips them by their markers.
+# neither. A failing XADD (e.g. WRONGTYPE) takes its marker back and the others go on, as
+# they would one call each; the call then answers with the first error, and the caller's
+# retry writes the failed ones and skips the rest by their markers.
 _XADD_ONCE = """
 local ttl = ARGV[1]
 local at = 2
 local written = 0
+local failed = nil
 for i = 1, #KEYS, 2 do
   local items = tonumber(ARGV[at])
   if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
     local reply = redis.pcall('XADD', KEYS[i + 1], '*', unpack(ARGV, at + 1, at + items))
     if type(reply) == 'table' and reply['err'] then
       redis.call('DEL', KEYS[i])
-      return reply
+      failed = failed or reply
+    else
+      written = written + 1
     end
-    written = written + 1
   end
   at = at + items + 1
+end
+if failed then
+  return failed
 end
 return written
 """
