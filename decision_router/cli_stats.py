@@ -321,8 +321,8 @@ def stats(
     settings = settings_or_exit()
 
     def read(session: Any) -> list[StatsRow]:
-        # Started now, not earlier: the imports are done (a thread importing meanwhile would hold
-        # the import lock), and the database is about to count.
+        # Started now, not earlier: SQLAlchemy's imports are done (the thread imports the rules'
+        # modules, and holds the import lock meanwhile), and the database is about to count.
         holdouts = HoldoutsLoading(settings.rules_dir, in_thread=session.get_bind().dialect.name == "postgresql")
         try:
             return compute_stats(

@@ -125,7 +125,8 @@ def create_schema(engine: Engine) -> None:
     if engine.dialect.name == "postgresql":  # replaced by an added index, built above
         for table_name, constraint in tables.RETIRED_CONSTRAINTS:
             _drop_constraint(engine, table_name, constraint)
-    retired = [*tables.RETIRED_STATS_INDEXES.get(engine.dialect.name, []), *tables.RETIRED_INDEXES]
+    retired = [*tables.RETIRED_STATS_INDEXES.get(engine.dialect.name, []),
+               *tables.RETIRED_INDEXES.get(engine.dialect.name, [])]
     for name in retired:  # replaced or unused: writes stop paying for it
         _execute(engine, text(f"drop index if exists {name}"))
 
@@ -140,7 +141,7 @@ def schema_is_current(engine: Engine) -> bool:
 
     dialect = engine.dialect.name
     wanted = set(SQLModel.metadata.tables) | set(tables.STATS_INDEXES.get(dialect, [])) | set(tables.ADDED_INDEXES)
-    retired = set(tables.RETIRED_STATS_INDEXES.get(dialect, [])) | set(tables.RETIRED_INDEXES)
+    retired = set(tables.RETIRED_STATS_INDEXES.get(dialect, [])) | set(tables.RETIRED_INDEXES.get(dialect, []))
     if dialect == "postgresql":  # a constraint's index has its name
         retired |= {constraint for _, constraint in tables.RETIRED_CONSTRAINTS}
     if dialect == "sqlite":

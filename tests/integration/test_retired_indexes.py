@@ -32,9 +32,18 @@ def index_names(engine: Engine) -> set[str]:
         return set(connection.execute(text(query)).scalars())
 
 
+# PostgreSQL keeps these: its planner reads open alerts and the rules' names through them.
+KEPT_ON_POSTGRES = {"ix_alerts_rule", "ix_alerts_status"}
+
+
+def retired(engine: Engine) -> set[str]:
+    return set(OLD_INDEXES) - KEPT_ON_POSTGRES if engine.dialect.name == "postgresql" else set(OLD_INDEXES)
+
+
 def test_a_new_store_has_none_of_the_retired_indexes(engine: Engine) -> None:
-    assert set(OLD_INDEXES) == set(tables.RETIRED_INDEXES)
-    assert not index_names(engine) & set(tables.RETIRED_INDEXES)
+    assert set(tables.RETIRED_INDEXES[engine.dialect.name]) == retired(engine)
+    assert not index_names(engine) & retired(engine)
+    assert set(OLD_INDEXES) - retired(engine) <= index_names(engine)
     # What replaces them is there: each dialect's stats index leads with the rule.
     assert set(tables.STATS_INDEXES[engine.dialect.name]) <= index_names(engine)
 
@@ -42,10 +51,11 @@ def test_a_new_store_has_none_of_the_retired_indexes(engine: Engine) -> None:
 def test_create_schema_drops_them_from_an_older_store(engine: Engine) -> None:
     with engine.begin() as connection:
         for name, on in OLD_INDEXES.items():
-            connection.execute(text(f"create index {name} on {on}"))
+            connection.execute(text(f"create index if not exists {name} on {on}"))
     assert set(OLD_INDEXES) <= index_names(engine)
     create_schema(engine)  # a worker of this version starting on it
-    assert not index_names(engine) & set(OLD_INDEXES)
+    assert not index_names(engine) & retired(engine)
+    assert set(OLD_INDEXES) - retired(engine) <= index_names(engine)
     create_schema(engine)  # and again: nothing left to drop is no error
 
 
