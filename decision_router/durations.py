@@ -16,12 +16,12 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         if text < 0:
             raise ValueError("duration must not be negative")
-        return timedelta(seconds=text)
+        return _seconds(text)
     if not isinstance(text, str):
         raise ValueError(f"expected a duration like '4h' or '2d', got {text!r}")
     compact = text.strip().lower().replace(" ", "")
     if compact.isdigit():
-        return timedelta(seconds=int(compact))
+        return _seconds(int(compact))
     pos, seconds = 0, 0.0
     for match in _PART.finditer(compact):
         if match.start() != pos:
@@ -30,7 +30,14 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
         pos = match.end()
     if pos != len(compact) or not compact:
         raise ValueError(f"expected a duration like '30s', '15m', '4h', '2d' or '1w', got {text!r}")
-    return timedelta(seconds=seconds)
+    return _seconds(seconds)
+
+
+def _seconds(seconds: float) -> timedelta:
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:  # a rule's "1000000000d" is a mistake to report, not a crash
+        raise ValueError(f"duration of {seconds:.0f} seconds is too long") from None
 
 
 def format_duration(value: timedelta) -> str:
