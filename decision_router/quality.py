@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,6 +18,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from decision_router.contracts import OutcomeEvent, Prediction, Rejection, RejectionReason
+from decision_router.settings import PayloadLimits
 from decision_router.streams import as_text
 
 RawEntry = Mapping[bytes | str, bytes | str]
@@ -31,14 +31,6 @@ MAX_DETAIL_CHARS = 500
 MAX_MODEL_CHARS = 200
 # Integers beyond this many bits do not fit a float; a rule comparing one would overflow.
 MAX_INT_BITS = 1000
-
-
-@dataclass(frozen=True)
-class PayloadLimits:
-    """Bounds on one stream entry (settings: DECISION_ROUTER_MAX_PAYLOAD_BYTES / _DEPTH)."""
-
-    max_bytes: int = 64 * 1024  # keys + values, as UTF-8 bytes
-    max_depth: int = 10  # nesting of objects and lists; the message itself is level 1
 
 
 DEFAULT_LIMITS = PayloadLimits()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
@@ -14,9 +15,18 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from decision_router.durations import parse_duration
-from decision_router.quality import PayloadLimits
 
 ENV_PREFIX = "DECISION_ROUTER_"
+
+
+@dataclass(frozen=True)
+class PayloadLimits:
+    """Bounds on one stream entry (DECISION_ROUTER_MAX_PAYLOAD_BYTES / _DEPTH), applied by the quality gate.
+
+    Defined here, not in quality.py: settings would otherwise import the gate and with it redis."""
+
+    max_bytes: int = 64 * 1024  # keys + values, as UTF-8 bytes
+    max_depth: int = 10  # nesting of objects and lists; the message itself is level 1
 
 
 class SettingsError(Exception):

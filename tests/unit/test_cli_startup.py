@@ -88,3 +88,41 @@ def test_help_of_every_command_works_without_the_heavy_modules() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
+
+
+# What every command imports once it runs: settings (and logs, which configures structlog from them), and
+# for the rules and stats commands the rules package. Each is kept from a heavy module it has no use for.
+LEAN_IMPORTS = {
+    # PayloadLimits is defined in settings: importing it from the quality gate pulled in redis (streams.py).
+    "decision_router.settings": ("redis", "decision_router.quality", "decision_router.streams",
+                                 "decision_router.contracts"),
+    "decision_router.logs": ("redis", "decision_router.quality", "decision_router.streams"),
+    # The hot-reload watcher (structlog) is imported on first use of rules.RulesWatcher: `rules check DIR`
+    # and the stats commands' loading of the holdouts need only the loader.
+    "decision_router.rules": ("structlog", "decision_router.rules.watch", "redis"),
+}
+
+
+def _modules_after(statement: str) -> set[str]:
+    script = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    return set(json.loads(done.stdout))
+
+
+def test_settings_logs_and_rules_import_only_what_they_need() -> None:
+    for module, unneeded in LEAN_IMPORTS.items():
+        loaded = _modules_after(f"import {module}")
+        imported = sorted(name for name in unneeded if name in loaded)
+        assert not imported, f"imported by `import {module}`: {imported}"
+
+
+def test_rules_watcher_and_payload_limits_are_still_importable_where_they_were() -> None:
+    loaded = _modules_after(
+        "from decision_router.rules import RulesWatcher\n"
+        "from decision_router.rules.watch import RulesWatcher as Defined\n"
+        "assert RulesWatcher is Defined\n"
+        "from decision_router.quality import PayloadLimits\n"
+        "from decision_router.settings import PayloadLimits as Setting\n"
+        "assert PayloadLimits is Setting\n"
+    )
+    assert "decision_router.rules.watch" in loaded
