@@ -350,10 +350,30 @@ def check_alive(processes: list[subprocess.Popen]) -> Callable[[], None]:
     return alive
 
 
+def batch_cycles(log_file: Path) -> str:
+    """The router's batches as its log tells them ("batch routed" lines, JSON): how many, their
+    size, and the time between one and the next (a batch's whole cycle: read, route, store,
+    deliver, ack), whose long tail is the latency's."""
+    batches = []
+    for line in log_file.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") == "batch routed":
+                batches.append((datetime.fromisoformat(event["timestamp"]), event["size"]))
+    if len(batches) < 2:
+        return f"{len(batches)} batch(es) logged"
+    gaps = sorted((b[0] - a[0]).total_seconds() * 1000 for a, b in zip(batches, batches[1:]))
+    long = sum(1 for g in gaps if g >= 40)
+    return (f"{len(batches):,} batches of median {statistics.median(size for _, size in batches):.0f}; "
+            f"one every {statistics.median(gaps):.1f} ms (median), p99 {gaps[int(len(gaps) * 0.99)]:.1f} ms, "
+            f"max {gaps[-1]:.0f} ms; {long / len(gaps):.1%} of them 40 ms or more")
+
+
 def latency(redis_url: str, store: Store, rules_dir: Path, prefix: str, workdir: Path, *,
-            rate: float, seconds: float) -> tuple[float, float, int]:
+            rate: float, seconds: float, batch_stats: bool = False) -> tuple[float, float, int]:
     """Publish at a steady `rate` and time each alert from XADD to its owner's inbox stream.
-    Returns (p50 ms, p99 ms, alerts seen)."""
+    Returns (p50 ms, p99 ms, alerts seen). `batch_stats`: the router logs each batch (info,
+    JSON), and its batch cycle is printed (the log lines cost it a little)."""
     run = new_run_id()
     stream = f"{prefix}predictions"
     sent: dict[str, float] = {}
@@ -380,7 +400,9 @@ def latency(redis_url: str, store: Store, rules_dir: Path, prefix: str, workdir:
                     break
         reader.close()
 
-    with router_processes(1, redis_url=redis_url, store=store, rules_dir=rules_dir, prefix=prefix, workdir=workdir):
+    log_env = {"DECISION_ROUTER_LOG_LEVEL": "info", "DECISION_ROUTER_LOG_FORMAT": "json"} if batch_stats else {}
+    with router_processes(1, redis_url=redis_url, store=store, rules_dir=rules_dir, prefix=prefix, workdir=workdir,
+                          extra_env=log_env):
         reader = threading.Thread(target=read_inboxes, daemon=True)
         reader.start()
         publisher = redis.Redis.from_url(redis_url)
@@ -391,6 +413,9 @@ def latency(redis_url: str, store: Store, rules_dir: Path, prefix: str, workdir:
         publishing.clear()
         reader.join(timeout=60)
         publisher.close()
+    if batch_stats:
+        log_file = workdir / f"router-{prefix.strip(':')}-0.log"  # as router_processes names it
+        print(f"  router batches: {batch_cycles(log_file)}", flush=True)
     delays = sorted((arrived[pid] - sent[pid]) * 1000 for pid in arrived if pid in sent)
     if not delays:
         raise RuntimeError("no alert reached an inbox")
@@ -482,6 +507,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rules", type=int, default=200, help="rules in all: the shipped ones plus generated")
     parser.add_argument("--rate", type=float, default=2000, help="offered rate of the latency part (per second)")
     parser.add_argument("--latency-seconds", type=float, default=20)
+    parser.add_argument("--batch-stats", action="store_true",
+                        help="latency part: the router logs its batches, and their cycle is printed")
     parser.add_argument("--rss-predictions", type=int, default=1_000_000)
     parser.add_argument("--scale-predictions", type=int, default=200_000)
     parser.add_argument("--faststream-batch", type=int, default=1000)
@@ -576,7 +603,8 @@ def run(args: argparse.Namespace) -> Report:
             latency_prefix = f"bench-{new_run_id()}:"
             try:
                 p50, p99, seen = latency(args.redis_url, store, rules_dir, latency_prefix, workdir,
-                                         rate=args.rate, seconds=args.latency_seconds)
+                                         rate=args.rate, seconds=args.latency_seconds,
+                                         batch_stats=args.batch_stats)
             finally:
                 delete_prefix(client, latency_prefix)
                 store.drop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 import uuid
@@ -210,6 +211,15 @@ async def running_service(
         enricher.close()
 
 
+def freeze_startup_objects() -> None:
+    """Exempt what start-up made (imports, compiled rules, the app) from garbage collection.
+    A full collection walks every tracked object: ~45 ms with these, a pause that lands on
+    whichever batch is in hand (the 40-90 ms stalls behind issue 8's p99). Collected first, so
+    no garbage is kept; what is made afterwards is collected as usual."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: bool = True) -> None:
     """`decision-router serve`: run until SIGINT/SIGTERM (or `stop` is set), with the HTTP API unless `api=False`."""
     from decision_router.api.server import api_for_service
@@ -223,11 +233,13 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
     embedded = EmbeddedRedis(settings.embedded_host, settings.embedded_port).start() if settings.embedded else None
     if embedded:
         log.info("embedded Redis (fakeredis) serving", url=embedded.url, database=redact_url(settings.database_url))
+    freeze_startup_objects()  # before the consumers start, so that no batch waits for the collection
     try:
         async with running_service(settings, ruleset, engine, watch_rules=True) as service:
             # SIGHUP: re-read the rules now rather than at the next poll.
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.check_rules(force=True)))
             async with api_for_service(service, engine, enabled=api):  # stops before the consumers
+                gc.freeze()  # and what the service and its API made since (no collection: no batch waits)
                 await stop.wait()
                 log.info("stopping")
     finally:

@@ -19,7 +19,7 @@ def test_quick_benchmark_completes_with_positive_figures(redis_server, postgres_
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--store", "sqlite", "--redis-url", redis_server,
          "--postgres-url", postgres_server, "--parts", "bare,faststream,pipeline,latency,rss,scaleout",
-         "--json", str(figures_file)],
+         "--json", str(figures_file), "--batch-stats"],
         cwd=ROOT, capture_output=True, text=True, check=False, timeout=240,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -28,6 +28,8 @@ def test_quick_benchmark_completes_with_positive_figures(redis_server, postgres_
                 "rss_peak_mb", "scale_1", "scale_2", "scale_ratio"):
         assert figures[key] > 0, (key, figures)
     assert figures["latency_p99_ms"] >= figures["latency_p50_ms"]
+    # The latency part's router logged its batches, and their cycle was read back from its log.
+    assert "  router batches: " in done.stdout and " batches of median " in done.stdout, done.stdout
     assert "| (c) full pipeline, sqlite" in done.stdout and "% routed, " in done.stdout
 
 
