@@ -37,8 +37,10 @@ DEFAULT_LIMITS = PayloadLimits()
 
 
 class _Reject(Exception):
-    def __init__(self, reason: RejectionReason, detail: str) -> None:
+    def __init__(self, reason: RejectionReason, detail: str, *, document: dict[str, Any] | None = None) -> None:
         self.reason, self.detail = reason, detail
+        # The decoded document a value of which was rejected: it still names its model.
+        self.document = document
 
 
 def original_payload(entry: RawEntry) -> str:
@@ -224,7 +226,7 @@ def _check_document(document: dict[str, Any], max_depth: int) -> None:
         _check_values(document, 1, max_depth)
     except _Bad as bad:
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{_clean(p, 60)}" for p in reversed(bad.path))
-        raise _Reject(bad.reason, f"{path.lstrip('.') or 'message'}: {bad.problem}") from None
+        raise _Reject(bad.reason, f"{path.lstrip('.') or 'message'}: {bad.problem}", document=document) from None
 
 
 def _checked_document(entry: RawEntry, limits: PayloadLimits) -> dict[str, Any]:
@@ -290,14 +292,7 @@ def check_prediction(
     document: dict[str, Any] = {}
     try:
         _check_size(entry, limits)
-        proven = _proven_document(entry, limits.max_depth)
-        if proven is not None:
-            document = proven
-        else:
-            # As `_checked_document`, but the decoded document is kept: a value the walk
-            # rejects (a NaN score, say) still names its model, for the per-model counts.
-            document = decode_entry(entry)
-            _check_document(document, limits.max_depth)
+        document = _checked_document(entry, limits)
         missing = [f for f in ID_FIELDS if not str(document.get(f) or "").strip()]
         if missing:
             raise _Reject(RejectionReason.MISSING_ID, f"missing or empty: {', '.join(missing)}")
@@ -312,7 +307,9 @@ def check_prediction(
         return prediction
     except _Reject as rejected:
         return _rejection(
-            rejected, entry, limits, model=_model_name(document), source_stream=source_stream, source_id=source_id
+            rejected, entry, limits, source_stream=source_stream, source_id=source_id,
+            # A value the walk rejects (a NaN score, say) still names its model, for the per-model counts.
+            model=_model_name(document if rejected.document is None else rejected.document),
         )
 
 
