@@ -211,6 +211,20 @@ async def running_service(
         enricher.close()
 
 
+# The young generation's collection threshold (CPython's default is 700 allocations). A batch in
+# hand keeps tens of thousands of container objects alive (entries, documents, row dicts), so at
+# 700 the collector walked them ~100 times a batch and promoted them to the older generations,
+# whose collections walked them again: ~8% of a backlog's CPU. Most die with their batch, freed by
+# reference counting long before 50,000 allocations add up; cycles are still collected, later.
+BATCH_GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def collect_for_batches() -> None:
+    """`serve`'s garbage collection: start-up objects frozen, then young collections ~70x rarer."""
+    freeze_startup_objects()
+    gc.set_threshold(*BATCH_GC_THRESHOLDS)
+
+
 def freeze_startup_objects() -> None:
     """Exempt what start-up made (imports, compiled rules, the app) from garbage collection.
     A full collection walks every tracked object: ~45 ms with these, a pause that lands on
@@ -224,7 +238,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
     """`decision-router serve`: run until SIGINT/SIGTERM (or `stop` is set), with the HTTP API unless `api=False`."""
     from decision_router.api.server import api_for_service
     ruleset = load_rules(settings.rules_dir)  # invalid rules: refuse to start, before anything else
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, background_checkpoints=True)
     create_schema(engine)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -233,7 +247,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
     embedded = EmbeddedRedis(settings.embedded_host, settings.embedded_port).start() if settings.embedded else None
     if embedded:
         log.info("embedded Redis (fakeredis) serving", url=embedded.url, database=redact_url(settings.database_url))
-    freeze_startup_objects()  # before the consumers start, so that no batch waits for the collection
+    collect_for_batches()  # before the consumers start, so that no batch waits for the collection
     try:
         async with running_service(settings, ruleset, engine, watch_rules=True) as service:
             # SIGHUP: re-read the rules now rather than at the next poll.

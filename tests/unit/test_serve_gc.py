@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from decision_router.service import freeze_startup_objects
+from decision_router.service import BATCH_GC_THRESHOLDS, collect_for_batches, freeze_startup_objects
 
 
 class Node:
@@ -39,3 +39,16 @@ def test_startup_objects_are_frozen_and_startup_garbage_collected_first() -> Non
     assert gc.get_freeze_count() >= len(kept)  # the survivors are out of reach of later collections
     tracked = {id(o) for o in gc.get_objects()}
     assert not any(id(node) in tracked for node in kept)
+
+
+def test_serve_collects_the_young_generation_rarely_after_freezing() -> None:
+    thresholds = gc.get_threshold()
+    kept = [Node() for _ in range(100)]
+    try:
+        collect_for_batches()
+        assert gc.get_threshold() == BATCH_GC_THRESHOLDS
+        assert BATCH_GC_THRESHOLDS[0] >= 10_000  # a batch's live objects no longer trigger collections
+        tracked = {id(o) for o in gc.get_objects()}
+        assert not any(id(node) in tracked for node in kept)
+    finally:
+        gc.set_threshold(*thresholds)
