@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -111,10 +112,10 @@ def new_store(kind: str, workdir: Path, postgres_url: str, name: str) -> Store:
     return Store(f"{postgres_url}{sep}options=-csearch_path%3D{schema}", drop)
 
 
-def engine_for(store: Store) -> sqlalchemy.engine.Engine:
+def engine_for(store: Store, *, background_checkpoints: bool = False) -> sqlalchemy.engine.Engine:
     from decision_router.store import create_schema, make_engine
 
-    engine = make_engine(store.url)
+    engine = make_engine(store.url, background_checkpoints=background_checkpoints)
     create_schema(engine)
     return engine
 
@@ -237,11 +238,11 @@ async def full_pipeline(redis_url: str, store: Store, rules_dir: Path, prefix: s
                         profile: Path | None) -> tuple[float, dict[str, int]]:
     """The real service (running_service) over the backlog; returns (rate, what was stored)."""
     from decision_router.rules import load_rules
-    from decision_router.service import running_service
+    from decision_router.service import collect_for_batches, running_service
 
     settings = bench_settings(redis_url, store.url, rules_dir, prefix)
     ruleset = load_rules(rules_dir)
-    engine = engine_for(store)
+    engine = engine_for(store, background_checkpoints=True)  # as `serve` makes it
     client = redis.Redis.from_url(redis_url)
     stream = f"{prefix}predictions"
     profiler = None
@@ -250,6 +251,9 @@ async def full_pipeline(redis_url: str, store: Store, rules_dir: Path, prefix: s
 
         profiler = Profiler(async_mode="enabled")
         profiler.start()
+    # As `serve` runs its service: start-up objects frozen, young collections rarer.
+    thresholds = gc.get_threshold()
+    collect_for_batches()
     started, cpu_started = time.perf_counter(), time.process_time()
     async with running_service(settings, ruleset, engine):
         while True:
@@ -262,6 +266,8 @@ async def full_pipeline(redis_url: str, store: Store, rules_dir: Path, prefix: s
         # CPU of this process (all its threads: the service, and on SQLite the store) per prediction:
         # steadier than the rate on a machine shared with other jobs.
         cpu = time.process_time() - cpu_started
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
     if profiler is not None:
         profiler.stop()
         assert profile is not None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -17,14 +19,67 @@ from sqlmodel import SQLModel, create_engine
 from decision_router import tables, tokens  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 
-def make_engine(database_url: str, **kwargs: Any) -> Engine:
+def make_engine(database_url: str, *, background_checkpoints: bool = False, **kwargs: Any) -> Engine:
+    """`background_checkpoints` (SQLite files; the router's engine): a thread of the engine, not
+    its commits, copies the write-ahead log back into the database (see WalCheckpointer)."""
     kwargs.setdefault("json_serializer", json_text)
     if database_url.startswith("sqlite"):
         engine = create_engine(database_url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
+        if background_checkpoints and engine.url.database not in (None, "", ":memory:"):
+            WalCheckpointer(engine).start()
     else:
         engine = create_engine(database_url, pool_pre_ping=True, **kwargs)
     return engine
+
+
+class WalCheckpointer:
+    """Checkpoints an SQLite engine's write-ahead log from a thread, so that its commits need not.
+
+    By default the commit that takes the log past 1,000 pages copies them back into the database
+    and syncs it: on these machines 30-70 ms, one commit in ten at the router's small batches
+    (median 1.3 ms), which set the p99 of the end-to-end latency. Here a thread runs a PASSIVE
+    checkpoint every `interval` seconds (it waits for no writer or reader), and the engine's
+    connections checkpoint only past `backstop_pages`: under writes that never pause, a passive
+    checkpoint may never finish, and the log must not grow without end. Their checkpoint then
+    finds most pages already copied. Stops when the engine is disposed (SQLite checkpoints the
+    rest when its last connection closes)."""
+
+    def __init__(self, engine: Engine, *, interval: float = 0.5, backstop_pages: int = 8000) -> None:
+        self.path = str(engine.url.database)
+        self.interval, self.backstop_pages = interval, backstop_pages
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sqlite-wal-checkpoints", daemon=True)
+        event.listen(engine, "connect", self._checkpoint_only_past_the_backstop)
+        event.listen(engine, "engine_disposed", lambda _engine: self.stop())
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join()
+
+    def _run(self) -> None:
+        connection = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        try:
+            while not self.stopping.wait(self.interval):
+                try:
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # busy for longer than the timeout: the next round tries again
+                    import structlog  # here: the CLI's commands import this module, and start faster without it
+
+                    structlog.get_logger("decision_router.store").warning("WAL checkpoint failed", error=str(exc))
+        finally:
+            connection.close()
+
+    def _checkpoint_only_past_the_backstop(self, dbapi_connection: Any, _record: Any) -> None:
+        if self.stopping.is_set():  # a connection made after the thread stopped checkpoints as usual
+            return
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA wal_autocheckpoint={int(self.backstop_pages)}")
+        cursor.close()
 
 
 # Types json.dumps refuses, refused here too (orjson would write them): the same values serialise.

@@ -1,0 +1,86 @@
+"""The router's SQLite engine checkpoints its write-ahead log from a thread, not in its commits
+(store.WalCheckpointer; issue 8's latency: the commit that checkpointed took 30-70 ms)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import text
+
+from decision_router.store import WalCheckpointer, make_engine
+
+ROW = "x" * 4000  # about a page
+
+
+def _write(engine, transactions: int, rows: int = 25) -> None:  # noqa: ANN001
+    with engine.begin() as connection:
+        connection.execute(text("create table if not exists t (v text)"))
+    for _ in range(transactions):
+        with engine.begin() as connection:
+            connection.execute(text("insert into t values (:v)"), [{"v": ROW}] * rows)
+
+
+def _until(condition, seconds: float = 10.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def _autocheckpoint(engine) -> int:  # noqa: ANN001
+    with engine.connect() as connection:
+        return connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one()
+
+
+def test_commits_leave_the_log_to_the_thread_which_copies_it_into_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    engine = make_engine(f"sqlite:///{path}", background_checkpoints=True)
+    try:
+        assert _autocheckpoint(engine) == 8000
+        _write(engine, 60)  # ~1,500 pages: past the 1,000 at which a commit would checkpoint, short of 8,000
+        # The thread copies the log back: the database file grows to hold the rows.
+        assert _until(lambda: path.stat().st_size > 5_000_000), path.stat().st_size
+    finally:
+        engine.dispose()
+
+
+def test_without_the_thread_the_commits_checkpoint_as_usual(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        assert _autocheckpoint(engine) == 1000
+    finally:
+        engine.dispose()
+
+
+def test_under_writes_that_never_pause_the_log_stays_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    engine = make_engine(f"sqlite:///{path}")
+    checkpointer = WalCheckpointer(engine, interval=0.005, backstop_pages=500)
+    checkpointer.start()
+    try:
+        _write(engine, 200)  # ~5,000 pages, 20 MB, without a pause
+        wal = Path(f"{path}-wal")
+        # The commits checkpoint past 500 pages (~2 MB): the log is reused from its start
+        # instead of growing by every page written (a passive checkpoint may never finish).
+        assert wal.stat().st_size < 12_000_000, wal.stat().st_size  # without: ~20 MB
+    finally:
+        engine.dispose()
+
+
+def _checkpoint_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "sqlite-wal-checkpoints"]
+
+
+def test_disposing_the_engine_stops_the_thread_and_new_connections_checkpoint_again(tmp_path: Path) -> None:
+    before = len(_checkpoint_threads())
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}", background_checkpoints=True)
+    assert len(_checkpoint_threads()) == before + 1
+    _write(engine, 1)
+    engine.dispose()
+    assert len(_checkpoint_threads()) == before
+    assert _autocheckpoint(engine) == 1000  # a connection made after it stopped
+    engine.dispose()
