@@ -136,12 +136,13 @@ def _sqlite_value(value: Any) -> Any:
     return value
 
 
-def seed_sqlite(path: Path, n: int) -> None:
+def seed_sqlite(path: Path, n: int, rows: Iterator[dict[str, Any]] | None = None) -> None:
+    """`rows` (default: `alerts(n)`) into the alerts table."""
     connection = sqlite3.connect(path)
     placeholders = ", ".join("?" for _ in COLUMNS)
     sql = f"insert into alerts ({', '.join(COLUMNS)}) values ({placeholders})"
     with connection:
-        for chunk in _chunks(alerts(n), 50_000):
+        for chunk in _chunks(alerts(n) if rows is None else rows, 50_000):
             connection.executemany(sql, [[_sqlite_value(row[c]) for c in COLUMNS] for row in chunk])
     connection.execute("analyze")
     connection.close()
@@ -159,11 +160,12 @@ def _copy_value(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
-def seed_postgres(engine: Engine, n: int) -> None:
+def seed_postgres(engine: Engine, n: int, rows: Iterator[dict[str, Any]] | None = None) -> None:
+    """`rows` (default: `alerts(n)`) into the alerts table."""
     with engine.begin() as connection:
         cursor = connection.connection.driver_connection.cursor()
         with cursor.copy(f"copy alerts ({', '.join(COLUMNS)}) from stdin") as copy:
-            for chunk in _chunks(alerts(n), 50_000):
+            for chunk in _chunks(alerts(n) if rows is None else rows, 50_000):
                 buffer = io.StringIO()
                 for row in chunk:
                     buffer.write("\t".join(_copy_value(row[c]) for c in COLUMNS) + "\n")

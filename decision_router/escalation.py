@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select, union, update
 from sqlmodel import Session
 
 from decision_router.contracts import Alert, Escalation
@@ -25,7 +25,15 @@ from decision_router.notify import queue_deliveries
 from decision_router.pipeline import Pipeline
 from decision_router.rules import Owner
 from decision_router.streams import StreamWrite, xadd_once
-from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, AuditEvent, EscalationRecord, as_utc
+from decision_router.tables import (
+    DELIVERED_TO_OWNER,
+    SLA_DUE_COLUMNS,
+    SLA_PENDING,
+    AlertRecord,
+    AuditEvent,
+    EscalationRecord,
+    as_utc,
+)
 from decision_router.tracker import SYSTEM_ACTOR, to_alert
 
 log = structlog.get_logger("decision_router.escalation")
@@ -40,20 +48,26 @@ class SweepResult:
 
 
 def due_alerts(session: Session, *, now: datetime, limit: int = 500) -> list[AlertRecord]:
-    """Open, delivered-kind alerts with a deadline that has passed unmet."""
+    """Open, delivered-kind alerts with a deadline that has passed unmet: the oldest created first
+    (then by id), at most `limit`."""
+    # One select per deadline, each served by its partial index (tables.SLA_PENDING): they read only
+    # the due entries, where one select with OR walked every alert by creation time on SQLite. Both
+    # deadlines missed: in both, once after the UNION.
+    due = (
+        union(*(
+            select(AlertRecord.created_at, AlertRecord.alert_id)
+            .where(pending, SLA_DUE_COLUMNS[kind] <= now, DELIVERED_TO_OWNER)
+            for kind, pending in SLA_PENDING.items()
+        ))
+        .order_by("created_at", "alert_id")
+        .limit(limit)
+        .subquery()
+    )
     return list(
         session.scalars(
             select(AlertRecord)
-            .where(
-                AlertRecord.status == "open",
-                DELIVERED_TO_OWNER,
-                or_(
-                    and_(AlertRecord.acknowledged_at.is_(None), AlertRecord.ack_due_at <= now),
-                    and_(AlertRecord.intervened_at.is_(None), AlertRecord.act_due_at <= now),
-                ),
-            )
-            .order_by(AlertRecord.created_at)
-            .limit(limit)
+            .join(due, AlertRecord.alert_id == due.c.alert_id)
+            .order_by(due.c.created_at, due.c.alert_id)
         )
     )
 

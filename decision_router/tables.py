@@ -96,9 +96,10 @@ class AlertRecord(SQLModel, table=True):
     # Cooldown: the alert for the same entity and rule that made this one redundant.
     suppressed_by: str | None = None
     # SLA state. A due time is cleared once met or breached; escalated_to holds the alert
-    # now (None: its owner). sla_revision makes concurrent sweepers compare-and-set.
-    ack_due_at: datetime | None = _when(index=True, nullable=True)
-    act_due_at: datetime | None = _when(index=True, nullable=True)
+    # now (None: its owner). sla_revision makes concurrent sweepers compare-and-set. Indexed
+    # only while pending (SLA_PENDING, below).
+    ack_due_at: datetime | None = _when(nullable=True)
+    act_due_at: datetime | None = _when(nullable=True)
     escalation_level: int = 0
     escalated_to: str | None = None
     ack_breached_at: datetime | None = _when(nullable=True)
@@ -118,6 +119,22 @@ class AlertRecord(SQLModel, table=True):
 DELIVERED_TO_OWNER = and_(
     AlertRecord.action == "alert", AlertRecord.held_out.is_(False), AlertRecord.suppressed_by.is_(None)
 )
+
+
+# --- SLA: what the escalation sweep reads (escalation.due_alerts) ---------------------------------------------------
+# A deadline still to meet: set (only alerts delivered to an owner get one), not met yet, and the alert
+# open. Only these have an entry in the due-time indexes, so a new record, control or suppressed decision
+# (most of them) writes neither, and the sweep reads the deadlines still pending, not every alert. An
+# outcome closes an alert without clearing its due times: `open` keeps those out too. Literals, not bound
+# parameters: SQLite uses a partial index only for a query that spells its predicate's terms alike.
+SLA_OPEN = AlertRecord.status == literal_column("'open'")
+SLA_PENDING = {
+    "ack": and_(AlertRecord.ack_due_at.is_not(None), AlertRecord.acknowledged_at.is_(None), SLA_OPEN),
+    "act": and_(AlertRecord.act_due_at.is_not(None), AlertRecord.intervened_at.is_(None), SLA_OPEN),
+}
+SLA_DUE_COLUMNS = {"ack": AlertRecord.ack_due_at, "act": AlertRecord.act_due_at}
+for _kind, _pending in SLA_PENDING.items():
+    Index(f"ix_alerts_{_kind}_pending", SLA_DUE_COLUMNS[_kind], sqlite_where=_pending, postgresql_where=_pending)
 
 
 class CooldownRecord(SQLModel, table=True):
@@ -360,13 +377,16 @@ RETIRED_STATS_INDEXES = {"sqlite": ["ix_alerts_stats"], "postgresql": ["ix_alert
 # serves its lookups and distinct values). PostgreSQL keeps those two (below): once most alerts are
 # closed its planner reads the few open ones through status (the dashboard's SLA panel, 5-8x), and
 # the dashboard's rule choices through rule (its wide stats index is not chosen for them).
+# The due-time indexes on every alert (ix_alerts_ack_due_at, _act_due_at): replaced by the partial ones
+# (ix_alerts_ack_pending, _act_pending).
+_RETIRED_DUE_INDEXES = ["ix_alerts_ack_due_at", "ix_alerts_act_due_at"]
 RETIRED_INDEXES = {
-    "sqlite": ["ix_alerts_rule", "ix_alerts_status", "ix_alerts_held_out", "ix_audit_events_at"],
-    "postgresql": ["ix_alerts_held_out", "ix_audit_events_at"],
+    "sqlite": ["ix_alerts_rule", "ix_alerts_status", "ix_alerts_held_out", "ix_audit_events_at", *_RETIRED_DUE_INDEXES],
+    "postgresql": ["ix_alerts_held_out", "ix_audit_events_at", *_RETIRED_DUE_INDEXES],
 }
 Index("ix_alerts_rule", AlertRecord.rule).ddl_if(dialect="postgresql")
 Index("ix_alerts_status", AlertRecord.status).ddl_if(dialect="postgresql")
 # Indexes added to tables that older stores have (create_schema builds them there), and the
 # PostgreSQL constraints they replace (dropped after).
-ADDED_INDEXES = ["uq_audit_source_entry"]
+ADDED_INDEXES = ["uq_audit_source_entry", "ix_alerts_ack_pending", "ix_alerts_act_pending"]
 RETIRED_CONSTRAINTS = [("audit_events", "uq_audit_source")]

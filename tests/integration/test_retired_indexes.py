@@ -14,14 +14,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from decision_router import tables, tracker
-from decision_router.store import create_schema
+from decision_router.store import create_schema, schema_is_current
 from decision_router.tables import AuditEvent
 
 # How the store created before them defined them (SQLModel's index=True).
 OLD_INDEXES = {
     "ix_alerts_rule": "alerts (rule)", "ix_alerts_status": "alerts (status)",
     "ix_alerts_held_out": "alerts (held_out)", "ix_audit_events_at": "audit_events (at)",
+    "ix_alerts_ack_due_at": "alerts (ack_due_at)", "ix_alerts_act_due_at": "alerts (act_due_at)",
 }
+# The partial indexes that replace the last two: only deadlines still to meet.
+PENDING_DUE_INDEXES = {"ix_alerts_ack_pending", "ix_alerts_act_pending"}
 
 
 def index_names(engine: Engine) -> set[str]:
@@ -44,8 +47,8 @@ def test_a_new_store_has_none_of_the_retired_indexes(engine: Engine) -> None:
     assert set(tables.RETIRED_INDEXES[engine.dialect.name]) == retired(engine)
     assert not index_names(engine) & retired(engine)
     assert set(OLD_INDEXES) - retired(engine) <= index_names(engine)
-    # What replaces them is there: each dialect's stats index leads with the rule.
-    assert set(tables.STATS_INDEXES[engine.dialect.name]) <= index_names(engine)
+    # What replaces them is there: each dialect's stats index leads with the rule; the due times' partial indexes.
+    assert set(tables.STATS_INDEXES[engine.dialect.name]) | PENDING_DUE_INDEXES <= index_names(engine)
 
 
 def test_create_schema_drops_them_from_an_older_store(engine: Engine) -> None:
@@ -57,6 +60,19 @@ def test_create_schema_drops_them_from_an_older_store(engine: Engine) -> None:
     assert not index_names(engine) & retired(engine)
     assert set(OLD_INDEXES) - retired(engine) <= index_names(engine)
     create_schema(engine)  # and again: nothing left to drop is no error
+
+
+def test_create_schema_replaces_the_due_indexes_of_an_older_store(engine: Engine) -> None:
+    with engine.begin() as connection:  # the store as an older version left it
+        for name in PENDING_DUE_INDEXES:
+            connection.execute(text(f"drop index {name}"))
+        for name in ("ix_alerts_ack_due_at", "ix_alerts_act_due_at"):
+            connection.execute(text(f"create index {name} on {OLD_INDEXES[name]}"))
+    assert not schema_is_current(engine)  # so `stats` runs create_schema on it too
+    create_schema(engine)
+    assert PENDING_DUE_INDEXES <= index_names(engine)
+    assert not {"ix_alerts_ack_due_at", "ix_alerts_act_due_at"} & index_names(engine)
+    assert schema_is_current(engine)
 
 
 def audit_event(source_id: str | None, alert_id: str | None = "al-1", type_: str = "acknowledged") -> dict:
