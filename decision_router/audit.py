@@ -3,6 +3,10 @@
 Who did what, when: the prediction received, the rule and rules version that matched,
 the owner and how they were found, deliveries, acknowledgements, escalations,
 reassignments, interventions and the outcome. Read-only; the CLI only formats.
+
+The "received" event is not stored (since issue 8): the predictions row holds what it said,
+so the stories build it from that row. Older stores hold one per prediction; that one is shown
+instead, never both.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from sqlalchemy.orm import Session
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord, as_utc
 
 DECISION_EVENTS = ("routed", "recorded", "held_out", "suppressed")
+SYSTEM_ACTOR = "decision-router"  # the actor of the events the service writes itself
 
 
 def iso(value: datetime | None) -> str | None:
@@ -213,14 +218,46 @@ def describe(kind: str, prediction_id: str | None, detail: Mapping[str, Any]) ->
     return text
 
 
-def _events(session: Session, condition: Any) -> list[StoryEvent]:
-    rows = session.scalars(select(AuditEvent).where(condition))
-    events = [
-        StoryEvent(row.id, as_utc(row.at), row.type, row.actor, row.alert_id, row.prediction_id, dict(row.detail or {}))  # type: ignore[arg-type]
-        for row in rows
+def _events(session: Session, condition: Any, predictions: Iterable[PredictionRecord]) -> list[StoryEvent]:
+    """The stored events matching `condition` and the `received` event of each of `predictions`,
+    once, in time order."""
+    rows = session.scalars(select(AuditEvent).where(condition).order_by(AuditEvent.id))  # type: ignore[arg-type]
+    stored: list[StoryEvent] = []
+    received: set[str | None] = set()
+    for row in rows:
+        if _is_received(row):
+            if row.prediction_id in received:
+                continue
+            received.add(row.prediction_id)
+        stored.append(StoryEvent(row.id, as_utc(row.at), row.type, row.actor, row.alert_id, row.prediction_id,  # type: ignore[arg-type]
+                                 dict(row.detail or {})))
+    built = [_received_event(p) for p in predictions if p.prediction_id not in received]
+    # Time order; events written together (same instant) keep their insertion order. A received
+    # event goes just before the first other event stored with its prediction at that instant:
+    # its decisions, written right after it when it was stored (a built one with nothing to
+    # follow goes first of its instant).
+    first_id: dict[tuple[str | None, datetime], int] = {}
+    for event in stored:  # in id order
+        if not _is_received(event):
+            first_id.setdefault((event.prediction_id, event.at), event.id or 0)
+    ordered = [
+        ((e.at, first_id.get((e.prediction_id, e.at), e.id or 0), 0) if _is_received(e) else (e.at, e.id or 0, 1), e)
+        for e in stored + built
     ]
-    # Time order; events written together (same instant) keep their insertion order.
-    return sorted(events, key=lambda e: (e.at, e.id or 0))
+    ordered.sort(key=lambda pair: pair[0])  # stable: built events of one instant stay in prediction order
+    return [event for _, event in ordered]
+
+
+def _is_received(row: AuditEvent | StoryEvent) -> bool:
+    return row.type == "received" and row.alert_id is None
+
+
+def _received_event(row: PredictionRecord) -> StoryEvent:
+    """The prediction's `received` event, as the store used to hold it."""
+    return StoryEvent(
+        None, as_utc(row.received_at), "received", SYSTEM_ACTOR, None, row.prediction_id,  # type: ignore[arg-type]
+        {"stream_id": row.stream_id, "model": row.model, "score": row.score},
+    )
 
 
 def _prediction(row: PredictionRecord) -> PredictionSummary:
@@ -231,6 +268,7 @@ def _prediction(row: PredictionRecord) -> PredictionSummary:
 
 
 def _received(prediction_ids: Iterable[str]) -> Any:
+    """The stored `received` events of an older store."""
     return (AuditEvent.type == "received") & AuditEvent.prediction_id.in_(list(prediction_ids)) & AuditEvent.alert_id.is_(None)
 
 
@@ -245,7 +283,8 @@ def alert_story(session: Session, alert_id: str) -> AlertStory | None:
         .where(AlertRecord.prediction_id == record.prediction_id, AlertRecord.alert_id != alert_id)
         .order_by(AlertRecord.created_at, AlertRecord.alert_id)
     )
-    events = _events(session, or_(AuditEvent.alert_id == alert_id, _received([record.prediction_id])))
+    events = _events(session, or_(AuditEvent.alert_id == alert_id, _received([record.prediction_id])),
+                     [prediction] if prediction else [])
     return AlertStory(
         alert=AlertSummary.of(record),
         prediction=_prediction(prediction) if prediction else None,
@@ -270,18 +309,20 @@ def entity_story(session: Session, entity_type: str, entity_id: str) -> EntitySt
         return None
     prediction_ids = {p.prediction_id for p in predictions} | {r.prediction_id for r in records}
     alert_ids = [r.alert_id for r in records]
-    by_alert: dict[str | None, list[StoryEvent]] = {}
-    received: dict[str, StoryEvent] = {}
-    everything = _events(session, or_(AuditEvent.alert_id.in_(alert_ids), _received(prediction_ids)))
-    for event in everything:
-        if event.alert_id is None and event.prediction_id is not None:
-            received.setdefault(event.prediction_id, event)
-        else:
-            by_alert.setdefault(event.alert_id, []).append(event)
+    everything = _events(session, or_(AuditEvent.alert_id.in_(alert_ids), _received(prediction_ids)), predictions)
     summaries = {p.prediction_id: _prediction(p) for p in predictions}
-    stories = []
+    # `everything` is in time order, so each alert's part of it is too: its own events and its
+    # prediction's received event.
+    alerts_of: dict[str, list[str]] = {}
     for record in records:
-        first = received.get(record.prediction_id)
-        events = sorted(([first] if first else []) + by_alert.get(record.alert_id, []), key=lambda e: (e.at, e.id or 0))
-        stories.append(AlertStory(AlertSummary.of(record), summaries.get(record.prediction_id), tuple(events)))
+        alerts_of.setdefault(record.prediction_id, []).append(record.alert_id)
+    by_alert: dict[str | None, list[StoryEvent]] = {}
+    for event in everything:
+        belongs_to = alerts_of.get(event.prediction_id or "", []) if _is_received(event) else [event.alert_id]
+        for alert_id in belongs_to:
+            by_alert.setdefault(alert_id, []).append(event)
+    stories = [
+        AlertStory(AlertSummary.of(record), summaries.get(record.prediction_id), tuple(by_alert.get(record.alert_id, [])))
+        for record in records
+    ]
     return EntityStory(entity_type, entity_id, tuple(summaries.values()), tuple(stories), tuple(everything))

@@ -179,8 +179,9 @@ class AuditEvent(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     alert_id: str | None = Field(default=None, index=True)
     prediction_id: str | None = Field(default=None, index=True)
-    # received | routed | recorded | held_out | suppressed | delivered | acknowledged |
-    # intervened | outcome | reassigned | escalated | sla_breached
+    # routed | recorded | held_out | suppressed | delivered | acknowledged | intervened |
+    # outcome | reassigned | escalated | sla_breached; received in stores written before issue 8
+    # (now built from the predictions row, audit.py)
     type: str
     actor: str
     at: datetime = _when()

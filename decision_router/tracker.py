@@ -14,6 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
 
+from decision_router.audit import SYSTEM_ACTOR
 from decision_router.contracts import (
     Alert,
     Escalation,
@@ -31,8 +32,6 @@ from decision_router.tables import (
     RejectionRecord,
     as_utc,
 )
-
-SYSTEM_ACTOR = "decision-router"
 
 
 def alert_id_for(prediction_id: str, rule: str) -> str:
@@ -105,18 +104,15 @@ def decision_rows(
     suppressed_by: Mapping[str, str],
 ) -> tuple[dict, list[dict], list[dict]]:
     """The rows one prediction adds to the store, as plain dicts for one bulk insert per table
-    and batch: (prediction row, alert rows, audit event rows)."""
+    and batch: (prediction row, alert rows, audit event rows). No "received" event: the
+    prediction row holds all it said, and the audit stories build it from that row."""
     prediction_row = {
         "prediction_id": prediction.prediction_id, "stream_id": stream_id, "model": prediction.model,
         "model_version": prediction.model_version, "entity_type": prediction.entity_type,
         "entity_id": prediction.entity_id, "score": prediction.score, "predicted_at": prediction.predicted_at,
         "received_at": now, "rules_version": rules_version, "document": document,
     }
-    events = [{
-        "alert_id": None, "prediction_id": prediction.prediction_id, "type": "received", "actor": SYSTEM_ACTOR,
-        "at": now, "source_id": None,
-        "detail": {"stream_id": stream_id, "model": prediction.model, "score": prediction.score},
-    }]
+    events: list[dict] = []
     alerts = []
     for decision in decisions:
         suppressor = suppressed_by.get(decision.rule)

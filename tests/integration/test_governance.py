@@ -254,7 +254,7 @@ async def test_changed_rules_are_reloaded_and_a_bad_file_keeps_the_old_ones(gov,
 
 async def test_audit_events_cannot_be_updated_or_deleted(gov, r, engine) -> None:
     publish(r, gov.keys, "a1")
-    await wait_until(lambda: count(engine, AuditEvent) >= 3, what="audit events")
+    await wait_until(lambda: count(engine, AuditEvent) >= 2, what="audit events (routed, delivered)")
     with Session(engine) as session:
         event = session.scalars(select(AuditEvent)).first()
         event.actor = "someone-else"

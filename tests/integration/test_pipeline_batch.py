@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlmodel import Session
 
 from decision_router import tracker
+from decision_router.audit import alert_story, entity_story
 from decision_router.pipeline import Pipeline
 from decision_router.rules import load_rules
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord, as_utc
@@ -89,10 +90,10 @@ async def test_one_batch_suppresses_repeats_of_an_entity_and_a_redelivery_change
         first = session.get(AlertRecord, alert_id_for("p1", "churn-high"))
         assert first.delivered_at is not None and as_utc(first.ack_due_at) == T0 + timedelta(hours=4)
         story = session.scalars(select(AuditEvent).where(AuditEvent.prediction_id == "p1").order_by(AuditEvent.id)).all()
-        assert [e.type for e in story] == ["received", "routed", "delivered"]
+        assert [e.type for e in story] == ["routed", "delivered"]
         # Bulk-inserted rows read back as the ORM wrote them: JSON, timestamps, booleans.
-        assert story[0].detail == {"stream_id": "1-0", "model": "churn", "score": 0.9} and as_utc(story[0].at) == T0
-        assert story[1].detail["rule"] == "churn-high" and story[1].detail["cooldown_s"] == 86400.0
+        assert story[0].detail["rule"] == "churn-high" and story[0].detail["cooldown_s"] == 86400.0
+        assert as_utc(story[0].at) == T0
         stored_prediction = session.get(PredictionRecord, "p1")
         assert stored_prediction.document["entity_id"] == "a" and as_utc(stored_prediction.predicted_at) == T0
         assert first.held_out is False and first.missing_context == [] and first.context == {}
@@ -105,8 +106,32 @@ async def test_one_batch_suppresses_repeats_of_an_entity_and_a_redelivery_change
     again = await pipeline.process_predictions(batch)  # the same entries: a crash before the ack
     assert (again.accepted, again.redelivered, again.delivered) == (0, 5, 0)
     assert count(engine, PredictionRecord) == 5 and count(engine, AlertRecord) == 5
-    assert count(engine, AuditEvent) == 5 + 5 + 3
+    assert count(engine, AuditEvent) == 5 + 3  # decisions and deliveries; "received" is the prediction row
     assert len(inbox(r, pipeline, "am")) == 3
+
+
+async def test_no_received_row_is_stored_yet_the_stories_show_it_once_in_its_place(pipeline, engine):
+    batch = [entry(1, "p1", "a"), entry(2, "p2", "a"), entry(3, "p3", "b"), entry(4, "p4", "a", score=0.1)]
+    await pipeline.process_predictions(batch)
+    assert count(engine, AuditEvent, AuditEvent.type == "received") == 0
+    received_p1 = {"at": T0.isoformat(), "type": "received", "actor": "decision-router", "alert_id": None,
+                   "prediction_id": "p1", "summary": "prediction p1 received (model churn, score 0.9)",
+                   "detail": {"stream_id": "1-0", "model": "churn", "score": 0.9}}
+    first, repeat = alert_id_for("p1", "churn-high"), alert_id_for("p2", "churn-high")
+    with Session(engine) as session:
+        events = alert_story(session, first).as_dict()["events"]
+        assert [e["type"] for e in events] == ["received", "routed", "delivered"]
+        assert events[0] == received_p1
+        entity = entity_story(session, "account", "a").as_dict()
+    # One batch, one instant: the order the events were written in when "received" was stored.
+    assert [(e["type"], e["prediction_id"]) for e in entity["events"]] == [
+        ("received", "p1"), ("routed", "p1"), ("received", "p2"), ("suppressed", "p2"),
+        ("received", "p4"), ("recorded", "p4"), ("delivered", "p1"),
+    ]
+    assert entity["events"][0] == received_p1
+    by_alert = {a["alert"]["alert_id"]: [e["type"] for e in a["events"]] for a in entity["alerts"]}
+    assert by_alert[first] == ["received", "routed", "delivered"]
+    assert by_alert[repeat] == ["received", "suppressed"]
 
 
 async def test_cooldowns_stored_by_earlier_batches_hold_until_they_expire(pipeline, engine, r):

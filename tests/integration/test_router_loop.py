@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from decision_router import pipeline as pipeline_module
+from decision_router.audit import alert_story
 from decision_router.contracts import Alert
 from decision_router.keys import Keys
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord, RejectionRecord
@@ -79,7 +80,9 @@ async def test_plain_redis_producer_reaches_owner_inbox_and_store(service, r, en
         stored = session.get(PredictionRecord, "p1")
         assert stored is not None and stored.document["context"]["segment"] == "enterprise"
         types = set(session.scalars(select(AuditEvent.type).where(AuditEvent.prediction_id == "p1")))
-    assert types == {"received", "routed", "delivered"}
+        story = alert_story(session, alert.alert_id)
+    assert types == {"routed", "delivered"}  # "received" is the prediction row itself
+    assert story is not None and [e.type for e in story.events] == ["received", "routed", "delivered"]
     await wait_until(lambda: r.xpending(keys.predictions, service.group)["pending"] == 0, what="all acknowledged")
 
 

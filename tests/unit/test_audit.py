@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from sqlmodel import Session
 
 from decision_router.audit import alert_story, describe, entity_story
@@ -17,10 +18,10 @@ T0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 SYSTEM = "decision-router"
 
 
-def prediction(pid: str, entity_id: str, at: datetime) -> PredictionRecord:
+def prediction(pid: str, entity_id: str, at: datetime, score: float = 0.91) -> PredictionRecord:
     return PredictionRecord(
         prediction_id=pid, stream_id=f"1-{pid}", model="churn", model_version="2026.11", entity_type="account",
-        entity_id=entity_id, score=0.91, predicted_at=at - timedelta(minutes=5), received_at=at, rules_version="v1",
+        entity_id=entity_id, score=score, predicted_at=at - timedelta(minutes=5), received_at=at, rules_version="v1",
         document={"prediction_id": pid},
     )
 
@@ -46,8 +47,14 @@ ROUTED = {"rule": "enterprise-churn-risk", "rules_version": "v1", "owner": "alic
 H = timedelta(hours=1)
 
 
-@pytest.fixture
-def session():
+def received(at: datetime, pid: str, score: float = 0.91) -> AuditEvent:
+    """A "received" row as stores written before issue 8 hold it (new ones build it from the prediction row)."""
+    return event("received", at, None, pid=pid, stream_id=f"1-{pid}", model="churn", score=score)
+
+
+@pytest.fixture(params=["new store", "old store with received rows"])
+def session(request: pytest.FixtureRequest):
+    old_store = request.param != "new store"
     engine = make_engine("sqlite:///:memory:")
     create_schema(engine)
     with Session(engine) as s:
@@ -58,7 +65,7 @@ def session():
                   outcome_value=120000.0, status="closed", escalation_level=1),
             alert("al-v", "p1", "key-account-visibility", "dir-enterprise", T0, owner_source="static"),
             # A later prediction for the same entity: one control record, one suppressed by cooldown.
-            prediction("p2", "acct-17", T0 + 48 * H),
+            prediction("p2", "acct-17", T0 + 48 * H, score=0.7),
             alert("al-c", "p2", "enterprise-churn-watch", "alice", T0 + 48 * H, held_out=True),
             alert("al-s", "p2", "key-account-visibility", "dir-enterprise", T0 + 48 * H, suppressed_by="al-v",
                   status="suppressed", owner_source="static"),
@@ -68,7 +75,7 @@ def session():
         # Inserted out of time order on purpose; same-instant events keep their insertion order.
         s.add_all([
             event("outcome", T0 + 30 * 24 * H, "al-a", actor="crm", result="success", value=120000.0),
-            event("received", T0, None, model="churn", score=0.91, stream_id="1-p1"),
+            *([received(T0, "p1")] if old_store else []),
             event("routed", T0, "al-a", **ROUTED),
             event("routed", T0, "al-v", **{**ROUTED, "rule": "key-account-visibility", "owner": "dir-enterprise",
                                            "owner_source": "static"}),
@@ -80,12 +87,12 @@ def session():
             event("acknowledged", T0 + 3 * H, "al-a", actor="lead-strategic"),
             event("reassigned", T0 + 4 * H, "al-a", actor="lead-strategic", from_owner="alice", to_owner="bob",
                   note="alice is on leave"),
-            event("received", T0 + 48 * H, None, pid="p2", model="churn", score=0.7),
+            *([received(T0 + 48 * H, "p2", score=0.7)] if old_store else []),
             event("held_out", T0 + 48 * H, "al-c", pid="p2", **{**ROUTED, "rule": "enterprise-churn-watch", "held_out": True}),
             event("suppressed", T0 + 48 * H, "al-s", pid="p2", **{**ROUTED, "rule": "key-account-visibility",
                                                              "owner": "dir-enterprise", "owner_source": "static",
                                                              "suppressed_by": "al-v"}),
-            event("received", T0, None, pid="p9", model="churn", score=0.91),
+            *([received(T0, "p9")] if old_store else []),
             event("routed", T0, "al-z", pid="p9", **ROUTED),
         ])
         s.commit()
@@ -206,3 +213,55 @@ def test_entity_story_groups_every_decision(session: Session) -> None:
 )
 def test_describe(kind: str, detail: dict[str, Any], text: str) -> None:
     assert describe(kind, "p1", detail) == text
+
+
+def test_new_stores_hold_no_received_rows_but_old_ones_do(session: Session) -> None:
+    # The two stores the story tests above run on, told apart: both tell the same stories.
+    stored = set(session.scalars(select(AuditEvent.prediction_id).where(AuditEvent.type == "received")))
+    assert stored in (set(), {"p1", "p2", "p9"})
+
+
+def received_events(events: Any) -> list[tuple[str | None, int | None]]:
+    return [(e.prediction_id, e.id) for e in events if e.type == "received"]
+
+
+def test_a_stored_received_row_is_shown_once_in_place_of_the_built_one(session: Session) -> None:
+    # A received row (as an older store holds) added to whichever store: shown, and only it.
+    extra = received(T0, "p1")
+    session.add(extra)
+    session.commit()
+    first_stored = session.scalars(
+        select(AuditEvent.id).where(AuditEvent.type == "received", AuditEvent.prediction_id == "p1")
+        .order_by(AuditEvent.id)).first()
+    story = alert_story(session, "al-a")
+    assert received_events(story.events) == [("p1", first_stored)]
+    assert story.events[0].as_dict()["detail"] == {"stream_id": "1-p1", "model": "churn", "score": 0.91}
+    entity = entity_story(session, "account", "acct-17")
+    assert [pid for pid, _ in received_events(entity.events)] == ["p1", "p2"]
+    assert received_events(entity.events)[0] == ("p1", first_stored)
+    for alert_story_ in entity.alerts:
+        assert len(received_events(alert_story_.events)) == 1 and alert_story_.events[0].type == "received"
+
+
+@pytest.mark.parametrize("old_store", [False, True], ids=["new store", "old store"])
+def test_predictions_of_one_instant_keep_the_order_they_were_written_in(old_store: bool) -> None:
+    # One batch: two predictions of the same entity, each followed by its decision, then a delivery.
+    engine = make_engine("sqlite:///:memory:")
+    create_schema(engine)
+    with Session(engine) as s:
+        s.add_all([prediction("p2", "acct-5", T0), prediction("p1", "acct-5", T0),
+                   alert("al-2", "p2", "r", "alice", T0, entity_id="acct-5"),
+                   alert("al-1", "p1", "r", "alice", T0, entity_id="acct-5", suppressed_by="al-2")])
+        s.commit()
+        for row in [*([received(T0, "p2")] if old_store else []), event("routed", T0, "al-2", pid="p2", **ROUTED),
+                    *([received(T0, "p1")] if old_store else []), event("suppressed", T0, "al-1", **ROUTED),
+                    event("delivered", T0, "al-2", pid="p2", channel="inbox", owner="alice")]:
+            s.add(row)
+            s.flush()  # ids in this order, as one bulk insert writes them
+        s.commit()
+        story = entity_story(s, "account", "acct-5")
+        assert [(e.type, e.prediction_id) for e in story.events] == [
+            ("received", "p2"), ("routed", "p2"), ("received", "p1"), ("suppressed", "p1"), ("delivered", "p2"),
+        ]
+        assert [e.type for e in alert_story(s, "al-1").events] == ["received", "suppressed"]
+    engine.dispose()
