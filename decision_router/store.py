@@ -26,11 +26,23 @@ def make_engine(database_url: str, *, background_checkpoints: bool = False, **kw
     if database_url.startswith("sqlite"):
         engine = create_engine(database_url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
-        if background_checkpoints and engine.url.database not in (None, "", ":memory:"):
+        if background_checkpoints and _is_file_database(engine.url):
             WalCheckpointer(engine).start()
     else:
         engine = create_engine(database_url, pool_pre_ping=True, **kwargs)
     return engine
+
+
+def _is_file_database(url: Any) -> bool:
+    """Whether an SQLite URL names a file: not `:memory:`, nor a URI with `mode=memory` (which
+    has no write-ahead log, and whose name alone would open a file of that name)."""
+    return url.database not in (None, "", ":memory:") and url.query.get("mode") != "memory"
+
+
+def _log() -> Any:
+    import structlog  # here: the CLI's commands import this module, and start faster without it
+
+    return structlog.get_logger("decision_router.store")
 
 
 class WalCheckpointer:
@@ -46,7 +58,9 @@ class WalCheckpointer:
     rest when its last connection closes)."""
 
     def __init__(self, engine: Engine, *, interval: float = 0.5, backstop_pages: int = 8000) -> None:
-        self.path = str(engine.url.database)
+        # Opened as the engine opens its own (a URI URL's `uri=True` and query, a relative path),
+        # so that the thread checkpoints the engine's database and no other file.
+        self.connect_args, self.connect_kwargs = engine.dialect.create_connect_args(engine.url)
         self.interval, self.backstop_pages = interval, backstop_pages
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sqlite-wal-checkpoints", daemon=True)
@@ -62,15 +76,21 @@ class WalCheckpointer:
             self.thread.join()
 
     def _run(self) -> None:
-        connection = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        try:
+            connection = sqlite3.connect(*self.connect_args, **{**self.connect_kwargs, "timeout": 30,
+                                                                "check_same_thread": False})
+        except sqlite3.Error as exc:
+            # No thread to checkpoint: connections made from now on checkpoint as SQLite does by
+            # default, rather than only past the backstop, which would make each one 8x longer.
+            self.stopping.set()
+            _log().error("WAL checkpoint thread cannot open the database", error=str(exc))
+            return
         try:
             while not self.stopping.wait(self.interval):
                 try:
                     connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as exc:  # busy for longer than the timeout: the next round tries again
-                    import structlog  # here: the CLI's commands import this module, and start faster without it
-
-                    structlog.get_logger("decision_router.store").warning("WAL checkpoint failed", error=str(exc))
+                    _log().warning("WAL checkpoint failed", error=str(exc))
         finally:
             connection.close()
 

@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
+import structlog
 from sqlalchemy import text
+from sqlalchemy.pool import StaticPool
 
 from decision_router.store import WalCheckpointer, make_engine
 
@@ -84,3 +89,41 @@ def test_disposing_the_engine_stops_the_thread_and_new_connections_checkpoint_ag
     assert len(_checkpoint_threads()) == before
     assert _autocheckpoint(engine) == 1000  # a connection made after it stopped
     engine.dispose()
+
+
+def test_an_in_memory_database_gets_no_thread_and_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A URI naming an in-memory database: nothing to checkpoint, and no file to make.
+    monkeypatch.chdir(tmp_path)
+    before = len(_checkpoint_threads())
+    engine = make_engine("sqlite:///file:store?mode=memory&cache=shared&uri=true", background_checkpoints=True,
+                         poolclass=StaticPool)
+    try:
+        assert len(_checkpoint_threads()) == before
+        _write(engine, 1)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        engine.dispose()
+
+
+def test_a_thread_that_cannot_open_the_database_says_so_and_the_commits_checkpoint_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connect = sqlite3.connect
+
+    def refused_to_the_thread(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if threading.current_thread().name == "sqlite-wal-checkpoints":
+            raise sqlite3.OperationalError("unable to open database file")
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", refused_to_the_thread)
+    with structlog.testing.capture_logs() as logs:
+        engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}", background_checkpoints=True)
+        try:
+            assert _until(lambda: not _checkpoint_threads())
+            # Not 8,000 pages with no thread to checkpoint before: the log as SQLite bounds it.
+            assert _autocheckpoint(engine) == 1000
+        finally:
+            engine.dispose()
+    assert [entry["event"] for entry in logs] == ["WAL checkpoint thread cannot open the database"], logs
+    assert "unable to open database file" in logs[0]["error"]
+
