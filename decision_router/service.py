@@ -239,16 +239,17 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
     from decision_router.api.server import api_for_service
     ruleset = load_rules(settings.rules_dir)  # invalid rules: refuse to start, before anything else
     engine = make_engine(settings.database_url, background_checkpoints=True)
-    create_schema(engine)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    embedded = EmbeddedRedis(settings.embedded_host, settings.embedded_port).start() if settings.embedded else None
-    if embedded:
-        log.info("embedded Redis (fakeredis) serving", url=embedded.url, database=redact_url(settings.database_url))
-    collect_for_batches()  # before the consumers start, so that no batch waits for the collection
-    try:
+    embedded = None
+    try:  # from here, so that a start that fails (a taken port, say) still stops the engine's thread
+        create_schema(engine)
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        embedded = EmbeddedRedis(settings.embedded_host, settings.embedded_port).start() if settings.embedded else None
+        if embedded:
+            log.info("embedded Redis (fakeredis) serving", url=embedded.url, database=redact_url(settings.database_url))
+        collect_for_batches()  # before the consumers start, so that no batch waits for the collection
         async with running_service(settings, ruleset, engine, watch_rules=True) as service:
             # SIGHUP: re-read the rules now rather than at the next poll.
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.check_rules(force=True)))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import sqlite3
 import threading
 import time
@@ -14,7 +16,12 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.pool import StaticPool
 
+from decision_router.embedded import EmbeddedRedisError
+from decision_router.service import serve
+from decision_router.settings import Settings
 from decision_router.store import WalCheckpointer, make_engine
+
+RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
 
 ROW = "x" * 4000  # about a page
 
@@ -127,3 +134,15 @@ def test_a_thread_that_cannot_open_the_database_says_so_and_the_commits_checkpoi
     assert [entry["event"] for entry in logs] == ["WAL checkpoint thread cannot open the database"], logs
     assert "unable to open database file" in logs[0]["error"]
 
+
+
+def test_serve_that_fails_to_start_leaves_no_checkpoint_thread(tmp_path: Path) -> None:
+    before = len(_checkpoint_threads())
+    with socket.socket() as taken:  # the embedded Redis's port, in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = Settings(redis_url=None, database_url=f"sqlite:///{tmp_path / 'store.db'}", rules_dir=RULES_DIR,
+                            embedded_port=taken.getsockname()[1])
+        with pytest.raises(EmbeddedRedisError):
+            asyncio.run(serve(settings, api=False))
+    assert len(_checkpoint_threads()) == before
