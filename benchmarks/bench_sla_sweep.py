@@ -58,8 +58,11 @@ PENDING_INDEXES = ["ix_alerts_ack_pending", "ix_alerts_act_pending"]
 BENCH_STATS_ROUTED_SHARE = 0.58  # of bench_stats' alerts, delivered to an owner
 
 
-def former_due_alerts(session: Session, *, now: datetime, limit: int = 500) -> list[AlertRecord]:
-    """escalation.due_alerts before the partial indexes: one select, the deadlines ORed."""
+def former_due_alerts(session: Session, *, now: datetime, limit: int = 500, by_id: bool = False) -> list[AlertRecord]:
+    """escalation.due_alerts before the partial indexes: one select, the deadlines ORed. It ordered by
+    created_at alone (ties in no set order); by_id adds the alert id, the order due_alerts gives ties now.
+    Also the reference of tests/integration/test_due_alerts.py."""
+    order = (AlertRecord.created_at, AlertRecord.alert_id) if by_id else (AlertRecord.created_at,)
     return list(session.scalars(
         select(AlertRecord)
         .where(
@@ -70,7 +73,7 @@ def former_due_alerts(session: Session, *, now: datetime, limit: int = 500) -> l
                 and_(AlertRecord.intervened_at.is_(None), AlertRecord.act_due_at <= now),
             ),
         )
-        .order_by(AlertRecord.created_at)
+        .order_by(*order)
         .limit(limit)
     ))
 
@@ -169,8 +172,8 @@ def seeded(stores: Stores, n: int) -> Engine:
     return engine
 
 
-def explain(engine: Engine, query: Callable[[Session], Any]) -> str:
-    """The plan of the query `query` runs (EXPLAIN ANALYZE on PostgreSQL), captured as it is sent."""
+def sent_statements(engine: Engine, query: Callable[[Session], Any]) -> list[tuple[str, Any]]:
+    """The (statement, parameters) that `query` sends, as sent. Also used by tests/integration/test_due_alerts.py."""
     from sqlalchemy import event
 
     sent: list[tuple[str, Any]] = []
@@ -184,7 +187,12 @@ def explain(engine: Engine, query: Callable[[Session], Any]) -> str:
             query(session)
     finally:
         event.remove(engine, "before_cursor_execute", capture)
-    statement, parameters = sent[-1]
+    return sent
+
+
+def explain(engine: Engine, query: Callable[[Session], Any]) -> str:
+    """The plan of the query `query` runs (EXPLAIN ANALYZE on PostgreSQL), captured as it is sent."""
+    statement, parameters = sent_statements(engine, query)[-1]
     prefix = "explain query plan " if engine.dialect.name == "sqlite" else "explain (analyze, buffers) "
     with engine.connect() as connection:
         return "\n".join(str(row[-1]) for row in connection.exec_driver_sql(prefix + statement, parameters))

@@ -8,33 +8,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import and_, event, insert, or_, select, text
+from sqlalchemy import insert, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from benchmarks.bench_sla_sweep import former_due_alerts, sent_statements
 from decision_router.escalation import due_alerts
-from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord
+from decision_router.tables import AlertRecord
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-
-
-def former_due_alerts(session: Session, *, now: datetime, limit: int, by_id: bool) -> list[AlertRecord]:
-    """due_alerts as it was: one select, the two deadlines ORed. It ordered by created_at alone (ties in
-    no set order); by_id adds the alert id, the order due_alerts gives ties now."""
-    order = (AlertRecord.created_at, AlertRecord.alert_id) if by_id else (AlertRecord.created_at,)
-    return list(session.scalars(
-        select(AlertRecord)
-        .where(
-            AlertRecord.status == "open",
-            DELIVERED_TO_OWNER,
-            or_(
-                and_(AlertRecord.acknowledged_at.is_(None), AlertRecord.ack_due_at <= now),
-                and_(AlertRecord.intervened_at.is_(None), AlertRecord.act_due_at <= now),
-            ),
-        )
-        .order_by(*order)
-        .limit(limit)
-    ))
 
 
 def alert_row(n: int, **values: Any) -> dict[str, Any]:
@@ -110,17 +92,7 @@ def test_an_alert_with_both_deadlines_missed_is_found_once(engine: Engine) -> No
 
 
 def sent_statement(engine: Engine, now: datetime) -> tuple[str, Any]:
-    sent: list[tuple[str, Any]] = []
-
-    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        sent.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
-        with Session(engine) as session:
-            due_alerts(session, now=now)
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
+    sent = sent_statements(engine, lambda session: due_alerts(session, now=now))
     assert len(sent) == 1
     return sent[0]
 
