@@ -23,8 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from functools import cache
+from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -45,6 +47,15 @@ class ClaimLost(Exception):
         super().__init__(f"cooldown taken by another worker: {shown}{more}")
 
 
+# Built once (see tracker._KNOWN_PREDICTIONS: every batch runs these).
+_COOLDOWNS = CooldownRecord.__table__  # type: ignore[attr-defined]
+_OPEN_WINDOWS = select(_COOLDOWNS.c.rule, _COOLDOWNS.c.entity_type, _COOLDOWNS.c.entity_id, _COOLDOWNS.c.alert_id).where(
+    _COOLDOWNS.c.rule.in_(bindparam("rules", expanding=True)),
+    _COOLDOWNS.c.entity_id.in_(bindparam("entity_ids", expanding=True)),
+    _COOLDOWNS.c.ends_at > bindparam("now", type_=_COOLDOWNS.c.ends_at.type),
+)
+
+
 def holders(
     session: Session, wanted: Iterable[CooldownKey], *, since: Mapping[str, datetime], now: datetime
 ) -> dict[CooldownKey, str]:
@@ -55,14 +66,10 @@ def holders(
     if not wanted:
         return {}
     found = tracker.cooldown_holders(session, wanted, since=since)
-    table = CooldownRecord.__table__  # type: ignore[attr-defined]
-    rows = session.execute(
-        select(table.c.rule, table.c.entity_type, table.c.entity_id, table.c.alert_id).where(
-            table.c.rule.in_({rule for rule, _, _ in wanted}),
-            table.c.entity_id.in_({entity_id for _, _, entity_id in wanted}),
-            table.c.ends_at > now,
-        )
-    )
+    rows = session.execute(_OPEN_WINDOWS, {
+        "rules": sorted({rule for rule, _, _ in wanted}),
+        "entity_ids": sorted({entity_id for _, _, entity_id in wanted}), "now": now,
+    })
     for rule, entity_type, entity_id, alert_id in rows:
         if (key := (rule, entity_type, entity_id)) in wanted:
             found[key] = alert_id
@@ -81,16 +88,20 @@ def claim(session: Session, started: Mapping[CooldownKey, str], *, ruleset: Rule
         rule, entity_type, entity_id = key
         rows.append({"rule": rule, "entity_type": entity_type, "entity_id": entity_id, "alert_id": started[key],
                      "started_at": now, "ends_at": now + lengths[rule]})
-    table = CooldownRecord.__table__  # type: ignore[attr-defined]
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    upsert = dialect.insert(table)
-    upsert = upsert.on_conflict_do_update(
-        index_elements=[table.c.rule, table.c.entity_type, table.c.entity_id],
-        set_={"alert_id": upsert.excluded.alert_id, "started_at": upsert.excluded.started_at,
-              "ends_at": upsert.excluded.ends_at},
-        # The window has ended at this batch's clock, or it is held by this same decision.
-        where=or_(table.c.ends_at <= upsert.excluded.started_at, table.c.alert_id == upsert.excluded.alert_id),
-    ).returning(table.c.rule, table.c.entity_type, table.c.entity_id)
+    upsert = _claim_statement(session.get_bind().dialect.name)
     won = {(rule, entity_type, entity_id) for rule, entity_type, entity_id in session.execute(upsert, rows)}
     if lost := set(started) - won:
         raise ClaimLost(lost)
+
+
+@cache
+def _claim_statement(dialect_name: str) -> Any:
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    upsert = dialect.insert(_COOLDOWNS)
+    return upsert.on_conflict_do_update(
+        index_elements=[_COOLDOWNS.c.rule, _COOLDOWNS.c.entity_type, _COOLDOWNS.c.entity_id],
+        set_={"alert_id": upsert.excluded.alert_id, "started_at": upsert.excluded.started_at,
+              "ends_at": upsert.excluded.ends_at},
+        # The window has ended at this batch's clock, or it is held by this same decision.
+        where=or_(_COOLDOWNS.c.ends_at <= upsert.excluded.started_at, _COOLDOWNS.c.alert_id == upsert.excluded.alert_id),
+    ).returning(_COOLDOWNS.c.rule, _COOLDOWNS.c.entity_type, _COOLDOWNS.c.entity_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -81,6 +82,61 @@ def test_under_writes_that_never_pause_the_log_stays_bounded(tmp_path: Path) -> 
         assert wal.stat().st_size < 12_000_000, wal.stat().st_size  # without: ~20 MB
     finally:
         engine.dispose()
+
+
+def _wal_index(path: Path) -> tuple[int, int]:
+    """(frames in the log, frames copied into the database), read from the wal-index (`-shm`)
+    without checkpointing: its header's mxFrame at byte 16 and the checkpoint info's nBackfill at
+    byte 96 (https://sqlite.org/walformat.html), native byte order."""
+    header = Path(f"{path}-shm").read_bytes()[:100]
+    return int.from_bytes(header[16:20], sys.byteorder), int.from_bytes(header[96:100], sys.byteorder)
+
+
+def test_a_round_copies_what_commits_added_while_it_ran_so_the_next_commit_restarts_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("PRAGMA wal_autocheckpoint=0")  # only the rounds below copy the log
+    writer.execute("create table t (v text)")
+    writer.execute("insert into t values (?)", (ROW,))
+
+    class CommitAfterTheFirstPass:
+        """The checkpoint thread's connection, with a commit landing right after its first pass."""
+
+        def __init__(self) -> None:
+            self.connection, self.passes = sqlite3.connect(path), 0
+
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            cursor = self.connection.execute(sql)
+            self.passes += 1
+            if self.passes == 1:
+                writer.execute("insert into t values (?)", (ROW,))
+            return cursor
+
+    checkpoints = CommitAfterTheFirstPass()
+    WalCheckpointer.catch_up(checkpoints)  # type: ignore[arg-type]
+    logged, copied = _wal_index(path)
+    assert logged == copied > 0, (logged, copied)  # the commit's frames too (one pass leaves them out)
+    assert checkpoints.passes == 3  # copied the first, copied the commit's, found nothing new
+    # Copied to its end, the log is written again from its start: it does not grow.
+    writer.execute("insert into t values (?)", (ROW,))
+    assert _wal_index(path)[0] < logged
+    checkpoints.connection.close()
+    writer.close()
+
+
+def test_a_round_stops_when_there_is_no_log(tmp_path: Path) -> None:
+    connection = sqlite3.connect(tmp_path / "store.db")  # rollback journal: the pragma answers (0, -1, -1)
+    calls = []
+
+    class Counting:
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            calls.append(sql)
+            return connection.execute(sql)
+
+    WalCheckpointer.catch_up(Counting())  # type: ignore[arg-type]
+    assert calls == ["PRAGMA wal_checkpoint(PASSIVE)"]
+    connection.close()
 
 
 def _checkpoint_threads() -> list[threading.Thread]:
