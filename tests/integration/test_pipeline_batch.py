@@ -201,4 +201,3 @@ async def test_a_batch_leaves_nothing_for_the_garbage_collector(pipeline):
         gc.garbage.clear()
     assert (result.accepted, result.alerts, result.suppressed, result.recorded) == (12, 5, 6, 1)
     assert not garbage, garbage.most_common(10)
-

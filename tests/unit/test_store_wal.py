@@ -92,6 +92,12 @@ def _wal_index(path: Path) -> tuple[int, int]:
     return int.from_bytes(header[16:20], sys.byteorder), int.from_bytes(header[96:100], sys.byteorder)
 
 
+def _wal_checkpoint_sequence(path: Path) -> int:
+    """The log header's checkpoint sequence number (bytes 12-16, big-endian): one more each time
+    the log restarts from its beginning."""
+    return int.from_bytes(Path(f"{path}-wal").read_bytes()[12:16], "big")
+
+
 def test_a_round_copies_what_commits_added_while_it_ran_so_the_next_commit_restarts_the_log(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     writer = sqlite3.connect(path, isolation_level=None)
@@ -113,13 +119,17 @@ def test_a_round_copies_what_commits_added_while_it_ran_so_the_next_commit_resta
                 writer.execute("insert into t values (?)", (ROW,))
             return cursor
 
+    before, _ = _wal_index(path)
     checkpoints = CommitAfterTheFirstPass()
     WalCheckpointer.catch_up(checkpoints)  # type: ignore[arg-type]
     logged, copied = _wal_index(path)
-    assert logged == copied > 0, (logged, copied)  # the commit's frames too (one pass leaves them out)
+    assert logged == copied > before, (before, logged, copied)  # the commit's frames too (one pass leaves them out)
     assert checkpoints.passes == 3  # copied the first, copied the commit's, found nothing new
-    # Copied to its end, the log is written again from its start: it does not grow.
+    # Copied to its end, the log is written again from its start by the next commit (a new
+    # header: its checkpoint sequence number goes up) instead of growing.
+    sequence = _wal_checkpoint_sequence(path)
     writer.execute("insert into t values (?)", (ROW,))
+    assert _wal_checkpoint_sequence(path) == sequence + 1
     assert _wal_index(path)[0] < logged
     checkpoints.connection.close()
     writer.close()
