@@ -22,6 +22,7 @@ OLD_INDEXES = {
     "ix_alerts_rule": "alerts (rule)", "ix_alerts_status": "alerts (status)",
     "ix_alerts_held_out": "alerts (held_out)", "ix_audit_events_at": "audit_events (at)",
     "ix_alerts_ack_due_at": "alerts (ack_due_at)", "ix_alerts_act_due_at": "alerts (act_due_at)",
+    "ix_alerts_entity_id": "alerts (entity_id)",
 }
 # The partial indexes that replace the last two: only deadlines still to meet.
 PENDING_DUE_INDEXES = {"ix_alerts_ack_pending", "ix_alerts_act_pending"}
@@ -72,6 +73,16 @@ def test_create_schema_replaces_the_due_indexes_of_an_older_store(engine: Engine
     create_schema(engine)
     assert PENDING_DUE_INDEXES <= index_names(engine)
     assert not {"ix_alerts_ack_due_at", "ix_alerts_act_due_at"} & index_names(engine)
+    assert schema_is_current(engine)
+
+
+def test_create_schema_replaces_the_entity_index_of_an_older_store(engine: Engine) -> None:
+    with engine.begin() as connection:  # the store as an older version left it
+        connection.execute(text("drop index ix_alerts_entity"))
+        connection.execute(text(f"create index ix_alerts_entity_id on {OLD_INDEXES['ix_alerts_entity_id']}"))
+    assert not schema_is_current(engine)
+    create_schema(engine)
+    assert "ix_alerts_entity" in index_names(engine) and "ix_alerts_entity_id" not in index_names(engine)
     assert schema_is_current(engine)
 
 
