@@ -205,7 +205,8 @@ def create_schema(engine: Engine) -> None:
     # create_all skips tables that exist, and so indexes added to them later: the stats indexes
     # (tables.py, "Stats") and the others added since are built here on a store created before them
     # (once; seconds per 1M alerts).
-    names = set(tables.STATS_INDEXES.get(engine.dialect.name, [])) | set(tables.ADDED_INDEXES)
+    names = (set(tables.STATS_INDEXES.get(engine.dialect.name, [])) | set(tables.ADDED_INDEXES)
+             | set(tables.ADDED_DIALECT_INDEXES.get(engine.dialect.name, [])))
     names -= _index_names(engine)  # CREATE INDEX IF NOT EXISTS waits for running writers even when it exists
     for table in SQLModel.metadata.sorted_tables:
         for index in table.indexes:
@@ -229,7 +230,8 @@ def schema_is_current(engine: Engine) -> bool:
     from sqlalchemy import bindparam
 
     dialect = engine.dialect.name
-    wanted = set(SQLModel.metadata.tables) | set(tables.STATS_INDEXES.get(dialect, [])) | set(tables.ADDED_INDEXES)
+    wanted = (set(SQLModel.metadata.tables) | set(tables.STATS_INDEXES.get(dialect, [])) | set(tables.ADDED_INDEXES)
+              | set(tables.ADDED_DIALECT_INDEXES.get(dialect, [])))
     retired = set(tables.RETIRED_STATS_INDEXES.get(dialect, [])) | set(tables.RETIRED_INDEXES.get(dialect, []))
     if dialect == "postgresql":  # a constraint's index has its name
         retired |= {constraint for _, constraint in tables.RETIRED_CONSTRAINTS}

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from decision_router import tables, tracker
-from decision_router.store import create_schema, schema_is_current
+from decision_router.store import create_schema, make_engine, schema_is_current
 from decision_router.tables import AuditEvent
 
 # How the store created before them defined them (SQLModel's index=True).
@@ -38,10 +38,12 @@ def index_names(engine: Engine) -> set[str]:
 
 # PostgreSQL keeps these: its planner reads open alerts and the rules' names through them.
 KEPT_ON_POSTGRES = {"ix_alerts_rule", "ix_alerts_status"}
+# SQLite keeps the entity's index; PostgreSQL has ix_alerts_entity (entity, rule, time) instead.
+KEPT_ON_SQLITE = {"ix_alerts_entity_id"}
 
 
 def retired(engine: Engine) -> set[str]:
-    return set(OLD_INDEXES) - KEPT_ON_POSTGRES if engine.dialect.name == "postgresql" else set(OLD_INDEXES)
+    return set(OLD_INDEXES) - (KEPT_ON_POSTGRES if engine.dialect.name == "postgresql" else KEPT_ON_SQLITE)
 
 
 def test_a_new_store_has_none_of_the_retired_indexes(engine: Engine) -> None:
@@ -76,14 +78,23 @@ def test_create_schema_replaces_the_due_indexes_of_an_older_store(engine: Engine
     assert schema_is_current(engine)
 
 
-def test_create_schema_replaces_the_entity_index_of_an_older_store(engine: Engine) -> None:
-    with engine.begin() as connection:  # the store as an older version left it
+@pytest.mark.postgres
+def test_create_schema_replaces_the_entity_index_of_an_older_postgres_store(pg_engine: Engine) -> None:
+    with pg_engine.begin() as connection:  # the store as an older version left it
         connection.execute(text("drop index ix_alerts_entity"))
         connection.execute(text(f"create index ix_alerts_entity_id on {OLD_INDEXES['ix_alerts_entity_id']}"))
-    assert not schema_is_current(engine)
+    assert not schema_is_current(pg_engine)
+    create_schema(pg_engine)
+    assert "ix_alerts_entity" in index_names(pg_engine) and "ix_alerts_entity_id" not in index_names(pg_engine)
+    assert schema_is_current(pg_engine)
+
+
+def test_a_new_sqlite_store_indexes_alerts_by_entity_alone(tmp_path) -> None:  # noqa: ANN001
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
     create_schema(engine)
-    assert "ix_alerts_entity" in index_names(engine) and "ix_alerts_entity_id" not in index_names(engine)
-    assert schema_is_current(engine)
+    names = index_names(engine)
+    engine.dispose()
+    assert "ix_alerts_entity_id" in names and "ix_alerts_entity" not in names
 
 
 def audit_event(source_id: str | None, alert_id: str | None = "al-1", type_: str = "acknowledged") -> dict:

@@ -60,5 +60,5 @@ def test_the_cooldown_read_goes_through_the_batch_entities_and_finds_the_same_ho
         plan = " ".join(row[3] for row in session.connection().exec_driver_sql(
             f"EXPLAIN QUERY PLAN {statement}", parameters))
     engine.dispose()
-    assert "USING INDEX ix_alerts_entity (entity_id=?)" in plan, plan
+    assert "USING INDEX ix_alerts_entity_id (entity_id=?)" in plan, plan
     assert "stats" not in plan and "created_at" not in plan.replace("coalesce", ""), plan
