@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -238,7 +237,7 @@ async def full_pipeline(redis_url: str, store: Store, rules_dir: Path, prefix: s
                         profile: Path | None) -> tuple[float, dict[str, int]]:
     """The real service (running_service) over the backlog; returns (rate, what was stored)."""
     from decision_router.rules import load_rules
-    from decision_router.service import collect_for_batches, running_service
+    from decision_router.service import collecting_for_batches, running_service
 
     settings = bench_settings(redis_url, store.url, rules_dir, prefix)
     ruleset = load_rules(rules_dir)
@@ -246,37 +245,36 @@ async def full_pipeline(redis_url: str, store: Store, rules_dir: Path, prefix: s
     client = redis.Redis.from_url(redis_url)
     stream = f"{prefix}predictions"
     profiler = None
-    if profile is not None:
-        from pyinstrument import Profiler
+    try:  # the engine (and its checkpoint thread) and the client closed even if the run fails
+        if profile is not None:
+            from pyinstrument import Profiler
 
-        profiler = Profiler(async_mode="enabled")
-        profiler.start()
-    # As `serve` runs its service: start-up objects frozen, young collections rarer.
-    thresholds = gc.get_threshold()
-    collect_for_batches()
-    started, cpu_started = time.perf_counter(), time.process_time()
-    async with running_service(settings, ruleset, engine):
-        while True:
-            # In a thread: a blocking call here would stall the service's event loop.
-            read, pending = await asyncio.to_thread(group_progress, client, stream, settings.consumer_group)
-            if read >= total and pending == 0:
-                break
-            await asyncio.sleep(0.05)
-        elapsed = time.perf_counter() - started
-        # CPU of this process (all its threads: the service, and on SQLite the store) per prediction:
-        # steadier than the rate on a machine shared with other jobs.
-        cpu = time.process_time() - cpu_started
-    gc.unfreeze()
-    gc.set_threshold(*thresholds)
-    if profiler is not None:
-        profiler.stop()
-        assert profile is not None
-        profile.write_text(profiler.output_text(unicode=False, show_all=False))
-    stored = stored_counts(engine)
-    stored["inbox_entries"] = sum(client.xlen(f"{prefix}alerts:{owner}") for owner in INBOX_OWNERS)
-    stored["cpu_us"] = round(cpu / total * 1e6)
-    client.close()
-    engine.dispose()
+            profiler = Profiler(async_mode="enabled")
+            profiler.start()
+        # As `serve` runs its service: start-up objects frozen, young collections rarer.
+        with collecting_for_batches():
+            started, cpu_started = time.perf_counter(), time.process_time()
+            async with running_service(settings, ruleset, engine):
+                while True:
+                    # In a thread: a blocking call here would stall the service's event loop.
+                    read, pending = await asyncio.to_thread(group_progress, client, stream, settings.consumer_group)
+                    if read >= total and pending == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                elapsed = time.perf_counter() - started
+                # CPU of this process (all its threads: the service, and on SQLite the store) per prediction:
+                # steadier than the rate on a machine shared with other jobs.
+                cpu = time.process_time() - cpu_started
+        if profiler is not None:
+            profiler.stop()
+            assert profile is not None
+            profile.write_text(profiler.output_text(unicode=False, show_all=False))
+        stored = stored_counts(engine)
+        stored["inbox_entries"] = sum(client.xlen(f"{prefix}alerts:{owner}") for owner in INBOX_OWNERS)
+        stored["cpu_us"] = round(cpu / total * 1e6)
+    finally:
+        client.close()
+        engine.dispose()
     return total / elapsed, stored
 
 

@@ -13,7 +13,7 @@ import gc
 import json
 import signal
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import structlog
@@ -219,10 +219,18 @@ async def running_service(
 BATCH_GC_THRESHOLDS = (50_000, 20, 100)
 
 
-def collect_for_batches() -> None:
-    """`serve`'s garbage collection: start-up objects frozen, then young collections ~70x rarer."""
+@contextlib.contextmanager
+def collecting_for_batches() -> Iterator[None]:
+    """`serve`'s garbage collection: start-up objects frozen, then young collections ~70x rarer;
+    as they were before on the way out (for a caller that goes on in the same process)."""
+    thresholds = gc.get_threshold()
     freeze_startup_objects()
     gc.set_threshold(*BATCH_GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def freeze_startup_objects() -> None:
@@ -249,14 +257,15 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
         embedded = EmbeddedRedis(settings.embedded_host, settings.embedded_port).start() if settings.embedded else None
         if embedded:
             log.info("embedded Redis (fakeredis) serving", url=embedded.url, database=redact_url(settings.database_url))
-        collect_for_batches()  # before the consumers start, so that no batch waits for the collection
-        async with running_service(settings, ruleset, engine, watch_rules=True) as service:
-            # SIGHUP: re-read the rules now rather than at the next poll.
-            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.check_rules(force=True)))
-            async with api_for_service(service, engine, enabled=api):  # stops before the consumers
-                gc.freeze()  # and what the service and its API made since (no collection: no batch waits)
-                await stop.wait()
-                log.info("stopping")
+        # Before the consumers start, so that no batch waits for the collection.
+        with collecting_for_batches():
+            async with running_service(settings, ruleset, engine, watch_rules=True) as service:
+                # SIGHUP: re-read the rules now rather than at the next poll.
+                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.check_rules(force=True)))
+                async with api_for_service(service, engine, enabled=api):  # stops before the consumers
+                    gc.freeze()  # and what the service and its API made since (no collection: no batch waits)
+                    await stop.wait()
+                    log.info("stopping")
     finally:
         if embedded:
             embedded.stop()
