@@ -460,6 +460,8 @@ def apply_outcome(
             if record.outcome is None:
                 record.outcome, record.outcome_at, record.outcome_value = event.result.value, at, event.value
                 record.status = "closed"
+                # Closed: no deadline is pending any more (the API showed them still due).
+                record.ack_due_at = record.act_due_at = None
         elif event.type is OutcomeType.REASSIGNED:
             assert event.owner is not None
             detail.update(from_owner=record.owner, to_owner=event.owner)

@@ -56,6 +56,8 @@ async def test_lifecycle_events_update_alerts_and_stats(service, r, engine) -> N
     second = alert_row(engine, a2)
     assert second.acknowledged_at is not None  # intervening implies having seen it
     assert second.outcome == "failure"
+    third = alert_row(engine, a3)  # closed by its outcome, never acknowledged: no deadline left pending
+    assert third.acknowledged_at is None and third.ack_due_at is None and third.act_due_at is None
 
     with Session(engine) as session:
         by_owner = {row.key: row for row in compute_stats(session, by=GroupBy.OWNER)}
