@@ -7,7 +7,7 @@ indexes (issue 8).
 
 The sweep: two stores with the same alerts (bench_stats' mix, with the deadlines the service leaves at
 NOW: every deadline that passed was escalated up to a breach, so nothing is due; alerts closed by an
-outcome before their deadline keep it), one with the former indexes (ix_alerts_ack_due_at and
+outcome before their deadline keep it, as they did in stores written before stop 15), one with the former indexes (ix_alerts_ack_due_at and
 _act_due_at on every alert), one with the partial ones; times the former query on the first and
 escalation.due_alerts on the second, alternately, and prints median and min.
 
@@ -83,7 +83,7 @@ def _unmet(due: datetime, met: datetime | None, closed: datetime | None) -> tupl
     if met is not None:
         return None, None
     if closed is not None and closed < due:
-        return due, None  # an outcome closed the alert first: the due time stays, the sweep skips it
+        return due, None  # an outcome closed the alert first: the due time stays (older stores), the sweep skips it
     if due <= NOW:
         return None, due  # escalated up the chain, then breached (the time is the deadline's)
     return due, None

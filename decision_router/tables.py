@@ -125,8 +125,9 @@ DELIVERED_TO_OWNER = and_(
 # A deadline still to meet: set (only alerts delivered to an owner get one), not met yet, and the alert
 # open. Only these have an entry in the due-time indexes, so a new record, control or suppressed decision
 # (most of them) writes neither, and the sweep reads the deadlines still pending, not every alert. An
-# outcome closes an alert without clearing its due times: `open` keeps those out too. Literals, not bound
-# parameters: SQLite uses a partial index only for a query that spells its predicate's terms alike.
+# outcome clears them as it closes an alert; `open` also keeps out those that alerts closed before it did
+# kept (older stores). Literals, not bound parameters: SQLite uses a partial index only for a query that
+# spells its predicate's terms alike.
 SLA_OPEN = AlertRecord.status == literal_column("'open'")
 SLA_PENDING = {
     "ack": and_(AlertRecord.ack_due_at.is_not(None), AlertRecord.acknowledged_at.is_(None), SLA_OPEN),

@@ -89,8 +89,9 @@ def alert_view(record: AlertRecord) -> dict[str, Any]:
         state=state_of(record),
         context=record.context,
         missing_context=record.missing_context,
-        ack_due_at=iso(record.ack_due_at),
-        act_due_at=iso(record.act_due_at),
+        # Only an open alert has deadlines pending (older stores kept them on closed alerts).
+        ack_due_at=iso(record.ack_due_at) if record.status == "open" else None,
+        act_due_at=iso(record.act_due_at) if record.status == "open" else None,
         predicted_at=iso(record.predicted_at),
     )
     return view

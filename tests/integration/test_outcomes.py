@@ -133,6 +133,17 @@ async def test_reassigned_alert_reaches_the_new_owner(service, r, engine) -> Non
     assert r.xlen(keys.inbox("alice-moreau")) == 2  # o1 and o2; nothing new for alice
 
 
+async def test_a_closed_alert_reassigned_gets_no_deadlines(service, r, engine) -> None:
+    keys = service.keys
+    _, _, a3 = await route_three(service, r, engine)
+    r.xadd(keys.outcomes, {"alert_id": a3, "type": "outcome", "result": "success", "actor": "crm"})
+    r.xadd(keys.outcomes, {"alert_id": a3, "type": "reassigned", "actor": "lead-strategic", "owner": "benoit-garnier"})
+    await wait_until(lambda: r.xlen(keys.inbox("benoit-garnier")) == 1, what="the new owner's inbox")
+    row = alert_row(engine, a3)
+    assert (row.status, row.owner) == ("closed", "benoit-garnier")
+    assert row.ack_due_at is None and row.act_due_at is None
+
+
 async def test_entity_outcomes_apply_within_the_outcome_window_only(service, r, engine) -> None:
     keys = service.keys
     await route_three(service, r, engine)
