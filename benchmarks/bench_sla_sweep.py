@@ -7,9 +7,10 @@ indexes (issue 8).
 
 The sweep: two stores with the same alerts (bench_stats' mix, with the deadlines the service leaves at
 NOW: every deadline that passed was escalated up to a breach, so nothing is due; alerts closed by an
-outcome before their deadline keep it, as they did in stores written before stop 15), one with the former indexes (ix_alerts_ack_due_at and
-_act_due_at on every alert), one with the partial ones; times the former query on the first and
-escalation.due_alerts on the second, alternately, and prints median and min.
+outcome before their deadline keep it, as they did in stores written before stop 15), one with the
+former indexes (ix_alerts_ack_due_at and _act_due_at on every alert), one with the partial ones; times
+the former query on the first and escalation.due_alerts on the second, alternately, and prints median
+and min.
 
 With --insert-cost N it times inserting N new alerts (bench_stats' mix as the hot path writes them:
 the deadlines of the 58% delivered to an owner set, or of --routed-share of them; no acknowledgement yet) in batches of 1,000 into

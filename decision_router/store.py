@@ -200,14 +200,18 @@ def _drop_constraint(engine: Engine, table_name: str, constraint: str) -> None:
             connection.execute(text(f"alter table {table_name} drop constraint if exists {constraint}"))
 
 
+def _added_indexes(dialect: str) -> set[str]:
+    """The indexes added to tables after older stores were created: create_schema builds them there."""
+    return (set(tables.STATS_INDEXES.get(dialect, [])) | set(tables.ADDED_INDEXES)
+            | set(tables.ADDED_DIALECT_INDEXES.get(dialect, [])))
+
+
 def create_schema(engine: Engine) -> None:
     _concurrently(lambda: SQLModel.metadata.create_all(engine))
     # create_all skips tables that exist, and so indexes added to them later: the stats indexes
     # (tables.py, "Stats") and the others added since are built here on a store created before them
     # (once; seconds per 1M alerts).
-    names = (set(tables.STATS_INDEXES.get(engine.dialect.name, [])) | set(tables.ADDED_INDEXES)
-             | set(tables.ADDED_DIALECT_INDEXES.get(engine.dialect.name, [])))
-    names -= _index_names(engine)  # CREATE INDEX IF NOT EXISTS waits for running writers even when it exists
+    names = _added_indexes(engine.dialect.name) - _index_names(engine)  # CREATE INDEX IF NOT EXISTS waits for running writers even when it exists
     for table in SQLModel.metadata.sorted_tables:
         for index in table.indexes:
             if index.name in names:
@@ -230,8 +234,7 @@ def schema_is_current(engine: Engine) -> bool:
     from sqlalchemy import bindparam
 
     dialect = engine.dialect.name
-    wanted = (set(SQLModel.metadata.tables) | set(tables.STATS_INDEXES.get(dialect, [])) | set(tables.ADDED_INDEXES)
-              | set(tables.ADDED_DIALECT_INDEXES.get(dialect, [])))
+    wanted = set(SQLModel.metadata.tables) | _added_indexes(dialect)
     retired = set(tables.RETIRED_STATS_INDEXES.get(dialect, [])) | set(tables.RETIRED_INDEXES.get(dialect, []))
     if dialect == "postgresql":  # a constraint's index has its name
         retired |= {constraint for _, constraint in tables.RETIRED_CONSTRAINTS}

@@ -80,7 +80,7 @@ def _cooldown_holders_query(dialect: str) -> Any:
     if dialect == "sqlite":
         # SQLite's planner, without statistics, reads every alert of the rule through an index led
         # by rule and checks each: a cost that grows with the store. As expressions no index serves,
-        # rule and time leave it the batch's entities. (PostgreSQL's planner weighs them itself.)
+        # rule and time leave it the batch's entities.
         rule_of, created_at = func.coalesce(rule_of, rule_of), func.coalesce(created_at, created_at)
     return select(
         AlertRecord.alert_id, AlertRecord.rule, AlertRecord.entity_type, AlertRecord.entity_id, AlertRecord.created_at
