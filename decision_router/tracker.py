@@ -45,6 +45,7 @@ def alert_id_for(prediction_id: str, rule: str) -> str:
 # built per batch cost ~0.3 ms of CPU at the router's small batches, and left SQLAlchemy objects in
 # reference cycles (~300 a batch), which only the garbage collector frees: with `serve`'s young
 # threshold, a 30-60 ms pause every ~150 batches (issue 8's latency).
+_ALERTS = AlertRecord.__table__  # type: ignore[attr-defined]
 _KNOWN_PREDICTIONS = select(PredictionRecord.prediction_id, PredictionRecord.stream_id).where(
     PredictionRecord.prediction_id.in_(bindparam("ids", expanding=True))
 )
@@ -88,7 +89,7 @@ def _cooldown_holders_query(dialect: str) -> Any:
         rule_of.in_(bindparam("rules", expanding=True)),
         AlertRecord.entity_id.in_(bindparam("entity_ids", expanding=True)),
         AlertRecord.suppressed_by.is_(None),
-        created_at > bindparam("since", type_=AlertRecord.__table__.c.created_at.type),  # type: ignore[attr-defined]
+        created_at > bindparam("since", type_=_ALERTS.c.created_at.type),
     )
 
 
@@ -348,7 +349,6 @@ def undelivered_alerts(
     return list(session.scalars(query.order_by(AlertRecord.created_at).limit(limit)))
 
 
-_ALERTS = AlertRecord.__table__  # type: ignore[attr-defined]
 _MARK_DELIVERED = (
     update(_ALERTS)
     .where(
