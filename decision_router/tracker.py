@@ -51,12 +51,23 @@ _KNOWN_PREDICTIONS = select(PredictionRecord.prediction_id, PredictionRecord.str
 )
 
 
+# PostgreSQL: each id looked up on its own (see cooldowns._OPEN_WINDOWS_POSTGRES: the generic plan
+# psycopg's prepared IN list may be given while the table is small reads the whole table ever after).
+_KNOWN_PREDICTIONS_POSTGRES = text(
+    "select p.prediction_id, p.stream_id from unnest(cast(:ids as varchar[])) as wanted(prediction_id)"
+    " cross join lateral (select predictions.prediction_id, predictions.stream_id from predictions"
+    " where predictions.prediction_id = wanted.prediction_id offset 0) as p"
+)
+
+
 def known_predictions(session: Session, prediction_ids: Iterable[str]) -> dict[str, str | None]:
     """prediction_id -> the stream entry id it was first accepted from."""
     ids = list(set(prediction_ids))
     if not ids:
         return {}
-    return {pid: sid for pid, sid in session.execute(_KNOWN_PREDICTIONS, {"ids": ids})}
+    postgres = session.get_bind().dialect.name == "postgresql"
+    return {pid: sid for pid, sid in session.execute(_KNOWN_PREDICTIONS_POSTGRES if postgres else _KNOWN_PREDICTIONS,
+                                                      {"ids": ids})}
 
 
 # PostgreSQL: each entity of the batch looked up on its own (ix_alerts_entity: entity, rule, time). As one
