@@ -54,11 +54,10 @@ _OPEN_WINDOWS = select(_COOLDOWNS.c.rule, _COOLDOWNS.c.entity_type, _COOLDOWNS.c
     _COOLDOWNS.c.entity_id.in_(bindparam("entity_ids", expanding=True)),
     _COOLDOWNS.c.ends_at > bindparam("now", type_=_COOLDOWNS.c.ends_at.type),
 )
-# PostgreSQL: each key of the batch looked up on its own, by the whole primary key. psycopg prepares
-# a statement run 5 times, and PostgreSQL may then keep one generic plan for it: planned when the
-# table was new and small, the IN lists' plan read the whole table, and kept doing so as it grew (no
-# ANALYZE invalidates it with autovacuum off): 0.5 -> 8 ms a batch over 10,000 windows (issue 8).
-# A per-key lookup has no such plan. OFFSET 0: see tracker._COOLDOWN_HOLDERS_POSTGRES.
+# PostgreSQL: each key of the batch looked up on its own, by the whole primary key: a plan that
+# stays an index lookup whatever the table's size or statistics (the IN lists' plan could read the
+# whole table once the table had grown past the size it was planned at). OFFSET 0: see
+# tracker._COOLDOWN_HOLDERS_POSTGRES.
 _OPEN_WINDOWS_POSTGRES = text(
     "select c.rule, c.entity_type, c.entity_id, c.alert_id"
     " from unnest(cast(:entity_ids as varchar[]), cast(:entity_types as varchar[]), cast(:rules as varchar[]))"
@@ -80,12 +79,11 @@ def holders(
         return {}
     found = tracker.cooldown_holders(session, wanted, since=since)
     if session.get_bind().dialect.name == "postgresql":
-        keys = sorted(wanted)
+        rules, entity_types, entity_ids = zip(*wanted, strict=True)
         rows = session.execute(_OPEN_WINDOWS_POSTGRES, {
-            "rules": [rule for rule, _, _ in keys], "entity_types": [entity_type for _, entity_type, _ in keys],
-            "entity_ids": [entity_id for _, _, entity_id in keys], "now": now,
+            "rules": list(rules), "entity_types": list(entity_types), "entity_ids": list(entity_ids), "now": now,
         })
-    else:
+    else:  # rules x entities: the keys are among them
         rows = session.execute(_OPEN_WINDOWS, {
             "rules": sorted({rule for rule, _, _ in wanted}),
             "entity_ids": sorted({entity_id for _, _, entity_id in wanted}), "now": now,

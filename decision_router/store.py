@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.schema import CreateIndex
 from sqlmodel import SQLModel, create_engine
@@ -29,6 +29,14 @@ def make_engine(database_url: str, *, background_checkpoints: bool = False, **kw
         if background_checkpoints and _is_file_database(engine.url):
             WalCheckpointer(engine).start()
     else:
+        if make_url(database_url).get_driver_name() == "psycopg":
+            # No server-side prepared statements: psycopg prepares a statement run 5 times, and
+            # PostgreSQL may then keep one generic plan for it, made while a table was new and small
+            # and kept as it grows (only an ANALYZE replaces it: never, with autovacuum off): the
+            # batch's reads went from an index lookup to reading the whole table, 0.5 -> 8 ms a
+            # batch over 10,000 cooldown windows (issue 8). Each statement is planned as it runs,
+            # for a few hundredths of a millisecond. (And PgBouncer's transaction pooling needs it.)
+            kwargs["connect_args"] = {"prepare_threshold": None, **kwargs.get("connect_args", {})}
         engine = create_engine(database_url, pool_pre_ping=True, **kwargs)
     return engine
 

@@ -51,8 +51,7 @@ _KNOWN_PREDICTIONS = select(PredictionRecord.prediction_id, PredictionRecord.str
 )
 
 
-# PostgreSQL: each id looked up on its own (see cooldowns._OPEN_WINDOWS_POSTGRES: the generic plan
-# psycopg's prepared IN list may be given while the table is small reads the whole table ever after).
+# PostgreSQL: each id looked up on its own, as cooldowns._OPEN_WINDOWS_POSTGRES does its keys.
 _KNOWN_PREDICTIONS_POSTGRES = text(
     "select p.prediction_id, p.stream_id from unnest(cast(:ids as varchar[])) as wanted(prediction_id)"
     " cross join lateral (select predictions.prediction_id, predictions.stream_id from predictions"
@@ -65,9 +64,8 @@ def known_predictions(session: Session, prediction_ids: Iterable[str]) -> dict[s
     ids = list(set(prediction_ids))
     if not ids:
         return {}
-    postgres = session.get_bind().dialect.name == "postgresql"
-    return {pid: sid for pid, sid in session.execute(_KNOWN_PREDICTIONS_POSTGRES if postgres else _KNOWN_PREDICTIONS,
-                                                      {"ids": ids})}
+    query = _KNOWN_PREDICTIONS_POSTGRES if session.get_bind().dialect.name == "postgresql" else _KNOWN_PREDICTIONS
+    return {pid: sid for pid, sid in session.execute(query, {"ids": ids})}
 
 
 # PostgreSQL: each entity of the batch looked up on its own (ix_alerts_entity: entity, rule, time). As one

@@ -1,9 +1,11 @@
-"""The batch's reads by key on PostgreSQL (cooldowns.holders' open windows, tracker.known_predictions)
-look each key up through the primary key, whatever plan PostgreSQL keeps for them. psycopg prepares
-a statement run 5 times, and PostgreSQL may then keep one generic plan for it. Made while the table
-was new and small, the former IN lists' plan read the whole table, and went on doing so as it grew:
-no ANALYZE invalidates it with autovacuum off. The open windows' read went from 0.5 to 8 ms a batch
-over 10,000 windows (issue 8)."""
+"""The batch's reads and writes by key on PostgreSQL keep to their indexes however the tables grow.
+
+psycopg prepares a statement it has run 5 times, and PostgreSQL may then keep one generic plan for
+it, made while a table was new and small and kept as it grows: only an ANALYZE replaces it (never,
+with autovacuum off). The open cooldown windows' read, as IN lists, then read the whole table: 0.5 ->
+8 ms a batch over 10,000 windows (issue 8). So the store's engine prepares nothing (each statement is
+planned as it runs), and the open windows and known prediction ids are read key by key, a plan that
+holds even where a statement is prepared."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from decision_router import cooldowns, tracker
-from decision_router.tables import CooldownRecord, PredictionRecord
-from tests.unit.test_cooldown_plan import NOW
+from decision_router.tables import AlertRecord, CooldownRecord, PredictionRecord
+from tests.unit.test_cooldown_plan import NOW, _alert
 
 pytestmark = pytest.mark.postgres
 
@@ -47,7 +49,9 @@ def _scans_of(session: Session, table: str, read: Callable[[], object]) -> tuple
 
 
 def _with_a_plan_made_at(session: Session, name: str, read: Callable[[], object]) -> None:
-    """Run `read` until psycopg has prepared it, under the generic plan PostgreSQL may settle on."""
+    """Run `read` until psycopg has prepared it (as it would by default, after 5 runs), under the
+    generic plan PostgreSQL may settle on."""
+    session.connection().connection.dbapi_connection.prepare_threshold = 5  # the engine's is None
     session.execute(text("set local plan_cache_mode = force_generic_plan"))  # until the rollback
     for _ in range(6):
         read()
@@ -72,6 +76,7 @@ def test_the_open_windows_read_keeps_to_the_primary_key(pg_engine, first_rows: i
         seq, idx = _scans_of(session, "cooldowns",
                              lambda: found.update(cooldowns.holders(session, wanted, since=since, now=NOW)))
         session.rollback()
+        session.connection().connection.dbapi_connection.prepare_threshold = None
     assert found == {(RULE, "account", "a"): "al-a"}
     assert seq == 0 and idx > 0, (seq, idx)  # never the whole table
 
@@ -90,5 +95,59 @@ def test_the_known_predictions_read_keeps_to_the_primary_key(pg_engine, first_ro
                              # As many ids as before: an IN list of another length was another statement.
                              lambda: found.update(tracker.known_predictions(session, [*ids[2:], "p-5", "p-19999"])))
         session.rollback()
+        session.connection().connection.dbapi_connection.prepare_threshold = None
     assert found == {"p-5": "5-0", "p-19999": "19999-0"}
     assert seq == 0 and idx > 0, (seq, idx)
+
+
+def _batch_statements(session: Session, n: int, *, redelivered: bool = True) -> None:
+    """What a batch runs by key: the open windows and earlier alerts of its cooldowns, its known ids,
+    marking its alerts delivered, and (entries redelivered) reading their undelivered alerts back."""
+    wanted = {(RULE, "account", f"e-{n}-{k}") for k in range(40)}
+    cooldowns.holders(session, wanted, since={RULE: NOW - timedelta(hours=1)}, now=NOW)
+    tracker.known_predictions(session, [f"p-{n}-{k}" for k in range(40)])
+    tracker.mark_delivered(session, {f"al-{n}-{k}": "am" for k in range(20)}, channel="inbox", now=NOW)
+    if redelivered:
+        tracker.undelivered_alerts(session, prediction_ids=[f"p-{n}-{k}" for k in range(20)])
+
+
+def test_the_store_engine_prepares_nothing(pg_engine) -> None:  # noqa: ANN001
+    with Session(pg_engine) as session:
+        for n in range(8):
+            _batch_statements(session, n)
+        prepared = session.execute(text("select statement from pg_prepared_statements")).scalars().all()
+    assert prepared == []
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+def test_as_the_tables_grow_a_batch_still_reads_them_by_key(pg_engine, analyzed: bool) -> None:  # noqa: ANN001
+    """Each statement planned at its run, from the table's size then: without statistics, and with
+    those of one ANALYZE of a new store (an operator's; autovacuum off), from which a generic plan
+    read the tables once per key, or whole, once they had grown (found by review)."""
+    with Session(pg_engine) as session:
+        tracker.bulk_insert(session, CooldownRecord.__table__, [  # type: ignore[attr-defined]
+            _window(f"first-{n}", ends_in=timedelta(minutes=5), alert_id=f"al-first-{n}") for n in range(50)])
+        tracker.bulk_insert(session, PredictionRecord.__table__,  # type: ignore[attr-defined]
+                            [_prediction(-1 - n) for n in range(50)])
+        session.commit()
+        if analyzed:
+            session.execute(text("analyze"))
+            session.commit()
+        for n in range(12):
+            _batch_statements(session, n)
+        tracker.bulk_insert(session, CooldownRecord.__table__, [  # type: ignore[attr-defined]
+            _window(f"other-{n}", ends_in=timedelta(minutes=5), alert_id=f"al-{n}") for n in range(20_000)])
+        tracker.bulk_insert(session, PredictionRecord.__table__,  # type: ignore[attr-defined]
+                            [_prediction(n) for n in range(20_000)])
+        tracker.bulk_insert(session, AlertRecord.__table__, [  # type: ignore[attr-defined]
+            _alert(n, rule=RULE, entity=f"other-{n}", minutes_ago=n % 50) for n in range(20_000)])
+        session.commit()
+        scans = text("select relname, seq_scan from pg_stat_xact_user_tables"
+                     " where relname in ('alerts', 'cooldowns', 'predictions')")
+        before = dict(session.execute(scans).all())
+        # Not the undelivered alerts of a redelivery (rare: entries redelivered, reassignments):
+        # without statistics, or with an empty table's, PostgreSQL's own estimates make its plan a
+        # scan of the alerts at any table size; statistics are autovacuum's to keep.
+        _batch_statements(session, 99, redelivered=False)
+        after = dict(session.execute(scans).all())
+    assert {table: after[table] - before[table] for table in after} == {"alerts": 0, "cooldowns": 0, "predictions": 0}
