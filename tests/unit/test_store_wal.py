@@ -81,35 +81,32 @@ def _write_counting_restarts(engine, transactions: int, path: Path, rows: int = 
     return restarts
 
 
-def test_past_the_backstop_a_commit_checkpoints_and_the_log_is_reused_from_its_start(tmp_path: Path) -> None:
-    path = tmp_path / "store.db"
+def _restarts_and_log_size(path: Path, *, interval: float) -> tuple[int, int]:
+    """Write ~5,000 pages (20 MB) without a pause, with checkpoint rounds every `interval` seconds and
+    the commits checkpointing past 500 pages: the log's restarts, and its size at the end."""
     engine = make_engine(f"sqlite:///{path}")
-    # A round every minute: none runs during the writes, so only the backstop copies the log.
-    checkpointer = WalCheckpointer(engine, interval=60, backstop_pages=500)
-    checkpointer.start()
+    WalCheckpointer(engine, interval=interval, backstop_pages=500).start()
     try:
-        restarts = _write_counting_restarts(engine, 200, path)  # ~5,000 pages, 20 MB
-        # Each commit past 500 pages (~2 MB) copies the log, and the next starts it again.
-        assert restarts >= 8, restarts  # without the backstop (8,000 pages): none
-        assert Path(f"{path}-wal").stat().st_size < 2_500_000
+        return _write_counting_restarts(engine, 200, path), Path(f"{path}-wal").stat().st_size
     finally:
         engine.dispose()
+
+
+def test_past_the_backstop_a_commit_checkpoints_and_the_log_is_reused_from_its_start(tmp_path: Path) -> None:
+    # A round every minute: none runs during the writes, so only the backstop copies the log.
+    restarts, size = _restarts_and_log_size(tmp_path / "store.db", interval=60)
+    # Each commit past 500 pages (~2 MB) copies the log, and the next starts it again.
+    assert restarts >= 8, restarts  # without the backstop (8,000 pages): none
+    assert size < 2_500_000
 
 
 def test_under_writes_that_never_pause_the_log_is_still_reused(tmp_path: Path) -> None:
-    path = tmp_path / "store.db"
-    engine = make_engine(f"sqlite:///{path}")
-    checkpointer = WalCheckpointer(engine, interval=0.005, backstop_pages=500)
-    checkpointer.start()
-    try:
-        # The thread's passes and the commits' contend for the log; how far it grows between
-        # restarts depends on the machine's load (one CI run reached 15 MB), so this counts
-        # restarts: the log is written again from its start instead of growing by every page.
-        restarts = _write_counting_restarts(engine, 200, path)
-        assert restarts >= 1, restarts
-        assert Path(f"{path}-wal").stat().st_size < 20_000_000  # every page written: ~20 MB
-    finally:
-        engine.dispose()
+    # The thread's passes and the commits' contend for the log; how far it grows between restarts
+    # depends on the machine's load (one CI run reached 15 MB), so this counts restarts: the log is
+    # written again from its start instead of growing by every page.
+    restarts, size = _restarts_and_log_size(tmp_path / "store.db", interval=0.005)
+    assert restarts >= 1, restarts
+    assert size < 20_000_000  # every page written: ~20 MB
 
 
 def _wal_index(path: Path) -> tuple[int, int]:
