@@ -324,13 +324,15 @@ def record_rejections(session: Session, rejections: Sequence[Rejection], *, now:
     """Count each rejected entry once, even when its stream entry is redelivered."""
     keyed = [r for r in rejections if r.source_id is not None]
     seen: set[tuple[str, str | None]] = set()
-    if keyed:
+    for stream in {r.source_stream for r in keyed}:
+        # By stream and id: the unique index's order (by id alone, every rejection was read).
         rows = session.execute(
             select(RejectionRecord.source_stream, RejectionRecord.source_id).where(
-                RejectionRecord.source_id.in_([r.source_id for r in keyed])
+                RejectionRecord.source_stream == stream,
+                RejectionRecord.source_id.in_([r.source_id for r in keyed if r.source_stream == stream]),
             )
         )
-        seen = {(stream, sid) for stream, sid in rows}
+        seen |= {(found_stream, sid) for found_stream, sid in rows}
     for rejection in rejections:
         key = (rejection.source_stream, rejection.source_id)
         if rejection.source_id is not None and key in seen:

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from decision_router import cooldowns, tracker
+from decision_router.contracts import Rejection, RejectionReason
 from decision_router.tables import AlertRecord, CooldownRecord, PredictionRecord
 from tests.unit.test_cooldown_plan import NOW, _alert
 
@@ -151,3 +152,28 @@ def test_as_the_tables_grow_a_batch_still_reads_them_by_key(pg_engine, analyzed:
         _batch_statements(session, 99, redelivered=False)
         after = dict(session.execute(scans).all())
     assert {table: after[table] - before[table] for table in after} == {"alerts": 0, "cooldowns": 0, "predictions": 0}
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+def test_a_batch_with_rejections_reads_the_rejections_by_stream_and_id(pg_engine, analyzed: bool) -> None:  # noqa: ANN001
+    """Counting each rejected entry once reads the rejections it may repeat through the unique index
+    (stream, id); by id alone no index served, and every batch with a rejection read them all."""
+    stream = "p:predictions"
+    with Session(pg_engine) as session:
+        session.execute(text("insert into rejections (source_stream, source_id, model, reason, detail, at)"
+                             " select :stream, g || '-0', 'churn', 'invalid', 'x', now() from generate_series(1, 20000) g"),
+                        {"stream": stream})
+        session.commit()
+        if analyzed:
+            session.execute(text("analyze rejections"))
+            session.commit()
+        again = [Rejection(reason=RejectionReason.SCHEMA, detail="x", source_stream=stream, source_id=f"{n}-0",
+                           model="churn", payload="{}") for n in (5, 20001, 20002)]
+        again.append(again[0].model_copy(update={"source_stream": "p:outcomes"}))  # another stream's entry 5-0
+        seq, idx = _scans_of(session, "rejections", lambda: tracker.record_rejections(session, again, now=NOW))
+        session.commit()
+        stored = session.execute(text("select source_stream, source_id from rejections where source_id in"
+                                      " ('5-0', '20001-0', '20002-0') order by 1, 2")).all()
+    assert seq == 0 and idx > 0, (seq, idx)
+    assert [tuple(row) for row in stored] == [
+        ("p:outcomes", "5-0"), (stream, "20001-0"), (stream, "20002-0"), (stream, "5-0")]
