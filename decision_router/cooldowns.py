@@ -54,10 +54,9 @@ _OPEN_WINDOWS = select(_COOLDOWNS.c.rule, _COOLDOWNS.c.entity_type, _COOLDOWNS.c
     _COOLDOWNS.c.entity_id.in_(bindparam("entity_ids", expanding=True)),
     _COOLDOWNS.c.ends_at > bindparam("now", type_=_COOLDOWNS.c.ends_at.type),
 )
-# PostgreSQL: each key of the batch looked up on its own, by the whole primary key: a plan that
-# stays an index lookup whatever the table's size or statistics (the IN lists' plan could read the
-# whole table once the table had grown past the size it was planned at). OFFSET 0: see
-# tracker._COOLDOWN_HOLDERS_POSTGRES.
+# PostgreSQL: each key of the batch looked up on its own, by the whole primary key: an index lookup
+# however the table has grown since its statistics (none, on a new store), where the IN lists' plan
+# could read the whole table. OFFSET 0: see tracker._COOLDOWN_HOLDERS_POSTGRES.
 _OPEN_WINDOWS_POSTGRES = text(
     "select c.rule, c.entity_type, c.entity_id, c.alert_id"
     " from unnest(cast(:entity_ids as varchar[]), cast(:entity_types as varchar[]), cast(:rules as varchar[]))"

@@ -30,12 +30,13 @@ def make_engine(database_url: str, *, background_checkpoints: bool = False, **kw
             WalCheckpointer(engine).start()
     else:
         if make_url(database_url).get_driver_name() == "psycopg":
-            # No server-side prepared statements: psycopg prepares a statement run 5 times, and
-            # PostgreSQL may then keep one generic plan for it, made while a table was new and small
-            # and kept as it grows (only an ANALYZE replaces it: never, with autovacuum off): the
-            # batch's reads went from an index lookup to reading the whole table, 0.5 -> 8 ms a
-            # batch over 10,000 cooldown windows (issue 8). Each statement is planned as it runs,
-            # for a few hundredths of a millisecond. (And PgBouncer's transaction pooling needs it.)
+            # No server-side prepared statements (here and in enrich's SQL sources): psycopg prepares a
+            # statement run 5 times, and PostgreSQL may then keep one generic plan for it, made while a
+            # table was new and small and kept as it grows until an ANALYZE, a VACUUM or DDL replaces it
+            # (with autovacuum off, never): the batch's reads went from an index lookup to reading the
+            # whole table, 0.5 -> 8 ms a batch over 10,000 cooldown windows (issue 8). Each statement is
+            # now planned as it runs, for a few hundredths of a millisecond. A caller's connect_args
+            # still decide.
             kwargs["connect_args"] = {"prepare_threshold": None, **kwargs.get("connect_args", {})}
         engine = create_engine(database_url, pool_pre_ping=True, **kwargs)
     return engine

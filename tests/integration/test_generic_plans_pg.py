@@ -4,8 +4,9 @@ psycopg prepares a statement it has run 5 times, and PostgreSQL may then keep on
 it, made while a table was new and small and kept as it grows: only an ANALYZE replaces it (never,
 with autovacuum off). The open cooldown windows' read, as IN lists, then read the whole table: 0.5 ->
 8 ms a batch over 10,000 windows (issue 8). So the store's engine prepares nothing (each statement is
-planned as it runs), and the open windows and known prediction ids are read key by key, a plan that
-holds even where a statement is prepared."""
+planned as it runs), and the open windows and known prediction ids are read key by key: an index
+lookup even under a generic plan made on a small table without statistics (not with the statistics of
+a small table: there the engine's preparing nothing is what holds)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sqlmodel import Session
 
 from decision_router import cooldowns, tracker
 from decision_router.contracts import Rejection, RejectionReason
+from decision_router.store import make_engine
 from decision_router.tables import AlertRecord, CooldownRecord, PredictionRecord
 from tests.unit.test_cooldown_plan import NOW, _alert
 
@@ -76,8 +78,7 @@ def test_the_open_windows_read_keeps_to_the_primary_key(pg_engine, first_rows: i
         found: dict = {}
         seq, idx = _scans_of(session, "cooldowns",
                              lambda: found.update(cooldowns.holders(session, wanted, since=since, now=NOW)))
-        session.rollback()
-        session.connection().connection.dbapi_connection.prepare_threshold = None
+        session.rollback()  # psycopg deallocates what it prepared; the engine is this test's alone
     assert found == {(RULE, "account", "a"): "al-a"}
     assert seq == 0 and idx > 0, (seq, idx)  # never the whole table
 
@@ -95,8 +96,7 @@ def test_the_known_predictions_read_keeps_to_the_primary_key(pg_engine, first_ro
         seq, idx = _scans_of(session, "predictions",
                              # As many ids as before: an IN list of another length was another statement.
                              lambda: found.update(tracker.known_predictions(session, [*ids[2:], "p-5", "p-19999"])))
-        session.rollback()
-        session.connection().connection.dbapi_connection.prepare_threshold = None
+        session.rollback()  # psycopg deallocates what it prepared; the engine is this test's alone
     assert found == {"p-5": "5-0", "p-19999": "19999-0"}
     assert seq == 0 and idx > 0, (seq, idx)
 
@@ -132,7 +132,7 @@ def test_as_the_tables_grow_a_batch_still_reads_them_by_key(pg_engine, analyzed:
                             [_prediction(-1 - n) for n in range(50)])
         session.commit()
         if analyzed:
-            session.execute(text("analyze"))
+            session.execute(text("analyze cooldowns, predictions, alerts"))
             session.commit()
         for n in range(12):
             _batch_statements(session, n)
@@ -177,3 +177,14 @@ def test_a_batch_with_rejections_reads_the_rejections_by_stream_and_id(pg_engine
     assert seq == 0 and idx > 0, (seq, idx)
     assert [tuple(row) for row in stored] == [
         ("p:outcomes", "5-0"), (stream, "20001-0"), (stream, "20002-0"), (stream, "5-0")]
+
+
+def test_the_caller_may_still_choose_to_prepare(postgres_server: str) -> None:
+    def threshold(engine) -> object:  # noqa: ANN001
+        with engine.connect() as connection:
+            value = connection.connection.dbapi_connection.prepare_threshold
+        engine.dispose()
+        return value
+
+    assert threshold(make_engine(postgres_server)) is None
+    assert threshold(make_engine(postgres_server, connect_args={"prepare_threshold": 3})) == 3
