@@ -49,7 +49,9 @@ class ClaimLost(Exception):
 
 # Built once (see tracker._KNOWN_PREDICTIONS: every batch runs these).
 _COOLDOWNS = CooldownRecord.__table__  # type: ignore[attr-defined]
-_OPEN_WINDOWS = select(_COOLDOWNS.c.rule, _COOLDOWNS.c.entity_type, _COOLDOWNS.c.entity_id, _COOLDOWNS.c.alert_id).where(
+_OPEN_WINDOWS = select(
+    _COOLDOWNS.c.rule, _COOLDOWNS.c.entity_type, _COOLDOWNS.c.entity_id, _COOLDOWNS.c.alert_id
+).where(
     _COOLDOWNS.c.rule.in_(bindparam("rules", expanding=True)),
     _COOLDOWNS.c.entity_id.in_(bindparam("entity_ids", expanding=True)),
     _COOLDOWNS.c.ends_at > bindparam("now", type_=_COOLDOWNS.c.ends_at.type),
@@ -120,5 +122,6 @@ def _claim_statement(dialect_name: str) -> Any:
         set_={"alert_id": upsert.excluded.alert_id, "started_at": upsert.excluded.started_at,
               "ends_at": upsert.excluded.ends_at},
         # The window has ended at this batch's clock, or it is held by this same decision.
-        where=or_(_COOLDOWNS.c.ends_at <= upsert.excluded.started_at, _COOLDOWNS.c.alert_id == upsert.excluded.alert_id),
+        where=or_(_COOLDOWNS.c.ends_at <= upsert.excluded.started_at,
+                  _COOLDOWNS.c.alert_id == upsert.excluded.alert_id),
     ).returning(_COOLDOWNS.c.rule, _COOLDOWNS.c.entity_type, _COOLDOWNS.c.entity_id)

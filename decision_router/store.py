@@ -220,7 +220,8 @@ def create_schema(engine: Engine) -> None:
     # create_all skips tables that exist, and so indexes added to them later: the stats indexes
     # (tables.py, "Stats") and the others added since are built here on a store created before them
     # (once; seconds per 1M alerts).
-    names = _added_indexes(engine.dialect.name) - _index_names(engine)  # CREATE INDEX IF NOT EXISTS waits for running writers even when it exists
+    # Only the missing ones: CREATE INDEX IF NOT EXISTS waits for running writers even when it exists.
+    names = _added_indexes(engine.dialect.name) - _index_names(engine)
     for table in SQLModel.metadata.sorted_tables:
         for index in table.indexes:
             if index.name in names:

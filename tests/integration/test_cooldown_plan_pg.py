@@ -40,7 +40,8 @@ def test_the_cooldown_read_goes_through_the_entities_without_statistics(pg_engin
         assert analyzed is None  # what this is about: no statistics yet
         event.listen(pg_engine, "before_cursor_execute", capture)
         # A full batch's worth of entities (the IN list's plan changed past ~20); most have no alert.
-        wanted = {("churn-high", "account", entity) for entity in ["a", "b", "c", "d", *(f"new-{n}" for n in range(300))]}
+        entities = ["a", "b", "c", "d", *(f"new-{n}" for n in range(300))]
+        wanted = {("churn-high", "account", entity) for entity in entities}
         found = tracker.cooldown_holders(session, wanted, since={"churn-high": NOW - timedelta(hours=1)})
         event.remove(pg_engine, "before_cursor_execute", capture)
         assert found == {("churn-high", "account", "a"): "al-9000001"}
@@ -49,4 +50,5 @@ def test_the_cooldown_read_goes_through_the_entities_without_statistics(pg_engin
         cursor.execute(f"EXPLAIN {statement}", parameters)
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "ix_alerts_entity " in plan, plan
-    assert "ix_alerts_rule" not in plan and "ix_alerts_created_at" not in plan and "Seq Scan on alerts" not in plan, plan
+    assert "ix_alerts_rule" not in plan and "ix_alerts_created_at" not in plan, plan
+    assert "Seq Scan on alerts" not in plan, plan

@@ -71,7 +71,8 @@ def test_the_open_windows_read_keeps_to_the_primary_key(pg_engine, first_rows: i
         tracker.bulk_insert(session, CooldownRecord.__table__, [  # type: ignore[attr-defined]
             _window(f"first-{n}", ends_in=timedelta(minutes=5), alert_id=f"al-first-{n}") for n in range(first_rows)])
         _with_a_plan_made_at(session, "cooldowns", lambda: cooldowns.holders(session, wanted, since=since, now=NOW))
-        rows = [_window(f"other-{n}", ends_in=timedelta(minutes=n % 50 - 25), alert_id=f"al-{n}") for n in range(20_000)]
+        rows = [_window(f"other-{n}", ends_in=timedelta(minutes=n % 50 - 25), alert_id=f"al-{n}")
+                for n in range(20_000)]
         rows += [_window("a", ends_in=timedelta(minutes=5), alert_id="al-a"),  # open: holds a's window
                  _window("b", ends_in=timedelta(minutes=-5), alert_id="al-b")]  # ended
         tracker.bulk_insert(session, CooldownRecord.__table__, rows)  # type: ignore[attr-defined]
@@ -155,13 +156,16 @@ def test_as_the_tables_grow_a_batch_still_reads_them_by_key(pg_engine, analyzed:
 
 
 @pytest.mark.parametrize("analyzed", [False, True])
-def test_a_batch_with_rejections_reads_the_rejections_by_stream_and_id(pg_engine, analyzed: bool) -> None:  # noqa: ANN001
+def test_a_batch_with_rejections_reads_the_rejections_by_stream_and_id(
+    pg_engine, analyzed: bool  # noqa: ANN001
+) -> None:
     """Counting each rejected entry once reads the rejections it may repeat through the unique index
     (stream, id); by id alone no index served, and every batch with a rejection read them all."""
     stream = "p:predictions"
     with Session(pg_engine) as session:
         session.execute(text("insert into rejections (source_stream, source_id, model, reason, detail, at)"
-                             " select :stream, g || '-0', 'churn', 'invalid', 'x', now() from generate_series(1, 20000) g"),
+                             " select :stream, g || '-0', 'churn', 'schema', 'x', now()"
+                             " from generate_series(1, 20000) g"),
                         {"stream": stream})
         session.commit()
         if analyzed:
