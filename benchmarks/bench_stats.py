@@ -4,6 +4,7 @@
     python -m benchmarks.bench_stats --store postgres          # a private schema, dropped afterwards
     python -m benchmarks.bench_stats --store sqlite --db /tmp/stats.db --keep   # seed once, time again later
     python -m benchmarks.bench_stats --store postgres --insert-cost 100000       # what the stats indexes cost writes
+    python -m benchmarks.bench_stats --store postgres --insert-cost 100000 --insert-cost-of tallies --insert-batch 40
 
 Seeds the alerts table with a realistic mix (bulk inserts: executemany on SQLite, COPY on
 PostgreSQL), then times, several times each, and prints median and min:
@@ -12,9 +13,10 @@ PostgreSQL), then times, several times each, and prints median and min:
 - the rules loaded before compute_stats, and loading in a thread while it counts (as the CLI does on PostgreSQL);
 - the CLI `decision-router stats --by rule --format json` as a subprocess (wall time, start-up included).
 
-With --insert-cost N it instead times inserting N alerts in batches of 1,000 (SQLite: the driver's
-executemany, CPU time; PostgreSQL: tracker.bulk_insert's COPY, wall time), as the routing hot
-path writes them, into fresh stores with and without the stats indexes (tables.STATS_INDEXES), alternately.
+With --insert-cost N it instead times inserting N alerts in batches of 1,000 (--insert-batch; SQLite: the
+driver's executemany, CPU time; PostgreSQL: tracker.bulk_insert's COPY, wall time), as the routing hot
+path writes them, into fresh stores with and without the stats indexes (tables.STATS_INDEXES), alternately;
+with --insert-cost-of tallies, with and without the triggers that keep PostgreSQL's tallies (tallies.py).
 
 The mix: 200 rules (a few busy ones, a long tail), 60 owners, 20 models over 6 weeks; about
 half the decisions routed to an owner, 2% suppressed, the rest recorded; every fourth rule has a
@@ -45,7 +47,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from decision_router import tracker
+from decision_router import tallies, tracker
 from decision_router.stats import GroupBy, compute_stats, compute_stats_reference
 from decision_router.store import create_schema, make_engine
 from decision_router.tables import STATS_INDEXES, AlertRecord
@@ -230,9 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the former Python tally")
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI wall time")
     parser.add_argument("--insert-cost", type=int, metavar="N", help="time N alert inserts with/without the indexes")
+    parser.add_argument("--insert-cost-of", choices=("indexes", "tallies"), default="indexes",
+                        help="with --insert-cost: with/without the stats indexes, or (postgres) the tallies' triggers")
+    parser.add_argument("--insert-batch", type=int, default=1000, help="with --insert-cost: alerts per transaction")
     args = parser.parse_args(argv)
     if args.insert_cost:
-        insert_cost(args.store, args.insert_cost, args.repeat)
+        if args.insert_cost_of == "tallies" and args.store != "postgres":
+            parser.error("--insert-cost-of tallies: only PostgreSQL keeps tallies")
+        insert_cost(args.store, args.insert_cost, args.repeat, args.insert_cost_of, args.insert_batch)
         return
 
     cleanup: Callable[[], None] = lambda: None
@@ -272,10 +279,13 @@ def main(argv: list[str] | None = None) -> None:
                 seed_postgres(engine, args.alerts)
             have = args.alerts
             print(f"seeded {args.alerts:,} alerts in {time.perf_counter() - start:.1f} s")
+            tallies.fold_tallies(engine, at_rows=0)  # as `serve` does every few seconds (PostgreSQL)
         print(f"store: {args.store} ({have:,} alerts); stats --by rule:")
         with Session(engine) as session:
             times, rows = timed(lambda: compute_stats(session, by=GroupBy.RULE, holdouts=HOLDOUT_RULES), args.repeat)
             report("compute_stats(by=rule)", times)
+            if args.store == "postgres":
+                unfolded(session, rows, args.repeat)
             if not args.no_reference:
                 ref_times, expected = timed(
                     lambda: compute_stats_reference(session, by=GroupBy.RULE, holdouts=HOLDOUT_RULES),
@@ -298,6 +308,25 @@ def main(argv: list[str] | None = None) -> None:
         cleanup()
 
 
+def unfolded(session: Session, rows: list[Any], repeat: int, differences: int = 20_000) -> None:
+    """compute_stats with `differences` rows appended to PostgreSQL's tallies and not yet folded: about as
+    many as `serve` leaves (it folds them past tallies.FOLD_AT_ROWS, every FOLD_INTERVAL_S).
+    They add up to nothing (+1 and -1 in pairs); folded afterwards."""
+    engine = session.get_bind()
+    with engine.begin() as connection:  # type: ignore[union-attr]
+        groups = connection.execute(text(f"select count(*) from {tallies.TABLE}")).scalar_one()
+        group = connection.execute(text(f"select rule, held_out, action, outcome, live from {tallies.TABLE} limit 1")
+                                   ).one()._asdict()
+        connection.execute(text(
+            f"insert into {tallies.TABLE} (rule, held_out, action, outcome, live, n, escalations, ack_breaches,"
+            " act_breaches, acks, acts) values (:rule, :held_out, :action, :outcome, :live, :n, 0, 0, 0, 0, 0)"),
+            [group | {"n": 1 - 2 * (i % 2)} for i in range(differences)])
+    times, got = timed(lambda: compute_stats(session, by=GroupBy.RULE, holdouts=HOLDOUT_RULES), repeat)
+    report(f"  with {differences:,} differences to fold ({groups:,} rows folded)", times)
+    assert [r.as_dict() for r in got] == [r.as_dict() for r in rows]
+    tallies.fold_tallies(engine, at_rows=0)  # type: ignore[arg-type]
+
+
 def rules_overlap(session: Session, repeat: int) -> None:
     """What the CLI does with the rules: load them, then compute_stats; or load them in a thread
     while compute_stats counts (cli_stats.HoldoutsLoading). Alternately, the rules module imported."""
@@ -317,10 +346,12 @@ def rules_overlap(session: Session, repeat: int) -> None:
         report(name, runs)
 
 
-def insert_cost(store: str, n: int, repeat: int) -> None:
+def insert_cost(store: str, n: int, repeat: int, of: str = "indexes", batch: int = 1000) -> None:
+    """`of`: the stats indexes, or (PostgreSQL) the triggers that keep the tallies (tallies.py)."""
     rows = list(alerts(n, seed=3))
     values = [[_sqlite_value(row[c]) for c in COLUMNS] for row in rows]
-    times: dict[str, list[float]] = {"with the stats indexes": [], "without": []}
+    with_them = "with the stats indexes" if of == "indexes" else "with the tallies"
+    times: dict[str, list[float]] = {with_them: [], "without": []}
     for _ in range(repeat):
         for config, runs in times.items():
             with tempfile.TemporaryDirectory(prefix="bench-inserts-") as workdir:
@@ -337,9 +368,12 @@ def insert_cost(store: str, n: int, repeat: int) -> None:
                     create_schema(engine)
                     if config == "without":
                         with engine.begin() as connection:
-                            for name in STATS_INDEXES[engine.dialect.name]:
+                            if of == "tallies":
+                                for trigger in tallies.TRIGGERS:
+                                    connection.execute(text(f"drop trigger {trigger} on alerts"))
+                            for name in STATS_INDEXES[engine.dialect.name] if of == "indexes" else ():
                                 connection.execute(text(f"drop index {name}"))
-                    runs.append(_insert(engine, rows, values))
+                    runs.append(_insert(engine, rows, values, batch))
                 finally:
                     engine.dispose()
                     if store != "sqlite":
@@ -349,25 +383,25 @@ def insert_cost(store: str, n: int, repeat: int) -> None:
     for config, runs in times.items():
         per_row = statistics.median(runs) / n * 1e6
         print(f"{n:,} alert inserts, {config:<24} median {statistics.median(runs):6.2f} s  ({per_row:.1f} us/alert)")
-    ratio = statistics.median(times["with the stats indexes"]) / statistics.median(times["without"])
+    ratio = statistics.median(times[with_them]) / statistics.median(times["without"])
     print(f"with / without: {ratio:.2f}")
 
 
-def _insert(engine: Engine, rows: list[dict[str, Any]], values: list[list[Any]]) -> float:
-    """Seconds to insert the rows in batches of 1,000, one transaction each (SQLite: CPU seconds)."""
+def _insert(engine: Engine, rows: list[dict[str, Any]], values: list[list[Any]], batch: int = 1000) -> float:
+    """Seconds to insert the rows in batches, one transaction each (SQLite: CPU seconds)."""
     if engine.dialect.name == "sqlite":
         sql = f"insert into alerts ({', '.join(COLUMNS)}) values ({', '.join('?' for _ in COLUMNS)})"
         with engine.connect() as connection:
             driver = connection.connection.driver_connection
             start = time.process_time()  # the insert runs in this process: CPU time is what load does not blur
-            for i in range(0, len(values), 1000):
-                driver.executemany(sql, values[i:i + 1000])
+            for i in range(0, len(values), batch):
+                driver.executemany(sql, values[i:i + batch])
                 driver.commit()
             return time.process_time() - start
     start = time.perf_counter()
-    for i in range(0, len(rows), 1000):
+    for i in range(0, len(rows), batch):
         with Session(engine) as session, session.begin():  # the hot path's write: COPY
-            tracker.bulk_insert(session, AlertRecord.__table__, rows[i:i + 1000])  # type: ignore[attr-defined]
+            tracker.bulk_insert(session, AlertRecord.__table__, rows[i:i + batch])  # type: ignore[attr-defined]
     return time.perf_counter() - start
 
 

@@ -20,6 +20,7 @@ import structlog
 from redis.asyncio import Redis
 from sqlalchemy.engine import Engine
 
+from decision_router import tallies
 from decision_router.consumer import Consumer, Input, ensure_group, infrastructure_failure
 from decision_router.embedded import EmbeddedRedis
 from decision_router.enrich import build_enricher
@@ -100,6 +101,8 @@ class RouterService:
         self._every("escalate", settings.sweep_interval.total_seconds(), self.sweeper.sweep_once)
         if settings.drift_interval.total_seconds() > 0:
             self._every("drift", settings.drift_interval.total_seconds(), self.monitor.check_once)
+        if self.pipeline.engine.dialect.name == "postgresql":  # the stats' running counts, summed
+            self._every("tallies", tallies.FOLD_INTERVAL_S, self.fold_tallies)
         if self.pipeline.channels is not None:
             # Pending channel deliveries left by a crash, or queued by another path.
             self._every("channels", 1.0, self.pipeline.channels.pump)
@@ -185,6 +188,10 @@ class RouterService:
                     await asyncio.wait_for(self._stopping.wait(), max(0.05, interval))
 
         self._tasks.append(asyncio.create_task(loop(), name=name))
+
+    async def fold_tallies(self) -> int:
+        """Sum PostgreSQL's appended count differences (tallies.py); returns how many rows were folded."""
+        return await asyncio.to_thread(tallies.fold_tallies, self.pipeline.engine)
 
     async def reclaim_once(self) -> int:
         """Take over entries idle on any consumer longer than claim_idle; returns how many."""

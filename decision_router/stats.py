@@ -67,6 +67,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from decision_router.store import within
+from decision_router.tallies import read_tallies, tallies_installed
 from decision_router.tables import (
     SQLITE_ACK_US,
     SQLITE_ACT_US,
@@ -667,7 +668,9 @@ def compute_stats(
 
     # The counts and (ranked) the walks to the ranks are two reads: of one snapshot.
     with _one_snapshot(session, sqlite) if ranked else nullcontext():
-        if sqlite:
+        if ranked and tallies_installed(session):  # every alert: the store keeps the counts (tallies.py)
+            parts = [SimpleNamespace(**row._asdict()) for row in read_tallies(session, rule)]
+        elif sqlite:
             # How a decision counts is one indexed key (tables.STATS_KIND), in the stats index's order: no sort.
             grouping.append(STATS_KIND.label("kind"))
             times = () if ranked else (_times(AlertRecord.acknowledged_at).label("acks"),

@@ -17,6 +17,7 @@ from sqlalchemy.schema import CreateIndex
 from sqlmodel import SQLModel, create_engine
 
 from decision_router import tables, tokens  # noqa: F401  (registers the tables on SQLModel.metadata)
+from decision_router.tallies import install_tallies, tallies_installed
 
 
 def make_engine(database_url: str, *, background_checkpoints: bool = False, **kwargs: Any) -> Engine:
@@ -233,10 +234,12 @@ def create_schema(engine: Engine) -> None:
                *tables.RETIRED_INDEXES.get(engine.dialect.name, [])]
     for name in retired:  # replaced or unused: writes stop paying for it
         _execute(engine, text(f"drop index if exists {name}"))
+    install_tallies(engine)
 
 
 def schema_is_current(engine: Engine) -> bool:
-    """Whether create_schema would change nothing: every table and added index there, nothing retired.
+    """Whether create_schema would change nothing: every table and added index there, nothing retired,
+    and on PostgreSQL the decisions' running counts kept (tallies.py).
 
     One query on the catalog, so a read-only command (`stats`) skips create_schema's checks and DDL
     (a dozen round trips) on a store that is up to date, and runs it only on a new or older one.
@@ -257,4 +260,6 @@ def schema_is_current(engine: Engine) -> bool:
     statement = text(query).bindparams(bindparam("names", expanding=True))
     with engine.connect() as connection:
         present = set(connection.execute(statement, {"names": sorted(wanted | retired)}).scalars())
+        if dialect == "postgresql" and wanted <= present and not tallies_installed(connection):
+            return False
     return wanted <= present and not present & retired

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -210,3 +210,15 @@ def test_sqlite_picks_medians_and_p90s_from_the_rank_indexes(engine: Engine) -> 
             assert "SorterOpen" not in opcodes and "Function" not in opcodes, (opcodes, sql)
             used.add(plan.split()[4])
     assert used == {"ix_alerts_stats_ack_rank", "ix_alerts_stats_act_rank"}
+
+
+def test_sqlite_keeps_no_tallies(engine: Engine) -> None:
+    # Its triggers would run per row in the router's process (tallies.py): the stats scan its index instead.
+    from decision_router import tallies
+    from decision_router.store import schema_is_current
+
+    assert schema_is_current(engine)
+    with engine.connect() as connection:
+        assert not tallies.tallies_installed(connection)
+        assert connection.execute(text("select count(*) from sqlite_master where type = 'trigger'")).scalar() == 0
+    assert tallies.fold_tallies(engine, at_rows=0) == 0
