@@ -604,3 +604,43 @@ models:
     # Without a models: section there are no model owners (and nothing breaks).
     (tmp_path / "plain").mkdir()
     assert dict(load_rules(write(tmp_path / "plain", GOOD_ROUTING)).model_owners) == {}
+
+
+# --- libyaml's parser, with PyYAML's own for errors (rules/load.py, _load_yaml) --------------------
+
+SHIPPED = Path(__file__).resolve().parents[2] / "rules"
+YAML_SAMPLES = [
+    (SHIPPED / "routing.yaml").read_bytes(),
+    (SHIPPED / "owners.yaml").read_bytes(),
+    b"base: &b {model: churn, score: {gte: 0.5}}\nrules:\n  - {name: a, when: *b, owner: x}\n  - name: b\n"
+    b"    when:\n      <<: *b\n      segment: smb\n    owner: y\n",
+    b"rules:\n  - name: dup\n    owner: x\n    owner: y\n    when: {}\n",
+    b"at: 2026-11-25\nbad: 2027-13-01\nstamp: 2026-11-25T10:00:00+01:00\nlist: [1, 2.5, .inf, -.nan, ~, yes, 'no']\n",
+    "text: \"caf\u00e9 \\u2028 \\t tab\"\nblock: |\n  two\n  lines\nfolded: >\n  one\n  line\n".encode(),
+    b"",
+    b"# only a comment\n",
+]
+
+
+def test_the_fast_parser_is_used_and_reads_what_pyyaml_reads() -> None:
+    import yaml
+
+    from decision_router.rules import load
+
+    assert load._LOADERS[-1] is load._Loader
+    if yaml.__with_libyaml__:
+        assert len(load._LOADERS) == 2  # libyaml's first
+
+    def read(loader_class: type) -> tuple:
+        loader = loader_class(raw)
+        try:
+            return loader.get_single_data(), loader.duplicates
+        finally:
+            loader.dispose()
+
+    for raw in YAML_SAMPLES:
+        expected = read(load._Loader)
+        # repr: NaN is not equal to itself. Each loader alone, then as rules files are read.
+        assert repr(read(load._LOADERS[0])) == repr(expected) == repr(load._load_yaml(raw)), raw
+        if raw.startswith(b"rules:\n  - name: dup"):
+            assert expected[1] == [(4, "owner")]
