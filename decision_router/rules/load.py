@@ -101,16 +101,14 @@ class _TooMuch(yaml.MarkedYAMLError):
     """Raised while composing; reported like any YAML error, with its line and column."""
 
 
-class _Checks:
-    """What a rules file's loader adds to a safe loader (no Python tags: `!!python/object` is
-    refused): it records duplicate mapping keys, since plain YAML keeps the last one, which would
-    silently drop a condition or an owner field; and it bounds nesting and alias expansion."""
+class _Loader(yaml.SafeLoader):
+    """SafeLoader (no Python tags: `!!python/object` is refused) that records duplicate
+    mapping keys, since plain YAML keeps the last one, which would silently drop a condition
+    or an owner field; and that bounds nesting and alias expansion."""
 
-    duplicates: list[tuple[int, str]]
-    _depth: int
-
-    def _start_checks(self) -> None:
-        self.duplicates = []
+    def __init__(self, stream: bytes) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, str]] = []
         self._depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
@@ -174,51 +172,7 @@ def _check_expansion(root: yaml.Node) -> None:
     size(root)
 
 
-class _Loader(_Checks, yaml.SafeLoader):  # type: ignore[misc]
-    """PyYAML's own parser: slower, and the one whose errors (and their positions) are reported."""
-
-    def __init__(self, stream: bytes) -> None:
-        super().__init__(stream)
-        self._start_checks()
-
-
-_LOADERS: list[Any] = [_Loader]
-if yaml.__with_libyaml__:
-    from yaml._yaml import CParser
-
-    class _LibyamlLoader(_Checks, yaml.composer.Composer, CParser,  # type: ignore[misc]
-                         yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
-        """libyaml's parser, with the nodes still composed in Python (Composer comes before CParser)
-        so that the checks see each one: a 200-rule file loads ~4x faster than with PyYAML's own."""
-
-        def __init__(self, stream: bytes) -> None:
-            CParser.__init__(self, stream)
-            yaml.composer.Composer.__init__(self)
-            yaml.constructor.SafeConstructor.__init__(self)
-            yaml.resolver.Resolver.__init__(self)
-            self._start_checks()
-
-    _LOADERS.insert(0, _LibyamlLoader)
-for _loader in _LOADERS:
-    _loader.add_constructor("tag:yaml.org,2002:timestamp", _loader.construct_yaml_timestamp)
-
-
-def _load_yaml(raw: bytes) -> tuple[Any, list[tuple[int, str]]]:
-    """The document and its duplicate keys (line, key). A file that libyaml's parser refuses is read
-    again by PyYAML's own, so that its error, and where it is, are reported as they always were
-    (libyaml stops at its own limits first: 1,000 levels of nesting against MAX_YAML_DEPTH)."""
-    for loader_class in _LOADERS:
-        loader = None
-        try:
-            loader = loader_class(raw)  # reads the first bytes already: may raise a ReaderError
-            return loader.get_single_data(), loader.duplicates
-        except yaml.YAMLError:
-            if loader_class is _LOADERS[-1]:
-                raise
-        finally:
-            if loader is not None:
-                loader.dispose()
-    raise AssertionError("unreachable: the last loader raises")
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
 
 
 def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, Any] | None]:
@@ -234,8 +188,10 @@ def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, An
     except OSError as exc:
         out.add(-1, "-", "-", f"cannot read: {exc.strerror}")
         return b"", None
+    loader: _Loader | None = None
     try:
-        data, duplicates = _load_yaml(raw)
+        loader = _Loader(raw)  # reads the first bytes already: may raise a ReaderError
+        data = loader.get_single_data()
     except yaml.reader.ReaderError as exc:
         # Bytes that do not decode (located by byte), or a control character (by character).
         if isinstance(exc.character, bytes):
@@ -262,7 +218,10 @@ def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, An
     except yaml.YAMLError as exc:
         out.add(-1, "-", "-", f"invalid YAML: {exc}")
         return raw, None
-    for line, key in duplicates:
+    finally:
+        if loader is not None:
+            loader.dispose()
+    for line, key in loader.duplicates:
         out.add(-1, "-", f"line {line}", f"duplicate key '{key}' (YAML would silently keep only the last one)")
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
