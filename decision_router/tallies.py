@@ -13,15 +13,19 @@ scanning the alerts, when the store has them and the stats cover every alert.
   commit (nor deadlock) on a count.
 - An insert (the router's COPY) and a delete are counted once per statement, from its transition
   table; an update per row, and only when a counted column changes (marking a batch delivered
-  changes none, so the hot path's second transaction adds nothing); TRUNCATE empties the counts.
-- fold_tallies sums the rows into one per group (`serve` runs it every FOLD_INTERVAL_S once there
-  are FOLD_AT_ROWS), so a read sums few rows; a store no service folds is still counted right.
+  changes none, so the hot path's second transaction adds nothing).
+- fold_tallies sums the rows into one per group (`serve` runs it every FOLD_INTERVAL_S once
+  FOLD_AT_ROWS have been appended since the last fold), so a read sums few rows; a store no service
+  folds is still counted right. TRUNCATE of the alerts deletes the counts (a TRUNCATE of them would
+  wait for, or deadlock with, a stats read).
 - Installed by create_schema (tallies_installed tells), with the alerts already stored counted in
-  the same transaction while writes wait; triggers that are missing, disabled or of another version
-  (the function's name) are replaced and the alerts counted again.
+  the same transaction while writes wait; triggers that are missing, disabled (or enabled for
+  replication only) or of another version (the function's name) are replaced and the alerts counted
+  again. Only the owner of `alerts` can: another role's create_schema logs a warning, and the stats
+  count the alerts meanwhile.
 - The trigger and fold functions run with their owner's rights (whoever ran create_schema), so a
   role that writes `alerts`, or runs `serve`, needs no rights on `alert_tallies`; a reader without
-  them gets the counts from the alerts.
+  them gets the counts from the alerts. Nobody else may attach the trigger function to a table.
 - Triggers skipped by a load (`session_replication_role = replica`, `pg_restore --disable-triggers`)
   leave the counts behind: drop one of them afterwards (`drop trigger alert_tallies_insert on
   alerts`) and run create_schema, which counts again.
@@ -85,10 +89,11 @@ def _of_row(record: str, sign: str = "") -> str:  # the trigger's OLD or NEW
 
 
 _UPDATED = f"{_of_row('new')} union all {_of_row('old', '-')}"
+# `folded`: a fold's sum (the triggers' rows are not), so that a fold counts only what came since the last.
 _CREATE_TABLE = f"""create table {{table}} (
     rule varchar not null, held_out boolean not null, action varchar not null, outcome varchar not null,
     live boolean not null, n bigint not null, escalations bigint not null, ack_breaches bigint not null,
-    act_breaches bigint not null, acks bigint not null, acts bigint not null)"""
+    act_breaches bigint not null, acks bigint not null, acts bigint not null, folded boolean not null default false)"""
 # The alerts there before the triggers.
 _BACKFILL = f"insert into {{table}} ({_COLUMNS}) select {_KEY}, {_SUMS} from ({_of_rows('alerts')}) c group by {_KEY}"
 
@@ -99,6 +104,7 @@ def _ddl(schema: str) -> list[str]:
     quoted = '"' + schema.replace('"', '""') + '"'
     table, function = f"{quoted}.{TABLE}", f"{quoted}.{FUNCTION}"
     fold_lock = "'" + f"{schema}.{TABLE}.fold".replace("'", "''") + "'"
+    alerts = "'" + f"{quoted}.alerts".replace("'", "''") + "'"
     return [
         *(f"drop trigger if exists {trigger} on alerts" for trigger in TRIGGERS),
         f"drop table if exists {table}",
@@ -106,13 +112,18 @@ def _ddl(schema: str) -> list[str]:
         f"""create or replace function {function}() returns trigger language plpgsql
         security definer set search_path = pg_catalog, pg_temp as $$
         begin
+            if tg_relid <> {alerts}::regclass then
+                raise exception '{FUNCTION} counts the alerts table only';
+            end if;
             if tg_op = 'INSERT' then {_append(table, _of_rows("new_alerts"))}
             elsif tg_op = 'DELETE' then {_append(table, _of_rows("old_alerts", "-"))}
             elsif tg_op = 'UPDATE' then {_append(table, _UPDATED)}
-            else truncate {table};
+            else delete from {table};  -- not TRUNCATE: its lock would wait for, or deadlock with, a stats read
             end if;
             return null;
         end $$""",
+        # Runs as its owner: nobody else may attach it to a table of theirs (and so write the counts).
+        f"revoke execute on function {function}() from public",
         # The fold, as the owner too: `serve`'s role needs no rights on the tallies. An advisory lock keeps
         # folds one at a time; one statement deletes the rows its snapshot sees and inserts their sums, so
         # a difference appended meanwhile is neither lost nor counted twice.
@@ -124,13 +135,13 @@ def _ddl(schema: str) -> list[str]:
             if not pg_try_advisory_xact_lock(hashtext({fold_lock})) then
                 return 0;
             end if;
-            select count(*) into appended from {table};
-            if appended <= at_rows then
+            select count(*) into appended from {table} where not folded;
+            if appended <= greatest(at_rows, 0) then
                 return 0;
             end if;
             with gone as (delete from {table} returning *)
-            insert into {table} ({_COLUMNS})
-            select {_KEY}, {_SUMS} from gone group by {_KEY} having {_ANY_NONZERO};
+            insert into {table} ({_COLUMNS}, folded)
+            select {_KEY}, {_SUMS}, true from gone group by {_KEY} having {_ANY_NONZERO};
             return appended;
         end $$""",
         f"""create trigger {TRIGGERS[0]} after insert on alerts referencing new table as new_alerts
@@ -149,7 +160,7 @@ def _installed(readable: bool) -> Any:
     there, enabled and calling this version's function (built when called: a test stands in another)."""
     return text(f"""
         select (select count(*) from pg_trigger where tgrelid = a.oid and tgname = any(:names)
-                and tgenabled <> 'D' and tgfoid = to_regprocedure(quote_ident(s.nspname) || '.{FUNCTION}()'))
+                and tgenabled in ('O', 'A') and tgfoid = to_regprocedure(quote_ident(s.nspname) || '.{FUNCTION}()'))
                 = :expected
             and to_regprocedure(quote_ident(s.nspname) || '.{FOLD_FUNCTION}(bigint)') is not null
             and t.relnamespace = a.relnamespace and (not :readable or has_table_privilege(t.oid, 'SELECT'))
@@ -176,11 +187,25 @@ def install_tallies(engine: Engine) -> None:
     with engine.begin() as connection:
         schema = _schema(connection)
         connection.execute(text("select pg_advisory_xact_lock(hashtext(:key))"), {"key": f"{schema}.{TABLE}"})
-        if tallies_installed(connection):
+        if tallies_installed(connection, readable=False):
+            return
+        if not connection.execute(_OWNS_ALERTS).scalar():
+            # Only the owner of the alerts may add triggers to them: the stats count the alerts meanwhile.
+            _log().warning("the stats' running counts are not kept: this role does not own the alerts table;"
+                           " run create_schema (any command that opens the store) as its owner")
             return
         connection.execute(text("lock table alerts in share row exclusive mode"))
         for statement in _ddl(schema):
             connection.exec_driver_sql(statement)
+
+
+_OWNS_ALERTS = text("select pg_has_role(relowner, 'USAGE') from pg_class where oid = to_regclass('alerts')")
+
+
+def _log() -> Any:
+    import structlog  # here: the CLI's commands import this module, and start faster without it
+
+    return structlog.get_logger("decision_router.tallies")
 
 
 def _schema(connection: Connection) -> str:

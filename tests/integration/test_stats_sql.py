@@ -56,7 +56,7 @@ def test_postgres_counts_read_the_stats_index_and_leave_the_session_as_it_was(pg
     event.listen(pg_engine, "before_cursor_execute", explain)
     with Session(pg_engine) as session:
         session.execute(text("set local enable_seqscan = on"))
-        # Not by rule: by rule over every alert, the counts are PostgreSQL's tallies (test_tallies_pg.py).
+        # Not by rule: by rule over every alert, the counts are PostgreSQL's tallies (test_tallies.py).
         compute_stats(session, by=GroupBy.OWNER)
         assert session.execute(text("select current_setting('enable_seqscan')")).scalar() == "on"
     assert any("Index Only Scan using ix_alerts_stats_tally" in line for line in plans), plans

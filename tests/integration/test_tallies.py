@@ -327,3 +327,81 @@ def test_a_role_without_rights_on_the_tallies_writes_folds_and_reads_stats(pg_en
             connection.execute(text(f'drop owned by "{role}"'))
             connection.execute(text(f'drop role "{role}"'))
 
+
+
+def test_folding_again_folds_only_what_came_since(pg_engine: Engine) -> None:
+    # However many groups there are (a fold keeps one row each), only new differences count toward a fold.
+    for seed in range(60, 63):
+        load(pg_engine, random_alerts(seed, 50))
+    assert tallies.fold_tallies(pg_engine, at_rows=0) > 0
+    folded = tally_rows(pg_engine)
+    assert tallies.fold_tallies(pg_engine, at_rows=0) == 0
+    assert tallies.fold_tallies(pg_engine, at_rows=-5) == 0  # clamped
+    load(pg_engine, random_alerts(63, 5))
+    appended = tally_rows(pg_engine) - folded
+    assert appended > 0
+    assert tallies.fold_tallies(pg_engine, at_rows=0) == appended
+    assert tallied(pg_engine) == counted(pg_engine)
+
+
+def test_replica_only_triggers_are_not_trusted(pg_engine: Engine) -> None:
+    update(pg_engine, f"alter table alerts enable replica trigger {tallies.TRIGGERS[1]}")  # fires for replication only
+    with pg_engine.connect() as connection:
+        assert not tallies.tallies_installed(connection)
+    assert not schema_is_current(pg_engine)
+
+
+def test_truncate_does_not_wait_for_a_stats_read(pg_engine: Engine) -> None:
+    load(pg_engine, random_alerts(64, 30))
+    reader, truncating = pg_engine.connect(), pg_engine.connect()
+    try:
+        reader.execute(text("set transaction isolation level repeatable read"))
+        reader.execute(text(f"select count(*) from {tallies.TABLE}"))  # holds the tallies while its read goes on
+        truncating.execute(text("set lock_timeout = '2s'"))
+        truncating.execute(text("truncate alerts"))
+        truncating.commit()
+        reader.rollback()
+    finally:
+        reader.close()
+        truncating.close()
+    assert tallied(pg_engine) == {} == counted(pg_engine)
+
+
+def test_a_role_that_does_not_own_the_alerts(pg_engine: Engine) -> None:
+    # It opens the store (every command runs create_schema or schema_is_current) whether or not the
+    # tallies are there; it cannot install them (only the owner of alerts adds triggers), nor attach
+    # their function, which runs as its owner, to a table of its own.
+    from decision_router.store import make_engine
+
+    role = f"dr_app_{uuid.uuid4().hex[:8]}"
+    with pg_engine.begin() as connection:
+        schema = connection.execute(text("select current_schema()")).scalar()
+        connection.execute(text(f'create role "{role}" login'))
+        connection.execute(text(f'grant usage on schema "{schema}" to "{role}"'))
+        connection.execute(text(f'grant select, insert, update, delete on all tables in schema "{schema}" to "{role}"'))
+    app = make_engine(pg_engine.url.set(username=role).render_as_string(hide_password=False),
+                      connect_args={"options": f"-csearch_path={schema}"})
+    try:
+        assert schema_is_current(app)
+        create_schema(app)
+        load(app, random_alerts(65, 40))
+        assert tallied(pg_engine) == counted(pg_engine)
+        with app.begin() as connection:
+            connection.execute(text("create temp table forged (rule text)"))
+            with pytest.raises(Exception, match="permission denied for function"):
+                connection.execute(text(f'create trigger forge after insert on forged for each statement'
+                                        f' execute function "{schema}".{tallies.FUNCTION}()'))
+        drop_trigger(pg_engine, tallies.TRIGGERS[0])  # now the store lacks its tallies
+        assert not schema_is_current(app)
+        create_schema(app)  # no error: the stats count the alerts meanwhile
+        with app.connect() as connection:
+            assert not tallies.tallies_installed(connection)
+        with Session(app) as session:
+            expected = compute_stats_reference(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+            got = compute_stats(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+        assert as_rows(got, GroupBy.RULE) == as_rows(expected, GroupBy.RULE)
+    finally:
+        app.dispose()
+        with pg_engine.begin() as connection:
+            connection.execute(text(f'drop owned by "{role}"'))
+            connection.execute(text(f'drop role "{role}"'))
