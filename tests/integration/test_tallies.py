@@ -11,6 +11,8 @@ import asyncio
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -73,6 +75,25 @@ def update(engine: Engine, statement: str, **params: Any) -> None:
 
 def drop_trigger(engine: Engine, name: str) -> None:
     update(engine, f"drop trigger {name} on alerts")
+
+
+@contextmanager
+def a_role(pg_engine: Engine, *, every_table: bool) -> Iterator[tuple[str, str]]:
+    """A login role (name, schema) that may use the store's schema and read and write its alerts, or
+    every table of it; dropped after."""
+    role = f"dr_role_{uuid.uuid4().hex[:8]}"
+    with pg_engine.begin() as connection:
+        schema = connection.execute(text("select current_schema()")).scalar()
+        connection.execute(text(f'create role "{role}" login'))
+        connection.execute(text(f'grant usage on schema "{schema}" to "{role}"'))
+        tables = f'all tables in schema "{schema}"' if every_table else "alerts"
+        connection.execute(text(f'grant select, insert, update, delete on {tables} to "{role}"'))
+    try:
+        yield role, schema
+    finally:
+        with pg_engine.begin() as connection:
+            connection.execute(text(f'drop owned by "{role}"'))
+            connection.execute(text(f'drop role "{role}"'))
 
 
 def test_the_tallies_are_the_alerts_counts_after_every_kind_of_write(engine: Engine) -> None:
@@ -300,13 +321,7 @@ def test_disabled_triggers_are_not_trusted(pg_engine: Engine) -> None:
 def test_a_role_without_rights_on_the_tallies_writes_folds_and_reads_stats(pg_engine: Engine) -> None:
     # The trigger and the fold run as their owner: a writer, or serve, needs rights on alerts only. A
     # reader that cannot read the tallies gets the stats from the alerts.
-    role = f"dr_writer_{uuid.uuid4().hex[:8]}"
-    with pg_engine.begin() as connection:
-        schema = connection.execute(text("select current_schema()")).scalar()
-        connection.execute(text(f'create role "{role}"'))
-        connection.execute(text(f'grant usage on schema "{schema}" to "{role}"'))
-        connection.execute(text(f'grant select, insert, update, delete on alerts to "{role}"'))
-    try:
+    with a_role(pg_engine, every_table=False) as (role, _schema):
         alerts = random_alerts(33, 80)
         with Session(pg_engine) as session:
             session.execute(text(f'set local role "{role}"'))  # this transaction only
@@ -322,11 +337,6 @@ def test_a_role_without_rights_on_the_tallies_writes_folds_and_reads_stats(pg_en
             session.commit()
         assert as_rows(got, GroupBy.RULE) == as_rows(expected, GroupBy.RULE)
         assert tallied(pg_engine) == counted(pg_engine)
-    finally:
-        with pg_engine.begin() as connection:
-            connection.execute(text(f'drop owned by "{role}"'))
-            connection.execute(text(f'drop role "{role}"'))
-
 
 
 def test_folding_again_folds_only_what_came_since(pg_engine: Engine) -> None:
@@ -373,35 +383,27 @@ def test_a_role_that_does_not_own_the_alerts(pg_engine: Engine) -> None:
     # their function, which runs as its owner, to a table of its own.
     from decision_router.store import make_engine
 
-    role = f"dr_app_{uuid.uuid4().hex[:8]}"
-    with pg_engine.begin() as connection:
-        schema = connection.execute(text("select current_schema()")).scalar()
-        connection.execute(text(f'create role "{role}" login'))
-        connection.execute(text(f'grant usage on schema "{schema}" to "{role}"'))
-        connection.execute(text(f'grant select, insert, update, delete on all tables in schema "{schema}" to "{role}"'))
-    app = make_engine(pg_engine.url.set(username=role).render_as_string(hide_password=False),
-                      connect_args={"options": f"-csearch_path={schema}"})
-    try:
-        assert schema_is_current(app)
-        create_schema(app)
-        load(app, random_alerts(65, 40))
-        assert tallied(pg_engine) == counted(pg_engine)
-        with app.begin() as connection:
-            connection.execute(text("create temp table forged (rule text)"))
-            with pytest.raises(Exception, match="permission denied for function"):
-                connection.execute(text(f'create trigger forge after insert on forged for each statement'
-                                        f' execute function "{schema}".{tallies.FUNCTION}()'))
-        drop_trigger(pg_engine, tallies.TRIGGERS[0])  # now the store lacks its tallies
-        assert not schema_is_current(app)
-        create_schema(app)  # no error: the stats count the alerts meanwhile
-        with app.connect() as connection:
-            assert not tallies.tallies_installed(connection)
-        with Session(app) as session:
-            expected = compute_stats_reference(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
-            got = compute_stats(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
-        assert as_rows(got, GroupBy.RULE) == as_rows(expected, GroupBy.RULE)
-    finally:
-        app.dispose()
-        with pg_engine.begin() as connection:
-            connection.execute(text(f'drop owned by "{role}"'))
-            connection.execute(text(f'drop role "{role}"'))
+    with a_role(pg_engine, every_table=True) as (role, schema):
+        app = make_engine(pg_engine.url.set(username=role).render_as_string(hide_password=False),
+                          connect_args={"options": f"-csearch_path={schema}"})
+        try:
+            assert schema_is_current(app)
+            create_schema(app)
+            load(app, random_alerts(65, 40))
+            assert tallied(pg_engine) == counted(pg_engine)
+            with app.begin() as connection:
+                connection.execute(text("create temp table forged (rule text)"))
+                with pytest.raises(Exception, match="permission denied for function"):
+                    connection.execute(text(f"create trigger forge after insert on forged for each statement"
+                                            f' execute function "{schema}".{tallies.FUNCTION}()'))
+            drop_trigger(pg_engine, tallies.TRIGGERS[0])  # now the store lacks its tallies
+            assert not schema_is_current(app)
+            create_schema(app)  # no error: the stats count the alerts meanwhile
+            with app.connect() as connection:
+                assert not tallies.tallies_installed(connection)
+            with Session(app) as session:
+                expected = compute_stats_reference(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+                got = compute_stats(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+            assert as_rows(got, GroupBy.RULE) == as_rows(expected, GroupBy.RULE)
+        finally:
+            app.dispose()
