@@ -48,7 +48,7 @@ FUNCTION = "alert_tallies_add_v1"
 FOLD_FUNCTION = "alert_tallies_fold_v1"
 TRIGGERS = ("alert_tallies_insert", "alert_tallies_update", "alert_tallies_delete", "alert_tallies_truncate")
 FOLD_INTERVAL_S = 5.0
-FOLD_AT_ROWS = 20_000  # fold only past this many rows: a read sums them in a few ms; a fold rewrites the rest
+FOLD_AT_ROWS = 20_000  # fold once this many rows came since the last fold: a read sums them in a few ms
 
 _KEY = "rule, held_out, action, outcome, live"
 _COUNTED = ("n", "escalations", "ack_breaches", "act_breaches", "acks", "acts")
