@@ -94,8 +94,6 @@ _CREATE_TABLE = f"""create table {{table}} (
     rule varchar not null, held_out boolean not null, action varchar not null, outcome varchar not null,
     live boolean not null, n bigint not null, escalations bigint not null, ack_breaches bigint not null,
     act_breaches bigint not null, acks bigint not null, acts bigint not null, folded boolean not null default false)"""
-# The alerts there before the triggers.
-_BACKFILL = f"insert into {{table}} ({_COLUMNS}) select {_KEY}, {_SUMS} from ({_of_rows('alerts')}) c group by {_KEY}"
 
 
 def _ddl(schema: str) -> list[str]:
@@ -151,7 +149,7 @@ def _ddl(schema: str) -> list[str]:
         f"""create trigger {TRIGGERS[2]} after delete on alerts referencing old table as old_alerts
             for each statement execute function {function}()""",
         f"create trigger {TRIGGERS[3]} after truncate on alerts for each statement execute function {function}()",
-        _BACKFILL.format(table=table),
+        _append(table, _of_rows("alerts")),  # the alerts there before the triggers
     ]
 
 
