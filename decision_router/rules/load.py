@@ -128,7 +128,23 @@ class _Loader(yaml.SafeLoader):
         _check_expansion(node)
         return self.construct_document(node)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
+            # PyYAML's constructors of explicit tags raise bare Python errors on a value they cannot
+            # read (`!!float nope`, `!!bool foo`, `!!int ''`): report it where it is, like any YAML error.
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            value = f" {node.value!r}" if isinstance(node, yaml.ScalarNode) else ""
+            raise yaml.constructor.ConstructorError(
+                problem=f"{tag} cannot hold{value}", problem_mark=node.start_mark
+            ) from exc
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            return super().construct_mapping(node, deep=deep)  # `!!map 3`: PyYAML's "expected a mapping node"
         seen: set[tuple[str, str]] = set()
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode):

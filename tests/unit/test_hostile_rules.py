@@ -177,6 +177,42 @@ def test_an_alias_inside_itself_is_refused(tmp_path) -> None:
     assert problem.message == "invalid YAML: an alias refers to the node that contains it"
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["!!float nope", "!!float ''", "!!int f", "!!int 0x", "!!int ''", "!!int '-'", "!!bool foo", "!!timestamp foo"],
+)
+def test_a_tagged_value_its_tag_cannot_read_is_a_located_yaml_error(tmp_path, value) -> None:
+    # PyYAML's constructors raise bare ValueError, KeyError, IndexError or AttributeError here.
+    routing = f"rules:\n  - name: r\n    when: {{score: {{gte: {value}}}}}\n    owner: analytics-desk\n"
+    [problem] = problems_of(write(tmp_path, routing))
+    tag, text = value.split(" ", 1)
+    held = yaml.safe_load(text)
+    assert str(problem) == f"rules/routing.yaml: line 3, column 25: invalid YAML: {tag} cannot hold {held!r}"
+
+
+@pytest.mark.parametrize("value", ["!!map 3", "!!set [1]"])
+def test_a_mapping_tag_on_something_else_is_a_located_yaml_error(tmp_path, value) -> None:
+    [problem] = problems_of(write(tmp_path, f"rules: {value}\n"))
+    assert problem.field == "line 1, column 8"
+    assert problem.message.startswith("invalid YAML: expected a mapping node, but found ")
+
+
+@PROPERTY
+@given(
+    tag=st.sampled_from(["!!float", "!!int", "!!bool", "!!timestamp", "!!null", "!!binary", "!!str", "!!map", "!!set",
+                         "!!seq", "!!omap", "!!pairs"]),
+    value=st.one_of(
+        st.text(max_size=8).map(lambda t: repr(t).replace('"', "'")), st.sampled_from(["[1]", "{a: 1}", "3"])
+    ),
+)
+def test_any_standard_tag_on_any_value_never_crashes_the_loader(tmp_path_factory, tag, value) -> None:
+    routing = (
+        f"rules:\n  - name: r\n    when: {{score: {{gte: {tag} {value}}}}}\n    owner: analytics-desk\n"
+        "  - {name: all, when: {}, owner: analytics-desk}\n"
+    )
+    problems_of(write(tmp_path_factory.mktemp("r"), routing))
+
+
 def test_a_huge_file_is_refused_without_being_parsed(tmp_path) -> None:
     [problem] = problems_of(write(tmp_path, "#" * (5 * 1024 * 1024)))
     assert problem.message == "file is larger than 4 MiB; is this a rules file?"
