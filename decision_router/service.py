@@ -156,6 +156,23 @@ class RouterService:
                 # Webhook URLs, secrets, emails and digest windows come from the owner directory.
                 await self.pipeline.channels.reconfigure(fresh)
 
+    def reload_now(self) -> None:
+        """SIGHUP: re-read the rules now rather than at the next poll. The task is kept (the loop
+        holds only a weak reference, so it could be collected mid-reload), waited for at stop,
+        and a failure is logged, not left to asyncio's "exception was never retrieved"."""
+
+        async def reload() -> None:
+            try:
+                await self.check_rules(force=True)
+            except Exception as exc:
+                if infrastructure_failure(exc) is not None:
+                    log.warning("rules reload failed: a service is unreachable", error=str(exc)[:300])
+                else:
+                    log.error("rules reload failed", exc_info=exc)
+
+        task = asyncio.create_task(reload(), name="rules-sighup")
+        self._tasks = [t for t in self._tasks if not (t.done() and t.get_name() == "rules-sighup")] + [task]
+
     async def follow_reload_requests(self) -> None:
         """Re-read the rules when any process on this stream prefix asks (POST /v1/rules/reload,
         published on keys.rules_reload), until stop; a Redis error ends it (the caller resubscribes)."""
@@ -268,7 +285,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
         with collecting_for_batches():
             async with running_service(settings, ruleset, engine, watch_rules=True) as service:
                 # SIGHUP: re-read the rules now rather than at the next poll.
-                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.check_rules(force=True)))
+                loop.add_signal_handler(signal.SIGHUP, service.reload_now)
                 async with api_for_service(service, engine, enabled=api):  # stops before the consumers
                     gc.freeze()  # and what the service and its API made since (no collection: no batch waits)
                     await stop.wait()

@@ -329,3 +329,35 @@ async def test_the_reload_subscriber_outlives_a_redis_restart(settings, engine, 
         await asker.aclose()
         probe.close()
         private.close()
+
+
+async def test_a_sighup_reload_is_held_until_done_and_its_failure_logged(settings, engine, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """SIGHUP starts a reload from a signal handler: the task must be held (the loop keeps only a
+    weak reference), the service's stop must wait for it, and a failure must be logged."""
+    from structlog.testing import capture_logs
+
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules_dir)
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "rules_poll_interval": timedelta(0)})
+    entered, release = threading.Event(), threading.Event()
+    with capture_logs() as logs:
+        async with running_service(tuned, load_rules(rules_dir), engine, watch_rules=True) as service:
+            channels = service.pipeline.channels
+
+            def slow_then_broken(ruleset):
+                entered.set()
+                assert release.wait(10)
+                raise RuntimeError("receivers could not be rebuilt")
+
+            monkeypatch.setattr(channels, "_configure", slow_then_broken)
+            send_enterprise_churn_to_the_desk(rules_dir)
+            service.reload_now()
+            assert await asyncio.to_thread(entered.wait, 10)
+            [held] = [t for t in service._tasks if t.get_name() == "rules-sighup"]
+            assert not held.done()
+            release.set()
+        # Leaving running_service stopped the service: that waited for the reload to end.
+        assert held.done() and held.exception() is None
+    [failure] = [e for e in logs if e["event"] == "rules reload failed"]
+    assert failure["log_level"] == "error" and "receivers could not be rebuilt" in str(failure.get("exc_info"))
