@@ -58,6 +58,12 @@ class Row:
     what: str
     value: str
     note: str = ""
+    key: str = ""  # of its figure in Report.figures, if it has one
+    unit: str = ""
+
+
+def shown(value: float, unit: str) -> str:
+    return (f"{value:,.0f} {unit}" if abs(value) >= 100 else f"{value:,.2f} {unit}").strip()
 
 
 @dataclass
@@ -67,17 +73,68 @@ class Report:
 
     def add(self, key: str, what: str, value: float, unit: str, note: str = "") -> None:
         self.figures[key] = value
-        shown = f"{value:,.0f} {unit}" if abs(value) >= 100 else f"{value:,.2f} {unit}"
-        self.rows.append(Row(what, shown.strip(), note))
-        print(f"  {what}: {shown} {note}", flush=True)
+        self.rows.append(Row(what, shown(value, unit), note, key, unit))
+        print(f"  {what}: {shown(value, unit)} {note}", flush=True)
 
     def table(self) -> str:
-        width = max(len(r.what) for r in self.rows) if self.rows else 10
-        vwidth = max(len(r.value) for r in self.rows) if self.rows else 10
-        lines = [f"| {'what'.ljust(width)} | {'figure'.ljust(vwidth)} | note |",
-                 f"|{'-' * (width + 2)}|{'-' * (vwidth + 2)}|------|"]
-        lines += [f"| {r.what.ljust(width)} | {r.value.ljust(vwidth)} | {r.note} |" for r in self.rows]
-        return "\n".join(lines)
+        return markdown([("what", "figure", "note"), *((r.what, r.value, r.note) for r in self.rows)])
+
+
+def markdown(rows: list[tuple[str, ...]]) -> str:
+    """A table whose first row is the header, columns padded to their widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def medians(reports: list[Report]) -> Report:
+    """One report of the medians of several runs' figures, each row noting every run's figure."""
+    merged = Report()
+    for row in reports[0].rows:
+        runs = [r.figures[row.key] for r in reports if row.key in r.figures]
+        if not row.key or len(runs) < len(reports):
+            merged.rows.append(row)
+            continue
+        merged.figures[row.key] = statistics.median(runs)
+        each = ", ".join(shown(v, "") for v in runs)
+        note = f"runs: {each}; {row.note}".rstrip("; ")
+        merged.rows.append(Row(row.what, shown(merged.figures[row.key], row.unit), note, row.key, row.unit))
+    return merged
+
+
+# Issue 8's targets: (figure, the target, whether a figure meets it).
+TARGETS: tuple[tuple[str, str, Callable[[float], bool]], ...] = (
+    ("pipeline", "(c) >= 20,000 predictions/s with one router process", lambda v: v >= 20_000),
+    ("c_a", "c/a >= 0.5", lambda v: v >= 0.5),
+    ("latency_p99_ms", "p99 end-to-end latency <= 25 ms at 2,000/s", lambda v: v <= 25),
+    ("scale_ratio", "two router processes >= 1.6x one", lambda v: v >= 1.6),
+    # Over the second half: SQLite's page caches fill during the first few hundred thousand.
+    ("rss_growth_second_half_pct", "RSS growth <= 10% over 1,000,000 predictions", lambda v: v <= 10),
+)
+
+
+def targets_table(report: Report, args: argparse.Namespace, runs: int) -> str:
+    """Each target this run measured, its figure (the median if several runs) and whether it is met."""
+    unlike = []  # where this run's conditions differ from the issue's
+    if args.quick:
+        unlike.append("--quick scales every part down")
+    if "pipeline" in args.parts and args.predictions != 200_000:
+        unlike.append(f"(c) over {args.predictions:,}, not 200,000")
+    if "latency" in args.parts and args.rate != 2000:
+        unlike.append(f"latency at {args.rate:,.0f}/s, not 2,000/s")
+    if "rss" in args.parts and args.rss_predictions != 1_000_000:
+        unlike.append(f"RSS over {args.rss_predictions:,}, not 1,000,000")
+    units = {row.key: row.unit for row in report.rows}
+    rows = [("target (issue 8)", f"median of {runs}" if runs > 1 else "figure", "status")]
+    for key, target, met in TARGETS:
+        if key in report.figures:
+            value = report.figures[key]
+            rows.append((target, shown(value, units.get(key, "")), "met" if met(value) else "NOT MET"))
+    if len(rows) == 1:
+        return ""
+    caveat = f"\n(not the issue's conditions: {'; '.join(unlike)})" if unlike else ""
+    return markdown(rows) + caveat
 
 
 # stores ---------------------------------------------------------------------------
@@ -542,6 +599,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, help="write a pyinstrument profile of (c) to this file")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (databases, router logs)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run everything this many times; the table gives each figure's median and every run's")
     args = parser.parse_args(argv)
     if args.quick:
         args.predictions = min(args.predictions, 2000)
@@ -554,7 +613,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     args.parts = parts
-    for name in ("predictions", "rss_predictions", "scale_predictions"):
+    for name in ("predictions", "rss_predictions", "scale_predictions", "repeat"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rules < 12:
@@ -701,16 +760,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    reports: list[Report] = []
     try:
-        report = run(args)
+        for i in range(args.repeat):
+            if args.repeat > 1:
+                print(f"run {i + 1} of {args.repeat}", flush=True)
+            reports.append(run(args))
     except (RuntimeError, TimeoutError) as exc:
         print(f"error: the benchmark failed: {exc}", file=sys.stderr)
         return 1
+    report = medians(reports) if len(reports) > 1 else reports[0]
     print()
     print(report.table())
+    targets = targets_table(report, args, len(reports))
+    if targets:
+        print()
+        print(targets)
     print(f"\n({time.perf_counter() - started:.0f}s in all)")
     if args.json:
-        args.json.write_text(json.dumps(report.figures, indent=2))
+        figures: dict[str, Any] = dict(report.figures)
+        if len(reports) > 1:
+            figures["runs"] = [r.figures for r in reports]
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 

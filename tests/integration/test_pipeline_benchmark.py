@@ -44,3 +44,28 @@ def test_bad_options_are_one_line_errors() -> None:
     unreachable = subprocess.run([sys.executable, "-m", "benchmarks.run", "--redis-url", "redis://127.0.0.1:1/0"],
                                  cwd=ROOT, capture_output=True, text=True, check=False, timeout=60)
     assert unreachable.returncode == 2 and "cannot reach Redis at redis://127.0.0.1:1/0" in unreachable.stderr
+
+
+def test_repeated_runs_report_each_figures_median_and_the_targets(redis_server, tmp_path) -> None:
+    figures_file = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--repeat", "3", "--store", "sqlite",
+         "--redis-url", redis_server, "--parts", "bare,pipeline", "--json", str(figures_file)],
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(figures_file.read_text())
+    assert len(figures["runs"]) == 3
+    for key in ("bare", "pipeline", "c_a"):
+        runs = sorted(run[key] for run in figures["runs"])
+        assert figures[key] == runs[1], (key, figures)  # the median of three
+    assert "run 3 of 3" in done.stdout
+    pipeline_row = next(line for line in done.stdout.splitlines() if line.startswith("| (c) full pipeline, sqlite"))
+    runs_shown = pipeline_row.split("runs: ", 1)[1].split(";", 1)[0]
+    assert len(runs_shown.split(", ")) == 3, pipeline_row  # "3,947, 3,495, 3,612": thousands have no space
+    c_a = figures["c_a"]
+    verdict = "met" if c_a >= 0.5 else "NOT MET"
+    target_row = next(line for line in done.stdout.splitlines() if line.startswith("| c/a >= 0.5"))
+    assert target_row.rstrip(" |").endswith(verdict), target_row
+    assert "median of 3" in done.stdout
+    assert "(not the issue's conditions: --quick scales every part down; (c) over 2,000, not 200,000)" in done.stdout
