@@ -6,8 +6,13 @@ once, there), the same addressing (tracker.find_alerts), the same audit trail,
 dead-lettering on outcomes:dlq and counting as an entry read from the outcomes stream;
 a rejection's reason and detail are the DLQ entry's. It runs
 synchronously, so the caller learns at once whether it applied, and the dashboard shows
-the change on its next read. (A retried HTTP call is a new event, like a second stream
-entry: the alert's first ack/intervention/outcome wins; the audit trail shows both.)
+the change on its next read.
+
+A request with an `Idempotency-Key` header gives each of its events an entry id made of the
+token, the key and where the event came from: a retry with the same key is then a redelivered
+entry, applied once (or rejected again, without a second DLQ entry). Without the header, a
+retried call is a new event, like a second stream entry: the alert's first
+ack/intervention/outcome wins, and the audit trail shows both.
 """
 
 from __future__ import annotations
@@ -47,6 +52,15 @@ class Applied:
     applied: bool
     reason: str | None = None
     detail: str | None = None
+    replayed: bool = False  # applied by an earlier request with the same Idempotency-Key
+
+
+def http_entry_id(token_id: int | str, key: str | None, *where: object) -> str | None:
+    """The entry id of an event sent with an Idempotency-Key: per token (two clients never share
+    keys), per place in the API (`where`: the endpoint's words and the event's position)."""
+    if key is None:
+        return None
+    return ":".join(["http", str(token_id), *(str(w) for w in where), key])
 
 
 def outcome_pipeline(request: Request) -> Pipeline:
@@ -61,13 +75,16 @@ def outcome_pipeline(request: Request) -> Pipeline:
     return pipeline
 
 
-async def apply_event(request: Request, document: dict[str, Any]) -> Applied:
-    """One outcome event (a JSON object) through the outcomes path; applied or rejected with its reason."""
+async def apply_event(request: Request, document: dict[str, Any], *, entry_id: str | None = None) -> Applied:
+    """One outcome event (a JSON object) through the outcomes path; applied or rejected with its reason.
+    `entry_id` (from http_entry_id) makes a retry of the same event a no-op."""
     pipeline = outcome_pipeline(request)
     # ASCII escapes: a lone surrogate stays an escape for the gate to reject, not a crash in XADD.
-    result = await pipeline.process_outcomes([(None, {"data": json.dumps(document, default=str)})])
+    result = await pipeline.process_outcomes([(entry_id, {"data": json.dumps(document, default=str)})])
     if result.accepted:
         return Applied(True)
+    if result.redelivered:
+        return Applied(True, replayed=True)
     # The pipeline parsed the event once and says why it refused it (the DLQ entry's detail).
     [rejection] = result.rejections  # one entry, not applied: rejected
     return Applied(False, rejection.reason.value, rejection.detail)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import HTTPException, Request
+from fastapi import Header, HTTPException, Request
 from sqlmodel import Session
 
 from decision_router import durations
@@ -37,6 +37,29 @@ def query_error(field: str, message: str) -> HTTPException:
 
 def body_error(field: str, message: str) -> HTTPException:
     return HTTPException(status_code=422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
+
+
+IDEMPOTENCY_KEY_MAX = 200
+
+
+def idempotency_key(
+    key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Any text (printable ASCII, at most 200 characters) unique to this request: a retry with "
+            "the same key, from the same token, applies its events once.",
+        ),
+    ] = None,
+) -> str | None:
+    if key is None:
+        return None
+    if not 0 < len(key) <= IDEMPOTENCY_KEY_MAX or not all("!" <= c <= "~" for c in key):
+        raise HTTPException(status_code=422, detail=[{
+            "loc": ["header", "Idempotency-Key"], "type": "value_error",
+            "msg": f"1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters, no spaces",
+        }])
+    return key
 
 
 def parse_since(value: str | None, field: str = "since") -> datetime | None:

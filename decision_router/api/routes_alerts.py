@@ -22,9 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, or_, select
 from sqlmodel import Session
 
-from decision_router.api.actions import apply_event
+from decision_router.api.actions import apply_event, http_entry_id
 from decision_router.api.auth import Principal, require
-from decision_router.api.common import body_error, parse_entity, parse_since, query_error, read_store, ruleset_of
+from decision_router.api.common import (
+    body_error,
+    idempotency_key,
+    parse_entity,
+    parse_since,
+    query_error,
+    read_store,
+    ruleset_of,
+)
 from decision_router.audit import AlertSummary, alert_story, iso
 from decision_router.contracts import OutcomeResult
 from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, as_utc
@@ -248,13 +256,14 @@ def actor_of(principal: Principal, requested: str | None) -> str:
 
 
 async def _act(
-    request: Request, alert_id: str, principal: Principal, event_type: str, body: BaseModel, extra: dict[str, Any]
+    request: Request, alert_id: str, principal: Principal, event_type: str, body: BaseModel, key: str | None
 ) -> dict[str, Any]:
     await _visible(request, alert_id, principal)
     values = body.model_dump(exclude_none=True, mode="json")
     actor = actor_of(principal, values.pop("actor", None))
-    document = {**values, **extra, "type": event_type, "alert_id": alert_id, "actor": actor}
-    applied = await apply_event(request, document)
+    document = {**values, "type": event_type, "alert_id": alert_id, "actor": actor}
+    applied = await apply_event(request, document,
+                                entry_id=http_entry_id(principal.token_id, key, "alerts", alert_id, event_type))
     if not applied.applied:
         if applied.reason == "unknown_alert":
             raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")
@@ -269,8 +278,9 @@ async def ack(
     alert_id: str,
     principal: Annotated[Principal, Depends(require(*READERS))],
     body: Annotated[AckBody | None, Body()] = None,
+    key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
-    return await _act(request, alert_id, principal, "acknowledged", body or AckBody(), {})
+    return await _act(request, alert_id, principal, "acknowledged", body or AckBody(), key)
 
 
 @router.post("/v1/alerts/{alert_id}/intervene", summary="Record the intervention (role: owner of it, ops, admin)")
@@ -279,8 +289,9 @@ async def intervene(
     alert_id: str,
     principal: Annotated[Principal, Depends(require(*READERS))],
     body: Annotated[InterveneBody | None, Body()] = None,
+    key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
-    return await _act(request, alert_id, principal, "intervened", body or InterveneBody(), {})
+    return await _act(request, alert_id, principal, "intervened", body or InterveneBody(), key)
 
 
 @router.post("/v1/alerts/{alert_id}/outcome", summary="Record the outcome (role: owner of it, ops, admin)")
@@ -289,8 +300,9 @@ async def outcome(
     alert_id: str,
     body: OutcomeBody,
     principal: Annotated[Principal, Depends(require(*READERS))],
+    key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
-    return await _act(request, alert_id, principal, "outcome", body, {})
+    return await _act(request, alert_id, principal, "outcome", body, key)
 
 
 @router.post("/v1/alerts/{alert_id}/reassign", summary="Hand an alert to another owner (role: ops, admin)")
@@ -299,10 +311,11 @@ async def reassign(
     alert_id: str,
     body: ReassignBody,
     principal: Annotated[Principal, Depends(require("ops"))],
+    key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
     owners = ruleset_of(request).owners
     if body.owner not in owners:
         close = difflib.get_close_matches(body.owner, list(owners), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise body_error("owner", f"owner {body.owner!r} is not in the owner directory{hint}")
-    return await _act(request, alert_id, principal, "reassigned", body, {})
+    return await _act(request, alert_id, principal, "reassigned", body, key)

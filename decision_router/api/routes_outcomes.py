@@ -9,9 +9,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
 
-from decision_router.api.actions import apply_event
+from decision_router.api.actions import apply_event, http_entry_id
 from decision_router.api.auth import Principal, require
-from decision_router.api.common import body_error
+from decision_router.api.common import body_error, idempotency_key
 
 router = APIRouter(tags=["outcomes"])
 
@@ -25,6 +25,7 @@ async def post_outcomes(
     request: Request,
     body: Annotated[Any, Body(description="An OutcomeEvent object (see the contract) or a list of them.")],
     principal: Annotated[Principal, Depends(require("publisher", "ops"))],
+    key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
     events = body if isinstance(body, list) else [body]
     if not events:
@@ -36,9 +37,10 @@ async def post_outcomes(
     results: list[dict[str, Any]] = []
     for index, event in enumerate(events):
         # Not a JSON object: the gate rejects it (invalid_json) and dead-letters it like a stream entry.
-        applied = await apply_event(request, event if isinstance(event, dict) else {"_": event})
+        applied = await apply_event(request, event if isinstance(event, dict) else {"_": event},
+                                    entry_id=http_entry_id(principal.token_id, key, "outcomes", index))
         if applied.applied:
-            results.append({"index": index, "status": "applied"})
+            results.append({"index": index, "status": "applied", **({"replayed": True} if applied.replayed else {})})
         else:
             results.append({"index": index, "status": "rejected", "reason": applied.reason, "detail": applied.detail})
     done = sum(1 for r in results if r["status"] == "applied")

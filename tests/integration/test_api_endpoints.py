@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -316,6 +316,71 @@ async def test_outcome_webhook_addresses_by_alert_prediction_or_entity_and_dead_
     # The answer's reason and detail are the DLQ entry's: the event was parsed once, by the pipeline.
     assert dlq == [("unknown_alert", results[3]["detail"]), ("schema", results[4]["detail"])]
     assert results[3]["detail"] == "no alert al-nope"
+
+
+def events_of(engine: Engine, alert_id: str, kind: str) -> list[AuditEvent]:
+    with Session(engine) as session:
+        return list(session.scalars(select(AuditEvent).where(AuditEvent.alert_id == alert_id, AuditEvent.type == kind)))
+
+
+async def test_a_retried_outcome_webhook_with_an_idempotency_key_applies_once(
+    standalone, r, settings: Settings
+) -> None:
+    """CRMs retry webhooks after a timeout: with the same Idempotency-Key (from the same token) a retry
+    applies nothing again and answers as the first did; without a key, or with another, it is a new event."""
+    api, app = standalone
+    await route(app, for_owner("k1", ALICE))
+    alert_id = alert_id_for("k1", RULE)
+    events = [
+        {"alert_id": alert_id, "type": "intervened", "actor": "crm", "action": "call"},
+        {"alert_id": "al-nope", "type": "acknowledged", "actor": "crm"},
+    ]
+    keyed = {**api.publisher, "Idempotency-Key": "crm-delivery-7f3a"}
+    first = await api.http.post("/v1/outcomes", json=events, headers=keyed)
+    retry = await api.http.post("/v1/outcomes", json=events, headers=keyed)
+    assert first.status_code == retry.status_code == 200
+    def answers(response: httpx.Response) -> list[tuple[str, bool | None]]:
+        return [(x["status"], x.get("replayed")) for x in response.json()["results"]]
+
+    assert answers(first) == [("applied", None), ("rejected", None)]
+    assert answers(retry) == [("applied", True), ("rejected", None)]
+    assert retry.json()["results"][1]["detail"] == first.json()["results"][1]["detail"] == "no alert al-nope"
+    assert len(events_of(api.engine, alert_id, "intervened")) == 1
+    # The rejected event was dead-lettered and counted once, not once per retry.
+    assert [f["reason"] for _, f in r.xrange(f"{settings.stream_prefix}outcomes:dlq")] == ["unknown_alert"]
+    with Session(api.engine) as session:
+        assert session.scalar(select(func.count()).select_from(RejectionRecord)) == 1
+    # Another token's same key is another client's request; no key is a new event each time.
+    other = {"Authorization": f"Bearer {create_token(api.engine, role='publisher')[0]}",
+             "Idempotency-Key": "crm-delivery-7f3a"}
+    assert answers(await api.http.post("/v1/outcomes", json=events[:1], headers=other)) == [("applied", None)]
+    await api.http.post("/v1/outcomes", json=events[:1], headers=api.publisher)
+    assert len(events_of(api.engine, alert_id, "intervened")) == 3
+
+
+async def test_a_retried_alert_action_with_an_idempotency_key_writes_one_event(standalone) -> None:
+    api, app = standalone
+    await route(app, for_owner("k2", ALICE))
+    alert_id = alert_id_for("k2", RULE)
+    keyed = {**api.alice, "Idempotency-Key": "ack-1"}
+    for _ in range(2):
+        response = await api.http.post(f"/v1/alerts/{alert_id}/ack", json={"note": "on it"}, headers=keyed)
+        assert response.status_code == 200, response.text
+        assert [e["type"] for e in response.json()["events"]].count("acknowledged") == 1
+    # The key is per action: the same key on another endpoint is another request.
+    response = await api.http.post(f"/v1/alerts/{alert_id}/intervene", json={"action": "call"}, headers=keyed)
+    assert [e["type"] for e in response.json()["events"]].count("intervened") == 1
+    assert len(events_of(api.engine, alert_id, "acknowledged")) == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 201, "two words", "caf\u00e9"])
+async def test_a_bad_idempotency_key_is_a_422_naming_the_header(standalone, key) -> None:
+    api, _ = standalone
+    headers = {**api.publisher, "Idempotency-Key": key}
+    response = await api.http.post("/v1/outcomes", json={"alert_id": "al-x", "type": "acknowledged", "actor": "crm"},
+                                   headers={k: v.encode() if k == "Idempotency-Key" else v for k, v in headers.items()})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
 
 
 async def test_text_no_store_can_hold_is_rejected_per_item_never_a_500(standalone, r, settings: Settings) -> None:
