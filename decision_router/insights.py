@@ -6,7 +6,8 @@ for charts and adds what the dashboard needs and stats lacks:
   uplift with its fixed 95% interval (straight from compute_stats, so the two never disagree);
 - `time_to_act_histogram`: how long routed alerts waited for their first intervention;
 - `owner_sla`: per accountable owner, open, overdue and escalated alerts right now;
-- `rejections_per_day`: data-quality rejections per UTC day and reason.
+- `rejections_per_day`: data-quality rejections per UTC day and reason;
+- `open_alerts`: an owner's inbox, its own open alerts and those escalated to it.
 
 Every function is a pure read of the store; windows are [since, until) on the same column
 as stats (alert creation, rejection time), and every bucket is computed in Python so SQLite
@@ -21,13 +22,13 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, desc, func, select, union_all
 from sqlalchemy.orm import Session
 
 from decision_router.durations import format_duration
 from decision_router.stats import UNKNOWN_MODEL, GroupBy, StatsRow, compute_stats
 from decision_router.store import within
-from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, RejectionRecord, as_utc
+from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, EscalationRecord, RejectionRecord, as_utc
 
 # Upper edges of the time-to-act buckets, in seconds; the last bucket is open-ended.
 DEFAULT_ACT_EDGES: tuple[int, ...] = (15 * 60, 3600, 4 * 3600, 24 * 3600, 48 * 3600, 7 * 86400)
@@ -257,13 +258,57 @@ def next_deadline(record: AlertRecord) -> datetime | None:
     return as_utc(record.act_by) if record.intervened_at is None else None
 
 
+def others_escalated_to(owner: str) -> Any:
+    """Other owners' alerts escalated to `owner` at any level (an escalations row names it)."""
+    escalated = select(EscalationRecord.alert_id).where(EscalationRecord.to_owner == owner)
+    return and_(AlertRecord.owner != owner, AlertRecord.alert_id.in_(escalated))
+
+
+def alerts_seen_by(owner: str, *conditions: Any, newest_first: bool, limit: int) -> Any:
+    """A select of the alerts meeting `conditions` that an owner sees: its own and those escalated to
+    it, by creation time (then id), at most `limit`.
+
+    Two selects joined by UNION ALL, each read through its own index (the alerts' owner; escalations by
+    to_owner, then the alerts by id): with `owner = ... OR alert_id IN (...)` PostgreSQL used neither
+    and read every alert, or every open one, to find a few (100k alerts: 30-50 ms, where this takes 1.5-5)."""
+    keys = (AlertRecord.created_at, AlertRecord.alert_id)
+    order = [desc(key.name) if newest_first else key.name for key in keys]
+    picked = (
+        union_all(
+            select(*keys).where(*conditions, AlertRecord.owner == owner),
+            select(*keys).where(*conditions, others_escalated_to(owner)),
+        )
+        .order_by(*order)
+        .limit(limit)
+        .subquery()
+    )
+    columns = [picked.c[key.name] for key in keys]
+    return (
+        select(AlertRecord)
+        .join(picked, AlertRecord.alert_id == picked.c.alert_id)
+        .order_by(*(column.desc() if newest_first else column for column in columns))
+    )
+
+
 def open_alerts(session: Session, *, owner: str, limit: int = 500) -> list[AlertRecord]:
-    """An owner's open routed alerts (the `limit` oldest), the nearest unmet deadline first;
-    alerts already acted on (waiting for their outcome) last."""
-    query = _routed(select(AlertRecord)).where(AlertRecord.owner == owner, AlertRecord.status == "open")
-    records = list(session.scalars(query.order_by(AlertRecord.created_at, AlertRecord.alert_id).limit(limit)))
+    """An owner's open routed alerts and those escalated to it (the `limit` oldest), the nearest unmet
+    deadline first; alerts already acted on (waiting for their outcome) last."""
+    query = alerts_seen_by(owner, DELIVERED_TO_OWNER, AlertRecord.status == "open", newest_first=False, limit=limit)
+    records = list(session.scalars(query))
     never = datetime.max.replace(tzinfo=UTC)
     return sorted(records, key=lambda r: (next_deadline(r) or never, as_utc(r.created_at)))
+
+
+def escalation_levels(session: Session, *, to_owner: str, alert_ids: Sequence[str]) -> dict[str, int]:
+    """The level at which each alert was escalated to `to_owner` (the highest, if more than once)."""
+    if not alert_ids:
+        return {}
+    query = (
+        select(EscalationRecord.alert_id, func.max(EscalationRecord.level))
+        .where(EscalationRecord.to_owner == to_owner, EscalationRecord.alert_id.in_(list(alert_ids)))
+        .group_by(EscalationRecord.alert_id)
+    )
+    return {alert_id: level for alert_id, level in session.execute(query)}
 
 
 def as_json(value: Any) -> Any:

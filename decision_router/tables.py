@@ -166,7 +166,9 @@ class EscalationRecord(SQLModel, table=True):
     level: int
     kind: str  # ack | act: which deadline was missed
     from_owner: str
-    to_owner: str
+    # Indexed: an owner token's listing and dashboard read the alerts escalated to it by this, on every
+    # request; without it, each read the whole table, which only grows.
+    to_owner: str = Field(index=True)
     reason: str
     at: datetime = _when()
     delivered_at: datetime | None = _when(nullable=True)
@@ -398,6 +400,6 @@ Index("ix_alerts_entity_id", AlertRecord.entity_id).ddl_if(dialect="sqlite")
 Index("ix_alerts_entity", AlertRecord.entity_id, AlertRecord.rule, AlertRecord.created_at).ddl_if(dialect="postgresql")
 # Indexes added to tables that older stores have (create_schema builds them there), and the
 # PostgreSQL constraints they replace (dropped after).
-ADDED_INDEXES = ["uq_audit_source_entry", "ix_alerts_ack_pending", "ix_alerts_act_pending"]
+ADDED_INDEXES = ["uq_audit_source_entry", "ix_alerts_ack_pending", "ix_alerts_act_pending", "ix_escalations_to_owner"]
 ADDED_DIALECT_INDEXES = {"postgresql": ["ix_alerts_entity"]}
 RETIRED_CONSTRAINTS = [("audit_events", "uq_audit_source")]

@@ -7,7 +7,8 @@ network asset, charts drawn as inline SVG by vanilla JS. A strict Content-Securi
 JSON endpoints (bearer token, like the rest of /v1):
 - GET /v1/dashboard/ops (ops, admin): funnel, uplift, time to act, owners' SLA, rejections
   per day, for a period (since/until or the last N days), a model and a rule;
-- GET /v1/dashboard/owner (owner): the caller's open alerts with context and deadlines.
+- GET /v1/dashboard/owner (owner): the caller's open alerts and those escalated to it, with
+  context and deadlines.
 The owner view's buttons call the alert endpoints (/v1/alerts/{id}/ack, ...).
 """
 
@@ -120,10 +121,14 @@ def _iso(value: datetime | None) -> str | None:
     return as_utc(value).isoformat() if value is not None else None
 
 
-def _owner_alert(record: AlertRecord, now: datetime) -> dict[str, Any]:
+def _owner_alert(record: AlertRecord, now: datetime, escalated_to_me_level: int | None) -> dict[str, Any]:
     ack_by, act_by = as_utc(record.ack_by), as_utc(record.act_by)
     return {
         "alert_id": record.alert_id,
+        # Someone else's alert escalated to the caller: the owner stays accountable, the caller may act.
+        "owner": record.owner,
+        "escalated_to_me": escalated_to_me_level is not None,
+        "escalated_to_me_level": escalated_to_me_level,
         "rule": record.rule,
         "priority": record.priority,
         "model": record.model,
@@ -149,13 +154,16 @@ def _owner_alert(record: AlertRecord, now: datetime) -> dict[str, Any]:
 async def owner_view(
     request: Request, principal: Annotated[Principal, Depends(require("owner"))]
 ) -> dict[str, Any]:
-    """The caller's open alerts (never anyone else's), the nearest acknowledgement deadline first."""
+    """The caller's open alerts and those escalated to it (never anyone else's), the nearest deadline first."""
     owner = principal.owner
     if not owner:  # an owner token is always bound to an owner id; refuse rather than show all
         raise HTTPException(status_code=403, detail="this owner token is bound to no owner")
     now = utcnow()
 
     def read(session: Session) -> list[dict[str, Any]]:
-        return [_owner_alert(record, now) for record in insights.open_alerts(session, owner=owner)]
+        records = insights.open_alerts(session, owner=owner)
+        others = [record.alert_id for record in records if record.owner != owner]
+        levels = insights.escalation_levels(session, to_owner=owner, alert_ids=others)
+        return [_owner_alert(record, now, levels.get(record.alert_id)) for record in records]
 
     return {"owner": owner, "now": now.isoformat(), "alerts": await read_store(request, read)}

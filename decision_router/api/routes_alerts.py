@@ -2,9 +2,11 @@
 
 Owner tokens see only alerts delivered to them: decisions they own whose effective action
 is `alert` (not held-out control records, which must stay unseen for the uplift to mean
-anything, nor cooldown-suppressed ones). Another owner's alert is a 404, not a 403, so
-alert ids do not leak; asking the list for another owner is a 403 (the filter is the
-caller's own mistake, nothing leaks by saying so).
+anything, nor cooldown-suppressed ones), and someone else's such alerts that were escalated
+to them at any level: a manager acts on what reached them, as themselves (the alert's owner
+stays accountable). Any other alert is a 404, not a 403, so alert ids do not leak; asking
+the list for another owner is a 403 (the filter is the caller's own mistake, nothing leaks
+by saying so).
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from decision_router.api.common import (
 )
 from decision_router.audit import AlertSummary, alert_story, iso
 from decision_router.contracts import OutcomeResult
-from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, as_utc
+from decision_router.insights import alerts_seen_by
+from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, EscalationRecord, as_utc
 
 router = APIRouter(tags=["alerts"])
 
 READERS = ("owner", "ops")  # ops admits admin
+ACTING_ROLES = "role: its owner or an owner it was escalated to, ops, admin"
 
 
 class State(StrEnum):
@@ -105,10 +109,17 @@ def alert_view(record: AlertRecord) -> dict[str, Any]:
     return view
 
 
-def visible_to(principal: Principal, record: AlertRecord) -> bool:
+def visible_to(session: Session, principal: Principal, record: AlertRecord) -> bool:
     if principal.role != "owner":
         return True
-    return record.owner == principal.owner and record.effective_action == Action.ALERT.value
+    if record.effective_action != Action.ALERT.value:
+        return False
+    if record.owner == principal.owner:
+        return True
+    escalated = select(EscalationRecord.id).where(
+        EscalationRecord.alert_id == record.alert_id, EscalationRecord.to_owner == principal.owner
+    )
+    return session.execute(escalated.limit(1)).first() is not None
 
 
 def _encode_cursor(record: AlertRecord) -> str:
@@ -129,7 +140,10 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 async def list_alerts(
     request: Request,
     principal: Annotated[Principal, Depends(require(*READERS))],
-    owner: Annotated[str | None, Query(description="Only this owner (owner tokens: only their own).")] = None,
+    owner: Annotated[
+        str | None,
+        Query(description="Only this owner's (owner tokens: their own, else also those escalated to them)."),
+    ] = None,
     state: Annotated[State | None, Query(description="open | acknowledged | intervened | closed")] = None,
     rule: Annotated[str | None, Query()] = None,
     entity: Annotated[str | None, Query(description="TYPE:ID, e.g. account:acct-17")] = None,
@@ -141,36 +155,44 @@ async def list_alerts(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> dict[str, Any]:
+    # An owner token without an owner filter lists its own alerts and those escalated to it.
+    seen_by: str | None = None
     if principal.role == "owner":
         if owner is not None and owner != principal.owner:
             raise HTTPException(status_code=403, detail="an owner token lists only its own alerts")
         if action is not None and action is not Action.ALERT:
             raise HTTPException(status_code=403, detail="an owner token lists only delivered alerts (action=alert)")
-        owner, action = principal.owner, Action.ALERT
+        if owner is None:
+            seen_by = principal.owner
+        action = Action.ALERT
     start = parse_since(since)
     entity_key = parse_entity(entity)
     after = _decode_cursor(cursor) if cursor else None
 
     def query(session: Session) -> tuple[list[dict[str, Any]], str | None]:
         a = AlertRecord
-        q = select(a)
+        conditions = []
         if owner is not None:
-            q = q.where(a.owner == owner)
+            conditions.append(a.owner == owner)
         if state is not None:
-            q = q.where(_state_clause(state))
+            conditions.append(_state_clause(state))
         if rule is not None:
-            q = q.where(a.rule == rule)
+            conditions.append(a.rule == rule)
         if entity_key is not None:
-            q = q.where(a.entity_type == entity_key[0], a.entity_id == entity_key[1])
+            conditions += [a.entity_type == entity_key[0], a.entity_id == entity_key[1]]
         if model is not None:
-            q = q.where(a.model == model)
+            conditions.append(a.model == model)
         if action is not None:
-            q = q.where(_action_clause(action))
+            conditions.append(_action_clause(action))
         if start is not None:
-            q = q.where(a.created_at >= start)
+            conditions.append(a.created_at >= start)
         if after is not None:
-            q = q.where(or_(a.created_at < after[0], and_(a.created_at == after[0], a.alert_id < after[1])))
-        rows = list(session.scalars(q.order_by(a.created_at.desc(), a.alert_id.desc()).limit(limit + 1)))
+            conditions.append(or_(a.created_at < after[0], and_(a.created_at == after[0], a.alert_id < after[1])))
+        if seen_by is not None:
+            q = alerts_seen_by(seen_by, *conditions, newest_first=True, limit=limit + 1)
+        else:
+            q = select(a).where(*conditions).order_by(a.created_at.desc(), a.alert_id.desc()).limit(limit + 1)
+        rows = list(session.scalars(q))
         more = len(rows) > limit
         rows = rows[:limit]
         return [alert_view(r) for r in rows], (_encode_cursor(rows[-1]) if more and rows else None)
@@ -180,8 +202,12 @@ async def list_alerts(
 
 
 async def _visible(request: Request, alert_id: str, principal: Principal) -> AlertRecord:
-    record = await read_store(request, lambda session: session.get(AlertRecord, alert_id))
-    if record is None or not visible_to(principal, record):
+    def read(session: Session) -> AlertRecord | None:
+        record = session.get(AlertRecord, alert_id)
+        return record if record is not None and visible_to(session, principal, record) else None
+
+    record = await read_store(request, read)
+    if record is None:
         raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")
     return record
 
@@ -272,7 +298,7 @@ async def _act(
     return await _story(request, alert_id, principal)
 
 
-@router.post("/v1/alerts/{alert_id}/ack", summary="Acknowledge an alert (role: owner of it, ops, admin)")
+@router.post("/v1/alerts/{alert_id}/ack", summary=f"Acknowledge an alert ({ACTING_ROLES})")
 async def ack(
     request: Request,
     alert_id: str,
@@ -283,7 +309,7 @@ async def ack(
     return await _act(request, alert_id, principal, "acknowledged", body or AckBody(), key)
 
 
-@router.post("/v1/alerts/{alert_id}/intervene", summary="Record the intervention (role: owner of it, ops, admin)")
+@router.post("/v1/alerts/{alert_id}/intervene", summary=f"Record the intervention ({ACTING_ROLES})")
 async def intervene(
     request: Request,
     alert_id: str,
@@ -294,7 +320,7 @@ async def intervene(
     return await _act(request, alert_id, principal, "intervened", body or InterveneBody(), key)
 
 
-@router.post("/v1/alerts/{alert_id}/outcome", summary="Record the outcome (role: owner of it, ops, admin)")
+@router.post("/v1/alerts/{alert_id}/outcome", summary=f"Record the outcome ({ACTING_ROLES})")
 async def outcome(
     request: Request,
     alert_id: str,

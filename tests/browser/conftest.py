@@ -44,7 +44,8 @@ class Site:
     url: str
     engine: Engine
     ruleset: RuleSet
-    tokens: dict[str, str]  # "ops", "owner" (alice-moreau), "other-owner" (elena-petrova), "publisher"
+    # "ops", "owner" (alice-moreau), "other-owner" (elena-petrova), "manager" (lead-strategic, alice's), "publisher"
+    tokens: dict[str, str]
     seeded: dict[str, list[str]]
 
 
@@ -79,6 +80,7 @@ def site(redis_server: str, postgres_server: str) -> Iterator[Site]:  # noqa: F8
         "ops": create_token(engine, role="ops")[0],
         "owner": create_token(engine, role="owner", owner="alice-moreau", owners=ruleset.owners)[0],
         "other-owner": create_token(engine, role="owner", owner="elena-petrova", owners=ruleset.owners)[0],
+        "manager": create_token(engine, role="owner", owner="lead-strategic", owners=ruleset.owners)[0],
         "publisher": create_token(engine, role="publisher")[0],
     }
     app = create_app(settings, engine=engine, redis=AsyncRedis.from_url(redis_server), ruleset=ruleset)

@@ -186,6 +186,21 @@ def test_owner_acknowledges_by_clicking_and_the_stats_show_it(browser, site: Sit
             assert (record.intervention, record.outcome, record.status) == ("exec call", "success", "closed")
 
 
+def test_a_manager_sees_the_alerts_escalated_to_them_marked_as_someone_elses(browser, site: Site) -> None:
+    with logged_in(browser, site, site.tokens["manager"], "owner") as page:
+        cards = page.eval_on_selector_all(
+            "#alerts li[data-alert]",
+            """els => els.map(e => [e.dataset.alert, e.classList.contains("escalated-to-me"),
+                                   e.querySelector(".escalated-note")?.textContent ?? null])""",
+        )
+        with Session(site.engine) as session:
+            escalated = {a.alert_id for a in insights.open_alerts(session, owner="lead-strategic")}
+        # The seed escalated alice's unacknowledged alerts to her manager, once; the manager owns none.
+        assert escalated and {alert_id for alert_id, *_ in cards} == escalated
+        assert all(marked and note == "escalated to you from alice-moreau, level 1" for _, marked, note in cards)
+        assert "escalated to you" in page.inner_text("#owner-status")
+
+
 def test_other_tokens_get_their_own_view_or_none(browser, site: Site) -> None:
     # Another owner sees only their own alerts.
     with logged_in(browser, site, site.tokens["other-owner"], "owner") as page:

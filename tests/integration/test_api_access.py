@@ -6,15 +6,20 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from decision_router.api.app import create_app
+from decision_router.escalation import EscalationSweeper
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
+from decision_router.tables import AlertRecord, AuditEvent, EscalationRecord
 from decision_router.tokens import create_token, revoke_token
 from decision_router.tracker import alert_id_for
 from tests.integration.test_router_loop import prediction
@@ -22,6 +27,8 @@ from tests.integration.test_router_loop import prediction
 pytestmark = pytest.mark.redis
 
 ALICE, ELENA = "alice-moreau", "elena-petrova"
+# Alice's manager chain (owners.yaml), and Elena's manager: a third owner for Alice's alerts.
+LEAD, DIRECTOR, EMEA_LEAD = "lead-strategic", "dir-enterprise", "lead-enterprise-emea"
 RULE = "enterprise-churn-risk"
 ROLES = ("publisher", "owner", "ops", "admin")
 
@@ -60,6 +67,8 @@ async def api(settings: Settings, ruleset: RuleSet, engine: Engine) -> AsyncIter
         for role in ROLES
     }
     tokens["elena"] = create_token(engine, role="owner", owner=ELENA, owners=ruleset.owners)[0]
+    for name, owner in (("lead", LEAD), ("director", DIRECTOR), ("emea-lead", EMEA_LEAD)):
+        tokens[name] = create_token(engine, role="owner", owner=owner, owners=ruleset.owners)[0]
     revoked, info = create_token(engine, role="admin")
     revoke_token(engine, info.token_id)
     tokens["revoked"] = revoked
@@ -244,3 +253,130 @@ async def test_only_ops_and_admin_reassign_through_the_outcome_webhook_too(api: 
     assert allowed.status_code == 200 and allowed.json()["applied"] == 1, allowed.text
     with Session(api.engine) as session:
         assert session.get(AlertRecord, ALICE_ALERT).owner == ELENA
+
+
+# escalated alerts ---------------------------------------------------------------------------
+# The rule gives 2h to acknowledge: a sweep 3h after routing escalates both alerts one step (Alice's
+# to LEAD, Elena's to EMEA_LEAD), each with 2h more; a sweep after 5h, one step further (to DIRECTOR).
+
+
+async def sweep(api: Api, after: timedelta) -> None:
+    """The SLA sweep as it runs `after` the alerts were routed: the app's pipeline's clock moves there."""
+    pipeline = api.app.state.pipeline
+    at = datetime.now(UTC) + after
+    pipeline.clock = lambda: at
+    await EscalationSweeper(pipeline).sweep_once()
+
+
+async def listed(api: Api, who: str, **params) -> list[str]:
+    response = await api.client.get("/v1/alerts", params=params, headers=api.auth(who))
+    assert response.status_code == 200, response.text
+    return [a["alert_id"] for a in response.json()["items"]]
+
+
+def escalation_levels(engine: Engine, alert_id: str) -> list[int]:
+    with Session(engine) as session:
+        return sorted(session.scalars(select(EscalationRecord.level).where(EscalationRecord.alert_id == alert_id)))
+
+
+async def test_a_manager_acknowledges_an_alert_escalated_to_them_which_stops_that_escalation(api: Api) -> None:
+    lead = api.auth("lead")
+    assert (await api.client.get(f"/v1/alerts/{ALICE_ALERT}", headers=lead)).status_code == 404  # not theirs yet
+    await sweep(api, timedelta(hours=3))
+    detail = await api.client.get(f"/v1/alerts/{ALICE_ALERT}", headers=lead)
+    assert detail.status_code == 200, detail.text
+    assert (detail.json()["alert"]["owner"], detail.json()["alert"]["escalated_to"]) == (ALICE, LEAD)
+    assert "siblings" not in detail.json()  # an owner token's view, as for the owner
+
+    acked = await api.client.post(f"/v1/alerts/{ALICE_ALERT}/ack", json={"note": "calling them"}, headers=lead)
+    assert acked.status_code == 200, acked.text
+    assert [(e["actor"], e["detail"].get("note")) for e in acked.json()["events"] if e["type"] == "acknowledged"] == [
+        (LEAD, "calling them")
+    ]
+    with Session(api.engine) as session:
+        record = session.get(AlertRecord, ALICE_ALERT)
+        assert (record.owner, record.acknowledged_at is not None, record.ack_due_at) == (ALICE, True, None)
+    # Past the manager's own 2h too: nobody acknowledged Elena's, which went one step further; Alice's did not.
+    await sweep(api, timedelta(hours=6))
+    assert escalation_levels(api.engine, ALICE_ALERT) == [1]
+    assert escalation_levels(api.engine, ELENA_ALERT) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("action", "body", "event_type"),
+    [
+        ("ack", {}, "acknowledged"),
+        ("intervene", {"action": "exec-call"}, "intervened"),
+        ("outcome", {"result": "success"}, "outcome"),
+    ],
+)
+async def test_a_manager_acts_on_an_escalated_alert_as_themselves_and_its_owner_stays_accountable(
+    api: Api, action: str, body: dict, event_type: str
+) -> None:
+    await sweep(api, timedelta(hours=3))
+    lead = api.auth("lead")
+    as_alice = await api.client.post(f"/v1/alerts/{ALICE_ALERT}/{action}", json={**body, "actor": ALICE}, headers=lead)
+    assert as_alice.status_code == 403, as_alice.text  # an owner token acts as its own owner only
+    response = await api.client.post(f"/v1/alerts/{ALICE_ALERT}/{action}", json=body, headers=lead)
+    assert response.status_code == 200, response.text
+    with Session(api.engine) as session:
+        assert session.get(AlertRecord, ALICE_ALERT).owner == ALICE
+        actors = list(session.scalars(
+            select(AuditEvent.actor).where(AuditEvent.alert_id == ALICE_ALERT, AuditEvent.type == event_type)
+        ))
+    assert actors == [LEAD]
+    # Handing it to someone else stays with ops and admin.
+    refused = await api.client.post(f"/v1/alerts/{ALICE_ALERT}/reassign", json={"owner": LEAD}, headers=lead)
+    assert refused.status_code == 403
+
+
+async def test_an_escalated_alert_is_seen_by_every_manager_it_reached_and_by_no_other_owner(api: Api) -> None:
+    await sweep(api, timedelta(hours=3))
+    await sweep(api, timedelta(hours=5, minutes=30))
+    assert escalation_levels(api.engine, ALICE_ALERT) == [1, 2]  # to LEAD, then DIRECTOR
+    for who in ("lead", "director"):
+        response = await api.client.get(f"/v1/alerts/{ALICE_ALERT}", headers=api.auth(who))
+        assert response.status_code == 200, (who, response.text)
+    # Elena's went to EMEA_LEAD, then DIRECTOR too.
+    assert await listed(api, "lead") == [ALICE_ALERT]
+    assert await listed(api, "emea-lead") == [ELENA_ALERT]
+    assert set(await listed(api, "director")) == {ALICE_ALERT, ELENA_ALERT}
+    # Another owner, even a manager in another chain, still cannot tell the alert exists.
+    missing = (await api.client.get("/v1/alerts/al-no-such-alert", headers=api.auth("emea-lead"))).json()
+    for who, alert_id in (("emea-lead", ALICE_ALERT), ("elena", ALICE_ALERT), ("lead", ELENA_ALERT)):
+        response = await api.client.get(f"/v1/alerts/{alert_id}", headers=api.auth(who))
+        assert response.status_code == 404 and response.json() == missing | {"detail": f"no alert {alert_id!r}"}
+        for action, body in (("ack", {}), ("intervene", {}), ("outcome", {"result": "failure"})):
+            acted = await api.client.post(f"/v1/alerts/{alert_id}/{action}", json=body, headers=api.auth(who))
+            assert acted.status_code == 404, (who, action, acted.text)
+    with Session(api.engine) as session:
+        for alert_id in (ALICE_ALERT, ELENA_ALERT):
+            record = session.get(AlertRecord, alert_id)
+            assert (record.acknowledged_at, record.intervened_at, record.outcome) == (None, None, None)
+    # The owners' own lists are unchanged.
+    assert await listed(api, "owner") == [ALICE_ALERT]
+    assert await listed(api, "elena") == [ELENA_ALERT]
+
+
+async def test_a_managers_list_has_their_own_alerts_and_those_escalated_to_them_filters_and_pages_apply(
+    api: Api,
+) -> None:
+    await route(api.app, for_owner("l1", LEAD))  # routed after Alice's: newer
+    lead_alert = alert_id_for("l1", RULE)
+    assert await listed(api, "lead") == [lead_alert]
+    await sweep(api, timedelta(hours=3))
+    assert await listed(api, "lead") == [lead_alert, ALICE_ALERT]  # newest first
+    assert await listed(api, "director") == [lead_alert]  # the manager's own alert went up their chain
+
+    first = (await api.client.get("/v1/alerts?limit=1", headers=api.auth("lead"))).json()
+    assert [a["alert_id"] for a in first["items"]] == [lead_alert] and first["next_cursor"]
+    assert await listed(api, "lead", limit=1, cursor=first["next_cursor"]) == [ALICE_ALERT]
+    assert await listed(api, "lead", entity="account:acct-a1") == [ALICE_ALERT]
+    assert await listed(api, "lead", entity="account:acct-e1") == []
+    assert await listed(api, "lead", rule="enterprise-churn-watch") == []
+    assert await listed(api, "lead", owner=LEAD) == [lead_alert]  # `owner` is the accountable owner
+    assert (await api.client.get(f"/v1/alerts?owner={ALICE}", headers=api.auth("lead"))).status_code == 403
+    assert (await api.client.get("/v1/alerts?action=control", headers=api.auth("lead"))).status_code == 403
+    await api.client.post(f"/v1/alerts/{ALICE_ALERT}/ack", headers=api.auth("lead"))
+    assert await listed(api, "lead", state="open") == [lead_alert]
+    assert await listed(api, "lead", state="acknowledged") == [ALICE_ALERT]

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -19,7 +20,7 @@ from decision_router.pipeline import Pipeline
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
 from decision_router.stats import compute_stats
-from decision_router.tables import AlertRecord
+from decision_router.tables import AlertRecord, EscalationRecord
 from decision_router.tokens import create_token
 from tests.browser.seed import MID, RISK, WATCH, Clock, seed
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.redis
 @dataclass
 class Dashboard:
     client: httpx.AsyncClient
-    headers: dict[str, dict[str, str]]  # "ops", "alice", "elena"
+    headers: dict[str, dict[str, str]]  # "ops", "alice", "elena", "lead" (alice's manager)
     seeded: dict[str, list[str]]
     now: datetime
 
@@ -45,6 +46,7 @@ async def dash(settings: Settings, ruleset: RuleSet, engine: Engine) -> AsyncIte
         "ops": create_token(engine, role="ops")[0],
         "alice": create_token(engine, role="owner", owner="alice-moreau", owners=ruleset.owners)[0],
         "elena": create_token(engine, role="owner", owner="elena-petrova", owners=ruleset.owners)[0],
+        "lead": create_token(engine, role="owner", owner="lead-strategic", owners=ruleset.owners)[0],
     }
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://dashboard.test") as client:
@@ -124,3 +126,33 @@ async def test_owner_view_lists_only_the_callers_open_alerts_with_context_and_de
     with Session(engine) as session:
         owners = {session.get(AlertRecord, a["alert_id"]).owner for a in elena["alerts"]}
     assert owners == {"elena-petrova"}
+    assert not any(a["escalated_to_me"] for a in alice["alerts"] + elena["alerts"])
+
+
+async def test_owner_view_of_a_manager_adds_the_open_alerts_escalated_to_them_marked_as_someone_elses(
+    dash: Dashboard, engine: Engine
+) -> None:
+    # The seed's sweep escalated alice's unacknowledged high-risk alerts to her manager, lead-strategic.
+    with Session(engine) as session:
+        escalated = dict(session.execute(
+            select(EscalationRecord.alert_id, EscalationRecord.level)
+            .join(AlertRecord, AlertRecord.alert_id == EscalationRecord.alert_id)
+            .where(EscalationRecord.to_owner == "lead-strategic", AlertRecord.status == "open")
+        ).all())
+    assert escalated and set(escalated) <= set(dash.seeded["owner_open"])
+    lead = (await dash.client.get("/v1/dashboard/owner", headers=dash.headers["lead"])).json()
+    assert lead["owner"] == "lead-strategic"
+    assert {a["alert_id"]: a["escalated_to_me_level"] for a in lead["alerts"]} == escalated
+    assert all(a["owner"] == "alice-moreau" and a["escalated_to_me"] for a in lead["alerts"])
+    # The manager acknowledges one from the view: it stays in both views, acknowledged by the manager.
+    target = lead["alerts"][0]["alert_id"]
+    acked = await dash.client.post(f"/v1/alerts/{target}/ack", headers=dash.headers["lead"])
+    assert acked.status_code == 200, acked.text
+    assert [e["actor"] for e in acked.json()["events"] if e["type"] == "acknowledged"] == ["lead-strategic"]
+    for who in ("lead", "alice"):
+        view = (await dash.client.get("/v1/dashboard/owner", headers=dash.headers[who])).json()
+        [card] = [a for a in view["alerts"] if a["alert_id"] == target]
+        assert card["acknowledged_at"] and card["escalated_to_me"] == (who == "lead")
+    # Elena's manager is not alice's: none of alice's alerts, escalated or not, reach elena.
+    elena = (await dash.client.get("/v1/dashboard/owner", headers=dash.headers["elena"])).json()
+    assert not {a["alert_id"] for a in elena["alerts"]} & set(dash.seeded["owner_open"])

@@ -78,6 +78,15 @@ def test_create_schema_replaces_the_due_indexes_of_an_older_store(engine: Engine
     assert schema_is_current(engine)
 
 
+def test_create_schema_adds_the_index_of_escalations_by_manager_to_an_older_store(engine: Engine) -> None:
+    with engine.begin() as connection:  # a store from before owner tokens saw the alerts escalated to them
+        connection.execute(text("drop index ix_escalations_to_owner"))
+    assert not schema_is_current(engine)
+    create_schema(engine)
+    assert "ix_escalations_to_owner" in index_names(engine)
+    assert schema_is_current(engine)
+
+
 @pytest.mark.postgres
 def test_create_schema_replaces_the_entity_index_of_an_older_postgres_store(pg_engine: Engine) -> None:
     with pg_engine.begin() as connection:  # the store as an older version left it

@@ -18,7 +18,7 @@ from decision_router.rules import load_rules
 from decision_router.settings import Settings
 from decision_router.stats import compute_quality, compute_stats
 from decision_router.store import create_schema, make_engine
-from decision_router.tables import RejectionRecord
+from decision_router.tables import EscalationRecord, RejectionRecord
 from tests.browser.seed import Clock, seed
 from tests.unit.test_stats import HOLDOUTS, T0, alert, known_records
 
@@ -181,3 +181,31 @@ def test_open_alerts_are_the_owners_own_nearest_unmet_deadline_first() -> None:
     with Session(engine) as session:
         listed = [r.alert_id for r in insights.open_alerts(session, owner="alice")]
     assert listed == ["al-r-3", "al-r-4", "al-r-2", "al-r-1"]
+
+
+def step(alert_id: str, level: int, from_owner: str, to_owner: str) -> EscalationRecord:
+    return EscalationRecord(alert_id=alert_id, level=level, kind="ack", from_owner=from_owner, to_owner=to_owner,
+                            reason="not acknowledged within 4h", at=T0 + timedelta(hours=5))
+
+
+def test_open_alerts_of_a_manager_add_the_ones_escalated_to_them_at_any_level() -> None:
+    own = alert(1, rule="r", owner="lead", created=T0 + timedelta(hours=3))  # ack_by T0+7h
+    first = alert(2, rule="r", owner="alice")  # escalated to lead (level 1): ack_by T0+4h
+    second = alert(3, rule="r", owner="bob", created=T0 + timedelta(hours=1))  # level 1 to kim, level 2 to lead
+    twice = alert(4, rule="r", owner="alice", created=T0 + timedelta(hours=2))  # to lead at levels 1 and 3
+    closed = alert(5, rule="r", owner="alice", outcome="success")  # escalated, but no longer open
+    elsewhere = alert(6, rule="r", owner="bob")  # escalated to kim only
+    steps = [step("al-r-2", 1, "alice", "lead"), step("al-r-3", 1, "bob", "kim"), step("al-r-3", 2, "kim", "lead"),
+             step("al-r-4", 1, "alice", "lead"), step("al-r-4", 3, "vp", "lead"), step("al-r-5", 1, "alice", "lead"),
+             step("al-r-6", 1, "bob", "kim")]
+    engine = memory_store([own, first, second, twice, closed, elsewhere, *steps])
+    with Session(engine) as session:
+        listed = [r.alert_id for r in insights.open_alerts(session, owner="lead")]
+        levels = insights.escalation_levels(session, to_owner="lead", alert_ids=listed)
+        alices = [r.alert_id for r in insights.open_alerts(session, owner="alice")]
+        at_most_two = [r.alert_id for r in insights.open_alerts(session, owner="lead", limit=2)]
+    # Each once, the nearest unmet deadline first, as for the owner's own.
+    assert listed == ["al-r-2", "al-r-3", "al-r-4", "al-r-1"]
+    assert levels == {"al-r-2": 1, "al-r-3": 2, "al-r-4": 3}
+    assert alices == ["al-r-2", "al-r-4"]  # the owner still sees them: escalation hands nothing over
+    assert at_most_two == ["al-r-2", "al-r-3"]  # the oldest two

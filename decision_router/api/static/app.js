@@ -146,10 +146,19 @@ function button(text, action, alertId, disabled, extra = {}) {
   return b;
 }
 
-function alertCard(alert) {
+// `me`: the caller's owner id. An alert escalated to the caller is someone else's: the card says whose.
+function alertCard(alert, me) {
   const li = node("li", { className: `alert priority-${alert.priority}` });
   li.dataset.alert = alert.alert_id;
   li.append(node("h3", { textContent: `${alert.entity_type} ${alert.entity_id}` }));
+  if (alert.escalated_to_me) {
+    li.classList.add("escalated-to-me");
+    li.dataset.owner = alert.owner;
+    li.append(node("p", {
+      className: "escalated-note",
+      textContent: `escalated to you from ${alert.owner}, level ${alert.escalated_to_me_level}`,
+    }));
+  }
   li.append(node("div", {
     className: "meta",
     textContent: `${alert.rule} · ${alert.priority} · ${alert.model} score ${alert.score.toFixed(2)} · created ${when(alert.created_at)}`,
@@ -163,8 +172,9 @@ function alertCard(alert) {
   dl.append(node("dt", { textContent: "act" }),
     node("dd", { textContent: actState + (alert.act_overdue ? " — overdue" : ""), className: alert.act_overdue ? "overdue" : "" }));
   if (alert.escalation_level) {
+    const holder = alert.escalated_to && alert.escalated_to !== me ? alert.escalated_to : "you";
     dl.append(node("dt", { textContent: "escalated" }),
-      node("dd", { textContent: `${alert.escalation_level}× (now with ${alert.escalated_to || "you"})`, className: "overdue" }));
+      node("dd", { textContent: `${alert.escalation_level}× (now with ${holder})`, className: "overdue" }));
   }
   for (const [key, value] of Object.entries(alert.context || {})) {
     dl.append(node("dt", { textContent: key.replace(/^(context|features|lookup)\./, "") }),
@@ -191,9 +201,12 @@ async function loadOwner() {
   document.body.dataset.loaded = "busy";
   const data = await api("/v1/dashboard/owner");
   const list = $("alerts");
-  list.replaceChildren(...data.alerts.map(alertCard));
+  list.replaceChildren(...data.alerts.map((alert) => alertCard(alert, data.owner)));
   const n = data.alerts.length;
-  $("owner-status").textContent = n ? `${n} open alert${n === 1 ? "" : "s"}, nearest deadline first.` : "No open alerts.";
+  const escalated = data.alerts.filter((alert) => alert.escalated_to_me).length;
+  const ofWhich = escalated ? ` (${escalated} escalated to you)` : "";
+  $("owner-status").textContent = n
+    ? `${n} open alert${n === 1 ? "" : "s"}${ofWhich}, nearest deadline first.` : "No open alerts.";
   document.body.dataset.loaded = "owner";
 }
 
