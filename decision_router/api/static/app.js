@@ -25,9 +25,10 @@ function detailText(body, status) {
   return `HTTP ${status}`;
 }
 
-async function api(path, { method = "GET", body } = {}) {
+async function api(path, { method = "GET", body, key } = {}) {
   const headers = { Authorization: `Bearer ${token()}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (key !== undefined) headers["Idempotency-Key"] = key;
   const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const data = await response.json().catch(() => null);
   if (!response.ok) throw new HttpError(response.status, detailText(data, response.status));
@@ -210,6 +211,11 @@ async function loadOwner() {
   document.body.dataset.loaded = "owner";
 }
 
+// getRandomValues, not randomUUID: the page may be served over plain HTTP on a LAN address.
+function requestKey() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 async function act(target) {
   const { action, alert: alertId, result } = target.dataset;
   const path = `/v1/alerts/${encodeURIComponent(alertId)}/${action}`;
@@ -220,10 +226,13 @@ async function act(target) {
   } else if (action === "outcome") {
     body = { result };
   }
+  // One key per click until it succeeds: if an answer is lost and the owner clicks again, the
+  // server applies the action once.
+  target.dataset.key ||= requestKey();
   target.disabled = true;
   document.body.dataset.loaded = "busy";
   try {
-    await api(path, { method: "POST", body });
+    await api(path, { method: "POST", body, key: target.dataset.key });
     say("");
     await loadOwner();
     $("owner-status").textContent += ` Recorded: ${action}${result ? ` (${result})` : ""} on ${alertId}.`;
