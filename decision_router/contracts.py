@@ -17,7 +17,13 @@ NonEmpty = Field(min_length=1, max_length=200)
 
 def utc(value: datetime) -> datetime:
     """Naive datetimes are read as UTC, as the contract says timestamps are UTC."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        # 9999-12-31T23:59:59-23:59 is after 9999 in UTC: a ValueError here is pydantic's schema error.
+        raise ValueError("out of range: in UTC it would fall before the year 1 or after 9999") from None
 
 
 class Prediction(BaseModel):

@@ -33,6 +33,7 @@ from decision_router.router import Decision, route, route_without_lookups
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
 from decision_router.streams import StreamWrite, xadd_once
+from decision_router.tables import AlertRecord, as_utc
 
 log = structlog.get_logger("decision_router.pipeline")
 
@@ -340,8 +341,10 @@ class Pipeline:
         started = time.perf_counter()
         now = self.clock()
         limits = self.settings.payload_limits
+        skew = self.settings.max_clock_skew
         parsed = [
-            (entry_id, fields, check_outcome(fields, source_stream=self.keys.outcomes, source_id=entry_id, limits=limits))
+            (entry_id, fields, check_outcome(fields, source_stream=self.keys.outcomes, source_id=entry_id,
+                                             limits=limits, now=now, max_skew=skew))
             for entry_id, fields in entries
         ]
         try:
@@ -409,7 +412,7 @@ class Pipeline:
         return result, rejections, reassigned
 
     def _outcome_problem(
-        self, event: OutcomeEvent, alerts: Sequence[object]
+        self, event: OutcomeEvent, alerts: Sequence[AlertRecord]
     ) -> tuple[RejectionReason | None, str]:
         if not alerts:
             if event.alert_id is not None:
@@ -425,4 +428,15 @@ class Pipeline:
             )
         if event.type is OutcomeType.REASSIGNED and event.owner not in self.ruleset.owners:
             return RejectionReason.UNKNOWN_OWNER, f"owner {event.owner!r} is not in the owner directory"
+        if event.at is not None:
+            # Nobody acts on an alert before it exists, nor has an outcome before the prediction: such an `at`
+            # (a wrong clock, a typo'd year) would make negative times to act in the stats.
+            skew = self.settings.max_clock_skew
+            human = event.type is not OutcomeType.OUTCOME
+            for alert in alerts:
+                since, what = (alert.created_at, "was created") if human else (alert.predicted_at, "was predicted")
+                if event.at < as_utc(since) - skew:
+                    began = as_utc(since).isoformat()
+                    detail = f"at {event.at.isoformat()} is before alert {alert.alert_id} {what} ({began})"
+                    return RejectionReason.SCHEMA, detail
         return None, ""

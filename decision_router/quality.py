@@ -319,13 +319,19 @@ def check_outcome(
     source_stream: str,
     source_id: str | None = None,
     limits: PayloadLimits = DEFAULT_LIMITS,
+    now: datetime | None = None,
+    max_skew: timedelta | None = None,
 ) -> OutcomeEvent | Rejection:
-    """Parse an outcome event; whether its alert exists is the tracker's question."""
+    """Parse an outcome event; whether its alert exists is the tracker's question. With `now`,
+    an `at` later than now + max_skew is refused: it would count as an action years away."""
     try:
         _check_size(entry, limits)
         document = _checked_document(entry, limits)
         # Flat producers send "" for fields they do not use.
         document = {k: v for k, v in document.items() if v != ""}
-        return _validate(OutcomeEvent, document)
+        event: OutcomeEvent = _validate(OutcomeEvent, document)
+        if event.at is not None and now is not None and event.at - now > (max_skew or timedelta(0)):
+            raise _Reject(RejectionReason.FROM_FUTURE, f"at is {event.at - now} in the future")
+        return event
     except _Reject as rejected:
         return _rejection(rejected, entry, limits, source_stream=source_stream, source_id=source_id)

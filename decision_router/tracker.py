@@ -6,7 +6,7 @@ import hashlib
 import json
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -432,11 +432,14 @@ def find_alerts(
         query = query.where(AlertRecord.prediction_id == event.prediction_id)
     else:
         at = event.at or now
+        # A window reaching back before the year 1 (a long DECISION_ROUTER_OUTCOME_WINDOW) starts there.
+        earliest = datetime.min.replace(tzinfo=UTC)
+        since = at - outcome_window if at - earliest > outcome_window else earliest
         query = query.where(
             AlertRecord.entity_type == event.entity_type,
             AlertRecord.entity_id == event.entity_id,
             AlertRecord.status == "open",
-            AlertRecord.predicted_at >= at - outcome_window,
+            AlertRecord.predicted_at >= since,
             AlertRecord.predicted_at <= at,
         )
     return list(session.scalars(query.order_by(AlertRecord.created_at)))

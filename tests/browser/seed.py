@@ -105,7 +105,7 @@ async def seed(pipeline: Pipeline, clock: Clock, now: datetime) -> dict[str, lis
                 "actor": "crm", "at": (day2 + timedelta(hours=1)).isoformat()} for i in range(2)]
     # An outcome for no known alert: an outcome-stream rejection.
     events.append({"alert_id": "al-nope", "type": "acknowledged", "actor": "crm"})
-    clock.now = day2 + timedelta(hours=2)
+    clock.now = day1 + timedelta(minutes=max(ACT_AFTER_MIN) + 60)  # after every event's `at`: none is in the future
     await pipeline.process_outcomes([(f"{2000 + i}-0", {"data": json.dumps(e)}) for i, e in enumerate(events)])
 
     # The high-risk alerts not acknowledged within 2h escalate once.

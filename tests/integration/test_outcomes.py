@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
+from decision_router.service import running_service
 from decision_router.stats import GroupBy, compute_stats
 from decision_router.tables import AlertRecord, AuditEvent
 from decision_router.tracker import alert_id_for
@@ -26,6 +27,15 @@ def alert_row(engine, alert_id: str) -> AlertRecord:
         return row
 
 
+def age_alerts(engine, by: timedelta) -> None:
+    """Date every alert (and its prediction time) `by` earlier, as if routed then: events can be dated
+    after them without being in the future, which the gate refuses. Deadlines stay as they are."""
+    with Session(engine) as session:
+        for row in session.scalars(select(AlertRecord)):
+            row.created_at, row.predicted_at = row.created_at - by, row.predicted_at - by
+        session.commit()
+
+
 async def route_three(service, r, engine) -> list[str]:
     keys = service.keys
     for pid, manager in (("o1", "alice-moreau"), ("o2", "alice-moreau"), ("o3", "elena-petrova")):
@@ -37,6 +47,7 @@ async def route_three(service, r, engine) -> list[str]:
 async def test_lifecycle_events_update_alerts_and_stats(service, r, engine) -> None:
     keys = service.keys
     a1, a2, a3 = await route_three(service, r, engine)
+    age_alerts(engine, timedelta(hours=2))
     created = alert_row(engine, a1).created_at.replace(tzinfo=timezone.utc)
     acted = created + timedelta(minutes=90)
     # by alert id, flat fields as a CRM or a shell script would send them
@@ -79,6 +90,7 @@ async def test_lifecycle_events_update_alerts_and_stats(service, r, engine) -> N
 async def test_median_time_to_act_comes_from_the_intervened_event(service, r, engine) -> None:
     keys = service.keys
     a1, a2, _ = await route_three(service, r, engine)
+    age_alerts(engine, timedelta(hours=2))
     for alert_id, minutes in ((a1, 30), (a2, 90)):
         created = alert_row(engine, alert_id).created_at.replace(tzinfo=timezone.utc)
         r.xadd(keys.outcomes, {"alert_id": alert_id, "type": "intervened", "actor": "alice-moreau",
@@ -144,19 +156,51 @@ async def test_a_closed_alert_reassigned_gets_no_deadlines(service, r, engine) -
     assert row.ack_due_at is None and row.act_due_at is None
 
 
-async def test_entity_outcomes_apply_within_the_outcome_window_only(service, r, engine) -> None:
+async def test_entity_outcomes_apply_within_the_outcome_window_only(settings, ruleset, engine, r) -> None:
+    # The predictions are made 5 minutes before now (see `prediction`): a 2-minute window has passed.
+    short = settings.model_copy(update={"outcome_window": timedelta(minutes=2)})
+    async with running_service(short, ruleset, engine) as service:
+        keys = service.keys
+        await route_three(service, r, engine)
+        now = datetime.now(timezone.utc)
+        r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o1", "type": "outcome", "result": "success",
+                               "actor": "crm", "at": now.isoformat()})
+        r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o2", "type": "outcome", "result": "failure",
+                               "actor": "crm", "at": (now - timedelta(days=1)).isoformat()})
+        r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o3", "type": "outcome", "result": "success",
+                               "actor": "crm", "at": (now - timedelta(minutes=4)).isoformat()})
+        await wait_until(lambda: r.xlen(keys.outcomes_dlq) == 2, what="two outcomes outside the window")
+        details = [fields["detail"] for _, fields in r.xrange(keys.outcomes_dlq)]
+        assert "acct-o1" in details[0] and "outcome window (2m)" in details[0]
+        assert "acct-o2" in details[1]  # reported as before the prediction was made
+        await wait_until(lambda: count(engine, AlertRecord, AlertRecord.status == "closed") == 1, what="the one in the window")
+        assert alert_row(engine, alert_id_for("o3", "enterprise-churn-risk")).outcome == "success"
+
+
+async def test_events_dated_before_their_alert_or_in_the_future_are_refused(service, r, engine) -> None:
+    """A wrong clock or a typo'd year would give negative (or 8,000-year) times to act in the stats."""
     keys = service.keys
-    await route_three(service, r, engine)
-    window = service.pipeline.settings.outcome_window
-    late = datetime.now(timezone.utc) + window + timedelta(hours=1)
-    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o1", "type": "outcome", "result": "success",
-                           "actor": "crm", "at": late.isoformat()})
-    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o2", "type": "outcome", "result": "failure",
-                           "actor": "crm", "at": (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()})
-    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o3", "type": "outcome", "result": "success", "actor": "crm"})
-    await wait_until(lambda: r.xlen(keys.outcomes_dlq) == 2, what="two outcomes outside the window")
-    details = [fields["detail"] for _, fields in r.xrange(keys.outcomes_dlq)]
-    assert "acct-o1" in details[0] and "outcome window (30d)" in details[0]
-    assert "acct-o2" in details[1]  # reported as before the prediction was made
-    await wait_until(lambda: count(engine, AlertRecord, AlertRecord.status == "closed") == 1, what="the one in the window")
-    assert alert_row(engine, alert_id_for("o3", "enterprise-churn-risk")).outcome == "success"
+    a1, a2, a3 = await route_three(service, r, engine)
+    created = alert_row(engine, a2).created_at.replace(tzinfo=timezone.utc)
+    sent = [
+        {"alert_id": a1, "type": "acknowledged", "actor": "alice-moreau", "at": "2001-01-01T00:00:00Z"},
+        {"alert_id": a1, "type": "intervened", "actor": "alice-moreau", "action": "call", "at": "9999-12-31T23:59:59Z"},
+        {"alert_id": a1, "type": "outcome", "result": "success", "actor": "crm", "at": "0001-01-01T00:00:00+23:59"},
+        # By entity, at the start of the calendar: no alert is that old (the window no longer overflows).
+        {"entity_type": "account", "entity_id": "acct-o3", "type": "outcome", "result": "success", "actor": "crm",
+         "at": "0001-01-01T00:00:00Z"},
+        # A minute before the alert was created: inside the allowed clock skew, applied.
+        {"alert_id": a2, "type": "acknowledged", "actor": "alice-moreau", "at": (created - timedelta(minutes=1)).isoformat()},
+    ]
+    for event in sent:
+        r.xadd(keys.outcomes, {"data": json.dumps(event)})
+    await wait_until(lambda: r.xlen(keys.outcomes_dlq) == 4, what="four refused")
+    await wait_until(lambda: r.xpending(keys.outcomes, service.group)["pending"] == 0, what="outcomes acked")
+    refused = [(fields["reason"], fields["detail"]) for _, fields in r.xrange(keys.outcomes_dlq)]
+    assert [reason for reason, _ in refused] == ["schema", "from_future", "schema", "unknown_alert"], refused
+    assert refused[0][1].startswith(f"at 2001-01-01T00:00:00+00:00 is before alert {a1} was created (")
+    assert refused[2][1].startswith("at: out of range"), refused[2][1]  # after astimezone: before the year 1
+    first = alert_row(engine, a1)
+    assert first.acknowledged_at is None and first.intervened_at is None and first.outcome is None
+    assert alert_row(engine, a2).acknowledged_at is not None
+    assert alert_row(engine, a3).outcome is None

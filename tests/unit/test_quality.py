@@ -177,3 +177,27 @@ def test_bad_outcome_events_are_rejected(fields: dict, detail_part: str) -> None
     assert isinstance(result, Rejection)
     assert result.reason is RejectionReason.SCHEMA
     assert detail_part in result.detail
+
+
+@pytest.mark.parametrize("stamp", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"])
+def test_a_time_past_the_calendar_in_utc_is_a_schema_rejection_not_a_crash(stamp: str) -> None:
+    # Valid ISO text whose UTC time is after 9999 or before the year 1: astimezone raises OverflowError.
+    result = gate(as_data({**GOOD, "predicted_at": stamp}))
+    assert isinstance(result, Rejection) and result.reason is RejectionReason.SCHEMA, result
+    assert result.detail.startswith("predicted_at: out of range"), result.detail
+    outcome = check_outcome({"data": json.dumps({"alert_id": "al-1", "type": "acknowledged", "actor": "a", "at": stamp})},
+                            source_stream="outcomes", now=NOW, max_skew=timedelta(minutes=5))
+    assert isinstance(outcome, Rejection) and outcome.reason is RejectionReason.SCHEMA
+    assert outcome.detail.startswith("at: out of range"), outcome.detail
+
+
+def test_an_outcome_dated_in_the_future_is_refused_like_a_prediction() -> None:
+    def check(at: datetime) -> OutcomeEvent | Rejection:
+        event = {"alert_id": "al-1", "type": "intervened", "actor": "a", "action": "call", "at": at.isoformat()}
+        return check_outcome({"data": json.dumps(event)}, source_stream="outcomes", now=NOW,
+                             max_skew=timedelta(minutes=5))
+
+    assert isinstance(check(NOW + timedelta(minutes=4)), OutcomeEvent)  # within the clock skew
+    far = check(datetime(9999, 12, 31, tzinfo=timezone.utc))
+    assert isinstance(far, Rejection) and far.reason is RejectionReason.FROM_FUTURE
+    assert far.detail.startswith("at is ") and far.detail.endswith(" in the future")
