@@ -158,6 +158,23 @@ def test_bad_setting_stops_with_one_line(workdir, env) -> None:
     assert lines[0].startswith("error: DECISION_ROUTER_DATABASE_URL: must be a sqlite:/// or postgresql")
 
 
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        (["stats"], "DECISION_ROUTER_DATABASE_URL", "postgresql://u:hunter2@127.0.0.1:abc/db"),
+        (["tokens", "list"], "DECISION_ROUTER_DATABASE_URL", "postgresql+psycopg2://u:hunter2@127.0.0.1/db"),
+        (["health"], "DECISION_ROUTER_REDIS_URL", "redis://:hunter2@127.0.0.1:abc/0"),
+        (["serve"], "DECISION_ROUTER_REDIS_URL", "redis://[::1:6379/0"),
+    ],
+)
+def test_malformed_url_stops_any_command_with_one_line(workdir, env, command, variable, value) -> None:
+    result = run(command, {**env, variable: value}, workdir)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {variable}: "), result.stderr
+    assert "hunter2" not in result.stderr
+
+
 def test_invalid_rules_refuse_to_start_with_every_problem(workdir, env) -> None:
     routing = workdir / "rules" / "routing.yaml"
     text = routing.read_text().replace("owner: smb-desk", "owner: nobody-here", 1).replace("{gte: 0.9}", "{greater: 0.9}", 1)
