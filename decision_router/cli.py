@@ -200,7 +200,7 @@ def demo(
 def publish(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON lines or CSV of predictions.")],
     fmt: Annotated[str, typer.Option("--format", help="auto (by extension), jsonl or csv.")] = "auto",
-    batch: Annotated[int, typer.Option(help="Entries per pipelined write.")] = 500,
+    batch: Annotated[int, typer.Option(min=1, help="Entries per pipelined write.")] = 500,
 ) -> None:
     """Publish predictions from a file onto the predictions stream; bad lines are reported and skipped."""
     import asyncio
@@ -208,14 +208,20 @@ def publish(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from decision_router.contracts import Prediction
-    from decision_router.publisher import BadLine, FileSummary, chunks, describe, publish_predictions, read_entries, validate_entry
+    from decision_router.publisher import (
+        BadLine, FileFormatError, FileSummary, chunks, describe, publish_predictions, read_entries, validate_entry,
+    )
 
     if fmt not in ("auto", "jsonl", "csv"):
         fail(f"--format must be auto, jsonl or csv, not {fmt!r}", code=2)
     settings = settings_or_exit()
     stream = Keys(settings.stream_prefix).predictions
     summary = FileSummary()
-    total = sum(1 for _ in read_entries(file, fmt))
+    limits = settings.payload_limits
+    try:
+        total = sum(1 for _ in read_entries(file, fmt, limits))
+    except FileFormatError as exc:
+        fail(str(exc), code=2)
 
     async def run() -> None:
         redis = await _connect(settings)
@@ -225,10 +231,10 @@ def publish(
                 console=err, transient=True, disable=not err.is_terminal,
             ) as progress:
                 task = progress.add_task("publish", total=total)
-                for group in chunks(read_entries(file, fmt), batch):
+                for group in chunks(read_entries(file, fmt, limits), batch):
                     good: list[Prediction] = []
                     for number, entry in group:
-                        checked = validate_entry(entry)
+                        checked = validate_entry(entry, limits)
                         if isinstance(checked, Prediction):
                             good.append(checked)
                         else:

@@ -238,7 +238,8 @@ def rules_test(
     directory = rules or settings_or_exit().rules_dir
     ruleset = _ruleset_or_exit(directory)
     if file is not None:
-        text, source = file.read_text(encoding="utf-8"), str(file)
+        # A byte that is not UTF-8 fails its own line (the gate: invalid_encoding), not the whole file.
+        text, source = file.read_bytes().decode("utf-8-sig", "surrogateescape"), str(file)
     elif prediction not in (None, "-"):
         text, source = prediction, "argument"  # type: ignore[assignment]
     else:

@@ -7,7 +7,8 @@ can produce with `XADD predictions * data '<json>'`.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from decision_router.contracts import OutcomeEvent, Prediction, Rejection
+from decision_router.contracts import OutcomeEvent, Prediction, Rejection, RejectionReason
 from decision_router.pipeline import utcnow
-from decision_router.quality import check_prediction
+from decision_router.quality import DEFAULT_LIMITS, RawEntry, check_prediction, original_payload
+from decision_router.settings import PayloadLimits
 from decision_router.streams import xadd_all
 
 
@@ -33,30 +35,103 @@ class FileSummary:
     bad: list[BadLine] = field(default_factory=list)
 
 
-def read_entries(path: Path, fmt: str = "auto") -> Iterator[tuple[int, Mapping[str, str]]]:
-    """(line number, raw entry) per record: JSON lines as {"data": line}, CSV rows as flat fields."""
+class FileFormatError(ValueError):
+    """The file as a whole cannot be read as predictions (a CSV whose first line is no header): one line."""
+
+
+def read_entries(
+    path: Path, fmt: str = "auto", limits: PayloadLimits = DEFAULT_LIMITS
+) -> Iterator[tuple[int, RawEntry | Rejection]]:
+    """(line number, raw entry) per record: JSON lines as {"data": line}, CSV rows as flat fields; a
+    record that cannot be made an entry (a CSV row with cells no column names) as its Rejection."""
     if fmt == "auto":
         fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
-    with path.open(encoding="utf-8", newline="") as handle:
+    # Bytes that are not UTF-8 are kept (surrogateescape) and handed to the gate as bytes, which
+    # rejects just that line as invalid_encoding; utf-8-sig drops the byte-order mark some editors write.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         if fmt == "csv":
-            reader = csv.DictReader(handle)
-            for row in reader:
-                # Empty cells are absent fields, as a flat XADD would omit them.
-                yield reader.line_num, {k: v for k, v in row.items() if k and v not in (None, "")}
+            yield from _csv_entries(path, handle, limits)
         else:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
-                    yield number, {"data": line}
+                    yield number, {"data": _undecoded(line)}
 
 
-def validate_entry(entry: Mapping[str, str]) -> Prediction | Rejection:
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape keeps it
+
+
+def _undecoded(text: str) -> str | bytes:
+    """`text`, or its original bytes if some were not UTF-8 (a strict decode never yields these surrogates)."""
+    return text.encode("utf-8", "surrogateescape") if _ESCAPED_BYTE.search(text) else text
+
+
+def _csv_entries(
+    path: Path, handle: Iterable[str], limits: PayloadLimits
+) -> Iterator[tuple[int, RawEntry | Rejection]]:
+    # A longer cell makes the entry too large anyway; the default limit (128 Ki characters) raised
+    # csv.Error for cells the gate may accept. Process-wide, but only `publish` reads CSV.
+    csv.field_size_limit(limits.max_bytes)
+    reader = csv.reader(handle)
+    header = next(reader, None)
+    if header is None:
+        return
+    _check_header(path, header)
+    names = [_undecoded(name) for name in header]
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            if "field limit" in str(exc):  # csv's only way to say so: "field larger than field limit (N)"
+                detail = f"a cell holds over {limits.max_bytes} characters; the limit is {limits.max_bytes} bytes"
+                yield reader.line_num, _unreadable(RejectionReason.TOO_LARGE, detail, {})
+            else:
+                yield reader.line_num, _unreadable(RejectionReason.SCHEMA, f"not CSV: {exc}", {})
+            continue
+        if not row:
+            continue  # a blank line
+        # Empty cells are absent fields, as a flat XADD would omit them.
+        fields = {name: _undecoded(value) for name, value in zip(names, row) if name and value}
+        if len(row) > len(names):
+            detail = f"{len(row)} cells, but the header names {len(names)} columns"
+            yield reader.line_num, _unreadable(RejectionReason.SCHEMA, detail, fields)
+        elif any(value for name, value in zip(names, row) if not name):
+            yield reader.line_num, _unreadable(RejectionReason.SCHEMA, "a value in a column with no name", fields)
+        else:
+            yield reader.line_num, fields
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    """A first line that names no prediction_id column is data (or JSON), not a header: refuse the
+    file rather than read it as the header and publish nothing."""
+    if "prediction_id" in header:
+        duplicates = sorted({name for name in header if name and header.count(name) > 1})
+        if duplicates:
+            raise FileFormatError(f"{path}: the CSV header names {', '.join(duplicates)} more than once")
+        return
+    first = ",".join(header)
+    if first.lstrip().startswith(("{", "[")):
+        raise FileFormatError(f"{path}: line 1 is JSON, not a CSV header (for JSON lines use --format jsonl)")
+    shown = first if len(first) <= 80 else first[:80] + "..."
+    raise FileFormatError(f"{path}: the CSV header (line 1) has no prediction_id column: {shown!r}")
+
+
+def _unreadable(reason: RejectionReason, detail: str, fields: RawEntry) -> Rejection:
+    return Rejection(reason=reason, detail=detail, source_stream="file", payload=original_payload(fields))
+
+
+def validate_entry(entry: RawEntry | Rejection, limits: PayloadLimits = DEFAULT_LIMITS) -> Prediction | Rejection:
     """The gate's own checks except age and duplicates, which only the service can judge."""
+    if isinstance(entry, Rejection):  # read_entries could not make it an entry
+        return entry
     return check_prediction(
         entry,
         now=utcnow(),
         max_age=timedelta(days=36500),
         max_skew=timedelta(days=36500),
         source_stream="file",
+        limits=limits,
     )
 
 

@@ -113,17 +113,15 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
+        return check_redis_url(value)
 
     @field_validator("database_url")
     @classmethod
     def _database_scheme(cls, value: str) -> str:
-        if not value.startswith(("sqlite", "postgresql")):
-            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
         if value.startswith(("postgresql://", "postgres://")):
             # SQLAlchemy's bare postgresql:// means psycopg2, which we do not ship.
             value = "postgresql+psycopg://" + value.split("://", 1)[1]
-        return value
+        return check_database_url(value)
 
     @cached_property  # read per message by the gate
     def payload_limits(self) -> PayloadLimits:
@@ -136,7 +134,8 @@ class Settings(BaseSettings):
     @property
     def effective_redis_url(self) -> str:
         """Where clients connect: the configured server or the embedded one on loopback."""
-        return self.redis_url or f"redis://{self.embedded_host}:{self.embedded_port}/0"
+        host = f"[{self.embedded_host}]" if ":" in self.embedded_host else self.embedded_host  # IPv6, e.g. ::1
+        return self.redis_url or f"redis://{host}:{self.embedded_port}/0"
 
 
 # Query parameters and keys whose values are secrets (redis-py accepts ?password=...).
@@ -173,6 +172,60 @@ def redact_text(text: str) -> str:
     if "=" in text:
         text = _QUERY_SECRET.sub(rf"\1{MASK}", text)
     return _AUTH_HEADER.sub(rf"\1 {MASK}", text)
+
+
+# The SQLAlchemy backends and drivers the project ships: SQLite's built-in one ("" is its default) and psycopg 3.
+DATABASE_DRIVERS = {"sqlite": ("", "pysqlite"), "postgresql": ("psycopg",)}
+DATABASE_URL_FORMS = "must be a sqlite:/// or postgresql+psycopg:// URL"
+
+
+def check_database_url(value: str) -> str:
+    """The URL if SQLAlchemy can open it with a shipped driver, else ValueError saying what is wrong
+    (password masked): at start, not as a traceback from the first command that opens the store."""
+    # Imported here: every command loads the settings, not every one needs SQLAlchemy.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    shown = redact_url(value)
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ValueError(f"{DATABASE_URL_FORMS}, not {shown}") from None
+    except ValueError:
+        # SQLAlchemy reads the port with int(): "host:abc", or an unclosed "[::1" of an IPv6 address.
+        raise ValueError(f"cannot read the host and port of {shown}") from None
+    backend, _, driver = url.drivername.partition("+")
+    if driver not in DATABASE_DRIVERS.get(backend, ()):
+        raise ValueError(f"{DATABASE_URL_FORMS}, not {url.drivername}://")
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError(f"port {url.port} is outside 1..65535 in {shown}")
+    if backend == "sqlite" and (url.host or url.port or url.username or url.password):
+        raise ValueError(f"an SQLite URL names no host: sqlite:///relative.db or sqlite:////absolute.db, not {shown}")
+    return value
+
+
+def check_redis_url(value: str) -> str:
+    """The URL if redis-py can build a client from it, else ValueError saying what is wrong (password
+    masked): redis-py parses it only when a command connects, and ignores a database number it cannot read."""
+    from urllib.parse import unquote, urlsplit
+
+    # Imported here: only when a Redis URL is set, and not every command uses Redis.
+    from redis.connection import parse_url
+
+    shown = redact_url(value)
+    try:
+        parse_url(value)  # what Redis.from_url does first; it opens no connection
+    except ValueError as exc:
+        raise ValueError(f"{str(exc).rstrip('.')}: {shown}") from None
+    if value.startswith("unix://"):
+        return value
+    parts = urlsplit(value)
+    if parts.port == 0:  # redis-py would quietly use 6379
+        raise ValueError(f"port 0 is outside 1..65535 in {shown}")
+    database = unquote(parts.path).strip("/")
+    if database and not re.fullmatch(r"[0-9]+", database):  # redis-py would quietly use database 0
+        raise ValueError(f"the database in the path must be a number, not {database!r}: {shown}")
+    return value
 
 
 def load_settings(**overrides: object) -> Settings:

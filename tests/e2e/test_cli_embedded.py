@@ -142,6 +142,51 @@ def test_publish_csv_with_dotted_columns(workdir, env, server) -> None:
     wait_for(lambda: client.xlen("alerts:elena-petrova") == 1, what="the CSV prediction routed")
 
 
+def test_publish_reports_undecodable_and_overlong_lines_and_publishes_the_rest(workdir, env, server) -> None:
+    _, client = server
+    (workdir / "m.jsonl").write_bytes(f"{prediction_line('u1')}\n\xff\n{prediction_line('u2')}\n".encode("latin-1"))
+    published = run(["publish", "m.jsonl", "--batch", "1"], env, workdir)
+    assert published.returncode == 0, published.stderr
+    assert "m.jsonl:2: skipped: invalid_encoding: field data is not valid UTF-8" in published.stderr
+    assert "published 2 predictions" in published.stdout and "skipped 1 bad lines" in published.stdout
+
+    now = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
+    good = f"churn,3,account,acct-w1,0.95,{now}"
+    (workdir / "m.csv").write_bytes(
+        ("prediction_id,model,model_version,entity_type,entity_id,score,predicted_at,context.note\n"
+         f"w1,{good},fine\nw2,{good},caf\xe9\nw3,{good},{'x' * 140_000}\nw4,{good},fine,extra\nw5,{good},fine\n")
+        .encode("latin-1")
+    )
+    published = run(["publish", "m.csv"], env, workdir)
+    assert published.returncode == 0, published.stderr
+    assert "m.csv:3: skipped: invalid_encoding: field context.note is not valid UTF-8" in published.stderr
+    assert "m.csv:4: skipped: too_large" in published.stderr
+    assert "m.csv:5: skipped: schema: 9 cells, but the header names 8 columns" in published.stderr
+    assert "published 2 predictions" in published.stdout and "Traceback" not in published.stderr
+    assert [json.loads(f["data"])["prediction_id"] for _, f in client.xrange("predictions")] == ["u1", "u2", "w1", "w5"]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("p.csv", "p1,churn,3,account,acct-1,0.9,2026-11-25T11:00:00Z\n",
+         "p.csv: the CSV header (line 1) has no prediction_id"),
+        ("p.jsonl", '{"prediction_id": "p1"}\n', "p.jsonl: line 1 is JSON, not a CSV header"),
+    ],
+)
+def test_publish_refuses_a_csv_without_a_header(workdir, env, name, text, message) -> None:
+    (workdir / name).write_text(text)
+    result = run(["publish", name, "--format", "csv"], env, workdir)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
+
+
+@pytest.mark.parametrize("batch", ["0", "-5"])
+def test_publish_refuses_a_batch_below_one(workdir, env, batch) -> None:
+    (workdir / "one.jsonl").write_text(prediction_line("x1") + "\n")
+    result = run(["publish", "one.jsonl", "--batch", batch], env, workdir)
+    assert result.returncode == 2 and "--batch" in result.stderr
+
+
 def test_cli_without_a_running_service_says_so(workdir, env) -> None:
     (workdir / "one.jsonl").write_text(prediction_line("x1") + "\n")
     result = run(["publish", "one.jsonl"], env, workdir)
@@ -156,6 +201,23 @@ def test_bad_setting_stops_with_one_line(workdir, env) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1
     assert lines[0].startswith("error: DECISION_ROUTER_DATABASE_URL: must be a sqlite:/// or postgresql")
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        (["stats"], "DECISION_ROUTER_DATABASE_URL", "postgresql://u:hunter2@127.0.0.1:abc/db"),
+        (["tokens", "list"], "DECISION_ROUTER_DATABASE_URL", "postgresql+psycopg2://u:hunter2@127.0.0.1/db"),
+        (["health"], "DECISION_ROUTER_REDIS_URL", "redis://:hunter2@127.0.0.1:abc/0"),
+        (["serve"], "DECISION_ROUTER_REDIS_URL", "redis://[::1:6379/0"),
+    ],
+)
+def test_malformed_url_stops_any_command_with_one_line(workdir, env, command, variable, value) -> None:
+    result = run(command, {**env, variable: value}, workdir)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {variable}: "), result.stderr
+    assert "hunter2" not in result.stderr
 
 
 def test_invalid_rules_refuse_to_start_with_every_problem(workdir, env) -> None:

@@ -154,6 +154,18 @@ def test_rules_test_from_argument_file_and_stdin(workdir, env) -> None:
     assert 'context.account_manager="[red]boss[/red]"' in shown.stdout
 
 
+def test_rules_test_file_with_a_line_that_is_not_utf8_judges_the_other_lines(workdir, env) -> None:
+    lines_file = workdir / "mixed.jsonl"
+    good = prediction("e1", 0.2, segment="smb").model_dump_json()
+    bad = prediction("e2", 0.2, segment="caf\xe9").model_dump_json()
+    lines_file.write_bytes(f"{good}\n{bad}\n".encode("latin-1"))
+    shown = run(["rules", "test", "--file", str(lines_file)], env, workdir)
+    assert shown.returncode == 2, shown.stderr
+    assert f"e1 ({lines_file}:1): 1 rule matches" in shown.stdout
+    assert f"error: {lines_file}:2: invalid prediction: invalid_encoding" in shown.stderr
+    assert "Traceback" not in shown.stderr
+
+
 def test_rules_test_rejects_bad_predictions_and_bad_rules(workdir, env) -> None:
     bad = run(["rules", "test", '{"prediction_id": "b1", "score": 0.5}'], env, workdir)
     assert bad.returncode == 2

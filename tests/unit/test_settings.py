@@ -79,3 +79,63 @@ def test_passwords_never_shown(url, shown) -> None:
     from decision_router.settings import redact_url
 
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        # Each gave a traceback in the first command that opened the store or connected to Redis.
+        ("DATABASE_URL", "postgresql://u:s3cret@127.0.0.1:abc/db",
+         "cannot read the host and port of postgresql+psycopg://u:***@127.0.0.1:abc/db"),
+        ("DATABASE_URL", "postgresql://u:s3cret@[::1:5432/db", "cannot read the host and port of"),
+        ("DATABASE_URL", "postgresql+psycopg2://u:s3cret@db/x",
+         "must be a sqlite:/// or postgresql+psycopg:// URL, not postgresql+psycopg2://"),
+        ("DATABASE_URL", "sqlitex://x", "must be a sqlite:/// or postgresql+psycopg:// URL, not sqlitex://"),
+        ("DATABASE_URL", "postgresqlfoo://x", "must be a sqlite:/// or postgresql+psycopg:// URL, not postgresqlfoo://"),
+        ("DATABASE_URL", "postgresql://u:s3cret@db:99999/x", "port 99999 is outside 1..65535"),
+        ("DATABASE_URL", "sqlite://host/x.db", "an SQLite URL names no host"),
+        ("REDIS_URL", "redis://127.0.0.1:abc/0", "Port could not be cast to integer value as 'abc'"),
+        ("REDIS_URL", "redis://127.0.0.1:99999/0", "Port out of range"),
+        ("REDIS_URL", "redis://:s3cret@127.0.0.1:6379/0?socket_timeout=abc",
+         "Invalid value for 'socket_timeout' in connection URL: redis://:***@127.0.0.1:6379/0?socket_timeout=abc"),
+        ("REDIS_URL", "redis://[::1:6379/0", "Invalid IPv6 URL"),
+        ("REDIS_URL", "redis://127.0.0.1:0/0", "port 0 is outside 1..65535"),
+        # redis-py silently used database 0.
+        ("REDIS_URL", "redis://127.0.0.1:6379/abc", "the database in the path must be a number, not 'abc'"),
+    ],
+)
+def test_malformed_urls_are_refused_at_start(monkeypatch, variable, value, message) -> None:
+    monkeypatch.setenv(f"DECISION_ROUTER_{variable}", value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    shown = str(caught.value)
+    assert shown.startswith(f"DECISION_ROUTER_{variable}: {message}")
+    assert "s3cret" not in shown and "\n" not in shown
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DATABASE_URL", "sqlite:///decision_router.db"),
+        ("DATABASE_URL", "sqlite+pysqlite:////tmp/x.db"),
+        ("DATABASE_URL", "sqlite://"),
+        ("DATABASE_URL", "sqlite:///file:x?mode=memory&uri=true"),
+        ("DATABASE_URL", "postgresql+psycopg://u:p@[::1]:5432/x?sslmode=require"),
+        ("DATABASE_URL", "postgresql+psycopg:///x?host=/var/run/postgresql"),
+        ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ("REDIS_URL", "rediss://u:p@[::1]:6380/15?socket_timeout=2.5"),
+        ("REDIS_URL", "unix:///run/redis.sock?db=2"),
+    ],
+)
+def test_well_formed_urls_are_accepted(monkeypatch, variable, value) -> None:
+    monkeypatch.setenv(f"DECISION_ROUTER_{variable}", value)
+    assert getattr(load_settings(), variable.lower()) == value
+
+
+def test_embedded_redis_on_an_ipv6_host_is_a_valid_url(monkeypatch) -> None:
+    from redis.connection import parse_url
+
+    monkeypatch.setenv("DECISION_ROUTER_EMBEDDED_HOST", "::1")
+    url = load_settings().effective_redis_url
+    assert url == "redis://[::1]:6399/0"
+    assert parse_url(url)["host"] == "::1"
