@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from decision_router.keys import Keys
 
@@ -35,12 +36,14 @@ rules_app = typer.Typer(
 app.add_typer(rules_app, name="rules")
 
 # Tables are wide: when output is piped, do not squeeze them into 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+# What the commands print holds user and stored text (ids, names, regexes, file lines): never read
+# as Rich markup or emoji codes, so '[/]' or ':smile:' is shown as typed instead of failing or changing.
+out = Console(width=None if sys.stdout.isatty() else 160, markup=False, emoji=False)
+err = Console(stderr=True, markup=False, emoji=False)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import app, fail, out, settings_or_exit
+from decision_router.cli import app, err, fail, out, settings_or_exit
 
 if TYPE_CHECKING:  # simulate.py pulls in the whole service (monitor, notify, channels, httpx): imported when run
     from decision_router.simulate import SimulationResult
@@ -201,7 +201,7 @@ def simulate(
             database = load_settings(database_url=database).database_url  # checked and normalised like the env var
         except SettingsError as exc:
             fail(str(exc).replace("DECISION_ROUTER_DATABASE_URL", "--database"), code=2)
-    progress = Console(stderr=True)
+    progress = err
 
     def on_day(day: int, now: Any) -> None:
         if progress.is_terminal:

@@ -1,0 +1,82 @@
+"""Bad or unusual input on the command line gets one `error: ...` line and an exit code, never a traceback:
+the CLI in-process (typer's CliRunner), on a SQLite store in a temporary directory and the shipped rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from decision_router import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(ROOT / "rules"))
+    return tmp_path
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli.app, list(args))
+
+
+def one_error(result: Result, code: int) -> str:
+    """The single `error: ...` line of a refused command (no traceback behind it)."""
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == code, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+# User text is shown as typed: never read as Rich markup or emoji codes -------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "shown"),
+    [
+        (["stats", "--since", "[/]"], 2, "not '[/]'"),
+        (["stats", "--by", "[/]"], 2, "not '[/]'"),
+        (["stats", "--format", "[/]"], 2, "not '[/]'"),
+        (["stats", "model", "--bands", "[/]"], 2, "not '[/]'"),
+        (["audit", "[/]"], 1, "no alert '[/]'"),
+        (["audit", "--entity", "a:[/bold]"], 1, "entity 'a:[/bold]'"),
+        (["audit", "--entity", "a:b:c"], 1, "entity 'a:b:c'"),
+        (["audit", ":smile:"], 1, "no alert ':smile:'"),
+        (["reassign", "al-x", "--to", "[/]", "--by", "me"], 2, "owner '[/]'"),
+        (["tokens", "create", "--role", "[/]"], 2, "role '[/]'"),
+        (["tokens", "revoke", "[/]"], 2, "id '[/]'"),
+        (["rules", "replay", "--rules", str(ROOT / "rules"), "--since", "[/]"], 2, "not '[/]'"),
+    ],
+)
+def test_user_text_in_an_error_is_shown_literally(args: list[str], code: int, shown: str) -> None:
+    assert shown in one_error(invoke(*args), code)
+
+
+def test_a_token_named_like_markup_is_listed() -> None:
+    created = invoke("tokens", "create", "--role", "ops", "--name", "[/]")
+    assert created.exit_code == 0, created.output
+    listed = invoke("tokens", "list")
+    assert listed.exit_code == 0, listed.exception
+    assert "[/]" in listed.stdout
+
+
+def test_rules_check_lists_a_regex_holding_markup_as_written(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "owners.yaml").write_text("owners:\n  - {id: desk, name: Desk}\n")
+    (rules / "routing.yaml").write_text(
+        "rules:\n"
+        '  - {name: a, when: {model: {regex: "(x)\\\\1[/]"}}, owner: desk}\n'
+        '  - {name: b, when: {model: {regex: "[a-z]+(?=shadow)"}}, owner: desk}\n'
+        "  - {name: rest, when: {}, owner: desk, action: record}\n"
+    )
+    for args in (["rules", "check", str(rules)], ["rules", "test", "--rules", str(rules), "{}"]):
+        result = invoke(*args)
+        assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exception
+        assert "'(x)\\\\1[/]'" in result.stderr and "'[a-z]+(?=shadow)'" in result.stderr
