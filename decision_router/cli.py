@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
@@ -47,14 +47,22 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def settings_or_exit(*, log_level: str | None = None) -> Settings:
+def settings_or_exit(*, log_level: str | None = None, options: Mapping[str, tuple[str, Any]] | None = None) -> Settings:
+    """The settings, or exit 2 with one line naming the bad variable. `options`: command-line options that
+    override a setting, as {"--port": ("api_port", value)} (None: not given); they are checked as the
+    variable is, and an error names the option."""
     from decision_router.logs import configure_logging
-    from decision_router.settings import SettingsError, load_settings
+    from decision_router.settings import ENV_PREFIX, SettingsError, load_settings
 
+    options = options or {}
     try:
-        settings = load_settings()
+        settings = load_settings(**{field: value for field, value in options.values() if value is not None})
     except SettingsError as exc:
-        fail(str(exc), code=2)
+        message = str(exc)
+        for option, (field, value) in options.items():
+            if value is not None:
+                message = message.replace(f"{ENV_PREFIX}{field.upper()}:", f"{option}:")
+        fail(message, code=2)
     configure_logging(fmt=settings.log_format, level=log_level or settings.log_level)
     return settings
 
@@ -95,7 +103,9 @@ async def _connect(settings: Settings) -> Redis:
 @app.command()
 def serve(
     api: Annotated[bool, typer.Option("--api/--no-api", help="Also serve the HTTP API and dashboard.")] = True,
-    api_port: Annotated[Optional[int], typer.Option(help="HTTP API port (default DECISION_ROUTER_API_PORT or 8080).")] = None,
+    api_port: Annotated[
+        Optional[int], typer.Option(help="HTTP API port, 0-65535 (default DECISION_ROUTER_API_PORT or 8080).")
+    ] = None,
     workers: Annotated[
         int, typer.Option("--workers", min=1, max=256, help="Worker processes in one consumer group (needs a real Redis).")
     ] = 1,
@@ -112,9 +122,7 @@ def serve(
     from decision_router.service import serve as run
     from decision_router.settings import redact_text, redact_url
 
-    settings = settings_or_exit()
-    if api_port is not None:
-        settings = settings.model_copy(update={"api_port": api_port})
+    settings = settings_or_exit(options={"--api-port": ("api_port", api_port)})
     try:
         if workers > 1:
             from decision_router.workers import WorkersError, run_workers

@@ -19,7 +19,9 @@ def api(
     host: Annotated[
         Optional[str], typer.Option(help="Listen address (default DECISION_ROUTER_API_HOST or 127.0.0.1).")
     ] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default DECISION_ROUTER_API_PORT or 8080).")] = None,
+    port: Annotated[
+        Optional[int], typer.Option(help="Port, 0-65535; 0: any free one (default DECISION_ROUTER_API_PORT or 8080).")
+    ] = None,
 ) -> None:
     """Serve only the HTTP API and dashboard (the consumers run in `serve --no-api` or elsewhere)."""
     import asyncio
@@ -29,9 +31,7 @@ def api(
     from decision_router.rules import RulesInvalid, load_rules
     from decision_router.store import create_schema, make_engine
 
-    settings = settings_or_exit()
-    update = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
-    settings = settings.model_copy(update=update) if update else settings
+    settings = settings_or_exit(options={"--host": ("api_host", host), "--port": ("api_port", port)})
     try:
         ruleset = load_rules(settings.rules_dir)
     except RulesInvalid as exc:

@@ -80,3 +80,18 @@ def test_rules_check_lists_a_regex_holding_markup_as_written(tmp_path: Path) -> 
         result = invoke(*args)
         assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exception
         assert "'(x)\\\\1[/]'" in result.stderr and "'[a-z]+(?=shadow)'" in result.stderr
+
+
+# A port option is checked as DECISION_ROUTER_API_PORT is ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["api", "--port", "-1"], "error: --port: Input should be greater than or equal to 0"),
+        (["api", "--port", "70000"], "error: --port: Input should be less than or equal to 65535"),
+        (["serve", "--api-port", "70000"], "error: --api-port: Input should be less than or equal to 65535"),
+    ],
+)
+def test_an_api_port_out_of_range_is_refused(args: list[str], shown: str) -> None:
+    assert one_error(invoke(*args), 2) == shown
