@@ -67,6 +67,14 @@ def settings_or_exit(*, log_level: str | None = None, options: Mapping[str, tupl
     return settings
 
 
+def fail_store(database_url: str, exc: Exception) -> NoReturn:
+    """Exit 1: the store at `database_url` cannot be opened (e.g. its directory does not exist); passwords masked."""
+    from decision_router.settings import redact_text, redact_url
+
+    reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
+    fail(f"cannot open the store at {redact_url(database_url)}: {reason}")
+
+
 def no_gc_until_done(ctx: typer.Context) -> None:
     """No cyclic garbage collection until the command `ctx` runs has finished: for short commands
     that read and print. Their imports (SQLAlchemy, the pydantic and SQLModel classes) create
@@ -142,8 +150,7 @@ def serve(
         fail(f"cannot reach Redis at {redact_url(settings.effective_redis_url)}: {redact_text(str(exc))}")
     except SQLAlchemyError as exc:
         # Only at start (creating the schema): once running, the read loop waits out store outages.
-        reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
-        fail(f"cannot open the store at {redact_url(settings.database_url)}: {reason}")
+        fail_store(settings.database_url, exc)
 
 
 T = TypeVar("T")
@@ -179,9 +186,15 @@ def run_interruptibly(main: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(guarded())
 
 
+# The most accounts `demo` and `simulate` take: a mistyped number is refused rather than run for hours.
+MAX_SIMULATED_ENTITIES = 100_000
+
+
 @app.command()
 def demo(
-    predictions: Annotated[int, typer.Option(help="How many synthetic churn predictions to publish.")] = 3000,
+    predictions: Annotated[
+        int, typer.Option(min=1, max=MAX_SIMULATED_ENTITIES, help="How many synthetic churn predictions to publish.")
+    ] = 3000,
     seed: Annotated[int, typer.Option(help="Random seed, for a repeatable run.")] = 7,
     database: Annotated[
         Optional[str], typer.Option(help="Database URL (default: a fresh SQLite file, decision_router_demo.db).")
@@ -189,16 +202,24 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the service's per-batch log lines.")] = False,
 ) -> None:
     """Run the whole loop in one process, no server needed, and print the stats."""
-    from decision_router.demo import run_demo
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from decision_router.demo import DEMO_DATABASE, run_demo
     from decision_router.rules import RulesInvalid
 
-    settings = settings_or_exit(log_level=None if verbose else "warning")
+    settings = settings_or_exit(
+        log_level=None if verbose else "warning", options={"--database": ("database_url", database)}
+    )
+    if database is not None:
+        database = settings.database_url  # checked and normalised like DECISION_ROUTER_DATABASE_URL
     try:
         result = run_interruptibly(
             run_demo(settings, predictions=predictions, seed=seed, database_url=database, console=out)
         )
     except RulesInvalid as exc:
         fail(f"the rules in {settings.rules_dir} are invalid:\n{exc}")
+    except SQLAlchemyError as exc:
+        fail_store(database or f"sqlite:///{DEMO_DATABASE}", exc)
     from decision_router.cli_stats import print_stats
 
     print_stats(result.rows, result.by, "table")

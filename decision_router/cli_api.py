@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from decision_router.cli import _connect, app, err, fail, out, settings_or_exit
+from decision_router.cli import _connect, app, err, fail, fail_store, out, settings_or_exit
 
 tokens_app = typer.Typer(help="API tokens: create (printed once), list, revoke.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
@@ -61,7 +61,6 @@ def api(
 def _engine():  # type: ignore[no-untyped-def]
     from sqlalchemy.exc import SQLAlchemyError
 
-    from decision_router.settings import redact_text, redact_url
     from decision_router.store import create_schema, make_engine
 
     settings = settings_or_exit()
@@ -69,8 +68,7 @@ def _engine():  # type: ignore[no-untyped-def]
     try:
         create_schema(engine)
     except SQLAlchemyError as exc:
-        reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
-        fail(f"cannot open the store at {redact_url(settings.database_url)}: {reason}")
+        fail_store(settings.database_url, exc)
     return settings, engine
 
 

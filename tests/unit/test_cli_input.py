@@ -95,3 +95,38 @@ def test_rules_check_lists_a_regex_holding_markup_as_written(tmp_path: Path) -> 
 )
 def test_an_api_port_out_of_range_is_refused(args: list[str], shown: str) -> None:
     assert one_error(invoke(*args), 2) == shown
+
+
+# demo and simulate: bounded sizes, and their --database / --redis checked as the variables are ----------
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["demo", "--predictions", "0"], "--predictions"),
+        (["demo", "--predictions", "-1"], "--predictions"),
+        (["demo", "--predictions", "99999999999999999999"], "--predictions"),
+        (["simulate", "--entities", "99999999999999999999"], "--entities"),
+        (["simulate", "--days", "100000"], "--days"),
+        (["simulate", "--days", "99999999999999999999"], "--days"),
+        (["simulate", "--drift-from-day", "-1"], "--drift-from-day"),
+    ],
+)
+def test_simulation_sizes_out_of_bounds_are_usage_errors(args: list[str], option: str) -> None:
+    result = invoke(*args)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.exception
+    assert f"Invalid value for '{option}'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "shown"),
+    [
+        (["demo", "--database", "nonsense://"], 2, "error: --database: must be a sqlite:/// or postgresql"),
+        (["demo", "--database", "sqlite:////nonexistent/x.db"], 1, "error: cannot open the store at sqlite:////"),
+        (["simulate", "--database", "sqlite:////nonexistent/x.db"], 1, "error: cannot open the store at sqlite:////"),
+        (["simulate", "--redis", "http://x"], 2, "error: --redis: must start with redis://"),
+        (["simulate", "--redis", "redis://127.0.0.1:1/0"], 1, "error: cannot reach Redis at redis://127.0.0.1:1/0"),
+    ],
+)
+def test_simulation_stores_that_do_not_open_are_one_line(args: list[str], code: int, shown: str) -> None:
+    assert one_error(invoke(*args), code).startswith(shown)
