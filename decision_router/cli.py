@@ -292,6 +292,9 @@ def outcome(
     note: Annotated[Optional[str], typer.Option(help="Free text kept in the audit trail.")] = None,
 ) -> None:
     """Record an outcome event (it goes onto the outcomes stream, like any producer's)."""
+    if owner is not None and type_ != "reassigned":
+        # As --result on a type other than outcome: an option that would be ignored is refused, not dropped.
+        fail(f"--owner is only for TYPE reassigned, not {type_!r}", code=2)
     document: dict[str, Any] = {
         "type": type_, "actor": actor, "alert_id": alert, "prediction_id": prediction,
         "action": action, "result": result, "value": value, "owner": owner, "note": note,
@@ -311,13 +314,15 @@ def parse_entity(entity: str) -> tuple[str, str]:
 
 
 def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> None:
-    """Validate an outcome event (exit 2 when invalid) and publish it on the outcomes stream."""
+    """Validate an outcome event (exit 2 when invalid, or when the router's gate would dead-letter it)
+    and publish it on the outcomes stream."""
     import asyncio
 
     from pydantic import ValidationError
 
-    from decision_router.contracts import OutcomeEvent
-    from decision_router.publisher import publish_outcome
+    from decision_router.contracts import OutcomeEvent, Rejection
+    from decision_router.publisher import describe, outcome_fields, publish_outcome
+    from decision_router.quality import check_outcome
 
     try:
         event = OutcomeEvent.model_validate({k: v for k, v in document.items() if v is not None})
@@ -328,6 +333,11 @@ def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> 
         fail(f"invalid outcome event: {problems}", code=2)
     settings = settings or settings_or_exit()
     stream = Keys(settings.stream_prefix).outcomes
+    # The router's own gate, on the entry as it will be written: an empty id, a note over the size limit...
+    # are refused here instead of being "recorded" and then dead-lettered.
+    checked = check_outcome(outcome_fields(event), source_stream=stream, limits=settings.payload_limits)
+    if isinstance(checked, Rejection):
+        fail(f"invalid outcome event: the router would reject it as {describe(checked)}", code=2)
 
     async def run() -> str:
         redis = await _connect(settings)

@@ -130,3 +130,22 @@ def test_simulation_sizes_out_of_bounds_are_usage_errors(args: list[str], option
 )
 def test_simulation_stores_that_do_not_open_are_one_line(args: list[str], code: int, shown: str) -> None:
     assert one_error(invoke(*args), code).startswith(shown)
+
+
+# outcome, reassign: what the router's gate would dead-letter is refused, not "recorded" -----------------
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["outcome", "acknowledged", "--actor", "a", "--alert", ""], "reject it as schema: "),
+        (["reassign", "", "--to", "alice-moreau", "--by", "me"], "reject it as schema: "),
+        (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--note", "x" * 70_000], "as too_large: "),
+        (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--owner", "bob"], "--owner is only for"),
+    ],
+)
+def test_an_outcome_the_router_would_reject_is_refused(
+    args: list[str], shown: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing is written, whatever happens
+    assert shown in one_error(invoke(*args), 2)
