@@ -9,9 +9,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from decision_router.keys import Keys
 
@@ -23,13 +25,57 @@ if TYPE_CHECKING:
 
     from decision_router.settings import Settings
 
-app = typer.Typer(
+
+class _Utf8Only:
+    """After parsing, a text value that is not valid UTF-8 is refused, naming its option. On POSIX, Python
+    reads argument bytes that are not UTF-8 (`$'al-\\xff'`) as lone surrogates, which no stream, store or
+    terminal takes: every command would fail later, each in its own way."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)  # type: ignore[misc]
+        for param in self.params:  # type: ignore[attr-defined]
+            value = ctx.params.get(param.name)
+            if not all(_is_utf8(v) for v in (value if isinstance(value, (list, tuple)) else [value])):
+                name = param.opts[0] if param.param_type_name == "option" else (param.metavar or param.name.upper())
+                fail(f"{name.strip('[]')}: not valid UTF-8", code=2)
+        return rest
+
+
+def _is_utf8(value: object) -> bool:
+    if not isinstance(value, str) or value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class Utf8Command(_Utf8Only, TyperCommand):
+    pass
+
+
+class Utf8Group(_Utf8Only, TyperGroup):
+    pass
+
+
+class App(typer.Typer):
+    """typer.Typer whose commands, and groups with options of their own (`stats`), take only UTF-8 text."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(cls=Utf8Group, **kwargs)
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or Utf8Command, **kwargs)
+
+
+app = App(
     help="Route model predictions to named owners, track what they did and whether it worked.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-rules_app = typer.Typer(
+rules_app = App(
     help="Check the routing rules and owner directory, test them on a prediction, replay stored predictions.",
     no_args_is_help=True,
 )

@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from decision_router.cli import _connect, app, err, fail, fail_store, out, settings_or_exit
+from decision_router.cli import App, _connect, app, err, fail, fail_store, out, settings_or_exit
 
-tokens_app = typer.Typer(help="API tokens: create (printed once), list, revoke.", no_args_is_help=True)
+tokens_app = App(help="API tokens: create (printed once), list, revoke.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 
 

@@ -3,6 +3,9 @@ the CLI in-process (typer's CliRunner), on a SQLite store in a temporary directo
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,42 @@ def test_an_outcome_the_router_would_reject_is_refused(
 ) -> None:
     monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing is written, whatever happens
     assert shown in one_error(invoke(*args), 2)
+
+
+# Text that is not valid UTF-8 (bytes a shell passes through) is refused, naming the option ---------------
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (["audit", "al-\udcff"], "ALERT_ID"),
+        (["audit", "--entity", "a:\udcff"], "--entity"),
+        (["stats", "--owner", "a\udcff"], "--owner"),
+        (["stats", "--rule", "a\udcff"], "--rule"),
+        (["stats", "quality", "--model", "a\udcff"], "--model"),
+        (["tokens", "create", "--role", "ops", "--name", "a\udcff"], "--name"),
+        (["tokens", "revoke", "a\udcff"], "ID"),
+        (["outcome", "acknowledged", "--actor", "a", "--alert", "x\udcff"], "--alert"),
+        (["outcome", "acknowledged", "--actor", "a", "--alert", "x", "--note", "n\udcff"], "--note"),
+        (["rules", "test", "--expect-rule", "ok", "--expect-rule", "r\udcff", "{}"], "--expect-rule"),
+    ],
+)
+def test_text_that_is_not_utf8_is_refused(args: list[str], name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing is written, whatever happens
+    assert one_error(invoke(*args), 2) == f"error: {name}: not valid UTF-8"
+
+
+def test_bytes_from_a_shell_and_the_environment_are_refused_too(tmp_path: Path) -> None:
+    """As a user runs it: the argument and the variable are bytes (\\xff) that Python reads as surrogates."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    argument = subprocess.run(
+        [sys.executable, "-m", "decision_router", b"audit", b"al-\xff"],
+        env=env, cwd=tmp_path, capture_output=True, timeout=60, check=False,
+    )
+    assert (argument.returncode, argument.stderr) == (2, b"error: ALERT_ID: not valid UTF-8\n")
+    prefix = subprocess.run(
+        [sys.executable, "-m", "decision_router", "health"],
+        env={**env, "DECISION_ROUTER_STREAM_PREFIX": os.fsdecode(b"p\xff:")}, cwd=tmp_path, capture_output=True, check=False,
+        timeout=60,
+    )
+    assert (prefix.returncode, prefix.stderr) == (2, b"error: DECISION_ROUTER_STREAM_PREFIX: not valid UTF-8\n")
