@@ -187,7 +187,7 @@ def test_bytes_from_a_shell_and_the_environment_are_refused_too(tmp_path: Path) 
     assert (argument.returncode, argument.stderr) == (2, b"error: ALERT_ID: not valid UTF-8\n")
     prefix = subprocess.run(
         [sys.executable, "-m", "decision_router", "health"],
-        env={**env, "DECISION_ROUTER_STREAM_PREFIX": os.fsdecode(b"p\xff:")}, cwd=tmp_path, capture_output=True, check=False,
-        timeout=60,
+        env={**env, "DECISION_ROUTER_STREAM_PREFIX": os.fsdecode(b"p\xff:")},
+        cwd=tmp_path, capture_output=True, timeout=60, check=False,
     )
     assert (prefix.returncode, prefix.stderr) == (2, b"error: DECISION_ROUTER_STREAM_PREFIX: not valid UTF-8\n")
