@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
 
+import click
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from decision_router.keys import Keys
 
@@ -22,38 +25,100 @@ if TYPE_CHECKING:
 
     from decision_router.settings import Settings
 
-app = typer.Typer(
+
+class _Utf8Only:
+    """After parsing, a text value that is not valid UTF-8 is refused, naming its option. On POSIX, Python
+    reads argument bytes that are not UTF-8 (`$'al-\\xff'`) as lone surrogates, which no stream, store or
+    terminal takes: every command would fail later, each in its own way."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)  # type: ignore[misc]
+        for param in self.params:  # type: ignore[attr-defined]
+            value = ctx.params.get(param.name)
+            if not all(_is_utf8(v) for v in (value if isinstance(value, (list, tuple)) else [value])):
+                name = param.opts[0] if param.param_type_name == "option" else (param.metavar or param.name.upper())
+                fail(f"{name.strip('[]')}: not valid UTF-8", code=2)
+        return rest
+
+
+def _is_utf8(value: object) -> bool:
+    if not isinstance(value, str) or value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class Utf8Command(_Utf8Only, TyperCommand):
+    pass
+
+
+class Utf8Group(_Utf8Only, TyperGroup):
+    pass
+
+
+class App(typer.Typer):
+    """typer.Typer whose commands, and groups with options of their own (`stats`), take only UTF-8 text."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(cls=Utf8Group, **kwargs)
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or Utf8Command, **kwargs)
+
+
+app = App(
     help="Route model predictions to named owners, track what they did and whether it worked.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-rules_app = typer.Typer(
+rules_app = App(
     help="Check the routing rules and owner directory, test them on a prediction, replay stored predictions.",
     no_args_is_help=True,
 )
 app.add_typer(rules_app, name="rules")
 
 # Tables are wide: when output is piped, do not squeeze them into 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+# What the commands print holds user and stored text (ids, names, regexes, file lines): never read
+# as Rich markup or emoji codes, so '[/]' or ':smile:' is shown as typed instead of failing or changing.
+out = Console(width=None if sys.stdout.isatty() else 160, markup=False, emoji=False)
+err = Console(stderr=True, markup=False, emoji=False)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def settings_or_exit(*, log_level: str | None = None) -> Settings:
+def settings_or_exit(*, log_level: str | None = None, options: Mapping[str, tuple[str, Any]] | None = None) -> Settings:
+    """The settings, or exit 2 with one line naming the bad variable. `options`: command-line options that
+    override a setting, as {"--port": ("api_port", value)} (None: not given); they are checked as the
+    variable is, and an error names the option."""
     from decision_router.logs import configure_logging
-    from decision_router.settings import SettingsError, load_settings
+    from decision_router.settings import ENV_PREFIX, SettingsError, load_settings
 
+    options = options or {}
     try:
-        settings = load_settings()
+        settings = load_settings(**{field: value for field, value in options.values() if value is not None})
     except SettingsError as exc:
-        fail(str(exc), code=2)
+        message = str(exc)
+        for option, (field, value) in options.items():
+            if value is not None:
+                message = message.replace(f"{ENV_PREFIX}{field.upper()}:", f"{option}:")
+        fail(message, code=2)
     configure_logging(fmt=settings.log_format, level=log_level or settings.log_level)
     return settings
+
+
+def fail_store(database_url: str, exc: Exception) -> NoReturn:
+    """Exit 1: the store at `database_url` cannot be opened (e.g. its directory does not exist); passwords masked."""
+    from decision_router.settings import redact_text, redact_url
+
+    reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
+    fail(f"cannot open the store at {redact_url(database_url)}: {reason}")
 
 
 def no_gc_until_done(ctx: typer.Context) -> None:
@@ -92,7 +157,9 @@ async def _connect(settings: Settings) -> Redis:
 @app.command()
 def serve(
     api: Annotated[bool, typer.Option("--api/--no-api", help="Also serve the HTTP API and dashboard.")] = True,
-    api_port: Annotated[Optional[int], typer.Option(help="HTTP API port (default DECISION_ROUTER_API_PORT or 8080).")] = None,
+    api_port: Annotated[
+        Optional[int], typer.Option(help="HTTP API port, 0-65535 (default DECISION_ROUTER_API_PORT or 8080).")
+    ] = None,
     workers: Annotated[
         int, typer.Option("--workers", min=1, max=256, help="Worker processes in one consumer group (needs a real Redis).")
     ] = 1,
@@ -109,9 +176,7 @@ def serve(
     from decision_router.service import serve as run
     from decision_router.settings import redact_text, redact_url
 
-    settings = settings_or_exit()
-    if api_port is not None:
-        settings = settings.model_copy(update={"api_port": api_port})
+    settings = settings_or_exit(options={"--api-port": ("api_port", api_port)})
     try:
         if workers > 1:
             from decision_router.workers import WorkersError, run_workers
@@ -131,8 +196,7 @@ def serve(
         fail(f"cannot reach Redis at {redact_url(settings.effective_redis_url)}: {redact_text(str(exc))}")
     except SQLAlchemyError as exc:
         # Only at start (creating the schema): once running, the read loop waits out store outages.
-        reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
-        fail(f"cannot open the store at {redact_url(settings.database_url)}: {reason}")
+        fail_store(settings.database_url, exc)
 
 
 T = TypeVar("T")
@@ -168,9 +232,15 @@ def run_interruptibly(main: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(guarded())
 
 
+# The most accounts `demo` and `simulate` take: a mistyped number is refused rather than run for hours.
+MAX_SIMULATED_ENTITIES = 100_000
+
+
 @app.command()
 def demo(
-    predictions: Annotated[int, typer.Option(help="How many synthetic churn predictions to publish.")] = 3000,
+    predictions: Annotated[
+        int, typer.Option(min=1, max=MAX_SIMULATED_ENTITIES, help="How many synthetic churn predictions to publish.")
+    ] = 3000,
     seed: Annotated[int, typer.Option(help="Random seed, for a repeatable run.")] = 7,
     database: Annotated[
         Optional[str], typer.Option(help="Database URL (default: a fresh SQLite file, decision_router_demo.db).")
@@ -178,16 +248,24 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the service's per-batch log lines.")] = False,
 ) -> None:
     """Run the whole loop in one process, no server needed, and print the stats."""
-    from decision_router.demo import run_demo
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from decision_router.demo import DEMO_DATABASE, run_demo
     from decision_router.rules import RulesInvalid
 
-    settings = settings_or_exit(log_level=None if verbose else "warning")
+    settings = settings_or_exit(
+        log_level=None if verbose else "warning", options={"--database": ("database_url", database)}
+    )
+    if database is not None:
+        database = settings.database_url  # checked and normalised like DECISION_ROUTER_DATABASE_URL
     try:
         result = run_interruptibly(
             run_demo(settings, predictions=predictions, seed=seed, database_url=database, console=out)
         )
     except RulesInvalid as exc:
         fail(f"the rules in {settings.rules_dir} are invalid:\n{exc}")
+    except SQLAlchemyError as exc:
+        fail_store(database or f"sqlite:///{DEMO_DATABASE}", exc)
     from decision_router.cli_stats import print_stats
 
     print_stats(result.rows, result.by, "table")
@@ -266,6 +344,9 @@ def outcome(
     note: Annotated[Optional[str], typer.Option(help="Free text kept in the audit trail.")] = None,
 ) -> None:
     """Record an outcome event (it goes onto the outcomes stream, like any producer's)."""
+    if owner is not None and type_ != "reassigned":
+        # As --result on a type other than outcome: an option that would be ignored is refused, not dropped.
+        fail(f"--owner is only for TYPE reassigned, not {type_!r}", code=2)
     document: dict[str, Any] = {
         "type": type_, "actor": actor, "alert_id": alert, "prediction_id": prediction,
         "action": action, "result": result, "value": value, "owner": owner, "note": note,
@@ -285,13 +366,15 @@ def parse_entity(entity: str) -> tuple[str, str]:
 
 
 def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> None:
-    """Validate an outcome event (exit 2 when invalid) and publish it on the outcomes stream."""
+    """Validate an outcome event (exit 2 when invalid, or when the router's gate would dead-letter it)
+    and publish it on the outcomes stream."""
     import asyncio
 
     from pydantic import ValidationError
 
-    from decision_router.contracts import OutcomeEvent
-    from decision_router.publisher import publish_outcome
+    from decision_router.contracts import OutcomeEvent, Rejection
+    from decision_router.publisher import describe, outcome_fields, publish_outcome
+    from decision_router.quality import check_outcome
 
     try:
         event = OutcomeEvent.model_validate({k: v for k, v in document.items() if v is not None})
@@ -302,6 +385,11 @@ def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> 
         fail(f"invalid outcome event: {problems}", code=2)
     settings = settings or settings_or_exit()
     stream = Keys(settings.stream_prefix).outcomes
+    # The router's own gate, on the entry as it will be written: an empty id, a note over the size limit...
+    # are refused here instead of being "recorded" and then dead-lettered.
+    checked = check_outcome(outcome_fields(event), source_stream=stream, limits=settings.payload_limits)
+    if isinstance(checked, Rejection):
+        fail(f"invalid outcome event: the router would reject it as {describe(checked)}", code=2)
 
     async def run() -> str:
         redis = await _connect(settings)

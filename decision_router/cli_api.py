@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from decision_router.cli import _connect, app, err, fail, out, settings_or_exit
+from decision_router.cli import App, _connect, app, err, fail, fail_store, out, settings_or_exit
 
-tokens_app = typer.Typer(help="API tokens: create (printed once), list, revoke.", no_args_is_help=True)
+tokens_app = App(help="API tokens: create (printed once), list, revoke.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 
 
@@ -19,7 +19,9 @@ def api(
     host: Annotated[
         Optional[str], typer.Option(help="Listen address (default DECISION_ROUTER_API_HOST or 127.0.0.1).")
     ] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default DECISION_ROUTER_API_PORT or 8080).")] = None,
+    port: Annotated[
+        Optional[int], typer.Option(help="Port, 0-65535; 0: any free one (default DECISION_ROUTER_API_PORT or 8080).")
+    ] = None,
 ) -> None:
     """Serve only the HTTP API and dashboard (the consumers run in `serve --no-api` or elsewhere)."""
     import asyncio
@@ -29,9 +31,7 @@ def api(
     from decision_router.rules import RulesInvalid, load_rules
     from decision_router.store import create_schema, make_engine
 
-    settings = settings_or_exit()
-    update = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
-    settings = settings.model_copy(update=update) if update else settings
+    settings = settings_or_exit(options={"--host": ("api_host", host), "--port": ("api_port", port)})
     try:
         ruleset = load_rules(settings.rules_dir)
     except RulesInvalid as exc:
@@ -61,7 +61,6 @@ def api(
 def _engine():  # type: ignore[no-untyped-def]
     from sqlalchemy.exc import SQLAlchemyError
 
-    from decision_router.settings import redact_text, redact_url
     from decision_router.store import create_schema, make_engine
 
     settings = settings_or_exit()
@@ -69,8 +68,7 @@ def _engine():  # type: ignore[no-untyped-def]
     try:
         create_schema(engine)
     except SQLAlchemyError as exc:
-        reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
-        fail(f"cannot open the store at {redact_url(settings.database_url)}: {reason}")
+        fail_store(settings.database_url, exc)
     return settings, engine
 
 

@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from decision_router.cli import _connect, app, fail, out, settings_or_exit
+from decision_router.cli import App, _connect, app, fail, out, settings_or_exit
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-redrive_app = typer.Typer(help="Re-send dead-lettered deliveries.", no_args_is_help=True)
+redrive_app = App(help="Re-send dead-lettered deliveries.", no_args_is_help=True)
 app.add_typer(redrive_app, name="redrive")
 
 

@@ -17,10 +17,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import app, fail, out, settings_or_exit
+from decision_router.cli import MAX_SIMULATED_ENTITIES, app, err, fail, fail_store, out, settings_or_exit
 
 if TYPE_CHECKING:  # simulate.py pulls in the whole service (monitor, notify, channels, httpx): imported when run
     from decision_router.simulate import SimulationResult
+
+
+MAX_DAYS = 365  # a year of predictions; each simulated day is a round of the service (~0.2 s here)
 
 
 def _points(value: float | None) -> str:
@@ -159,13 +162,15 @@ def _difference(ts: int, tf: int, cs: int, cf: int) -> float | None:
 
 @app.command()
 def simulate(
-    days: Annotated[int, typer.Option(help="Days on which predictions are published.")] = 14,
-    entities: Annotated[int, typer.Option(help="Accounts scored, spread evenly over the days.")] = 2000,
+    days: Annotated[int, typer.Option(min=1, max=MAX_DAYS, help="Days on which predictions are published.")] = 14,
+    entities: Annotated[
+        int, typer.Option(min=1, max=MAX_SIMULATED_ENTITIES, help="Accounts scored, spread evenly over the days.")
+    ] = 2000,
     effect: Annotated[float, typer.Option(help="Change of an intervened account's success probability.")] = 0.1,
     holdout: Annotated[float, typer.Option(help="The rule's control-group fraction.")] = 0.3,
     threshold: Annotated[float, typer.Option(help="The rule alerts on score >= threshold.")] = 0.5,
     drift_from_day: Annotated[
-        Optional[int], typer.Option(help="Shift the model's scores from this day (0-based) on.")
+        Optional[int], typer.Option(min=0, max=MAX_DAYS, help="Shift the model's scores from this day (0-based) on.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same world.")] = 7,
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
@@ -180,13 +185,22 @@ def simulate(
     """Simulate a world with a known truth through the real pipeline; print the truth next to the stats."""
     import asyncio
 
-    from decision_router.settings import redact_url
+    from redis.exceptions import RedisError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from decision_router.settings import redact_text, redact_url
     from decision_router.simulate import SimulationParams, run_simulation
 
     if fmt not in ("table", "json"):
         fail(f"--format must be table or json, not {fmt!r}", code=2)
     # The result summarises the monitor's data-quality alerts; -v shows them (and every batch) as they happen.
-    settings = settings_or_exit(log_level=None if verbose else "error")
+    # --database and --redis are checked (and normalised) as their variables are.
+    settings = settings_or_exit(
+        log_level=None if verbose else "error",
+        options={"--database": ("database_url", database), "--redis": ("redis_url", redis)},
+    )
+    database = settings.database_url if database is not None else None
+    redis = settings.redis_url if redis is not None else None
     try:
         params = replace(
             SimulationParams(), days=days, entities=entities, effect=effect, holdout=holdout, threshold=threshold,
@@ -194,22 +208,21 @@ def simulate(
         )
     except ValueError as exc:
         fail(str(exc), code=2)
-    if database is not None:
-        from decision_router.settings import SettingsError, load_settings
-
-        try:
-            database = load_settings(database_url=database).database_url  # checked and normalised like the env var
-        except SettingsError as exc:
-            fail(str(exc).replace("DECISION_ROUTER_DATABASE_URL", "--database"), code=2)
-    progress = Console(stderr=True)
+    progress = err
 
     def on_day(day: int, now: Any) -> None:
         if progress.is_terminal:
             progress.print(f"day {day + 1}/{params.total_days} ({now:%Y-%m-%d})", end="\r", highlight=False)
 
-    result = asyncio.run(
-        run_simulation(params, settings=settings, redis_url=redis, database_url=database, on_day=on_day)
-    )
+    try:
+        result = asyncio.run(
+            run_simulation(params, settings=settings, redis_url=redis, database_url=database, on_day=on_day)
+        )
+    except SQLAlchemyError as exc:
+        fail_store(database or "a temporary SQLite file", exc)
+    except RedisError as exc:
+        where = f"Redis at {redact_url(redis)}" if redis else "the embedded Redis"
+        fail(f"cannot reach {where}: {redact_text(str(exc))}")
     if fmt == "json":
         sys.stdout.write(json.dumps(result.as_dict(), indent=2, default=str) + "\n")
         return

@@ -22,7 +22,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import _since, app, err, fail, no_gc_until_done, out, settings_or_exit
+from decision_router.cli import App, _since, app, err, fail, no_gc_until_done, out, settings_or_exit
 from decision_router.uplift import DEFAULT_BAND_EDGES, MIN_N
 
 if TYPE_CHECKING:  # stats.py pulls in SQLAlchemy: imported where a command needs it, so other commands start fast
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # stats.py pulls in SQLAlchemy: imported where a command need
 FORMATS = ("table", "json", "csv")
 T = TypeVar("T")
 
-stats_app = typer.Typer(
+stats_app = App(
     help="Who acts, how fast, and whether it works: outcomes, uplift, data quality, model precision.",
     invoke_without_command=True,
 )

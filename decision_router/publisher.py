@@ -143,8 +143,12 @@ async def publish_predictions(redis: Redis, stream: str, predictions: Sequence[P
     await xadd_all(redis, stream, [prediction_fields(prediction) for prediction in predictions])
 
 
+def outcome_fields(event: OutcomeEvent) -> dict[str, str]:
+    return {"data": event.model_dump_json(exclude_none=True)}
+
+
 async def publish_outcome(redis: Redis, stream: str, event: OutcomeEvent) -> str:
-    entry_id = await redis.xadd(stream, {"data": event.model_dump_json(exclude_none=True)})
+    entry_id = await redis.xadd(stream, outcome_fields(event))
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 

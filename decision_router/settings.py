@@ -106,6 +106,16 @@ class Settings(BaseSettings):
     def _duration(cls, value: object) -> timedelta:
         return parse_duration(value)  # type: ignore[arg-type]
 
+    @field_validator("stream_prefix", "consumer_group", "consumer_name")
+    @classmethod
+    def _utf8(cls, value: str) -> str:
+        # Bytes in the environment that are not UTF-8 arrive as lone surrogates, which no Redis name can take.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("not valid UTF-8") from None
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:

@@ -1,0 +1,193 @@
+"""Bad or unusual input on the command line gets one `error: ...` line and an exit code, never a traceback:
+the CLI in-process (typer's CliRunner), on a SQLite store in a temporary directory and the shipped rules."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from decision_router import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(ROOT / "rules"))
+    return tmp_path
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli.app, list(args))
+
+
+def one_error(result: Result, code: int) -> str:
+    """The single `error: ...` line of a refused command (no traceback behind it)."""
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == code, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+# User text is shown as typed: never read as Rich markup or emoji codes -------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "shown"),
+    [
+        (["stats", "--since", "[/]"], 2, "not '[/]'"),
+        (["stats", "--by", "[/]"], 2, "not '[/]'"),
+        (["stats", "--format", "[/]"], 2, "not '[/]'"),
+        (["stats", "model", "--bands", "[/]"], 2, "not '[/]'"),
+        (["audit", "[/]"], 1, "no alert '[/]'"),
+        (["audit", "--entity", "a:[/bold]"], 1, "entity 'a:[/bold]'"),
+        (["audit", "--entity", "a:b:c"], 1, "entity 'a:b:c'"),
+        (["audit", ":smile:"], 1, "no alert ':smile:'"),
+        (["reassign", "al-x", "--to", "[/]", "--by", "me"], 2, "owner '[/]'"),
+        (["tokens", "create", "--role", "[/]"], 2, "role '[/]'"),
+        (["tokens", "revoke", "[/]"], 2, "id '[/]'"),
+        (["rules", "replay", "--rules", str(ROOT / "rules"), "--since", "[/]"], 2, "not '[/]'"),
+    ],
+)
+def test_user_text_in_an_error_is_shown_literally(args: list[str], code: int, shown: str) -> None:
+    assert shown in one_error(invoke(*args), code)
+
+
+def test_a_token_named_like_markup_is_listed() -> None:
+    created = invoke("tokens", "create", "--role", "ops", "--name", "[/]")
+    assert created.exit_code == 0, created.output
+    listed = invoke("tokens", "list")
+    assert listed.exit_code == 0, listed.exception
+    assert "[/]" in listed.stdout
+
+
+def test_rules_check_lists_a_regex_holding_markup_as_written(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "owners.yaml").write_text("owners:\n  - {id: desk, name: Desk}\n")
+    (rules / "routing.yaml").write_text(
+        "rules:\n"
+        '  - {name: a, when: {model: {regex: "(x)\\\\1[/]"}}, owner: desk}\n'
+        '  - {name: b, when: {model: {regex: "[a-z]+(?=shadow)"}}, owner: desk}\n'
+        "  - {name: rest, when: {}, owner: desk, action: record}\n"
+    )
+    for args in (["rules", "check", str(rules)], ["rules", "test", "--rules", str(rules), "{}"]):
+        result = invoke(*args)
+        assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exception
+        assert "'(x)\\\\1[/]'" in result.stderr and "'[a-z]+(?=shadow)'" in result.stderr
+
+
+# A port option is checked as DECISION_ROUTER_API_PORT is ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["api", "--port", "-1"], "error: --port: Input should be greater than or equal to 0"),
+        (["api", "--port", "70000"], "error: --port: Input should be less than or equal to 65535"),
+        (["serve", "--api-port", "70000"], "error: --api-port: Input should be less than or equal to 65535"),
+    ],
+)
+def test_an_api_port_out_of_range_is_refused(args: list[str], shown: str) -> None:
+    assert one_error(invoke(*args), 2) == shown
+
+
+# demo and simulate: bounded sizes, and their --database / --redis checked as the variables are ----------
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["demo", "--predictions", "0"], "--predictions"),
+        (["demo", "--predictions", "-1"], "--predictions"),
+        (["demo", "--predictions", "99999999999999999999"], "--predictions"),
+        (["simulate", "--entities", "99999999999999999999"], "--entities"),
+        (["simulate", "--days", "100000"], "--days"),
+        (["simulate", "--days", "99999999999999999999"], "--days"),
+        (["simulate", "--drift-from-day", "-1"], "--drift-from-day"),
+    ],
+)
+def test_simulation_sizes_out_of_bounds_are_usage_errors(args: list[str], option: str) -> None:
+    result = invoke(*args)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.exception
+    assert f"Invalid value for '{option}'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "shown"),
+    [
+        (["demo", "--database", "nonsense://"], 2, "error: --database: must be a sqlite:/// or postgresql"),
+        (["demo", "--database", "sqlite:////nonexistent/x.db"], 1, "error: cannot open the store at sqlite:////"),
+        (["simulate", "--database", "sqlite:////nonexistent/x.db"], 1, "error: cannot open the store at sqlite:////"),
+        (["simulate", "--redis", "http://x"], 2, "error: --redis: must start with redis://"),
+        (["simulate", "--redis", "redis://127.0.0.1:1/0"], 1, "error: cannot reach Redis at redis://127.0.0.1:1/0"),
+    ],
+)
+def test_simulation_stores_that_do_not_open_are_one_line(args: list[str], code: int, shown: str) -> None:
+    assert one_error(invoke(*args), code).startswith(shown)
+
+
+# outcome, reassign: what the router's gate would dead-letter is refused, not "recorded" -----------------
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["outcome", "acknowledged", "--actor", "a", "--alert", ""], "reject it as schema: "),
+        (["reassign", "", "--to", "alice-moreau", "--by", "me"], "reject it as schema: "),
+        (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--note", "x" * 70_000], "as too_large: "),
+        (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--owner", "bob"], "--owner is only for"),
+    ],
+)
+def test_an_outcome_the_router_would_reject_is_refused(
+    args: list[str], shown: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing is written, whatever happens
+    assert shown in one_error(invoke(*args), 2)
+
+
+# Text that is not valid UTF-8 (bytes a shell passes through) is refused, naming the option ---------------
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (["audit", "al-\udcff"], "ALERT_ID"),
+        (["audit", "--entity", "a:\udcff"], "--entity"),
+        (["stats", "--owner", "a\udcff"], "--owner"),
+        (["stats", "--rule", "a\udcff"], "--rule"),
+        (["stats", "quality", "--model", "a\udcff"], "--model"),
+        (["tokens", "create", "--role", "ops", "--name", "a\udcff"], "--name"),
+        (["tokens", "revoke", "a\udcff"], "ID"),
+        (["outcome", "acknowledged", "--actor", "a", "--alert", "x\udcff"], "--alert"),
+        (["outcome", "acknowledged", "--actor", "a", "--alert", "x", "--note", "n\udcff"], "--note"),
+        (["rules", "test", "--expect-rule", "ok", "--expect-rule", "r\udcff", "{}"], "--expect-rule"),
+    ],
+)
+def test_text_that_is_not_utf8_is_refused(args: list[str], name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing is written, whatever happens
+    assert one_error(invoke(*args), 2) == f"error: {name}: not valid UTF-8"
+
+
+def test_bytes_from_a_shell_and_the_environment_are_refused_too(tmp_path: Path) -> None:
+    """As a user runs it: the argument and the variable are bytes (\\xff) that Python reads as surrogates."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    argument = subprocess.run(
+        [sys.executable, "-m", "decision_router", b"audit", b"al-\xff"],
+        env=env, cwd=tmp_path, capture_output=True, timeout=60, check=False,
+    )
+    assert (argument.returncode, argument.stderr) == (2, b"error: ALERT_ID: not valid UTF-8\n")
+    prefix = subprocess.run(
+        [sys.executable, "-m", "decision_router", "health"],
+        env={**env, "DECISION_ROUTER_STREAM_PREFIX": os.fsdecode(b"p\xff:")},
+        cwd=tmp_path, capture_output=True, timeout=60, check=False,
+    )
+    assert (prefix.returncode, prefix.stderr) == (2, b"error: DECISION_ROUTER_STREAM_PREFIX: not valid UTF-8\n")
