@@ -7,9 +7,12 @@ from typing import TYPE_CHECKING
 import typer
 
 from decision_router.cli import App, _connect, app, fail, out, settings_or_exit
+from decision_router.keys import Keys
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+MAX_LISTED = 20  # entries left on the DLQ listed by id; the rest counted
 
 redrive_app = App(help="Re-send dead-lettered deliveries.", no_args_is_help=True)
 app.add_typer(redrive_app, name="redrive")
@@ -20,7 +23,7 @@ def redrive_deliveries() -> None:
     """Re-send every entry on deliveries:dlq once (a new failure is dead-lettered again)."""
     import asyncio
 
-    from decision_router.notify import ChannelDelivery, redrive
+    from decision_router.notify import ChannelDelivery, Redriven, redrive
     from decision_router.pipeline import utcnow
     from decision_router.rules import RulesInvalid, load_rules
     from decision_router.store import create_schema, make_engine
@@ -33,7 +36,7 @@ def redrive_deliveries() -> None:
     engine = make_engine(settings.database_url)
     create_schema(engine)
 
-    async def run() -> tuple[int, int]:
+    async def run() -> Redriven:
         redis: Redis = await _connect(settings)
         channels = ChannelDelivery(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=utcnow)
         try:
@@ -43,9 +46,16 @@ def redrive_deliveries() -> None:
             await redis.aclose()
 
     try:
-        sent, delivered = asyncio.run(run())
+        done = asyncio.run(run())
     finally:
         engine.dispose()
+    sent, delivered = done.sent, done.delivered
     out.print(f"re-sent {sent} dead-lettered deliveries: {delivered} delivered, {sent - delivered} dead-lettered again")
-    if sent and delivered < sent:
+    if done.left:
+        out.print(f"left {len(done.left)} entries on {Keys(settings.stream_prefix).deliveries_dlq} with nothing to re-send:")
+        for entry_id, why in done.left[:MAX_LISTED]:
+            out.print(f"  {entry_id}: {why}")
+        if len(done.left) > MAX_LISTED:
+            out.print(f"  and {len(done.left) - MAX_LISTED} more")
+    if done.left or delivered < sent:
         raise typer.Exit(1)

@@ -11,6 +11,7 @@ looked-up context the rules see as lookup.<source>.<field>; without it those fie
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,7 +20,7 @@ from typing import Any
 from decision_router.contracts import Prediction, Rejection, RejectionReason
 from decision_router.durations import format_duration
 from decision_router.publisher import validate_entry
-from decision_router.quality import original_payload
+from decision_router.quality import MAX_INT_BITS, original_payload
 from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
 from decision_router.rules.spec import LOOKUP
@@ -174,12 +175,18 @@ def mismatches(explanation: Explanation, *, rules: Sequence[str], owners: Sequen
     return problems
 
 
+def _decoded(text: str) -> Any:
+    """The JSON value of `text`, or None when it is not JSON or nests deeper than json.loads can
+    recurse: the publish gate, given the text, then says which (invalid_json or too_deep)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def parse_inputs(text: str, source: str) -> list[Case]:
     """A JSON object, a JSON array of objects, or JSON lines; each checked by the publish gate."""
-    try:
-        whole: Any = json.loads(text)
-    except ValueError:
-        whole = None
+    whole = _decoded(text)
     if isinstance(whole, dict):
         return [check(json.dumps(whole), source)]
     if isinstance(whole, list):
@@ -198,7 +205,8 @@ def check(line: str, source: str) -> Case:
     prediction without its `lookup` object (the gate knows no such field)."""
     line, looked_up, problem = split_lookup(line)
     if problem is not None:
-        rejection = Rejection(reason=RejectionReason.SCHEMA, detail=problem, source_stream="file",
+        reason, detail = problem
+        rejection = Rejection(reason=reason, detail=detail, source_stream="file",
                               payload=original_payload({"data": line}))
         return Case(source, None, rejection)
     checked = validate_entry({"data": line})
@@ -207,18 +215,49 @@ def check(line: str, source: str) -> Case:
     return Case(source, None, checked)
 
 
-def split_lookup(line: str) -> tuple[str, dict[str, dict[str, Any]] | None, str | None]:
+Problem = tuple[RejectionReason, str]
+
+
+def split_lookup(line: str) -> tuple[str, dict[str, dict[str, Any]] | None, Problem | None]:
     """(the prediction's JSON without `lookup`, the lookup object or None, what is wrong with it)."""
-    try:
-        document = json.loads(line)
-    except ValueError:
-        return line, None, None  # the gate says what is wrong with it
+    document = _decoded(line)
     if not isinstance(document, dict) or LOOKUP not in document:
-        return line, None, None
+        return line, None, None  # the gate says what is wrong with anything but a lookup
     looked_up = document.pop(LOOKUP)
     if not isinstance(looked_up, dict) or not all(isinstance(fields, dict) for fields in looked_up.values()):
-        return line, None, LOOKUP_SHAPE
-    return json.dumps(document), looked_up, None
+        return line, None, (RejectionReason.SCHEMA, LOOKUP_SHAPE)
+    return json.dumps(document), looked_up, _lookup_problem(looked_up)
+
+
+def _lookup_problem(looked_up: dict[str, Any]) -> Problem | None:
+    """The gate's value checks on the lookup, which the gate never sees: no NaN or infinity (not
+    JSON, so not printable as JSON), no text with a NUL or a lone surrogate, no integer too large
+    to compare with a float."""
+    todo: list[tuple[str, Any]] = [(LOOKUP, looked_up)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, str) and not _storable(value):
+            return RejectionReason.INVALID_ENCODING, f"{path}: text holds a NUL character or a lone surrogate"
+        if isinstance(value, float) and not math.isfinite(value):
+            return RejectionReason.SCHEMA, f"{path}: {value} is not a finite number"
+        if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+            return RejectionReason.SCHEMA, f"{path}: an integer of {value.bit_length()} bits is too large"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _storable(key):
+                    return RejectionReason.INVALID_ENCODING, f"{path}: a name holds a NUL character or a lone surrogate"
+                todo.append((f"{path}.{key[:60]}", item))
+        elif isinstance(value, list):
+            todo.extend((f"{path}[{n}]", item) for n, item in enumerate(value))
+    return None
+
+
+def _storable(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # raises on a lone surrogate
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, EscalationRe
 
 # Upper edges of the time-to-act buckets, in seconds; the last bucket is open-ended.
 DEFAULT_ACT_EDGES: tuple[int, ...] = (15 * 60, 3600, 4 * 3600, 24 * 3600, 48 * 3600, 7 * 86400)
+# The first moment a datetime can hold: a window ending there is empty.
+EARLIEST = datetime.min.replace(tzinfo=UTC)
 MAX_DAYS = 366  # rejections_per_day fills at most this many days (a chart, not an export)
 
 
@@ -237,8 +239,14 @@ def rejections_per_day(
         totals[reason] += 1
     seen = sorted(per_day)
     first = as_utc(since).date() if since is not None else (seen[0] if seen else None)
-    # until is exclusive: a window ending at midnight does not include that day.
-    last = (as_utc(until) - timedelta(microseconds=1)).date() if until is not None else (seen[-1] if seen else first)
+    last: date | None
+    if until is None:
+        last = seen[-1] if seen else first
+    else:
+        # until is exclusive: a window ending at midnight does not include that day (one ending at
+        # the first moment of the year 1 holds no day, and has none before it).
+        end = as_utc(until)
+        last = (end - timedelta(microseconds=1)).date() if end > EARLIEST else None
     days = _day_range(first, last) if first is not None and last is not None and first <= last else []
     reasons = [reason for reason, _ in sorted(totals.items(), key=lambda item: (-item[1], item[0]))]
     counts = {reason: [per_day[day][reason] if day in per_day else 0 for day in days] for reason in reasons}

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -514,37 +514,58 @@ def redrive_candidates(entries: Sequence[tuple[str, Mapping[str, str]]]) -> list
         try:
             out.append((entry_id, int(fields["delivery_id"])))
         except (KeyError, ValueError):
-            log.warning("deliveries:dlq entry without a delivery id skipped", entry_id=entry_id)
+            log.warning("deliveries:dlq entry without a delivery id left in place", entry_id=entry_id)
     return out
 
 
-async def redrive(channels: ChannelDelivery, *, limit: int = 10_000) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Redriven:
+    sent: int  # deliveries re-sent, their DLQ entries removed
+    delivered: int  # of which delivered this time; the others are dead-lettered again
+    # DLQ entries left in place, with why: nothing to re-send is known for them, and deleting
+    # them would lose the only record of a failed delivery.
+    left: tuple[tuple[str, str], ...] = ()
+
+
+async def redrive(channels: ChannelDelivery, *, limit: int = 10_000) -> Redriven:
     """Re-send each deliveries:dlq entry once: its row goes back to pending and the entry
-    is removed; a delivery that fails again is dead-lettered again. Returns (re-sent, delivered)."""
+    is removed; a delivery that fails again is dead-lettered again. An entry without a delivery
+    id, or with one the store does not know, is left where it is and reported."""
     stream = channels.keys.deliveries_dlq
     entries = [
         (as_text(entry_id), {as_text(k): as_text(v) for k, v in fields.items()})
         for entry_id, fields in await channels.redis.xrange(stream, count=limit)
     ]
-    candidates = redrive_candidates(entries)
-    ids = [delivery_id for _, delivery_id in candidates]
-    await asyncio.to_thread(_reset_to_pending, channels.engine, ids)
-    if entries:
-        await channels.redis.xdel(stream, *[entry_id for entry_id, _ in entries])
+    delivery_of = dict(redrive_candidates(entries))
+    known = await asyncio.to_thread(_reset_to_pending, channels.engine, list(delivery_of.values()))
+    resent = [entry_id for entry_id, delivery_id in delivery_of.items() if delivery_id in known]
+    left = []
+    for entry_id, _ in entries:
+        if entry_id not in delivery_of:
+            left.append((entry_id, "no delivery id"))
+        elif delivery_of[entry_id] not in known:
+            left.append((entry_id, f"no delivery {delivery_of[entry_id]} in the store"))
+            log.warning("deliveries:dlq entry for an unknown delivery left in place", entry_id=entry_id)
+    if resent:
+        await channels.redis.xdel(stream, *resent)
     await channels.drain()
-    delivered = await asyncio.to_thread(_count_delivered, channels.engine, ids)
-    return len(ids), delivered
+    delivered = await asyncio.to_thread(_count_delivered, channels.engine, known)
+    return Redriven(sent=len(known), delivered=delivered, left=tuple(left))
 
 
-def _reset_to_pending(engine: Engine, ids: Sequence[int]) -> None:
+def _reset_to_pending(engine: Engine, ids: Sequence[int]) -> set[int]:
+    """Back to pending, for the dispatcher to send again; the ids of the rows found."""
+    found = set()
     with Session(engine) as session:
         for row in session.scalars(select(DeliveryRecord).where(DeliveryRecord.id.in_(list(ids)))):
             row.status = "pending"
             session.add(row)
+            found.add(row.id)
         session.commit()
+    return found
 
 
-def _count_delivered(engine: Engine, ids: Sequence[int]) -> int:
+def _count_delivered(engine: Engine, ids: Collection[int]) -> int:
     with Session(engine) as session:
         return len(session.scalars(select(DeliveryRecord.id).where(
             DeliveryRecord.id.in_(list(ids)), DeliveryRecord.status == "delivered"

@@ -997,13 +997,14 @@ class BandRow:
 
 
 def parse_band_edges(text: str) -> tuple[float, ...]:
-    """"0,0.5,0.8,1" -> (0.0, 0.5, 0.8, 1.0); ValueError unless >= 2 strictly increasing numbers."""
+    """"0,0.5,0.8,1" -> (0.0, 0.5, 0.8, 1.0); ValueError unless >= 2 strictly increasing finite numbers
+    (an infinite edge would print as Infinity, which is not JSON; scores lie in 0..1 anyway)."""
     try:
         edges = tuple(float(part) for part in text.split(","))
     except ValueError:
         raise ValueError(f"expected comma-separated numbers like 0,0.5,0.8,1, not {text!r}") from None
-    if len(edges) < 2 or any(math.isnan(e) for e in edges) or any(b <= a for a, b in pairwise(edges)):
-        raise ValueError(f"expected at least two strictly increasing numbers, not {text!r}")
+    if len(edges) < 2 or not all(math.isfinite(e) for e in edges) or any(b <= a for a, b in pairwise(edges)):
+        raise ValueError(f"expected at least two strictly increasing finite numbers, not {text!r}")
     return edges
 
 

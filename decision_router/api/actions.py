@@ -75,8 +75,9 @@ def outcome_pipeline(request: Request) -> Pipeline:
     return pipeline
 
 
-async def apply_event(request: Request, document: dict[str, Any], *, entry_id: str | None = None) -> Applied:
-    """One outcome event (a JSON object) through the outcomes path; applied or rejected with its reason.
+async def apply_event(request: Request, document: Any, *, entry_id: str | None = None) -> Applied:
+    """One outcome event (a JSON object; any other JSON value is rejected as invalid_json) through the
+    outcomes path; applied or rejected with its reason.
     `entry_id` (from http_entry_id) makes a retry of the same event a no-op."""
     pipeline = outcome_pipeline(request)
     # ASCII escapes: a lone surrogate stays an escape for the gate to reject, not a crash in XADD.

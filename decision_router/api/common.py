@@ -39,6 +39,18 @@ def body_error(field: str, message: str) -> HTTPException:
     return HTTPException(status_code=422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
 
 
+def json_body(request: Request, body: Any) -> Any:
+    """A `Body()` of any JSON: FastAPI hands a body sent with another Content-Type (a form, text)
+    over as its bytes, unparsed; refuse it as a 415 naming the body, as malformed JSON is a 422."""
+    if isinstance(body, bytes):
+        kind = request.headers.get("content-type", "")
+        raise HTTPException(status_code=415, detail=[{
+            "loc": ["body"], "type": "unsupported_media_type",
+            "msg": f"send JSON with Content-Type: application/json, not {kind[:100]!r}",
+        }])
+    return body
+
+
 IDEMPOTENCY_KEY_MAX = 200
 
 

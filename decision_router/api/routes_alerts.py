@@ -128,12 +128,18 @@ def _encode_cursor(record: AlertRecord) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """[created_at, alert_id] as _encode_cursor wrote them; anything else (deep nesting, text no
+    store can take, a date out of range) is a 422 naming the cursor."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        created, alert_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        return as_utc(datetime.fromisoformat(created)), str(alert_id)  # type: ignore[return-value]
-    except (ValueError, TypeError, OverflowError, binascii.Error):
-        raise query_error("cursor", "not a cursor this API returned (use next_cursor from the previous page)") from None
+        value = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        match value:
+            # Alert ids are printable ASCII: a lone surrogate or NUL would reach the store's encoder.
+            case [str(created), str(alert_id)] if alert_id.isascii() and alert_id.isprintable():
+                return as_utc(datetime.fromisoformat(created)), alert_id  # type: ignore[return-value]
+    except (ValueError, OverflowError, RecursionError, binascii.Error):
+        pass
+    raise query_error("cursor", "not a cursor this API returned (use next_cursor from the previous page)")
 
 
 @router.get("/v1/alerts", summary="List alerts, newest first, with filters and cursor pages (role: owner, ops, admin)")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Request
 
 from decision_router.api.actions import apply_event, http_entry_id
 from decision_router.api.auth import Principal, require
-from decision_router.api.common import body_error, idempotency_key
+from decision_router.api.common import body_error, idempotency_key, json_body
 
 router = APIRouter(tags=["outcomes"])
 
@@ -27,6 +27,7 @@ async def post_outcomes(
     principal: Annotated[Principal, Depends(require("publisher", "ops"))],
     key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
+    body = json_body(request, body)
     events = body if isinstance(body, list) else [body]
     if not events:
         raise body_error("body", "an empty list: send one event or a non-empty list")
@@ -36,9 +37,8 @@ async def post_outcomes(
         raise HTTPException(status_code=403, detail="reassigning needs an ops or admin token")
     results: list[dict[str, Any]] = []
     for index, event in enumerate(events):
-        # Not a JSON object: the gate rejects it (invalid_json) and dead-letters it like a stream entry.
-        applied = await apply_event(request, event if isinstance(event, dict) else {"_": event},
-                                    entry_id=http_entry_id(principal.token_id, key, "outcomes", index))
+        # Not a JSON object: the gate rejects it (invalid_json) and dead-letters it, as sent, like a stream entry.
+        applied = await apply_event(request, event, entry_id=http_entry_id(principal.token_id, key, "outcomes", index))
         if applied.applied:
             results.append({"index": index, "status": "applied", **({"replayed": True} if applied.replayed else {})})
         else:

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Body, Depends, Request
 
 from decision_router import tracker
 from decision_router.api.auth import Principal, require
-from decision_router.api.common import body_error, keys_of, read_store, settings_of
+from decision_router.api.common import body_error, json_body, keys_of, read_store, settings_of
 from decision_router.contracts import Prediction, Rejection
 from decision_router.pipeline import utcnow
 from decision_router.quality import check_prediction
@@ -42,6 +42,7 @@ async def post_predictions(
     body: Annotated[Any, Body(description="A prediction object (see the Prediction contract) or a list of them.")],
     principal: Annotated[Principal, Depends(require("publisher", "ops"))],
 ) -> dict[str, Any]:
+    body = json_body(request, body)
     items = body if isinstance(body, list) else [body]
     if not items:
         raise body_error("body", "an empty list: send one prediction or a non-empty list")

@@ -209,10 +209,11 @@ def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, An
         loader = _Loader(raw)  # reads the first bytes already: may raise a ReaderError
         data = loader.get_single_data()
     except yaml.reader.ReaderError as exc:
-        # Bytes that do not decode (located by byte), or a control character (by character).
-        if isinstance(exc.character, bytes):
+        # Bytes that do not decode (located by byte), or a control character (by character). Both
+        # carry an int `character`; PyYAML names the codec of a decode error, "unicode" otherwise.
+        if exc.encoding != "unicode":
             before: bytes | str = raw[: exc.position]
-            what = f"byte {exc.character!r} is not {exc.encoding}"
+            what = f"the file is not {exc.encoding.upper()} text (byte 0x{exc.character:02x}: {exc.reason})"
         else:
             encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8"
             before = raw.decode(encoding, "replace")[: exc.position]

@@ -3,6 +3,7 @@ SQLite and PostgreSQL. Access control is in test_api_access.py."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -468,10 +469,16 @@ async def test_metrics_read_consumer_group_lag_and_pending_at_scrape_time(standa
 # bad input ---------------------------------------------------------------------------------
 
 
+def cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
 async def test_bad_requests_get_4xx_json_naming_the_field_never_500(standalone) -> None:
     api, app = standalone
     await route(app, for_owner("b1", ALICE))
     alert = alert_id_for("b1", RULE)
+    deep = cursor("[" * 3000 + "]" * 3000)
+    surrogate, not_text = (cursor(json.dumps(["2026-01-01T00:00:00+00:00", x])) for x in ("\ud800", 7))
     cases = [
         ("POST", "/v1/predictions", {"content": b"{not json"}, api.publisher, 422, "body"),
         ("POST", "/v1/predictions", {"json": []}, api.publisher, 422, "body"),
@@ -483,6 +490,9 @@ async def test_bad_requests_get_4xx_json_naming_the_field_never_500(standalone) 
         ("GET", "/v1/alerts?since=last-tuesday", {}, api.ops, 422, "since"),
         ("GET", "/v1/alerts?cursor=%%%", {}, api.ops, 422, "cursor"),
         ("GET", "/v1/alerts?cursor=bm90IGpzb24", {}, api.ops, 422, "cursor"),
+        ("GET", f"/v1/alerts?cursor={deep}", {}, api.ops, 422, "cursor"),  # a RecursionError to decode
+        ("GET", f"/v1/alerts?cursor={surrogate}", {}, api.ops, 422, "cursor"),  # an id no store can encode
+        ("GET", f"/v1/alerts?cursor={not_text}", {}, api.ops, 422, "cursor"),
         ("GET", "/v1/alerts/al-does-not-exist", {}, api.ops, 404, None),
         ("POST", "/v1/alerts/al-does-not-exist/ack", {}, api.ops, 404, None),
         ("POST", f"/v1/alerts/{alert}/ack", {"json": ["a", "list"]}, api.alice, 422, "body"),
@@ -513,3 +523,30 @@ async def test_bad_requests_get_4xx_json_naming_the_field_never_500(standalone) 
         detail = response.json()["detail"]
         if field is not None:
             assert any(field in map(str, d["loc"]) for d in detail), (path, detail)
+
+
+async def test_a_body_that_is_not_json_is_a_415_naming_the_body(standalone) -> None:
+    """FastAPI hands a form or text body over unparsed (bytes): refused, not a 500 serialising it."""
+    api, _ = standalone
+    for path in ("/v1/predictions", "/v1/outcomes"):
+        for kwargs in ({"data": {"x": "1"}}, {"content": b"{}", "headers": {"content-type": "text/plain"}}):
+            headers = {**api.publisher, **kwargs.pop("headers", {})}
+            response = await api.http.post(path, headers=headers, **kwargs)
+            assert response.status_code == 415, (path, response.text)
+            [detail] = response.json()["detail"]
+            assert detail["loc"] == ["body"] and "application/json" in detail["msg"]
+
+
+async def test_outcome_events_that_are_not_objects_are_invalid_json_dead_lettered_as_sent(
+    standalone, r, settings: Settings
+) -> None:
+    """As the gate answers a stream entry that is not a JSON object; the DLQ keeps what was sent."""
+    api, _ = standalone
+    headers = {**api.publisher, "content-type": "application/json"}
+    for body in (b"null", b"5", b'[1, "x"]'):
+        response = await api.http.post("/v1/outcomes", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+        assert {(x["status"], x["reason"]) for x in response.json()["results"]} == {("rejected", "invalid_json")}
+    dlq = [fields for _, fields in r.xrange(f"{settings.stream_prefix}outcomes:dlq")]
+    assert [f["reason"] for f in dlq] == ["invalid_json"] * 4
+    assert [json.loads(f["payload"])["data"] for f in dlq] == ["null", "5", "1", '"x"']

@@ -10,6 +10,7 @@ from email import message_from_bytes
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import select
 from sqlmodel import Session
 
@@ -130,11 +131,34 @@ async def test_failing_receiver_is_dead_lettered_then_redriven_once(svc, r, engi
         failed = session.scalars(select(AuditEvent).where(AuditEvent.type == "delivery_failed")).one()
     assert failed.detail["owner"] == "down" and failed.detail["status_code"] == 500
 
-    sent, delivered = await redrive(svc.pipeline.channels)
-    assert (sent, delivered) == (1, 0)
+    done = await redrive(svc.pipeline.channels)
+    assert (done.sent, done.delivered, done.left) == (1, 0, ())
     assert len(receiver.to("/fail/down")) == 4  # re-sent once (two attempts), no more
     assert r.xlen(svc.keys.deliveries_dlq) == 1  # dead-lettered again, the old entry removed
     assert r.xrange(svc.keys.deliveries_dlq)[0][1]["attempts"] == "4"
+
+
+async def test_redrive_leaves_entries_it_cannot_resend_and_counts_only_what_it_resent(
+    svc, r, settings, receiver  # noqa: F811
+) -> None:
+    """Malformed dead letters and unknown delivery ids are the only record of a failure: kept."""
+    publish(r, svc.keys, "m1", "down")
+    await wait_until(lambda: r.xlen(svc.keys.deliveries_dlq) == 1, what="the dead letter", timeout=20)
+    raw = redis.Redis.from_url(settings.effective_redis_url)  # bytes: a field that is not UTF-8
+    strays = [raw.xadd(svc.keys.deliveries_dlq, fields).decode() for fields in (
+        {"delivery_id": "999999"}, {"foo": "bar"}, {"delivery_id": "abc"}, {"delivery_id": b"\xff\xfe"})]
+
+    done = await redrive(svc.pipeline.channels)
+    assert (done.sent, done.delivered) == (1, 0)  # the real one, which failed again
+    assert done.left == (
+        (strays[0], "no delivery 999999 in the store"), (strays[1], "no delivery id"),
+        (strays[2], "no delivery id"), (strays[3], "no delivery id"),
+    )
+    entries = raw.xrange(svc.keys.deliveries_dlq)
+    raw.close()
+    assert [entry_id.decode() for entry_id, _ in entries[:4]] == strays  # kept, as they were
+    assert entries[3][1] == {b"delivery_id": b"\xff\xfe"}
+    assert len(entries) == 5 and entries[4][1][b"attempts"] == b"4"  # the real one, dead-lettered again
 
 
 async def test_escalated_copy_reaches_the_managers_channels(svc, r, engine, receiver, mailbox, clock) -> None:  # noqa: F811

@@ -120,8 +120,8 @@ async def test_failed_data_quality_delivery_is_dead_lettered_and_redriven(
         assert json.loads(dead["payload"])["kind"] == "data_quality"
         await wait_until(lambda: len(mailbox.messages) == 1, what="the email, unaffected")
 
-        sent, delivered = await redrive(service.pipeline.channels)
-        assert (sent, delivered) == (1, 0)
+        done = await redrive(service.pipeline.channels)
+        assert (done.sent, done.delivered, done.left) == (1, 0, ())
         assert len(receiver.to("/fail/analyst")) == 4  # re-sent once (two attempts)
         assert all(json.loads(req.body)["alert_id"] == alert_id for req in receiver.to("/fail/analyst"))
         assert r.xrange(service.keys.deliveries_dlq)[0][1]["attempts"] == "4"

@@ -20,6 +20,7 @@ from decision_router.explain import (
     run_cases,
     split_expectations,
 )
+from decision_router.publisher import validate_entry
 from decision_router.router import in_holdout
 from decision_router.rules import RuleSet, load_rules
 
@@ -263,3 +264,36 @@ def test_a_lookup_that_is_not_sources_of_fields_is_rejected(lookup: Any, lookup_
     assert case.prediction is None and case.rejection is not None
     assert case.rejection.reason.value == "schema" and case.rejection.detail.startswith("lookup: expected an object")
     assert exit_code(run_cases([case], lookup_rules, now=NOW)) == 2
+
+
+@pytest.mark.parametrize("depth", [30000, 2000, 1000, 999, 990, 900, 200])
+def test_json_nested_beyond_what_json_can_parse_is_the_gates_too_deep(depth: int) -> None:
+    """As `publish` answers the same line: a rejection, never a RecursionError."""
+    for text in ("[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth):
+        cases = parse_inputs(text, "argument")
+        assert cases and all(c.prediction is None and c.rejection is not None for c in cases)
+        if depth >= 2000:  # beyond json.loads: one line, answered as publish answers it
+            assert [c.rejection.reason for c in cases] == [validate_entry({"data": text}).reason]
+    (inside,) = parse_inputs(line("a", lookup={"crm": {"x": json.loads("[" * 900 + "]" * 900)}}), "argument")
+    assert inside.prediction is not None  # the lookup is the caller's; only its values are checked
+
+
+@pytest.mark.parametrize(
+    ("text", "reason", "detail"),
+    [
+        ('"lookup": {"crm": {"tier": NaN}}', "schema", "lookup.crm.tier: nan is not a finite number"),
+        ('"lookup": {"crm": {"arr": [1, -Infinity]}}', "schema", "lookup.crm.arr[1]: -inf is not a finite number"),
+        ('"lookup": {"crm": {"tier": "\\ud800"}}', "invalid_encoding",
+         "lookup.crm.tier: text holds a NUL character or a lone surrogate"),
+        ('"lookup": {"crm": {"\\udfff": 1}}', "invalid_encoding",
+         "lookup.crm: a name holds a NUL character or a lone surrogate"),
+        ('"lookup": {"crm": {"n": ' + "9" * 400 + "}}", "schema", "lookup.crm.n: an integer of 1329 bits is too large"),
+    ],
+)
+def test_lookup_values_get_the_gates_value_checks(text: str, reason: str, detail: str, lookup_rules: RuleSet) -> None:
+    """NaN would print as NaN in --format json (not JSON), a lone surrogate cannot be printed at all."""
+    (case,) = parse_inputs(line("a")[:-1] + ", " + text + "}", "argument")
+    assert case.prediction is None and case.rejection is not None
+    assert (case.rejection.reason.value, case.rejection.detail) == (reason, detail)
+    assert exit_code(run_cases([case], lookup_rules, now=NOW)) == 2
+    json.dumps(run_cases([case], lookup_rules, now=NOW)[0].as_dict(), allow_nan=False).encode()

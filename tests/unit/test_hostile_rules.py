@@ -223,6 +223,23 @@ def test_bytes_that_are_not_text_are_a_located_yaml_error(tmp_path) -> None:
     assert problem.message.startswith("invalid YAML")
 
 
+@pytest.mark.parametrize(
+    ("raw", "where", "message"),
+    [
+        # Latin-1 "café": the byte of é, located by byte; not "character #x00e9 is not allowed".
+        ('rules:\n  - name: "caf\xe9"\n'.encode("latin-1"), "line 2, column 15",
+         "invalid YAML: the file is not UTF-8 text (byte 0xe9: invalid continuation byte)"),
+        (b"rules:\n  - name: \x80\n", "line 2, column 11",
+         "invalid YAML: the file is not UTF-8 text (byte 0x80: invalid start byte)"),
+        # A control character in valid UTF-8 is a character YAML forbids.
+        ("rules:\n  - name: caf\u00e9\x07\n".encode(), "line 2, column 15", "invalid YAML: character #x0007 is not allowed"),
+    ],
+)
+def test_bytes_that_are_not_utf8_are_told_apart_from_forbidden_characters(tmp_path, raw, where, message) -> None:
+    [problem] = problems_of(write(tmp_path, raw))
+    assert (problem.field, problem.message) == (where, message)
+
+
 # -- regex conditions ------------------------------------------------------------------------
 
 def rules_with_regex(tmp_path: Path, pattern: str) -> Path:

@@ -123,6 +123,20 @@ def test_rejections_per_day_fill_empty_days_and_filter_by_model() -> None:
     assert window.counts == {"schema": [0, 0, 0, 1]}
 
 
+def test_windows_at_the_ends_of_the_calendar_give_views_not_overflows() -> None:
+    """`until=0001-01-01` (or `since`/`until` in 9999) from the API: a window, empty or clamped."""
+    d1 = datetime(2026, 11, 20, 10, tzinfo=UTC)
+    first, last = datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC)
+    engine = memory_store([rejection(d1, "schema", "churn"), *known_records()])
+    with Session(engine) as session:
+        for since, until in ((None, first), (first, first), (first, None), (last, None), (None, last), (first, last)):
+            days = insights.rejections_per_day(session, since=since, until=until)
+            assert (days.days == []) == (until is first), (since, until)
+            insights.rule_stats(session, since=since, until=until)
+            insights.time_to_act_histogram(session, since=since, until=until)
+            insights.owner_sla(session, now=T0, since=since, until=until)
+
+
 def test_empty_store_gives_empty_views() -> None:
     with Session(memory_store()) as session:
         assert insights.funnel(insights.rule_stats(session)) == []

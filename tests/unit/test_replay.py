@@ -262,6 +262,8 @@ def test_load_window_reads_actual_decisions(session: Session) -> None:
 def test_history_is_unsuppressed_decisions_inside_the_cooldown_before_the_window(session: Session, current: RuleSet) -> None:
     assert load_history(session, current, before=T0) == {("high", "account", "a"): T0 - timedelta(hours=2)}
     assert load_history(session, current, before=None) == {}
+    # `rules replay --since 0001-01-01`: the cooldown reaches back to the year 1, not past it.
+    assert load_history(session, current, before=datetime(1, 1, 1, 1, tzinfo=timezone.utc)) == {}
 
 
 def test_replay_store_compares_and_writes_nothing(session: Session, current: RuleSet) -> None:

@@ -118,7 +118,7 @@ def test_json_row(session) -> None:
                    "positives": 1, "precision": 1.0, "ci_low": pytest.approx(0.2065, abs=5e-5), "ci_high": 1.0}
 
 
-@pytest.mark.parametrize("text", ["", "0", "0,0", "1,0.5", "0,a,1", "0,nan,1", "0;1"])
+@pytest.mark.parametrize("text", ["", "0", "0,0", "1,0.5", "0,a,1", "0,nan,1", "0;1", "0,inf", "-inf,1", "0,1e999"])
 def test_bad_band_edges(text: str) -> None:
     with pytest.raises(ValueError):
         parse_band_edges(text)
