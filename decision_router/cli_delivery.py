@@ -52,7 +52,8 @@ def redrive_deliveries() -> None:
     sent, delivered = done.sent, done.delivered
     out.print(f"re-sent {sent} dead-lettered deliveries: {delivered} delivered, {sent - delivered} dead-lettered again")
     if done.left:
-        out.print(f"left {len(done.left)} entries on {Keys(settings.stream_prefix).deliveries_dlq} with nothing to re-send:")
+        dlq = Keys(settings.stream_prefix).deliveries_dlq
+        out.print(f"left {len(done.left)} entries on {dlq} with nothing to re-send:")
         for entry_id, why in done.left[:MAX_LISTED]:
             out.print(f"  {entry_id}: {why}")
         if len(done.left) > MAX_LISTED:
