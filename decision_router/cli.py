@@ -405,6 +405,14 @@ def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> 
 # shared by the stats and governance commands ----------------------------------------------
 
 
+def _window(since: Optional[str], until: Optional[str]) -> tuple[Optional[datetime], Optional[datetime]]:
+    """--since and --until read by _since; an empty window is a mistake to say, not "no data"."""
+    start, end = _since(since), _since(until)
+    if start is not None and end is not None and start >= end:
+        fail(f"--until ({until}) must be after --since ({since})", code=2)
+    return start, end
+
+
 def _since(value: Optional[str]) -> Optional[datetime]:
     """`7d` (relative to now) or an ISO-8601 date/time."""
     if value is None:  # before any import: the pipeline module alone costs a `stats` run ~0.5 s

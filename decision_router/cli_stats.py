@@ -22,7 +22,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import App, _since, app, err, fail, no_gc_until_done, out, settings_or_exit
+from decision_router.cli import App, _window, app, err, fail, no_gc_until_done, out, settings_or_exit
 from decision_router.uplift import DEFAULT_BAND_EDGES, MIN_N
 
 if TYPE_CHECKING:  # stats.py pulls in SQLAlchemy: imported where a command needs it, so other commands start fast
@@ -317,7 +317,7 @@ def stats(
     except ValueError:
         fail(f"--by must be one of {', '.join(g.value for g in GroupBy)}, not {by!r}", code=2)
     _check_format(fmt)
-    start, end = _since(since), _since(until)
+    start, end = _window(since, until)
     settings = settings_or_exit()
 
     def read(session: Any) -> list[StatsRow]:
@@ -398,7 +398,7 @@ def quality(
     from decision_router.stats import compute_quality
 
     _check_format(fmt)
-    start, end = _since(since), _since(until)
+    start, end = _window(since, until)
     settings = settings_or_exit()
     report = _read(settings, lambda session: compute_quality(session, since=start, until=end, model=model))
     print_quality(report, fmt)
@@ -459,7 +459,7 @@ def model_precision(
             edges = parse_band_edges(bands)
         except ValueError as exc:
             fail(f"--bands: {exc}", code=2)
-    start, end = _since(since), _since(until)
+    start, end = _window(since, until)
     settings = settings_or_exit()
     rows = _read(settings, lambda session: compute_model_precision(
         session, model=model, since=start, until=end, edges=edges,

@@ -26,6 +26,14 @@ def utc(value: datetime) -> datetime:
         raise ValueError("out of range: in UTC it would fall before the year 1 or after 9999") from None
 
 
+def not_a_boolean(value: Any) -> Any:
+    """JSON true/false where a number is expected is a producer's bug, not a score of 1 or 0 (pydantic's
+    lax mode would read it so)."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number here")
+    return value
+
+
 class Prediction(BaseModel):
     """One model output. `prediction_id` is the idempotency key."""
 
@@ -44,6 +52,7 @@ class Prediction(BaseModel):
     context: dict[str, Any] = Field(default_factory=dict)
 
     _utc = field_validator("predicted_at")(lambda cls, v: utc(v))
+    _number = field_validator("score", mode="before")(lambda cls, v: not_a_boolean(v))
 
     def as_document(self) -> dict[str, Any]:
         """Plain dict for rule evaluation and compact storage."""
@@ -124,6 +133,8 @@ class OutcomeEvent(BaseModel):
     owner: str | None = None
     note: str | None = None
     at: datetime | None = None
+
+    _number = field_validator("value", mode="before")(lambda cls, v: not_a_boolean(v))
 
     @field_validator("at")
     @classmethod

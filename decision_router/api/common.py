@@ -84,6 +84,14 @@ def parse_since(value: str | None, field: str = "since") -> datetime | None:
         raise query_error(field, str(exc)) from None
 
 
+def parse_window(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    """`since` and `until` as parse_since reads them; an empty window is the caller's mistake, not "no data"."""
+    start, end = parse_since(since, "since"), parse_since(until, "until")
+    if start is not None and end is not None and start >= end:
+        raise query_error("until", "must be after since")
+    return start, end
+
+
 def parse_entity(value: str | None, field: str = "entity") -> tuple[str, str] | None:
     """`account:acct-17` -> ("account", "acct-17")."""
     if value is None or value == "":

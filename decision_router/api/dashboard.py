@@ -25,7 +25,7 @@ from sqlmodel import Session
 
 from decision_router import insights
 from decision_router.api.auth import Principal, require
-from decision_router.api.common import parse_since, query_error, read_store, ruleset_of
+from decision_router.api.common import parse_window, query_error, read_store, ruleset_of
 from decision_router.pipeline import utcnow
 from decision_router.tables import AlertRecord, as_utc
 from decision_router.uplift import MIN_N
@@ -65,10 +65,7 @@ def _period(since: str | None, until: str | None, days: int | None) -> tuple[dat
         raise query_error("days", "give either days or since/until, not both")
     if days is not None:
         return utcnow() - timedelta(days=days), None
-    start, end = parse_since(since, "since"), parse_since(until, "until")
-    if start is not None and end is not None and start >= end:
-        raise query_error("until", "must be after since")
-    return start, end
+    return parse_window(since, until)
 
 
 def _choices(session: Session, column: Any) -> list[str]:

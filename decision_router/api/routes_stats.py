@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from sqlmodel import Session
 
 from decision_router.api.auth import Principal, require
-from decision_router.api.common import parse_since, read_store, ruleset_of
+from decision_router.api.common import parse_window, read_store, ruleset_of
 from decision_router.stats import GroupBy, compute_quality, compute_stats
 
 router = APIRouter(tags=["stats"])
@@ -31,7 +31,7 @@ async def stats(
         if owner is not None and owner != principal.owner:
             raise HTTPException(status_code=403, detail="an owner token reads only its own statistics")
         owner = principal.owner
-    start, end = parse_since(since, "since"), parse_since(until, "until")
+    start, end = parse_window(since, until)
     holdouts = {r.name: r.holdout for r in ruleset_of(request).rules}
 
     def compute(session: Session) -> list[dict[str, Any]]:
@@ -53,6 +53,6 @@ async def quality(
     until: Annotated[str | None, Query()] = None,
     model: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
-    start, end = parse_since(since, "since"), parse_since(until, "until")
+    start, end = parse_window(since, until)
     report = await read_store(request, lambda session: compute_quality(session, since=start, until=end, model=model))
     return report.as_dict()

@@ -374,6 +374,13 @@ async def test_a_retried_alert_action_with_an_idempotency_key_writes_one_event(s
     assert len(events_of(api.engine, alert_id, "acknowledged")) == 1
 
 
+@pytest.mark.parametrize("path", ["/v1/stats", "/v1/stats/quality", "/v1/dashboard/ops"])
+async def test_an_inverted_window_is_a_422_not_an_empty_answer(served: Client, path: str) -> None:
+    response = await served.http.get(path, params={"since": "1d", "until": "7d"}, headers=served.ops)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["query", "until"]
+
+
 @pytest.mark.parametrize("key", ["", "x" * 201, "two words", "caf\u00e9"])
 async def test_a_bad_idempotency_key_is_a_422_naming_the_header(standalone, key) -> None:
     api, _ = standalone

@@ -191,3 +191,10 @@ def test_bytes_from_a_shell_and_the_environment_are_refused_too(tmp_path: Path) 
         cwd=tmp_path, capture_output=True, timeout=60, check=False,
     )
     assert (prefix.returncode, prefix.stderr) == (2, b"error: DECISION_ROUTER_STREAM_PREFIX: not valid UTF-8\n")
+
+
+@pytest.mark.parametrize("command", [["stats"], ["stats", "quality"], ["stats", "model"]])
+def test_an_inverted_window_is_an_error_not_an_empty_report(command: list[str]) -> None:
+    # --since 1d --until 7d: "since yesterday, until a week ago" holds nothing; say so rather than print nothing.
+    line = one_error(invoke(*command, "--since", "1d", "--until", "7d"), 2)
+    assert line == "error: --until (7d) must be after --since (1d)"

@@ -201,3 +201,15 @@ def test_an_outcome_dated_in_the_future_is_refused_like_a_prediction() -> None:
     far = check(datetime(9999, 12, 31, tzinfo=timezone.utc))
     assert isinstance(far, Rejection) and far.reason is RejectionReason.FROM_FUTURE
     assert far.detail.startswith("at is ") and far.detail.endswith(" in the future")
+
+
+def test_a_boolean_score_or_value_is_a_schema_rejection_not_one_or_zero() -> None:
+    result = gate(as_data({**GOOD, "score": True}))
+    assert isinstance(result, Rejection) and result.reason is RejectionReason.SCHEMA
+    assert result.detail == "score: a boolean is not a number here"
+    event = {"alert_id": "al-1", "type": "outcome", "result": "success", "actor": "crm", "value": False}
+    outcome = check_outcome({"data": json.dumps(event)}, source_stream="outcomes")
+    assert isinstance(outcome, Rejection) and outcome.detail == "value: a boolean is not a number here"
+    # Numbers as text (the flat form) are still numbers.
+    assert isinstance(gate({k.encode(): str(v).encode() for k, v in GOOD.items()
+                            if not isinstance(v, (dict, list))}), Prediction)
