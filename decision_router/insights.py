@@ -307,16 +307,17 @@ def open_alerts(session: Session, *, owner: str, limit: int = 500) -> list[Alert
     return sorted(records, key=lambda r: (next_deadline(r) or never, as_utc(r.created_at)))
 
 
-def escalation_levels(session: Session, *, to_owner: str, alert_ids: Sequence[str]) -> dict[str, int]:
-    """The level at which each alert was escalated to `to_owner` (the highest, if more than once)."""
+def escalations_to(session: Session, *, to_owner: str, alert_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """The level at which each alert was escalated to `to_owner` (the highest, if more than once), and
+    from whom: the owner then, or the manager below (the alert's owner may have changed since)."""
     if not alert_ids:
         return {}
     query = (
-        select(EscalationRecord.alert_id, func.max(EscalationRecord.level))
+        select(EscalationRecord.alert_id, EscalationRecord.level, EscalationRecord.from_owner)
         .where(EscalationRecord.to_owner == to_owner, EscalationRecord.alert_id.in_(list(alert_ids)))
-        .group_by(EscalationRecord.alert_id)
+        .order_by(EscalationRecord.level)
     )
-    return {alert_id: level for alert_id, level in session.execute(query)}
+    return {alert_id: (level, from_owner) for alert_id, level, from_owner in session.execute(query)}  # highest last
 
 
 def as_json(value: Any) -> Any:

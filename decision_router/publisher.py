@@ -93,7 +93,7 @@ def _csv_entries(
             continue  # a blank line
         # Empty cells are absent fields, as a flat XADD would omit them.
         fields = {name: _undecoded(value) for name, value in zip(names, row) if name and value}
-        if len(row) > len(names):
+        if any(row[len(names):]):  # cells past the header's columns; empty ones (a trailing comma) carry nothing
             detail = f"{len(row)} cells, but the header names {len(names)} columns"
             yield reader.line_num, _unreadable(RejectionReason.SCHEMA, detail, fields)
         elif any(value for name, value in zip(names, row) if not name):

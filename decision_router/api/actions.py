@@ -17,6 +17,7 @@ ack/intervention/outcome wins, and the audit trail shows both.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -55,12 +56,15 @@ class Applied:
     replayed: bool = False  # applied by an earlier request with the same Idempotency-Key
 
 
-def http_entry_id(token_id: int | str, key: str | None, *where: object) -> str | None:
+def http_entry_id(token_id: int | str, key: str | None, document: Any, *where: object) -> str | None:
     """The entry id of an event sent with an Idempotency-Key: per token (two clients never share
-    keys), per place in the API (`where`: the endpoint's words and the event's position)."""
+    keys), per place in the API (`where`: the endpoint's words and the event's position), and per
+    content: the same key on a different event (a batch retried in part, a note edited before the
+    click again) is another request, applied, not answered "applied" for what was sent before."""
     if key is None:
         return None
-    return ":".join(["http", str(token_id), *(str(w) for w in where), key])
+    content = hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return ":".join(["http", str(token_id), *(str(w) for w in where), key, content])
 
 
 def outcome_pipeline(request: Request) -> Pipeline:

@@ -118,14 +118,15 @@ def _iso(value: datetime | None) -> str | None:
     return as_utc(value).isoformat() if value is not None else None
 
 
-def _owner_alert(record: AlertRecord, now: datetime, escalated_to_me_level: int | None) -> dict[str, Any]:
+def _owner_alert(record: AlertRecord, now: datetime, to_me: tuple[int, str] | None) -> dict[str, Any]:
     ack_by, act_by = as_utc(record.ack_by), as_utc(record.act_by)
     return {
         "alert_id": record.alert_id,
         # Someone else's alert escalated to the caller: the owner stays accountable, the caller may act.
         "owner": record.owner,
-        "escalated_to_me": escalated_to_me_level is not None,
-        "escalated_to_me_level": escalated_to_me_level,
+        "escalated_to_me": to_me is not None,
+        "escalated_to_me_level": to_me[0] if to_me else None,
+        "escalated_from": to_me[1] if to_me else None,
         "rule": record.rule,
         "priority": record.priority,
         "model": record.model,
@@ -160,7 +161,7 @@ async def owner_view(
     def read(session: Session) -> list[dict[str, Any]]:
         records = insights.open_alerts(session, owner=owner)
         others = [record.alert_id for record in records if record.owner != owner]
-        levels = insights.escalation_levels(session, to_owner=owner, alert_ids=others)
-        return [_owner_alert(record, now, levels.get(record.alert_id)) for record in records]
+        steps = insights.escalations_to(session, to_owner=owner, alert_ids=others)
+        return [_owner_alert(record, now, steps.get(record.alert_id)) for record in records]
 
     return {"owner": owner, "now": now.isoformat(), "alerts": await read_store(request, read)}

@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import and_, or_, select
 from sqlmodel import Session
 
@@ -36,7 +36,7 @@ from decision_router.api.common import (
     ruleset_of,
 )
 from decision_router.audit import AlertSummary, alert_story, iso
-from decision_router.contracts import OutcomeResult
+from decision_router.contracts import OutcomeResult, not_a_boolean
 from decision_router.insights import alerts_seen_by
 from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, EscalationRecord, as_utc
 
@@ -270,6 +270,8 @@ class OutcomeBody(_Action):
     result: OutcomeResult
     value: float | None = Field(None, allow_inf_nan=False, description="A measured value, e.g. renewed ARR.")
 
+    _number = field_validator("value", mode="before")(lambda cls, v: not_a_boolean(v))  # as OutcomeEvent's
+
 
 class ReassignBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -294,8 +296,8 @@ async def _act(
     values = body.model_dump(exclude_none=True, mode="json")
     actor = actor_of(principal, values.pop("actor", None))
     document = {**values, "type": event_type, "alert_id": alert_id, "actor": actor}
-    applied = await apply_event(request, document,
-                                entry_id=http_entry_id(principal.token_id, key, "alerts", alert_id, event_type))
+    entry_id = http_entry_id(principal.token_id, key, document, "alerts", alert_id, event_type)
+    applied = await apply_event(request, document, entry_id=entry_id)
     if not applied.applied:
         if applied.reason == "unknown_alert":
             raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")

@@ -38,7 +38,8 @@ async def post_outcomes(
     results: list[dict[str, Any]] = []
     for index, event in enumerate(events):
         # Not a JSON object: the gate rejects it (invalid_json) and dead-letters it, as sent, like a stream entry.
-        applied = await apply_event(request, event, entry_id=http_entry_id(principal.token_id, key, "outcomes", index))
+        entry_id = http_entry_id(principal.token_id, key, event, "outcomes", index)
+        applied = await apply_event(request, event, entry_id=entry_id)
         if applied.applied:
             results.append({"index": index, "status": "applied", **({"replayed": True} if applied.replayed else {})})
         else:

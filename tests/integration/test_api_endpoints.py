@@ -357,6 +357,11 @@ async def test_a_retried_outcome_webhook_with_an_idempotency_key_applies_once(
     assert answers(await api.http.post("/v1/outcomes", json=events[:1], headers=other)) == [("applied", None)]
     await api.http.post("/v1/outcomes", json=events[:1], headers=api.publisher)
     assert len(events_of(api.engine, alert_id, "intervened")) == 3
+    # The same key on a different event (a batch retried in part) is another request: applied, not "replayed".
+    await route(app, for_owner("k3", ALICE))
+    shifted = [{"alert_id": alert_id_for("k3", RULE), "type": "acknowledged", "actor": "crm"}]
+    assert answers(await api.http.post("/v1/outcomes", json=shifted, headers=keyed)) == [("applied", None)]
+    assert len(events_of(api.engine, alert_id_for("k3", RULE), "acknowledged")) == 1
 
 
 async def test_a_retried_alert_action_with_an_idempotency_key_writes_one_event(standalone) -> None:
@@ -379,6 +384,15 @@ async def test_an_inverted_window_is_a_422_not_an_empty_answer(served: Client, p
     response = await served.http.get(path, params={"since": "1d", "until": "7d"}, headers=served.ops)
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["loc"] == ["query", "until"]
+
+
+async def test_a_boolean_outcome_value_is_a_422_on_the_alert_endpoint_too(standalone) -> None:
+    api, app = standalone
+    await route(app, for_owner("b1", ALICE))
+    response = await api.http.post(f"/v1/alerts/{alert_id_for('b1', RULE)}/outcome",
+                                   json={"result": "success", "value": True}, headers=api.alice)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][-1] == "value"
 
 
 @pytest.mark.parametrize("key", ["", "x" * 201, "two words", "caf\u00e9"])

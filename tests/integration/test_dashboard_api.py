@@ -156,3 +156,11 @@ async def test_owner_view_of_a_manager_adds_the_open_alerts_escalated_to_them_ma
     # Elena's manager is not alice's: none of alice's alerts, escalated or not, reach elena.
     elena = (await dash.client.get("/v1/dashboard/owner", headers=dash.headers["elena"])).json()
     assert not {a["alert_id"] for a in elena["alerts"]} & set(dash.seeded["owner_open"])
+    # Reassigned to elena afterwards: the lead's card still says whom it came up from.
+    other = lead["alerts"][-1]["alert_id"]
+    moved = await dash.client.post(f"/v1/alerts/{other}/reassign", json={"owner": "elena-petrova"},
+                                   headers=dash.headers["ops"])
+    assert moved.status_code == 200, moved.text
+    view = (await dash.client.get("/v1/dashboard/owner", headers=dash.headers["lead"])).json()
+    [card] = [a for a in view["alerts"] if a["alert_id"] == other]
+    assert (card["owner"], card["escalated_from"], card["escalated_to"]) == ("elena-petrova", "alice-moreau", None)

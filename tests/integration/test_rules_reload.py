@@ -348,6 +348,7 @@ async def test_a_sighup_reload_is_held_until_done_and_its_failure_logged(setting
             def slow_then_broken(ruleset):
                 entered.set()
                 assert release.wait(10)
+                time.sleep(0.3)  # still running when a stop that did not wait for it would be done
                 raise RuntimeError("receivers could not be rebuilt")
 
             monkeypatch.setattr(channels, "_configure", slow_then_broken)
@@ -356,8 +357,14 @@ async def test_a_sighup_reload_is_held_until_done_and_its_failure_logged(setting
             assert await asyncio.to_thread(entered.wait, 10)
             [held] = [t for t in service._tasks if t.get_name() == "rules-sighup"]
             assert not held.done()
-            release.set()
-        # Leaving running_service stopped the service: that waited for the reload to end.
+
+            async def release_once_stopping() -> None:
+                await service._stopping.wait()
+                release.set()
+
+            releaser = asyncio.create_task(release_once_stopping())
+        # Leaving running_service stopped the service: that waited for the reload, released only once stopping.
         assert held.done() and held.exception() is None
+        await releaser
     [failure] = [e for e in logs if e["event"] == "rules reload failed"]
     assert failure["log_level"] == "error" and "receivers could not be rebuilt" in str(failure.get("exc_info"))

@@ -215,11 +215,11 @@ def test_open_alerts_of_a_manager_add_the_ones_escalated_to_them_at_any_level() 
     engine = memory_store([own, first, second, twice, closed, elsewhere, *steps])
     with Session(engine) as session:
         listed = [r.alert_id for r in insights.open_alerts(session, owner="lead")]
-        levels = insights.escalation_levels(session, to_owner="lead", alert_ids=listed)
+        steps = insights.escalations_to(session, to_owner="lead", alert_ids=listed)
         alices = [r.alert_id for r in insights.open_alerts(session, owner="alice")]
         at_most_two = [r.alert_id for r in insights.open_alerts(session, owner="lead", limit=2)]
     # Each once, the nearest unmet deadline first, as for the owner's own.
     assert listed == ["al-r-2", "al-r-3", "al-r-4", "al-r-1"]
-    assert levels == {"al-r-2": 1, "al-r-3": 2, "al-r-4": 3}
+    assert steps == {"al-r-2": (1, "alice"), "al-r-3": (2, "kim"), "al-r-4": (3, "vp")}
     assert alices == ["al-r-2", "al-r-4"]  # the owner still sees them: escalation hands nothing over
     assert at_most_two == ["al-r-2", "al-r-3"]  # the oldest two

@@ -93,6 +93,12 @@ def test_a_csv_row_with_more_cells_than_the_header_is_a_bad_line(tmp_path: Path)
     assert json.loads(rejected.payload)["prediction_id"] == "p2"
 
 
+def test_empty_cells_past_the_header_such_as_a_trailing_comma_are_nothing(tmp_path: Path) -> None:
+    csv = tmp_path / "t.csv"
+    csv.write_text(f"{COLUMNS}\n{row('p1')},\n{row('p2')},,\n{row('p3')},,x\n")
+    assert checked(csv) == {2: "p1", 3: "p2", 4: "schema: 9 cells, but the header names 7 columns"}
+
+
 @pytest.mark.parametrize(
     ("text", "fmt", "message"),
     [

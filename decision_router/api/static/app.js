@@ -157,7 +157,8 @@ function alertCard(alert, me) {
     li.dataset.owner = alert.owner;
     li.append(node("p", {
       className: "escalated-note",
-      textContent: `escalated to you from ${alert.owner}, level ${alert.escalated_to_me_level}`,
+      textContent: `escalated to you from ${alert.escalated_from}, level ${alert.escalated_to_me_level}`
+        + (alert.owner !== alert.escalated_from && alert.escalated_to_me_level === 1 ? ` (now ${alert.owner}'s)` : ""),
     }));
   }
   li.append(node("div", {
@@ -173,9 +174,11 @@ function alertCard(alert, me) {
   dl.append(node("dt", { textContent: "act" }),
     node("dd", { textContent: actState + (alert.act_overdue ? " — overdue" : ""), className: alert.act_overdue ? "overdue" : "" }));
   if (alert.escalation_level) {
-    const holder = alert.escalated_to && alert.escalated_to !== me ? alert.escalated_to : "you";
+    // escalated_to is cleared by a reassignment: then say nothing of where it is now.
+    const holder = alert.escalated_to === me ? "you" : alert.escalated_to;
     dl.append(node("dt", { textContent: "escalated" }),
-      node("dd", { textContent: `${alert.escalation_level}× (now with ${holder})`, className: "overdue" }));
+      node("dd", { textContent: `${alert.escalation_level}×${holder ? ` (now with ${holder})` : ""}`,
+        className: "overdue" }));
   }
   for (const [key, value] of Object.entries(alert.context || {})) {
     dl.append(node("dt", { textContent: key.replace(/^(context|features|lookup)\./, "") }),
