@@ -339,7 +339,7 @@ async def test_a_sighup_reload_is_held_until_done_and_its_failure_logged(setting
 
     rules_dir = tmp_path / "rules"
     shutil.copytree(RULES_DIR, rules_dir)
-    tuned = settings.model_copy(update={"rules_dir": rules_dir, "rules_poll_interval": timedelta(0)})
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "rules_poll_interval": timedelta(0), "read_block_ms": 100})
     entered, release = threading.Event(), threading.Event()
     with capture_logs() as logs:
         async with running_service(tuned, load_rules(rules_dir), engine, watch_rules=True) as service:
@@ -348,7 +348,9 @@ async def test_a_sighup_reload_is_held_until_done_and_its_failure_logged(setting
             def slow_then_broken(ruleset):
                 entered.set()
                 assert release.wait(10)
-                time.sleep(0.3)  # still running when a stop that did not wait for it would be done
+                # Longer than the rest of a stop (the read loop's last block, tuned to 0.1 s here): a stop
+                # that did not wait for the reload would be done before it.
+                time.sleep(1.0)
                 raise RuntimeError("receivers could not be rebuilt")
 
             monkeypatch.setattr(channels, "_configure", slow_then_broken)
