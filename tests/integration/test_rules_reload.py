@@ -339,7 +339,9 @@ async def test_a_sighup_reload_is_held_until_done_and_its_failure_logged(setting
 
     rules_dir = tmp_path / "rules"
     shutil.copytree(RULES_DIR, rules_dir)
-    tuned = settings.model_copy(update={"rules_dir": rules_dir, "rules_poll_interval": timedelta(0), "read_block_ms": 100})
+    tuned = settings.model_copy(
+        update={"rules_dir": rules_dir, "rules_poll_interval": timedelta(0), "read_block_ms": 100}
+    )
     entered, release = threading.Event(), threading.Event()
     with capture_logs() as logs:
         async with running_service(tuned, load_rules(rules_dir), engine, watch_rules=True) as service:
