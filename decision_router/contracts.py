@@ -155,6 +155,9 @@ class OutcomeEvent(BaseModel):
             raise ValueError("result is only allowed on type: outcome")
         if self.type is OutcomeType.REASSIGNED and not self.owner:
             raise ValueError("a reassigned event needs owner: the new owner's id")
+        if self.type is not OutcomeType.REASSIGNED and self.owner is not None:
+            # Ignored otherwise, so a producer would believe it had handed the alert over.
+            raise ValueError("owner is only allowed on type: reassigned")
         return self
 
 

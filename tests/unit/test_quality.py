@@ -168,6 +168,7 @@ OUTCOMES_BAD = [
     ("bad-result", {"alert_id": "x", "type": "outcome", "result": "meh", "actor": "a"}, "result"),
     ("no-actor", {"alert_id": "x", "type": "acknowledged"}, "actor"),
     ("reassign-without-owner", {"alert_id": "x", "type": "reassigned", "actor": "ops"}, "new owner"),
+    ("owner-on-ack", {"alert_id": "x", "type": "acknowledged", "actor": "a", "owner": "bob"}, "only allowed on type: reassigned"),
 ]
 
 
