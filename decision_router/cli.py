@@ -344,9 +344,6 @@ def outcome(
     note: Annotated[Optional[str], typer.Option(help="Free text kept in the audit trail.")] = None,
 ) -> None:
     """Record an outcome event (it goes onto the outcomes stream, like any producer's)."""
-    if owner is not None and type_ != "reassigned":
-        # As --result on a type other than outcome: an option that would be ignored is refused, not dropped.
-        fail(f"--owner is only for TYPE reassigned, not {type_!r}", code=2)
     document: dict[str, Any] = {
         "type": type_, "actor": actor, "alert_id": alert, "prediction_id": prediction,
         "action": action, "result": result, "value": value, "owner": owner, "note": note,

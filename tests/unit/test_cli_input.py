@@ -144,7 +144,8 @@ def test_simulation_stores_that_do_not_open_are_one_line(args: list[str], code: 
         (["outcome", "acknowledged", "--actor", "a", "--alert", ""], "reject it as schema: "),
         (["reassign", "", "--to", "alice-moreau", "--by", "me"], "reject it as schema: "),
         (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--note", "x" * 70_000], "as too_large: "),
-        (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--owner", "bob"], "--owner is only for"),
+        (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--owner", "bob"],
+         "owner is only allowed on type: reassigned"),  # the contract's rule, as the router applies it
     ],
 )
 def test_an_outcome_the_router_would_reject_is_refused(
