@@ -124,6 +124,11 @@ def test_with_workers_the_first_one_serves_the_api_and_only_it(redis_server: str
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
+        client = redis.Redis.from_url(redis_server)
+        stale = list(client.scan_iter(match=f"workers-api-{port}:*"))  # the groups' streams on the shared Redis
+        if stale:
+            client.delete(*stale)
+        client.close()
     assert process.returncode == 0, stderr[-3000:]
     assert "Address already in use" not in stderr and "cannot listen" not in stderr
     assert "Traceback" not in stderr
