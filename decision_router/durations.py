@@ -49,6 +49,16 @@ def format_duration(value: timedelta) -> str:
     return f"{seconds}s"
 
 
+# The first moment an aware datetime can hold.
+EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+
+
+def earlier(moment: datetime, span: timedelta) -> datetime:
+    """`moment - span`, or EARLIEST where that would fall before the year 1 (a long window, a date
+    near the start of the calendar) instead of an OverflowError. `moment` is aware."""
+    return moment - span if moment - EARLIEST > span else EARLIEST
+
+
 def parse_since(text: str, *, now: datetime) -> datetime:
     """A moment given as a duration ago (`7d`, `24h`) or an ISO date/time (naive = UTC), as the
     CLI's and the API's `since`/`until` filters take it; ValueError says what was expected."""

@@ -20,7 +20,7 @@ from typing import Any
 from decision_router.contracts import Prediction, Rejection, RejectionReason
 from decision_router.durations import format_duration
 from decision_router.publisher import validate_entry
-from decision_router.quality import MAX_INT_BITS, original_payload
+from decision_router.quality import MAX_INT_BITS, original_payload, storable_text
 from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
 from decision_router.rules.spec import LOOKUP
@@ -236,7 +236,7 @@ def _lookup_problem(looked_up: dict[str, Any]) -> Problem | None:
     todo: list[tuple[str, Any]] = [(LOOKUP, looked_up)]
     while todo:
         path, value = todo.pop()
-        if isinstance(value, str) and not _storable(value):
+        if isinstance(value, str) and not storable_text(value):
             return RejectionReason.INVALID_ENCODING, f"{path}: text holds a NUL character or a lone surrogate"
         if isinstance(value, float) and not math.isfinite(value):
             return RejectionReason.SCHEMA, f"{path}: {value} is not a finite number"
@@ -244,20 +244,12 @@ def _lookup_problem(looked_up: dict[str, Any]) -> Problem | None:
             return RejectionReason.SCHEMA, f"{path}: an integer of {value.bit_length()} bits is too large"
         if isinstance(value, dict):
             for key, item in value.items():
-                if not _storable(key):
+                if not storable_text(key):
                     return RejectionReason.INVALID_ENCODING, f"{path}: a name holds a NUL character or a lone surrogate"
                 todo.append((f"{path}.{key[:60]}", item))
         elif isinstance(value, list):
             todo.extend((f"{path}[{n}]", item) for n, item in enumerate(value))
     return None
-
-
-def _storable(text: str) -> bool:
-    try:
-        text.encode("utf-8")  # raises on a lone surrogate
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text
 
 
 @dataclass(frozen=True)

@@ -22,18 +22,16 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, desc, func, select, union_all
+from sqlalchemy import and_, desc, select, union_all
 from sqlalchemy.orm import Session
 
-from decision_router.durations import format_duration
+from decision_router.durations import EARLIEST, format_duration
 from decision_router.stats import UNKNOWN_MODEL, GroupBy, StatsRow, compute_stats
 from decision_router.store import within
 from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, EscalationRecord, RejectionRecord, as_utc
 
 # Upper edges of the time-to-act buckets, in seconds; the last bucket is open-ended.
 DEFAULT_ACT_EDGES: tuple[int, ...] = (15 * 60, 3600, 4 * 3600, 24 * 3600, 48 * 3600, 7 * 86400)
-# The first moment a datetime can hold: a window ending there is empty.
-EARLIEST = datetime.min.replace(tzinfo=UTC)
 MAX_DAYS = 366  # rejections_per_day fills at most this many days (a chart, not an export)
 
 

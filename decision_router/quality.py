@@ -171,7 +171,7 @@ def decode_entry(entry: RawEntry) -> dict[str, Any]:
     return document
 
 
-def _storable_text(text: str) -> bool:
+def storable_text(text: str) -> bool:
     # PostgreSQL text cannot hold NUL; no UTF-8 encoder (SQLite, PostgreSQL, Redis) takes a
     # lone surrogate, which JSON can smuggle in as "\ud800".
     if "\x00" in text:
@@ -199,7 +199,7 @@ def _check_values(value: Any, depth: int, max_depth: int) -> None:
     PostgreSQL's JSON do not)."""
     kind = type(value)
     if kind is str:
-        if not _storable_text(value):
+        if not storable_text(value):
             raise _Bad(RejectionReason.INVALID_ENCODING, "text holds a NUL character or a lone surrogate")
     elif kind is float:
         if not math.isfinite(value):
@@ -213,7 +213,7 @@ def _check_values(value: Any, depth: int, max_depth: int) -> None:
         items = value.items() if kind is dict else enumerate(value)
         for key, item in items:
             try:
-                if kind is dict and not _storable_text(key):
+                if kind is dict and not storable_text(key):
                     raise _Bad(RejectionReason.INVALID_ENCODING, "field name holds a NUL character or a lone surrogate")
                 _check_values(item, depth + 1, max_depth)
             except _Bad as bad:
@@ -242,7 +242,7 @@ def _clean(text: str, limit: int) -> str:
     """Text safe to store and print: NUL and lone surrogates escaped, length bounded."""
     if len(text) > limit:
         text = text[:limit] + "..."
-    if _storable_text(text):
+    if storable_text(text):
         return text
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
@@ -273,7 +273,7 @@ def _rejection(rejected: _Reject, entry: RawEntry, limits: PayloadLimits, **fiel
 
 def _model_name(document: dict[str, Any]) -> str | None:
     model = document.get("model")
-    if isinstance(model, str) and model and len(model) <= MAX_MODEL_CHARS and _storable_text(model):
+    if isinstance(model, str) and model and len(model) <= MAX_MODEL_CHARS and storable_text(model):
         return model
     return None
 

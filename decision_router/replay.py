@@ -26,12 +26,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from decision_router.durations import earlier
 from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
 from decision_router.rules.spec import LOOKUP
@@ -268,10 +269,6 @@ def load_window(
     return predictions, actual
 
 
-# The first moment a datetime can hold: history is looked up no further back.
-EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
-
-
 def load_history(session: Session, candidate: RuleSet, *, before: datetime | None) -> dict[CooldownKey, datetime]:
     """Latest unsuppressed actual decision per (rule, entity) inside each candidate cooldown before the window."""
     history: dict[CooldownKey, datetime] = {}
@@ -286,7 +283,7 @@ def load_history(session: Session, candidate: RuleSet, *, before: datetime | Non
                 AlertRecord.rule == rule.name,
                 AlertRecord.suppressed_by.is_(None),
                 # A window starting within a cooldown of the year 1 looks back to the year 1.
-                AlertRecord.created_at > before - min(rule.cooldown, as_utc(before) - EARLIEST),
+                AlertRecord.created_at > earlier(as_utc(before), rule.cooldown),
                 AlertRecord.created_at < before,
             )
             .group_by(AlertRecord.entity_type, AlertRecord.entity_id)

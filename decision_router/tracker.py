@@ -6,7 +6,7 @@ import hashlib
 import json
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -24,6 +24,7 @@ from decision_router.contracts import (
     Prediction,
     Rejection,
 )
+from decision_router.durations import earlier
 from decision_router.router import Decision
 from decision_router.tables import (
     DELIVERED_TO_OWNER,
@@ -432,9 +433,7 @@ def find_alerts(
         query = query.where(AlertRecord.prediction_id == event.prediction_id)
     else:
         at = event.at or now
-        # A window reaching back before the year 1 (a long DECISION_ROUTER_OUTCOME_WINDOW) starts there.
-        earliest = datetime.min.replace(tzinfo=UTC)
-        since = at - outcome_window if at - earliest > outcome_window else earliest
+        since = earlier(at, outcome_window)  # a long DECISION_ROUTER_OUTCOME_WINDOW starts at the year 1
         query = query.where(
             AlertRecord.entity_type == event.entity_type,
             AlertRecord.entity_id == event.entity_id,
