@@ -237,15 +237,16 @@ def rules_test(
         fail("give the prediction as an argument or --file, not both", code=2)
     directory = rules or settings_or_exit().rules_dir
     ruleset = _ruleset_or_exit(directory)
+    # A byte that is not UTF-8 fails its own prediction (the gate: invalid_encoding), not the whole input;
+    # stdin is read as bytes too, as its text decoding (and so what a bad byte does) depends on the locale.
     if file is not None:
-        # A byte that is not UTF-8 fails its own line (the gate: invalid_encoding), not the whole file.
         text, source = file.read_bytes().decode("utf-8-sig", "surrogateescape"), str(file)
     elif prediction not in (None, "-"):
         text, source = prediction, "argument"  # type: ignore[assignment]
     else:
         if sys.stdin.isatty():
             say("reading predictions from stdin (end with Ctrl-D)", stderr=True)
-        text, source = sys.stdin.read(), "stdin"
+        text, source = sys.stdin.buffer.read().decode("utf-8-sig", "surrogateescape"), "stdin"
     rule_names, owner_ids = split_expectations(expect_rule), split_expectations(expect_owner)
     now = utcnow()
     results = run_cases(parse_inputs(text, source), ruleset, now=now, rules=rule_names, owners=owner_ids)

@@ -7,6 +7,11 @@ from datetime import datetime, timedelta, timezone
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+MAX_DAYS = timedelta.max.days  # the longest duration Python can hold: 999999999 days
+
+
+class DurationTooLarge(ValueError):
+    """A well-formed duration longer than MAX_DAYS: a problem of its own, not "expected a duration"."""
 
 
 def parse_duration(text: str | int | float | timedelta) -> timedelta:
@@ -16,12 +21,12 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         if text < 0:
             raise ValueError("duration must not be negative")
-        return _seconds(text)
+        return _seconds(text, text)
     if not isinstance(text, str):
         raise ValueError(f"expected a duration like '4h' or '2d', got {text!r}")
     compact = text.strip().lower().replace(" ", "")
     if compact.isdigit():
-        return _seconds(int(compact))
+        return _seconds(int(compact), text)
     pos, seconds = 0, 0.0
     for match in _PART.finditer(compact):
         if match.start() != pos:
@@ -30,14 +35,14 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
         pos = match.end()
     if pos != len(compact) or not compact:
         raise ValueError(f"expected a duration like '30s', '15m', '4h', '2d' or '1w', got {text!r}")
-    return _seconds(seconds)
+    return _seconds(seconds, text)
 
 
-def _seconds(seconds: float) -> timedelta:
+def _seconds(seconds: float, given: object) -> timedelta:
     try:
         return timedelta(seconds=seconds)
     except OverflowError:  # a rule's "1000000000d" is a mistake to report, not a crash
-        raise ValueError(f"duration of {seconds:.0f} seconds is too long") from None
+        raise DurationTooLarge(f"duration {given!r} is too large: the maximum is {MAX_DAYS}d") from None
 
 
 def format_duration(value: timedelta) -> str:
@@ -64,10 +69,11 @@ def parse_since(text: str, *, now: datetime) -> datetime:
     CLI's and the API's `since`/`until` filters take it; ValueError says what was expected."""
     try:
         return now - parse_duration(text)
-    except OverflowError:
-        raise ValueError(f"{text!r} reaches back before the year 1") from None
+    except (OverflowError, DurationTooLarge):  # back before the year 1, or longer than any timedelta
+        longest = (now - EARLIEST).days
+        raise ValueError(f"duration {text!r} is too large: the maximum is {longest}d, back to the year 1") from None
     except ValueError:
-        pass
+        pass  # not a duration: perhaps a date
     try:
         moment = datetime.fromisoformat(text)
         return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,7 +20,7 @@ from typing import Any
 
 from decision_router.contracts import Prediction, Rejection, RejectionReason
 from decision_router.durations import format_duration
-from decision_router.publisher import validate_entry
+from decision_router.publisher import undecoded, validate_entry
 from decision_router.quality import MAX_INT_BITS, original_payload, storable_text
 from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
@@ -185,16 +186,34 @@ def _decoded(text: str) -> Any:
 
 
 def parse_inputs(text: str, source: str) -> list[Case]:
-    """A JSON object, a JSON array of objects, or JSON lines; each checked by the publish gate."""
+    """A JSON object, a JSON array of objects, or JSON lines; each checked by the publish gate.
+    `text` may hold bytes that are not UTF-8 (decoded with surrogateescape): a prediction holding
+    one is checked as written, so the gate sees the bytes (json.dumps would make them lone surrogates)."""
     whole = _decoded(text)
+    not_utf8 = isinstance(undecoded(text), bytes)
     if isinstance(whole, dict):
-        return [check(json.dumps(whole), source)]
+        return [check(text if not_utf8 else json.dumps(whole), source)]
     if isinstance(whole, list):
-        return [check(json.dumps(item), f"{source}[{n}]") for n, item in enumerate(whole, start=1)]
+        items = _array_items(text) if not_utf8 else [json.dumps(item) for item in whole]
+        return [check(item, f"{source}[{n}]") for n, item in enumerate(items, start=1)]
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if len(lines) <= 1:
         return [check(lines[0][1] if lines else text, source)]
     return [check(line, f"{source}:{n}") for n, line in lines]
+
+
+_SEPARATOR = re.compile(r"[ \t\n\r]*,?[ \t\n\r]*")  # JSON's whitespace, around a comma or not
+
+
+def _array_items(text: str) -> list[str]:
+    """The text of each item of `text`, a JSON array json.loads accepts, as written."""
+    decoder, items = json.JSONDecoder(), []
+    at = _SEPARATOR.match(text, text.index("[") + 1).end()
+    while text[at] != "]":
+        _, end = decoder.raw_decode(text, at)
+        items.append(text[at:end])
+        at = _SEPARATOR.match(text, end).end()
+    return items
 
 
 LOOKUP_SHAPE = 'lookup: expected an object of sources, each an object of fields, like {"crm": {"tier": "gold"}}'
@@ -203,6 +222,13 @@ LOOKUP_SHAPE = 'lookup: expected an object of sources, each an object of fields,
 def check(line: str, source: str) -> Case:
     """The gate's checks except age and duplicates, exactly as `publish` runs them, on the
     prediction without its `lookup` object (the gate knows no such field)."""
+    data = undecoded(line)
+    if isinstance(data, bytes):
+        # Not UTF-8: given the bytes, as `publish` gives a line, the gate says so and where, before any
+        # lookup is split off (as text the byte would be a lone surrogate, or no JSON at all).
+        rejected = validate_entry({"data": data})
+        assert isinstance(rejected, Rejection)  # undecodable data never passes
+        return Case(source, None, rejected)
     line, looked_up, problem = split_lookup(line)
     if problem is not None:
         reason, detail = problem

@@ -54,13 +54,13 @@ def read_entries(
         else:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
-                    yield number, {"data": _undecoded(line)}
+                    yield number, {"data": undecoded(line)}
 
 
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape keeps it
 
 
-def _undecoded(text: str) -> str | bytes:
+def undecoded(text: str) -> str | bytes:
     """`text`, or its original bytes if some were not UTF-8 (a strict decode never yields these surrogates)."""
     return text.encode("utf-8", "surrogateescape") if _ESCAPED_BYTE.search(text) else text
 
@@ -76,7 +76,7 @@ def _csv_entries(
     if header is None:
         return
     _check_header(path, header)
-    names = [_undecoded(name) for name in header]
+    names = [undecoded(name) for name in header]
     while True:
         try:
             row = next(reader)
@@ -92,7 +92,7 @@ def _csv_entries(
         if not row:
             continue  # a blank line
         # Empty cells are absent fields, as a flat XADD would omit them.
-        fields = {name: _undecoded(value) for name, value in zip(names, row) if name and value}
+        fields = {name: undecoded(value) for name, value in zip(names, row) if name and value}
         if any(row[len(names):]):  # cells past the header's columns; empty ones (a trailing comma) carry nothing
             detail = f"{len(row)} cells, but the header names {len(names)} columns"
             yield reader.line_num, _unreadable(RejectionReason.SCHEMA, detail, fields)

@@ -157,6 +157,8 @@ def decode_entry(entry: RawEntry) -> dict[str, Any]:
     for key, value in fields.items():
         head, dot, rest = key.partition(".")
         if dot and head in NESTED_FIELDS:
+            if "" in rest.split("."):  # "context.", "context..a": a name no rule or alert field can address
+                raise _Reject(RejectionReason.SCHEMA, f"{_clean(key, 100)}: empty name in a dotted key")
             document.setdefault(head, {})
             if not isinstance(document[head], dict):
                 raise _Reject(RejectionReason.SCHEMA, f"{head}: given both as a value and as {_clean(key, 100)}")

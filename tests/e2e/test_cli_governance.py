@@ -162,7 +162,9 @@ def test_rules_test_file_with_a_line_that_is_not_utf8_judges_the_other_lines(wor
     shown = run(["rules", "test", "--file", str(lines_file)], env, workdir)
     assert shown.returncode == 2, shown.stderr
     assert f"e1 ({lines_file}:1): 1 rule matches" in shown.stdout
-    assert f"error: {lines_file}:2: invalid prediction: invalid_encoding" in shown.stderr
+    at = bad.encode("latin-1").index(b"\xe9")  # as `publish` names it: the line, the byte's offset in it
+    assert (f"error: {lines_file}:2: invalid prediction: invalid_encoding: field data is not valid UTF-8 (byte {at})"
+            in shown.stderr)
     assert "Traceback" not in shown.stderr
 
 

@@ -546,6 +546,20 @@ async def test_bad_requests_get_4xx_json_naming_the_field_never_500(standalone) 
             assert any(field in map(str, d["loc"]) for d in detail), (path, detail)
 
 
+async def test_a_window_too_far_back_is_a_422_saying_it_is_too_large(standalone) -> None:
+    """Every since/until reads durations as the CLI does: too large, not "expected a duration"."""
+    api, _ = standalone
+    paths = [("/v1/alerts?since=99999999999d", "since"), ("/v1/stats?until=99999999999d", "until"),
+             ("/v1/stats/quality?since=1000000d", "since"), ("/v1/dashboard/ops?until=99999999999d", "until")]
+    for path, field in paths:
+        response = await api.http.get(path, headers=api.ops)
+        assert response.status_code == 422, (path, response.text)
+        [detail] = response.json()["detail"]
+        assert detail["loc"] == ["query", field], (path, detail)
+        given = path.rpartition("=")[2]
+        assert re.fullmatch(rf"duration '{given}' is too large: the maximum is \d+d, back to the year 1", detail["msg"])
+
+
 async def test_a_body_that_is_not_json_is_a_415_naming_the_body(standalone) -> None:
     """FastAPI hands a form or text body over unparsed (bytes): refused, not a 500 serialising it."""
     api, _ = standalone

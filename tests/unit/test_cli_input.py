@@ -4,6 +4,7 @@ the CLI in-process (typer's CliRunner), on a SQLite store in a temporary directo
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,8 +195,28 @@ def test_bytes_from_a_shell_and_the_environment_are_refused_too(tmp_path: Path) 
     assert (prefix.returncode, prefix.stderr) == (2, b"error: DECISION_ROUTER_STREAM_PREFIX: not valid UTF-8\n")
 
 
+def test_rules_test_names_a_byte_that_is_not_utf8_in_a_file_or_on_stdin(tmp_path: Path) -> None:
+    """As `publish` names it, not as the lone surrogate it was as text (nor a UnicodeDecodeError from stdin)."""
+    raw = b'{"prediction_id": "p\xff"}\n'
+    (tmp_path / "p.jsonl").write_bytes(raw)
+    for args, source in ((["rules", "test", "--file", "p.jsonl"], "p.jsonl"), (["rules", "test"], "stdin")):
+        result = CliRunner().invoke(cli.app, args, input=raw)
+        assert one_error(result, 2) == (
+            f"error: {source}: invalid prediction: invalid_encoding: field data is not valid UTF-8 (byte 20)")
+
+
 @pytest.mark.parametrize("command", [["stats"], ["stats", "quality"], ["stats", "model"]])
 def test_an_inverted_window_is_an_error_not_an_empty_report(command: list[str]) -> None:
     # --since 1d --until 7d: "since yesterday, until a week ago" holds nothing; say so rather than print nothing.
     line = one_error(invoke(*command, "--since", "1d", "--until", "7d"), 2)
     assert line == "error: --until (7d) must be after --since (1d)"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["stats"], ["stats", "quality"], ["stats", "model"], ["rules", "replay", "--rules", str(ROOT / "rules")]],
+)
+@pytest.mark.parametrize("option", ["--since", "--until"])
+def test_a_duration_too_large_says_so_not_that_a_duration_was_expected(command: list[str], option: str) -> None:
+    line = one_error(invoke(*command, option, "99999999999d"), 2)
+    assert re.fullmatch(r"error: duration '99999999999d' is too large: the maximum is \d+d, back to the year 1", line)

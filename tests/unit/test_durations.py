@@ -2,7 +2,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from decision_router.durations import parse_duration, parse_since
+from decision_router.durations import EARLIEST, parse_duration, parse_since
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
 
@@ -25,9 +25,30 @@ def test_neither_a_duration_nor_a_date_says_what_was_expected() -> None:
         parse_since("soon", now=NOW)
 
 
-@pytest.mark.parametrize("value", ["1000000000d", "99999999999999999999s", 10**20, 1e300, "1e400"])
-def test_a_duration_too_long_for_python_is_a_value_error(value: object) -> None:
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("1000000000d", "'1000000000d'"), ("99999999999999999999s", "'99999999999999999999s'"),
+     ("99999999999999999999", "'99999999999999999999'"), (10**20, str(10**20)), (1e300, "1e+300")],
+)
+def test_a_duration_too_long_for_python_is_a_value_error_saying_so(value: object, shown: str) -> None:
     # ValueError is what rules and settings validation report with the file, rule and field;
     # an OverflowError would escape it as a traceback.
-    with pytest.raises(ValueError, match="too long|expected a duration"):
+    with pytest.raises(ValueError) as raised:
         parse_duration(value)  # type: ignore[arg-type]
+    assert str(raised.value) == f"duration {shown} is too large: the maximum is 999999999d"
+    assert parse_duration("999999999d") == timedelta(days=999999999)  # the maximum itself
+
+
+def test_not_a_duration_is_not_too_large() -> None:
+    with pytest.raises(ValueError, match=r"^expected a duration like '30s', '15m', '4h', '2d' or '1w', got '1e400'$"):
+        parse_duration("1e400")
+
+
+@pytest.mark.parametrize("text", ["99999999999d", "1000000000d", "999999999d", "1000000d", "99999999999999999999"])
+def test_since_too_far_back_says_it_is_too_large_not_that_a_duration_was_expected(text: str) -> None:
+    """Longer than any timedelta, or back before the year 1: either way the most is back to the year 1."""
+    longest = (NOW - EARLIEST).days
+    with pytest.raises(ValueError) as raised:
+        parse_since(text, now=NOW)
+    assert str(raised.value) == f"duration {text!r} is too large: the maximum is {longest}d, back to the year 1"
+    assert parse_since(f"{longest}d", now=NOW) - EARLIEST < timedelta(days=1)  # the maximum itself

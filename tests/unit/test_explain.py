@@ -197,6 +197,37 @@ def test_parse_inputs_applies_the_publish_gate_but_not_age() -> None:
     assert empty.rejection is not None and empty.rejection.reason.value == "invalid_json"
 
 
+def as_read(raw: bytes) -> str:
+    """`raw` as the CLI reads --file and stdin: a byte that is not UTF-8 kept, as a surrogate."""
+    return raw.decode("utf-8-sig", "surrogateescape")
+
+
+def test_a_byte_that_is_not_utf8_is_invalid_encoding_naming_it_as_publish_does() -> None:
+    # As text, the byte was a lone surrogate in a value ("text holds a NUL character or a lone surrogate")
+    # or made the line no JSON at all (invalid_json); `publish` names it as the gate does for bytes.
+    bad = line("b", context={"segment": "cafe"}).encode().replace(b"cafe", b"caf\xe9")  # 0xe9 alone: never UTF-8
+    at = bad.index(b"\xe9")
+    expected = ("invalid_encoding", f"field data is not valid UTF-8 (byte {at})")
+    cases = parse_inputs(as_read(line("a").encode() + b"\n" + bad + b"\n\xff" + line("c").encode()), "f.jsonl")
+    assert [(c.source, c.rejection and (c.rejection.reason.value, c.rejection.detail)) for c in cases] == [
+        ("f.jsonl:1", None), ("f.jsonl:2", expected),
+        ("f.jsonl:3", ("invalid_encoding", "field data is not valid UTF-8 (byte 0)")),
+    ]
+    # One object (its offset is in the object), also with a lookup, and the items of an array.
+    (whole,) = parse_inputs(as_read(b"\xef\xbb\xbf" + bad), "f.json")
+    assert (whole.rejection.reason.value, whole.rejection.detail) == expected
+    looked_up = bad[:-1] + b', "lookup": {"crm": {"tier": "gold"}}}'
+    (with_lookup,) = parse_inputs(as_read(looked_up), "f.json")
+    assert (with_lookup.rejection.reason.value, with_lookup.rejection.detail) == expected
+    array = parse_inputs(as_read(b"[ " + line("a").encode() + b" ,\n  " + bad + b"\n]"), "f.json")
+    assert [(c.source, c.rejection and (c.rejection.reason.value, c.rejection.detail)) for c in array] == [
+        ("f.json[1]", None), ("f.json[2]", expected),
+    ]
+    # A lone surrogate written as a JSON escape is valid UTF-8: still the gate's value check.
+    (escaped,) = parse_inputs(as_read(line("e", context={"segment": "\udcff"}).encode()), "f.json")
+    assert escaped.rejection.detail == "context.segment: text holds a NUL character or a lone surrogate"
+
+
 def test_run_cases_document_and_exit_codes(ruleset: RuleSet) -> None:
     good = parse_inputs(line("a", context={"account_manager": "alice"}), "argument")
     results = run_cases(good, ruleset, now=NOW, rules=["churn-high"], owners=["alice"])

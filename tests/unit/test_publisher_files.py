@@ -49,6 +49,12 @@ def test_a_line_that_is_not_utf8_is_reported_and_the_rest_read(tmp_path: Path) -
     assert checked(csv) == {2: "p3", 3: "invalid_encoding: field entity_id is not valid UTF-8 (byte 4)", 4: "p5"}
 
 
+def test_a_csv_column_with_an_empty_name_in_its_dotted_key_is_the_gates_schema_rejection(tmp_path: Path) -> None:
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"{COLUMNS},context.\n{row('p1')},x\n{row('p2')},\n")
+    assert checked(csv) == {2: "schema: context.: empty name in a dotted key", 3: "p2"}  # an empty cell: absent
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path: Path) -> None:
     csv = tmp_path / "excel.csv"
     csv.write_text(f"{COLUMNS}\n{row('p1')}\n", encoding="utf-8-sig")

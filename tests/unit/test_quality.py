@@ -68,6 +68,11 @@ def test_flat_nested_field_may_be_json_text() -> None:
     assert result.context == {"segment": "smb", "arr": 1200}
 
 
+def test_flat_dotted_key_with_dots_inside_its_name_is_kept_as_one_name() -> None:
+    result = gate({**flat(GOOD), b"context.a.b": b"x"})
+    assert isinstance(result, Prediction) and result.context["a.b"] == "x"
+
+
 def test_naive_timestamp_is_read_as_utc() -> None:
     result = gate(as_data({**GOOD, "predicted_at": "2026-11-25T11:30:00"}))
     assert isinstance(result, Prediction)
@@ -95,6 +100,13 @@ BAD = [
     ("stale", as_data({**GOOD, "predicted_at": "2026-11-23T11:00:00Z"}), RejectionReason.STALE, "old"),
     ("future", as_data({**GOOD, "predicted_at": "2026-11-25T13:00:00Z"}), RejectionReason.FROM_FUTURE, "future"),
     ("context-not-object", flat({**_without("context"), "context": "[1]"}), RejectionReason.INVALID_JSON, "context"),
+    # An empty name in a dotted key: no rule can address it (rule paths refuse empty segments).
+    ("flat-empty-name", {**flat(GOOD), b"context.": b"x"}, RejectionReason.SCHEMA,
+     "context.: empty name in a dotted key"),
+    ("flat-empty-segment", {**flat(GOOD), b"context..a": b"x"}, RejectionReason.SCHEMA,
+     "context..a: empty name in a dotted key"),
+    ("flat-trailing-dot", {**flat(GOOD), b"features.a.": b"x"}, RejectionReason.SCHEMA,
+     "features.a.: empty name in a dotted key"),
 ]
 
 
