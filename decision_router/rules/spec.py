@@ -155,10 +155,17 @@ def _channels(value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))  # listing a channel twice must not deliver twice
 
 
+# Longer than any deadline, cooldown or window means anything; and routing adds these to the time it routes
+# at, which must stay inside the calendar (a rule's "999999999d" deadline failed every prediction it matched).
+LONGEST_DURATION = timedelta(days=36500)
+
+
 def _duration(value: object) -> timedelta:
     result = parse_duration(value)  # type: ignore[arg-type]  # its ValueError names the problem
     if result <= timedelta(0):
         raise ValueError(f"expected a duration above zero, got {value!r}")
+    if result > LONGEST_DURATION:
+        raise ValueError(f"expected at most {LONGEST_DURATION.days}d (100 years), got {value!r}")
     return result
 
 

@@ -80,6 +80,17 @@ rules:
         R + "rule c: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got '0.1'",
         R + "rule d: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got True",
     ]),
+    # Routing adds these to its time: past the calendar every prediction the rule matched failed (OverflowError).
+    ("durations-past-the-calendar", """
+defaults: {ack_within: 999999999d}
+rules:
+  - {name: a, when: {model: churn}, owner: desk, cooldown: 36501d}
+  - {name: b, when: {model: churn}, owner: desk, act_within: 5300w, cooldown: 36500d}
+""" + CATCH_ALL, [
+        R + "defaults.ack_within: expected at most 36500d (100 years), got '999999999d'",
+        R + "rule a: cooldown: expected at most 36500d (100 years), got '36501d'",
+        R + "rule b: act_within: expected at most 36500d (100 years), got '5300w'",
+    ]),
     ("cooldown-and-holdout-on-record-rules", """
 rules:
   - {name: tracked, when: {model: churn}, owner: desk, action: record, cooldown: 7d, holdout: 0.1}
