@@ -187,12 +187,16 @@ def _away_until(value: object) -> datetime:
             value = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
         except ValueError:
             raise ValueError(f"expected {_AWAY_FORMAT}, got {value!r}") from None
-    if isinstance(value, datetime):  # checked first: a datetime is also a date
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"a date-time needs a time zone (Z or +01:00), got {value.isoformat()!r}")
-        return value.astimezone(timezone.utc)
-    if isinstance(value, date):
-        return datetime.combine(value + timedelta(days=1), time(0), tzinfo=timezone.utc)
+    try:
+        if isinstance(value, datetime):  # checked first: a datetime is also a date
+            if value.tzinfo is None or value.utcoffset() is None:
+                raise ValueError(f"a date-time needs a time zone (Z or +01:00), got {value.isoformat()!r}")
+            return value.astimezone(timezone.utc)
+        if isinstance(value, date):
+            return datetime.combine(value + timedelta(days=1), time(0), tzinfo=timezone.utc)
+    except OverflowError:  # 9999-12-31 has no next midnight; 0001-01-01T00:00+01:00 is before the year 1 in UTC
+        calendar = "0001-01-01 to 9999-12-30"
+        raise ValueError(f"{value.isoformat()!r} falls outside the calendar once in UTC ({calendar})") from None
     raise ValueError(f"expected {_AWAY_FORMAT}, got {value!r}")
 
 

@@ -240,6 +240,10 @@ owners:
   - {id: hal, name: Hal, away_until: 2027-02-30, delegate: desk}
   - {id: ivy, name: Ivy, away_until: 20270115, delegate: 42}
   - {id: jo, name: Jo, delegate: ann, away_until: null}
+  - {id: kim, name: Kim, away_until: 9999-12-31, delegate: desk}
+  - {id: lee, name: Lee, away_until: '0001-01-01T00:00:00+01:00', delegate: desk}
+  - {id: max, name: Max, away_until: 9999-12-31T23:59:59-23:59, delegate: desk}
+  - {id: ned, name: Ned, away_until: 9999-12-30, delegate: desk}
 """, [
         O + "owner ann: delegate: away owners need a delegate, or alerts would go unread",
         O + "owner ben: away_until: expected a date like 2027-01-15 or a date-time with a time zone like "
@@ -255,6 +259,12 @@ owners:
         O + "owner ivy: delegate: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got 42",
         O + "owner jo: away_until: expected a date like 2027-01-15 or a date-time with a time zone like "
         "2027-01-15T09:00:00Z, got None",
+        # These were an OverflowError: a traceback from `rules check`, and a service that would not start.
+        O + "owner kim: away_until: '9999-12-31' falls outside the calendar once in UTC (0001-01-01 to 9999-12-30)",
+        O + "owner lee: away_until: '0001-01-01T00:00:00+01:00' falls outside the calendar once in UTC "
+        "(0001-01-01 to 9999-12-30)",
+        O + "owner max: away_until: '9999-12-31T23:59:59-23:59' falls outside the calendar once in UTC "
+        "(0001-01-01 to 9999-12-30)",
     ]),
     ("self-delegation-is-not-also-a-loop", """
 owners:
