@@ -3,13 +3,20 @@
 Kept in one small module that imports nothing of ours, so the hot path can count without
 pulling in the HTTP layer. Consumer-group lag is not counted here: it is read from Redis
 (XINFO GROUPS) when /metrics is scraped.
+
+Under `serve --workers N` each worker counts in its own files in PROMETHEUS_MULTIPROC_DIR (set
+for them by the supervisor; prometheus_client's multiprocess mode, chosen when it is imported),
+and `exposition` sums them, so the one worker serving /metrics reports all of them.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -66,12 +73,12 @@ def delivery_failed(channel: str) -> None:
 CONSUMER_LAG = Gauge(
     "decision_router_consumer_group_lag",
     "Entries in the stream not yet delivered to the consumer group (XINFO GROUPS lag).",
-    ["stream", "group"], registry=REGISTRY,
+    ["stream", "group"], registry=REGISTRY, multiprocess_mode="mostrecent",  # only the API's worker sets it
 )
 CONSUMER_PENDING = Gauge(
     "decision_router_consumer_group_pending",
     "Entries delivered to the consumer group but not yet acknowledged (XINFO GROUPS pending).",
-    ["stream", "group"], registry=REGISTRY,
+    ["stream", "group"], registry=REGISTRY, multiprocess_mode="mostrecent",
 )
 
 
@@ -80,3 +87,12 @@ def set_group_state(stream: str, group: str, *, lag: int | None, pending: int) -
     if lag is not None:
         CONSUMER_LAG.labels(stream, group).set(lag)
     CONSUMER_PENDING.labels(stream, group).set(pending)
+
+
+def exposition() -> bytes:
+    """The Prometheus text of every worker's counts (multiprocess mode), else of this process's."""
+    if os.environ.get(MULTIPROCESS_DIR):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)

@@ -14,15 +14,18 @@ single worker, so several workers behind it would only add contention.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
 import structlog
 
+from decision_router.metrics import MULTIPROCESS_DIR
 from decision_router.rules import load_rules
 from decision_router.settings import ENV_PREFIX, Settings
 from decision_router.store import create_schema, make_engine
@@ -45,6 +48,7 @@ class _Worker:
     started: float = 0.0
     delay: float = _RESTART_FIRST
     restart_at: float = field(default=0.0)
+    env: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
 
 
 def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
@@ -64,8 +68,13 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
     finally:
         engine.dispose()
     first = ("--api-port", str(settings.api_port)) if api else ("--no-api",)
+    # Each worker counts its metrics in files there, which the one serving /metrics sums (metrics.exposition).
+    # A directory the user named is theirs to keep (and to empty between runs); ours goes at the end.
+    metrics_dir = os.environ.get(MULTIPROCESS_DIR) or tempfile.mkdtemp(prefix="decision-router-metrics-")
     workers = [
-        _Worker(f"{settings.consumer_name}-{i}", first if i == 1 else ("--no-api",)) for i in range(1, count + 1)
+        _Worker(f"{settings.consumer_name}-{i}", first if i == 1 else ("--no-api",),
+                env={MULTIPROCESS_DIR: metrics_dir})
+        for i in range(1, count + 1)
     ]
     stopping = threading.Event()
 
@@ -95,10 +104,12 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if metrics_dir != os.environ.get(MULTIPROCESS_DIR):
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _spawn(worker: _Worker) -> None:
-    env = {**os.environ, f"{ENV_PREFIX}CONSUMER_NAME": worker.name}
+    env = {**os.environ, **worker.env, f"{ENV_PREFIX}CONSUMER_NAME": worker.name}
     worker.process = subprocess.Popen([sys.executable, "-m", "decision_router", "serve", *worker.args], env=env)
     worker.started = time.monotonic()
 

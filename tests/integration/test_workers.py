@@ -3,6 +3,7 @@ once; a worker that dies is restarted under its name; SIGTERM stops them all cle
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,12 +15,17 @@ import pytest
 import redis
 
 from decision_router.keys import Keys
+from decision_router.store import make_engine
+from decision_router.streams import as_text
+from decision_router.tokens import create_token
+from tests.integration.test_api_endpoints import metric
 from tests.integration.test_faults_helpers import (
     ROOT,
     PostgresSchema,
     Router,
     all_acknowledged,
     assert_exactly_once,
+    backlog_document,
     publish_backlog,
     wait_for,
 )
@@ -98,6 +104,8 @@ def test_with_workers_the_first_one_serves_the_api_and_only_it(redis_server: str
         DECISION_ROUTER_RULES_POLL_INTERVAL="0",  # only SIGHUP reloads
         DECISION_ROUTER_API_PORT=str(port),
         DECISION_ROUTER_LOG_FORMAT="json",
+        DECISION_ROUTER_CONSUMER_NAME="box",
+        DECISION_ROUTER_BATCH_SIZE="20",
     )
     process = subprocess.Popen([sys.executable, "-m", "decision_router", "serve", "--workers", "2"], env=env,
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,6 +129,29 @@ def test_with_workers_the_first_one_serves_the_api_and_only_it(redis_server: str
         time.sleep(1.0)
         assert process.poll() is None
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        # /metrics, served by worker 1, counts what both workers routed.
+        client = redis.Redis.from_url(redis_server)
+        keys = Keys(f"workers-api-{port}:")
+        total = 600
+        documents = [backlog_document(n, f"m{port}") for n in range(total)]
+        for chunk in range(0, total, 10):  # a trickle, so that both blocked workers are handed entries
+            with client.pipeline(transaction=False) as pipe:
+                for document in documents[chunk:chunk + 10]:
+                    pipe.xadd(keys.predictions, {"data": json.dumps(document)})
+                pipe.execute()
+            time.sleep(0.005)
+        wait_for(all_acknowledged(client, keys, "decision-router", total), timeout=60, what="the predictions routed")
+        consumers = {as_text(c["name"]) for c in client.xinfo_consumers(keys.predictions, "decision-router")}
+        assert consumers == {"box-1", "box-2"}, consumers  # both were handed some
+        client.close()
+        engine = make_engine(env["DECISION_ROUTER_DATABASE_URL"])
+        secret, _ = create_token(engine, role="ops")
+        engine.dispose()
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {secret}"},
+                            timeout=5)
+        assert scraped.status_code == 200, scraped.text
+        assert metric(scraped.text, "decision_router_entries_consumed_total", stream="predictions") == total
+        assert metric(scraped.text, "decision_router_predictions_routed_total") == total
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
