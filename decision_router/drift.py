@@ -16,6 +16,9 @@ from statistics import NormalDist
 PSI_MIN_N = 50
 """Fewest values per sample for a PSI: with 10 bins that is ~5 per bin, the usual floor for
 chi-squared approximations."""
+PSI_MAX_N = 50_000
+"""Most values the monitor reads per window (decision_router.monitor.MAX_SAMPLES): a larger
+`drift.min_samples` could never be reached."""
 
 RATE_MIN_N = 30
 

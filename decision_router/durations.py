@@ -19,6 +19,8 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
     if isinstance(text, timedelta):
         return text
     if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text != text:  # NaN (YAML's .nan): not "cannot convert float NaN to integer" from timedelta
+            raise ValueError(f"expected a duration like '4h' or '2d', got {text!r}")
         if text < 0:
             raise ValueError("duration must not be negative")
         return _seconds(text, text)

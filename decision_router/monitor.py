@@ -55,7 +55,7 @@ ALL_VERSIONS = "*"  # model_version of model-level figures (rejections carry no 
 BINS = 10
 # Values read per window at most: the earliest of a reference, the latest of a recent window.
 # The PSI threshold accounts for the sizes actually used, so a cap costs power, not validity.
-MAX_SAMPLES = 50_000
+MAX_SAMPLES = drift.PSI_MAX_N
 DEFAULT_DRIFT = DriftConfig()
 
 

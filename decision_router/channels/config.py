@@ -12,7 +12,6 @@ a relative path is resolved against `base_dir` from the validation context when 
 
 from __future__ import annotations
 
-import re
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -30,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from decision_router.rules.spec import EMAIL
+
 __all__ = [
     "EmailReceiver",
     "Receiver",
@@ -40,8 +41,8 @@ __all__ = [
     "read_secret_file",
 ]
 
-# The owner directory's check (rules/spec.py), stricter on characters that break headers.
-_EMAIL = re.compile(r"[^@\s<>,\"]+@[^@\s<>,\"]+\.[^@\s<>,\"]+")
+# The owner directory's check: what rules check accepts, the email channel must accept too.
+_EMAIL = EMAIL
 
 
 def read_secret_file(path: Path, info: ValidationInfo | None = None) -> SecretStr:

@@ -16,11 +16,23 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Annotated, Any, Literal, Union, get_args
 
 import re2
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    HttpUrl,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from decision_router.contracts import Prediction
-from decision_router.drift import PSI_MIN_N
-from decision_router.durations import parse_duration
+from decision_router.drift import PSI_MAX_N, PSI_MIN_N
+from decision_router.durations import DurationTooLarge, parse_duration
+from decision_router.quality import storable_text
 
 # Top-level keys of `Prediction.as_document()`: a path starting elsewhere can never match.
 DOCUMENT_FIELDS: tuple[str, ...] = tuple(Prediction.model_fields)
@@ -30,7 +42,8 @@ Priority = Literal["low", "normal", "high", "critical"]
 PRIORITIES: tuple[str, ...] = get_args(Priority)
 # Names end up in stream keys (`alerts:<owner>`) and audit rows, so no spaces or colons.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}")
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+# No characters that break a To: header (<>," and controls): the email channel refuses such an address at start.
+EMAIL = re.compile(r"[^@\s<>,\"\x00-\x1f\x7f]+@[^@\s<>,\"\x00-\x1f\x7f]+\.[^@\s<>,\"\x00-\x1f\x7f]+")
 # Tags of the `owner` union; pydantic puts them in error locations and load.py drops them.
 OWNER_TAGS = ("owner-id", "owner-mapping")
 # Context looked up at routing time is addressed as lookup.<source>.<field> (see enrich.py).
@@ -41,7 +54,12 @@ SOURCE_PARAMETERS: tuple[str, ...] = ("entity_type", "entity_id", "prediction_id
 
 def _is_number(value: object) -> bool:
     # bool is an int in Python, but `gte: true` is a mistake, not 1.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float (1e400 written out): no comparison or fraction can use it
+        return False
 
 
 def _name(value: object) -> str:
@@ -53,6 +71,10 @@ def _name(value: object) -> str:
 def _path(value: object) -> str:
     if not isinstance(value, str) or not value or any(not part for part in value.split(".")):
         raise ValueError(f"expected a dotted field path like 'context.segment', got {value!r}")
+    if not storable_text(value):
+        # The gate refuses such names in predictions, and the store cannot hold the path where a
+        # decision names it (missing_context, fallback_reason): every batch the rule matched failed.
+        raise ValueError(f"a field path cannot hold a NUL character or a lone surrogate, got {value!r}")
     head = value.split(".", 1)[0]
     if head == LOOKUP:
         # Looked-up context: lookup.<source>.<field>; load.py checks the source is declared.
@@ -69,6 +91,8 @@ def _scalar(value: object) -> object:
         raise ValueError(f"quote dates and times: write '{value.isoformat()}', not {value.isoformat()}")
     if not isinstance(value, (str, int, float, bool)):
         raise ValueError(f"expected a string, number or boolean, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # .nan would equal the text "nan" and no number
+        raise ValueError(f"expected a finite number, got {value!r}")
     return value
 
 
@@ -115,6 +139,8 @@ def _regex(value: object) -> str:
     shown = value if len(value) <= 60 else value[:60] + "..."
     if len(value) > MAX_REGEX_LENGTH:
         raise ValueError(f"regular expression of {len(value)} characters is too long (at most {MAX_REGEX_LENGTH})")
+    if not value.replace("\0", "").isascii() and not storable_text(value.replace("\0", "")):
+        raise ValueError(f"regular expression {shown!r} holds a lone surrogate, which no text can hold")
     try:
         re.compile(value)
     except re.error as exc:
@@ -141,7 +167,7 @@ def _text(value: object) -> str:
 
 
 def _email(value: object) -> str:
-    if not isinstance(value, str) or not _EMAIL.fullmatch(value):
+    if not isinstance(value, str) or not EMAIL.fullmatch(value) or not storable_text(value):
         raise ValueError(f"expected an email address like name@example.com, got {value!r}")
     return value
 
@@ -161,7 +187,10 @@ LONGEST_DURATION = timedelta(days=36500)
 
 
 def _duration(value: object) -> timedelta:
-    result = parse_duration(value)  # type: ignore[arg-type]  # its ValueError names the problem
+    try:
+        result = parse_duration(value)  # type: ignore[arg-type]  # its ValueError names the problem
+    except DurationTooLarge:  # its own maximum (timedelta's, 999999999d) is not the rules files' one
+        raise ValueError(f"expected at most {LONGEST_DURATION.days}d (100 years), got {value!r}") from None
     if result <= timedelta(0):
         raise ValueError(f"expected a duration above zero, got {value!r}")
     if result > LONGEST_DURATION:
@@ -302,28 +331,40 @@ class DefaultsSpec(_Strict):
     priority: Priority = "normal"
 
 
-def _whole(value: object, low: int, what: str) -> int:
+def _whole(value: object, low: int, what: str, high: int, beyond: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"expected a whole number >= {low} ({what}), got {value!r}")
+    if value > high:
+        raise ValueError(f"expected at most {high} ({beyond}), got {value!r}")
     return value
 
 
 def _days(value: object) -> int:
-    return _whole(value, 1, "days")
+    # The monitor adds these days to dates: beyond the calendar every drift check failed (OverflowError).
+    return _whole(value, 1, "days", LONGEST_DURATION.days, "100 years, like every duration in the rules files")
 
 
 def _min_samples(value: object) -> int:
-    return _whole(value, PSI_MIN_N, "no PSI is computed on fewer values")
+    # More than the monitor reads per window would leave every PSI "not enough data", silently.
+    return _whole(value, PSI_MIN_N, "no PSI is computed on fewer values", PSI_MAX_N, "the monitor reads at most "
+                  f"{PSI_MAX_N} values per window, so a PSI would never have enough")
+
+
+# The monitor splits alpha over a model's figures; a rate this small is no test, and a denormal one such as
+# 5e-324 split into parts became 0, which failed every drift check.
+SMALLEST_ALPHA = 1e-12
 
 
 def _alpha(value: object) -> float:
     if not _is_number(value) or not 0 < value < 1:  # type: ignore[operator]
         raise ValueError(f"expected a false-alarm rate with 0 < alpha < 1, like 0.01, got {value!r}")
+    if value < SMALLEST_ALPHA:  # type: ignore[operator]
+        raise ValueError(f"expected a false-alarm rate of at least {SMALLEST_ALPHA:g}, like 0.01, got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
 
 def _version(value: object) -> str:
-    if _is_number(value):  # YAML reads an unquoted 2026.10 as the number 2026.1
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML reads an unquoted 2026.10 as 2026.1
         raise ValueError(f"expected a quoted version like '2026.10' (YAML reads an unquoted one as a number), got {value!r}")
     return _text(value)
 
@@ -497,9 +538,21 @@ class RoutingFile(_Strict):
     context_sources: dict[SourceName, ContextSourceSpec] = Field(default_factory=dict)
 
 
+_URL = TypeAdapter(HttpUrl)
+
+
 def _http_url(value: object) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
         raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    # Parsed as the webhook channel parses it at start, which disabled the channel of a URL it refused.
+    try:
+        url = _URL.validate_python(value)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Input should be a valid URL, ")
+        shown = value if len(value) <= 100 else value[:100] + "..."
+        raise ValueError(f"expected an http:// or https:// URL, got {shown!r}: {reason}") from None
+    if url.username or url.password:  # never echoed: it is a credential
+        raise ValueError("a webhook URL cannot carry a user or password; sign requests with secret_file or secret_env")
     return value
 
 

@@ -36,6 +36,8 @@ def write(tmp_path: Path, routing: str | None, owners: str | None = OWNERS) -> P
 R = "rules/routing.yaml: "
 O = "rules/owners.yaml: "
 
+BIG = "1" + "0" * 400  # an int beyond any float
+
 ROUTING_CASES = [
     ("yaml-syntax", "rules:\n  - name: a\n    when: {model: churn\n", [
         R + "line 4, column 1: invalid YAML: expected ',' or '}', but got '<stream end>'",
@@ -90,6 +92,39 @@ rules:
         R + "defaults.ack_within: expected at most 36500d (100 years), got '999999999d'",
         R + "rule a: cooldown: expected at most 36500d (100 years), got '36501d'",
         R + "rule b: act_within: expected at most 36500d (100 years), got '5300w'",
+    ]),
+    # An int beyond any float (1e400 written out) made math.isfinite raise OverflowError: a traceback from rules check.
+    ("numbers-beyond-any-float", f"""
+rules:
+  - {{name: a, when: {{score: {{gte: {BIG}}}, context.arr: {{between: [0, {BIG}]}}}}, owner: desk, holdout: {BIG}}}
+""" + CATCH_ALL, [
+        R + f"rule a: when.score.gte: expected a number, got {BIG}",
+        R + f"rule a: when.context.arr.between: expected [low, high] with two numbers, got [0, {BIG}]",
+        R + f"rule a: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got {BIG}",
+    ]),
+    # .nan and .inf: a NaN duration read "cannot convert float NaN to integer", an infinite one named timedelta's
+    # maximum, not the rules files'; eq: .nan matched the text "nan" and no number.
+    ("non-finite-values", """
+rules:
+  - {name: a, when: {context.arr: {eq: .nan}, context.tier: {in: [gold, .inf]}}, owner: desk, ack_within: .nan}
+  - {name: b, when: {model: churn}, owner: desk, act_within: .inf, cooldown: 99999999999d}
+""" + CATCH_ALL, [
+        R + "rule a: when.context.arr.eq: expected a finite number, got nan",
+        R + "rule a: when.context.tier.in: expected a finite number, got inf",
+        R + "rule a: ack_within: expected a duration like '4h' or '2d', got nan",
+        R + "rule b: act_within: expected at most 36500d (100 years), got inf",
+        R + "rule b: cooldown: expected at most 36500d (100 years), got '99999999999d'",
+    ]),
+    # A path the store cannot hold failed every batch the rule matched: context and owner.from end up in the
+    # decision (missing_context, fallback_reason), where SQLite refused the surrogate and PostgreSQL the NUL.
+    ("paths-no-store-can-hold", r"""
+rules:
+  - {name: a, when: {model: churn}, owner: {from: "context.a\0b", fallback: desk}, context: ["context.\ud800"]}
+  - {name: b, when: {model: {regex: "\ud800"}}, owner: desk}
+""" + CATCH_ALL, [
+        R + "rule a: owner.from: a field path cannot hold a NUL character or a lone surrogate, got 'context.a\\x00b'",
+        R + "rule a: context: a field path cannot hold a NUL character or a lone surrogate, got 'context.\\ud800'",
+        R + "rule b: when.model.regex: regular expression '\\ud800' holds a lone surrogate, which no text can hold",
     ]),
     ("cooldown-and-holdout-on-record-rules", """
 rules:
@@ -360,6 +395,18 @@ WEBHOOK_PROBLEMS = [
      "owner desk: digest: expected a duration like '30s', '15m', '4h', '2d' or '1w', got '15 minutes'"),
     ("zero-digest", "digest: 0s",
      "owner desk: digest: expected a duration above zero, got '0s'"),
+    # The webhook channel parses the URL at start and disabled the channel of one it refused.
+    ("url-with-credentials", "channels: [webhook], webhook: {url: 'https://user:secret@example.com/h'}",
+     "owner desk: webhook.url: a webhook URL cannot carry a user or password; sign requests with secret_file or "
+     "secret_env"),
+    ("url-bad-port", "channels: [webhook], webhook: {url: 'https://example.com:99999/h'}",
+     "owner desk: webhook.url: expected an http:// or https:// URL, got 'https://example.com:99999/h': "
+     "invalid port number"),
+    # The email channel refused these at start (with SMTP set, `serve` did not start); NUL never reaches a mailbox.
+    ("email-breaking-headers", "email: 'a<b>@example.com'",
+     "owner desk: email: expected an email address like name@example.com, got 'a<b>@example.com'"),
+    ("email-with-nul", 'email: "a\\0b@example.com"',
+     "owner desk: email: expected an email address like name@example.com, got 'a\\x00b@example.com'"),
 ]
 
 
@@ -589,6 +636,19 @@ models:
         R + "model fraud: drift.alpha: expected a false-alarm rate with 0 < alpha < 1, like 0.01, got '0.01'",
         R + "model fraud: drift.min_samples: expected a whole number >= 50 (no PSI is computed on fewer values), got True",
     ]),
+    # The monitor failed every check on these (OverflowError past the calendar; alpha split over the figures
+    # became 0), or never judged a PSI (it reads at most 50,000 values per window).
+    ("drift-bounds", """
+models:
+  churn: {owner: desk, drift: {reference_days: 3000000, alpha: 5.0e-324, min_samples: 50001}}
+  fraud: {owner: desk, drift: {reference_days: 36500, alpha: 1.0e-12, min_samples: 50000}}
+""", [
+        R + "model churn: drift.reference_days: expected at most 36500 (100 years, like every duration in the rules "
+        "files), got 3000000",
+        R + "model churn: drift.alpha: expected a false-alarm rate of at least 1e-12, like 0.01, got 5e-324",
+        R + "model churn: drift.min_samples: expected at most 50000 (the monitor reads at most 50000 values per "
+        "window, so a PSI would never have enough), got 50001",
+    ]),
 ]
 
 
@@ -625,3 +685,18 @@ models:
     # Without a models: section there are no model owners (and nothing breaks).
     (tmp_path / "plain").mkdir()
     assert dict(load_rules(write(tmp_path / "plain", GOOD_ROUTING)).model_owners) == {}
+
+
+def test_a_deep_manager_chain_is_checked_in_linear_time(tmp_path: Path) -> None:
+    # Each owner walked its chain to the top, looking each step up in a list: 2,000 owners in one chain
+    # took half a minute of rules check (and of a reload).
+    import time
+
+    n = 3000
+    chain = (f"  - {{id: o{i}, name: O, manager: o{i + 1}, delegate: o{i + 1}}}\n" for i in range(n))
+    owners = "owners:\n" + "".join(chain)
+    owners += f"  - {{id: o{n}, name: O, manager: o0}}\n"  # and it loops back to the start
+    started = time.process_time()
+    problems = [str(p) for p in check_rules(write(tmp_path, "rules:\n  - {name: a, when: {}, owner: o0}\n", owners))]
+    assert time.process_time() - started < 10
+    assert len(problems) == 1 and problems[0].startswith(O + "owner o0: manager: manager chain loops: o0 -> o1 -> o2")
