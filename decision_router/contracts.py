@@ -242,3 +242,18 @@ def alert_from_payload(payload: dict[str, Any]) -> AnyAlert:
     if payload.get("kind") == "data_quality":
         return DataQualityAlert.model_validate(payload)
     return Alert.model_validate(payload)
+
+
+def storable_text(text: str) -> bool:
+    """Whether every store and Redis can hold `text` (the gate's check, also the rules files')."""
+    # PostgreSQL text cannot hold NUL; no UTF-8 encoder (SQLite, PostgreSQL, Redis) takes a
+    # lone surrogate, which JSON can smuggle in as "\ud800".
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from decision_router.contracts import Prediction, Rejection, RejectionReason
+from decision_router.contracts import Prediction, Rejection, RejectionReason, storable_text
 from decision_router.durations import format_duration
 from decision_router.publisher import undecoded, validate_entry
-from decision_router.quality import MAX_INT_BITS, original_payload, storable_text
+from decision_router.quality import MAX_INT_BITS, original_payload
 from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
 from decision_router.rules.spec import LOOKUP

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from decision_router.contracts import OutcomeEvent, Prediction, Rejection, RejectionReason
+from decision_router.contracts import OutcomeEvent, Prediction, Rejection, RejectionReason, storable_text
 from decision_router.settings import PayloadLimits
 from decision_router.streams import as_text
 
@@ -171,20 +171,6 @@ def decode_entry(entry: RawEntry) -> dict[str, Any]:
         else:
             document[key] = value
     return document
-
-
-def storable_text(text: str) -> bool:
-    # PostgreSQL text cannot hold NUL; no UTF-8 encoder (SQLite, PostgreSQL, Redis) takes a
-    # lone surrogate, which JSON can smuggle in as "\ud800".
-    if "\x00" in text:
-        return False
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class _Bad(Exception):

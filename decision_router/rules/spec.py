@@ -29,10 +29,9 @@ from pydantic import (
     model_validator,
 )
 
-from decision_router.contracts import Prediction
+from decision_router.contracts import Prediction, storable_text
 from decision_router.drift import PSI_MAX_N, PSI_MIN_N
 from decision_router.durations import DurationTooLarge, parse_duration
-from decision_router.quality import storable_text
 
 # Top-level keys of `Prediction.as_document()`: a path starting elsewhere can never match.
 DOCUMENT_FIELDS: tuple[str, ...] = tuple(Prediction.model_fields)
