@@ -69,3 +69,26 @@ def test_repeated_runs_report_each_figures_median_and_the_targets(redis_server, 
     assert target_row.rstrip(" |").endswith(verdict), target_row
     assert "median of 3" in done.stdout
     assert "(not the issue's conditions: --quick scales every part down; (c) over 2,000, not 200,000)" in done.stdout
+
+
+def test_stages_split_a_small_batch_into_its_parts_and_leave_the_pipeline_as_it_was() -> None:
+    from decision_router import cooldowns, tracker
+    from benchmarks.stages import PARTS, measure
+    from sqlalchemy.orm import Session
+
+    before = (tracker.known_predictions, tracker.insert_rows, tracker.mark_delivered, cooldowns.holders,
+              cooldowns.claim, Session.commit)
+    figures = measure("sqlite", 3, "", batch=20, parts=True)
+    stages = ("gate", "document and routing", "store", "inbox JSON", "mark delivered")
+    for stage in stages:
+        cpu_us, wall_ms = figures[stage]
+        assert cpu_us is not None and cpu_us > 0 and wall_ms > 0, (stage, figures[stage])
+    # Each part is reported under the step that called it, with its wall time per batch.
+    store_parts = {label for _, _, label in PARTS} - {"UPDATE delivered, its audit rows"}
+    assert {f"store / {label}" for label in store_parts} <= set(figures), sorted(figures)
+    assert {"mark delivered / UPDATE delivered, its audit rows", "mark delivered / commit"} <= set(figures)
+    assert not any(key.startswith(("gate /", "inbox JSON /")) for key in figures)
+    assert all(figures[key][0] is None and figures[key][1] > 0 for key in figures if " / " in key)
+    after = (tracker.known_predictions, tracker.insert_rows, tracker.mark_delivered, cooldowns.holders,
+             cooldowns.claim, Session.commit)
+    assert after == before  # the wrappers are gone
