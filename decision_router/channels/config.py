@@ -29,7 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from decision_router.rules.spec import EMAIL
+# Secret files are read where the owner directory is checked too, so `rules check` refuses what would fail here.
+from decision_router.rules.spec import EMAIL, read_secret_file
 
 __all__ = [
     "EmailReceiver",
@@ -43,22 +44,6 @@ __all__ = [
 
 # The owner directory's check: what rules check accepts, the email channel must accept too.
 _EMAIL = EMAIL
-
-
-def read_secret_file(path: Path, info: ValidationInfo | None = None) -> SecretStr:
-    """Read a secret from a file: surrounding whitespace (the trailing newline) is dropped.
-
-    The error names the path, never the content.
-    """
-    base = (info.context or {}).get("base_dir") if info is not None else None
-    resolved = path if path.is_absolute() or base is None else Path(base) / path
-    try:
-        text = resolved.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read secret file {resolved}: {exc.strerror or exc}") from None
-    if not text:
-        raise ValueError(f"secret file {resolved} is empty")
-    return SecretStr(text)
 
 
 class ReceiverBase(BaseModel):

@@ -32,6 +32,7 @@ from decision_router.rules.spec import (
     OwnerSpec,
     RoutingFile,
     RuleSpec,
+    read_secret_file,
 )
 
 ROUTING_FILE = "routing.yaml"
@@ -377,8 +378,14 @@ def _check_owners(raw: list[Any], labels: list[str], out: _Problems, rules_dir: 
         if webhook is not None and not (isinstance(channels, list) and "webhook" in channels):
             out.add(i, labels[i], "webhook", "webhook is configured but 'webhook' is not in channels")
         if isinstance(webhook, dict) and isinstance(webhook.get("secret_file"), str):
-            if not (rules_dir / webhook["secret_file"]).is_file():
+            secret_file = rules_dir / webhook["secret_file"]
+            if not secret_file.is_file():
                 out.add(i, labels[i], "webhook.secret_file", f"file not found: {webhook['secret_file']} (relative to {rules_dir})")
+            else:
+                try:  # as the webhook channel reads it at start, which disabled the channel of an unreadable one
+                    read_secret_file(secret_file)
+                except ValueError as exc:
+                    out.add(i, labels[i], "webhook.secret_file", str(exc))
         if delegate is not None and delegate == oid:
             out.add(i, labels[i], "delegate", "an owner cannot be their own delegate")
         elif delegate is not None and delegate not in first:

@@ -13,6 +13,7 @@ import math
 import re
 import string
 from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import re2
@@ -23,9 +24,11 @@ from pydantic import (
     Discriminator,
     Field,
     HttpUrl,
+    SecretStr,
     Tag,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -535,6 +538,24 @@ class RoutingFile(_Strict):
     models: dict[Annotated[str, BeforeValidator(_text)], ModelSpec] = Field(default_factory=dict)
     # Source name -> where lookup.<name>.<field> comes from; rules naming others are rejected in load.py.
     context_sources: dict[SourceName, ContextSourceSpec] = Field(default_factory=dict)
+
+
+def read_secret_file(path: Path, info: ValidationInfo | None = None) -> SecretStr:
+    """Read a secret from a file: surrounding whitespace (the trailing newline) is dropped.
+
+    The error names the path, never the content.
+    """
+    base = (info.context or {}).get("base_dir") if info is not None else None
+    resolved = path if path.is_absolute() or base is None else Path(base) / path
+    try:
+        text = resolved.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {resolved}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"secret file {resolved} is not UTF-8 text") from None
+    if not text:
+        raise ValueError(f"secret file {resolved} is empty")
+    return SecretStr(text)
 
 
 _URL = TypeAdapter(HttpUrl)

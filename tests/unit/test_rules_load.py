@@ -700,3 +700,21 @@ def test_a_deep_manager_chain_is_checked_in_linear_time(tmp_path: Path) -> None:
     problems = [str(p) for p in check_rules(write(tmp_path, "rules:\n  - {name: a, when: {}, owner: o0}\n", owners))]
     assert time.process_time() - started < 10
     assert len(problems) == 1 and problems[0].startswith(O + "owner o0: manager: manager chain loops: o0 -> o1 -> o2")
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"", "is empty"), (b"  \n", "is empty"), (b"\xff\xfe secret", "is not UTF-8 text"),
+])
+def test_a_secret_file_the_webhook_channel_cannot_read_is_a_problem(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    """It passed (the file exists) and then disabled the owner's webhook at start, with only a warning."""
+    owners = ("owners:\n  - {id: desk, name: Desk, channels: [inbox, webhook], "
+              "webhook: {url: 'https://example.com/h', secret_file: hook.key}}\n")
+    rules_dir = write(tmp_path, GOOD_ROUTING, owners)
+    (rules_dir / "hook.key").write_bytes(content)
+    problems = [str(p) for p in check_rules(rules_dir)]
+    assert problems == [f"rules/owners.yaml: owner desk: webhook.secret_file: secret file {rules_dir / 'hook.key'} "
+                        f"{problem}"], problems
+    (rules_dir / "hook.key").write_bytes(b"s3cret\n")
+    assert check_rules(rules_dir) == []
