@@ -27,7 +27,7 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
     if not isinstance(text, str):
         raise ValueError(f"expected a duration like '4h' or '2d', got {text!r}")
     compact = text.strip().lower().replace(" ", "")
-    if compact.isdigit():
+    if compact.isdecimal():  # not isdigit(): it takes "²", which int() refuses
         return _seconds(int(compact), text)
     pos, seconds = 0, 0.0
     for match in _PART.finditer(compact):

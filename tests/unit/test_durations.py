@@ -44,6 +44,13 @@ def test_not_a_duration_is_not_too_large() -> None:
         parse_duration("1e400")
 
 
+@pytest.mark.parametrize("text", ["²", "5²", "⑤"])
+def test_digits_int_cannot_read_are_not_a_duration(text: str) -> None:
+    """str.isdigit() takes these, and int() then said "invalid literal for int() with base 10"."""
+    with pytest.raises(ValueError, match=r"^expected a duration like '30s', '15m', '4h', '2d' or '1w', got "):
+        parse_duration(text)
+
+
 @pytest.mark.parametrize("text", ["99999999999d", "1000000000d", "999999999d", "1000000d", "99999999999999999999"])
 def test_since_too_far_back_says_it_is_too_large_not_that_a_duration_was_expected(text: str) -> None:
     """Longer than any timedelta, or back before the year 1: either way the most is back to the year 1."""
