@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         workdir = None if args.db else tempfile.TemporaryDirectory(prefix="bench-stats-")
         path = args.db or Path(workdir.name) / "stats.db"  # type: ignore[union-attr]
         url = f"sqlite:///{path}"
-        engine = make_engine(url)
+        engine = make_engine(url, mapped_reads=True)  # as the stats command opens it
         if workdir is not None and not args.keep:
             cleanup = workdir.cleanup
     else:

@@ -66,7 +66,7 @@ def _store(settings: Settings) -> Iterator[Any]:
     from decision_router.settings import redact_url
     from decision_router.store import create_schema, make_engine, schema_is_current
 
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, mapped_reads=True)
     try:
         if not schema_is_current(engine):
             create_schema(engine)
