@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-# Secret files are read where the owner directory is checked too, so `rules check` refuses what would fail here.
+# The owner directory's email pattern and secret-file reader: what `rules check` accepts, the channels accept.
 from decision_router.rules.spec import EMAIL, read_secret_file
 
 __all__ = [
@@ -41,10 +41,6 @@ __all__ = [
     "parse_receiver",
     "read_secret_file",
 ]
-
-# The owner directory's check: what rules check accepts, the email channel must accept too.
-_EMAIL = EMAIL
-
 
 class ReceiverBase(BaseModel):
     """Retry policy and bounds shared by every channel."""
@@ -137,7 +133,7 @@ class EmailReceiver(ReceiverBase):
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:
         for address in value:
-            if not _EMAIL.fullmatch(address):
+            if not EMAIL.fullmatch(address):
                 raise ValueError(f"expected an email address like name@example.com, got {address!r}")
         return value
 
@@ -186,7 +182,7 @@ class SmtpSettings(BaseModel):
     @classmethod
     def _sender(cls, value: str) -> str:
         # "alerts@example.com" or "Decision Router <alerts@example.com>"
-        if any(c in value for c in "\r\n") or not _EMAIL.fullmatch(parseaddr(value)[1]):
+        if any(c in value for c in "\r\n") or not EMAIL.fullmatch(parseaddr(value)[1]):
             raise ValueError(f"expected a From address like alerts@example.com or 'Name <alerts@example.com>', got {value!r}")
         return value
 
