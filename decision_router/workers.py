@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +33,20 @@ log = structlog.get_logger("decision_router.workers")
 
 _RESTART_FIRST, _RESTART_MAX = 1.0, 30.0  # seconds between restarts of a worker that keeps dying
 _STABLE_AFTER = 30.0  # a worker that ran this long resets its restart delay
+_TICK = 0.2  # seconds between the supervisor's looks at its workers
+
+
+class _Stop:
+    """Set by the SIGTERM/SIGINT handler. Plain attributes, not a threading.Event: the handler runs
+    on the main thread between two bytecodes, possibly while Event.wait holds the Event's lock
+    there, and Event.set() would then wait for that lock forever."""
+
+    signum: int | None = None
+    at: float = 0.0  # time.monotonic() when it came
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
 
 class WorkersError(Exception):
@@ -76,10 +89,10 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
                 env={MULTIPROCESS_DIR: metrics_dir})
         for i in range(1, count + 1)
     ]
-    stopping = threading.Event()
+    stop = _Stop()
 
     def forward(signum: int, _frame: object) -> None:
-        stopping.set()
+        stop.signum, stop.at = signum, time.monotonic()
         for worker in workers:
             if worker.process is not None and worker.process.poll() is None:
                 worker.process.send_signal(signum)
@@ -96,10 +109,13 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
         for worker in workers:
             _spawn(worker)
         log.info("workers started", workers=[w.name for w in workers], pids=[w.process.pid for w in workers])
-        while not stopping.is_set():
+        while not stop.requested:
             for worker in workers:
-                _supervise(worker, stopping)
-            stopping.wait(0.2)
+                _supervise(worker, stop)
+            time.sleep(_TICK)  # the handler runs during it; the loop sees the stop within a tick
+        for worker in workers:  # restarted as the signal came, so the handler did not reach it
+            if worker.started >= stop.at and worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(stop.signum)
         return _wait_all(workers, settings.shutdown_timeout.total_seconds() + 5)
     finally:
         for sig, handler in previous.items():
@@ -114,10 +130,10 @@ def _spawn(worker: _Worker) -> None:
     worker.started = time.monotonic()
 
 
-def _supervise(worker: _Worker, stopping: threading.Event) -> None:
+def _supervise(worker: _Worker, stop: _Stop) -> None:
     assert worker.process is not None
     code = worker.process.poll()
-    if code is None or stopping.is_set():
+    if code is None or stop.requested:
         return
     now = time.monotonic()
     if worker.restart_at == 0.0:

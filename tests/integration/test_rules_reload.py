@@ -91,7 +91,8 @@ def test_an_api_reload_reaches_every_worker_at_once(redis_server: str, prefix: s
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "decision_router", "serve", "--workers", "2"], env=env,
-                                   cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT)
+                                   cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # one group, so a hang is killed whole
     engine = make_engine(store)
     client = redis.Redis.from_url(redis_server)
     keys = Keys(prefix)
@@ -130,9 +131,15 @@ def test_an_api_reload_reaches_every_worker_at_once(redis_server: str, prefix: s
         assert set(owners.values()) == {"enterprise-desk"}  # by the new rules, whichever worker routed it
     finally:
         process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=30)
-        engine.dispose()
-        client.close()
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            pytest.fail("serve --workers 2 did not stop within 30 s of SIGTERM:\n" + log_path.read_text()[-3000:])
+        finally:
+            engine.dispose()
+            client.close()
     assert code == 0, log_path.read_text()[-3000:]
     assert "Traceback" not in log_path.read_text()
 
