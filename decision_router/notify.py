@@ -178,6 +178,18 @@ def webhook_receiver(owner: Owner, rules_dir: Path) -> WebhookReceiver:
     )
 
 
+def _reason(exc: ValueError | ValidationError) -> str:
+    """What is wrong, without pydantic's `input_value=...`: the receiver's input holds the webhook
+    URL, which is itself a credential (a Slack or Teams token sits in its path)."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        parts.append((f"{where}: " if where else "") + error["msg"].removeprefix("Value error, "))
+    return "; ".join(parts)
+
+
 def build_receivers(
     ruleset: RuleSet, smtp: SmtpSettings | None
 ) -> tuple[dict[str, WebhookReceiver | EmailReceiver], list[str]]:
@@ -189,7 +201,7 @@ def build_receivers(
             try:
                 receivers[receiver_key(owner.id, "webhook")] = webhook_receiver(owner, ruleset.source_dir)
             except (ValueError, ValidationError) as exc:
-                warnings.append(f"webhook of {owner.id} disabled: {exc}")
+                warnings.append(f"webhook of {owner.id} disabled: {_reason(exc)}")
         if "email" in owner.channels and owner.email:
             if smtp is None:
                 continue

@@ -15,7 +15,6 @@ from __future__ import annotations
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -30,7 +29,7 @@ from pydantic import (
 )
 
 # The owner directory's email pattern and secret-file reader: what `rules check` accepts, the channels accept.
-from decision_router.rules.spec import EMAIL, read_secret_file
+from decision_router.rules.spec import EMAIL, masked_url, read_secret_file
 
 __all__ = [
     "EmailReceiver",
@@ -113,9 +112,8 @@ class WebhookReceiver(ReceiverBase):
 
     @property
     def redacted_url(self) -> str:
-        """scheme://host[:port]/… : safe for logs and errors."""
-        parts = urlsplit(str(self.url))
-        return f"{parts.scheme}://{parts.netloc}/…"
+        """scheme://host[:port]/… : safe for logs and errors (as `rules check` shows a webhook URL)."""
+        return masked_url(str(self.url))
 
 
 class EmailReceiver(ReceiverBase):

@@ -561,18 +561,48 @@ def read_secret_file(path: Path, info: ValidationInfo | None = None) -> SecretSt
 
 
 _URL = TypeAdapter(HttpUrl)
+_URL_HOST_END = re.compile(r"[/?#]")
+
+
+def masked_url(value: str) -> str:
+    """A webhook URL as it may be printed: its scheme and host (with the port) only, `/…` where
+    more followed, and a user or password as `***`. A Slack or Teams incoming-webhook URL is itself
+    a credential: the token sits in its path (a signature may sit in its query)."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        scheme, rest = "", value
+    host = _URL_HOST_END.split(rest, maxsplit=1)[0]
+    more = len(host) < len(rest)
+    if "@" in host:
+        host = "***@" + host.rpartition("@")[2]
+    if len(host) > 100:
+        host = host[:100] + "..."
+    return f"{scheme}{sep}{host}" + ("/…" if more else "")
+
+
+def _url_problem(value: object) -> str:
+    """What is wrong with a webhook URL the pattern refused; the URL is never echoed in full (masked_url):
+    the problem lines of `rules check` end up in CI logs."""
+    if not isinstance(value, str):
+        got = f"a {type(value).__name__}" if isinstance(value, (dict, list)) else repr(value)
+        return f"expected an http:// or https:// URL, got {got}"
+    shown = masked_url(value)
+    if not value.startswith(("http://", "https://")):
+        return f"expected an http:// or https:// URL, got {shown!r}"
+    if any(char.isspace() for char in value):
+        return f"a URL cannot hold spaces or line breaks (write a space as %20), got {shown!r}"
+    return f"expected an http:// or https:// URL with a host, got {shown!r}"
 
 
 def _http_url(value: object) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        raise ValueError(_url_problem(value))
     # Parsed as the webhook channel parses it at start, which disabled the channel of a URL it refused.
     try:
         url = _URL.validate_python(value)
     except ValidationError as exc:
         reason = exc.errors()[0]["msg"].removeprefix("Input should be a valid URL, ")
-        shown = value if len(value) <= 100 else value[:100] + "..."
-        raise ValueError(f"expected an http:// or https:// URL, got {shown!r}: {reason}") from None
+        raise ValueError(f"expected an http:// or https:// URL, got {masked_url(value)!r}: {reason}") from None
     if url.username or url.password:  # never echoed: it is a credential
         raise ValueError("a webhook URL cannot carry a user or password; sign requests with secret_file or secret_env")
     return value
@@ -582,7 +612,8 @@ class WebhookSpec(_Strict):
     """Where an owner's webhook channel posts. The secret never sits in this file: it is
     read from `secret_file` (relative to the rules directory) or the `secret_env` variable."""
 
-    url: Annotated[str, BeforeValidator(_http_url)]
+    # repr=False: a Slack incoming-webhook URL is itself a credential (an Owner's repr holds this spec).
+    url: Annotated[str, BeforeValidator(_http_url), Field(repr=False)]
     format: Literal["json", "slack"] = "json"
     secret_file: Annotated[Union[str, None], BeforeValidator(_text)] = None
     secret_env: Annotated[Union[str, None], BeforeValidator(_text)] = None

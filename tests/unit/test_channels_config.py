@@ -106,3 +106,23 @@ def test_smtp_settings(tmp_path: Path) -> None:
         SmtpSettings(host="h", sender="alerts")
     with pytest.raises(ValidationError, match="From address"):
         SmtpSettings(host="h", sender="a@example.com\r\nBcc: x@example.com")
+
+
+def test_a_webhook_disabled_at_start_is_logged_without_its_url(tmp_path: Path) -> None:
+    """The receiver's validation error quoted its input, the owner's webhook URL (a Slack or Teams token sits in
+    its path), in the `channel disabled` warning; an Owner's repr showed it too."""
+    from decision_router.notify import build_receivers
+    from decision_router.rules import load_rules
+
+    url = "https://hooks.slack.com/services/T0/B0/s3cret-token"
+    (tmp_path / "routing.yaml").write_text("rules:\n  - {name: rest, when: {}, owner: desk}\n")
+    (tmp_path / "owners.yaml").write_text(
+        f"owners:\n  - {{id: desk, name: Desk, channels: [webhook], webhook: {{url: '{url}', secret_file: hook.key}}}}\n")
+    (tmp_path / "hook.key").write_text(SECRET)
+    ruleset = load_rules(tmp_path)
+    assert "s3cret-token" not in repr(ruleset.owners["desk"])
+    (tmp_path / "hook.key").unlink()  # gone between `rules check` and the start
+    receivers, warnings = build_receivers(ruleset, None)
+    assert receivers == {}
+    assert len(warnings) == 1 and warnings[0].startswith("webhook of desk disabled: cannot read secret file "), warnings
+    assert "s3cret" not in warnings[0] and "hooks.slack" not in warnings[0] and "input_value" not in warnings[0]

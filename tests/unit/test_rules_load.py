@@ -399,9 +399,22 @@ WEBHOOK_PROBLEMS = [
     ("url-with-credentials", "channels: [webhook], webhook: {url: 'https://user:secret@example.com/h'}",
      "owner desk: webhook.url: a webhook URL cannot carry a user or password; sign requests with secret_file or "
      "secret_env"),
+    # A Slack or Teams webhook URL is itself a credential: a problem shows its scheme and host only.
     ("url-bad-port", "channels: [webhook], webhook: {url: 'https://example.com:99999/h'}",
-     "owner desk: webhook.url: expected an http:// or https:// URL, got 'https://example.com:99999/h': "
-     "invalid port number"),
+     ("owner desk: webhook.url: expected an http:// or https:// URL, got 'https://example.com:99999/…': "
+      "invalid port number")),
+    ("url-bad-port-and-credentials", "channels: [webhook], webhook: {url: 'https://u:s3cret@example.com:99999/h'}",
+     ("owner desk: webhook.url: expected an http:// or https:// URL, got 'https://***@example.com:99999/…': "
+      "invalid port number")),
+    ("url-with-a-space", "channels: [webhook], webhook: {url: 'https://hooks.slack.com/services/T0/B0/s3 cret'}",
+     ("owner desk: webhook.url: a URL cannot hold spaces or line breaks (write a space as %20), "
+      "got 'https://hooks.slack.com/…'")),
+    ("url-other-scheme", "channels: [webhook], webhook: {url: 'ftp://files.example.com/s3cret?sig=1'}",
+     "owner desk: webhook.url: expected an http:// or https:// URL, got 'ftp://files.example.com/…'"),
+    ("url-without-scheme", "channels: [webhook], webhook: {url: 'hooks.slack.com/services/T0/B0/s3cret'}",
+     "owner desk: webhook.url: expected an http:// or https:// URL, got 'hooks.slack.com/…'"),
+    ("url-without-host", "channels: [webhook], webhook: {url: 'https:///services/T0/B0/s3cret'}",
+     "owner desk: webhook.url: expected an http:// or https:// URL with a host, got 'https:///…'"),
     # The email channel refused these at start (with SMTP set, `serve` did not start); NUL never reaches a mailbox.
     ("email-breaking-headers", "email: 'a<b>@example.com'",
      "owner desk: email: expected an email address like name@example.com, got 'a<b>@example.com'"),
@@ -415,6 +428,17 @@ def test_webhook_and_digest_problems(tmp_path: Path, extra: str, expected: str) 
     owners = "owners:\n  - {id: desk, name: Desk, " + extra + "}\n"
     problems = [str(p) for p in check_rules(write(tmp_path, GOOD_ROUTING, owners))]
     assert any(p.startswith(f"rules/owners.yaml: {expected}") for p in problems), problems
+
+
+def test_no_problem_echoes_a_webhook_url_in_full(tmp_path: Path) -> None:
+    # The token of a Slack or Teams incoming webhook sits in the URL's path: `rules check` output lands in CI logs.
+    urls = ["https://hooks.slack.com/services/T0/B0/s3cret x", "https://h.example.com:99999/s3cret",
+            "https://u:s3cret@h.example.com:0x/h", "ftp://h.example.com/s3cret", "https://[::1/s3cret", "https:///s3cret"]
+    owners = "owners:\n" + "".join(
+        f"  - {{id: o{n}, name: O, channels: [webhook], webhook: {{url: '{url}'}}}}\n" for n, url in enumerate(urls))
+    problems = [str(p) for p in check_rules(write(tmp_path, GOOD_ROUTING, owners))]
+    assert len([p for p in problems if "webhook.url" in p]) == len(urls), problems
+    assert not [p for p in problems if "s3cret" in p], problems
 
 
 def test_owner_digest_is_compiled(tmp_path: Path) -> None:
