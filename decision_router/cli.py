@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
+from decision_router.echo import cap_digits
 from decision_router.keys import Keys
 
 if TYPE_CHECKING:
@@ -89,7 +90,8 @@ err = Console(stderr=True, markup=False, emoji=False)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+    # A 400-digit number given on the command line is quoted by its start and length, not in full.
+    err.print(Text.assemble(("error:", "bold red"), " ", cap_digits(message)), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 
+from decision_router.echo import cap_digits
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 MAX_DAYS = timedelta.max.days  # the longest duration Python can hold: 999999999 days
@@ -20,15 +22,19 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
         return text
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         if text != text:  # NaN (YAML's .nan): not "cannot convert float NaN to integer" from timedelta
-            raise ValueError(f"expected a duration like '4h' or '2d', got {text!r}")
+            raise ValueError(f"expected a duration like '4h' or '2d', got {_shown(text)}")
         if text < 0:
             raise ValueError("duration must not be negative")
         return _seconds(text, text)
     if not isinstance(text, str):
-        raise ValueError(f"expected a duration like '4h' or '2d', got {text!r}")
+        raise ValueError(f"expected a duration like '4h' or '2d', got {_shown(text)}")
     compact = text.strip().lower().replace(" ", "")
     if compact.isdecimal():  # not isdigit(): it takes "²", which int() refuses
-        return _seconds(int(compact), text)
+        try:
+            seconds = int(compact.lstrip("0") or "0")
+        except ValueError:  # more digits than int() reads (4300): far beyond MAX_DAYS
+            raise DurationTooLarge(f"duration {_shown(text)} is too large: the maximum is {MAX_DAYS}d") from None
+        return _seconds(seconds, text)
     pos, seconds = 0, 0.0
     for match in _PART.finditer(compact):
         if match.start() != pos:
@@ -36,7 +42,7 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
         seconds += float(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
     if pos != len(compact) or not compact:
-        raise ValueError(f"expected a duration like '30s', '15m', '4h', '2d' or '1w', got {text!r}")
+        raise ValueError(f"expected a duration like '30s', '15m', '4h', '2d' or '1w', got {_shown(text)}")
     return _seconds(seconds, text)
 
 
@@ -44,7 +50,12 @@ def _seconds(seconds: float, given: object) -> timedelta:
     try:
         return timedelta(seconds=seconds)
     except OverflowError:  # a rule's "1000000000d" is a mistake to report, not a crash
-        raise DurationTooLarge(f"duration {given!r} is too large: the maximum is {MAX_DAYS}d") from None
+        raise DurationTooLarge(f"duration {_shown(given)} is too large: the maximum is {MAX_DAYS}d") from None
+
+
+def _shown(value: object) -> str:
+    """The value as a message quotes it: a 400-digit number by its start and length (decision_router.echo)."""
+    return cap_digits(repr(value))
 
 
 def format_duration(value: timedelta) -> str:
@@ -73,13 +84,13 @@ def parse_since(text: str, *, now: datetime) -> datetime:
         return now - parse_duration(text)
     except (OverflowError, DurationTooLarge):  # back before the year 1, or longer than any timedelta
         longest = (now - EARLIEST).days
-        raise ValueError(f"duration {text!r} is too large: the maximum is {longest}d, back to the year 1") from None
+        raise ValueError(f"duration {_shown(text)} is too large: the maximum is {longest}d, back to the year 1") from None
     except ValueError:
         pass  # not a duration: perhaps a date
     try:
         moment = datetime.fromisoformat(text)
         return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
     except OverflowError:
-        raise ValueError(f"{text!r} is out of range") from None
+        raise ValueError(f"{_shown(text)} is out of range") from None
     except ValueError:
-        raise ValueError(f"expected a duration like 7d or an ISO date like 2026-11-01, not {text!r}") from None
+        raise ValueError(f"expected a duration like 7d or an ISO date like 2026-11-01, not {_shown(text)}") from None

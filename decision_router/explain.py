@@ -20,6 +20,7 @@ from typing import Any
 
 from decision_router.contracts import Prediction, Rejection, RejectionReason, storable_text
 from decision_router.durations import format_duration
+from decision_router.echo import cap_digits
 from decision_router.publisher import undecoded, validate_entry
 from decision_router.quality import MAX_INT_BITS, original_payload
 from decision_router.router import Decision, route
@@ -272,7 +273,7 @@ def _lookup_problem(looked_up: dict[str, Any]) -> Problem | None:
             for key, item in value.items():
                 if not storable_text(key):
                     return RejectionReason.INVALID_ENCODING, f"{path}: a name holds a NUL character or a lone surrogate"
-                todo.append((f"{path}.{key[:60]}", item))
+                todo.append((f"{path}.{cap_digits(key)[:60]}", item))
         elif isinstance(value, list):
             todo.extend((f"{path}[{n}]", item) for n, item in enumerate(value))
     return None

@@ -18,6 +18,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from decision_router.contracts import OutcomeEvent, Prediction, Rejection, RejectionReason, storable_text
+from decision_router.echo import cap_digits
 from decision_router.settings import PayloadLimits
 from decision_router.streams import as_text
 
@@ -227,7 +228,9 @@ def _checked_document(entry: RawEntry, limits: PayloadLimits) -> dict[str, Any]:
 
 
 def _clean(text: str, limit: int) -> str:
-    """Text safe to store and print: NUL and lone surrogates escaped, length bounded."""
+    """Text safe to store and print: NUL and lone surrogates escaped, length bounded, a long number (a field
+    named by 400 digits) quoted by its start and length before it is cut."""
+    text = cap_digits(text)
     if len(text) > limit:
         text = text[:limit] + "..."
     if storable_text(text):

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from decision_router.durations import format_duration
+from decision_router.echo import cap_digits
 from decision_router.rules.compile import RuleSet, build_ruleset
 from decision_router.rules.spec import (
     OPERATORS,
@@ -85,7 +86,9 @@ class _Problems:
     found: list[tuple[int, int, RuleProblem]] = field(default_factory=list)
 
     def add(self, position: int, label: str, field_: str, message: str) -> None:
-        self.found.append((position, len(self.found), RuleProblem(self.file, label, field_, message)))
+        # A 400-digit number in the file (a threshold, a name, a YAML key) is quoted by its start and length.
+        problem = RuleProblem(self.file, cap_digits(label), cap_digits(field_), cap_digits(message))
+        self.found.append((position, len(self.found), problem))
 
     def sorted(self) -> list[RuleProblem]:
         return [p for _, _, p in sorted(self.found, key=lambda t: t[:2])]

@@ -220,3 +220,9 @@ def test_an_inverted_window_is_an_error_not_an_empty_report(command: list[str]) 
 def test_a_duration_too_large_says_so_not_that_a_duration_was_expected(command: list[str], option: str) -> None:
     line = one_error(invoke(*command, option, "99999999999d"), 2)
     assert re.fullmatch(r"error: duration '99999999999d' is too large: the maximum is \d+d, back to the year 1", line)
+
+
+def test_a_number_of_hundreds_of_digits_is_quoted_by_its_start_and_length() -> None:
+    line = one_error(invoke("stats", "model", "--bands", "9" * 400), 2)
+    assert line == ("error: --bands: expected at least two strictly increasing finite numbers, "
+                    "not '99999999999999999999… (400 digits)'")

@@ -59,3 +59,28 @@ def test_since_too_far_back_says_it_is_too_large_not_that_a_duration_was_expecte
         parse_since(text, now=NOW)
     assert str(raised.value) == f"duration {text!r} is too large: the maximum is {longest}d, back to the year 1"
     assert parse_since(f"{longest}d", now=NOW) - EARLIEST < timedelta(days=1)  # the maximum itself
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [("9" * 400 + "d", "'99999999999999999999… (400 digits)d'"), ("9" * 400, "'99999999999999999999… (400 digits)'"),
+     ("1" * 5000, "'11111111111111111111… (5000 digits)'"), (10**400, "10000000000000000000… (401 digits)")],
+)
+def test_a_duration_of_hundreds_of_digits_is_quoted_by_its_start_and_length(text: object, shown: str) -> None:
+    """Not every digit; and 5000 digits (more than int() reads) is too large, not "expected a duration"."""
+    with pytest.raises(ValueError) as raised:
+        parse_duration(text)  # type: ignore[arg-type]
+    assert str(raised.value) == f"duration {shown} is too large: the maximum is 999999999d"
+    if isinstance(text, str):
+        with pytest.raises(ValueError) as raised:
+            parse_since(text, now=NOW)
+        assert str(raised.value) == f"duration {shown} is too large: the maximum is {(NOW - EARLIEST).days}d, back to the year 1"
+
+
+def test_not_a_duration_of_hundreds_of_digits_is_quoted_by_its_start_and_length() -> None:
+    with pytest.raises(ValueError, match=r"^expected a duration like '30s', '15m', '4h', '2d' or '1w', "
+                                         r"got '12345678901234567890… \(400 digits\)x'$"):
+        parse_duration("1234567890" * 40 + "x")
+    with pytest.raises(ValueError, match=r"^expected a duration like 7d or an ISO date like 2026-11-01, "
+                                         r"not '12345678901234567890… \(400 digits\)x'$"):
+        parse_since("1234567890" * 40 + "x", now=NOW)

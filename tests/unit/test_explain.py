@@ -319,6 +319,8 @@ def test_json_nested_beyond_what_json_can_parse_is_the_gates_too_deep(depth: int
         ('"lookup": {"crm": {"\\udfff": 1}}', "invalid_encoding",
          "lookup.crm: a name holds a NUL character or a lone surrogate"),
         ('"lookup": {"crm": {"n": ' + "9" * 400 + "}}", "schema", "lookup.crm.n: an integer of 1329 bits is too large"),
+        ('"lookup": {"crm": {"' + "9" * 400 + '": NaN}}', "schema",
+         "lookup.crm.99999999999999999999… (400 digits): nan is not a finite number"),
     ],
 )
 def test_lookup_values_get_the_gates_value_checks(text: str, reason: str, detail: str, lookup_rules: RuleSet) -> None:

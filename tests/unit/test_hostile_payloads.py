@@ -267,6 +267,16 @@ def test_hostile_model_name_and_long_field_names_keep_the_rejection_small() -> N
     assert len(result.detail) <= 600
 
 
+def test_a_field_named_by_hundreds_of_digits_is_quoted_by_its_start_and_length() -> None:
+    digits = "1234567890" * 40
+    flat = gate({**encode(GOOD, "flat"), f"context.{digits}.".encode(): b"x"})
+    assert isinstance(flat, Rejection) and flat.reason is RejectionReason.SCHEMA
+    assert flat.detail == "context.12345678901234567890… (400 digits).: empty name in a dotted key"
+    data = gate(encode({**GOOD, "context": {digits: float("nan")}}, "data"))
+    assert isinstance(data, Rejection) and data.reason is RejectionReason.SCHEMA
+    assert data.detail == "context.12345678901234567890… (400 digits): nan is not a finite number"
+
+
 def test_outcome_limits_apply_too() -> None:
     big = outcome_gate({b"data": b"x" * 5000})
     assert isinstance(big, Rejection) and big.reason is RejectionReason.TOO_LARGE

@@ -37,6 +37,7 @@ R = "rules/routing.yaml: "
 O = "rules/owners.yaml: "
 
 BIG = "1" + "0" * 400  # an int beyond any float
+SHOWN_BIG = "10000000000000000000… (401 digits)"  # how a problem quotes it: by its start and length
 
 ROUTING_CASES = [
     ("yaml-syntax", "rules:\n  - name: a\n    when: {model: churn\n", [
@@ -98,9 +99,25 @@ rules:
 rules:
   - {{name: a, when: {{score: {{gte: {BIG}}}, context.arr: {{between: [0, {BIG}]}}}}, owner: desk, holdout: {BIG}}}
 """ + CATCH_ALL, [
-        R + f"rule a: when.score.gte: expected a number, got {BIG}",
-        R + f"rule a: when.context.arr.between: expected [low, high] with two numbers, got [0, {BIG}]",
-        R + f"rule a: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got {BIG}",
+        R + f"rule a: when.score.gte: expected a number, got {SHOWN_BIG}",
+        R + f"rule a: when.context.arr.between: expected [low, high] with two numbers, got [0, {SHOWN_BIG}]",
+        R + f"rule a: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got {SHOWN_BIG}",
+    ]),
+    # A number of hundreds of digits is quoted by its start and length wherever a problem repeats it.
+    ("long-numbers-are-not-echoed-whole", f"""
+rules:
+  - {{name: {BIG}, when: {{model: churn}}, owner: desk, cooldown: {"9" * 400}d}}""" + CATCH_ALL + f"""models:
+  m: {{owner: desk, drift: {{reference_days: {"7" * 400}}}}}
+  {BIG}: {{owner: desk}}
+""", [
+        R + f"rule #1: name: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got {SHOWN_BIG}",
+        R + "rule #1: cooldown: expected at most 36500d (100 years), got '99999999999999999999… (400 digits)d'",
+        R + "model m: drift.reference_days: expected at most 36500 (100 years, like every duration in the rules "
+        "files), got 77777777777777777777… (400 digits)",
+        R + f"model #2: a model name must be a non-empty string, got {SHOWN_BIG}",
+    ]),
+    ("int-beyond-what-yaml-reads", f"rules:\n  - {{name: a, when: {{score: {{gte: {'1' * 5000}}}}}, owner: desk}}\n", [
+        R + "line 2, column 35: invalid YAML: !!int cannot hold '11111111111111111111… (5000 digits)'",
     ]),
     # .nan and .inf: a NaN duration read "cannot convert float NaN to integer", an infinite one named timedelta's
     # maximum, not the rules files'; eq: .nan matched the text "nan" and no number.
