@@ -406,14 +406,14 @@ def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> 
 
 def _window(since: Optional[str], until: Optional[str]) -> tuple[Optional[datetime], Optional[datetime]]:
     """--since and --until read by _since; an empty window is a mistake to say, not "no data"."""
-    start, end = _since(since), _since(until)
+    start, end = _since(since, "--since"), _since(until, "--until")
     if start is not None and end is not None and start >= end:
         fail(f"--until ({until}) must be after --since ({since})", code=2)
     return start, end
 
 
-def _since(value: Optional[str]) -> Optional[datetime]:
-    """`7d` (relative to now) or an ISO-8601 date/time."""
+def _since(value: Optional[str], option: str) -> Optional[datetime]:
+    """`7d` (relative to now) or an ISO-8601 date/time; a bad one exits 2 with an error naming `option`."""
     if value is None:  # before any import: the pipeline module alone costs a `stats` run ~0.5 s
         return None
     from decision_router.durations import parse_since
@@ -422,7 +422,7 @@ def _since(value: Optional[str]) -> Optional[datetime]:
     try:
         return parse_since(value, now=utcnow())
     except ValueError as exc:
-        fail(str(exc), code=2)
+        fail(f"{option}: {exc}", code=2)
 
 
 # rules / health ------------------------------------------------------------------------

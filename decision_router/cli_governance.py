@@ -289,7 +289,7 @@ def rules_replay(
     _format(fmt)
     candidate = _ruleset_or_exit(rules)
     settings = settings_or_exit()
-    start, end = _since(since), _since(until)
+    start, end = _since(since, "--since"), _since(until, "--until")
     try:
         current: str | None = load_rules(settings.rules_dir).version
     except RulesInvalid:

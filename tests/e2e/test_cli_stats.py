@@ -131,11 +131,11 @@ def test_stats_groupings_and_filters(workdir, env) -> None:
     [
         (["stats", "--by", "team"], "--by must be one of rule, owner, model, model_version, priority, week"),
         (["stats", "--format", "xml"], "--format must be table, json or csv"),
-        (["stats", "--since", "yesterday"], "expected a duration like 7d or an ISO date"),
+        (["stats", "--since", "yesterday"], "--since: expected a duration like 7d or an ISO date"),
         (["stats", "--nope"], "No such option"),
         (["stats", "nope"], "No such command"),
         (["stats", "quality", "--format", "xml"], "--format must be table, json or csv"),
-        (["stats", "quality", "--until", "soon"], "expected a duration like 7d or an ISO date"),
+        (["stats", "quality", "--until", "soon"], "--until: expected a duration like 7d or an ISO date"),
         (["stats", "model", "--bands", "0.5,0.2"], "--bands: expected at least two strictly increasing finite numbers"),
         (["stats", "model", "--bands", "0,x,1"], "--bands: expected comma-separated numbers"),
         (["stats", "model", "--format", "yaml"], "--format must be table, json or csv"),

@@ -219,7 +219,22 @@ def test_an_inverted_window_is_an_error_not_an_empty_report(command: list[str]) 
 @pytest.mark.parametrize("option", ["--since", "--until"])
 def test_a_duration_too_large_says_so_not_that_a_duration_was_expected(command: list[str], option: str) -> None:
     line = one_error(invoke(*command, option, "99999999999d"), 2)
-    assert re.fullmatch(r"error: duration '99999999999d' is too large: the maximum is \d+d, back to the year 1", line)
+    assert re.fullmatch(rf"error: {option}: duration '99999999999d' is too large: the maximum is \d+d, back to the year 1",
+                        line)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["stats"], ["stats", "quality"], ["stats", "model"], ["rules", "replay", "--rules", str(ROOT / "rules")]],
+)
+@pytest.mark.parametrize("option", ["--since", "--until"])
+def test_a_bad_since_or_until_names_the_option(command: list[str], option: str) -> None:
+    """As the other options' errors do (`--bands: ...`): with both given, which one was wrong."""
+    other = "--until" if option == "--since" else "--since"
+    line = one_error(invoke(*command, other, "2026-01-01", option, "yesterday"), 2)
+    assert line == f"error: {option}: expected a duration like 7d or an ISO date like 2026-11-01, not 'yesterday'"
+    line = one_error(invoke(*command, option, "9999-99-99"), 2)
+    assert line.startswith(f"error: {option}: "), line
 
 
 def test_a_number_of_hundreds_of_digits_is_quoted_by_its_start_and_length() -> None:
