@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -102,6 +103,8 @@ def _text(value: bytes | str, field: str | None) -> str:
 # takes the json path, so every rejection keeps its reason and detail.
 _ONLY_DIGITS = bytes(ord("9") if ord("0") <= b <= ord("9") else ord(" ") for b in range(256))
 _LONG_NUMBER = b"9" * 19
+# An empty name ("": ...) is refused by the walk; `""` then `:` is the only way JSON can write one.
+_EMPTY_NAME = re.compile(r'""[ \t\n\r]*:')
 # Brackets beyond this may nest deeper than json.loads can recurse (its RecursionError has its
 # own detail), so such a text takes the json path whatever the depth limit.
 _PROVEN_MAX_BRACKETS = 64
@@ -125,6 +128,7 @@ def _proven_document(entry: RawEntry, max_depth: int) -> dict[str, Any] | None:
         text.count("{") + text.count("[") > min(max_depth, _PROVEN_MAX_BRACKETS)  # nesting: at most one level per bracket
         or "\\u0000" in text  # NUL: the only escape orjson accepts that no store takes
         or _LONG_NUMBER in raw.translate(_ONLY_DIGITS)  # a 64-bit-plus integer: orjson makes it a float
+        or ('""' in text and _EMPTY_NAME.search(text) is not None)  # an empty name, which the walk refuses
     ):
         return None
     try:
@@ -155,23 +159,92 @@ def decode_entry(entry: RawEntry) -> dict[str, Any]:
             raise _Reject(RejectionReason.INVALID_JSON, "data must hold a JSON object")
         return document
     document: dict[str, Any] = {}
+    dotted: dict[str, list[tuple[str, list[str], str]]] = {}
     for key, value in fields.items():
         head, dot, rest = key.partition(".")
         if dot and head in NESTED_FIELDS:
-            if "" in rest.split("."):  # "context.", "context..a": a name no rule or alert field can address
+            names = rest.split(".")
+            if "" in names:  # "context.", "context..a": a name no rule or alert field can address
                 raise _Reject(RejectionReason.SCHEMA, f"{_clean(key, 100)}: empty name in a dotted key")
-            document.setdefault(head, {})
-            if not isinstance(document[head], dict):
-                raise _Reject(RejectionReason.SCHEMA, f"{head}: given both as a value and as {_clean(key, 100)}")
-            document[head][rest] = value
+            dotted.setdefault(head, []).append((key, names, value))
         elif key in NESTED_FIELDS:
             nested = _loads(value, key)
             if not isinstance(nested, dict):
                 raise _Reject(RejectionReason.INVALID_JSON, f"{key} must hold a JSON object")
-            document[key] = {**nested, **document.get(key, {})}
+            document[key] = nested
         else:
             document[key] = value
+    for head, keys in dotted.items():
+        tree = _dotted_tree(head, keys)
+        document[head] = _merge(head, document[head], tree) if head in document else tree
     return document
+
+
+def _dotted_tree(head: str, keys: list[tuple[str, list[str], str]]) -> dict[str, Any]:
+    """The dotted keys of one nested field as nested objects, as a rule path reads them: `context.a.b`
+    is {"a": {"b": ...}}, addressed by the path context.a.b. A name given both as a value and as an
+    object (`context.a` and `context.a.b`) is refused: either would hide the other. (A key may hold
+    thousands of dots: paths are only built for a message.)"""
+    tree: dict[str, Any] = {}
+    for key, names, value in keys:
+        node = tree
+        for depth, name in enumerate(names[:-1]):
+            child = node.setdefault(name, {})
+            if not isinstance(child, dict):  # a value given by a shorter key seen before
+                shorter = ".".join([head, *names[: depth + 1]])
+                raise _conflict(shorter, shorter, key)
+            node = child
+        if names[-1] in node:  # an object made by a longer key seen before
+            longer = next(k for k, n, _ in keys if k != key and n[: len(names)] == names)
+            raise _conflict(key, key, longer)
+        node[names[-1]] = value
+    return tree
+
+
+def _merge(head: str, given: dict[str, Any], tree: dict[str, Any]) -> dict[str, Any]:
+    """The JSON text of a nested field (`given`, fresh from json.loads, updated in place) with its dotted
+    keys over it: where both give a value, the dotted key wins; objects are merged; an object on one side
+    and a value on the other is refused. A loop, not recursion: both may nest hundreds of levels deep."""
+    todo: list[tuple[dict[str, Any], dict[str, Any], tuple[Any, str]]] = [(given, tree, ((), head))]
+    while todo:
+        into, over, where = todo.pop()
+        for name, value in over.items():
+            if name not in into:
+                into[name] = value
+                continue
+            old = into[name]
+            if isinstance(old, dict) and isinstance(value, dict):
+                todo.append((old, value, (where, name)))
+            elif isinstance(old, dict) or isinstance(value, dict):
+                path = _path_of((where, name))
+                if isinstance(old, dict):
+                    raise _conflict(path, path, f"in the {head} JSON text")
+                raise _conflict(path, f"in the {head} JSON text", _first_key(path, value))
+            else:
+                into[name] = value
+    return given
+
+
+def _path_of(where: tuple[Any, str]) -> str:
+    """The dotted path of a (parent, name) chain."""
+    names: list[str] = []
+    while where:
+        where, name = where
+        names.append(name)
+    return ".".join(reversed(names))
+
+
+def _first_key(path: str, tree: dict[str, Any]) -> str:
+    """A dotted key that made `tree`, an object of dotted keys: for a message."""
+    while isinstance(tree, dict) and tree:
+        name, tree = next(iter(tree.items()))
+        path = f"{path}.{name}"
+    return path
+
+
+def _conflict(path: str, as_value: str, as_object: str) -> _Reject:
+    return _Reject(RejectionReason.SCHEMA, f"{_clean(path, 100)}: given both as a value ({_clean(as_value, 100)}) "
+                                           f"and as an object ({_clean(as_object, 100)})")
 
 
 class _Bad(Exception):
@@ -204,6 +277,8 @@ def _check_values(value: Any, depth: int, max_depth: int) -> None:
             try:
                 if kind is dict and not storable_text(key):
                     raise _Bad(RejectionReason.INVALID_ENCODING, "field name holds a NUL character or a lone surrogate")
+                if kind is dict and not key:  # {"context": {"": 1}}: a name no rule path can address
+                    raise _Bad(RejectionReason.SCHEMA, "an empty name, which no rule path can address")
                 _check_values(item, depth + 1, max_depth)
             except _Bad as bad:
                 bad.path.append(key)

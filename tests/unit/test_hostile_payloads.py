@@ -277,6 +277,19 @@ def test_a_field_named_by_hundreds_of_digits_is_quoted_by_its_start_and_length()
     assert data.detail == "context.12345678901234567890… (400 digits): nan is not a finite number"
 
 
+def test_dotted_keys_of_thousands_of_dots_are_too_deep_not_a_crash() -> None:
+    """A flat key nests at each dot: 30,000 dots, or a dotted key merged into JSON text 900 levels deep,
+    is answered quickly and without a RecursionError."""
+    fields = encode(GOOD, "flat")
+    deep = "context" + ".a" * 30_000
+    for extra in ({deep: "x"}, {deep: "x", deep[:-2]: "y"},
+                  {"context": '{"a":' * 900 + "{}" + "}" * 900, "context" + ".a" * 901: "x"},
+                  {"context": '{"a":' * 900 + "1" + "}" * 900, "context" + ".a" * 901: "x"}):
+        result = gate({**fields, **{k.encode(): v.encode() for k, v in extra.items()}}, PayloadLimits(1 << 20, 10))
+        assert isinstance(result, Rejection) and result.reason in (RejectionReason.TOO_DEEP, RejectionReason.SCHEMA)
+        assert len(result.detail) <= 600 and storable(result.detail)
+
+
 def test_outcome_limits_apply_too() -> None:
     big = outcome_gate({b"data": b"x" * 5000})
     assert isinstance(big, Rejection) and big.reason is RejectionReason.TOO_LARGE

@@ -9,6 +9,7 @@ import pytest
 
 from decision_router.contracts import OutcomeEvent, OutcomeType, Prediction, Rejection, RejectionReason
 from decision_router.quality import check_outcome, check_prediction
+from decision_router.rules.compile import lookup
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
 GOOD = {
@@ -68,9 +69,22 @@ def test_flat_nested_field_may_be_json_text() -> None:
     assert result.context == {"segment": "smb", "arr": 1200}
 
 
-def test_flat_dotted_key_with_dots_inside_its_name_is_kept_as_one_name() -> None:
-    result = gate({**flat(GOOD), b"context.a.b": b"x"})
-    assert isinstance(result, Prediction) and result.context["a.b"] == "x"
+def test_a_flat_dotted_key_nests_at_each_dot_as_rule_paths_read_it() -> None:
+    """`context.crm.tier` was stored as the one name "crm.tier", which no rule path can address
+    (paths split on dots): it is {"crm": {"tier": ...}}, merged with the other keys and the JSON text."""
+    fields = {**flat(GOOD), b"context.crm.tier": b"gold", b"context.crm.plan.name": b"pro", b"features.x.y": b"1"}
+    result = gate(fields)
+    assert isinstance(result, Prediction), result
+    assert result.context == {**GOOD["context"], "crm": {"tier": "gold", "plan": {"name": "pro"}}}
+    assert result.features["x"] == {"y": "1"}
+    document = result.as_document()
+    assert (lookup(document, "context.crm.tier"), lookup(document, "context.crm.plan.name")) == ("gold", "pro")
+    # With JSON text for the same field: objects merged, and where both give a value the dotted key wins.
+    text = flat({k: v for k, v in GOOD.items() if k != "context"})
+    text[b"context"] = json.dumps({"crm": {"tier": "silver", "owner": "ann"}, "segment": "smb"}).encode()
+    merged = gate({**text, b"context.crm.tier": b"gold", b"context.region": b"emea"})
+    assert isinstance(merged, Prediction), merged
+    assert merged.context == {"crm": {"tier": "gold", "owner": "ann"}, "segment": "smb", "region": "emea"}
 
 
 def test_naive_timestamp_is_read_as_utc() -> None:
@@ -107,6 +121,23 @@ BAD = [
      "context..a: empty name in a dotted key"),
     ("flat-trailing-dot", {**flat(GOOD), b"features.a.": b"x"}, RejectionReason.SCHEMA,
      "features.a.: empty name in a dotted key"),
+    # ... and in the JSON form, or a flat field's JSON text.
+    ("json-empty-name", as_data({**GOOD, "context": {"": 1}}), RejectionReason.SCHEMA,
+     "context.: an empty name, which no rule path can address"),
+    ("json-empty-name-deeper", as_data({**GOOD, "features": {"x": {"": 1}}}), RejectionReason.SCHEMA,
+     "features.x.: an empty name, which no rule path can address"),
+    ("flat-json-text-empty-name", {**flat(_without("context")), b"context": b'{"": 1}'}, RejectionReason.SCHEMA,
+     "context.: an empty name, which no rule path can address"),
+    # A name given both as a value and as an object: either would hide the other.
+    ("flat-value-then-object", {**flat(GOOD), b"context.crm": b"x", b"context.crm.tier": b"gold"},
+     RejectionReason.SCHEMA, "context.crm: given both as a value (context.crm) and as an object (context.crm.tier)"),
+    ("flat-object-then-value", {**flat(GOOD), b"context.crm.tier.id": b"7", b"context.crm": b"x"},
+     RejectionReason.SCHEMA, "context.crm: given both as a value (context.crm) and as an object (context.crm.tier.id)"),
+    ("json-value-dotted-object", {**flat(_without("context")), b"context": b'{"crm": "x"}', b"context.crm.tier": b"1"},
+     RejectionReason.SCHEMA,
+     "context.crm: given both as a value (in the context JSON text) and as an object (context.crm.tier)"),
+    ("json-object-dotted-value", {**flat(_without("context")), b"context.crm": b"x", b"context": b'{"crm": {"t": 1}}'},
+     RejectionReason.SCHEMA, "context.crm: given both as a value (context.crm) and as an object (in the context JSON text)"),
 ]
 
 

@@ -113,10 +113,17 @@ def test_arbitrary_texts_give_what_the_json_path_gives(text) -> None:
     '{"a": ' + "[" * 11 + "]" * 11 + "}",
     "[" * 3000,
     '{"a": 1} x', "\ufeff{}", "[1]", '"text"',
+    '{"context": {"": 1}}', '{"a": {"b": {"" \n\t: 1}}}', '{"": 1}',  # an empty name: the walk refuses it
+    '{"a": "", "b": [""], "c": {"d": ""}}', '{"a\\"": 1}',
 ])
 def test_edge_texts_give_what_the_json_path_gives(text) -> None:
     agrees({"data": text}, 10)
     agrees({"data": text.encode("utf-8", "surrogatepass")}, 10)
+
+
+def test_an_empty_name_is_not_taken_by_the_orjson_path_an_empty_text_is() -> None:
+    assert _proven_document({b"data": b'{"context": {"" : 1}}'}, 10) is None
+    assert _proven_document({b"data": b'{"label": "", "context": {"a": ""}}'}, 10) == {"label": "", "context": {"a": ""}}
 
 
 def test_a_plain_prediction_takes_the_orjson_path() -> None:
