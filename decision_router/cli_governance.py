@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from decision_router.cli import (
-    _since,
+    _window,
     app,
     err,
     fail,
@@ -289,7 +289,7 @@ def rules_replay(
     _format(fmt)
     candidate = _ruleset_or_exit(rules)
     settings = settings_or_exit()
-    start, end = _since(since, "--since"), _since(until, "--until")
+    start, end = _window(since, until)
     try:
         current: str | None = load_rules(settings.rules_dir).version
     except RulesInvalid:

@@ -25,6 +25,9 @@ def _workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+SHIPPED_RULES = Path(__file__).resolve().parents[2] / "rules"
+
+
 def invoke(*args: str) -> Result:
     return CliRunner().invoke(cli.app, list(args))
 
@@ -205,7 +208,8 @@ def test_rules_test_names_a_byte_that_is_not_utf8_in_a_file_or_on_stdin(tmp_path
             f"error: {source}: invalid prediction: invalid_encoding: field data is not valid UTF-8 (byte 20)")
 
 
-@pytest.mark.parametrize("command", [["stats"], ["stats", "quality"], ["stats", "model"]])
+@pytest.mark.parametrize("command", [["stats"], ["stats", "quality"], ["stats", "model"],
+                                     ["rules", "replay", "--rules", str(SHIPPED_RULES)]])
 def test_an_inverted_window_is_an_error_not_an_empty_report(command: list[str]) -> None:
     # --since 1d --until 7d: "since yesterday, until a week ago" holds nothing; say so rather than print nothing.
     line = one_error(invoke(*command, "--since", "1d", "--until", "7d"), 2)
