@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,8 +143,10 @@ class _Loader(yaml.SafeLoader):
             # read (`!!float nope`, `!!bool foo`, `!!int ''`): report it where it is, like any YAML error.
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
             value = f" {node.value!r}" if isinstance(node, yaml.ScalarNode) else ""
+            # An integer of more digits than int() reads: say why, as its message does not echo the value.
+            why = f": more than {sys.get_int_max_str_digits()} digits" if "integer string conversion" in str(exc) else ""
             raise yaml.constructor.ConstructorError(
-                problem=f"{tag} cannot hold{value}", problem_mark=node.start_mark
+                problem=f"{tag} cannot hold{value}{why}", problem_mark=node.start_mark
             ) from exc
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:

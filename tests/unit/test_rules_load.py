@@ -117,7 +117,7 @@ rules:
         R + f"model #2: a model name must be a non-empty string, got {SHOWN_BIG}",
     ]),
     ("int-beyond-what-yaml-reads", f"rules:\n  - {{name: a, when: {{score: {{gte: {'1' * 5000}}}}}, owner: desk}}\n", [
-        R + "line 2, column 35: invalid YAML: !!int cannot hold '11111111111111111111… (5000 digits)'",
+        R + "line 2, column 35: invalid YAML: !!int cannot hold '11111111111111111111… (5000 digits)': more than 4300 digits",
     ]),
     # .nan and .inf: a NaN duration read "cannot convert float NaN to integer", an infinite one named timedelta's
     # maximum, not the rules files'; eq: .nan matched the text "nan" and no number.
