@@ -54,7 +54,8 @@ def test_two_workers_route_a_backlog_exactly_once_and_a_dead_worker_is_restarted
         (started,) = [e for e in router.events() if e.get("event") == "workers started"]
         assert started["workers"] == ["box-1", "box-2"]
         first_pid = started["pids"][0]
-        wait_for(lambda: client.xinfo_groups(keys.predictions)[0]["entries-read"] >= 1_000, timeout=60,
+        # entries-read is nil (None) until the group's first read: the group is created at id 0.
+        wait_for(lambda: (client.xinfo_groups(keys.predictions)[0]["entries-read"] or 0) >= 1_000, timeout=60,
                  what="the workers to get going")
         os.kill(first_pid, signal.SIGKILL)
         wait_for(lambda: router.said("worker restarted") == 1, timeout=30, what="the dead worker's restart")
