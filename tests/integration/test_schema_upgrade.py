@@ -16,6 +16,13 @@ from decision_router.store import create_schema
 pytestmark = pytest.mark.postgres
 
 
+def _waiting_for_alerts(engine: Engine) -> int:
+    """How many sessions wait for a lock on the alerts table (the index builds, held by the writer)."""
+    with engine.connect() as connection:
+        return connection.execute(text(
+            "select count(distinct pid) from pg_locks where relation = 'alerts'::regclass and not granted")).scalar()
+
+
 def test_workers_starting_together_build_the_new_stats_indexes_once(pg_engine: Engine) -> None:
     # An older store: without the rank indexes, with the index they retired.
     with pg_engine.begin() as connection:
@@ -37,7 +44,12 @@ def test_workers_starting_together_build_the_new_stats_indexes_once(pg_engine: E
     workers = [threading.Thread(target=start_worker) for _ in range(2)]
     for worker in workers:
         worker.start()
-    time.sleep(1.5)  # both wait on the lock by now
+    # Both wait on the lock to build (a fixed time is not enough on a busy machine: one that has
+    # not yet checked for the index when the lock goes would find it built, and the clash untested).
+    deadline = time.monotonic() + 60
+    while _waiting_for_alerts(pg_engine) < 2:
+        assert time.monotonic() < deadline, "the two workers never both waited on the lock"
+        time.sleep(0.05)
     writer.rollback()
     writer.close()
     for worker in workers:
