@@ -146,8 +146,8 @@ class ManualClock:
         return self.now
 
 
-async def wait_until(condition: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll a condition (no fixed sleeps); fail with `what` on timeout."""
+async def wait_until(condition: Callable[[], bool], *, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll a condition (no fixed sleeps); fail with `what` on timeout (generous: a busy CI machine is slow)."""
     deadline = time.monotonic() + timeout
     while True:
         if await asyncio.to_thread(condition):
