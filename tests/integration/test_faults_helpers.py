@@ -4,6 +4,7 @@ the database off, and the exactly-once check."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -148,7 +149,9 @@ class Router:
         env.update({f"DECISION_ROUTER_{k.upper()}": v for k, v in settings.items()})
         args = [sys.executable, "-m", "decision_router", "serve", "--no-api"] + (["--workers", str(workers)] if workers > 1 else [])
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
-        self.process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        # A session of its own: with --workers, close() and kill() take the workers with the supervisor.
+        self.process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -172,7 +175,7 @@ class Router:
         assert self.process.poll() is None, f"the router exited at start:\n{self.log()[-3000:]}"
 
     def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
+        self._kill_group()
         self.wait()
 
     def terminate(self, timeout: float = 30) -> int:
@@ -191,10 +194,15 @@ class Router:
             self._log.close()
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        # Also when the supervisor has gone: a worker it left behind would go on routing, and write
+        # into the next test's keys and store.
+        self._kill_group()
+        self.process.wait()
         self._log.close()
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 # a private Redis --------------------------------------------------------------------------------
