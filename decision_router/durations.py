@@ -84,7 +84,8 @@ def parse_since(text: str, *, now: datetime) -> datetime:
         return now - parse_duration(text)
     except (OverflowError, DurationTooLarge):  # back before the year 1, or longer than any timedelta
         longest = (now - EARLIEST).days
-        raise ValueError(f"duration {_shown(text)} is too large: the maximum is {longest}d, back to the year 1") from None
+        raise ValueError(
+            f"duration {_shown(text)} is too large: the maximum is {longest}d, back to the year 1") from None
     except ValueError:
         pass  # not a duration: perhaps a date
     try:

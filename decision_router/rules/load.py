@@ -144,7 +144,8 @@ class _Loader(yaml.SafeLoader):
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
             value = f" {node.value!r}" if isinstance(node, yaml.ScalarNode) else ""
             # An integer of more digits than int() reads: say why, as its message does not echo the value.
-            why = f": more than {sys.get_int_max_str_digits()} digits" if "integer string conversion" in str(exc) else ""
+            too_long = "integer string conversion" in str(exc)
+            why = f": more than {sys.get_int_max_str_digits()} digits" if too_long else ""
             raise yaml.constructor.ConstructorError(
                 problem=f"{tag} cannot hold{value}{why}", problem_mark=node.start_mark
             ) from exc

@@ -117,7 +117,8 @@ def test_a_webhook_disabled_at_start_is_logged_without_its_url(tmp_path: Path) -
     url = "https://hooks.slack.com/services/T0/B0/s3cret-token"
     (tmp_path / "routing.yaml").write_text("rules:\n  - {name: rest, when: {}, owner: desk}\n")
     (tmp_path / "owners.yaml").write_text(
-        f"owners:\n  - {{id: desk, name: Desk, channels: [webhook], webhook: {{url: '{url}', secret_file: hook.key}}}}\n")
+        f"owners:\n  - {{id: desk, name: Desk, channels: [webhook],"
+        f" webhook: {{url: '{url}', secret_file: hook.key}}}}\n")
     (tmp_path / "hook.key").write_text(SECRET)
     ruleset = load_rules(tmp_path)
     assert "s3cret-token" not in repr(ruleset.owners["desk"])

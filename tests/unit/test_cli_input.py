@@ -223,8 +223,8 @@ def test_an_inverted_window_is_an_error_not_an_empty_report(command: list[str]) 
 @pytest.mark.parametrize("option", ["--since", "--until"])
 def test_a_duration_too_large_says_so_not_that_a_duration_was_expected(command: list[str], option: str) -> None:
     line = one_error(invoke(*command, option, "99999999999d"), 2)
-    assert re.fullmatch(rf"error: {option}: duration '99999999999d' is too large: the maximum is \d+d, back to the year 1",
-                        line)
+    assert re.fullmatch(
+        rf"error: {option}: duration '99999999999d' is too large: the maximum is \d+d, back to the year 1", line)
 
 
 @pytest.mark.parametrize(

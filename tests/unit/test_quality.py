@@ -137,7 +137,8 @@ BAD = [
      RejectionReason.SCHEMA,
      "context.crm: given both as a value (in the context JSON text) and as an object (context.crm.tier)"),
     ("json-object-dotted-value", {**flat(_without("context")), b"context.crm": b"x", b"context": b'{"crm": {"t": 1}}'},
-     RejectionReason.SCHEMA, "context.crm: given both as a value (context.crm) and as an object (in the context JSON text)"),
+     RejectionReason.SCHEMA,
+     "context.crm: given both as a value (context.crm) and as an object (in the context JSON text)"),
 ]
 
 

@@ -117,7 +117,8 @@ rules:
         R + f"model #2: a model name must be a non-empty string, got {SHOWN_BIG}",
     ]),
     ("int-beyond-what-yaml-reads", f"rules:\n  - {{name: a, when: {{score: {{gte: {'1' * 5000}}}}}, owner: desk}}\n", [
-        R + "line 2, column 35: invalid YAML: !!int cannot hold '11111111111111111111… (5000 digits)': more than 4300 digits",
+        R + "line 2, column 35: invalid YAML: !!int cannot hold '11111111111111111111… (5000 digits)': "
+            "more than 4300 digits",
     ]),
     # .nan and .inf: a NaN duration read "cannot convert float NaN to integer", an infinite one named timedelta's
     # maximum, not the rules files'; eq: .nan matched the text "nan" and no number.
@@ -450,7 +451,8 @@ def test_webhook_and_digest_problems(tmp_path: Path, extra: str, expected: str) 
 def test_no_problem_echoes_a_webhook_url_in_full(tmp_path: Path) -> None:
     # The token of a Slack or Teams incoming webhook sits in the URL's path: `rules check` output lands in CI logs.
     urls = ["https://hooks.slack.com/services/T0/B0/s3cret x", "https://h.example.com:99999/s3cret",
-            "https://u:s3cret@h.example.com:0x/h", "ftp://h.example.com/s3cret", "https://[::1/s3cret", "https:///s3cret"]
+            "https://u:s3cret@h.example.com:0x/h", "ftp://h.example.com/s3cret", "https://[::1/s3cret",
+            "https:///s3cret"]
     owners = "owners:\n" + "".join(
         f"  - {{id: o{n}, name: O, channels: [webhook], webhook: {{url: '{url}'}}}}\n" for n, url in enumerate(urls))
     problems = [str(p) for p in check_rules(write(tmp_path, GOOD_ROUTING, owners))]
