@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
-from decision_router.echo import cap_digits
+from decision_router.echo import cap_digits, validation_problems
 from decision_router.keys import Keys
 
 if TYPE_CHECKING:
@@ -378,10 +378,7 @@ def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> 
     try:
         event = OutcomeEvent.model_validate({k: v for k, v in document.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
-        )
-        fail(f"invalid outcome event: {problems}", code=2)
+        fail(f"invalid outcome event: {validation_problems(exc, nameless='event')}", code=2)
     settings = settings or settings_or_exit()
     stream = Keys(settings.stream_prefix).outcomes
     # The router's own gate, on the entry as it will be written: an empty id, a note over the size limit...

@@ -9,6 +9,7 @@ MAX_DIGITS digits is shown as its first KEPT_DIGITS and how many there were:
 from __future__ import annotations
 
 import re
+from typing import Any
 
 MAX_DIGITS = 24  # shown whole up to this many digits in a row
 KEPT_DIGITS = 20  # the start of a longer run that is shown
@@ -18,6 +19,16 @@ _LONG_RUN = re.compile(rf"[0-9]{{{MAX_DIGITS + 1},}}")
 def _cut(match: re.Match[str]) -> str:
     digits = match.group()
     return f"{digits[:KEPT_DIGITS]}… ({len(digits)} digits)"
+
+
+def validation_problems(exc: Any, *, nameless: str = "") -> str:
+    """A pydantic ValidationError as `field: what is wrong; ...`, without the input values its str() repeats
+    (a webhook URL there is a credential). `nameless` names an error of the whole input."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or nameless
+        parts.append((f"{where}: " if where else "") + error["msg"].removeprefix("Value error, "))
+    return "; ".join(parts)
 
 
 def cap_digits(text: str) -> str:

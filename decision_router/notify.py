@@ -52,6 +52,7 @@ from decision_router.channels import (
     WebhookReceiver,
 )
 from decision_router.contracts import Alert, AnyAlert, DataQualityAlert, alert_from_payload
+from decision_router.echo import validation_problems
 from decision_router.keys import Keys
 from decision_router.rules import Owner, RuleSet
 from decision_router.settings import Settings
@@ -181,13 +182,7 @@ def webhook_receiver(owner: Owner, rules_dir: Path) -> WebhookReceiver:
 def _reason(exc: ValueError | ValidationError) -> str:
     """What is wrong, without pydantic's `input_value=...`: the receiver's input holds the webhook
     URL, which is itself a credential (a Slack or Teams token sits in its path)."""
-    if not isinstance(exc, ValidationError):
-        return str(exc)
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"])
-        parts.append((f"{where}: " if where else "") + error["msg"].removeprefix("Value error, "))
-    return "; ".join(parts)
+    return validation_problems(exc) if isinstance(exc, ValidationError) else str(exc)
 
 
 def build_receivers(

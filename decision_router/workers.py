@@ -93,15 +93,11 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         stop.signum, stop.at = signum, time.monotonic()
-        for worker in workers:
-            if worker.process is not None and worker.process.poll() is None:
-                worker.process.send_signal(signum)
+        _signal_running(workers, signum)
 
     def reload(signum: int, _frame: object) -> None:
         # SIGHUP means "re-read the rules" (as for a single `serve`): pass it on, keep running.
-        for worker in workers:
-            if worker.process is not None and worker.process.poll() is None:
-                worker.process.send_signal(signum)
+        _signal_running(workers, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
@@ -113,15 +109,21 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
             for worker in workers:
                 _supervise(worker, stop)
             time.sleep(_TICK)  # the handler runs during it; the loop sees the stop within a tick
-        for worker in workers:  # restarted as the signal came, so the handler did not reach it
-            if worker.started >= stop.at and worker.process is not None and worker.process.poll() is None:
-                worker.process.send_signal(stop.signum)
+        # A worker restarted as the signal came, which the handler did not reach.
+        _signal_running([w for w in workers if w.started >= stop.at], stop.signum)
         return _wait_all(workers, settings.shutdown_timeout.total_seconds() + 5)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if metrics_dir != os.environ.get(MULTIPROCESS_DIR):
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _signal_running(workers: list[_Worker], signum: int) -> None:
+    """Pass a signal to each worker still running (Popen.poll never waits: safe in a signal handler)."""
+    for worker in workers:
+        if worker.process is not None and worker.process.poll() is None:
+            worker.process.send_signal(signum)
 
 
 def _spawn(worker: _Worker) -> None:
