@@ -39,6 +39,7 @@ __all__ = ["RouterService", "ensure_group", "request_reload", "running_service",
 log = structlog.get_logger("decision_router.service")
 
 RELOAD_POLL_S = 0.1  # how often the reload subscriber looks at the stop flag
+SUBSCRIBE_WAIT_S = 5.0  # at most this long, start waits for the reload subscriber to listen
 
 
 async def request_reload(redis: Redis, keys: Keys, *, rules_version: str, by: str, origin: str | None) -> int:
@@ -89,6 +90,9 @@ class RouterService:
         # The poll, SIGHUP, the API and the broadcast each start reloads: one at a time, so one
         # that read older files cannot finish last and put back its rules or receivers.
         self._reloading = asyncio.Lock()
+        # Set once the reload subscriber listens: "router started" waits for it, so that a reload
+        # requested as soon as the log says started reaches this process.
+        self._subscribed = asyncio.Event()
 
     async def start(self) -> None:
         await self.reader.ensure_groups()
@@ -111,6 +115,9 @@ class RouterService:
                 self._every("rules", settings.rules_poll_interval.total_seconds(), self.check_rules)
             # Resubscribes a second after a Redis error; a request missed meanwhile is caught by the poll.
             self._every("rules-reload", 1.0, self.follow_reload_requests)
+            # Bounded: with Redis down the subscriber retries every second, and the service still starts.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), SUBSCRIBE_WAIT_S)
         log.info(
             "router started",
             redis=redact_url(self.pipeline.settings.effective_redis_url),
@@ -176,12 +183,17 @@ class RouterService:
     async def follow_reload_requests(self) -> None:
         """Re-read the rules when any process on this stream prefix asks (POST /v1/rules/reload,
         published on keys.rules_reload), until stop; a Redis error ends it (the caller resubscribes)."""
-        pubsub = self.pipeline.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.pipeline.redis.pubsub()
         try:
+            # subscribe() only sends the command: listening starts when Redis confirms it.
             await pubsub.subscribe(self.keys.rules_reload)
             while not self._stopping.is_set():
                 message = await pubsub.get_message(timeout=RELOAD_POLL_S)
                 if message is None:
+                    continue
+                if message["type"] != "message":
+                    if message["type"] == "subscribe":
+                        self._subscribed.set()
                     continue
                 request = reload_request(message["data"])
                 if request.get("origin") != self.instance:  # else this service's API has reloaded it already
