@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -196,7 +197,9 @@ class Dispatcher:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a sender bug: still report the delivery as failed
-                    log.exception("delivery sender failed", receiver=lane.key, alert_id=ident)
+                    # Formatted here, so that the receiver's URL and secrets can be taken out of it.
+                    log.error("delivery sender failed", receiver=lane.key, alert_id=ident,
+                              exception=lane.sender.scrub("".join(traceback.format_exception(exc)).rstrip()))
                     result = DeliveryResult(
                         receiver=lane.sender.name,
                         channel=lane.sender.channel,
@@ -205,7 +208,7 @@ class Dispatcher:
                         digest=count,
                         ok=False,
                         attempts=0,
-                        error=f"sender error: {type(exc).__name__}: {exc}"[:500],
+                        error=lane.sender.scrub(f"sender error: {type(exc).__name__}: {exc}")[:500],
                         latency_ms=0.0,
                         retryable=True,
                     )

@@ -249,7 +249,11 @@ class Sender(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot send digests")
 
     def _classify(self, exc: Exception) -> _Outcome:
-        return _Outcome(ok=False, error=_clip(_describe(exc)), retryable=True)
+        return _Outcome(ok=False, error=_clip(self.scrub(_describe(exc))), retryable=True)
+
+    def scrub(self, text: str) -> str:
+        """`text` (an error, a traceback) without this receiver's secrets, for logs and the store."""
+        return text
 
     def _slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
         """Held around each try, outside its timeout (e.g. a shared SMTP connection limit)."""
@@ -380,6 +384,11 @@ class WebhookSender(Sender):
         self._url = str(receiver.url)
         self._secret = receiver.secret.get_secret_value().encode() if receiver.secret is not None else None
         self._static_headers = {name: value.get_secret_value() for name, value in receiver.headers.items()}
+        # Longest first, so a secret holding another is masked whole; very short ones would mask ordinary words.
+        self._secrets = sorted(
+            {v for v in (*self._static_headers.values(), self._secret.decode() if self._secret else "") if len(v) >= 6},
+            key=len, reverse=True,
+        )
 
     def _prepare(self, alert: AnyAlert) -> bytes:
         return self.renderer.webhook_body(alert, self.receiver.format).encode("utf-8")
@@ -432,8 +441,16 @@ class WebhookSender(Sender):
             error += " (redirects are not followed; configure the final URL)"
         return _Outcome(ok=False, status_code=status, error=_clip(error), retryable=False)
 
+    def scrub(self, text: str) -> str:
+        """The URL as `rules check` shows it (its path and query may be the credential, as in a Slack
+        webhook); the signing secret and header values (an API key, say) as ***."""
+        text = text.replace(self._url, self.receiver.redacted_url)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
     def _classify(self, exc: Exception) -> _Outcome:
-        text = _describe(exc).replace(self._url, self.receiver.redacted_url)
+        text = self.scrub(_describe(exc))
         if isinstance(exc, httpx.TimeoutException):
             return _Outcome(ok=False, error=_clip(f"timeout: {text}"), retryable=True)
         if isinstance(exc, (httpx.UnsupportedProtocol, httpx.InvalidURL)):
@@ -530,6 +547,11 @@ class EmailSender(Sender):
         self.smtp = smtp
         self.renderer = renderer or Renderer()
         self._limiter = limiter
+
+    def scrub(self, text: str) -> str:
+        """Without the SMTP password (aiosmtplib's errors do not hold it; a bug's might)."""
+        password = self.smtp.password.get_secret_value() if self.smtp.password is not None else ""
+        return text.replace(password, "***") if len(password) >= 6 else text
 
     def _prepare(self, alert: AnyAlert) -> EmailMessage:
         return build_email(alert, self.renderer, self.receiver, self.smtp)

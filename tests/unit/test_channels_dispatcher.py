@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from decision_router.channels.config import EmailReceiver, ReceiverBase, SmtpSettings, WebhookReceiver
 from decision_router.channels.dispatcher import Dispatcher
@@ -174,6 +175,36 @@ async def test_sender_crash_is_reported_as_a_failed_delivery() -> None:
     await dispatcher.drain()
     assert len(results) == 1 and not results[0].ok and results[0].error == "sender error: RuntimeError: bug" and results[0].retryable
     await dispatcher.close()
+
+
+async def test_a_sender_crash_is_logged_and_recorded_without_the_receivers_secrets() -> None:
+    """A bug's exception may quote the webhook URL (its path is the credential of a Slack webhook),
+    the signing secret or a header's value: the log (traceback included) and the stored error mask them."""
+    url = "https://hooks.example.com/services/T000/B000/s3cr3tpath"
+    receiver = WebhookReceiver(url=url, secret="hmac-signing-secret", headers={"X-Api-Key": "key-123456789"})
+
+    class Buggy(WebhookSender):
+        async def send(self, alert: Alert) -> DeliveryResult:
+            raise RuntimeError(f"cannot post to {url} with hmac-signing-secret and key-123456789")
+
+    results: list[DeliveryResult] = []
+    dispatcher = Dispatcher({"desk:webhook": Buggy("desk", receiver)}, on_result=lambda a, r, _: results.append(r))
+    with structlog.testing.capture_logs() as logs:
+        await dispatcher.submit("desk:webhook", make_alert())
+        await dispatcher.drain()
+    await dispatcher.close()
+    [logged] = [e for e in logs if e["event"] == "delivery sender failed"]
+    for text in (logged["exception"], results[0].error):
+        assert "https://hooks.example.com/…" in text and "*** and ***" in text
+        for secret in ("s3cr3tpath", "T000", "hmac-signing-secret", "key-123456789"):
+            assert secret not in text
+    assert "Traceback (most recent call last)" in logged["exception"] and "in send" in logged["exception"]
+
+
+def test_an_email_sender_masks_the_smtp_password() -> None:
+    smtp = SmtpSettings(host="127.0.0.1", port=2525, sender="a@example.com", username="u", password="smtp-pass-42")
+    sender = EmailSender("desk", EmailReceiver(to=["d@example.com"]), smtp)
+    assert sender.scrub("login u/smtp-pass-42 refused") == "login u/*** refused"
 
 
 async def test_unknown_receiver_and_closed_dispatcher() -> None:
