@@ -281,7 +281,8 @@ class Pipeline:
                         result.alerts += 1
                         fresh.append(tracker.alert_of(row))
             cooldowns.claim(session, cooling, ruleset=ruleset, now=now)  # first: ClaimLost has written nothing
-            tracker.insert_rows(session, predictions, alerts, events)
+            # The gate refused every NaN and infinity; looked-up context was not gated.
+            tracker.insert_rows(session, predictions, alerts, events, finite=not lookups)
             for rejection in rejections:
                 result.reject(rejection)
             tracker.record_rejections(session, rejections, now=now)

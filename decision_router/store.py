@@ -154,6 +154,16 @@ def json_text(value: Any) -> str:
     return text.decode()
 
 
+def finite_json_text(value: Any) -> str:
+    """json_text of a value known to hold no NaN or infinity (a prediction the quality gate passed,
+    the router's own details): without the check for them, which reads back every text holding a
+    null, as most stored predictions do (~5% of the router's time)."""
+    try:
+        return orjson.dumps(value, option=_ORJSON_AS_JSON_DUMPS).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the CLI read stats while the service writes; with synchronous=NORMAL a commit
     # does not wait for fsync (a power cut may lose the last commits, never corrupt the file).

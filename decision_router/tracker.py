@@ -26,6 +26,7 @@ from decision_router.contracts import (
 )
 from decision_router.durations import earlier
 from decision_router.router import Decision
+from decision_router.store import finite_json_text, json_text
 from decision_router.tables import (
     DELIVERED_TO_OWNER,
     AlertRecord,
@@ -198,15 +199,19 @@ _ALERT_DEFAULTS: dict = {
 }
 
 
-def insert_rows(session: Session, predictions: list[dict], alerts: list[dict], events: list[dict]) -> None:
+def insert_rows(
+    session: Session, predictions: list[dict], alerts: list[dict], events: list[dict], *, finite: bool = False
+) -> None:
     """One bulk INSERT per table, not an ORM object per row. Audit events are only ever
-    inserted here and in `mark_delivered`; the append-only guard is about updates and deletes."""
+    inserted here and in `mark_delivered`; the append-only guard is about updates and deletes.
+    `finite`: the caller knows that no JSON value holds a NaN or an infinity (see bulk_insert)."""
     for table, rows in ((PredictionRecord, predictions), (AlertRecord, alerts), (AuditEvent, events)):
-        bulk_insert(session, table.__table__, rows)  # type: ignore[attr-defined]
+        bulk_insert(session, table.__table__, rows, finite=finite)  # type: ignore[attr-defined]
 
 
-def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
-    """Insert row dicts (every row with the same keys) in the session's transaction."""
+def bulk_insert(session: Session, table: Table, rows: list[dict], *, finite: bool = False) -> None:
+    """Insert row dicts (every row with the same keys) in the session's transaction. With `finite`
+    (no JSON value holds a NaN or an infinity), the engine's json_text skips its check for them."""
     if not rows:
         return
     dialect = session.get_bind().dialect.name
@@ -221,6 +226,8 @@ def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
     connection = session.connection()
     # JSON columns as the engine's ORM writes them (store.make_engine's serializer, or SQLAlchemy's default).
     dumps = connection.dialect._json_serializer or json.dumps  # type: ignore[attr-defined]
+    if finite and dumps is json_text:
+        dumps = finite_json_text
     cursor = connection.connection.cursor()
     sql = ""
     try:

@@ -8,13 +8,17 @@ import math
 from datetime import UTC, datetime
 from pathlib import Path
 
+import fakeredis.aioredis
 import pytest
 from sqlalchemy import text
 from sqlmodel import Session
 
 from decision_router import tracker
-from decision_router.store import create_schema, json_text, make_engine
+from decision_router.pipeline import Pipeline
+from decision_router.settings import Settings
+from decision_router.store import create_schema, finite_json_text, json_text, make_engine
 from decision_router.tables import AuditEvent
+from tests.unit.test_enrich import CRM, ruleset_with
 
 ORDINARY = {"features": {"é": [1, 2.5, None, True, -0.0, 1e16, 2**63 - 1]}, "text": "quote \" \\ \u2028", "n": None}
 
@@ -78,3 +82,59 @@ def test_the_engine_and_the_bulk_insert_write_the_same_text(tmp_path: Path) -> N
     assert [stored[f"p{n}"] for n in range(len(details))] == [json_text(d) for d in details]
     assert [stored[f"orm-p{n}"] for n in range(len(details))] == [json_text(d) for d in details]
     assert stored["p1"] == '{"score": NaN}'
+
+
+@pytest.mark.parametrize(
+    "value",
+    [ORDINARY, {"big": 10**30}, {1: "int key", None: "none key"}, None, [None, {"a": None}], {"é": "ü", "n": -0.0}],
+    ids=["ordinary", "int-beyond-64-bits", "keys-not-text", "null", "nulls", "text-and-minus-zero"],
+)
+def test_the_text_of_a_finite_value_is_json_texts_without_its_check(value: object) -> None:
+    assert finite_json_text(value) == json_text(value)
+
+
+def test_the_finite_variant_still_refuses_what_json_dumps_refuses() -> None:
+    with pytest.raises(TypeError):
+        finite_json_text({"at": datetime(2026, 11, 25, tzinfo=UTC)})
+
+
+def test_only_rows_said_to_be_finite_skip_the_check(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    create_schema(engine)
+    row = {"alert_id": None, "type": "received", "actor": "a", "at": datetime(2026, 11, 25, tzinfo=UTC),
+           "source_id": None, "detail": {"score": math.nan}}
+    with Session(engine) as session:
+        tracker.bulk_insert(session, AuditEvent.__table__, [{**row, "prediction_id": "checked"}])  # type: ignore[attr-defined]
+        tracker.bulk_insert(session, AuditEvent.__table__, [{**row, "prediction_id": "trusted"}], finite=True)  # type: ignore[attr-defined]
+        session.commit()
+        stored = dict(session.execute(text("select prediction_id, detail from audit_events")).all())
+    engine.dispose()
+    # The check is what keeps a NaN: a caller that says finite wrongly stores null.
+    assert stored == {"checked": '{"score": NaN}', "trusted": '{"score":null}'}
+
+
+async def test_a_batch_with_looked_up_context_keeps_the_check(tmp_path: Path) -> None:
+    """The gate refuses NaN and infinity in predictions, not in context an enricher looks up:
+    a batch with lookups is stored with the check, so such a value is not stored as null."""
+    ruleset = ruleset_with(tmp_path, CRM)
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    create_schema(engine)
+    redis = fakeredis.aioredis.FakeRedis()
+    pipeline = Pipeline(settings=Settings(stream_prefix="t:"), ruleset=ruleset, engine=engine, redis=redis)
+
+    class NaNLookup:
+        async def lookup(self, predictions: object) -> dict:
+            return {p.prediction_id: {"crm": {"tier": math.nan}} for p in predictions}  # type: ignore[attr-defined]
+
+    pipeline.enricher = NaNLookup()
+    document = {"prediction_id": "p1", "model": "churn", "model_version": "1", "entity_type": "account",
+                "entity_id": "a1", "score": 0.9, "predicted_at": datetime.now(UTC).isoformat()}
+    result = await pipeline.process_predictions([("1-0", {"data": json.dumps(document)})])
+    await redis.aclose()
+    assert result.accepted == 1
+    with Session(engine) as session:
+        [stored] = session.execute(text("select document from predictions")).scalars().all()
+        contexts = session.execute(text("select context from alerts where rule = 'a'")).scalars().all()
+    engine.dispose()
+    assert math.isnan(json.loads(stored)["lookup"]["crm"]["tier"])
+    assert [math.isnan(json.loads(c)["lookup.crm.tier"]) for c in contexts] == [True]
