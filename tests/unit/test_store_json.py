@@ -103,9 +103,10 @@ def test_only_rows_said_to_be_finite_skip_the_check(tmp_path: Path) -> None:
     create_schema(engine)
     row = {"alert_id": None, "type": "received", "actor": "a", "at": datetime(2026, 11, 25, tzinfo=UTC),
            "source_id": None, "detail": {"score": math.nan}}
+    table = AuditEvent.__table__  # type: ignore[attr-defined]
     with Session(engine) as session:
-        tracker.bulk_insert(session, AuditEvent.__table__, [{**row, "prediction_id": "checked"}])  # type: ignore[attr-defined]
-        tracker.bulk_insert(session, AuditEvent.__table__, [{**row, "prediction_id": "trusted"}], finite=True)  # type: ignore[attr-defined]
+        tracker.bulk_insert(session, table, [{**row, "prediction_id": "checked"}])
+        tracker.bulk_insert(session, table, [{**row, "prediction_id": "trusted"}], finite=True)
         session.commit()
         stored = dict(session.execute(text("select prediction_id, detail from audit_events")).all())
     engine.dispose()
