@@ -17,17 +17,23 @@ held-out entity gets one control record per window. Alerts stored before this ta
 still count: `holders` also reads them (tracker.cooldown_holders), which keeps a cooldown that a
 rules reload lengthened covering the windows started before. A window's end is fixed when it
 starts; a reload that shortens a cooldown applies to windows started after it.
+
+A row whose window ended is only kept until `serve` prunes it (`prune_ended`, every
+PRUNE_INTERVAL_S): without it, the table would hold a row per rule and entity ever alerted on.
+Nothing reads an ended window (holders and claim look only at open ones), so deleting it changes
+no decision; the margin (PRUNE_AFTER) covers workers whose clocks run behind this one's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, or_, select, text
+from sqlalchemy import bindparam, delete, or_, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from decision_router import tracker
@@ -125,3 +131,31 @@ def _claim_statement(dialect_name: str) -> Any:
         where=or_(_COOLDOWNS.c.ends_at <= upsert.excluded.started_at,
                   _COOLDOWNS.c.alert_id == upsert.excluded.alert_id),
     ).returning(_COOLDOWNS.c.rule, _COOLDOWNS.c.entity_type, _COOLDOWNS.c.entity_id)
+
+
+PRUNE_INTERVAL_S = 600.0  # how often `serve` deletes ended windows
+PRUNE_AFTER = timedelta(hours=1)  # a window is deleted this long after it ended
+PRUNE_CHUNK = 1000  # rows per transaction: SQLite's one write lock is held for a few ms at a time
+
+_ENDED = select(_COOLDOWNS.c.entity_id, _COOLDOWNS.c.entity_type, _COOLDOWNS.c.rule).where(
+    _COOLDOWNS.c.ends_at < bindparam("before", type_=_COOLDOWNS.c.ends_at.type)
+).limit(bindparam("chunk"))
+_DELETE_ENDED = delete(_COOLDOWNS).where(
+    tuple_(_COOLDOWNS.c.entity_id, _COOLDOWNS.c.entity_type, _COOLDOWNS.c.rule).in_(_ENDED)
+    # Checked again on the row deleted: a claim may have started a new window on it meanwhile
+    # (PostgreSQL re-reads a row another transaction changed before deleting it).
+    & (_COOLDOWNS.c.ends_at < bindparam("before", type_=_COOLDOWNS.c.ends_at.type))
+)
+
+
+def prune_ended(engine: Engine, *, now: datetime, chunk: int = PRUNE_CHUNK) -> int:
+    """Delete the windows that ended more than PRUNE_AFTER before `now`, `chunk` rows per
+    transaction; returns how many."""
+    pruned = 0
+    while True:
+        with Session(engine) as session:
+            deleted = session.execute(_DELETE_ENDED, {"before": now - PRUNE_AFTER, "chunk": chunk}).rowcount
+            session.commit()
+        pruned += deleted
+        if deleted < chunk:
+            return pruned

@@ -20,7 +20,7 @@ import structlog
 from redis.asyncio import Redis
 from sqlalchemy.engine import Engine
 
-from decision_router import tallies
+from decision_router import cooldowns, tallies
 from decision_router.consumer import Consumer, Input, ensure_group, infrastructure_failure
 from decision_router.embedded import EmbeddedRedis
 from decision_router.enrich import build_enricher
@@ -103,6 +103,7 @@ class RouterService:
         settings = self.pipeline.settings
         self._every("reclaim", max(0.05, settings.claim_idle.total_seconds() / 2), self.reclaim_once)
         self._every("escalate", settings.sweep_interval.total_seconds(), self.sweeper.sweep_once)
+        self._every("cooldowns", cooldowns.PRUNE_INTERVAL_S, self.prune_cooldowns)
         if settings.drift_interval.total_seconds() > 0:
             self._every("drift", settings.drift_interval.total_seconds(), self.monitor.check_once)
         if self.pipeline.engine.dialect.name == "postgresql":  # the stats' running counts, summed
@@ -221,6 +222,13 @@ class RouterService:
     async def fold_tallies(self) -> int:
         """Sum PostgreSQL's appended count differences (tallies.py); returns how many rows were folded."""
         return await asyncio.to_thread(tallies.fold_tallies, self.pipeline.engine)
+
+    async def prune_cooldowns(self) -> int:
+        """Delete cooldown windows that ended (see cooldowns.py); returns how many."""
+        pruned = await asyncio.to_thread(cooldowns.prune_ended, self.pipeline.engine, now=self.pipeline.clock())
+        if pruned:
+            log.info("ended cooldown windows pruned", pruned=pruned)
+        return pruned
 
     async def reclaim_once(self) -> int:
         """Take over entries idle on any consumer longer than claim_idle; returns how many."""
