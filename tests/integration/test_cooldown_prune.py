@@ -100,7 +100,8 @@ def test_a_window_claimed_while_the_prune_waits_for_its_row_is_kept(pg_engine: E
         deadline = time.monotonic() + 30
         with pg_engine.connect() as watcher:
             while not watcher.execute(text(
-                "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and query like 'DELETE FROM cooldowns%'"
+                "select count(*) from pg_stat_activity"
+                " where wait_event_type = 'Lock' and query like 'DELETE FROM cooldowns%'"
             )).scalar():
                 assert time.monotonic() < deadline, "the prune never waited for the claimed row"
                 time.sleep(0.02)
