@@ -51,7 +51,7 @@ def make_alert(**overrides: Any) -> Alert:
         "missing_context": [],
         "ack_by": NOW + timedelta(hours=2),
         "act_by": NOW + timedelta(hours=24),
-        "rules_version": "604540f68f1a",
+        "rules_version": "55b4bc01b033",
         "predicted_at": NOW - timedelta(seconds=1),
         "created_at": NOW,
     }
