@@ -13,6 +13,9 @@ change. A prediction counts at most once per aspect, and may count for several a
 Cooldown is simulated: a candidate decision is "suppressed" when an earlier
 unsuppressed decision of the same rule and entity falls inside the rule's cooldown,
 counting the replayed decisions and the actual decisions stored before the window.
+Predictions are replayed in the order the router routed them (`routing_order`): of two in
+one batch for the same entity, the cooldown lets the first through, so that order decides
+which of them is suppressed.
 
 Looked-up context (lookup.<source>.<field>) is replayed from what was stored with each
 prediction: the pipeline stores what it looked up under the document's `lookup` key. It
@@ -51,6 +54,7 @@ class StoredPrediction:
     received_at: datetime  # UTC
     rules_version: str
     document: Mapping[str, Any]
+    stream_id: str | None = None  # the predictions stream entry it came from
 
     @property
     def entity(self) -> str:
@@ -99,6 +103,28 @@ class ReplayReport:
             "examples": {aspect: [c.as_dict() for c in changes] for aspect, changes in self.examples.items()},
             "missing_lookups": dict(self.missing_lookups),
         }
+
+
+def stream_position(stream_id: str | None) -> tuple[int, int] | None:
+    """A Redis stream entry id (`<milliseconds>-<sequence>`) as numbers, so that `5-10` follows `5-9` and
+    `999-0` precedes `1000-0` (as text they do not); None without one, or for an id of another shape."""
+    milliseconds, dash, sequence = (stream_id or "").partition("-")
+    if not dash:
+        return None
+    try:
+        return int(milliseconds), int(sequence)
+    except ValueError:
+        return None
+
+
+def routing_order(prediction: StoredPrediction) -> tuple[datetime, bool, tuple[int, int], str]:
+    """The order the router decided in: by batch (a batch's predictions share their received_at),
+    then in stream order, as the pipeline routes a batch in the order its entries were read.
+    Every prediction the router stores came from a stream entry (the HTTP API appends to the
+    stream too); one without a stream id was handed to the pipeline directly (tests, embedding
+    code), in an order nothing stored, so those come after, by prediction id, only to be stable."""
+    position = stream_position(prediction.stream_id)
+    return prediction.received_at, position is None, position or (0, 0), prediction.prediction_id
 
 
 def actual_outcome(record: AlertRecord) -> Outcome:
@@ -203,7 +229,7 @@ def replay(
     examples: int = 5,
     history: Mapping[CooldownKey, datetime] | None = None,
 ) -> ReplayReport:
-    """Route each prediction through `candidate` as of its receipt, and compare with `actual`.
+    """Route each prediction through `candidate` as of its receipt, in `routing_order`, and compare with `actual`.
 
     `history`: (rule, entity_type, entity_id) -> the latest unsuppressed decision before the
     window, so a cooldown that started before the window still applies.
@@ -215,7 +241,7 @@ def replay(
     unchanged = 0
     missing_lookups: Counter[str] = Counter()
     reads_lookups = any(rule.when_reads_lookup or rule.decision_reads_lookup for rule in candidate.rules)
-    for prediction in sorted(predictions, key=lambda p: (p.received_at, p.prediction_id)):
+    for prediction in sorted(predictions, key=routing_order):
         if reads_lookups:
             missing_lookups.update(unstored_lookups(prediction.document, candidate))
         decisions = route(prediction.document, candidate, now=prediction.received_at)
@@ -243,13 +269,9 @@ def replay(
 def load_window(
     session: Session, *, since: datetime | None, until: datetime | None
 ) -> tuple[list[StoredPrediction], dict[str, list[Outcome]]]:
-    """Predictions received in [since, until) and what actually happened to each."""
-    rows = session.scalars(
-        within(select(PredictionRecord), PredictionRecord.received_at, since, until).order_by(
-            PredictionRecord.received_at, PredictionRecord.prediction_id
-        )
-    )
-    predictions = [
+    """Predictions received in [since, until), in `routing_order`, and what actually happened to each."""
+    rows = session.scalars(within(select(PredictionRecord), PredictionRecord.received_at, since, until))
+    loaded = [
         StoredPrediction(
             prediction_id=row.prediction_id,
             entity_type=row.entity_type,
@@ -257,9 +279,12 @@ def load_window(
             received_at=as_utc(row.received_at),  # type: ignore[arg-type]
             rules_version=row.rules_version,
             document=row.document,
+            stream_id=row.stream_id,
         )
         for row in rows
     ]
+    # Sorted here, not in SQL: stream ids compare as numbers, alike on SQLite and PostgreSQL.
+    predictions = sorted(loaded, key=routing_order)
     actual: dict[str, list[Outcome]] = {}
     ids = [p.prediction_id for p in predictions]
     for start in range(0, len(ids), 500):  # bounded IN lists

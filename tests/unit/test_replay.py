@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from decision_router.replay import (
     pair,
     replay,
     replay_store,
+    routing_order,
+    stream_position,
 )
 from decision_router.router import in_holdout
 from decision_router.rules import RuleSet, load_rules
@@ -183,6 +186,38 @@ def test_cooldown_is_simulated_per_rule_and_entity(current: RuleSet) -> None:
         Change("within", "account:a", "high: suppressed", "high: alert"),
         Change("after", "account:a", "high: alert", "high: suppressed"),
     )
+
+
+def test_a_batch_is_replayed_in_stream_order(current: RuleSet) -> None:
+    # One batch: one received_at. The router routed each entity's predictions in stream order, so the first
+    # alerted and started the cooldown. Neither the prediction ids (pw-168 < pw-18, pw-1 < pw-2) nor the entry
+    # ids as text (...-10 < ...-9, 1000-0 < 999-0) sort that way.
+    def sent(pid: str, entity_id: str, stream_id: str) -> StoredPrediction:
+        return replace(stored(pid, 0.9, entity_id=entity_id, account_manager="alice"), stream_id=stream_id)
+
+    predictions = [
+        sent("pw-18", "a", "1732612345678-9"), sent("pw-168", "a", "1732612345678-10"),
+        sent("pw-2", "b", "999-0"), sent("pw-1", "b", "1000-0"),
+    ]
+    alert, suppressed = Outcome("high", "alice", "high", "alert"), Outcome("high", "alice", "high", "suppressed")
+    actual = {"pw-18": [alert], "pw-168": [suppressed], "pw-2": [alert], "pw-1": [suppressed]}
+    report = replay(predictions, actual, current)
+    assert (report.unchanged, report.changed) == (4, {"rule": 0, "owner": 0, "priority": 0, "action": 0})
+
+
+def test_routing_order_is_by_batch_then_stream_entry() -> None:
+    assert stream_position("1732612345678-10") == (1732612345678, 10)
+    assert stream_position(None) is None and stream_position("1-p1") is None and stream_position("7") is None
+    later = T0 + timedelta(seconds=1)
+    ordered = [
+        replace(stored("z", 0.1, at=T0), stream_id="9-9"),
+        replace(stored("y", 0.1, at=T0), stream_id="9-10"),
+        replace(stored("x", 0.1, at=T0), stream_id="10-0"),
+        stored("m", 0.1, at=T0),  # no stream id: after those with one, by prediction id
+        stored("n", 0.1, at=T0),
+        replace(stored("a", 0.1, at=later), stream_id="1-0"),  # a later batch
+    ]
+    assert sorted([ordered[i] for i in (5, 3, 0, 4, 2, 1)], key=routing_order) == ordered
 
 
 # the store -----------------------------------------------------------------------------
