@@ -572,6 +572,10 @@ def _load(rules_dir: Path) -> tuple[RuleSet | None, list[RuleProblem]]:
 
 def attempt_load(rules_dir: Path | str) -> LoadAttempt:
     rules_dir = Path(rules_dir)
+    if rules_dir.is_file():
+        # `rules check rules/routing.yaml`: one problem saying so, not "routing.yaml/routing.yaml: cannot read".
+        problem = RuleProblem(str(rules_dir), "-", "-", f"is a file: give the rules directory ({rules_dir.parent})")
+        return LoadAttempt(None, [problem], version_of(b"", b""))
     base = rules_dir.resolve().name or str(rules_dir)
     routing_out = _Problems(f"{base}/{ROUTING_FILE}")
     owners_out = _Problems(f"{base}/{OWNERS_FILE}")

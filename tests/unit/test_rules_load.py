@@ -370,6 +370,13 @@ def test_missing_files_are_problems_not_tracebacks(tmp_path: Path) -> None:
     ]
 
 
+def test_a_rules_file_given_for_the_directory_is_one_problem_naming_the_directory(tmp_path: Path) -> None:
+    routing_file = write(tmp_path, GOOD_ROUTING) / "routing.yaml"
+    assert [str(p) for p in check_rules(routing_file)] == [
+        f"{routing_file}: is a file: give the rules directory ({tmp_path / 'rules'})",
+    ]
+
+
 def test_problem_fields_name_file_rule_and_field(tmp_path: Path) -> None:
     routing = "rules:\n  - {name: a, when: {score: {gte: x}}, owner: desk}\n  - {when: {}, owner: desk}\n"
     assert check_rules(write(tmp_path, routing)) == [
