@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
-from decision_router.echo import cap_digits, validation_problems
+from decision_router.echo import cap_digits, counted, validation_problems
 from decision_router.keys import Keys
 
 if TYPE_CHECKING:
@@ -82,11 +82,23 @@ rules_app = App(
 )
 app.add_typer(rules_app, name="rules")
 
+
+class _Console(Console):
+    """A Console whose messages (text, not tables) are never wrapped when they go to a file or a pipe:
+    there Rich would wrap them at 80 (or `width`) columns, and a script grepping `FILE:LINE: skipped: ...`
+    would get half a line. On a terminal they wrap to its width as before."""
+
+    def print(self, *objects: Any, soft_wrap: bool | None = None, **kwargs: Any) -> None:
+        if soft_wrap is None and not self.is_terminal and all(isinstance(o, (str, Text)) for o in objects):
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
+
 # Tables are wide: when output is piped, do not squeeze them into 80 columns.
 # What the commands print holds user and stored text (ids, names, regexes, file lines): never read
 # as Rich markup or emoji codes, so '[/]' or ':smile:' is shown as typed instead of failing or changing.
-out = Console(width=None if sys.stdout.isatty() else 160, markup=False, emoji=False)
-err = Console(stderr=True, markup=False, emoji=False)
+out = _Console(width=None if sys.stdout.isatty() else 160, markup=False, emoji=False)
+err = _Console(stderr=True, markup=False, emoji=False)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -327,7 +339,8 @@ def publish(
             await redis.aclose()
 
     asyncio.run(run())
-    out.print(f"published {summary.published} predictions to {stream}; skipped {len(summary.bad)} bad lines")
+    out.print(f"published {counted(summary.published, 'prediction')} to {stream}; "
+              f"skipped {counted(len(summary.bad), 'bad line')}")
     if summary.bad and not summary.published:
         raise typer.Exit(1)
 
@@ -353,7 +366,40 @@ def outcome(
     if entity is not None:
         entity_type, entity_id = parse_entity(entity)
         document.update(entity_type=entity_type, entity_id=entity_id)
-    send_outcome(document)
+    send_outcome(document, options=OUTCOME_OPTIONS)
+
+
+# An outcome event's fields as the `outcome` command names them, for its error messages.
+OUTCOME_OPTIONS = {
+    "type": "TYPE", "actor": "--actor", "alert_id": "--alert", "prediction_id": "--prediction",
+    "entity_type": "--entity", "entity_id": "--entity", "action": "--action", "result": "--result",
+    "value": "--value", "owner": "--owner", "note": "--note",
+}
+# The whole-event rules of contracts.OutcomeEvent, worded with the `outcome` command's options
+# (tests/unit/test_cli_messages.py breaks each one, so a reworded rule is noticed).
+_OUTCOME_RULES_AS_OPTIONS = {
+    "address the event by exactly one of alert_id, prediction_id, or entity_type+entity_id":
+        "address the event by exactly one of --alert, --prediction or --entity",
+    "an outcome event needs result: success or failure": "TYPE outcome needs --result success or failure",
+    "result is only allowed on type: outcome": "--result is only allowed with TYPE outcome",
+    "a reassigned event needs owner: the new owner's id": "TYPE reassigned needs --owner: the new owner's id",
+    "owner is only allowed on type: reassigned": "--owner is only allowed with TYPE reassigned",
+}
+
+
+def _outcome_problems(exc: Any, options: Mapping[str, str] | None) -> str:
+    """An invalid outcome event's problems, naming `options` (field -> option) instead of its fields."""
+    if options is None:
+        return validation_problems(exc, nameless="event")
+    parts = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        if error["loc"]:
+            where = options.get(str(error["loc"][0])) or ".".join(str(part) for part in error["loc"])
+            parts.append(f"{where}: {message}")
+        else:
+            parts.append(_OUTCOME_RULES_AS_OPTIONS.get(message, message))
+    return "; ".join(parts)
 
 
 def parse_entity(entity: str) -> tuple[str, str]:
@@ -364,9 +410,11 @@ def parse_entity(entity: str) -> tuple[str, str]:
     return entity_type, entity_id
 
 
-def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> None:
+def send_outcome(
+    document: dict[str, Any], settings: Settings | None = None, *, options: Mapping[str, str] | None = None
+) -> None:
     """Validate an outcome event (exit 2 when invalid, or when the router's gate would dead-letter it)
-    and publish it on the outcomes stream."""
+    and publish it on the outcomes stream. `options`: how the command names the fields, for errors."""
     import asyncio
 
     from pydantic import ValidationError
@@ -378,7 +426,7 @@ def send_outcome(document: dict[str, Any], settings: Settings | None = None) -> 
     try:
         event = OutcomeEvent.model_validate({k: v for k, v in document.items() if v is not None})
     except ValidationError as exc:
-        fail(f"invalid outcome event: {validation_problems(exc, nameless='event')}", code=2)
+        fail(f"invalid outcome event: {_outcome_problems(exc, options)}", code=2)
     settings = settings or settings_or_exit()
     stream = Keys(settings.stream_prefix).outcomes
     # The router's own gate, on the entry as it will be written: an empty id, a note over the size limit...
@@ -429,7 +477,7 @@ def fail_with_problems(problems: list[Any], directory: Path) -> NoReturn:
     """Every problem of a rules directory on stderr, then exit 1."""
     for problem in problems:
         err.print(str(problem), highlight=False, soft_wrap=True)
-    err.print(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {directory}", style="bold red")
+    err.print(f"{counted(len(problems), 'problem')} in {directory}", style="bold red")
     raise typer.Exit(1)
 
 
@@ -446,7 +494,8 @@ def rules_check(
         fail_with_problems(problems, directory)
     ruleset = load_rules(directory)
     out.print(
-        f"{directory}: ok — {len(ruleset.rules)} rules, {len(ruleset.owners)} owners, version {ruleset.version}",
+        f"{directory}: ok — {counted(len(ruleset.rules), 'rule')}, {counted(len(ruleset.owners), 'owner')}, "
+        f"version {ruleset.version}",
         highlight=False,
     )
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from decision_router.cli import App, _connect, app, fail, out, settings_or_exit
+from decision_router.echo import counted
 from decision_router.keys import Keys
 
 if TYPE_CHECKING:
@@ -50,10 +51,11 @@ def redrive_deliveries() -> None:
     finally:
         engine.dispose()
     sent, delivered = done.sent, done.delivered
-    out.print(f"re-sent {sent} dead-lettered deliveries: {delivered} delivered, {sent - delivered} dead-lettered again")
+    out.print(f"re-sent {counted(sent, 'dead-lettered delivery', 'dead-lettered deliveries')}: {delivered} delivered, "
+              f"{sent - delivered} dead-lettered again")
     if done.left:
         dlq = Keys(settings.stream_prefix).deliveries_dlq
-        out.print(f"left {len(done.left)} entries on {dlq} with nothing to re-send:")
+        out.print(f"left {counted(len(done.left), 'entry', 'entries')} on {dlq} with nothing to re-send:")
         for entry_id, why in done.left[:MAX_LISTED]:
             out.print(f"  {entry_id}: {why}")
         if len(done.left) > MAX_LISTED:

@@ -7,6 +7,7 @@ done in audit.py, explain.py and replay.py; this module parses options and forma
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from decision_router.cli import (
     send_outcome,
     settings_or_exit,
 )
+from decision_router.echo import counted, did_you_mean
 
 if TYPE_CHECKING:
     from decision_router.settings import Settings
@@ -54,8 +56,9 @@ def say(text: str = "", *, style: str | None = None, stderr: bool = False) -> No
     (err if stderr else out).print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def _as_directory(path: Path) -> str:
+    """`rules/`: a rules directory as a header names it (`rules rules (version ...)` read as a stammer)."""
+    return str(path).rstrip(os.sep) + os.sep
 
 
 def _json(document: Any) -> None:
@@ -150,7 +153,8 @@ def audit(
     elif entity_key is None:
         _print_alert(story, siblings=True)
     else:
-        say(f"entity {entity}: {_count(len(story.predictions), 'prediction')}, {_count(len(story.alerts), 'decision')}",
+        say(f"entity {entity}: {counted(len(story.predictions), 'prediction')}, "
+            f"{counted(len(story.alerts), 'decision')}",
             style="bold")
         for alert_story_ in story.alerts:
             say()
@@ -168,8 +172,6 @@ def reassign(
     reason: Annotated[Optional[str], typer.Option(help="Why; kept in the audit trail as the note.")] = None,
 ) -> None:
     """Hand an alert to another owner: the same event as `outcome reassigned --alert ID --owner ...`."""
-    import difflib
-
     from decision_router.rules import RulesInvalid, load_rules
 
     settings = settings_or_exit()
@@ -180,9 +182,7 @@ def reassign(
             "the router dead-letters a reassignment to an unknown owner (unknown_owner)", stderr=True)
     else:
         if to not in owners:
-            close = difflib.get_close_matches(to, list(owners), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            fail(f"owner '{to}' is not in the owner directory ({settings.rules_dir}){hint}", code=2)
+            fail(f"owner '{to}' is not in the owner directory ({settings.rules_dir}){did_you_mean(to, owners)}", code=2)
     send_outcome({"type": "reassigned", "alert_id": alert_id, "actor": by, "owner": to, "note": reason}, settings)
 
 
@@ -197,7 +197,8 @@ def _print_case(result: Any) -> None:
     if explanation is None:
         return
     count = len(explanation.matches)
-    say(f"{explanation.prediction_id} ({case.source}): {_count(count, 'rule')} match{'es' if count == 1 else ''}", style="bold")
+    say(f"{explanation.prediction_id} ({case.source}): {counted(count, 'rule')} match{'es' if count == 1 else ''}",
+        style="bold")
     for n, m in enumerate(explanation.matches, start=1):
         lines = [
             f"{n}. {m.rule}",
@@ -216,7 +217,10 @@ def _print_case(result: Any) -> None:
 @rules_app.command("test")
 def rules_test(
     prediction: Annotated[Optional[str], typer.Argument(help="A prediction as JSON; '-' or nothing reads stdin.")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", exists=True, dir_okay=False, help="A JSON object or JSON lines.")] = None,
+    file: Annotated[Optional[Path], typer.Option(
+        "--file", exists=True, dir_okay=False,
+        help="A JSON object, a JSON array or JSON lines; CSV with a header row (as publish reads it) if named *.csv.",
+    )] = None,
     rules: Annotated[Optional[Path], typer.Option("--rules", help="Rules directory (default: DECISION_ROUTER_RULES_DIR).")] = None,
     expect_rule: Annotated[Optional[list[str]], typer.Option("--expect-rule", help="Rules that must match (repeat or a,b).")] = None,
     expect_owner: Annotated[Optional[list[str]], typer.Option("--expect-owner", help="Owners that must be chosen (repeat or a,b).")] = None,
@@ -225,12 +229,14 @@ def rules_test(
     """Which rules match a prediction, who owns it and why; exit 1 when --expect-* do not hold."""
     from decision_router.explain import (
         as_document,
+        csv_cases,
         exit_code,
         parse_inputs,
         run_cases,
         split_expectations,
     )
     from decision_router.pipeline import utcnow
+    from decision_router.publisher import FileFormatError
 
     _format(fmt)
     if file is not None and prediction is not None:
@@ -239,21 +245,28 @@ def rules_test(
     ruleset = _ruleset_or_exit(directory)
     # A byte that is not UTF-8 fails its own prediction (the gate: invalid_encoding), not the whole input;
     # stdin is read as bytes too, as its text decoding (and so what a bad byte does) depends on the locale.
-    if file is not None:
-        text, source = file.read_bytes().decode("utf-8-sig", "surrogateescape"), str(file)
-    elif prediction not in (None, "-"):
-        text, source = prediction, "argument"  # type: ignore[assignment]
+    if file is not None and file.suffix.lower() == ".csv":  # a CSV by its extension, as `publish --format auto`
+        try:
+            cases = csv_cases(file)
+        except FileFormatError as exc:
+            fail(str(exc), code=2)
     else:
-        if sys.stdin.isatty():
-            say("reading predictions from stdin (end with Ctrl-D)", stderr=True)
-        text, source = sys.stdin.buffer.read().decode("utf-8-sig", "surrogateescape"), "stdin"
+        if file is not None:
+            text, source = file.read_bytes().decode("utf-8-sig", "surrogateescape"), str(file)
+        elif prediction not in (None, "-"):
+            text, source = prediction, "argument"  # type: ignore[assignment]
+        else:
+            if sys.stdin.isatty():
+                say("reading predictions from stdin (end with Ctrl-D)", stderr=True)
+            text, source = sys.stdin.buffer.read().decode("utf-8-sig", "surrogateescape"), "stdin"
+        cases = parse_inputs(text, source)
     rule_names, owner_ids = split_expectations(expect_rule), split_expectations(expect_owner)
     now = utcnow()
-    results = run_cases(parse_inputs(text, source), ruleset, now=now, rules=rule_names, owners=owner_ids)
+    results = run_cases(cases, ruleset, now=now, rules=rule_names, owners=owner_ids)
     if fmt == "json":
         _json(as_document(results, ruleset, now=now, rules=rule_names, owners=owner_ids))
     else:
-        say(f"rules {directory} (version {ruleset.version}), evaluated at {_when(now)}")
+        say(f"rules in {_as_directory(directory)} (version {ruleset.version}), evaluated at {_when(now)}")
         for result in results:
             _print_case(result)
     for result in results:
@@ -305,13 +318,13 @@ def rules_replay(
                "candidate_rules_dir": str(rules), "current_rules_dir": str(settings.rules_dir),
                "current_rules_version": current, **report.as_dict()})
         return
-    say(f"candidate rules {rules} (version {candidate.version}); current rules {settings.rules_dir} "
-        f"(version {current or 'n/a: they do not load'})")
+    say(f"candidate rules in {_as_directory(rules)} (version {candidate.version}); "
+        f"current rules in {_as_directory(settings.rules_dir)} (version {current or 'n/a: they do not load'})")
     if not report.replayed:
         say(f"no predictions received in {window}: nothing to replay")
         return
     versions = ", ".join(f"{v} ({n})" for v, n in sorted(report.recorded_versions.items()))
-    say(f"replayed {_count(report.replayed, 'prediction')} received in {window}, routed then by rules {versions}")
+    say(f"replayed {counted(report.replayed, 'prediction')} received in {window}, routed then by rules {versions}")
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column("what")
     table.add_column("predictions", justify="right")
@@ -321,7 +334,7 @@ def rules_replay(
         table.add_row(label, str(report.changed.get(aspect, 0)))
     out.print(table)
     if report.missing_lookups:
-        sources = ", ".join(f"{name} ({_count(n, 'prediction')})" for name, n in report.missing_lookups.items())
+        sources = ", ".join(f"{name} ({counted(n, 'prediction')})" for name, n in report.missing_lookups.items())
         say(f"replayed without looked-up context they were not stored with (lookup.* fields missing): {sources}")
     for aspect, label in _CHANGED.items():
         shown = report.examples.get(aspect, ())

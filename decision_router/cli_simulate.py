@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from decision_router.cli import MAX_SIMULATED_ENTITIES, app, err, fail, fail_store, out, settings_or_exit
+from decision_router.echo import counted
 
 if TYPE_CHECKING:  # simulate.py pulls in the whole service (monitor, notify, channels, httpx): imported when run
     from decision_router.simulate import SimulationResult
@@ -48,7 +49,8 @@ def describe(result: SimulationResult) -> str:
     p = result.params
     drift = f", scores drift +{p.drift_shift:g} from day {p.drift_from_day}" if p.drift_from_day is not None else ""
     return (
-        f"simulated {p.days} days of predictions and {p.total_days - p.days} of follow-up: {p.entities} accounts, "
+        f"simulated {counted(p.days, 'day')} of predictions and {p.total_days - p.days} of follow-up: "
+        f"{counted(p.entities, 'account')}, "
         f"seed {p.seed}, rule churn-risk on score >= {p.threshold:g} with holdout {p.holdout:.0%}, "
         f"intervention effect {p.effect:+g}{drift}"
     )
@@ -141,11 +143,13 @@ def print_result(result: SimulationResult, console: Console | None = None) -> No
             + ("nothing flagged" if not result.flagged_days else f"flagged on days {result.flagged_days} (false alarm)")
         )
     rejected = ", ".join(f"{reason} {n}" for reason, n in sorted(result.rejected.items())) or "nothing"
-    lines.append(f"quality gate rejected: {rejected} (of {tally.bad_inputs} bad inputs injected)")
+    lines.append(f"quality gate rejected: {rejected} (of {counted(tally.bad_inputs, 'bad input')} injected)")
     if m is not None:
-        lines.append(f"SLA: {m.escalations} escalations to the team lead, {m.sla_breaches} breaches")
+        escalations, breaches = counted(m.escalations, "escalation"), counted(m.sla_breaches, "breach", "breaches")
+        lines.append(f"SLA: {escalations} to the team lead, {breaches}")
     lines.append(
-        f"{tally.published_predictions} predictions and {tally.events} owner and CRM events in {result.elapsed_s:.1f}s"
+        f"{counted(tally.published_predictions, 'prediction')} and {counted(tally.events, 'owner and CRM event')} "
+        f"in {result.elapsed_s:.1f}s"
     )
     for line in lines:
         console.print(line, markup=False, highlight=False, soft_wrap=True)

@@ -320,21 +320,53 @@ def stats(
     start, end = _window(since, until)
     settings = settings_or_exit()
 
-    def read(session: Any) -> list[StatsRow]:
+    def read(session: Any) -> tuple[list[StatsRow], str | None]:
         # Started now, not earlier: SQLAlchemy's imports are done (the thread imports the rules'
         # modules, and holds the import lock meanwhile), and the database is about to count.
         holdouts = HoldoutsLoading(settings.rules_dir, in_thread=session.get_bind().dialect.name == "postgresql")
         try:
-            return compute_stats(
+            rows = compute_stats(
                 session, by=group, since=start, until=end, rule=rule, owner=owner, model=model, holdouts=holdouts,
             )
         finally:
             holdouts.join()  # also when the store fails: a warning about the rules comes before the error
+        return rows, None if rows else _unknown_filter(session, settings.rules_dir, rule=rule, owner=owner)
 
-    rows = _read(settings, read)
+    rows, unknown = _read(settings, read)
+    if unknown is not None:
+        fail(unknown, code=2)
     if fmt != "table":
         _warn_srm(rows)
     print_stats(rows, group, fmt)
+
+
+def _unknown_filter(session: Any, rules_dir: Path, *, rule: str | None, owner: str | None) -> str | None:
+    """Why an empty result is a typo: --rule or --owner names no rule (owner) of the current rules and
+    no alert in the store (a rule since removed still has its alerts). None when both are known, or
+    when the rules do not load (load_holdouts has warned)."""
+    if rule is None and owner is None:
+        return None
+    from sqlalchemy import select
+
+    from decision_router.echo import did_you_mean
+    from decision_router.rules import RulesInvalid, load_rules
+    from decision_router.tables import AlertRecord
+
+    try:
+        ruleset = load_rules(rules_dir)
+    except RulesInvalid:
+        return None
+    checks = (
+        ("--rule", rule, "rule", "the rules", [r.name for r in ruleset.rules], AlertRecord.rule),
+        ("--owner", owner, "owner", "the owner directory", list(ruleset.owners), AlertRecord.owner),
+    )
+    for option, value, what, where, known, column in checks:
+        if value is None or value in known:
+            continue
+        if session.execute(select(column).where(column == value).limit(1)).first() is None:
+            return (f"{option}: {what} '{value}' is not in {where} ({rules_dir}), and the store has no alerts for it"
+                    f"{did_you_mean(value, known)}")
+    return None
 
 
 # stats quality -------------------------------------------------------------------------

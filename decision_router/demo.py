@@ -10,6 +10,7 @@ uplift beside the measured one, then the stats per rule.
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,15 @@ from pathlib import Path
 from rich.console import Console
 from sqlmodel import Session
 
+from decision_router.echo import counted
 from decision_router.keys import Keys
 from decision_router.settings import Settings, redact_url
-from decision_router.simulate import RULE, WATCH_RULE, SimulationParams, run_simulation
+from decision_router.simulate import RULE, WATCH_RULE, SimulationParams, run_simulation, write_rules
 from decision_router.stats import GroupBy, StatsRow, compute_stats
 from decision_router.store import make_engine
 
 DEMO_DATABASE = "decision_router_demo.db"
+DEMO_RULES = "decision_router_demo_rules"  # the simulated world's rules, kept beside the database for `stats`
 DEMO_PREFIX = "demo:"
 
 
@@ -44,15 +47,16 @@ async def run_demo(
         Path(DEMO_DATABASE).unlink(missing_ok=True)
         for suffix in ("-wal", "-shm"):
             Path(DEMO_DATABASE + suffix).unlink(missing_ok=True)
-        database_url = f"sqlite:///{DEMO_DATABASE}"
+        database_url = f"sqlite:///{Path(DEMO_DATABASE).resolve()}"  # absolute: the command shown works anywhere
     params = SimulationParams(entities=predictions, seed=seed)
     keys = Keys(DEMO_PREFIX)
     bad = round(params.entities * params.bad_input_rate)
 
     def on_start(url: str, prefix: str) -> None:
         console.print(
-            f"publishing {params.entities + bad} predictions over {params.days} simulated days to {keys.predictions} "
-            f"(embedded Redis at {url}); {params.total_days - params.days} more days for the CRM's results",
+            f"publishing {counted(params.entities + bad, 'prediction')} over {counted(params.days, 'simulated day')} "
+            f"to {keys.predictions} (embedded Redis at {url}); "
+            f"{counted(params.total_days - params.days, 'more day')} for the CRM's results",
             markup=False, highlight=False, soft_wrap=True,
         )
 
@@ -62,13 +66,13 @@ async def run_demo(
         on_start=on_start, read_every_day=False,
     )
     console.print(
-        f"owners and the CRM recorded {result.tally.events} events on {keys.outcomes}",
+        f"owners and the CRM recorded {counted(result.tally.events, 'event')} on {keys.outcomes}",
         markup=False, highlight=False, soft_wrap=True,
     )
     if result.measured is not None:
         console.print(
-            f"SLA sweeps: {result.measured.escalations} alerts escalated to the team lead, "
-            f"{result.measured.sla_breaches} SLA breaches at the top of the chain",
+            f"SLA sweeps: {counted(result.measured.escalations, 'alert')} escalated to the team lead, "
+            f"{counted(result.measured.sla_breaches, 'SLA breach', 'SLA breaches')} at the top of the chain",
             markup=False, highlight=False, soft_wrap=True,
         )
     console.print(
@@ -87,8 +91,13 @@ async def run_demo(
     console.print(
         f"demo finished in {time.monotonic() - started:.1f}s; store: {redact_url(database_url)}", markup=False, highlight=False
     )
+    # The simulation's rules lived in a scratch directory, gone now: `stats` needs them (the sample ratio
+    # check reads the holdouts), so they are written again where the command shown finds them from anywhere.
+    rules_dir = Path(DEMO_RULES).resolve()
+    write_rules(rules_dir, [params])
     console.print(
-        f"explore it: DECISION_ROUTER_DATABASE_URL={redact_url(database_url)} decision-router stats --by owner",
+        f"explore it: DECISION_ROUTER_DATABASE_URL={shlex.quote(redact_url(database_url))} "
+        f"DECISION_ROUTER_RULES_DIR={shlex.quote(str(rules_dir))} decision-router stats --by owner",
         markup=False, highlight=False, soft_wrap=True,
     )
     return DemoResult(rows=rows, by=GroupBy.RULE)

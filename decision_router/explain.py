@@ -16,12 +16,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from decision_router.contracts import Prediction, Rejection, RejectionReason, storable_text
 from decision_router.durations import format_duration
 from decision_router.echo import cap_digits
-from decision_router.publisher import undecoded, validate_entry
+from decision_router.publisher import read_entries, undecoded, validate_entry
 from decision_router.quality import MAX_INT_BITS, original_payload
 from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
@@ -201,6 +202,18 @@ def parse_inputs(text: str, source: str) -> list[Case]:
     if len(lines) <= 1:
         return [check(lines[0][1] if lines else text, source)]
     return [check(line, f"{source}:{n}") for n, line in lines]
+
+
+def csv_cases(path: Path) -> list[Case]:
+    """A CSV file's rows read as `publish` reads them (a header row, dotted columns such as
+    context.account_manager), each checked by the gate; named FILE:LINE. Raises FileFormatError
+    for a file `publish` refuses as a whole (no header)."""
+    cases = []
+    for number, entry in read_entries(path, "csv"):
+        checked = validate_entry(entry)
+        source = f"{path}:{number}"
+        cases.append(Case(source, checked, None) if isinstance(checked, Prediction) else Case(source, None, checked))
+    return cases
 
 
 _SEPARATOR = re.compile(r"[ \t\n\r]*,?[ \t\n\r]*")  # JSON's whitespace, around a comma or not

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, select
 
+from decision_router.echo import did_you_mean
 from decision_router.tables import _when, as_utc
 
 TOKEN_PREFIX = "drt_"
@@ -68,6 +69,19 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+MAX_KNOWN_LISTED = 5  # owners listed when a mistyped one is like none of them
+
+
+def _known(owner: str, owners: Mapping[str, object]) -> str:
+    """The owner `owner` most likely mistypes; else the first few owners (a directory can hold hundreds)."""
+    hint = did_you_mean(owner, owners)
+    if hint:
+        return hint
+    known = sorted(owners)
+    more = f", +{len(known) - MAX_KNOWN_LISTED} more" if len(known) > MAX_KNOWN_LISTED else ""
+    return f"; known: {', '.join(known[:MAX_KNOWN_LISTED]) or 'none'}{more}"
+
+
 def create_token(
     engine: Engine,
     *,
@@ -85,8 +99,7 @@ def create_token(
         if not owner:
             raise TokenError("an owner token needs --owner")
         if owners is not None and owner not in owners:
-            known = ", ".join(sorted(owners)) or "none"
-            raise TokenError(f"owner {owner!r} is not in the owner directory (owners.yaml); known: {known}")
+            raise TokenError(f"owner {owner!r} is not in the owner directory (owners.yaml){_known(owner, owners)}")
     elif owner:
         raise TokenError(f"--owner only applies to role owner, not {role}")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)

@@ -7,7 +7,6 @@ owner) by name and the dotted field, as `rules check` prints them.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import sys
 from collections.abc import Iterable
@@ -19,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from decision_router.durations import format_duration
-from decision_router.echo import cap_digits
+from decision_router.echo import cap_digits, close_match, did_you_mean
 from decision_router.rules.compile import RuleSet, build_ruleset
 from decision_router.rules.spec import (
     OPERATORS,
@@ -281,14 +280,21 @@ def _container(path: tuple[str, ...], in_item: bool, list_key: str) -> tuple[typ
     return RuleSpec, "key"
 
 
+def _unknown(what: str, name: str, allowed: Iterable[str]) -> str:
+    """An unknown key or operator, with the close match a typo (`onwer:`) most likely meant."""
+    allowed = list(allowed)
+    close = close_match(name, allowed)
+    hint = f" (did you mean '{close}'?)" if close is not None else ""
+    return f"unknown {what} '{name}'{hint}; expected one of {', '.join(allowed)}"
+
+
 def _message(error: Any, path: tuple[str, ...], in_item: bool, list_key: str) -> str:
     kind, value = error["type"], error.get("input")
     if kind == "extra_forbidden":
         model, what = _container(path, in_item, list_key)
         if what == "operator":
-            return f"unknown operator '{path[-1]}'; expected one of {', '.join(OPERATORS)}"
-        allowed = [f.alias or name for name, f in model.model_fields.items()]
-        return f"unknown key '{path[-1]}'; expected one of {', '.join(allowed)}"
+            return _unknown("operator", path[-1], OPERATORS)
+        return _unknown("key", path[-1], [f.alias or name for name, f in model.model_fields.items()])
     if kind == "missing":
         return "required"
     if kind == "value_error":
@@ -315,11 +321,6 @@ def _validation_problems(exc: ValidationError, labels: list[str], list_key: str,
         position = int(loc[1]) if in_item else -1
         label = labels[position] if in_item else "-"
         out.add(position, label, ".".join(path) or "-", _message(error, path, in_item, list_key))
-
-
-def _did_you_mean(value: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(value, list(known), n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _str(item: Any, key: str) -> str | None:
@@ -375,7 +376,7 @@ def _check_owners(raw: list[Any], labels: list[str], out: _Problems, rules_dir: 
     for i, item in enumerate(raw):
         oid, manager, delegate = _str(item, "id"), _str(item, "manager"), _str(item, "delegate")
         if manager is not None and manager not in first:
-            out.add(i, labels[i], "manager", f"'{manager}' is not in the owner directory{_did_you_mean(manager, first)}")
+            out.add(i, labels[i], "manager", f"'{manager}' is not in the owner directory{did_you_mean(manager, first)}")
         channels = item.get("channels") if isinstance(item, dict) else None
         if isinstance(channels, list) and "email" in channels and _str(item, "email") is None:
             out.add(i, labels[i], "channels", "channel 'email' needs an email address, and email is not set")
@@ -397,7 +398,7 @@ def _check_owners(raw: list[Any], labels: list[str], out: _Problems, rules_dir: 
             out.add(i, labels[i], "delegate", "an owner cannot be their own delegate")
         elif delegate is not None and delegate not in first:
             others = [known for known in first if known != oid]  # never suggest delegating to oneself
-            out.add(i, labels[i], "delegate", f"'{delegate}' is not in the owner directory{_did_you_mean(delegate, others)}")
+            out.add(i, labels[i], "delegate", f"'{delegate}' is not in the owner directory{did_you_mean(delegate, others)}")
         if isinstance(item, dict) and item.get("away_until") is not None and item.get("delegate") is None:
             out.add(i, labels[i], "delegate", "away owners need a delegate, or alerts would go unread")
         if oid is None or first[oid] != i:
@@ -456,7 +457,7 @@ def _check_owner_ref(owner: Any, i: int, label: str, directory: set[str] | None,
     for field_, oid in named:
         # Skipped when owners.yaml is unreadable: every owner would be "unknown".
         if directory is not None and isinstance(oid, str) and oid not in directory:
-            out.add(i, label, field_, f"'{oid}' is not in the owner directory{_did_you_mean(oid, directory)}")
+            out.add(i, label, field_, f"'{oid}' is not in the owner directory{did_you_mean(oid, directory)}")
 
 
 _ALERT_ONLY = {
@@ -508,15 +509,14 @@ def _check_models(data: dict[str, Any], directory: set[str] | None, out: _Proble
                 path = tuple(str(p) for p in error["loc"] if not isinstance(p, int))
                 if error["type"] == "extra_forbidden":
                     model = ModelDriftSpec if path[:1] == ("drift",) and len(path) == 2 else ModelSpec
-                    allowed = ", ".join(model.model_fields)
-                    message = f"unknown key '{path[-1]}'; expected one of {allowed}"
+                    message = _unknown("key", path[-1], list(model.model_fields))
                 else:
                     message = _message(error, path, True, "rules")
                 out.add(position, label, ".".join(path) or "-", message)
         owner = _str(item, "owner")
         # Skipped when owners.yaml is unreadable: every owner would be "unknown".
         if directory is not None and owner is not None and owner not in directory:
-            out.add(position, label, "owner", f"'{owner}' is not in the owner directory{_did_you_mean(owner, directory)}")
+            out.add(position, label, "owner", f"'{owner}' is not in the owner directory{did_you_mean(owner, directory)}")
 
 
 def _check_lookups(data: dict[str, Any], labels: list[str], out: _Problems) -> None:
@@ -547,7 +547,7 @@ def _check_lookups(data: dict[str, Any], labels: list[str], out: _Problems) -> N
             if source not in declared and (field_, source) not in reported:
                 reported.add((field_, source))
                 out.add(i, labels[i], field_, f"context source '{source}' is not declared in context_sources"
-                        f"{_did_you_mean(source, declared)}")
+                        f"{did_you_mean(source, declared)}")
 
 
 def version_of(routing: bytes, owners: bytes) -> str:
@@ -572,6 +572,10 @@ def _load(rules_dir: Path) -> tuple[RuleSet | None, list[RuleProblem]]:
 
 def attempt_load(rules_dir: Path | str) -> LoadAttempt:
     rules_dir = Path(rules_dir)
+    if rules_dir.is_file():
+        # `rules check rules/routing.yaml`: one problem saying so, not "routing.yaml/routing.yaml: cannot read".
+        problem = RuleProblem(str(rules_dir), "-", "-", f"is a file: give the rules directory ({rules_dir.parent})")
+        return LoadAttempt(None, [problem], version_of(b"", b""))
     base = rules_dir.resolve().name or str(rules_dir)
     routing_out = _Problems(f"{base}/{ROUTING_FILE}")
     owners_out = _Problems(f"{base}/{OWNERS_FILE}")

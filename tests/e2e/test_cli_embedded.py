@@ -7,6 +7,7 @@ there. These run the installed console script, as a user would.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import signal
 import subprocess
@@ -136,9 +137,12 @@ def test_publish_csv_with_dotted_columns(workdir, env, server) -> None:
         f"v1,churn,3,account,acct-v1,0.95,{now},enterprise,elena-petrova\n"
         f"v2,churn,3,account,acct-v2,not-a-number,{now},enterprise,elena-petrova\n"
     )
-    published = run(["publish", "scores.csv"], env, workdir)
+    # COLUMNS=80: the width Rich assumes for a pipe; a skipped line is still one line, for grep.
+    published = run(["publish", "scores.csv"], {**env, "COLUMNS": "80"}, workdir)
     assert published.returncode == 0, published.stderr
-    assert "scores.csv:3: skipped: schema: score" in published.stderr
+    (skipped,) = published.stderr.splitlines()
+    assert skipped.startswith("scores.csv:3: skipped: schema: score") and len(skipped) > 80, published.stderr
+    assert published.stdout == "published 1 prediction to predictions; skipped 1 bad line\n"
     wait_for(lambda: client.xlen("alerts:elena-petrova") == 1, what="the CSV prediction routed")
 
 
@@ -148,7 +152,7 @@ def test_publish_reports_undecodable_and_overlong_lines_and_publishes_the_rest(w
     published = run(["publish", "m.jsonl", "--batch", "1"], env, workdir)
     assert published.returncode == 0, published.stderr
     assert "m.jsonl:2: skipped: invalid_encoding: field data is not valid UTF-8" in published.stderr
-    assert "published 2 predictions" in published.stdout and "skipped 1 bad lines" in published.stdout
+    assert published.stdout == "published 2 predictions to predictions; skipped 1 bad line\n"
 
     now = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
     good = f"churn,3,account,acct-w1,0.95,{now}"
@@ -243,7 +247,7 @@ def test_rules_check_accepts_the_shipped_rules(workdir, env) -> None:
 def test_outcome_cli_validates_before_sending(workdir, env) -> None:
     result = run(["outcome", "outcome", "--alert", "al-1", "--actor", "crm"], env, workdir)
     assert result.returncode == 2
-    assert "needs result" in result.stderr
+    assert "TYPE outcome needs --result success or failure" in result.stderr
     result = run(["outcome", "acknowledged", "--entity", "acct-1", "--actor", "a"], env, workdir)
     assert result.returncode == 2 and "TYPE:ID" in result.stderr
 
@@ -257,6 +261,16 @@ def test_demo_runs_the_whole_loop(workdir, env) -> None:
     assert "truth vs measured" in result.stdout and "uplift (treated - control)" in result.stdout
     assert "churn-risk" in result.stdout and "intervention outcomes by rule" in result.stdout
     assert (workdir / "decision_router_demo.db").exists()
+    # The command it suggests works from anywhere: the store and the demo's rules by absolute paths.
+    (suggested,) = [line for line in result.stdout.splitlines() if line.startswith("explore it: ")]
+    words = shlex.split(suggested.removeprefix("explore it: "))
+    settings, args = words[:2], words[3:]
+    assert words[2] == "decision-router" and args == ["stats", "--by", "owner"]
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    stats = run(args, {**env, **dict(setting.split("=", 1) for setting in settings)}, elsewhere)
+    assert stats.returncode == 0, stats.stderr
+    assert stats.stderr == "" and "intervention outcomes by owner" in stats.stdout and " SRM! " not in stats.stdout
 
 
 def test_errors_do_not_show_passwords(workdir, env) -> None:

@@ -110,6 +110,7 @@ def test_rules_test_from_argument_file_and_stdin(workdir, env) -> None:
     shown = run(["rules", "test", strategic], env, workdir)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
+    assert lines[0].startswith(f"rules in rules/ (version {load_rules(workdir / 'rules').version}), evaluated at ")
     assert lines[1] == "t1 (argument): 2 rules match"
     assert lines[2] == "1. key-account-churn-visibility" and lines[3].strip() == "owner     dir-enterprise (static)"
     assert "2. enterprise-churn-risk" in lines
@@ -253,7 +254,8 @@ def test_replay_counts_each_kind_of_change_and_writes_nothing(workdir, env, ship
     table = run(["rules", "replay", "--rules", str(candidate), "--examples", "1"], env, workdir)
     assert table.returncode == 0, table.stderr
     text = table.stdout
-    assert f"current rules rules (version {shipped.version})" in text
+    assert f"current rules in rules/ (version {shipped.version})" in text
+    assert f"candidate rules in {candidate}/ (version " in text
     for label, count in (("replayed", 8), ("unchanged", 3), ("rule changed", 2), ("owner changed", 2),
                          ("priority changed", 2), ("action changed", 1)):
         assert any(line.split() == [*label.split(), str(count)] for line in text.splitlines()), (label, text)

@@ -70,3 +70,17 @@ def test_bad_token_requests_are_refused_with_a_clear_reason(engine, kwargs, mess
     with pytest.raises(TokenError, match=message):
         create_token(engine, owners=OWNERS, **kwargs)
     assert list_tokens(engine) == []
+
+
+def test_a_mistyped_owner_gets_its_close_match_and_an_unknown_one_a_short_list(engine) -> None:
+    with pytest.raises(TokenError) as mistyped:
+        create_token(engine, role="owner", owner="alcie", owners=OWNERS)
+    assert str(mistyped.value) == "owner 'alcie' is not in the owner directory (owners.yaml); did you mean 'alice'?"
+    many = {f"owner-{n:02d}": object() for n in range(35)}
+    with pytest.raises(TokenError) as unknown:
+        create_token(engine, role="owner", owner="zed", owners=many)
+    assert str(unknown.value) == (
+        "owner 'zed' is not in the owner directory (owners.yaml); "
+        "known: owner-00, owner-01, owner-02, owner-03, owner-04, +30 more"
+    )
+    assert list_tokens(engine) == []

@@ -149,7 +149,7 @@ def test_simulation_stores_that_do_not_open_are_one_line(args: list[str], code: 
         (["reassign", "", "--to", "alice-moreau", "--by", "me"], "reject it as schema: "),
         (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--note", "x" * 70_000], "as too_large: "),
         (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--owner", "bob"],
-         "owner is only allowed on type: reassigned"),  # the contract's rule, as the router applies it
+         "--owner is only allowed with TYPE reassigned"),  # the contract's rule, as the router applies it, in CLI words
     ],
 )
 def test_an_outcome_the_router_would_reject_is_refused(

@@ -64,8 +64,19 @@ ROUTING_CASES = [
     ]),
     ("continue-catch-all-does-not-hide", "rules:\n  - {name: all, when: {}, owner: desk, continue: true}" + CATCH_ALL, []),
     ("unknown-rule-key", "rules:\n  - name: a\n    when: {}\n    owner: desk\n    prority: high\n", [
-        R + "rule a: prority: unknown key 'prority'; expected one of name, when, owner, priority, action, "
-        "continue, ack_within, act_within, context, cooldown, holdout",
+        R + "rule a: prority: unknown key 'prority' (did you mean 'priority'?); expected one of name, when, owner, "
+        "priority, action, continue, ack_within, act_within, context, cooldown, holdout",
+    ]),
+    # A typo of a key gets its close match; a key like no other (holdout, above) only the list.
+    ("misspelt-keys-and-operator", "rules:\n  - name: a\n    when: {score: {gtee: 0.5}}\n    onwer: desk\n"
+     "  - {name: b, when: {}, owner: {form: context.am, fallback: desk}}\n", [
+        R + "rule a: when.score.gtee: unknown operator 'gtee' (did you mean 'gte'?); expected one of eq, ne, in, "
+        "not_in, gt, gte, lt, lte, between, regex, exists",
+        R + "rule a: owner: required",
+        R + "rule a: onwer: unknown key 'onwer' (did you mean 'owner'?); expected one of name, when, owner, "
+        "priority, action, continue, ack_within, act_within, context, cooldown, holdout",
+        R + "rule b: owner.from: required",
+        R + "rule b: owner.form: unknown key 'form' (did you mean 'from'?); expected one of from, fallback",
     ]),
     ("cooldown-and-holdout-values", """
 rules:
@@ -356,6 +367,13 @@ def test_missing_files_are_problems_not_tracebacks(tmp_path: Path) -> None:
     assert [str(p) for p in check_rules(rules_dir)] == [
         R + f"not found in {rules_dir}/ (a rules directory holds routing.yaml and owners.yaml)",
         O + f"not found in {rules_dir}/ (a rules directory holds routing.yaml and owners.yaml)",
+    ]
+
+
+def test_a_rules_file_given_for_the_directory_is_one_problem_naming_the_directory(tmp_path: Path) -> None:
+    routing_file = write(tmp_path, GOOD_ROUTING) / "routing.yaml"
+    assert [str(p) for p in check_rules(routing_file)] == [
+        f"{routing_file}: is a file: give the rules directory ({tmp_path / 'rules'})",
     ]
 
 
@@ -657,6 +675,9 @@ MODEL_CASES = [
         R + "model fraud: expected a mapping, got None",
         R + "model upsell: colour: unknown key 'colour'; expected one of owner, drift",
         R + "model #4: a model name must be a non-empty string, got 3",
+    ]),
+    ("misspelt-keys", "models: {churn: {owner: desk, drfit: {alpah: 0.01}}}\n", [
+        R + "model churn: drfit: unknown key 'drfit' (did you mean 'drift'?); expected one of owner, drift",
     ]),
     ("not-a-mapping", "models: [churn]\n", [R + "models: expected a mapping, got ['churn']"]),
     ("drift-values", """

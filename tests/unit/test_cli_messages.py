@@ -1,0 +1,191 @@
+"""What the CLI says, as a user reads it and a script greps it: whole lines, counts with the right noun, the
+close match of a mistyped name, its own option names. The CLI in-process (typer's CliRunner), on a SQLite store
+in a temporary directory and the shipped rules."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session
+from typer.testing import CliRunner, Result
+
+from decision_router import cli
+from decision_router.rules import load_rules
+from decision_router.store import create_schema, make_engine
+from tests.unit.test_stats import alert
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_RULES = ROOT / "rules"
+
+
+@pytest.fixture(autouse=True)
+def _workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(SHIPPED_RULES))
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing is ever sent
+    monkeypatch.setenv("COLUMNS", "80")  # the width Rich assumes when output is not a terminal
+    return tmp_path
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli.app, list(args))
+
+
+def one_error(result: Result, code: int) -> str:
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == code, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0].removeprefix("error: ")
+
+
+def small_rules(directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "routing.yaml").write_text("rules:\n  - {name: all, when: {}, owner: desk}\n")
+    (directory / "owners.yaml").write_text("owners:\n  - {id: desk, name: Desk}\n")
+    return directory
+
+
+# Messages to a file or pipe are never wrapped ------------------------------------------------------
+
+
+def test_a_message_on_stderr_is_one_line_however_long() -> None:
+    created = invoke("tokens", "create", "--role", "owner", "--owner", "alice-moreau")
+    assert created.exit_code == 0, created.output
+    (line,) = created.stderr.splitlines()
+    assert line.startswith("created token ")
+    assert line.endswith(" (role owner, owner alice-moreau); it is shown only now:")
+    assert len(line) > 80
+
+
+def test_a_message_on_stdout_is_one_line_however_long(tmp_path: Path) -> None:
+    directory = small_rules(tmp_path / ("long-" * 40 + "rules"))
+    checked = invoke("rules", "check", str(directory))
+    assert checked.exit_code == 0, checked.output
+    assert checked.stdout == f"{directory}: ok — 1 rule, 1 owner, version {load_rules(directory).version}\n"
+
+
+# A name that is not known: did you mean ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--owner", "alcie-moreau"], "--owner: owner 'alcie-moreau' is not in the owner directory ({rules}), and the "
+                                      "store has no alerts for it; did you mean 'alice-moreau'?"),
+        (["--rule", "smb-churn-rsk"], "--rule: rule 'smb-churn-rsk' is not in the rules ({rules}), and the store has "
+                                      "no alerts for it; did you mean 'smb-churn-risk'?"),
+        (["--rule", "nope", "--format", "json"], "--rule: rule 'nope' is not in the rules ({rules}), and the store has "
+                                                 "no alerts for it"),
+    ],
+)
+def test_stats_for_a_rule_or_owner_no_one_knows_is_an_error_like_reassign(args: list[str], message: str) -> None:
+    assert one_error(invoke("stats", *args), 2) == message.format(rules=SHIPPED_RULES)
+
+
+def test_stats_for_a_retired_rule_or_owner_the_store_knows_is_no_error(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    create_schema(engine)
+    month_ago = datetime.now(timezone.utc) - timedelta(days=30)
+    with Session(engine) as session:
+        session.add(alert(1, rule="retired-rule", owner="gone-owner", created=month_ago))
+        session.commit()
+    engine.dispose()
+    for args in (["--rule", "retired-rule"], ["--owner", "gone-owner"]):
+        shown = invoke("stats", *args, "--since", "7d")  # none in the window, but the store has some
+        assert shown.exit_code == 0, shown.output
+        assert "no alerts in this window yet" in shown.stdout and shown.stderr == ""
+        assert json.loads(invoke("stats", *args, "--format", "json").stdout)[0]["routed"] == 1
+
+
+def test_a_token_for_a_mistyped_owner_suggests_the_close_one() -> None:
+    message = one_error(invoke("tokens", "create", "--role", "owner", "--owner", "alcie-moreau"), 2)
+    assert message == "owner 'alcie-moreau' is not in the owner directory (owners.yaml); did you mean 'alice-moreau'?"
+
+
+# outcome names its own options ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["acknowledged", "--actor", "a"], "address the event by exactly one of --alert, --prediction or --entity"),
+        (["acknowledged", "--actor", "a", "--alert", "al-1", "--entity", "account:a1"],
+         "address the event by exactly one of --alert, --prediction or --entity"),
+        (["outcome", "--actor", "a", "--alert", "al-1"], "TYPE outcome needs --result success or failure"),
+        (["acknowledged", "--actor", "a", "--alert", "al-1", "--result", "success"],
+         "--result is only allowed with TYPE outcome"),
+        (["reassigned", "--actor", "a", "--alert", "al-1"], "TYPE reassigned needs --owner: the new owner's id"),
+        (["acknowledged", "--actor", "a", "--alert", "al-1", "--owner", "bob"],
+         "--owner is only allowed with TYPE reassigned"),
+        (["outcome", "--actor", "a", "--alert", "al-1", "--result", "maybe"],
+         "--result: Input should be 'success' or 'failure'"),
+        (["done", "--actor", "", "--alert", "al-1"],
+         "TYPE: Input should be 'acknowledged', 'intervened', 'outcome' or 'reassigned'; "
+         "--actor: String should have at least 1 character"),
+    ],
+)
+def test_outcome_errors_name_the_commands_options_not_the_events_fields(args: list[str], message: str) -> None:
+    assert one_error(invoke("outcome", *args), 2) == f"invalid outcome event: {message}"
+
+
+# rules check and rules test --------------------------------------------------------------------------
+
+
+def test_rules_check_of_the_routing_file_says_to_give_the_directory() -> None:
+    checked = invoke("rules", "check", str(SHIPPED_RULES / "routing.yaml"))
+    assert checked.exit_code == 1
+    assert checked.stderr.splitlines() == [
+        f"{SHIPPED_RULES / 'routing.yaml'}: is a file: give the rules directory ({SHIPPED_RULES})",
+        f"1 problem in {SHIPPED_RULES / 'routing.yaml'}",
+    ]
+
+
+def test_rules_test_reads_a_csv_file_as_publish_does(tmp_path: Path) -> None:
+    now = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
+    csv_file = tmp_path / "predictions.csv"
+    csv_file.write_text(
+        "prediction_id,model,model_version,entity_type,entity_id,score,predicted_at,context.segment,"
+        "context.account_manager,context.arr\n"
+        f"c1,churn,2026.11,account,acct-1,0.92,{now},strategic,benoit-garnier,650000\n"
+        f"c2,churn,2026.11,account,acct-2,1.4,{now},smb,ana-silva,1000\n"
+    )
+    tested = invoke("rules", "test", "--file", str(csv_file), "--format", "json")
+    assert tested.exit_code == 2  # a prediction the gate rejects, as for JSON lines
+    document = json.loads(tested.stdout)
+    assert [(p["source"], p.get("prediction_id"), [m["rule"] for m in p.get("matches", [])], p.get("rejection"))
+            for p in document["predictions"]] == [
+        (f"{csv_file}:2", "c1", ["key-account-churn-visibility", "enterprise-churn-risk"], None),
+        (f"{csv_file}:3", None, [], {"reason": "score_out_of_range", "detail": "score 1.4 is outside 0..1"}),
+    ]
+    # The same prediction as JSON is routed the same way: the CSV's columns were read as publish reads them.
+    as_json = invoke("rules", "test", "--format", "json", json.dumps({
+        "prediction_id": "c1", "model": "churn", "model_version": "2026.11", "entity_type": "account",
+        "entity_id": "acct-1", "score": 0.92, "predicted_at": now,
+        "context": {"segment": "strategic", "account_manager": "benoit-garnier", "arr": 650000},
+    }))
+    def decisions(predictions: list[dict]) -> list[tuple[str, str, str]]:
+        return [(m["rule"], m["owner"], m["owner_why"]) for m in predictions[0]["matches"]]
+
+    assert decisions(json.loads(as_json.stdout)["predictions"]) == decisions(document["predictions"])
+
+
+def test_rules_test_refuses_a_csv_without_a_header_as_publish_does(tmp_path: Path) -> None:
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text("p1,churn,3,account,acct-1,0.9,2026-11-25T11:00:00Z\n")
+    assert one_error(invoke("rules", "test", "--file", str(csv_file)), 2) == (
+        f"{csv_file}: the CSV header (line 1) has no prediction_id column: "
+        "'p1,churn,3,account,acct-1,0.9,2026-11-25T11:00:00Z'"
+    )
+
+
+def test_rules_test_header_names_the_rules_directory(tmp_path: Path) -> None:
+    directory = small_rules(tmp_path / "rules")
+    tested = invoke("rules", "test", "--rules", str(directory), '{"prediction_id": "p1"}')
+    assert tested.stdout.splitlines()[0].startswith(
+        f"rules in {directory}/ (version {load_rules(directory).version}), evaluated at "
+    )
