@@ -189,6 +189,20 @@ class Consumer:
         # Entry id -> when its idle time was last reset (read, or touched while retrying).
         self.in_hand: dict[str, float] = {}
         self.groups_ready = False
+        # The read loop's task while it waits in a blocking read, holding no batch: stop() cancels that wait.
+        self._idle_read: asyncio.Task | None = None
+        self._read_cut_short = False
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then read no more. A read blocked waiting for new entries holds
+        no batch, so it is cut short rather than waited out (up to read_block_ms: most of an idle
+        `serve`'s exit time). Entries that came in the instant before, handed over as the read was
+        cut, stay pending on this consumer as after a crash: read first by the next start under this
+        name, or reclaimed by another consumer after claim_idle."""
+        self.stopping.set()
+        if self._idle_read is not None and not self._read_cut_short:
+            self._read_cut_short = True
+            self._idle_read.cancel()
 
     async def retrying(self, what: Callable[[], Awaitable[object]]) -> bool:
         """Run `what` until it gets through an outage; False if stopping first."""
@@ -218,13 +232,13 @@ class Consumer:
         if not self.groups_ready and not await self.retrying(self.ensure_groups):
             return
         cursors = {stream: "0" for stream in self.inputs}  # "0": our own pending history first
+        # The last read found nothing new. Only then does a read block: one that stop() cuts short
+        # was sent when the streams had nothing for us, so it rarely holds entries (see stop()).
+        idle = False
         while not self.stopping.is_set():
             history = any(c != ">" for c in cursors.values())
             try:
-                reply = await self.redis.xreadgroup(
-                    self.group, self.name, cursors, count=self.settings.batch_size,
-                    block=None if history else self.settings.read_block_ms,
-                )
+                reply = await self._read(cursors, block=self.settings.read_block_ms if idle and not history else None)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     # A failover reply (READONLY...) waits like an outage; anything else is logged.
@@ -239,6 +253,7 @@ class Consumer:
                 await self._failed(exc, "read failed")
                 continue
             self.outage.ok()
+            idle = not history and not reply
             for raw_stream, messages in reply or []:
                 stream = as_text(raw_stream)
                 if cursors[stream] != ">":
@@ -248,6 +263,24 @@ class Consumer:
                         await self.handle(self.inputs[stream], messages, redelivered=history)
                     except Exception as exc:  # noqa: BLE001 - left pending; reclaimed after claim_idle
                         await self._failed(exc, "batch failed; left pending")
+
+    async def _read(self, cursors: dict[str, str], *, block: int | None) -> list | None:
+        """One XREADGROUP; None if stop() cut a blocking one short."""
+        read = self.redis.xreadgroup(self.group, self.name, cursors, count=self.settings.batch_size, block=block)
+        if block is None:
+            return await read
+        task = asyncio.current_task()
+        self._idle_read = task
+        try:
+            return await read
+        except asyncio.CancelledError:
+            if not self._read_cut_short:  # someone else's cancellation
+                raise
+            assert task is not None
+            task.uncancel()
+            return None
+        finally:
+            self._idle_read = None
 
     async def _failed(self, exc: Exception, what: str) -> None:
         service = infrastructure_failure(exc)

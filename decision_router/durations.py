@@ -67,6 +67,18 @@ def format_duration(value: timedelta) -> str:
     return f"{seconds}s"
 
 
+def format_span(value: timedelta) -> str:
+    """A measured span to the nearest second, largest unit first: 1 day, 5:41:06.13 -> "1d5h41m6s"
+    (parse_duration reads it back); "0s" under half a second."""
+    seconds = (abs(value) // timedelta(microseconds=1) + 500_000) // 1_000_000
+    parts = []
+    for unit in "dhms":
+        count, seconds = divmod(seconds, _UNITS[unit])
+        if count:
+            parts.append(f"{count}{unit}")
+    return ("-" if value < timedelta(0) else "") + ("".join(parts) or "0s")
+
+
 # The first moment an aware datetime can hold.
 EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 

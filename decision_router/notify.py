@@ -221,6 +221,9 @@ class ChannelDelivery:
     ) -> None:
         self.settings, self.engine, self.redis, self.clock = settings, engine, redis, clock
         self.keys = Keys(settings.stream_prefix)
+        # The `channel disabled` warnings of the current owner directory: a rules reload logs only
+        # new ones, not again each one still true (SMTP unset was repeated on every reload).
+        self._warnings: frozenset[str] = frozenset()
         self.receivers, self.digests = self._configure(ruleset)
         self.dispatcher = dispatcher or self._dispatcher(ruleset)
         self._inflight: dict[tuple[str, str, int], int] = {}  # (receiver, alert, copy level) -> row id
@@ -236,10 +239,12 @@ class ChannelDelivery:
 
     def _configure(self, ruleset: RuleSet) -> tuple[dict[str, WebhookReceiver | EmailReceiver], dict[str, timedelta]]:
         """Receivers per `owner:channel` from the owner directory (each unusable one warned
-        about), and the digest window of each receiver whose owner has one."""
+        about, once while it stays unusable), and the digest window of each receiver whose owner has one."""
         receivers, warnings = build_receivers(ruleset, smtp_settings(self.settings))
         for warning in warnings:
-            log.warning("channel disabled", reason=warning)
+            if warning not in self._warnings:
+                log.warning("channel disabled", reason=warning)
+        self._warnings = frozenset(warnings)
         digests = {
             receiver_key(owner.id, channel): owner.digest
             for owner in ruleset.owners.values()

@@ -67,6 +67,13 @@ class BatchResult:
         self.rejected[rejection.reason.value] = self.rejected.get(rejection.reason.value, 0) + 1
         self.rejections.append(rejection)
 
+    def rejected_fields(self) -> dict[str, object]:
+        """For a batch's log line: the count always, a number like the other counters (it was
+        null when nothing was rejected); the reasons when there are any."""
+        if not self.rejected:
+            return {"rejected": 0}
+        return {"rejected": sum(self.rejected.values()), "rejected_reasons": self.rejected}
+
 
 def dlq_writes(rejections: Sequence[Rejection], *, stream: str, keys: Keys) -> list[StreamWrite]:
     writes = []
@@ -150,7 +157,7 @@ class Pipeline:
             held_out=result.held_out,
             suppressed=result.suppressed,
             redelivered=result.redelivered,
-            rejected=result.rejected or None,
+            **result.rejected_fields(),
         )
         return result
 
@@ -368,7 +375,7 @@ class Pipeline:
             size=len(entries),
             applied=result.accepted,
             redelivered=result.redelivered,
-            rejected=result.rejected or None,
+            **result.rejected_fields(),
         )
         return result
 

@@ -19,6 +19,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from decision_router.contracts import OutcomeEvent, Prediction, Rejection, RejectionReason, storable_text
+from decision_router.durations import format_span
 from decision_router.echo import cap_digits
 from decision_router.settings import PayloadLimits
 from decision_router.streams import as_text
@@ -367,9 +368,11 @@ def check_prediction(
             raise _Reject(RejectionReason.SCORE_OUT_OF_RANGE, f"score {prediction.score} is outside 0..1")
         age = now - prediction.predicted_at
         if age > max_age:
-            raise _Reject(RejectionReason.STALE, f"predicted_at is {age} old; the limit is {max_age}")
+            raise _Reject(
+                RejectionReason.STALE, f"predicted_at is {format_span(age)} old; the limit is {format_span(max_age)}"
+            )
         if -age > max_skew:
-            raise _Reject(RejectionReason.FROM_FUTURE, f"predicted_at is {-age} in the future")
+            raise _Reject(RejectionReason.FROM_FUTURE, f"predicted_at is {format_span(-age)} in the future")
         return prediction
     except _Reject as rejected:
         return _rejection(
@@ -397,7 +400,7 @@ def check_outcome(
         document = {k: v for k, v in document.items() if v != ""}
         event: OutcomeEvent = _validate(OutcomeEvent, document)
         if event.at is not None and now is not None and event.at - now > (max_skew or timedelta(0)):
-            raise _Reject(RejectionReason.FROM_FUTURE, f"at is {event.at - now} in the future")
+            raise _Reject(RejectionReason.FROM_FUTURE, f"at is {format_span(event.at - now)} in the future")
         return event
     except _Reject as rejected:
         return _rejection(rejected, entry, limits, source_stream=source_stream, source_id=source_id)

@@ -134,8 +134,9 @@ class RouterService:
         Bounded by shutdown_timeout: past it, whatever is unfinished stays pending (and is
         redelivered later, which the pipeline's idempotency makes harmless)."""
         # An event, not cancel(): redis-py may turn a cancellation mid-command into a
-        # connection error, and a cancelled batch would be left half-done for no reason.
-        self._stopping.set()
+        # connection error, and a cancelled batch would be left half-done for no reason. Only a
+        # read waiting for new entries, with no batch in hand, is cancelled (Consumer.stop).
+        self.reader.stop()
         timeout = self.pipeline.settings.shutdown_timeout.total_seconds()
         done, pending = await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else (set(), set())
         if pending:

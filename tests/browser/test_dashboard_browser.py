@@ -148,6 +148,40 @@ def test_ops_view_draws_the_numbers_of_the_store(browser, site: Site) -> None:
         assert {rule for rule, _ in funnel_on(page)} == {WATCH, RISK, MID}
 
 
+def test_a_long_rule_name_in_the_uplift_chart_stays_clear_of_its_text_and_bar(browser, site: Site) -> None:
+    """`key-account-churn-visibility` (a shipped rule) ran into its "no control group": a name
+    longer than its column is cut with an ellipsis, the whole name in its tooltip."""
+    long_name = "key-account-churn-visibility"
+    rows = [
+        {"rule": long_name, "uplift": None, "has_control": False, "treated_n": 40, "control_n": 0,
+         "ci_low": None, "ci_high": None},
+        {"rule": f"{long_name}-with-a-holdout", "uplift": -0.2, "ci_low": -0.3, "ci_high": -0.1,
+         "has_control": True, "treated_n": 400, "control_n": 400},
+        {"rule": "smb", "uplift": None, "has_control": True, "treated_n": 3, "control_n": 2,
+         "ci_low": None, "ci_high": None},
+    ]
+    with logged_in(browser, site, site.tokens["ops"], "ops") as page:
+        drawn = page.evaluate("""async (rows) => {
+            const charts = await import("/assets/charts.js");
+            charts.uplift(document.getElementById("uplift"), rows, 30);
+            return [...document.querySelectorAll("#uplift g[data-rule]")].map((g) => {
+                const label = g.querySelector("text.label");
+                const title = label.querySelector("title");
+                const next = g.querySelector("text.nodata, rect, line.ci").getBoundingClientRect();
+                const box = label.getBoundingClientRect();
+                return {rule: g.dataset.rule, shown: label.firstChild.textContent, title: title && title.textContent,
+                        right: box.right, width: box.width, next: next.left};
+            });
+        }""", rows)
+    by_rule = {d["rule"]: d for d in drawn}
+    for row in rows:
+        label = by_rule[row["rule"]]
+        assert label["width"] > 0 and label["right"] <= label["next"], label  # no overlap
+    for rule in (long_name, f"{long_name}-with-a-holdout"):
+        assert by_rule[rule]["shown"].endswith("…") and by_rule[rule]["title"] == rule
+    assert (by_rule["smb"]["shown"], by_rule["smb"]["title"]) == ("smb", None)  # short: as it is, no tooltip
+
+
 def test_owner_acknowledges_by_clicking_and_the_stats_show_it(browser, site: Site) -> None:
     with logged_in(browser, site, site.tokens["owner"], "owner") as page:
         listed = page.eval_on_selector_all("#alerts li[data-alert]", "els => els.map(e => e.dataset.alert)")

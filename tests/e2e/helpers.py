@@ -27,6 +27,9 @@ def free_port() -> int:
 def clean_env(**settings: str) -> dict[str, str]:
     """This process's environment without the developer's DECISION_ROUTER_* settings, plus `settings`."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    # This checkout's package, not whichever one the environment installed (an editable install
+    # points at one checkout: tests run from a git worktree would otherwise run the main one's CLI).
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), base.get("PYTHONPATH")]))
     # API port 0: each `serve` under test listens on a free port, never on a busy 8080.
     return {**base, "DECISION_ROUTER_LOG_FORMAT": "json", "DECISION_ROUTER_API_PORT": "0", **settings}
 

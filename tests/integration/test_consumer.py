@@ -4,7 +4,9 @@ dead-lettered), logged once, and leaves the batch pending if the service stops m
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from datetime import timedelta
 
 import pytest
@@ -115,6 +117,25 @@ async def test_stopping_during_an_outage_leaves_the_batch_pending(settings, rule
     assert r.xpending(keys.predictions, service.group)["pending"] == 1
     assert r.xlen(keys.predictions_dlq) == 0
     assert count(engine, PredictionRecord) == 0
+
+
+async def test_an_idle_service_stops_without_waiting_out_its_blocking_read(settings, ruleset, engine, r) -> None:
+    """stop() cuts short the XREADGROUP BLOCK an idle worker waits in (read_block_ms, here 4 s):
+    it holds no batch. Nothing is left pending, and the next start routes what came after."""
+    settings = settings.model_copy(update={"read_block_ms": 4_000})
+    keys = Keys(settings.stream_prefix)
+    r.xadd(keys.predictions, {"data": json.dumps(prediction("p-before"))})
+    async with running_service(settings, ruleset, engine) as service:
+        await wait_until(lambda: count(engine, PredictionRecord) == 1, what="the first entry routed")
+        await asyncio.sleep(0.5)  # the read loop waits for more, well into its block
+        asked = time.monotonic()
+    took = time.monotonic() - asked
+    assert took < 1.0, f"stop took {took:.2f}s"
+    assert r.xpending(keys.predictions, service.group)["pending"] == 0
+    r.xadd(keys.predictions, {"data": json.dumps(prediction("p-after"))})
+    async with running_service(settings, ruleset, engine) as service:
+        await wait_until(lambda: count(engine, PredictionRecord) == 2, what="the entry published after the stop")
+        await wait_until(lambda: r.xpending(keys.predictions, service.group)["pending"] == 0, what="acked")
 
 
 async def test_entry_whose_worker_died_each_time_is_dead_lettered_on_reclaim(settings, ruleset, engine, r) -> None:

@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlmodel import Session
+from structlog.testing import capture_logs
 
 from decision_router import tracker
 from decision_router.audit import alert_story, entity_story
@@ -155,6 +156,18 @@ async def test_a_duplicate_prediction_id_in_one_batch_is_rejected_once(pipeline,
     assert result.accepted == 1 and result.rejected == {"duplicate": 1}
     assert [f["reason"] for _, f in r.xrange(pipeline.keys.predictions_dlq)] == ["duplicate"]
     assert count(engine, PredictionRecord) == 1
+
+
+async def test_batch_log_lines_count_rejections_as_a_number_even_when_there_are_none(pipeline):
+    with capture_logs() as logs:
+        await pipeline.process_predictions([entry(1, "l1", "a")])
+        await pipeline.process_predictions([entry(2, "l2", "b"), entry(3, "l2", "c"), entry(4, "l3", "d", score=7)])
+        await pipeline.process_outcomes([("5-0", {"alert_id": "no-such-alert", "type": "acknowledged", "actor": "am"})])
+    clean, mixed = [e for e in logs if e["event"] == "batch routed"]
+    assert clean["rejected"] == 0 and "rejected_reasons" not in clean  # was None
+    assert mixed["rejected"] == 2 and mixed["rejected_reasons"] == {"duplicate": 1, "score_out_of_range": 1}
+    (outcomes,) = [e for e in logs if e["event"] == "outcomes recorded"]
+    assert outcomes["rejected"] == 1 and outcomes["rejected_reasons"] == {"unknown_alert": 1}
 
 
 async def test_marking_a_batch_delivered_skips_moved_and_already_marked_alerts(pipeline, engine):

@@ -127,3 +127,30 @@ def test_a_webhook_disabled_at_start_is_logged_without_its_url(tmp_path: Path) -
     assert receivers == {}
     assert len(warnings) == 1 and warnings[0].startswith("webhook of desk disabled: cannot read secret file "), warnings
     assert "s3cret" not in warnings[0] and "hooks.slack" not in warnings[0] and "input_value" not in warnings[0]
+
+
+async def test_the_smtp_warning_is_logged_once_not_on_every_rules_reload(tmp_path: Path) -> None:
+    """Logged at start and again only when it becomes true anew, not on each reload while it stays true."""
+    from structlog.testing import capture_logs
+
+    from decision_router.notify import ChannelDelivery
+    from decision_router.rules import load_rules
+    from decision_router.settings import Settings
+
+    def owners(channels: str) -> Path:
+        (tmp_path / "routing.yaml").write_text("rules:\n  - {name: rest, when: {}, owner: desk}\n")
+        (tmp_path / "owners.yaml").write_text(
+            f"owners:\n  - {{id: desk, name: Desk, email: desk@example.com, channels: [{channels}]}}\n")
+        return tmp_path
+
+    unset = "owners use the email channel but DECISION_ROUTER_SMTP_HOST is unset: email is not sent"
+    with capture_logs() as logs:
+        delivery = ChannelDelivery(settings=Settings(), ruleset=load_rules(owners("inbox, email")), engine=None,
+                                   redis=None, clock=None)
+        for _ in range(3):  # SIGHUP, POST /v1/rules/reload, a poll that saw an edit
+            await delivery.reconfigure(load_rules(owners("inbox, email")))
+        assert [e["reason"] for e in logs if e["event"] == "channel disabled"] == [unset]
+        await delivery.reconfigure(load_rules(owners("inbox")))  # no owner uses email: nothing to warn about
+        await delivery.reconfigure(load_rules(owners("inbox, email")))  # newly true again
+        await delivery.close()
+    assert [e["reason"] for e in logs if e["event"] == "channel disabled"] == [unset, unset]

@@ -1,7 +1,9 @@
-"""What the read loop treats as an outage (retry, never dead-letter) and how it decodes entries."""
+"""What the read loop treats as an outage (retry, never dead-letter), how it decodes entries, and
+how it reads: blocking only when idle, and a blocked read cut short by stop()."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 import psycopg
@@ -12,7 +14,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DataError, IntegrityError, InternalError, OperationalError
 
-from decision_router.consumer import decoded, infrastructure_failure
+from decision_router.consumer import Consumer, Input, decoded, infrastructure_failure
+from decision_router.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -88,3 +91,48 @@ def test_the_embedded_redis_keeps_the_connection_after_an_error_reply() -> None:
             client.evalsha("0" * 40, 0)
         assert client.xadd("s", {"a": "1"})
         client.close()
+
+
+class ScriptedRedis:
+    """XREADGROUP replies from a script, each read's BLOCK recorded; past the script, a read
+    blocks as Redis does on empty streams. XACK is counted."""
+
+    def __init__(self, replies: list) -> None:
+        self.replies, self.blocks, self.acked = list(replies), [], 0
+
+    async def xreadgroup(self, group, consumer, streams, *, count, block):
+        self.blocks.append(block)
+        if self.replies:
+            return self.replies.pop(0)
+        await asyncio.sleep(3600 if block is not None else 0)
+        return None
+
+    async def xack(self, stream, group, *ids):
+        self.acked += len(ids)
+        return len(ids)
+
+
+async def test_only_a_read_after_one_that_found_nothing_blocks_and_stop_cuts_it_short() -> None:
+    entry = (b"1-0", {b"data": b"{}"})
+    redis = ScriptedRedis([
+        [(b"p", [])],  # our own pending history: none
+        [(b"p", [entry])],  # new entries: a batch
+        None,  # nothing more: the next read may block
+    ])
+    processed = []
+
+    async def process(entries):
+        processed.extend(entries)
+
+    settings = Settings(consumer_name="w-1", read_block_ms=4_000)
+    consumer = Consumer(redis, settings, [Input("p", "predictions", process, "p-dlq")], engine=None, clock=None)
+    consumer.groups_ready = True
+    reading = asyncio.create_task(consumer.run())
+    while len(redis.blocks) < 4:
+        await asyncio.sleep(0.01)
+    assert redis.blocks == [None, None, None, 4_000]
+    assert processed == [("1-0", {"data": "{}"})] and redis.acked == 1
+    consumer.stop()
+    # Not the 4 s read_block_ms allows: the blocked read held no batch, and run() ends cleanly.
+    await asyncio.wait_for(reading, 1.0)
+    assert not reading.cancelled() and reading.exception() is None

@@ -2,7 +2,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from decision_router.durations import EARLIEST, parse_duration, parse_since
+from decision_router.durations import EARLIEST, format_span, parse_duration, parse_since
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
 
@@ -85,3 +85,20 @@ def test_not_a_duration_of_hundreds_of_digits_is_quoted_by_its_start_and_length(
     with pytest.raises(ValueError, match=r"^expected a duration like 7d or an ISO date like 2026-11-01, "
                                          r"not '12345678901234567890… \(400 digits\)x'$"):
         parse_since("1234567890" * 40 + "x", now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("span", "shown"),
+    [
+        (timedelta(days=1, hours=5, minutes=41, seconds=6, microseconds=130401), "1d5h41m6s"),
+        (timedelta(days=1), "1d"),
+        (timedelta(hours=29, minutes=59, seconds=59, microseconds=600000), "1d6h"),  # rounded up a unit
+        (timedelta(minutes=5, seconds=0.4), "5m"),
+        (timedelta(seconds=0.4), "0s"),
+        (-timedelta(minutes=10, seconds=1), "-10m1s"),
+        (timedelta(days=800_000, seconds=1), "800000d1s"),
+    ],
+)
+def test_a_measured_span_reads_to_the_second_and_parses_back(span: timedelta, shown: str) -> None:
+    assert format_span(span) == shown
+    assert parse_duration(shown.lstrip("-")) == abs(timedelta(seconds=round(span.total_seconds())))

@@ -111,8 +111,10 @@ BAD = [
     ("score-above-1", as_data({**GOOD, "score": 1.2}), RejectionReason.SCORE_OUT_OF_RANGE, "1.2"),
     ("score-negative", flat({**GOOD, "score": -0.1}), RejectionReason.SCORE_OUT_OF_RANGE, "-0.1"),
     ("score-nan", flat({**GOOD, "score": "nan"}), RejectionReason.SCHEMA, "score"),
-    ("stale", as_data({**GOOD, "predicted_at": "2026-11-23T11:00:00Z"}), RejectionReason.STALE, "old"),
-    ("future", as_data({**GOOD, "predicted_at": "2026-11-25T13:00:00Z"}), RejectionReason.FROM_FUTURE, "future"),
+    ("stale", as_data({**GOOD, "predicted_at": "2026-11-23T11:00:00Z"}), RejectionReason.STALE,
+     "predicted_at is 2d1h old; the limit is 1d"),
+    ("future", as_data({**GOOD, "predicted_at": "2026-11-25T13:00:00Z"}), RejectionReason.FROM_FUTURE,
+     "predicted_at is 1h in the future"),
     ("context-not-object", flat({**_without("context"), "context": "[1]"}), RejectionReason.INVALID_JSON, "context"),
     # An empty name in a dotted key: no rule can address it (rule paths refuse empty segments).
     ("flat-empty-name", {**flat(GOOD), b"context.": b"x"}, RejectionReason.SCHEMA,
@@ -186,6 +188,14 @@ def test_max_age_is_configurable() -> None:
     assert isinstance(gate(old, max_age=timedelta(days=7)), Prediction)
 
 
+def test_a_stale_age_of_days_reads_in_the_duration_style_to_the_second() -> None:
+    """Not Python's "1 day, 5:41:06.130401" (nor "3 days, 0:00:00" for the limit)."""
+    at = NOW - timedelta(days=9, hours=5, minutes=41, seconds=6, microseconds=130401)
+    result = gate(as_data({**GOOD, "predicted_at": at.isoformat()}), max_age=timedelta(days=3))
+    assert isinstance(result, Rejection) and result.reason is RejectionReason.STALE
+    assert result.detail == "predicted_at is 9d5h41m6s old; the limit is 3d"
+
+
 OUTCOMES_OK = [
     ("by-alert", {"alert_id": "al-1", "type": "acknowledged", "actor": "alice"}, OutcomeType.ACKNOWLEDGED),
     ("by-prediction", {"prediction_id": "p1", "type": "intervened", "actor": "alice", "action": "call"}, OutcomeType.INTERVENED),
@@ -245,7 +255,8 @@ def test_an_outcome_dated_in_the_future_is_refused_like_a_prediction() -> None:
     assert isinstance(check(NOW + timedelta(minutes=4)), OutcomeEvent)  # within the clock skew
     far = check(datetime(9999, 12, 31, tzinfo=timezone.utc))
     assert isinstance(far, Rejection) and far.reason is RejectionReason.FROM_FUTURE
-    assert far.detail.startswith("at is ") and far.detail.endswith(" in the future")
+    assert far.detail == "at is 2912113d12h in the future"
+    assert check(NOW + timedelta(minutes=5, seconds=30.2)).detail == "at is 5m30s in the future"
 
 
 def test_a_boolean_score_or_value_is_a_schema_rejection_not_one_or_zero() -> None:

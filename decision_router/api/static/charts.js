@@ -19,6 +19,21 @@ function el(name, attrs, parent, text) {
   return node;
 }
 
+// Cut a drawn label to `width` (user units) with an ellipsis if it is longer, the whole text
+// then in its tooltip (<title>). Measured, so it needs the label drawn in a visible page.
+function fitLabel(text, width) {
+  const whole = text.textContent;
+  if (text.getComputedTextLength() <= width) return;
+  let fits = 0, over = whole.length;  // the longest prefix that fits with its ellipsis, by halving
+  while (over - fits > 1) {
+    const mid = (fits + over) >> 1;
+    text.textContent = `${whole.slice(0, mid)}…`;
+    if (text.getComputedTextLength() <= width) fits = mid; else over = mid;
+  }
+  text.textContent = `${whole.slice(0, fits)}…`;
+  el("title", {}, text, whole);
+}
+
 function empty(container, text) {
   const p = document.createElement("p");
   p.className = "empty";
@@ -79,6 +94,7 @@ export function uplift(container, rows, minN) {
   lo -= pad; hi += pad;
   const x = (v) => labelW + ((v - lo) / (hi - lo)) * plotW;
   const root = svg(labelW + plotW + valueW, top + rows.length * rowH + 6);
+  const labels = [];
   el("line", { x1: x(0), x2: x(0), y1: top - 4, y2: top + rows.length * rowH, class: "axis" }, root);
   el("text", { x: x(0), y: 10, "text-anchor": "middle" }, root, "0");
   el("text", { x: labelW, y: 10 }, root, pp(lo));
@@ -90,7 +106,7 @@ export function uplift(container, rows, minN) {
       "data-ci-low": row.ci_low ?? "", "data-ci-high": row.ci_high ?? "",
       "data-treated-n": row.treated_n, "data-control-n": row.control_n,
     }, root);
-    el("text", { x: 0, y: y + 15, class: "label" }, g, row.rule);
+    labels.push(el("text", { x: 0, y: y + 15, class: "label" }, g, row.rule));
     if (row.uplift === null) {
       const why = row.has_control
         ? `not enough data (treated ${row.treated_n}, control ${row.control_n}; need ${minN} each)`
@@ -110,6 +126,8 @@ export function uplift(container, rows, minN) {
       `${pp(row.uplift)} [${pp(row.ci_low)}, ${pp(row.ci_high)}]`);
   });
   container.replaceChildren(root);
+  // A long rule name (key-account-churn-visibility) ran into its "no control group" or its bar.
+  for (const label of labels) fitLabel(label, labelW - 8);
 }
 
 // Vertical bars, one per time bucket.
