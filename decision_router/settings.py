@@ -58,8 +58,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=500, ge=1, le=10_000)
     # A message pending this long on another consumer is presumed orphaned and reclaimed.
     claim_idle: timedelta = timedelta(seconds=60)
-    # Blocking read: how long an idle worker waits for entries (and, at most, how long SIGTERM waits for the read).
-    read_block_ms: int = Field(default=1000, ge=1, le=60_000)
+    # Blocking read: how long an idle worker waits for entries (SIGTERM cuts the wait short). At most 4 s:
+    # redis-py gives up on a reply after its 5 s socket timeout, and a longer block failed every idle read.
+    read_block_ms: int = Field(default=1000, ge=1, le=4_000)
     # An entry failing on its own this many times goes to its DLQ (reason processing_failed).
     max_attempts: int = Field(default=5, ge=1, le=100)
     # Longest wait between retries while Redis or the store is unreachable (backoff doubles up to it).

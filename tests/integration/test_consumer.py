@@ -10,6 +10,8 @@ import time
 from datetime import timedelta
 
 import pytest
+from pydantic import ValidationError
+from redis.asyncio import Redis
 from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
@@ -17,6 +19,7 @@ from decision_router import metrics
 from decision_router.keys import Keys
 from decision_router.pipeline import Pipeline
 from decision_router.service import running_service
+from decision_router.settings import Settings
 from decision_router.tables import PredictionRecord, RejectionRecord
 from tests.integration.conftest import wait_until
 from tests.integration.test_router_loop import count, prediction
@@ -160,3 +163,21 @@ async def test_entry_whose_worker_died_each_time_is_dead_lettered_on_reclaim(set
     assert count(engine, PredictionRecord) == 1
     assert count(engine, PredictionRecord, PredictionRecord.prediction_id == "p-fine") == 1
     assert r.xlen(keys.inbox("alice-moreau")) == 1
+
+
+async def test_the_longest_read_block_allowed_ends_as_a_reply_not_a_timeout(settings) -> None:
+    """read_block_ms is capped under redis-py's 5 s socket timeout: at 6 s, each idle read failed as
+    "Timeout reading from Redis" and the worker logged an outage. A client made as the service makes it."""
+    longest = next(m.le for m in Settings.model_fields["read_block_ms"].metadata if hasattr(m, "le"))
+    assert longest < 5_000
+    client = Redis.from_url(settings.effective_redis_url)
+    stream = Keys(settings.stream_prefix).predictions
+    try:
+        await client.xgroup_create(stream, "g", id="$", mkstream=True)
+        started = time.monotonic()
+        assert await client.xreadgroup("g", "c", {stream: ">"}, block=longest) == []
+        assert time.monotonic() - started >= longest / 1000 - 0.1
+    finally:
+        await client.aclose()
+    with pytest.raises(ValidationError, match="less than or equal to 4000"):
+        Settings(read_block_ms=longest + 1)
