@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 from sqlmodel import Session
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from decision_router import cli
 from decision_router.rules import load_rules
 from decision_router.store import create_schema, make_engine
+from tests.unit.test_cli_input import invoke
+from tests.unit.test_cli_input import one_error as error_line
 from tests.unit.test_stats import alert
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,16 +32,8 @@ def _workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli.app, list(args))
-
-
 def one_error(result: Result, code: int) -> str:
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert result.exit_code == code, result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0].removeprefix("error: ")
+    return error_line(result, code).removeprefix("error: ")
 
 
 def small_rules(directory: Path) -> Path:
