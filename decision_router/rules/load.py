@@ -398,7 +398,8 @@ def _check_owners(raw: list[Any], labels: list[str], out: _Problems, rules_dir: 
             out.add(i, labels[i], "delegate", "an owner cannot be their own delegate")
         elif delegate is not None and delegate not in first:
             others = [known for known in first if known != oid]  # never suggest delegating to oneself
-            out.add(i, labels[i], "delegate", f"'{delegate}' is not in the owner directory{did_you_mean(delegate, others)}")
+            out.add(i, labels[i], "delegate",
+                    f"'{delegate}' is not in the owner directory{did_you_mean(delegate, others)}")
         if isinstance(item, dict) and item.get("away_until") is not None and item.get("delegate") is None:
             out.add(i, labels[i], "delegate", "away owners need a delegate, or alerts would go unread")
         if oid is None or first[oid] != i:
@@ -516,7 +517,8 @@ def _check_models(data: dict[str, Any], directory: set[str] | None, out: _Proble
         owner = _str(item, "owner")
         # Skipped when owners.yaml is unreadable: every owner would be "unknown".
         if directory is not None and owner is not None and owner not in directory:
-            out.add(position, label, "owner", f"'{owner}' is not in the owner directory{did_you_mean(owner, directory)}")
+            out.add(position, label, "owner",
+                    f"'{owner}' is not in the owner directory{did_you_mean(owner, directory)}")
 
 
 def _check_lookups(data: dict[str, Any], labels: list[str], out: _Problems) -> None:
