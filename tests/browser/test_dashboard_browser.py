@@ -169,14 +169,20 @@ def test_a_long_rule_name_in_the_uplift_chart_stays_clear_of_its_text_and_bar(br
                 const title = label.querySelector("title");
                 const next = g.querySelector("text.nodata, rect, line.ci").getBoundingClientRect();
                 const box = label.getBoundingClientRect();
+                const value = g.querySelector("text.value");
                 return {rule: g.dataset.rule, shown: label.firstChild.textContent, title: title && title.textContent,
-                        right: box.right, width: box.width, next: next.left};
+                        right: box.right, width: box.width, next: next.left,
+                        value_right: value && value.getBoundingClientRect().right,
+                        chart_right: g.ownerSVGElement.getBoundingClientRect().right};
             });
         }""", rows)
     by_rule = {d["rule"]: d for d in drawn}
     for row in rows:
         label = by_rule[row["rule"]]
         assert label["width"] > 0 and label["right"] <= label["next"], label  # no overlap
+    # The widest value text (an uplift and both bounds negative) is not cut at the chart's right edge.
+    holdout = by_rule[f"{long_name}-with-a-holdout"]
+    assert holdout["value_right"] <= holdout["chart_right"], holdout
     for rule in (long_name, f"{long_name}-with-a-holdout"):
         assert by_rule[rule]["shown"].endswith("…") and by_rule[rule]["title"] == rule
     assert (by_rule["smb"]["shown"], by_rule["smb"]["title"]) == ("smb", None)  # short: as it is, no tooltip

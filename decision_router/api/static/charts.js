@@ -86,7 +86,8 @@ export function funnel(container, rows) {
 // groups are too small reads "not enough data" rather than a number.
 export function uplift(container, rows, minN) {
   if (!rows.length) return empty(container, "No routed alerts in this period.");
-  const labelW = 150, plotW = 200, valueW = 170, rowH = 34, top = 22;
+  // valueW holds the widest value text: "−20.0 pp [−30.0 pp, −10.0 pp]".
+  const labelW = 150, plotW = 200, valueW = 215, rowH = 34, top = 22;
   const known = rows.filter((r) => r.uplift !== null);
   let lo = Math.min(-0.1, ...known.map((r) => r.ci_low));
   let hi = Math.max(0.1, ...known.map((r) => r.ci_high));
