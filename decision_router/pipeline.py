@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
@@ -116,6 +116,7 @@ class Pipeline:
         checked = [
             (entry_id, fields, self._check(entry_id, fields, now)) for entry_id, fields in entries
         ]
+        stale = self._stale_ids(checked, now)
         # Route first without looked-up context: most predictions never reach a rule that
         # reads it, and only the others need their lookups (a Redis or SQL round trip).
         early = [self._route_early(item, ruleset, now) for _, _, item in checked]
@@ -125,7 +126,7 @@ class Pipeline:
         for attempt in range(1, STORE_ATTEMPTS + 1):
             try:
                 result, rejections, fresh, redelivered = await asyncio.to_thread(
-                    self._store_predictions, checked, early, ruleset, now, lookups
+                    self._store_predictions, checked, early, ruleset, now, lookups, stale
                 )
                 break
             except (IntegrityError, cooldowns.ClaimLost):
@@ -197,6 +198,22 @@ class Pipeline:
             limits=self.settings.payload_limits,
         )
 
+    def _stale_ids(
+        self, checked: Sequence[tuple[str | None, RawEntry, Prediction | Rejection]], now: datetime
+    ) -> dict[str, str]:
+        """Entry id -> prediction id of the entries rejected as stale. One may have been accepted when it
+        was fresh, and be back only because a crash or an outage came before its ack: the store tells."""
+        stale: dict[str, str] = {}
+        for entry_id, fields, item in checked:
+            if entry_id is not None and isinstance(item, Rejection) and item.reason is RejectionReason.STALE:
+                ageless = check_prediction(
+                    fields, now=now, max_age=timedelta.max, max_skew=self.settings.max_clock_skew,
+                    source_stream=self.keys.predictions, source_id=entry_id, limits=self.settings.payload_limits,
+                )
+                if isinstance(ageless, Prediction):
+                    stale[entry_id] = ageless.prediction_id
+        return stale
+
     async def _lookups(self, predictions: Sequence[Prediction]) -> Mapping[str, dict[str, Any]]:
         """Context looked up at routing time (prediction_id -> {source: {field: value}})."""
         if self.enricher is None or not predictions:
@@ -210,6 +227,7 @@ class Pipeline:
         ruleset: RuleSet,
         now: datetime,
         lookups: Mapping[str, dict[str, Any]],
+        stale: Mapping[str, str],
     ) -> tuple[BatchResult, list[Rejection], list[Alert], list[str]]:
         """Route and store one batch in one transaction: one query for known prediction ids,
         one for cooldowns, one bulk insert per table. Returns the result, the rejections,
@@ -219,13 +237,19 @@ class Pipeline:
         redelivered: list[str] = []
         with Session(self.engine) as session:
             known = tracker.known_predictions(
-                session, (p.prediction_id for _, _, p in checked if isinstance(p, Prediction))
+                session, [*(p.prediction_id for _, _, p in checked if isinstance(p, Prediction)), *stale.values()]
             )
             routed: list[tuple[str | None, Prediction, dict[str, Any], list[Decision]]] = []
             for (entry_id, fields, item), pre in zip(checked, early, strict=True):
                 if isinstance(item, Rejection) or pre is None:
                     assert isinstance(item, Rejection)
-                    rejections.append(item)
+                    stale_pid = stale.get(entry_id) if entry_id is not None else None
+                    if stale_pid is not None and known.get(stale_pid) == entry_id:
+                        # Accepted while it was fresh: a redelivery, not a rejection (finish its delivery).
+                        result.redelivered += 1
+                        redelivered.append(stale_pid)
+                    else:
+                        rejections.append(item)
                     continue
                 pid = item.prediction_id
                 if pid in known:
@@ -393,6 +417,10 @@ class Pipeline:
                 source_id = f"{self.keys.outcomes}/{entry_id}" if entry_id else None
                 if tracker.already_applied(session, source_id):
                     result.redelivered += 1
+                    if item.type is OutcomeType.REASSIGNED:
+                        # Applied, but the crash or outage that brought it back may have come before its
+                        # alerts reached the new owner: drained again below (the inbox write is deduped).
+                        reassigned.extend(tracker.applied_to(session, source_id))
                     continue
                 alerts = tracker.find_alerts(
                     session, item, now=now, outcome_window=self.settings.outcome_window

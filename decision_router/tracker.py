@@ -458,6 +458,13 @@ def already_applied(session: Session, source_id: str | None) -> bool:
     return found is not None
 
 
+def applied_to(session: Session, source_id: str) -> list[str]:
+    """The prediction ids of the alerts an applied outcome event changed."""
+    return list(session.scalars(
+        select(AuditEvent.prediction_id).where(AuditEvent.source_id == source_id).distinct()
+    ))
+
+
 def apply_outcome(
     session: Session, *, event: OutcomeEvent, alerts: Sequence[AlertRecord], source_id: str | None, now: datetime
 ) -> None:

@@ -1,0 +1,95 @@
+"""An input handled again after its effects were committed (a crash before the XACK, an outage or
+a failed write after the commit, another worker's reclaim) must finish what the first pass left
+undone, and change nothing else: no alert left out of an inbox, no rejection of an input the store
+accepted. Real Redis, both stores. The failure between the commit and the inbox write is made
+deterministic by a key of the wrong type where the inbox stream goes (XADD answers WRONGTYPE)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+from structlog.testing import capture_logs
+
+from decision_router.pipeline import Pipeline
+from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord, RejectionRecord
+from tests.integration.conftest import ManualClock, wait_until
+from tests.integration.test_outcomes import alert_row, route_three
+from tests.integration.test_router_loop import count, prediction
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def settings(settings):
+    # Retries enough for the test to repair the inbox key between two of them on a slow machine.
+    return settings.model_copy(update={"max_attempts": 20})
+
+
+async def test_a_reassignment_retried_after_its_inbox_write_failed_reaches_the_new_owner(service, r, engine) -> None:
+    keys = service.keys
+    a1, _, _ = await route_three(service, r, engine)
+    r.set(keys.inbox("benoit-garnier"), "not a stream")  # the inbox write after the commit fails
+    with capture_logs() as logs:
+        r.xadd(keys.outcomes, {"alert_id": a1, "type": "reassigned", "actor": "lead-strategic", "owner": "benoit-garnier"})
+        await wait_until(lambda: any(e["event"] == "entry failed; retrying" for e in logs), what="the failed write")
+    # Committed: the retry finds the event applied already.
+    assert count(engine, AuditEvent, AuditEvent.type == "reassigned") == 1
+    assert alert_row(engine, a1).delivered_at is None
+    r.delete(keys.inbox("benoit-garnier"))
+
+    await wait_until(lambda: r.exists(keys.inbox("benoit-garnier")) and r.xlen(keys.inbox("benoit-garnier")) >= 1,
+                     timeout=15, what="the reassigned alert in the new owner's inbox")
+    await wait_until(lambda: not r.xpending(keys.outcomes, service.group)["pending"], what="the outcome acknowledged")
+    ((_, fields),) = r.xrange(keys.inbox("benoit-garnier"))
+    assert json.loads(fields["data"])["alert_id"] == a1
+    assert alert_row(engine, a1).delivered_at is not None
+    assert count(engine, AlertRecord, AlertRecord.delivered_at.is_(None)) == 0
+    assert r.xlen(keys.outcomes_dlq) == 0
+    assert count(engine, AuditEvent, AuditEvent.type == "reassigned") == 1
+
+
+def aged_entry(entry_id: str, pid: str, *, age: timedelta, now: datetime) -> tuple[str, dict]:
+    document = {**prediction(pid), "predicted_at": (now - age).isoformat()}
+    return entry_id, {"data": json.dumps(document)}
+
+
+@pytest.fixture
+async def pipeline(settings, ruleset, engine):
+    redis = Redis.from_url(settings.redis_url)
+    yield Pipeline(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=ManualClock(datetime.now(UTC)))
+    await redis.aclose()
+
+
+async def test_a_prediction_redelivered_after_it_aged_past_the_limit_is_finished_not_rejected_as_stale(
+    pipeline, engine, r
+) -> None:
+    # A daily batch scored near the end of max_prediction_age (1 day), stored, then an outage or a crash
+    # before the ack: by the time the entry is read again it is too old for the gate.
+    keys, clock = pipeline.keys, pipeline.clock
+    entries = [aged_entry("1-0", "late-1", age=timedelta(hours=23, minutes=50), now=clock.now),
+               aged_entry("2-0", "late-2", age=timedelta(hours=23, minutes=50), now=clock.now)]
+    r.set(keys.inbox("alice-moreau"), "not a stream")  # the inbox write after the commit fails
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await pipeline.process_predictions(entries)
+    assert count(engine, PredictionRecord) == 2
+    assert count(engine, AlertRecord, AlertRecord.delivered_at.is_not(None)) == 0
+    r.delete(keys.inbox("alice-moreau"))
+
+    clock.now += timedelta(minutes=20)  # now 24h10m old
+    result = await pipeline.process_predictions(entries)
+
+    assert (result.redelivered, result.rejected) == (2, {})
+    assert r.xlen(keys.predictions_dlq) == 0
+    assert count(engine, RejectionRecord) == 0
+    delivered = [json.loads(fields["data"])["prediction_id"] for _, fields in r.xrange(keys.inbox("alice-moreau"))]
+    assert sorted(delivered) == ["late-1", "late-2"]
+    assert count(engine, AlertRecord, AlertRecord.action == "alert", AlertRecord.delivered_at.is_(None)) == 0
+
+    # A stale entry that was never stored is still rejected, once.
+    result = await pipeline.process_predictions([aged_entry("3-0", "late-3", age=timedelta(days=2), now=clock.now)])
+    assert result.rejected == {"stale": 1}
+    assert r.xlen(keys.predictions_dlq) == 1 and count(engine, RejectionRecord) == 1
