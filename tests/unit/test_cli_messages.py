@@ -176,6 +176,27 @@ def test_rules_test_refuses_a_csv_without_a_header_as_publish_does(tmp_path: Pat
     )
 
 
+@pytest.mark.parametrize(
+    ("lookup", "detail"),
+    [
+        ({"": {"tier": "gold"}}, "lookup.: an empty source name, which no rule path can address"),
+        ({"crm": {"": 1}}, "lookup.crm.: an empty field name, which no rule path can address"),
+    ],
+)
+def test_rules_test_refuses_an_empty_name_in_its_lookup_as_the_gate_does_in_context(
+    lookup: dict, detail: str
+) -> None:
+    prediction = {
+        "prediction_id": "p1", "model": "churn", "model_version": "1", "entity_type": "account", "entity_id": "a1",
+        "score": 0.9, "predicted_at": datetime.now(timezone.utc).isoformat(), "context": {"segment": "smb"},
+    }
+    in_context = invoke("rules", "test", json.dumps({**prediction, "context": {"": 1}}))
+    assert one_error(in_context, 2) == (
+        "argument: invalid prediction: schema: context.: an empty name, which no rule path can address")
+    in_lookup = invoke("rules", "test", json.dumps({**prediction, "lookup": lookup}))
+    assert one_error(in_lookup, 2) == f"argument: invalid prediction: schema: {detail}"
+
+
 def test_rules_test_header_names_the_rules_directory(tmp_path: Path) -> None:
     directory = small_rules(tmp_path / "rules")
     tested = invoke("rules", "test", "--rules", str(directory), '{"prediction_id": "p1"}')
