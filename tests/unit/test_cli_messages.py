@@ -95,6 +95,46 @@ def test_stats_for_a_retired_rule_or_owner_the_store_knows_is_no_error(tmp_path:
         assert json.loads(invoke("stats", *args, "--format", "json").stdout)[0]["routed"] == 1
 
 
+MODEL_COMMANDS = [["stats"], ["stats", "quality"], ["stats", "model"], ["stats", "drift"]]
+
+
+def month_old_churn_alert(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    create_schema(engine)
+    with Session(engine) as session:
+        session.add(alert(1, rule="retired-rule", owner="gone-owner", model="churn",
+                          created=datetime.now(timezone.utc) - timedelta(days=30)))
+        session.commit()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_stats_for_a_model_the_store_never_saw_is_an_error_with_the_close_one(
+    command: list[str], tmp_path: Path
+) -> None:
+    month_old_churn_alert(tmp_path)
+    assert one_error(invoke(*command, "--model", "chrun"), 2) == (
+        "--model: the store has no prediction, decision or rejection of model 'chrun'; did you mean 'churn'?")
+    assert one_error(invoke(*command, "--model", "fraud"), 2) == (
+        "--model: the store has no prediction, decision or rejection of model 'fraud'")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_stats_for_a_model_the_store_knows_with_nothing_in_the_window_is_no_error(
+    command: list[str], tmp_path: Path
+) -> None:
+    month_old_churn_alert(tmp_path)
+    window = [] if command == ["stats", "drift"] else ["--since", "7d"]  # drift: its own recent window
+    shown = invoke(*command, "--model", "churn", *window)
+    assert shown.exit_code == 0, shown.output
+    assert shown.stderr == "" and shown.stdout
+
+
+def test_stats_drift_for_a_model_on_a_store_with_no_tables_yet_is_an_error() -> None:
+    assert one_error(invoke("stats", "drift", "--model", "churn"), 2) == (
+        "--model: the store has no prediction, decision or rejection of model 'churn'")
+
+
 def test_a_token_for_a_mistyped_owner_suggests_the_close_one() -> None:
     message = one_error(invoke("tokens", "create", "--role", "owner", "--owner", "alcie-moreau"), 2)
     assert message == "owner 'alcie-moreau' is not in the owner directory (owners.yaml); did you mean 'alice-moreau'?"
