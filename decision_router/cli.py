@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
@@ -57,7 +57,32 @@ class Utf8Command(_Utf8Only, TyperCommand):
 
 
 class Utf8Group(_Utf8Only, TyperGroup):
-    pass
+    def main(
+        self,
+        args: Optional[Sequence[str]] = None,
+        prog_name: Optional[str] = None,
+        complete_var: Optional[str] = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """As TyperGroup.main, with usage errors (an unknown option, a missing argument, a bad value) as
+        click's plain lines: Typer draws them in a Rich box, and every other message here is a plain line
+        a script can grep. Only the errors: --help keeps Rich's formatting (its own rich_markup_mode).
+        typer.core._main is what TyperGroup.main calls; there rich_markup_mode only picks how errors show."""
+        return typer.core._main(
+            self, args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=standalone_mode,
+            rich_markup_mode=None, **extra,
+        )
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            # Typer's help and exit 2, without the empty error line click's plain NoArgsIsHelpError adds
+            # after it: Rich prints the help itself (get_help then returns "").
+            help_text = ctx.get_help()
+            if help_text:
+                typer.echo(help_text, err=True)
+            raise typer.Exit(2)
+        return super().parse_args(ctx, args)
 
 
 class App(typer.Typer):

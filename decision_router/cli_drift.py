@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from decision_router.cli import err, fail, out, settings_or_exit
-from decision_router.cli_stats import stats_app
+from decision_router.cli_stats import stats_app, unknown_model, unseen_model
 
 FORMATS = ("table", "json")
 
@@ -100,15 +100,20 @@ def drift(
     settings = settings_or_exit()
     models = _models(settings.rules_dir)
     engine = make_engine(settings.database_url)
+    unknown = None
     try:
         if not inspect(engine).has_table("predictions"):
             rows = []
+            unknown = unseen_model(model, []) if model is not None else None  # a store that has seen nothing
         else:
             only = None if model is None else {model}
             with Session(engine) as session:
                 rows = assess_models(session, now=utcnow(), ruleset_models=models, only=only)
+                unknown = None if rows else unknown_model(session, model)
     except SQLAlchemyError as exc:
         fail(f"cannot read the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
     finally:
         engine.dispose()
+    if unknown is not None:
+        fail(unknown, code=2)
     print_drift(rows, fmt)

@@ -330,7 +330,10 @@ def stats(
             )
         finally:
             holdouts.join()  # also when the store fails: a warning about the rules comes before the error
-        return rows, None if rows else _unknown_filter(session, settings.rules_dir, rule=rule, owner=owner)
+        if rows:
+            return rows, None
+        unknown = _unknown_filter(session, settings.rules_dir, rule=rule, owner=owner)
+        return rows, unknown or unknown_model(session, model)
 
     rows, unknown = _read(settings, read)
     if unknown is not None:
@@ -367,6 +370,26 @@ def _unknown_filter(session: Any, rules_dir: Path, *, rule: str | None, owner: s
             return (f"{option}: {what} '{value}' is not in {where} ({rules_dir}), and the store has no alerts for it"
                     f"{did_you_mean(value, known)}")
     return None
+
+
+def unknown_model(session: Any, model: str | None) -> str | None:
+    """Why an empty result is a typo: no prediction, decision or rejection in the store names --model
+    (a model the store knows, with nothing in the window, is no error). Asked only of an empty result:
+    a lookup in each table's model index, and the walk of their names for the hint."""
+    if model is None:
+        return None
+    from decision_router.stats import model_seen, models_seen
+
+    if model_seen(session, model):
+        return None
+    return unseen_model(model, models_seen(session))
+
+
+def unseen_model(model: str, known: list[str]) -> str:
+    """The error for a --model the store has never seen; `known`: the models it has seen, for the hint."""
+    from decision_router.echo import did_you_mean
+
+    return f"--model: the store has no prediction, decision or rejection of model '{model}'{did_you_mean(model, known)}"
 
 
 # stats quality -------------------------------------------------------------------------
@@ -432,7 +455,14 @@ def quality(
     _check_format(fmt)
     start, end = _window(since, until)
     settings = settings_or_exit()
-    report = _read(settings, lambda session: compute_quality(session, since=start, until=end, model=model))
+
+    def read(session: Any) -> tuple[QualityReport, str | None]:
+        report = compute_quality(session, since=start, until=end, model=model)
+        return report, None if report.models else unknown_model(session, model)
+
+    report, unknown = _read(settings, read)
+    if unknown is not None:
+        fail(unknown, code=2)
     print_quality(report, fmt)
 
 
@@ -493,7 +523,12 @@ def model_precision(
             fail(f"--bands: {exc}", code=2)
     start, end = _window(since, until)
     settings = settings_or_exit()
-    rows = _read(settings, lambda session: compute_model_precision(
-        session, model=model, since=start, until=end, edges=edges,
-    ))
+
+    def read(session: Any) -> tuple[list[BandRow], str | None]:
+        rows = compute_model_precision(session, model=model, since=start, until=end, edges=edges)
+        return rows, None if rows else unknown_model(session, model)
+
+    rows, unknown = _read(settings, read)
+    if unknown is not None:
+        fail(unknown, code=2)
     print_model_precision(rows, fmt)

@@ -269,13 +269,18 @@ def split_lookup(line: str) -> tuple[str, dict[str, dict[str, Any]] | None, Prob
     return json.dumps(document), looked_up, _lookup_problem(looked_up)
 
 
+# What an empty name in the lookup object is, by how deep it lies: lookup.<source>.<field>.
+_EMPTY_NAMES = {0: "an empty source name", 1: "an empty field name"}
+
+
 def _lookup_problem(looked_up: dict[str, Any]) -> Problem | None:
     """The gate's value checks on the lookup, which the gate never sees: no NaN or infinity (not
     JSON, so not printable as JSON), no text with a NUL or a lone surrogate, no integer too large
-    to compare with a float."""
-    todo: list[tuple[str, Any]] = [(LOOKUP, looked_up)]
+    to compare with a float; and no empty name, which the gate refuses in context (no rule path
+    can address it)."""
+    todo: list[tuple[str, int, Any]] = [(LOOKUP, 0, looked_up)]  # (path, depth below lookup, value)
     while todo:
-        path, value = todo.pop()
+        path, depth, value = todo.pop()
         if isinstance(value, str) and not storable_text(value):
             return RejectionReason.INVALID_ENCODING, f"{path}: text holds a NUL character or a lone surrogate"
         if isinstance(value, float) and not math.isfinite(value):
@@ -286,9 +291,12 @@ def _lookup_problem(looked_up: dict[str, Any]) -> Problem | None:
             for key, item in value.items():
                 if not storable_text(key):
                     return RejectionReason.INVALID_ENCODING, f"{path}: a name holds a NUL character or a lone surrogate"
-                todo.append((f"{path}.{cap_digits(key)[:60]}", item))
+                if not key:
+                    what = _EMPTY_NAMES.get(depth, "an empty name")
+                    return RejectionReason.SCHEMA, f"{path}.: {what}, which no rule path can address"
+                todo.append((f"{path}.{cap_digits(key)[:60]}", depth + 1, item))
         elif isinstance(value, list):
-            todo.extend((f"{path}[{n}]", item) for n, item in enumerate(value))
+            todo.extend((f"{path}[{n}]", depth + 1, item) for n, item in enumerate(value))
     return None
 
 

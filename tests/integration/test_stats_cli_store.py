@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ from typer.testing import CliRunner
 from decision_router.cli import app  # first: importing cli_stats on its own is a circular import
 from decision_router import cli_stats, stats, store  # noqa: I001
 from decision_router.store import create_schema, make_engine, schema_is_current
-from decision_router.tables import ADDED_INDEXES, RETIRED_INDEXES, RETIRED_STATS_INDEXES, STATS_INDEXES
-from tests.unit.test_stats import HOLDOUTS, known_records
+from decision_router.tables import (
+    ADDED_INDEXES, RETIRED_INDEXES, RETIRED_STATS_INDEXES, STATS_INDEXES, PredictionRecord, RejectionRecord,
+)
+from tests.unit.test_stats import HOLDOUTS, alert, known_records
 
 
 def test_schema_is_current_only_when_create_schema_would_change_nothing(engine: Engine) -> None:
@@ -184,3 +187,27 @@ def test_holdouts_loading_gives_the_rules_holdouts_or_raises_their_error(
         loading.join()  # never raises: the error is for whoever reads the holdouts
         with pytest.raises(OSError, match="disk on fire"):
             dict(loading)
+
+
+def test_the_models_a_store_has_seen_in_its_predictions_decisions_and_rejections(engine: Engine) -> None:
+    """What a --model no one knows is checked against (the CLI asks only when a result is empty)."""
+    at = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+    def prediction(n: int, model: str) -> PredictionRecord:
+        return PredictionRecord(prediction_id=f"p{n}", model=model, model_version="1", entity_type="account",
+                                entity_id=f"a{n}", score=0.5, predicted_at=at, received_at=at, rules_version="v",
+                                document={})
+
+    def rejection(n: int, model: str | None) -> RejectionRecord:
+        return RejectionRecord(source_stream="predictions", source_id=f"1-{n}", model=model, reason="schema",
+                               detail="x", at=at)
+
+    with Session(engine) as session:
+        session.add_all([prediction(n, "churn" if n % 3 else "churn-v2") for n in range(30)])
+        session.add(alert(1, rule="r", owner="o", model="fraud"))  # a decision whose prediction is not stored
+        session.add_all([rejection(1, "upsell"), rejection(2, None)])  # None: no readable model
+        session.commit()
+        assert stats.models_seen(session) == ["churn", "churn-v2", "fraud", "upsell"]
+        assert stats.models_seen(session, limit=1) == ["churn", "fraud", "upsell"]  # the first of each table
+        assert all(stats.model_seen(session, name) for name in ("churn", "churn-v2", "fraud", "upsell"))
+        assert not any(stats.model_seen(session, name) for name in ("chrun", "churn-v", ""))

@@ -104,6 +104,37 @@ def test_an_api_port_out_of_range_is_refused(args: list[str], shown: str) -> Non
     assert one_error(invoke(*args), 2) == shown
 
 
+# Typer's usage errors are plain lines, as every other message: no Rich box --------------------------------
+
+BOX_DRAWING = re.compile("[\u2500-\u257f]")
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["stats", "--nosuch"], "No such option: --nosuch"),
+        (["stats", "nosuch"], "No such command 'nosuch'."),
+        (["reassign", "al-1", "--by", "me"], "Missing option '--to'."),
+        (["demo", "--predictions", "0"],
+         "Invalid value for '--predictions': Input should be greater than or equal to 1"),
+        (["stats", "model", "--model"], "Option '--model' requires an argument."),
+    ],
+)
+def test_a_usage_error_is_plain_lines_naming_the_option(args: list[str], problem: str) -> None:
+    result = CliRunner().invoke(cli.app, args, prog_name="decision-router")
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.exception
+    assert not BOX_DRAWING.search(result.stderr), result.stderr
+    assert result.stderr.splitlines()[-1] == f"Error: {problem}"
+    if len(result.stderr.splitlines()) > 1:  # click has no usage line for an option missing its value
+        command = " ".join(word for word in args if word in ("stats", "model", "reassign", "demo"))
+        assert f"Try 'decision-router {command} --help' for help." in result.stderr.splitlines()
+
+
+def test_no_command_prints_the_help_and_no_error_line() -> None:
+    result = invoke("rules")
+    assert result.exit_code == 2 and "Usage: " in result.stdout and result.stderr == ""
+
+
 # demo and simulate: bounded sizes, and their --database / --redis checked as the variables are ----------
 
 

@@ -95,6 +95,46 @@ def test_stats_for_a_retired_rule_or_owner_the_store_knows_is_no_error(tmp_path:
         assert json.loads(invoke("stats", *args, "--format", "json").stdout)[0]["routed"] == 1
 
 
+MODEL_COMMANDS = [["stats"], ["stats", "quality"], ["stats", "model"], ["stats", "drift"]]
+
+
+def month_old_churn_alert(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    create_schema(engine)
+    with Session(engine) as session:
+        session.add(alert(1, rule="retired-rule", owner="gone-owner", model="churn",
+                          created=datetime.now(timezone.utc) - timedelta(days=30)))
+        session.commit()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_stats_for_a_model_the_store_never_saw_is_an_error_with_the_close_one(
+    command: list[str], tmp_path: Path
+) -> None:
+    month_old_churn_alert(tmp_path)
+    assert one_error(invoke(*command, "--model", "chrun"), 2) == (
+        "--model: the store has no prediction, decision or rejection of model 'chrun'; did you mean 'churn'?")
+    assert one_error(invoke(*command, "--model", "fraud"), 2) == (
+        "--model: the store has no prediction, decision or rejection of model 'fraud'")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_stats_for_a_model_the_store_knows_with_nothing_in_the_window_is_no_error(
+    command: list[str], tmp_path: Path
+) -> None:
+    month_old_churn_alert(tmp_path)
+    window = [] if command == ["stats", "drift"] else ["--since", "7d"]  # drift: its own recent window
+    shown = invoke(*command, "--model", "churn", *window)
+    assert shown.exit_code == 0, shown.output
+    assert shown.stderr == "" and shown.stdout
+
+
+def test_stats_drift_for_a_model_on_a_store_with_no_tables_yet_is_an_error() -> None:
+    assert one_error(invoke("stats", "drift", "--model", "churn"), 2) == (
+        "--model: the store has no prediction, decision or rejection of model 'churn'")
+
+
 def test_a_token_for_a_mistyped_owner_suggests_the_close_one() -> None:
     message = one_error(invoke("tokens", "create", "--role", "owner", "--owner", "alcie-moreau"), 2)
     assert message == "owner 'alcie-moreau' is not in the owner directory (owners.yaml); did you mean 'alice-moreau'?"
@@ -174,6 +214,27 @@ def test_rules_test_refuses_a_csv_without_a_header_as_publish_does(tmp_path: Pat
         f"{csv_file}: the CSV header (line 1) has no prediction_id column: "
         "'p1,churn,3,account,acct-1,0.9,2026-11-25T11:00:00Z'"
     )
+
+
+@pytest.mark.parametrize(
+    ("lookup", "detail"),
+    [
+        ({"": {"tier": "gold"}}, "lookup.: an empty source name, which no rule path can address"),
+        ({"crm": {"": 1}}, "lookup.crm.: an empty field name, which no rule path can address"),
+    ],
+)
+def test_rules_test_refuses_an_empty_name_in_its_lookup_as_the_gate_does_in_context(
+    lookup: dict, detail: str
+) -> None:
+    prediction = {
+        "prediction_id": "p1", "model": "churn", "model_version": "1", "entity_type": "account", "entity_id": "a1",
+        "score": 0.9, "predicted_at": datetime.now(timezone.utc).isoformat(), "context": {"segment": "smb"},
+    }
+    in_context = invoke("rules", "test", json.dumps({**prediction, "context": {"": 1}}))
+    assert one_error(in_context, 2) == (
+        "argument: invalid prediction: schema: context.: an empty name, which no rule path can address")
+    in_lookup = invoke("rules", "test", json.dumps({**prediction, "lookup": lookup}))
+    assert one_error(in_lookup, 2) == f"argument: invalid prediction: schema: {detail}"
 
 
 def test_rules_test_header_names_the_rules_directory(tmp_path: Path) -> None:

@@ -321,6 +321,11 @@ def test_json_nested_beyond_what_json_can_parse_is_the_gates_too_deep(depth: int
         ('"lookup": {"crm": {"n": ' + "9" * 400 + "}}", "schema", "lookup.crm.n: an integer of 1329 bits is too large"),
         ('"lookup": {"crm": {"' + "9" * 400 + '": NaN}}', "schema",
          "lookup.crm.99999999999999999999… (400 digits): nan is not a finite number"),
+        # An empty name, which the gate refuses in context: no lookup.<source>.<field> path can name it.
+        ('"lookup": {"": {"tier": "gold"}}', "schema", "lookup.: an empty source name, which no rule path can address"),
+        ('"lookup": {"crm": {"": 1}}', "schema", "lookup.crm.: an empty field name, which no rule path can address"),
+        ('"lookup": {"crm": {"tier": {"": 1}}}', "schema",
+         "lookup.crm.tier.: an empty name, which no rule path can address"),
     ],
 )
 def test_lookup_values_get_the_gates_value_checks(text: str, reason: str, detail: str, lookup_rules: RuleSet) -> None:
