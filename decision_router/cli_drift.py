@@ -104,12 +104,12 @@ def drift(
     try:
         if not inspect(engine).has_table("predictions"):
             rows = []
-            unknown = unseen_model(model, []) if model is not None else None  # a store that has seen nothing
+            unknown = unseen_model(model, [], settings.rules_dir) if model is not None else None  # a bare store
         else:
             only = None if model is None else {model}
             with Session(engine) as session:
                 rows = assess_models(session, now=utcnow(), ruleset_models=models, only=only)
-                unknown = None if rows else unknown_model(session, model)
+                unknown = None if rows else unknown_model(session, model, settings.rules_dir)
     except SQLAlchemyError as exc:
         fail(f"cannot read the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
     finally:

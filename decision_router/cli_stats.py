@@ -333,7 +333,7 @@ def stats(
         if rows:
             return rows, None
         unknown = _unknown_filter(session, settings.rules_dir, rule=rule, owner=owner)
-        return rows, unknown or unknown_model(session, model)
+        return rows, unknown or unknown_model(session, model, settings.rules_dir)
 
     rows, unknown = _read(settings, read)
     if unknown is not None:
@@ -372,24 +372,37 @@ def _unknown_filter(session: Any, rules_dir: Path, *, rule: str | None, owner: s
     return None
 
 
-def unknown_model(session: Any, model: str | None) -> str | None:
-    """Why an empty result is a typo: no prediction, decision or rejection in the store names --model
-    (a model the store knows, with nothing in the window, is no error). Asked only of an empty result:
-    a lookup in each table's model index, and the walk of their names for the hint."""
+def unknown_model(session: Any, model: str | None, rules_dir: Path) -> str | None:
+    """Why an empty result is a typo: no prediction, decision or rejection in the store names --model,
+    nor do the rules (a model the store or the rules know, with nothing in the window, is no error: a
+    new model before its first prediction, say). Asked only of an empty result: a lookup in each
+    table's model index, then the rules, and the walk of the store's names for the hint."""
     if model is None:
         return None
     from decision_router.stats import model_seen, models_seen
 
     if model_seen(session, model):
         return None
-    return unseen_model(model, models_seen(session))
+    return unseen_model(model, models_seen(session), rules_dir)
 
 
-def unseen_model(model: str, known: list[str]) -> str:
-    """The error for a --model the store has never seen; `known`: the models it has seen, for the hint."""
+def unseen_model(model: str, stored: list[str], rules_dir: Path) -> str | None:
+    """The error for a --model the store has never seen (`stored`: the models it has seen), or None
+    when the rules name it (their `models:` section or a rule's model condition)."""
     from decision_router.echo import did_you_mean
+    from decision_router.rules import RulesInvalid, load_rules
 
-    return f"--model: the store has no prediction, decision or rejection of model '{model}'{did_you_mean(model, known)}"
+    try:
+        ruleset = load_rules(rules_dir)
+    except RulesInvalid:
+        named: set[str] = set()
+    else:
+        named = {*ruleset.models, *ruleset.model_owners, *(m for r in ruleset.rules if r.models for m in r.models)}
+    if model in named:
+        return None
+    known = sorted({*stored, *named})
+    return (f"--model: the store has no prediction, decision or rejection of model '{model}', and the rules "
+            f"({rules_dir}) do not name it{did_you_mean(model, known)}")
 
 
 # stats quality -------------------------------------------------------------------------
@@ -458,7 +471,7 @@ def quality(
 
     def read(session: Any) -> tuple[QualityReport, str | None]:
         report = compute_quality(session, since=start, until=end, model=model)
-        return report, None if report.models else unknown_model(session, model)
+        return report, None if report.models else unknown_model(session, model, settings.rules_dir)
 
     report, unknown = _read(settings, read)
     if unknown is not None:
@@ -526,7 +539,7 @@ def model_precision(
 
     def read(session: Any) -> tuple[list[BandRow], str | None]:
         rows = compute_model_precision(session, model=model, since=start, until=end, edges=edges)
-        return rows, None if rows else unknown_model(session, model)
+        return rows, None if rows else unknown_model(session, model, settings.rules_dir)
 
     rows, unknown = _read(settings, read)
     if unknown is not None:

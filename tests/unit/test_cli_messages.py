@@ -108,15 +108,21 @@ def month_old_churn_alert(tmp_path: Path) -> None:
     engine.dispose()
 
 
+def unseen(model: str) -> str:
+    return (f"--model: the store has no prediction, decision or rejection of model '{model}', and the rules "
+            f"({SHIPPED_RULES}) do not name it")
+
+
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
 def test_stats_for_a_model_the_store_never_saw_is_an_error_with_the_close_one(
     command: list[str], tmp_path: Path
 ) -> None:
     month_old_churn_alert(tmp_path)
-    assert one_error(invoke(*command, "--model", "chrun"), 2) == (
-        "--model: the store has no prediction, decision or rejection of model 'chrun'; did you mean 'churn'?")
-    assert one_error(invoke(*command, "--model", "fraud"), 2) == (
-        "--model: the store has no prediction, decision or rejection of model 'fraud'")
+    assert one_error(invoke(*command, "--model", "chrun"), 2) == unseen("chrun") + "; did you mean 'churn'?"
+    # The close one may come from the rules alone (no payment-fraud prediction in this store).
+    assert one_error(invoke(*command, "--model", "payment-frad"), 2) == (
+        unseen("payment-frad") + "; did you mean 'payment-fraud'?")
+    assert one_error(invoke(*command, "--model", "weather"), 2) == unseen("weather")
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
@@ -130,9 +136,21 @@ def test_stats_for_a_model_the_store_knows_with_nothing_in_the_window_is_no_erro
     assert shown.stderr == "" and shown.stdout
 
 
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_stats_for_a_model_the_rules_name_but_the_store_never_saw_is_no_error(
+    command: list[str], tmp_path: Path
+) -> None:
+    # A model routed by the rules before its first prediction (a new one, a fresh store).
+    assert "payment-fraud" in {m for r in load_rules(SHIPPED_RULES).rules if r.models for m in r.models}
+    month_old_churn_alert(tmp_path)
+    shown = invoke(*command, "--model", "payment-fraud")
+    assert shown.exit_code == 0, shown.output
+    assert shown.stderr == ""
+
+
 def test_stats_drift_for_a_model_on_a_store_with_no_tables_yet_is_an_error() -> None:
-    assert one_error(invoke("stats", "drift", "--model", "churn"), 2) == (
-        "--model: the store has no prediction, decision or rejection of model 'churn'")
+    assert one_error(invoke("stats", "drift", "--model", "chrun"), 2) == unseen("chrun") + "; did you mean 'churn'?"
+    assert invoke("stats", "drift", "--model", "churn").exit_code == 0  # named by the rules
 
 
 def test_a_token_for_a_mistyped_owner_suggests_the_close_one() -> None:
