@@ -92,6 +92,16 @@ def dlq_writes(rejections: Sequence[Rejection], *, stream: str, keys: Keys) -> l
     return writes
 
 
+def added_since(entry_ids: Sequence[str | None]) -> datetime | None:
+    """When the earliest of these stream entries was added (its id's milliseconds, Redis's clock); None
+    if any id is not such a time."""
+    try:
+        earliest = min(int(entry_id.partition("-")[0]) for entry_id in entry_ids if entry_id is not None)
+        return datetime.fromtimestamp(earliest / 1000, UTC)
+    except (ValueError, OverflowError, OSError):  # also: no id at all
+        return None
+
+
 class Pipeline:
     def __init__(
         self, *, settings: Settings, ruleset: RuleSet, engine: Engine, redis: Redis, clock: Clock = utcnow
@@ -239,6 +249,15 @@ class Pipeline:
             known = tracker.known_predictions(
                 session, [*(p.prediction_id for _, _, p in checked if isinstance(p, Prediction)), *stale.values()]
             )
+            # Rejected as from the future when first read, then read again (a crash before the ack, an outage)
+            # once valid: it stays rejected. Only a prediction stamped after its entry was added can be one,
+            # unless the router's clock is behind Redis's by more than max_clock_skew.
+            # Against the batch's earliest entry: one comparison per prediction.
+            added = added_since([entry_id for entry_id, _, _ in checked])
+            rejected_before = tracker.earlier_rejections(session, self.keys.predictions, [
+                entry_id for entry_id, _, item in checked if entry_id is not None and isinstance(item, Prediction)
+                and (added is None or item.predicted_at > added)
+            ])
             routed: list[tuple[str | None, Prediction, dict[str, Any], list[Decision]]] = []
             for (entry_id, fields, item), pre in zip(checked, early, strict=True):
                 if isinstance(item, Rejection) or pre is None:
@@ -250,6 +269,10 @@ class Pipeline:
                         redelivered.append(stale_pid)
                     else:
                         rejections.append(item)
+                    continue
+                if rejected_before and entry_id in rejected_before:
+                    again = rejected_before[entry_id]
+                    rejections.append(again.model_copy(update={"payload": original_payload(fields)}))
                     continue
                 pid = item.prediction_id
                 if pid in known:
@@ -410,9 +433,19 @@ class Pipeline:
         rejections: list[Rejection] = []
         reassigned: list[str] = []
         with Session(self.engine) as session:
+            # Rejected when first read (its alert not there yet, an owner not yet in the directory), then read
+            # again (a crash before the ack, an outage) once it would apply: it stays rejected.
+            rejected_before = tracker.earlier_rejections(
+                session, self.keys.outcomes,
+                [entry_id for entry_id, _, item in parsed if entry_id is not None and not isinstance(item, Rejection)],
+            )
             for entry_id, fields, item in parsed:
                 if isinstance(item, Rejection):
                     rejections.append(item)
+                    continue
+                if entry_id in rejected_before:
+                    again = rejected_before[entry_id]
+                    rejections.append(again.model_copy(update={"payload": original_payload(fields)}))
                     continue
                 source_id = f"{self.keys.outcomes}/{entry_id}" if entry_id else None
                 if tracker.already_applied(session, source_id):

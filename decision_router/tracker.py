@@ -358,6 +358,29 @@ def record_rejections(session: Session, rejections: Sequence[Rejection], *, now:
         )
 
 
+# Built once, as the hot path's other statements (see _KNOWN_PREDICTIONS). By the unique index on (stream, id).
+_EARLIER_REJECTIONS = select(
+    RejectionRecord.source_id, RejectionRecord.reason, RejectionRecord.detail, RejectionRecord.model
+).where(
+    RejectionRecord.source_stream == bindparam("stream"),
+    RejectionRecord.source_id.in_(bindparam("ids", expanding=True)),
+)
+
+
+def earlier_rejections(session: Session, stream: str, source_ids: Sequence[str]) -> dict[str, Rejection]:
+    """The entries of `stream` among `source_ids` that were rejected already (entry id -> that rejection,
+    its payload left empty): a verdict that time can change (from the future, an alert not there yet)
+    is kept when the entry is handled again, so that no input is both rejected and accepted."""
+    if not source_ids:
+        return {}
+    rows = session.execute(_EARLIER_REJECTIONS, {"stream": stream, "ids": sorted(set(source_ids))})
+    return {
+        source_id: Rejection(reason=reason, detail=detail, model=model, source_stream=stream, source_id=source_id,
+                             payload="")
+        for source_id, reason, detail, model in rows
+    }
+
+
 def undelivered_alerts(
     session: Session, *, prediction_ids: Iterable[str] | None = None, limit: int = 1000
 ) -> list[AlertRecord]:

@@ -93,3 +93,68 @@ async def test_a_prediction_redelivered_after_it_aged_past_the_limit_is_finished
     result = await pipeline.process_predictions([aged_entry("3-0", "late-3", age=timedelta(days=2), now=clock.now)])
     assert result.rejected == {"stale": 1}
     assert r.xlen(keys.predictions_dlq) == 1 and count(engine, RejectionRecord) == 1
+
+
+def entry_id_at(moment: datetime, sequence: int = 0) -> str:
+    """A stream entry id as Redis makes it: the milliseconds it was added at."""
+    return f"{int(moment.timestamp() * 1000)}-{sequence}"
+
+
+async def test_a_prediction_rejected_as_from_the_future_and_read_again_once_valid_stays_rejected(
+    pipeline, engine, r
+) -> None:
+    # Sent by a producer whose clock runs 10 minutes ahead (the limit is 5). The router's ack never
+    # reached Redis (a crash, an outage); by the time the entry is read again, it is no longer ahead.
+    keys, clock = pipeline.keys, pipeline.clock
+    ahead = clock.now + timedelta(minutes=10)
+    entry = (entry_id_at(clock.now), {"data": json.dumps({**prediction("ahead-1"), "predicted_at": ahead.isoformat()})})
+    in_step = (entry_id_at(clock.now, 1), {"data": json.dumps(prediction("in-step-1"))})
+    first = await pipeline.process_predictions([entry, in_step])
+    assert first.rejected == {"from_future": 1} and first.accepted == 1
+
+    clock.now += timedelta(minutes=6)
+    again = await pipeline.process_predictions([entry, in_step])
+
+    assert again.rejected == {"from_future": 1}  # not routed this time
+    assert (again.accepted, again.redelivered) == (0, 1)
+    assert count(engine, PredictionRecord) == 1  # in-step-1 only
+    assert count(engine, RejectionRecord) == 1 and r.xlen(keys.predictions_dlq) == 1  # once each
+    ((_, dead),) = r.xrange(keys.predictions_dlq)
+    assert dead["reason"] == "from_future" and json.loads(json.loads(dead["payload"])["data"])["prediction_id"] == "ahead-1"
+
+    # A fresh entry of that same prediction, valid now, is routed as usual.
+    later = await pipeline.process_predictions([(entry_id_at(clock.now), entry[1])])
+    assert (later.accepted, later.rejected) == (1, {})
+
+
+async def test_an_outcome_rejected_before_its_alert_existed_and_read_again_after_stays_rejected(
+    pipeline, engine, r
+) -> None:
+    # The CRM's event overtook the prediction it is about; the router's ack never reached Redis, and the
+    # entry is read again after the alert was made.
+    keys = pipeline.keys
+    event = ("5-0", {"prediction_id": "early-1", "type": "acknowledged", "actor": "alice-moreau"})
+    first = await pipeline.process_outcomes([event])
+    assert first.rejected == {"unknown_alert": 1}
+
+    routed = await pipeline.process_predictions([(entry_id_at(pipeline.clock.now), {"data": json.dumps(
+        {**prediction("early-1"), "predicted_at": pipeline.clock.now.isoformat()})})])
+    assert routed.alerts == 1
+
+    again = await pipeline.process_outcomes([event])
+
+    assert (again.accepted, again.rejected) == (0, {"unknown_alert": 1})
+    assert count(engine, AuditEvent, AuditEvent.type == "acknowledged") == 0
+    assert count(engine, AlertRecord, AlertRecord.acknowledged_at.is_not(None)) == 0
+    assert count(engine, RejectionRecord) == 1 and r.xlen(keys.outcomes_dlq) == 1
+
+
+def test_the_time_a_batch_began_to_be_added_is_its_earliest_entry_id() -> None:
+    from decision_router.pipeline import added_since
+
+    assert added_since(["1764084751234-0", "1764084751200-7", None]) == datetime(2025, 11, 25, 15, 32, 31, 200000,
+                                                                                 tzinfo=UTC)
+    # Not a time: every prediction of the batch is looked up.
+    assert added_since(["1764084751234-0", "manual"]) is None
+    assert added_since([None]) is None
+    assert added_since(["99999999999999999999-0"]) is None
