@@ -152,6 +152,18 @@ def settings_or_exit(*, log_level: str | None = None, options: Mapping[str, tupl
     return settings
 
 
+def smtp_or_exit(settings: Settings) -> None:
+    """Exit 2 with one line naming the variable when the email channel cannot use its settings (a password
+    file it cannot read): at start, before `serve` or `api` would stop on it with a traceback."""
+    from decision_router.notify import smtp_settings
+    from decision_router.settings import SettingsError
+
+    try:
+        smtp_settings(settings)
+    except SettingsError as exc:
+        fail(str(exc), code=2)
+
+
 def fail_store(database_url: str, exc: Exception) -> NoReturn:
     """Exit 1: the store at `database_url` cannot be opened (e.g. its directory does not exist); passwords masked."""
     from decision_router.settings import redact_text, redact_url
@@ -216,6 +228,7 @@ def serve(
     from decision_router.settings import redact_text, redact_url
 
     settings = settings_or_exit(options={"--api-port": ("api_port", api_port)})
+    smtp_or_exit(settings)
     try:
         if workers > 1:
             from decision_router.workers import WorkersError, run_workers

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from decision_router.cli import App, _connect, app, err, fail, fail_store, out, settings_or_exit
+from decision_router.cli import App, _connect, app, err, fail, fail_store, out, settings_or_exit, smtp_or_exit
 
 tokens_app = App(help="API tokens: create (printed once), list, revoke.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
@@ -32,6 +32,7 @@ def api(
     from decision_router.store import create_schema, make_engine
 
     settings = settings_or_exit(options={"--host": ("api_host", host), "--port": ("api_port", port)})
+    smtp_or_exit(settings)
     try:
         ruleset = load_rules(settings.rules_dir)
     except RulesInvalid as exc:

@@ -55,7 +55,7 @@ from decision_router.contracts import Alert, AnyAlert, DataQualityAlert, alert_f
 from decision_router.echo import validation_problems
 from decision_router.keys import Keys
 from decision_router.rules import Owner, RuleSet
-from decision_router.settings import Settings
+from decision_router.settings import ENV_PREFIX, Settings, SettingsError
 from decision_router.streams import StreamWrite, as_text, xadd_once
 from decision_router.tables import AuditEvent, DeliveryAttemptRecord, DeliveryRecord, as_utc
 from decision_router.tracker import SYSTEM_ACTOR
@@ -146,18 +146,27 @@ def usable_channels(receivers: Mapping[str, object], owner_id: str) -> tuple[str
 
 
 def smtp_settings(settings: Settings) -> SmtpSettings | None:
+    """The email channel's server, or None when DECISION_ROUTER_SMTP_HOST is unset. SettingsError (one line
+    naming the variable) for what only the channel finds: a password file that cannot be read."""
     if not settings.smtp_host:
         return None
-    return SmtpSettings(
-        host=settings.smtp_host,
-        port=settings.smtp_port,
-        starttls=settings.smtp_starttls,
-        use_tls=settings.smtp_use_tls,
-        username=settings.smtp_username,
-        password=settings.smtp_password,
-        password_file=settings.smtp_password_file,
-        sender=settings.smtp_sender,
-    )
+    try:
+        return SmtpSettings(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            starttls=settings.smtp_starttls,
+            use_tls=settings.smtp_use_tls,
+            username=settings.smtp_username,
+            password=settings.smtp_password,
+            password_file=settings.smtp_password_file,
+            sender=settings.smtp_sender,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        # Settings checked every field and their combinations; what is left is the file read before them.
+        field = str(first["loc"][0]) if first["loc"] else "password_file"
+        message = first["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"{ENV_PREFIX}SMTP_{field.upper()}: {message}") from None
 
 
 def webhook_receiver(owner: Owner, rules_dir: Path) -> WebhookReceiver:

@@ -159,6 +159,17 @@ def decode_entry(entry: RawEntry) -> dict[str, Any]:
         if not isinstance(document, dict):
             raise _Reject(RejectionReason.INVALID_JSON, "data must hold a JSON object")
         return document
+    try:
+        return _flat_document(fields)
+    except _Reject as rejected:
+        # A flat entry names its model in a field of its own, whatever else is wrong with it: the
+        # per-model rejection counts (stats quality, the drift monitor) need it as for the `data` form.
+        rejected.document = rejected.document or fields
+        raise
+
+
+def _flat_document(fields: dict[str, str]) -> dict[str, Any]:
+    """Flat fields -> the document: dotted keys nest, `context` / `features` may hold JSON text."""
     document: dict[str, Any] = {}
     dotted: dict[str, list[tuple[str, list[str], str]]] = {}
     for key, value in fields.items():

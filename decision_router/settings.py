@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from decision_router.durations import parse_duration
@@ -31,6 +31,23 @@ class PayloadLimits:
 
 class SettingsError(Exception):
     """A bad setting: the message is one line naming the variable."""
+
+
+# A From address, bare or as 'Name <address>': its domain may be a host name without a dot (the default
+# decision-router@localhost, a local relay), unlike an owner's email; never a line break (header injection).
+_ADDRESS_CHARS = r"[^@\s<>,\"\x00-\x1f\x7f]+"
+SENDER_ADDRESS = re.compile(rf"{_ADDRESS_CHARS}@{_ADDRESS_CHARS}")
+
+
+def check_sender(value: str) -> str:
+    """The From address if the email channel can send with it, else ValueError."""
+    from email.utils import parseaddr
+
+    if any(c in value for c in "\r\n") or not SENDER_ADDRESS.fullmatch(parseaddr(value)[1]):
+        raise ValueError(
+            f"expected a From address like alerts@example.com or 'Name <alerts@example.com>', got {value!r}"
+        )
+    return value
 
 
 class Settings(BaseSettings):
@@ -116,6 +133,25 @@ class Settings(BaseSettings):
         except UnicodeEncodeError:
             raise ValueError("not valid UTF-8") from None
         return value
+
+    @field_validator("smtp_sender")
+    @classmethod
+    def _smtp_sender(cls, value: str) -> str:
+        return check_sender(value)
+
+    @model_validator(mode="after")
+    def _smtp_consistent(self) -> Settings:
+        # What the email channel refuses, said at start with the variables' names, not as its traceback.
+        # (An unreadable password file is found where the channel reads it: notify.smtp_settings.)
+        smtp = f"{ENV_PREFIX}SMTP_"
+        if self.smtp_starttls and self.smtp_use_tls:
+            raise ValueError(f"{smtp}STARTTLS and {smtp}USE_TLS are exclusive: STARTTLS upgrades a plain "
+                             "connection, implicit TLS starts with TLS; set one")
+        if self.smtp_password is not None and self.smtp_password_file is not None:
+            raise ValueError(f"{smtp}PASSWORD and {smtp}PASSWORD_FILE: set one, not both")
+        if (self.smtp_password is not None or self.smtp_password_file is not None) and not self.smtp_username:
+            raise ValueError(f"{smtp}PASSWORD{'_FILE' if self.smtp_password is None else ''} needs {smtp}USERNAME")
+        return self
 
     @field_validator("redis_url")
     @classmethod
@@ -245,6 +281,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
         message = first["msg"].removeprefix("Value error, ")
-        raise SettingsError(f"{ENV_PREFIX}{field.upper()}: {message}") from None
+        if not first["loc"]:  # a check across settings: its message names the variables
+            raise SettingsError(message) from None
+        raise SettingsError(f"{ENV_PREFIX}{str(first['loc'][0]).upper()}: {message}") from None

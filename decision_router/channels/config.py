@@ -12,7 +12,6 @@ a relative path is resolved against `base_dir` from the validation context when 
 
 from __future__ import annotations
 
-from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -30,6 +29,7 @@ from pydantic import (
 
 # The owner directory's email pattern and secret-file reader: what `rules check` accepts, the channels accept.
 from decision_router.rules.spec import EMAIL, masked_url, read_secret_file
+from decision_router.settings import check_sender
 
 __all__ = [
     "EmailReceiver",
@@ -179,10 +179,8 @@ class SmtpSettings(BaseModel):
     @field_validator("sender")
     @classmethod
     def _sender(cls, value: str) -> str:
-        # "alerts@example.com" or "Decision Router <alerts@example.com>"
-        if any(c in value for c in "\r\n") or not EMAIL.fullmatch(parseaddr(value)[1]):
-            raise ValueError(f"expected a From address like alerts@example.com or 'Name <alerts@example.com>', got {value!r}")
-        return value
+        # "alerts@example.com" or "Decision Router <alerts@example.com>"; the same check as DECISION_ROUTER_SMTP_SENDER's.
+        return check_sender(value)
 
 
 Receiver = Annotated[Union[WebhookReceiver, EmailReceiver], Field(discriminator="channel")]

@@ -183,6 +183,27 @@ def test_a_value_rejected_by_the_walk_still_names_the_model(text: str, reason: R
     assert result.model == "churn"
 
 
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({b"context.": b"1"}, RejectionReason.SCHEMA),
+        ({b"context.crm": b"gold", b"context.crm.tier": b"x"}, RejectionReason.SCHEMA),
+        ({b"context.crm.tier": b"x", b"context": b'{"crm": "gold"}'}, RejectionReason.SCHEMA),
+        ({b"context": b"{not json"}, RejectionReason.INVALID_JSON),
+        ({b"features": b"[1, 2]"}, RejectionReason.INVALID_JSON),
+    ],
+    ids=["empty-name", "value-and-object", "dotted-over-json-text", "bad-json-text", "not-an-object"],
+)
+def test_a_flat_entry_rejected_while_nesting_still_names_the_model(fields: dict, reason: RejectionReason) -> None:
+    # README "Dead-letter entries": `model` is the prediction's model if it could be read. A flat entry
+    # names it in its own field, so its rejection counts under churn (stats quality), not "(unknown)".
+    entry = {**flat({k: v for k, v in GOOD.items() if k not in ("context", "features")}), **fields}
+    result = gate(entry)
+    assert isinstance(result, Rejection), result
+    assert result.reason is reason
+    assert result.model == "churn"
+
+
 def test_max_age_is_configurable() -> None:
     old = as_data({**GOOD, "predicted_at": "2026-11-23T11:00:00Z"})
     assert isinstance(gate(old, max_age=timedelta(days=7)), Prediction)
