@@ -499,10 +499,12 @@ def apply_outcome(
             record.acknowledged_at = record.acknowledged_at or at
             record.ack_due_at = None
         elif event.type is OutcomeType.INTERVENED:
-            # Acting on an alert implies having seen it.
-            record.acknowledged_at = record.acknowledged_at or at
             if record.intervened_at is None:
                 record.intervened_at, record.intervention = at, event.action
+                # Acting on an alert implies having seen it, by then at the latest: an acknowledgement
+                # recorded before with a later `at` moves back (time to ack never exceeds time to act).
+                if record.acknowledged_at is None or at < as_utc(record.acknowledged_at):
+                    record.acknowledged_at = at
             record.ack_due_at = record.act_due_at = None
         elif event.type is OutcomeType.OUTCOME:
             assert event.result is not None

@@ -1,0 +1,111 @@
+"""Ownership over time on real Redis and both stores, driven by a controllable clock: an
+intervention reported before the acknowledgement, a reassignment after a breach or racing a
+sweep, and an escalation to a manager who is away."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlmodel import Session
+
+from decision_router.contracts import OutcomeEvent
+from decision_router.escalation import escalate
+from decision_router.rules import load_rules
+from decision_router.service import running_service
+from decision_router.stats import compute_stats
+from decision_router.tables import AlertRecord, AuditEvent, EscalationRecord
+from decision_router.tracker import alert_id_for, apply_outcome
+from tests.integration.conftest import ManualClock, wait_until
+
+pytestmark = pytest.mark.redis
+
+ROUTING = """
+defaults: {ack_within: 1h, act_within: 4h}
+rules:
+  - name: churn-high
+    when: {model: churn, score: {gte: 0.8}}
+    owner: {from: context.account_manager, fallback: desk}
+  - name: rest
+    when: {}
+    owner: desk
+    action: record
+"""
+OWNERS = """
+owners:
+  - {id: vp, name: VP}
+  - {id: lead, name: Lead, manager: vp}
+  - {id: am, name: Account Manager, manager: lead}
+  - {id: desk-lead, name: Desk Lead}
+  - {id: desk, name: Desk, manager: desk-lead}
+  - {id: director, name: Director, manager: vp, away_until: "2099-01-01", delegate: deputy}
+  - {id: deputy, name: Deputy Director, manager: director}
+  - {id: am-2, name: Account Manager 2, manager: director}
+"""
+T0 = datetime.now(UTC).replace(microsecond=0)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+async def svc(settings, rules_dir, engine, clock):
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "sweep_interval": timedelta(hours=1)})
+    async with running_service(tuned, load_rules(rules_dir), engine, clock=clock) as service:
+        yield service
+
+
+def inbox(r, keys, owner: str) -> list[dict]:
+    return [json.loads(fields["data"]) for _, fields in r.xrange(keys.inbox(owner))]
+
+
+def alert_row(engine, alert_id: str) -> AlertRecord:
+    with Session(engine) as session:
+        row = session.get(AlertRecord, alert_id)
+        session.expunge(row)
+        return row
+
+
+async def routed_alert(svc, r, pid: str, owner: str = "am") -> str:
+    document = {
+        "prediction_id": pid, "model": "churn", "model_version": "1", "entity_type": "account",
+        "entity_id": f"acct-{pid}", "score": 0.9, "predicted_at": T0.isoformat(), "context": {"account_manager": owner},
+    }
+    r.xadd(svc.keys.predictions, {"data": json.dumps(document)})
+    await wait_until(lambda: len(inbox(r, svc.keys, owner)) == 1, what=f"the alert in {owner}'s inbox")
+    return alert_id_for(pid, "churn-high")
+
+
+async def test_an_intervention_reported_before_the_acknowledgement_moves_the_ack_back(svc, r, engine, clock) -> None:
+    alert_id = await routed_alert(svc, r, "i1")
+    clock.now = T0 + timedelta(hours=2)
+    # The CRM reports the call made at 0:30 after the owner's acknowledgement of 1:30 was recorded.
+    r.xadd(svc.keys.outcomes, {"alert_id": alert_id, "type": "acknowledged", "actor": "am",
+                               "at": (T0 + timedelta(minutes=90)).isoformat()})
+    await wait_until(lambda: alert_row(engine, alert_id).acknowledged_at is not None, what="the ack")
+    r.xadd(svc.keys.outcomes, {"alert_id": alert_id, "type": "intervened", "actor": "crm", "action": "call",
+                               "at": (T0 + timedelta(minutes=30)).isoformat()})
+    await wait_until(lambda: alert_row(engine, alert_id).intervened_at is not None, what="the intervention")
+    with Session(engine) as session:
+        (row,) = compute_stats(session, by="rule")
+    # Acting implies having seen it: the first acknowledging event was the intervention.
+    assert (row.median_time_to_ack_s, row.median_time_to_act_s) == (1800.0, 1800.0)
+    # A second intervention (kept in the audit log only) changes nothing.
+    r.xadd(svc.keys.outcomes, {"alert_id": alert_id, "type": "intervened", "actor": "crm", "action": "email",
+                               "at": (T0 + timedelta(minutes=10)).isoformat()})
+    await wait_until(lambda: _audit_count(engine, alert_id, "intervened") == 2, what="the second intervention")
+    assert alert_row(engine, alert_id).intervention == "call"
+    with Session(engine) as session:
+        assert compute_stats(session, by="rule")[0].median_time_to_ack_s == 1800.0
+
+
+def _audit_count(engine, alert_id: str, kind: str) -> int:
+    with Session(engine) as session:
+        return len(session.scalars(select(AuditEvent.id).where(AuditEvent.alert_id == alert_id,
+                                                                AuditEvent.type == kind)).all())
+
+
