@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import select, union, update
+from sqlalchemy import func, select, union, update
 from sqlmodel import Session
 
 from decision_router.contracts import Alert, Escalation
@@ -105,7 +105,9 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
         level = record.escalation_level + 1
         values.update({"escalation_level": level, "escalated_to": manager, f"{kind}_due_at": now + window})
     else:
-        values.update({f"{kind}_due_at": None, f"{kind}_breached_at": now})
+        # The first breach's time stays: a reassigned alert's new chain may breach the same deadline again.
+        breached_at = getattr(AlertRecord, f"{kind}_breached_at")
+        values.update({f"{kind}_due_at": None, f"{kind}_breached_at": func.coalesce(breached_at, now)})
     changed = session.execute(
         update(AlertRecord)
         .where(AlertRecord.alert_id == record.alert_id, AlertRecord.sla_revision == record.sla_revision)

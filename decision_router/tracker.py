@@ -524,10 +524,11 @@ def apply_outcome(
             # have been marked delivered by another transaction since this row was read.
             flag_modified(record, "delivered_at")
             record.escalated_to = None
-            # Deadlines still to meet start again for the new owner; a closed alert has none.
-            if record.status == "open" and record.acknowledged_at is None and record.ack_breached_at is None:
+            # Deadlines not met yet start again for the new owner, also one the old owner's chain breached
+            # (the breach stays recorded); a closed alert has none.
+            if record.status == "open" and record.acknowledged_at is None:
                 record.ack_due_at = now + (as_utc(record.ack_by) - as_utc(record.created_at))
-            if record.status == "open" and record.intervened_at is None and record.act_breached_at is None:
+            if record.status == "open" and record.intervened_at is None:
                 record.act_due_at = now + (as_utc(record.act_by) - as_utc(record.created_at))
         record.sla_revision += 1
         session.add(record)

@@ -109,3 +109,34 @@ def _audit_count(engine, alert_id: str, kind: str) -> int:
                                                                 AuditEvent.type == kind)).all())
 
 
+async def test_a_breached_alert_reassigned_gets_fresh_deadlines_for_the_new_owner(svc, r, engine, clock) -> None:
+    alert_id = await routed_alert(svc, r, "b1")
+    # am -> lead -> vp, then the ack deadline breaches at the top of the chain.
+    for hours in (1, 2, 3):
+        clock.now = T0 + timedelta(hours=hours, minutes=1)
+        await svc.sweeper.sweep_once()
+    first_breach = alert_row(engine, alert_id).ack_breached_at
+    assert first_breach is not None
+    r.xadd(svc.keys.outcomes, {"alert_id": alert_id, "type": "reassigned", "actor": "vp", "owner": "desk"})
+    await wait_until(lambda: len(inbox(r, svc.keys, "desk")) == 1, what="the new owner's inbox")
+    row = alert_row(engine, alert_id)
+    assert row.ack_due_at is not None and row.escalated_to is None
+
+    # The new owner misses their own hour: their manager hears of it.
+    clock.now += timedelta(hours=1, minutes=1)
+    assert (await svc.sweeper.sweep_once()).escalated == 1
+    (copy,) = inbox(r, svc.keys, "desk-lead")
+    assert (copy["owner"], copy["escalation"]["from_owner"], copy["escalation"]["kind"]) == ("desk", "desk", "ack")
+    clock.now += timedelta(hours=1, minutes=1)
+    assert (await svc.sweeper.sweep_once()).breached == 1
+    # A breach per deadline and alert in the stats; the first breach's time stays.
+    assert as_naive(alert_row(engine, alert_id).ack_breached_at) == as_naive(first_breach)
+    with Session(engine) as session:
+        (stats,) = compute_stats(session, by="rule")
+    assert (stats.escalations, stats.sla_breaches) == (3, 1)
+
+
+def as_naive(value: datetime) -> datetime:
+    return value.replace(tzinfo=None)
+
+
