@@ -140,3 +140,53 @@ def as_naive(value: datetime) -> datetime:
     return value.replace(tzinfo=None)
 
 
+async def test_a_reassignment_racing_an_escalation_starts_from_the_new_owner(svc, r, engine, clock) -> None:
+    alert_id = await routed_alert(svc, r, "race1")
+    now = T0 + timedelta(hours=1, minutes=1)
+    with Session(engine) as reassigning:
+        (record,) = reassigning.scalars(select(AlertRecord).where(AlertRecord.alert_id == alert_id)).all()
+        # Between the reassignment's read and its write, a sweep escalates the alert to am's manager.
+        with Session(engine) as sweeping:
+            stale = sweeping.get(AlertRecord, alert_id)
+            assert escalate(sweeping, stale, owners=svc.pipeline.ruleset.owners, now=now) == "escalated"
+            sweeping.commit()
+        event = OutcomeEvent(type="reassigned", alert_id=alert_id, actor="ops", owner="desk")
+        apply_outcome(reassigning, event=event, alerts=[record], source_id=None, now=now)
+        reassigning.commit()
+    row = alert_row(engine, alert_id)
+    assert (row.owner, row.escalated_to) == ("desk", None)
+    clock.now = now + timedelta(hours=1, minutes=1)
+    await svc.sweeper.sweep_once()
+    with Session(engine) as session:
+        steps = session.execute(select(EscalationRecord.level, EscalationRecord.from_owner, EscalationRecord.to_owner)
+                                .where(EscalationRecord.alert_id == alert_id)
+                                .order_by(EscalationRecord.level)).all()
+    assert [tuple(s) for s in steps] == [(1, "am", "lead"), (2, "desk", "desk-lead")]
+
+
+async def test_a_sweep_that_read_the_alert_before_a_reassignment_committed_does_not_escalate_it(svc, r, engine) -> None:
+    alert_id = await routed_alert(svc, r, "race2")
+    owners = svc.pipeline.ruleset.owners
+    now = T0 + timedelta(hours=1, minutes=1)
+    with Session(engine) as reassigning:
+        (record,) = reassigning.scalars(select(AlertRecord).where(AlertRecord.alert_id == alert_id)).all()
+        # A first sweep escalates between the reassignment's read and its write...
+        with Session(engine) as first:
+            assert escalate(first, first.get(AlertRecord, alert_id), owners=owners, now=now) == "escalated"
+            first.commit()
+        # ...and a second sweep reads the alert as that left it, before the reassignment commits.
+        with Session(engine) as second:
+            stale = second.get(AlertRecord, alert_id)
+            event = OutcomeEvent(type="reassigned", alert_id=alert_id, actor="ops", owner="desk")
+            apply_outcome(reassigning, event=event, alerts=[record], source_id=None, now=now)
+            reassigning.commit()
+            later = now + timedelta(hours=1, minutes=1)
+            # Its compare-and-set must fail: it would take am's chain (lead -> vp) for desk's alert.
+            assert escalate(second, stale, owners=owners, now=later) == "conflict"
+            second.commit()
+    with Session(engine) as session:
+        assert session.scalars(select(EscalationRecord.to_owner).where(EscalationRecord.alert_id == alert_id)).all() == [
+            "lead"
+        ]
+
+
