@@ -190,3 +190,22 @@ async def test_a_sweep_that_read_the_alert_before_a_reassignment_committed_does_
         ]
 
 
+async def test_an_escalation_to_an_away_manager_goes_to_their_delegate(svc, r, engine, clock) -> None:
+    alert_id = await routed_alert(svc, r, "w1", owner="am-2")
+    clock.now = T0 + timedelta(hours=1, minutes=1)
+    assert (await svc.sweeper.sweep_once()).escalated == 1
+    assert inbox(r, svc.keys, "director") == []
+    (copy,) = inbox(r, svc.keys, "deputy")
+    assert copy["escalation"] == {
+        "level": 1, "kind": "ack", "reason": "not acknowledged within 1h (director is away; to their delegate)",
+        "original_owner": "am-2", "from_owner": "am-2", "to_owner": "deputy",
+    }
+    # The chain goes on from the away manager: their manager is next, not back to them.
+    clock.now += timedelta(hours=1, minutes=1)
+    assert (await svc.sweeper.sweep_once()).escalated == 1
+    (top,) = inbox(r, svc.keys, "vp")
+    assert (top["escalation"]["level"], top["escalation"]["from_owner"]) == (2, "director")
+    with Session(engine) as session:
+        escalated = session.scalars(select(AuditEvent).where(AuditEvent.alert_id == alert_id,
+                                                             AuditEvent.type == "escalated").order_by(AuditEvent.id)).all()
+    assert (escalated[0].detail["to_owner"], escalated[0].detail["delegated_from"]) == ("deputy", "director")
