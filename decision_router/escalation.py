@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import select, union, update
+from sqlalchemy import func, select, union, update
 from sqlmodel import Session
 
 from decision_router.contracts import Alert, Escalation
@@ -23,6 +23,7 @@ from decision_router.durations import format_duration
 from decision_router.keys import Keys
 from decision_router.notify import queue_deliveries
 from decision_router.pipeline import Pipeline
+from decision_router.router import present_owner
 from decision_router.rules import Owner
 from decision_router.streams import StreamWrite, xadd_once
 from decision_router.tables import (
@@ -98,6 +99,9 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
     kind, window, reason = missed
     holder = record.escalated_to or record.owner
     manager = owners[holder].manager if holder in owners else None
+    # An away manager's copy goes to their delegate, as a new alert would; the chain goes on from the
+    # manager (escalated_to), so the next step is the manager's own manager.
+    recipient = present_owner(manager, owners, now) if manager else None
     values: dict[str, object] = {"sla_revision": record.sla_revision + 1}
     if kind == "act":
         values["ack_due_at"] = None
@@ -105,7 +109,9 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
         level = record.escalation_level + 1
         values.update({"escalation_level": level, "escalated_to": manager, f"{kind}_due_at": now + window})
     else:
-        values.update({f"{kind}_due_at": None, f"{kind}_breached_at": now})
+        # The first breach's time stays: a reassigned alert's new chain may breach the same deadline again.
+        breached_at = getattr(AlertRecord, f"{kind}_breached_at")
+        values.update({f"{kind}_due_at": None, f"{kind}_breached_at": func.coalesce(breached_at, now)})
     changed = session.execute(
         update(AlertRecord)
         .where(AlertRecord.alert_id == record.alert_id, AlertRecord.sla_revision == record.sla_revision)
@@ -116,12 +122,17 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
         return "conflict"
     detail = {"kind": kind, "reason": reason, "original_owner": record.owner, "from_owner": holder}
     if manager:
+        assert recipient is not None
+        if recipient != manager:
+            reason = f"{reason} ({manager} is away; to their delegate)"
+            detail.update(reason=reason, delegated_from=manager)
         session.add(
             EscalationRecord(
-                alert_id=record.alert_id, level=level, kind=kind, from_owner=holder, to_owner=manager, reason=reason, at=now
+                alert_id=record.alert_id, level=level, kind=kind, from_owner=holder, to_owner=recipient, reason=reason,
+                at=now,
             )
         )
-        detail.update(level=level, to_owner=manager)
+        detail.update(level=level, to_owner=recipient)
     else:
         detail.update(level=record.escalation_level, top_of_chain=holder)
     session.add(

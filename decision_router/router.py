@@ -119,7 +119,7 @@ def _owner(rule: CompiledRule, document: Mapping[str, Any], owners: Mapping[str,
     return rule.owner_fallback, "fallback", reason
 
 
-def _present(owner: str, owners: Mapping[str, Owner], now: datetime) -> str:
+def present_owner(owner: str, owners: Mapping[str, Owner], now: datetime) -> str:
     """The owner, or the first delegate along the chain who is not away at `now`.
 
     load.py guarantees away owners have a delegate in the directory and delegate chains
@@ -142,7 +142,7 @@ def _decide(
 ) -> Decision:
     owner, source, reason = _owner(rule, document, owners)
     delegated_from = None
-    if now is not None and (present := _present(owner, owners, now)) != owner:
+    if now is not None and (present := present_owner(owner, owners, now)) != owner:
         owner, source, delegated_from = present, "delegate", owner
     held_out = rule.holdout > 0 and in_holdout(
         rule.name, _text(_entity_type(document)), _text(_entity_id(document)), rule.holdout

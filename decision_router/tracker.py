@@ -499,10 +499,12 @@ def apply_outcome(
             record.acknowledged_at = record.acknowledged_at or at
             record.ack_due_at = None
         elif event.type is OutcomeType.INTERVENED:
-            # Acting on an alert implies having seen it.
-            record.acknowledged_at = record.acknowledged_at or at
             if record.intervened_at is None:
                 record.intervened_at, record.intervention = at, event.action
+                # Acting on an alert implies having seen it, by then at the latest: an acknowledgement
+                # recorded before with a later `at` moves back (time to ack never exceeds time to act).
+                if record.acknowledged_at is None or at < as_utc(record.acknowledged_at):
+                    record.acknowledged_at = at
             record.ack_due_at = record.act_due_at = None
         elif event.type is OutcomeType.OUTCOME:
             assert event.result is not None
@@ -521,13 +523,19 @@ def apply_outcome(
             # Written even if it looked unchanged here: the inbox write to the old owner may
             # have been marked delivered by another transaction since this row was read.
             flag_modified(record, "delivered_at")
+            # The new owner's chain starts at them. Written even if it looked unchanged here: a sweep may
+            # have escalated the alert since this row was read (its old holder would stay).
             record.escalated_to = None
-            # Deadlines still to meet start again for the new owner; a closed alert has none.
-            if record.status == "open" and record.acknowledged_at is None and record.ack_breached_at is None:
+            flag_modified(record, "escalated_to")
+            # Deadlines not met yet start again for the new owner, also one the old owner's chain breached
+            # (the breach stays recorded); a closed alert has none.
+            if record.status == "open" and record.acknowledged_at is None:
                 record.ack_due_at = now + (as_utc(record.ack_by) - as_utc(record.created_at))
-            if record.status == "open" and record.intervened_at is None and record.act_breached_at is None:
+            if record.status == "open" and record.intervened_at is None:
                 record.act_due_at = now + (as_utc(record.act_by) - as_utc(record.created_at))
-        record.sla_revision += 1
+        # In SQL, not from the value read: a sweep that read the alert before this commits then fails its
+        # compare-and-set, even one that read it after another sweep's step that this transaction overlaps.
+        record.sla_revision = AlertRecord.sla_revision + 1
         session.add(record)
         session.add(
             AuditEvent(

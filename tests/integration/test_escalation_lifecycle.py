@@ -1,0 +1,211 @@
+"""Ownership over time on real Redis and both stores, driven by a controllable clock: an
+intervention reported before the acknowledgement, a reassignment after a breach or racing a
+sweep, and an escalation to a manager who is away."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlmodel import Session
+
+from decision_router.contracts import OutcomeEvent
+from decision_router.escalation import escalate
+from decision_router.rules import load_rules
+from decision_router.service import running_service
+from decision_router.stats import compute_stats
+from decision_router.tables import AlertRecord, AuditEvent, EscalationRecord
+from decision_router.tracker import alert_id_for, apply_outcome
+from tests.integration.conftest import ManualClock, wait_until
+
+pytestmark = pytest.mark.redis
+
+ROUTING = """
+defaults: {ack_within: 1h, act_within: 4h}
+rules:
+  - name: churn-high
+    when: {model: churn, score: {gte: 0.8}}
+    owner: {from: context.account_manager, fallback: desk}
+  - name: rest
+    when: {}
+    owner: desk
+    action: record
+"""
+OWNERS = """
+owners:
+  - {id: vp, name: VP}
+  - {id: lead, name: Lead, manager: vp}
+  - {id: am, name: Account Manager, manager: lead}
+  - {id: desk-lead, name: Desk Lead}
+  - {id: desk, name: Desk, manager: desk-lead}
+  - {id: director, name: Director, manager: vp, away_until: "2099-01-01", delegate: deputy}
+  - {id: deputy, name: Deputy Director, manager: director}
+  - {id: am-2, name: Account Manager 2, manager: director}
+"""
+T0 = datetime.now(UTC).replace(microsecond=0)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+async def svc(settings, rules_dir, engine, clock):
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "sweep_interval": timedelta(hours=1)})
+    async with running_service(tuned, load_rules(rules_dir), engine, clock=clock) as service:
+        yield service
+
+
+def inbox(r, keys, owner: str) -> list[dict]:
+    return [json.loads(fields["data"]) for _, fields in r.xrange(keys.inbox(owner))]
+
+
+def alert_row(engine, alert_id: str) -> AlertRecord:
+    with Session(engine) as session:
+        row = session.get(AlertRecord, alert_id)
+        session.expunge(row)
+        return row
+
+
+async def routed_alert(svc, r, pid: str, owner: str = "am") -> str:
+    document = {
+        "prediction_id": pid, "model": "churn", "model_version": "1", "entity_type": "account",
+        "entity_id": f"acct-{pid}", "score": 0.9, "predicted_at": T0.isoformat(), "context": {"account_manager": owner},
+    }
+    r.xadd(svc.keys.predictions, {"data": json.dumps(document)})
+    await wait_until(lambda: len(inbox(r, svc.keys, owner)) == 1, what=f"the alert in {owner}'s inbox")
+    return alert_id_for(pid, "churn-high")
+
+
+async def test_an_intervention_reported_before_the_acknowledgement_moves_the_ack_back(svc, r, engine, clock) -> None:
+    alert_id = await routed_alert(svc, r, "i1")
+    clock.now = T0 + timedelta(hours=2)
+    # The CRM reports the call made at 0:30 after the owner's acknowledgement of 1:30 was recorded.
+    r.xadd(svc.keys.outcomes, {"alert_id": alert_id, "type": "acknowledged", "actor": "am",
+                               "at": (T0 + timedelta(minutes=90)).isoformat()})
+    await wait_until(lambda: alert_row(engine, alert_id).acknowledged_at is not None, what="the ack")
+    r.xadd(svc.keys.outcomes, {"alert_id": alert_id, "type": "intervened", "actor": "crm", "action": "call",
+                               "at": (T0 + timedelta(minutes=30)).isoformat()})
+    await wait_until(lambda: alert_row(engine, alert_id).intervened_at is not None, what="the intervention")
+    with Session(engine) as session:
+        (row,) = compute_stats(session, by="rule")
+    # Acting implies having seen it: the first acknowledging event was the intervention.
+    assert (row.median_time_to_ack_s, row.median_time_to_act_s) == (1800.0, 1800.0)
+    # A second intervention (kept in the audit log only) changes nothing.
+    r.xadd(svc.keys.outcomes, {"alert_id": alert_id, "type": "intervened", "actor": "crm", "action": "email",
+                               "at": (T0 + timedelta(minutes=10)).isoformat()})
+    await wait_until(lambda: _audit_count(engine, alert_id, "intervened") == 2, what="the second intervention")
+    assert alert_row(engine, alert_id).intervention == "call"
+    with Session(engine) as session:
+        assert compute_stats(session, by="rule")[0].median_time_to_ack_s == 1800.0
+
+
+def _audit_count(engine, alert_id: str, kind: str) -> int:
+    with Session(engine) as session:
+        return len(session.scalars(select(AuditEvent.id).where(AuditEvent.alert_id == alert_id,
+                                                                AuditEvent.type == kind)).all())
+
+
+async def test_a_breached_alert_reassigned_gets_fresh_deadlines_for_the_new_owner(svc, r, engine, clock) -> None:
+    alert_id = await routed_alert(svc, r, "b1")
+    # am -> lead -> vp, then the ack deadline breaches at the top of the chain.
+    for hours in (1, 2, 3):
+        clock.now = T0 + timedelta(hours=hours, minutes=1)
+        await svc.sweeper.sweep_once()
+    first_breach = alert_row(engine, alert_id).ack_breached_at
+    assert first_breach is not None
+    r.xadd(svc.keys.outcomes, {"alert_id": alert_id, "type": "reassigned", "actor": "vp", "owner": "desk"})
+    await wait_until(lambda: len(inbox(r, svc.keys, "desk")) == 1, what="the new owner's inbox")
+    row = alert_row(engine, alert_id)
+    assert row.ack_due_at is not None and row.escalated_to is None
+
+    # The new owner misses their own hour: their manager hears of it.
+    clock.now += timedelta(hours=1, minutes=1)
+    assert (await svc.sweeper.sweep_once()).escalated == 1
+    (copy,) = inbox(r, svc.keys, "desk-lead")
+    assert (copy["owner"], copy["escalation"]["from_owner"], copy["escalation"]["kind"]) == ("desk", "desk", "ack")
+    clock.now += timedelta(hours=1, minutes=1)
+    assert (await svc.sweeper.sweep_once()).breached == 1
+    # A breach per deadline and alert in the stats; the first breach's time stays.
+    assert as_naive(alert_row(engine, alert_id).ack_breached_at) == as_naive(first_breach)
+    with Session(engine) as session:
+        (stats,) = compute_stats(session, by="rule")
+    assert (stats.escalations, stats.sla_breaches) == (3, 1)
+
+
+def as_naive(value: datetime) -> datetime:
+    return value.replace(tzinfo=None)
+
+
+async def test_a_reassignment_racing_an_escalation_starts_from_the_new_owner(svc, r, engine, clock) -> None:
+    alert_id = await routed_alert(svc, r, "race1")
+    now = T0 + timedelta(hours=1, minutes=1)
+    with Session(engine) as reassigning:
+        (record,) = reassigning.scalars(select(AlertRecord).where(AlertRecord.alert_id == alert_id)).all()
+        # Between the reassignment's read and its write, a sweep escalates the alert to am's manager.
+        with Session(engine) as sweeping:
+            stale = sweeping.get(AlertRecord, alert_id)
+            assert escalate(sweeping, stale, owners=svc.pipeline.ruleset.owners, now=now) == "escalated"
+            sweeping.commit()
+        event = OutcomeEvent(type="reassigned", alert_id=alert_id, actor="ops", owner="desk")
+        apply_outcome(reassigning, event=event, alerts=[record], source_id=None, now=now)
+        reassigning.commit()
+    row = alert_row(engine, alert_id)
+    assert (row.owner, row.escalated_to) == ("desk", None)
+    clock.now = now + timedelta(hours=1, minutes=1)
+    await svc.sweeper.sweep_once()
+    with Session(engine) as session:
+        steps = session.execute(select(EscalationRecord.level, EscalationRecord.from_owner, EscalationRecord.to_owner)
+                                .where(EscalationRecord.alert_id == alert_id)
+                                .order_by(EscalationRecord.level)).all()
+    assert [tuple(s) for s in steps] == [(1, "am", "lead"), (2, "desk", "desk-lead")]
+
+
+async def test_a_sweep_that_read_the_alert_before_a_reassignment_committed_does_not_escalate_it(svc, r, engine) -> None:
+    alert_id = await routed_alert(svc, r, "race2")
+    owners = svc.pipeline.ruleset.owners
+    now = T0 + timedelta(hours=1, minutes=1)
+    with Session(engine) as reassigning:
+        (record,) = reassigning.scalars(select(AlertRecord).where(AlertRecord.alert_id == alert_id)).all()
+        # A first sweep escalates between the reassignment's read and its write...
+        with Session(engine) as first:
+            assert escalate(first, first.get(AlertRecord, alert_id), owners=owners, now=now) == "escalated"
+            first.commit()
+        # ...and a second sweep reads the alert as that left it, before the reassignment commits.
+        with Session(engine) as second:
+            stale = second.get(AlertRecord, alert_id)
+            event = OutcomeEvent(type="reassigned", alert_id=alert_id, actor="ops", owner="desk")
+            apply_outcome(reassigning, event=event, alerts=[record], source_id=None, now=now)
+            reassigning.commit()
+            later = now + timedelta(hours=1, minutes=1)
+            # Its compare-and-set must fail: it would take am's chain (lead -> vp) for desk's alert.
+            assert escalate(second, stale, owners=owners, now=later) == "conflict"
+            second.commit()
+    with Session(engine) as session:
+        assert session.scalars(select(EscalationRecord.to_owner).where(EscalationRecord.alert_id == alert_id)).all() == [
+            "lead"
+        ]
+
+
+async def test_an_escalation_to_an_away_manager_goes_to_their_delegate(svc, r, engine, clock) -> None:
+    alert_id = await routed_alert(svc, r, "w1", owner="am-2")
+    clock.now = T0 + timedelta(hours=1, minutes=1)
+    assert (await svc.sweeper.sweep_once()).escalated == 1
+    assert inbox(r, svc.keys, "director") == []
+    (copy,) = inbox(r, svc.keys, "deputy")
+    assert copy["escalation"] == {
+        "level": 1, "kind": "ack", "reason": "not acknowledged within 1h (director is away; to their delegate)",
+        "original_owner": "am-2", "from_owner": "am-2", "to_owner": "deputy",
+    }
+    # The chain goes on from the away manager: their manager is next, not back to them.
+    clock.now += timedelta(hours=1, minutes=1)
+    assert (await svc.sweeper.sweep_once()).escalated == 1
+    (top,) = inbox(r, svc.keys, "vp")
+    assert (top["escalation"]["level"], top["escalation"]["from_owner"]) == (2, "director")
+    with Session(engine) as session:
+        escalated = session.scalars(select(AuditEvent).where(AuditEvent.alert_id == alert_id,
+                                                             AuditEvent.type == "escalated").order_by(AuditEvent.id)).all()
+    assert (escalated[0].detail["to_owner"], escalated[0].detail["delegated_from"]) == ("deputy", "director")
