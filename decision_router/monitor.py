@@ -37,7 +37,8 @@ from decision_router import drift
 from decision_router.contracts import DataQualityAlert, DataQualityWindow
 from decision_router.keys import Keys
 from decision_router.notify import queue_deliveries
-from decision_router.rules import DriftConfig, ModelConfig, Owner
+from decision_router.rules import DriftConfig, ModelConfig
+from decision_router.router import present_owner
 from decision_router.streams import StreamWrite, xadd_once
 from decision_router.tables import AlertRecord, DataQualityAlertRecord, PredictionRecord, RejectionRecord, as_utc
 
@@ -393,17 +394,6 @@ def data_quality_alert_id(model: str, model_version: str, metric: str, day: str)
     return f"dq-{digest[:24]}"
 
 
-def _present(owner: str, owners: Mapping[str, Owner], now: datetime) -> str:
-    """The owner, or the first delegate along the chain who is not away (as the router does)."""
-    seen = {owner}
-    while (current := owners.get(owner)) is not None and current.delegate and current.is_away(now):
-        owner = current.delegate
-        if owner in seen:
-            break
-        seen.add(owner)
-    return owner
-
-
 def to_alert(record: DataQualityAlertRecord) -> DataQualityAlert:
     return DataQualityAlert(
         alert_id=record.alert_id,
@@ -483,7 +473,7 @@ class DataQualityMonitor:
                     model=model,
                 )
             return None
-        return _present(owner, ruleset.owners, now)
+        return present_owner(owner, ruleset.owners, now)
 
     def _store(self, flagged: Sequence[ModelHealth], ruleset: RuleSet, now: datetime) -> list[DataQualityAlertRecord]:
         """Insert the alerts not stored yet (by alert_id), and in the same transaction the
