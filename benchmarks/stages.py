@@ -102,13 +102,17 @@ def measure(store: str, batches: int, postgres_url: str, *, batch: int = BATCH,
         with timing_parts(spent, stage) if parts else nullcontext():
             for number in range(batches):
                 run, now = new_run_id(), datetime.now(UTC)
-                entries = [(f"{number + 1}-{n}", {"data": json.dumps(prediction(n, run, now=now))})
+                # Entry ids as Redis makes them: the time of XADD, after the prediction's (as in a real stream,
+                # where the pipeline looks up earlier rejections only for predictions stamped later).
+                added_ms = int(now.timestamp() * 1000) + 1
+                entries = [(f"{added_ms}-{n}", {"data": json.dumps(prediction(n, run, now=now))})
                            for n in range(batch)]
                 checked = timed("gate", lambda: [(e, f, pipeline._check(e, f, now)) for e, f in entries])  # noqa: B023
                 early = timed("document and routing",
                               lambda: [pipeline._route_early(item, ruleset, now) for _, _, item in checked])  # noqa: B023
                 _, _, fresh, _ = timed(
-                    "store", lambda: pipeline._store_predictions(checked, early, ruleset, now, {}))  # noqa: B023
+                    "store", lambda: pipeline._store_predictions(  # noqa: B023
+                        checked, early, ruleset, now, {}, pipeline._stale_ids(checked, now)))  # noqa: B023
                 timed("inbox JSON", lambda: inbox_writes(fresh, pipeline.keys))  # noqa: B023
                 timed("mark delivered", lambda: pipeline._mark_delivered(fresh))  # noqa: B023
         figures: dict[str, tuple[float | None, float]] = {}
