@@ -186,8 +186,8 @@ class RouterService:
     async def follow_reload_requests(self) -> None:
         """Re-read the rules when any process on this stream prefix asks (POST /v1/rules/reload,
         published on keys.rules_reload), until stop; a Redis error ends it (the caller resubscribes)."""
-        # A cluster client routes SUBSCRIBE by the slots it learns on its first command: learn them first.
-        await self.pipeline.redis.initialize()
+        # A cluster client routes SUBSCRIBE by the slots it learned on its first command (KeyError before
+        # any): start() has created the consumer groups by then.
         pubsub = self.pipeline.redis.pubsub()
         try:
             # subscribe() only sends the command: listening starts when Redis confirms it.

@@ -42,9 +42,11 @@ class ClusterUnavailable(Exception):
 
 
 class LocalCluster:
-    """Start with start(), stop with close() (kills the nodes, removes their directory)."""
+    """Start with start(), stop with close() (kills the nodes, removes their directory). `persistent`:
+    every write is on disk (AOF, fsync always), so the nodes can be killed and restarted with their data."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, persistent: bool = False) -> None:
+        self.persistent = persistent
         self.directory: Path | None = None
         self.ports: list[int] = []
         self.processes: list[subprocess.Popen] = []
@@ -77,14 +79,7 @@ class LocalCluster:
                 raise ClusterUnavailable(f"{tool} is not on PATH")
         self.directory = Path(tempfile.mkdtemp(prefix="decision-router-cluster-"))
         self.ports = [cluster_port() for _ in range(NODES)]
-        for port in self.ports:
-            self.processes.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", str(self.directory / f"nodes-{port}.conf"), "--save", "",
-                 "--appendonly", "no", "--dir", str(self.directory), "--logfile", f"redis-{port}.log"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
-        self._wait(lambda port: self._node(port).ping(), "the nodes to answer")
+        self._launch()
         create = subprocess.run(
             ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
              "--cluster-replicas", "0", "--cluster-yes"],
@@ -92,9 +87,38 @@ class LocalCluster:
         )
         if create.returncode != 0:
             raise ClusterUnavailable(f"redis-cli --cluster create failed: {create.stdout[-2000:]}{create.stderr}")
+        self._wait_ok()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL every node: the whole cluster is gone."""
+        for process in self.processes:
+            process.kill()
+            process.wait()
+        self.processes = []
+
+    def restart(self) -> None:
+        """The nodes again, on their ports, from their cluster config (and data, if persistent)."""
+        assert self.persistent and not self.processes
+        self._launch()
+        self._wait_ok()
+
+    def _launch(self) -> None:
+        assert self.directory is not None
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        for port in self.ports:
+            self.processes.append(subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", str(self.directory / f"nodes-{port}.conf"), "--save", "", *aof,
+                 "--appendfilename", f"appendonly-{port}.aof", "--appenddirname", f"aof-{port}",
+                 "--dir", str(self.directory), "--logfile", f"redis-{port}.log"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+        self._wait(lambda port: self._node(port).ping(), "the nodes to answer")
+
+    def _wait_ok(self) -> None:
         self._wait(lambda port: self._node(port).cluster("INFO").get("cluster_state") == "ok",
                    "cluster_state:ok on every node")
-        return self
 
     def close(self) -> None:
         for process in self.processes:
