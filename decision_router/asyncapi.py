@@ -19,9 +19,10 @@ from decision_router.contracts import AnyAlert, OutcomeEvent, Prediction, Reject
 DESCRIPTION = (
     "Redis streams of decision-router. Producers append one entry per message, either one field `data` "
     "holding the JSON document or flat fields (nested `features`/`context` as JSON text or dotted keys). "
-    "Stream names take the optional DECISION_ROUTER_STREAM_PREFIX. Inputs are consumed by the consumer group "
-    "`decision-router` (DECISION_ROUTER_CONSUMER_GROUP); rejected entries go to the matching `:dlq` stream "
-    "with a machine-readable reason."
+    "Stream names take the optional DECISION_ROUTER_STREAM_PREFIX; on a Redis Cluster it holds a hash tag "
+    "(e.g. `{dr}:`, so `{dr}:predictions`), which puts every stream of a deployment in one slot. Inputs are "
+    "consumed by the consumer group `decision-router` (DECISION_ROUTER_CONSUMER_GROUP); rejected entries go to "
+    "the matching `:dlq` stream with a machine-readable reason."
 )
 
 

@@ -183,15 +183,13 @@ def no_gc_until_done(ctx: typer.Context) -> None:
 
 
 async def _connect(settings: Settings) -> Redis:
-    from redis.asyncio import Redis
-    from redis.exceptions import RedisError
-
+    from decision_router.redis_client import REDIS_ERRORS, redis_for
     from decision_router.settings import redact_url
 
-    redis = Redis.from_url(settings.effective_redis_url)
+    redis = redis_for(settings)
     try:
         await redis.ping()
-    except (RedisError, OSError) as exc:
+    except (*REDIS_ERRORS, OSError) as exc:
         await redis.aclose()
         hint = (
             " (no DECISION_ROUTER_REDIS_URL is set, so this is the embedded Redis: is `decision-router serve` running?)"
@@ -200,6 +198,21 @@ async def _connect(settings: Settings) -> Redis:
         )
         fail(f"cannot reach Redis at {redact_url(settings.effective_redis_url)}: {exc}{hint}")
     return redis
+
+
+def run_on_redis(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main), where a Redis command failing after _connect (a node going away, or a plain client
+    redirected by a cluster node: MOVED) is one error line (exit 1), not a traceback."""
+    import asyncio
+
+    from decision_router.redis_client import REDIS_ERRORS, cluster_hint
+    from decision_router.settings import redact_text, redact_url
+
+    try:
+        return asyncio.run(main)
+    except REDIS_ERRORS as exc:
+        reason = redact_text(str(exc))
+        fail(f"Redis at {redact_url(settings.effective_redis_url)} failed: {reason}{cluster_hint(exc)}")
 
 
 # serve / demo --------------------------------------------------------------------------
@@ -218,11 +231,11 @@ def serve(
     """Run the router: consume predictions and outcomes, route, deliver, record; serve the HTTP API."""
     import asyncio
 
-    from redis.exceptions import RedisError
     from sqlalchemy.exc import SQLAlchemyError
 
     from decision_router.api.server import ApiStartError
     from decision_router.embedded import EmbeddedRedisError
+    from decision_router.redis_client import REDIS_ERRORS, cluster_hint
     from decision_router.rules import RulesInvalid
     from decision_router.service import serve as run
     from decision_router.settings import redact_text, redact_url
@@ -242,10 +255,11 @@ def serve(
         fail(f"refusing to start: the rules in {settings.rules_dir} are invalid:\n{exc}")
     except (EmbeddedRedisError, ApiStartError) as exc:
         fail(str(exc))
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         # Only at start (creating the consumer groups), e.g. a wrong password or Redis down: once
         # running, the read loop waits out Redis outages.
-        fail(f"cannot reach Redis at {redact_url(settings.effective_redis_url)}: {redact_text(str(exc))}")
+        fail(f"cannot reach Redis at {redact_url(settings.effective_redis_url)}: {redact_text(str(exc))}"
+             f"{cluster_hint(exc)}")
     except SQLAlchemyError as exc:
         # Only at start (creating the schema): once running, the read loop waits out store outages.
         fail_store(settings.database_url, exc)
@@ -333,8 +347,6 @@ def publish(
     batch: Annotated[int, typer.Option(min=1, help="Entries per pipelined write.")] = 500,
 ) -> None:
     """Publish predictions from a file onto the predictions stream; bad lines are reported and skipped."""
-    import asyncio
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from decision_router.contracts import Prediction
@@ -376,7 +388,7 @@ def publish(
         finally:
             await redis.aclose()
 
-    asyncio.run(run())
+    run_on_redis(settings, run())
     out.print(f"published {counted(summary.published, 'prediction')} to {stream}; "
               f"skipped {counted(len(summary.bad), 'bad line')}")
     if summary.bad and not summary.published:
@@ -453,8 +465,6 @@ def send_outcome(
 ) -> None:
     """Validate an outcome event (exit 2 when invalid, or when the router's gate would dead-letter it)
     and publish it on the outcomes stream. `options`: how the command names the fields, for errors."""
-    import asyncio
-
     from pydantic import ValidationError
 
     from decision_router.contracts import OutcomeEvent, Rejection
@@ -480,7 +490,7 @@ def send_outcome(
         finally:
             await redis.aclose()
 
-    entry_id = asyncio.run(run())
+    entry_id = run_on_redis(settings, run())
     out.print(f"recorded {event.type.value} on {stream} as entry {entry_id}")
 
 

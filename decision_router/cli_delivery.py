@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from decision_router.cli import App, _connect, app, fail, out, settings_or_exit
+from decision_router.cli import App, _connect, app, fail, out, run_on_redis, settings_or_exit
 from decision_router.echo import counted
 from decision_router.keys import Keys
 
@@ -22,8 +22,6 @@ app.add_typer(redrive_app, name="redrive")
 @redrive_app.command("deliveries")
 def redrive_deliveries() -> None:
     """Re-send every entry on deliveries:dlq once (a new failure is dead-lettered again)."""
-    import asyncio
-
     from decision_router.notify import ChannelDelivery, Redriven, redrive
     from decision_router.pipeline import utcnow
     from decision_router.rules import RulesInvalid, load_rules
@@ -47,7 +45,7 @@ def redrive_deliveries() -> None:
             await redis.aclose()
 
     try:
-        done = asyncio.run(run())
+        done = run_on_redis(settings, run())
     finally:
         engine.dispose()
     sent, delivered = done.sent, done.delivered

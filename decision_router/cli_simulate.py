@@ -189,9 +189,9 @@ def simulate(
     """Simulate a world with a known truth through the real pipeline; print the truth next to the stats."""
     import asyncio
 
-    from redis.exceptions import RedisError
     from sqlalchemy.exc import SQLAlchemyError
 
+    from decision_router.redis_client import REDIS_ERRORS
     from decision_router.settings import redact_text, redact_url
     from decision_router.simulate import SimulationParams, run_simulation
 
@@ -224,7 +224,7 @@ def simulate(
         )
     except SQLAlchemyError as exc:
         fail_store(database or "a temporary SQLite file", exc)
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         where = f"Redis at {redact_url(redis)}" if redis else "the embedded Redis"
         fail(f"cannot reach {where}: {redact_text(str(exc))}")
     if fmt == "json":

@@ -31,9 +31,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
+    ClusterError,
     MasterDownError,
     ReadOnlyError,
+    RedisClusterException,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -69,6 +72,13 @@ class Input:
 # Replies of a Redis that is failing over or not ready (READONLY: a replica just demoted).
 _REDIS_NOT_READY = ("READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "LOADING")
 _REDIS_NOT_READY_ERRORS = (ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError, BusyLoadingError)
+# The cluster client's own outages: no node reachable, slots not covered while the cluster reshapes
+# (SlotNotCoveredError), redirections exhausted mid-failover (ClusterError "TTL exhausted"). They are
+# no ConnectionError; its other errors (keys in different slots, say) are bugs.
+_CLUSTER_UNREACHABLE = (
+    "Redis Cluster cannot be connected", "All slots are not covered", "startup_nodes could not agree",
+)
+_CLUSTER_NOT_READY_ERRORS = (SlotNotCoveredError, ClusterError)
 _NETWORK_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.EPIPE})
 # PostgreSQL SQLSTATEs of a server going away or not taking writes: connection exceptions (08...),
 # shutdown (57P01-57P03), too many connections (53300), read-only after a failover (25006).
@@ -83,6 +93,10 @@ def infrastructure_failure(exc: BaseException) -> str | None:
     # (NOREPLICAS...) keep it.
     if isinstance(exc, _REDIS_NOT_READY_ERRORS) or (
         isinstance(exc, ResponseError) and str(exc).startswith(_REDIS_NOT_READY)
+    ):
+        return "Redis"
+    if isinstance(exc, _CLUSTER_NOT_READY_ERRORS) or (
+        isinstance(exc, RedisClusterException) and str(exc).startswith(_CLUSTER_UNREACHABLE)
     ):
         return "Redis"
     if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):

@@ -29,6 +29,7 @@ from decision_router.keys import Keys
 from decision_router.monitor import DataQualityMonitor
 from decision_router.notify import ChannelDelivery
 from decision_router.pipeline import Clock, Pipeline, utcnow
+from decision_router.redis_client import redis_for
 from decision_router.rules import RuleSet, load_rules
 from decision_router.rules.watch import RulesWatcher
 from decision_router.settings import Settings, redact_url
@@ -185,6 +186,8 @@ class RouterService:
     async def follow_reload_requests(self) -> None:
         """Re-read the rules when any process on this stream prefix asks (POST /v1/rules/reload,
         published on keys.rules_reload), until stop; a Redis error ends it (the caller resubscribes)."""
+        # A cluster client routes SUBSCRIBE by the slots it learned on its first command (KeyError before
+        # any): start() has created the consumer groups by then.
         pubsub = self.pipeline.redis.pubsub()
         try:
             # subscribe() only sends the command: listening starts when Redis confirms it.
@@ -241,7 +244,7 @@ async def running_service(
     settings: Settings, ruleset: RuleSet, engine: Engine, *, clock: Clock = utcnow, watch_rules: bool = False
 ) -> AsyncIterator[RouterService]:
     """Start one worker against settings.effective_redis_url; stop it cleanly on exit."""
-    redis = Redis.from_url(settings.effective_redis_url)
+    redis = redis_for(settings)
     pipeline = Pipeline(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=clock)
     # Reads pipeline.ruleset per batch, so a hot reload's context_sources apply at once.
     pipeline.enricher = enricher = build_enricher(lambda: pipeline.ruleset, redis=redis, engine=engine, keys=pipeline.keys)

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from decision_router.durations import parse_duration
@@ -70,6 +70,9 @@ class Settings(BaseSettings):
 
     # Stream names are prefixed so several deployments (or tests) can share one Redis.
     stream_prefix: str = ""
+    # redis_url is a node of a Redis Cluster: connect with the cluster client. Declared after redis_url and
+    # stream_prefix, which its check reads (pydantic validates fields in this order).
+    redis_cluster: bool = False
     consumer_group: str = "decision-router"
     consumer_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     batch_size: int = Field(default=500, ge=1, le=10_000)
@@ -162,6 +165,27 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return check_redis_url(value)
 
+    @field_validator("redis_cluster")
+    @classmethod
+    def _cluster_needs(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value:
+            return value
+        if "redis_url" not in info.data or "stream_prefix" not in info.data:
+            return value  # one of them is bad already, and is reported
+        url, prefix = info.data["redis_url"], info.data["stream_prefix"]
+        if url is None:
+            raise ValueError(f"needs {ENV_PREFIX}REDIS_URL (a node of the cluster): the embedded Redis is no cluster")
+        if url.startswith("unix://"):
+            raise ValueError("a cluster is reached over TCP: a redis:// or rediss:// URL, not unix://")
+        if (database := _url_database(url)) != 0:
+            raise ValueError(f"a cluster has database 0 only, not {database} ({ENV_PREFIX}REDIS_URL)")
+        if hash_tag(prefix) is None:
+            raise ValueError(
+                f"needs {ENV_PREFIX}STREAM_PREFIX with a hash tag, e.g. '{{dr}}:', not {prefix!r}: every key of a "
+                "deployment must be in one slot (a batch's dedupe markers and streams are written by one script)"
+            )
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _database_scheme(cls, value: str) -> str:
@@ -183,6 +207,23 @@ class Settings(BaseSettings):
         """Where clients connect: the configured server or the embedded one on loopback."""
         host = f"[{self.embedded_host}]" if ":" in self.embedded_host else self.embedded_host  # IPv6, e.g. ::1
         return self.redis_url or f"redis://{host}:{self.embedded_port}/0"
+
+
+def hash_tag(prefix: str) -> str | None:
+    """The hash tag that every key under `prefix` is hashed by in a Redis Cluster, or None if the
+    prefix has none. Redis hashes only the text between the first "{" and the first "}" after it
+    when that text is not empty; the tag must close inside the prefix, or a key's own text (an
+    owner id holding "}", say) would decide its slot."""
+    start = prefix.find("{")
+    end = prefix.find("}", start + 1) if start >= 0 else -1
+    return prefix[start + 1:end] if end > start + 1 else None
+
+
+def _url_database(url: str) -> int:
+    """The database number a (checked) Redis URL selects, by its path or its ?db= option."""
+    from redis.connection import parse_url
+
+    return int(parse_url(url).get("db") or 0)
 
 
 # Query parameters and keys whose values are secrets (redis-py accepts ?password=...).

@@ -87,7 +87,8 @@ from decision_router.monitor import DataQualityMonitor, ModelHealth
 from decision_router.router import in_holdout
 from decision_router.rules import RuleSet, load_rules
 from decision_router.service import RouterService, running_service
-from decision_router.settings import Settings, redact_url
+from decision_router.redis_client import redis_from_url
+from decision_router.settings import Settings, hash_tag, redact_url
 from decision_router.stats import StatsRow, compute_stats
 from decision_router.store import create_schema, make_engine
 from decision_router.tables import RejectionRecord
@@ -952,9 +953,10 @@ def _rejections(engine: Engine, stream: str) -> dict[str, dict[str, int]]:
     return found
 
 
-async def _cleanup(url: str, prefix: str) -> None:
-    redis = Redis.from_url(url)
+async def _cleanup(url: str, prefix: str, *, cluster: bool) -> None:
+    redis = redis_from_url(url, cluster=cluster)
     try:
+        # On a cluster, SCAN runs on every primary, and DELETE goes per slot (all keys share the prefix's).
         keys = [key async for key in redis.scan_iter(match=f"{prefix}*", count=1000)]
         for i in range(0, len(keys), 500):
             await redis.delete(*keys[i:i + 500])
@@ -1049,6 +1051,11 @@ async def run_simulations(
     )
 
 
+def _fresh_prefix(cluster: bool) -> str:
+    name = f"sim-{uuid.uuid4().hex[:10]}"
+    return f"{{{name}}}:" if cluster else f"{name}:"
+
+
 def _run_chunk(worlds: list[SimulationParams], options: dict[str, Any]) -> list[SimulationResult]:
     """In a worker process: one service for these worlds."""
     return asyncio.run(_run_together(worlds, **options))
@@ -1070,8 +1077,12 @@ async def _run_together(
 ) -> list[SimulationResult]:
     began = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="decision-router-sim-"))
-    prefix = stream_prefix if stream_prefix is not None else f"sim-{uuid.uuid4().hex[:10]}:"
     base = settings or Settings()
+    # Only a configured Redis can be a cluster (the embedded one never is); its keys then share one slot.
+    cluster = base.redis_cluster and redis_url is not None
+    prefix = stream_prefix if stream_prefix is not None else _fresh_prefix(cluster)
+    if cluster and hash_tag(prefix) is None:
+        raise ValueError(f"on a Redis Cluster the stream prefix needs a hash tag, e.g. '{{sim}}:', not {prefix!r}")
     store_url = database_url or f"sqlite:///{scratch / 'store.db'}"
     try:
         ruleset = write_rules(scratch / "rules", worlds)
@@ -1082,6 +1093,7 @@ async def _run_together(
                 run_settings = base.model_copy(
                     update={
                         "redis_url": url,
+                        "redis_cluster": cluster,
                         "database_url": store_url,
                         "rules_dir": scratch / "rules",
                         "stream_prefix": prefix,
@@ -1111,7 +1123,7 @@ async def _run_together(
                         }
                 finally:
                     if not embedded:
-                        await _cleanup(url, prefix)
+                        await _cleanup(url, prefix, cluster=cluster)
             rejected = _rejections(engine, Keys(prefix).predictions)
         finally:
             engine.dispose()

@@ -15,7 +15,6 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
@@ -24,6 +23,7 @@ from decision_router.api.actions import QueueOnlyChannels
 from decision_router.api.auth import Principal, require
 from decision_router.api.limits import BodyLimit, max_body_bytes
 from decision_router.pipeline import Pipeline
+from decision_router.redis_client import REDIS_ERRORS
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
 
@@ -126,10 +126,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         ]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    @app.exception_handler(RedisError)
-    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+    async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable for a request", path=request.url.path, error=str(exc))
         return JSONResponse({"detail": "Redis is unavailable; retry later"}, status_code=503)
+
+    for error in REDIS_ERRORS:  # a cluster client's own errors too (no node reachable)
+        app.add_exception_handler(error, redis_down)
 
     @app.exception_handler(OperationalError)
     async def database_down(request: Request, exc: OperationalError) -> JSONResponse:

@@ -14,10 +14,10 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Depends, HTTPException, Request
-from redis.exceptions import RedisError
 
 from decision_router.api.auth import Principal, require
 from decision_router.api.common import keys_of, ruleset_of, settings_of
+from decision_router.redis_client import REDIS_ERRORS
 from decision_router.rules import check_rules
 from decision_router.service import request_reload
 
@@ -46,7 +46,7 @@ async def reload_rules(request: Request, principal: Annotated[Principal, Depends
             request.app.state.redis, keys_of(request), rules_version=current.version, by=settings.consumer_name,
             origin=request.app.state.reload_origin,
         )
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         # Reloaded here; the others will see the files at their next poll.
         log.warning("rules reload not broadcast: Redis is unavailable", error=str(exc))
         notified = None

@@ -9,12 +9,12 @@ import structlog
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import RedisError
 from sqlalchemy import text
 
 from decision_router import metrics
 from decision_router.api.auth import Principal, require
 from decision_router.api.common import keys_of, settings_of
+from decision_router.redis_client import REDIS_ERRORS
 from decision_router.settings import redact_text
 from decision_router.streams import as_text
 
@@ -32,7 +32,7 @@ async def healthz() -> dict[str, str]:
 async def _redis_ok(request: Request) -> str | None:
     try:
         await asyncio.wait_for(request.app.state.redis.ping(), CHECK_TIMEOUT_S)
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (*REDIS_ERRORS, OSError, TimeoutError) as exc:
         # /readyz needs no token: mask anything credential-like a driver puts in its message.
         return f"{exc.__class__.__name__}: {redact_text(str(exc))}" if str(exc) else exc.__class__.__name__
     return None
@@ -74,7 +74,7 @@ async def _read_group_state(request: Request) -> None:
     for name, stream in (("predictions", keys.predictions), ("outcomes", keys.outcomes)):
         try:
             groups = await redis.xinfo_groups(stream)
-        except RedisError:
+        except REDIS_ERRORS:
             continue  # no such stream yet: nothing consumed, nothing lagging
         for info in groups:
             if as_text(info.get("name", b"")) == group:
@@ -88,6 +88,6 @@ async def _read_group_state(request: Request) -> None:
 async def prometheus(request: Request, principal: Annotated[Principal, Depends(require("ops"))]) -> Response:
     try:
         await _read_group_state(request)
-    except (RedisError, OSError) as exc:
+    except (*REDIS_ERRORS, OSError) as exc:
         log.warning("consumer-group lag not read for /metrics", error=str(exc))
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -343,9 +343,12 @@ def inbox_alerts(client: redis.Redis, keys: Keys) -> Counter[tuple[str, str]]:
     return seen
 
 
-def assert_exactly_once(client: redis.Redis, keys: Keys, engine: sqlalchemy.Engine, documents: list[dict]) -> None:
-    """Every prediction stored once, every alert in its owner's inbox once, store and inboxes agree."""
-    assert client.xlen(keys.predictions_dlq) == 0, client.xrange(keys.predictions_dlq, count=3)
+def assert_exactly_once(
+    client: redis.Redis, keys: Keys, engine: sqlalchemy.Engine, documents: list[dict], *, rejected: int = 0
+) -> None:
+    """Every prediction stored once, every alert in its owner's inbox once, store and inboxes agree;
+    `rejected` entries (none of `documents`) on the predictions' DLQ."""
+    assert client.xlen(keys.predictions_dlq) == rejected, client.xrange(keys.predictions_dlq, count=3)
     with Session(engine) as session:
         stored = set(session.scalars(select(PredictionRecord.prediction_id)))
         delivered = {

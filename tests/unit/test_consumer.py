@@ -9,7 +9,7 @@ import errno
 import psycopg
 import pytest
 from redis.exceptions import BusyLoadingError, ClusterDownError, MasterDownError, ReadOnlyError, ResponseError
-from redis.exceptions import TryAgainError
+from redis.exceptions import ClusterError, RedisClusterException, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DataError, IntegrityError, InternalError, OperationalError
@@ -35,6 +35,11 @@ from decision_router.settings import Settings
         (ResponseError("NOREPLICAS Not enough good replicas to write."), "Redis"),
         (OSError(errno.EHOSTUNREACH, "No route to host"), "Redis"),
         (InternalError("insert", {}, psycopg.errors.ReadOnlySqlTransaction("read-only transaction")), "store"),
+        # The cluster client's own, as redis-py 8 raises them: they are no ConnectionError (or no RedisError).
+        (RedisClusterException("Redis Cluster cannot be connected. Please provide at least one reachable node: "
+                               "Error 111 connecting to 127.0.0.1:7000. Connect call failed."), "Redis"),
+        (SlotNotCoveredError('Slot "6459" is not covered by the cluster.'), "Redis"),
+        (ClusterError("TTL exhausted."), "Redis"),
     ],
 )
 def test_outages_are_recognised(error: Exception, service: str) -> None:
@@ -51,6 +56,7 @@ def test_outages_are_recognised(error: Exception, service: str) -> None:
         ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
         PermissionError("audit events are append-only"),  # a bug, not an outage: never retried forever
         FileNotFoundError("no such file"),
+        RedisClusterException("EVALSHA - all keys must map to the same key slot"),  # a bug: keys outside the tag
     ],
 )
 def test_other_errors_count_against_the_entry(error: Exception) -> None:
