@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from decision_router.durations import parse_duration
+from decision_router.durations import format_span, parse_duration
 
 ENV_PREFIX = "DECISION_ROUTER_"
 
@@ -31,6 +31,52 @@ class PayloadLimits:
 
 class SettingsError(Exception):
     """A bad setting: the message is one line naming the variable."""
+
+
+@dataclass(frozen=True)
+class DurationFloor:
+    """The shortest value a duration setting works with; `off`: 0 is also taken, and means off."""
+
+    least: timedelta
+    why: str
+    off: bool = False
+
+
+# Each duration that 0 (or a value close to it) would break silently. README's Configuration table shows the
+# floors as `>= 1s` (tests/unit/test_readme_reference.py checks them against this table).
+DURATION_FLOORS: dict[str, DurationFloor] = {
+    "max_prediction_age": DurationFloor(timedelta(seconds=1), "a shorter one rejects predictions as stale in transit"),
+    "outcome_window": DurationFloor(
+        timedelta(seconds=1), "a shorter one matches an entity's outcome to almost no prediction"),
+    # Tests reclaim after 0.2s; below 0.1s the reclaim would also run more often than every 0.05s.
+    "claim_idle": DurationFloor(
+        timedelta(seconds=0.1), "a shorter one has other workers take over entries a live worker is processing"),
+    "retry_backoff_max": DurationFloor(timedelta(seconds=0.2), "the first retry already waits 0.2s"),
+    "shutdown_timeout": DurationFloor(
+        timedelta(seconds=1), "a shorter one cuts off the batch in hand instead of finishing it"),
+    "sweep_interval": DurationFloor(timedelta(seconds=1), "escalation cannot be turned off; to sweep rarely, set 1d"),
+    "rules_poll_interval": DurationFloor(
+        timedelta(seconds=1), "a shorter poll re-reads the rule files many times a second", off=True),
+    "drift_interval": DurationFloor(
+        timedelta(seconds=1), "a shorter one queries the store for every model many times a second", off=True),
+    "dedupe_ttl": DurationFloor(
+        timedelta(minutes=1), "a restarted worker, or the outbox drained at start, must still find the markers"),
+}
+
+
+# The settings after which an inbox or DLQ write may be made again, and when: DECISION_ROUTER_DEDUPE_TTL covers each.
+DEDUPE_RETRIES = {
+    "claim_idle": "a crashed worker's write is made again when its entry is reclaimed, up to 1.5 x that after it "
+                  "was read",
+    "sweep_interval": "an escalation copy whose delivery was not recorded is written again at the next sweep",
+    "drift_interval": "a data-quality alert whose delivery was not recorded is written again at the next check",
+    "retry_backoff_max": "a batch's write is made again when the batch is retried, up to that long after a failure",
+}
+
+
+def shown_span(value: timedelta) -> str:
+    """A duration as a message shows it: "1d6h", or "0.1s" under a whole second."""
+    return format_span(value) if value % timedelta(seconds=1) == timedelta(0) else f"{value.total_seconds():g}s"
 
 
 # A From address, bare or as 'Name <address>': its domain may be a host name without a dot (the default
@@ -126,6 +172,29 @@ class Settings(BaseSettings):
     @classmethod
     def _duration(cls, value: object) -> timedelta:
         return parse_duration(value)  # type: ignore[arg-type]
+
+    @field_validator(*DURATION_FLOORS)
+    @classmethod
+    def _duration_floor(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        floor = DURATION_FLOORS[info.field_name]  # type: ignore[index]
+        if value >= floor.least or (floor.off and not value):
+            return value
+        allowed = f"{'0 (off) or ' if floor.off else ''}at least {shown_span(floor.least)}"
+        raise ValueError(f"must be {allowed}, not {shown_span(value)}: {floor.why}")
+
+    @model_validator(mode="after")
+    def _dedupe_outlives_retries(self) -> Settings:
+        # A write whose delivery the store did not record (a crash, a failed commit) is made again later. Its
+        # dedupe marker must still be there, or the owner gets the alert twice. Twice the interval: a margin.
+        for name, when in DEDUPE_RETRIES.items():
+            interval: timedelta = getattr(self, name)
+            if self.dedupe_ttl < 2 * interval:
+                raise ValueError(
+                    f"{ENV_PREFIX}DEDUPE_TTL ({shown_span(self.dedupe_ttl)}) must be at least twice "
+                    f"{ENV_PREFIX}{name.upper()} ({shown_span(interval)}): {when}, and must then still find "
+                    "its dedupe marker, or it is written twice"
+                )
+        return self
 
     @field_validator("stream_prefix", "consumer_group", "consumer_name")
     @classmethod

@@ -104,6 +104,22 @@ def test_an_api_port_out_of_range_is_refused(args: list[str], shown: str) -> Non
     assert one_error(invoke(*args), 2) == shown
 
 
+# A duration too short to work stops `serve` at start, as any bad setting does ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "shown"),
+    [
+        ("CLAIM_IDLE", "0", "error: DECISION_ROUTER_CLAIM_IDLE: must be at least 0.1s, not 0s: "),
+        ("SWEEP_INTERVAL", "0", "error: DECISION_ROUTER_SWEEP_INTERVAL: must be at least 1s, not 0s: "),
+        ("DEDUPE_TTL", "1h", "error: DECISION_ROUTER_DEDUPE_TTL (1h) must be at least twice DECISION_ROUTER_DRIFT_"),
+    ],
+)
+def test_serve_refuses_a_duration_too_short_to_work(monkeypatch, variable: str, value: str, shown: str) -> None:
+    monkeypatch.setenv(f"DECISION_ROUTER_{variable}", value)
+    assert one_error(invoke("serve", "--no-api"), 2).startswith(shown)
+
+
 # Typer's usage errors are plain lines, as every other message: no Rich box --------------------------------
 
 BOX_DRAWING = re.compile("[\u2500-\u257f]")

@@ -20,7 +20,7 @@ from annotated_types import Ge, Le
 from decision_router import cli
 from decision_router.contracts import Alert, OutcomeEvent, Prediction, RejectionReason
 from decision_router.durations import parse_duration
-from decision_router.settings import ENV_PREFIX, Settings, load_settings
+from decision_router.settings import DURATION_FLOORS, ENV_PREFIX, Settings, load_settings
 from decision_router.stats import GroupBy, stats_columns
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,6 +110,23 @@ def test_each_documented_range_is_the_settings_range(row: list[str]) -> None:
     assert Ge in bounds and bounds[Ge].ge == int(low), f"{variable}: README's lowest is {low}"
     if high is not None:
         assert Le in bounds and bounds[Le].le == int(high), f"{variable}: README's highest is {high}"
+
+
+DURATION_FLOOR = re.compile(r"`>= (\d+(?:\.\d+)?[smhdw])`")
+
+
+@pytest.mark.parametrize("row", CONFIG_ROWS, ids=lambda row: code_spans(row[0])[0])
+def test_each_documented_duration_floor_is_the_settings_floor(row: list[str]) -> None:
+    """A duration's shortest value as README shows it (`>= 1s`) is the one the settings enforce, and README
+    gives `0` a meaning (`0` = off) exactly where the settings take 0."""
+    variable = next(v for v in code_spans(row[0]) if v.startswith(ENV_PREFIX))
+    floor = DURATION_FLOORS.get(variable_field(variable))
+    documented = DURATION_FLOOR.findall(row[2])
+    if documented:
+        assert floor is not None, f"{variable}: README gives a shortest value, the settings none"
+        assert parse_duration(documented[0]) == floor.least, f"{variable}: README's shortest is {documented[0]}"
+    if floor is not None:
+        assert ("`0` =" in row[2]) == floor.off, f"{variable}: README and the settings differ on what 0 means"
 
 
 # CLI reference -------------------------------------------------------------------------------------------

@@ -139,3 +139,88 @@ def test_embedded_redis_on_an_ipv6_host_is_a_valid_url(monkeypatch) -> None:
     url = load_settings().effective_redis_url
     assert url == "redis://[::1]:6399/0"
     assert parse_url(url)["host"] == "::1"
+
+
+# Durations that 0, or a value close to it, broke silently: each now exits at start with its allowed range.
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        # Any other consumer reclaimed entries a live worker had just read: every entry processed by every worker.
+        ("CLAIM_IDLE", "0", "must be at least 0.1s, not 0s"),
+        ("CLAIM_IDLE", "0.09s", "must be at least 0.1s, not 0.09s"),
+        # A sweep every 0.05s (the loop's floor), querying the store each time; 0 never meant off.
+        ("SWEEP_INTERVAL", "0", "must be at least 1s, not 0s: escalation cannot be turned off"),
+        ("SWEEP_INTERVAL", "0.5s", "must be at least 1s, not 0.5s"),
+        # Clamped to 0.2s without a word.
+        ("RETRY_BACKOFF_MAX", "0", "must be at least 0.2s, not 0s"),
+        # 0 cancelled the batch in hand at once ("0 = no timeout" to some readers).
+        ("SHUTDOWN_TIMEOUT", "0", "must be at least 1s, not 0s"),
+        # Clamped to 1s by xadd_once: a redelivery later than that wrote a second alert.
+        ("DEDUPE_TTL", "0", "must be at least 1m, not 0s"),
+        ("DEDUPE_TTL", "59s", "must be at least 1m, not 59s"),
+        # An entity's outcome matched no prediction; every prediction stale.
+        ("OUTCOME_WINDOW", "0", "must be at least 1s, not 0s"),
+        ("MAX_PREDICTION_AGE", "0", "must be at least 1s, not 0s"),
+        # 0 is off; a fraction of a second ran the check every 0.05s.
+        ("DRIFT_INTERVAL", "0.5s", "must be 0 (off) or at least 1s, not 0.5s"),
+        ("RULES_POLL_INTERVAL", "0.5s", "must be 0 (off) or at least 1s, not 0.5s"),
+    ],
+)
+def test_a_duration_too_short_to_work_is_refused_naming_its_range(monkeypatch, variable, value, message) -> None:
+    monkeypatch.setenv(f"DECISION_ROUTER_{variable}", value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value).startswith(f"DECISION_ROUTER_{variable}: {message}")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CLAIM_IDLE", "0.1s"),
+        ("CLAIM_IDLE", 0.2),  # what the integration tests use, to reclaim quickly
+        ("RETRY_BACKOFF_MAX", "0.2s"),
+        ("SWEEP_INTERVAL", "1s"),
+        ("SHUTDOWN_TIMEOUT", "1s"),
+        ("DRIFT_INTERVAL", "0"),  # off
+        ("RULES_POLL_INTERVAL", "0"),  # only on SIGHUP
+        ("DRIFT_INTERVAL", "1s"),
+        ("MAX_CLOCK_SKEW", "0"),  # no timestamp ahead of the router's clock tolerated
+        ("OUTCOME_WINDOW", "1s"),
+        ("MAX_PREDICTION_AGE", "1s"),
+        ("DEDUPE_TTL", "2h"),  # twice the longest retry interval by default, the drift check's 1h
+    ],
+)
+def test_the_shortest_working_durations_are_taken(variable, value) -> None:
+    settings = load_settings(**{variable.lower(): value})
+    assert getattr(settings, variable.lower()) == parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"dedupe_ttl": "1h"},  # the drift check's default interval
+         "DECISION_ROUTER_DEDUPE_TTL (1h) must be at least twice DECISION_ROUTER_DRIFT_INTERVAL (1h)"),
+        ({"dedupe_ttl": "10m", "drift_interval": "0", "sweep_interval": "1h"},
+         "DECISION_ROUTER_DEDUPE_TTL (10m) must be at least twice DECISION_ROUTER_SWEEP_INTERVAL (1h)"),
+        ({"dedupe_ttl": "15m", "drift_interval": "0", "claim_idle": "10m"},
+         "DECISION_ROUTER_DEDUPE_TTL (15m) must be at least twice DECISION_ROUTER_CLAIM_IDLE (10m)"),
+        ({"dedupe_ttl": "3m", "drift_interval": "0", "retry_backoff_max": "2m"},
+         "DECISION_ROUTER_DEDUPE_TTL (3m) must be at least twice DECISION_ROUTER_RETRY_BACKOFF_MAX (2m)"),
+    ],
+)
+def test_dedupe_markers_must_outlive_the_next_retry_of_a_write(values, message) -> None:
+    """A write whose delivery the store did not record is made again after one of these intervals: its dedupe
+    marker must still be there, or the alert (or the dead letter) is written twice."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings(**values)
+    assert str(caught.value).startswith(message)
+    assert "dedupe marker" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_dedupe_markers_as_long_as_every_retry_allows_are_taken() -> None:
+    settings = load_settings(dedupe_ttl="20m", drift_interval="0", sweep_interval="10m", claim_idle="10m",
+                             retry_backoff_max="10m")
+    assert settings.dedupe_ttl == timedelta(minutes=20)
