@@ -126,6 +126,7 @@ def test_each_documented_duration_floor_is_the_settings_floor(row: list[str]) ->
         assert floor is not None, f"{variable}: README gives a shortest value, the settings none"
         assert parse_duration(documented[0]) == floor.least, f"{variable}: README's shortest is {documented[0]}"
     if floor is not None:
+        assert documented, f"{variable}: the settings refuse values under {floor.least}, README does not say so"
         assert ("`0` =" in row[2]) == floor.off, f"{variable}: README and the settings differ on what 0 means"
 
 
