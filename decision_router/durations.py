@@ -9,6 +9,7 @@ from decision_router.echo import cap_digits
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_BARE_DECIMAL = re.compile(r"[0-9]+\.[0-9]+")  # a bare number of seconds with a fraction
 MAX_DAYS = timedelta.max.days  # the longest duration Python can hold: 999999999 days
 
 
@@ -35,6 +36,8 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
         except ValueError:  # more digits than int() reads (4300): far beyond MAX_DAYS
             raise DurationTooLarge(f"duration {_shown(text)} is too large: the maximum is {MAX_DAYS}d") from None
         return _seconds(seconds, text)
+    if _BARE_DECIMAL.fullmatch(compact):  # "0.5", as a unit part takes it ("0.5s")
+        return _seconds(float(compact), text)
     pos, seconds = 0, 0.0
     for match in _PART.finditer(compact):
         if match.start() != pos:

@@ -102,3 +102,15 @@ def test_not_a_duration_of_hundreds_of_digits_is_quoted_by_its_start_and_length(
 def test_a_measured_span_reads_to_the_second_and_parses_back(span: timedelta, shown: str) -> None:
     assert format_span(span) == shown
     assert parse_duration(shown.lstrip("-")) == abs(timedelta(seconds=round(span.total_seconds())))
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("0.5", 0.5), ("1.25", 1.25), ("30", 30), (" 2.0 ", 2.0)])
+def test_a_bare_number_of_seconds_may_have_a_fraction(text: str, seconds: float) -> None:
+    # As settings come from the environment (DECISION_ROUTER_CLAIM_IDLE=0.5): "0.5s" was taken, "0.5" refused.
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", [".5", "5.", "1.2.3", "-0.5", "1e3", "nan"])
+def test_a_bare_number_is_digits_with_at_most_one_fraction(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
