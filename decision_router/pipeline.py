@@ -92,14 +92,20 @@ def dlq_writes(rejections: Sequence[Rejection], *, stream: str, keys: Keys) -> l
     return writes
 
 
-def added_since(entry_ids: Sequence[str | None]) -> datetime | None:
-    """When the earliest of these stream entries was added (its id's milliseconds, Redis's clock); None
-    if any id is not such a time."""
-    try:
-        earliest = min(int(entry_id.partition("-")[0]) for entry_id in entry_ids if entry_id is not None)
-        return datetime.fromtimestamp(earliest / 1000, UTC)
-    except (ValueError, OverflowError, OSError):  # also: no id at all
-        return None
+def stamped_after_added(checked: Sequence[tuple[str | None, RawEntry, Prediction | Rejection]]) -> list[str]:
+    """The entry ids of the predictions stamped after their stream entry was added (its id's milliseconds,
+    Redis's clock, plus the id's 1 ms step). Only such a one can have been from the future when first read,
+    if the router's clock is not behind Redis's by more than max_clock_skew. An id that is no time counts."""
+    stamped = []
+    for entry_id, _, item in checked:
+        if entry_id is None or not isinstance(item, Prediction):
+            continue
+        try:
+            if item.predicted_at.timestamp() * 1000 > int(entry_id.partition("-")[0]) + 1:
+                stamped.append(entry_id)
+        except ValueError:
+            stamped.append(entry_id)
+    return stamped
 
 
 class Pipeline:
@@ -250,14 +256,8 @@ class Pipeline:
                 session, [*(p.prediction_id for _, _, p in checked if isinstance(p, Prediction)), *stale.values()]
             )
             # Rejected as from the future when first read, then read again (a crash before the ack, an outage)
-            # once valid: it stays rejected. Only a prediction stamped after its entry was added can be one,
-            # unless the router's clock is behind Redis's by more than max_clock_skew.
-            # Against the batch's earliest entry: one comparison per prediction.
-            added = added_since([entry_id for entry_id, _, _ in checked])
-            rejected_before = tracker.earlier_rejections(session, self.keys.predictions, [
-                entry_id for entry_id, _, item in checked if entry_id is not None and isinstance(item, Prediction)
-                and (added is None or item.predicted_at > added)
-            ])
+            # once valid: it stays rejected. Only a prediction stamped after its entry was added can be one.
+            rejected_before = tracker.earlier_rejections(session, self.keys.predictions, stamped_after_added(checked))
             routed: list[tuple[str | None, Prediction, dict[str, Any], list[Decision]]] = []
             for (entry_id, fields, item), pre in zip(checked, early, strict=True):
                 if isinstance(item, Rejection) or pre is None:

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
+from decision_router.contracts import Prediction, Rejection
 from decision_router.pipeline import Pipeline
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord, RejectionRecord
 from tests.integration.conftest import ManualClock, wait_until
@@ -34,7 +35,8 @@ async def test_a_reassignment_retried_after_its_inbox_write_failed_reaches_the_n
     a1, _, _ = await route_three(service, r, engine)
     r.set(keys.inbox("benoit-garnier"), "not a stream")  # the inbox write after the commit fails
     with capture_logs() as logs:
-        r.xadd(keys.outcomes, {"alert_id": a1, "type": "reassigned", "actor": "lead-strategic", "owner": "benoit-garnier"})
+        r.xadd(keys.outcomes,
+               {"alert_id": a1, "type": "reassigned", "actor": "lead-strategic", "owner": "benoit-garnier"})
         await wait_until(lambda: any(e["event"] == "entry failed; retrying" for e in logs), what="the failed write")
     # Committed: the retry finds the event applied already.
     assert count(engine, AuditEvent, AuditEvent.type == "reassigned") == 1
@@ -120,7 +122,8 @@ async def test_a_prediction_rejected_as_from_the_future_and_read_again_once_vali
     assert count(engine, PredictionRecord) == 1  # in-step-1 only
     assert count(engine, RejectionRecord) == 1 and r.xlen(keys.predictions_dlq) == 1  # once each
     ((_, dead),) = r.xrange(keys.predictions_dlq)
-    assert dead["reason"] == "from_future" and json.loads(json.loads(dead["payload"])["data"])["prediction_id"] == "ahead-1"
+    assert dead["reason"] == "from_future"
+    assert json.loads(json.loads(dead["payload"])["data"])["prediction_id"] == "ahead-1"
 
     # A fresh entry of that same prediction, valid now, is routed as usual.
     later = await pipeline.process_predictions([(entry_id_at(clock.now), entry[1])])
@@ -149,12 +152,18 @@ async def test_an_outcome_rejected_before_its_alert_existed_and_read_again_after
     assert count(engine, RejectionRecord) == 1 and r.xlen(keys.outcomes_dlq) == 1
 
 
-def test_the_time_a_batch_began_to_be_added_is_its_earliest_entry_id() -> None:
-    from decision_router.pipeline import added_since
+def test_only_predictions_stamped_after_their_entry_was_added_are_looked_up_among_earlier_rejections() -> None:
+    from decision_router.pipeline import stamped_after_added
 
-    assert added_since(["1764084751234-0", "1764084751200-7", None]) == datetime(2025, 11, 25, 15, 32, 31, 200000,
-                                                                                 tzinfo=UTC)
-    # Not a time: every prediction of the batch is looked up.
-    assert added_since(["1764084751234-0", "manual"]) is None
-    assert added_since([None]) is None
-    assert added_since(["99999999999999999999-0"]) is None
+    added = datetime(2026, 11, 25, 15, 32, 31, 200000, tzinfo=UTC)
+    def entry(entry_id: str, predicted_at: datetime) -> tuple:
+        return entry_id, {}, Prediction.model_validate({**prediction("p"), "predicted_at": predicted_at.isoformat()})
+
+    checked = [
+        entry(entry_id_at(added), added - timedelta(seconds=1)),  # stamped before it was sent: as usual
+        entry(entry_id_at(added, 1), added + timedelta(microseconds=900)),  # within the id's 1 ms step
+        entry(entry_id_at(added, 2), added + timedelta(minutes=6)),  # from a clock ahead
+        entry("manual-7", added),  # an id that is no time
+        (entry_id_at(added, 3), {}, Rejection(reason="schema", detail="", source_stream="s", payload="")),
+    ]
+    assert stamped_after_added(checked) == [entry_id_at(added, 2), "manual-7"]
