@@ -78,6 +78,8 @@ CLOSE_TIMEOUT_S = 5.0
 # a drain every CLAIM_RENEW_S): a row claimed by a process that was killed is sent again after this.
 CLAIM_LEASE = timedelta(seconds=15)
 CLAIM_RENEW_S = 3.0
+# The dead-letter reason of a row left pending for a receiver that a rules reload removed.
+RECEIVER_REMOVED = "receiver removed by a rules reload"
 CLAIM_CHUNK = 500  # row ids per claim statement (SQLite's bound-parameter limit)
 # How long `redrive deliveries` waits for re-sent rows that another router process took over.
 REDRIVE_WAIT_S = 60.0
@@ -310,6 +312,28 @@ class ChannelDelivery:
                      await dispatcher.close(timeout=CLOSE_TIMEOUT_S)]
         # Not reported, so the rows are still pending: released, the next pump hands them over again.
         await asyncio.to_thread(self._release, [row_id for row_id in abandoned if row_id is not None])
+        await self._dead_letter_removed([key for key in dispatcher.receivers if key not in self.receivers])
+
+    async def _dead_letter_removed(self, keys: Sequence[str]) -> None:
+        """Rows still pending for receivers the reload removed: no pump would ever send them (it reads
+        configured receivers only), so each is dead-lettered, counted and audited, for a redrive once
+        the receiver is back."""
+        if not keys:
+            return
+        rows = await asyncio.to_thread(self._pending_of, keys)
+        claimed = await asyncio.to_thread(self._claim, [row.row_id for row in rows], self.clock()) if rows else set()
+        for row in rows:
+            if row.row_id in claimed and row.key not in self.receivers:  # not added back meanwhile
+                await self._finish(row.row_id, row.key, row.alert, ok=False, error=RECEIVER_REMOVED, status_code=None,
+                                   latency_ms=0.0, attempts=())
+            elif row.row_id in claimed:
+                await asyncio.to_thread(self._release, [row.row_id])
+
+    def _pending_of(self, keys: Sequence[str]) -> list[PendingDelivery]:
+        wanted = [DeliveryRecord.recipient == key.rsplit(":", 1)[0] for key in keys]
+        with Session(self.engine) as session:
+            rows = session.scalars(select(DeliveryRecord).where(DeliveryRecord.status == "pending", or_(*wanted)))
+            return [_pending_delivery(row) for row in rows if receiver_key(row.recipient, row.channel) in keys]
 
     def channels_for(self, owner_id: str) -> tuple[str, ...]:
         return usable_channels(self.receivers, owner_id)
@@ -408,15 +432,7 @@ class ChannelDelivery:
                 rows += session.scalars(pending.where(DeliveryRecord.recipient.in_(digest_owners)).limit(DIGEST_PENDING_BATCH))
             else:
                 rows = list(session.scalars(pending.limit(PENDING_BATCH)))
-            out = [
-                PendingDelivery(
-                    row_id=row.id, key=receiver_key(row.recipient, row.channel), recipient=row.recipient,
-                    alert=alert_from_payload(row.payload), created_at=as_utc(row.created_at),
-                    redriven=row.finished_at is not None,
-                )
-                for row in rows
-                if receiver_key(row.recipient, row.channel) in self.receivers
-            ]
+            out = [_pending_delivery(row) for row in rows if receiver_key(row.recipient, row.channel) in self.receivers]
             waiting = sorted({row.recipient for row in out if row.key in self.digests})
             last: dict[str, datetime] = {}
             if waiting:
@@ -596,6 +612,14 @@ class ChannelDelivery:
         await asyncio.to_thread(self._release)
 
 
+def _pending_delivery(row: DeliveryRecord) -> PendingDelivery:
+    assert row.id is not None
+    return PendingDelivery(
+        row_id=row.id, key=receiver_key(row.recipient, row.channel), recipient=row.recipient,
+        alert=alert_from_payload(row.payload), created_at=as_utc(row.created_at), redriven=row.finished_at is not None,
+    )
+
+
 def _level(alert: AnyAlert) -> int:
     """The copy: 0 for an alert to its owner (and every data-quality alert), else its escalation level."""
     return 0 if isinstance(alert, DataQualityAlert) or alert.escalation is None else alert.escalation.level
@@ -661,12 +685,17 @@ async def redrive(channels: ChannelDelivery, *, limit: int = 10_000) -> Redriven
         for entry_id, fields in await channels.redis.xrange(stream, count=limit)
     ]
     delivery_of = dict(redrive_candidates(entries))
-    known = await asyncio.to_thread(_reset_to_pending, channels.engine, list(delivery_of.values()))
+    known, unconfigured = await asyncio.to_thread(
+        _reset_to_pending, channels.engine, list(delivery_of.values()), channels.receivers
+    )
     resent = [entry_id for entry_id, delivery_id in delivery_of.items() if delivery_id in known]
     left = []
     for entry_id, _ in entries:
         if entry_id not in delivery_of:
             left.append((entry_id, "no delivery id"))
+        elif delivery_of[entry_id] in unconfigured:
+            # Pending again it would wait for a receiver that does not exist: kept until there is one.
+            left.append((entry_id, f"no receiver {unconfigured[delivery_of[entry_id]]} in owners.yaml"))
         elif delivery_of[entry_id] not in known:
             left.append((entry_id, f"no delivery {delivery_of[entry_id]} in the store"))
             log.warning("deliveries:dlq entry for an unknown delivery left in place", entry_id=entry_id)
@@ -695,16 +724,25 @@ def _count_pending(engine: Engine, ids: Collection[int]) -> int:
         )).all())
 
 
-def _reset_to_pending(engine: Engine, ids: Sequence[int]) -> set[int]:
-    """Back to pending, for the dispatcher to send again; the ids of the rows found."""
-    found = set()
+def _reset_to_pending(
+    engine: Engine, ids: Sequence[int], receivers: Collection[str]
+) -> tuple[set[int], dict[int, str]]:
+    """Back to pending, for the dispatcher to send again: the ids of the rows reset, and the rows
+    left as they are because their receiver is not configured (id -> receiver key)."""
+    found: set[int] = set()
+    unconfigured: dict[int, str] = {}
     with Session(engine) as session:
         for row in session.scalars(select(DeliveryRecord).where(DeliveryRecord.id.in_(list(ids)))):
+            assert row.id is not None
+            key = receiver_key(row.recipient, row.channel)
+            if key not in receivers:
+                unconfigured[row.id] = key
+                continue
             row.status = "pending"
             session.add(row)
             found.add(row.id)
         session.commit()
-    return found
+    return found, unconfigured
 
 
 def _count_delivered(engine: Engine, ids: Collection[int]) -> int:

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import select
 from sqlmodel import Session
 
-from decision_router.notify import CLAIM_LEASE, ChannelDelivery, queue_deliveries, redrive
+from decision_router.notify import CLAIM_LEASE, RECEIVER_REMOVED, ChannelDelivery, queue_deliveries, redrive
 from decision_router.rules import load_rules
 from decision_router.tables import DeliveryRecord
 from tests.integration.conftest import ManualClock, wait_until
@@ -181,4 +181,36 @@ async def test_a_killed_processs_claims_lapse_and_a_stopped_processs_are_release
     finally:
         for channels in (killed, stopped, restarted):
             await channels.dispatcher.close(timeout=0)
+        await redis.aclose()
+
+
+async def test_a_reload_that_removes_a_webhook_dead_letters_its_pending_rows(
+    settings, rules_dir, engine, receiver  # noqa: F811
+) -> None:
+    """No pump reads rows of a receiver that is gone: they are dead-lettered (counted, audited), and a
+    redrive keeps them on the DLQ until the receiver is back, then sends each once."""
+    with_hook = load_rules(rules_dir)
+    (rules_dir / "owners.yaml").write_text("owners:\n  - {id: am, name: AM, channels: [inbox]}\n")
+    without = load_rules(rules_dir)
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+    channels = ChannelDelivery(settings=settings, ruleset=with_hook, engine=engine, redis=redis, clock=utcnow)
+    try:
+        ids = queue(engine, 3)  # committed, not yet pumped
+        assert await channels.reconfigure(without)
+        await asyncio.gather(*channels._retiring)
+        dead = [fields for _, fields in await redis.xrange(channels.keys.deliveries_dlq)]
+        assert sorted(f["alert_id"] for f in dead) == sorted(ids)
+        assert {(f["receiver"], f["error"]) for f in dead} == {("am:webhook", RECEIVER_REMOVED)}
+        assert count(engine, DeliveryRecord, DeliveryRecord.status == "failed") == 3
+
+        done = await redrive(channels)  # still no receiver: kept
+        assert (done.sent, len(done.left)) == (0, 3) and "no receiver am:webhook" in done.left[0][1]
+        assert await redis.xlen(channels.keys.deliveries_dlq) == 3
+
+        assert await channels.reconfigure(with_hook)
+        done = await redrive(channels)
+        assert (done.sent, done.delivered, done.left) == (3, 3, ())
+        assert sorted(r.headers["x-decision-router-alert"] for r in receiver.to("/ok/am")) == sorted(ids)
+    finally:
+        await channels.close()
         await redis.aclose()
