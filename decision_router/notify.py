@@ -531,8 +531,7 @@ class ChannelDelivery:
             return
         owner, channel = key.rsplit(":", 1)
         metrics.delivery_failed(channel)
-        await xadd_once(
-            self.redis,
+        await self._dead_letter(
             [
                 StreamWrite(
                     stream=self.keys.deliveries_dlq,
@@ -552,9 +551,25 @@ class ChannelDelivery:
                     dedupe_key=self.keys.dedupe(f"deliverydlq:{row_id}:{tries}"),
                 )
             ],
-            ttl=self.settings.dedupe_ttl,
         )
         log.warning("delivery failed", receiver=key, alert_id=alert.alert_id, error=error, attempts=tries)
+
+    async def _dead_letter(self, writes: list[StreamWrite]) -> None:
+        """The DLQ write, retried through a Redis outage: the row is already `failed` in the store, and
+        this entry is the only way a redrive finds it (the dedupe key makes a retry write it once)."""
+        from decision_router.consumer import infrastructure_failure  # the consumer imports this module
+
+        delay = 0.2
+        while True:
+            try:
+                await xadd_once(self.redis, writes, ttl=self.settings.dedupe_ttl)
+                return
+            except Exception as exc:
+                if infrastructure_failure(exc) != "Redis":
+                    raise
+                log.warning("deliveries:dlq write failed; retrying", error=str(exc)[:200], retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_backoff_max.total_seconds())
 
     def _record(
         self, row_id: int, ok: bool, error: str | None, status_code: int | None, latency_ms: float,

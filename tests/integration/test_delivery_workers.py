@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select
 from sqlmodel import Session
 
+from decision_router import notify
 from decision_router.notify import CLAIM_LEASE, RECEIVER_REMOVED, ChannelDelivery, queue_deliveries, redrive
 from decision_router.rules import load_rules
 from decision_router.tables import DeliveryRecord
@@ -211,6 +213,40 @@ async def test_a_reload_that_removes_a_webhook_dead_letters_its_pending_rows(
         done = await redrive(channels)
         assert (done.sent, done.delivered, done.left) == (3, 3, ())
         assert sorted(r.headers["x-decision-router-alert"] for r in receiver.to("/ok/am")) == sorted(ids)
+    finally:
+        await channels.close()
+        await redis.aclose()
+
+
+async def test_a_failure_dead_lettered_during_a_redis_outage_still_reaches_the_dlq(
+    settings, tmp_path, engine, receiver, monkeypatch  # noqa: F811
+) -> None:
+    """The row is `failed` in the store before its DLQ entry is written: the entry is the only way a
+    redrive finds it, so a Redis outage at that moment must delay it, not lose it."""
+    directory = tmp_path / "down"
+    directory.mkdir()
+    (directory / "routing.yaml").write_text("rules:\n  - {name: any, when: {}, owner: am}\n")
+    (directory / "owners.yaml").write_text(
+        "owners:\n"
+        f"  - {{id: am, name: AM, channels: [inbox, webhook], webhook: {{url: '{receiver.url('/bad/am')}'}}}}\n"
+    )
+    real, calls = notify.xadd_once, []
+
+    async def flaky(redis, writes, **kwargs):
+        calls.append(writes)
+        if len(calls) <= 2:
+            raise RedisConnectionError("Connection refused")
+        return await real(redis, writes, **kwargs)
+
+    monkeypatch.setattr(notify, "xadd_once", flaky)
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+    channels = ChannelDelivery(settings=settings, ruleset=load_rules(directory), engine=engine, redis=redis,
+                               clock=utcnow)
+    try:
+        (alert_id,) = queue(engine, 1)
+        await channels.drain()
+        dead = [fields for _, fields in await redis.xrange(channels.keys.deliveries_dlq)]
+        assert [(f["alert_id"], f["status_code"]) for f in dead] == [(alert_id, "400")] and len(calls) == 3
     finally:
         await channels.close()
         await redis.aclose()
