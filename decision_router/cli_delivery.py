@@ -48,9 +48,10 @@ def redrive_deliveries() -> None:
         done = run_on_redis(settings, run())
     finally:
         engine.dispose()
-    sent, delivered = done.sent, done.delivered
+    sent, delivered, pending = done.sent, done.delivered, done.pending
+    still = f", {pending} still being sent by a running router" if pending else ""
     out.print(f"re-sent {counted(sent, 'dead-lettered delivery', 'dead-lettered deliveries')}: {delivered} delivered, "
-              f"{sent - delivered} dead-lettered again")
+              f"{sent - delivered - pending} dead-lettered again{still}")
     if done.left:
         dlq = Keys(settings.stream_prefix).deliveries_dlq
         out.print(f"left {counted(len(done.left), 'entry', 'entries')} on {dlq} with nothing to re-send:")

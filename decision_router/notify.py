@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,7 +37,8 @@ from typing import Generic, Protocol, TypeVar
 
 import structlog
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -57,7 +59,7 @@ from decision_router.keys import Keys
 from decision_router.rules import Owner, RuleSet
 from decision_router.settings import ENV_PREFIX, Settings, SettingsError
 from decision_router.streams import StreamWrite, as_text, xadd_once
-from decision_router.tables import AuditEvent, DeliveryAttemptRecord, DeliveryRecord, as_utc
+from decision_router.tables import AuditEvent, DeliveryAttemptRecord, DeliveryClaim, DeliveryRecord, as_utc
 from decision_router.tracker import SYSTEM_ACTOR
 
 log = structlog.get_logger("decision_router.notify")
@@ -72,6 +74,15 @@ DIGEST_PENDING_BATCH = 5000
 # How long a dispatcher being closed (at stop, or replaced by a rules reload) may take to
 # finish the deliveries in hand; the rest stay pending in the outbox.
 CLOSE_TIMEOUT_S = 5.0
+# How long a process's claim on a row it is sending holds without renewal (each pump renews it, and
+# a drain every CLAIM_RENEW_S): a row claimed by a process that was killed is sent again after this.
+CLAIM_LEASE = timedelta(seconds=15)
+CLAIM_RENEW_S = 3.0
+# The dead-letter reason of a row left pending for a receiver that a rules reload removed.
+RECEIVER_REMOVED = "receiver removed by a rules reload"
+CLAIM_CHUNK = 500  # row ids per claim statement (SQLite's bound-parameter limit)
+# How long `redrive deliveries` waits for re-sent rows that another router process took over.
+REDRIVE_WAIT_S = 60.0
 
 
 class _Created(Protocol):
@@ -230,6 +241,9 @@ class ChannelDelivery:
     ) -> None:
         self.settings, self.engine, self.redis, self.clock = settings, engine, redis, clock
         self.keys = Keys(settings.stream_prefix)
+        # This process's name on the rows it claims (see DeliveryClaim): unique per instance, so a
+        # restart under the same consumer name does not take over the claims of the one killed.
+        self.holder = f"{settings.consumer_name}-{uuid.uuid4().hex[:12]}"
         # The `channel disabled` warnings of the current owner directory: a rules reload logs only
         # new ones, not again each one still true (SMTP unset was repeated on every reload).
         self._warnings: frozenset[str] = frozenset()
@@ -294,9 +308,32 @@ class ChannelDelivery:
         return True
 
     async def _retire(self, dispatcher: Dispatcher) -> None:
-        for key, alert in await dispatcher.close(timeout=CLOSE_TIMEOUT_S):
-            # Not reported, so its row is still pending: let the next pump hand it over again.
-            self._inflight.pop(_token(key, alert), None)
+        abandoned = [self._inflight.pop(_token(key, alert), None) for key, alert in
+                     await dispatcher.close(timeout=CLOSE_TIMEOUT_S)]
+        # Not reported, so the rows are still pending: released, the next pump hands them over again.
+        await asyncio.to_thread(self._release, [row_id for row_id in abandoned if row_id is not None])
+        await self._dead_letter_removed([key for key in dispatcher.receivers if key not in self.receivers])
+
+    async def _dead_letter_removed(self, keys: Sequence[str]) -> None:
+        """Rows still pending for receivers the reload removed: no pump would ever send them (it reads
+        configured receivers only), so each is dead-lettered, counted and audited, for a redrive once
+        the receiver is back."""
+        if not keys:
+            return
+        rows = await asyncio.to_thread(self._pending_of, keys)
+        claimed = await asyncio.to_thread(self._claim, [row.row_id for row in rows], self.clock()) if rows else set()
+        for row in rows:
+            if row.row_id in claimed and row.key not in self.receivers:  # not added back meanwhile
+                await self._finish(row.row_id, row.key, row.alert, ok=False, error=RECEIVER_REMOVED, status_code=None,
+                                   latency_ms=0.0, attempts=())
+            elif row.row_id in claimed:
+                await asyncio.to_thread(self._release, [row.row_id])
+
+    def _pending_of(self, keys: Sequence[str]) -> list[PendingDelivery]:
+        wanted = [DeliveryRecord.recipient == key.rsplit(":", 1)[0] for key in keys]
+        with Session(self.engine) as session:
+            rows = session.scalars(select(DeliveryRecord).where(DeliveryRecord.status == "pending", or_(*wanted)))
+            return [_pending_delivery(row) for row in rows if receiver_key(row.recipient, row.channel) in keys]
 
     def channels_for(self, owner_id: str) -> tuple[str, ...]:
         return usable_channels(self.receivers, owner_id)
@@ -310,9 +347,10 @@ class ChannelDelivery:
             return 0
         async with self._lock:
             self._done.clear()
-            rows, stored_last = await asyncio.to_thread(self._pending)
             now = self.clock()
-            submitted = 0
+            rows, stored_last = await asyncio.to_thread(self._pending, now)
+            singles: list[PendingDelivery] = []
+            digests: list[tuple[str, tuple[PendingDelivery, ...]]] = []
             grouped: dict[str, list[PendingDelivery]] = {}
             for row in rows:
                 if _token(row.key, row.alert) in self._inflight or row.row_id in self._done:
@@ -320,17 +358,34 @@ class ChannelDelivery:
                 if row.key in self.digests and not row.redriven and isinstance(row.alert, Alert):
                     grouped.setdefault(row.key, []).append(row)
                 else:
-                    submitted += await self._submit(row)
+                    singles.append(row)
             for key, group in grouped.items():
                 last = max((t for t in (stored_last.get(key), self._last_sent.get(key)) if t is not None), default=None)
                 plan = plan_digest(group, last_sent=last, window=self.digests[key], now=now)
-                for row in plan.singles:
-                    submitted += await self._submit(row)
+                singles += plan.singles
+                digests += [(key, digest) for digest in plan.digests]
+                if plan.singles or plan.digests:
                     self._last_sent[key] = now
-                for digest in plan.digests:
-                    submitted += await self._submit_digest(key, digest)
-                    self._last_sent[key] = now
-            return submitted
+            wanted = [row.row_id for row in singles] + [row.row_id for _, digest in digests for row in digest]
+            claimed = await asyncio.to_thread(self._claim, wanted, now) if wanted else set()
+            return await self._submit_claimed(singles, digests, claimed)
+
+    async def _submit_claimed(
+        self, singles: Sequence[PendingDelivery], digests: Sequence[tuple[str, Sequence[PendingDelivery]]],
+        claimed: set[int],
+    ) -> int:
+        """Hand over the rows this process claimed; the others are being sent by another process."""
+        submitted = 0
+        for row in singles:
+            if row.row_id in claimed:
+                submitted += await self._submit(row)
+        for key, digest in digests:
+            mine = [row for row in digest if row.row_id in claimed]
+            if len(mine) > 1:
+                submitted += await self._submit_digest(key, mine)
+            elif mine:
+                submitted += await self._submit(mine[0])
+        return submitted
 
     async def _submit(self, row: PendingDelivery) -> int:
         token = _token(row.key, row.alert)
@@ -357,26 +412,27 @@ class ChannelDelivery:
                                latency_ms=0.0, attempts=(), digest=len(rows))
         return 0
 
-    def _pending(self) -> tuple[list[PendingDelivery], dict[str, datetime]]:
-        """Pending rows of configured receivers (oldest first), and for each digest
-        receiver among them when it was last sent to (its latest finished row)."""
+    def _pending(self, now: datetime) -> tuple[list[PendingDelivery], dict[str, datetime]]:
+        """Pending rows of configured receivers (oldest first) that no process is sending, and for
+        each digest receiver among them when it was last sent to (its latest finished row).
+
+        Rows being sent (claimed) and rows of receivers no longer configured are left out in the
+        query: a slow receiver's backlog in flight must not fill the batch and hold up the others."""
         digest_owners = sorted({key.rsplit(":", 1)[0] for key in self.digests})
-        pending = select(DeliveryRecord).where(DeliveryRecord.status == "pending").order_by(DeliveryRecord.id)
+        being_sent = exists().where(DeliveryClaim.delivery_id == DeliveryRecord.id, DeliveryClaim.until >= now)
+        pending = (
+            select(DeliveryRecord)
+            .where(DeliveryRecord.status == "pending", self._configured(), ~being_sent)
+            .order_by(DeliveryRecord.id)
+        )
+        self._renew(now)  # first: a row this process is still sending stays its own
         with Session(self.engine) as session:
             if digest_owners:
                 rows = list(session.scalars(pending.where(DeliveryRecord.recipient.not_in(digest_owners)).limit(PENDING_BATCH)))
                 rows += session.scalars(pending.where(DeliveryRecord.recipient.in_(digest_owners)).limit(DIGEST_PENDING_BATCH))
             else:
                 rows = list(session.scalars(pending.limit(PENDING_BATCH)))
-            out = [
-                PendingDelivery(
-                    row_id=row.id, key=receiver_key(row.recipient, row.channel), recipient=row.recipient,
-                    alert=alert_from_payload(row.payload), created_at=as_utc(row.created_at),
-                    redriven=row.finished_at is not None,
-                )
-                for row in rows
-                if receiver_key(row.recipient, row.channel) in self.receivers
-            ]
+            out = [_pending_delivery(row) for row in rows if receiver_key(row.recipient, row.channel) in self.receivers]
             waiting = sorted({row.recipient for row in out if row.key in self.digests})
             last: dict[str, datetime] = {}
             if waiting:
@@ -393,6 +449,59 @@ class ChannelDelivery:
                     if at is not None:
                         last[receiver_key(recipient, channel)] = as_utc(at)
             return out, last
+
+    def _configured(self):
+        """A `deliveries` filter: rows of the receivers this process has."""
+        owners: dict[str, list[str]] = {}
+        for key in self.receivers:
+            owner, channel = key.rsplit(":", 1)
+            owners.setdefault(channel, []).append(owner)
+        return or_(*(and_(DeliveryRecord.channel == channel, DeliveryRecord.recipient.in_(sorted(ids)))
+                     for channel, ids in owners.items()))
+
+    def _claim(self, row_ids: Sequence[int], now: datetime) -> set[int]:
+        """Claim rows for this process to send; the ids it holds that are still pending. A claim
+        that lapsed (its process was killed) is taken over; a row another process claimed, or
+        finished since it was read, is not this process's to send."""
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        claimed: set[int] = set()
+        with Session(self.engine) as session:
+            for start in range(0, len(row_ids), CLAIM_CHUNK):
+                ids = list(row_ids[start : start + CLAIM_CHUNK])
+                lapsed = delete(DeliveryClaim).where(DeliveryClaim.delivery_id.in_(ids), DeliveryClaim.until < now)
+                session.execute(lapsed)
+                session.execute(dialect.insert(DeliveryClaim).values(
+                    [{"delivery_id": i, "holder": self.holder, "until": now + CLAIM_LEASE} for i in ids]
+                ).on_conflict_do_nothing())
+                session.commit()
+                held = set(session.scalars(
+                    select(DeliveryClaim.delivery_id)
+                    .join(DeliveryRecord, DeliveryRecord.id == DeliveryClaim.delivery_id)
+                    .where(DeliveryClaim.delivery_id.in_(ids), DeliveryClaim.holder == self.holder,
+                           DeliveryRecord.status == "pending")
+                ))
+                session.execute(self._own_claims(set(ids) - held))
+                session.commit()
+                claimed |= held
+        return claimed
+
+    def _own_claims(self, row_ids: Collection[int]):
+        return delete(DeliveryClaim).where(DeliveryClaim.delivery_id.in_(list(row_ids)),
+                                           DeliveryClaim.holder == self.holder)
+
+    def _release(self, row_ids: Collection[int] | None = None) -> None:
+        """Give up claims (all of this process's with None): those rows are for any process to send."""
+        statement = (delete(DeliveryClaim).where(DeliveryClaim.holder == self.holder) if row_ids is None
+                     else self._own_claims(row_ids))
+        with Session(self.engine) as session:
+            session.execute(statement)
+            session.commit()
+
+    def _renew(self, now: datetime) -> None:
+        with Session(self.engine) as session:
+            session.execute(update(DeliveryClaim).where(DeliveryClaim.holder == self.holder)
+                            .values(until=now + CLAIM_LEASE))
+            session.commit()
 
     async def _on_result(self, alert: AnyAlert, result: DeliveryResult, attempts: Sequence[Attempt]) -> None:
         # Called once per alert; for a digest, once for each of its alerts with the same result.
@@ -422,8 +531,7 @@ class ChannelDelivery:
             return
         owner, channel = key.rsplit(":", 1)
         metrics.delivery_failed(channel)
-        await xadd_once(
-            self.redis,
+        await self._dead_letter(
             [
                 StreamWrite(
                     stream=self.keys.deliveries_dlq,
@@ -443,9 +551,25 @@ class ChannelDelivery:
                     dedupe_key=self.keys.dedupe(f"deliverydlq:{row_id}:{tries}"),
                 )
             ],
-            ttl=self.settings.dedupe_ttl,
         )
         log.warning("delivery failed", receiver=key, alert_id=alert.alert_id, error=error, attempts=tries)
+
+    async def _dead_letter(self, writes: list[StreamWrite]) -> None:
+        """The DLQ write, retried through a Redis outage: the row is already `failed` in the store, and
+        this entry is the only way a redrive finds it (the dedupe key makes a retry write it once)."""
+        from decision_router.consumer import infrastructure_failure  # the consumer imports this module
+
+        delay = 0.2
+        while True:
+            try:
+                await xadd_once(self.redis, writes, ttl=self.settings.dedupe_ttl)
+                return
+            except Exception as exc:
+                if infrastructure_failure(exc) != "Redis":
+                    raise
+                log.warning("deliveries:dlq write failed; retrying", error=str(exc)[:200], retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_backoff_max.total_seconds())
 
     def _record(
         self, row_id: int, ok: bool, error: str | None, status_code: int | None, latency_ms: float,
@@ -464,6 +588,7 @@ class ChannelDelivery:
                 )
             row.attempts += len(attempts)
             row.status = "delivered" if ok else "failed"
+            session.execute(self._own_claims([row_id]))  # with its result: no process sends it again
             row.status_code, row.error, row.latency_ms, row.finished_at = status_code, error, latency_ms, now
             session.add(row)
             session.add(
@@ -490,10 +615,24 @@ class ChannelDelivery:
 
     async def drain(self) -> None:
         await self.pump()
-        await self.dispatcher.drain()
+        draining = asyncio.ensure_future(self.dispatcher.drain())
+        while not draining.done():  # a long drain (a redrive to a slow receiver) keeps its claims
+            await asyncio.wait({draining}, timeout=CLAIM_RENEW_S)
+            if not draining.done():
+                await asyncio.to_thread(self._renew, self.clock())
 
     async def close(self) -> None:
         await asyncio.gather(self.dispatcher.close(timeout=CLOSE_TIMEOUT_S), *self._retiring)
+        # What did not finish stays pending: released, another process or the next start sends it.
+        await asyncio.to_thread(self._release)
+
+
+def _pending_delivery(row: DeliveryRecord) -> PendingDelivery:
+    assert row.id is not None
+    return PendingDelivery(
+        row_id=row.id, key=receiver_key(row.recipient, row.channel), recipient=row.recipient,
+        alert=alert_from_payload(row.payload), created_at=as_utc(row.created_at), redriven=row.finished_at is not None,
+    )
 
 
 def _level(alert: AnyAlert) -> int:
@@ -542,10 +681,13 @@ def redrive_candidates(entries: Sequence[tuple[str, Mapping[str, str]]]) -> list
 @dataclass(frozen=True)
 class Redriven:
     sent: int  # deliveries re-sent, their DLQ entries removed
-    delivered: int  # of which delivered this time; the others are dead-lettered again
+    delivered: int  # of which delivered this time; the others are dead-lettered again (or still pending)
     # DLQ entries left in place, with why: nothing to re-send is known for them, and deleting
     # them would lose the only record of a failed delivery.
     left: tuple[tuple[str, str], ...] = ()
+    # Of the re-sent, still being sent by another router process (a running `serve` took them over)
+    # after REDRIVE_WAIT_S: pending in the outbox, not lost.
+    pending: int = 0
 
 
 async def redrive(channels: ChannelDelivery, *, limit: int = 10_000) -> Redriven:
@@ -558,32 +700,64 @@ async def redrive(channels: ChannelDelivery, *, limit: int = 10_000) -> Redriven
         for entry_id, fields in await channels.redis.xrange(stream, count=limit)
     ]
     delivery_of = dict(redrive_candidates(entries))
-    known = await asyncio.to_thread(_reset_to_pending, channels.engine, list(delivery_of.values()))
+    known, unconfigured = await asyncio.to_thread(
+        _reset_to_pending, channels.engine, list(delivery_of.values()), channels.receivers
+    )
     resent = [entry_id for entry_id, delivery_id in delivery_of.items() if delivery_id in known]
     left = []
     for entry_id, _ in entries:
         if entry_id not in delivery_of:
             left.append((entry_id, "no delivery id"))
+        elif delivery_of[entry_id] in unconfigured:
+            # Pending again it would wait for a receiver that does not exist: kept until there is one.
+            left.append((entry_id, f"no receiver {unconfigured[delivery_of[entry_id]]} in owners.yaml"))
         elif delivery_of[entry_id] not in known:
             left.append((entry_id, f"no delivery {delivery_of[entry_id]} in the store"))
             log.warning("deliveries:dlq entry for an unknown delivery left in place", entry_id=entry_id)
     if resent:
         await channels.redis.xdel(stream, *resent)
     await channels.drain()
+    pending = await _wait_finished(channels.engine, known)
     delivered = await asyncio.to_thread(_count_delivered, channels.engine, known)
-    return Redriven(sent=len(known), delivered=delivered, left=tuple(left))
+    return Redriven(sent=len(known), delivered=delivered, left=tuple(left), pending=pending)
 
 
-def _reset_to_pending(engine: Engine, ids: Sequence[int]) -> set[int]:
-    """Back to pending, for the dispatcher to send again; the ids of the rows found."""
-    found = set()
+async def _wait_finished(engine: Engine, ids: Collection[int], *, timeout: float = REDRIVE_WAIT_S) -> int:
+    """Wait for rows that a running `serve` claimed before this process could (it pumps the same
+    outbox); how many are still pending at the end."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (pending := await asyncio.to_thread(_count_pending, engine, ids)) and \
+            asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.2)
+    return pending
+
+
+def _count_pending(engine: Engine, ids: Collection[int]) -> int:
+    with Session(engine) as session:
+        return len(session.scalars(select(DeliveryRecord.id).where(
+            DeliveryRecord.id.in_(list(ids)), DeliveryRecord.status == "pending"
+        )).all())
+
+
+def _reset_to_pending(
+    engine: Engine, ids: Sequence[int], receivers: Collection[str]
+) -> tuple[set[int], dict[int, str]]:
+    """Back to pending, for the dispatcher to send again: the ids of the rows reset, and the rows
+    left as they are because their receiver is not configured (id -> receiver key)."""
+    found: set[int] = set()
+    unconfigured: dict[int, str] = {}
     with Session(engine) as session:
         for row in session.scalars(select(DeliveryRecord).where(DeliveryRecord.id.in_(list(ids)))):
+            assert row.id is not None
+            key = receiver_key(row.recipient, row.channel)
+            if key not in receivers:
+                unconfigured[row.id] = key
+                continue
             row.status = "pending"
             session.add(row)
             found.add(row.id)
         session.commit()
-    return found
+    return found, unconfigured
 
 
 def _count_delivered(engine: Engine, ids: Collection[int]) -> int:

@@ -6,7 +6,7 @@ as UTC everywhere (SQLite drops the offset), see `as_utc`.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -34,7 +34,7 @@ def _when(*, index: bool = False, nullable: bool = False) -> Any:
 def as_utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class PredictionRecord(SQLModel, table=True):
@@ -228,6 +228,21 @@ class DeliveryRecord(SQLModel, table=True):
     latency_ms: float | None = None
     created_at: datetime = _when()
     finished_at: datetime | None = _when(nullable=True)
+
+
+class DeliveryClaim(SQLModel, table=True):
+    """A pending delivery being sent by one router process, until `until` unless renewed.
+
+    Every process (`serve --workers N`, several hosts, `redrive deliveries`) pumps the same outbox:
+    a row is sent only by the process whose claim row went in. The holder renews its claims while
+    it sends; a claim left by a killed process lapses, and another process (or its restart) sends
+    the row then. The claim goes with the delivery's result."""
+
+    __tablename__ = "delivery_claims"
+
+    delivery_id: int = Field(primary_key=True)
+    holder: str
+    until: datetime = _when()
 
 
 class DeliveryAttemptRecord(SQLModel, table=True):

@@ -35,6 +35,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, parseaddr, parsedate_to_datetime
 from importlib import metadata
 from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 import httpx
@@ -386,7 +387,8 @@ class WebhookSender(Sender):
         self._static_headers = {name: value.get_secret_value() for name, value in receiver.headers.items()}
         # Longest first, so a secret holding another is masked whole; very short ones would mask ordinary words.
         self._secrets = sorted(
-            {v for v in (*self._static_headers.values(), self._secret.decode() if self._secret else "") if len(v) >= 6},
+            {v for v in (*self._static_headers.values(), self._secret.decode() if self._secret else "",
+                         *_url_credentials(self._url)) if len(v) >= 6},
             key=len, reverse=True,
         )
 
@@ -432,7 +434,8 @@ class WebhookSender(Sender):
             excerpt = await _read_excerpt(response)
         if 200 <= status < 300:
             return _Outcome(ok=True, status_code=status)
-        error = f"HTTP {status}" + (f": {excerpt}" if excerpt else "")
+        # The receiver's words, which may echo what it was sent (the URL's token, an Authorization header).
+        error = f"HTTP {status}" + (f": {self.scrub(excerpt)}" if excerpt else "")
         if status == 429 or status >= 500:
             return _Outcome(
                 ok=False, status_code=status, error=_clip(error), retryable=True, retry_after=parse_retry_after(response.headers.get("retry-after"), now=self._now())
@@ -443,7 +446,8 @@ class WebhookSender(Sender):
 
     def scrub(self, text: str) -> str:
         """The URL as `rules check` shows it (its path and query may be the credential, as in a Slack
-        webhook); the signing secret and header values (an API key, say) as ***."""
+        webhook); the signing secret, header values (an API key, say) and the URL's path and query,
+        wherever they appear on their own, as ***."""
         text = text.replace(self._url, self.receiver.redacted_url)
         for secret in self._secrets:
             text = text.replace(secret, "***")
@@ -604,3 +608,10 @@ class EmailSender(Sender):
         # SMTPNotSupported (e.g. no STARTTLS offered), certificate errors, bad configuration.
         return _Outcome(ok=False, error=text, retryable=False)
 
+
+def _url_credentials(url: str) -> tuple[str, ...]:
+    """The parts of a webhook URL that may be its credential, as a receiver might quote them back:
+    the path with its query, the path, the query (a Slack token sits in the path, a signature in the query)."""
+    parts = urlsplit(url)
+    tail = parts.path + (f"?{parts.query}" if parts.query else "")
+    return tuple(p for p in (tail, parts.path, parts.query, unquote(tail)) if p.strip("/"))

@@ -12,6 +12,7 @@ The server's behaviour is chosen by the request path:
 | /limited/...  | 429 with `Retry-After: 2` once, then 200 |
 | /bad/...      | 400 with a JSON error body |
 | /redirect/... | 302 to /ok |
+| /echo/...     | 401 quoting the request's path and Authorization header, as some APIs do |
 """
 
 from __future__ import annotations
@@ -81,10 +82,13 @@ class ReceiverState:
             return 400, b'{"error": "missing field: channel"}', {}
         if mode == "redirect":
             return 302, b"", {"Location": self.url("/ok/redirected")}
+        if mode == "echo":
+            auth = self.requests[-1].headers.get("authorization", "")
+            return 401, f"invalid token in {path} (authorization: {auth})".encode(), {}
         return 404, b"no such mode", {}
 
 
-REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+REASONS = {200: "OK", 302: "Found", 401: "Unauthorized", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 async def _serve_connection(state: ReceiverState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -249,6 +253,18 @@ async def test_400_is_not_retried(receiver: ReceiverState, senders: Any) -> None
     assert (result.ok, result.attempts, result.status_code, result.retryable) == (False, 1, 400, False)
     assert result.error == 'HTTP 400: {"error": "missing field: channel"}'
     assert len(receiver.to("/bad/a")) == 1
+
+
+async def test_a_receiver_quoting_its_credentials_back_does_not_put_them_in_the_error(
+    receiver: ReceiverState, senders: Any
+) -> None:
+    """The error goes to the store, the audit, the log and deliveries:dlq: no URL token, no header value."""
+    token, api_key = "T0001/B0002/hooktoken9f3e1", "Bearer api-key-5d8e2a"
+    result = await senders(receiver.url(f"/echo/{token}"), secret=SECRET, headers={"Authorization": api_key}).send(make_alert())
+    assert (result.ok, result.status_code, result.retryable) == (False, 401, False)
+    assert result.error is not None and result.error.startswith("HTTP 401: invalid token in ***")
+    for secret in (token, api_key, SECRET):
+        assert secret not in result.error and all(secret not in (a.error or "") for a in result.attempt_log)
 
 
 async def test_redirect_is_not_followed(receiver: ReceiverState, senders: Any) -> None:
