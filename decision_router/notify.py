@@ -425,7 +425,8 @@ class ChannelDelivery:
             .where(DeliveryRecord.status == "pending", self._configured(), ~being_sent)
             .order_by(DeliveryRecord.id)
         )
-        self._renew(now)  # first: a row this process is still sending stays its own
+        if self._inflight:  # first: a row this process is still sending stays its own (none: no write)
+            self._renew(now)
         with Session(self.engine) as session:
             if digest_owners:
                 rows = list(session.scalars(pending.where(DeliveryRecord.recipient.not_in(digest_owners)).limit(PENDING_BATCH)))
