@@ -24,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import and_, or_, select
 from sqlmodel import Session
 
-from decision_router.api.actions import apply_event, http_entry_id
+from decision_router.api.actions import Applied, apply_event, http_entry_id
 from decision_router.api.auth import Principal, require
 from decision_router.api.common import (
     body_error,
     idempotency_key,
+    json_content,
     parse_entity,
     parse_since,
     query_error,
@@ -301,9 +302,18 @@ async def _act(
     if not applied.applied:
         if applied.reason == "unknown_alert":
             raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")
-        field = "owner" if applied.reason == "unknown_owner" else "body"
-        raise body_error(field, f"{applied.reason}: {applied.detail}")
+        raise body_error(_rejected_field(applied), f"{applied.reason}: {applied.detail}")
     return await _story(request, alert_id, principal)
+
+
+def _rejected_field(applied: Applied) -> str | None:
+    """The body field the outcome path refused: the body is valid by itself, so what the path can still
+    refuse is a new owner not in the directory or an `at` in the future or before the alert existed."""
+    if applied.reason == "unknown_owner":
+        return "owner"
+    if applied.reason == "from_future" or (applied.detail or "").startswith("at "):
+        return "at"
+    return None
 
 
 @router.post("/v1/alerts/{alert_id}/ack", summary=f"Acknowledge an alert ({ACTING_ROLES})")
@@ -311,6 +321,7 @@ async def ack(
     request: Request,
     alert_id: str,
     principal: Annotated[Principal, Depends(require(*READERS))],
+    _json: Annotated[None, Depends(json_content)],
     body: Annotated[AckBody | None, Body()] = None,
     key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
@@ -322,6 +333,7 @@ async def intervene(
     request: Request,
     alert_id: str,
     principal: Annotated[Principal, Depends(require(*READERS))],
+    _json: Annotated[None, Depends(json_content)],
     body: Annotated[InterveneBody | None, Body()] = None,
     key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
@@ -334,6 +346,7 @@ async def outcome(
     alert_id: str,
     body: OutcomeBody,
     principal: Annotated[Principal, Depends(require(*READERS))],
+    _json: Annotated[None, Depends(json_content)],
     key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
     return await _act(request, alert_id, principal, "outcome", body, key)
@@ -345,6 +358,7 @@ async def reassign(
     alert_id: str,
     body: ReassignBody,
     principal: Annotated[Principal, Depends(require("ops"))],
+    _json: Annotated[None, Depends(json_content)],
     key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
     owners = ruleset_of(request).owners

@@ -572,6 +572,46 @@ async def test_a_body_that_is_not_json_is_a_415_naming_the_body(standalone) -> N
             assert detail["loc"] == ["body"] and "application/json" in detail["msg"]
 
 
+async def test_an_alert_action_sent_as_a_form_or_text_is_a_415_naming_the_body_as_documented(standalone) -> None:
+    """`curl -d '{"note": "x"}'` sends a form: FastAPI validated its bytes against the action's model, a 422
+    "not a valid dictionary" naming nothing; docs/api.md promises the 415 the other POSTs answer."""
+    api, app = standalone
+    await route(app, for_owner("m1", ALICE))
+    alert = alert_id_for("m1", RULE)
+    bodies = {"ack": {}, "intervene": {"action": "call"}, "outcome": {"result": "success"}, "reassign": {"owner": ELENA}}
+    for action, body in bodies.items():
+        for kwargs in ({"data": {"note": "x"}}, {"content": json.dumps(body), "headers": {"content-type": "text/plain"}}):
+            headers = {**api.ops, **kwargs.pop("headers", {})}
+            response = await api.http.post(f"/v1/alerts/{alert}/{action}", headers=headers, **kwargs)
+            assert response.status_code == 415, (action, response.text)
+            [detail] = response.json()["detail"]
+            assert detail["loc"] == ["body"] and detail["type"] == "unsupported_media_type", detail
+    # The token is checked first; a body without a Content-Type is not JSON to FastAPI either; a JSON subtype is.
+    form = await api.http.post(f"/v1/alerts/{alert}/ack", data={"note": "x"})
+    assert form.status_code == 401
+    bare = await api.http.post(f"/v1/alerts/{alert}/ack", content=b'{"note": "x"}', headers=api.alice)
+    assert bare.status_code == 415, bare.text
+    typed = {**api.alice, "content-type": "application/merge-patch+json; charset=utf-8"}
+    assert (await api.http.post(f"/v1/alerts/{alert}/intervene", json={}, headers=typed)).status_code == 200
+
+
+async def test_an_action_the_outcome_path_refuses_names_the_field_it_refused(standalone) -> None:
+    """The body passes its model, then the outcome path refuses its `at` (later than now, or before the alert
+    existed): the 422 names `at`, not a field called "body"; a bad list names the body as a whole."""
+    api, app = standalone
+    await route(app, for_owner("f1", ALICE))
+    alert = alert_id_for("f1", RULE)
+    for at, reason in (("2999-01-01T00:00:00Z", "from_future"), ("2001-01-01T00:00:00Z", "schema")):
+        response = await api.http.post(f"/v1/alerts/{alert}/ack", json={"at": at}, headers=api.alice)
+        assert response.status_code == 422, response.text
+        [detail] = response.json()["detail"]
+        assert detail["loc"] == ["body", "at"] and detail["msg"].startswith(f"{reason}: at "), detail
+    for path, headers in (("/v1/predictions", api.publisher), ("/v1/outcomes", api.publisher)):
+        response = await api.http.post(path, json=[], headers=headers)
+        assert response.status_code == 422, response.text
+        assert [d["loc"] for d in response.json()["detail"]] == [["body"]]
+
+
 async def test_outcome_events_that_are_not_objects_are_invalid_json_dead_lettered_as_sent(
     standalone, r, settings: Settings
 ) -> None:
