@@ -20,6 +20,7 @@ from sqlmodel import Session
 
 from decision_router.api.app import create_app
 from decision_router.api.server import api_for_service
+from decision_router.keys import Keys
 from decision_router.rules import RuleSet, load_rules
 from decision_router.service import running_service
 from decision_router.settings import Settings
@@ -255,6 +256,27 @@ async def test_actions_follow_the_outcome_path_into_the_audit_trail_and_stats(st
     assert (alice["routed"], alice["acknowledged"], alice["intervened"], alice["successes"]) == (2, 1, 1, 1)
     filtered = (await api.http.get("/v1/stats", params={"rule": "nope"}, headers=api.ops)).json()
     assert filtered == {"by": "rule", "rows": []}
+
+
+async def test_an_alerts_times_read_the_same_from_the_api_as_from_the_owners_inbox(
+    standalone, r, settings: Settings
+) -> None:
+    """A client reading an alert from its inbox entry (or webhook) and from the API gets one string per time:
+    UTC with a Z, as the streams and every documented example write it (the API wrote +00:00)."""
+    api, app = standalone
+    await route(app, for_owner("z1", ALICE))
+    alert_id = alert_id_for("z1", RULE)
+    [sent] = [json.loads(fields["data"]) for _, fields in r.xrange(Keys(settings.stream_prefix).inbox(ALICE))]
+    story = (await api.http.get(f"/v1/alerts/{alert_id}", headers=api.alice)).json()
+    [listed] = (await api.http.get("/v1/alerts", headers=api.alice)).json()["items"]
+    owner_view = (await api.http.get("/v1/dashboard/owner", headers=api.alice)).json()
+    [card] = owner_view["alerts"]
+    for field in ("created_at", "ack_by", "act_by", "predicted_at"):
+        assert story["alert"][field] == listed[field] == sent[field], field
+    assert (card["created_at"], card["ack_by"], card["act_by"]) == (sent["created_at"], sent["ack_by"], sent["act_by"])
+    ops_view = (await api.http.get("/v1/dashboard/ops", params={"since": "2026-01-01"}, headers=api.ops)).json()
+    others = [owner_view["now"], ops_view["window"]["since"], story["prediction"]["received_at"], listed["ack_due_at"]]
+    assert all(time.endswith("Z") for time in others + [e["at"] for e in story["events"]]), (others, story["events"])
 
 
 async def test_reassign_hands_the_alert_over_and_delivers_it_to_the_new_owner(
@@ -578,9 +600,12 @@ async def test_an_alert_action_sent_as_a_form_or_text_is_a_415_naming_the_body_a
     api, app = standalone
     await route(app, for_owner("m1", ALICE))
     alert = alert_id_for("m1", RULE)
-    bodies = {"ack": {}, "intervene": {"action": "call"}, "outcome": {"result": "success"}, "reassign": {"owner": ELENA}}
+    bodies = {
+        "ack": {}, "intervene": {"action": "call"}, "outcome": {"result": "success"}, "reassign": {"owner": ELENA},
+    }
     for action, body in bodies.items():
-        for kwargs in ({"data": {"note": "x"}}, {"content": json.dumps(body), "headers": {"content-type": "text/plain"}}):
+        text = {"content": json.dumps(body), "headers": {"content-type": "text/plain"}}
+        for kwargs in ({"data": {"note": "x"}}, text):
             headers = {**api.ops, **kwargs.pop("headers", {})}
             response = await api.http.post(f"/v1/alerts/{alert}/{action}", headers=headers, **kwargs)
             assert response.status_code == 415, (action, response.text)
