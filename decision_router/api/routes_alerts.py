@@ -162,6 +162,9 @@ async def list_alerts(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> dict[str, Any]:
+    # A blank filter is no filter, as a blank since, entity or cursor is here and any blank one in the dashboard's
+    # JSON: no owner, rule or model is named "", so matching "" would answer an empty list that looks like "none".
+    owner, rule, model = owner or None, rule or None, model or None
     # An owner token without an owner filter lists its own alerts and those escalated to it.
     seen_by: str | None = None
     if principal.role == "owner":

@@ -188,6 +188,25 @@ async def test_alert_list_filters_and_pages(standalone) -> None:
     } - set(item["missing_context"])
 
 
+async def test_a_blank_filter_is_no_filter_on_alerts_and_stats(standalone) -> None:
+    """`?owner=&rule=&model=` (a script's unset variables, a form's empty fields) answers what no filter does,
+    as a blank since or entity did and as the dashboard's JSON reads blanks: no owner, rule or model is named ""
+    (an owner token got a 403 for "another owner", the others an empty list that looked like "none")."""
+    api, app = standalone
+    await route(app, for_owner("e1", ALICE), for_owner("e2", ELENA))
+    blank = {"owner": "", "rule": "", "model": ""}
+    for headers in (api.ops, api.alice):
+        everything = (await api.http.get("/v1/alerts", headers=headers)).json()
+        response = await api.http.get("/v1/alerts", params=blank, headers=headers)
+        assert everything["items"] and (response.status_code, response.json()) == (200, everything)
+        stats = await api.http.get("/v1/stats", params=blank, headers=headers)
+        expected = (await api.http.get("/v1/stats", headers=headers)).json()
+        assert expected["rows"] and (stats.status_code, stats.json()) == (200, expected)
+    quality = await api.http.get("/v1/stats/quality", params={"model": ""}, headers=api.ops)
+    expected = (await api.http.get("/v1/stats/quality", headers=api.ops)).json()
+    assert expected["models"] and quality.json() == expected
+
+
 async def test_the_action_filter_splits_decisions_into_delivered_recorded_control_and_suppressed(standalone) -> None:
     """Each decision is listed under exactly one action; `alert` is tables.DELIVERED_TO_OWNER."""
     api, app = standalone
