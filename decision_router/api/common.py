@@ -97,6 +97,14 @@ def idempotency_key(
     return key
 
 
+def query_a_store_can_hold(request: Request) -> None:
+    """An app-wide dependency: a NUL in a query parameter (`?rule=a%00b`) is a 422 naming it. PostgreSQL
+    refuses NUL in text, so any filter holding one was a 500 there (SQLite answered an empty list)."""
+    for name, value in request.query_params.multi_items():
+        if "\x00" in value:
+            raise query_error(name, "text holds a NUL character, which no stored value holds")
+
+
 def parse_since(value: str | None, field: str = "since") -> datetime | None:
     """The CLI's `--since`: a duration ago (7d, 24h) or an ISO date/time (UTC if naive)."""
     if value is None or value == "":

@@ -213,6 +213,8 @@ async def list_alerts(
 
 async def _visible(request: Request, alert_id: str, principal: Principal) -> AlertRecord:
     def read(session: Session) -> AlertRecord | None:
+        if "\x00" in alert_id:  # no alert id holds one, and PostgreSQL refuses to look it up
+            return None
         record = session.get(AlertRecord, alert_id)
         return record if record is not None and visible_to(session, principal, record) else None
 
@@ -305,18 +307,20 @@ async def _act(
     if not applied.applied:
         if applied.reason == "unknown_alert":
             raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")
-        raise body_error(_rejected_field(applied), f"{applied.reason}: {applied.detail}")
+        raise body_error(_rejected_field(applied, body), f"{applied.reason}: {applied.detail}")
     return await _story(request, alert_id, principal)
 
 
-def _rejected_field(applied: Applied) -> str | None:
-    """The body field the outcome path refused: the body is valid by itself, so what the path can still
-    refuse is a new owner not in the directory or an `at` in the future or before the alert existed."""
+def _rejected_field(applied: Applied, body: BaseModel) -> str | None:
+    """The body field the outcome path refused, the body being valid by itself: a new owner not in the
+    directory, an `at` in the future or before the alert existed, or text no store can hold ("note: ...")."""
+    detail = applied.detail or ""
     if applied.reason == "unknown_owner":
         return "owner"
-    if applied.reason == "from_future" or (applied.detail or "").startswith("at "):
+    if applied.reason == "from_future" or detail.startswith("at "):
         return "at"
-    return None
+    named = detail.partition(":")[0]
+    return named if named in type(body).model_fields else None
 
 
 @router.post("/v1/alerts/{alert_id}/ack", summary=f"Acknowledge an alert ({ACTING_ROLES})")

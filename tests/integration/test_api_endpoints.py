@@ -587,6 +587,25 @@ async def test_bad_requests_get_4xx_json_naming_the_field_never_500(standalone) 
             assert any(field in map(str, d["loc"]) for d in detail), (path, detail)
 
 
+async def test_a_nul_in_a_filter_or_an_alert_id_is_a_4xx_never_a_500(standalone) -> None:
+    """PostgreSQL refuses NUL in text: `?rule=a%00b` or `/v1/alerts/al-%00` raised its DataError, a 500 (SQLite
+    answered). A filter holding one is a 422 naming it; an alert id holding one is no alert, a 404."""
+    api, app = standalone
+    await route(app, for_owner("u1", ALICE))
+    filters = [("/v1/alerts", name) for name in ("owner", "rule", "model", "entity", "since", "cursor")]
+    filters += [("/v1/stats", name) for name in ("owner", "rule", "model")] + [("/v1/stats/quality", "model")]
+    filters += [("/v1/dashboard/ops", name) for name in ("model", "rule")]
+    for path, name in filters:
+        response = await api.http.get(f"{path}?{name}=acct%00x", headers=api.ops)
+        assert response.status_code == 422, (path, name, response.text)
+        assert [d["loc"] for d in response.json()["detail"]] == [["query", name]], (path, response.text)
+    response = await api.http.get("/v1/alerts?owner=alice%00", headers=api.alice)
+    assert response.status_code == 422, response.text
+    for method, path in (("GET", "/v1/alerts/al-%00x"), ("POST", "/v1/alerts/al-%00x/ack")):
+        response = await api.http.request(method, path, headers=api.ops)
+        assert response.status_code == 404 and "no alert" in response.json()["detail"], (path, response.text)
+
+
 async def test_a_window_too_far_back_is_a_422_saying_it_is_too_large(standalone) -> None:
     """Every since/until reads durations as the CLI does: too large, not "expected a duration"."""
     api, _ = standalone
@@ -650,6 +669,11 @@ async def test_an_action_the_outcome_path_refuses_names_the_field_it_refused(sta
         assert response.status_code == 422, response.text
         [detail] = response.json()["detail"]
         assert detail["loc"] == ["body", "at"] and detail["msg"].startswith(f"{reason}: at "), detail
+    for field in ("note", "actor"):
+        response = await api.http.post(f"/v1/alerts/{alert}/ack", json={field: "a\x00b"}, headers=api.ops)
+        assert response.status_code == 422, response.text
+        [detail] = response.json()["detail"]
+        assert detail["loc"] == ["body", field] and detail["msg"].startswith("invalid_encoding: "), detail
     for path, headers in (("/v1/predictions", api.publisher), ("/v1/outcomes", api.publisher)):
         response = await api.http.post(path, json=[], headers=headers)
         assert response.status_code == 422, response.text
