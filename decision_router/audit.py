@@ -26,7 +26,9 @@ SYSTEM_ACTOR = "decision-router"  # the actor of the events the service writes i
 
 
 def iso(value: datetime | None) -> str | None:
-    return as_utc(value).isoformat() if value is not None else None  # type: ignore[union-attr]
+    """UTC with a Z, as the streams, the webhooks and every documented example write it: one alert's
+    created_at reads the same in its inbox entry, from the API and from `audit --format json`."""
+    return as_utc(value).isoformat().replace("+00:00", "Z") if value is not None else None  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 from decision_router import __version__
 from decision_router.api.actions import QueueOnlyChannels
 from decision_router.api.auth import Principal, require
+from decision_router.api.common import query_a_store_can_hold
 from decision_router.api.limits import BodyLimit, max_body_bytes
 from decision_router.pipeline import Pipeline
 from decision_router.redis_client import REDIS_ERRORS
@@ -50,6 +51,7 @@ def create_app(
         description="Route model predictions to named owners; track what they did and whether it worked.",
         docs_url=None,  # /docs is served by routes_docs without CDN assets
         redoc_url=None,
+        dependencies=[Depends(query_a_store_can_hold)],
     )
     current: Callable[[], RuleSet] = ruleset if callable(ruleset) else (lambda: ruleset)
     app.state.settings = settings

@@ -26,6 +26,7 @@ from sqlmodel import Session
 from decision_router import insights
 from decision_router.api.auth import Principal, require
 from decision_router.api.common import parse_window, query_error, read_store, ruleset_of
+from decision_router.audit import iso
 from decision_router.pipeline import utcnow
 from decision_router.tables import AlertRecord, as_utc
 from decision_router.uplift import MIN_N
@@ -93,7 +94,7 @@ async def ops_view(
         rows = insights.rule_stats(session, since=start, until=end, rule=rule, model=model, holdouts=holdouts)
         histogram = insights.time_to_act_histogram(session, since=start, until=end, rule=rule, model=model)
         return {
-            "window": {"since": start.isoformat() if start else None, "until": end.isoformat() if end else None},
+            "window": {"since": iso(start), "until": iso(end)},
             "filters": {
                 "models": _choices(session, AlertRecord.model),
                 "rules": sorted({r.name for r in ruleset.rules} | set(_choices(session, AlertRecord.rule))),
@@ -114,10 +115,6 @@ async def ops_view(
     return await read_store(request, read)
 
 
-def _iso(value: datetime | None) -> str | None:
-    return as_utc(value).isoformat() if value is not None else None
-
-
 def _owner_alert(record: AlertRecord, now: datetime, to_me: tuple[int, str] | None) -> dict[str, Any]:
     ack_by, act_by = as_utc(record.ack_by), as_utc(record.act_by)
     return {
@@ -135,11 +132,11 @@ def _owner_alert(record: AlertRecord, now: datetime, to_me: tuple[int, str] | No
         "score": record.score,
         "context": record.context,
         "missing_context": record.missing_context,
-        "created_at": _iso(record.created_at),
-        "ack_by": _iso(ack_by),
-        "act_by": _iso(act_by),
-        "acknowledged_at": _iso(record.acknowledged_at),
-        "intervened_at": _iso(record.intervened_at),
+        "created_at": iso(record.created_at),
+        "ack_by": iso(ack_by),
+        "act_by": iso(act_by),
+        "acknowledged_at": iso(record.acknowledged_at),
+        "intervened_at": iso(record.intervened_at),
         "intervention": record.intervention,
         "ack_overdue": record.acknowledged_at is None and ack_by <= now,
         "act_overdue": record.intervened_at is None and act_by <= now,
@@ -164,4 +161,4 @@ async def owner_view(
         steps = insights.escalations_to(session, to_owner=owner, alert_ids=others)
         return [_owner_alert(record, now, steps.get(record.alert_id)) for record in records]
 
-    return {"owner": owner, "now": now.isoformat(), "alerts": await read_store(request, read)}
+    return {"owner": owner, "now": iso(now), "alerts": await read_store(request, read)}

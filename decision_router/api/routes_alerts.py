@@ -24,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import and_, or_, select
 from sqlmodel import Session
 
-from decision_router.api.actions import apply_event, http_entry_id
+from decision_router.api.actions import Applied, apply_event, http_entry_id
 from decision_router.api.auth import Principal, require
 from decision_router.api.common import (
     body_error,
     idempotency_key,
+    json_content,
     parse_entity,
     parse_since,
     query_error,
@@ -161,6 +162,9 @@ async def list_alerts(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> dict[str, Any]:
+    # A blank filter is no filter, as a blank since, entity or cursor is here and any blank one in the dashboard's
+    # JSON: no owner, rule or model is named "", so matching "" would answer an empty list that looks like "none".
+    owner, rule, model = owner or None, rule or None, model or None
     # An owner token without an owner filter lists its own alerts and those escalated to it.
     seen_by: str | None = None
     if principal.role == "owner":
@@ -209,6 +213,8 @@ async def list_alerts(
 
 async def _visible(request: Request, alert_id: str, principal: Principal) -> AlertRecord:
     def read(session: Session) -> AlertRecord | None:
+        if "\x00" in alert_id:  # no alert id holds one, and PostgreSQL refuses to look it up
+            return None
         record = session.get(AlertRecord, alert_id)
         return record if record is not None and visible_to(session, principal, record) else None
 
@@ -301,9 +307,20 @@ async def _act(
     if not applied.applied:
         if applied.reason == "unknown_alert":
             raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")
-        field = "owner" if applied.reason == "unknown_owner" else "body"
-        raise body_error(field, f"{applied.reason}: {applied.detail}")
+        raise body_error(_rejected_field(applied, body), f"{applied.reason}: {applied.detail}")
     return await _story(request, alert_id, principal)
+
+
+def _rejected_field(applied: Applied, body: BaseModel) -> str | None:
+    """The body field the outcome path refused, the body being valid by itself: a new owner not in the
+    directory, an `at` in the future or before the alert existed, or text no store can hold ("note: ...")."""
+    detail = applied.detail or ""
+    if applied.reason == "unknown_owner":
+        return "owner"
+    if applied.reason == "from_future" or detail.startswith("at "):
+        return "at"
+    named = detail.partition(":")[0]
+    return named if named in type(body).model_fields else None
 
 
 @router.post("/v1/alerts/{alert_id}/ack", summary=f"Acknowledge an alert ({ACTING_ROLES})")
@@ -311,6 +328,7 @@ async def ack(
     request: Request,
     alert_id: str,
     principal: Annotated[Principal, Depends(require(*READERS))],
+    _json: Annotated[None, Depends(json_content)],
     body: Annotated[AckBody | None, Body()] = None,
     key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
@@ -322,6 +340,7 @@ async def intervene(
     request: Request,
     alert_id: str,
     principal: Annotated[Principal, Depends(require(*READERS))],
+    _json: Annotated[None, Depends(json_content)],
     body: Annotated[InterveneBody | None, Body()] = None,
     key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
@@ -334,6 +353,7 @@ async def outcome(
     alert_id: str,
     body: OutcomeBody,
     principal: Annotated[Principal, Depends(require(*READERS))],
+    _json: Annotated[None, Depends(json_content)],
     key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
     return await _act(request, alert_id, principal, "outcome", body, key)
@@ -345,6 +365,7 @@ async def reassign(
     alert_id: str,
     body: ReassignBody,
     principal: Annotated[Principal, Depends(require("ops"))],
+    _json: Annotated[None, Depends(json_content)],
     key: Annotated[str | None, Depends(idempotency_key)] = None,
 ) -> dict[str, Any]:
     owners = ruleset_of(request).owners

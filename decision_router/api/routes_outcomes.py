@@ -30,9 +30,9 @@ async def post_outcomes(
     body = json_body(request, body)
     events = body if isinstance(body, list) else [body]
     if not events:
-        raise body_error("body", "an empty list: send one event or a non-empty list")
+        raise body_error(None, "an empty list: send one event or a non-empty list")
     if len(events) > MAX_EVENTS:
-        raise body_error("body", f"{len(events)} events; at most {MAX_EVENTS} per request")
+        raise body_error(None, f"{len(events)} events; at most {MAX_EVENTS} per request")
     if principal.role == "publisher" and any(isinstance(e, dict) and e.get("type") == "reassigned" for e in events):
         raise HTTPException(status_code=403, detail="reassigning needs an ops or admin token")
     results: list[dict[str, Any]] = []

@@ -45,9 +45,9 @@ async def post_predictions(
     body = json_body(request, body)
     items = body if isinstance(body, list) else [body]
     if not items:
-        raise body_error("body", "an empty list: send one prediction or a non-empty list")
+        raise body_error(None, "an empty list: send one prediction or a non-empty list")
     if len(items) > MAX_ITEMS:
-        raise body_error("body", f"{len(items)} items; at most {MAX_ITEMS} per request")
+        raise body_error(None, f"{len(items)} items; at most {MAX_ITEMS} per request")
     settings, keys = settings_of(request), keys_of(request)
     now = utcnow()
     # ASCII escapes: text Redis cannot encode (a lone surrogate) reaches the gate, which rejects it.

@@ -27,6 +27,7 @@ async def stats(
     ] = None,
     model: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
+    owner, rule, model = owner or None, rule or None, model or None  # blank is no filter, as in /v1/alerts
     if principal.role == "owner":
         if owner is not None and owner != principal.owner:
             raise HTTPException(status_code=403, detail="an owner token reads only its own statistics")
@@ -54,5 +55,6 @@ async def quality(
     model: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
     start, end = parse_window(since, until)
+    model = model or None
     report = await read_store(request, lambda session: compute_quality(session, since=start, until=end, model=model))
     return report.as_dict()

@@ -20,6 +20,7 @@ from sqlmodel import Session
 
 from decision_router.api.app import create_app
 from decision_router.api.server import api_for_service
+from decision_router.keys import Keys
 from decision_router.rules import RuleSet, load_rules
 from decision_router.service import running_service
 from decision_router.settings import Settings
@@ -187,6 +188,25 @@ async def test_alert_list_filters_and_pages(standalone) -> None:
     } - set(item["missing_context"])
 
 
+async def test_a_blank_filter_is_no_filter_on_alerts_and_stats(standalone) -> None:
+    """`?owner=&rule=&model=` (a script's unset variables, a form's empty fields) answers what no filter does,
+    as a blank since or entity did and as the dashboard's JSON reads blanks: no owner, rule or model is named ""
+    (an owner token got a 403 for "another owner", the others an empty list that looked like "none")."""
+    api, app = standalone
+    await route(app, for_owner("e1", ALICE), for_owner("e2", ELENA))
+    blank = {"owner": "", "rule": "", "model": ""}
+    for headers in (api.ops, api.alice):
+        everything = (await api.http.get("/v1/alerts", headers=headers)).json()
+        response = await api.http.get("/v1/alerts", params=blank, headers=headers)
+        assert everything["items"] and (response.status_code, response.json()) == (200, everything)
+        stats = await api.http.get("/v1/stats", params=blank, headers=headers)
+        expected = (await api.http.get("/v1/stats", headers=headers)).json()
+        assert expected["rows"] and (stats.status_code, stats.json()) == (200, expected)
+    quality = await api.http.get("/v1/stats/quality", params={"model": ""}, headers=api.ops)
+    expected = (await api.http.get("/v1/stats/quality", headers=api.ops)).json()
+    assert expected["models"] and quality.json() == expected
+
+
 async def test_the_action_filter_splits_decisions_into_delivered_recorded_control_and_suppressed(standalone) -> None:
     """Each decision is listed under exactly one action; `alert` is tables.DELIVERED_TO_OWNER."""
     api, app = standalone
@@ -255,6 +275,27 @@ async def test_actions_follow_the_outcome_path_into_the_audit_trail_and_stats(st
     assert (alice["routed"], alice["acknowledged"], alice["intervened"], alice["successes"]) == (2, 1, 1, 1)
     filtered = (await api.http.get("/v1/stats", params={"rule": "nope"}, headers=api.ops)).json()
     assert filtered == {"by": "rule", "rows": []}
+
+
+async def test_an_alerts_times_read_the_same_from_the_api_as_from_the_owners_inbox(
+    standalone, r, settings: Settings
+) -> None:
+    """A client reading an alert from its inbox entry (or webhook) and from the API gets one string per time:
+    UTC with a Z, as the streams and every documented example write it (the API wrote +00:00)."""
+    api, app = standalone
+    await route(app, for_owner("z1", ALICE))
+    alert_id = alert_id_for("z1", RULE)
+    [sent] = [json.loads(fields["data"]) for _, fields in r.xrange(Keys(settings.stream_prefix).inbox(ALICE))]
+    story = (await api.http.get(f"/v1/alerts/{alert_id}", headers=api.alice)).json()
+    [listed] = (await api.http.get("/v1/alerts", headers=api.alice)).json()["items"]
+    owner_view = (await api.http.get("/v1/dashboard/owner", headers=api.alice)).json()
+    [card] = owner_view["alerts"]
+    for field in ("created_at", "ack_by", "act_by", "predicted_at"):
+        assert story["alert"][field] == listed[field] == sent[field], field
+    assert (card["created_at"], card["ack_by"], card["act_by"]) == (sent["created_at"], sent["ack_by"], sent["act_by"])
+    ops_view = (await api.http.get("/v1/dashboard/ops", params={"since": "2026-01-01"}, headers=api.ops)).json()
+    others = [owner_view["now"], ops_view["window"]["since"], story["prediction"]["received_at"], listed["ack_due_at"]]
+    assert all(time.endswith("Z") for time in others + [e["at"] for e in story["events"]]), (others, story["events"])
 
 
 async def test_reassign_hands_the_alert_over_and_delivers_it_to_the_new_owner(
@@ -546,6 +587,25 @@ async def test_bad_requests_get_4xx_json_naming_the_field_never_500(standalone) 
             assert any(field in map(str, d["loc"]) for d in detail), (path, detail)
 
 
+async def test_a_nul_in_a_filter_or_an_alert_id_is_a_4xx_never_a_500(standalone) -> None:
+    """PostgreSQL refuses NUL in text: `?rule=a%00b` or `/v1/alerts/al-%00` raised its DataError, a 500 (SQLite
+    answered). A filter holding one is a 422 naming it; an alert id holding one is no alert, a 404."""
+    api, app = standalone
+    await route(app, for_owner("u1", ALICE))
+    filters = [("/v1/alerts", name) for name in ("owner", "rule", "model", "entity", "since", "cursor")]
+    filters += [("/v1/stats", name) for name in ("owner", "rule", "model")] + [("/v1/stats/quality", "model")]
+    filters += [("/v1/dashboard/ops", name) for name in ("model", "rule")]
+    for path, name in filters:
+        response = await api.http.get(f"{path}?{name}=acct%00x", headers=api.ops)
+        assert response.status_code == 422, (path, name, response.text)
+        assert [d["loc"] for d in response.json()["detail"]] == [["query", name]], (path, response.text)
+    response = await api.http.get("/v1/alerts?owner=alice%00", headers=api.alice)
+    assert response.status_code == 422, response.text
+    for method, path in (("GET", "/v1/alerts/al-%00x"), ("POST", "/v1/alerts/al-%00x/ack")):
+        response = await api.http.request(method, path, headers=api.ops)
+        assert response.status_code == 404 and "no alert" in response.json()["detail"], (path, response.text)
+
+
 async def test_a_window_too_far_back_is_a_422_saying_it_is_too_large(standalone) -> None:
     """Every since/until reads durations as the CLI does: too large, not "expected a duration"."""
     api, _ = standalone
@@ -570,6 +630,54 @@ async def test_a_body_that_is_not_json_is_a_415_naming_the_body(standalone) -> N
             assert response.status_code == 415, (path, response.text)
             [detail] = response.json()["detail"]
             assert detail["loc"] == ["body"] and "application/json" in detail["msg"]
+
+
+async def test_an_alert_action_sent_as_a_form_or_text_is_a_415_naming_the_body_as_documented(standalone) -> None:
+    """`curl -d '{"note": "x"}'` sends a form: FastAPI validated its bytes against the action's model, a 422
+    "not a valid dictionary" naming nothing; docs/api.md promises the 415 the other POSTs answer."""
+    api, app = standalone
+    await route(app, for_owner("m1", ALICE))
+    alert = alert_id_for("m1", RULE)
+    bodies = {
+        "ack": {}, "intervene": {"action": "call"}, "outcome": {"result": "success"}, "reassign": {"owner": ELENA},
+    }
+    for action, body in bodies.items():
+        text = {"content": json.dumps(body), "headers": {"content-type": "text/plain"}}
+        for kwargs in ({"data": {"note": "x"}}, text):
+            headers = {**api.ops, **kwargs.pop("headers", {})}
+            response = await api.http.post(f"/v1/alerts/{alert}/{action}", headers=headers, **kwargs)
+            assert response.status_code == 415, (action, response.text)
+            [detail] = response.json()["detail"]
+            assert detail["loc"] == ["body"] and detail["type"] == "unsupported_media_type", detail
+    # The token is checked first; a body without a Content-Type is not JSON to FastAPI either; a JSON subtype is.
+    form = await api.http.post(f"/v1/alerts/{alert}/ack", data={"note": "x"})
+    assert form.status_code == 401
+    bare = await api.http.post(f"/v1/alerts/{alert}/ack", content=b'{"note": "x"}', headers=api.alice)
+    assert bare.status_code == 415, bare.text
+    typed = {**api.alice, "content-type": "application/merge-patch+json; charset=utf-8"}
+    assert (await api.http.post(f"/v1/alerts/{alert}/intervene", json={}, headers=typed)).status_code == 200
+
+
+async def test_an_action_the_outcome_path_refuses_names_the_field_it_refused(standalone) -> None:
+    """The body passes its model, then the outcome path refuses its `at` (later than now, or before the alert
+    existed): the 422 names `at`, not a field called "body"; a bad list names the body as a whole."""
+    api, app = standalone
+    await route(app, for_owner("f1", ALICE))
+    alert = alert_id_for("f1", RULE)
+    for at, reason in (("2999-01-01T00:00:00Z", "from_future"), ("2001-01-01T00:00:00Z", "schema")):
+        response = await api.http.post(f"/v1/alerts/{alert}/ack", json={"at": at}, headers=api.alice)
+        assert response.status_code == 422, response.text
+        [detail] = response.json()["detail"]
+        assert detail["loc"] == ["body", "at"] and detail["msg"].startswith(f"{reason}: at "), detail
+    for field in ("note", "actor"):
+        response = await api.http.post(f"/v1/alerts/{alert}/ack", json={field: "a\x00b"}, headers=api.ops)
+        assert response.status_code == 422, response.text
+        [detail] = response.json()["detail"]
+        assert detail["loc"] == ["body", field] and detail["msg"].startswith("invalid_encoding: "), detail
+    for path, headers in (("/v1/predictions", api.publisher), ("/v1/outcomes", api.publisher)):
+        response = await api.http.post(path, json=[], headers=headers)
+        assert response.status_code == 422, response.text
+        assert [d["loc"] for d in response.json()["detail"]] == [["body"]]
 
 
 async def test_outcome_events_that_are_not_objects_are_invalid_json_dead_lettered_as_sent(

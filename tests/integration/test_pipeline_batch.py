@@ -117,7 +117,8 @@ async def test_no_received_row_is_stored_yet_the_stories_show_it_once_in_its_pla
     batch = [entry(1, "p1", "a"), entry(2, "p2", "a"), entry(3, "p3", "b"), entry(4, "p4", "a", score=0.1)]
     await pipeline.process_predictions(batch)
     assert count(engine, AuditEvent, AuditEvent.type == "received") == 0
-    received_p1 = {"at": T0.isoformat(), "type": "received", "actor": "decision-router", "alert_id": None,
+    received_p1 = {"at": T0.isoformat().replace("+00:00", "Z"), "type": "received", "actor": "decision-router",
+                   "alert_id": None,
                    "prediction_id": "p1", "summary": "prediction p1 received (model churn, score 0.9)",
                    "detail": {"stream_id": "1-0", "model": "churn", "score": 0.9}}
     first, repeat = alert_id_for("p1", "churn-high"), alert_id_for("p2", "churn-high")

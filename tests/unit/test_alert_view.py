@@ -18,8 +18,8 @@ def _record(status: str) -> AlertRecord:
 
 def test_an_open_alert_shows_its_deadlines() -> None:
     view = alert_view(_record("open"))
-    assert view["ack_due_at"] == (NOW + timedelta(hours=2)).isoformat()
-    assert view["act_due_at"] == (NOW + timedelta(days=2)).isoformat()
+    assert view["ack_due_at"] == (NOW + timedelta(hours=2)).isoformat().replace("+00:00", "Z")
+    assert view["act_due_at"] == (NOW + timedelta(days=2)).isoformat().replace("+00:00", "Z")
 
 
 def test_a_closed_alert_shows_none_even_if_an_older_store_kept_them() -> None:

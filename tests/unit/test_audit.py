@@ -138,13 +138,13 @@ def test_alert_story_in_time_order(session: Session) -> None:
 def test_alert_story_json(session: Session) -> None:
     document = json.loads(json.dumps(alert_story(session, "al-a").as_dict()))
     assert set(document) == {"alert", "prediction", "siblings", "events"}
-    assert document["alert"]["created_at"] == "2026-11-02T09:00:00+00:00"
+    assert document["alert"]["created_at"] == "2026-11-02T09:00:00Z"
     assert document["alert"]["effective_action"] == "alert" and document["alert"]["outcome_value"] == 120000.0
     assert document["prediction"]["prediction_id"] == "p1"
     assert document["siblings"] == [{"alert_id": "al-v", "rule": "key-account-visibility", "owner": "dir-enterprise",
                                      "priority": "high", "effective_action": "alert"}]
     assert document["events"][0] == {
-        "at": "2026-11-02T09:00:00+00:00", "type": "received", "actor": SYSTEM, "alert_id": None, "prediction_id": "p1",
+        "at": "2026-11-02T09:00:00Z", "type": "received", "actor": SYSTEM, "alert_id": None, "prediction_id": "p1",
         "summary": "prediction p1 received (model churn, score 0.91)",
         "detail": {"model": "churn", "score": 0.91, "stream_id": "1-p1"},
     }
