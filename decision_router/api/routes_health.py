@@ -24,7 +24,8 @@ router = APIRouter(tags=["health"])
 CHECK_TIMEOUT_S = 2.0
 
 
-@router.get("/healthz", summary="The process is up (no token)")
+# GET and HEAD: uptime checkers and load balancers often probe with HEAD (a 405 reads as "down").
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="The process is up (no token)")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -47,7 +48,8 @@ def _database_ok(engine: Any) -> str | None:
     return None
 
 
-@router.get("/readyz", summary="Redis and the database answer and rules are loaded (no token)")
+@router.api_route("/readyz", methods=["GET", "HEAD"],
+                  summary="Redis and the database answer and rules are loaded (no token)")
 async def readyz(request: Request) -> JSONResponse:
     checks: dict[str, str] = {}
     redis_problem = await _redis_ok(request)

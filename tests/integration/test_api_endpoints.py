@@ -478,6 +478,10 @@ async def test_serve_runs_the_api_on_a_port_and_reload_swaps_valid_rules_only(
             assert server is not None and server.port > 0
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
                 assert (await client.get("/healthz")).json() == {"status": "ok"}
+                # Probes that send HEAD (uptime checkers, load balancers): the status, no body.
+                for path in ("/healthz", "/readyz"):
+                    probed = await client.head(path)
+                    assert (probed.status_code, probed.content) == (200, b""), path
                 unchanged = (await client.post("/v1/rules/reload", headers=admin)).json()
                 assert unchanged["changed"] is False and unchanged["rules_version"] == ruleset.version
                 routing = rules_dir / "routing.yaml"
@@ -502,6 +506,7 @@ async def test_readyz_names_what_is_not_ready(settings: Settings, ruleset: RuleS
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
         response = await client.get("/readyz")
         assert response.status_code == 503
+        assert (await client.head("/readyz")).status_code == 503
         checks = response.json()["checks"]
         assert checks["database"] == "ok" and checks["rules"] == "ok" and checks["redis"] != "ok"
         # An endpoint that needs Redis says so with a 503, not a 500.
