@@ -62,6 +62,12 @@ class BatchResult:
     delivered: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     rejections: list[Rejection] = field(default_factory=list, repr=False)  # each with its detail, in order
+    # Of `rejected`, the entries rejected for the first time (not a redelivered rejection): what the metrics count.
+    newly_rejected: dict[str, int] = field(default_factory=dict)
+
+    def count_new(self, recorded: Sequence[Rejection]) -> None:
+        for rejection in recorded:
+            self.newly_rejected[rejection.reason.value] = self.newly_rejected.get(rejection.reason.value, 0) + 1
 
     def reject(self, rejection: Rejection) -> None:
         self.rejected[rejection.reason.value] = self.rejected.get(rejection.reason.value, 0) + 1
@@ -160,7 +166,7 @@ class Pipeline:
         # alerts are read back from the outbox (they may or may not have been written).
         result.delivered = await self._deliver(fresh) + await self.drain_outbox(prediction_ids=redelivered)
         metrics.observe_batch(
-            "predictions", size=len(entries), seconds=time.perf_counter() - started, rejected=result.rejected,
+            "predictions", size=len(entries), seconds=time.perf_counter() - started, rejected=result.newly_rejected,
             routed=result.accepted,
             decisions={"alert": result.alerts, "record": result.recorded, "control": result.held_out,
                        "suppressed": result.suppressed},
@@ -339,7 +345,7 @@ class Pipeline:
             tracker.insert_rows(session, predictions, alerts, events, finite=not lookups)
             for rejection in rejections:
                 result.reject(rejection)
-            tracker.record_rejections(session, rejections, now=now)
+            result.count_new(tracker.record_rejections(session, rejections, now=now))
             session.commit()
         return result, rejections, fresh, redelivered
 
@@ -415,7 +421,7 @@ class Pipeline:
         # Reassigned alerts went back into the outbox for their new owner.
         result.delivered = await self.drain_outbox(prediction_ids=touched)
         metrics.observe_batch(
-            "outcomes", size=len(entries), seconds=time.perf_counter() - started, rejected=result.rejected
+            "outcomes", size=len(entries), seconds=time.perf_counter() - started, rejected=result.newly_rejected
         )
         log.info(
             "outcomes recorded",
@@ -476,7 +482,7 @@ class Pipeline:
                     reassigned.extend(a.prediction_id for a in alerts)
             for rejection in rejections:
                 result.reject(rejection)
-            tracker.record_rejections(session, rejections, now=now)
+            result.count_new(tracker.record_rejections(session, rejections, now=now))
             session.commit()
         return result, rejections, reassigned
 

@@ -328,8 +328,9 @@ def alert_of(row: Mapping) -> Alert:
     })
 
 
-def record_rejections(session: Session, rejections: Sequence[Rejection], *, now: datetime) -> None:
-    """Count each rejected entry once, even when its stream entry is redelivered."""
+def record_rejections(session: Session, rejections: Sequence[Rejection], *, now: datetime) -> list[Rejection]:
+    """Count each rejected entry once, even when its stream entry is redelivered; returns those
+    recorded now (not already stored), for the metrics to count once too."""
     keyed = [r for r in rejections if r.source_id is not None]
     seen: set[tuple[str, str | None]] = set()
     for stream in {r.source_stream for r in keyed}:
@@ -341,11 +342,13 @@ def record_rejections(session: Session, rejections: Sequence[Rejection], *, now:
             )
         )
         seen |= {(found_stream, sid) for found_stream, sid in rows}
+    recorded = []
     for rejection in rejections:
         key = (rejection.source_stream, rejection.source_id)
         if rejection.source_id is not None and key in seen:
             continue
         seen.add(key)
+        recorded.append(rejection)
         session.add(
             RejectionRecord(
                 source_stream=rejection.source_stream,
@@ -356,6 +359,7 @@ def record_rejections(session: Session, rejections: Sequence[Rejection], *, now:
                 at=now,
             )
         )
+    return recorded
 
 
 # Built once, as the hot path's other statements (see _KNOWN_PREDICTIONS). By the unique index on (stream, id).

@@ -167,3 +167,19 @@ def test_only_predictions_stamped_after_their_entry_was_added_are_looked_up_amon
         (entry_id_at(added, 3), {}, Rejection(reason="schema", detail="", source_stream="s", payload="")),
     ]
     assert stamped_after_added(checked) == [entry_id_at(added, 2), "manual-7"]
+
+
+async def test_a_rejection_read_again_is_counted_once_in_the_metrics(pipeline, engine, r) -> None:
+    from decision_router import metrics
+
+    def rejected(reason: str) -> float:
+        return metrics.REJECTED.labels("predictions", reason)._value.get()
+
+    before = rejected("score_out_of_range")
+    entry = (entry_id_at(pipeline.clock.now), {"data": json.dumps({**prediction("bad-score"), "score": 7})})
+    first = await pipeline.process_predictions([entry])
+    again = await pipeline.process_predictions([entry])  # a crash before the ack: read again
+
+    assert first.rejected == again.rejected == {"score_out_of_range": 1}  # the batch's own log says so each time
+    assert rejected("score_out_of_range") - before == 1  # as the store counts it, and the DLQ holds it
+    assert count(engine, RejectionRecord) == 1 and r.xlen(pipeline.keys.predictions_dlq) == 1
