@@ -244,6 +244,7 @@ class ChannelDelivery:
         # This process's name on the rows it claims (see DeliveryClaim): unique per instance, so a
         # restart under the same consumer name does not take over the claims of the one killed.
         self.holder = f"{settings.consumer_name}-{uuid.uuid4().hex[:12]}"
+        self._claimed_any = False  # whether this process ever held a claim (else closing releases nothing)
         # The `channel disabled` warnings of the current owner directory: a rules reload logs only
         # new ones, not again each one still true (SMTP unset was repeated on every reload).
         self._warnings: frozenset[str] = frozenset()
@@ -484,6 +485,7 @@ class ChannelDelivery:
                 session.execute(self._own_claims(set(ids) - held))
                 session.commit()
                 claimed |= held
+                self._claimed_any = self._claimed_any or bool(held)
         return claimed
 
     def _own_claims(self, row_ids: Collection[int]):
@@ -491,7 +493,10 @@ class ChannelDelivery:
                                            DeliveryClaim.holder == self.holder)
 
     def _release(self, row_ids: Collection[int] | None = None) -> None:
-        """Give up claims (all of this process's with None): those rows are for any process to send."""
+        """Give up claims (all of this process's with None): those rows are for any process to send.
+        Nothing to write when there are none (an empty list, or a process that never claimed a row)."""
+        if (row_ids is not None and not row_ids) or not self._claimed_any:
+            return
         statement = (delete(DeliveryClaim).where(DeliveryClaim.holder == self.holder) if row_ids is None
                      else self._own_claims(row_ids))
         with Session(self.engine) as session:
