@@ -492,6 +492,16 @@ def applied_to(session: Session, source_id: str) -> list[str]:
     ))
 
 
+def seen_at(record: AlertRecord, at: datetime) -> datetime:
+    """When an acknowledgement or intervention at `at` happened for the stats: not before the alert was created.
+
+    The gate lets an `at` up to DECISION_ROUTER_MAX_CLOCK_SKEW before the creation through (the sender's clock
+    and the router's differ), and a worker whose clock is behind another's stamps its `now` early too. Nobody
+    sees an alert before it exists, so such a time is its creation: a time to ack or act is never negative.
+    """
+    return max(at, as_utc(record.created_at))
+
+
 def apply_outcome(
     session: Session, *, event: OutcomeEvent, alerts: Sequence[AlertRecord], source_id: str | None, now: datetime
 ) -> None:
@@ -500,15 +510,16 @@ def apply_outcome(
     for record in alerts:
         detail: dict[str, object] = {k: v for k, v in (("action", event.action), ("note", event.note)) if v is not None}
         if event.type is OutcomeType.ACKNOWLEDGED:
-            record.acknowledged_at = record.acknowledged_at or at
+            record.acknowledged_at = record.acknowledged_at or seen_at(record, at)
             record.ack_due_at = None
         elif event.type is OutcomeType.INTERVENED:
             if record.intervened_at is None:
-                record.intervened_at, record.intervention = at, event.action
+                acted = seen_at(record, at)
+                record.intervened_at, record.intervention = acted, event.action
                 # Acting on an alert implies having seen it, by then at the latest: an acknowledgement
                 # recorded before with a later `at` moves back (time to ack never exceeds time to act).
-                if record.acknowledged_at is None or at < as_utc(record.acknowledged_at):
-                    record.acknowledged_at = at
+                if record.acknowledged_at is None or acted < as_utc(record.acknowledged_at):
+                    record.acknowledged_at = acted
             record.ack_due_at = record.act_due_at = None
         elif event.type is OutcomeType.OUTCOME:
             assert event.result is not None

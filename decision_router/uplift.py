@@ -54,8 +54,11 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    # Clamp rounding noise: at 0/n the lower limit is exactly 0.
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0/n the lower limit is exactly 0 and at n/n the upper exactly 1; computed, they come out a
+    # rounding error off (2.8e-17 for 0/10), which the Newcombe interval would carry past -1 or 1.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def newcombe_difference(
@@ -86,7 +89,8 @@ def newcombe_difference(
     d = p1 - p2
     low = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
     high = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
-    return d, low, high
+    # The difference lives in [-1, 1]; clamp rounding noise so the interval does too.
+    return d, max(-1.0, low), min(1.0, high)
 
 
 def _rho2(planned_n: float, alpha: float) -> float:

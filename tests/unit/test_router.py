@@ -365,3 +365,38 @@ def test_decisions_are_the_frozen_dataclass_the_constructor_makes(ruleset: RuleS
         assert rebuilt == decision and repr(rebuilt) == repr(decision)
         with pytest.raises(dataclasses.FrozenInstanceError):
             decision.owner = "someone"  # type: ignore[misc]
+
+
+def _two_holdout_rules(tmp_path: Path, name: str, first: tuple[str, float], second: tuple[str, float]) -> RuleSet:
+    rules_dir = tmp_path / name
+    rules_dir.mkdir()
+    body = "".join(
+        f"  - name: {rule}\n    when: {{}}\n    owner: alice\n    continue: true\n    holdout: {fraction}\n"
+        for rule, fraction in (first, second)
+    )
+    (rules_dir / "routing.yaml").write_text(f"rules:\n{body}  - name: catch-all\n    when: {{}}\n    owner: desk\n"
+                                            "    action: record\n")
+    (rules_dir / "owners.yaml").write_text(OWNERS)
+    return load_rules(rules_dir)
+
+
+def test_holdout_ignores_rule_order_and_the_other_rules_fractions(tmp_path: Path) -> None:
+    """Reordering the rules, or changing one rule's holdout, reshuffles no entity of another rule."""
+    before = _two_holdout_rules(tmp_path, "before", ("retain", 0.3), ("upsell", 0.2))
+    after = _two_holdout_rules(tmp_path, "after", ("upsell", 0.6), ("retain", 0.3))
+
+    def held(ruleset: RuleSet, n: int) -> dict[str, bool]:
+        return {d.rule: d.held_out for d in route(doc(entity_id=f"acct-{n}"), ruleset) if d.rule != "catch-all"}
+
+    then, now = [held(before, n) for n in range(2000)], [held(after, n) for n in range(2000)]
+    assert [h["retain"] for h in then] == [h["retain"] for h in now]
+    # Raising upsell's fraction only adds entities to its control group.
+    assert all(h_now["upsell"] for h_then, h_now in zip(then, now) if h_then["upsell"])
+    assert sum(h["upsell"] for h in now) > sum(h["upsell"] for h in then)
+
+
+def test_holdout_share_on_100000_entities_is_within_binomial_noise() -> None:
+    entities, fraction = 100_000, 0.1
+    held = sum(in_holdout("retain", "account", f"acct-{n}", fraction) for n in range(entities))
+    sd = (entities * fraction * (1 - fraction)) ** 0.5  # 94.9
+    assert abs(held - entities * fraction) <= 4 * sd

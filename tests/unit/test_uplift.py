@@ -291,3 +291,73 @@ def test_score_band_precision_custom_edges_skip_scores_outside() -> None:
 def test_score_band_precision_rejects_bad_edges(edges: list[float]) -> None:
     with pytest.raises(ValueError):
         score_band_precision([], edges=edges)
+
+
+# --- against an independent, textbook implementation --------------------------------------------
+
+Z95 = 1.959963984540054  # the 97.5% normal quantile, written out (not from the module)
+
+
+def textbook_wilson(s: int, n: int) -> tuple[float, float]:
+    """Wilson (1927) in the closed form of Newcombe 1998a, eq. for method 3."""
+    p = s / n
+    root = Z95 * math.sqrt(Z95 * Z95 + 4 * n * p * (1 - p))
+    return (2 * n * p + Z95 * Z95 - root) / (2 * (n + Z95 * Z95)), (2 * n * p + Z95 * Z95 + root) / (2 * (n + Z95 * Z95))
+
+
+def textbook_newcombe(s1: int, n1: int, s2: int, n2: int) -> tuple[float, float, float]:
+    (l1, u1), (l2, u2) = textbook_wilson(s1, n1), textbook_wilson(s2, n2)
+    p1, p2 = s1 / n1, s2 / n2
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+EDGE_SIZES = [(10, 10), (10, 11), (11, 10), (13, 40), (40, 13), (57, 19)]
+
+
+@pytest.mark.parametrize(("n1", "n2"), EDGE_SIZES)
+def test_newcombe_equals_the_textbook_formula_on_every_count(n1: int, n2: int) -> None:
+    """Every success count at sizes at and just above the "not enough data" threshold, 0% and 100% included."""
+    for s1 in range(n1 + 1):
+        for s2 in range(n2 + 1):
+            d, low, high = newcombe_difference(s1, n1, s2, n2)
+            expected = textbook_newcombe(s1, n1, s2, n2)
+            assert d == expected[0]
+            assert low == pytest.approx(expected[1], abs=1e-12) and high == pytest.approx(expected[2], abs=1e-12)
+
+
+def test_wilson_is_exactly_0_and_1_at_0_of_n_and_n_of_n() -> None:
+    """Computed, these limits come out a rounding error off (0/10: 2.8e-17; 13/13: 0.9999999999999999)."""
+    assert [n for n in range(1, 201) if wilson_interval(0, n)[0] != 0.0] == []
+    assert [n for n in range(1, 201) if wilson_interval(n, n)[1] != 1.0] == []
+
+
+@pytest.mark.parametrize(("n1", "n2"), EDGE_SIZES)
+def test_intervals_stay_in_range_and_the_always_valid_one_contains_the_fixed_one(n1: int, n2: int) -> None:
+    """At 0% vs 100% the computed fixed interval went a rounding error past -1 or 1, outside the clipped
+    always-valid one (0/10 vs 40/40: fixed low -1.0000000000000002, always-valid low -1.0)."""
+    for s1 in range(n1 + 1):
+        for s2 in range(n2 + 1):
+            _, fixed_low, fixed_high = newcombe_difference(s1, n1, s2, n2)
+            low, high = sequential_difference_interval(s1, n1, s2, n2)
+            assert -1.0 <= low <= fixed_low <= fixed_high <= high <= 1.0, (s1, n1, s2, n2)
+
+
+@pytest.mark.parametrize(("tn", "cn", "enough"), [(9, 10, False), (10, 9, False), (10, 10, True), (9, 9, False)])
+def test_not_enough_data_exactly_below_ten_units_in_either_group(tn: int, cn: int, enough: bool) -> None:
+    est = estimate_uplift(tn // 2, tn, cn // 3, cn)
+    assert est.enough_data is enough
+    assert (est.uplift is None) is (not enough) and (est.seq_low is None) is (not enough)
+    assert est.treated_rate == (tn // 2) / tn and est.control_rate == (cn // 3) / cn
+
+
+@pytest.mark.parametrize(("control", "total", "fraction"), [(400, 1000, 0.5), (210, 1000, 0.3), (97, 1000, 0.1),
+                                                             (5, 20, 0.25)])
+def test_srm_p_value_equals_the_textbook_chi_squared(control: int, total: int, fraction: float) -> None:
+    expected_c, expected_t = total * fraction, total * (1 - fraction)
+    x = (control - expected_c) ** 2 / expected_c + (total - control - expected_t) ** 2 / expected_t
+    # 1 degree of freedom: P(chi2 > x) = P(|N(0,1)| > sqrt(x)) = 2 (1 - Phi(sqrt(x)))
+    p = 2 * (1 - 0.5 * (1 + math.erf(math.sqrt(x) / math.sqrt(2))))
+    result = sample_ratio_mismatch(control, total, fraction)
+    assert result.p_value == pytest.approx(p, rel=1e-6, abs=1e-15)
+    assert result.mismatch is (p < 0.001)
