@@ -28,7 +28,7 @@ PARIS_NOW = NOW.astimezone(timezone(timedelta(hours=1)))
 def statements_sqlalchemy_runs(engine: Engine) -> Iterator[list[tuple[str, object]]]:
     seen: list[tuple[str, object]] = []
 
-    def record(_conn, _cursor, statement, parameters, _context, _many) -> None:  # noqa: ANN001
+    def record(_conn, _cursor, statement, parameters, _context, _many) -> None:
         seen.append((statement, parameters))
 
     event.listen(engine, "before_cursor_execute", record)
