@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from sqlalchemy import JSON, Column, DateTime, Integer, Table, bindparam, func, insert, select, text, tuple_, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
@@ -228,22 +231,29 @@ def bulk_insert(session: Session, table: Table, rows: list[dict], *, finite: boo
     dumps = connection.dialect._json_serializer or json.dumps  # type: ignore[attr-defined]
     if finite and dumps is json_text:
         dumps = finite_json_text
-    cursor = connection.connection.cursor()
-    sql = ""
-    try:
-        if dialect == "sqlite":
-            sql, convert = _sqlite_insert(table)
+    if dialect == "sqlite":
+        sql, convert = _sqlite_insert(table)
+        with driver_cursor(connection, sql) as cursor:
             cursor.executemany(sql, convert(rows, dumps))
-        else:
-            sql, values = _postgres_copy(table)
-            with cursor.copy(sql) as copy:
-                for row in values(rows, dumps):
-                    copy.write_row(row)
+    else:
+        sql, values = _postgres_copy(table)
+        with driver_cursor(connection, sql) as cursor, cursor.copy(sql) as copy:
+            for row in values(rows, dumps):
+                copy.write_row(row)
+
+
+@contextlib.contextmanager
+def driver_cursor(connection: Connection, sql: str) -> Iterator[Any]:
+    """A cursor of the driver's own connection, in the connection's transaction, for `sql`: for the
+    hot path's statements, where SQLAlchemy's per-statement and per-value work costs more than the
+    database's. Errors are raised as SQLAlchemy raises them (IntegrityError, OperationalError...):
+    callers tell a concurrent insert or a locked database from a bug by these classes. A lost
+    connection is invalidated, as SQLAlchemy does: else the rollback that follows fails on it again
+    and the pool keeps it."""
+    cursor = connection.connection.cursor()
+    try:
+        yield cursor
     except connection.dialect.loaded_dbapi.Error as exc:
-        # As SQLAlchemy would raise it (IntegrityError, OperationalError...): callers
-        # tell a concurrent insert or a locked database from a bug by these classes. A lost
-        # connection is invalidated, as SQLAlchemy does: else the rollback that follows fails
-        # on it again and the pool keeps it.
         lost = connection.dialect.is_disconnect(exc, connection.connection.dbapi_connection, cursor)
         if lost:
             connection.invalidate(exc)
@@ -281,7 +291,7 @@ def _sqlite_insert(table: Table) -> tuple[str, Callable[[list[dict], Callable[[o
                 if value is not None:
                     text = formatted.get(value)
                     if text is None:
-                        text = formatted[value] = _sqlite_datetime(value)
+                        text = formatted[value] = sqlite_datetime(value)
                     values[i] = text
             for i in json_at:
                 values[i] = dumps(values[i])
@@ -309,7 +319,7 @@ def _postgres_copy(table: Table) -> tuple[str, Callable[[list[dict], Callable[[o
     return sql, values
 
 
-def _sqlite_datetime(value: datetime) -> str:
+def sqlite_datetime(value: datetime) -> str:
     """SQLAlchemy's SQLite DATETIME storage format (the wall-clock fields, microseconds always)."""
     return (f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
             f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}")
@@ -416,9 +426,13 @@ def mark_delivered(session: Session, delivered: Mapping[str, str], *, channel: s
     if not delivered:
         return []
     session.flush()  # a Core statement does not autoflush the caller's pending ORM objects
-    changed = session.execute(
-        _MARK_DELIVERED, {"alert_ids": list(delivered), "alerts_and_owners": list(delivered.items()), "now": now}
-    ).all()
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        changed = _mark_delivered_by_driver(session.connection(), dialect, delivered, now)
+    else:
+        changed = session.execute(
+            _MARK_DELIVERED, {"alert_ids": list(delivered), "alerts_and_owners": list(delivered.items()), "now": now}
+        ).all()
     bulk_insert(session, AuditEvent.__table__, [  # type: ignore[attr-defined]
         {"alert_id": alert_id, "prediction_id": prediction_id, "type": "delivered", "actor": SYSTEM_ACTOR,
          "at": now, "source_id": None, "detail": {"channel": channel, "owner": delivered[alert_id]}}
@@ -426,6 +440,35 @@ def mark_delivered(session: Session, delivered: Mapping[str, str], *, channel: s
     ])
     marked = {alert_id for alert_id, _ in changed}
     return [alert_id for alert_id in delivered if alert_id in marked]
+
+
+def _mark_delivered_by_driver(
+    connection: Connection, dialect: str, delivered: Mapping[str, str], now: datetime
+) -> list[tuple]:
+    """_MARK_DELIVERED through the driver, in the SQL SQLAlchemy renders for it: SQLAlchemy's expansion
+    of its lists cost ~7 µs per alert (3 parameters each), against ~2 µs of SQLite's own work."""
+    sql = _mark_delivered_sql(dialect, len(delivered))
+    parameters = [sqlite_datetime(now) if dialect == "sqlite" else now, *delivered,
+                  *itertools.chain.from_iterable(delivered.items())]
+    with driver_cursor(connection, sql) as cursor:
+        cursor.execute(sql, parameters)
+        return cursor.fetchall()
+
+
+@lru_cache(maxsize=256)
+def _mark_delivered_sql(dialect: str, count: int) -> str:
+    """As SQLAlchemy renders _MARK_DELIVERED for `count` alerts, its placeholders the driver's own."""
+    if dialect == "sqlite":
+        mark, now, alert_id, returned = "?", "?", "?", "alert_id, prediction_id"
+    else:
+        mark, now, alert_id = "%s", "%s::TIMESTAMP WITH TIME ZONE", "%s::VARCHAR"
+        returned = "alerts.alert_id, alerts.prediction_id"
+    pairs = ", ".join([f"({mark}, {mark})"] * count)
+    return (
+        f"UPDATE alerts SET delivered_at={now} WHERE alerts.alert_id IN ({', '.join([alert_id] * count)})"
+        f" AND (alerts.alert_id, alerts.owner) IN ({'VALUES ' if dialect == 'sqlite' else ''}{pairs})"
+        f" AND alerts.delivered_at IS NULL RETURNING {returned}"
+    )
 
 
 def to_alert(record: AlertRecord, escalation: Escalation | None = None) -> Alert:
