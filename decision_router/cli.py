@@ -273,7 +273,9 @@ def run_interruptibly(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, where Ctrl-C always stops `main`: it is cancelled, and cancelled again every
     INTERRUPT_GRACE_S while it keeps running (a cancellation can be lost inside an await that
     completes at the same moment: seen under load, the demo then ran to its end). The outcome
-    is KeyboardInterrupt (exit 130), as with asyncio.run."""
+    is KeyboardInterrupt (exit 130), as with asyncio.run, even when `main` finishes anyway (Ctrl-C
+    during its last synchronous step, or a cancellation lost for good): the demo then printed
+    the rest of its report and exited 0 as if Ctrl-C had not been pressed."""
     import asyncio
     import signal
 
@@ -281,19 +283,25 @@ def run_interruptibly(main: Coroutine[Any, Any, T]) -> T:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        interrupted = False
 
         def interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
             if not task.done():
                 task.cancel()
                 loop.call_later(INTERRUPT_GRACE_S, interrupt)
 
         loop.add_signal_handler(signal.SIGINT, interrupt)
         try:
-            return await main
+            result = await main
         except asyncio.CancelledError:
             raise KeyboardInterrupt from None
         finally:
             loop.remove_signal_handler(signal.SIGINT)
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
 
     return asyncio.run(guarded())
 

@@ -422,3 +422,27 @@ def test_ctrl_c_stops_even_a_coroutine_that_loses_the_cancellation(workdir) -> N
     took = time.monotonic() - started
     assert "KeyboardInterrupt" in stderr
     assert 0.9 < took < EXIT_BOUND_S, f"exit took {took:.2f}s"  # the grace (1 s), then cancelled again
+
+
+def test_ctrl_c_stops_even_a_coroutine_that_finishes_anyway(workdir) -> None:
+    """Ctrl-C while the demo's last step runs without an await (its report): nothing is left to cancel,
+    and the demo went on to print the stats and exit 0. An interrupt is an interrupt: exit 130."""
+    code = (
+        "import asyncio\n"
+        "from decision_router.cli import run_interruptibly\n"
+        "async def finishes_anyway():\n"
+        "    print('running', flush=True)\n"
+        "    try:\n"
+        "        await asyncio.sleep(10)\n"
+        "    except asyncio.CancelledError:\n"
+        "        pass  # lost for good: the rest runs to its end\n"
+        "    return 'finished'\n"
+        "print(run_interruptibly(finishes_anyway()))\n"
+    )
+    process = subprocess.Popen([CLI[0], "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout.readline() == "running\n"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=20)
+    assert "KeyboardInterrupt" in stderr and process.returncode != 0
+    assert "finished" not in stdout
