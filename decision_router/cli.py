@@ -350,7 +350,9 @@ def demo(
 
 @app.command()
 def publish(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON lines or CSV of predictions.")],
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, metavar="FILE", help="JSON lines or CSV of predictions.")
+    ],
     fmt: Annotated[str, typer.Option("--format", help="auto (by extension), jsonl or csv.")] = "auto",
     batch: Annotated[int, typer.Option(min=1, help="Entries per pipelined write.")] = 500,
 ) -> None:
@@ -539,7 +541,10 @@ def fail_with_problems(problems: list[Any], directory: Path) -> NoReturn:
 
 @rules_app.command("check")
 def rules_check(
-    directory: Annotated[Optional[Path], typer.Argument(help="Rules directory (default: DECISION_ROUTER_RULES_DIR or ./rules).")] = None,
+    directory: Annotated[
+        Optional[Path],
+        typer.Argument(metavar="DIR", help="Rules directory (default: DECISION_ROUTER_RULES_DIR or ./rules)."),
+    ] = None,
 ) -> None:
     """Validate routing.yaml and owners.yaml; list every problem; exit 0 only when valid."""
     from decision_router.rules import check_rules, load_rules

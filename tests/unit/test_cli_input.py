@@ -146,6 +146,24 @@ def test_a_usage_error_is_plain_lines_naming_the_option(args: list[str], problem
         assert f"Try 'decision-router {command} --help' for help." in result.stderr.splitlines()
 
 
+@pytest.mark.parametrize(
+    ("args", "usage"),
+    [
+        (["publish"], "publish [OPTIONS] {FILE}"),
+        (["audit", "--nosuch"], "audit [OPTIONS] [ALERT_ID]"),
+        (["reassign"], "reassign [OPTIONS] {ALERT_ID}"),
+        (["rules", "check", "--nosuch"], "rules check [OPTIONS] [DIR]"),
+        (["rules", "test", "--nosuch"], "rules test [OPTIONS] [PREDICTION]"),
+    ],
+)
+def test_usage_names_arguments_as_the_readme_does(args: list[str], usage: str) -> None:
+    """Typer brackets an optional argument itself: a metavar of "[ALERT_ID]" read `[[ALERT_ID]]`; and an
+    argument without one was shown by its parameter name, `{file}`, where the README says FILE."""
+    result = CliRunner().invoke(cli.app, args, prog_name="decision-router")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[0] == f"Usage: decision-router {usage}"
+
+
 def test_no_command_prints_the_help_and_no_error_line() -> None:
     result = invoke("rules")
     assert result.exit_code == 2 and "Usage: " in result.stdout and result.stderr == ""
