@@ -152,6 +152,17 @@ def settings_or_exit(*, log_level: str | None = None, options: Mapping[str, tupl
     return settings
 
 
+def fail_rules(settings: Settings, exc: Exception, *, starting: bool = False) -> NoReturn:
+    """Exit 1 on rules that do not load. A missing directory is said as such: the default, `rules`, is
+    relative to the working directory, so `serve` run outside the checkout read "the rules in rules are
+    invalid" followed by a "not found" line per file."""
+    prefix = "refusing to start: " if starting else ""
+    if not settings.rules_dir.is_dir():
+        fail(f"{prefix}no rules directory at {settings.rules_dir.resolve()} (DECISION_ROUTER_RULES_DIR, "
+             "default: rules in the working directory): run this in the checkout, or set DECISION_ROUTER_RULES_DIR")
+    fail(f"{prefix}the rules in {settings.rules_dir} are invalid:\n{exc}")
+
+
 def smtp_or_exit(settings: Settings) -> None:
     """Exit 2 with one line naming the variable when the email channel cannot use its settings (a password
     file it cannot read): at start, before `serve` or `api` would stop on it with a traceback."""
@@ -170,6 +181,28 @@ def fail_store(database_url: str, exc: Exception) -> NoReturn:
 
     reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
     fail(f"cannot open the store at {redact_url(database_url)}: {reason}")
+
+
+def existing_store_or_exit(database_url: str) -> None:
+    """Exit 1 when `database_url` names an SQLite file that does not exist. A reading command (`stats`,
+    `audit`) run outside the directory `serve` runs in would otherwise create an empty store there
+    (the default `decision_router.db` is relative to the working directory) and report "no alerts"."""
+    if not database_url.startswith("sqlite"):
+        return
+    from sqlalchemy.engine import make_url
+
+    from decision_router.settings import redact_url
+
+    url = make_url(database_url)
+    if url.database in (None, "", ":memory:") or url.query.get("uri") or url.query.get("mode") == "memory":
+        return
+    path = Path(url.database)
+    if not path.exists():
+        where = "" if path.is_absolute() else f" ({path.resolve()})"
+        fail(
+            f"no store at {redact_url(database_url)}{where}: no such file (`serve` creates it in its working "
+            "directory: run this there, or set DECISION_ROUTER_DATABASE_URL)"
+        )
 
 
 def no_gc_until_done(ctx: typer.Context) -> None:
@@ -252,8 +285,11 @@ def serve(
                 fail(str(exc), code=2)
         asyncio.run(run(settings, api=api))
     except RulesInvalid as exc:
-        fail(f"refusing to start: the rules in {settings.rules_dir} are invalid:\n{exc}")
-    except (EmbeddedRedisError, ApiStartError) as exc:
+        fail_rules(settings, exc, starting=True)
+    except ApiStartError as exc:
+        hint = "; set --api-port or DECISION_ROUTER_API_PORT to a free port, or run without it: --no-api"
+        fail(f"{exc}{hint if exc.cannot_bind else ''}")
+    except EmbeddedRedisError as exc:
         fail(str(exc))
     except REDIS_ERRORS as exc:
         # Only at start (creating the consumer groups), e.g. a wrong password or Redis down: once

@@ -23,6 +23,7 @@ from decision_router.cli import (
     _window,
     app,
     err,
+    existing_store_or_exit,
     fail,
     fail_with_problems,
     out,
@@ -75,6 +76,7 @@ def read_store(settings: Settings) -> Iterator[Any]:
     from decision_router.settings import redact_url
     from decision_router.store import make_engine
 
+    existing_store_or_exit(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
         if not inspect(engine).has_table("alerts"):

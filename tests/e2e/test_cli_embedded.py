@@ -200,6 +200,51 @@ def test_cli_without_a_running_service_says_so(workdir, env) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["stats"], ["stats", "quality"], ["stats", "drift"], ["audit", "al-1"]],
+                         ids=lambda c: " ".join(c))
+def test_reading_commands_outside_the_serve_directory_say_there_is_no_store(workdir, env, command) -> None:
+    """The default store, decision_router.db, is relative to the working directory: `stats` run elsewhere
+    created an empty one there and reported "no alerts in this window yet"."""
+    result = run(command, env, workdir)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.splitlines() == [(
+        f"error: no store at sqlite:///decision_router.db ({workdir / 'decision_router.db'}): no such file "
+        "(`serve` creates it in its working directory: run this there, or set DECISION_ROUTER_DATABASE_URL)"
+    )]
+    assert not list(workdir.glob("decision_router.db*"))
+
+
+def test_serve_on_a_taken_api_port_says_how_to_pick_another(workdir, env) -> None:
+    """8080, the API's default, is often taken on a developer's machine: the error says what to change."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(["serve"], {**env, "DECISION_ROUTER_API_PORT": str(port)}, workdir)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; set --api-port or "
+        "DECISION_ROUTER_API_PORT to a free port, or run without it: --no-api"
+    )
+
+
+@pytest.mark.parametrize("command", [["serve"], ["api"], ["redrive", "deliveries"]])
+def test_a_missing_rules_directory_is_said_as_such(workdir, env, command) -> None:
+    """`serve` run outside the checkout: the default rules directory, ./rules, is not there. It read
+    "the rules in rules are invalid", then a "not found" line for each of the two files."""
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    result = run(command, env, elsewhere)
+    assert result.returncode == 1, result.stderr
+    prefix = "refusing to start: " if command != ["redrive", "deliveries"] else ""
+    assert result.stderr.splitlines() == [(
+        f"error: {prefix}no rules directory at {elsewhere / 'rules'} (DECISION_ROUTER_RULES_DIR, default: rules "
+        "in the working directory): run this in the checkout, or set DECISION_ROUTER_RULES_DIR"
+    )]
+
+
 def test_bad_setting_stops_with_one_line(workdir, env) -> None:
     result = run(["serve"], {**env, "DECISION_ROUTER_DATABASE_URL": "mysql://nope"}, workdir)
     assert result.returncode == 2

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    (tmp_path / "store.db").touch()  # an SQLite store with no tables yet (a missing file is refused)
     monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(ROOT / "rules"))
     return tmp_path
 

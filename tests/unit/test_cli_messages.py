@@ -26,6 +26,7 @@ SHIPPED_RULES = ROOT / "rules"
 def _workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    (tmp_path / "store.db").touch()  # an SQLite store with no tables yet (a missing file is refused)
     monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(SHIPPED_RULES))
     monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing is ever sent
     monkeypatch.setenv("COLUMNS", "80")  # the width Rich assumes when output is not a terminal
