@@ -379,6 +379,8 @@ def demo(
     from decision_router.cli_stats import print_stats
 
     print_stats(result.rows, result.by, "table")
+    # Last, where the eye lands when the demo ends: the next thing to run (it was above the stats table).
+    out.print(result.explore, markup=False, highlight=False, soft_wrap=True)
 
 
 # publish / outcome ---------------------------------------------------------------------

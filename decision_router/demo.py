@@ -34,6 +34,7 @@ DEMO_PREFIX = "demo:"
 class DemoResult:
     rows: list[StatsRow]
     by: GroupBy
+    explore: str  # the `stats` command to run next: printed last, after the stats table
 
 
 async def run_demo(
@@ -95,9 +96,8 @@ async def run_demo(
     # check reads the holdouts), so they are written again where the command shown finds them from anywhere.
     rules_dir = Path(DEMO_RULES).resolve()
     write_rules(rules_dir, [params])
-    console.print(
+    explore = (
         f"explore it: DECISION_ROUTER_DATABASE_URL={shlex.quote(redact_url(database_url))} "
-        f"DECISION_ROUTER_RULES_DIR={shlex.quote(str(rules_dir))} decision-router stats --by owner",
-        markup=False, highlight=False, soft_wrap=True,
+        f"DECISION_ROUTER_RULES_DIR={shlex.quote(str(rules_dir))} decision-router stats --by owner"
     )
-    return DemoResult(rows=rows, by=GroupBy.RULE)
+    return DemoResult(rows=rows, by=GroupBy.RULE, explore=explore)

@@ -309,6 +309,7 @@ def test_demo_runs_the_whole_loop(workdir, env) -> None:
     assert (workdir / "decision_router_demo.db").exists()
     # The command it suggests works from anywhere: the store and the demo's rules by absolute paths.
     (suggested,) = [line for line in result.stdout.splitlines() if line.startswith("explore it: ")]
+    assert result.stdout.splitlines()[-1] == suggested  # last, after the stats table, as README says
     words = shlex.split(suggested.removeprefix("explore it: "))
     settings, args = words[:2], words[3:]
     assert words[2] == "decision-router" and args == ["stats", "--by", "owner"]
