@@ -111,12 +111,34 @@ app.add_typer(rules_app, name="rules")
 class _Console(Console):
     """A Console whose messages (text, not tables) are never wrapped when they go to a file or a pipe:
     there Rich would wrap them at 80 (or `width`) columns, and a script grepping `FILE:LINE: skipped: ...`
-    would get half a line. On a terminal they wrap to its width as before."""
+    would get half a line. On a terminal they wrap to its width as before.
+
+    A table narrower than its cells' longest words is printed at its natural width, and the terminal wraps
+    its lines: Rich squeezed it, and on an 80-column terminal the stats table's counts showed blank, on a
+    100-column one cut ('1…' for 100). (At its minimum width Rich's layout still cuts cells: hence natural.)"""
 
     def print(self, *objects: Any, soft_wrap: bool | None = None, **kwargs: Any) -> None:
         if soft_wrap is None and not self.is_terminal and all(isinstance(o, (str, Text)) for o in objects):
             soft_wrap = True
-        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+        needed = self._width_for_tables(objects)
+        if needed <= self.width:
+            super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+            return
+        width = self._width
+        self.width = needed
+        try:
+            super().print(*objects, soft_wrap=soft_wrap, crop=False, **kwargs)
+        finally:
+            self._width = width
+
+    def _width_for_tables(self, objects: Sequence[Any]) -> int:
+        """The natural width of the widest table in `objects` that cannot fit this console uncut; 0 if none."""
+        from rich.measure import Measurement
+        from rich.table import Table
+
+        unbounded = self.options.update_width(10_000)
+        sizes = [Measurement.get(self, unbounded, o) for o in objects if isinstance(o, Table)]
+        return max((size.maximum for size in sizes if size.minimum > self.width), default=0)
 
 
 # Tables are wide: when output is piped, do not squeeze them into 80 columns.
