@@ -492,3 +492,15 @@ def test_ctrl_c_stops_even_a_coroutine_that_finishes_anyway(workdir) -> None:
     stdout, stderr = process.communicate(timeout=20)
     assert "KeyboardInterrupt" in stderr and process.returncode != 0
     assert "finished" not in stdout
+
+
+@pytest.mark.parametrize("path", ["decision_router.db", "decision_router.db-wal", "decision_router.db-shm",
+                                  "decision_router_demo.db", "decision_router_demo.db-wal",
+                                  "decision_router_demo_rules/routing.yaml"])
+def test_what_serve_and_demo_leave_in_a_checkout_is_ignored_by_git(path: str) -> None:
+    """Run from the checkout, as the README's quick start does: while `serve` runs (or after it was killed)
+    its SQLite write-ahead log and shared-memory files showed in `git status` as untracked."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "--quiet", "--no-index", path], cwd=ROOT, check=False)
+    assert ignored.returncode == 0, f"git status would show {path}"

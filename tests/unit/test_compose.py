@@ -449,6 +449,7 @@ def test_build_input_copied_and_not_dockerignored(stages: list[Stage], path: str
     assert not dockerignored(path), f".dockerignore excludes {path}, which the build needs"
 
 
-@pytest.mark.parametrize("path", [".venv", ".git", "decision_router/__pycache__"])
+@pytest.mark.parametrize("path", [".venv", ".git", "decision_router/__pycache__", "decision_router.db",
+                                  "decision_router.db-wal", "decision_router.db-shm", "decision_router_demo_rules"])
 def test_dockerignore_keeps_context_small(path: str) -> None:
     assert dockerignored(path), f".dockerignore should exclude {path}"
