@@ -382,7 +382,7 @@ def demo(
     """Run the whole loop in one process, no server needed, and print the stats."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from decision_router.demo import DEMO_DATABASE, run_demo
+    from decision_router.demo import DEMO_DATABASE, DemoSetupError, run_demo
     from decision_router.rules import RulesInvalid
 
     settings = settings_or_exit(
@@ -394,6 +394,8 @@ def demo(
         result = run_interruptibly(
             run_demo(settings, predictions=predictions, seed=seed, database_url=database, console=out)
         )
+    except DemoSetupError as exc:
+        fail(f"{exc}: run it from a writable directory")
     except RulesInvalid as exc:
         fail(f"the rules in {settings.rules_dir} are invalid:\n{exc}")
     except SQLAlchemyError as exc:

@@ -320,6 +320,25 @@ def test_demo_runs_the_whole_loop(workdir, env) -> None:
     assert stats.stderr == "" and "intervention outcomes by owner" in stats.stdout and " SRM! " not in stats.stdout
 
 
+@pytest.mark.parametrize("database", [None, "store.db"], ids=["default store", "--database elsewhere"])
+def test_demo_in_an_unwritable_directory_says_so_before_running(workdir, env, database) -> None:
+    """The demo writes its store and rules in the working directory. There, unwritable (here /proc, which
+    not even root can write), it stopped with a traceback: replacing a previous store, or, with --database
+    elsewhere, after the whole run, writing the rules; or with 'unable to open database file'."""
+    unwritable = Path("/proc")
+    if not unwritable.is_dir():
+        pytest.skip("needs Linux's /proc")
+    args = ["demo", "--predictions", "50"]
+    if database is not None:
+        args += ["--database", f"sqlite:///{workdir / database}"]
+    result = run(args, env, unwritable)
+    assert result.returncode == 1, result.stdout
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: cannot write the demo's files in /proc: ")
+    assert line.endswith(": run it from a writable directory")
+    assert "publishing" not in result.stdout and not list(workdir.glob("store.db*"))  # refused before the run
+
+
 def test_errors_do_not_show_passwords(workdir, env) -> None:
     port = free_port()
     result = run(["health"], {**env, "DECISION_ROUTER_REDIS_URL": f"redis://:hunter2@127.0.0.1:{port}/0"}, workdir)
