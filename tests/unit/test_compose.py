@@ -428,6 +428,13 @@ def test_dockerfile_copies_rules(final_stage: Stage) -> None:
     assert rules_destination(final_stage), "Dockerfile does not COPY rules/ into the image"
 
 
+def test_dockerfile_api_listens_beyond_the_container(final_stage: Stage) -> None:
+    """Without compose (docker run -p 8080:8080 IMAGE) the API listened on the container's loopback only."""
+    assert dockerfile_env(final_stage).get(ENV_PREFIX + "API_HOST") == "0.0.0.0"
+    exposed = [args for instr, args in final_stage.instructions if instr == "EXPOSE"]
+    assert str(Settings.model_fields["api_port"].default) in " ".join(exposed).split()
+
+
 def test_dockerfile_rules_dir_env_matches_copy(final_stage: Stage) -> None:
     env = dockerfile_env(final_stage)
     assert env.get(ENV_PREFIX + "RULES_DIR") == rules_destination(final_stage)
