@@ -27,6 +27,11 @@ RUN groupadd --system --gid 10001 app \
 COPY rules /app/rules
 ENV DECISION_ROUTER_RULES_DIR=/app/rules
 
+# The HTTP API and dashboard: on every interface of the container (the default, 127.0.0.1, would be
+# unreachable from outside it, even with the port published: docker run -p 8080:8080).
+ENV DECISION_ROUTER_API_HOST=0.0.0.0
+EXPOSE 8080
+
 # Writable working directory: the default sqlite:///decision_router.db lands here
 # when no DECISION_ROUTER_DATABASE_URL is given.
 WORKDIR /app/data

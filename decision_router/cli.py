@@ -111,12 +111,34 @@ app.add_typer(rules_app, name="rules")
 class _Console(Console):
     """A Console whose messages (text, not tables) are never wrapped when they go to a file or a pipe:
     there Rich would wrap them at 80 (or `width`) columns, and a script grepping `FILE:LINE: skipped: ...`
-    would get half a line. On a terminal they wrap to its width as before."""
+    would get half a line. On a terminal they wrap to its width as before.
+
+    A table narrower than its cells' longest words is printed at its natural width, and the terminal wraps
+    its lines: Rich squeezed it, and on an 80-column terminal the stats table's counts showed blank, on a
+    100-column one cut ('1…' for 100). (At its minimum width Rich's layout still cuts cells: hence natural.)"""
 
     def print(self, *objects: Any, soft_wrap: bool | None = None, **kwargs: Any) -> None:
         if soft_wrap is None and not self.is_terminal and all(isinstance(o, (str, Text)) for o in objects):
             soft_wrap = True
-        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+        needed = self._width_for_tables(objects)
+        if needed <= self.width:
+            super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+            return
+        width = self._width
+        self.width = needed
+        try:
+            super().print(*objects, soft_wrap=soft_wrap, crop=False, **kwargs)
+        finally:
+            self._width = width
+
+    def _width_for_tables(self, objects: Sequence[Any]) -> int:
+        """The natural width of the widest table in `objects` that cannot fit this console uncut; 0 if none."""
+        from rich.measure import Measurement
+        from rich.table import Table
+
+        unbounded = self.options.update_width(10_000)
+        sizes = [Measurement.get(self, unbounded, o) for o in objects if isinstance(o, Table)]
+        return max((size.maximum for size in sizes if size.minimum > self.width), default=0)
 
 
 # Tables are wide: when output is piped, do not squeeze them into 80 columns.
@@ -152,6 +174,17 @@ def settings_or_exit(*, log_level: str | None = None, options: Mapping[str, tupl
     return settings
 
 
+def fail_rules(settings: Settings, exc: Exception, *, starting: bool = False) -> NoReturn:
+    """Exit 1 on rules that do not load. A missing directory is said as such: the default, `rules`, is
+    relative to the working directory, so `serve` run outside the checkout read "the rules in rules are
+    invalid" followed by a "not found" line per file."""
+    prefix = "refusing to start: " if starting else ""
+    if not settings.rules_dir.is_dir():
+        fail(f"{prefix}no rules directory at {settings.rules_dir.resolve()} (DECISION_ROUTER_RULES_DIR, "
+             "default: rules in the working directory): run this in the checkout, or set DECISION_ROUTER_RULES_DIR")
+    fail(f"{prefix}the rules in {settings.rules_dir} are invalid:\n{exc}")
+
+
 def smtp_or_exit(settings: Settings) -> None:
     """Exit 2 with one line naming the variable when the email channel cannot use its settings (a password
     file it cannot read): at start, before `serve` or `api` would stop on it with a traceback."""
@@ -170,6 +203,28 @@ def fail_store(database_url: str, exc: Exception) -> NoReturn:
 
     reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
     fail(f"cannot open the store at {redact_url(database_url)}: {reason}")
+
+
+def existing_store_or_exit(database_url: str) -> None:
+    """Exit 1 when `database_url` names an SQLite file that does not exist. A reading command (`stats`,
+    `audit`) run outside the directory `serve` runs in would otherwise create an empty store there
+    (the default `decision_router.db` is relative to the working directory) and report "no alerts"."""
+    if not database_url.startswith("sqlite"):
+        return
+    from sqlalchemy.engine import make_url
+
+    from decision_router.settings import redact_url
+
+    url = make_url(database_url)
+    if url.database in (None, "", ":memory:") or url.query.get("uri") or url.query.get("mode") == "memory":
+        return
+    path = Path(url.database)
+    if not path.exists():
+        where = "" if path.is_absolute() else f" ({path.resolve()})"
+        fail(
+            f"no store at {redact_url(database_url)}{where}: no such file (`serve` creates it in its working "
+            "directory: run this there, or set DECISION_ROUTER_DATABASE_URL)"
+        )
 
 
 def no_gc_until_done(ctx: typer.Context) -> None:
@@ -252,8 +307,11 @@ def serve(
                 fail(str(exc), code=2)
         asyncio.run(run(settings, api=api))
     except RulesInvalid as exc:
-        fail(f"refusing to start: the rules in {settings.rules_dir} are invalid:\n{exc}")
-    except (EmbeddedRedisError, ApiStartError) as exc:
+        fail_rules(settings, exc, starting=True)
+    except ApiStartError as exc:
+        hint = "; set --api-port or DECISION_ROUTER_API_PORT to a free port, or run without it: --no-api"
+        fail(f"{exc}{hint if exc.cannot_bind else ''}")
+    except EmbeddedRedisError as exc:
         fail(str(exc))
     except REDIS_ERRORS as exc:
         # Only at start (creating the consumer groups), e.g. a wrong password or Redis down: once
@@ -273,7 +331,9 @@ def run_interruptibly(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, where Ctrl-C always stops `main`: it is cancelled, and cancelled again every
     INTERRUPT_GRACE_S while it keeps running (a cancellation can be lost inside an await that
     completes at the same moment: seen under load, the demo then ran to its end). The outcome
-    is KeyboardInterrupt (exit 130), as with asyncio.run."""
+    is KeyboardInterrupt (exit 130), as with asyncio.run, even when `main` finishes anyway (Ctrl-C
+    during its last synchronous step, or a cancellation lost for good): the demo then printed
+    the rest of its report and exited 0 as if Ctrl-C had not been pressed."""
     import asyncio
     import signal
 
@@ -281,19 +341,25 @@ def run_interruptibly(main: Coroutine[Any, Any, T]) -> T:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        interrupted = False
 
         def interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
             if not task.done():
                 task.cancel()
                 loop.call_later(INTERRUPT_GRACE_S, interrupt)
 
         loop.add_signal_handler(signal.SIGINT, interrupt)
         try:
-            return await main
+            result = await main
         except asyncio.CancelledError:
             raise KeyboardInterrupt from None
         finally:
             loop.remove_signal_handler(signal.SIGINT)
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
 
     return asyncio.run(guarded())
 
@@ -316,7 +382,7 @@ def demo(
     """Run the whole loop in one process, no server needed, and print the stats."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from decision_router.demo import DEMO_DATABASE, run_demo
+    from decision_router.demo import DEMO_DATABASE, DemoSetupError, run_demo
     from decision_router.rules import RulesInvalid
 
     settings = settings_or_exit(
@@ -328,6 +394,8 @@ def demo(
         result = run_interruptibly(
             run_demo(settings, predictions=predictions, seed=seed, database_url=database, console=out)
         )
+    except DemoSetupError as exc:
+        fail(f"{exc}: run it from a writable directory")
     except RulesInvalid as exc:
         fail(f"the rules in {settings.rules_dir} are invalid:\n{exc}")
     except SQLAlchemyError as exc:
@@ -335,6 +403,8 @@ def demo(
     from decision_router.cli_stats import print_stats
 
     print_stats(result.rows, result.by, "table")
+    # Last, where the eye lands when the demo ends: the next thing to run (it was above the stats table).
+    out.print(result.explore, markup=False, highlight=False, soft_wrap=True)
 
 
 # publish / outcome ---------------------------------------------------------------------
@@ -342,7 +412,9 @@ def demo(
 
 @app.command()
 def publish(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON lines or CSV of predictions.")],
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, metavar="FILE", help="JSON lines or CSV of predictions.")
+    ],
     fmt: Annotated[str, typer.Option("--format", help="auto (by extension), jsonl or csv.")] = "auto",
     batch: Annotated[int, typer.Option(min=1, help="Entries per pipelined write.")] = 500,
 ) -> None:
@@ -531,7 +603,10 @@ def fail_with_problems(problems: list[Any], directory: Path) -> NoReturn:
 
 @rules_app.command("check")
 def rules_check(
-    directory: Annotated[Optional[Path], typer.Argument(help="Rules directory (default: DECISION_ROUTER_RULES_DIR or ./rules).")] = None,
+    directory: Annotated[
+        Optional[Path],
+        typer.Argument(metavar="DIR", help="Rules directory (default: DECISION_ROUTER_RULES_DIR or ./rules)."),
+    ] = None,
 ) -> None:
     """Validate routing.yaml and owners.yaml; list every problem; exit 0 only when valid."""
     from decision_router.rules import check_rules, load_rules

@@ -8,7 +8,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from decision_router.cli import App, _connect, app, err, fail, fail_store, out, settings_or_exit, smtp_or_exit
+from decision_router.cli import (
+    App,
+    _connect,
+    app,
+    err,
+    fail,
+    fail_rules,
+    fail_store,
+    out,
+    settings_or_exit,
+    smtp_or_exit,
+)
 
 tokens_app = App(help="API tokens: create (printed once), list, revoke.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
@@ -36,7 +47,7 @@ def api(
     try:
         ruleset = load_rules(settings.rules_dir)
     except RulesInvalid as exc:
-        fail(f"refusing to start: the rules in {settings.rules_dir} are invalid:\n{exc}")
+        fail_rules(settings, exc, starting=True)
     engine = make_engine(settings.database_url)
 
     async def main() -> None:
@@ -54,7 +65,7 @@ def api(
     try:
         asyncio.run(main())
     except ApiStartError as exc:
-        fail(str(exc))
+        fail(f"{exc}{'; set --port or DECISION_ROUTER_API_PORT to a free port' if exc.cannot_bind else ''}")
     finally:
         engine.dispose()
 

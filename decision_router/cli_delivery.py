@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from decision_router.cli import App, _connect, app, fail, out, run_on_redis, settings_or_exit
+from decision_router.cli import App, _connect, app, fail_rules, out, run_on_redis, settings_or_exit
 from decision_router.echo import counted
 from decision_router.keys import Keys
 
@@ -31,7 +31,7 @@ def redrive_deliveries() -> None:
     try:
         ruleset = load_rules(settings.rules_dir)
     except RulesInvalid as exc:
-        fail(f"the rules in {settings.rules_dir} are invalid:\n{exc}")
+        fail_rules(settings, exc)
     engine = make_engine(settings.database_url)
     create_schema(engine)
 

@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import err, fail, out, settings_or_exit
+from decision_router.cli import err, existing_store_or_exit, fail, out, settings_or_exit
 from decision_router.cli_stats import stats_app, unknown_model, unseen_model
 
 FORMATS = ("table", "json")
@@ -98,6 +98,7 @@ def drift(
     if fmt not in FORMATS:
         fail(f"--format must be table or json, not {fmt!r}", code=2)
     settings = settings_or_exit()
+    existing_store_or_exit(settings.database_url)
     models = _models(settings.rules_dir)
     engine = make_engine(settings.database_url)
     unknown = None

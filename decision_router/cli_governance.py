@@ -23,6 +23,7 @@ from decision_router.cli import (
     _window,
     app,
     err,
+    existing_store_or_exit,
     fail,
     fail_with_problems,
     out,
@@ -75,6 +76,7 @@ def read_store(settings: Settings) -> Iterator[Any]:
     from decision_router.settings import redact_url
     from decision_router.store import make_engine
 
+    existing_store_or_exit(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
         if not inspect(engine).has_table("alerts"):
@@ -126,7 +128,9 @@ def _print_alert(story: Any, *, siblings: bool) -> None:
 
 @app.command()
 def audit(
-    alert_id: Annotated[Optional[str], typer.Argument(metavar="[ALERT_ID]", help="The alert to tell the story of.")] = None,
+    alert_id: Annotated[
+        Optional[str], typer.Argument(metavar="ALERT_ID", help="The alert to tell the story of.")
+    ] = None,
     entity: Annotated[Optional[str], typer.Option(help="Every prediction and decision for TYPE:ID (e.g. account:acct-17).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
@@ -166,7 +170,7 @@ def audit(
 
 @app.command()
 def reassign(
-    alert_id: Annotated[str, typer.Argument(help="The alert to hand over.")],
+    alert_id: Annotated[str, typer.Argument(metavar="ALERT_ID", help="The alert to hand over.")],
     to: Annotated[str, typer.Option("--to", help="The new owner's id (must be in the owner directory).")],
     by: Annotated[str, typer.Option("--by", help="Who reassigns it (kept as the event's actor).")],
     reason: Annotated[Optional[str], typer.Option(help="Why; kept in the audit trail as the note.")] = None,
@@ -216,7 +220,9 @@ def _print_case(result: Any) -> None:
 
 @rules_app.command("test")
 def rules_test(
-    prediction: Annotated[Optional[str], typer.Argument(help="A prediction as JSON; '-' or nothing reads stdin.")] = None,
+    prediction: Annotated[
+        Optional[str], typer.Argument(metavar="PREDICTION", help="A prediction as JSON; '-' or nothing reads stdin.")
+    ] = None,
     file: Annotated[Optional[Path], typer.Option(
         "--file", exists=True, dir_okay=False,
         help="A JSON object, a JSON array or JSON lines; CSV with a header row (as publish reads it) if named *.csv.",

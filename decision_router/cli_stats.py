@@ -22,7 +22,17 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import App, _window, app, err, fail, no_gc_until_done, out, settings_or_exit
+from decision_router.cli import (
+    App,
+    _window,
+    app,
+    err,
+    existing_store_or_exit,
+    fail,
+    no_gc_until_done,
+    out,
+    settings_or_exit,
+)
 from decision_router.uplift import DEFAULT_BAND_EDGES, MIN_N
 
 if TYPE_CHECKING:  # stats.py pulls in SQLAlchemy: imported where a command needs it, so other commands start fast
@@ -66,6 +76,7 @@ def _store(settings: Settings) -> Iterator[Any]:
     from decision_router.settings import redact_url
     from decision_router.store import create_schema, make_engine, schema_is_current
 
+    existing_store_or_exit(settings.database_url)
     engine = make_engine(settings.database_url, mapped_reads=True)
     try:
         if not schema_is_current(engine):

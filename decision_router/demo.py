@@ -30,10 +30,23 @@ DEMO_RULES = "decision_router_demo_rules"  # the simulated world's rules, kept b
 DEMO_PREFIX = "demo:"
 
 
+class DemoSetupError(Exception):
+    """The demo cannot write its store or rules in the working directory."""
+
+
+def _fresh_store() -> str:
+    """A fresh demo store in the working directory (the last run's removed), as an absolute URL: the
+    command shown at the end works from anywhere."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(DEMO_DATABASE + suffix).unlink(missing_ok=True)
+    return f"sqlite:///{Path(DEMO_DATABASE).resolve()}"
+
+
 @dataclass(frozen=True)
 class DemoResult:
     rows: list[StatsRow]
     by: GroupBy
+    explore: str  # the `stats` command to run next: printed last, after the stats table
 
 
 async def run_demo(
@@ -43,12 +56,19 @@ async def run_demo(
     from decision_router.cli_simulate import print_result
 
     started = time.monotonic()
-    if database_url is None:
-        Path(DEMO_DATABASE).unlink(missing_ok=True)
-        for suffix in ("-wal", "-shm"):
-            Path(DEMO_DATABASE + suffix).unlink(missing_ok=True)
-        database_url = f"sqlite:///{Path(DEMO_DATABASE).resolve()}"  # absolute: the command shown works anywhere
     params = SimulationParams(entities=predictions, seed=seed)
+    # The files the demo leaves in the working directory, first: an unwritable one is said before the run,
+    # not by a traceback (replacing the old store, or after the whole run, writing the rules).
+    try:
+        if database_url is None:
+            database_url = _fresh_store()
+        # The simulation's own rules live in a scratch directory, gone after the run: `stats` needs them (the
+        # sample ratio check reads the holdouts), so they are written where the command shown finds them.
+        rules_dir = Path(DEMO_RULES).resolve()
+        write_rules(rules_dir, [params])
+    except OSError as exc:
+        where = f"{exc.strerror} ({exc.filename})"
+        raise DemoSetupError(f"cannot write the demo's files in {Path.cwd()}: {where}") from None
     keys = Keys(DEMO_PREFIX)
     bad = round(params.entities * params.bad_input_rate)
 
@@ -91,13 +111,8 @@ async def run_demo(
     console.print(
         f"demo finished in {time.monotonic() - started:.1f}s; store: {redact_url(database_url)}", markup=False, highlight=False
     )
-    # The simulation's rules lived in a scratch directory, gone now: `stats` needs them (the sample ratio
-    # check reads the holdouts), so they are written again where the command shown finds them from anywhere.
-    rules_dir = Path(DEMO_RULES).resolve()
-    write_rules(rules_dir, [params])
-    console.print(
+    explore = (
         f"explore it: DECISION_ROUTER_DATABASE_URL={shlex.quote(redact_url(database_url))} "
-        f"DECISION_ROUTER_RULES_DIR={shlex.quote(str(rules_dir))} decision-router stats --by owner",
-        markup=False, highlight=False, soft_wrap=True,
+        f"DECISION_ROUTER_RULES_DIR={shlex.quote(str(rules_dir))} decision-router stats --by owner"
     )
-    return DemoResult(rows=rows, by=GroupBy.RULE)
+    return DemoResult(rows=rows, by=GroupBy.RULE, explore=explore)

@@ -27,7 +27,12 @@ log = structlog.get_logger("decision_router.api")
 
 
 class ApiStartError(Exception):
-    """The API could not listen (port taken, bad host): one line for the CLI."""
+    """The API could not listen (port taken, bad host): one line for the CLI. `cannot_bind`: the address
+    was refused, so the CLI adds how to pick another (8080, the default, is often taken)."""
+
+    def __init__(self, message: str, *, cannot_bind: bool = False) -> None:
+        super().__init__(message)
+        self.cannot_bind = cannot_bind
 
 
 class _Server(uvicorn.Server):
@@ -52,7 +57,9 @@ class ApiServer:
             sock.bind((self.host, self.requested_port))
         except OSError as exc:
             sock.close()
-            raise ApiStartError(f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}") from None
+            raise ApiStartError(
+                f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}", cannot_bind=True
+            ) from None
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", server_header=False)
         self._server = _Server(config)

@@ -95,6 +95,7 @@ def test_api_refuses_a_taken_port_with_one_clear_line(tmp_path: Path) -> None:
         result = run(["api", "--port", str(port)], env, tmp_path)
     assert result.returncode == 1, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.rstrip().endswith("; set --port or DECISION_ROUTER_API_PORT to a free port")
 
 
 def test_asyncapi_command_writes_the_document(tmp_path: Path) -> None:

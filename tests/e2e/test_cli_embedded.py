@@ -200,6 +200,51 @@ def test_cli_without_a_running_service_says_so(workdir, env) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["stats"], ["stats", "quality"], ["stats", "drift"], ["audit", "al-1"]],
+                         ids=lambda c: " ".join(c))
+def test_reading_commands_outside_the_serve_directory_say_there_is_no_store(workdir, env, command) -> None:
+    """The default store, decision_router.db, is relative to the working directory: `stats` run elsewhere
+    created an empty one there and reported "no alerts in this window yet"."""
+    result = run(command, env, workdir)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.splitlines() == [(
+        f"error: no store at sqlite:///decision_router.db ({workdir / 'decision_router.db'}): no such file "
+        "(`serve` creates it in its working directory: run this there, or set DECISION_ROUTER_DATABASE_URL)"
+    )]
+    assert not list(workdir.glob("decision_router.db*"))
+
+
+def test_serve_on_a_taken_api_port_says_how_to_pick_another(workdir, env) -> None:
+    """8080, the API's default, is often taken on a developer's machine: the error says what to change."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(["serve"], {**env, "DECISION_ROUTER_API_PORT": str(port)}, workdir)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; set --api-port or "
+        "DECISION_ROUTER_API_PORT to a free port, or run without it: --no-api"
+    )
+
+
+@pytest.mark.parametrize("command", [["serve"], ["api"], ["redrive", "deliveries"]])
+def test_a_missing_rules_directory_is_said_as_such(workdir, env, command) -> None:
+    """`serve` run outside the checkout: the default rules directory, ./rules, is not there. It read
+    "the rules in rules are invalid", then a "not found" line for each of the two files."""
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    result = run(command, env, elsewhere)
+    assert result.returncode == 1, result.stderr
+    prefix = "refusing to start: " if command != ["redrive", "deliveries"] else ""
+    assert result.stderr.splitlines() == [(
+        f"error: {prefix}no rules directory at {elsewhere / 'rules'} (DECISION_ROUTER_RULES_DIR, default: rules "
+        "in the working directory): run this in the checkout, or set DECISION_ROUTER_RULES_DIR"
+    )]
+
+
 def test_bad_setting_stops_with_one_line(workdir, env) -> None:
     result = run(["serve"], {**env, "DECISION_ROUTER_DATABASE_URL": "mysql://nope"}, workdir)
     assert result.returncode == 2
@@ -264,6 +309,7 @@ def test_demo_runs_the_whole_loop(workdir, env) -> None:
     assert (workdir / "decision_router_demo.db").exists()
     # The command it suggests works from anywhere: the store and the demo's rules by absolute paths.
     (suggested,) = [line for line in result.stdout.splitlines() if line.startswith("explore it: ")]
+    assert result.stdout.splitlines()[-1] == suggested  # last, after the stats table, as README says
     words = shlex.split(suggested.removeprefix("explore it: "))
     settings, args = words[:2], words[3:]
     assert words[2] == "decision-router" and args == ["stats", "--by", "owner"]
@@ -272,6 +318,25 @@ def test_demo_runs_the_whole_loop(workdir, env) -> None:
     stats = run(args, {**env, **dict(setting.split("=", 1) for setting in settings)}, elsewhere)
     assert stats.returncode == 0, stats.stderr
     assert stats.stderr == "" and "intervention outcomes by owner" in stats.stdout and " SRM! " not in stats.stdout
+
+
+@pytest.mark.parametrize("database", [None, "store.db"], ids=["default store", "--database elsewhere"])
+def test_demo_in_an_unwritable_directory_says_so_before_running(workdir, env, database) -> None:
+    """The demo writes its store and rules in the working directory. There, unwritable (here /proc, which
+    not even root can write), it stopped with a traceback: replacing a previous store, or, with --database
+    elsewhere, after the whole run, writing the rules; or with 'unable to open database file'."""
+    unwritable = Path("/proc")
+    if not unwritable.is_dir():
+        pytest.skip("needs Linux's /proc")
+    args = ["demo", "--predictions", "50"]
+    if database is not None:
+        args += ["--database", f"sqlite:///{workdir / database}"]
+    result = run(args, env, unwritable)
+    assert result.returncode == 1, result.stdout
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: cannot write the demo's files in /proc: ")
+    assert line.endswith(": run it from a writable directory")
+    assert "publishing" not in result.stdout and not list(workdir.glob("store.db*"))  # refused before the run
 
 
 def test_errors_do_not_show_passwords(workdir, env) -> None:
@@ -422,3 +487,39 @@ def test_ctrl_c_stops_even_a_coroutine_that_loses_the_cancellation(workdir) -> N
     took = time.monotonic() - started
     assert "KeyboardInterrupt" in stderr
     assert 0.9 < took < EXIT_BOUND_S, f"exit took {took:.2f}s"  # the grace (1 s), then cancelled again
+
+
+def test_ctrl_c_stops_even_a_coroutine_that_finishes_anyway(workdir) -> None:
+    """Ctrl-C while the demo's last step runs without an await (its report): nothing is left to cancel,
+    and the demo went on to print the stats and exit 0. An interrupt is an interrupt: exit 130."""
+    code = (
+        "import asyncio\n"
+        "from decision_router.cli import run_interruptibly\n"
+        "async def finishes_anyway():\n"
+        "    print('running', flush=True)\n"
+        "    try:\n"
+        "        await asyncio.sleep(10)\n"
+        "    except asyncio.CancelledError:\n"
+        "        pass  # lost for good: the rest runs to its end\n"
+        "    return 'finished'\n"
+        "print(run_interruptibly(finishes_anyway()))\n"
+    )
+    process = subprocess.Popen([CLI[0], "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout.readline() == "running\n"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=20)
+    assert "KeyboardInterrupt" in stderr and process.returncode != 0
+    assert "finished" not in stdout
+
+
+@pytest.mark.parametrize("path", ["decision_router.db", "decision_router.db-wal", "decision_router.db-shm",
+                                  "decision_router_demo.db", "decision_router_demo.db-wal",
+                                  "decision_router_demo_rules/routing.yaml"])
+def test_what_serve_and_demo_leave_in_a_checkout_is_ignored_by_git(path: str) -> None:
+    """Run from the checkout, as the README's quick start does: while `serve` runs (or after it was killed)
+    its SQLite write-ahead log and shared-memory files showed in `git status` as untracked."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "--quiet", "--no-index", path], cwd=ROOT, check=False)
+    assert ignored.returncode == 0, f"git status would show {path}"

@@ -113,6 +113,7 @@ def test_stats_on_an_older_store_builds_what_it_lacks(store_url: str) -> None:
 
 def test_stats_on_a_new_store_sets_it_up_and_says_it_is_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"sqlite:///{tmp_path / 'none-yet.db'}"
+    (tmp_path / "none-yet.db").touch()  # a store with no tables yet; a missing file is refused (tests/e2e)
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", url)
     monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(tmp_path))  # no rules: a warning, as before
     shown = _stats()

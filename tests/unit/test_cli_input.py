@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    (tmp_path / "store.db").touch()  # an SQLite store with no tables yet (a missing file is refused)
     monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(ROOT / "rules"))
     return tmp_path
 
@@ -144,6 +145,24 @@ def test_a_usage_error_is_plain_lines_naming_the_option(args: list[str], problem
     if len(result.stderr.splitlines()) > 1:  # click has no usage line for an option missing its value
         command = " ".join(word for word in args if word in ("stats", "model", "reassign", "demo"))
         assert f"Try 'decision-router {command} --help' for help." in result.stderr.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("args", "usage"),
+    [
+        (["publish"], "publish [OPTIONS] {FILE}"),
+        (["audit", "--nosuch"], "audit [OPTIONS] [ALERT_ID]"),
+        (["reassign"], "reassign [OPTIONS] {ALERT_ID}"),
+        (["rules", "check", "--nosuch"], "rules check [OPTIONS] [DIR]"),
+        (["rules", "test", "--nosuch"], "rules test [OPTIONS] [PREDICTION]"),
+    ],
+)
+def test_usage_names_arguments_as_the_readme_does(args: list[str], usage: str) -> None:
+    """Typer brackets an optional argument itself: a metavar of "[ALERT_ID]" read `[[ALERT_ID]]`; and an
+    argument without one was shown by its parameter name, `{file}`, where the README says FILE."""
+    result = CliRunner().invoke(cli.app, args, prog_name="decision-router")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[0] == f"Usage: decision-router {usage}"
 
 
 def test_no_command_prints_the_help_and_no_error_line() -> None:

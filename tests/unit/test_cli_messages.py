@@ -4,6 +4,7 @@ in a temporary directory and the shipped rules."""
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ SHIPPED_RULES = ROOT / "rules"
 def _workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    (tmp_path / "store.db").touch()  # an SQLite store with no tables yet (a missing file is refused)
     monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(SHIPPED_RULES))
     monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing is ever sent
     monkeypatch.setenv("COLUMNS", "80")  # the width Rich assumes when output is not a terminal
@@ -261,3 +263,33 @@ def test_rules_test_header_names_the_rules_directory(tmp_path: Path) -> None:
     assert tested.stdout.splitlines()[0].startswith(
         f"rules in {directory}/ (version {load_rules(directory).version}), evaluated at "
     )
+
+
+# Tables on a narrow terminal --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_the_stats_table_on_a_narrow_terminal_shows_every_cell_whole(
+    width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rich squeezed a table wider than the terminal: at 80 columns the stats table's counts were blank, at
+    100 cut ('1…'). It is now printed at its natural width (the terminal wraps its lines)."""
+    from decision_router import cli, cli_stats
+    from decision_router.stats import GroupBy, compute_stats
+    from tests.unit.test_insights import memory_store
+    from tests.unit.test_stats import known_records
+
+    engine = memory_store(known_records())
+    with Session(engine) as session:
+        rows = compute_stats(session, by=GroupBy.RULE)
+    engine.dispose()
+    shown = io.StringIO()
+    console = cli._Console(file=shown, width=width, force_terminal=True, color_system=None, markup=False, emoji=False)
+    monkeypatch.setattr(cli_stats, "out", console)
+    cli_stats.print_stats(rows, GroupBy.RULE, "table")
+    table = shown.getvalue()
+    assert "…" not in table
+    for row in rows:
+        (line,) = [line for line in table.splitlines() if line.startswith(f"│ {row.key} ")]
+        cells = [cell.strip() for cell in line.strip("│").split("│")]
+        assert cells == [row.key, *(cell(row) for _column, _header, cell in cli_stats.TABLE_COLUMNS)]

@@ -428,6 +428,13 @@ def test_dockerfile_copies_rules(final_stage: Stage) -> None:
     assert rules_destination(final_stage), "Dockerfile does not COPY rules/ into the image"
 
 
+def test_dockerfile_api_listens_beyond_the_container(final_stage: Stage) -> None:
+    """Without compose (docker run -p 8080:8080 IMAGE) the API listened on the container's loopback only."""
+    assert dockerfile_env(final_stage).get(ENV_PREFIX + "API_HOST") == "0.0.0.0"
+    exposed = [args for instr, args in final_stage.instructions if instr == "EXPOSE"]
+    assert str(Settings.model_fields["api_port"].default) in " ".join(exposed).split()
+
+
 def test_dockerfile_rules_dir_env_matches_copy(final_stage: Stage) -> None:
     env = dockerfile_env(final_stage)
     assert env.get(ENV_PREFIX + "RULES_DIR") == rules_destination(final_stage)
@@ -449,6 +456,7 @@ def test_build_input_copied_and_not_dockerignored(stages: list[Stage], path: str
     assert not dockerignored(path), f".dockerignore excludes {path}, which the build needs"
 
 
-@pytest.mark.parametrize("path", [".venv", ".git", "decision_router/__pycache__"])
+@pytest.mark.parametrize("path", [".venv", ".git", "decision_router/__pycache__", "decision_router.db",
+                                  "decision_router.db-wal", "decision_router.db-shm", "decision_router_demo_rules"])
 def test_dockerignore_keeps_context_small(path: str) -> None:
     assert dockerignored(path), f".dockerignore should exclude {path}"

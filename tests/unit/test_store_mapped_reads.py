@@ -33,6 +33,7 @@ def test_only_an_engine_for_mapped_reads_maps_the_file(tmp_path: Path) -> None:
 
 
 def test_the_stats_commands_read_through_the_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "store.db").touch()  # the stats commands refuse a store file that does not exist
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'store.db'}", rules_dir=RULES_DIR)
     seen = cli_stats._read(settings, lambda session: session.execute(text("PRAGMA mmap_size")).scalar_one())
     assert seen == MEMORY_MAP_BYTES
