@@ -21,6 +21,7 @@ from decision_router.service import RouterService, running_service
 from decision_router.settings import Settings
 from decision_router.store import create_schema, make_engine
 from tests.conftest import unavailable
+from tests.integration.test_faults_helpers import PostgresSchema
 
 REDIS_URL = os.environ.get("DECISION_ROUTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("DECISION_ROUTER_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -76,6 +77,15 @@ def postgres_server() -> str:
     except sqlalchemy.exc.OperationalError as exc:
         unavailable(f"PostgreSQL at {POSTGRES_URL}", exc)
     return POSTGRES_URL
+
+
+@pytest.fixture
+def schema(postgres_server: str) -> Iterator[PostgresSchema]:
+    """A private PostgreSQL schema for a router run in a subprocess (test_faults_helpers.Router), dropped after."""
+    store = PostgresSchema(postgres_server)
+    store.create()
+    yield store
+    store.drop()
 
 
 def _postgres_schema_engine(url: str) -> tuple[Engine, Callable[[], None]]:

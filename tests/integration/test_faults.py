@@ -19,7 +19,6 @@ from decision_router.keys import Keys
 from decision_router.tables import PredictionRecord
 from tests.integration.test_faults_helpers import (
     CuttableProxy,
-    PostgresSchema,
     PrivateRedis,
     Router,
     all_acknowledged,
@@ -41,14 +40,6 @@ def client(redis_server: str) -> Iterator[redis.Redis]:
     c = redis.Redis.from_url(redis_server)
     yield c
     c.close()
-
-
-@pytest.fixture
-def schema(postgres_server: str) -> Iterator[PostgresSchema]:
-    store = PostgresSchema(postgres_server)
-    store.create()
-    yield store
-    store.drop()
 
 
 @pytest.fixture

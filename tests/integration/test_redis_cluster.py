@@ -61,14 +61,6 @@ def local_cluster() -> Iterator[LocalCluster]:
     cluster.close()
 
 
-@pytest.fixture
-def schema(postgres_server: str) -> Iterator[PostgresSchema]:
-    store = PostgresSchema(postgres_server)
-    store.create()
-    yield store
-    store.drop()
-
-
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "decision_router", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)

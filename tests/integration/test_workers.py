@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -21,7 +20,6 @@ from decision_router.tokens import create_token
 from tests.integration.test_api_endpoints import metric
 from tests.integration.test_faults_helpers import (
     ROOT,
-    PostgresSchema,
     Router,
     all_acknowledged,
     assert_exactly_once,
@@ -31,14 +29,6 @@ from tests.integration.test_faults_helpers import (
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
-
-
-@pytest.fixture
-def schema(postgres_server: str) -> Iterator[PostgresSchema]:
-    store = PostgresSchema(postgres_server)
-    store.create()
-    yield store
-    store.drop()
 
 
 def test_two_workers_route_a_backlog_exactly_once_and_a_dead_worker_is_restarted(
