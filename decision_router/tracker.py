@@ -344,14 +344,8 @@ def record_rejections(session: Session, rejections: Sequence[Rejection], *, now:
     keyed = [r for r in rejections if r.source_id is not None]
     seen: set[tuple[str, str | None]] = set()
     for stream in {r.source_stream for r in keyed}:
-        # By stream and id: the unique index's order (by id alone, every rejection was read).
-        rows = session.execute(
-            select(RejectionRecord.source_stream, RejectionRecord.source_id).where(
-                RejectionRecord.source_stream == stream,
-                RejectionRecord.source_id.in_([r.source_id for r in keyed if r.source_stream == stream]),
-            )
-        )
-        seen |= {(found_stream, sid) for found_stream, sid in rows}
+        ids = [r.source_id for r in keyed if r.source_stream == stream]
+        seen |= {(stream, sid) for sid in earlier_rejections(session, stream, ids)}  # type: ignore[arg-type]
     recorded = []
     for rejection in rejections:
         key = (rejection.source_stream, rejection.source_id)
