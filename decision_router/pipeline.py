@@ -461,10 +461,9 @@ class Pipeline:
                         # alerts reached the new owner: drained again below (the inbox write is deduped).
                         reassigned.extend(tracker.applied_to(session, source_id))
                     continue
-                alerts = tracker.find_alerts(
-                    session, item, now=now, outcome_window=self.settings.outcome_window
+                alerts, reason, detail = self._applicable(
+                    item, tracker.find_alerts(session, item, now=now, outcome_window=self.settings.outcome_window)
                 )
-                reason, detail = self._outcome_problem(item, alerts)
                 if reason is not None:
                     rejections.append(
                         Rejection(
@@ -486,6 +485,26 @@ class Pipeline:
             session.commit()
         return result, rejections, reassigned
 
+    def _applicable(
+        self, event: OutcomeEvent, found: Sequence[AlertRecord]
+    ) -> tuple[Sequence[AlertRecord], RejectionReason | None, str]:
+        """The alerts `event` applies to among those it addresses, or why it applies to none.
+
+        An event by entity is about the entity's alerts of its `at`: those created later (beyond the clock skew)
+        are left alone, and it is refused only if none was there yet. An event naming its alert or prediction
+        (whose alerts are all created together) and dated before it has a wrong clock: refused."""
+        reason, detail = self._outcome_problem(event, found)
+        if reason is not None:
+            return [], reason, detail
+        too_early = {alert.alert_id: why for alert in found if (why := self._dated_before(event, alert))}
+        if not too_early:
+            return found, None, ""
+        by_entity = event.alert_id is None and event.prediction_id is None
+        existing = [alert for alert in found if alert.alert_id not in too_early] if by_entity else []
+        if existing:
+            return existing, None, ""
+        return [], RejectionReason.SCHEMA, next(iter(too_early.values()))  # the earliest alert's
+
     def _outcome_problem(
         self, event: OutcomeEvent, alerts: Sequence[AlertRecord]
     ) -> tuple[RejectionReason | None, str]:
@@ -503,15 +522,18 @@ class Pipeline:
             )
         if event.type is OutcomeType.REASSIGNED and event.owner not in self.ruleset.owners:
             return RejectionReason.UNKNOWN_OWNER, f"owner {event.owner!r} is not in the owner directory"
-        if event.at is not None:
-            # Nobody acts on an alert before it exists, nor has an outcome before the prediction: such an `at`
-            # (a wrong clock, a typo'd year) would make negative times to act in the stats.
-            skew = self.settings.max_clock_skew
-            human = event.type is not OutcomeType.OUTCOME
-            for alert in alerts:
-                since, what = (alert.created_at, "was created") if human else (alert.predicted_at, "was predicted")
-                if event.at < as_utc(since) - skew:
-                    began = as_utc(since).isoformat()
-                    detail = f"at {event.at.isoformat()} is before alert {alert.alert_id} {what} ({began})"
-                    return RejectionReason.SCHEMA, detail
         return None, ""
+
+    def _dated_before(self, event: OutcomeEvent, alert: AlertRecord) -> str | None:
+        """Why `event` cannot be about `alert`, or None. Nobody acts on an alert before it exists, nor has an
+        outcome before the prediction: such an `at` (a wrong clock, a typo'd year) would make negative times to
+        act in the stats."""
+        if event.at is None:
+            return None
+        since, what = (
+            (alert.predicted_at, "was predicted") if event.type is OutcomeType.OUTCOME
+            else (alert.created_at, "was created")
+        )
+        if event.at >= as_utc(since) - self.settings.max_clock_skew:
+            return None
+        return f"at {event.at.isoformat()} is before alert {alert.alert_id} {what} ({as_utc(since).isoformat()})"

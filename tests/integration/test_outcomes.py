@@ -11,7 +11,7 @@ from sqlmodel import Session
 
 from decision_router.service import running_service
 from decision_router.stats import GroupBy, compute_stats
-from decision_router.tables import AlertRecord, AuditEvent
+from decision_router.tables import AlertRecord, AuditEvent, RejectionRecord, as_utc
 from decision_router.tracker import alert_id_for
 from tests.integration.conftest import wait_until
 from tests.integration.test_router_loop import count, prediction
@@ -34,6 +34,11 @@ def age_alerts(engine, by: timedelta) -> None:
         for row in session.scalars(select(AlertRecord)):
             row.created_at, row.predicted_at = row.created_at - by, row.predicted_at - by
         session.commit()
+
+
+def applied_sources(engine) -> list[str]:
+    with Session(engine) as session:
+        return list(session.scalars(select(AuditEvent.source_id).where(AuditEvent.source_id.is_not(None))))
 
 
 async def route_three(service, r, engine) -> list[str]:
@@ -204,3 +209,42 @@ async def test_events_dated_before_their_alert_or_in_the_future_are_refused(serv
     assert first.acknowledged_at is None and first.intervened_at is None and first.outcome is None
     assert alert_row(engine, a2).acknowledged_at is not None
     assert alert_row(engine, a3).outcome is None
+
+
+async def test_an_entity_ack_applies_to_the_alerts_there_at_its_time_not_to_later_ones(service, r, engine) -> None:
+    """An acknowledgement by entity dated before one of the entity's alerts was created (a prediction that arrived
+    late, routed afterwards) acknowledges the alerts that existed then and leaves the later one alone; one dated
+    before all of them is refused, once."""
+    keys = service.keys
+    first = {"segment": "enterprise", "account_manager": "alice-moreau"}
+    r.xadd(keys.predictions, {"data": json.dumps(prediction("e1", entity_id="acct-e1", context=first))})
+    await wait_until(lambda: count(engine, AlertRecord) == 1, what="the first alert")
+    age_alerts(engine, timedelta(hours=2))
+    early = alert_row(engine, alert_id_for("e1", "enterprise-churn-risk"))
+    created = as_utc(early.created_at)
+    # Made as long ago as the first, but routed only now; of another rule (the first rule's cooldown would
+    # suppress it).
+    late = prediction("e2", entity_id="acct-e1", score=0.65, context=first, predicted_at=created.isoformat())
+    r.xadd(keys.predictions, {"data": json.dumps(late)})
+    # Alone for its entity, as late: no alert of acct-e3 existed at the event's time.
+    alone = prediction("e3", entity_id="acct-e3", context=first, predicted_at=created.isoformat())
+    r.xadd(keys.predictions, {"data": json.dumps(alone)})
+    await wait_until(lambda: count(engine, AlertRecord) == 3, what="the later alerts")
+    later = alert_row(engine, alert_id_for("e2", "enterprise-churn-watch"))
+    at = created + timedelta(minutes=10)
+    for entity_id in ("acct-e1", "acct-e3"):
+        r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": entity_id, "type": "acknowledged",
+                               "actor": "alice-moreau", "at": at.isoformat()})
+    # Each event either applied (its audit events) or refused (its DLQ entry).
+    await wait_until(lambda: len(set(applied_sources(engine))) + r.xlen(keys.outcomes_dlq) == 2,
+                     what="both events applied or refused")
+    await wait_until(lambda: r.xpending(keys.outcomes, service.group)["pending"] == 0, what="outcomes acked")
+    acknowledged = alert_row(engine, early.alert_id).acknowledged_at
+    assert acknowledged is not None and as_utc(acknowledged) == at
+    assert alert_row(engine, later.alert_id).acknowledged_at is None
+    [(_, refused)] = r.xrange(keys.outcomes_dlq)
+    assert refused["reason"] == "schema"
+    alone_alert = alert_id_for("e3", "enterprise-churn-risk")
+    assert refused["detail"].startswith(f"at {at.isoformat()} is before alert {alone_alert} was created (")
+    assert alert_row(engine, alone_alert).acknowledged_at is None
+    assert count(engine, RejectionRecord) == 1
