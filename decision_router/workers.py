@@ -9,13 +9,20 @@ up that worker's pending entries at once instead of after claim_idle.
 
 The embedded Redis is refused here: it is fakeredis in one Python thread, slower than a
 single worker, so several workers behind it would only add contention.
+
+The workers count their metrics in a temporary directory the supervisor makes and removes at
+exit. A supervisor that is killed cannot remove it, so each one writes who made it there
+(_OWNER_FILE) and, when it starts, removes the directories whose maker is no longer running:
+a container restarting after crashes would otherwise fill its /tmp with them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 import structlog
+from prometheus_client import multiprocess
 
 from decision_router.metrics import MULTIPROCESS_DIR
 from decision_router.rules import load_rules
@@ -34,6 +42,8 @@ log = structlog.get_logger("decision_router.workers")
 _RESTART_FIRST, _RESTART_MAX = 1.0, 30.0  # seconds between restarts of a worker that keeps dying
 _STABLE_AFTER = 30.0  # a worker that ran this long resets its restart delay
 _TICK = 0.2  # seconds between the supervisor's looks at its workers
+_METRICS_PREFIX = "decision-router-metrics-"  # of the metrics directories we make in the temporary directory
+_OWNER_FILE = "supervisor.json"  # in each: the supervisor that made it (not *.db: prometheus_client reads those)
 
 
 class _Stop:
@@ -83,7 +93,8 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
     first = ("--api-port", str(settings.api_port)) if api else ("--no-api",)
     # Each worker counts its metrics in files there, which the one serving /metrics sums (metrics.exposition).
     # A directory the user named is theirs to keep (and to empty between runs); ours goes at the end.
-    metrics_dir = os.environ.get(MULTIPROCESS_DIR) or tempfile.mkdtemp(prefix="decision-router-metrics-")
+    _remove_orphaned_metrics_dirs()
+    metrics_dir = os.environ.get(MULTIPROCESS_DIR) or _make_metrics_dir()
     workers = [
         _Worker(f"{settings.consumer_name}-{i}", first if i == 1 else ("--no-api",),
                 env={MULTIPROCESS_DIR: metrics_dir})
@@ -119,6 +130,100 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class _Owner:
+    """The supervisor that made a metrics directory. `started` is its start time in clock ticks
+    since boot (/proc/<pid>/stat), which tells it from a later process given the same pid; None
+    where there is no /proc."""
+
+    pid: int
+    started: int | None
+    host: str
+
+
+def _make_metrics_dir() -> str:
+    path = tempfile.mkdtemp(prefix=_METRICS_PREFIX)
+    owner = {"pid": os.getpid(), "started": _process_state(os.getpid())[1], "host": socket.gethostname()}
+    # Written whole or not at all: a directory without its owner file is never removed, so another
+    # supervisor starting at this instant leaves this one alone.
+    staged = os.path.join(path, f"{_OWNER_FILE}.part")
+    with open(staged, "w", encoding="utf-8") as file:
+        json.dump(owner, file)
+    os.replace(staged, os.path.join(path, _OWNER_FILE))
+    return path
+
+
+def _remove_orphaned_metrics_dirs(parent: str | None = None) -> list[str]:
+    """Remove the metrics directories in `parent` (the temporary directory) left by supervisors that
+    were killed; returns their paths. Only directories of this user with our owner file are touched,
+    and only when the supervisor named there is no longer running."""
+    parent = parent or tempfile.gettempdir()
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        if not entry.name.startswith(_METRICS_PREFIX) or not _is_own_directory(entry):
+            continue
+        owner = _read_owner(entry.path)
+        if owner is None or _is_running(owner):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        log.info("removed the metrics directory of a supervisor that was killed", path=entry.path, pid=owner.pid)
+        removed.append(entry.path)
+    return removed
+
+
+def _is_own_directory(entry: os.DirEntry) -> bool:
+    """A directory (not a link to one) of this user; False too if it is gone (another supervisor's sweep)."""
+    try:
+        return entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+    except OSError:
+        return False
+
+
+def _read_owner(directory: str) -> _Owner | None:
+    """The directory's owner, or None if it has no readable owner file (not ours, or not made by this version)."""
+    try:
+        with open(os.path.join(directory, _OWNER_FILE), encoding="utf-8") as file:
+            fields = json.load(file)
+        return _Owner(int(fields["pid"]), None if fields["started"] is None else int(fields["started"]),
+                      str(fields["host"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_running(owner: _Owner) -> bool:
+    """Whether the supervisor `owner` names still runs; when in doubt, yes (its directory is kept)."""
+    if owner.host != socket.gethostname():
+        return True  # a temporary directory shared with another machine: its processes are not visible here
+    try:
+        os.kill(owner.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # a process of another user has that pid; its start time says whether it is ours
+    state, started = _process_state(owner.pid)
+    if state is None:
+        return not os.path.exists("/proc/self/stat")  # no /proc here: a live pid is taken for ours
+    if state in ("Z", "X"):
+        return False  # killed, and not yet reaped by its parent
+    return owner.started is None or started == owner.started  # else the pid was given to a later process
+
+
+def _process_state(pid: int) -> tuple[str | None, int | None]:
+    """The process's state letter and start time (fields 3 and 22 of /proc/<pid>/stat); Nones without it."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as file:
+            stat = file.read()
+    except OSError:
+        return None, None
+    # The command name (field 2) is in parentheses and may hold spaces and parentheses itself.
+    fields = stat.rpartition(")")[2].split()
+    return fields[0], int(fields[19])
+
+
 def _signal_running(workers: list[_Worker], signum: int) -> None:
     """Pass a signal to each worker still running (Popen.poll never waits: safe in a signal handler)."""
     for worker in workers:
@@ -139,6 +244,7 @@ def _supervise(worker: _Worker, stop: _Stop) -> None:
         return
     now = time.monotonic()
     if worker.restart_at == 0.0:
+        _forget_live_gauges(worker)
         if now - worker.started > _STABLE_AFTER:
             worker.delay = _RESTART_FIRST
         worker.restart_at = now + worker.delay
@@ -163,8 +269,17 @@ def _wait_all(workers: list[_Worker], timeout: float) -> int:
             log.error("worker did not stop in time; killed", worker=worker.name, pid=worker.process.pid)
             worker.process.kill()
             codes.append(worker.process.wait())
+        _forget_live_gauges(worker)  # in a directory the user named, kept for the next run
     log.info("workers stopped", codes=codes)
     # Killed by the forwarded signal itself: a worker still starting, before its handlers were
     # installed, so it held no work. Anything else is a worker that failed.
     clean = (0, -signal.SIGTERM, -signal.SIGINT)
     return 0 if all(c in clean for c in codes) else 1
+
+
+def _forget_live_gauges(worker: _Worker) -> None:
+    """A worker that ended: drop its "live*" gauges, which count only while their process runs, from
+    the sum /metrics serves. Its counters stay: they are totals of what it did."""
+    metrics_dir = worker.env.get(MULTIPROCESS_DIR)
+    if metrics_dir and worker.process is not None:
+        multiprocess.mark_process_dead(worker.process.pid, metrics_dir)

@@ -64,6 +64,37 @@ def test_two_workers_route_a_backlog_exactly_once_and_a_dead_worker_is_restarted
         client.close()
 
 
+def test_a_killed_supervisors_metrics_directory_is_removed_at_the_next_start(
+    prefix, redis_server, tmp_path, monkeypatch
+) -> None:
+    """SIGKILL leaves the supervisor no time to remove its metrics directory; the next `serve
+    --workers` on the machine removes it (a container restarting after crashes keeps its /tmp)."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))  # the supervisors' tempfile.gettempdir()
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    settings = {"redis_url": redis_server, "database_url": f"sqlite:///{tmp_path / 'store.db'}",
+                "stream_prefix": prefix, "consumer_name": "box"}
+    killed = Router(tmp_path / "killed.log", workers=2, **settings)
+    try:
+        killed.wait_started(times=2)
+        (left,) = temporary.glob("decision-router-metrics-*")
+        killed.kill()  # the supervisor and its workers at once, as the OOM killer or a container's end would
+        assert left.exists()
+        after = Router(tmp_path / "after.log", workers=2, **settings)
+        try:
+            after.wait_started(times=2)
+            assert not left.exists()
+            assert len(list(temporary.glob("decision-router-metrics-*"))) == 1  # its own
+            after.stop_cleanly()
+        finally:
+            after.close()
+    finally:
+        killed.close()
+    assert after.said("removed the metrics directory of a supervisor that was killed") == 1
+    assert list(temporary.iterdir()) == []  # its own too, at its clean stop
+
+
 def test_workers_refused_on_the_embedded_redis(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
     env["DECISION_ROUTER_DATABASE_URL"] = f"sqlite:///{tmp_path / 'store.db'}"
