@@ -520,9 +520,10 @@ def print_model_precision(rows: list[BandRow], fmt: str) -> None:
     if not rows:
         say("no control predictions in this window: precision needs a rule with a holdout (README, Control groups)")
         return
-    say("precision: of the control predictions in the band (nobody was alerted) that have an outcome, the share whose",
+    say("precision: of the control predictions in the band (nobody alerted, nobody intervened) that have an outcome,",
         style="dim")
-    say("outcome was the bad one the model predicts (result: failure); n/a: none with an outcome yet.", style="dim")
+    say("the share whose outcome was the bad one the model predicts (result: failure); n/a: none with an outcome yet.",
+        style="dim")
 
 
 @stats_app.command("model")

@@ -1043,12 +1043,26 @@ def parse_band_edges(text: str) -> tuple[float, ...]:
     return edges
 
 
+def _left_alone(decisions: Sequence[Any], live: Sequence[Any]) -> bool:
+    """Nobody was alerted to this prediction and nobody recorded acting on it.
+
+    With `continue: true` a prediction can be control for one rule and an alert for another:
+    someone may then have acted. An `intervened` event reaches control records too (by entity,
+    or by prediction_id), and then someone did act. An acknowledgement alone does not count:
+    seeing is not acting. A control record is never delivered, so its acknowledgement mostly
+    comes by entity, from an alert about another prediction of that entity: an exposure this
+    per-prediction unit does not weigh when nobody acknowledges either.
+    """
+    if any(d.intervened_at is not None for d in decisions):
+        return False
+    return not any(d.action == "alert" and not d.held_out for d in live)
+
+
 def _untouched_controls(records: Iterable[Any]) -> dict[tuple[str, str], list[tuple[float, bool | None]]]:
     """(model, version) -> (score, bad outcome or None if none yet) per control prediction.
 
-    A unit is a prediction: held out by some rule and delivered to nobody by any other
-    rule (with `continue: true` a prediction can be control for one rule and an alert for
-    another; then someone may have acted, and it is not a clean control).
+    A unit is a prediction: held out by some rule, delivered to nobody by any other rule,
+    and with no intervention recorded on any of its decisions (`_left_alone`).
     """
     by_prediction: dict[str, list[Any]] = defaultdict(list)
     for record in records:
@@ -1057,7 +1071,7 @@ def _untouched_controls(records: Iterable[Any]) -> dict[tuple[str, str], list[tu
     for decisions in by_prediction.values():
         live = [d for d in decisions if not d.suppressed_by]
         control = [d for d in live if d.held_out]
-        if not control or any(d.action == "alert" and not d.held_out for d in live):
+        if not control or not _left_alone(decisions, live):
             continue
         outcomes = [d.outcome for d in control if d.outcome is not None]
         first = control[0]
@@ -1077,6 +1091,8 @@ def compute_model_precision(
 
     Convention: models predict the bad outcome (churn, fraud), so a control record whose
     outcome is `failure` is a positive: the predicted bad thing happened with nobody acting.
+    A control prediction on which someone recorded an intervention is left out entirely
+    (not in held_out, n or positives): it was not left alone.
     Decisions in the window are by created_at. Every band is listed, empty ones with n = 0
     and null precision. Sorted by model, model version, band.
     """
@@ -1084,6 +1100,7 @@ def compute_model_precision(
         select(
             AlertRecord.prediction_id, AlertRecord.model, AlertRecord.model_version, AlertRecord.score,
             AlertRecord.held_out, AlertRecord.suppressed_by, AlertRecord.action, AlertRecord.outcome,
+            AlertRecord.intervened_at,
         ),
         AlertRecord.created_at, since, until,
     )

@@ -18,7 +18,7 @@ from sqlmodel import Session
 from decision_router.stats import GroupBy, compute_model_precision, compute_quality, compute_stats
 from decision_router.store import create_schema, make_engine
 from tests.unit.test_stats import HOLDOUTS, alert, known_records
-from tests.unit.test_stats_model import control_records
+from tests.unit.test_stats_model import control_records, precision_after_interventions
 from tests.unit.test_stats_quality import quality_records
 
 pytestmark = pytest.mark.postgres
@@ -95,4 +95,18 @@ def test_quality_and_model_reports_are_identical(sqlite_engine: Engine, pg_loade
         precision = compute_model_precision(pg, model="attrition")
         assert precision == compute_model_precision(lite, model="attrition")
     top = [r for r in precision if r.model_version == "1" and r.band_low == 0.8]
-    assert [(r.held_out, r.n, r.positives) for r in top] == [(12, 11, 8)]
+    assert [(r.held_out, r.n, r.positives) for r in top] == [(12, 11, 8)]  # none of those intervened on
+    acknowledged = [r for r in precision if r.model_version == "2" and r.band_low == 0.9]
+    assert [(r.held_out, r.n, r.positives) for r in acknowledged] == [(1, 1, 1)]
+
+
+def test_controls_intervened_on_through_the_tracker_are_left_out(tmp_path: Path, pg_engine: Engine) -> None:
+    lite = make_engine(f"sqlite:///{tmp_path / 'tracked.db'}")
+    create_schema(lite)
+    try:
+        on_sqlite = precision_after_interventions(lite)
+    finally:
+        lite.dispose()
+    on_postgres = precision_after_interventions(pg_engine)
+    assert on_postgres == on_sqlite
+    assert on_postgres[(0.8, 0.9)] == (2, 2, 2, 1.0)  # intervened on by entity and by prediction_id: out
