@@ -78,7 +78,8 @@ CLOSE_TIMEOUT_S = 5.0
 # a drain every CLAIM_RENEW_S): a row claimed by a process that was killed is sent again after this.
 CLAIM_LEASE = timedelta(seconds=15)
 CLAIM_RENEW_S = 3.0
-# The dead-letter reason of a row left pending for a receiver that a rules reload removed.
+# The dead-letter reason of a row left pending for a receiver that a rules reload removed (or that was
+# removed from the owner directory while the router was stopped: the same reason, found at start).
 RECEIVER_REMOVED = "receiver removed by a rules reload"
 CLAIM_CHUNK = 500  # row ids per claim statement (SQLite's bound-parameter limit)
 # How long `redrive deliveries` waits for re-sent rows that another router process took over.
@@ -260,6 +261,10 @@ class ChannelDelivery:
         self._last_sent: dict[str, datetime] = {}
         # Dispatchers replaced by a rules reload, finishing what they had in hand.
         self._retiring: set[asyncio.Task[None]] = set()
+        # Claims are per process: two of its tasks dead-lettering the same rows would both hold them.
+        self._dead_lettering = asyncio.Lock()
+        # Whether this process has looked for rows of receivers gone while no router ran (first pump).
+        self._left_behind_checked = False
 
     def _configure(self, ruleset: RuleSet) -> tuple[dict[str, WebhookReceiver | EmailReceiver], dict[str, timedelta]]:
         """Receivers per `owner:channel` from the owner directory (each unusable one warned
@@ -321,7 +326,20 @@ class ChannelDelivery:
         the receiver is back."""
         if not keys:
             return
-        rows = await asyncio.to_thread(self._pending_of, keys)
+        async with self._dead_lettering:
+            await self._dead_letter_unsendable(await asyncio.to_thread(self._pending_of, keys))
+
+    async def _dead_letter_left_behind(self) -> None:
+        """At the first pump: rows left pending for receivers this process's owner directory does not have
+        (removed, or made unusable, while no router ran, so no reload saw them go) are dead-lettered as a
+        reload would have done. Once per process, once it succeeded."""
+        async with self._dead_lettering:
+            if not self._left_behind_checked:
+                await self._dead_letter_unsendable(await asyncio.to_thread(self._pending_unconfigured))
+                self._left_behind_checked = True
+
+    async def _dead_letter_unsendable(self, rows: Sequence[PendingDelivery]) -> None:
+        """Dead-letter the rows this process claims (the caller holds `_dead_lettering`)."""
         claimed = await asyncio.to_thread(self._claim, [row.row_id for row in rows], self.clock()) if rows else set()
         for row in rows:
             if row.row_id in claimed and row.key not in self.receivers:  # not added back meanwhile
@@ -336,6 +354,13 @@ class ChannelDelivery:
             rows = session.scalars(select(DeliveryRecord).where(DeliveryRecord.status == "pending", or_(*wanted)))
             return [_pending_delivery(row) for row in rows if receiver_key(row.recipient, row.channel) in keys]
 
+    def _pending_unconfigured(self) -> list[PendingDelivery]:
+        pending = select(DeliveryRecord).where(DeliveryRecord.status == "pending")
+        if self.receivers:
+            pending = pending.where(~self._configured())
+        with Session(self.engine) as session:
+            return [_pending_delivery(row) for row in session.scalars(pending.order_by(DeliveryRecord.id))]
+
     def channels_for(self, owner_id: str) -> tuple[str, ...]:
         return usable_channels(self.receivers, owner_id)
 
@@ -344,6 +369,8 @@ class ChannelDelivery:
 
         Rows for a receiver with a digest window are grouped by `plan_digest`: they may
         wait (stay pending) until the window since the receiver's last send has passed."""
+        if not self._left_behind_checked:
+            await self._dead_letter_left_behind()
         if not self.receivers:
             return 0
         async with self._lock:
