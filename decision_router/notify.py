@@ -81,6 +81,8 @@ CLAIM_RENEW_S = 3.0
 # The dead-letter reason of a row left pending for a receiver that a rules reload removed (or that was
 # removed from the owner directory while the router was stopped: the same reason, found at start).
 RECEIVER_REMOVED = "receiver removed by a rules reload"
+# The copy part of the delivery key of an alert handed back to an owner who had it before: `handoff-<n>`.
+HANDOFF_COPY = "handoff-"
 CLAIM_CHUNK = 500  # row ids per claim statement (SQLite's bound-parameter limit)
 # How long `redrive deliveries` waits for re-sent rows that another router process took over.
 REDRIVE_WAIT_S = 60.0
@@ -251,7 +253,7 @@ class ChannelDelivery:
         self._warnings: frozenset[str] = frozenset()
         self.receivers, self.digests = self._configure(ruleset)
         self.dispatcher = dispatcher or self._dispatcher(ruleset)
-        self._inflight: dict[tuple[str, str, int], int] = {}  # (receiver, alert, copy level) -> row id
+        self._inflight: dict[tuple[str, str, int, int], int] = {}  # _token(receiver, alert) -> row id
         # Rows finished since the current pump began: its snapshot of pending rows may be
         # older than their result, and they must not be sent twice.
         self._done: set[int] = set()
@@ -662,9 +664,14 @@ class ChannelDelivery:
 
 def _pending_delivery(row: DeliveryRecord) -> PendingDelivery:
     assert row.id is not None
+    alert = alert_from_payload(row.payload)
+    # The hand-off is not in the alert JSON (the payload); the row's key, which it made unique, names it.
+    copy = row.delivery_key.rsplit(":", 1)[1]
+    if isinstance(alert, Alert) and copy.startswith(HANDOFF_COPY):
+        alert = alert.handed_off(int(copy.removeprefix(HANDOFF_COPY)))
     return PendingDelivery(
         row_id=row.id, key=receiver_key(row.recipient, row.channel), recipient=row.recipient,
-        alert=alert_from_payload(row.payload), created_at=as_utc(row.created_at), redriven=row.finished_at is not None,
+        alert=alert, created_at=as_utc(row.created_at), redriven=row.finished_at is not None,
     )
 
 
@@ -673,17 +680,28 @@ def _level(alert: AnyAlert) -> int:
     return 0 if isinstance(alert, DataQualityAlert) or alert.escalation is None else alert.escalation.level
 
 
-def _token(key: str, alert: AnyAlert) -> tuple[str, str, int]:
-    """An in-flight delivery: receiver, alert and copy (escalation level)."""
-    return (key, alert.alert_id, _level(alert))
+def _handoff(alert: AnyAlert) -> int:
+    return alert.handoff if isinstance(alert, Alert) else 1
+
+
+def _token(key: str, alert: AnyAlert) -> tuple[str, str, int, int]:
+    """An in-flight delivery: receiver, alert and copy (escalation level, and hand-off to the owner)."""
+    return (key, alert.alert_id, _level(alert), _handoff(alert))
+
+
+def _copy(alert: AnyAlert) -> str:
+    """The copy part of a delivery key: the owner's first hand-off, a hand-back to them, or an escalated copy."""
+    if _level(alert):
+        return f"escalation-{_level(alert)}"
+    return f"{HANDOFF_COPY}{_handoff(alert)}" if _handoff(alert) > 1 else "alert"
 
 
 def queue_deliveries(
     session: Session, *, alert: AnyAlert, recipient: str, channels: Sequence[str], now: datetime
 ) -> None:
     """Outbox rows for an alert (or escalated copy, or data-quality alert) to the
-    recipient's external channels."""
-    copy = f"escalation-{_level(alert)}" if _level(alert) else "alert"
+    recipient's external channels; once per copy (a hand-back to an owner is a copy of its own)."""
+    copy = _copy(alert)
     for channel in channels:
         key = f"{alert.alert_id}:{recipient}:{channel}:{copy}"
         if session.scalar(select(DeliveryRecord.id).where(DeliveryRecord.delivery_key == key)) is not None:
