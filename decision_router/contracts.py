@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 NonEmpty = Field(min_length=1, max_length=200)
 
@@ -101,6 +101,20 @@ class Alert(BaseModel):
     delegated_from: str | None = None
     # Set on the copy delivered to a manager when the owner missed a deadline.
     escalation: Escalation | None = None
+    # Which hand-off of the alert to `owner` this is: 1 the first, 2 and up once it is reassigned back to an owner
+    # who had it before. Not in the alert JSON: it keys the delivery (inbox dedupe, channel outbox row, delivery
+    # header), so that a hand-back reaches the owner again and a redelivered one does not.
+    _handoff: int = PrivateAttr(default=1)
+
+    @property
+    def handoff(self) -> int:
+        return self._handoff
+
+    def handed_off(self, handoff: int) -> Alert:
+        """This alert as its `handoff`-th hand-off to its owner."""
+        alert = self.model_copy()
+        alert._handoff = handoff
+        return alert
 
 
 class OutcomeType(StrEnum):
@@ -234,6 +248,12 @@ class DataQualityAlert(BaseModel):
 # What the channel outbox (`deliveries.payload`) and the senders carry: a routed alert or a
 # data-quality alert (told apart by `kind`).
 AnyAlert = Alert | DataQualityAlert
+
+
+def handoff_suffix(alert: AnyAlert, separator: str = ":") -> str:
+    """What tells the delivery of a hand-back (`Alert.handoff` 2 and up) from the owner's first: nothing for the
+    first, so that the keys and ids of alerts never handed back stay as they were."""
+    return f"{separator}{alert.handoff}" if isinstance(alert, Alert) and alert.handoff > 1 else ""
 
 
 def alert_from_payload(payload: dict[str, Any]) -> AnyAlert:

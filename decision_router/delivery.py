@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from decision_router.contracts import Alert
+from decision_router.contracts import Alert, handoff_suffix
 from decision_router.keys import Keys
 from decision_router.streams import StreamWrite
 
@@ -17,8 +17,9 @@ def inbox_writes(alerts: Sequence[Alert], keys: Keys) -> list[StreamWrite]:
         StreamWrite(
             stream=keys.inbox(alert.owner),
             fields={"data": alert.model_dump_json()},
-            # Per owner: a reassigned alert reaches its new owner once too.
-            dedupe_key=keys.dedupe(f"alert:{alert.alert_id}:{alert.owner}"),
+            # Per owner and hand-off: a reassigned alert reaches its new owner once too, and an owner it is
+            # handed back to once more.
+            dedupe_key=keys.dedupe(f"alert:{alert.alert_id}:{alert.owner}{handoff_suffix(alert)}"),
         )
         for alert in alerts
     ]

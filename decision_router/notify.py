@@ -78,8 +78,11 @@ CLOSE_TIMEOUT_S = 5.0
 # a drain every CLAIM_RENEW_S): a row claimed by a process that was killed is sent again after this.
 CLAIM_LEASE = timedelta(seconds=15)
 CLAIM_RENEW_S = 3.0
-# The dead-letter reason of a row left pending for a receiver that a rules reload removed.
+# The dead-letter reason of a row left pending for a receiver that a rules reload removed (or that was
+# removed from the owner directory while the router was stopped: the same reason, found at start).
 RECEIVER_REMOVED = "receiver removed by a rules reload"
+# The copy part of the delivery key of an alert handed back to an owner who had it before: `handoff-<n>`.
+HANDOFF_COPY = "handoff-"
 CLAIM_CHUNK = 500  # row ids per claim statement (SQLite's bound-parameter limit)
 # How long `redrive deliveries` waits for re-sent rows that another router process took over.
 REDRIVE_WAIT_S = 60.0
@@ -250,7 +253,7 @@ class ChannelDelivery:
         self._warnings: frozenset[str] = frozenset()
         self.receivers, self.digests = self._configure(ruleset)
         self.dispatcher = dispatcher or self._dispatcher(ruleset)
-        self._inflight: dict[tuple[str, str, int], int] = {}  # (receiver, alert, copy level) -> row id
+        self._inflight: dict[tuple[str, str, int, int], int] = {}  # _token(receiver, alert) -> row id
         # Rows finished since the current pump began: its snapshot of pending rows may be
         # older than their result, and they must not be sent twice.
         self._done: set[int] = set()
@@ -260,6 +263,10 @@ class ChannelDelivery:
         self._last_sent: dict[str, datetime] = {}
         # Dispatchers replaced by a rules reload, finishing what they had in hand.
         self._retiring: set[asyncio.Task[None]] = set()
+        # Claims are per process: two of its tasks dead-lettering the same rows would both hold them.
+        self._dead_lettering = asyncio.Lock()
+        # Whether this process has looked for rows of receivers gone while no router ran (first pump).
+        self._left_behind_checked = False
 
     def _configure(self, ruleset: RuleSet) -> tuple[dict[str, WebhookReceiver | EmailReceiver], dict[str, timedelta]]:
         """Receivers per `owner:channel` from the owner directory (each unusable one warned
@@ -321,7 +328,20 @@ class ChannelDelivery:
         the receiver is back."""
         if not keys:
             return
-        rows = await asyncio.to_thread(self._pending_of, keys)
+        async with self._dead_lettering:
+            await self._dead_letter_unsendable(await asyncio.to_thread(self._pending_of, keys))
+
+    async def _dead_letter_left_behind(self) -> None:
+        """At the first pump: rows left pending for receivers this process's owner directory does not have
+        (removed, or made unusable, while no router ran, so no reload saw them go) are dead-lettered as a
+        reload would have done. Once per process, once it succeeded."""
+        async with self._dead_lettering:
+            if not self._left_behind_checked:
+                await self._dead_letter_unsendable(await asyncio.to_thread(self._pending_unconfigured))
+                self._left_behind_checked = True
+
+    async def _dead_letter_unsendable(self, rows: Sequence[PendingDelivery]) -> None:
+        """Dead-letter the rows this process claims (the caller holds `_dead_lettering`)."""
         claimed = await asyncio.to_thread(self._claim, [row.row_id for row in rows], self.clock()) if rows else set()
         for row in rows:
             if row.row_id in claimed and row.key not in self.receivers:  # not added back meanwhile
@@ -336,6 +356,13 @@ class ChannelDelivery:
             rows = session.scalars(select(DeliveryRecord).where(DeliveryRecord.status == "pending", or_(*wanted)))
             return [_pending_delivery(row) for row in rows if receiver_key(row.recipient, row.channel) in keys]
 
+    def _pending_unconfigured(self) -> list[PendingDelivery]:
+        pending = select(DeliveryRecord).where(DeliveryRecord.status == "pending")
+        if self.receivers:
+            pending = pending.where(~self._configured())
+        with Session(self.engine) as session:
+            return [_pending_delivery(row) for row in session.scalars(pending.order_by(DeliveryRecord.id))]
+
     def channels_for(self, owner_id: str) -> tuple[str, ...]:
         return usable_channels(self.receivers, owner_id)
 
@@ -344,6 +371,8 @@ class ChannelDelivery:
 
         Rows for a receiver with a digest window are grouped by `plan_digest`: they may
         wait (stay pending) until the window since the receiver's last send has passed."""
+        if not self._left_behind_checked:
+            await self._dead_letter_left_behind()
         if not self.receivers:
             return 0
         async with self._lock:
@@ -635,9 +664,14 @@ class ChannelDelivery:
 
 def _pending_delivery(row: DeliveryRecord) -> PendingDelivery:
     assert row.id is not None
+    alert = alert_from_payload(row.payload)
+    # The hand-off is not in the alert JSON (the payload); the row's key, which it made unique, names it.
+    copy = row.delivery_key.rsplit(":", 1)[1]
+    if isinstance(alert, Alert) and copy.startswith(HANDOFF_COPY):
+        alert = alert.handed_off(int(copy.removeprefix(HANDOFF_COPY)))
     return PendingDelivery(
         row_id=row.id, key=receiver_key(row.recipient, row.channel), recipient=row.recipient,
-        alert=alert_from_payload(row.payload), created_at=as_utc(row.created_at), redriven=row.finished_at is not None,
+        alert=alert, created_at=as_utc(row.created_at), redriven=row.finished_at is not None,
     )
 
 
@@ -646,17 +680,28 @@ def _level(alert: AnyAlert) -> int:
     return 0 if isinstance(alert, DataQualityAlert) or alert.escalation is None else alert.escalation.level
 
 
-def _token(key: str, alert: AnyAlert) -> tuple[str, str, int]:
-    """An in-flight delivery: receiver, alert and copy (escalation level)."""
-    return (key, alert.alert_id, _level(alert))
+def _handoff(alert: AnyAlert) -> int:
+    return alert.handoff if isinstance(alert, Alert) else 1
+
+
+def _token(key: str, alert: AnyAlert) -> tuple[str, str, int, int]:
+    """An in-flight delivery: receiver, alert and copy (escalation level, and hand-off to the owner)."""
+    return (key, alert.alert_id, _level(alert), _handoff(alert))
+
+
+def _copy(alert: AnyAlert) -> str:
+    """The copy part of a delivery key: the owner's first hand-off, a hand-back to them, or an escalated copy."""
+    if _level(alert):
+        return f"escalation-{_level(alert)}"
+    return f"{HANDOFF_COPY}{_handoff(alert)}" if _handoff(alert) > 1 else "alert"
 
 
 def queue_deliveries(
     session: Session, *, alert: AnyAlert, recipient: str, channels: Sequence[str], now: datetime
 ) -> None:
     """Outbox rows for an alert (or escalated copy, or data-quality alert) to the
-    recipient's external channels."""
-    copy = f"escalation-{_level(alert)}" if _level(alert) else "alert"
+    recipient's external channels; once per copy (a hand-back to an owner is a copy of its own)."""
+    copy = _copy(alert)
     for channel in channels:
         key = f"{alert.alert_id}:{recipient}:{channel}:{copy}"
         if session.scalar(select(DeliveryRecord.id).where(DeliveryRecord.delivery_key == key)) is not None:

@@ -381,7 +381,10 @@ class Pipeline:
 
     def _undelivered(self, prediction_ids: Sequence[str] | None) -> list[Alert]:
         with Session(self.engine) as session:
-            return [tracker.to_alert(r) for r in tracker.undelivered_alerts(session, prediction_ids=prediction_ids)]
+            records = tracker.undelivered_alerts(session, prediction_ids=prediction_ids)
+            handed_back = tracker.handoffs(session, records)
+            return [tracker.to_alert(r).handed_off(handed_back[r.alert_id]) if r.alert_id in handed_back
+                    else tracker.to_alert(r) for r in records]
 
     def _mark_delivered(self, alerts: list[Alert]) -> None:
         now = self.clock()

@@ -399,6 +399,29 @@ def undelivered_alerts(
     return list(session.scalars(query.order_by(AlertRecord.created_at).limit(limit)))
 
 
+def handoffs(session: Session, records: Sequence[AlertRecord]) -> dict[str, int]:
+    """Of these alerts, those handed back to an owner who had them before: which hand-off to that owner each
+    now is (2 and up). The owners an alert had are its first and those it was reassigned to (a reassignment to
+    the owner it already has is no hand-off). Stable until the next reassignment, so a redelivered drain keys
+    the same; only alerts whose sla_revision moved are looked up (every reassignment moves it), so the fresh
+    alerts of a prediction batch cost no query."""
+    moved = {record.alert_id: record for record in records if record.sla_revision}
+    if not moved:
+        return {}
+    held: dict[str, list[str]] = {alert_id: [record.original_owner] for alert_id, record in moved.items()}
+    reassignments = session.execute(
+        select(AuditEvent.alert_id, AuditEvent.detail)
+        .where(AuditEvent.alert_id.in_(list(moved)), AuditEvent.type == OutcomeType.REASSIGNED.value)
+        .order_by(AuditEvent.id)
+    )
+    for alert_id, detail in reassignments:
+        owners = held[alert_id]
+        if detail.get("to_owner") not in (None, owners[-1]):
+            owners.append(detail["to_owner"])
+    counted = {alert_id: owners.count(moved[alert_id].owner) for alert_id, owners in held.items()}
+    return {alert_id: n for alert_id, n in counted.items() if n > 1}
+
+
 _MARK_DELIVERED = (
     update(_ALERTS)
     .where(

@@ -49,7 +49,7 @@ from decision_router.channels.config import (
 )
 from decision_router.channels.render import PRIORITY_ORDER, RenderedEmail, Renderer, TemplateError, digest_recipient
 from decision_router.channels.signing import signature_headers
-from decision_router.contracts import Alert, AnyAlert, DataQualityAlert
+from decision_router.contracts import Alert, AnyAlert, DataQualityAlert, handoff_suffix
 
 __all__ = [
     "Attempt",
@@ -139,7 +139,7 @@ class Digest:
 
     @property
     def digest_id(self) -> str:
-        copies = "\n".join(f"{a.alert_id}:{a.escalation.level if a.escalation else 0}" for a in self.alerts)
+        copies = "\n".join(f"{a.alert_id}:{a.escalation.level if a.escalation else 0}{handoff_suffix(a)}" for a in self.alerts)
         return "dg-" + hashlib.sha256(f"{self.recipient}\n{copies}".encode()).hexdigest()[:24]
 
     @property
@@ -401,7 +401,7 @@ class WebhookSender(Sender):
         ).encode("utf-8")
 
     def headers(self, alert: AnyAlert, body: bytes, n: int) -> dict[str, str]:
-        return self._headers({ALERT_HEADER: alert.alert_id, DELIVERY_HEADER: f"{alert.alert_id}:{alert.owner}"}, body, n)
+        return self._headers({ALERT_HEADER: alert.alert_id, DELIVERY_HEADER: f"{alert.alert_id}:{alert.owner}{handoff_suffix(alert)}"}, body, n)
 
     def digest_headers(self, digest: Digest, body: bytes, n: int) -> dict[str, str]:
         """A digest has no single alert: `X-Decision-Router-Digest: <count>` instead of
@@ -505,7 +505,7 @@ def build_email(alert: AnyAlert, renderer: Renderer, receiver: EmailReceiver, sm
     urgent = not isinstance(alert, DataQualityAlert) and alert.priority in ("high", "critical")
     message = _message(
         renderer.email(alert), receiver, smtp,
-        id_left=f"{alert.alert_id}.{_safe_id(alert.owner or 'unowned')}", urgent=urgent,
+        id_left=f"{alert.alert_id}.{_safe_id(alert.owner or 'unowned')}{handoff_suffix(alert, '.')}", urgent=urgent,
     )
     message[ALERT_HEADER] = alert.alert_id
     return message

@@ -14,6 +14,7 @@ import redis
 from sqlalchemy import select
 from sqlmodel import Session
 
+from decision_router import tracker
 from decision_router.channels import verify
 from decision_router.notify import redrive
 from decision_router.rules import load_rules
@@ -171,3 +172,49 @@ async def test_escalated_copy_reaches_the_managers_channels(svc, r, engine, rece
     assert slack["blocks"] and "text" in slack
     await wait_until(lambda: len(mailbox.messages) == 2, what="the manager's email")
     assert {m["To"] for m in mailbox.messages} == {"am@example.com", "lead@example.com"}
+
+
+def reassign(r, keys, alert_id: str, owner: str) -> str:
+    return r.xadd(keys.outcomes, {"alert_id": alert_id, "type": "reassigned", "actor": "ops", "owner": owner})
+
+
+async def test_an_alert_reassigned_back_reaches_its_first_owner_again(
+    svc, r, engine, receiver, mailbox, monkeypatch  # noqa: F811
+) -> None:
+    """am -> lead -> am: a hand-back is a new hand-off, so am is notified again on every channel, under
+    delivery ids of its own (a receiver dropping duplicates by them keeps it). A crash between its inbox
+    write and the commit, and the reassignment's redelivery, still send it once."""
+    publish(r, svc.keys, "h1", "am")
+    alert_id = alert_id_for("h1", "churn")
+    await wait_until(lambda: count(engine, DeliveryRecord, DeliveryRecord.status == "delivered") == 2, what="am's first")
+    reassign(r, svc.keys, alert_id, "lead")
+    await wait_until(lambda: count(engine, DeliveryRecord, DeliveryRecord.status == "delivered") == 4, what="lead's")
+
+    # The first attempt at the hand-back's commit fails after its inbox write: the outcome entry is retried.
+    real, failures = tracker.mark_delivered, []
+
+    def crashing(session, delivered, **kwargs):
+        if not failures:
+            failures.append(delivered)
+            raise RuntimeError("the store went away")
+        return real(session, delivered, **kwargs)
+
+    monkeypatch.setattr(tracker, "mark_delivered", crashing)
+    entry_id = reassign(r, svc.keys, alert_id, "am")
+    await wait_until(lambda: count(engine, DeliveryRecord, DeliveryRecord.status == "delivered") == 6, what="am again")
+    await wait_until(lambda: not r.xpending(svc.keys.outcomes, svc.group)["pending"], what="the outcome acknowledged")
+    assert failures == [{alert_id: "am"}]
+
+    # Redelivered once more (a crash before its ack): applied already, drained again, nothing sent again.
+    entries = r.xrange(svc.keys.outcomes, min=entry_id, max=entry_id)
+    assert (await svc.pipeline.process_outcomes(entries)).redelivered == 1
+    await svc.pipeline.channels.drain()
+
+    hooks = receiver.to("/ok/am")
+    assert [h.headers["x-decision-router-delivery"] for h in hooks] == [f"{alert_id}:am", f"{alert_id}:am:2"]
+    inbox = [json.loads(fields["data"]) for _, fields in r.xrange(svc.keys.inbox("am"))]
+    assert [a["alert_id"] for a in inbox] == [alert_id, alert_id] and "handoff" not in inbox[1]
+    mails = [m for m in mailbox.messages if m["To"] == "am@example.com"]
+    assert len(mails) == 2 and mails[0]["Message-ID"] != mails[1]["Message-ID"]
+    assert len(receiver.to("/ok/lead")) == 1
+    assert count(engine, DeliveryRecord) == 6

@@ -15,10 +15,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select
 from sqlmodel import Session
 
-from decision_router import notify
+from decision_router import metrics, notify
 from decision_router.notify import CLAIM_LEASE, RECEIVER_REMOVED, ChannelDelivery, queue_deliveries, redrive
 from decision_router.rules import load_rules
-from decision_router.tables import DeliveryRecord
+from decision_router.tables import AuditEvent, DeliveryRecord
 from tests.integration.conftest import ManualClock, wait_until
 from tests.integration.test_channels_webhook import ReceiverState, receiver  # noqa: F401  (fixture)
 from tests.integration.test_router_loop import count
@@ -212,6 +212,60 @@ async def test_a_reload_that_removes_a_webhook_dead_letters_its_pending_rows(
         assert await channels.reconfigure(with_hook)
         done = await redrive(channels)
         assert (done.sent, done.delivered, done.left) == (3, 3, ())
+        assert sorted(r.headers["x-decision-router-alert"] for r in receiver.to("/ok/am")) == sorted(ids)
+    finally:
+        await channels.close()
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("owner", ["am", "other"], ids=["webhook-removed", "owner-removed"])
+async def test_a_receiver_removed_while_the_router_was_stopped_is_dead_lettered_at_start(
+    settings, rules_dir, engine, receiver, owner  # noqa: F811
+) -> None:
+    """No reload sees the receiver go when the rules change between a stop and a start: the first pump
+    dead-letters its pending rows as a reload would (counted, audited, on the DLQ), once however many
+    processes start; a redrive sends them once the receiver is back."""
+    with_hook = load_rules(rules_dir)
+    ids = queue(engine, 3)  # left pending by the router that stopped
+    # am keeps only its inbox, or is gone (another owner has everything): either way no receiver am:webhook.
+    (rules_dir / "routing.yaml").write_text(f"rules:\n  - {{name: any, when: {{}}, owner: {owner}}}\n")
+    (rules_dir / "owners.yaml").write_text(f"owners:\n  - {{id: {owner}, name: X, channels: [inbox]}}\n")
+    without = load_rules(rules_dir)
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+    failed_before = metrics.REGISTRY.get_sample_value("decision_router_deliveries_failed_total", {"channel": "webhook"}) or 0
+    workers = [ChannelDelivery(settings=settings, ruleset=without, engine=engine, redis=redis, clock=utcnow)
+               for _ in range(2)]
+    try:
+        await asyncio.gather(*(w.pump() for w in workers), workers[0].pump())  # two processes start
+        dead = [fields for _, fields in await redis.xrange(workers[0].keys.deliveries_dlq)]
+        assert sorted(f["alert_id"] for f in dead) == sorted(ids)  # each once
+        assert {(f["receiver"], f["error"]) for f in dead} == {("am:webhook", RECEIVER_REMOVED)}
+        assert count(engine, DeliveryRecord, DeliveryRecord.status == "failed") == 3
+        assert count(engine, AuditEvent, AuditEvent.type == "delivery_failed") == 3
+        failed = metrics.REGISTRY.get_sample_value("decision_router_deliveries_failed_total", {"channel": "webhook"})
+        assert failed == failed_before + 3
+
+        back = ChannelDelivery(settings=settings, ruleset=with_hook, engine=engine, redis=redis, clock=utcnow)
+        workers.append(back)
+        done = await redrive(back)
+        assert (done.sent, done.delivered, done.left) == (3, 3, ())
+        assert sorted(r.headers["x-decision-router-alert"] for r in receiver.to("/ok/am")) == sorted(ids)
+    finally:
+        for w in workers:
+            await w.close()
+        await redis.aclose()
+
+
+async def test_rows_of_configured_receivers_are_sent_not_dead_lettered_at_start(
+    settings, rules_dir, engine, receiver  # noqa: F811
+) -> None:
+    ids = queue(engine, 2)
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+    channels = ChannelDelivery(settings=settings, ruleset=load_rules(rules_dir), engine=engine, redis=redis,
+                               clock=utcnow)
+    try:
+        await channels.drain()
+        assert await redis.xlen(channels.keys.deliveries_dlq) == 0
         assert sorted(r.headers["x-decision-router-alert"] for r in receiver.to("/ok/am")) == sorted(ids)
     finally:
         await channels.close()
