@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Header, HTTPException, Request
+from pydantic import BeforeValidator
 from sqlmodel import Session
 
 from decision_router import durations
@@ -95,6 +96,16 @@ def idempotency_key(
             "msg": f"1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters, no spaces",
         }])
     return key
+
+
+def _blank_is_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
+# A query parameter of a fixed set of values (`?state=`, `?action=`) left blank is no filter, as a blank owner, rule
+# or since is: a script's unset variable or a form's empty field. Pydantic still refuses any other value not in the
+# set, naming the allowed ones.
+BlankIsNone = BeforeValidator(_blank_is_none)
 
 
 def query_a_store_can_hold(request: Request) -> None:

@@ -27,6 +27,7 @@ from sqlmodel import Session
 from decision_router.api.actions import Applied, apply_event, http_entry_id
 from decision_router.api.auth import Principal, require
 from decision_router.api.common import (
+    BlankIsNone,
     body_error,
     idempotency_key,
     json_content,
@@ -38,7 +39,7 @@ from decision_router.api.common import (
 )
 from decision_router.audit import AlertSummary, alert_story, iso
 from decision_router.contracts import OutcomeResult, not_a_boolean
-from decision_router.insights import alerts_seen_by
+from decision_router.insights import NEWEST_FIRST, alerts_seen_by
 from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, EscalationRecord, as_utc
 
 router = APIRouter(tags=["alerts"])
@@ -151,12 +152,16 @@ async def list_alerts(
         str | None,
         Query(description="Only this owner's (owner tokens: their own, else also those escalated to them)."),
     ] = None,
-    state: Annotated[State | None, Query(description="open | acknowledged | intervened | closed")] = None,
+    state: Annotated[
+        State | None, BlankIsNone, Query(description="open | acknowledged | intervened | closed (blank: any)")
+    ] = None,
     rule: Annotated[str | None, Query()] = None,
     entity: Annotated[str | None, Query(description="TYPE:ID, e.g. account:acct-17")] = None,
     model: Annotated[str | None, Query()] = None,
     action: Annotated[
-        Action | None, Query(description="alert | record | control | suppressed (owner tokens: alert)")
+        Action | None,
+        BlankIsNone,
+        Query(description="alert | record | control | suppressed (owner tokens: alert; blank: any)"),
     ] = None,
     since: Annotated[str | None, Query(description="Created since: a duration ago (7d, 24h) or an ISO date.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -164,6 +169,7 @@ async def list_alerts(
 ) -> dict[str, Any]:
     # A blank filter is no filter, as a blank since, entity or cursor is here and any blank one in the dashboard's
     # JSON: no owner, rule or model is named "", so matching "" would answer an empty list that looks like "none".
+    # (A blank state or action is None already: BlankIsNone.)
     owner, rule, model = owner or None, rule or None, model or None
     # An owner token without an owner filter lists its own alerts and those escalated to it.
     seen_by: str | None = None
@@ -199,7 +205,7 @@ async def list_alerts(
         if after is not None:
             conditions.append(or_(a.created_at < after[0], and_(a.created_at == after[0], a.alert_id < after[1])))
         if seen_by is not None:
-            q = alerts_seen_by(seen_by, *conditions, newest_first=True, limit=limit + 1)
+            q = alerts_seen_by(seen_by, *conditions, order=NEWEST_FIRST, limit=limit + 1)
         else:
             q = select(a).where(*conditions).order_by(a.created_at.desc(), a.alert_id.desc()).limit(limit + 1)
         rows = list(session.scalars(q))

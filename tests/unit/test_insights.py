@@ -222,4 +222,4 @@ def test_open_alerts_of_a_manager_add_the_ones_escalated_to_them_at_any_level() 
     assert listed == ["al-r-2", "al-r-3", "al-r-4", "al-r-1"]
     assert steps == {"al-r-2": (1, "alice"), "al-r-3": (2, "kim"), "al-r-4": (3, "vp")}
     assert alices == ["al-r-2", "al-r-4"]  # the owner still sees them: escalation hands nothing over
-    assert at_most_two == ["al-r-2", "al-r-3"]  # the oldest two
+    assert at_most_two == ["al-r-2", "al-r-3"]  # the two most urgent
