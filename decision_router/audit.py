@@ -208,6 +208,8 @@ def describe(kind: str, prediction_id: str | None, detail: Mapping[str, Any]) ->
         text = f"outcome {d.get('result')}{value}"
     elif kind == "reassigned":
         text = f"reassigned {d.get('from_owner')} -> {d.get('to_owner')}"
+        if d.get("delegated_from"):
+            text += f" (delegate for away owner {d['delegated_from']})"
     elif kind == "escalated":
         text = (f"escalated ({d.get('kind')} deadline missed, level {d.get('level')}) "
                 f"{d.get('from_owner')} -> {d.get('to_owner')}: {d.get('reason')}")

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -176,6 +176,7 @@ def reassign(
     reason: Annotated[Optional[str], typer.Option(help="Why; kept in the audit trail as the note.")] = None,
 ) -> None:
     """Hand an alert to another owner: the same event as `outcome reassigned --alert ID --owner ...`."""
+    from decision_router.router import present_owner
     from decision_router.rules import RulesInvalid, load_rules
 
     settings = settings_or_exit()
@@ -187,6 +188,9 @@ def reassign(
     else:
         if to not in owners:
             fail(f"owner '{to}' is not in the owner directory ({settings.rules_dir}){did_you_mean(to, owners)}", code=2)
+        # The router hands it on as it does a routed alert: say so, or the user looks for it in the wrong inbox.
+        if (present := present_owner(to, owners, datetime.now(UTC))) != to:
+            say(f"note: '{to}' is away; the router gives the alert to their delegate '{present}'", stderr=True)
     send_outcome({"type": "reassigned", "alert_id": alert_id, "actor": by, "owner": to, "note": reason}, settings)
 
 

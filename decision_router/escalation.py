@@ -91,6 +91,42 @@ def _missed(record: AlertRecord, now: datetime) -> tuple[str, timedelta, str] | 
     return None
 
 
+def _chain_so_far(session: Session, record: AlertRecord) -> list[str]:
+    """Who held the alert since its chain last started at its owner, the latest first: the manager it
+    is escalated to, each one it came from, down to the owner (a reassignment starts a new chain)."""
+    if record.escalated_to is None:
+        return [record.owner]
+    holders = [record.escalated_to]
+    steps = session.scalars(
+        select(EscalationRecord.from_owner)
+        .where(EscalationRecord.alert_id == record.alert_id)
+        .order_by(EscalationRecord.level.desc())
+    )
+    for from_owner in steps:
+        holders.append(from_owner)
+        if from_owner == record.owner:
+            break
+    return holders
+
+
+def _next_manager(
+    session: Session, record: AlertRecord, holder: str, owners: Mapping[str, Owner]
+) -> tuple[str | None, str | None, list[str]]:
+    """(the holder the next step goes up from, their manager or None at the top, the holders skipped
+    because they left the directory). A holder that a hot reload removed does not end the chain: the
+    step goes up from the latest earlier holder still in the directory, to their manager as of now,
+    which is whoever took the removed one's place (or the next one up, if nobody did). With nobody of
+    the chain left (its owner removed too), there is no one to go up from: None, None."""
+    if holder in owners:
+        return holder, owners[holder].manager, []
+    gone = []
+    for earlier in _chain_so_far(session, record):
+        if earlier in owners:
+            return earlier, owners[earlier].manager, gone
+        gone.append(earlier)
+    return None, None, gone
+
+
 def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owner], now: datetime) -> str | None:
     """One step for one alert: "escalated", "breached", "conflict", or None if nothing is due."""
     missed = _missed(record, now)
@@ -98,7 +134,14 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
         return None
     kind, window, reason = missed
     holder = record.escalated_to or record.owner
-    manager = owners[holder].manager if holder in owners else None
+    below, manager, gone = _next_manager(session, record, holder, owners)
+    if gone:
+        # A hot reload removed the holder: the chain goes on as the directory now runs it.
+        if below is None:
+            where = "nobody of its chain is left"
+        else:
+            where = f"up from {below}" if manager else f"{below} is the top of the chain now"
+        reason = f"{reason} ({', '.join(gone)} no longer in the owner directory; {where})"
     # An away manager's copy goes to their delegate, as a new alert would; the chain goes on from the
     # manager (escalated_to), so the next step is the manager's own manager.
     recipient = present_owner(manager, owners, now) if manager else None
@@ -134,7 +177,9 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
         )
         detail.update(level=level, to_owner=recipient)
     else:
-        detail.update(level=record.escalation_level, top_of_chain=holder)
+        detail.update(level=record.escalation_level, top_of_chain=below or holder)
+    if gone:
+        detail.update(removed_from_directory=gone)
     session.add(
         AuditEvent(
             alert_id=record.alert_id,

@@ -478,7 +478,9 @@ class Pipeline:
                         )
                     )
                     continue
-                tracker.apply_outcome(session, event=item, alerts=alerts, source_id=source_id, now=now)
+                tracker.apply_outcome(
+                    session, event=item, alerts=alerts, source_id=source_id, now=now, owners=self.ruleset.owners
+                )
                 result.accepted += 1
                 if item.type is OutcomeType.REASSIGNED:
                     reassigned.extend(a.prediction_id for a in alerts)

@@ -28,7 +28,8 @@ from decision_router.contracts import (
     Rejection,
 )
 from decision_router.durations import earlier
-from decision_router.router import Decision
+from decision_router.router import Decision, present_owner
+from decision_router.rules import Owner
 from decision_router.store import finite_json_text, json_text
 from decision_router.tables import (
     DELIVERED_TO_OWNER,
@@ -563,9 +564,13 @@ def seen_at(record: AlertRecord, at: datetime) -> datetime:
 
 
 def apply_outcome(
-    session: Session, *, event: OutcomeEvent, alerts: Sequence[AlertRecord], source_id: str | None, now: datetime
+    session: Session, *, event: OutcomeEvent, alerts: Sequence[AlertRecord], source_id: str | None, now: datetime,
+    owners: Mapping[str, Owner] | None = None,
 ) -> None:
-    """Record the event on each alert: acknowledged -> intervened -> outcome, first time wins."""
+    """Record the event on each alert: acknowledged -> intervened -> outcome, first time wins.
+
+    A reassignment to an owner away at `now` (in `owners`) goes to their present delegate, as routing
+    and escalation do; without `owners`, nobody is away."""
     at = event.at or now
     for record in alerts:
         detail: dict[str, object] = {k: v for k, v in (("action", event.action), ("note", event.note)) if v is not None}
@@ -591,8 +596,16 @@ def apply_outcome(
                 record.ack_due_at = record.act_due_at = None
         elif event.type is OutcomeType.REASSIGNED:
             assert event.owner is not None
-            detail.update(from_owner=record.owner, to_owner=event.owner)
-            record.owner = event.owner
+            receiver = present_owner(event.owner, owners, now) if owners is not None else event.owner
+            delegated_from = event.owner if receiver != event.owner else None
+            # As routing records a delegation: who receives it (and is accountable now), and for whom.
+            detail.update(from_owner=record.owner, to_owner=receiver)
+            if delegated_from is not None:
+                detail.update(delegated_from=delegated_from)
+            record.owner = receiver
+            # The alert the new owner receives says whether they have it for someone away; an earlier
+            # owner's delegation is not theirs.
+            record.delegated_from = delegated_from
             # The new owner must receive it (back into the outbox) and gets fresh deadlines.
             record.delivered_at = None
             # Written even if it looked unchanged here: the inbox write to the old owner may

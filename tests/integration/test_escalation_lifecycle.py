@@ -1,6 +1,7 @@
 """Ownership over time on real Redis and both stores, driven by a controllable clock: an
-intervention reported before the acknowledgement, a reassignment after a breach or racing a
-sweep, and an escalation to a manager who is away."""
+intervention reported before the acknowledgement, a reassignment after a breach, racing a
+sweep or to an owner who is away, an escalation to a manager who is away, and one to a
+manager a hot reload removed."""
 
 from __future__ import annotations
 
@@ -209,3 +210,53 @@ async def test_an_escalation_to_an_away_manager_goes_to_their_delegate(svc, r, e
         escalated = session.scalars(select(AuditEvent).where(AuditEvent.alert_id == alert_id,
                                                              AuditEvent.type == "escalated").order_by(AuditEvent.id)).all()
     assert (escalated[0].detail["to_owner"], escalated[0].detail["delegated_from"]) == ("deputy", "director")
+
+
+async def test_a_reassignment_to_an_away_owner_goes_to_their_delegate(svc, r, engine, clock) -> None:
+    alert_id = await routed_alert(svc, r, "d1")
+    r.xadd(svc.keys.outcomes, {"alert_id": alert_id, "type": "reassigned", "actor": "lead", "owner": "director"})
+    await wait_until(lambda: len(inbox(r, svc.keys, "deputy")) == 1, what="the delegate's inbox")
+    assert inbox(r, svc.keys, "director") == []
+    (copy,) = inbox(r, svc.keys, "deputy")
+    assert (copy["owner"], copy["reassigned_from"], copy["delegated_from"]) == ("deputy", "am", "director")
+    with Session(engine) as session:
+        (event,) = session.scalars(select(AuditEvent.detail).where(AuditEvent.alert_id == alert_id,
+                                                                   AuditEvent.type == "reassigned")).all()
+    assert event == {"from_owner": "am", "to_owner": "deputy", "delegated_from": "director"}
+    # The delegate is accountable now: escalation starts from them. (The store marks the delivery just
+    # after the inbox write.)
+    await wait_until(lambda: alert_row(engine, alert_id).delivered_at is not None, what="the delivery marked")
+    row = alert_row(engine, alert_id)
+    assert (row.owner, row.escalated_to) == ("deputy", None)
+
+
+async def test_a_manager_removed_by_a_hot_reload_does_not_end_the_chain(settings, rules_dir, engine, r, clock) -> None:
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "sweep_interval": timedelta(hours=1)})
+    async with running_service(tuned, load_rules(rules_dir), engine, clock=clock, watch_rules=True) as service:
+        alert_id = await routed_alert(service, r, "gone1")
+        clock.now = T0 + timedelta(hours=1, minutes=1)
+        assert (await service.sweeper.sweep_once()).escalated == 1
+        # lead leaves: am reports to new-lead now.
+        (rules_dir / "owners.yaml").write_text(OWNERS.replace(
+            "  - {id: lead, name: Lead, manager: vp}", "  - {id: new-lead, name: New Lead, manager: vp}"
+        ).replace("{id: am, name: Account Manager, manager: lead}", "{id: am, name: Account Manager, manager: new-lead}"))
+        await service.check_rules(force=True)
+        assert "lead" not in service.pipeline.ruleset.owners
+        clock.now += timedelta(hours=1, minutes=1)
+        assert (await service.sweeper.sweep_once()).escalated == 1
+        (copy,) = inbox(r, service.keys, "new-lead")
+        assert (copy["escalation"]["level"], copy["escalation"]["from_owner"]) == (2, "lead")
+        assert copy["escalation"]["reason"] == "not acknowledged within 1h (lead no longer in the owner directory; up from am)"
+        # And on up the chain as it is now, to the breach at its top.
+        clock.now += timedelta(hours=1, minutes=1)
+        assert (await service.sweeper.sweep_once()).escalated == 1
+        assert len(inbox(r, service.keys, "vp")) == 1
+        # 4:04: the act deadline (4h) has passed too, so this miss is recorded for it, at vp.
+        clock.now += timedelta(hours=1, minutes=1)
+        assert (await service.sweeper.sweep_once()).breached == 1
+    row = alert_row(engine, alert_id)
+    assert (row.escalation_level, row.escalated_to, row.act_breached_at is not None) == (3, "vp", True)
+    with Session(engine) as session:
+        (breach,) = session.scalars(select(AuditEvent.detail).where(AuditEvent.alert_id == alert_id,
+                                                                    AuditEvent.type == "sla_breached")).all()
+    assert breach["top_of_chain"] == "vp"

@@ -205,6 +205,8 @@ def test_entity_story_groups_every_decision(session: Session) -> None:
           "priority high")),
         ("sla_breached", {"kind": "act", "reason": "no intervention recorded within 1d", "top_of_chain": "vp"},
          "SLA breached (act): no intervention recorded within 1d; no manager above vp"),
+        ("reassigned", {"from_owner": "alice", "to_owner": "felix", "delegated_from": "hugo", "note": "key account"},
+         "reassigned alice -> felix (delegate for away owner hugo) (note: key account)"),
         ("intervened", {}, "intervened: no action named"),
         ("outcome", {"result": "failure", "value": None}, "outcome failure"),
         ("acknowledged", {"note": "on it"}, "acknowledged (note: on it)"),

@@ -311,3 +311,25 @@ def test_a_number_of_hundreds_of_digits_is_quoted_by_its_start_and_length() -> N
     line = one_error(invoke("stats", "model", "--bands", "9" * 400), 2)
     assert line == ("error: --bands: expected at least two strictly increasing finite numbers, "
                     "not '99999999999999999999… (400 digits)'")
+
+
+# reassign: an owner who is away ------------------------------------------------------------------------
+
+
+def test_reassigning_to_an_away_owner_says_who_receives_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "routing.yaml").write_text("rules:\n  - {name: rest, when: {}, owner: desk, action: record}\n")
+    (rules / "owners.yaml").write_text(
+        "owners:\n  - {id: desk, name: Desk}\n"
+        "  - {id: hugo, name: Hugo, away_until: '2999-01-01', delegate: felix}\n  - {id: felix, name: Felix}\n"
+    )
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(rules))
+    sent: list[dict] = []
+    monkeypatch.setattr("decision_router.cli_governance.send_outcome", lambda document, settings: sent.append(document))
+    result = invoke("reassign", "al-1", "--to", "hugo", "--by", "lead")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "note: 'hugo' is away; the router gives the alert to their delegate 'felix'\n"
+    # The event names the owner asked for: the router resolves the delegate when it applies it.
+    assert [d["owner"] for d in sent] == ["hugo"]
+    assert invoke("reassign", "al-1", "--to", "felix", "--by", "lead").stderr == ""
