@@ -329,7 +329,7 @@ def unfolded(session: Session, rows: list[Any], repeat: int, differences: int = 
 
 def rules_overlap(session: Session, repeat: int) -> None:
     """What the CLI does with the rules: load them, then compute_stats; or load them in a thread
-    while compute_stats counts (cli_stats.HoldoutsLoading). Alternately, the rules module imported."""
+    while compute_stats counts (cli_stats.RulesLoading). Alternately, the rules module imported."""
     import decision_router.cli  # noqa: F401  (cli_stats is registered by, and imports, cli)
     from decision_router import cli_stats, rules  # noqa: F401
 
@@ -339,7 +339,7 @@ def rules_overlap(session: Session, repeat: int) -> None:
         for name, runs in times.items():
             in_thread = name.strip().startswith("rules loading")
             start = time.perf_counter()
-            holdouts = cli_stats.HoldoutsLoading(rules_dir, in_thread=in_thread)
+            holdouts = cli_stats.RulesLoading(rules_dir, in_thread=in_thread)
             compute_stats(session, by=GroupBy.RULE, holdouts=holdouts)
             runs.append(time.perf_counter() - start)
     for name, runs in times.items():

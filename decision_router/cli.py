@@ -101,6 +101,31 @@ app = App(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(asked: bool) -> None:
+    """`--version`: the installed package's version (its metadata, as pip shows it), then exit 0."""
+    if not asked:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("decision-router")
+    except PackageNotFoundError:
+        fail("the decision-router package is not installed, so it has no version: pip install -e . in the checkout")
+    typer.echo(f"decision-router {installed}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """The options before any command (only --version); each command parses its own."""
+
+
 rules_app = App(
     help="Check the routing rules and owner directory, test them on a prediction, replay stored predictions.",
     no_args_is_help=True,
@@ -206,9 +231,10 @@ def fail_store(database_url: str, exc: Exception) -> NoReturn:
 
 
 def existing_store_or_exit(database_url: str) -> None:
-    """Exit 1 when `database_url` names an SQLite file that does not exist. A reading command (`stats`,
-    `audit`) run outside the directory `serve` runs in would otherwise create an empty store there
-    (the default `decision_router.db` is relative to the working directory) and report "no alerts"."""
+    """Exit 1 when `database_url` names an SQLite file that does not exist. A command that only reads the
+    store or changes what is in it (`stats`, `audit`, `health`, `tokens list`, `tokens revoke`, `redrive
+    deliveries`) run outside the directory `serve` runs in would otherwise create an empty store there (the
+    default `decision_router.db` is relative to the working directory) and report "no alerts", or "ok"."""
     if not database_url.startswith("sqlite"):
         return
     from sqlalchemy.engine import make_url
@@ -640,6 +666,9 @@ def health() -> None:
         await redis.aclose()
 
     asyncio.run(ping())
+    # A missing SQLite file is a store that does not answer: connecting would create an empty one,
+    # and report a router whose store is elsewhere (serve's working directory) as healthy.
+    existing_store_or_exit(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
         with engine.connect() as connection:

@@ -13,6 +13,7 @@ from decision_router.cli import (
     _connect,
     app,
     err,
+    existing_store_or_exit,
     fail,
     fail_rules,
     fail_store,
@@ -70,12 +71,16 @@ def api(
         engine.dispose()
 
 
-def _engine():  # type: ignore[no-untyped-def]
+def _engine(*, existing: bool = False):  # type: ignore[no-untyped-def]
+    """The settings and an engine on the store, its schema created if missing. `existing`: refuse an
+    SQLite file that does not exist rather than create it (commands that read or change its tokens)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from decision_router.store import create_schema, make_engine
 
     settings = settings_or_exit()
+    if existing:
+        existing_store_or_exit(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
         create_schema(engine)
@@ -126,11 +131,12 @@ def tokens_list(fmt: Annotated[str, typer.Option("--format", help="table or json
     """Every token: id, name, role, owner, created, revoked (never the secret)."""
     from rich.table import Table
 
+    from decision_router.audit import iso
     from decision_router.tokens import list_tokens
 
     if fmt not in ("table", "json"):
         fail(f"--format must be table or json, not {fmt!r}", code=2)
-    _settings, engine = _engine()
+    _settings, engine = _engine(existing=True)
     try:
         tokens = list_tokens(engine)
     finally:
@@ -141,8 +147,8 @@ def tokens_list(fmt: Annotated[str, typer.Option("--format", help="table or json
             "name": t.name,
             "role": t.role,
             "owner": t.owner,
-            "created_at": t.created_at.isoformat(),
-            "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+            "created_at": iso(t.created_at),
+            "revoked_at": iso(t.revoked_at),
         }
         for t in tokens
     ]
@@ -164,7 +170,7 @@ def tokens_revoke(
     """Revoke a token: every request with it is refused (401) from now on."""
     from decision_router.tokens import TokenError, revoke_token
 
-    _settings, engine = _engine()
+    _settings, engine = _engine(existing=True)
     try:
         info = revoke_token(engine, token_id)
     except TokenError as exc:

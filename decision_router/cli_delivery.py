@@ -6,7 +6,16 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from decision_router.cli import App, _connect, app, fail_rules, out, run_on_redis, settings_or_exit
+from decision_router.cli import (
+    App,
+    _connect,
+    app,
+    existing_store_or_exit,
+    fail_rules,
+    out,
+    run_on_redis,
+    settings_or_exit,
+)
 from decision_router.echo import counted
 from decision_router.keys import Keys
 
@@ -32,6 +41,8 @@ def redrive_deliveries() -> None:
         ruleset = load_rules(settings.rules_dir)
     except RulesInvalid as exc:
         fail_rules(settings, exc)
+    # The dead-lettered deliveries are of alerts in serve's store: never record their re-sending in a new one.
+    existing_store_or_exit(settings.database_url)
     engine = make_engine(settings.database_url)
     create_schema(engine)
 

@@ -9,33 +9,16 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import err, existing_store_or_exit, fail, out, settings_or_exit
-from decision_router.cli_stats import stats_app, unknown_model, unseen_model
+from decision_router.cli import existing_store_or_exit, fail, out, settings_or_exit
+from decision_router.cli_stats import rules_or_none, stats_app, unknown_model, unseen_model
 
 FORMATS = ("table", "json")
-
-
-def _models(rules_dir: Path) -> Any:
-    """RuleSet.models of the rules directory; {} (defaults, with a warning) if it does not load."""
-    from decision_router.rules import RulesInvalid, load_rules
-
-    try:
-        return load_rules(rules_dir).models
-    except RulesInvalid as exc:
-        first = exc.problems[0] if exc.problems else "invalid"
-        err.print(
-            f"warning: cannot load the rules in {rules_dir} ({first}); every model is checked with the default "
-            "drift settings (set DECISION_ROUTER_RULES_DIR to the rules the service runs)",
-            style="yellow", markup=False, highlight=False, soft_wrap=True,
-        )
-        return {}
 
 
 def _number(metric: str, value: float | None) -> str:
@@ -99,18 +82,20 @@ def drift(
         fail(f"--format must be table or json, not {fmt!r}", code=2)
     settings = settings_or_exit()
     existing_store_or_exit(settings.database_url)
-    models = _models(settings.rules_dir)
+    # Loaded once: their drift settings, and the models they name for the check of an empty result.
+    ruleset = rules_or_none(settings.rules_dir, skipped="every model is checked with the default drift settings")
     engine = make_engine(settings.database_url)
     unknown = None
     try:
         if not inspect(engine).has_table("predictions"):
-            rows = []
-            unknown = unseen_model(model, [], settings.rules_dir) if model is not None else None  # a bare store
+            rows = []  # a bare store
+            unknown = unseen_model(model, [], ruleset, settings.rules_dir) if model is not None else None
         else:
             only = None if model is None else {model}
             with Session(engine) as session:
+                models = ruleset.models if ruleset is not None else {}
                 rows = assess_models(session, now=utcnow(), ruleset_models=models, only=only)
-                unknown = None if rows else unknown_model(session, model, settings.rules_dir)
+                unknown = None if rows else unknown_model(session, model, lambda: ruleset, settings.rules_dir)
     except SQLAlchemyError as exc:
         fail(f"cannot read the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
     finally:

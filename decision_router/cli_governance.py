@@ -306,6 +306,7 @@ def rules_replay(
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
     """Route stored predictions through candidate rules and compare with what happened. Writes nothing."""
+    from decision_router.audit import iso
     from decision_router.replay import replay, replay_store
     from decision_router.rules import RulesInvalid, load_rules
 
@@ -324,7 +325,7 @@ def rules_replay(
             report = replay_store(session, candidate, since=start, until=end, examples=examples)
     window = f"{_when(start)} .. {_when(end) if end else 'now'}"
     if fmt == "json":
-        _json({"since": start.isoformat() if start else None, "until": end.isoformat() if end else None,
+        _json({"since": iso(start), "until": iso(end),
                "candidate_rules_dir": str(rules), "current_rules_dir": str(settings.rules_dir),
                "current_rules_version": current, **report.as_dict()})
         return

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
@@ -36,6 +37,7 @@ from decision_router.cli import (
 from decision_router.uplift import DEFAULT_BAND_EDGES, MIN_N
 
 if TYPE_CHECKING:  # stats.py pulls in SQLAlchemy: imported where a command needs it, so other commands start fast
+    from decision_router.rules import RuleSet
     from decision_router.settings import Settings
     from decision_router.stats import BandRow, GroupBy, QualityReport, StatsRow
 
@@ -94,57 +96,73 @@ def _read(settings: Settings, compute: Callable[[Any], T]) -> T:
         return compute(session)
 
 
-def load_holdouts(rules_dir: Path) -> dict[str, float] | None:
-    """Rule name -> configured holdout, from the rules directory; None (with a warning) if it does not load."""
+def rules_or_none(rules_dir: Path, *, skipped: str | None = None) -> RuleSet | None:
+    """The rules in `rules_dir`; None if they do not load, with a warning saying what is `skipped` then
+    (none when not given: a typo check without the rules just does not say "did you mean")."""
     from decision_router.rules import RulesInvalid, load_rules
 
     try:
-        ruleset = load_rules(rules_dir)
+        return load_rules(rules_dir)
     except RulesInvalid as exc:
-        first = exc.problems[0] if exc.problems else "invalid"
-        err.print(
-            f"warning: cannot load the rules in {rules_dir} ({first}); the sample ratio check is skipped "
-            "(set DECISION_ROUTER_RULES_DIR to the rules the service runs)",
-            style="yellow", markup=False, highlight=False, soft_wrap=True,
-        )
+        if skipped is not None:
+            first = exc.problems[0] if exc.problems else "invalid"
+            err.print(
+                f"warning: cannot load the rules in {rules_dir} ({first}); {skipped} "
+                "(set DECISION_ROUTER_RULES_DIR to the rules the service runs)",
+                style="yellow", markup=False, highlight=False, soft_wrap=True,
+            )
         return None
-    return {rule.name: rule.holdout for rule in ruleset.rules}
 
 
-class HoldoutsLoading(Mapping[str, float]):
-    """load_holdouts(rules_dir), in a thread when `in_thread`: the rules then load while PostgreSQL
-    counts (psycopg waits for the whole result with the GIL released). Not on SQLite: its driver
-    takes the GIL back after each row and each statement of the rank walks, so a thread loading
-    meanwhile slows the query by more than it saves (measured: benchmarks/bench_stats.py). Reading
-    the mapping waits for the load (None reads as {}); compute_stats reads it after its counts query."""
+def rules_for_stats(rules_dir: Path) -> RuleSet | None:
+    """The rules `stats` reads its holdouts from (and checks --rule, --owner, --model against)."""
+    return rules_or_none(rules_dir, skipped="the sample ratio check is skipped")
+
+
+class RulesLoading(Mapping[str, float]):
+    """rules_for_stats(rules_dir), once per command, in a thread when `in_thread`: the rules then load
+    while PostgreSQL counts (psycopg waits for the whole result with the GIL released). Not on SQLite:
+    its driver takes the GIL back after each row and each statement of the rank walks, so a thread
+    loading meanwhile slows the query by more than it saves (measured: benchmarks/bench_stats.py).
+    As a mapping, rule name -> configured holdout (rules that do not load read as {}): compute_stats
+    reads it after its counts query. `ruleset()`: the rules themselves, for the checks of an empty
+    result. Either waits for the load."""
 
     def __init__(self, rules_dir: Path, *, in_thread: bool) -> None:
         import threading
 
-        self._outcome: tuple[dict[str, float] | None, BaseException | None] = (None, None)
+        self._outcome: tuple[RuleSet | None, BaseException | None] = (None, None)
+        self._holdouts: dict[str, float] = {}
         self._thread: threading.Thread | None = None
         if in_thread:
-            self._thread = threading.Thread(target=self._load, args=(rules_dir,), name="load-holdouts", daemon=True)
+            self._thread = threading.Thread(target=self._load, args=(rules_dir,), name="load-rules", daemon=True)
             self._thread.start()
         else:
             self._load(rules_dir)
 
     def _load(self, rules_dir: Path) -> None:
         try:
-            self._outcome = (load_holdouts(rules_dir), None)
-        except BaseException as exc:  # raised where the holdouts are read, as if loaded there
+            ruleset = rules_for_stats(rules_dir)
+        except BaseException as exc:  # raised where the rules are read, as if loaded there
             self._outcome = (None, exc)
+            return
+        self._outcome = (ruleset, None)
+        self._holdouts = {rule.name: rule.holdout for rule in ruleset.rules} if ruleset is not None else {}
 
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
 
-    def wait(self) -> dict[str, float]:
+    def ruleset(self) -> RuleSet | None:
         self.join()
-        holdouts, error = self._outcome
+        ruleset, error = self._outcome
         if error is not None:
             raise error
-        return holdouts or {}
+        return ruleset
+
+    def wait(self) -> dict[str, float]:
+        self.ruleset()
+        return self._holdouts
 
     def __getitem__(self, rule: str) -> float:
         return self.wait()[rule]
@@ -334,17 +352,18 @@ def stats(
     def read(session: Any) -> tuple[list[StatsRow], str | None]:
         # Started now, not earlier: SQLAlchemy's imports are done (the thread imports the rules'
         # modules, and holds the import lock meanwhile), and the database is about to count.
-        holdouts = HoldoutsLoading(settings.rules_dir, in_thread=session.get_bind().dialect.name == "postgresql")
+        rules = RulesLoading(settings.rules_dir, in_thread=session.get_bind().dialect.name == "postgresql")
         try:
             rows = compute_stats(
-                session, by=group, since=start, until=end, rule=rule, owner=owner, model=model, holdouts=holdouts,
+                session, by=group, since=start, until=end, rule=rule, owner=owner, model=model, holdouts=rules,
             )
         finally:
-            holdouts.join()  # also when the store fails: a warning about the rules comes before the error
+            rules.join()  # also when the store fails: a warning about the rules comes before the error
         if rows:
             return rows, None
-        unknown = _unknown_filter(session, settings.rules_dir, rule=rule, owner=owner)
-        return rows, unknown or unknown_model(session, model, settings.rules_dir)
+        # The checks of an empty result read the rules loaded for the holdouts: not once more each.
+        unknown = _unknown_filter(session, rules.ruleset, settings.rules_dir, rule=rule, owner=owner)
+        return rows, unknown or unknown_model(session, model, rules.ruleset, settings.rules_dir)
 
     rows, unknown = _read(settings, read)
     if unknown is not None:
@@ -354,21 +373,22 @@ def stats(
     print_stats(rows, group, fmt)
 
 
-def _unknown_filter(session: Any, rules_dir: Path, *, rule: str | None, owner: str | None) -> str | None:
+def _unknown_filter(
+    session: Any, rules: Callable[[], RuleSet | None], rules_dir: Path, *, rule: str | None, owner: str | None
+) -> str | None:
     """Why an empty result is a typo: --rule or --owner names no rule (owner) of the current rules and
     no alert in the store (a rule since removed still has its alerts). None when both are known, or
-    when the rules do not load (load_holdouts has warned)."""
+    when the rules do not load (rules_for_stats has warned). `rules`: those of `rules_dir`, loaded
+    when first called."""
     if rule is None and owner is None:
         return None
     from sqlalchemy import select
 
     from decision_router.echo import did_you_mean
-    from decision_router.rules import RulesInvalid, load_rules
     from decision_router.tables import AlertRecord
 
-    try:
-        ruleset = load_rules(rules_dir)
-    except RulesInvalid:
+    ruleset = rules()
+    if ruleset is None:
         return None
     checks = (
         ("--rule", rule, "rule", "the rules", [r.name for r in ruleset.rules], AlertRecord.rule),
@@ -383,31 +403,31 @@ def _unknown_filter(session: Any, rules_dir: Path, *, rule: str | None, owner: s
     return None
 
 
-def unknown_model(session: Any, model: str | None, rules_dir: Path) -> str | None:
+def unknown_model(
+    session: Any, model: str | None, rules: Callable[[], RuleSet | None], rules_dir: Path
+) -> str | None:
     """Why an empty result is a typo: no prediction, decision or rejection in the store names --model,
     nor do the rules (a model the store or the rules know, with nothing in the window, is no error: a
     new model before its first prediction, say). Asked only of an empty result: a lookup in each
-    table's model index, then the rules, and the walk of the store's names for the hint."""
+    table's model index, then the rules, and the walk of the store's names for the hint. `rules`:
+    those of `rules_dir`, loaded when first called (not at all for a model the store knows)."""
     if model is None:
         return None
     from decision_router.stats import model_seen, models_seen
 
     if model_seen(session, model):
         return None
-    return unseen_model(model, models_seen(session), rules_dir)
+    return unseen_model(model, models_seen(session), rules(), rules_dir)
 
 
-def unseen_model(model: str, stored: list[str], rules_dir: Path) -> str | None:
+def unseen_model(model: str, stored: list[str], ruleset: RuleSet | None, rules_dir: Path) -> str | None:
     """The error for a --model the store has never seen (`stored`: the models it has seen), or None
-    when the rules name it (their `models:` section or a rule's model condition)."""
+    when the rules (those of `rules_dir`; None: they do not load) name it: their `models:` section or
+    a rule's model condition."""
     from decision_router.echo import did_you_mean
-    from decision_router.rules import RulesInvalid, load_rules
 
-    try:
-        ruleset = load_rules(rules_dir)
-    except RulesInvalid:
-        named: set[str] = set()
-    else:
+    named: set[str] = set()
+    if ruleset is not None:
         named = {*ruleset.models, *ruleset.model_owners, *(m for r in ruleset.rules if r.models for m in r.models)}
     if model in named:
         return None
@@ -482,7 +502,8 @@ def quality(
 
     def read(session: Any) -> tuple[QualityReport, str | None]:
         report = compute_quality(session, since=start, until=end, model=model)
-        return report, None if report.models else unknown_model(session, model, settings.rules_dir)
+        rules = partial(rules_or_none, settings.rules_dir)
+        return report, None if report.models else unknown_model(session, model, rules, settings.rules_dir)
 
     report, unknown = _read(settings, read)
     if unknown is not None:
@@ -551,7 +572,8 @@ def model_precision(
 
     def read(session: Any) -> tuple[list[BandRow], str | None]:
         rows = compute_model_precision(session, model=model, since=start, until=end, edges=edges)
-        return rows, None if rows else unknown_model(session, model, settings.rules_dir)
+        rules = partial(rules_or_none, settings.rules_dir)
+        return rows, None if rows else unknown_model(session, model, rules, settings.rules_dir)
 
     rows, unknown = _read(settings, read)
     if unknown is not None:

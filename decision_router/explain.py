@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from decision_router.audit import iso
 from decision_router.contracts import Prediction, Rejection, RejectionReason, storable_text
 from decision_router.durations import format_duration
 from decision_router.echo import cap_digits
@@ -79,8 +80,8 @@ class RuleMatch:
             "cooldown_note": COOLDOWN_NOTE if self.cooldown else None,
             "ack_within": format_duration(self.ack_within),
             "act_within": format_duration(self.act_within),
-            "ack_by": self.ack_by.isoformat(),
-            "act_by": self.act_by.isoformat(),
+            "ack_by": iso(self.ack_by),
+            "act_by": iso(self.act_by),
             "context": self.context,
             "missing_context": list(self.missing_context),
         }
@@ -344,7 +345,7 @@ def as_document(
     return {
         "rules_dir": str(ruleset.source_dir),
         "rules_version": ruleset.version,
-        "now": now.isoformat(),
+        "now": iso(now),
         "expect": {"rules": list(rules), "owners": list(owners)},
         "predictions": [result.as_dict() for result in results],
     }

@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from decision_router import drift
+from decision_router.audit import iso
 from decision_router.contracts import DataQualityAlert, DataQualityWindow
 from decision_router.keys import Keys
 from decision_router.notify import queue_deliveries
@@ -97,7 +98,7 @@ class ModelHealth:
 
     def as_dict(self) -> dict[str, Any]:
         document = asdict(self)
-        document["window"] = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in document["window"].items()}
+        document["window"] = {k: iso(v) if isinstance(v, datetime) else v for k, v in document["window"].items()}
         document["status"] = self.status
         return document
 

@@ -80,6 +80,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from decision_router.audit import iso
 from decision_router.contracts import Alert
 from decision_router.embedded import EmbeddedRedis
 from decision_router.keys import Keys
@@ -574,7 +575,7 @@ class SimulationResult:
             "days": [
                 {
                     "day": d.day,
-                    "at": d.at.isoformat(),
+                    "at": iso(d.at),
                     **{
                         k: getattr(d.stats, k, None)
                         for k in ("treated_n", "control_n", "uplift", "uplift_ci_low", "uplift_ci_high",

@@ -170,24 +170,30 @@ def test_compute_stats_reads_the_holdouts_only_after_the_counts_query(store_url:
     assert [r.as_dict() for r in rows] == [r.as_dict() for r in expected]
 
 
-def test_holdouts_loading_gives_the_rules_holdouts_or_raises_their_error(
+def test_rules_loading_gives_the_rules_and_their_holdouts_or_raises_their_error(
     store_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     rules = Path(tmp_path / "rules")
-    expected = cli_stats.load_holdouts(rules)
+    ruleset = cli_stats.rules_for_stats(rules)
+    assert ruleset is not None
+    expected = {rule.name: rule.holdout for rule in ruleset.rules}
     assert expected
     for in_thread in (True, False):
-        assert dict(cli_stats.HoldoutsLoading(rules, in_thread=in_thread)) == expected
+        loading = cli_stats.RulesLoading(rules, in_thread=in_thread)
+        assert dict(loading) == expected
+        assert loading.ruleset() == ruleset
 
     def broken(rules_dir: Path) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(cli_stats, "load_holdouts", broken)
+    monkeypatch.setattr(cli_stats, "rules_for_stats", broken)
     for in_thread in (True, False):
-        loading = cli_stats.HoldoutsLoading(rules, in_thread=in_thread)
-        loading.join()  # never raises: the error is for whoever reads the holdouts
+        loading = cli_stats.RulesLoading(rules, in_thread=in_thread)
+        loading.join()  # never raises: the error is for whoever reads the holdouts or the rules
         with pytest.raises(OSError, match="disk on fire"):
             dict(loading)
+        with pytest.raises(OSError, match="disk on fire"):
+            loading.ruleset()
 
 
 def test_the_models_a_store_has_seen_in_its_predictions_decisions_and_rejections(engine: Engine) -> None:

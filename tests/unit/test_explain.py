@@ -112,8 +112,8 @@ def test_every_field_of_a_match(ruleset: RuleSet) -> None:
         "cooldown_note": COOLDOWN_NOTE,
         "ack_within": "1d",
         "act_within": "5d",
-        "ack_by": "2026-11-26T12:00:00+00:00",
-        "act_by": "2026-11-30T12:00:00+00:00",
+        "ack_by": "2026-11-26T12:00:00Z",
+        "act_by": "2026-11-30T12:00:00Z",
         "context": {},
         "missing_context": [],
     }
@@ -233,7 +233,7 @@ def test_run_cases_document_and_exit_codes(ruleset: RuleSet) -> None:
     results = run_cases(good, ruleset, now=NOW, rules=["churn-high"], owners=["alice"])
     assert exit_code(results) == 0
     document = as_document(results, ruleset, now=NOW, rules=["churn-high"], owners=["alice"])
-    assert document["rules_version"] == ruleset.version and document["now"] == "2026-11-25T12:00:00+00:00"
+    assert document["rules_version"] == ruleset.version and document["now"] == "2026-11-25T12:00:00Z"
     assert document["expect"] == {"rules": ["churn-high"], "owners": ["alice"]}
     (entry,) = document["predictions"]
     assert {k: v for k, v in entry.items() if k != "matches"} == {

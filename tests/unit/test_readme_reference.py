@@ -181,15 +181,22 @@ def bench_options() -> set[str]:
 
 
 def row_paths(row: list[str]) -> list[tuple[str, ...]]:
+    """The commands of a row; () for a row of `decision-router`'s own options (`--version`)."""
     return [command_path(span) for span in code_spans(row[0])]
 
 
 def test_every_command_in_the_cli_reference_exists_and_every_command_is_in_it() -> None:
-    documented = {path for row in CLI_ROWS for path in row_paths(row)}
+    documented = {path for row in CLI_ROWS for path in row_paths(row) if path}
     for path in documented:
         resolve(path)
     undocumented = {leaf for leaf in leaf_paths() if not any(leaf[: len(d)] == d for d in documented)}
     assert undocumented == set(), "commands missing from README's CLI reference"
+
+
+def test_the_options_of_decision_router_itself_are_in_the_cli_reference() -> None:
+    """`decision-router --version`: an option given before any command has a row of its own."""
+    documented = {span for row in CLI_ROWS for span in code_spans(row[0]) if span.startswith("-")}
+    assert documented == {name for param in ROOT_COMMAND.params for name in param.opts}
 
 
 @pytest.mark.parametrize("row", CLI_ROWS, ids=lambda row: code_spans(row[0])[0])
