@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -72,7 +72,8 @@ MAX_DIGEST_ALERTS = 500
 PENDING_BATCH = 1000
 DIGEST_PENDING_BATCH = 5000
 # How long a dispatcher being closed (at stop, or replaced by a rules reload) may take to
-# finish the deliveries in hand; the rest stay pending in the outbox.
+# finish the deliveries in hand; the rest stay pending in the outbox. DLQ writes still retrying
+# through a Redis outage get as long again at stop; the rest are written at the next start.
 CLOSE_TIMEOUT_S = 5.0
 # How long a process's claim on a row it is sending holds without renewal (each pump renews it, and
 # a drain every CLAIM_RENEW_S): a row claimed by a process that was killed is sent again after this.
@@ -86,6 +87,8 @@ HANDOFF_COPY = "handoff-"
 CLAIM_CHUNK = 500  # row ids per claim statement (SQLite's bound-parameter limit)
 # How long `redrive deliveries` waits for re-sent rows that another router process took over.
 REDRIVE_WAIT_S = 60.0
+# DLQ dedupe markers looked up per round trip at start (failed rows whose entry may be missing).
+MARKER_CHUNK = 1000
 
 
 class _Created(Protocol):
@@ -94,6 +97,7 @@ class _Created(Protocol):
 
 
 P = TypeVar("P", bound=_Created)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -265,8 +269,12 @@ class ChannelDelivery:
         self._retiring: set[asyncio.Task[None]] = set()
         # Claims are per process: two of its tasks dead-lettering the same rows would both hold them.
         self._dead_lettering = asyncio.Lock()
-        # Whether this process has looked for rows of receivers gone while no router ran (first pump).
+        # Whether this process has looked for what a stopped router left behind (first pump): rows of
+        # receivers gone while no router ran, and failed rows whose DLQ entry a stop cut short.
         self._left_behind_checked = False
+        # DLQ writes in progress: tasks of their own, so that cancelling the dispatcher worker that
+        # started one (a stop, a reload) does not cancel the write; close() gives them a grace.
+        self._dlq_writes: set[asyncio.Task[None]] = set()
 
     def _configure(self, ruleset: RuleSet) -> tuple[dict[str, WebhookReceiver | EmailReceiver], dict[str, timedelta]]:
         """Receivers per `owner:channel` from the owner directory (each unusable one warned
@@ -332,13 +340,75 @@ class ChannelDelivery:
             await self._dead_letter_unsendable(await asyncio.to_thread(self._pending_of, keys))
 
     async def _dead_letter_left_behind(self) -> None:
-        """At the first pump: rows left pending for receivers this process's owner directory does not have
-        (removed, or made unusable, while no router ran, so no reload saw them go) are dead-lettered as a
-        reload would have done. Once per process, once it succeeded."""
+        """At the first pump: DLQ entries a stop cut short are written (`_write_lost_dead_letters`), and rows
+        left pending for receivers this process's owner directory does not have (removed, or made unusable,
+        while no router ran, so no reload saw them go) are dead-lettered as a reload would have done. Once
+        per process, once it succeeded."""
         async with self._dead_lettering:
             if not self._left_behind_checked:
+                await self._write_lost_dead_letters()
                 await self._dead_letter_unsendable(await asyncio.to_thread(self._pending_unconfigured))
                 self._left_behind_checked = True
+
+    async def _write_lost_dead_letters(self) -> None:
+        """Failed rows without their deliveries:dlq entry get it, as `_finish` would have written it.
+
+        A row is `failed` in the store before its entry is written; a stop (or a kill) while Redis is
+        down in between leaves the row without one, and nothing but the entry lets a redrive find it.
+        The entry's dedupe marker tells: a row whose marker is missing never had its entry written (a
+        redrive takes the entry, never the marker, and sets the row pending). The write goes through
+        the same dedupe key, so processes starting together, or a process still finishing the row,
+        write it once. Only rows finished within DECISION_ROUTER_DEDUPE_TTL can be told: an older
+        row's marker may have expired with its entry written, so its entry is assumed written."""
+        since = self.clock() - self.settings.dedupe_ttl
+        failed = await asyncio.to_thread(self._failed_since, since)
+        present = await self._through_redis_outage(lambda: self._markers_present(failed), "deliveries:dlq check")
+        lost = [row_id for (row_id, _), marked in zip(failed, present, strict=True) if not marked]
+        if not lost:
+            return
+        await self._dead_letter(await asyncio.to_thread(self._lost_dead_letters, lost))
+        log.warning("deliveries:dlq entries cut short by a stop written", deliveries=len(lost))
+
+    def _failed_since(self, since: datetime) -> list[tuple[int, int]]:
+        """(row id, attempts) of the rows that failed since then: their DLQ marker's name."""
+        with Session(self.engine) as session:
+            return [(row_id, attempts) for row_id, attempts in session.execute(
+                select(DeliveryRecord.id, DeliveryRecord.attempts)
+                .where(DeliveryRecord.status == "failed", DeliveryRecord.finished_at >= since)
+                .order_by(DeliveryRecord.id)
+            )]
+
+    async def _markers_present(self, rows: Sequence[tuple[int, int]]) -> list[bool]:
+        """Whether each row's DLQ dedupe marker is set: EXISTS pipelined, a chunk per round trip (one key
+        per command, so Redis Cluster routes each on its own)."""
+        present: list[bool] = []
+        for start in range(0, len(rows), MARKER_CHUNK):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for row_id, attempts in rows[start : start + MARKER_CHUNK]:
+                    pipe.exists(self._dlq_marker(row_id, attempts))
+                present += [bool(n) for n in await pipe.execute()]
+        return present
+
+    def _lost_dead_letters(self, row_ids: Sequence[int]) -> list[StreamWrite]:
+        """The DLQ entries of failed rows, field for field as `_finish` writes them. A digest's count is not
+        in the row: it is in the row's `delivery_failed` audit event (same transaction, same time)."""
+        with Session(self.engine) as session:
+            rows = list(session.scalars(select(DeliveryRecord).where(DeliveryRecord.id.in_(list(row_ids)))
+                                        .order_by(DeliveryRecord.id)))
+            events = session.scalars(select(AuditEvent).where(
+                AuditEvent.type == "delivery_failed", AuditEvent.alert_id.in_(sorted({row.alert_id for row in rows}))
+            ))
+            digests = {(e.alert_id, e.detail.get("owner"), e.detail.get("channel"), e.detail.get("attempts"),
+                        as_utc(e.at)): int(e.detail.get("digest") or 0) for e in events}
+            return [
+                self._dlq_entry(
+                    row.row_id, row.key, row.alert, error=record.error, status_code=record.status_code,
+                    tries=record.attempts, digest=digests.get(
+                        (record.alert_id, record.recipient, record.channel, record.attempts,
+                         as_utc(record.finished_at)), 0),
+                )
+                for record, row in ((record, _pending_delivery(record)) for record in rows)
+            ]
 
     async def _dead_letter_unsendable(self, rows: Sequence[PendingDelivery]) -> None:
         """Dead-letter the rows this process claims (the caller holds `_dead_lettering`)."""
@@ -564,45 +634,63 @@ class ChannelDelivery:
         )
         if ok:
             return
-        owner, channel = key.rsplit(":", 1)
-        metrics.delivery_failed(channel)
-        await self._dead_letter(
-            [
-                StreamWrite(
-                    stream=self.keys.deliveries_dlq,
-                    fields={
-                        "delivery_id": str(row_id),
-                        "alert_id": alert.alert_id,
-                        "receiver": key,
-                        "owner": owner,
-                        "channel": channel,
-                        "error": error or "",
-                        "status_code": "" if status_code is None else str(status_code),
-                        "attempts": str(tries),
-                        "payload": alert.model_dump_json(),
-                        # A digest's rows are dead-lettered one by one; redrive re-sends each on its own.
-                        **({"digest": str(digest)} if digest else {}),
-                    },
-                    dedupe_key=self.keys.dedupe(f"deliverydlq:{row_id}:{tries}"),
-                )
-            ],
-        )
+        metrics.delivery_failed(key.rsplit(":", 1)[1])
+        await self._dead_letter([self._dlq_entry(row_id, key, alert, error=error, status_code=status_code,
+                                                 tries=tries, digest=digest)])
         log.warning("delivery failed", receiver=key, alert_id=alert.alert_id, error=error, attempts=tries)
+
+    def _dlq_entry(
+        self, row_id: int, key: str, alert: AnyAlert, *, error: str | None, status_code: int | None, tries: int,
+        digest: int = 0,
+    ) -> StreamWrite:
+        """A failed row's deliveries:dlq entry (`tries`: the row's attempts, with this failure's)."""
+        owner, channel = key.rsplit(":", 1)
+        return StreamWrite(
+            stream=self.keys.deliveries_dlq,
+            fields={
+                "delivery_id": str(row_id),
+                "alert_id": alert.alert_id,
+                "receiver": key,
+                "owner": owner,
+                "channel": channel,
+                "error": error or "",
+                "status_code": "" if status_code is None else str(status_code),
+                "attempts": str(tries),
+                "payload": alert.model_dump_json(),
+                # A digest's rows are dead-lettered one by one; redrive re-sends each on its own.
+                **({"digest": str(digest)} if digest else {}),
+            },
+            dedupe_key=self._dlq_marker(row_id, tries),
+        )
+
+    def _dlq_marker(self, row_id: int, tries: int) -> str:
+        """The dedupe key of a row's DLQ entry: once per failure (a redriven row fails with more attempts)."""
+        return self.keys.dedupe(f"deliverydlq:{row_id}:{tries}")
 
     async def _dead_letter(self, writes: list[StreamWrite]) -> None:
         """The DLQ write, retried through a Redis outage: the row is already `failed` in the store, and
-        this entry is the only way a redrive finds it (the dedupe key makes a retry write it once)."""
+        this entry is the only way a redrive finds it (the dedupe key makes a retry write it once).
+        A task of its own: a stop or reload cancelling the caller (a dispatcher worker) leaves it
+        running, for close() to wait for."""
+        task = asyncio.create_task(self._through_redis_outage(
+            lambda: xadd_once(self.redis, writes, ttl=self.settings.dedupe_ttl), "deliveries:dlq write"),
+            name="deliveries-dlq")
+        self._dlq_writes.add(task)
+        task.add_done_callback(self._dlq_writes.discard)
+        await asyncio.shield(task)
+
+    async def _through_redis_outage(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """`call()`, made again (with backoff) while Redis is unreachable."""
         from decision_router.consumer import infrastructure_failure  # the consumer imports this module
 
         delay = 0.2
         while True:
             try:
-                await xadd_once(self.redis, writes, ttl=self.settings.dedupe_ttl)
-                return
+                return await call()
             except Exception as exc:
                 if infrastructure_failure(exc) != "Redis":
                     raise
-                log.warning("deliveries:dlq write failed; retrying", error=str(exc)[:200], retry_in_s=delay)
+                log.warning(f"{what} failed; retrying", error=str(exc)[:200], retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_backoff_max.total_seconds())
 
@@ -658,8 +746,21 @@ class ChannelDelivery:
 
     async def close(self) -> None:
         await asyncio.gather(self.dispatcher.close(timeout=CLOSE_TIMEOUT_S), *self._retiring)
+        await self._finish_dead_letters()
         # What did not finish stays pending: released, another process or the next start sends it.
         await asyncio.to_thread(self._release)
+
+    async def _finish_dead_letters(self) -> None:
+        """DLQ writes still retrying through a Redis outage get CLOSE_TIMEOUT_S more; what is left then is
+        given up: its rows are `failed` without their entry, which the next start writes."""
+        if not self._dlq_writes:
+            return
+        _, unfinished = await asyncio.wait(set(self._dlq_writes), timeout=CLOSE_TIMEOUT_S)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        if unfinished:
+            log.warning("deliveries:dlq writes left for the next start", writes=len(unfinished))
 
 
 def _pending_delivery(row: DeliveryRecord) -> PendingDelivery:

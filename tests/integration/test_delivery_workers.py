@@ -5,6 +5,7 @@ pending row must be sent by one of them only."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlmodel import Session
 from decision_router import metrics, notify
 from decision_router.notify import CLAIM_LEASE, RECEIVER_REMOVED, ChannelDelivery, queue_deliveries, redrive
 from decision_router.rules import load_rules
+from decision_router.streams import StreamWrite, xadd_once
 from decision_router.tables import AuditEvent, DeliveryRecord
 from tests.integration.conftest import ManualClock, wait_until
 from tests.integration.test_channels_webhook import ReceiverState, receiver  # noqa: F401  (fixture)
@@ -83,11 +85,13 @@ async def test_redrive_beside_a_running_router_sends_each_dead_letter_once(
                   for _ in range(2))
     try:
         ids = queue(engine, 10)
-        with Session(engine) as session:  # dead-lettered: failed, each with its entry on deliveries:dlq
+        with Session(engine) as session:  # dead-lettered: failed, each with its entry (and marker) on deliveries:dlq
             for row in session.scalars(select(DeliveryRecord)):
                 row.status, row.finished_at = "failed", utcnow()
                 session.add(row)
-                await redis.xadd(serve.keys.deliveries_dlq, {"delivery_id": str(row.id)})
+                assert row.id is not None
+                await xadd_once(redis, [StreamWrite(serve.keys.deliveries_dlq, {"delivery_id": str(row.id)},
+                                                    serve._dlq_marker(row.id, row.attempts))], ttl=settings.dedupe_ttl)
             session.commit()
 
         async def serve_pumps() -> None:
@@ -304,3 +308,169 @@ async def test_a_failure_dead_lettered_during_a_redis_outage_still_reaches_the_d
     finally:
         await channels.close()
         await redis.aclose()
+
+
+@pytest.fixture
+def failing_rules(tmp_path: Path, receiver: ReceiverState) -> Path:  # noqa: F811
+    """am's webhook answers 400: each delivery fails for good at its first attempt."""
+    directory = tmp_path / "failing"
+    directory.mkdir()
+    (directory / "routing.yaml").write_text("rules:\n  - {name: any, when: {}, owner: am}\n")
+    (directory / "owners.yaml").write_text(
+        "owners:\n"
+        f"  - {{id: am, name: AM, channels: [inbox, webhook], webhook: {{url: '{receiver.url('/bad/am')}'}}}}\n"
+    )
+    return directory
+
+
+class DlqOutage:
+    """Redis unreachable for the deliveries:dlq writes while `down` (the store stays up)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.down, self.refused = False, 0
+        real = notify.xadd_once
+
+        async def xadd_once(redis, writes, **kwargs):
+            if self.down:
+                self.refused += 1
+                raise RedisConnectionError("Connection refused")
+            return await real(redis, writes, **kwargs)
+
+        monkeypatch.setattr(notify, "xadd_once", xadd_once)
+
+
+def failed_ids(engine) -> list[int]:
+    with Session(engine) as session:
+        return sorted(i for i in session.scalars(select(DeliveryRecord.id).where(DeliveryRecord.status == "failed"))
+                      if i is not None)
+
+
+async def dead_letters(redis, keys) -> list[dict[str, str]]:
+    return [fields for _, fields in await redis.xrange(keys.deliveries_dlq)]
+
+
+async def test_a_dead_letter_cut_short_by_a_stop_is_written_once_at_the_next_start(
+    settings, failing_rules, engine, receiver, monkeypatch  # noqa: F811
+) -> None:
+    """Nothing lost: a row committed `failed` whose DLQ write a stop cancelled (Redis down) gets its entry
+    at the next start, field for field as it would have been written, once however many processes start
+    and however often; a failed row that has its entry gets no second one."""
+    monkeypatch.setattr("decision_router.notify.CLOSE_TIMEOUT_S", 0.2)
+    outage = DlqOutage(monkeypatch)
+    ruleset = load_rules(failing_rules)
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+
+    def process() -> ChannelDelivery:
+        return ChannelDelivery(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=utcnow)
+
+    stopped = process()
+    started: list[ChannelDelivery] = []
+    try:
+        (written,) = queue(engine, 1)
+        await stopped.drain()  # fails, dead-lettered as usual
+        (entry,) = await dead_letters(redis, stopped.keys)
+        assert entry["alert_id"] == written
+
+        outage.down = True
+        (lost,) = queue(engine, 1)
+        await stopped.pump()
+        await wait_until(lambda: len(failed_ids(engine)) == 2 and outage.refused > 0, what="the failure, unwritten")
+        await stopped.close()  # the DLQ write is still retrying: given up
+        assert await dead_letters(redis, stopped.keys) == [entry]
+        outage.down = False
+
+        started = [process(), process()]
+        await asyncio.gather(*(p.pump() for p in started), started[0].pump())  # two processes start at once
+        started.append(process())
+        await started[-1].pump()  # and one more, later
+        first, second = await dead_letters(redis, stopped.keys)
+        assert first == entry  # not written again
+        with Session(engine) as session:
+            row = session.get(DeliveryRecord, failed_ids(engine)[1])
+            assert row is not None and row.error
+        assert {k: v for k, v in second.items() if k != "payload"} == {
+            "delivery_id": str(row.id), "alert_id": lost, "receiver": "am:webhook", "owner": "am",
+            "channel": "webhook", "error": row.error, "status_code": "400", "attempts": "1",
+        }
+        assert json.loads(second["payload"]) == row.payload  # the alert as sent
+        assert entry.keys() == second.keys()
+
+        done = await redrive(started[0])  # the redrive finds it
+        assert (done.sent, done.left) == (2, ())
+    finally:
+        for p in (stopped, *started):
+            await p.close()
+        await redis.aclose()
+
+
+async def test_a_dead_letter_retrying_at_stop_gets_a_grace(
+    settings, failing_rules, engine, receiver, monkeypatch  # noqa: F811
+) -> None:
+    """A stop cancels the dispatcher's workers after CLOSE_TIMEOUT_S, not the DLQ write one of them started:
+    that gets CLOSE_TIMEOUT_S more, so an outage ending meanwhile loses nothing until the next start."""
+    monkeypatch.setattr("decision_router.notify.CLOSE_TIMEOUT_S", 1.0)
+    outage = DlqOutage(monkeypatch)
+    fast = settings.model_copy(update={"retry_backoff_max": timedelta(seconds=0.2)})
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+    channels = ChannelDelivery(settings=fast, ruleset=load_rules(failing_rules), engine=engine, redis=redis,
+                               clock=utcnow)
+    try:
+        outage.down = True
+        (alert_id,) = queue(engine, 1)
+        await channels.pump()
+        await wait_until(lambda: len(failed_ids(engine)) == 1 and outage.refused > 0, what="the failure, unwritten")
+        closing = asyncio.ensure_future(channels.close())
+        await asyncio.sleep(1.3)  # past the dispatcher's CLOSE_TIMEOUT_S: its worker is cancelled
+        outage.down = False
+        await closing
+        assert [f["alert_id"] for f in await dead_letters(redis, channels.keys)] == [alert_id]
+    finally:
+        await channels.close()
+        await redis.aclose()
+
+
+async def test_a_failed_rows_dead_letter_is_rebuilt_with_its_digest(settings, rules_dir, engine) -> None:
+    """The digest count is not in the row: it comes from the row's audit event."""
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+    stopped, started = (ChannelDelivery(settings=settings, ruleset=load_rules(rules_dir), engine=engine, redis=redis,
+                                        clock=utcnow) for _ in range(2))
+    try:
+        queue(engine, 2)
+        with Session(engine) as session:
+            rows = sorted(i for i in session.scalars(select(DeliveryRecord.id)) if i is not None)
+        for row_id in rows:  # a digest of both that failed; the stop came before the DLQ writes
+            stopped._record(row_id, False, "HTTP 500", 500, 3.0, (), digest=2, digest_id="dg-1")
+        await started.pump()
+        dead = await dead_letters(redis, started.keys)
+        assert [(f["delivery_id"], f["digest"], f["status_code"]) for f in dead] == [(str(i), "2", "500") for i in rows]
+    finally:
+        for p in (stopped, started):
+            await p.close()
+        await redis.aclose()
+
+
+async def test_a_failed_row_older_than_the_dedupe_ttl_is_assumed_dead_lettered(
+    settings, rules_dir, engine
+) -> None:
+    """Its marker may have expired with its entry on the DLQ (or redriven): it is not written again."""
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+    clock = ManualClock(utcnow())
+    stopped, started = (ChannelDelivery(settings=settings, ruleset=load_rules(rules_dir), engine=engine, redis=redis,
+                                        clock=clock) for _ in range(2))
+    try:
+        queue(engine, 1)
+        stopped._record(failed_row := _only_row(engine), False, "HTTP 500", 500, 3.0, ())
+        clock.now += settings.dedupe_ttl + timedelta(minutes=1)
+        await started.pump()
+        assert await dead_letters(redis, started.keys) == [] and failed_ids(engine) == [failed_row]
+    finally:
+        for p in (stopped, started):
+            await p.close()
+        await redis.aclose()
+
+
+def _only_row(engine) -> int:
+    with Session(engine) as session:
+        (row_id,) = session.scalars(select(DeliveryRecord.id))
+    assert row_id is not None
+    return row_id
