@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 from pydantic import SecretStr, ValidationError
@@ -852,22 +852,30 @@ async def redrive(channels: ChannelDelivery, *, limit: int = 10_000) -> Redriven
         for entry_id, fields in await channels.redis.xrange(stream, count=limit)
     ]
     delivery_of = dict(redrive_candidates(entries))
-    known, unconfigured = await asyncio.to_thread(
-        _reset_to_pending, channels.engine, list(delivery_of.values()), channels.receivers
-    )
-    resent = [entry_id for entry_id, delivery_id in delivery_of.items() if delivery_id in known]
+    rows = await asyncio.to_thread(_dead_lettered, channels.engine, list(delivery_of.values()), channels.receivers)
+    known = {row_id for row_id, (state, _) in rows.items() if state == _FAILED}
     left = []
     for entry_id, _ in entries:
         if entry_id not in delivery_of:
             left.append((entry_id, "no delivery id"))
-        elif delivery_of[entry_id] in unconfigured:
-            # Pending again it would wait for a receiver that does not exist: kept until there is one.
-            left.append((entry_id, f"no receiver {unconfigured[delivery_of[entry_id]]} in owners.yaml"))
-        elif delivery_of[entry_id] not in known:
+        elif (row := rows.get(delivery_of[entry_id])) is None:
             left.append((entry_id, f"no delivery {delivery_of[entry_id]} in the store"))
             log.warning("deliveries:dlq entry for an unknown delivery left in place", entry_id=entry_id)
-    if resent:
-        await channels.redis.xdel(stream, *resent)
+        elif row[0] == _UNCONFIGURED:
+            # Pending again it would wait for a receiver that does not exist: kept until there is one.
+            left.append((entry_id, f"no receiver {row[1]} in owners.yaml"))
+    # An entry of a row no longer failed (another redrive re-sent it) is removed, its row left alone.
+    taken = [entry_id for entry_id, row_id in delivery_of.items() if rows.get(row_id, ("",))[0] in (_FAILED, _STALE)]
+    if taken:
+        # The markers go first: a failure of the re-sent row that makes no new attempt (queue full) has the
+        # same marker name, which would make its new entry a duplicate to skip. A kill after them leaves the
+        # entries (written again at the next start, so at worst twice); a kill before the rows are pending
+        # leaves rows failed without entry or marker, which the next start dead-letters again.
+        markers = [channels._dlq_marker(row_id, rows[row_id][1]) for row_id in known]
+        if markers:
+            await channels.redis.delete(*markers)
+        await channels.redis.xdel(stream, *taken)
+    await asyncio.to_thread(_reset_to_pending, channels.engine, known)
     await channels.drain()
     pending = await _wait_finished(channels.engine, known)
     delivered = await asyncio.to_thread(_count_delivered, channels.engine, known)
@@ -891,25 +899,38 @@ def _count_pending(engine: Engine, ids: Collection[int]) -> int:
         )).all())
 
 
-def _reset_to_pending(
-    engine: Engine, ids: Sequence[int], receivers: Collection[str]
-) -> tuple[set[int], dict[int, str]]:
-    """Back to pending, for the dispatcher to send again: the ids of the rows reset, and the rows
-    left as they are because their receiver is not configured (id -> receiver key)."""
-    found: set[int] = set()
-    unconfigured: dict[int, str] = {}
+# What redrive finds of a dead-lettered row: failed (re-sent; with its attempts, its DLQ marker's name),
+# failed for a receiver not configured (kept; with the receiver), or no longer failed (its entry is stale).
+_FAILED, _UNCONFIGURED, _STALE = "failed", "unconfigured", "stale"
+
+
+def _dead_lettered(engine: Engine, ids: Sequence[int], receivers: Collection[str]) -> dict[int, tuple[str, Any]]:
+    """Row id -> (_FAILED, attempts) | (_UNCONFIGURED, receiver key) | (_STALE, None), for the rows the store has."""
+    found: dict[int, tuple[str, Any]] = {}
     with Session(engine) as session:
         for row in session.scalars(select(DeliveryRecord).where(DeliveryRecord.id.in_(list(ids)))):
             assert row.id is not None
             key = receiver_key(row.recipient, row.channel)
-            if key not in receivers:
-                unconfigured[row.id] = key
-                continue
+            if row.status != "failed":
+                found[row.id] = (_STALE, None)
+            elif key not in receivers:
+                found[row.id] = (_UNCONFIGURED, key)
+            else:
+                found[row.id] = (_FAILED, row.attempts)
+    return found
+
+
+def _reset_to_pending(engine: Engine, ids: Collection[int]) -> None:
+    """Back to pending, for the dispatcher to send again (rows still failed only)."""
+    if not ids:
+        return
+    with Session(engine) as session:
+        for row in session.scalars(select(DeliveryRecord).where(
+            DeliveryRecord.id.in_(list(ids)), DeliveryRecord.status == "failed"
+        )):
             row.status = "pending"
             session.add(row)
-            found.add(row.id)
         session.commit()
-    return found, unconfigured
 
 
 def _count_delivered(engine: Engine, ids: Collection[int]) -> int:

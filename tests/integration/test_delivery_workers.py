@@ -474,3 +474,64 @@ def _only_row(engine) -> int:
         (row_id,) = session.scalars(select(DeliveryRecord.id))
     assert row_id is not None
     return row_id
+
+
+async def test_a_redriven_row_that_fails_again_without_a_new_attempt_is_dead_lettered_again(
+    settings, rules_dir, engine, receiver, monkeypatch  # noqa: F811
+) -> None:
+    """A row refused by a full queue makes no attempt, so its second failure has the attempts, and so the DLQ
+    marker name, of its first: the redrive takes the marker with the entry, or the new entry would be skipped
+    as a duplicate and the failure be on no DLQ."""
+    ruleset = load_rules(rules_dir)
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+    channels = ChannelDelivery(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=utcnow)
+
+    async def refuse(*_args, **_kwargs) -> bool:
+        return False  # the receiver's queue is full
+
+    try:
+        monkeypatch.setattr(channels.dispatcher, "submit", refuse)
+        (alert_id,) = queue(engine, 1)
+        await channels.drain()
+        (first,) = await dead_letters(redis, channels.keys)
+        assert (first["alert_id"], first["error"], first["attempts"]) == (alert_id, "queue full", "0")
+
+        done = await redrive(channels)  # still full: fails again, with no new attempt
+        assert (done.sent, done.delivered) == (1, 0)
+        (again,) = await dead_letters(redis, channels.keys)
+        assert (again["delivery_id"], again["error"], again["attempts"]) == (first["delivery_id"], "queue full", "0")
+        assert failed_ids(engine) == [int(first["delivery_id"])]
+
+        monkeypatch.undo()  # room again: the next redrive delivers it
+        done = await redrive(channels)
+        assert (done.sent, done.delivered, done.left) == (1, 1, ())
+        assert await dead_letters(redis, channels.keys) == []
+        assert [r.headers["x-decision-router-alert"] for r in receiver.to("/ok/am")] == [alert_id]
+    finally:
+        await channels.close()
+        await redis.aclose()
+
+
+async def test_a_dead_letter_of_a_row_already_re_sent_is_removed_without_sending_it_again(
+    settings, rules_dir, engine, receiver  # noqa: F811
+) -> None:
+    """An entry whose row is no longer failed (another redrive re-sent it, and it was delivered) is stale: the
+    redrive removes it and does not put the delivered row back to pending (it would be sent twice)."""
+    ruleset = load_rules(rules_dir)
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+    channels = ChannelDelivery(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=utcnow)
+    try:
+        (alert_id,) = queue(engine, 1)
+        await channels.drain()
+        await wait_until(lambda: count(engine, DeliveryRecord, DeliveryRecord.status == "delivered") == 1,
+                         what="the row delivered")
+        row_id = _only_row(engine)
+        await redis.xadd(channels.keys.deliveries_dlq, {"delivery_id": str(row_id), "alert_id": alert_id})
+        done = await redrive(channels)
+        assert (done.sent, done.left) == (0, ())
+        assert await dead_letters(redis, channels.keys) == []
+        assert count(engine, DeliveryRecord, DeliveryRecord.status == "delivered") == 1
+        assert len(receiver.to("/ok/am")) == 1  # not sent again
+    finally:
+        await channels.close()
+        await redis.aclose()
