@@ -115,12 +115,18 @@ def print_result(result: SimulationResult, console: Console | None = None) -> No
             _hours(o.median_time_to_ack_s), _hours(getattr(row, "median_time_to_ack_s", None) if row else None),
         )
     console.print(owners)
+    console.print(_precision_table(result))
 
     lines = [
         (
             "truth: q x E[effect on the success probability | the rule matches], q = P(an alert is acted on) from "
             "the owners' configured behaviour; simulated log: the simulator's own record of what happened; stats: "
             "decision_router.stats read from the store."
+        ),
+        (
+            "model precision: of the held-out accounts nobody acted on, the share that churned; held out, with "
+            "result, churned: one number when the log and the stats agree, else log / stats; true precision: the "
+            "band's mean true churn risk, which its 95% interval should contain."
         ),
     ]
     if m is not None and m.uplift_ci_low is not None:
@@ -151,6 +157,48 @@ def print_result(result: SimulationResult, console: Console | None = None) -> No
         f"{counted(tally.published_predictions, 'prediction')} and {counted(tally.events, 'owner and CRM event')} "
         f"in {result.elapsed_s:.1f}s"
     )
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    print_checks(result, console)
+
+
+def _pair(simulated: int, measured: int | None) -> str:
+    """'log / stats', or the one number when they agree."""
+    return str(simulated) if simulated == measured else f"{simulated} / {'n/a' if measured is None else measured}"
+
+
+def _precision_table(result: SimulationResult) -> Table:
+    """`stats model` beside the simulator's record, for the bands that hold any control account."""
+    table = Table(
+        title="model precision by score band (stats model): simulated log vs stats", title_justify="left"
+    )
+    for header in (
+        "score band", "held out", "with result", "churned", "true\nprecision", "stats\nprecision", "95% CI", "contains",
+    ):
+        table.add_column(header, justify="left" if header == "score band" else "right")
+    for band in result.precision.bands:
+        s, m = band.simulated, band.measured
+        if s.held_out == 0 and band.counts_equal:
+            continue  # an empty band (below the rule's threshold, say): nothing to compare
+        covered = {None: "", True: "yes", False: "NO"}[band.covered]
+        table.add_row(
+            f"{s.band_low:g}-{s.band_high:g}", _pair(s.held_out, m.held_out if m else None),
+            _pair(s.n, m.n if m else None), _pair(s.positives, m.positives if m else None),
+            _rate(s.true_precision), _rate(m.precision if m else None),
+            _ci(m.ci_low, m.ci_high) if m else "n/a", covered,
+        )
+    return table
+
+
+def _ci(low: float | None, high: float | None) -> str:
+    return "n/a" if low is None or high is None else f"{low:.0%}-{high:.0%}"
+
+
+def print_checks(result: SimulationResult, console: Console) -> None:
+    """One line per check; `simulate` exits 1 when one fails."""
+    lines = ["checks:"]
+    for check in result.checks():
+        lines.append(f"  {'pass' if check.passed else 'FAIL'}: {check.name}: {check.detail}")
     for line in lines:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
@@ -229,7 +277,10 @@ def simulate(
         fail(f"cannot reach {where}: {redact_text(str(exc))}")
     if fmt == "json":
         sys.stdout.write(json.dumps(result.as_dict(), indent=2, default=str) + "\n")
-        return
-    print_result(result)
-    if database is not None:
-        out.print(f"store kept: {redact_url(database)}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        print_result(result)
+        if database is not None:
+            out.print(f"store kept: {redact_url(database)}", markup=False, highlight=False, soft_wrap=True)
+    failed = [check.name for check in result.checks() if not check.passed]
+    if failed:
+        fail(f"{counted(len(failed), 'check')} failed: {'; '.join(failed)}")

@@ -24,18 +24,26 @@ right run it too (tests/integration/test_simulation.py). The world:
   any intervention; with `report_rate` < 1 some results never come.
 - **Bad input**: `bad_input_rate` extra predictions per account (out-of-range score, missing
   id, stale, duplicate) that the quality gate must dead-letter.
+- **Controls acted on anyway** (`control_act_rate`, default 0): that share of the held-out
+  accounts gets an `intervened` event by entity from its owner, unprompted, with the effect.
 
 The truth the stats must find (`Truth`), in the stats' own definitions (treated = routed alerts
 with an outcome, control = held-out records with an outcome, intention to treat):
 
-    uplift = q * E[clip(1 - R + effect, 0, 1) - (1 - R) | the account matches the rule]
+    uplift = (q - c) * E[clip(1 - R + effect, 0, 1) - (1 - R) | the account matches the rule]
     q      = sum_o w_o * p_acknowledge_o * p_intervene_o / sum_o w_o
 
-w_o being owner o's share of accounts. q is the probability that an alert is acted on; the
-expectation is over R's Beta distribution (numerical integration) and, with drift, over the
+w_o being owner o's share of accounts, c the control_act_rate. q is the probability that an
+alert is acted on; the expectation is over R's Beta distribution (numerical integration) and, with drift, over the
 days before and after it, weighted by how many accounts of each day match the rule. Report
 delays and report_rate are independent of everything else, so they do not change it. For
-0 <= effect <= threshold nothing is clipped and uplift = q * effect exactly.
+0 <= effect <= threshold nothing is clipped and uplift = (q - c) * effect exactly.
+
+Model precision (`stats model`) is checked against the simulator's own record: per score band,
+the held-out accounts nobody acted on, those with a result, and those that churned must be
+the stats' counts exactly; and since P(churn | R) = R, the band's true precision is the mean R
+of its accounts with a result, which each band's Wilson 95% interval must contain in all but a
+few bands (`PrecisionCheck`).
 
 How it runs: the real service (`running_service`) on the embedded fakeredis (or a given Redis
 URL) and a SQLite store in a temporary directory (or a given database URL), with a clock that
@@ -72,6 +80,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +99,10 @@ from decision_router.rules import RuleSet, load_rules
 from decision_router.service import RouterService, running_service
 from decision_router.redis_client import redis_from_url
 from decision_router.settings import Settings, hash_tag, redact_url
-from decision_router.stats import StatsRow, compute_stats
+from decision_router.stats import BandRow, StatsRow, compute_model_precision, compute_stats
 from decision_router.store import create_schema, make_engine
 from decision_router.tables import RejectionRecord
+from decision_router.uplift import DEFAULT_BAND_EDGES
 from decision_router.streams import as_text
 
 RULE = "churn-risk"
@@ -168,6 +178,9 @@ class SimulationParams:
     owners: tuple[OwnerProfile, ...] = DEFAULT_OWNERS
     drift_min_samples: int = 100  # models.<model>.drift.min_samples in the simulation's rules
     drift_alpha: float = 0.001  # models.<model>.drift.alpha: false-alarm rate per daily check
+    # Share of held-out accounts whose owner acts anyway, unprompted (an `intervened` event by entity):
+    # `stats model` must leave them out of precision, and the control group's success includes their effect.
+    control_act_rate: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -216,6 +229,8 @@ class SimulationParams:
             problems.append("drift_min_samples must be >= 50")
         if not 0.0 < self.drift_alpha < 1.0:
             problems.append("drift_alpha must be in (0, 1)")
+        if not 0.0 <= self.control_act_rate <= 1.0:
+            problems.append("control_act_rate must be in [0, 1]")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -302,8 +317,10 @@ def compute_truth(params: SimulationParams) -> Truth:
         matched, gain, control, scored = matched + n * m, gain + n * g, control + n * c, scored + n
     if matched == 0:
         return Truth(params.effect, q, 0.0, None, None, 0.0)
-    uplift = q * gain / matched
-    control_p = control / matched
+    # Control accounts acted on anyway stay in the control group (intention to treat) and carry the effect.
+    acted_anyway = params.control_act_rate
+    uplift = (q - acted_anyway) * gain / matched
+    control_p = (control + acted_anyway * gain) / matched
     return Truth(params.effect, q, uplift, control_p, control_p + uplift, matched / scored)
 
 
@@ -539,6 +556,195 @@ class Tally:
 
 
 @dataclass(frozen=True)
+class BandTally:
+    """One score band of `stats model`'s units as the simulator recorded them: held-out accounts
+    nobody acted on, scored band_low <= score < band_high (the last band closed)."""
+
+    band_low: float
+    band_high: float
+    held_out: int
+    n: int  # of which the CRM reported a result
+    positives: int  # of which churned (result: failure)
+    true_precision: float | None  # the mean true risk R of the n: P(churn | R) = R; None when n == 0
+
+
+def _band_of(score: float, edges: Sequence[float]) -> int | None:
+    """The band a score falls in, or None outside the edges: a plain scan, on purpose not the
+    stats' own bisect, so that a banding mistake there shows as a difference."""
+    last = len(edges) - 2
+    for i in range(last + 1):
+        if edges[i] <= score < edges[i + 1] or (i == last and score == edges[-1]):
+            return i
+    return None
+
+
+def band_tallies(
+    units: Sequence[tuple[float, float, OutcomeLog | None]], edges: Sequence[float]
+) -> list[BandTally]:
+    """Per band, from (score, true risk, the reported result or None) of the units."""
+    bands = len(edges) - 1
+    held, positives = [0] * bands, [0] * bands
+    risks: list[list[float]] = [[] for _ in range(bands)]
+    for score, risk, result in units:
+        band = _band_of(score, edges)
+        if band is None:
+            continue
+        held[band] += 1
+        if result is not None:
+            risks[band].append(risk)
+            positives[band] += not result.success
+    return [
+        BandTally(low, high, held[i], len(mine), positives[i], math.fsum(mine) / len(mine) if mine else None)
+        for i, ((low, high), mine) in enumerate(zip(pairwise(edges), risks, strict=True))
+    ]
+
+
+INTERVAL_MISS_RATE = 0.05  # a Wilson 95% interval misses the true precision about this often
+FALSE_ALARM = 0.01  # at most this chance that a correct pipeline fails the interval check
+
+
+def allowed_misses(bands: int, miss_rate: float = INTERVAL_MISS_RATE, alarm: float = FALSE_ALARM) -> int:
+    """The fewest misses m with P(Binomial(bands, miss_rate) > m) <= alarm: more than m misses
+    among independent bands would be this unlikely if every interval were right. (Wilson
+    intervals cover close to nominal, and a band's accounts have different risks, which
+    narrows the spread of its churn count: it errs, if at all, on the side of passing.)"""
+    tail = 1.0
+    for m in range(bands + 1):
+        tail -= math.comb(bands, m) * miss_rate**m * (1 - miss_rate) ** (bands - m)
+        if tail <= alarm:
+            return m
+    return bands
+
+
+@dataclass(frozen=True)
+class BandCheck:
+    """One band: the simulator's record beside the stats' row."""
+
+    simulated: BandTally
+    measured: BandRow | None
+
+    @property
+    def counts_equal(self) -> bool:
+        s, m = self.simulated, self.measured
+        return m is not None and (m.band_low, m.band_high, m.held_out, m.n, m.positives) == (
+            s.band_low, s.band_high, s.held_out, s.n, s.positives
+        )
+
+    @property
+    def covered(self) -> bool | None:
+        """The stats' interval contains the band's true precision; None when there is nothing to judge."""
+        truth, m = self.simulated.true_precision, self.measured
+        if truth is None or m is None or m.ci_low is None or m.ci_high is None:
+            return None
+        return m.ci_low <= truth <= m.ci_high
+
+
+@dataclass(frozen=True)
+class PrecisionCheck:
+    """`stats model` against the simulator: counts equal in every band, and the Wilson intervals
+    contain the true precision in all but `allowed` of the bands that have a result."""
+
+    bands: tuple[BandCheck, ...]
+    extra_rows: int  # stats rows beyond the simulated bands (another model version, say): must be 0
+
+    @property
+    def counts_equal(self) -> bool:
+        return self.extra_rows == 0 and all(b.counts_equal for b in self.bands)
+
+    @property
+    def judged(self) -> int:
+        return sum(b.covered is not None for b in self.bands)
+
+    @property
+    def misses(self) -> int:
+        return sum(b.covered is False for b in self.bands)
+
+    @property
+    def allowed(self) -> int:
+        return allowed_misses(self.judged)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.misses <= self.allowed
+
+    def as_dict(self) -> dict[str, Any]:
+        def counts(fields: dict[str, Any]) -> dict[str, Any]:  # the band's edges are said once, above
+            return {k: v for k, v in fields.items() if not k.startswith("band_")}
+
+        return {
+            "bands": [
+                {
+                    "band_low": b.simulated.band_low,
+                    "band_high": b.simulated.band_high,
+                    "simulated": counts(asdict(b.simulated)),
+                    "measured": counts(b.measured.as_dict()) if b.measured else None,
+                    "counts_equal": b.counts_equal,
+                    "covered": b.covered,
+                }
+                for b in self.bands
+            ],
+            "extra_rows": self.extra_rows,
+            "counts_equal": self.counts_equal,
+            "bands_judged": self.judged,
+            "misses": self.misses,
+            "allowed_misses": self.allowed,
+            "calibrated": self.calibrated,
+        }
+
+
+def precision_check(simulated: Sequence[BandTally], measured: Sequence[BandRow]) -> PrecisionCheck:
+    by_band = {(row.band_low, row.band_high): row for row in measured}
+    bands = tuple(BandCheck(s, by_band.get((s.band_low, s.band_high))) for s in simulated)
+    return PrecisionCheck(bands, extra_rows=len(measured) - sum(b.measured is not None for b in bands))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One pass/fail line of `simulate`: its exit code is 1 when any fails."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+def _log_check(tally: Tally, row: StatsRow | None) -> Check:
+    """The rule's row equals the simulator's log: nothing lost, doubled or misfiled."""
+    simulated = (
+        tally.treated, tally.control, tally.treated_successes, tally.treated_failures,
+        tally.control_successes, tally.control_failures,
+    )
+    reported = (
+        (row.routed, row.held_out, row.successes, row.failures, row.control_successes, row.control_failures)
+        if row is not None else (0,) * 6
+    )
+    passed = simulated == reported and tally.lost == 0
+    names = "routed, held out, treated successes/failures, control successes/failures"
+    detail = f"{names}: {'/'.join(map(str, reported))}"
+    if simulated != reported:
+        detail += f", simulated {'/'.join(map(str, simulated))}"
+    if tally.lost:
+        detail += f"; {tally.lost} alerts never reached an inbox"
+    return Check("stats equal the simulated log", passed, detail)
+
+
+def _precision_checks(check: PrecisionCheck) -> list[Check]:
+    unequal = [f"{b.simulated.band_low:g}-{b.simulated.band_high:g}" for b in check.bands if not b.counts_equal]
+    if check.counts_equal:
+        detail = "held out, with a result and churned equal in every band"
+    else:
+        detail = f"differ in bands {', '.join(unequal) or '(none)'}"
+        detail += f"; {check.extra_rows} rows more" if check.extra_rows else ""
+    counts = Check("model precision counts equal the simulated log", check.counts_equal, detail)
+    calibration = Check(
+        "model precision intervals contain the true precision",
+        check.calibrated,
+        f"in {check.judged - check.misses} of {check.judged} bands with a result "
+        f"(at most {check.allowed} may miss: with 95% intervals a correct pipeline fails this in under 1% of runs)",
+    )
+    return [counts, calibration]
+
+
+@dataclass(frozen=True)
 class SimulationResult:
     params: SimulationParams
     truth: Truth
@@ -556,6 +762,20 @@ class SimulationResult:
     database_url: str | None  # the store, when kept
     stream_prefix: str
     elapsed_s: float
+    precision_log: list[BandTally] = field(default_factory=list, repr=False)  # the simulator's record per band
+    measured_precision: list[BandRow] = field(default_factory=list, repr=False)  # `stats model` for this model
+
+    @property
+    def precision(self) -> PrecisionCheck:
+        return precision_check(self.precision_log, self.measured_precision)
+
+    def checks(self) -> list[Check]:
+        """What must hold in every run of a correct pipeline (the uplift's truth is a 95% matter, not here)."""
+        return [_log_check(self.tally, self.measured), *_precision_checks(self.precision)]
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks())
 
     def measured_owner(self, owner: str) -> StatsRow | None:
         return next((row for row in self.measured_by_owner if row.key == owner), None)
@@ -585,6 +805,9 @@ class SimulationResult:
                 }
                 for d in self.days
             ],
+            "precision": self.precision.as_dict(),
+            "checks": [asdict(check) for check in self.checks()],
+            "passed": self.passed,
             "rejected": self.rejected,
             "drift_detected_day": self.drift_detected_day,
             "flagged_days": self.flagged_days,
@@ -755,12 +978,27 @@ class _World:
         self.alerts: dict[str, AlertLog] = {}
         self.alert_by_entity: dict[str, AlertLog] = {}
         self.outcomes: list[OutcomeLog] = []
+        # Held-out accounts an owner acts on anyway: when (scheduled), and those whose event was published.
+        self.control_acts: dict[str, datetime] = {}
+        self.touched_controls: set[str] = set()
         self.readings: list[DayReading] = []
         self.published = 0
         self.events = 0
 
     def predictions(self, day: int) -> list[dict[str, Any]]:
         return [a.document for a in self.accounts if a.day == day] + self.bad.get(day, [])
+
+    def precision_log(self, edges: Sequence[float]) -> list[BandTally]:
+        """The simulator's record of `stats model`'s units, per score band: held-out accounts no
+        published event said anyone acted on, those with a reported result, and those that churned."""
+        results = {o.entity_id: o for o in self.outcomes if o.group == "control"}
+        return band_tallies(
+            [
+                (a.score, a.risk, results.get(a.entity_id))
+                for a in self.accounts if a.held_out and a.entity_id not in self.touched_controls
+            ],
+            edges,
+        )
 
     def tally(self) -> Tally:
         groups = {g: [o for o in self.outcomes if o.group == g] for g in ("treated", "control")}
@@ -815,19 +1053,36 @@ class _Run:
         self.sequence += 1
 
     def _schedule_results(self) -> None:
-        """The CRM's report for every account whose result will come (its content is decided when it is due)."""
+        """The CRM's report for every account whose result will come (its content is decided when it is due),
+        and the interventions on held-out accounts that their owners make anyway."""
         for world in self.worlds:
             for account in world.accounts:
+                if account.held_out and account.u_act < world.params.control_act_rate:
+                    self._schedule_control_act(world, account)
                 if account.reported:
                     at = datetime.fromisoformat(account.document["predicted_at"]) + account.outcome_delay
                     event = {"type": "outcome", "entity_type": ENTITY_TYPE, "entity_id": account.entity_id}
                     self._schedule(world, at, {**event, "actor": CRM})
+
+    def _schedule_control_act(self, world: _World, account: Account) -> None:
+        """Unprompted (no alert was delivered): by entity, which reaches the account's control record.
+        u_act and the delays are the account's own draws, unused by a held-out account otherwise; they
+        end before the result comes (SimulationParams checks it)."""
+        at = self.start + timedelta(days=account.day) + account.ack_delay + account.act_delay
+        world.control_acts[account.entity_id] = at
+        self._schedule(
+            world, at,
+            {"type": "intervened", "entity_type": ENTITY_TYPE, "entity_id": account.entity_id,
+             "actor": account.owner.id, "action": ACTIONS[account.index % len(ACTIONS)]},
+        )
 
     def _result(self, event: dict[str, Any], at: datetime) -> dict[str, Any]:
         """Fill in a due CRM report: the account renews with its success probability."""
         world, account = self.by_entity[event["entity_id"]]
         log = world.alert_by_entity.get(account.entity_id)
         intervened = log is not None and log.intervened_at is not None and log.intervened_at <= at
+        acted_anyway = world.control_acts.get(account.entity_id)
+        intervened = intervened or (acted_anyway is not None and acted_anyway <= at)
         p_success = 1 - account.risk
         if intervened:
             p_success = min(1.0, max(0.0, p_success + world.params.effect))
@@ -901,6 +1156,8 @@ class _Run:
         while self.queue and self.queue[0][0] <= now:
             at, _, world, event = heapq.heappop(self.queue)
             world.events += 1
+            if event["type"] == "intervened" and "entity_id" in event:
+                world.touched_controls.add(event["entity_id"])
             due.append(self._result(event, at) if event["type"] == "outcome" else event)
         last_prediction = await _publish(self.redis, self.keys.predictions, predictions)
         last_event = await _publish(self.redis, self.keys.outcomes, due)
@@ -932,6 +1189,11 @@ class _Run:
     def read_stats(self, by: str, model: str | None = None) -> list[StatsRow]:
         with Session(self.pipeline.engine) as session:
             return compute_stats(session, by=by, rule=RULE, model=model, holdouts=self.holdouts)
+
+    def read_precision(self, model: str) -> list[BandRow]:
+        """`stats model` for one world's model, at the default bands (its precision_log's)."""
+        with Session(self.pipeline.engine) as session:
+            return compute_model_precision(session, model=model, edges=DEFAULT_BAND_EDGES)
 
     async def run(self, timeout: float) -> None:
         self._schedule_results()
@@ -1122,6 +1384,10 @@ async def _run_together(
                             w.params.model: await asyncio.to_thread(run.read_stats, "owner", w.params.model)
                             for w in states
                         }
+                        precision = {
+                            w.params.model: await asyncio.to_thread(run.read_precision, w.params.model)
+                            for w in states
+                        }
                 finally:
                     if not embedded:
                         await _cleanup(url, prefix, cluster=cluster)
@@ -1153,6 +1419,8 @@ async def _run_together(
                 database_url=database_url,
                 stream_prefix=prefix,
                 elapsed_s=elapsed,
+                precision_log=world.precision_log(DEFAULT_BAND_EDGES),
+                measured_precision=precision[params.model],
             )
         )
     return results

@@ -136,6 +136,20 @@ def test_treated_and_control_counts_match_the_simulated_ones(worlds) -> None:
         assert row.srm_mismatch is False
 
 
+def test_model_precision_by_band_matches_the_simulated_log(worlds) -> None:
+    """`stats model` counts the held-out accounts, their results and churns per band exactly as
+    the simulator recorded them, and its intervals contain the bands' true precision about 95%
+    of the time (all 60 worlds' bands pooled; per world the check allows a binomial few misses)."""
+    judged = misses = 0
+    for result in worlds["effect"] + worlds["null"]:
+        check = result.precision
+        assert check.counts_equal, [(b.simulated, b.measured) for b in check.bands if not b.counts_equal]
+        assert sum(b.simulated.held_out for b in check.bands) == result.tally.control  # nobody acted on a control
+        judged, misses = judged + check.judged, misses + check.misses
+        assert result.passed, [(c.name, c.detail) for c in result.checks() if not c.passed]
+    assert judged >= 300 and misses <= 0.08 * judged, (misses, judged)
+
+
 # --- the uplift and its intervals ----------------------------------------------------------
 
 

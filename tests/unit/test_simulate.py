@@ -5,6 +5,7 @@ The end-to-end runs through the real service are in tests/integration/test_simul
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections import Counter
@@ -20,17 +21,23 @@ from decision_router.simulate import (
     RULE,
     WATCH_RULE,
     AlertLog,
+    BandTally,
+    OutcomeLog,
     SimulationParams,
     _distinct_models,
     _truncated_exponential,
+    allowed_misses,
+    band_tallies,
     build_world,
     compute_truth,
     intervention_probability,
     nearest_rank,
     owner_truths,
+    precision_check,
     write_rules,
 )
-from decision_router.uplift import newcombe_difference
+from decision_router.stats import BandRow
+from decision_router.uplift import newcombe_difference, wilson_interval
 
 START = datetime(2026, 3, 2, 8, tzinfo=timezone.utc)
 
@@ -104,12 +111,14 @@ def _estimate_from_the_world(params: SimulationParams) -> tuple[int, int, int, i
     for a in accounts:
         if not a.matched:
             continue
-        if a.held_out:
-            cn, cs = cn + 1, cs + (a.u_outcome < 1 - a.risk)
-            continue
         acted = a.u_ack < a.owner.p_acknowledge and a.u_act < a.owner.p_intervene
+        if a.held_out:  # acted on anyway, or not at all: the simulator's rule (_schedule_control_act)
+            acted = a.u_act < params.control_act_rate
         p_success = min(1.0, max(0.0, 1 - a.risk + (params.effect if acted else 0.0)))
-        tn, ts = tn + 1, ts + (a.u_outcome < p_success)
+        if a.held_out:
+            cn, cs = cn + 1, cs + (a.u_outcome < p_success)
+        else:
+            tn, ts = tn + 1, ts + (a.u_outcome < p_success)
     return ts, tn, cs, cn
 
 
@@ -120,8 +129,11 @@ def _estimate_from_the_world(params: SimulationParams) -> tuple[int, int, int, i
         SimulationParams(days=2, entities=120, effect=0.0, holdout=0.5, threshold=0.2, bad_input_rate=0),
         # A large effect at a low threshold: many intervened accounts hit a success probability of 1.
         SimulationParams(days=2, entities=120, effect=0.6, holdout=0.5, threshold=0.2, bad_input_rate=0),
+        # Owners act on a third of the control accounts anyway: the control group carries part of the effect.
+        SimulationParams(days=2, entities=120, effect=0.3, holdout=0.5, threshold=0.3, bad_input_rate=0,
+                         control_act_rate=0.35),
     ],
-    ids=["effect", "no-effect", "clipped"],
+    ids=["effect", "no-effect", "clipped", "controls-acted-on"],
 )
 def test_the_truth_is_what_the_worlds_draws_average_to(params: SimulationParams) -> None:
     """Over 200 seeded worlds the uplift the draws imply averages to the derived truth, and
@@ -138,6 +150,108 @@ def test_the_truth_is_what_the_worlds_draws_average_to(params: SimulationParams)
     standard_error = statistics.stdev(estimates) / len(estimates) ** 0.5
     assert abs(statistics.fmean(estimates) - truth) < 3.5 * standard_error, (statistics.fmean(estimates), truth)
     assert 0.90 <= covered / len(estimates) <= 0.99
+
+
+def test_controls_acted_on_anyway_shrink_the_uplift_and_raise_the_control_success() -> None:
+    params = SimulationParams(effect=0.1, threshold=0.5)
+    plain, mixed = compute_truth(params), compute_truth(replace(params, control_act_rate=0.2))
+    q = plain.intervention_probability
+    assert mixed.uplift == pytest.approx((q - 0.2) * 0.1, abs=1e-9)
+    assert mixed.control_success_probability == pytest.approx(plain.control_success_probability + 0.2 * 0.1)
+    assert mixed.treated_success_probability == pytest.approx(plain.treated_success_probability)
+    with pytest.raises(ValueError, match="control_act_rate"):
+        replace(params, control_act_rate=1.5)
+
+
+# --- model precision: the simulator's record and the check against `stats model` ---------------------
+
+EDGES = (0.0, 0.5, 0.8, 1.0)
+EDGES10 = tuple(i / 10 for i in range(11))  # `stats model`'s default deciles
+
+
+def _result(entity: str, churned: bool) -> OutcomeLog:
+    return OutcomeLog(entity, "control", False, not churned, START)
+
+
+def test_band_tallies_count_what_the_stats_count_by_their_band_rules() -> None:
+    units = [
+        (0.5, 0.4, _result("a", True)),  # on an edge: the band above
+        (0.79, 0.9, _result("b", False)),
+        (0.6, 0.7, None),  # held out, no result yet
+        (1.0, 1.0, _result("c", True)),  # the top edge: in the last band
+        (-0.1, 0.2, _result("d", True)),  # outside the edges: in no band
+    ]
+    assert band_tallies(units, EDGES) == [
+        BandTally(0.0, 0.5, 0, 0, 0, None),
+        BandTally(0.5, 0.8, 3, 2, 1, pytest.approx(0.65)),
+        BandTally(0.8, 1.0, 1, 1, 1, 1.0),
+    ]
+
+
+@pytest.mark.parametrize(("bands", "allowed"), [(0, 0), (1, 1), (3, 1), (5, 2), (9, 2), (10, 3)])
+def test_allowed_misses_keep_a_correct_run_failing_under_one_percent(bands: int, allowed: int) -> None:
+    assert allowed_misses(bands) == allowed
+
+    def above(m: int) -> float:  # P(Binomial(bands, 0.05) > m)
+        return sum(math.comb(bands, k) * 0.05**k * 0.95 ** (bands - k) for k in range(m + 1, bands + 1))
+
+    assert above(allowed) <= 0.01 and (allowed == 0 or above(allowed - 1) > 0.01)
+
+
+def _row(low: float, high: float, held_out: int, n: int, positives: int) -> BandRow:
+    low_ci, high_ci = wilson_interval(positives, n) or (None, None)
+    return BandRow("churn", "v1", low, high, held_out, n, positives, positives / n if n else None, low_ci, high_ci)
+
+
+SIMULATED = [
+    BandTally(0.0, 0.5, 40, 38, 10, 0.3), BandTally(0.5, 0.8, 50, 50, 31, 0.65), BandTally(0.8, 1.0, 0, 0, 0, None),
+]
+
+
+def test_precision_check_passes_when_the_stats_match_the_log() -> None:
+    rows = [_row(0.0, 0.5, 40, 38, 10), _row(0.5, 0.8, 50, 50, 31), _row(0.8, 1.0, 0, 0, 0)]
+    check = precision_check(SIMULATED, rows)
+    assert check.counts_equal and check.calibrated and (check.judged, check.misses) == (2, 0)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [_row(0.0, 0.5, 41, 38, 10), _row(0.5, 0.8, 50, 50, 31), _row(0.8, 1.0, 0, 0, 0)],  # one control too many
+        [_row(0.0, 0.5, 40, 38, 28), _row(0.5, 0.8, 50, 50, 19), _row(0.8, 1.0, 0, 0, 0)],  # positives swapped
+        [_row(0.0, 0.5, 40, 38, 10), _row(0.5, 0.8, 50, 50, 31)],  # a band missing
+        [_row(0.0, 0.5, 40, 38, 10), _row(0.5, 0.8, 50, 50, 31), _row(0.8, 1.0, 0, 0, 0), _row(0.8, 1.0, 1, 0, 0)],
+    ],
+    ids=["held-out", "positives-swapped", "band-missing", "row-extra"],
+)
+def test_precision_check_fails_on_any_count_the_stats_get_wrong(rows: list[BandRow]) -> None:
+    assert not precision_check(SIMULATED, rows).counts_equal
+
+
+def test_precision_check_fails_when_intervals_miss_the_truth_too_often() -> None:
+    # Counts right, but each interval collapsed onto its estimate: it contains neither true precision.
+    rows = [replace(r, ci_low=r.precision, ci_high=r.precision) for r in
+            (_row(0.0, 0.5, 40, 38, 10), _row(0.5, 0.8, 50, 50, 31), _row(0.8, 1.0, 0, 0, 0))]
+    check = precision_check(SIMULATED, rows)
+    assert check.counts_equal and (check.judged, check.misses, check.allowed) == (2, 2, 1)
+    assert not check.calibrated
+
+
+def test_a_correct_precision_rarely_fails_the_interval_check() -> None:
+    """Without the pipeline: in 400 seeded worlds, Wilson intervals computed from each band's own draws
+    contain its true precision (the band's mean risk) about 95% of the time, and the check's allowance
+    fails well under 1% of the worlds (the integration tests show the pipeline reports exactly these counts)."""
+    params = SimulationParams(days=2, entities=200, bad_input_rate=0)
+    judged = missed = failed = 0
+    for seed in range(400):
+        accounts, _ = build_world(replace(params, seed=seed), START)
+        units = [(a.score, a.risk, _result(a.entity_id, a.u_outcome >= 1 - a.risk)) for a in accounts if a.held_out]
+        rows = [_row(b.band_low, b.band_high, b.held_out, b.n, b.positives) for b in band_tallies(units, EDGES10)]
+        check = precision_check(band_tallies(units, EDGES10), rows)
+        assert check.counts_equal
+        judged, missed, failed = judged + check.judged, missed + check.misses, failed + (not check.calibrated)
+    assert 0.93 <= 1 - missed / judged <= 0.97, missed / judged
+    assert failed <= 4, failed  # <= 1% of 400
 
 
 def test_the_world_is_fixed_by_its_seed() -> None:
