@@ -7,17 +7,17 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
-from sqlalchemy import event, text
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy import Column, Index, UniqueConstraint, event, literal, text
+from sqlalchemy.engine import Connection, Dialect, Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.schema import CreateIndex
 from sqlmodel import SQLModel, create_engine
 
 from decision_router import tables, tokens  # noqa: F401  (registers the tables on SQLModel.metadata)
-from decision_router.tallies import install_tallies, tallies_installed
+from decision_router.tallies import install_tallies, installed_check, installed_params
 
 
 def make_engine(
@@ -218,11 +218,136 @@ def _execute(engine: Engine, statement: Any) -> None:
         connection.execute(statement)
 
 
-def _index_names(engine: Engine) -> set[str]:
-    query = ("select name from sqlite_master where type = 'index'" if engine.dialect.name == "sqlite"
-             else "select indexname from pg_indexes where schemaname = current_schema()")
-    with engine.connect() as connection:
-        return set(connection.execute(text(query)).scalars())
+class SchemaUpgradeError(SQLAlchemyError):
+    """An older store lacks a column that create_schema cannot add (one line, like the driver's errors:
+    the commands report it as they report a store they cannot open)."""
+
+
+class Catalog(NamedTuple):
+    """What one catalog query found of the relations asked about."""
+
+    relations: set[str]  # tables and indexes
+    columns: set[tuple[str, str]]  # (table, column) of the tables among them
+    tallies: bool  # PostgreSQL: the decisions' running counts are kept (tallies.py); asked only if wanted
+
+
+def _read_catalog(connection: Connection, names: set[str], *, tallies: bool = False) -> Catalog:
+    """The relations among `names` the store has (on SQLite: all it has), with their columns, in one query."""
+    if connection.dialect.name == "sqlite":
+        # Every relation, then a table-valued pragma per table: its columns. The few relations of a store
+        # cost less to read than a list of names to compare them with costs to bind (2x).
+        return _catalog_of(connection.execute(text(
+            "select name, null, null from sqlite_master union all select m.name, c.name, null"
+            " from sqlite_master m join pragma_table_info(m.name) c where m.type = 'table'")))
+    # Each name as the search path resolves it (to_regclass), as create_all's checks see it: a lookup of
+    # that name in that schema, where matching names in pg_class would also visit every other schema's
+    # relations of that name, live or dead (9 of 10 ms in the tests' database, which makes and drops
+    # schemas all day). The tallies' check rides along as a scalar subquery (run once, not per row)
+    # instead of a second round trip.
+    check, params = (installed_check(), installed_params(False)) if tallies else ("null", {})
+    statement = text(
+        f"select n.name, a.attname, ({check}) from unnest(cast(:names as text[])) n(name)"
+        " join pg_class c on c.oid = to_regclass(quote_ident(n.name)) left join pg_attribute a"
+        " on a.attrelid = c.oid and c.relkind in ('r', 'p') and a.attnum > 0 and not a.attisdropped")
+    return _catalog_of(connection.execute(statement, {"names": sorted(names), **params}))
+
+
+def _catalog_of(rows: Any) -> Catalog:
+    rows = rows.all()
+    return Catalog(relations={relation for relation, _, _ in rows},
+                   columns={(relation, column) for relation, column, _ in rows if column is not None},
+                   tallies=any(installed for _, _, installed in rows))
+
+
+def _dialect_indexes(dialect: str) -> dict[str, Index]:
+    """Every index of the tables that create_all builds on this dialect (an index's ddl_if names the
+    dialect it is for): create_schema builds those missing from tables that existed before them."""
+    indexes = {}
+    for table in SQLModel.metadata.tables.values():
+        for index in table.indexes:
+            only_on = index._ddl_if.dialect if index._ddl_if is not None else None
+            if only_on is None or only_on == dialect or (not isinstance(only_on, str) and dialect in only_on):
+                indexes[str(index.name)] = index
+    return indexes
+
+
+def _retired_relations(dialect: str) -> set[str]:
+    """The indexes create_schema drops (replaced or unused) and, on PostgreSQL, the retired constraints' indexes."""
+    retired = set(tables.RETIRED_STATS_INDEXES.get(dialect, [])) | set(tables.RETIRED_INDEXES.get(dialect, []))
+    if dialect == "postgresql":  # a constraint's index has its name
+        retired |= {constraint for _, constraint in tables.RETIRED_CONSTRAINTS}
+    return retired
+
+
+def _schema_columns() -> set[tuple[str, str]]:
+    return {(table.name, column.name) for table in SQLModel.metadata.tables.values() for column in table.columns}
+
+
+def cannot_add_column(column: Column[Any]) -> str | None:
+    """Why ALTER TABLE ADD COLUMN cannot add `column` to a table that has rows (None: it can). A column
+    added to a table in tables.py must be addable: stores created before it get it from create_schema."""
+    if column.primary_key:
+        return "it is part of the primary key"
+    if column.unique or any(isinstance(constraint, UniqueConstraint) and constraint.columns.contains_column(column)
+                            for constraint in column.table.constraints):
+        return "it is unique (SQLite cannot add such a column; a unique index can be built instead)"
+    if not column.nullable and column.server_default is None and not (column.default is not None
+                                                                       and column.default.is_scalar):
+        return "it is NOT NULL with neither a server_default nor a scalar default for the rows already there"
+    return None
+
+
+def add_column_ddl(column: Column[Any], dialect: Dialect) -> str:
+    """The ALTER TABLE that adds `column` to its table: its type as CREATE TABLE writes it for `dialect`,
+    NULL for the rows there if it is nullable, else its server_default, else its scalar Python default as a
+    literal. PostgreSQL's IF NOT EXISTS makes a second process's ALTER (a worker starting too) a no-op."""
+    table = column.table
+    reason = cannot_add_column(column)
+    if reason:
+        raise SchemaUpgradeError(f"the store's table {table.name} has no column {column.name}, which this"
+                                 f" version needs and cannot add: {reason}")
+    compiler = dialect.ddl_compiler(dialect, None)
+    column_type = compiler.type_compiler.process(column.type, type_expression=column)
+    spec = f"{compiler.preparer.format_column(column)} {column_type}"
+    default = compiler.get_column_default_string(column)
+    if default is None and not column.nullable:
+        assert column.default is not None  # cannot_add_column refused a NOT NULL column without one
+        default = str(literal(column.default.arg, column.type).compile(
+            dialect=dialect, compile_kwargs={"literal_binds": True}))
+    if default is not None:
+        spec += f" DEFAULT {default}"
+    if not column.nullable:
+        spec += " NOT NULL"
+    if_not_exists = " IF NOT EXISTS" if dialect.name == "postgresql" else ""
+    return f"ALTER TABLE {compiler.preparer.format_table(table)} ADD COLUMN{if_not_exists} {spec}"
+
+
+def _column_names(connection: Connection, table: str) -> set[str]:
+    query = ("select name from pragma_table_info(:table)" if connection.dialect.name == "sqlite"
+             else "select attname from pg_attribute where attrelid = to_regclass(quote_ident(:table))"
+                  " and attnum > 0 and not attisdropped")
+    return set(connection.execute(text(query), {"table": table}).scalars())
+
+
+def _add_column(engine: Engine, column: Column[Any], ddl: str) -> None:
+    with engine.begin() as connection:
+        # Another process may have added it since the catalog was read: then nothing to do. PostgreSQL's
+        # ALTER would be a no-op too, but only once it had the table to itself, after its running writes.
+        if column.name in _column_names(connection, column.table.name):
+            return
+        connection.exec_driver_sql(ddl)
+    _log().info("column added to the store", table=column.table.name, column=column.name, ddl=ddl)
+
+
+def _add_missing_columns(engine: Engine, catalog: Catalog) -> None:
+    """Add the columns tables.py has and the store's tables (created by an older version) lack; create_all
+    skips existing tables. Every one is checked before any is added: a column that cannot be added stops
+    the upgrade before it changes anything."""
+    missing = [column for table in SQLModel.metadata.sorted_tables if table.name in catalog.relations
+               for column in table.columns if (table.name, column.name) not in catalog.columns]
+    statements = [(column, add_column_ddl(column, engine.dialect)) for column in missing]
+    for column, ddl in statements:
+        _concurrently(lambda column=column, ddl=ddl: _add_column(engine, column, ddl))
 
 
 def _drop_constraint(engine: Engine, table_name: str, constraint: str) -> None:
@@ -237,23 +362,18 @@ def _drop_constraint(engine: Engine, table_name: str, constraint: str) -> None:
             connection.execute(text(f"alter table {table_name} drop constraint if exists {constraint}"))
 
 
-def _added_indexes(dialect: str) -> set[str]:
-    """The indexes added to tables after older stores were created: create_schema builds them there."""
-    return (set(tables.STATS_INDEXES.get(dialect, [])) | set(tables.ADDED_INDEXES)
-            | set(tables.ADDED_DIALECT_INDEXES.get(dialect, [])))
-
-
 def create_schema(engine: Engine) -> None:
     _concurrently(lambda: SQLModel.metadata.create_all(engine))
-    # create_all skips tables that exist, and so indexes added to them later: the stats indexes
-    # (tables.py, "Stats") and the others added since are built here on a store created before them
-    # (once; seconds per 1M alerts).
-    # Only the missing ones: CREATE INDEX IF NOT EXISTS waits for running writers even when it exists.
-    names = _added_indexes(engine.dialect.name) - _index_names(engine)
-    for table in SQLModel.metadata.sorted_tables:
-        for index in table.indexes:
-            if index.name in names:
-                _concurrently(lambda index=index: _execute(engine, CreateIndex(index, if_not_exists=True)))
+    indexes = _dialect_indexes(engine.dialect.name)
+    with engine.connect() as connection:
+        catalog = _read_catalog(connection, set(SQLModel.metadata.tables) | set(indexes))
+    # create_all skips tables that exist: the columns added to them since are added here, and then the
+    # indexes added to them since (the stats indexes, tables.py "Stats", those on an added column...),
+    # once; seconds per 1M alerts for an index. Only the missing ones: CREATE INDEX IF NOT EXISTS waits
+    # for running writers even when the index exists.
+    _add_missing_columns(engine, catalog)
+    for name in sorted(set(indexes) - catalog.relations):
+        _concurrently(lambda index=indexes[name]: _execute(engine, CreateIndex(index, if_not_exists=True)))
     if engine.dialect.name == "postgresql":  # replaced by an added index, built above
         for table_name, constraint in tables.RETIRED_CONSTRAINTS:
             _drop_constraint(engine, table_name, constraint)
@@ -265,28 +385,18 @@ def create_schema(engine: Engine) -> None:
 
 
 def schema_is_current(engine: Engine) -> bool:
-    """Whether create_schema would change nothing: every table and added index there, nothing retired,
+    """Whether create_schema would change nothing: every table, column and index there, nothing retired,
     and on PostgreSQL the decisions' running counts kept (tallies.py).
 
     One query on the catalog, so a read-only command (`stats`) skips create_schema's checks and DDL
     (a dozen round trips) on a store that is up to date, and runs it only on a new or older one.
     """
-    from sqlalchemy import bindparam
-
     dialect = engine.dialect.name
-    wanted = set(SQLModel.metadata.tables) | _added_indexes(dialect)
-    retired = set(tables.RETIRED_STATS_INDEXES.get(dialect, [])) | set(tables.RETIRED_INDEXES.get(dialect, []))
-    if dialect == "postgresql":  # a constraint's index has its name
-        retired |= {constraint for _, constraint in tables.RETIRED_CONSTRAINTS}
-    if dialect == "sqlite":
-        query = "select name from sqlite_master where name in :names"
-    elif dialect == "postgresql":  # the relations the search path resolves, as create_all's checks see them
-        query = "select relname from pg_class where relname in :names and pg_table_is_visible(oid)"
-    else:
+    if dialect not in ("sqlite", "postgresql"):
         return False
-    statement = text(query).bindparams(bindparam("names", expanding=True))
+    wanted = set(SQLModel.metadata.tables) | set(_dialect_indexes(dialect))
+    retired = _retired_relations(dialect)
     with engine.connect() as connection:
-        present = set(connection.execute(statement, {"names": sorted(wanted | retired)}).scalars())
-        if dialect == "postgresql" and wanted <= present and not tallies_installed(connection, readable=False):
-            return False
-    return wanted <= present and not present & retired
+        catalog = _read_catalog(connection, wanted | retired, tallies=dialect == "postgresql")
+    return (wanted <= catalog.relations and not catalog.relations & retired and _schema_columns() <= catalog.columns
+            and (dialect != "postgresql" or catalog.tallies))

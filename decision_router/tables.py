@@ -382,7 +382,8 @@ Index(
     postgresql_include=["suppressed_by", "escalation_level", "ack_breached_at", "act_breached_at", "created_at",
                         "owner", "model", "model_version", "priority", "acknowledged_at", "intervened_at"],
 ).ddl_if(dialect="postgresql")
-# What create_schema builds on a store created before them, and drops once replaced.
+# The stats indexes (benchmarks time stores with and without them). create_schema builds them on a store
+# created before them, as every index of the tables the store lacks, and drops those they replaced.
 STATS_INDEXES = {
     "sqlite": ["ix_alerts_stats_kind", "ix_alerts_stats_ack_rank", "ix_alerts_stats_act_rank"],
     "postgresql": ["ix_alerts_stats_times", "ix_alerts_stats_tally", "ix_alerts_stats_ack_rank_pg",
@@ -413,8 +414,6 @@ Index("ix_alerts_status", AlertRecord.status).ddl_if(dialect="postgresql")
 # prefer the owner or model index to a wider one for an entity's listing filtered by either (50-250x).
 Index("ix_alerts_entity_id", AlertRecord.entity_id).ddl_if(dialect="sqlite")
 Index("ix_alerts_entity", AlertRecord.entity_id, AlertRecord.rule, AlertRecord.created_at).ddl_if(dialect="postgresql")
-# Indexes added to tables that older stores have (create_schema builds them there), and the
-# PostgreSQL constraints they replace (dropped after).
-ADDED_INDEXES = ["uq_audit_source_entry", "ix_alerts_ack_pending", "ix_alerts_act_pending", "ix_escalations_to_owner"]
-ADDED_DIALECT_INDEXES = {"postgresql": ["ix_alerts_entity"]}
+# PostgreSQL constraints replaced by an index added since (uq_audit_source_entry), which create_schema
+# builds on older stores, as every index and column of the tables they lack; it drops these after.
 RETIRED_CONSTRAINTS = [("audit_events", "uq_audit_source")]

@@ -153,18 +153,27 @@ def _ddl(schema: str) -> list[str]:
     ]
 
 
-def _installed(readable: bool) -> Any:
-    """The tallies beside the alerts, readable (if asked), this version's fold function, and every trigger
-    there, enabled and calling this version's function (built when called: a test stands in another)."""
-    return text(f"""
-        select (select count(*) from pg_trigger where tgrelid = a.oid and tgname = any(:names)
+def installed_check() -> str:
+    """SQL of a scalar query: whether the tallies are beside the alerts, readable (if :tally_readable), this
+    version's fold function there, and every trigger, enabled and calling this version's function (built
+    when called: a test stands in another). NULL when there is no `alerts` or no tallies table. Its
+    parameters are installed_params'; store.schema_is_current asks it inside its catalog query."""
+    return f"""
+        select (select count(*) from pg_trigger where tgrelid = a.oid and tgname = any(:tally_triggers)
                 and tgenabled in ('O', 'A') and tgfoid = to_regprocedure(quote_ident(s.nspname) || '.{FUNCTION}()'))
-                = :expected
+                = :tally_expected
             and to_regprocedure(quote_ident(s.nspname) || '.{FOLD_FUNCTION}(bigint)') is not null
-            and t.relnamespace = a.relnamespace and (not :readable or has_table_privilege(t.oid, 'SELECT'))
+            and t.relnamespace = a.relnamespace and (not :tally_readable or has_table_privilege(t.oid, 'SELECT'))
         from pg_class a join pg_namespace s on s.oid = a.relnamespace, pg_class t
-        where a.oid = to_regclass('alerts') and t.oid = to_regclass('{TABLE}')""").bindparams(
-        names=list(TRIGGERS), expected=len(TRIGGERS), readable=readable)
+        where a.oid = to_regclass('alerts') and t.oid = to_regclass('{TABLE}')"""
+
+
+def installed_params(readable: bool) -> dict[str, Any]:
+    return {"tally_triggers": list(TRIGGERS), "tally_expected": len(TRIGGERS), "tally_readable": readable}
+
+
+def _installed(readable: bool) -> Any:
+    return text(installed_check()).bindparams(**installed_params(readable))
 
 
 def tallies_installed(connection: Connection | Any, *, readable: bool = True) -> bool:
