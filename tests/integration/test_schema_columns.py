@@ -26,6 +26,7 @@ from decision_router.store import SchemaUpgradeError, _dialect_indexes, create_s
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord
 from decision_router.tracker import alert_id_for
 from tests.integration.conftest import wait_until
+from tests.integration.test_schema_upgrade import create_schema_twice_behind_a_writer
 from tests.integration.test_router_loop import count, prediction
 from tests.unit.test_stats import alert
 
@@ -174,40 +175,11 @@ def test_stats_refuses_such_a_store_in_one_line(tmp_path: Path, monkeypatch: pyt
         " rows already there"]
 
 
-def _waiting_for_alerts(engine: Engine) -> int:
-    """How many sessions wait for a lock on the alerts table (the column adds, held by the writer)."""
-    with engine.connect() as connection:
-        return connection.execute(text(
-            "select count(distinct pid) from pg_locks where relation = 'alerts'::regclass and not granted")).scalar()
-
-
 @pytest.mark.postgres
 def test_workers_starting_together_on_an_older_store_both_add_its_columns(pg_engine: Engine) -> None:
     stored_before(pg_engine)
     make_older(pg_engine, ADDED_SINCE)
-    # A running worker's insert holds the table: both starting workers find the columns missing and
-    # wait to add them; when it ends, one adds each column first, the other finds it there.
-    writer = pg_engine.connect()
-    writer.execute(text("lock table alerts in row exclusive mode"))
-    failures: list[BaseException] = []
-
-    def start_worker() -> None:
-        try:
-            create_schema(pg_engine)
-        except Exception as exc:  # noqa: BLE001 - any error fails the test below
-            failures.append(exc)
-
-    workers = [threading.Thread(target=start_worker) for _ in range(2)]
-    for worker in workers:
-        worker.start()
-    deadline = time.monotonic() + 60
-    while _waiting_for_alerts(pg_engine) < 2:
-        assert time.monotonic() < deadline, "the two workers never both waited on the lock"
-        time.sleep(0.05)
-    writer.rollback()
-    writer.close()
-    for worker in workers:
-        worker.join(60)
+    failures = create_schema_twice_behind_a_writer(pg_engine)  # both find the columns missing
     assert not failures, failures
     assert schema_is_current(pg_engine)
     with Session(pg_engine) as session:
