@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -26,8 +25,8 @@ from decision_router.store import SchemaUpgradeError, _dialect_indexes, create_s
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord
 from decision_router.tracker import alert_id_for
 from tests.integration.conftest import wait_until
-from tests.integration.test_schema_upgrade import create_schema_twice_behind_a_writer
 from tests.integration.test_router_loop import count, prediction
+from tests.integration.test_schema_upgrade import create_schema_twice_behind_a_writer
 from tests.unit.test_stats import alert
 
 # Columns added to tables after stores were created with them (tables.py's history), of every kind:
@@ -198,7 +197,8 @@ def test_workers_starting_together_on_an_older_sqlite_store_all_add_its_columns(
         errors: list[BaseException] = []
         start = threading.Barrier(3)
 
-        def start_worker() -> None:
+        def start_worker(url: str = url, start: threading.Barrier = start,
+                         errors: list[BaseException] = errors) -> None:
             worker = make_engine(url)
             try:
                 start.wait()
