@@ -1,5 +1,6 @@
 """A real Redis Cluster on loopback for the tests (no tests in here): three redis-server
-primaries on free ports, the 16384 slots spread over them by `redis-cli --cluster create`."""
+primaries on free ports (each with its replicas, if asked), the 16384 slots spread over them by
+`redis-cli --cluster create`."""
 
 from __future__ import annotations
 
@@ -43,13 +44,18 @@ class ClusterUnavailable(Exception):
 
 class LocalCluster:
     """Start with start(), stop with close() (kills the nodes, removes their directory). `persistent`:
-    every write is on disk (AOF, fsync always), so the nodes can be killed and restarted with their data."""
+    every write is on disk (AOF, fsync always), so the nodes can be killed and restarted with their data.
+    `replicas`: per primary; `node_timeout_ms`: how long a node may be silent before the others count it
+    as failed and promote its replica (Redis's default, 15 s, is too long for a test)."""
 
-    def __init__(self, *, persistent: bool = False) -> None:
+    def __init__(self, *, persistent: bool = False, replicas: int = 0, node_timeout_ms: int | None = None) -> None:
         self.persistent = persistent
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
         self.directory: Path | None = None
         self.ports: list[int] = []
         self.processes: list[subprocess.Popen] = []
+        self.killed: set[int] = set()  # ports of nodes killed by kill_node()
 
     @property
     def url(self) -> str:
@@ -78,17 +84,89 @@ class LocalCluster:
             if shutil.which(tool) is None:
                 raise ClusterUnavailable(f"{tool} is not on PATH")
         self.directory = Path(tempfile.mkdtemp(prefix="decision-router-cluster-"))
-        self.ports = [cluster_port() for _ in range(NODES)]
+        self.ports = self._distinct_ports(NODES * (1 + self.replicas))
         self._launch()
         create = subprocess.run(
             ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             capture_output=True, text=True, timeout=60, check=False,
         )
         if create.returncode != 0:
             raise ClusterUnavailable(f"redis-cli --cluster create failed: {create.stdout[-2000:]}{create.stderr}")
         self._wait_ok()
+        if self.replicas:
+            self._wait_replicated()
         return self
+
+    @staticmethod
+    def _distinct_ports(count: int) -> list[int]:
+        """`count` free ports, no two of them or their bus ports the same."""
+        ports: list[int] = []
+        while len(ports) < count:
+            port = cluster_port()
+            if not {port, port + 10_000} & {q + d for q in ports for d in (0, 10_000)}:
+                ports.append(port)
+        return ports
+
+    def _wait_replicated(self) -> None:
+        """Every node knows every other, and every replica has finished its first sync: a failover
+        needs a majority of primaries to agree that one failed, and a replica with the data."""
+        total = len(self.ports)
+
+        def ready(port: int) -> bool:
+            node = self._node(port)
+            if node.cluster("INFO").get("cluster_known_nodes") != str(total):
+                return False
+            replication = node.info("replication")
+            if replication["role"] != "master":
+                return replication.get("master_link_status") == "up"
+            online = [replication.get(f"slave{n}", {}).get("state") == "online" for n in range(self.replicas)]
+            return replication["connected_slaves"] == self.replicas and all(online)
+
+        self._wait(ready, "every replica in sync")
+
+    def primary_of(self, key: str) -> int:
+        """The port of the primary holding `key`'s slot, as a live node sees it."""
+        node = self._node(self._live()[0])
+        slot = node.execute_command("CLUSTER", "KEYSLOT", key)
+        for start, end, primary, *_ in node.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(primary[1])
+        raise AssertionError(f"slot {slot} of {key} is not covered")
+
+    def replica_of(self, port: int) -> int:
+        """The port of a replica of the primary on `port`."""
+        node = self._node(port)
+        node_id = node.execute_command("CLUSTER", "MYID")
+        lines = node.execute_command("CLUSTER", "REPLICAS", node_id)
+        if not lines:
+            raise AssertionError(f"the node on port {port} has no replica")
+        # "<id> <ip>:<port>@<bus port> slave <primary id> ..."
+        return int(lines[0].split()[1].split("@")[0].rsplit(":", 1)[1])
+
+    def kill_node(self, port: int) -> None:
+        """SIGKILL one node: its replica takes over after node_timeout_ms."""
+        process = self.processes[self.ports.index(port)]
+        process.kill()
+        process.wait()
+        self.killed.add(port)
+
+    def restart_node(self, port: int) -> None:
+        """A node killed by kill_node() again, from its cluster config: a primary that lost its slots comes
+        back as a replica of the one that took them. Returns once every primary has its replicas in sync."""
+        assert port in self.killed
+        self.processes[self.ports.index(port)] = self._server(port)
+        self.killed.discard(port)
+        self._wait_replicated()
+
+    def wait_promoted(self, port: int, timeout: float = 30.0) -> None:
+        """The node on `port` is a primary, and every live node sees all slots covered again."""
+        self._wait(lambda p: p != port or self._node(p).info("replication")["role"] == "master",
+                   f"the node on port {port} to be promoted", timeout)
+        self._wait_ok(timeout)
+
+    def _live(self) -> list[int]:
+        return [p for p in self.ports if p not in self.killed]
 
     def kill(self) -> None:
         """SIGKILL every node: the whole cluster is gone."""
@@ -96,6 +174,7 @@ class LocalCluster:
             process.kill()
             process.wait()
         self.processes = []
+        self.killed.clear()
 
     def restart(self) -> None:
         """The nodes again, on their ports, from their cluster config (and data, if persistent)."""
@@ -104,21 +183,27 @@ class LocalCluster:
         self._wait_ok()
 
     def _launch(self) -> None:
-        assert self.directory is not None
-        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         for port in self.ports:
-            self.processes.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", str(self.directory / f"nodes-{port}.conf"), "--save", "", *aof,
-                 "--appendfilename", f"appendonly-{port}.aof", "--appenddirname", f"aof-{port}",
-                 "--dir", str(self.directory), "--logfile", f"redis-{port}.log"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
+            self.processes.append(self._server(port))
         self._wait(lambda port: self._node(port).ping(), "the nodes to answer")
 
-    def _wait_ok(self) -> None:
+    def _server(self, port: int) -> subprocess.Popen:
+        assert self.directory is not None
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        timeout = ["--cluster-node-timeout", str(self.node_timeout_ms)] if self.node_timeout_ms else []
+        # A replica's first sync starts at once (Redis waits 5 s by default for more replicas to share it).
+        sync = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+        return subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(self.directory / f"nodes-{port}.conf"), "--save", "", *aof,
+             "--appendfilename", f"appendonly-{port}.aof", "--appenddirname", f"aof-{port}",
+             "--dir", str(self.directory), "--logfile", f"redis-{port}.log", *timeout, *sync],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def _wait_ok(self, timeout: float = 30.0) -> None:
         self._wait(lambda port: self._node(port).cluster("INFO").get("cluster_state") == "ok",
-                   "cluster_state:ok on every node")
+                   "cluster_state:ok on every node", timeout)
 
     def close(self) -> None:
         for process in self.processes:
@@ -133,7 +218,7 @@ class LocalCluster:
 
     def _wait(self, check, what: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        for port in self.ports:
+        for port in self._live():
             while True:
                 try:
                     if check(port):
