@@ -37,9 +37,10 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import DateTime, and_, delete, exists, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session
 
 from decision_router import metrics
@@ -77,6 +78,7 @@ DIGEST_PENDING_BATCH = 5000
 CLOSE_TIMEOUT_S = 5.0
 # How long a process's claim on a row it is sending holds without renewal (each pump renews it, and
 # a drain every CLAIM_RENEW_S): a row claimed by a process that was killed is sent again after this.
+# Measured on the store's clock (`ChannelDelivery._store_time`), the one clock all processes share.
 CLAIM_LEASE = timedelta(seconds=15)
 CLAIM_RENEW_S = 3.0
 # The dead-letter reason of a row left pending for a receiver that a rules reload removed (or that was
@@ -412,7 +414,7 @@ class ChannelDelivery:
 
     async def _dead_letter_unsendable(self, rows: Sequence[PendingDelivery]) -> None:
         """Dead-letter the rows this process claims (the caller holds `_dead_lettering`)."""
-        claimed = await asyncio.to_thread(self._claim, [row.row_id for row in rows], self.clock()) if rows else set()
+        claimed = await asyncio.to_thread(self._claim, [row.row_id for row in rows]) if rows else set()
         for row in rows:
             if row.row_id in claimed and row.key not in self.receivers:  # not added back meanwhile
                 await self._finish(row.row_id, row.key, row.alert, ok=False, error=RECEIVER_REMOVED, status_code=None,
@@ -448,7 +450,7 @@ class ChannelDelivery:
         async with self._lock:
             self._done.clear()
             now = self.clock()
-            rows, stored_last = await asyncio.to_thread(self._pending, now)
+            rows, stored_last = await asyncio.to_thread(self._pending)
             singles: list[PendingDelivery] = []
             digests: list[tuple[str, tuple[PendingDelivery, ...]]] = []
             grouped: dict[str, list[PendingDelivery]] = {}
@@ -467,7 +469,7 @@ class ChannelDelivery:
                 if plan.singles or plan.digests:
                     self._last_sent[key] = now
             wanted = [row.row_id for row in singles] + [row.row_id for _, digest in digests for row in digest]
-            claimed = await asyncio.to_thread(self._claim, wanted, now) if wanted else set()
+            claimed = await asyncio.to_thread(self._claim, wanted) if wanted else set()
             return await self._submit_claimed(singles, digests, claimed)
 
     async def _submit_claimed(
@@ -512,21 +514,22 @@ class ChannelDelivery:
                                latency_ms=0.0, attempts=(), digest=len(rows))
         return 0
 
-    def _pending(self, now: datetime) -> tuple[list[PendingDelivery], dict[str, datetime]]:
+    def _pending(self) -> tuple[list[PendingDelivery], dict[str, datetime]]:
         """Pending rows of configured receivers (oldest first) that no process is sending, and for
         each digest receiver among them when it was last sent to (its latest finished row).
 
         Rows being sent (claimed) and rows of receivers no longer configured are left out in the
         query: a slow receiver's backlog in flight must not fill the batch and hold up the others."""
         digest_owners = sorted({key.rsplit(":", 1)[0] for key in self.digests})
-        being_sent = exists().where(DeliveryClaim.delivery_id == DeliveryRecord.id, DeliveryClaim.until >= now)
+        being_sent = exists().where(DeliveryClaim.delivery_id == DeliveryRecord.id,
+                                    DeliveryClaim.until >= self._store_time())
         pending = (
             select(DeliveryRecord)
             .where(DeliveryRecord.status == "pending", self._configured(), ~being_sent)
             .order_by(DeliveryRecord.id)
         )
         if self._inflight:  # first: a row this process is still sending stays its own (none: no write)
-            self._renew(now)
+            self._renew()
         with Session(self.engine) as session:
             if digest_owners:
                 rows = list(session.scalars(pending.where(DeliveryRecord.recipient.not_in(digest_owners)).limit(PENDING_BATCH)))
@@ -560,7 +563,16 @@ class ChannelDelivery:
         return or_(*(and_(DeliveryRecord.channel == channel, DeliveryRecord.recipient.in_(sorted(ids)))
                      for channel, ids in owners.items()))
 
-    def _claim(self, row_ids: Sequence[int], now: datetime) -> set[int]:
+    def _store_time(self, after: timedelta = timedelta(0)) -> ColumnElement[datetime]:
+        """The time `after` from now on the clock claims are judged by, as SQL. On PostgreSQL the database's:
+        processes on several hosts share the store, and one whose clock runs ahead by more than CLAIM_LEASE
+        would take another's live claims for lapsed (and send their rows again). On SQLite (one host, one
+        clock) this process's, in the format SQLAlchemy stores datetimes in (not CURRENT_TIMESTAMP's)."""
+        if self.engine.dialect.name == "postgresql":
+            return func.now() + after if after else func.now()
+        return literal(self.clock() + after, DateTime(timezone=True))
+
+    def _claim(self, row_ids: Sequence[int]) -> set[int]:
         """Claim rows for this process to send; the ids it holds that are still pending. A claim
         that lapsed (its process was killed) is taken over; a row another process claimed, or
         finished since it was read, is not this process's to send."""
@@ -569,10 +581,12 @@ class ChannelDelivery:
         with Session(self.engine) as session:
             for start in range(0, len(row_ids), CLAIM_CHUNK):
                 ids = list(row_ids[start : start + CLAIM_CHUNK])
-                lapsed = delete(DeliveryClaim).where(DeliveryClaim.delivery_id.in_(ids), DeliveryClaim.until < now)
+                lapsed = delete(DeliveryClaim).where(DeliveryClaim.delivery_id.in_(ids),
+                                                     DeliveryClaim.until < self._store_time())
                 session.execute(lapsed)
+                until = self._store_time(CLAIM_LEASE)
                 session.execute(dialect.insert(DeliveryClaim).values(
-                    [{"delivery_id": i, "holder": self.holder, "until": now + CLAIM_LEASE} for i in ids]
+                    [{"delivery_id": i, "holder": self.holder, "until": until} for i in ids]
                 ).on_conflict_do_nothing())
                 session.commit()
                 held = set(session.scalars(
@@ -602,10 +616,10 @@ class ChannelDelivery:
             session.execute(statement)
             session.commit()
 
-    def _renew(self, now: datetime) -> None:
+    def _renew(self) -> None:
         with Session(self.engine) as session:
             session.execute(update(DeliveryClaim).where(DeliveryClaim.holder == self.holder)
-                            .values(until=now + CLAIM_LEASE))
+                            .values(until=self._store_time(CLAIM_LEASE)))
             session.commit()
 
     async def _on_result(self, alert: AnyAlert, result: DeliveryResult, attempts: Sequence[Attempt]) -> None:
@@ -742,7 +756,7 @@ class ChannelDelivery:
         while not draining.done():  # a long drain (a redrive to a slow receiver) keeps its claims
             await asyncio.wait({draining}, timeout=CLAIM_RENEW_S)
             if not draining.done():
-                await asyncio.to_thread(self._renew, self.clock())
+                await asyncio.to_thread(self._renew)
 
     async def close(self) -> None:
         await asyncio.gather(self.dispatcher.close(timeout=CLOSE_TIMEOUT_S), *self._retiring)

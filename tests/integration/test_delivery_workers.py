@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy import select
+from sqlalchemy import DateTime, literal, select
 from sqlmodel import Session
 
 from decision_router import metrics, notify
@@ -43,6 +44,13 @@ def rules_dir(tmp_path: Path, receiver: ReceiverState) -> Path:  # noqa: F811
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def store_clock_is(monkeypatch: pytest.MonkeyPatch, clock: ManualClock) -> None:
+    """Claims judged by `clock`, so a test can move the store's time past a lease: on PostgreSQL
+    they are judged by the database's own clock, which a test cannot move."""
+    monkeypatch.setattr(ChannelDelivery, "_store_time",
+                        lambda self, after=timedelta(0): literal(clock() + after, DateTime(timezone=True)))
 
 
 def queue(engine, n: int) -> list[str]:
@@ -114,6 +122,44 @@ async def test_redrive_beside_a_running_router_sends_each_dead_letter_once(
         await redis.aclose()
 
 
+@pytest.mark.postgres
+async def test_hosts_whose_clocks_disagree_judge_claims_by_the_databases_clock(
+    settings, rules_dir, pg_engine, receiver, monkeypatch  # noqa: F811
+) -> None:
+    """`serve` on several hosts sharing PostgreSQL: a host whose clock runs a minute ahead must not take
+    over rows another still holds a claim on (it would send them again), and the claims of a process that
+    stopped renewing them (killed) lapse after the lease on the database's clock, also for a host a minute
+    behind."""
+    lease = timedelta(seconds=3)
+    monkeypatch.setattr("decision_router.notify.CLAIM_LEASE", lease)
+    ruleset = load_rules(rules_dir)
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+
+    def host(skew: timedelta) -> ChannelDelivery:
+        return ChannelDelivery(settings=settings, ruleset=ruleset, engine=pg_engine, redis=redis,
+                               clock=lambda: utcnow() + skew)
+
+    killed, ahead, behind = host(timedelta(0)), host(timedelta(seconds=60)), host(timedelta(seconds=-60))
+    try:
+        ids = queue(pg_engine, 3)
+        claimed_by = time.monotonic()  # the claims are taken after this: they hold until at least `lease` later
+        assert await killed.pump() == 3
+        await killed.dispatcher.close(timeout=0)  # killed: its claims stay behind, renewed no more
+        assert await ahead.pump() == 0  # within the lease: its clock is past the claims' end, the database's is not
+        while (taken := await behind.pump()) == 0 and time.monotonic() - claimed_by < lease.total_seconds() + 10:
+            await asyncio.sleep(0.1)
+        assert taken == 3, "the killed process's claims did not lapse after the lease"
+        assert time.monotonic() - claimed_by >= lease.total_seconds()
+        await behind.drain()
+        await wait_until(lambda: count(pg_engine, DeliveryRecord, DeliveryRecord.status == "delivered") == 3,
+                         what="every row delivered")
+        assert sorted(r.headers["x-decision-router-alert"] for r in receiver.to("/ok/am")) == sorted(ids)
+    finally:
+        for channels in (killed, ahead, behind):
+            await channels.dispatcher.close(timeout=0)
+        await redis.aclose()
+
+
 @pytest.fixture
 def two_owner_rules(tmp_path: Path, receiver: ReceiverState) -> Path:  # noqa: F811
     directory = tmp_path / "rules2"
@@ -162,6 +208,7 @@ async def test_a_killed_processs_claims_lapse_and_a_stopped_processs_are_release
     ruleset = load_rules(two_owner_rules)
     redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
     clock = ManualClock(utcnow())
+    store_clock_is(monkeypatch, clock)
 
     def process() -> ChannelDelivery:
         return ChannelDelivery(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=clock)
