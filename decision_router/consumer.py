@@ -33,6 +33,7 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     MasterDownError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
     ResponseError,
@@ -69,9 +70,14 @@ class Input:
     dlq: str
 
 
-# Replies of a Redis that is failing over or not ready (READONLY: a replica just demoted).
-_REDIS_NOT_READY = ("READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "LOADING")
-_REDIS_NOT_READY_ERRORS = (ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError, BusyLoadingError)
+# Replies of a Redis that is failing over or not ready (READONLY: a replica just demoted), or that refuses
+# writes until an operator acts: OOM (at maxmemory with noeviction) and MISCONF (snapshots failing). Those
+# are no fault of the batch in hand: dead-lettering it would not help (the DLQ write is refused too), and
+# its predictions are stored already; waiting loses nothing.
+_REDIS_NOT_READY = ("READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "LOADING", "MISCONF")
+_REDIS_NOT_READY_ERRORS = (
+    ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError, BusyLoadingError, OutOfMemoryError,
+)
 # The cluster client's own outages: no node reachable, slots not covered while the cluster reshapes
 # (SlotNotCoveredError), redirections exhausted mid-failover (ClusterError "TTL exhausted"). They are
 # no ConnectionError; its other errors (keys in different slots, say) are bugs.

@@ -158,6 +158,40 @@ def test_redis_restarted_mid_backlog_the_router_reconnects_and_finishes(
         private.close()
 
 
+def test_redis_out_of_memory_is_waited_out_like_an_outage(prefix, schema, routers, tmp_path) -> None:
+    """A Redis at its maxmemory with noeviction refuses writes (OOM) while reads still work: the router reads
+    a batch, stores it, and then cannot write the inboxes (nor a DLQ entry). That is Redis not ready, not the
+    batch's fault: it is waited out, and once memory is freed every prediction is routed exactly once,
+    nothing dead-lettered. (A full Redis at start stops the start, as an unreachable one does: its consumer
+    groups cannot be created.)"""
+    private = PrivateRedis(tmp_path).start()
+    try:
+        client = redis.Redis.from_url(private.url)
+        keys = Keys(prefix)
+        router = start(routers, tmp_path / "router.log", redis_url=private.url, database_url=schema.url(),
+                       stream_prefix=prefix, consumer_name="w1", batch_size="100", max_attempts="2")
+        router.process.send_signal(signal.SIGSTOP)  # held while the backlog goes in and Redis fills up
+        try:
+            documents = publish_backlog(client, keys.predictions, 300)
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", str(client.info("memory")["used_memory"]))  # full: writes refused
+        finally:
+            router.process.send_signal(signal.SIGCONT)
+        wait_for(lambda: router.said("Redis unavailable; retrying in 0.2s") >= 1, timeout=30,
+                 what="the router to wait for Redis to take writes again")
+        assert client.xlen(keys.predictions_dlq) == 0
+        client.config_set("maxmemory", "0")  # the operator frees memory
+        wait_for(all_acknowledged(client, keys, "decision-router", len(documents)), timeout=60,
+                 what="the whole backlog")
+        assert router.said("Redis reachable again") >= 1
+        assert router.process.poll() is None, "the router must ride out the outage, not exit"
+        router.stop_cleanly()
+        assert_exactly_once(client, keys, schema.engine, documents)
+        client.close()
+    finally:
+        private.close()
+
+
 def test_database_unreachable_for_a_while_messages_stay_pending_then_all_are_processed(
     client, prefix, schema, routers, redis_server, tmp_path
 ) -> None:

@@ -8,7 +8,7 @@ import errno
 
 import psycopg
 import pytest
-from redis.exceptions import BusyLoadingError, ClusterDownError, MasterDownError, ReadOnlyError, ResponseError
+from redis.exceptions import BusyLoadingError, ClusterDownError, MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ClusterError, RedisClusterException, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -33,6 +33,10 @@ from decision_router.settings import Settings
         (TryAgainError("Multiple keys request during rehashing of slot"), "Redis"),
         (ClusterDownError("The cluster is down"), "Redis"),
         (ResponseError("NOREPLICAS Not enough good replicas to write."), "Redis"),
+        # Writes refused until an operator acts (maxmemory with noeviction; snapshots failing): waited out.
+        (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), "Redis"),
+        (ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist "
+                       "to disk."), "Redis"),
         (OSError(errno.EHOSTUNREACH, "No route to host"), "Redis"),
         (InternalError("insert", {}, psycopg.errors.ReadOnlySqlTransaction("read-only transaction")), "store"),
         # The cluster client's own, as redis-py 8 raises them: they are no ConnectionError (or no RedisError).
