@@ -342,6 +342,11 @@ def serve(
     except REDIS_ERRORS as exc:
         # Only at start (creating the consumer groups), e.g. a wrong password or Redis down: once
         # running, the read loop waits out Redis outages.
+        from redis.exceptions import OutOfMemoryError
+
+        if isinstance(exc, OutOfMemoryError):  # reachable, but it refuses the consumer groups' writes
+            fail(f"Redis at {redact_url(settings.effective_redis_url)} is full (maxmemory, no eviction): "
+                 f"{redact_text(str(exc))} Free memory (trim streams) or raise maxmemory, then start again.")
         fail(f"cannot reach Redis at {redact_url(settings.effective_redis_url)}: {redact_text(str(exc))}"
              f"{cluster_hint(exc)}")
     except SQLAlchemyError as exc:

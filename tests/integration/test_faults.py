@@ -180,6 +180,11 @@ def test_redis_out_of_memory_is_waited_out_like_an_outage(prefix, schema, router
         wait_for(lambda: router.said("Redis unavailable; retrying in 0.2s") >= 1, timeout=30,
                  what="the router to wait for Redis to take writes again")
         assert client.xlen(keys.predictions_dlq) == 0
+        late = Router(tmp_path / "late.log", redis_url=private.url, database_url=schema.url(), stream_prefix=prefix,
+                      consumer_name="w2")  # a router started now cannot create its consumer groups: says why
+        routers.append(late)
+        assert late.wait(timeout=30) == 1
+        assert "is full (maxmemory, no eviction)" in late.log(), late.log()[-2000:]
         client.config_set("maxmemory", "0")  # the operator frees memory
         wait_for(all_acknowledged(client, keys, "decision-router", len(documents)), timeout=60,
                  what="the whole backlog")
