@@ -30,16 +30,22 @@ from tests.unit.test_channels_render import make_alert
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture
-def rules_dir(tmp_path: Path, receiver: ReceiverState) -> Path:  # noqa: F811
-    directory = tmp_path / "rules"
+def am_rules(directory: Path, receiver: ReceiverState, path: str, *more_owners: str) -> Path:  # noqa: F811
+    """Rules sending everything to am, whose webhook is the receiver at `path` (`/ok/...`, `/bad/...`,
+    `/hang/...`), and more owners' YAML lines."""
     directory.mkdir()
     (directory / "routing.yaml").write_text("rules:\n  - {name: any, when: {}, owner: am}\n")
     (directory / "owners.yaml").write_text(
         "owners:\n"
-        f"  - {{id: am, name: AM, channels: [inbox, webhook], webhook: {{url: '{receiver.url('/ok/am')}'}}}}\n"
+        f"  - {{id: am, name: AM, channels: [inbox, webhook], webhook: {{url: '{receiver.url(path)}'}}}}\n"
+        + "".join(f"  - {owner}\n" for owner in more_owners)
     )
     return directory
+
+
+@pytest.fixture
+def rules_dir(tmp_path: Path, receiver: ReceiverState) -> Path:  # noqa: F811
+    return am_rules(tmp_path / "rules", receiver, "/ok/am")
 
 
 def utcnow() -> datetime:
@@ -162,16 +168,9 @@ async def test_hosts_whose_clocks_disagree_judge_claims_by_the_databases_clock(
 
 @pytest.fixture
 def two_owner_rules(tmp_path: Path, receiver: ReceiverState) -> Path:  # noqa: F811
-    directory = tmp_path / "rules2"
-    directory.mkdir()
-    (directory / "routing.yaml").write_text("rules:\n  - {name: any, when: {}, owner: am}\n")
-    (directory / "owners.yaml").write_text(
-        "owners:\n"
-        f"  - {{id: am, name: AM, channels: [inbox, webhook], webhook: {{url: '{receiver.url('/ok/am')}'}}}}\n"
-        f"  - {{id: slow, name: Slow, channels: [inbox, webhook],"
-        f" webhook: {{url: '{receiver.url('/hang/slow')}', timeout_s: 30}}}}\n"
-    )
-    return directory
+    slow = (f"{{id: slow, name: Slow, channels: [inbox, webhook],"
+            f" webhook: {{url: '{receiver.url('/hang/slow')}', timeout_s: 30}}}}")
+    return am_rules(tmp_path / "rules2", receiver, "/ok/am", slow)
 
 
 async def test_a_hung_receivers_backlog_in_flight_does_not_hold_up_the_others(
@@ -328,13 +327,7 @@ async def test_a_failure_dead_lettered_during_a_redis_outage_still_reaches_the_d
 ) -> None:
     """The row is `failed` in the store before its DLQ entry is written: the entry is the only way a
     redrive finds it, so a Redis outage at that moment must delay it, not lose it."""
-    directory = tmp_path / "down"
-    directory.mkdir()
-    (directory / "routing.yaml").write_text("rules:\n  - {name: any, when: {}, owner: am}\n")
-    (directory / "owners.yaml").write_text(
-        "owners:\n"
-        f"  - {{id: am, name: AM, channels: [inbox, webhook], webhook: {{url: '{receiver.url('/bad/am')}'}}}}\n"
-    )
+    directory = am_rules(tmp_path / "down", receiver, "/bad/am")
     real, calls = notify.xadd_once, []
 
     async def flaky(redis, writes, **kwargs):
@@ -360,14 +353,7 @@ async def test_a_failure_dead_lettered_during_a_redis_outage_still_reaches_the_d
 @pytest.fixture
 def failing_rules(tmp_path: Path, receiver: ReceiverState) -> Path:  # noqa: F811
     """am's webhook answers 400: each delivery fails for good at its first attempt."""
-    directory = tmp_path / "failing"
-    directory.mkdir()
-    (directory / "routing.yaml").write_text("rules:\n  - {name: any, when: {}, owner: am}\n")
-    (directory / "owners.yaml").write_text(
-        "owners:\n"
-        f"  - {{id: am, name: AM, channels: [inbox, webhook], webhook: {{url: '{receiver.url('/bad/am')}'}}}}\n"
-    )
-    return directory
+    return am_rules(tmp_path / "failing", receiver, "/bad/am")
 
 
 class DlqOutage:
