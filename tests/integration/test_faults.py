@@ -129,6 +129,17 @@ def test_two_workers_one_killed_the_survivor_reclaims_and_finishes(
     assert_exactly_once(client, keys, schema.engine, documents)
 
 
+def rode_out_the_redis_outage(
+    router: Router, client: redis.Redis, keys: Keys, engine: sqlalchemy.Engine, documents: list[dict]
+) -> None:
+    """After a Redis outage and the whole backlog acknowledged: the router said Redis was back, never exited,
+    stops cleanly, and routed every prediction exactly once."""
+    assert router.said("Redis reachable again") >= 1
+    assert router.process.poll() is None, "the router must ride out the outage, not exit"
+    router.stop_cleanly()
+    assert_exactly_once(client, keys, engine, documents)
+
+
 def test_redis_restarted_mid_backlog_the_router_reconnects_and_finishes(
     prefix, schema, routers, tmp_path
 ) -> None:
@@ -149,10 +160,7 @@ def test_redis_restarted_mid_backlog_the_router_reconnects_and_finishes(
         wait_for(all_acknowledged(client, keys, "decision-router", BACKLOG), timeout=120, what="the whole backlog")
         print(f"\nRedis killed at {down_at}/{BACKLOG}; backlog finished {time.monotonic() - restarted:.1f}s after restart")
         assert down_at < BACKLOG
-        assert router.said("Redis reachable again") >= 1
-        assert router.process.poll() is None, "the router must ride out the outage, not exit"
-        router.stop_cleanly()
-        assert_exactly_once(client, keys, schema.engine, documents)
+        rode_out_the_redis_outage(router, client, keys, schema.engine, documents)
         client.close()
     finally:
         private.close()
@@ -188,10 +196,7 @@ def test_redis_out_of_memory_is_waited_out_like_an_outage(prefix, schema, router
         client.config_set("maxmemory", "0")  # the operator frees memory
         wait_for(all_acknowledged(client, keys, "decision-router", len(documents)), timeout=60,
                  what="the whole backlog")
-        assert router.said("Redis reachable again") >= 1
-        assert router.process.poll() is None, "the router must ride out the outage, not exit"
-        router.stop_cleanly()
-        assert_exactly_once(client, keys, schema.engine, documents)
+        rode_out_the_redis_outage(router, client, keys, schema.engine, documents)
         client.close()
     finally:
         private.close()
