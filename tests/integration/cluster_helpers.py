@@ -135,14 +135,13 @@ class LocalCluster:
         raise AssertionError(f"slot {slot} of {key} is not covered")
 
     def replica_of(self, port: int) -> int:
-        """The port of a replica of the primary on `port`."""
-        node = self._node(port)
-        node_id = node.execute_command("CLUSTER", "MYID")
-        lines = node.execute_command("CLUSTER", "REPLICAS", node_id)
-        if not lines:
+        """The port of a replica of the primary on `port`: from its replication links, which start() waited
+        for (its cluster table learns of the replica by gossip, a moment later: CLUSTER REPLICAS could still
+        be empty then)."""
+        replication = self._node(port).info("replication")
+        if not replication.get("connected_slaves"):
             raise AssertionError(f"the node on port {port} has no replica")
-        # "<id> <ip>:<port>@<bus port> slave <primary id> ..."
-        return int(lines[0].split()[1].split("@")[0].rsplit(":", 1)[1])
+        return int(replication["slave0"]["port"])
 
     def kill_node(self, port: int) -> None:
         """SIGKILL one node: its replica takes over after node_timeout_ms."""
