@@ -6,7 +6,6 @@ A column it cannot add is refused in one line, before anything is changed."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from tests.integration.conftest import wait_until
 from tests.integration.test_router_loop import count, prediction
 from tests.integration.test_schema_upgrade import create_schema_twice_behind_a_writer
 from tests.unit.test_stats import alert
+from tests.unit.test_store_schema import create_schema_at_once
 
 # Columns added to tables after stores were created with them (tables.py's history), of every kind:
 # NOT NULL with a default (held_out, escalation_level, sla_revision), nullable, and nullable ones that
@@ -194,25 +194,7 @@ def test_workers_starting_together_on_an_older_sqlite_store_all_add_its_columns(
         stored_before(engine)
         make_older(engine, ADDED_SINCE)
         engine.dispose()
-        errors: list[BaseException] = []
-        start = threading.Barrier(3)
-
-        def start_worker(url: str = url, start: threading.Barrier = start,
-                         errors: list[BaseException] = errors) -> None:
-            worker = make_engine(url)
-            try:
-                start.wait()
-                create_schema(worker)
-            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
-                errors.append(exc)
-            finally:
-                worker.dispose()
-
-        workers = [threading.Thread(target=start_worker) for _ in range(3)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        errors = create_schema_at_once(url)
         assert errors == [], errors
         engine = make_engine(url)
         assert schema_is_current(engine)
