@@ -56,6 +56,7 @@ from decision_router.streams import as_text, xadd_once
 log = structlog.get_logger("decision_router.consumer")
 
 Process = Callable[[Sequence[Entry]], Awaitable[BatchResult]]
+Finish = Callable[[Sequence[Entry]], Awaitable[Sequence[str]]]
 
 _FIRST_BACKOFF = 0.2  # seconds; doubled per failed retry up to settings.retry_backoff_max
 
@@ -68,6 +69,9 @@ class Input:
     label: str  # "predictions" or "outcomes", for metrics
     process: Process
     dlq: str
+    # Of entries about to be dead-lettered as crashers, finishes those the store holds already and returns
+    # their ids (Pipeline.finish_stored_predictions); None: every one of them is dead-lettered.
+    finish_stored: Finish | None = None
 
 
 # Replies of a Redis that is failing over or not ready (READONLY: a replica just demoted), or that refuses
@@ -336,31 +340,73 @@ class Consumer:
             if gone and not await self.retrying(lambda: self.redis.xack(source.stream, self.group, *gone)):
                 return False
             if redelivered and entries:
-                entries = await self._drop_crashers(source, entries)
+                kept = await self._drop_crashers(source, entries)
+                if kept is None:
+                    return False
+                entries = kept
             return await self._settle(source, entries)
         finally:
             for entry_id in ids:
                 in_hand.pop(entry_id, None)
 
-    async def _drop_crashers(self, source: Input, entries: list[Entry]) -> list[Entry]:
+    async def _drop_crashers(self, source: Input, entries: list[Entry]) -> list[Entry] | None:
         """Dead-letter entries delivered more than 2 x max_attempts times without an ack: each
         read ended with its worker gone (a crash, the OOM killer) before any error could be
-        counted. Returns the others. Outages do not count: retries do not redeliver."""
+        counted. Returns the others; None if stopping first. Outages do not count: retries do not
+        redeliver. Those the store holds already (their worker went after the commit) are finished
+        and acknowledged instead: no failure."""
         limit = 2 * self.settings.max_attempts
         pending = await self.redis.xpending_range(
             source.stream, self.group, min=entries[0][0], max=entries[-1][0],
             count=len(entries) + len(self.in_hand[source.stream]), consumername=self.name,
         )
         deliveries = {as_text(p["message_id"]): p["times_delivered"] for p in pending}
-        keep = []
-        for entry in entries:
-            times = deliveries.get(entry[0], 0)
-            if times > limit:
+        crashers = [entry for entry in entries if deliveries.get(entry[0], 0) > limit]
+        if not crashers:
+            return entries
+        stored = await self._finish_stored(source, crashers, deliveries)
+        if stored is None:
+            return None
+        for entry in crashers:
+            if entry[0] not in stored:
+                times = deliveries[entry[0]]
                 error = RuntimeError(f"delivered {times} times and never acknowledged: its worker stopped each time")
-                await self._dead_letter(source, entry, error, attempts=times)
-            else:
-                keep.append(entry)
-        return keep
+                if not await self._dead_letter(source, entry, error, attempts=times):
+                    return None
+        return [entry for entry in entries if deliveries.get(entry[0], 0) <= limit]
+
+    async def _finish_stored(
+        self, source: Input, crashers: Sequence[Entry], deliveries: dict[str, int]
+    ) -> set[str] | None:
+        """The ids of `crashers` the store holds already, finished (see Input.finish_stored) and acknowledged;
+        None if stopping first. The store down is an outage (retried), not a reason to dead-letter."""
+        if source.finish_stored is None:
+            return set()
+        while True:
+            try:
+                stored = set(await source.finish_stored(crashers))
+            except Exception as exc:  # noqa: BLE001 - classified below: outage (retry) or a failure to finish
+                service = infrastructure_failure(exc)
+                if service is None:
+                    # A delivery that keeps failing (an inbox key of the wrong type): dead-lettered as before.
+                    log.warning("could not finish stored entries; dead-lettering them", stream=source.stream,
+                                error=repr(exc)[:300])
+                    return set()
+                await self._touch(source, [entry_id for entry_id, _ in crashers])
+                if not await self.outage.wait(service, exc):
+                    return None
+                continue
+            self.outage.ok()
+            break
+        if not stored:
+            return stored
+        for entry_id in stored:
+            log.warning("entry redelivered after its worker stopped was stored already; finished, not dead-lettered",
+                        stream=source.stream, entry_id=entry_id, deliveries=deliveries.get(entry_id))
+        ids = [entry_id.encode() for entry_id in stored]
+        if not await self.retrying(lambda: self.redis.xack(source.stream, self.group, *ids)):
+            return None
+        return stored
 
     async def keep_alive(self) -> None:
         """Reset the idle time of every entry in hand for a while (a slow batch, a retry, an outage

@@ -80,8 +80,10 @@ class RouterService:
             pipeline.redis,
             settings,
             [
-                Input(self.keys.predictions, "predictions", pipeline.process_predictions, self.keys.predictions_dlq),
-                Input(self.keys.outcomes, "outcomes", pipeline.process_outcomes, self.keys.outcomes_dlq),
+                Input(self.keys.predictions, "predictions", pipeline.process_predictions, self.keys.predictions_dlq,
+                      pipeline.finish_stored_predictions),
+                Input(self.keys.outcomes, "outcomes", pipeline.process_outcomes, self.keys.outcomes_dlq,
+                      pipeline.finish_stored_outcomes),
             ],
             engine=pipeline.engine,
             clock=pipeline.clock,
