@@ -56,6 +56,7 @@ from decision_router.streams import as_text, xadd_once
 log = structlog.get_logger("decision_router.consumer")
 
 Process = Callable[[Sequence[Entry]], Awaitable[BatchResult]]
+Finish = Callable[[Sequence[Entry]], Awaitable[Sequence[str]]]
 
 _FIRST_BACKOFF = 0.2  # seconds; doubled per failed retry up to settings.retry_backoff_max
 
@@ -68,6 +69,9 @@ class Input:
     label: str  # "predictions" or "outcomes", for metrics
     process: Process
     dlq: str
+    # Of entries about to be dead-lettered as crashers, finishes those the store holds already and returns
+    # their ids (Pipeline.finish_stored_predictions); None: every one of them is dead-lettered.
+    finish_stored: Finish | None = None
 
 
 # Replies of a Redis that is failing over or not ready (READONLY: a replica just demoted), or that refuses
@@ -205,9 +209,9 @@ class Consumer:
         self.clock = clock
         self.stopping = asyncio.Event()
         self.outage = Outage(settings, self.stopping)
-        # Entry ids this process is working on: its own reclaim must not run them a second time.
-        # Entry id -> when its idle time was last reset (read, or touched while retrying).
-        self.in_hand: dict[str, float] = {}
+        # The entries this process is working on, per stream: its own reclaim must not run them a second
+        # time. Entry id -> when its idle time was last reset (read, or touched: see keep_alive).
+        self.in_hand: dict[str, dict[str, float]] = {stream: {} for stream in self.inputs}
         self.groups_ready = False
         # The read loop's task while it waits in a blocking read, holding no batch: stop() cancels that wait.
         self._idle_read: asyncio.Task | None = None
@@ -274,15 +278,23 @@ class Consumer:
                 continue
             self.outage.ok()
             idle = not history and not reply
+            read_at = time.monotonic()
+            if reply and len(reply) > 1:
+                self._hold(reply[1:], read_at)
             for raw_stream, messages in reply or []:
                 stream = as_text(raw_stream)
                 if cursors[stream] != ">":
                     cursors[stream] = as_text(messages[-1][0]) if messages else ">"
                 if messages:
                     try:
-                        await self.handle(self.inputs[stream], messages, redelivered=history)
+                        await self.handle(self.inputs[stream], messages, redelivered=history, read_at=read_at)
                     except Exception as exc:  # noqa: BLE001 - left pending; reclaimed after claim_idle
                         await self._failed(exc, "batch failed; left pending")
+
+    def _hold(self, reply: list, read_at: float) -> None:
+        """Entries read with another stream's batch, which is processed first: in hand (kept alive) from now."""
+        for raw_stream, messages in reply:
+            self.in_hand[as_text(raw_stream)].update((as_text(mid), read_at) for mid, fields in messages if fields)
 
     async def _read(self, cursors: dict[str, str], *, block: int | None) -> list | None:
         """One XREADGROUP; None if stop() cut a blocking one short."""
@@ -313,56 +325,108 @@ class Consumer:
             await asyncio.wait_for(self.stopping.wait(), 1.0)
 
     async def handle(
-        self, source: Input, messages: Sequence[tuple[bytes, dict[bytes, bytes]]], *, redelivered: bool = False
+        self, source: Input, messages: Sequence[tuple[bytes, dict[bytes, bytes]]], *, redelivered: bool = False,
+        read_at: float | None = None,
     ) -> bool:
-        """Process and acknowledge one batch as read from Redis; False if left pending (stopping).
-        `redelivered`: read again (own pending history, or reclaimed), so it may be one that
-        brought its worker down each time it was read."""
+        """Process and acknowledge one batch as read from Redis (at `read_at`, time.monotonic(); now if None);
+        False if left pending (stopping). `redelivered`: read again (own pending history, or reclaimed), so
+        it may be one that brought its worker down each time it was read."""
         entries, gone = decoded(messages)
-        # Deleted from the stream while pending: nothing to process, just ack.
-        if gone and not await self.retrying(lambda: self.redis.xack(source.stream, self.group, *gone)):
-            return False
-        now = time.monotonic()
+        in_hand = self.in_hand[source.stream]
         ids = [entry_id for entry_id, _ in entries]
-        self.in_hand.update(dict.fromkeys(ids, now))
+        in_hand.update(dict.fromkeys(ids, time.monotonic() if read_at is None else read_at))
         try:
+            # Deleted from the stream while pending: nothing to process, just ack.
+            if gone and not await self.retrying(lambda: self.redis.xack(source.stream, self.group, *gone)):
+                return False
             if redelivered and entries:
-                entries = await self._drop_crashers(source, entries)
+                kept = await self._drop_crashers(source, entries)
+                if kept is None:
+                    return False
+                entries = kept
             return await self._settle(source, entries)
         finally:
             for entry_id in ids:
-                self.in_hand.pop(entry_id, None)
+                in_hand.pop(entry_id, None)
 
-    async def _drop_crashers(self, source: Input, entries: list[Entry]) -> list[Entry]:
+    async def _drop_crashers(self, source: Input, entries: list[Entry]) -> list[Entry] | None:
         """Dead-letter entries delivered more than 2 x max_attempts times without an ack: each
         read ended with its worker gone (a crash, the OOM killer) before any error could be
-        counted. Returns the others. Outages do not count: retries do not redeliver."""
+        counted. Returns the others; None if stopping first. Outages do not count: retries do not
+        redeliver. Those the store holds already (their worker went after the commit) are finished
+        and acknowledged instead: no failure."""
         limit = 2 * self.settings.max_attempts
         pending = await self.redis.xpending_range(
             source.stream, self.group, min=entries[0][0], max=entries[-1][0],
-            count=len(entries) + len(self.in_hand), consumername=self.name,
+            count=len(entries) + len(self.in_hand[source.stream]), consumername=self.name,
         )
         deliveries = {as_text(p["message_id"]): p["times_delivered"] for p in pending}
-        keep = []
-        for entry in entries:
-            times = deliveries.get(entry[0], 0)
-            if times > limit:
+        crashers = [entry for entry in entries if deliveries.get(entry[0], 0) > limit]
+        if not crashers:
+            return entries
+        stored = await self._finish_stored(source, crashers, deliveries)
+        if stored is None:
+            return None
+        for entry in crashers:
+            if entry[0] not in stored:
+                times = deliveries[entry[0]]
                 error = RuntimeError(f"delivered {times} times and never acknowledged: its worker stopped each time")
-                await self._dead_letter(source, entry, error, attempts=times)
-            else:
-                keep.append(entry)
-        return keep
+                if not await self._dead_letter(source, entry, error, attempts=times):
+                    return None
+        return [entry for entry in entries if deliveries.get(entry[0], 0) <= limit]
 
-    async def _touch(self, source: Input, entries: Sequence[Entry]) -> None:
-        """Reset the idle time of entries we are still retrying, so another worker's reclaim
-        does not take them over while we wait out an outage (JUSTID: no delivery counted)."""
+    async def _finish_stored(
+        self, source: Input, crashers: Sequence[Entry], deliveries: dict[str, int]
+    ) -> set[str] | None:
+        """The ids of `crashers` the store holds already, finished (see Input.finish_stored) and acknowledged;
+        None if stopping first. The store down is an outage (retried), not a reason to dead-letter."""
+        if source.finish_stored is None:
+            return set()
+        while True:
+            try:
+                stored = set(await source.finish_stored(crashers))
+            except Exception as exc:  # noqa: BLE001 - classified below: outage (retry) or a failure to finish
+                service = infrastructure_failure(exc)
+                if service is None:
+                    # A delivery that keeps failing (an inbox key of the wrong type): dead-lettered as before.
+                    log.warning("could not finish stored entries; dead-lettering them", stream=source.stream,
+                                error=repr(exc)[:300])
+                    return set()
+                await self._touch(source, [entry_id for entry_id, _ in crashers])
+                if not await self.outage.wait(service, exc):
+                    return None
+                continue
+            self.outage.ok()
+            break
+        if not stored:
+            return stored
+        for entry_id in stored:
+            log.warning("entry redelivered after its worker stopped was stored already; finished, not dead-lettered",
+                        stream=source.stream, entry_id=entry_id, deliveries=deliveries.get(entry_id))
+        ids = [entry_id.encode() for entry_id in stored]
+        if not await self.retrying(lambda: self.redis.xack(source.stream, self.group, *ids)):
+            return None
+        return stored
+
+    async def keep_alive(self) -> None:
+        """Reset the idle time of every entry in hand for a while (a slow batch, a retry, an outage
+        waited out), every claim_idle / 4 (RouterService). Otherwise a reclaim, another worker's or
+        this one's own, takes it over and Redis counts a delivery: enough of them on a live worker
+        and _drop_crashers takes a valid entry for one that killed its worker each time."""
+        for source in self.inputs.values():
+            await self._touch(source, list(self.in_hand[source.stream]))
+
+    async def _touch(self, source: Input, entry_ids: Sequence[str]) -> None:
+        """Reset the idle time of the entries in hand since claim_idle / 3 or more, so that no
+        reclaim takes them over (JUSTID: no delivery counted)."""
+        in_hand = self.in_hand[source.stream]
         now = time.monotonic()
-        due = [e for e, _ in entries if now - self.in_hand.get(e, now) > self.settings.claim_idle.total_seconds() / 3]
+        due = [e for e in entry_ids if now - in_hand.get(e, now) > self.settings.claim_idle.total_seconds() / 3]
         if not due:
             return
         with contextlib.suppress(Exception):
             await self.redis.xclaim(source.stream, self.group, self.name, min_idle_time=0, message_ids=due, justid=True)
-            self.in_hand.update(dict.fromkeys(due, now))
+            in_hand.update((e, now) for e in due if e in in_hand)  # those finished meanwhile stay out
 
     async def _settle(self, source: Input, entries: Sequence[Entry]) -> bool:
         if not entries:
@@ -373,7 +437,7 @@ class Consumer:
             except Exception as exc:  # noqa: BLE001 - classified below: outage (retry) or this batch's fault
                 service = infrastructure_failure(exc)
                 if service is not None:
-                    await self._touch(source, entries)
+                    await self._touch(source, [entry_id for entry_id, _ in entries])
                     if not await self.outage.wait(service, exc):
                         log.info("stopping during an outage; batch left pending", stream=source.stream,
                                  size=len(entries))
@@ -398,7 +462,7 @@ class Consumer:
             log.warning("entry failed; retrying", stream=source.stream, entry_id=entry[0], attempt=attempt - 1,
                         error=repr(error)[:300])
             delay = min(2.0, 0.05 * 2**attempt)
-            await self._touch(source, [entry])
+            await self._touch(source, [entry[0]])
             try:
                 await asyncio.wait_for(self.stopping.wait(), delay)
                 return False  # stopping: leave it pending
@@ -467,7 +531,7 @@ class Consumer:
                 count=self.settings.batch_size,
             )
             # Our own entries still being retried come back too (they idle while we back off).
-            messages = [m for m in messages if as_text(m[0]) not in self.in_hand]
+            messages = [m for m in messages if as_text(m[0]) not in self.in_hand[source.stream]]
             if messages:
                 log.info("reclaimed pending entries", stream=source.stream, count=len(messages))
                 if not await self.handle(source, messages, redelivered=True):

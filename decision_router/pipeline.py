@@ -28,7 +28,7 @@ from decision_router.delivery import INBOX, inbox_writes
 from decision_router.durations import format_duration
 from decision_router.keys import Keys
 from decision_router.notify import ChannelDelivery, queue_deliveries
-from decision_router.quality import RawEntry, check_outcome, check_prediction, original_payload
+from decision_router.quality import RawEntry, check_outcome, check_prediction, decode_entry, original_payload
 from decision_router.router import Decision, route, route_without_lookups
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
@@ -112,6 +112,16 @@ def stamped_after_added(checked: Sequence[tuple[str | None, RawEntry, Prediction
         except ValueError:
             stamped.append(entry_id)
     return stamped
+
+
+def _prediction_id(fields: RawEntry) -> str | None:
+    """The prediction id an entry names, if it can be read at all (an entry that crashed its worker may be
+    anything); the gate judges the rest."""
+    try:
+        pid = decode_entry(fields).get("prediction_id")
+    except Exception:  # noqa: BLE001 - unreadable: it was never stored
+        return None
+    return pid if isinstance(pid, str) else None
 
 
 class Pipeline:
@@ -398,6 +408,61 @@ class Pipeline:
                         if channels:
                             queue_deliveries(session, alert=alert, recipient=alert.owner, channels=channels, now=now)
             session.commit()
+
+    # entries stored before their worker stopped -----------------------------------
+
+    async def finish_stored_predictions(self, entries: Sequence[Entry]) -> list[str]:
+        """The ids of `entries` whose effects the store holds already, as `process_predictions` recognises a
+        redelivery: the prediction accepted from that very entry, or the entry's rejection. Their undelivered
+        alerts reach the inboxes and their DLQ entries are written now (deduplicated); nothing is routed.
+        For the consumer, before it dead-letters an entry delivered so often that its worker seems to die on
+        it: one that was stored each time, its worker gone before the ack, is no failure. Rare, a few entries."""
+        accepted, rejected = await asyncio.to_thread(self._stored_predictions, entries)
+        await self._finish(rejected, dlq=self.keys.predictions_dlq, prediction_ids=list(accepted.values()))
+        return [*accepted, *(r.source_id for r in rejected if r.source_id is not None)]
+
+    async def finish_stored_outcomes(self, entries: Sequence[Entry]) -> list[str]:
+        """As `finish_stored_predictions`, for outcome events: applied from that entry (its audit events
+        name it), or rejected. The alerts an applied event reassigned reach their new owners' inboxes."""
+        applied, rejected = await asyncio.to_thread(self._stored_outcomes, entries)
+        await self._finish(rejected, dlq=self.keys.outcomes_dlq, prediction_ids=[p for ps in applied.values() for p in ps])
+        return [*applied, *(r.source_id for r in rejected if r.source_id is not None)]
+
+    async def _finish(self, rejected: Sequence[Rejection], *, dlq: str, prediction_ids: Sequence[str]) -> None:
+        await xadd_once(self.redis, dlq_writes(rejected, stream=dlq, keys=self.keys), ttl=self.settings.dedupe_ttl)
+        await self.drain_outbox(prediction_ids=prediction_ids)
+
+    def _stored_predictions(self, entries: Sequence[Entry]) -> tuple[dict[str, str], list[Rejection]]:
+        """(entry id -> prediction id of the entries accepted, the recorded rejections of the others)."""
+        wanted = {entry_id: pid for entry_id, fields in entries
+                  if entry_id is not None and (pid := _prediction_id(fields)) is not None}
+        with Session(self.engine) as session:
+            known = tracker.known_predictions(session, wanted.values())
+            accepted = {entry_id: pid for entry_id, pid in wanted.items() if known.get(pid) == entry_id}
+            rejected = self._recorded_rejections(session, self.keys.predictions, entries, skip=accepted)
+        return accepted, rejected
+
+    def _stored_outcomes(self, entries: Sequence[Entry]) -> tuple[dict[str, list[str]], list[Rejection]]:
+        """(entry id -> the prediction ids of the alerts it changed, of the entries applied; the recorded
+        rejections of the others)."""
+        applied: dict[str, list[str]] = {}
+        with Session(self.engine) as session:
+            for entry_id, _ in entries:
+                source_id = f"{self.keys.outcomes}/{entry_id}" if entry_id else None
+                if source_id is not None and tracker.already_applied(session, source_id):
+                    applied[entry_id] = tracker.applied_to(session, source_id)  # type: ignore[index]
+            rejected = self._recorded_rejections(session, self.keys.outcomes, entries, skip=applied)
+        return applied, rejected
+
+    @staticmethod
+    def _recorded_rejections(
+        session: Session, stream: str, entries: Sequence[Entry], *, skip: Mapping[str, object]
+    ) -> list[Rejection]:
+        """The rejections stored for `entries` (but those in `skip`), with their payloads for the DLQ."""
+        ids = [entry_id for entry_id, _ in entries if entry_id is not None and entry_id not in skip]
+        recorded = tracker.earlier_rejections(session, stream, ids)
+        return [recorded[entry_id].model_copy(update={"payload": original_payload(fields)})
+                for entry_id, fields in entries if entry_id in recorded]
 
     # outcomes ---------------------------------------------------------------------
 

@@ -80,8 +80,10 @@ class RouterService:
             pipeline.redis,
             settings,
             [
-                Input(self.keys.predictions, "predictions", pipeline.process_predictions, self.keys.predictions_dlq),
-                Input(self.keys.outcomes, "outcomes", pipeline.process_outcomes, self.keys.outcomes_dlq),
+                Input(self.keys.predictions, "predictions", pipeline.process_predictions, self.keys.predictions_dlq,
+                      pipeline.finish_stored_predictions),
+                Input(self.keys.outcomes, "outcomes", pipeline.process_outcomes, self.keys.outcomes_dlq,
+                      pipeline.finish_stored_outcomes),
             ],
             engine=pipeline.engine,
             clock=pipeline.clock,
@@ -103,6 +105,8 @@ class RouterService:
         self._tasks.append(asyncio.create_task(self.reader.run(), name="read"))
         settings = self.pipeline.settings
         self._every("reclaim", max(0.05, settings.claim_idle.total_seconds() / 2), self.reclaim_once)
+        # Its own task: the reclaim job may itself be busy with a batch it took over.
+        self._every("keep-alive", settings.claim_idle.total_seconds() / 4, self.reader.keep_alive)
         self._every("escalate", settings.sweep_interval.total_seconds(), self.sweeper.sweep_once)
         self._every("cooldowns", cooldowns.PRUNE_INTERVAL_S, self.prune_cooldowns)
         if settings.drift_interval.total_seconds() > 0:

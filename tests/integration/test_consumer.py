@@ -5,6 +5,7 @@ dead-lettered), logged once, and leaves the batch pending if the service stops m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from datetime import timedelta
@@ -181,3 +182,38 @@ async def test_the_longest_read_block_allowed_ends_as_a_reply_not_a_timeout(sett
         await client.aclose()
     with pytest.raises(ValidationError, match="less than or equal to 4000"):
         Settings(read_block_ms=longest + 1)
+
+
+async def test_a_slow_batch_on_a_live_worker_is_not_taken_for_a_crash(settings, ruleset, engine, r, monkeypatch) -> None:
+    """MAX_ATTEMPTS=1 (a crash limit of 2 deliveries), a short CLAIM_IDLE, three workers, a batch that takes
+    5 x CLAIM_IDLE. Each reclaim of it, by an idle worker or by its own worker's reclaim, counted as a
+    delivery: taken over by a second worker, valid entries were dead-lettered as crashers (or, claimed only
+    by its own worker, counted as many deliveries as there were reclaims, dead-lettered at the next restart).
+    Kept alive by the worker that holds it, it is never reclaimed: delivered once."""
+    settings = settings.model_copy(update={"max_attempts": 1, "claim_idle": timedelta(seconds=0.2), "batch_size": 5})
+    keys = Keys(settings.stream_prefix)
+    real = Pipeline.process_predictions
+
+    async def slow(self, entries):
+        await asyncio.sleep(1.0)  # a slow store, a slow lookup
+        return await real(self, entries)
+
+    monkeypatch.setattr(Pipeline, "process_predictions", slow)
+    for n in range(5):  # one batch: whoever reads it holds it, the two others are idle
+        r.xadd(keys.predictions, {"data": json.dumps(prediction(f"slow-{n}", entity_id=f"acct-{n}"))})
+    deliveries: set[int] = set()
+
+    def all_acked() -> bool:
+        pending = r.xpending_range(keys.predictions, settings.consumer_group, "-", "+", 10)
+        deliveries.update(p["times_delivered"] for p in pending)
+        return not pending and count(engine, PredictionRecord) + r.xlen(keys.predictions_dlq) >= 5
+
+    async with contextlib.AsyncExitStack() as workers:
+        for n in range(3):
+            named = settings.model_copy(update={"consumer_name": f"worker-{n + 1}"})
+            await workers.enter_async_context(running_service(named, ruleset, engine))
+        await wait_until(all_acked, what="every entry stored or dead-lettered, and acknowledged")
+    assert deliveries == {1}
+    assert r.xlen(keys.predictions_dlq) == 0
+    assert count(engine, PredictionRecord) == 5
+    assert count(engine, RejectionRecord) == 0

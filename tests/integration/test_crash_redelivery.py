@@ -14,8 +14,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
+from decision_router import tracker
 from decision_router.contracts import Prediction, Rejection
 from decision_router.pipeline import Pipeline
+from decision_router.service import RouterService
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord, RejectionRecord
 from tests.integration.conftest import ManualClock, wait_until
 from tests.integration.test_outcomes import alert_row, route_three
@@ -183,3 +185,127 @@ async def test_a_rejection_read_again_is_counted_once_in_the_metrics(pipeline, e
     assert first.rejected == again.rejected == {"score_out_of_range": 1}  # the batch's own log says so each time
     assert rejected("score_out_of_range") - before == 1  # as the store counts it, and the DLQ holds it
     assert count(engine, RejectionRecord) == 1 and r.xlen(pipeline.keys.predictions_dlq) == 1
+
+
+def crash_looped(r, stream: str, group: str, entry_ids: list[str], *, deliveries: int) -> None:
+    """As if each of `entry_ids` had been delivered `deliveries` times, its worker gone each time before the
+    ack, and pending on a dead consumer for a minute: the next reclaim takes it (RETRYCOUNT, IDLE)."""
+    r.xclaim(stream, group, "dead-worker", 0, entry_ids, idle=60_000, retrycount=deliveries)
+
+
+async def reclaimed(pipeline: Pipeline) -> int:
+    """One reclaim pass of a live worker, as RouterService runs every CLAIM_IDLE / 2; how many it took."""
+    reader = RouterService(pipeline).reader
+    await reader.ensure_groups()
+    return await reader.reclaim_once()
+
+
+def stored_then_stopped(r, stream: str, group: str, *entries: tuple[str, dict]) -> list[str]:
+    """Entries read by a worker that is gone now: pending on it, unacknowledged."""
+    r.xgroup_create(stream, group, id="0", mkstream=True)
+    ids = [r.xadd(stream, fields) for fields in entries]
+    r.xreadgroup(group, "dead-worker", {stream: ">"}, count=len(ids))
+    return ids
+
+
+async def test_a_prediction_stored_before_its_worker_stopped_each_time_is_finished_not_dead_lettered(
+    pipeline, engine, r
+) -> None:
+    # Stored, then the worker gone before the inbox write and the ack (here: the write fails), again and
+    # again: over the crash limit. Its alerts go out, it is acknowledged, and it is no failure. An entry
+    # read as many times and never stored is still dead-lettered, unprocessed.
+    from decision_router import metrics
+
+    keys, settings = pipeline.keys, pipeline.settings
+    group = settings.consumer_group
+    stored, crasher = stored_then_stopped(
+        r, keys.predictions, group,
+        {"data": json.dumps(prediction("p-stored"))}, {"data": json.dumps(prediction("p-crash"))},
+    )
+    r.set(keys.inbox("alice-moreau"), "not a stream")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await pipeline.process_predictions(r.xrange(keys.predictions, stored, stored))
+    r.delete(keys.inbox("alice-moreau"))
+    crash_looped(r, keys.predictions, group, [stored, crasher], deliveries=2 * settings.max_attempts + 1)
+    failed_before = metrics.REJECTED.labels("predictions", "processing_failed")._value.get()
+
+    with capture_logs() as logs:
+        assert await reclaimed(pipeline) == 2
+
+    assert r.xpending(keys.predictions, group)["pending"] == 0
+    delivered = [json.loads(fields["data"])["prediction_id"] for _, fields in r.xrange(keys.inbox("alice-moreau"))]
+    assert delivered == ["p-stored"]  # once
+    assert count(engine, AlertRecord, AlertRecord.delivered_at.is_(None)) == 0
+    ((_, dead),) = r.xrange(keys.predictions_dlq)
+    assert dead["source_id"] == crasher and dead["reason"] == "processing_failed"
+    assert count(engine, RejectionRecord) == 1 and count(engine, RejectionRecord, RejectionRecord.source_id == stored) == 0
+    assert metrics.REJECTED.labels("predictions", "processing_failed")._value.get() == failed_before + 1
+    assert count(engine, PredictionRecord) == 1  # the crasher not routed
+    (finished,) = [e for e in logs if e["event"].startswith("entry redelivered after its worker stopped")]
+    assert finished["entry_id"] == stored
+
+
+async def test_outcomes_stored_before_their_worker_stopped_each_time_are_finished_not_dead_lettered(
+    pipeline, engine, r
+) -> None:
+    # A reassignment applied, its worker gone before the new owner's inbox write; an event rejected, its worker
+    # gone before the DLQ write. Over the crash limit, each is finished as its first pass would have.
+    from decision_router.tracker import alert_id_for
+
+    keys, settings = pipeline.keys, pipeline.settings
+    group = settings.consumer_group
+    routed = await pipeline.process_predictions([(entry_id_at(pipeline.clock.now), {"data": json.dumps(
+        {**prediction("o1"), "predicted_at": pipeline.clock.now.isoformat()})})])
+    assert routed.alerts == 1
+    a1 = alert_id_for("o1", "enterprise-churn-risk")
+    reassigned, unknown = stored_then_stopped(
+        r, keys.outcomes, group,
+        {"alert_id": a1, "type": "reassigned", "actor": "lead-strategic", "owner": "benoit-garnier"},
+        {"alert_id": "al-nowhere", "type": "acknowledged", "actor": "alice-moreau"},
+    )
+    r.set(keys.inbox("benoit-garnier"), "not a stream")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await pipeline.process_outcomes(r.xrange(keys.outcomes, reassigned, reassigned))
+    r.delete(keys.inbox("benoit-garnier"))
+    r.set(keys.outcomes_dlq, "not a stream")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await pipeline.process_outcomes(r.xrange(keys.outcomes, unknown, unknown))
+    r.delete(keys.outcomes_dlq)
+    crash_looped(r, keys.outcomes, group, [reassigned, unknown], deliveries=2 * settings.max_attempts + 1)
+
+    assert await reclaimed(pipeline) == 2
+
+    assert r.xpending(keys.outcomes, group)["pending"] == 0
+    ((_, fields),) = r.xrange(keys.inbox("benoit-garnier"))
+    assert json.loads(fields["data"])["alert_id"] == a1
+    ((_, dead),) = r.xrange(keys.outcomes_dlq)
+    assert (dead["source_id"], dead["reason"]) == (unknown, "unknown_alert")  # its own reason, not processing_failed
+    assert count(engine, RejectionRecord) == 1
+    assert count(engine, AuditEvent, AuditEvent.type == "reassigned") == 1
+
+
+async def test_the_store_down_while_telling_stored_crashers_is_waited_out_not_dead_lettered(
+    pipeline, engine, r, monkeypatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    keys, settings = pipeline.keys, pipeline.settings
+    group = settings.consumer_group
+    (stored,) = stored_then_stopped(r, keys.predictions, group, {"data": json.dumps(prediction("p-stored"))})
+    await pipeline.process_predictions(r.xrange(keys.predictions))
+    crash_looped(r, keys.predictions, group, [stored], deliveries=2 * settings.max_attempts + 1)
+    real, refused = tracker.known_predictions, []
+
+    def store_down_twice(session, prediction_ids):
+        if len(refused) < 2:
+            refused.append(list(prediction_ids))
+            raise OperationalError("select", {}, ConnectionRefusedError("connection refused"))
+        return real(session, prediction_ids)
+
+    monkeypatch.setattr(tracker, "known_predictions", store_down_twice)
+
+    assert await reclaimed(pipeline) == 1
+
+    assert refused == [["p-stored"], ["p-stored"]]
+    assert r.xpending(keys.predictions, group)["pending"] == 0
+    assert r.xlen(keys.predictions_dlq) == 0 and count(engine, RejectionRecord) == 0

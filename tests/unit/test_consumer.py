@@ -146,3 +146,31 @@ async def test_only_a_read_after_one_that_found_nothing_blocks_and_stop_cuts_it_
     # Not the 4 s read_block_ms allows: the blocked read held no batch, and run() ends cleanly.
     await asyncio.wait_for(reading, 1.0)
     assert not reading.cancelled() and reading.exception() is None
+
+
+async def test_the_entries_of_a_second_stream_read_with_the_first_are_in_hand_from_the_read() -> None:
+    """They wait while the first stream's batch is processed: kept alive (keep_alive) meanwhile, or a reclaim
+    would take them over from a live worker and count a delivery each time."""
+    redis = ScriptedRedis([
+        [(b"p", []), (b"o", [])],  # our own pending history: none
+        [(b"p", [(b"1-0", {b"data": b"{}"})]), (b"o", [(b"7-0", {b"type": b"x"}), (b"8-0", {})])],
+    ])
+    held_while_p: list[set[str]] = []
+
+    async def process_p(entries):
+        held_while_p.append(set(consumer.in_hand["o"]))
+
+    async def process_o(entries):
+        pass
+
+    settings = Settings(consumer_name="w-1")
+    consumer = Consumer(redis, settings, [Input("p", "predictions", process_p, "p-dlq"),
+                                          Input("o", "outcomes", process_o, "o-dlq")], engine=None, clock=None)
+    consumer.groups_ready = True
+    reading = asyncio.create_task(consumer.run())
+    while redis.acked < 3:  # 1-0, 7-0, and 8-0 (deleted while pending)
+        await asyncio.sleep(0.01)
+    consumer.stop()
+    await asyncio.wait_for(reading, 1.0)
+    assert held_while_p == [{"7-0"}]
+    assert consumer.in_hand == {"p": {}, "o": {}}  # none left behind once handled
