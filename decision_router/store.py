@@ -406,7 +406,7 @@ def create_schema(engine: Engine) -> None:
 _INDEX_LOCK_KEYS = "hashtext('decision_router index builds'), hashtext(coalesce(current_schema(), ''))"
 _TRY_INDEX_LOCK = text(f"select pg_try_advisory_lock({_INDEX_LOCK_KEYS})")
 _INDEX_UNLOCK = text(f"select pg_advisory_unlock({_INDEX_LOCK_KEYS})")
-INDEX_LOCK_POLL = 0.1  # seconds between two tries of a worker waiting for another's index builds
+_INDEX_LOCK_POLL = 0.1  # seconds between two tries of a worker waiting for another's index builds
 
 
 @contextmanager
@@ -425,7 +425,7 @@ def _index_lock(engine: Engine) -> Iterator[Connection]:
             if not waiting:
                 _log().info("waiting for another worker's index builds")
                 waiting = True
-            time.sleep(INDEX_LOCK_POLL)
+            time.sleep(_INDEX_LOCK_POLL)
         try:
             yield connection
         finally:
