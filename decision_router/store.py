@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -229,6 +232,13 @@ class Catalog(NamedTuple):
     relations: set[str]  # tables and indexes
     columns: set[tuple[str, str]]  # (table, column) of the tables among them
     tallies: bool  # PostgreSQL: the decisions' running counts are kept (tallies.py); asked only if wanted
+    # PostgreSQL: indexes among them that no query uses (pg_index.indisvalid): a concurrent build still
+    # running, or one interrupted (its worker killed), which stays so and must be built again.
+    invalid: set[str]
+
+    @property
+    def usable(self) -> set[str]:
+        return self.relations - self.invalid
 
 
 def _read_catalog(connection: Connection, names: set[str], *, tallies: bool = False) -> Catalog:
@@ -237,7 +247,7 @@ def _read_catalog(connection: Connection, names: set[str], *, tallies: bool = Fa
         # Every relation, then a table-valued pragma per table: its columns. The few relations of a store
         # cost less to read than a list of names to compare them with costs to bind (2x).
         return _catalog_of(connection.execute(text(
-            "select name, null, null from sqlite_master union all select m.name, c.name, null"
+            "select name, null, null, null from sqlite_master union all select m.name, c.name, null, null"
             " from sqlite_master m join pragma_table_info(m.name) c where m.type = 'table'")))
     # Each name as the search path resolves it (to_regclass), as create_all's checks see it: a lookup of
     # that name in that schema, where matching names in pg_class would also visit every other schema's
@@ -246,17 +256,19 @@ def _read_catalog(connection: Connection, names: set[str], *, tallies: bool = Fa
     # instead of a second round trip.
     check, params = (installed_check(), installed_params(False)) if tallies else ("null", {})
     statement = text(
-        f"select n.name, a.attname, ({check}) from unnest(cast(:names as text[])) n(name)"
+        f"select n.name, a.attname, ({check}), not i.indisvalid from unnest(cast(:names as text[])) n(name)"
         " join pg_class c on c.oid = to_regclass(quote_ident(n.name)) left join pg_attribute a"
-        " on a.attrelid = c.oid and c.relkind in ('r', 'p') and a.attnum > 0 and not a.attisdropped")
+        " on a.attrelid = c.oid and c.relkind in ('r', 'p') and a.attnum > 0 and not a.attisdropped"
+        " left join pg_index i on i.indexrelid = c.oid")
     return _catalog_of(connection.execute(statement, {"names": sorted(names), **params}))
 
 
 def _catalog_of(rows: Any) -> Catalog:
     rows = rows.all()
-    return Catalog(relations={relation for relation, _, _ in rows},
-                   columns={(relation, column) for relation, column, _ in rows if column is not None},
-                   tallies=any(installed for _, _, installed in rows))
+    return Catalog(relations={relation for relation, _, _, _ in rows},
+                   columns={(relation, column) for relation, column, _, _ in rows if column is not None},
+                   tallies=any(installed for _, _, installed, _ in rows),
+                   invalid={relation for relation, _, _, invalid in rows if invalid})
 
 
 def _dialect_indexes(dialect: str) -> dict[str, Index]:
@@ -364,24 +376,120 @@ def _drop_constraint(engine: Engine, table_name: str, constraint: str) -> None:
 
 def create_schema(engine: Engine) -> None:
     _concurrently(lambda: SQLModel.metadata.create_all(engine))
-    indexes = _dialect_indexes(engine.dialect.name)
+    dialect = engine.dialect.name
+    indexes = _dialect_indexes(dialect)
+    retired = [*tables.RETIRED_STATS_INDEXES.get(dialect, []), *tables.RETIRED_INDEXES.get(dialect, [])]
     with engine.connect() as connection:
-        catalog = _read_catalog(connection, set(SQLModel.metadata.tables) | set(indexes))
+        catalog = _read_catalog(connection, set(SQLModel.metadata.tables) | set(indexes) | set(retired))
     # create_all skips tables that exist: the columns added to them since are added here, and then the
     # indexes added to them since (the stats indexes, tables.py "Stats", those on an added column...),
     # once; seconds per 1M alerts for an index. Only the missing ones: CREATE INDEX IF NOT EXISTS waits
     # for running writers even when the index exists.
     _add_missing_columns(engine, catalog)
-    for name in sorted(set(indexes) - catalog.relations):
-        _concurrently(lambda index=indexes[name]: _execute(engine, CreateIndex(index, if_not_exists=True)))
-    if engine.dialect.name == "postgresql":  # replaced by an added index, built above
-        for table_name, constraint in tables.RETIRED_CONSTRAINTS:
+    missing = [indexes[name] for name in sorted(set(indexes) - catalog.usable)]
+    if dialect == "postgresql":
+        # create_all built the indexes of the tables it created: those missing are on tables an older version
+        # created, which may hold millions of alerts that the running workers (older ones too) keep writing to.
+        _build_indexes_concurrently(engine, missing)
+        for table_name, constraint in tables.RETIRED_CONSTRAINTS:  # replaced by an added index, built above
             _drop_constraint(engine, table_name, constraint)
-    retired = [*tables.RETIRED_STATS_INDEXES.get(engine.dialect.name, []),
-               *tables.RETIRED_INDEXES.get(engine.dialect.name, [])]
-    for name in retired:  # replaced or unused: writes stop paying for it
-        _execute(engine, text(f"drop index if exists {name}"))
+        _drop_indexes_concurrently(engine, [name for name in retired if name in catalog.relations])
+    else:
+        for index in missing:
+            _concurrently(lambda index=index: _execute(engine, CreateIndex(index, if_not_exists=True)))
+        for name in retired:  # replaced or unused: writes stop paying for it
+            _execute(engine, text(f"drop index if exists {name}"))
     install_tallies(engine)
+
+
+# One PostgreSQL session at a time builds or drops the indexes of a store (its schema): the others wait.
+_INDEX_LOCK_KEYS = "hashtext('decision_router index builds'), hashtext(coalesce(current_schema(), ''))"
+_TRY_INDEX_LOCK = text(f"select pg_try_advisory_lock({_INDEX_LOCK_KEYS})")
+_INDEX_UNLOCK = text(f"select pg_advisory_unlock({_INDEX_LOCK_KEYS})")
+_INDEX_LOCK_POLL = 0.1  # seconds between two tries of a worker waiting for another's index builds
+
+
+@contextmanager
+def _index_lock(engine: Engine) -> Iterator[Connection]:
+    """An autocommit connection (CONCURRENTLY refuses a transaction block) holding the store's index lock:
+    of several workers starting on an older store, one builds each index, the others wait and find it built.
+
+    The others poll for the lock rather than wait in pg_advisory_lock. A session waiting for any lock holds a
+    snapshot, and a concurrent build waits for every snapshot older than its own before it ends: it would wait
+    for the worker that waits for it, PostgreSQL would cancel one of them (deadlock detected), the build as
+    often as not, which leaves its index invalid. A try takes its snapshot for a moment only. Between tries,
+    this process holds no transaction open either, so the build does not wait for its own process."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        waiting = False
+        while not connection.execute(_TRY_INDEX_LOCK).scalar():
+            if not waiting:
+                _log().info("waiting for another worker's index builds")
+                waiting = True
+            time.sleep(_INDEX_LOCK_POLL)
+        try:
+            yield connection
+        finally:
+            try:
+                connection.execute(_INDEX_UNLOCK)
+            except SQLAlchemyError:
+                connection.invalidate()  # closed: the lock goes with its session, not back to the pool
+
+
+def _build_indexes_concurrently(engine: Engine, indexes: list[Index]) -> None:
+    """Build each index with CREATE INDEX CONCURRENTLY: the table's writes go on meanwhile (a plain CREATE
+    INDEX holds them for the whole build, seconds per million alerts), and the build waits for the writes
+    running when it starts. Also rebuilds one left invalid (a build interrupted: its worker killed)."""
+    if not indexes:
+        return
+    with _index_lock(engine) as connection:
+        for index in indexes:
+            _concurrently(lambda index=index: _build_concurrently(connection, index))
+
+
+def _build_concurrently(connection: Connection, index: Index) -> None:
+    name, table = str(index.name), index.table.name if index.table is not None else None
+    valid = connection.execute(_INDEX_VALID, {"name": name}).scalar()
+    if valid:  # built by another worker while this one waited for it
+        return
+    if valid is not None:
+        # Invalid, and no build running (this session holds the lock): what an interrupted concurrent build
+        # leaves. Writes keep it up to date, no query reads it, and IF NOT EXISTS would keep it as it is.
+        _log().warning("dropping an invalid index left by an unfinished build", index=name, table=table)
+        connection.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {_quoted(connection, name)}")
+    _log().info("building index", index=name, table=table, concurrently=True)
+    started = time.monotonic()
+    connection.exec_driver_sql(concurrent_index_ddl(index, connection.dialect))
+    seconds = round(time.monotonic() - started, 3)
+    _log().info("index built", index=name, table=table, concurrently=True, seconds=seconds)
+
+
+_INDEX_VALID = text("select indisvalid from pg_index where indexrelid = to_regclass(quote_ident(:name))")
+_CREATE_INDEX = re.compile(r"^CREATE (UNIQUE )?INDEX ")
+
+
+def concurrent_index_ddl(index: Index, dialect: Dialect) -> str:
+    """CREATE INDEX CONCURRENTLY IF NOT EXISTS for `index` (the metadata's indexes are not marked concurrent:
+    create_all builds them in the transaction that creates their table, where CONCURRENTLY is refused)."""
+    ddl = str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect))
+    concurrent, count = _CREATE_INDEX.subn(lambda created: f"{created.group(0)}CONCURRENTLY ", ddl)
+    if count != 1:
+        raise ValueError(f"not a CREATE INDEX statement: {ddl}")
+    return concurrent
+
+
+def _drop_indexes_concurrently(engine: Engine, names: list[str]) -> None:
+    """Drop the retired indexes a store has with DROP INDEX CONCURRENTLY: a plain DROP INDEX locks the
+    table out, so its writes wait behind every running query of the table, and every later one behind it."""
+    if not names:
+        return
+    with _index_lock(engine) as connection:
+        for name in names:  # gone already if another worker dropped it while this one waited: no error
+            connection.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {_quoted(connection, name)}")
+            _log().info("retired index dropped", index=name)
+
+
+def _quoted(connection: Connection, name: str) -> str:
+    return connection.dialect.identifier_preparer.quote(name)
 
 
 def schema_is_current(engine: Engine) -> bool:
@@ -398,5 +506,5 @@ def schema_is_current(engine: Engine) -> bool:
     retired = _retired_relations(dialect)
     with engine.connect() as connection:
         catalog = _read_catalog(connection, wanted | retired, tallies=dialect == "postgresql")
-    return (wanted <= catalog.relations and not catalog.relations & retired and _schema_columns() <= catalog.columns
+    return (wanted <= catalog.usable and not catalog.relations & retired and _schema_columns() <= catalog.columns
             and (dialect != "postgresql" or catalog.tallies))

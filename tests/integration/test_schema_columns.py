@@ -178,7 +178,7 @@ def test_stats_refuses_such_a_store_in_one_line(tmp_path: Path, monkeypatch: pyt
 def test_workers_starting_together_on_an_older_store_both_add_its_columns(pg_engine: Engine) -> None:
     stored_before(pg_engine)
     make_older(pg_engine, ADDED_SINCE)
-    failures = create_schema_twice_behind_a_writer(pg_engine)  # both find the columns missing
+    failures, _ = create_schema_twice_behind_a_writer(pg_engine)  # both find the columns missing
     assert not failures, failures
     assert schema_is_current(pg_engine)
     with Session(pg_engine) as session:
