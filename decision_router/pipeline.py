@@ -2,8 +2,9 @@
 
 Exactly-once effect on at-least-once input: alert ids derive from prediction ids, the
 store has unique keys, and every stream write goes through `xadd_once`. Alerts are
-committed first and written to inboxes after (the outbox), so a crash in between is
-repaired by the redelivery or by `drain_outbox` at start-up.
+committed first and written to inboxes after (the outbox), so a crash or a failed write in
+between is repaired by the redelivery or by the outbox drain (outbox.py: at start-up, and every
+sweep interval while serving).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import redis
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from sqlalchemy import text
@@ -20,14 +21,17 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from structlog.testing import capture_logs
 
-from decision_router import outbox, tracker
+from benchmarks.bench_sla_sweep import sent_statements
+from decision_router import tracker
+from decision_router.keys import Keys
 from decision_router.outbox import OutboxDrain
 from decision_router.pipeline import Pipeline
 from decision_router.service import running_service
-from decision_router.store import create_schema
+from decision_router.store import create_schema, schema_is_current
 from decision_router.tables import AlertRecord, AuditEvent
 from tests.integration.conftest import ManualClock, wait_until
 from tests.integration.test_due_alerts import alert_row, insert_alerts
+from tests.integration.test_faults_helpers import Router, wait_for
 from tests.integration.test_retired_indexes import index_names
 from tests.integration.test_router_loop import count, inbox, prediction
 
@@ -199,11 +203,6 @@ async def test_a_broken_inbox_does_not_keep_the_router_from_starting(serve_setti
 def test_two_serve_workers_drain_the_outbox_once_and_leave_young_alerts_alone(
     prefix, schema, redis_server, tmp_path
 ) -> None:
-    import redis
-
-    from decision_router.keys import Keys
-    from tests.integration.test_faults_helpers import Router, wait_for
-
     client = redis.Redis.from_url(redis_server)
     keys = Keys(prefix)
     router = Router(tmp_path / "router.log", workers=2, redis_url=redis_server, database_url=schema.url(),
@@ -234,8 +233,6 @@ def test_two_serve_workers_drain_the_outbox_once_and_leave_young_alerts_alone(
 
 
 def outbox_plan(engine: Engine) -> str:
-    from benchmarks.bench_sla_sweep import sent_statements
-
     now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
     sent = sent_statements(engine, lambda session: tracker.outbox_alerts(
         session, before=now, after=(now - timedelta(hours=1), "al-00001"), limit=500))
@@ -262,8 +259,6 @@ def test_the_drain_reads_only_the_partial_index_of_undelivered_alerts(engine: En
 
 
 def test_the_batches_read_back_their_undelivered_alerts_by_prediction_not_by_the_outbox_index(engine: Engine) -> None:
-    from benchmarks.bench_sla_sweep import sent_statements
-
     t0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
     insert_alerts(engine, [alert_row(n, created_at=t0 - timedelta(seconds=n),
                                      delivered_at=None if n % 50 == 0 else t0) for n in range(3000)])
@@ -281,8 +276,6 @@ def test_the_batches_read_back_their_undelivered_alerts_by_prediction_not_by_the
 
 
 def test_create_schema_builds_the_outbox_index_on_an_older_store(engine: Engine) -> None:
-    from decision_router.store import schema_is_current
-
     with engine.begin() as connection:  # a store from before the periodic drain
         connection.execute(text("drop index ix_alerts_outbox"))
     assert not schema_is_current(engine)
