@@ -2,8 +2,9 @@
 
 Exactly-once effect on at-least-once input: alert ids derive from prediction ids, the
 store has unique keys, and every stream write goes through `xadd_once`. Alerts are
-committed first and written to inboxes after (the outbox), so a crash in between is
-repaired by the redelivery or by `drain_outbox` at start-up.
+committed first and written to inboxes after (the outbox), so a crash or a failed write in
+between is repaired by the redelivery or by the outbox drain (outbox.py: at start-up, and every
+sweep interval while serving).
 """
 
 from __future__ import annotations
@@ -378,11 +379,21 @@ class Pipeline:
         """Inbox writes (deduplicated, one pipelined round trip), then mark them delivered."""
         if not alerts:
             return 0
+        await self.write_to_inboxes(alerts)
+        await self.pump_channels()
+        return len(alerts)
+
+    async def write_to_inboxes(self, alerts: list[Alert]) -> int:
+        """Each alert written to its owner's inbox once (its dedupe marker), then marked delivered: a mark that
+        holds only while the alert is undelivered and still that owner's, so two writers mark it once. Returns
+        how many this call marked."""
         await xadd_once(self.redis, inbox_writes(alerts, self.keys), ttl=self.settings.dedupe_ttl)
-        await asyncio.to_thread(self._mark_delivered, alerts)
+        return await asyncio.to_thread(self._mark_delivered, alerts)
+
+    async def pump_channels(self) -> None:
+        """Send the webhook and email deliveries the marks queued, if any owner has a channel."""
         if self._external_channels:
             await self.channels.pump()  # type: ignore[union-attr]
-        return len(alerts)
 
     @property
     def _external_channels(self) -> bool:
@@ -391,12 +402,23 @@ class Pipeline:
 
     def _undelivered(self, prediction_ids: Sequence[str] | None) -> list[Alert]:
         with Session(self.engine) as session:
-            records = tracker.undelivered_alerts(session, prediction_ids=prediction_ids)
-            handed_back = tracker.handoffs(session, records)
-            return [tracker.to_alert(r).handed_off(handed_back[r.alert_id]) if r.alert_id in handed_back
-                    else tracker.to_alert(r) for r in records]
+            return self._as_delivered(session, tracker.undelivered_alerts(session, prediction_ids=prediction_ids))
 
-    def _mark_delivered(self, alerts: list[Alert]) -> None:
+    def undelivered_before(self, before: datetime, *, after: Alert | None, limit: int) -> list[Alert]:
+        """The outbox's alerts created before `before`, in order from past `after` (outbox.OutboxDrain's chunks)."""
+        with Session(self.engine) as session:
+            cursor = (after.created_at, after.alert_id) if after is not None else None
+            return self._as_delivered(session, tracker.outbox_alerts(session, before=before, after=cursor, limit=limit))
+
+    @staticmethod
+    def _as_delivered(session: Session, records: Sequence[AlertRecord]) -> list[Alert]:
+        """The alerts as their owners receive them, each keyed by its hand-off (the inbox write's dedupe marker)."""
+        handed_back = tracker.handoffs(session, records)
+        return [tracker.to_alert(r).handed_off(handed_back[r.alert_id]) if r.alert_id in handed_back
+                else tracker.to_alert(r) for r in records]
+
+    def _mark_delivered(self, alerts: list[Alert]) -> int:
+        """Returns how many were marked now (not already, by another worker)."""
         now = self.clock()
         with Session(self.engine) as session:
             newly = set(tracker.mark_delivered(session, {a.alert_id: a.owner for a in alerts}, channel=INBOX, now=now))
@@ -408,6 +430,7 @@ class Pipeline:
                         if channels:
                             queue_deliveries(session, alert=alert, recipient=alert.owner, channels=channels, now=now)
             session.commit()
+        return len(newly)
 
     # entries stored before their worker stopped -----------------------------------
 

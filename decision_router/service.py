@@ -14,6 +14,7 @@ import json
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -28,6 +29,7 @@ from decision_router.escalation import EscalationSweeper
 from decision_router.keys import Keys
 from decision_router.monitor import DataQualityMonitor
 from decision_router.notify import ChannelDelivery
+from decision_router.outbox import OutboxDrain
 from decision_router.pipeline import Clock, Pipeline, utcnow
 from decision_router.redis_client import redis_for
 from decision_router.rules import RuleSet, load_rules
@@ -62,11 +64,12 @@ def reload_request(data: bytes | str) -> dict[str, Any]:
 
 class RouterService:
     """Owns the read loop, the pipeline and the periodic tasks of one worker process:
-    reclaiming orphaned entries, escalating missed deadlines, reloading changed rules."""
+    reclaiming orphaned entries, escalating missed deadlines, draining the outbox, reloading changed rules."""
 
     def __init__(self, pipeline: Pipeline, watcher: RulesWatcher | None = None) -> None:
         self.pipeline = pipeline
         self.sweeper = EscalationSweeper(pipeline)
+        self.outbox = OutboxDrain(pipeline)
         self.monitor = DataQualityMonitor(pipeline)
         self.watcher = watcher
         settings = pipeline.settings
@@ -99,15 +102,16 @@ class RouterService:
 
     async def start(self) -> None:
         await self.reader.ensure_groups()
-        delivered = await self.pipeline.drain_outbox()
-        if delivered:
-            log.info("outbox drained at start", delivered=delivered)
+        # Every undelivered alert, however young: no batch of this worker is delivering any yet.
+        await self.outbox.drain_once(grace=timedelta(0))
         self._tasks.append(asyncio.create_task(self.reader.run(), name="read"))
         settings = self.pipeline.settings
         self._every("reclaim", max(0.05, settings.claim_idle.total_seconds() / 2), self.reclaim_once)
         # Its own task: the reclaim job may itself be busy with a batch it took over.
         self._every("keep-alive", settings.claim_idle.total_seconds() / 4, self.reader.keep_alive)
         self._every("escalate", settings.sweep_interval.total_seconds(), self.sweeper.sweep_once)
+        # Alerts a failed inbox write left in the outbox (outbox.py); started after a wait, the start drained it.
+        self._every("outbox", settings.sweep_interval.total_seconds(), self.outbox.drain_once, wait_first=True)
         self._every("cooldowns", cooldowns.PRUNE_INTERVAL_S, self.prune_cooldowns)
         if settings.drift_interval.total_seconds() > 0:
             self._every("drift", settings.drift_interval.total_seconds(), self.monitor.check_once)
@@ -211,8 +215,13 @@ class RouterService:
         finally:
             await pubsub.aclose()
 
-    def _every(self, name: str, interval: float, job: Callable[[], Awaitable[object]]) -> None:
+    def _every(
+        self, name: str, interval: float, job: Callable[[], Awaitable[object]], *, wait_first: bool = False
+    ) -> None:
         async def loop() -> None:
+            if wait_first:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), max(0.05, interval))
             while not self._stopping.is_set():
                 try:
                     await job()

@@ -138,6 +138,19 @@ for _kind, _pending in SLA_PENDING.items():
     Index(f"ix_alerts_{_kind}_pending", SLA_DUE_COLUMNS[_kind], sqlite_where=_pending, postgresql_where=_pending)
 
 
+# --- Outbox: what the periodic drain reads (tracker.outbox_alerts) ---------------------------------------------------
+# Alerts for an owner not written to their inbox yet (DELIVERED_TO_OWNER, undelivered). Only these have an entry,
+# so the drain reads the few a failed inbox write left behind, not every alert: an alert's entry goes in with it
+# and out with its "delivered" mark, moments later. In (created_at, alert_id) order, the drain's chunks. Literals,
+# as SLA_PENDING's, for SQLite to match the query to the index.
+OUTBOX_PENDING = and_(
+    AlertRecord.action == literal_column("'alert'"), AlertRecord.held_out.is_(False),
+    AlertRecord.suppressed_by.is_(None), AlertRecord.delivered_at.is_(None),
+)
+Index("ix_alerts_outbox", AlertRecord.created_at, AlertRecord.alert_id,
+      sqlite_where=OUTBOX_PENDING, postgresql_where=OUTBOX_PENDING)
+
+
 class CooldownRecord(SQLModel, table=True):
     """The decision that started the current cooldown window of a rule and entity, and when the
     window ends. Claimed in the transaction that stores that decision, so every worker sees one

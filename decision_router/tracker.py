@@ -33,6 +33,7 @@ from decision_router.rules import Owner
 from decision_router.store import finite_json_text, json_text
 from decision_router.tables import (
     DELIVERED_TO_OWNER,
+    OUTBOX_PENDING,
     AlertRecord,
     AuditEvent,
     PredictionRecord,
@@ -398,6 +399,17 @@ def undelivered_alerts(
     if prediction_ids is not None:
         query = query.where(AlertRecord.prediction_id.in_(list(prediction_ids)))
     return list(session.scalars(query.order_by(AlertRecord.created_at).limit(limit)))
+
+
+def outbox_alerts(
+    session: Session, *, before: datetime, after: tuple[datetime, str] | None = None, limit: int = 500
+) -> list[AlertRecord]:
+    """Undelivered alerts created before `before`, in (created_at, alert_id) order from past `after`: the periodic
+    drain's chunks. Read through the partial index of undelivered alerts (tables.OUTBOX_PENDING) alone."""
+    query = select(AlertRecord).where(OUTBOX_PENDING, AlertRecord.created_at < before)
+    if after is not None:
+        query = query.where(tuple_(AlertRecord.created_at, AlertRecord.alert_id) > tuple_(*after))
+    return list(session.scalars(query.order_by(AlertRecord.created_at, AlertRecord.alert_id).limit(limit)))
 
 
 def handoffs(session: Session, records: Sequence[AlertRecord]) -> dict[str, int]:
