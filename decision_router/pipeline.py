@@ -161,6 +161,7 @@ class Pipeline:
             self.redis,
             dlq_writes(rejections, stream=self.keys.predictions_dlq, keys=self.keys),
             ttl=self.settings.dedupe_ttl,
+            wait=self.settings.replica_wait,
         )
         # The alerts just committed go straight to their inboxes; a redelivered entry's
         # alerts are read back from the outbox (they may or may not have been written).
@@ -368,7 +369,9 @@ class Pipeline:
         """Inbox writes (deduplicated, one pipelined round trip), then mark them delivered."""
         if not alerts:
             return 0
-        await xadd_once(self.redis, inbox_writes(alerts, self.keys), ttl=self.settings.dedupe_ttl)
+        await xadd_once(
+            self.redis, inbox_writes(alerts, self.keys), ttl=self.settings.dedupe_ttl, wait=self.settings.replica_wait
+        )
         await asyncio.to_thread(self._mark_delivered, alerts)
         if self._external_channels:
             await self.channels.pump()  # type: ignore[union-attr]
@@ -420,6 +423,7 @@ class Pipeline:
             self.redis,
             dlq_writes(rejections, stream=self.keys.outcomes_dlq, keys=self.keys),
             ttl=self.settings.dedupe_ttl,
+            wait=self.settings.replica_wait,
         )
         # Reassigned alerts went back into the outbox for their new owner.
         result.delivered = await self.drain_outbox(prediction_ids=touched)

@@ -34,6 +34,7 @@ from decision_router.rules import RuleSet, load_rules
 from decision_router.rules.watch import RulesWatcher
 from decision_router.settings import Settings, redact_url
 from decision_router.store import create_schema, make_engine
+from decision_router.streams import ReplicasBehind, connected_replicas
 
 __all__ = ["RouterService", "ensure_group", "request_reload", "running_service", "serve"]
 
@@ -97,7 +98,8 @@ class RouterService:
 
     async def start(self) -> None:
         await self.reader.ensure_groups()
-        delivered = await self.pipeline.drain_outbox()
+        await self.warn_if_few_replicas()
+        delivered = await self.drain_outbox_at_start()
         if delivered:
             log.info("outbox drained at start", delivered=delivered)
         self._tasks.append(asyncio.create_task(self.reader.run(), name="read"))
@@ -129,6 +131,33 @@ class RouterService:
             rules=len(self.pipeline.ruleset.rules),
             owners=len(self.pipeline.ruleset.owners),
         )
+
+    async def warn_if_few_replicas(self) -> None:
+        """DECISION_ROUTER_REDIS_WAIT_REPLICAS above the replicas connected now: said at start, not only by the
+        first batch that waits for them (the service starts anyway: a replica may be on its way)."""
+        wait = self.pipeline.settings.replica_wait
+        if wait is None:
+            return
+        connected = await connected_replicas(self.pipeline.redis, self.keys.predictions)
+        if connected < wait.replicas:
+            log.warning(
+                "fewer Redis replicas connected than DECISION_ROUTER_REDIS_WAIT_REPLICAS: inbox and DLQ writes "
+                "wait for them, and no input is acknowledged until they acknowledge", connected=connected,
+                wanted=wait.replicas,
+            )
+
+    async def drain_outbox_at_start(self) -> int:
+        """The outbox drained; returns how many alerts. Replicas that do not acknowledge its writes are waited
+        for as a batch waits for them; a Redis or store that cannot be reached still stops the start."""
+        while True:
+            try:
+                delivered = await self.pipeline.drain_outbox()
+            except ReplicasBehind as exc:
+                if not await self.reader.outage.wait("Redis", exc):
+                    return 0  # stopping
+            else:
+                self.reader.outage.ok()
+                return delivered
 
     async def stop(self) -> None:
         """Stop reading, finish and acknowledge the batch in hand, stop the periodic jobs.
