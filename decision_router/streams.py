@@ -102,15 +102,15 @@ async def xadd_once(
     if not writes:
         return 0
     seconds = max(1, int(ttl.total_seconds()))
-    calls = [
-        ("EVALSHA", _XADD_ONCE_SHA, *_script_args(writes[i : i + WRITES_PER_CALL], seconds))
-        for i in range(0, len(writes), WRITES_PER_CALL)
-    ]
+    calls = [_script_args(writes[i : i + WRITES_PER_CALL], seconds) for i in range(0, len(writes), WRITES_PER_CALL)]
     for attempt in (1, 2):
-        if wait is None:
-            results = await _pipelined(redis, calls)
+        if wait is None:  # the default: the round trip is the script calls alone
+            async with redis.pipeline(transaction=False) as pipe:
+                for args in calls:
+                    pipe.execute_command("EVALSHA", _XADD_ONCE_SHA, *args)
+                results = await pipe.execute(raise_on_error=False)
         else:
-            results = await _pipelined_and_replicated(redis, calls, wait, marker=writes[0].dedupe_key, seconds=seconds)
+            results = await _replicated(redis, calls, wait, marker=writes[0].dedupe_key, seconds=seconds)
         if attempt == 2 or not any(isinstance(r, NoScriptError) for r in results):
             break
         await redis.script_load(_XADD_ONCE)
@@ -120,16 +120,8 @@ async def xadd_once(
     return sum(results)
 
 
-async def _pipelined(redis: Redis, commands: Sequence[tuple]) -> list:
-    """The commands' replies (an error as its exception), in one round trip."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for command in commands:
-            pipe.execute_command(*command)
-        return await pipe.execute(raise_on_error=False)
-
-
-async def _pipelined_and_replicated(
-    redis: Redis, calls: Sequence[tuple], wait: ReplicaWait, *, marker: str, seconds: int
+async def _replicated(
+    redis: Redis, calls: Sequence[list[bytes]], wait: ReplicaWait, *, marker: str, seconds: int
 ) -> list:
     """The script calls' replies, once `wait.replicas` replicas have them; else ReplicasBehind.
 
@@ -139,11 +131,18 @@ async def _pipelined_and_replicated(
     writes nothing itself, and WAIT promises nothing for a connection that wrote nothing (Redis 7.0
     happens to wait for its last command of any kind; later versions need not). Replication is in
     order, so a replica that has this EXPIRE has every write made before it."""
-    commands = [*calls, ("EXPIRE", marker, seconds), ("WAIT", wait.replicas, wait.timeout_ms)]
+    commands = [
+        *(("EVALSHA", _XADD_ONCE_SHA, *args) for args in calls),
+        ("EXPIRE", marker, seconds),
+        ("WAIT", wait.replicas, wait.timeout_ms),
+    ]
     if isinstance(redis, RedisCluster):
         replies = await _on_slot_owner(redis, marker, commands)
     else:
-        replies = await _pipelined(redis, commands)
+        async with redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            replies = await pipe.execute(raise_on_error=False)
     results, acknowledged = replies[: len(calls)], replies[-1]
     if any(isinstance(r, Exception) for r in results):
         return results  # the caller loads the script or raises the error
