@@ -193,7 +193,7 @@ async def test_a_batch_is_neither_delivered_nor_acknowledged_until_the_replica_h
                 replica.pause()
                 documents = await asyncio.to_thread(publish_backlog, client, keys.predictions, 120)
                 # Stored, and the inbox writes made on the primary, but the batch waits for the replica.
-                await wait_until(lambda: counted(engine, PredictionRecord) >= 50, what="a batch stored")
+                await wait_until(lambda: counted(engine, PredictionRecord) >= 50, what="a batch stored", timeout=60)
                 await wait_until(lambda: service.reader.outage.down == "Redis", what="the wait for the replica")
                 assert counted(engine, AlertRecord, AlertRecord.delivered_at.is_not(None)) == 0
                 assert client.xpending(keys.predictions, "decision-router")["pending"] >= 50
@@ -206,12 +206,59 @@ async def test_a_batch_is_neither_delivered_nor_acknowledged_until_the_replica_h
         with redis.Redis.from_url(replica.url) as on_replica:  # and the replica has every inbox entry
             for owner in set(certain_alerts(documents).values()):
                 assert on_replica.xlen(keys.inbox(owner)) == client.xlen(keys.inbox(owner))
-        events = [entry["event"] for entry in logs]
-        assert any(e.startswith("Redis replicas did not acknowledge the writes; waiting") for e in events), events
-        assert "Redis reachable again" in events
+        assert said(logs, "Redis replicas did not acknowledge the writes; waiting"), logs
+        assert said(logs, "Redis reachable again")
     finally:
         client.close()
         engine.dispose()
+
+
+async def test_a_start_waits_for_the_replica_to_drain_the_outbox(
+    router_settings: Settings, ruleset: RuleSet, primary: PrivateRedis, replica: Replica, tmp_path: Path
+) -> None:
+    """Alerts left undelivered by a router stopped while the replica was away are written at the next start,
+    which waits for the replica as a batch does, rather than failing."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    create_schema(engine)
+    keys = Keys(router_settings.stream_prefix)
+    client = redis.Redis.from_url(primary.url)
+    undelivered = (AlertRecord, AlertRecord.action == "alert", AlertRecord.held_out.is_(False),
+                   AlertRecord.suppressed_by.is_(None), AlertRecord.delivered_at.is_(None))
+    try:
+        replica.pause()
+        async with running_service(router_settings, ruleset, engine) as service:
+            documents = await asyncio.to_thread(publish_backlog, client, keys.predictions, 40)
+            await wait_until(lambda: counted(engine, PredictionRecord) == 40, what="the batch stored", timeout=60)
+            await wait_until(lambda: service.reader.outage.down == "Redis", what="the wait for the replica")
+        assert counted(engine, *undelivered) >= 1  # left in the outbox
+        with capture_logs() as logs:
+            starting = asyncio.create_task(_start_and_stop(router_settings, ruleset, engine))
+            await wait_until(lambda: starting.done() or said(logs, "Redis replicas did not acknowledge"),
+                             what="the start to wait for the replica")
+            assert not starting.done(), starting.exception()  # waiting, not failed
+            assert not any(e["event"] == "router started" for e in logs)
+            replica.resume()
+        await asyncio.wait_for(starting, 60)
+        assert counted(engine, *undelivered) == 0
+        # The restart drained the outbox; the entries it then read again wrote nothing twice.
+        assert all_acknowledged(client, keys, "decision-router", len(documents))()
+        assert_exactly_once(client, keys, engine, documents)
+    finally:
+        client.close()
+        engine.dispose()
+
+
+def said(logs: list[dict], start: str) -> bool:
+    return any(e["event"].startswith(start) for e in logs)
+
+
+async def _start_and_stop(settings: Settings, ruleset: RuleSet, engine) -> None:
+    """Start a router, let it acknowledge what is pending, stop it."""
+    keys = Keys(settings.stream_prefix)
+    async with running_service(settings, ruleset, engine):
+        with redis.Redis.from_url(settings.redis_url) as client:
+            await wait_until(lambda: client.xpending(keys.predictions, "decision-router")["pending"] == 0,
+                             what="the pending entries acknowledged")
 
 
 async def test_a_start_with_fewer_replicas_than_asked_warns_and_starts(
