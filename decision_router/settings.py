@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     # stream_prefix, which its check reads (pydantic validates fields in this order).
     redis_cluster: bool = False
     # Replicas that must acknowledge the router's inbox and DLQ writes (WAIT) before the batch counts as
-    # delivered and its input is acknowledged, so a failover cannot lose them (0 = off: no WAIT sent).
+    # delivered and its input is acknowledged, so a failover to one of them cannot lose them (0 = off: no WAIT).
     redis_wait_replicas: int = Field(default=0, ge=0, le=100)
     # How long one WAIT waits for them; past it, the writes are retried like a Redis outage.
     redis_wait_timeout: timedelta = timedelta(seconds=1)
