@@ -192,12 +192,13 @@ async def test_a_batch_is_neither_delivered_nor_acknowledged_until_the_replica_h
             async with running_service(router_settings, ruleset, engine) as service:
                 replica.pause()
                 documents = await asyncio.to_thread(publish_backlog, client, keys.predictions, 120)
-                # Stored, and the inbox writes made on the primary, but the batch waits for the replica.
-                await wait_until(lambda: counted(engine, PredictionRecord) >= 50, what="a batch stored", timeout=60)
+                # Stored, and the inbox writes made on the primary, but the batch (however much of the backlog
+                # the first read found) waits for the replica: nothing delivered, nothing it read acknowledged.
                 await wait_until(lambda: service.reader.outage.down == "Redis", what="the wait for the replica")
+                assert counted(engine, PredictionRecord) >= 1
                 assert counted(engine, AlertRecord, AlertRecord.delivered_at.is_not(None)) == 0
-                assert client.xpending(keys.predictions, "decision-router")["pending"] >= 50
-                assert not all_acknowledged(client, keys, "decision-router", len(documents))()
+                (group,) = client.xinfo_groups(keys.predictions)
+                assert group["pending"] == group["entries-read"] >= 1
                 replica.resume()
                 await wait_until(all_acknowledged(client, keys, "decision-router", len(documents)),
                                  what="the whole backlog acknowledged")
@@ -228,7 +229,7 @@ async def test_a_start_waits_for_the_replica_to_drain_the_outbox(
         replica.pause()
         async with running_service(router_settings, ruleset, engine) as service:
             documents = await asyncio.to_thread(publish_backlog, client, keys.predictions, 40)
-            await wait_until(lambda: counted(engine, PredictionRecord) == 40, what="the batch stored", timeout=60)
+            # A batch (however much of the backlog the first read found) stored, waiting for the replica.
             await wait_until(lambda: service.reader.outage.down == "Redis", what="the wait for the replica")
         assert counted(engine, *undelivered) >= 1  # left in the outbox
         with capture_logs() as logs:
