@@ -51,7 +51,7 @@ from decision_router.keys import Keys
 from decision_router.pipeline import BatchResult, Clock, Entry, dlq_writes
 from decision_router.quality import decode_entry, original_payload
 from decision_router.settings import Settings
-from decision_router.streams import as_text, xadd_once
+from decision_router.streams import ReplicasBehind, as_text, xadd_once
 
 log = structlog.get_logger("decision_router.consumer")
 
@@ -77,10 +77,12 @@ class Input:
 # Replies of a Redis that is failing over or not ready (READONLY: a replica just demoted), or that refuses
 # writes until an operator acts: OOM (at maxmemory with noeviction) and MISCONF (snapshots failing). Those
 # are no fault of the batch in hand: dead-lettering it would not help (the DLQ write is refused too), and
-# its predictions are stored already; waiting loses nothing.
+# its predictions are stored already; waiting loses nothing. So is ReplicasBehind: replicas that did not
+# acknowledge the router's writes (DECISION_ROUTER_REDIS_WAIT_REPLICAS), which a failover could lose.
 _REDIS_NOT_READY = ("READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "LOADING", "MISCONF")
 _REDIS_NOT_READY_ERRORS = (
     ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError, BusyLoadingError, OutOfMemoryError,
+    ReplicasBehind,
 )
 # The cluster client's own outages: no node reachable, slots not covered while the cluster reshapes
 # (SlotNotCoveredError), redirections exhausted mid-failover (ClusterError "TTL exhausted"). They are
@@ -177,7 +179,11 @@ class Outage:
         """Sleep before the next retry; False if the service is stopping instead."""
         if self.down is None:
             self.down, self.since, self.delay = what, time.monotonic(), _FIRST_BACKOFF
-            log.warning(f"{what} unavailable; retrying in {self.delay:g}s", error=str(exc).strip()[:300])
+            if isinstance(exc, ReplicasBehind):  # Redis answers: say what it is waiting for, not "unavailable"
+                log.warning(f"Redis replicas did not acknowledge the writes; waiting, retrying in {self.delay:g}s",
+                            error=str(exc).strip()[:300])
+            else:
+                log.warning(f"{what} unavailable; retrying in {self.delay:g}s", error=str(exc).strip()[:300])
         else:
             log.debug(f"{what} still unavailable; retrying in {self.delay:g}s", error=str(exc).strip()[:300])
         try:
@@ -494,7 +500,8 @@ class Consumer:
             payload=original_payload(fields),
         )
         writes = dlq_writes([rejection], stream=source.dlq, keys=self.keys)
-        wrote = await self.retrying(lambda: xadd_once(self.redis, writes, ttl=self.settings.dedupe_ttl))
+        wrote = await self.retrying(
+            lambda: xadd_once(self.redis, writes, ttl=self.settings.dedupe_ttl, wait=self.settings.replica_wait))
         if not wrote:
             return False
         log.error("entry dead-lettered after repeated failures", stream=source.stream, entry_id=entry_id,

@@ -268,7 +268,9 @@ class EscalationSweeper:
             pending = await asyncio.to_thread(self._pending, keys)
             if not pending:
                 return delivered
-            await xadd_once(self.pipeline.redis, [w for _, w, _ in pending], ttl=self.pipeline.settings.dedupe_ttl)
+            settings = self.pipeline.settings
+            await xadd_once(self.pipeline.redis, [w for _, w, _ in pending], ttl=settings.dedupe_ttl,
+                            wait=settings.replica_wait)
             await asyncio.to_thread(self._mark_delivered, {i: alert for i, _, alert in pending})
             delivered += len(pending)
             if self.pipeline.channels is not None:

@@ -528,7 +528,8 @@ class DataQualityMonitor:
             if not pending:
                 return delivered
             writes = [inbox_write(alert, self.pipeline.keys) for alert in pending]
-            await xadd_once(self.pipeline.redis, writes, ttl=self.pipeline.settings.dedupe_ttl)
+            settings = self.pipeline.settings
+            await xadd_once(self.pipeline.redis, writes, ttl=settings.dedupe_ttl, wait=settings.replica_wait)
             await asyncio.to_thread(self._mark_delivered, [a.alert_id for a in pending])
             delivered += len(pending)
 

@@ -687,7 +687,8 @@ class ChannelDelivery:
         A task of its own: a stop or reload cancelling the caller (a dispatcher worker) leaves it
         running, for close() to wait for."""
         task = asyncio.create_task(self._through_redis_outage(
-            lambda: xadd_once(self.redis, writes, ttl=self.settings.dedupe_ttl), "deliveries:dlq write"),
+            lambda: xadd_once(self.redis, writes, ttl=self.settings.dedupe_ttl, wait=self.settings.replica_wait),
+            "deliveries:dlq write"),
             name="deliveries-dlq")
         self._dlq_writes.add(task)
         task.add_done_callback(self._dlq_writes.discard)

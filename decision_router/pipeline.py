@@ -172,6 +172,7 @@ class Pipeline:
             self.redis,
             dlq_writes(rejections, stream=self.keys.predictions_dlq, keys=self.keys),
             ttl=self.settings.dedupe_ttl,
+            wait=self.settings.replica_wait,
         )
         # The alerts just committed go straight to their inboxes; a redelivered entry's
         # alerts are read back from the outbox (they may or may not have been written).
@@ -387,7 +388,9 @@ class Pipeline:
         """Each alert written to its owner's inbox once (its dedupe marker), then marked delivered: a mark that
         holds only while the alert is undelivered and still that owner's, so two writers mark it once. Returns
         how many this call marked."""
-        await xadd_once(self.redis, inbox_writes(alerts, self.keys), ttl=self.settings.dedupe_ttl)
+        await xadd_once(
+            self.redis, inbox_writes(alerts, self.keys), ttl=self.settings.dedupe_ttl, wait=self.settings.replica_wait
+        )
         return await asyncio.to_thread(self._mark_delivered, alerts)
 
     async def pump_channels(self) -> None:
@@ -452,7 +455,8 @@ class Pipeline:
         return [*applied, *(r.source_id for r in rejected if r.source_id is not None)]
 
     async def _finish(self, rejected: Sequence[Rejection], *, dlq: str, prediction_ids: Sequence[str]) -> None:
-        await xadd_once(self.redis, dlq_writes(rejected, stream=dlq, keys=self.keys), ttl=self.settings.dedupe_ttl)
+        await xadd_once(self.redis, dlq_writes(rejected, stream=dlq, keys=self.keys), ttl=self.settings.dedupe_ttl,
+                        wait=self.settings.replica_wait)
         await self.drain_outbox(prediction_ids=prediction_ids)
 
     def _stored_predictions(self, entries: Sequence[Entry]) -> tuple[dict[str, str], list[Rejection]]:
@@ -508,6 +512,7 @@ class Pipeline:
             self.redis,
             dlq_writes(rejections, stream=self.keys.outcomes_dlq, keys=self.keys),
             ttl=self.settings.dedupe_ttl,
+            wait=self.settings.replica_wait,
         )
         # Reassigned alerts went back into the outbox for their new owner.
         result.delivered = await self.drain_outbox(prediction_ids=touched)

@@ -36,6 +36,7 @@ from decision_router.rules import RuleSet, load_rules
 from decision_router.rules.watch import RulesWatcher
 from decision_router.settings import Settings, redact_url
 from decision_router.store import create_schema, make_engine
+from decision_router.streams import ReplicasBehind, connected_replicas
 
 __all__ = ["RouterService", "ensure_group", "request_reload", "running_service", "serve"]
 
@@ -102,8 +103,8 @@ class RouterService:
 
     async def start(self) -> None:
         await self.reader.ensure_groups()
-        # Every undelivered alert, however young: no batch of this worker is delivering any yet.
-        await self.outbox.drain_once(grace=timedelta(0))
+        await self.warn_if_few_replicas()
+        await self.drain_outbox_at_start()
         self._tasks.append(asyncio.create_task(self.reader.run(), name="read"))
         settings = self.pipeline.settings
         self._every("reclaim", max(0.05, settings.claim_idle.total_seconds() / 2), self.reclaim_once)
@@ -137,6 +138,34 @@ class RouterService:
             rules=len(self.pipeline.ruleset.rules),
             owners=len(self.pipeline.ruleset.owners),
         )
+
+    async def warn_if_few_replicas(self) -> None:
+        """DECISION_ROUTER_REDIS_WAIT_REPLICAS above the replicas connected now: said at start, not only by the
+        first batch that waits for them (the service starts anyway: a replica may be on its way)."""
+        wait = self.pipeline.settings.replica_wait
+        if wait is None:
+            return
+        connected = await connected_replicas(self.pipeline.redis, self.keys.predictions)
+        if connected < wait.replicas:
+            log.warning(
+                "fewer Redis replicas connected than DECISION_ROUTER_REDIS_WAIT_REPLICAS: inbox and DLQ writes "
+                "wait for them, and no input is acknowledged until they acknowledge", connected=connected,
+                wanted=wait.replicas,
+            )
+
+    async def drain_outbox_at_start(self) -> int:
+        """The outbox drained; returns how many alerts. Replicas that do not acknowledge its writes are waited
+        for as a batch waits for them; a Redis or store that cannot be reached still stops the start."""
+        while True:
+            try:
+                # Every undelivered alert, however young: no batch of this worker is delivering any yet.
+                delivered = await self.outbox.drain_once(grace=timedelta(0))
+            except ReplicasBehind as exc:
+                if not await self.reader.outage.wait("Redis", exc):
+                    return 0  # stopping
+            else:
+                self.reader.outage.ok()
+                return delivered
 
     async def stop(self) -> None:
         """Stop reading, finish and acknowledge the batch in hand, stop the periodic jobs.

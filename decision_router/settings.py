@@ -29,6 +29,15 @@ class PayloadLimits:
     max_depth: int = 10  # nesting of objects and lists; the message itself is level 1
 
 
+@dataclass(frozen=True)
+class ReplicaWait:
+    """WAIT after the router's inbox and DLQ writes (DECISION_ROUTER_REDIS_WAIT_REPLICAS / _TIMEOUT): how many
+    replicas must acknowledge them, and how long to wait for that. Here, not in streams.py, for the reason above."""
+
+    replicas: int
+    timeout_ms: int
+
+
 class SettingsError(Exception):
     """A bad setting: the message is one line naming the variable."""
 
@@ -59,6 +68,9 @@ DURATION_FLOORS: dict[str, DurationFloor] = {
         timedelta(seconds=1), "a shorter poll re-reads the rule files many times a second", off=True),
     "drift_interval": DurationFloor(
         timedelta(seconds=1), "a shorter one queries the store for every model many times a second", off=True),
+    # WAIT's timeout 0 would block the writing worker until a replica answers, however long it is gone.
+    "redis_wait_timeout": DurationFloor(
+        timedelta(seconds=0.1), "a shorter one fails writes a healthy replica acknowledges a moment later"),
     "dedupe_ttl": DurationFloor(
         timedelta(minutes=1), "a restarted worker, or the outbox drained at start, must still find the markers"),
 }
@@ -119,6 +131,11 @@ class Settings(BaseSettings):
     # redis_url is a node of a Redis Cluster: connect with the cluster client. Declared after redis_url and
     # stream_prefix, which its check reads (pydantic validates fields in this order).
     redis_cluster: bool = False
+    # Replicas that must acknowledge the router's inbox and DLQ writes (WAIT) before the batch counts as
+    # delivered and its input is acknowledged, so a failover to one of them cannot lose them (0 = off: no WAIT).
+    redis_wait_replicas: int = Field(default=0, ge=0, le=100)
+    # How long one WAIT waits for them; past it, the writes are retried like a Redis outage.
+    redis_wait_timeout: timedelta = timedelta(seconds=1)
     consumer_group: str = "decision-router"
     consumer_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     batch_size: int = Field(default=500, ge=1, le=10_000)
@@ -167,7 +184,7 @@ class Settings(BaseSettings):
     @field_validator(
         "max_prediction_age", "max_clock_skew", "claim_idle", "dedupe_ttl", "sweep_interval", "rules_poll_interval",
         "outcome_window", "drift_interval", "retry_backoff_max", "shutdown_timeout",
-        mode="before",
+        "redis_wait_timeout", mode="before",
     )
     @classmethod
     def _duration(cls, value: object) -> timedelta:
@@ -255,6 +272,13 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("redis_wait_replicas")
+    @classmethod
+    def _replicas_need_a_server(cls, value: int, info: ValidationInfo) -> int:
+        if value and info.data.get("redis_url", "") is None:
+            raise ValueError(f"needs {ENV_PREFIX}REDIS_URL: the embedded Redis has no replicas to wait for")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _database_scheme(cls, value: str) -> str:
@@ -266,6 +290,13 @@ class Settings(BaseSettings):
     @cached_property  # read per message by the gate
     def payload_limits(self) -> PayloadLimits:
         return PayloadLimits(max_bytes=self.max_payload_bytes, max_depth=self.max_payload_depth)
+
+    @cached_property  # read per inbox or DLQ write
+    def replica_wait(self) -> ReplicaWait | None:
+        """What the writes wait for, or None: no WAIT is sent (the default)."""
+        if not self.redis_wait_replicas:
+            return None
+        return ReplicaWait(self.redis_wait_replicas, int(self.redis_wait_timeout.total_seconds() * 1000))
 
     @property
     def embedded(self) -> bool:

@@ -115,8 +115,12 @@ class Publisher(threading.Thread):
 
 
 @pytest.mark.postgres
+# "1": the router's own inbox and DLQ writes wait for the replica (DECISION_ROUTER_REDIS_WAIT_REPLICAS), on the
+# slot owner's connection, across the failover (MOVED, connection errors); the promoted replica has none of its
+# own until the old primary is back, and the router waits for that too.
+@pytest.mark.parametrize("wait_replicas", ["0", "1"])
 def test_a_failover_to_the_replica_is_waited_out_and_every_published_prediction_is_routed_once(
-    replicated_cluster: LocalCluster, schema: PostgresSchema, tmp_path: Path
+    replicated_cluster: LocalCluster, schema: PostgresSchema, tmp_path: Path, wait_replicas: str
 ) -> None:
     cluster = replicated_cluster
     run = uuid.uuid4().hex[:8]
@@ -133,7 +137,7 @@ def test_a_failover_to_the_replica_is_waited_out_and_every_published_prediction_
         # one, where only a reclaim takes it.
         router = Router(tmp_path / "router.log", workers=2, consumer_name="box", batch_size="100", claim_idle="1s",
                         redis_url=f"redis://127.0.0.1:{primary}/0", redis_cluster="true", stream_prefix=prefix,
-                        database_url=schema.url())
+                        database_url=schema.url(), redis_wait_replicas=wait_replicas)
         router.wait_started(times=2)
         publisher.start()
         wait_for(lambda: len(publisher.published) >= 400, timeout=20, what="a stream to flow")

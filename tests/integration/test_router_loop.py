@@ -144,11 +144,11 @@ async def test_crash_between_commit_and_inbox_write_is_recovered_once(service, r
     real_xadd_once = pipeline_module.xadd_once
     failures = []
 
-    async def flaky(redis, writes, *, ttl):
+    async def flaky(redis, writes, *, ttl, wait):
         if writes and writes[0].stream.startswith(keys.inbox("")) and not failures:
             failures.append(writes)
             raise ConnectionError("simulated crash before the inbox write")
-        return await real_xadd_once(redis, writes, ttl=ttl)
+        return await real_xadd_once(redis, writes, ttl=ttl, wait=wait)
 
     monkeypatch.setattr(pipeline_module, "xadd_once", flaky)
     r.xadd(keys.predictions, {"data": json.dumps(prediction("p-crash"))})

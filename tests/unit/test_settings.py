@@ -5,7 +5,7 @@ from datetime import timedelta
 import pytest
 
 from decision_router.durations import format_duration, parse_duration
-from decision_router.settings import SettingsError, load_settings
+from decision_router.settings import ReplicaWait, SettingsError, load_settings
 
 
 @pytest.mark.parametrize(
@@ -166,6 +166,8 @@ def test_embedded_redis_on_an_ipv6_host_is_a_valid_url(monkeypatch) -> None:
         # 0 is off; a fraction of a second ran the check every 0.05s.
         ("DRIFT_INTERVAL", "0.5s", "must be 0 (off) or at least 1s, not 0.5s"),
         ("RULES_POLL_INTERVAL", "0.5s", "must be 0 (off) or at least 1s, not 0.5s"),
+        # WAIT 0 blocks until a replica answers, however long it is gone.
+        ("REDIS_WAIT_TIMEOUT", "0", "must be at least 0.1s, not 0s"),
     ],
 )
 def test_a_duration_too_short_to_work_is_refused_naming_its_range(monkeypatch, variable, value, message) -> None:
@@ -191,6 +193,7 @@ def test_a_duration_too_short_to_work_is_refused_naming_its_range(monkeypatch, v
         ("OUTCOME_WINDOW", "1s"),
         ("MAX_PREDICTION_AGE", "1s"),
         ("DEDUPE_TTL", "2h"),  # twice the longest retry interval by default, the drift check's 1h
+        ("REDIS_WAIT_TIMEOUT", "0.1s"),
     ],
 )
 def test_the_shortest_working_durations_are_taken(variable, value) -> None:
@@ -224,3 +227,24 @@ def test_dedupe_markers_as_long_as_every_retry_allows_are_taken() -> None:
     settings = load_settings(dedupe_ttl="20m", drift_interval="0", sweep_interval="10m", claim_idle="10m",
                              retry_backoff_max="10m")
     assert settings.dedupe_ttl == timedelta(minutes=20)
+
+
+def test_no_replica_wait_by_default() -> None:
+    assert load_settings().replica_wait is None
+
+
+def test_the_replica_wait_is_the_replicas_and_the_timeout_in_milliseconds(monkeypatch) -> None:
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_WAIT_REPLICAS", "2")
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_WAIT_TIMEOUT", "1.5s")
+    assert load_settings().replica_wait == ReplicaWait(replicas=2, timeout_ms=1500)
+
+
+def test_the_embedded_redis_has_no_replicas_to_wait_for(monkeypatch) -> None:
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_WAIT_REPLICAS", "1")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        "DECISION_ROUTER_REDIS_WAIT_REPLICAS: needs DECISION_ROUTER_REDIS_URL: the embedded Redis has no replicas "
+        "to wait for"
+    )
