@@ -53,6 +53,9 @@ class Replica(PrivateRedis):
         self.primary = primary
 
     def start(self) -> Replica:
+        with redis.Redis.from_url(self.primary.url) as primary:
+            # A diskless full sync otherwise waits 5 s (its default delay) for more replicas to join it.
+            primary.config_set("repl-diskless-sync-delay", 0)
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
              "--save", "", "--appendonly", "no", "--replicaof", "127.0.0.1", str(self.primary.port),
