@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         insert_cost(args.store, args.insert_cost, args.repeat, args.insert_cost_of, args.insert_batch)
         return
 
-    cleanup: Callable[[], None] = lambda: None
+    def cleanup() -> None:
+        return None
     if args.store == "sqlite":
         workdir = None if args.db else tempfile.TemporaryDirectory(prefix="bench-stats-")
         path = args.db or Path(workdir.name) / "stats.db"  # type: ignore[union-attr]

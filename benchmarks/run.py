@@ -423,7 +423,7 @@ def batch_cycles(log_file: Path) -> str:
                 batches.append((datetime.fromisoformat(event["timestamp"]), event["size"]))
     if len(batches) < 2:
         return f"{len(batches)} batch(es) logged"
-    gaps = sorted((b[0] - a[0]).total_seconds() * 1000 for a, b in zip(batches, batches[1:]))
+    gaps = sorted((b[0] - a[0]).total_seconds() * 1000 for a, b in zip(batches, batches[1:], strict=False))
     long = sum(1 for g in gaps if g >= 40)
     return (f"{len(batches):,} batches of median {statistics.median(size for _, size in batches):.0f}; "
             f"one every {statistics.median(gaps):.1f} ms (median), p99 {gaps[int(len(gaps) * 0.99)]:.1f} ms, "

@@ -100,7 +100,7 @@ def measure(store: str, batches: int, postgres_url: str, *, batch: int = BATCH,
             return result
 
         with timing_parts(spent, stage) if parts else nullcontext():
-            for number in range(batches):
+            for _number in range(batches):
                 run, now = new_run_id(), datetime.now(UTC)
                 # Entry ids as Redis makes them: the time of XADD, after the prediction's (as in a real stream,
                 # where the pipeline looks up earlier rejections only for predictions stamped later).

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Coroutine, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import click
 import typer
@@ -59,9 +59,9 @@ class Utf8Command(_Utf8Only, TyperCommand):
 class Utf8Group(_Utf8Only, TyperGroup):
     def main(
         self,
-        args: Optional[Sequence[str]] = None,
-        prog_name: Optional[str] = None,
-        complete_var: Optional[str] = None,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
@@ -303,7 +303,7 @@ def run_on_redis(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
 def serve(
     api: Annotated[bool, typer.Option("--api/--no-api", help="Also serve the HTTP API and dashboard.")] = True,
     api_port: Annotated[
-        Optional[int], typer.Option(help="HTTP API port, 0-65535 (default DECISION_ROUTER_API_PORT or 8080).")
+        int | None, typer.Option(help="HTTP API port, 0-65535 (default DECISION_ROUTER_API_PORT or 8080).")
     ] = None,
     workers: Annotated[
         int, typer.Option("--workers", min=1, max=256, help="Worker processes in one consumer group (needs a real Redis).")
@@ -406,7 +406,7 @@ def demo(
     ] = 3000,
     seed: Annotated[int, typer.Option(help="Random seed, for a repeatable run.")] = 7,
     database: Annotated[
-        Optional[str], typer.Option(help="Database URL (default: a fresh SQLite file, decision_router_demo.db).")
+        str | None, typer.Option(help="Database URL (default: a fresh SQLite file, decision_router_demo.db).")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the service's per-batch log lines.")] = False,
 ) -> None:
@@ -454,7 +454,14 @@ def publish(
 
     from decision_router.contracts import Prediction
     from decision_router.publisher import (
-        BadLine, FileFormatError, FileSummary, chunks, describe, publish_predictions, read_entries, validate_entry,
+        BadLine,
+        FileFormatError,
+        FileSummary,
+        chunks,
+        describe,
+        publish_predictions,
+        read_entries,
+        validate_entry,
     )
 
     if fmt not in ("auto", "jsonl", "csv"):
@@ -502,14 +509,14 @@ def publish(
 def outcome(
     type_: Annotated[str, typer.Argument(metavar="TYPE", help="acknowledged | intervened | outcome | reassigned")],
     actor: Annotated[str, typer.Option(help="Who did it (owner id, system name).")],
-    alert: Annotated[Optional[str], typer.Option(help="Address by alert_id.")] = None,
-    prediction: Annotated[Optional[str], typer.Option(help="Address by prediction_id.")] = None,
-    entity: Annotated[Optional[str], typer.Option(help="Address by entity, as TYPE:ID (e.g. account:acct-17).")] = None,
-    action: Annotated[Optional[str], typer.Option(help="What was done (e.g. exec-call, discount-offer).")] = None,
-    result: Annotated[Optional[str], typer.Option(help="For TYPE outcome: success | failure.")] = None,
-    value: Annotated[Optional[float], typer.Option(help="A measured value (e.g. renewed ARR).")] = None,
-    owner: Annotated[Optional[str], typer.Option(help="For TYPE reassigned: the new owner's id.")] = None,
-    note: Annotated[Optional[str], typer.Option(help="Free text kept in the audit trail.")] = None,
+    alert: Annotated[str | None, typer.Option(help="Address by alert_id.")] = None,
+    prediction: Annotated[str | None, typer.Option(help="Address by prediction_id.")] = None,
+    entity: Annotated[str | None, typer.Option(help="Address by entity, as TYPE:ID (e.g. account:acct-17).")] = None,
+    action: Annotated[str | None, typer.Option(help="What was done (e.g. exec-call, discount-offer).")] = None,
+    result: Annotated[str | None, typer.Option(help="For TYPE outcome: success | failure.")] = None,
+    value: Annotated[float | None, typer.Option(help="A measured value (e.g. renewed ARR).")] = None,
+    owner: Annotated[str | None, typer.Option(help="For TYPE reassigned: the new owner's id.")] = None,
+    note: Annotated[str | None, typer.Option(help="Free text kept in the audit trail.")] = None,
 ) -> None:
     """Record an outcome event (it goes onto the outcomes stream, like any producer's)."""
     document: dict[str, Any] = {
@@ -600,7 +607,7 @@ def send_outcome(
 # shared by the stats and governance commands ----------------------------------------------
 
 
-def _window(since: Optional[str], until: Optional[str]) -> tuple[Optional[datetime], Optional[datetime]]:
+def _window(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
     """--since and --until read by _since; an empty window is a mistake to say, not "no data"."""
     start, end = _since(since, "--since"), _since(until, "--until")
     if start is not None and end is not None and start >= end:
@@ -608,7 +615,7 @@ def _window(since: Optional[str], until: Optional[str]) -> tuple[Optional[dateti
     return start, end
 
 
-def _since(value: Optional[str], option: str) -> Optional[datetime]:
+def _since(value: str | None, option: str) -> datetime | None:
     """`7d` (relative to now) or an ISO-8601 date/time; a bad one exits 2 with an error naming `option`."""
     if value is None:  # before any import: the pipeline module alone costs a `stats` run ~0.5 s
         return None
@@ -635,7 +642,7 @@ def fail_with_problems(problems: list[Any], directory: Path) -> NoReturn:
 @rules_app.command("check")
 def rules_check(
     directory: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Argument(metavar="DIR", help="Rules directory (default: DECISION_ROUTER_RULES_DIR or ./rules)."),
     ] = None,
 ) -> None:
@@ -685,23 +692,27 @@ def health() -> None:
     out.print("ok")
 
 
+# The commands defined in other modules register themselves on `app` when imported, after `app` exists, in
+# this order (the order of `--help`), so the imports stay here and unsorted.
+# isort: off
 # audit, reassign, rules test, rules replay: defined in cli_governance.py on `app` and `rules_app`.
-from decision_router import cli_delivery, cli_governance  # noqa: F401
+from decision_router import cli_delivery, cli_governance  # noqa: E402, F401
 
 # stats, stats quality, stats model: the `stats` group (cli_stats.stats_app), added to `app` there.
-from decision_router import cli_stats  # noqa: F401
+from decision_router import cli_stats  # noqa: E402, F401
 
 # stats drift: defined in cli_drift.py on the `stats` group.
-from decision_router import cli_drift  # noqa: F401
+from decision_router import cli_drift  # noqa: E402, F401
 
 # simulate: defined in cli_simulate.py on `app`.
-from decision_router import cli_simulate  # noqa: F401
+from decision_router import cli_simulate  # noqa: E402, F401
 
 # api, tokens, asyncapi: defined in cli_api.py on `app`.
-from decision_router import cli_api  # noqa: F401
+from decision_router import cli_api  # noqa: E402, F401
 
 # bench: the benchmark of issue 8 (benchmarks/run.py), defined in cli_bench.py on `app`.
-from decision_router import cli_bench  # noqa: F401
+from decision_router import cli_bench  # noqa: E402, F401
+# isort: on
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -65,7 +65,7 @@ def print_drift(rows: list[Any], fmt: str) -> None:
 
 @stats_app.command("drift")
 def drift(
-    model: Annotated[Optional[str], typer.Option(help="Only this model.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
     """Drift of scores and numeric features, rejection and missing-context rate jumps, per model version, now."""

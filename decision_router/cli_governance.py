@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -129,9 +129,9 @@ def _print_alert(story: Any, *, siblings: bool) -> None:
 @app.command()
 def audit(
     alert_id: Annotated[
-        Optional[str], typer.Argument(metavar="ALERT_ID", help="The alert to tell the story of.")
+        str | None, typer.Argument(metavar="ALERT_ID", help="The alert to tell the story of.")
     ] = None,
-    entity: Annotated[Optional[str], typer.Option(help="Every prediction and decision for TYPE:ID (e.g. account:acct-17).")] = None,
+    entity: Annotated[str | None, typer.Option(help="Every prediction and decision for TYPE:ID (e.g. account:acct-17).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
     """The full story of an alert or an entity: received, routed, delivered, acknowledged, escalated, outcome."""
@@ -173,7 +173,7 @@ def reassign(
     alert_id: Annotated[str, typer.Argument(metavar="ALERT_ID", help="The alert to hand over.")],
     to: Annotated[str, typer.Option("--to", help="The new owner's id (must be in the owner directory).")],
     by: Annotated[str, typer.Option("--by", help="Who reassigns it (kept as the event's actor).")],
-    reason: Annotated[Optional[str], typer.Option(help="Why; kept in the audit trail as the note.")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why; kept in the audit trail as the note.")] = None,
 ) -> None:
     """Hand an alert to another owner: the same event as `outcome reassigned --alert ID --owner ...`."""
     from decision_router.router import present_owner
@@ -225,15 +225,15 @@ def _print_case(result: Any) -> None:
 @rules_app.command("test")
 def rules_test(
     prediction: Annotated[
-        Optional[str], typer.Argument(metavar="PREDICTION", help="A prediction as JSON; '-' or nothing reads stdin.")
+        str | None, typer.Argument(metavar="PREDICTION", help="A prediction as JSON; '-' or nothing reads stdin.")
     ] = None,
-    file: Annotated[Optional[Path], typer.Option(
+    file: Annotated[Path | None, typer.Option(
         "--file", exists=True, dir_okay=False,
         help="A JSON object, a JSON array or JSON lines; CSV with a header row (as publish reads it) if named *.csv.",
     )] = None,
-    rules: Annotated[Optional[Path], typer.Option("--rules", help="Rules directory (default: DECISION_ROUTER_RULES_DIR).")] = None,
-    expect_rule: Annotated[Optional[list[str]], typer.Option("--expect-rule", help="Rules that must match (repeat or a,b).")] = None,
-    expect_owner: Annotated[Optional[list[str]], typer.Option("--expect-owner", help="Owners that must be chosen (repeat or a,b).")] = None,
+    rules: Annotated[Path | None, typer.Option("--rules", help="Rules directory (default: DECISION_ROUTER_RULES_DIR).")] = None,
+    expect_rule: Annotated[list[str] | None, typer.Option("--expect-rule", help="Rules that must match (repeat or a,b).")] = None,
+    expect_owner: Annotated[list[str] | None, typer.Option("--expect-owner", help="Owners that must be chosen (repeat or a,b).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
     """Which rules match a prediction, who owns it and why; exit 1 when --expect-* do not hold."""
@@ -301,7 +301,7 @@ _CHANGED = {"rule": "rule changed", "owner": "owner changed", "priority": "prior
 def rules_replay(
     rules: Annotated[Path, typer.Option("--rules", help="The candidate rules directory.")],
     since: Annotated[str, typer.Option(help="Predictions received since: 7d, 24h or an ISO date.")] = "7d",
-    until: Annotated[Optional[str], typer.Option(help="...and before: a duration ago or an ISO date (default: now).")] = None,
+    until: Annotated[str | None, typer.Option(help="...and before: a duration ago or an ISO date (default: now).")] = None,
     examples: Annotated[int, typer.Option(min=0, help="Examples shown per kind of change.")] = 5,
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:

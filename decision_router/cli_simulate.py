@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import replace
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -222,15 +222,15 @@ def simulate(
     holdout: Annotated[float, typer.Option(help="The rule's control-group fraction.")] = 0.3,
     threshold: Annotated[float, typer.Option(help="The rule alerts on score >= threshold.")] = 0.5,
     drift_from_day: Annotated[
-        Optional[int], typer.Option(min=0, max=MAX_DAYS, help="Shift the model's scores from this day (0-based) on.")
+        int | None, typer.Option(min=0, max=MAX_DAYS, help="Shift the model's scores from this day (0-based) on.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same world.")] = 7,
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
     database: Annotated[
-        Optional[str], typer.Option(help="Keep the store at this database URL (default: a temporary SQLite file).")
+        str | None, typer.Option(help="Keep the store at this database URL (default: a temporary SQLite file).")
     ] = None,
     redis: Annotated[
-        Optional[str], typer.Option(help="Run on this Redis (a fresh stream prefix, removed after); default: embedded.")
+        str | None, typer.Option(help="Run on this Redis (a fresh stream prefix, removed after); default: embedded.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the service's per-batch log lines.")] = False,
 ) -> None:

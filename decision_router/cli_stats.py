@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
@@ -54,9 +54,9 @@ app.add_typer(stats_app, name="stats")
 # Shared option types -------------------------------------------------------------------
 
 FormatOption = Annotated[str, typer.Option("--format", help="table, json or csv.")]
-SinceOption = Annotated[Optional[str], typer.Option(help="Only since: a duration ago (7d, 24h) or an ISO date.")]
-UntilOption = Annotated[Optional[str], typer.Option(help="Only before: a duration ago or an ISO date.")]
-ModelOption = Annotated[Optional[str], typer.Option(help="Only this model.")]
+SinceOption = Annotated[str | None, typer.Option(help="Only since: a duration ago (7d, 24h) or an ISO date.")]
+UntilOption = Annotated[str | None, typer.Option(help="Only before: a duration ago or an ISO date.")]
+ModelOption = Annotated[str | None, typer.Option(help="Only this model.")]
 
 
 def _check_format(fmt: str) -> str:
@@ -329,10 +329,10 @@ def stats(
     ctx: typer.Context,
     by: Annotated[str, typer.Option(help="Group by rule, owner, model, model_version, priority or week.")] = "rule",
     fmt: FormatOption = "table",
-    since: Annotated[Optional[str], typer.Option(help="Only alerts created since: 7d, 24h or an ISO date.")] = None,
-    until: Annotated[Optional[str], typer.Option(help="Only alerts created before: 1d or an ISO date.")] = None,
-    rule: Annotated[Optional[str], typer.Option(help="Only this rule.")] = None,
-    owner: Annotated[Optional[str], typer.Option(help="Only alerts owned by this owner id.")] = None,
+    since: Annotated[str | None, typer.Option(help="Only alerts created since: 7d, 24h or an ISO date.")] = None,
+    until: Annotated[str | None, typer.Option(help="Only alerts created before: 1d or an ISO date.")] = None,
+    rule: Annotated[str | None, typer.Option(help="Only this rule.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Only alerts owned by this owner id.")] = None,
     model: ModelOption = None,
 ) -> None:
     """Routed, acknowledged, intervened, success treated vs control, uplift, SRM; per rule, owner, model, ..."""
@@ -553,7 +553,7 @@ def model_precision(
     since: SinceOption = None,
     until: UntilOption = None,
     bands: Annotated[
-        Optional[str], typer.Option(help="Band edges, comma-separated (default deciles: 0,0.1,...,1).")
+        str | None, typer.Option(help="Band edges, comma-separated (default deciles: 0,0.1,...,1).")
     ] = None,
     fmt: FormatOption = "table",
 ) -> None:

@@ -6,7 +6,7 @@ one onto the other.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
@@ -18,9 +18,9 @@ NonEmpty = Field(min_length=1, max_length=200)
 def utc(value: datetime) -> datetime:
     """Naive datetimes are read as UTC, as the contract says timestamps are UTC."""
     if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     try:
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
     except OverflowError:
         # 9999-12-31T23:59:59-23:59 is after 9999 in UTC: a ValueError here is pydantic's schema error.
         raise ValueError("out of range: in UTC it would fall before the year 1 or after 9999") from None
@@ -154,7 +154,7 @@ class OutcomeEvent(BaseModel):
         return utc(value) if value is not None else None
 
     @model_validator(mode="after")
-    def _addressed_once(self) -> "OutcomeEvent":
+    def _addressed_once(self) -> OutcomeEvent:
         by_entity = self.entity_type is not None or self.entity_id is not None
         modes = [self.alert_id is not None, self.prediction_id is not None, by_entity]
         if sum(modes) != 1:

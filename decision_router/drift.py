@@ -70,7 +70,7 @@ def _psi_and_bins(
         return None  # a constant reference: no bins to compare against
     e = _shares(reference, cuts)
     a = _shares(recent, cuts)
-    return sum((ai - ei) * math.log(ai / ei) for ai, ei in zip(a, e)), len(cuts) + 1
+    return sum((ai - ei) * math.log(ai / ei) for ai, ei in zip(a, e, strict=False)), len(cuts) + 1
 
 
 def psi(reference: Sequence[float], recent: Sequence[float], bins: int = 10, *, min_n: int = PSI_MIN_N) -> float | None:

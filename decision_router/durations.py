@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from decision_router.echo import cap_digits
 
@@ -83,7 +83,7 @@ def format_span(value: timedelta) -> str:
 
 
 # The first moment an aware datetime can hold.
-EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 def earlier(moment: datetime, span: timedelta) -> datetime:
@@ -105,7 +105,7 @@ def parse_since(text: str, *, now: datetime) -> datetime:
         pass  # not a duration: perhaps a date
     try:
         moment = datetime.fromisoformat(text)
-        return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except OverflowError:
         raise ValueError(f"{_shown(text)} is out of range") from None
     except ValueError:

@@ -38,8 +38,8 @@ from decision_router.audit import iso
 from decision_router.contracts import DataQualityAlert, DataQualityWindow
 from decision_router.keys import Keys
 from decision_router.notify import queue_deliveries
-from decision_router.rules import DriftConfig, ModelConfig
 from decision_router.router import present_owner
+from decision_router.rules import DriftConfig, ModelConfig
 from decision_router.streams import StreamWrite, xadd_once
 from decision_router.tables import AlertRecord, DataQualityAlertRecord, PredictionRecord, RejectionRecord, as_utc
 

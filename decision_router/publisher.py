@@ -92,11 +92,11 @@ def _csv_entries(
         if not row:
             continue  # a blank line
         # Empty cells are absent fields, as a flat XADD would omit them.
-        fields = {name: undecoded(value) for name, value in zip(names, row) if name and value}
+        fields = {name: undecoded(value) for name, value in zip(names, row, strict=False) if name and value}
         if any(row[len(names):]):  # cells past the header's columns; empty ones (a trailing comma) carry nothing
             detail = f"{len(row)} cells, but the header names {len(names)} columns"
             yield reader.line_num, _unreadable(RejectionReason.SCHEMA, detail, fields)
-        elif any(value for name, value in zip(names, row) if not name):
+        elif any(value for name, value in zip(names, row, strict=False) if not name):
             yield reader.line_num, _unreadable(RejectionReason.SCHEMA, "a value in a column with no name", fields)
         else:
             yield reader.line_num, fields

@@ -78,7 +78,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
@@ -94,16 +94,16 @@ from decision_router.contracts import Alert
 from decision_router.embedded import EmbeddedRedis
 from decision_router.keys import Keys
 from decision_router.monitor import DataQualityMonitor, ModelHealth
+from decision_router.redis_client import redis_from_url
 from decision_router.router import in_holdout
 from decision_router.rules import RuleSet, load_rules
 from decision_router.service import RouterService, running_service
-from decision_router.redis_client import redis_from_url
 from decision_router.settings import Settings, hash_tag, redact_url
 from decision_router.stats import BandRow, StatsRow, compute_model_precision, compute_stats
 from decision_router.store import create_schema, make_engine
+from decision_router.streams import as_text
 from decision_router.tables import RejectionRecord
 from decision_router.uplift import DEFAULT_BAND_EDGES
-from decision_router.streams import as_text
 
 RULE = "churn-risk"
 WATCH_RULE = "churn-watch"
@@ -928,7 +928,7 @@ class SimClock:
 
 def default_start(total_days: int) -> datetime:
     """08:00 UTC so many days ago that the simulated period ends today."""
-    today = datetime.now(timezone.utc).replace(hour=TICK_HOUR, minute=0, second=0, microsecond=0)
+    today = datetime.now(UTC).replace(hour=TICK_HOUR, minute=0, second=0, microsecond=0)
     return today - timedelta(days=total_days - 1)
 
 
@@ -965,7 +965,7 @@ async def _publish(redis: Redis, stream: str, documents: Sequence[dict[str, Any]
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat()
+    return moment.astimezone(UTC).isoformat()
 
 
 class _World:
@@ -1104,7 +1104,7 @@ class _Run:
         if found is None:
             return
         world, account = found
-        created = alert.created_at.astimezone(timezone.utc)
+        created = alert.created_at.astimezone(UTC)
         log = AlertLog(alert.alert_id, alert.entity_id, alert.owner, created)
         world.alerts[alert.alert_id] = log
         world.alert_by_entity[alert.entity_id] = log

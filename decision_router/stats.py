@@ -67,7 +67,6 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from decision_router.store import within
-from decision_router.tallies import read_tallies, tallies_installed
 from decision_router.tables import (
     SQLITE_ACK_US,
     SQLITE_ACT_US,
@@ -81,6 +80,7 @@ from decision_router.tables import (
     RejectionRecord,
     as_utc,
 )
+from decision_router.tallies import read_tallies, tallies_installed
 from decision_router.uplift import (
     DEFAULT_BAND_EDGES,
     MIN_N,
@@ -1111,7 +1111,7 @@ def compute_model_precision(
     for (name, version), scored in sorted(units.items()):
         bands = score_band_precision([(score, bad) for score, bad in scored if bad is not None], edges)
         everyone = score_band_precision([(score, False) for score, _ in scored], edges)
-        for band, total in zip(bands, everyone):
+        for band, total in zip(bands, everyone, strict=False):
             ci_low, ci_high = band.ci if band.ci is not None else (None, None)
             rows.append(
                 BandRow(

@@ -90,7 +90,7 @@ def _of_row(record: str, sign: str = "") -> str:  # the trigger's OLD or NEW
 
 _UPDATED = f"{_of_row('new')} union all {_of_row('old', '-')}"
 # `folded`: a fold's sum (the triggers' rows are not), so that a fold counts only what came since the last.
-_CREATE_TABLE = f"""create table {{table}} (
+_CREATE_TABLE = """create table {table} (
     rule varchar not null, held_out boolean not null, action varchar not null, outcome varchar not null,
     live boolean not null, n bigint not null, escalations bigint not null, ack_breaches bigint not null,
     act_breaches bigint not null, acks bigint not null, acts bigint not null, folded boolean not null default false)"""

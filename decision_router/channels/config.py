@@ -13,7 +13,7 @@ a relative path is resolved against `base_dir` from the validation context when 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -59,7 +59,7 @@ class ReceiverBase(BaseModel):
     max_queue: int = Field(default=1000, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
-    def _backoff_order(self) -> "ReceiverBase":
+    def _backoff_order(self) -> ReceiverBase:
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must be >= backoff_initial_s")
         return self
@@ -169,7 +169,7 @@ class SmtpSettings(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SmtpSettings":
+    def _consistent(self) -> SmtpSettings:
         if self.starttls and self.use_tls:
             raise ValueError("starttls and use_tls are exclusive: STARTTLS upgrades a plain connection, use_tls starts with TLS")
         if self.password is not None and not self.username:
@@ -183,7 +183,7 @@ class SmtpSettings(BaseModel):
         return check_sender(value)
 
 
-Receiver = Annotated[Union[WebhookReceiver, EmailReceiver], Field(discriminator="channel")]
+Receiver = Annotated[WebhookReceiver | EmailReceiver, Field(discriminator="channel")]
 _RECEIVER = TypeAdapter(Receiver)
 
 

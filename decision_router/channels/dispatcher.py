@@ -103,7 +103,7 @@ class Dispatcher:
         renderer: Renderer | None = None,
         on_result: OnResult | None = None,
         **sender_options: Any,
-    ) -> "Dispatcher":
+    ) -> Dispatcher:
         """One sender per receiver, sharing one renderer and (email) one SMTP connection
         limit of `smtp.max_connections`. `sender_options` (sleep, random, ...) go to every
         sender."""
@@ -279,7 +279,7 @@ class Dispatcher:
         await asyncio.gather(*(lane.sender.aclose() for lane in lanes), return_exceptions=True)
         return abandoned
 
-    async def __aenter__(self) -> "Dispatcher":
+    async def __aenter__(self) -> Dispatcher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -39,7 +39,7 @@ import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -167,8 +167,8 @@ def format_datetime(value: datetime | str) -> str:
     if isinstance(value, str):
         value = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def slack_escape(value: Any) -> str:
@@ -343,7 +343,7 @@ def data_quality_variables(alert: DataQualityAlert, extra: Mapping[str, Any] | N
 def sample_data_quality_alerts() -> list[DataQualityAlert]:
     """Data-quality alerts used to test-render templates at load: a drifted score (PSI) and a
     rate jump with every optional figure, and a bare one (no figures, no reference, no owner)."""
-    now = datetime(2026, 11, 25, 1, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 25, 1, 0, tzinfo=UTC)
     window = DataQualityWindow(
         reference_version="2026.11", reference_from=now - timedelta(days=3), reference_to=now - timedelta(days=1),
         recent_from=now - timedelta(days=1), recent_to=now,
@@ -375,7 +375,7 @@ def digest_recipient(alert: Alert) -> str:
 
 def sample_alerts() -> list[Alert]:
     """Alerts used to test-render templates at load: one with every optional part, one bare."""
-    now = datetime(2026, 11, 25, 15, 8, 6, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 25, 15, 8, 6, tzinfo=UTC)
     full = Alert(
         alert_id="al-000000000000000000000000",
         prediction_id="p-sample",

@@ -30,7 +30,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr, parsedate_to_datetime
 from importlib import metadata
@@ -129,7 +129,7 @@ class Digest:
     window_s: float | None = None
 
     @classmethod
-    def of(cls, alerts: "Sequence[Alert] | Digest", *, recipient: str | None = None, window_s: float | None = None) -> "Digest":
+    def of(cls, alerts: Sequence[Alert] | Digest, *, recipient: str | None = None, window_s: float | None = None) -> Digest:
         if isinstance(alerts, Digest):
             return alerts
         group = tuple(alerts)
@@ -185,8 +185,8 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def _clip(text: str, limit: int = ERROR_MAX) -> str:
@@ -216,7 +216,7 @@ class Sender(ABC):
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         random: Callable[[], float] = _random.random,
         clock: Callable[[], float] = time.perf_counter,
-        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.name = name
         self.receiver = receiver
@@ -342,7 +342,7 @@ class Sender(ABC):
         """Release connections. The sender must not be used afterwards."""
         return None
 
-    async def __aenter__(self) -> "Sender":
+    async def __aenter__(self) -> Sender:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

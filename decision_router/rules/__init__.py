@@ -5,7 +5,16 @@ The format is documented in docs/rules.md.
 
 from typing import TYPE_CHECKING, Any
 
-from decision_router.rules.compile import MISSING, CompiledRule, ContextSource, DriftConfig, ModelConfig, Owner, RuleSet, lookup
+from decision_router.rules.compile import (
+    MISSING,
+    CompiledRule,
+    ContextSource,
+    DriftConfig,
+    ModelConfig,
+    Owner,
+    RuleSet,
+    lookup,
+)
 from decision_router.rules.load import RuleProblem, RulesInvalid, check_rules, load_rules
 
 if TYPE_CHECKING:

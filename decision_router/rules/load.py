@@ -21,8 +21,8 @@ from decision_router.durations import format_duration
 from decision_router.echo import cap_digits, close_match, did_you_mean
 from decision_router.rules.compile import RuleSet, build_ruleset
 from decision_router.rules.spec import (
-    OPERATORS,
     LOOKUP,
+    OPERATORS,
     OWNER_TAGS,
     ContextSourceSpec,
     DefaultsSpec,

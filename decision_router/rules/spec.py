@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import re
 import string
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import re2
 from pydantic import (
@@ -224,9 +224,9 @@ def _away_until(value: object) -> datetime:
         if isinstance(value, datetime):  # checked first: a datetime is also a date
             if value.tzinfo is None or value.utcoffset() is None:
                 raise ValueError(f"a date-time needs a time zone (Z or +01:00), got {value.isoformat()!r}")
-            return value.astimezone(timezone.utc)
+            return value.astimezone(UTC)
         if isinstance(value, date):
-            return datetime.combine(value + timedelta(days=1), time(0), tzinfo=timezone.utc)
+            return datetime.combine(value + timedelta(days=1), time(0), tzinfo=UTC)
     except OverflowError:  # 9999-12-31 has no next midnight; 0001-01-01T00:00+01:00 is before the year 1 in UTC
         calendar = "0001-01-01 to 9999-12-30"
         raise ValueError(f"{value.isoformat()!r} falls outside the calendar once in UTC ({calendar})") from None
@@ -235,10 +235,10 @@ def _away_until(value: object) -> datetime:
 
 Name = Annotated[str, BeforeValidator(_name)]
 FieldPath = Annotated[str, BeforeValidator(_path)]
-Scalar = Annotated[Union[str, int, float, bool, None], BeforeValidator(_scalar)]
-Scalars = Annotated[Union[list[Union[str, int, float, bool]], None], BeforeValidator(_scalars)]
-Number = Annotated[Union[float, None], BeforeValidator(_number)]
-Duration = Annotated[Union[timedelta, None], BeforeValidator(_duration)]
+Scalar = Annotated[str | int | float | bool | None, BeforeValidator(_scalar)]
+Scalars = Annotated[list[str | int | float | bool] | None, BeforeValidator(_scalars)]
+Number = Annotated[float | None, BeforeValidator(_number)]
+Duration = Annotated[timedelta | None, BeforeValidator(_duration)]
 
 
 class _Strict(BaseModel):
@@ -256,9 +256,9 @@ class ConditionSpec(_Strict):
     gte: Number = None
     lt: Number = None
     lte: Number = None
-    between: Annotated[Union[tuple[float, float], None], BeforeValidator(_between)] = None
-    regex: Annotated[Union[str, None], BeforeValidator(_regex)] = None
-    exists: Annotated[Union[bool, None], BeforeValidator(_bool)] = None
+    between: Annotated[tuple[float, float] | None, BeforeValidator(_between)] = None
+    regex: Annotated[str | None, BeforeValidator(_regex)] = None
+    exists: Annotated[bool | None, BeforeValidator(_bool)] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -274,7 +274,7 @@ class ConditionSpec(_Strict):
         return {"eq": value}  # `model: churn` is shorthand for `model: {eq: churn}`
 
     @model_validator(mode="after")
-    def _exists_false_alone(self) -> "ConditionSpec":
+    def _exists_false_alone(self) -> ConditionSpec:
         # Every other operator is false on a missing field, so the pair could never match.
         if self.exists is False and len(self.model_fields_set) > 1:
             raise ValueError("exists: false cannot be combined with other operators (the rule could never match)")
@@ -290,7 +290,7 @@ class OwnerFromSpec(_Strict):
     """`owner: {from: context.account_manager, fallback: desk}`; fallback is checked in load.py."""
 
     from_: FieldPath = Field(alias="from")
-    fallback: Annotated[Union[str, None], BeforeValidator(_name)] = None
+    fallback: Annotated[str | None, BeforeValidator(_name)] = None
 
 
 def _owner_tag(value: Any) -> str | None:
@@ -300,7 +300,7 @@ def _owner_tag(value: Any) -> str | None:
 
 
 OwnerRef = Annotated[
-    Union[Annotated[Name, Tag(OWNER_TAGS[0])], Annotated[OwnerFromSpec, Tag(OWNER_TAGS[1])]],
+    Annotated[Name, Tag(OWNER_TAGS[0])] | Annotated[OwnerFromSpec, Tag(OWNER_TAGS[1])],
     Discriminator(
         _owner_tag,
         custom_error_type="owner_shape",
@@ -377,11 +377,11 @@ class ModelDriftSpec(_Strict):
     """`models.<name>.drift`: how the data-quality monitor watches the model. None = the
     monitor's default (decision_router.rules.compile.DriftConfig)."""
 
-    reference_days: Annotated[Union[int, None], BeforeValidator(_days)] = None
+    reference_days: Annotated[int | None, BeforeValidator(_days)] = None
     recent: Duration = None
-    alpha: Annotated[Union[float, None], BeforeValidator(_alpha)] = None
-    min_samples: Annotated[Union[int, None], BeforeValidator(_min_samples)] = None
-    baseline_version: Annotated[Union[str, None], BeforeValidator(_version)] = None
+    alpha: Annotated[float | None, BeforeValidator(_alpha)] = None
+    min_samples: Annotated[int | None, BeforeValidator(_min_samples)] = None
+    baseline_version: Annotated[str | None, BeforeValidator(_version)] = None
 
 
 class ModelSpec(_Strict):
@@ -515,13 +515,13 @@ class ContextSourceSpec(_Strict):
     """`context_sources.<name>`: where routing-time context comes from, either a Redis hash
     per entity (`redis_hash: KEY_PATTERN`) or a SQL query (`sql: SELECT ...`)."""
 
-    redis_hash: Annotated[Union[str, None], BeforeValidator(_key_pattern)] = None
-    sql: Annotated[Union[str, None], BeforeValidator(_select)] = None
-    database_url_env: Annotated[Union[str, None], BeforeValidator(_env_name)] = None
+    redis_hash: Annotated[str | None, BeforeValidator(_key_pattern)] = None
+    sql: Annotated[str | None, BeforeValidator(_select)] = None
+    database_url_env: Annotated[str | None, BeforeValidator(_env_name)] = None
     timeout_s: Annotated[float, BeforeValidator(_timeout)] = 2.0
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "ContextSourceSpec":
+    def _one_kind(self) -> ContextSourceSpec:
         if (self.redis_hash is None) == (self.sql is None):
             raise ValueError(f"expected exactly one of redis_hash (a key pattern like {_KEY_EXAMPLE}) "
                              "or sql (a SELECT statement)")
@@ -615,8 +615,8 @@ class WebhookSpec(_Strict):
     # repr=False: a Slack incoming-webhook URL is itself a credential (an Owner's repr holds this spec).
     url: Annotated[str, BeforeValidator(_http_url), Field(repr=False)]
     format: Literal["json", "slack"] = "json"
-    secret_file: Annotated[Union[str, None], BeforeValidator(_text)] = None
-    secret_env: Annotated[Union[str, None], BeforeValidator(_text)] = None
+    secret_file: Annotated[str | None, BeforeValidator(_text)] = None
+    secret_env: Annotated[str | None, BeforeValidator(_text)] = None
     timeout_s: float = Field(default=5.0, gt=0, le=120)
     max_attempts: int = Field(default=5, ge=1, le=20)
 
@@ -624,15 +624,15 @@ class WebhookSpec(_Strict):
 class OwnerSpec(_Strict):
     id: Name
     name: Annotated[str, BeforeValidator(_text)]
-    email: Annotated[Union[str, None], BeforeValidator(_email)] = None
-    manager: Annotated[Union[str, None], BeforeValidator(_name)] = None
-    team: Annotated[Union[str, None], BeforeValidator(_name)] = None
+    email: Annotated[str | None, BeforeValidator(_email)] = None
+    manager: Annotated[str | None, BeforeValidator(_name)] = None
+    team: Annotated[str | None, BeforeValidator(_name)] = None
     channels: Annotated[tuple[str, ...], BeforeValidator(_channels)] = ("inbox",)
-    away_until: Annotated[Union[datetime, None], BeforeValidator(_away_until)] = None  # UTC, exclusive
-    delegate: Annotated[Union[str, None], BeforeValidator(_name)] = None
-    webhook: Union[WebhookSpec, None] = None
+    away_until: Annotated[datetime | None, BeforeValidator(_away_until)] = None  # UTC, exclusive
+    delegate: Annotated[str | None, BeforeValidator(_name)] = None
+    webhook: WebhookSpec | None = None
     # Group webhook and email alerts into one message per window (the inbox is not grouped).
-    digest: Annotated[Union[timedelta, None], BeforeValidator(_duration)] = None
+    digest: Annotated[timedelta | None, BeforeValidator(_duration)] = None
 
 
 class OwnersFile(_Strict):

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -58,7 +58,7 @@ def prediction_line(pid: str, manager: str = "alice-moreau", **extra) -> str:
     document = {
         "prediction_id": pid, "model": "churn", "model_version": "2026.11", "entity_type": "account",
         "entity_id": f"acct-{pid}", "score": 0.92,
-        "predicted_at": (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat(),
+        "predicted_at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
         "context": {"segment": "strategic", "account_manager": manager, "arr": 80000},
         **extra,
     }
@@ -132,7 +132,7 @@ def test_serve_publish_outcome_stats_on_the_embedded_default(workdir, env, serve
 
 def test_publish_csv_with_dotted_columns(workdir, env, server) -> None:
     _, client = server
-    now = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
+    now = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     (workdir / "scores.csv").write_text(
         "prediction_id,model,model_version,entity_type,entity_id,score,predicted_at,context.segment,context.account_manager\n"
         f"v1,churn,3,account,acct-v1,0.95,{now},enterprise,elena-petrova\n"
@@ -155,7 +155,7 @@ def test_publish_reports_undecodable_and_overlong_lines_and_publishes_the_rest(w
     assert "m.jsonl:2: skipped: invalid_encoding: field data is not valid UTF-8" in published.stderr
     assert published.stdout == "published 2 predictions to predictions; skipped 1 bad line\n"
 
-    now = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
+    now = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     good = f"churn,3,account,acct-w1,0.95,{now}"
     (workdir / "m.csv").write_bytes(
         ("prediction_id,model,model_version,entity_type,entity_id,score,predicted_at,context.note\n"

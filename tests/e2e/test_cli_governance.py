@@ -13,7 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from decision_router.store import create_schema, make_engine
 from decision_router.tables import AlertRecord
 from tests.e2e.helpers import CLI, ROOT, clean_env, free_port, run
 
-NOW = datetime.now(timezone.utc).replace(microsecond=0)
+NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import asyncio
 import os
 import time
 import uuid
-from datetime import datetime
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest

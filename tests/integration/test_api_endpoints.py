@@ -8,7 +8,7 @@ import json
 import re
 import shutil
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -81,7 +81,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 async def test_posted_predictions_are_gated_and_routed_like_stream_ones(served: Client, service, r, engine) -> None:
     keys = service.keys
     before = (await served.http.get("/metrics", headers=served.ops)).text
-    stale = (datetime.now(timezone.utc) - timedelta(days=3)).isoformat()
+    stale = (datetime.now(UTC) - timedelta(days=3)).isoformat()
     batch = [
         prediction("h1"),
         prediction("h2", score=1.5),
@@ -170,7 +170,7 @@ async def test_alert_list_filters_and_pages(standalone) -> None:
     assert await ids(rule=RULE, model="churn") == set(expected)
     assert await ids(rule="no-such-rule") == set()
     assert await ids(since="1h") == set(expected)
-    assert await ids(since=(datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat()) == set()
+    assert await ids(since=(datetime.now(UTC) + timedelta(days=1)).date().isoformat()) == set()
     acked = alert_id_for("l1", RULE)
     assert (await api.http.post(f"/v1/alerts/{acked}/ack", headers=api.alice)).status_code == 200
     assert await ids(state="acknowledged") == {acked}

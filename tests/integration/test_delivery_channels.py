@@ -5,7 +5,7 @@ the deliveries DLQ, redrive, escalated copies, and secrets kept out of alerts an
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from tests.integration.test_router_loop import count
 pytestmark = pytest.mark.redis
 
 SECRET = "s3cret-for-am"
-T0 = datetime.now(timezone.utc).replace(microsecond=0)
+T0 = datetime.now(UTC).replace(microsecond=0)
 
 
 class Mailbox:

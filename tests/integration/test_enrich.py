@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,10 @@ from structlog.testing import capture_logs
 from decision_router.contracts import Alert, Prediction
 from decision_router.enrich import ContextEnricher, run_queries
 from decision_router.keys import Keys
+from decision_router.replay import replay_store
 from decision_router.router import in_holdout
 from decision_router.rules import load_rules
 from decision_router.service import running_service
-from decision_router.replay import replay_store
 from decision_router.tables import AlertRecord, PredictionRecord
 from tests.integration.conftest import wait_until
 
@@ -80,7 +80,7 @@ def document(pid: str, entity_id: str, **overrides: Any) -> dict[str, Any]:
     return {
         "prediction_id": pid, "model": "churn", "model_version": "2026.11", "entity_type": "account",
         "entity_id": entity_id, "score": 0.9,
-        "predicted_at": (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat(),
+        "predicted_at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
         "context": {"arr": 120000}, **overrides,
     }
 
@@ -262,7 +262,7 @@ class DelayingProxy:
         self.delay = 0.0
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def __aenter__(self) -> "DelayingProxy":
+    async def __aenter__(self) -> DelayingProxy:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
@@ -47,7 +47,7 @@ owners:
   - {id: desk, name: Desk, manager: lead}
   - {id: away-am, name: On Leave, manager: lead, away_until: "2099-01-01", delegate: am}
 """
-T0 = datetime.now(timezone.utc).replace(microsecond=0)
+T0 = datetime.now(UTC).replace(microsecond=0)
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
@@ -53,7 +53,7 @@ async def test_lifecycle_events_update_alerts_and_stats(service, r, engine) -> N
     keys = service.keys
     a1, a2, a3 = await route_three(service, r, engine)
     age_alerts(engine, timedelta(hours=2))
-    created = alert_row(engine, a1).created_at.replace(tzinfo=timezone.utc)
+    created = alert_row(engine, a1).created_at.replace(tzinfo=UTC)
     acted = created + timedelta(minutes=90)
     # by alert id, flat fields as a CRM or a shell script would send them
     r.xadd(keys.outcomes, {"alert_id": a1, "type": "acknowledged", "actor": "alice-moreau"})
@@ -97,7 +97,7 @@ async def test_median_time_to_act_comes_from_the_intervened_event(service, r, en
     a1, a2, _ = await route_three(service, r, engine)
     age_alerts(engine, timedelta(hours=2))
     for alert_id, minutes in ((a1, 30), (a2, 90)):
-        created = alert_row(engine, alert_id).created_at.replace(tzinfo=timezone.utc)
+        created = alert_row(engine, alert_id).created_at.replace(tzinfo=UTC)
         r.xadd(keys.outcomes, {"alert_id": alert_id, "type": "intervened", "actor": "alice-moreau",
                                "at": (created + timedelta(minutes=minutes)).isoformat()})
     await wait_until(lambda: count(engine, AlertRecord, AlertRecord.intervened_at.is_not(None)) == 2, what="interventions")
@@ -167,7 +167,7 @@ async def test_entity_outcomes_apply_within_the_outcome_window_only(settings, ru
     async with running_service(short, ruleset, engine) as service:
         keys = service.keys
         await route_three(service, r, engine)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o1", "type": "outcome", "result": "success",
                                "actor": "crm", "at": now.isoformat()})
         r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": "acct-o2", "type": "outcome", "result": "failure",
@@ -186,7 +186,7 @@ async def test_events_dated_before_their_alert_or_in_the_future_are_refused(serv
     """A wrong clock or a typo'd year would give negative (or 8,000-year) times to act in the stats."""
     keys = service.keys
     a1, a2, a3 = await route_three(service, r, engine)
-    created = alert_row(engine, a2).created_at.replace(tzinfo=timezone.utc)
+    created = alert_row(engine, a2).created_at.replace(tzinfo=UTC)
     sent = [
         {"alert_id": a1, "type": "acknowledged", "actor": "alice-moreau", "at": "2001-01-01T00:00:00Z"},
         {"alert_id": a1, "type": "intervened", "actor": "alice-moreau", "action": "call", "at": "9999-12-31T23:59:59Z"},

@@ -72,9 +72,10 @@ def test_repeated_runs_report_each_figures_median_and_the_targets(redis_server, 
 
 
 def test_stages_split_a_small_batch_into_its_parts_and_leave_the_pipeline_as_it_was() -> None:
-    from decision_router import cooldowns, tracker
-    from benchmarks.stages import PARTS, measure
     from sqlalchemy.orm import Session
+
+    from benchmarks.stages import PARTS, measure
+    from decision_router import cooldowns, tracker
 
     before = (tracker.known_predictions, tracker.insert_rows, tracker.mark_delivered, cooldowns.holders,
               cooldowns.claim, Session.commit)

@@ -4,7 +4,7 @@ owner inboxes, the store, dead-letter streams, redelivery and crash recovery."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -29,7 +29,7 @@ def prediction(pid: str, **overrides) -> dict:
         "entity_type": "account",
         "entity_id": f"acct-{pid}",
         "score": 0.93,
-        "predicted_at": (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat(),
+        "predicted_at": (datetime.now(UTC) - timedelta(minutes=5)).isoformat(),
         "features": {"top_drivers": ["usage_drop", "champion_left"]},
         "context": {"segment": "enterprise", "account_manager": "alice-moreau", "arr": 120000, "renewal_date": "2027-02-01"},
     }
@@ -163,8 +163,9 @@ async def test_crash_between_commit_and_inbox_write_is_recovered_once(service, r
 
 
 async def test_reclaim_from_a_consumer_that_died_holding_entries(settings, ruleset, engine, r) -> None:
-    from decision_router.service import ensure_group, running_service
     from redis.asyncio import Redis
+
+    from decision_router.service import ensure_group, running_service
 
     keys = Keys(settings.stream_prefix)
     client = Redis.from_url(settings.effective_redis_url)

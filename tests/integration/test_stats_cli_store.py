@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,15 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from decision_router.cli import app  # first: importing cli_stats on its own is a circular import
 from decision_router import cli_stats, stats, store  # noqa: I001
+from decision_router.cli import app  # first: importing cli_stats on its own is a circular import
 from decision_router.store import create_schema, make_engine, schema_is_current
 from decision_router.tables import (
-    RETIRED_INDEXES, RETIRED_STATS_INDEXES, STATS_INDEXES, PredictionRecord, RejectionRecord,
+    RETIRED_INDEXES,
+    RETIRED_STATS_INDEXES,
+    STATS_INDEXES,
+    PredictionRecord,
+    RejectionRecord,
 )
 from tests.unit.test_stats import HOLDOUTS, alert, known_records
 
@@ -198,7 +202,7 @@ def test_rules_loading_gives_the_rules_and_their_holdouts_or_raises_their_error(
 
 def test_the_models_a_store_has_seen_in_its_predictions_decisions_and_rejections(engine: Engine) -> None:
     """What a --model no one knows is checked against (the CLI asks only when a result is empty)."""
-    at = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    at = datetime(2026, 11, 1, tzinfo=UTC)
 
     def prediction(n: int, model: str) -> PredictionRecord:
         return PredictionRecord(prediction_id=f"p{n}", model=model, model_version="1", entity_type="account",

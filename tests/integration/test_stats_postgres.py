@@ -7,7 +7,7 @@ session here runs at UTC+14 to prove it.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from tests.unit.test_stats_quality import quality_records
 pytestmark = pytest.mark.postgres
 
 # Sunday 23:30 UTC is still ISO week 48; at UTC+14 it is Monday of week 49.
-LATE_SUNDAY = datetime(2026, 11, 29, 23, 30, tzinfo=timezone.utc)
+LATE_SUNDAY = datetime(2026, 11, 29, 23, 30, tzinfo=UTC)
 
 
 def records() -> list:

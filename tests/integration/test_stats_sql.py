@@ -83,7 +83,7 @@ def test_postgres_walks_to_the_ranks_match_the_rank_indexes(pg_engine: Engine) -
     with Session(pg_engine) as session:
         compute_stats(session, by=GroupBy.RULE)
     assert len(plans) == 2, plans
-    for plan, name in zip(plans, ("ack", "act")):
+    for plan, name in zip(plans, ("ack", "act"), strict=False):
         assert f"Index Only Scan using ix_alerts_stats_{name}_rank_pg" in plan, plan
         assert f"Index Only Scan Backward using ix_alerts_stats_{name}_rank_pg" in plan, plan
         assert "Sort" not in plan, plan

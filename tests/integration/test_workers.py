@@ -108,11 +108,11 @@ def test_workers_refused_on_the_embedded_redis(tmp_path) -> None:
 def test_with_workers_the_first_one_serves_the_api_and_only_it(redis_server: str, tmp_path) -> None:
     """One port, one listener: worker 1 serves the HTTP API, the others run consumers only; SIGHUP
     reaches the workers without stopping anything."""
+    import shutil
+
     import httpx
 
     from tests.e2e.helpers import free_port
-
-    import shutil
 
     port = free_port()
     rules = tmp_path / "rules"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -14,7 +14,7 @@ from decision_router.audit import alert_story, describe, entity_story
 from decision_router.store import create_schema, make_engine
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord
 
-T0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 SYSTEM = "decision-router"
 
 

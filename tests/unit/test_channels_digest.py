@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
@@ -300,7 +300,7 @@ async def test_an_unfinished_digest_is_abandoned_alert_by_alert() -> None:
 
 # --- the grouping decision -----------------------------------------------------------
 
-T0 = datetime(2026, 11, 25, 15, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 W = timedelta(minutes=15)
 
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from decision_router.channels.render import (
 )
 from decision_router.contracts import Alert, DataQualityAlert, DataQualityWindow, Escalation
 
-NOW = datetime(2026, 11, 25, 15, 8, 6, 990711, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 15, 8, 6, 990711, tzinfo=UTC)
 
 
 def make_alert(**overrides: Any) -> Alert:

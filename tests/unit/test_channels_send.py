@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from decision_router.channels.config import ReceiverBase, WebhookReceiver
 from decision_router.channels.render import Renderer
-from decision_router.channels.send import Sender, WebhookSender, _Outcome, backoff_delay, backoff_schedule, parse_retry_after
+from decision_router.channels.send import (
+    Sender,
+    WebhookSender,
+    _Outcome,
+    backoff_delay,
+    backoff_schedule,
+    parse_retry_after,
+)
 from decision_router.contracts import Alert
 from tests.unit.test_channels_render import make_alert
 
@@ -66,7 +73,7 @@ def test_backoff_schedule_has_one_sleep_between_each_pair_of_tries() -> None:
 
 
 def test_parse_retry_after() -> None:
-    now = datetime(2026, 11, 25, 15, 0, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 25, 15, 0, 0, tzinfo=UTC)
     assert parse_retry_after("7", now=now) == 7.0
     assert parse_retry_after(" 0 ", now=now) == 0.0
     assert parse_retry_after("Wed, 25 Nov 2026 15:00:12 GMT", now=now) == 12.0
@@ -132,7 +139,7 @@ async def test_each_try_is_bounded_by_the_timeout() -> None:
 
 async def test_attempt_times_and_latency_come_from_the_injected_clocks() -> None:
     ticks = iter(range(0, 1000, 1))
-    t0 = datetime(2026, 11, 25, tzinfo=timezone.utc)
+    t0 = datetime(2026, 11, 25, tzinfo=UTC)
     stamps = iter(t0 + timedelta(seconds=i) for i in range(100))
     sender = Scripted([E503, OK], clock=lambda: float(next(ticks)), now=lambda: next(stamps))
     result = await sender.send(make_alert())

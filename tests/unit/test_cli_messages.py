@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -85,7 +85,7 @@ def test_stats_for_a_rule_or_owner_no_one_knows_is_an_error_like_reassign(args: 
 def test_stats_for_a_retired_rule_or_owner_the_store_knows_is_no_error(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
     create_schema(engine)
-    month_ago = datetime.now(timezone.utc) - timedelta(days=30)
+    month_ago = datetime.now(UTC) - timedelta(days=30)
     with Session(engine) as session:
         session.add(alert(1, rule="retired-rule", owner="gone-owner", created=month_ago))
         session.commit()
@@ -105,7 +105,7 @@ def month_old_churn_alert(tmp_path: Path) -> None:
     create_schema(engine)
     with Session(engine) as session:
         session.add(alert(1, rule="retired-rule", owner="gone-owner", model="churn",
-                          created=datetime.now(timezone.utc) - timedelta(days=30)))
+                          created=datetime.now(UTC) - timedelta(days=30)))
         session.commit()
     engine.dispose()
 
@@ -199,7 +199,7 @@ def test_rules_check_of_the_routing_file_says_to_give_the_directory() -> None:
 
 
 def test_rules_test_reads_a_csv_file_as_publish_does(tmp_path: Path) -> None:
-    now = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
+    now = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     csv_file = tmp_path / "predictions.csv"
     csv_file.write_text(
         "prediction_id,model,model_version,entity_type,entity_id,score,predicted_at,context.segment,"
@@ -248,7 +248,7 @@ def test_rules_test_refuses_an_empty_name_in_its_lookup_as_the_gate_does_in_cont
 ) -> None:
     prediction = {
         "prediction_id": "p1", "model": "churn", "model_version": "1", "entity_type": "account", "entity_id": "a1",
-        "score": 0.9, "predicted_at": datetime.now(timezone.utc).isoformat(), "context": {"segment": "smb"},
+        "score": 0.9, "predicted_at": datetime.now(UTC).isoformat(), "context": {"segment": "smb"},
     }
     in_context = invoke("rules", "test", json.dumps({**prediction, "context": {"": 1}}))
     assert one_error(in_context, 2) == (

@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -120,7 +120,7 @@ def test_tokens_list_writes_its_times_with_a_z() -> None:
 def test_rules_test_writes_its_times_with_a_z() -> None:
     prediction = {
         "prediction_id": "p1", "model": "churn", "model_version": "2026.11", "entity_type": "account",
-        "entity_id": "acct-1", "score": 0.92, "predicted_at": datetime.now(timezone.utc).isoformat(),
+        "entity_id": "acct-1", "score": 0.92, "predicted_at": datetime.now(UTC).isoformat(),
         "context": {"segment": "strategic", "account_manager": "benoit-garnier", "arr": 650000},
     }
     tested = invoke("rules", "test", "--format", "json", json.dumps(prediction))
@@ -149,7 +149,7 @@ def test_a_simulated_days_time_is_written_with_a_z() -> None:
     result = SimulationResult(
         params=SimulationParams(), truth=Truth(0.1, 0.5, 0.05, 0.3, 0.35, 0.2), tally=Tally(*[0] * 12), owners=[],
         alerts=[], outcomes=[], measured=None, measured_by_owner=[],
-        days=[DayReading(0, datetime(2026, 11, 2, tzinfo=timezone.utc), None, ())], rejected={},
+        days=[DayReading(0, datetime(2026, 11, 2, tzinfo=UTC), None, ())], rejected={},
         drift_detected_day=None, flagged_days=[], drift_checked=False, database_url=None, stream_prefix="sim:",
         elapsed_s=0.0,
     )

@@ -1,10 +1,10 @@
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from decision_router.durations import EARLIEST, format_span, parse_duration, parse_since
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -12,8 +12,8 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
     [
         ("7d", NOW - timedelta(days=7)),
         ("90m", NOW - timedelta(minutes=90)),
-        ("2026-11-01", datetime(2026, 11, 1, tzinfo=timezone.utc)),  # naive: read as UTC
-        ("2026-11-01T10:00:00+02:00", datetime(2026, 11, 1, 8, tzinfo=timezone.utc)),
+        ("2026-11-01", datetime(2026, 11, 1, tzinfo=UTC)),  # naive: read as UTC
+        ("2026-11-01T10:00:00+02:00", datetime(2026, 11, 1, 8, tzinfo=UTC)),
     ],
 )
 def test_since_is_a_duration_ago_or_a_moment_in_utc(text: str, expected: datetime) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from decision_router.store import make_engine
 OWNERS = "owners:\n  - {id: desk, name: Desk}\n  - {id: gold-desk, name: Gold Desk}\n"
 CRM = '  crm: {redis_hash: "context:{entity_type}:{entity_id}"}\n'
 BILLING = '  billing: {sql: "select overdue_amount, plan from billing_accounts where account_id = :entity_id"}\n'
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def ruleset_with(tmp_path: Path, sources: str, rules: str | None = None, name: str = "rules") -> RuleSet:
@@ -123,7 +123,7 @@ def test_jsonable_and_redact() -> None:
     assert jsonable(Decimal("1250.50")) == 1250.5 and jsonable(Decimal("3")) == 3 and isinstance(jsonable(Decimal("3")), int)
     assert jsonable(Decimal("NaN")) == "NaN" and jsonable(float("inf")) == "inf"
     assert jsonable(date(2026, 11, 2)) == "2026-11-02"
-    assert jsonable(datetime(2026, 11, 2, 9, 30, tzinfo=timezone.utc)) == "2026-11-02T09:30:00+00:00"
+    assert jsonable(datetime(2026, 11, 2, 9, 30, tzinfo=UTC)) == "2026-11-02T09:30:00+00:00"
     assert jsonable({"a": [Decimal("1.5"), b"x"]}) == {"a": [1.5, "x"]}
     assert jsonable(True) is True and jsonable(None) is None and jsonable("7") == "7"
     assert redact("failed at postgresql+psycopg://bob:s3cret@db:5432/x, retry") == (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from decision_router.publisher import validate_entry
 from decision_router.router import in_holdout
 from decision_router.rules import RuleSet, load_rules
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 OWNERS = """
 owners:
@@ -127,7 +127,7 @@ def test_every_field_of_a_match(ruleset: RuleSet) -> None:
 
 
 def test_owner_back_from_leave_is_not_delegated(ruleset: RuleSet) -> None:
-    back = datetime(2027, 1, 1, tzinfo=timezone.utc)
+    back = datetime(2027, 1, 1, tzinfo=UTC)
     match = explain(prediction(arr=900000, account_manager="alice"), ruleset, now=back).matches[0]
     assert (match.owner, match.owner_source, match.owner_why, match.delegated_from) == ("bob", "static", "static", None)
 

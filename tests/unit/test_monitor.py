@@ -8,7 +8,7 @@ import json
 import random
 import re
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
 from typing import Any
@@ -33,7 +33,7 @@ from decision_router.monitor import (
 from decision_router.rules import DriftConfig, ModelConfig, Owner, RuleSet
 from decision_router.tables import AlertRecord, DataQualityAlertRecord, PredictionRecord, RejectionRecord
 
-T0 = datetime(2026, 11, 2, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 2, tzinfo=UTC)
 NOW = T0 + timedelta(days=4)  # reference: days 0-2 (the version's first 3), recent: day 3
 DAY = timedelta(days=1)
 
@@ -339,7 +339,7 @@ def test_stats_drift_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     store = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
     SQLModel.metadata.create_all(store)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rng = random.Random(3)
     add_predictions(store, rng, start=now - 4 * DAY, n=900, span=3 * DAY)
     add_predictions(store, rng, start=now - DAY + timedelta(minutes=1), n=300, score=normal(0.6, 0.1))

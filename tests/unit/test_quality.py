@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -11,7 +11,7 @@ from decision_router.contracts import OutcomeEvent, OutcomeType, Prediction, Rej
 from decision_router.quality import check_outcome, check_prediction
 from decision_router.rules.compile import lookup
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 GOOD = {
     "prediction_id": "p1",
     "model": "churn",
@@ -58,7 +58,7 @@ def test_good_prediction_parses_from_both_producer_forms(encode) -> None:
     assert result.prediction_id == "p1"
     assert result.score == pytest.approx(0.91)
     assert result.context["account_manager"] == "alice"
-    assert result.predicted_at == datetime(2026, 11, 25, 11, 0, tzinfo=timezone.utc)
+    assert result.predicted_at == datetime(2026, 11, 25, 11, 0, tzinfo=UTC)
 
 
 def test_flat_nested_field_may_be_json_text() -> None:
@@ -274,7 +274,7 @@ def test_an_outcome_dated_in_the_future_is_refused_like_a_prediction() -> None:
                              max_skew=timedelta(minutes=5))
 
     assert isinstance(check(NOW + timedelta(minutes=4)), OutcomeEvent)  # within the clock skew
-    far = check(datetime(9999, 12, 31, tzinfo=timezone.utc))
+    far = check(datetime(9999, 12, 31, tzinfo=UTC))
     assert isinstance(far, Rejection) and far.reason is RejectionReason.FROM_FUTURE
     assert far.detail == "at is 2912113d12h in the future"
     assert check(NOW + timedelta(minutes=5, seconds=30.2)).detail == "at is 5m30s in the future"

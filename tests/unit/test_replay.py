@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from decision_router.rules import RuleSet, load_rules
 from decision_router.store import create_schema, make_engine
 from decision_router.tables import AlertRecord, AuditEvent, PredictionRecord
 
-T0 = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 
 OWNERS = """
 owners:
@@ -298,7 +298,7 @@ def test_history_is_unsuppressed_decisions_inside_the_cooldown_before_the_window
     assert load_history(session, current, before=T0) == {("high", "account", "a"): T0 - timedelta(hours=2)}
     assert load_history(session, current, before=None) == {}
     # `rules replay --since 0001-01-01`: the cooldown reaches back to the year 1, not past it.
-    assert load_history(session, current, before=datetime(1, 1, 1, 1, tzinfo=timezone.utc)) == {}
+    assert load_history(session, current, before=datetime(1, 1, 1, 1, tzinfo=UTC)) == {}
 
 
 def test_replay_store_compares_and_writes_nothing(session: Session, current: RuleSet) -> None:

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -99,7 +99,7 @@ def doc(*, label: str | None = None, **fields: Any) -> dict[str, Any]:
         "entity_type": "account",
         "entity_id": "acct-1",
         "score": 0.3,
-        "predicted_at": datetime(2024, 6, 1, tzinfo=timezone.utc),
+        "predicted_at": datetime(2024, 6, 1, tzinfo=UTC),
     }
     return Prediction(**{**base, "label": label, **fields}).as_document()
 
@@ -305,7 +305,7 @@ def test_decisions_carry_the_rule_cooldown(features: RuleSet) -> None:
 
 
 def at(*args: int) -> datetime:
-    return datetime(*args, tzinfo=timezone.utc)
+    return datetime(*args, tzinfo=UTC)
 
 
 DELEGATION_CASES = [
@@ -314,7 +314,7 @@ DELEGATION_CASES = [
     ("away-delegate-present", at(2027, 1, 12), "alice", ("bob", "delegate", "alice", None)),
     ("chain-while-delegate-away", at(2026, 12, 1), "alice", ("carol", "delegate", "alice", None)),
     ("delegate-back-at-exact-instant", at(2027, 1, 10, 12), "alice", ("bob", "delegate", "alice", None)),
-    ("date-covers-the-whole-day", datetime(2027, 1, 15, 23, 59, 59, 999999, tzinfo=timezone.utc), "alice",
+    ("date-covers-the-whole-day", datetime(2027, 1, 15, 23, 59, 59, 999999, tzinfo=UTC), "alice",
      ("bob", "delegate", "alice", None)),
     ("back-the-next-midnight-utc", at(2027, 1, 16), "alice", ("alice", "field", None, None)),
     ("offset-clock-is-compared-in-utc", datetime(2027, 1, 16, 0, 30, tzinfo=timezone(timedelta(hours=1))), "alice",
@@ -391,7 +391,7 @@ def test_holdout_ignores_rule_order_and_the_other_rules_fractions(tmp_path: Path
     then, now = [held(before, n) for n in range(2000)], [held(after, n) for n in range(2000)]
     assert [h["retain"] for h in then] == [h["retain"] for h in now]
     # Raising upsell's fraction only adds entities to its control group.
-    assert all(h_now["upsell"] for h_then, h_now in zip(then, now) if h_then["upsell"])
+    assert all(h_now["upsell"] for h_then, h_now in zip(then, now, strict=False) if h_then["upsell"])
     assert sum(h["upsell"] for h in now) > sum(h["upsell"] for h in then)
 
 

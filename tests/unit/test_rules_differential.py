@@ -132,7 +132,7 @@ def test_past_the_model_index_the_other_conditions_decide(when, models, use_in, 
 @given(whens=st.lists(conditions, min_size=1, max_size=6), models=st.lists(st.one_of(st.none(), expected_scalars), min_size=6,
        max_size=6), continues=st.lists(st.booleans(), min_size=6, max_size=6), document=documents)
 def test_route_takes_the_rules_in_file_order_as_the_reference_does(whens, models, continues, document) -> None:
-    whens = [{**when, "model": {"eq": model}} if model is not None else when for when, model in zip(whens, models)]
+    whens = [{**when, "model": {"eq": model}} if model is not None else when for when, model in zip(whens, models, strict=False)]
     rules = [compiled(when, f"r{i}", i, **{"continue": continues[i], "context": list(PATHS)})
              for i, when in enumerate(whens)]
     whens.append({})

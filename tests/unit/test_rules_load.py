@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ def write(tmp_path: Path, routing: str | None, owners: str | None = OWNERS) -> P
 
 
 R = "rules/routing.yaml: "
-O = "rules/owners.yaml: "
+O = "rules/owners.yaml: "  # noqa: E741 - R and O: the two files, short in the many messages below
 
 BIG = "1" + "0" * 400  # an int beyond any float
 SHOWN_BIG = "10000000000000000000… (401 digits)"  # how a problem quotes it: by its start and length
@@ -496,7 +496,7 @@ rules:
     assert (b.cooldown, b.holdout) == (None, 0.0)
 
 
-UTC = timezone.utc
+UTC = UTC
 AWAY_CASES = [
     # A date is "away through the end of that day (UTC)": back at the next midnight UTC.
     ("date", "2027-01-15", datetime(2027, 1, 16, tzinfo=UTC)),

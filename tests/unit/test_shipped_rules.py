@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ def test_shipped_rules_have_no_problems() -> None:
 def churn(score: float, version: str = "2024.06", **context: Any) -> dict[str, Any]:
     return Prediction(
         prediction_id="p-1", model="churn", model_version=version, entity_type="account", entity_id="acct-17",
-        score=score, predicted_at=datetime(2024, 6, 1, tzinfo=timezone.utc),
+        score=score, predicted_at=datetime(2024, 6, 1, tzinfo=UTC),
         features={"top_drivers": ["support_tickets_up", "logins_down"]}, context=context,
     ).as_document()
 
@@ -35,7 +35,7 @@ def churn(score: float, version: str = "2024.06", **context: Any) -> dict[str, A
 def fraud(score: float, **context: Any) -> dict[str, Any]:
     return Prediction(
         prediction_id="p-2", model="payment-fraud", model_version="7", entity_type="invoice", entity_id="inv-9",
-        score=score, predicted_at=datetime(2024, 6, 1, tzinfo=timezone.utc), context=context,
+        score=score, predicted_at=datetime(2024, 6, 1, tzinfo=UTC), context=context,
     ).as_document()
 
 
@@ -126,7 +126,7 @@ def test_holdout_marks_decisions_of_the_shipped_rules(ruleset: RuleSet) -> None:
     assert not any(route({**churn(0.95, segment="enterprise"), "entity_id": f"acct-{n}"}, ruleset)[0].held_out for n in range(300))
 
 
-UTC = timezone.utc
+UTC = UTC
 AWAY_CASES = [
     ("no-clock", None, ("hugo-lambert", "field", None)),
     ("on-leave", datetime(2026, 12, 1, tzinfo=UTC), ("felix-wagner", "delegate", "hugo-lambert")),

@@ -10,7 +10,7 @@ import random
 import statistics
 from collections import Counter
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,7 @@ from decision_router.simulate import (
 from decision_router.stats import BandRow
 from decision_router.uplift import newcombe_difference, wilson_interval
 
-START = datetime(2026, 3, 2, 8, tzinfo=timezone.utc)
+START = datetime(2026, 3, 2, 8, tzinfo=UTC)
 
 
 def test_defaults_describe_a_two_week_world() -> None:

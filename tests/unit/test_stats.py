@@ -6,7 +6,7 @@ PostgreSQL integration test and the CLI end-to-end test load the same records.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlmodel import Session
@@ -15,9 +15,9 @@ from decision_router.stats import GroupBy, compute_stats, iso_week, nearest_rank
 from decision_router.store import create_schema, make_engine
 from decision_router.tables import AlertRecord
 
-T0 = datetime(2026, 11, 1, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 # A Monday of ISO week 48; the uplift fixture lives in weeks 48 and 49.
-W48 = datetime(2026, 11, 23, 9, 0, tzinfo=timezone.utc)
+W48 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 
 # Configured holdouts of the fixture's rules, as load_rules would report them.
 HOLDOUTS = {"churn-high": 0.0, "catch-all": 0.0, "fraud": 0.0, "watch": 0.5, "tiny": 0.2, "skewed": 0.5,
@@ -286,11 +286,11 @@ def test_nearest_rank() -> None:
 
 def test_iso_week_keys() -> None:
     assert iso_week(W48) == "2026-W48"
-    assert iso_week(datetime(2026, 11, 29, 23, 59, tzinfo=timezone.utc)) == "2026-W48"  # Sunday
-    assert iso_week(datetime(2026, 11, 30, 0, 0, tzinfo=timezone.utc)) == "2026-W49"
+    assert iso_week(datetime(2026, 11, 29, 23, 59, tzinfo=UTC)) == "2026-W48"  # Sunday
+    assert iso_week(datetime(2026, 11, 30, 0, 0, tzinfo=UTC)) == "2026-W49"
     # ISO year: 2027-01-01 (a Friday) is in the last week of 2026, which has 53 weeks.
-    assert iso_week(datetime(2027, 1, 1, 12, tzinfo=timezone.utc)) == "2026-W53"
-    assert iso_week(datetime(2026, 1, 1, 12, tzinfo=timezone.utc)) == "2026-W01"
+    assert iso_week(datetime(2027, 1, 1, 12, tzinfo=UTC)) == "2026-W53"
+    assert iso_week(datetime(2026, 1, 1, 12, tzinfo=UTC)) == "2026-W01"
     # Naive datetimes (SQLite) are UTC; other offsets are converted first.
     assert iso_week(datetime(2026, 11, 30, 0, 30)) == "2026-W49"
     assert iso_week(datetime(2026, 11, 30, 0, 30, tzinfo=timezone(timedelta(hours=2)))) == "2026-W48"

@@ -5,7 +5,7 @@ is a positive. Figures are counted by hand from `control_records()`."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -18,7 +18,7 @@ from decision_router.tables import AlertRecord
 from decision_router.tracker import apply_outcome, find_alerts
 from tests.unit.test_stats import alert
 
-M0 = datetime(2026, 11, 16, 10, 0, tzinfo=timezone.utc)
+M0 = datetime(2026, 11, 16, 10, 0, tzinfo=UTC)
 
 
 def control(n: int, score: float, outcome: str | None, *, rule: str = "att-watch", version: str = "1",

@@ -3,7 +3,7 @@ missing context. Every figure below is counted by hand from `quality_records()`.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -14,7 +14,7 @@ from decision_router.store import create_schema, make_engine
 from decision_router.tables import PredictionRecord, RejectionRecord
 from tests.unit.test_stats import alert
 
-Q0 = datetime(2026, 11, 10, 12, 0, tzinfo=timezone.utc)
+Q0 = datetime(2026, 11, 10, 12, 0, tzinfo=UTC)
 OLD = Q0 - timedelta(days=30)
 
 
