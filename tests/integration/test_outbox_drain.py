@@ -244,12 +244,17 @@ def outbox_plan(engine: Engine) -> str:
         return "\n".join(str(row[-1]) for row in connection.exec_driver_sql(explain + statement, parameters))
 
 
-def test_the_drain_reads_only_the_partial_index_of_undelivered_alerts(engine: Engine) -> None:
+def seed_a_mostly_delivered_store(engine: Engine) -> None:
+    """3,000 alerts, one in 50 undelivered, with the planner's statistics up to date."""
     t0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
     insert_alerts(engine, [alert_row(n, created_at=t0 - timedelta(seconds=n),
                                      delivered_at=None if n % 50 == 0 else t0) for n in range(3000)])
     with engine.begin() as connection:
         connection.execute(text("analyze"))
+
+
+def test_the_drain_reads_only_the_partial_index_of_undelivered_alerts(engine: Engine) -> None:
+    seed_a_mostly_delivered_store(engine)
     plan = outbox_plan(engine)
     # Through that index alone (PostgreSQL may scan it as a bitmap, then sort its few rows).
     assert set(re.findall(r"\bix_\w+", plan)) == {"ix_alerts_outbox"}, plan
@@ -259,11 +264,7 @@ def test_the_drain_reads_only_the_partial_index_of_undelivered_alerts(engine: En
 
 
 def test_the_batches_read_back_their_undelivered_alerts_by_prediction_not_by_the_outbox_index(engine: Engine) -> None:
-    t0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-    insert_alerts(engine, [alert_row(n, created_at=t0 - timedelta(seconds=n),
-                                     delivered_at=None if n % 50 == 0 else t0) for n in range(3000)])
-    with engine.begin() as connection:
-        connection.execute(text("analyze"))
+    seed_a_mostly_delivered_store(engine)
     ((statement, parameters),) = sent_statements(
         engine, lambda session: tracker.undelivered_alerts(session, prediction_ids=["p-00001", "p-00050"]))
     explain = "explain query plan " if engine.dialect.name == "sqlite" else "explain "

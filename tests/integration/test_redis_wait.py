@@ -265,31 +265,30 @@ async def _start_and_stop(settings: Settings, ruleset: RuleSet, engine) -> None:
                              what="the pending entries acknowledged")
 
 
-async def test_a_start_with_fewer_replicas_than_asked_warns_and_starts(
-    router_settings: Settings, ruleset: RuleSet, tmp_path: Path
-) -> None:
+async def replica_warnings_at_start(settings: Settings, ruleset: RuleSet, tmp_path: Path) -> tuple[list, list]:
+    """(the start's warnings of too few replicas, every log line) of a router started and stopped on a new store."""
     engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
     create_schema(engine)
     try:
         with capture_logs() as logs:
-            async with running_service(router_settings, ruleset, engine):
+            async with running_service(settings, ruleset, engine):
                 pass
-        warnings = [e for e in logs if e["event"].startswith("fewer Redis replicas connected")]
-        assert [(w["connected"], w["wanted"]) for w in warnings] == [(0, 1)]
-        assert any(e["event"] == "router started" for e in logs)
     finally:
         engine.dispose()
+    return [e for e in logs if e["event"].startswith("fewer Redis replicas connected")], logs
+
+
+async def test_a_start_with_fewer_replicas_than_asked_warns_and_starts(
+    router_settings: Settings, ruleset: RuleSet, tmp_path: Path
+) -> None:
+    warnings, logs = await replica_warnings_at_start(router_settings, ruleset, tmp_path)
+    assert [(w["connected"], w["wanted"]) for w in warnings] == [(0, 1)]
+    assert any(e["event"] == "router started" for e in logs)
 
 
 async def test_a_start_with_the_replicas_asked_for_does_not_warn(
     router_settings: Settings, ruleset: RuleSet, replica: Replica, tmp_path: Path
 ) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
-    create_schema(engine)
-    try:
-        with capture_logs() as logs:
-            async with running_service(router_settings, ruleset, engine):
-                pass
-        assert not [e for e in logs if e["event"].startswith("fewer Redis replicas connected")]
-    finally:
-        engine.dispose()
+    warnings, logs = await replica_warnings_at_start(router_settings, ruleset, tmp_path)
+    assert not warnings
+    assert any(e["event"] == "router started" for e in logs)
