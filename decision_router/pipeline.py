@@ -363,18 +363,12 @@ class Pipeline:
 
     # delivery ---------------------------------------------------------------------
 
-    async def drain_outbox(self, *, prediction_ids: Sequence[str] | None = None) -> int:
-        """Write stored, undelivered alerts to their owners' inboxes; returns how many."""
-        if prediction_ids is not None and not prediction_ids:
+    async def drain_outbox(self, *, prediction_ids: Sequence[str]) -> int:
+        """Write the stored, undelivered alerts of these predictions to their owners' inboxes (a redelivered or
+        finished batch's, a reassignment's); returns how many. The whole outbox is drained by outbox.py."""
+        if not prediction_ids:
             return 0
-        delivered = 0
-        while True:
-            alerts = await asyncio.to_thread(self._undelivered, prediction_ids)
-            if not alerts:
-                return delivered
-            delivered += await self._deliver(alerts)
-            if prediction_ids is not None:
-                return delivered
+        return await self._deliver(await asyncio.to_thread(self._undelivered, prediction_ids))
 
     async def _deliver(self, alerts: list[Alert]) -> int:
         """Inbox writes (deduplicated, one pipelined round trip), then mark them delivered."""
@@ -403,7 +397,7 @@ class Pipeline:
         """Whether any owner has a usable webhook or email; without, that path is skipped."""
         return self.channels is not None and bool(self.channels.receivers)
 
-    def _undelivered(self, prediction_ids: Sequence[str] | None) -> list[Alert]:
+    def _undelivered(self, prediction_ids: Sequence[str]) -> list[Alert]:
         with Session(self.engine) as session:
             return self._as_delivered(session, tracker.undelivered_alerts(session, prediction_ids=prediction_ids))
 

@@ -391,13 +391,10 @@ def earlier_rejections(session: Session, stream: str, source_ids: Sequence[str])
     }
 
 
-def undelivered_alerts(
-    session: Session, *, prediction_ids: Iterable[str] | None = None, limit: int = 1000
-) -> list[AlertRecord]:
-    """Alerts stored but not yet written to an inbox: the outbox, drained after commit."""
-    query = select(AlertRecord).where(DELIVERED_TO_OWNER, AlertRecord.delivered_at.is_(None))
-    if prediction_ids is not None:
-        query = query.where(AlertRecord.prediction_id.in_(list(prediction_ids)))
+def undelivered_alerts(session: Session, *, prediction_ids: Iterable[str], limit: int = 1000) -> list[AlertRecord]:
+    """These predictions' alerts stored but not yet written to an inbox: their outbox, drained after commit."""
+    query = select(AlertRecord).where(DELIVERED_TO_OWNER, AlertRecord.delivered_at.is_(None),
+                                      AlertRecord.prediction_id.in_(list(prediction_ids)))
     return list(session.scalars(query.order_by(AlertRecord.created_at).limit(limit)))
 
 
