@@ -105,11 +105,12 @@ class RouterService:
         await self.reader.ensure_groups()
         await self.warn_if_few_replicas()
         await self.drain_outbox_at_start()
-        self._tasks.append(asyncio.create_task(self.reader.run(), name="read"))
+        read = asyncio.create_task(self.reader.run(), name="read")
+        self._tasks.append(read)
         settings = self.pipeline.settings
         self._every("reclaim", max(0.05, settings.claim_idle.total_seconds() / 2), self.reclaim_once)
         # Its own task: the reclaim job may itself be busy with a batch it took over.
-        self._every("keep-alive", settings.claim_idle.total_seconds() / 4, self.reader.keep_alive)
+        self._tasks.append(asyncio.create_task(self._keep_alive(read), name="keep-alive"))
         self._every("escalate", settings.sweep_interval.total_seconds(), self.sweeper.sweep_once)
         # Alerts a failed inbox write left in the outbox (outbox.py); started after a wait, the start drained it.
         self._every("outbox", settings.sweep_interval.total_seconds(), self.outbox.drain_once, wait_first=True)
@@ -264,6 +265,15 @@ class RouterService:
                     await asyncio.wait_for(self._stopping.wait(), max(0.05, interval))
 
         self._tasks.append(asyncio.create_task(loop(), name=name))
+
+    async def _keep_alive(self, read: asyncio.Task[None]) -> None:
+        """The entries in hand kept alive (Consumer.keep_alive) every claim_idle / 4 until the read loop
+        ends, not when stopping begins: the batch in hand is finished during shutdown (up to
+        shutdown_timeout), and a reclaim meanwhile would count a delivery and handle it a second time."""
+        interval = max(0.05, self.pipeline.settings.claim_idle.total_seconds() / 4)
+        while not read.done():
+            await self.reader.keep_alive()  # best effort: its errors are suppressed (Consumer._touch)
+            await asyncio.wait({read}, timeout=interval)
 
     async def fold_tallies(self) -> int:
         """Sum PostgreSQL's appended count differences (tallies.py); returns how many rows were folded."""

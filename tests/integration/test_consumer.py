@@ -217,3 +217,51 @@ async def test_a_slow_batch_on_a_live_worker_is_not_taken_for_a_crash(settings, 
     assert r.xlen(keys.predictions_dlq) == 0
     assert count(engine, PredictionRecord) == 5
     assert count(engine, RejectionRecord) == 0
+
+
+async def test_the_batch_a_stopping_worker_finishes_is_not_taken_over_meanwhile(
+    settings, ruleset, engine, r, monkeypatch
+) -> None:
+    """Stopping, a worker finishes the batch in hand (up to SHUTDOWN_TIMEOUT). Its keep-alive stopped when the
+    stop began, so another worker's reclaim took the batch over after CLAIM_IDLE, counted a delivery and
+    handled it too. Kept alive until the read loop ends, it is delivered once and handled once."""
+    settings = settings.model_copy(update={
+        "max_attempts": 1, "claim_idle": timedelta(seconds=0.2), "batch_size": 5,
+        "shutdown_timeout": timedelta(seconds=10),
+    })
+    keys = Keys(settings.stream_prefix)
+    real = Pipeline.process_predictions
+    started = asyncio.Event()
+    handled: list[str] = []
+
+    async def slow(self, entries):
+        handled.extend(entry_id for entry_id, _ in entries)
+        started.set()
+        await asyncio.sleep(1.5)  # a slow store: 7 x CLAIM_IDLE
+        return await real(self, entries)
+
+    monkeypatch.setattr(Pipeline, "process_predictions", slow)
+    for n in range(5):
+        r.xadd(keys.predictions, {"data": json.dumps(prediction(f"stop-{n}", entity_id=f"acct-{n}"))})
+    deliveries: set[int] = set()
+
+    def all_acked() -> bool:
+        pending = r.xpending_range(keys.predictions, settings.consumer_group, "-", "+", 10)
+        deliveries.update(p["times_delivered"] for p in pending)
+        return not pending and count(engine, PredictionRecord) + r.xlen(keys.predictions_dlq) >= 5
+
+    first = settings.model_copy(update={"consumer_name": "worker-1"})
+    second = settings.model_copy(update={"consumer_name": "worker-2"})
+    async with running_service(first, ruleset, engine) as stopping:
+        await asyncio.wait_for(started.wait(), 10)
+        async with running_service(second, ruleset, engine):
+            stop = asyncio.create_task(stopping.stop())  # returns once its batch is finished and acknowledged
+            while not stop.done():
+                all_acked()  # the deliveries counted while the batch is finished
+                await asyncio.sleep(0.02)
+            await stop
+            await wait_until(all_acked, what="every entry stored or dead-lettered, and acknowledged")
+    assert deliveries == {1}
+    assert len(handled) == 5  # once each: not handled again by worker-2
+    assert r.xlen(keys.predictions_dlq) == 0
+    assert count(engine, PredictionRecord) == 5
