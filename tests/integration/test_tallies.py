@@ -407,3 +407,24 @@ def test_a_role_that_does_not_own_the_alerts(pg_engine: Engine) -> None:
             assert as_rows(got, GroupBy.RULE) == as_rows(expected, GroupBy.RULE)
         finally:
             app.dispose()
+
+
+def test_a_reinstall_keeps_the_privileges_granted_on_the_tallies(pg_engine: Engine) -> None:
+    # An operator let a read-only role read the counts (the stats' fast path): replacing the table
+    # with its triggers must not take that away, or the role silently scans the alerts again.
+    load(pg_engine, random_alerts(66, 60))
+    with a_role(pg_engine, every_table=False) as (role, schema):
+        update(pg_engine, f'grant select on {tallies.TABLE} to "{role}"')
+        update(pg_engine, f'grant update (folded) on {tallies.TABLE} to "{role}"')
+        drop_trigger(pg_engine, tallies.TRIGGERS[2])
+        create_schema(pg_engine)
+        assert schema_is_current(pg_engine)
+        with Session(pg_engine) as session:
+            session.execute(text(f'set local role "{role}"'))
+            assert tallies.tallies_installed(session)
+            assert session.execute(text(f"select has_column_privilege('{tallies.TABLE}', 'folded', 'UPDATE')")).scalar()
+            assert not session.execute(text(f"select has_table_privilege('{tallies.TABLE}', 'INSERT')")).scalar()
+            got = compute_stats(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+            expected = compute_stats_reference(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+        assert as_rows(got, GroupBy.RULE) == as_rows(expected, GroupBy.RULE)
+        assert tallied(pg_engine) == counted(pg_engine)
