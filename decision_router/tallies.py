@@ -14,9 +14,9 @@ scanning the alerts, when the store has them and the stats cover every alert.
 - An insert (the router's COPY) and a delete are counted once per statement, from its transition
   table; an update per row, and only when a counted column changes (marking a batch delivered
   changes none, so the hot path's second transaction adds nothing).
-- fold_tallies sums the rows into one per group (`serve` runs it every FOLD_INTERVAL_S once
-  FOLD_AT_ROWS have been appended since the last fold), so a read sums few rows; a store no service
-  folds is still counted right. TRUNCATE of the alerts deletes the counts (a TRUNCATE of them would
+- fold_tallies sums the rows into one per group (`serve`, and `api` run alone, run it every
+  FOLD_INTERVAL_S once FOLD_AT_ROWS have been appended since the last fold), so a read sums few
+  rows; a store no process folds is still counted right. TRUNCATE of the alerts deletes the counts (a TRUNCATE of them would
   wait for, or deadlock with, a stats read).
 - Installed by create_schema (tallies_installed tells), with the alerts already stored counted in
   the same transaction while writes wait; triggers that are missing, disabled (or enabled for
