@@ -14,15 +14,15 @@ scanning the alerts, when the store has them and the stats cover every alert.
 - An insert (the router's COPY) and a delete are counted once per statement, from its transition
   table; an update per row, and only when a counted column changes (marking a batch delivered
   changes none, so the hot path's second transaction adds nothing).
-- fold_tallies sums the rows into one per group (`serve` runs it every FOLD_INTERVAL_S once
-  FOLD_AT_ROWS have been appended since the last fold), so a read sums few rows; a store no service
-  folds is still counted right. TRUNCATE of the alerts deletes the counts (a TRUNCATE of them would
+- fold_tallies sums the rows into one per group (`serve`, and `api` run alone, run it every
+  FOLD_INTERVAL_S once FOLD_AT_ROWS have been appended since the last fold), so a read sums few
+  rows; a store no process folds is still counted right. TRUNCATE of the alerts deletes the counts (a TRUNCATE of them would
   wait for, or deadlock with, a stats read).
 - Installed by create_schema (tallies_installed tells), with the alerts already stored counted in
   the same transaction while writes wait; triggers that are missing, disabled (or enabled for
   replication only) or of another version (the function's name) are replaced and the alerts counted
-  again. Only the owner of `alerts` can: another role's create_schema logs a warning, and the stats
-  count the alerts meanwhile.
+  again, and the privileges others had on `alert_tallies` granted again. Only the owner of `alerts`
+  can: another role's create_schema logs a warning, and the stats count the alerts meanwhile.
 - The trigger and fold functions run with their owner's rights (whoever ran create_schema), so a
   role that writes `alerts`, or runs `serve`, needs no rights on `alert_tallies`; a reader without
   them gets the counts from the alerts. Nobody else may attach the trigger function to a table.
@@ -187,7 +187,8 @@ def install_tallies(engine: Engine) -> None:
 
     Writes to `alerts` wait meanwhile (~1 s per million alerts, once). Several processes may call
     this at once (workers starting together): an advisory lock lets one do it, the others find it
-    done. Earlier triggers of these names, and their counts, are replaced and counted again.
+    done. Earlier triggers of these names, and their counts, are replaced and counted again; the
+    privileges others had on the counts (a read-only role's SELECT, say) are granted again.
     """
     if engine.dialect.name != "postgresql":
         return
@@ -202,8 +203,36 @@ def install_tallies(engine: Engine) -> None:
                            " run create_schema (any command that opens the store) as its owner")
             return
         connection.execute(text("lock table alerts in share row exclusive mode"))
+        grants = _grants(connection, schema)
         for statement in _ddl(schema):
             connection.exec_driver_sql(statement)
+        for statement in grants:
+            connection.exec_driver_sql(statement)
+
+
+# The privileges others hold on the tallies (table and columns), as GRANTs: a reinstall drops the
+# table (its shape may have changed), and a reader granted SELECT would fall back to scanning the
+# alerts. The new table's owner, who runs create_schema, has them all already.
+_GRANTS = text("""
+    select distinct a.privilege_type, g.attname, a.is_grantable,
+        case a.grantee when 0 then 'public' else quote_ident(pg_get_userbyid(a.grantee)) end as grantee
+    from (select relacl as acl, null::name as attname from pg_class where oid = to_regclass(:table)
+          union all
+          select attacl, attname from pg_attribute where attrelid = to_regclass(:table) and attnum > 0
+              and not attisdropped and attacl is not null) g, aclexplode(g.acl) a
+    where a.grantee <> (select oid from pg_roles where rolname = current_user)""")
+_TABLE_COLUMNS = {*(column.strip() for column in _COLUMNS.split(",")), "folded"}
+
+
+def _grants(connection: Connection, schema: str) -> list[str]:
+    """GRANT statements that give back, after a reinstall, what others may do with the tallies now."""
+    table = '"' + schema.replace('"', '""') + '".' + TABLE
+    return [
+        f"grant {privilege}{f' ({column})' if column else ''} on {table} to {grantee}"
+        f"{' with grant option' if grantable else ''}"
+        for privilege, column, grantable, grantee in connection.execute(_GRANTS, {"table": table})
+        if column is None or column in _TABLE_COLUMNS  # not a column the new table lacks
+    ]
 
 
 _OWNS_ALERTS = text("select pg_has_role(relowner, 'USAGE') from pg_class where oid = to_regclass('alerts')")

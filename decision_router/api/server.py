@@ -19,7 +19,9 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy.engine import Engine
 
+from decision_router import tallies
 from decision_router.api.app import create_app
+from decision_router.consumer import infrastructure_failure
 from decision_router.rules import RuleSet, RulesWatcher
 from decision_router.settings import Settings
 
@@ -136,6 +138,31 @@ async def run_api(settings: Settings, ruleset: RuleSet, engine: Engine, redis: R
             current["rules"] = fresh
             log.info("rules reloaded", rules_version=fresh.version)
 
-    async with api_running(settings, engine=engine, redis=redis, ruleset=lambda: current["rules"], reload_rules=reload):
-        await stop.wait()
-        log.info("stopping")
+    # `serve` folds the stats' running counts; a deployment whose stats are read by this API alone (or
+    # whose `serve` is down while the API acks) would otherwise sum ever more rows (tallies.py).
+    folding = asyncio.create_task(fold_tallies_until(engine, stop), name="tallies")
+    try:
+        async with api_running(settings, engine=engine, redis=redis, ruleset=lambda: current["rules"],
+                               reload_rules=reload):
+            await stop.wait()
+            log.info("stopping")
+    finally:
+        stop.set()
+        await folding
+
+
+async def fold_tallies_until(engine: Engine, stop: asyncio.Event) -> None:
+    """PostgreSQL: fold the tallies every FOLD_INTERVAL_S until `stop`, as `serve` does (several folding
+    processes are safe: a fold already running makes the others skip). A failed fold is retried."""
+    if engine.dialect.name != "postgresql":
+        return
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(tallies.fold_tallies, engine)
+        except Exception as exc:
+            if infrastructure_failure(exc) is not None:  # the store is down (or a read-only standby)
+                log.debug("tallies skipped: the store is unreachable", error=str(exc)[:300])
+            else:
+                log.exception("tallies failed; will retry")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), tallies.FOLD_INTERVAL_S)

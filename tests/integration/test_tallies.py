@@ -407,3 +407,59 @@ def test_a_role_that_does_not_own_the_alerts(pg_engine: Engine) -> None:
             assert as_rows(got, GroupBy.RULE) == as_rows(expected, GroupBy.RULE)
         finally:
             app.dispose()
+
+
+def test_a_reinstall_keeps_the_privileges_granted_on_the_tallies(pg_engine: Engine) -> None:
+    # An operator let a read-only role read the counts (the stats' fast path): replacing the table
+    # with its triggers must not take that away, or the role silently scans the alerts again.
+    load(pg_engine, random_alerts(66, 60))
+    with a_role(pg_engine, every_table=False) as (role, schema):
+        update(pg_engine, f'grant select on {tallies.TABLE} to "{role}"')
+        update(pg_engine, f'grant update (folded) on {tallies.TABLE} to "{role}"')
+        drop_trigger(pg_engine, tallies.TRIGGERS[2])
+        create_schema(pg_engine)
+        assert schema_is_current(pg_engine)
+        with Session(pg_engine) as session:
+            session.execute(text(f'set local role "{role}"'))
+            assert tallies.tallies_installed(session)
+            assert session.execute(text(f"select has_column_privilege('{tallies.TABLE}', 'folded', 'UPDATE')")).scalar()
+            assert not session.execute(text(f"select has_table_privilege('{tallies.TABLE}', 'INSERT')")).scalar()
+            got = compute_stats(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+            expected = compute_stats_reference(session, by=GroupBy.RULE, holdouts=HOLDOUTS)
+        assert as_rows(got, GroupBy.RULE) == as_rows(expected, GroupBy.RULE)
+        assert tallied(pg_engine) == counted(pg_engine)
+
+
+async def test_the_api_alone_folds_the_tallies(pg_engine: Engine, settings: Any, ruleset: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # `decision-router api` with no `serve` (the stats read by the API alone, or serve down while the API
+    # acks): the appended differences are folded all the same, and the counts stay the alerts' own.
+    from redis.asyncio import Redis
+
+    from decision_router.api.server import run_api
+    from tests.integration.conftest import wait_until
+
+    monkeypatch.setattr(tallies, "FOLD_INTERVAL_S", 0.05)
+    monkeypatch.setattr(tallies, "FOLD_AT_ROWS", 10)
+    for seed in range(70, 75):
+        load(pg_engine, random_alerts(seed, 40))
+    expected = counted(pg_engine)
+    assert tally_rows(pg_engine) > 10 + len(expected)
+    stop, redis = asyncio.Event(), Redis.from_url(settings.effective_redis_url)
+    api = asyncio.create_task(run_api(settings.model_copy(update={"api_port": 0}), ruleset, pg_engine, redis, stop))
+    try:
+        await wait_until(lambda: tally_rows(pg_engine) <= len(expected) or api.done(), what="the API to fold")
+        assert not api.done()
+        assert tallied(pg_engine) == expected
+        with pg_engine.begin() as connection:  # more differences, a row each, committed together
+            for step in range(12):
+                connection.execute(text("update alerts set acknowledged_at = created_at"
+                                        f" where acknowledged_at is null and alert_id like '%{step}'"))
+            assert connection.execute(text(f"select count(*) from {tallies.TABLE} where not folded")).scalar() > 10
+        expected = counted(pg_engine)
+        await wait_until(lambda: tally_rows(pg_engine) <= len(expected) or api.done(), what="the API to fold again")
+        assert tallied(pg_engine) == expected
+    finally:
+        stop.set()
+        await api
+        await redis.aclose()
