@@ -432,8 +432,10 @@ def unseen_model(model: str, stored: list[str], ruleset: RuleSet | None, rules_d
     if model in named:
         return None
     known = sorted({*stored, *named})
-    return (f"--model: the store has no prediction, decision or rejection of model '{model}', and the rules "
-            f"({rules_dir}) do not name it{did_you_mean(model, known)}")
+    # Rules that did not load were not asked (rules_for_stats has warned): not "do not name it".
+    rules = f"the rules ({rules_dir}) do not name it" if ruleset is not None else f"the rules in {rules_dir} do not load"
+    return (f"--model: the store has no prediction, decision or rejection of model '{model}', and "
+            f"{rules}{did_you_mean(model, known)}")
 
 
 # stats quality -------------------------------------------------------------------------

@@ -128,6 +128,21 @@ def test_stats_for_a_model_the_store_never_saw_is_an_error_with_the_close_one(
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_a_model_the_store_never_saw_with_rules_that_do_not_load_says_so_not_that_they_do_not_name_it(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    month_old_churn_alert(tmp_path)
+    broken = tmp_path / "broken-rules"
+    broken.mkdir()
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(broken))  # neither file: the rules do not load
+    result = invoke(*command, "--model", "chrun")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1] == (
+        "error: --model: the store has no prediction, decision or rejection of model 'chrun', and the rules in "
+        f"{broken} do not load; did you mean 'churn'?")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
 def test_stats_for_a_model_the_store_knows_with_nothing_in_the_window_is_no_error(
     command: list[str], tmp_path: Path
 ) -> None:
