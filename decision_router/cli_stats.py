@@ -376,66 +376,31 @@ def stats(
 def _unknown_filter(
     session: Any, rules: Callable[[], RuleSet | None], rules_dir: Path, *, rule: str | None, owner: str | None
 ) -> str | None:
-    """Why an empty result is a typo: --rule or --owner names no rule (owner) of the current rules and
-    no alert in the store (a rule since removed still has its alerts). None when both are known, or
-    when the rules do not load (rules_for_stats has warned). `rules`: those of `rules_dir`, loaded
-    when first called."""
-    if rule is None and owner is None:
-        return None
-    from sqlalchemy import select
+    """Why an empty result is a typo (--rule, --owner): stats_filters.unknown_rule_or_owner, as the CLI says it.
+    None when the rules do not load (rules_for_stats has warned)."""
+    from decision_router.stats_filters import unknown_rule_or_owner
 
-    from decision_router.echo import did_you_mean
-    from decision_router.tables import AlertRecord
-
-    ruleset = rules()
-    if ruleset is None:
-        return None
-    checks = (
-        ("--rule", rule, "rule", "the rules", [r.name for r in ruleset.rules], AlertRecord.rule),
-        ("--owner", owner, "owner", "the owner directory", list(ruleset.owners), AlertRecord.owner),
-    )
-    for option, value, what, where, known, column in checks:
-        if value is None or value in known:
-            continue
-        if session.execute(select(column).where(column == value).limit(1)).first() is None:
-            return (f"{option}: {what} '{value}' is not in {where} ({rules_dir}), and the store has no alerts for it"
-                    f"{did_you_mean(value, known)}")
-    return None
+    unknown = unknown_rule_or_owner(session, rules, rule=rule, owner=owner, rules_dir=rules_dir, prefix="--")
+    return unknown.message if unknown is not None else None
 
 
 def unknown_model(
     session: Any, model: str | None, rules: Callable[[], RuleSet | None], rules_dir: Path
 ) -> str | None:
-    """Why an empty result is a typo: no prediction, decision or rejection in the store names --model,
-    nor do the rules (a model the store or the rules know, with nothing in the window, is no error: a
-    new model before its first prediction, say). Asked only of an empty result: a lookup in each
-    table's model index, then the rules, and the walk of the store's names for the hint. `rules`:
-    those of `rules_dir`, loaded when first called (not at all for a model the store knows)."""
-    if model is None:
-        return None
-    from decision_router.stats import model_seen, models_seen
+    """Why an empty result is a typo (--model): stats_filters.unknown_model, as the CLI says it. `rules`: those
+    of `rules_dir`, loaded when first called (not at all for a model the store knows)."""
+    from decision_router import stats_filters
 
-    if model_seen(session, model):
-        return None
-    return unseen_model(model, models_seen(session), rules(), rules_dir)
+    unknown = stats_filters.unknown_model(session, model, rules, rules_dir=rules_dir, prefix="--")
+    return unknown.message if unknown is not None else None
 
 
 def unseen_model(model: str, stored: list[str], ruleset: RuleSet | None, rules_dir: Path) -> str | None:
-    """The error for a --model the store has never seen (`stored`: the models it has seen), or None
-    when the rules (those of `rules_dir`; None: they do not load) name it: their `models:` section or
-    a rule's model condition."""
-    from decision_router.echo import did_you_mean
+    """The error for a --model the store has never seen: stats_filters.unseen_model, as the CLI says it."""
+    from decision_router import stats_filters
 
-    named: set[str] = set()
-    if ruleset is not None:
-        named = {*ruleset.models, *ruleset.model_owners, *(m for r in ruleset.rules if r.models for m in r.models)}
-    if model in named:
-        return None
-    known = sorted({*stored, *named})
-    # Rules that did not load were not asked (rules_for_stats has warned): not "do not name it".
-    rules = f"the rules ({rules_dir}) do not name it" if ruleset is not None else f"the rules in {rules_dir} do not load"
-    return (f"--model: the store has no prediction, decision or rejection of model '{model}', and "
-            f"{rules}{did_you_mean(model, known)}")
+    unknown = stats_filters.unseen_model(model, stored, ruleset, rules_dir=rules_dir, prefix="--")
+    return unknown.message if unknown is not None else None
 
 
 # stats quality -------------------------------------------------------------------------

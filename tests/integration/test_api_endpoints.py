@@ -31,6 +31,7 @@ from decision_router.tracker import alert_id_for
 from tests.integration.conftest import RULES_DIR, wait_until
 from tests.integration.test_api_access import ALICE, ELENA, RULE, for_owner, route
 from tests.integration.test_router_loop import count, inbox, prediction
+from tests.unit.test_stats import alert
 
 pytestmark = pytest.mark.redis
 
@@ -273,8 +274,75 @@ async def test_actions_follow_the_outcome_path_into_the_audit_trail_and_stats(st
     assert response.json() == {"by": "owner", "rows": json.loads(json.dumps(expected))}
     alice = response.json()["rows"][0]
     assert (alice["routed"], alice["acknowledged"], alice["intervened"], alice["successes"]) == (2, 1, 1, 1)
-    filtered = (await api.http.get("/v1/stats", params={"rule": "nope"}, headers=api.ops)).json()
-    assert filtered == {"by": "rule", "rows": []}
+    filtered = (await api.http.get("/v1/stats", params={"rule": "payment-fraud-block"}, headers=api.ops)).json()
+    assert filtered == {"by": "rule", "rows": []}  # a rule of the rules with no alerts yet
+
+
+# stats filters: a name no one knows is a 422, as the CLI's exit 2 --------------------------------
+
+
+def month_old_alert(engine: Engine) -> None:
+    """An alert 30 days ago, by a rule, for an owner and of a model no longer in the rules."""
+    with Session(engine) as session:
+        session.add(alert(1, rule="retired-rule", owner="gone-owner", model="retired-model",
+                          created=datetime.now(UTC) - timedelta(days=30)))
+        session.commit()
+
+
+def unseen(model: str) -> str:
+    return f"model: the store has no prediction, decision or rejection of model '{model}', and the rules do not name it"
+
+
+async def test_a_stats_filter_neither_the_rules_nor_the_store_know_is_a_422_naming_it_with_the_close_match(
+    standalone,
+) -> None:
+    """`decision-router stats --rule chrun` exits 2 with "did you mean"; the API answered 200 with no rows, which
+    reads as "no data yet". Same check, same words (stats_filters), without the server's rules directory."""
+    api, _ = standalone
+    month_old_alert(api.engine)
+    cases = [
+        ("/v1/stats", "rule", "enterprise-churn-rsk", "rule: rule 'enterprise-churn-rsk' is not in the rules, and the "
+                                                      "store has no alerts for it; did you mean 'enterprise-churn-risk'?"),
+        ("/v1/stats", "owner", "alcie-moreau", "owner: owner 'alcie-moreau' is not in the owner directory, and the store "
+                                               "has no alerts for it; did you mean 'alice-moreau'?"),
+        ("/v1/stats", "rule", "nope", "rule: rule 'nope' is not in the rules, and the store has no alerts for it"),
+        ("/v1/stats", "model", "retired-modl", unseen("retired-modl") + "; did you mean 'retired-model'?"),  # the store's
+        ("/v1/stats", "model", "payment-frad", unseen("payment-frad") + "; did you mean 'payment-fraud'?"),  # the rules'
+        ("/v1/stats/quality", "model", "chrun", unseen("chrun") + "; did you mean 'churn'?"),
+        ("/v1/stats/quality", "model", "weather", unseen("weather")),
+    ]
+    for path, name, value, message in cases:
+        response = await api.http.get(path, params={name: value}, headers=api.ops)
+        assert response.status_code == 422, (path, name, response.text)
+        assert response.json()["detail"] == [{"loc": ["query", name], "msg": message, "type": "value_error"}]
+    # An owner token chooses its rule and model: checked as anyone's.
+    response = await api.http.get("/v1/stats", params={"model": "chrun"}, headers=api.alice)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "model"], response.text
+
+
+async def test_a_stats_filter_the_rules_or_the_store_know_is_no_error_with_nothing_in_the_window(standalone) -> None:
+    """A rule or owner since removed that still has alerts, a model the store saw before the window, or one the
+    rules route before its first prediction: no rows, 200, as the CLI prints its empty table."""
+    api, _ = standalone
+    month_old_alert(api.engine)
+    for params in ({"rule": "retired-rule"}, {"owner": "gone-owner"}, {"model": "retired-model"},
+                   {"model": "payment-fraud"}):
+        response = await api.http.get("/v1/stats", params={**params, "since": "7d"}, headers=api.ops)
+        assert (response.status_code, response.json()) == (200, {"by": "rule", "rows": []}), (params, response.text)
+    [row] = (await api.http.get("/v1/stats", params={"rule": "retired-rule"}, headers=api.ops)).json()["rows"]
+    assert row["rule"] == "retired-rule" and row["routed"] == 1
+    for model in ("retired-model", "payment-fraud"):
+        response = await api.http.get("/v1/stats/quality", params={"model": model, "since": "7d"}, headers=api.ops)
+        assert response.status_code == 200 and response.json()["models"] == [], (model, response.text)
+
+
+async def test_an_owner_tokens_own_owner_is_never_checked(standalone) -> None:
+    """The token sets it: an owner since removed from the directory, with no alert yet, reads empty stats."""
+    api, _ = standalone
+    gone = {"Authorization": f"Bearer {create_token(api.engine, role='owner', owner='left-the-company')[0]}"}
+    for params in ({}, {"owner": "left-the-company"}, {"since": "7d"}):
+        response = await api.http.get("/v1/stats", params=params, headers=gone)
+        assert (response.status_code, response.json()) == (200, {"by": "rule", "rows": []}), (params, response.text)
 
 
 async def test_an_alerts_times_read_the_same_from_the_api_as_from_the_owners_inbox(
