@@ -6,7 +6,7 @@ A name is a typo when neither the rules nor the store know it: a rule since remo
 or a model the store has seen with nothing in the window, is no error. Asked only of an empty result.
 
 Each check returns an `Unknown`: the parameter's bare name (`rule`) and the message, which starts with it as
-the caller names it (`prefix`: `--` for the CLI's `--rule: ...`, "" for the API's `rule: ...`). `rules_dir`
+the CLI names it (`prefix`: `--` for `--rule: ...`; None for the API, whose error names it in its `loc`). `rules_dir`
 is said in the message where the CLI reads the rules; the API passes None: a client is not told the server's
 paths. Light at import (the CLI imports it before any command runs): SQLAlchemy and stats.py are imported
 inside the checks.
@@ -31,6 +31,11 @@ class Unknown(NamedTuple):
     message: str
 
 
+def _head(prefix: str | None, name: str) -> str:
+    """`--rule: ` for the CLI; nothing for the API, whose error names the parameter in its `loc`."""
+    return f"{prefix}{name}: " if prefix is not None else ""
+
+
 def _at(rules_dir: Path | None) -> str:
     return f" ({rules_dir})" if rules_dir is not None else ""
 
@@ -42,7 +47,7 @@ def unknown_rule_or_owner(
     rule: str | None,
     owner: str | None,
     rules_dir: Path | None,
-    prefix: str,
+    prefix: str | None,
 ) -> Unknown | None:
     """Why an empty result is a typo: `rule` or `owner` names no rule (owner) of the rules and no alert in the
     store (a rule since removed still has its alerts). None when both are known, or when the rules do not
@@ -64,8 +69,8 @@ def unknown_rule_or_owner(
         if value is None or value in known:
             continue
         if session.execute(select(column).where(column == value).limit(1)).first() is None:
-            return Unknown(name, f"{prefix}{name}: {name} '{value}' is not in {where}{_at(rules_dir)}, and the store "
-                                 f"has no alerts for it{did_you_mean(value, known)}")
+            return Unknown(name, f"{_head(prefix, name)}{name} '{value}' is not in {where}{_at(rules_dir)}, and the "
+                                 f"store has no alerts for it{did_you_mean(value, known)}")
     return None
 
 
@@ -75,7 +80,7 @@ def unknown_model(
     rules: Callable[[], RuleSet | None],
     *,
     rules_dir: Path | None,
-    prefix: str,
+    prefix: str | None,
 ) -> Unknown | None:
     """Why an empty result is a typo: no prediction, decision or rejection in the store names `model`, nor do
     the rules (a model the store or the rules know, with nothing in the window, is no error: a new model
@@ -91,7 +96,7 @@ def unknown_model(
 
 
 def unseen_model(
-    model: str, stored: list[str], ruleset: RuleSet | None, *, rules_dir: Path | None, prefix: str
+    model: str, stored: list[str], ruleset: RuleSet | None, *, rules_dir: Path | None, prefix: str | None
 ) -> Unknown | None:
     """The error for a `model` the store has never seen (`stored`: the models it has seen), or None when the
     rules (None: they do not load) name it: their `models:` section or a rule's model condition."""
@@ -106,5 +111,5 @@ def unseen_model(
         rules = f"the rules{_at(rules_dir)} do not name it"
     else:
         rules = f"the rules in {rules_dir} do not load" if rules_dir is not None else "the rules do not load"
-    return Unknown("model", f"{prefix}model: the store has no prediction, decision or rejection of model '{model}', "
+    return Unknown("model", f"{_head(prefix, 'model')}the store has no prediction, decision or rejection of model '{model}', "
                             f"and {rules}{did_you_mean(model, known)}")

@@ -50,9 +50,9 @@ async def stats(
         if rows:
             return [row.as_dict(by) for row in rows], None
         unknown = unknown_rule_or_owner(
-            session, lambda: ruleset, rule=rule, owner=checked_owner, rules_dir=None, prefix=""
+            session, lambda: ruleset, rule=rule, owner=checked_owner, rules_dir=None, prefix=None
         )
-        return [], unknown or unknown_model(session, model, lambda: ruleset, rules_dir=None, prefix="")
+        return [], unknown or unknown_model(session, model, lambda: ruleset, rules_dir=None, prefix=None)
 
     rows, unknown = await read_store(request, compute)
     if unknown is not None:
@@ -78,7 +78,7 @@ async def quality(
         report = compute_quality(session, since=start, until=end, model=model)
         if report.models:
             return report, None
-        return report, unknown_model(session, model, lambda: ruleset, rules_dir=None, prefix="")
+        return report, unknown_model(session, model, lambda: ruleset, rules_dir=None, prefix=None)
 
     report, unknown = await read_store(request, compute)
     if unknown is not None:

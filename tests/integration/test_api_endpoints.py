@@ -290,7 +290,7 @@ def month_old_alert(engine: Engine) -> None:
 
 
 def unseen(model: str) -> str:
-    return f"model: the store has no prediction, decision or rejection of model '{model}', and the rules do not name it"
+    return f"the store has no prediction, decision or rejection of model '{model}', and the rules do not name it"
 
 
 async def test_a_stats_filter_neither_the_rules_nor_the_store_know_is_a_422_naming_it_with_the_close_match(
@@ -301,11 +301,11 @@ async def test_a_stats_filter_neither_the_rules_nor_the_store_know_is_a_422_nami
     api, _ = standalone
     month_old_alert(api.engine)
     cases = [
-        ("/v1/stats", "rule", "enterprise-churn-rsk", "rule: rule 'enterprise-churn-rsk' is not in the rules, and the "
+        ("/v1/stats", "rule", "enterprise-churn-rsk", "rule 'enterprise-churn-rsk' is not in the rules, and the "
                                                       "store has no alerts for it; did you mean 'enterprise-churn-risk'?"),
-        ("/v1/stats", "owner", "alcie-moreau", "owner: owner 'alcie-moreau' is not in the owner directory, and the store "
+        ("/v1/stats", "owner", "alcie-moreau", "owner 'alcie-moreau' is not in the owner directory, and the store "
                                                "has no alerts for it; did you mean 'alice-moreau'?"),
-        ("/v1/stats", "rule", "nope", "rule: rule 'nope' is not in the rules, and the store has no alerts for it"),
+        ("/v1/stats", "rule", "nope", "rule 'nope' is not in the rules, and the store has no alerts for it"),
         ("/v1/stats", "model", "retired-modl", unseen("retired-modl") + "; did you mean 'retired-model'?"),  # the store's
         ("/v1/stats", "model", "payment-frad", unseen("payment-frad") + "; did you mean 'payment-fraud'?"),  # the rules'
         ("/v1/stats/quality", "model", "chrun", unseen("chrun") + "; did you mean 'churn'?"),
