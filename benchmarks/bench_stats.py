@@ -331,7 +331,6 @@ def unfolded(session: Session, rows: list[Any], repeat: int, differences: int = 
 def rules_overlap(session: Session, repeat: int) -> None:
     """What the CLI does with the rules: load them, then compute_stats; or load them in a thread
     while compute_stats counts (cli_stats.RulesLoading). Alternately, the rules module imported."""
-    import decision_router.cli  # noqa: F401  (cli_stats is registered by, and imports, cli)
     from decision_router import cli_stats, rules  # noqa: F401
 
     rules_dir = _rules_dir()

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from decision_router.cli import (
+from decision_router.cli_common import (
     App,
     _connect,
     app,

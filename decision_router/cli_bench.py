@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from decision_router.cli import app, fail
+from decision_router.cli_common import app, fail
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from decision_router.cli import (
+from decision_router.cli_common import (
     App,
     _connect,
     app,

@@ -1,7 +1,7 @@
 """`decision-router stats drift`: the current drift and data-quality figures per model.
 
-A subcommand of the `stats` group (cli_stats.stats_app); registered when cli.py imports
-this module. The figures come from monitor.assess_models, the same code the service's
+A subcommand of the `stats` group (cli_stats.stats_app); registered when this module is
+imported; cli.py imports it. The figures come from monitor.assess_models, the same code the service's
 periodic check runs, read now against the store.
 """
 
@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import existing_store_or_exit, fail, out, settings_or_exit
+from decision_router.cli_common import existing_store_or_exit, fail, out, settings_or_exit
 from decision_router.cli_stats import rules_or_none, stats_app, unknown_model, unseen_model
 
 FORMATS = ("table", "json")

@@ -1,7 +1,7 @@
 """Operator and rules-author commands: `audit`, `reassign`, `rules test`, `rules replay`.
 
-Registered on cli.py's `app` and `rules_app` when cli.py imports this module. The work is
-done in audit.py, explain.py and replay.py; this module parses options and formats.
+Registered on the CLI's `app` and `rules_app` (cli_common.py) when imported; cli.py imports it.
+The work is done in audit.py, explain.py and replay.py; this module parses options and formats.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import (
+from decision_router.cli_common import (
     _window,
     app,
     err,

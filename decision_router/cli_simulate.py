@@ -2,7 +2,7 @@
 
 The world and its truth are described in decision_router/simulate.py. This module parses the
 options, runs the simulation and prints the truth next to what the stats reported. It is
-registered on cli.py's `app` when cli.py imports it.
+registered on the CLI's `app` (cli_common.py) when imported; cli.py imports it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import MAX_SIMULATED_ENTITIES, app, err, fail, fail_store, out, settings_or_exit
+from decision_router.cli_common import MAX_SIMULATED_ENTITIES, app, err, fail, fail_store, out, settings_or_exit
 from decision_router.echo import counted
 
 if TYPE_CHECKING:  # simulate.py pulls in the whole service (monitor, notify, channels, httpx): imported when run

@@ -3,7 +3,7 @@
 The numbers come from stats.py (pure reads of the store) and uplift.py (the maths). `stats`
 is a typer group that still prints the main table when called without a subcommand; other
 modules add subcommands to `stats_app` (e.g. `@stats_app.command("drift")`). Registered
-on cli.py's `app` when cli.py imports this module.
+on the CLI's `app` (cli_common.py) when imported; cli.py imports it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli import (
+from decision_router.cli_common import (
     App,
     _window,
     app,

@@ -19,8 +19,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from decision_router import cli_stats, stats, store  # noqa: I001
-from decision_router.cli import app  # first: importing cli_stats on its own is a circular import
+from decision_router import cli_stats, stats, store
+from decision_router.cli import app
 from decision_router.store import create_schema, make_engine, schema_is_current
 from decision_router.tables import (
     RETIRED_INDEXES,

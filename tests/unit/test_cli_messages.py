@@ -289,7 +289,7 @@ def test_the_stats_table_on_a_narrow_terminal_shows_every_cell_whole(
 ) -> None:
     """Rich squeezed a table wider than the terminal: at 80 columns the stats table's counts were blank, at
     100 cut ('1…'). It is now printed at its natural width (the terminal wraps its lines)."""
-    from decision_router import cli, cli_stats
+    from decision_router import cli_common, cli_stats
     from decision_router.stats import GroupBy, compute_stats
     from tests.unit.test_insights import memory_store
     from tests.unit.test_stats import known_records
@@ -299,7 +299,9 @@ def test_the_stats_table_on_a_narrow_terminal_shows_every_cell_whole(
         rows = compute_stats(session, by=GroupBy.RULE)
     engine.dispose()
     shown = io.StringIO()
-    console = cli._Console(file=shown, width=width, force_terminal=True, color_system=None, markup=False, emoji=False)
+    console = cli_common._Console(
+        file=shown, width=width, force_terminal=True, color_system=None, markup=False, emoji=False
+    )
     monkeypatch.setattr(cli_stats, "out", console)
     cli_stats.print_stats(rows, GroupBy.RULE, "table")
     table = shown.getvalue()

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from decision_router import cli_stats  # noqa: I001
-from decision_router.cli import app  # noqa: F401  first: importing cli_stats on its own is a circular import
+from decision_router import cli_stats
 from decision_router.settings import Settings
 from decision_router.store import MEMORY_MAP_BYTES, make_engine
 
