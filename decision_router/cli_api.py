@@ -39,6 +39,8 @@ def api(
     import asyncio
     import signal
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     from decision_router.api.server import ApiStartError, run_api
     from decision_router.rules import RulesInvalid, load_rules
     from decision_router.store import create_schema, make_engine
@@ -50,9 +52,13 @@ def api(
     except RulesInvalid as exc:
         fail_rules(settings, exc, starting=True)
     engine = make_engine(settings.database_url)
+    try:
+        create_schema(engine)
+    except SQLAlchemyError as exc:  # a file that is no SQLite store, a database that does not exist
+        engine.dispose()
+        fail_store(settings.database_url, exc)
 
     async def main() -> None:
-        create_schema(engine)
         redis = await _connect(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

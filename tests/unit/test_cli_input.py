@@ -333,3 +333,33 @@ def test_reassigning_to_an_away_owner_says_who_receives_it(tmp_path: Path, monke
     # The event names the owner asked for: the router resolves the delegate when it applies it.
     assert [d["owner"] for d in sent] == ["hugo"]
     assert invoke("reassign", "al-1", "--to", "felix", "--by", "lead").stderr == ""
+
+
+def test_rules_test_with_stdin_closed_says_where_to_give_the_prediction(tmp_path: Path) -> None:
+    """`decision-router rules test <&-`: Python then has no sys.stdin (None), which was an AttributeError."""
+    env = {**os.environ, "DECISION_ROUTER_RULES_DIR": str(SHIPPED_RULES)}
+    done = subprocess.run(
+        f"{sys.executable} -m decision_router rules test <&-", shell=True, executable="/bin/bash",
+        env=env, cwd=tmp_path, capture_output=True, timeout=60, check=False,
+    )
+    assert (done.returncode, done.stderr) == (
+        2, b"error: no stdin to read the prediction from: give it as an argument, with --file, or on a pipe\n")
+
+
+@pytest.mark.parametrize("command", [["redrive", "deliveries"], ["api", "--port", "0"], ["health"]])
+def test_a_store_file_that_is_not_sqlite_is_one_error_line(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # They created the schema (or ran `select 1`) unguarded: a DatabaseError traceback, or only its class name.
+    (tmp_path / "store.db").write_bytes(b"not an SQLite database, but a text file\n" * 50)
+
+    async def no_redis(_settings: object) -> object:  # `health` pings Redis first: nothing to ping in a unit test
+        class Closed:
+            async def aclose(self) -> None:
+                return None
+
+        return Closed()
+
+    monkeypatch.setattr(cli, "_connect", no_redis)
+    line = one_error(invoke(*command), 1)
+    assert line == f"error: cannot open the store at sqlite:///{tmp_path / 'store.db'}: file is not a database"
