@@ -363,3 +363,16 @@ def test_a_store_file_that_is_not_sqlite_is_one_error_line(
     monkeypatch.setattr(cli, "_connect", no_redis)
     line = one_error(invoke(*command), 1)
     assert line == f"error: cannot open the store at sqlite:///{tmp_path / 'store.db'}: file is not a database"
+
+
+def test_tokens_on_a_read_only_store_is_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A read-only store opens and reads; only the write failed, with an OperationalError traceback.
+    # (Read-only as SQLite's mode=ro: a file's mode bits do not stop root, who may run the tests.)
+    created = invoke("tokens", "create", "--role", "ops")
+    assert created.exit_code == 0, created.output
+    token_id = created.stderr.split()[2]
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///file:{tmp_path / 'store.db'}?mode=ro&uri=true")
+    refused = f"error: cannot write to the store at sqlite:///file:{tmp_path / 'store.db'}?mode=ro&uri=true: " \
+              "attempt to write a readonly database"
+    assert one_error(invoke("tokens", "create", "--role", "ops"), 1) == refused
+    assert one_error(invoke("tokens", "revoke", token_id), 1) == refused
