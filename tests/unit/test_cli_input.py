@@ -376,3 +376,19 @@ def test_tokens_on_a_read_only_store_is_one_error_line(tmp_path: Path, monkeypat
               "attempt to write a readonly database"
     assert one_error(invoke("tokens", "create", "--role", "ops"), 1) == refused
     assert one_error(invoke("tokens", "revoke", token_id), 1) == refused
+
+
+@pytest.mark.parametrize("command", [["simulate", "--entities", "10", "--days", "1"], ["demo", "--predictions", "10"]])
+def test_simulating_into_a_read_only_store_is_refused_at_start(command: list[str], tmp_path: Path) -> None:
+    """It opened and read, and every write failed: the run waited them out as an outage, until Ctrl-C.
+    A subprocess with a timeout: in-process, the old behaviour would hang the test run."""
+    store = tmp_path / "store.db"
+    assert invoke("tokens", "list").exit_code == 0  # the store, with its schema
+    url = f"sqlite:///file:{store}?mode=ro&uri=true"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "decision_router", *command, "--database", url],
+        env=env, cwd=tmp_path, capture_output=True, timeout=60, check=False,
+    )
+    assert (done.returncode, done.stderr.decode()) == (
+        1, f"error: cannot open the store at {url}: attempt to write a readonly database\n")
