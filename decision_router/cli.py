@@ -315,9 +315,10 @@ def health() -> None:
         with engine.connect() as connection:
             connection.execute(text("select 1"))
     except SQLAlchemyError as exc:
-        fail(f"cannot reach the database: {exc.__class__.__name__}")
-    finally:
+        # Why, not only the class name: "OperationalError" said neither a missing database nor a closed port.
         engine.dispose()
+        fail_store(settings.database_url, exc)
+    engine.dispose()
     out.print("ok")
 
 

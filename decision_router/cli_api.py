@@ -39,6 +39,8 @@ def api(
     import asyncio
     import signal
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     from decision_router.api.server import ApiStartError, run_api
     from decision_router.rules import RulesInvalid, load_rules
     from decision_router.store import create_schema, make_engine
@@ -50,9 +52,13 @@ def api(
     except RulesInvalid as exc:
         fail_rules(settings, exc, starting=True)
     engine = make_engine(settings.database_url)
+    try:
+        create_schema(engine)
+    except SQLAlchemyError as exc:  # a file that is no SQLite store, a database that does not exist
+        engine.dispose()
+        fail_store(settings.database_url, exc)
 
     async def main() -> None:
-        create_schema(engine)
         redis = await _connect(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -96,6 +102,8 @@ def tokens_create(
     name: Annotated[str | None, typer.Option(help="A label, e.g. the system or person it is for.")] = None,
 ) -> None:
     """Create a token and print it once; the store keeps only its hash."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from decision_router.rules import RulesInvalid, load_rules
     from decision_router.tokens import TokenError, create_token
 
@@ -115,6 +123,8 @@ def tokens_create(
         secret, info = create_token(engine, role=role, owner=owner, name=name, owners=owners)
     except TokenError as exc:
         fail(str(exc), code=2)
+    except SQLAlchemyError as exc:  # a read-only store file opens and reads, and refuses only the write
+        fail_store(settings.database_url, exc, doing="write to")
     finally:
         engine.dispose()
     err.print(
@@ -168,13 +178,17 @@ def tokens_revoke(
     token_id: Annotated[str, typer.Argument(metavar="ID", help="The token id from `tokens list`.")],
 ) -> None:
     """Revoke a token: every request with it is refused (401) from now on."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from decision_router.tokens import TokenError, revoke_token
 
-    _settings, engine = _engine(existing=True)
+    settings, engine = _engine(existing=True)
     try:
         info = revoke_token(engine, token_id)
     except TokenError as exc:
         fail(str(exc), code=2)
+    except SQLAlchemyError as exc:  # a read-only store file opens and reads, and refuses only the write
+        fail_store(settings.database_url, exc, doing="write to")
     finally:
         engine.dispose()
     out.print(f"revoked token {info.token_id} ({info.role}{', ' + info.owner if info.owner else ''})", highlight=False)

@@ -229,12 +229,13 @@ def smtp_or_exit(settings: Settings) -> None:
         fail(str(exc), code=2)
 
 
-def fail_store(database_url: str, exc: Exception) -> NoReturn:
-    """Exit 1: the store at `database_url` cannot be opened (e.g. its directory does not exist); passwords masked."""
+def fail_store(database_url: str, exc: Exception, *, doing: str = "open") -> NoReturn:
+    """Exit 1: the store at `database_url` cannot be opened (e.g. its directory does not exist), or `doing`
+    else (e.g. "write to": a read-only file); passwords masked."""
     from decision_router.settings import redact_text, redact_url
 
     reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
-    fail(f"cannot open the store at {redact_url(database_url)}: {reason}")
+    fail(f"cannot {doing} the store at {redact_url(database_url)}: {reason}")
 
 
 def existing_store_or_exit(database_url: str) -> None:

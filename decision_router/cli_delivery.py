@@ -12,6 +12,7 @@ from decision_router.cli_common import (
     app,
     existing_store_or_exit,
     fail_rules,
+    fail_store,
     out,
     run_on_redis,
     settings_or_exit,
@@ -31,6 +32,8 @@ app.add_typer(redrive_app, name="redrive")
 @redrive_app.command("deliveries")
 def redrive_deliveries() -> None:
     """Re-send every entry on deliveries:dlq once (a new failure is dead-lettered again)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from decision_router.notify import ChannelDelivery, Redriven, redrive
     from decision_router.pipeline import utcnow
     from decision_router.rules import RulesInvalid, load_rules
@@ -44,7 +47,11 @@ def redrive_deliveries() -> None:
     # The dead-lettered deliveries are of alerts in serve's store: never record their re-sending in a new one.
     existing_store_or_exit(settings.database_url)
     engine = make_engine(settings.database_url)
-    create_schema(engine)
+    try:
+        create_schema(engine)
+    except SQLAlchemyError as exc:  # a file that is no SQLite store, a database that does not exist
+        engine.dispose()
+        fail_store(settings.database_url, exc)
 
     async def run() -> Redriven:
         redis: Redis = await _connect(settings)

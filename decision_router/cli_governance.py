@@ -266,6 +266,8 @@ def rules_test(
         elif prediction not in (None, "-"):
             text, source = prediction, "argument"  # type: ignore[assignment]
         else:
+            if sys.stdin is None:  # started with stdin closed (`<&-`): Python then has no sys.stdin at all
+                fail("no stdin to read the prediction from: give it as an argument, with --file, or on a pipe", code=2)
             if sys.stdin.isatty():
                 say("reading predictions from stdin (end with Ctrl-D)", stderr=True)
             text, source = sys.stdin.buffer.read().decode("utf-8-sig", "surrogateescape"), "stdin"

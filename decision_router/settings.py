@@ -272,6 +272,13 @@ class Settings(BaseSettings):
             )
         return value
 
+    @model_validator(mode="after")
+    def _redis_options(self) -> Settings:
+        # After the fields: which options a URL may hold depends on DECISION_ROUTER_REDIS_CLUSTER.
+        if self.redis_url is not None:
+            check_redis_options(self.redis_url, cluster=self.redis_cluster)
+        return self
+
     @field_validator("redis_wait_replicas")
     @classmethod
     def _replicas_need_a_server(cls, value: int, info: ValidationInfo) -> int:
@@ -414,6 +421,35 @@ def check_redis_url(value: str) -> str:
     if database and not re.fullmatch(r"[0-9]+", database):  # redis-py would quietly use database 0
         raise ValueError(f"the database in the path must be a number, not {database!r}: {shown}")
     return value
+
+
+def check_redis_options(url: str, *, cluster: bool) -> None:
+    """ValueError (naming the variable) when no client can be built from the (parsed) URL `url`. redis-py
+    hands each query option (?foo=1) to the connection as a keyword only when the first command connects:
+    one it does not take (a typo, ssl_* on redis://) was a TypeError traceback there. Builds, never connects."""
+    import warnings
+
+    from redis.exceptions import RedisError
+
+    shown = redact_url(url)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the cluster's read_from_replicas: still taken
+            if cluster:
+                from redis.asyncio.cluster import RedisCluster
+
+                RedisCluster.from_url(url)
+            else:
+                from redis.asyncio import ConnectionPool
+
+                ConnectionPool.from_url(url).make_connection()
+    except TypeError as exc:
+        name = re.search(r"argument '(\w+)'", str(exc))
+        option = name.group(1) if name else str(exc)
+        hint = " (the ssl_* options are for rediss:// URLs)" if option.startswith("ssl") and url.startswith("redis:") else ""
+        raise ValueError(f"{ENV_PREFIX}REDIS_URL: the Redis client takes no option {option!r}{hint}: {shown}") from None
+    except (RedisError, ValueError) as exc:
+        raise ValueError(f"{ENV_PREFIX}REDIS_URL: {str(exc).rstrip('.')}: {shown}") from None
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -100,7 +100,7 @@ from decision_router.rules import RuleSet, load_rules
 from decision_router.service import RouterService, running_service
 from decision_router.settings import Settings, hash_tag, redact_url
 from decision_router.stats import BandRow, StatsRow, compute_model_precision, compute_stats
-from decision_router.store import create_schema, make_engine
+from decision_router.store import check_writable, create_schema, make_engine
 from decision_router.streams import as_text
 from decision_router.tables import RejectionRecord
 from decision_router.uplift import DEFAULT_BAND_EDGES
@@ -1352,6 +1352,7 @@ async def _run_together(
         engine = make_engine(store_url)
         try:
             create_schema(engine)
+            check_writable(engine)
             async with embedded_or(redis_url, base.embedded_host) as (url, embedded):
                 run_settings = base.model_copy(
                     update={

@@ -374,6 +374,17 @@ def _drop_constraint(engine: Engine, table_name: str, constraint: str) -> None:
             connection.execute(text(f"alter table {table_name} drop constraint if exists {constraint}"))
 
 
+def check_writable(engine: Engine) -> None:
+    """Raise the store's error if an SQLite store cannot be written (a read-only file or directory, mode=ro).
+    It opens and reads, and a run that writes to it (`simulate`, `demo`) would wait out the failing writes
+    like an outage, forever. Rewriting user_version to its value is a write that changes nothing."""
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.begin() as connection:
+        version = connection.exec_driver_sql("PRAGMA user_version").scalar()
+        connection.exec_driver_sql(f"PRAGMA user_version = {int(version or 0)}")
+
+
 def create_schema(engine: Engine) -> None:
     _concurrently(lambda: SQLModel.metadata.create_all(engine))
     dialect = engine.dialect.name

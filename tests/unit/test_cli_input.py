@@ -333,3 +333,62 @@ def test_reassigning_to_an_away_owner_says_who_receives_it(tmp_path: Path, monke
     # The event names the owner asked for: the router resolves the delegate when it applies it.
     assert [d["owner"] for d in sent] == ["hugo"]
     assert invoke("reassign", "al-1", "--to", "felix", "--by", "lead").stderr == ""
+
+
+def test_rules_test_with_stdin_closed_says_where_to_give_the_prediction(tmp_path: Path) -> None:
+    """`decision-router rules test <&-`: Python then has no sys.stdin (None), which was an AttributeError."""
+    env = {**os.environ, "DECISION_ROUTER_RULES_DIR": str(SHIPPED_RULES)}
+    done = subprocess.run(
+        f"{sys.executable} -m decision_router rules test <&-", shell=True, executable="/bin/bash",
+        env=env, cwd=tmp_path, capture_output=True, timeout=60, check=False,
+    )
+    assert (done.returncode, done.stderr) == (
+        2, b"error: no stdin to read the prediction from: give it as an argument, with --file, or on a pipe\n")
+
+
+@pytest.mark.parametrize("command", [["redrive", "deliveries"], ["api", "--port", "0"], ["health"]])
+def test_a_store_file_that_is_not_sqlite_is_one_error_line(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # They created the schema (or ran `select 1`) unguarded: a DatabaseError traceback, or only its class name.
+    (tmp_path / "store.db").write_bytes(b"not an SQLite database, but a text file\n" * 50)
+
+    async def no_redis(_settings: object) -> object:  # `health` pings Redis first: nothing to ping in a unit test
+        class Closed:
+            async def aclose(self) -> None:
+                return None
+
+        return Closed()
+
+    monkeypatch.setattr(cli, "_connect", no_redis)
+    line = one_error(invoke(*command), 1)
+    assert line == f"error: cannot open the store at sqlite:///{tmp_path / 'store.db'}: file is not a database"
+
+
+def test_tokens_on_a_read_only_store_is_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A read-only store opens and reads; only the write failed, with an OperationalError traceback.
+    # (Read-only as SQLite's mode=ro: a file's mode bits do not stop root, who may run the tests.)
+    created = invoke("tokens", "create", "--role", "ops")
+    assert created.exit_code == 0, created.output
+    token_id = created.stderr.split()[2]
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///file:{tmp_path / 'store.db'}?mode=ro&uri=true")
+    refused = f"error: cannot write to the store at sqlite:///file:{tmp_path / 'store.db'}?mode=ro&uri=true: " \
+              "attempt to write a readonly database"
+    assert one_error(invoke("tokens", "create", "--role", "ops"), 1) == refused
+    assert one_error(invoke("tokens", "revoke", token_id), 1) == refused
+
+
+@pytest.mark.parametrize("command", [["simulate", "--entities", "10", "--days", "1"], ["demo", "--predictions", "10"]])
+def test_simulating_into_a_read_only_store_is_refused_at_start(command: list[str], tmp_path: Path) -> None:
+    """It opened and read, and every write failed: the run waited them out as an outage, until Ctrl-C.
+    A subprocess with a timeout: in-process, the old behaviour would hang the test run."""
+    store = tmp_path / "store.db"
+    assert invoke("tokens", "list").exit_code == 0  # the store, with its schema
+    url = f"sqlite:///file:{store}?mode=ro&uri=true"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "decision_router", *command, "--database", url],
+        env=env, cwd=tmp_path, capture_output=True, timeout=60, check=False,
+    )
+    assert (done.returncode, done.stderr.decode()) == (
+        1, f"error: cannot open the store at {url}: attempt to write a readonly database\n")

@@ -132,6 +132,38 @@ def test_well_formed_urls_are_accepted(monkeypatch, variable, value) -> None:
     assert getattr(load_settings(), variable.lower()) == value
 
 
+@pytest.mark.parametrize(
+    ("value", "cluster", "message"),
+    [
+        ("redis://:s3cret@127.0.0.1:6379/0?foo=bar", False, "the Redis client takes no option 'foo'"),
+        ("redis://127.0.0.1:6379/0?ssl_cert_reqs=required", False,
+         "the Redis client takes no option 'ssl_cert_reqs' (the ssl_* options are for rediss:// URLs)"),
+        ("unix:///run/redis.sock?foo=1", False, "the Redis client takes no option 'foo'"),
+        ("rediss://127.0.0.1:6379/0?ssl_cert_reqs=bogus", False, "Invalid SSL Certificate Requirements Flag: bogus"),
+        ("redis://127.0.0.1:6379/0?protocol=9", False, "protocol must be either 2 or 3"),
+        ("redis://127.0.0.1:7000/0?foo=bar", True, "the Redis client takes no option 'foo'"),
+    ],
+)
+def test_a_redis_url_option_the_client_does_not_take_is_refused_at_start(monkeypatch, value, cluster, message) -> None:
+    # redis-py hands them to the connection only when a command first connects: a TypeError traceback there.
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", value)
+    if cluster:
+        monkeypatch.setenv("DECISION_ROUTER_REDIS_CLUSTER", "true")
+        monkeypatch.setenv("DECISION_ROUTER_STREAM_PREFIX", "{dr}:")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    shown = str(caught.value)
+    assert shown.startswith(f"DECISION_ROUTER_REDIS_URL: {message}: ")
+    assert "s3cret" not in shown and "\n" not in shown
+
+
+def test_a_cluster_url_may_hold_the_options_only_the_cluster_client_takes(monkeypatch) -> None:
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:7000/0?require_full_coverage=false")
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_CLUSTER", "true")
+    monkeypatch.setenv("DECISION_ROUTER_STREAM_PREFIX", "{dr}:")
+    assert load_settings().redis_cluster
+
+
 def test_embedded_redis_on_an_ipv6_host_is_a_valid_url(monkeypatch) -> None:
     from redis.connection import parse_url
 
