@@ -35,7 +35,7 @@ from decision_router.redis_client import redis_for
 from decision_router.rules import RuleSet, load_rules
 from decision_router.rules.watch import RulesWatcher
 from decision_router.settings import Settings, redact_url
-from decision_router.store import create_schema, make_engine
+from decision_router.store import check_writable, create_schema, make_engine
 from decision_router.streams import ReplicasBehind, connected_replicas
 
 __all__ = ["RouterService", "ensure_group", "request_reload", "running_service", "serve"]
@@ -350,6 +350,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
     embedded = None
     try:  # from here, so that a start that fails (a taken port, say) still stops the engine's thread
         create_schema(engine)
+        check_writable(engine)  # a read-only store is a mistake to say now, not an outage to wait out
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

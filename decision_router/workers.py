@@ -35,7 +35,7 @@ from prometheus_client import multiprocess
 from decision_router.metrics import MULTIPROCESS_DIR
 from decision_router.rules import load_rules
 from decision_router.settings import ENV_PREFIX, Settings
-from decision_router.store import create_schema, make_engine
+from decision_router.store import check_writable, create_schema, make_engine
 
 log = structlog.get_logger("decision_router.workers")
 
@@ -88,6 +88,7 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
     engine = make_engine(settings.database_url)
     try:
         create_schema(engine)
+        check_writable(engine)  # once here too: not N workers refusing it
     finally:
         engine.dispose()
     first = ("--api-port", str(settings.api_port)) if api else ("--no-api",)

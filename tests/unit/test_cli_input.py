@@ -378,6 +378,21 @@ def test_tokens_on_a_read_only_store_is_one_error_line(tmp_path: Path, monkeypat
     assert one_error(invoke("tokens", "revoke", token_id), 1) == refused
 
 
+def test_serve_on_a_read_only_store_is_refused_at_start(tmp_path: Path) -> None:
+    """It started, and every batch's writes failed: waited out as an outage, the entries left pending, for
+    as long as it ran. A subprocess with a timeout: in-process, the old behaviour would not return."""
+    store = tmp_path / "store.db"
+    assert invoke("tokens", "list").exit_code == 0  # the store, with its schema
+    url = f"sqlite:///file:{store}?mode=ro&uri=true"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    env.update(DECISION_ROUTER_DATABASE_URL=url, DECISION_ROUTER_RULES_DIR=str(ROOT / "rules"))
+    done = subprocess.run([sys.executable, "-m", "decision_router", "serve", "--no-api"],
+                          env=env, cwd=tmp_path, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stderr.decode()
+    assert done.stderr.decode().splitlines()[-1] == (
+        f"error: cannot open the store at {url}: attempt to write a readonly database")
+
+
 @pytest.mark.parametrize("command", [["simulate", "--entities", "10", "--days", "1"], ["demo", "--predictions", "10"]])
 def test_simulating_into_a_read_only_store_is_refused_at_start(command: list[str], tmp_path: Path) -> None:
     """It opened and read, and every write failed: the run waited them out as an outage, until Ctrl-C.
