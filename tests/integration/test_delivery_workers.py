@@ -453,7 +453,11 @@ async def test_a_dead_letter_retrying_at_stop_gets_a_grace(
         await channels.pump()
         await wait_until(lambda: len(failed_ids(engine)) == 1 and outage.refused > 0, what="the failure, unwritten")
         closing = asyncio.ensure_future(channels.close())
-        await asyncio.sleep(1.3)  # past the dispatcher's CLOSE_TIMEOUT_S: its worker is cancelled
+        # Past the dispatcher's CLOSE_TIMEOUT_S: its workers are cancelled (waited for: a fixed 1.3 s sleep
+        # could end, on a busy machine, before they were, and the test then showed nothing).
+        await wait_until(lambda: all(not lane.workers for lane in channels.dispatcher._lanes.values()),
+                         what="the dispatcher's workers cancelled")
+        assert not closing.done() and outage.refused > 0  # the DLQ write is still retrying
         outage.down = False
         await closing
         assert [f["alert_id"] for f in await dead_letters(redis, channels.keys)] == [alert_id]

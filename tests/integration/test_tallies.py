@@ -246,6 +246,7 @@ def test_folding_keeps_the_sums(engine: Engine) -> None:
 async def test_serve_folds_the_tallies(engine: Engine, settings: Any, ruleset: Any,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from decision_router.service import running_service
+    from tests.integration.conftest import wait_until
 
     monkeypatch.setattr(tallies, "FOLD_INTERVAL_S", 0.05)
     monkeypatch.setattr(tallies, "FOLD_AT_ROWS", 10)
@@ -253,10 +254,8 @@ async def test_serve_folds_the_tallies(engine: Engine, settings: Any, ruleset: A
         load(engine, random_alerts(seed, 40))
     expected = counted(engine)
     async with running_service(settings, ruleset, engine):
-        for _ in range(100):
-            if tally_rows(engine) <= len(expected):
-                break
-            await asyncio.sleep(0.05)
+        # Waited for, not polled a fixed 100 times (5 s): a busy machine may start the fold job later.
+        await wait_until(lambda: tally_rows(engine) <= len(expected), what="serve to fold the tallies")
     assert tally_rows(engine) <= len(expected)
     assert tallied(engine) == expected
 
