@@ -129,8 +129,10 @@ def test_with_workers_the_first_one_serves_the_api_and_only_it(redis_server: str
         DECISION_ROUTER_CONSUMER_NAME="box",
         DECISION_ROUTER_BATCH_SIZE="20",
     )
+    log_path = tmp_path / "serve.log"
+    log_file = log_path.open("w")
     process = subprocess.Popen([sys.executable, "-m", "decision_router", "serve", "--workers", "2"], env=env,
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -139,17 +141,22 @@ def test_with_workers_the_first_one_serves_the_api_and_only_it(redis_server: str
                     break
             except httpx.HTTPError:
                 pass
-            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert process.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "the API never came up"
             time.sleep(0.2)
-        time.sleep(1.0)  # give a second listener on the same port time to fail, if one were started
-        assert process.poll() is None
+        # Both workers started (not a fixed second after worker 1's API: on a busy machine worker 2 could still
+        # be starting, and a SIGHUP before its handler is installed ends it). A second listener on the same port
+        # would have failed by then.
+        wait_for(lambda: log_path.read_text().count('"router started"') == 2 or process.poll() is not None,
+                 timeout=60, what="both workers to start")
+        assert process.poll() is None, log_path.read_text()[-3000:]
         # SIGHUP (re-read the rules) goes on to the workers; the supervisor keeps running.
         with (rules / "routing.yaml").open("a") as routing:
             routing.write("\n# edited: a new version of the same rules\n")
         process.send_signal(signal.SIGHUP)
-        time.sleep(1.0)
-        assert process.poll() is None
+        wait_for(lambda: log_path.read_text().count('"rules reloaded"') == 2 or process.poll() is not None,
+                 timeout=30, what="each worker to re-read its rules")
+        assert process.poll() is None, log_path.read_text()[-3000:]
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
         # /metrics, served by worker 1, counts what both workers routed.
         client = redis.Redis.from_url(redis_server)
@@ -176,7 +183,9 @@ def test_with_workers_the_first_one_serves_the_api_and_only_it(redis_server: str
         assert metric(scraped.text, "decision_router_predictions_routed_total") == total
     finally:
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
+        process.wait(timeout=30)
+        log_file.close()
+        stderr = log_path.read_text()
         client = redis.Redis.from_url(redis_server)
         stale = list(client.scan_iter(match=f"workers-api-{port}:*"))  # the groups' streams on the shared Redis
         if stale:
