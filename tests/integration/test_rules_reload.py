@@ -280,7 +280,10 @@ async def test_reloads_at_once_leave_the_receivers_of_the_last_rules_read(
         assert await asyncio.to_thread(first_in.wait, 10)  # read v2; rebuilding its receivers
         write_owners("/v3")
         second = asyncio.create_task(service.check_rules(force=True))
-        await asyncio.wait({second}, timeout=1.0)  # unserialised, the second reload finishes meanwhile
+        # Unserialised, the second reload finishes meanwhile; serialised, it waits for the first's lock. Waited for,
+        # not a fixed second: on a busy machine an unserialised second reload could take longer than that.
+        await wait_until(lambda: second.done() or bool(service._reloading._waiters),
+                         what="the second reload to finish or to wait for the first")
         release_first.set()
         await asyncio.gather(first, second)
         assert service.pipeline.ruleset.version == load_rules(rules_dir).version
