@@ -50,6 +50,11 @@ def serve(
     ] = 1,
 ) -> None:
     """Run the router: consume predictions and outcomes, route, deliver, record; serve the HTTP API."""
+    import signal
+
+    # SIGHUP ("re-read the rules") ends a process that has no handler for it yet: held back until the
+    # service (or the workers' supervisor) has one, then delivered to it (service.serve, workers.run_workers).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     import asyncio
 
     from sqlalchemy.exc import SQLAlchemyError

@@ -209,6 +209,9 @@ class RouterService:
         holds only a weak reference, so it could be collected mid-reload), waited for at stop,
         and a failure is logged, not left to asyncio's "exception was never retrieved"."""
 
+        # Said even when nothing changed (then no "rules reloaded" follows): whoever sent it sees it arrived.
+        log.info("SIGHUP: re-reading the rules")
+
         async def reload() -> None:
             try:
                 await self.check_rules(force=True)
@@ -363,6 +366,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
             async with running_service(settings, ruleset, engine, watch_rules=True) as service:
                 # SIGHUP: re-read the rules now rather than at the next poll.
                 loop.add_signal_handler(signal.SIGHUP, service.reload_now)
+                # One held back while starting (the `serve` command blocks it first) is delivered now, to it.
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
                 async with api_for_service(service, engine, enabled=api):  # stops before the consumers
                     gc.freeze()  # and what the service and its API made since (no collection: no batch waits)
                     await stop.wait()

@@ -113,6 +113,7 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held back while starting (cli.serve)
     try:
         for worker in workers:
             _spawn(worker)
@@ -234,7 +235,13 @@ def _signal_running(workers: list[_Worker], signum: int) -> None:
 
 def _spawn(worker: _Worker) -> None:
     env = {**os.environ, **worker.env, f"{ENV_PREFIX}CONSUMER_NAME": worker.name}
-    worker.process = subprocess.Popen([sys.executable, "-m", "decision_router", "serve", *worker.args], env=env)
+    # The worker starts with SIGHUP blocked (a signal mask outlives exec): one passed on while it starts stays
+    # pending until its service has a handler (service.serve), instead of ending it. Ours is delivered after.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        worker.process = subprocess.Popen([sys.executable, "-m", "decision_router", "serve", *worker.args], env=env)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     worker.started = time.monotonic()
 
 

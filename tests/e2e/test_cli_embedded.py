@@ -380,6 +380,34 @@ def test_sighup_reloads_rules_and_a_bad_edit_keeps_the_old_ones(workdir, env) ->
     assert reloaded["previous"] == started["rules_version"] and reloaded["rules_version"] != started["rules_version"]
 
 
+def test_a_sighup_while_serve_starts_is_acted_on_once_it_listens(workdir, env) -> None:
+    """SIGHUP's default action ends a process: sent while serve was starting (here: as soon as it says its
+    embedded Redis serves, before its service has a handler), it ended serve. Held back from the command's
+    start, it is delivered once the handler is there: one reload, and serve goes on."""
+    env = {**env, "DECISION_ROUTER_RULES_POLL_INTERVAL": "0"}
+    process = subprocess.Popen(CLI + ["serve", "--no-api"], env=env, cwd=workdir, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in process.stderr), daemon=True)
+    reader.start()
+
+    def logged(name: str) -> int:
+        return sum(e["event"] == name for e in list(events))
+
+    try:
+        wait_for(lambda: logged("embedded Redis (fakeredis) serving") == 1 or process.poll() is not None,
+                 what="serve to start its embedded Redis")
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: logged("SIGHUP: re-reading the rules") == 1 or process.poll() is not None,
+                 what="the held-back SIGHUP to be acted on")
+        assert process.poll() is None, events[-5:]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+        reader.join(timeout=5)
+    assert process.returncode == 0 and logged("router started") == 1
+
+
 def _exists(client: redis.Redis, key: str) -> bool:
     try:
         return client.exists(key) == 1

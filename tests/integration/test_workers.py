@@ -195,3 +195,48 @@ def test_with_workers_the_first_one_serves_the_api_and_only_it(redis_server: str
     assert "Address already in use" not in stderr and "cannot listen" not in stderr
     assert "Traceback" not in stderr
     assert stderr.count('"rules reloaded"') == 2, stderr[-3000:]  # each worker re-read its rules
+
+
+def test_a_sighup_while_the_workers_start_is_acted_on_once_they_listen(redis_server: str, tmp_path) -> None:
+    """SIGHUP to the supervisor as soon as it has spawned the workers: passed on to workers still starting, it
+    ended them (SIGHUP's default action, before their handler), and they were restarted. Held back until each
+    worker's service has its handler, it reloads each worker's rules once, and no worker exits."""
+    import shutil
+
+    rules = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", rules)
+    prefix = f"workers-hup-{os.getpid()}-{time.monotonic_ns()}:"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    env.update(
+        DECISION_ROUTER_REDIS_URL=redis_server,
+        DECISION_ROUTER_STREAM_PREFIX=prefix,
+        DECISION_ROUTER_DATABASE_URL=f"sqlite:///{tmp_path / 'store.db'}",
+        DECISION_ROUTER_RULES_DIR=str(rules),
+        DECISION_ROUTER_RULES_POLL_INTERVAL="0",  # only SIGHUP reloads
+        DECISION_ROUTER_LOG_FORMAT="json",
+    )
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "decision_router", "serve", "--workers", "2", "--no-api"],
+                                   env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log_file)
+        try:
+            wait_for(lambda: '"workers started"' in log_path.read_text() or process.poll() is not None,
+                     timeout=60, what="the supervisor to spawn its workers")
+            assert '"router started"' not in log_path.read_text()  # the workers are still starting
+            process.send_signal(signal.SIGHUP)
+            wait_for(lambda: log_path.read_text().count('"SIGHUP: re-reading the rules"') >= 2
+                     or process.poll() is not None, timeout=60, what="each worker to re-read its rules once it listens")
+            time.sleep(0.5)  # a restart, had a worker been ended, is logged by now (the supervisor ticks faster)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+            client = redis.Redis.from_url(redis_server)
+            stale = list(client.scan_iter(match=f"{prefix}*"))
+            if stale:
+                client.delete(*stale)
+            client.close()
+    stderr = log_path.read_text()
+    assert process.returncode == 0, stderr[-3000:]
+    assert '"worker exited; restarting it"' not in stderr, stderr[-3000:]
+    assert stderr.count('"router started"') == 2, stderr[-3000:]
+    assert stderr.count('"SIGHUP: re-reading the rules"') == 2, stderr[-3000:]  # once each, not lost, not twice
