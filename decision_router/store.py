@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -50,8 +51,17 @@ def make_engine(
             # now planned as it runs, for a few hundredths of a millisecond. A caller's connect_args
             # still decide.
             kwargs["connect_args"] = {"prepare_threshold": None, **kwargs.get("connect_args", {})}
+        url = make_url(database_url)
+        if "connect_timeout" not in url.query and not os.environ.get("PGCONNECT_TIMEOUT"):
+            # libpq waits for a server that accepted the connection but does not answer with no limit:
+            # `health` (the compose healthcheck) hung, and an outage took that long to be seen as one.
+            kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S, **kwargs.get("connect_args", {})}
         engine = create_engine(database_url, pool_pre_ping=True, **kwargs)
     return engine
+
+
+# PostgreSQL: seconds to connect, unless the URL (`?connect_timeout=N`) or PGCONNECT_TIMEOUT says otherwise.
+CONNECT_TIMEOUT_S = 10
 
 
 def _is_file_database(url: Any) -> bool:

@@ -1,0 +1,51 @@
+"""Connecting to a PostgreSQL that accepted the connection and never answers gives up after a while: libpq
+alone waited with no limit, so `health` (the compose healthcheck) hung and an outage was never seen as one."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from decision_router import store
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port whose listener accepts (the kernel's backlog) and never says a word."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def _seconds_to_fail(url: str) -> float:
+    engine = store.make_engine(url)
+    started = time.monotonic()
+    try:
+        with pytest.raises(OperationalError, match="timeout"):
+            engine.connect().close()
+    finally:
+        engine.dispose()
+    return time.monotonic() - started
+
+
+def test_a_server_that_never_answers_is_given_up_on(
+    silent_server: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    monkeypatch.setattr(store, "CONNECT_TIMEOUT_S", 2)  # libpq's least
+    # Bounded by the test run's own timeout without the default; 2 s with it, whatever the machine's load.
+    assert _seconds_to_fail(f"postgresql+psycopg://postgres@127.0.0.1:{silent_server}/test") < 30
+
+
+def test_the_urls_own_connect_timeout_decides(silent_server: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    monkeypatch.setattr(store, "CONNECT_TIMEOUT_S", 600)
+    assert _seconds_to_fail(f"postgresql+psycopg://postgres@127.0.0.1:{silent_server}/test?connect_timeout=2") < 30
