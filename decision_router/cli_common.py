@@ -10,6 +10,7 @@ registered on `app` when their module is imported; cli.py imports them all, in t
 from __future__ import annotations
 
 import gc
+import re
 import sys
 from collections.abc import Coroutine, Mapping, Sequence
 from datetime import datetime
@@ -231,10 +232,12 @@ def smtp_or_exit(settings: Settings) -> None:
 
 def fail_store(database_url: str, exc: Exception, *, doing: str = "open") -> NoReturn:
     """Exit 1: the store at `database_url` cannot be opened (e.g. its directory does not exist), or `doing`
-    else (e.g. "write to": a read-only file); passwords masked."""
+    else (e.g. "read", "write to": a read-only file); passwords masked, on one line."""
     from decision_router.settings import redact_text, redact_url
 
     reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
+    # One line: libpq's hint goes on an indented line of its own ("Is the server running on that host...").
+    reason = re.sub(r"\s*\n\s*", "; ", reason)
     fail(f"cannot {doing} the store at {redact_url(database_url)}: {reason}")
 
 

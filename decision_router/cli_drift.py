@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli_common import existing_store_or_exit, fail, out, settings_or_exit
+from decision_router.cli_common import existing_store_or_exit, fail, fail_store, out, settings_or_exit
 from decision_router.cli_stats import rules_or_none, stats_app, unknown_model, unseen_model
 
 FORMATS = ("table", "json")
@@ -75,7 +75,6 @@ def drift(
 
     from decision_router.monitor import assess_models
     from decision_router.pipeline import utcnow
-    from decision_router.settings import redact_url
     from decision_router.store import make_engine
 
     if fmt not in FORMATS:
@@ -97,7 +96,7 @@ def drift(
                 rows = assess_models(session, now=utcnow(), ruleset_models=models, only=only)
                 unknown = None if rows else unknown_model(session, model, lambda: ruleset, settings.rules_dir)
     except SQLAlchemyError as exc:
-        fail(f"cannot read the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
+        fail_store(settings.database_url, exc, doing="read")
     finally:
         engine.dispose()
     if unknown is not None:

@@ -25,6 +25,7 @@ from decision_router.cli_common import (
     err,
     existing_store_or_exit,
     fail,
+    fail_store,
     fail_with_problems,
     out,
     parse_entity,
@@ -73,7 +74,6 @@ def read_store(settings: Settings) -> Iterator[Any]:
     from sqlalchemy.exc import SQLAlchemyError
     from sqlmodel import Session
 
-    from decision_router.settings import redact_url
     from decision_router.store import make_engine
 
     existing_store_or_exit(settings.database_url)
@@ -86,7 +86,7 @@ def read_store(settings: Settings) -> Iterator[Any]:
                 yield session
                 session.rollback()
     except SQLAlchemyError as exc:
-        fail(f"cannot read the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
+        fail_store(settings.database_url, exc, doing="read")
     finally:
         engine.dispose()
 

@@ -30,6 +30,7 @@ from decision_router.cli_common import (
     err,
     existing_store_or_exit,
     fail,
+    fail_store,
     no_gc_until_done,
     out,
     settings_or_exit,
@@ -75,7 +76,6 @@ def _store(settings: Settings) -> Iterator[Any]:
     from sqlalchemy.exc import SQLAlchemyError
     from sqlmodel import Session
 
-    from decision_router.settings import redact_url
     from decision_router.store import create_schema, make_engine, schema_is_current
 
     existing_store_or_exit(settings.database_url)
@@ -86,7 +86,7 @@ def _store(settings: Settings) -> Iterator[Any]:
         with Session(engine) as session:
             yield session
     except SQLAlchemyError as exc:
-        fail(f"cannot read the store at {redact_url(settings.database_url)}: {getattr(exc, 'orig', None) or exc}")
+        fail_store(settings.database_url, exc, doing="read")
     finally:
         engine.dispose()
 

@@ -365,6 +365,27 @@ def test_a_store_file_that_is_not_sqlite_is_one_error_line(
     assert line == f"error: cannot open the store at sqlite:///{tmp_path / 'store.db'}: file is not a database"
 
 
+@pytest.mark.parametrize("command", [["stats"], ["stats", "drift"], ["audit", "a-1"], ["health"]])
+def test_a_postgresql_that_refuses_the_connection_is_one_error_line(
+    command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # libpq puts its hint on a line of its own ("\n\tIs the server running on that host ..."): two lines.
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:1/test")
+
+    async def no_redis(_settings: object) -> object:  # `health` pings Redis first: nothing to ping in a unit test
+        class Closed:
+            async def aclose(self) -> None:
+                return None
+
+        return Closed()
+
+    monkeypatch.setattr(cli, "_connect", no_redis)
+    line = one_error(invoke(*command), 1)
+    assert re.fullmatch(r"error: cannot (open|read) the store at postgresql\+psycopg://postgres@127\.0\.0\.1:1/test: "
+                        r".*Connection refused; Is the server running on that host and accepting TCP/IP connections\?",
+                        line), line
+
+
 def test_tokens_on_a_read_only_store_is_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A read-only store opens and reads; only the write failed, with an OperationalError traceback.
     # (Read-only as SQLite's mode=ro: a file's mode bits do not stop root, who may run the tests.)
