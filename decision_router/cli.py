@@ -8,9 +8,8 @@ the consoles, `fail`, the settings and store helpers) is in cli_common.py, which
 from __future__ import annotations
 
 import gc
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
@@ -28,6 +27,7 @@ from decision_router.cli_common import (
     out,
     parse_entity,
     rules_app,
+    run_interruptibly,
     run_on_redis,
     send_outcome,
     settings_or_exit,
@@ -99,45 +99,6 @@ def serve(
         fail_store(settings.database_url, exc)
 
 
-T = TypeVar("T")
-INTERRUPT_GRACE_S = 1.0  # after Ctrl-C, how long `demo` may take to stop by itself
-
-
-def run_interruptibly(main: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run, where Ctrl-C always stops `main`: it is cancelled, and cancelled again every
-    INTERRUPT_GRACE_S while it keeps running (a cancellation can be lost inside an await that
-    completes at the same moment: seen under load, the demo then ran to its end). The outcome
-    is KeyboardInterrupt (exit 130), as with asyncio.run, even when `main` finishes anyway (Ctrl-C
-    during its last synchronous step, or a cancellation lost for good): the demo then printed
-    the rest of its report and exited 0 as if Ctrl-C had not been pressed."""
-    import asyncio
-    import signal
-
-    async def guarded() -> T:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        interrupted = False
-
-        def interrupt() -> None:
-            nonlocal interrupted
-            interrupted = True
-            if not task.done():
-                task.cancel()
-                loop.call_later(INTERRUPT_GRACE_S, interrupt)
-
-        loop.add_signal_handler(signal.SIGINT, interrupt)
-        try:
-            result = await main
-        except asyncio.CancelledError:
-            raise KeyboardInterrupt from None
-        finally:
-            loop.remove_signal_handler(signal.SIGINT)
-        if interrupted:
-            raise KeyboardInterrupt
-        return result
-
-    return asyncio.run(guarded())
 
 
 @app.command()

@@ -295,16 +295,54 @@ async def _connect(settings: Settings) -> Redis:
 T = TypeVar("T")
 
 
-def run_on_redis(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run(main), where a Redis command failing after _connect (a node going away, or a plain client
-    redirected by a cluster node: MOVED) is one error line (exit 1), not a traceback."""
-    import asyncio
+INTERRUPT_GRACE_S = 1.0  # after Ctrl-C, how long a command may take to stop by itself
 
+
+def run_interruptibly(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, where Ctrl-C always stops `main`: it is cancelled, and cancelled again every
+    INTERRUPT_GRACE_S while it keeps running (a cancellation can be lost inside an await that
+    completes at the same moment: seen under load, the demo then ran to its end). The outcome
+    is KeyboardInterrupt (exit 130), as with asyncio.run, even when `main` finishes anyway (Ctrl-C
+    during its last synchronous step, or a cancellation lost for good): the demo then printed
+    the rest of its report and exited 0 as if Ctrl-C had not been pressed."""
+    import asyncio
+    import signal
+
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        interrupted = False
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
+            if not task.done():
+                task.cancel()
+                loop.call_later(INTERRUPT_GRACE_S, interrupt)
+
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+        try:
+            result = await main
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
+
+    return asyncio.run(guarded())
+
+
+def run_on_redis(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
+    """run_interruptibly(main), where a Redis command failing after _connect (a node going away, or a plain
+    client redirected by a cluster node: MOVED) is one error line (exit 1), not a traceback."""
     from decision_router.redis_client import REDIS_ERRORS, cluster_hint
     from decision_router.settings import redact_text, redact_url
 
     try:
-        return asyncio.run(main)
+        return run_interruptibly(main)
     except REDIS_ERRORS as exc:
         reason = redact_text(str(exc))
         fail(f"Redis at {redact_url(settings.effective_redis_url)} failed: {reason}{cluster_hint(exc)}")

@@ -517,12 +517,19 @@ def test_ctrl_c_stops_even_a_coroutine_that_loses_the_cancellation(workdir) -> N
     assert 0.9 < took < EXIT_BOUND_S, f"exit took {took:.2f}s"  # the grace (1 s), then cancelled again
 
 
-def test_ctrl_c_stops_even_a_coroutine_that_finishes_anyway(workdir) -> None:
+@pytest.mark.parametrize("runner", [
+    "from decision_router.cli import run_interruptibly as run\n",
+    # publish, outcome, reassign, redrive: with plain asyncio.run, a cancellation lost in a library (seen once:
+    # a 300,000-line publish went on to its end after Ctrl-C) let the command finish and exit 0.
+    "from decision_router.cli_common import run_on_redis\nfrom decision_router.settings import Settings\n"
+    "def run(main):\n    return run_on_redis(Settings(), main)\n",
+])
+def test_ctrl_c_stops_even_a_coroutine_that_finishes_anyway(workdir, runner: str) -> None:
     """Ctrl-C while the demo's last step runs without an await (its report): nothing is left to cancel,
     and the demo went on to print the stats and exit 0. An interrupt is an interrupt: exit 130."""
     code = (
         "import asyncio\n"
-        "from decision_router.cli import run_interruptibly\n"
+        f"{runner}"
         "async def finishes_anyway():\n"
         "    print('running', flush=True)\n"
         "    try:\n"
@@ -530,7 +537,7 @@ def test_ctrl_c_stops_even_a_coroutine_that_finishes_anyway(workdir) -> None:
         "    except asyncio.CancelledError:\n"
         "        pass  # lost for good: the rest runs to its end\n"
         "    return 'finished'\n"
-        "print(run_interruptibly(finishes_anyway()))\n"
+        "print(run(finishes_anyway()))\n"
     )
     process = subprocess.Popen([CLI[0], "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
