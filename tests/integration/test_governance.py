@@ -160,9 +160,12 @@ async def test_deadlines_missed_while_down_fire_once_even_with_two_workers(setti
     clock.now = T0 + timedelta(hours=5)
     other = tuned.model_copy(update={"consumer_name": "worker-2"})
     async with running_service(tuned, ruleset, engine, clock=clock) as one, running_service(other, ruleset, engine, clock=clock) as two:
+        # Each worker's start-up sweep runs as a task of its own, racing the other's: waited for, not assumed
+        # done by the time both have started (on a loaded machine the sweeps below could come first).
+        await wait_until(lambda: len(inbox(r, one.keys, "lead")) == 5, what="5 escalations delivered at start-up")
         results = await asyncio.gather(*(EscalationSweeper(s.pipeline).sweep_once() for s in (one, two, one, two)))
         assert sum(res.escalated for res in results) == 0  # already done at start-up
-        await wait_until(lambda: len(inbox(r, one.keys, "lead")) == 5, what="5 escalations delivered")
+        assert len(inbox(r, one.keys, "lead")) == 5
         # Racing sweepers on the next level.
         clock.now = T0 + timedelta(hours=9, minutes=1)
         results = await asyncio.gather(*(EscalationSweeper(s.pipeline).sweep_once() for s in (one, two, one, two)))
