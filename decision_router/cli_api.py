@@ -36,8 +36,12 @@ def api(
     ] = None,
 ) -> None:
     """Serve only the HTTP API and dashboard (the consumers run in `serve --no-api` or elsewhere)."""
-    import asyncio
     import signal
+
+    # SIGHUP ("re-read the rules") ends a process that has no handler for it yet: held back until
+    # run_api has one, then delivered to it (as `serve` does).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    import asyncio
 
     from sqlalchemy.exc import SQLAlchemyError
 

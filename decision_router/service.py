@@ -10,28 +10,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import signal
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
-from typing import Any
 
 import structlog
-from redis.asyncio import Redis
 from sqlalchemy.engine import Engine
 
 from decision_router import cooldowns, tallies
-from decision_router.consumer import Consumer, Input, ensure_group, infrastructure_failure
+from decision_router.consumer import Consumer, Input, ensure_group
 from decision_router.embedded import EmbeddedRedis
 from decision_router.enrich import build_enricher
 from decision_router.escalation import EscalationSweeper
-from decision_router.keys import Keys
 from decision_router.monitor import DataQualityMonitor
 from decision_router.notify import ChannelDelivery
 from decision_router.outbox import OutboxDrain
 from decision_router.pipeline import Clock, Pipeline, utcnow
 from decision_router.redis_client import redis_for
+from decision_router.reloads import RulesFollower, request_reload, run_every
 from decision_router.rules import RuleSet, load_rules
 from decision_router.rules.watch import RulesWatcher
 from decision_router.settings import Settings, redact_url
@@ -41,26 +37,6 @@ from decision_router.streams import ReplicasBehind, connected_replicas
 __all__ = ["RouterService", "ensure_group", "request_reload", "running_service", "serve"]
 
 log = structlog.get_logger("decision_router.service")
-
-RELOAD_POLL_S = 0.1  # how often the reload subscriber looks at the stop flag
-SUBSCRIBE_WAIT_S = 5.0  # at most this long, start waits for the reload subscriber to listen
-
-
-async def request_reload(redis: Redis, keys: Keys, *, rules_version: str, by: str, origin: str | None) -> int:
-    """Ask every router process on this prefix to re-read its rules now; returns how many
-    subscribed processes received the request (PUBLISH's count). `by` names the asker in logs;
-    `origin` is the RouterService.instance that has reloaded already (its API's), if any."""
-    request = {"rules_version": rules_version, "by": by, "origin": origin}
-    return int(await redis.publish(keys.rules_reload, json.dumps(request)))
-
-
-def reload_request(data: bytes | str) -> dict[str, Any]:
-    """The request's fields; anything else published on the channel still means "reload"."""
-    try:
-        request = json.loads(data)
-    except ValueError:
-        return {}
-    return request if isinstance(request, dict) else {}
 
 
 class RouterService:
@@ -77,9 +53,6 @@ class RouterService:
         self.keys = pipeline.keys
         self.group = settings.consumer_group
         self.consumer = settings.consumer_name
-        # Tells this service's own reload broadcasts from the others: consumer names can repeat
-        # (a standalone API sharing the environment of a `serve`), this cannot.
-        self.instance = uuid.uuid4().hex
         self.reader = Consumer(
             pipeline.redis,
             settings,
@@ -94,12 +67,13 @@ class RouterService:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = self.reader.stopping
-        # The poll, SIGHUP, the API and the broadcast each start reloads: one at a time, so one
-        # that read older files cannot finish last and put back its rules or receivers.
-        self._reloading = asyncio.Lock()
-        # Set once the reload subscriber listens: "router started" waits for it, so that a reload
-        # requested as soon as the log says started reaches this process.
-        self._subscribed = asyncio.Event()
+        # The poll, SIGHUP, the API and the broadcast (reloads.py, shared with a standalone `api`).
+        self.rules = RulesFollower(
+            watcher or RulesWatcher(settings.rules_dir, pipeline.ruleset), pipeline, redis=pipeline.redis,
+            keys=self.keys, stopping=self._stopping, log=log, on_reload=self._reconfigure_channels,
+        )
+        # Tells this service's own reload broadcasts from the others (RulesFollower.instance).
+        self.instance = self.rules.instance
 
     async def start(self) -> None:
         await self.reader.ensure_groups()
@@ -123,13 +97,8 @@ class RouterService:
             # Pending channel deliveries left by a crash, or queued by another path.
             self._every("channels", 1.0, self.pipeline.channels.pump)
         if self.watcher is not None:
-            if settings.rules_poll_interval.total_seconds() > 0:
-                self._every("rules", settings.rules_poll_interval.total_seconds(), self.check_rules)
-            # Resubscribes a second after a Redis error; a request missed meanwhile is caught by the poll.
-            self._every("rules-reload", 1.0, self.follow_reload_requests)
-            # Bounded: with Redis down the subscriber retries every second, and the service still starts.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._subscribed.wait(), SUBSCRIBE_WAIT_S)
+            # "router started" waits for the reload subscriber: a request as soon as it is logged reaches us.
+            await self.rules.start(self._every, settings.rules_poll_interval.total_seconds())
         log.info(
             "router started",
             redis=redact_url(self.pipeline.settings.effective_redis_url),
@@ -193,81 +162,28 @@ class RouterService:
     async def check_rules(self, *, force: bool = False) -> None:
         """Swap in changed rule files if they are valid; a bad file keeps the old rules."""
         assert self.watcher is not None
-        async with self._reloading:
-            fresh = await asyncio.to_thread(self.watcher.reload if force else self.watcher.check)
-            if fresh is None:
-                return
-            old = self.pipeline.ruleset.version
-            self.pipeline.ruleset = fresh  # one assignment: each batch sees one rule set
-            log.info("rules reloaded", rules_version=fresh.version, previous=old, rules=len(fresh.rules))
-            if self.pipeline.channels is not None:
-                # Webhook URLs, secrets, emails and digest windows come from the owner directory.
-                await self.pipeline.channels.reconfigure(fresh)
+        await self.rules.check(force=force)
+
+    async def _reconfigure_channels(self, fresh: RuleSet) -> None:
+        if self.pipeline.channels is not None:
+            # Webhook URLs, secrets, emails and digest windows come from the owner directory.
+            await self.pipeline.channels.reconfigure(fresh)
 
     def reload_now(self) -> None:
-        """SIGHUP: re-read the rules now rather than at the next poll. The task is kept (the loop
-        holds only a weak reference, so it could be collected mid-reload), waited for at stop,
-        and a failure is logged, not left to asyncio's "exception was never retrieved"."""
-
-        # Said even when nothing changed (then no "rules reloaded" follows): whoever sent it sees it arrived.
-        log.info("SIGHUP: re-reading the rules")
-
-        async def reload() -> None:
-            try:
-                await self.check_rules(force=True)
-            except Exception as exc:
-                if infrastructure_failure(exc) is not None:
-                    log.warning("rules reload failed: a service is unreachable", error=str(exc)[:300])
-                else:
-                    log.error("rules reload failed", exc_info=exc)
-
-        task = asyncio.create_task(reload(), name="rules-sighup")
+        """SIGHUP: re-read the rules now rather than at the next poll (RulesFollower.reload_now). The
+        task is kept, and waited for at stop."""
+        task = self.rules.reload_now()
         self._tasks = [t for t in self._tasks if not (t.done() and t.get_name() == "rules-sighup")] + [task]
 
     async def follow_reload_requests(self) -> None:
-        """Re-read the rules when any process on this stream prefix asks (POST /v1/rules/reload,
-        published on keys.rules_reload), until stop; a Redis error ends it (the caller resubscribes)."""
-        # A cluster client routes SUBSCRIBE by the slots it learned on its first command (KeyError before
-        # any): start() has created the consumer groups by then.
-        pubsub = self.pipeline.redis.pubsub()
-        try:
-            # subscribe() only sends the command: listening starts when Redis confirms it.
-            await pubsub.subscribe(self.keys.rules_reload)
-            while not self._stopping.is_set():
-                message = await pubsub.get_message(timeout=RELOAD_POLL_S)
-                if message is None:
-                    continue
-                if message["type"] != "message":
-                    if message["type"] == "subscribe":
-                        self._subscribed.set()
-                    continue
-                request = reload_request(message["data"])
-                if request.get("origin") != self.instance:  # else this service's API has reloaded it already
-                    log.info("rules reload requested", by=request.get("by"), rules_version=request.get("rules_version"))
-                    await self.check_rules(force=True)
-        finally:
-            await pubsub.aclose()
+        """Re-read the rules when any process on this stream prefix asks, until stop (RulesFollower)."""
+        await self.rules.follow_reload_requests()
 
     def _every(
         self, name: str, interval: float, job: Callable[[], Awaitable[object]], *, wait_first: bool = False
     ) -> None:
-        async def loop() -> None:
-            if wait_first:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), max(0.05, interval))
-            while not self._stopping.is_set():
-                try:
-                    await job()
-                except Exception as exc:
-                    # An outage is logged once by the read loop; a bug in a job is logged in full.
-                    if infrastructure_failure(exc) is not None:
-                        log.debug(f"{name} skipped: a service is unreachable", error=str(exc)[:300])
-                    else:
-                        log.exception(f"{name} failed; will retry")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), max(0.05, interval))
-
-        self._tasks.append(asyncio.create_task(loop(), name=name))
+        loop = run_every(name, interval, job, self._stopping, log, wait_first=wait_first)
+        self._tasks.append(asyncio.create_task(loop, name=name))
 
     async def _keep_alive(self, read: asyncio.Task[None]) -> None:
         """The entries in hand kept alive (Consumer.keep_alive) every claim_idle / 4 until the read loop

@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     shutdown_timeout: timedelta = timedelta(seconds=10)
     # How often each worker looks for missed SLA deadlines to escalate.
     sweep_interval: timedelta = timedelta(seconds=30)
-    # How often `serve` checks the rule files for changes (0 = only on SIGHUP).
+    # How often `serve` and `api` check the rule files for changes (0 = only on SIGHUP or a reload request).
     rules_poll_interval: timedelta = timedelta(seconds=5)
     # How often each worker checks models for drift and data-quality jumps (0 = never).
     drift_interval: timedelta = timedelta(hours=1)

@@ -2,9 +2,9 @@
 
 This process reloads first (so the answer can name the new version, or the problems that
 keep the old one); then the request is published on the prefix's `rules:reload` channel,
-which each `serve` process (every `--workers` worker, any host) follows and answers by
-re-reading its own files at once. A process that misses the message (cut off from Redis
-at that moment) picks the change up at its next file poll (DECISION_ROUTER_RULES_POLL_INTERVAL).
+which each `serve` process (every `--workers` worker, any host) and each standalone `api`
+follows and answers by re-reading its own files at once. A process that misses the message (cut
+off from Redis at that moment) picks the change up at its next file poll (DECISION_ROUTER_RULES_POLL_INTERVAL).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from decision_router.api.auth import Principal, require
 from decision_router.api.common import keys_of, ruleset_of, settings_of
 from decision_router.redis_client import REDIS_ERRORS
+from decision_router.reloads import request_reload
 from decision_router.rules import check_rules
-from decision_router.service import request_reload
 
 router = APIRouter(tags=["admin"])
 log = structlog.get_logger("decision_router.api")
@@ -56,7 +56,7 @@ async def reload_rules(request: Request, principal: Annotated[Principal, Depends
         "changed": current.version != previous,
         "rules": len(current.rules),
         "owners": len(current.owners),
-        # Router processes on this prefix that received the request (this one included when it
-        # routes too); null when Redis could not be reached.
+        # Processes on this prefix that received the request (this one included: it follows them
+        # too, and skips its own); null when Redis could not be reached.
         "notified_processes": notified,
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
@@ -22,6 +23,8 @@ from sqlalchemy.engine import Engine
 from decision_router import tallies
 from decision_router.api.app import create_app
 from decision_router.consumer import infrastructure_failure
+from decision_router.keys import Keys
+from decision_router.reloads import Job, RulesFollower, run_every
 from decision_router.rules import RuleSet, RulesWatcher
 from decision_router.settings import Settings
 
@@ -127,28 +130,61 @@ async def api_for_service(service: Any, engine: Engine, *, enabled: bool = True)
         yield server
 
 
-async def run_api(settings: Settings, ruleset: RuleSet, engine: Engine, redis: Redis, stop: asyncio.Event) -> None:
-    """`decision-router api`: the API alone (the consumers run elsewhere), until `stop`."""
-    watcher = RulesWatcher(settings.rules_dir, ruleset)
-    current = {"rules": ruleset}
+class _Rules:
+    """What the standalone API's follower swaps: the rules its requests read (the app's own pipeline
+    follows them, api/actions.py)."""
 
-    async def reload() -> None:
-        fresh = await asyncio.to_thread(watcher.reload)
-        if fresh is not None:
-            current["rules"] = fresh
-            log.info("rules reloaded", rules_version=fresh.version)
+    def __init__(self, ruleset: RuleSet) -> None:
+        self.ruleset = ruleset
+
+
+async def run_api(settings: Settings, ruleset: RuleSet, engine: Engine, redis: Redis, stop: asyncio.Event) -> None:
+    """`decision-router api`: the API alone (the consumers run elsewhere), until `stop`. It follows rule
+    changes as `serve` does (reloads.py): the file poll, SIGHUP (held back by the `api` command until
+    the handler is here), and reload requests any process publishes on `<prefix>rules:reload`."""
+    current = _Rules(ruleset)
+    rules = RulesFollower(RulesWatcher(settings.rules_dir, ruleset), current, redis=redis,
+                          keys=Keys(settings.stream_prefix), stopping=stop, log=log)
+    tasks: list[asyncio.Task[None]] = []
+
+    def every(name: str, interval: float, job: Job) -> None:
+        tasks.append(asyncio.create_task(run_every(name, interval, job, stop, log), name=name))
+
+    def reload_now() -> None:  # SIGHUP: the task kept (the loop holds only a weak reference), waited for at stop
+        tasks[:] = [t for t in tasks if not (t.done() and t.get_name() == "rules-sighup")] + [rules.reload_now()]
 
     # `serve` folds the stats' running counts; a deployment whose stats are read by this API alone (or
     # whose `serve` is down while the API acks) would otherwise sum ever more rows (tallies.py).
     folding = asyncio.create_task(fold_tallies_until(engine, stop), name="tallies")
     try:
-        async with api_running(settings, engine=engine, redis=redis, ruleset=lambda: current["rules"],
-                               reload_rules=reload):
+        # Subscribed before listening: a reload requested once the API answers reaches it.
+        await rules.start(every, settings.rules_poll_interval.total_seconds())
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_now)
+        # One held back while starting (the `api` command blocks it first) is delivered now, to it.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        async with api_running(settings, engine=engine, redis=redis, ruleset=lambda: current.ruleset,
+                               reload_rules=lambda: rules.check(force=True), reload_origin=rules.instance):
             await stop.wait()
             log.info("stopping")
     finally:
         stop.set()
         await folding
+        await _finish(tasks, settings.shutdown_timeout.total_seconds())
+
+
+async def _finish(tasks: list[asyncio.Task[None]], timeout: float) -> None:
+    """The rule jobs end once `stop` is set; a reload in hand may take up to `timeout`, then is cancelled."""
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    if pending:
+        log.warning("shutdown timeout; unfinished work left pending", tasks=sorted(t.get_name() for t in pending))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task ended with an error", task=task.get_name(), exc_info=task.exception())
 
 
 async def fold_tallies_until(engine: Engine, stop: asyncio.Event) -> None:

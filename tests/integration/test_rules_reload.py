@@ -282,7 +282,7 @@ async def test_reloads_at_once_leave_the_receivers_of_the_last_rules_read(
         second = asyncio.create_task(service.check_rules(force=True))
         # Unserialised, the second reload finishes meanwhile; serialised, it waits for the first's lock. Waited for,
         # not a fixed second: on a busy machine an unserialised second reload could take longer than that.
-        await wait_until(lambda: second.done() or bool(service._reloading._waiters),
+        await wait_until(lambda: second.done() or bool(service.rules.reloading._waiters),
                          what="the second reload to finish or to wait for the first")
         release_first.set()
         await asyncio.gather(first, second)
@@ -307,12 +307,13 @@ async def test_a_standalone_api_named_like_a_router_still_reaches_it(settings, e
         api = asyncio.create_task(run_api(api_settings, load_rules(here), engine, redis_client, stop))
         try:
             await wait_until(lambda: listening(port) or api.done(), what="the API to listen")
-            await wait_until(lambda: subscribers(settings) == 1, timeout=30, what="the router to subscribe")
+            # The standalone API follows reload requests too (and skips its own).
+            await wait_until(lambda: subscribers(settings) == 2, timeout=30, what="the router and the API to subscribe")
             for directory in (here, there):
                 send_enterprise_churn_to_the_desk(directory)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
                 body = (await client.post("/v1/rules/reload", headers=admin)).json()
-            assert body["changed"] is True and body["notified_processes"] == 1, body
+            assert body["changed"] is True and body["notified_processes"] == 2, body
             await wait_until(lambda: router.pipeline.ruleset.version == body["rules_version"], timeout=30,
                              what="the router to reload")
         finally:
@@ -410,3 +411,103 @@ async def test_a_started_service_already_follows_reload_requests(settings, engin
         received = await request_reload(service.pipeline.redis, keys, rules_version="?", by="test", origin=None)
         assert received == 1
         await wait_until(lambda: service.pipeline.ruleset.version != before, timeout=30, what="the reload")
+
+
+
+# A standalone `decision-router api` (run_api) follows rule changes as `serve` does. What it shows: the
+# owner directory its stats filter checks (an owner unknown to the rules and the store is a 422).
+NEW_OWNER = "  - {id: new-hire, name: New Hire, channels: [inbox]}\n"
+
+
+def add_an_owner(rules_dir: Path) -> None:
+    owners = rules_dir / "owners.yaml"
+    owners.write_text(owners.read_text() + NEW_OWNER)
+
+
+class StandaloneApi:
+    def __init__(self, port: int, engine) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.ops = {"Authorization": f"Bearer {create_token(engine, role='ops')[0]}"}
+
+    def new_hire(self) -> int:
+        """GET /v1/stats?owner=new-hire: 422 while the API's rules lack the owner, 200 once they have it."""
+        return httpx.get(f"{self.url}/v1/stats", params={"owner": "new-hire"}, headers=self.ops, timeout=10).status_code
+
+
+@contextlib.asynccontextmanager
+async def standalone_api(settings, engine, rules_dir: Path, **update):
+    """run_api on its own rules directory, until the block ends."""
+    port = free_port()
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "api_port": port, **update})
+    stop, redis_client = asyncio.Event(), Redis.from_url(settings.effective_redis_url)
+    api = asyncio.create_task(run_api(tuned, load_rules(rules_dir), engine, redis_client, stop))
+    try:
+        await wait_until(lambda: listening(port) or api.done(), what="the API to listen")
+        assert not api.done()
+        yield StandaloneApi(port, engine)
+    finally:
+        stop.set()
+        await api
+        await redis_client.aclose()
+
+
+async def test_a_standalone_api_picks_up_an_edit_at_its_next_poll(settings, engine, tmp_path: Path) -> None:
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules_dir)
+    async with standalone_api(settings, engine, rules_dir, rules_poll_interval=timedelta(seconds=1)) as api:
+        assert await asyncio.to_thread(api.new_hire) == 422
+        add_an_owner(rules_dir)
+        # Nothing else reloads it (no SIGHUP, no request); it polls every second.
+        await wait_until(lambda: api.new_hire() == 200, timeout=20, what="the API to see the new owner")
+
+
+async def test_a_standalone_api_follows_a_reload_requested_elsewhere(settings, engine, tmp_path: Path) -> None:
+    """POST /v1/rules/reload on any process publishes on `<prefix>rules:reload`: an `api` running alone
+    re-reads its own files then, not only when its own endpoint is called."""
+    from structlog.testing import capture_logs
+
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules_dir)
+    keys = Keys(settings.stream_prefix)
+    asker = Redis.from_url(settings.effective_redis_url)
+    try:
+        with capture_logs() as logs:
+            async with standalone_api(settings, engine, rules_dir, rules_poll_interval=timedelta(hours=1)) as api:
+                assert await asyncio.to_thread(subscribers, settings) == 1  # subscribed before it listens
+                assert await asyncio.to_thread(api.new_hire) == 422
+                add_an_owner(rules_dir)
+                received = await request_reload(asker, keys, rules_version="?", by="elsewhere", origin=None)
+                assert received == 1
+                await wait_until(lambda: api.new_hire() == 200, timeout=20, what="the API to follow the request")
+    finally:
+        await asker.aclose()
+    [requested] = [e for e in logs if e["event"] == "rules reload requested"]
+    assert requested["by"] == "elsewhere"
+    [reloaded] = [e for e in logs if e["event"] == "rules reloaded"]
+    assert reloaded["rules_version"] == load_rules(rules_dir).version != reloaded["previous"]
+
+
+async def test_a_standalone_api_reloads_once_for_its_own_request(settings, engine, tmp_path: Path) -> None:
+    """Its own POST /v1/rules/reload reaches its subscriber too: skipped, as `serve` skips its API's."""
+    from structlog.testing import capture_logs
+
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules_dir)
+    admin = {"Authorization": f"Bearer {create_token(engine, role='admin')[0]}"}
+    with capture_logs() as logs:
+        async with standalone_api(settings, engine, rules_dir, rules_poll_interval=timedelta(hours=1)) as api:
+            add_an_owner(rules_dir)
+            async with httpx.AsyncClient(base_url=api.url) as client:
+                body = (await client.post("/v1/rules/reload", headers=admin)).json()
+            assert body["changed"] is True and body["notified_processes"] == 1, body  # itself
+            assert await asyncio.to_thread(api.new_hire) == 200
+            # A request from elsewhere after it: the subscriber sees messages in order, so once it has acted
+            # on this one, it has seen its own (instead of a fixed sleep for something not to happen).
+            asker = Redis.from_url(settings.effective_redis_url)
+            try:
+                await request_reload(asker, Keys(settings.stream_prefix), rules_version="?", by="marker", origin=None)
+            finally:
+                await asker.aclose()
+            await wait_until(lambda: any(e["event"] == "rules reload requested" for e in logs), what="the marker")
+    assert [e["by"] for e in logs if e["event"] == "rules reload requested"] == ["marker"]
+    assert len([e for e in logs if e["event"] == "rules reloaded"]) == 1  # the files did not change since
