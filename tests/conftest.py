@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import structlog
@@ -31,6 +32,16 @@ def _reset_logging():
     change what the next test's capture_logs sees."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_mask():
+    """`serve` and `api` block SIGHUP from their start until they have a handler (cli.py): run in-process
+    (CliRunner), one that stops early would leave it blocked for every later test and the processes they
+    start (a mask outlives exec), hiding what SIGHUP does to them."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def unavailable(what: str, error: Exception) -> None:
