@@ -69,6 +69,22 @@ async def run_every(
             await asyncio.wait_for(stopping.wait(), max(0.05, interval))
 
 
+async def finish_tasks(tasks: list[asyncio.Task[None]], timeout: float, log: Any) -> None:
+    """Wait for `tasks` (jobs told to stop) up to `timeout`; those still running then are cancelled.
+    A task that ended with an error is logged."""
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    if pending:
+        log.warning("shutdown timeout; unfinished work left pending", tasks=sorted(t.get_name() for t in pending))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task ended with an error", task=task.get_name(), exc_info=task.exception())
+
+
 class RulesFollower:
     """Keeps `target.ruleset` current with the rule files; see the module docstring. `log`: the owner's
     logger, so its lines read as before. `on_reload`: run after a swap, still serialised with it."""

@@ -27,7 +27,7 @@ from decision_router.notify import ChannelDelivery
 from decision_router.outbox import OutboxDrain
 from decision_router.pipeline import Clock, Pipeline, utcnow
 from decision_router.redis_client import redis_for
-from decision_router.reloads import RulesFollower, request_reload, run_every
+from decision_router.reloads import RulesFollower, finish_tasks, request_reload, run_every
 from decision_router.rules import RuleSet, load_rules
 from decision_router.rules.watch import RulesWatcher
 from decision_router.settings import Settings, redact_url
@@ -145,16 +145,7 @@ class RouterService:
         # connection error, and a cancelled batch would be left half-done for no reason. Only a
         # read waiting for new entries, with no batch in hand, is cancelled (Consumer.stop).
         self.reader.stop()
-        timeout = self.pipeline.settings.shutdown_timeout.total_seconds()
-        done, pending = await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else (set(), set())
-        if pending:
-            log.warning("shutdown timeout; unfinished work left pending", tasks=sorted(t.get_name() for t in pending))
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("task ended with an error", task=task.get_name(), exc_info=task.exception())
+        await finish_tasks(self._tasks, self.pipeline.settings.shutdown_timeout.total_seconds(), log)
         if self.pipeline.channels is not None:
             # Unfinished channel deliveries stay pending in the store for the next start.
             await self.pipeline.channels.close()

@@ -24,7 +24,7 @@ from decision_router import tallies
 from decision_router.api.app import create_app
 from decision_router.consumer import infrastructure_failure
 from decision_router.keys import Keys
-from decision_router.reloads import Job, RulesFollower, run_every
+from decision_router.reloads import Job, RulesFollower, finish_tasks, run_every
 from decision_router.rules import RuleSet, RulesWatcher
 from decision_router.settings import Settings
 
@@ -169,22 +169,7 @@ async def run_api(settings: Settings, ruleset: RuleSet, engine: Engine, redis: R
     finally:
         stop.set()
         await folding
-        await _finish(tasks, settings.shutdown_timeout.total_seconds())
-
-
-async def _finish(tasks: list[asyncio.Task[None]], timeout: float) -> None:
-    """The rule jobs end once `stop` is set; a reload in hand may take up to `timeout`, then is cancelled."""
-    if not tasks:
-        return
-    done, pending = await asyncio.wait(tasks, timeout=timeout)
-    if pending:
-        log.warning("shutdown timeout; unfinished work left pending", tasks=sorted(t.get_name() for t in pending))
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    for task in done:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task ended with an error", task=task.get_name(), exc_info=task.exception())
+        await finish_tasks(tasks, settings.shutdown_timeout.total_seconds(), log)
 
 
 async def fold_tallies_until(engine: Engine, stop: asyncio.Event) -> None:

@@ -346,21 +346,26 @@ def test_rules_test_with_stdin_closed_says_where_to_give_the_prediction(tmp_path
         2, b"error: no stdin to read the prediction from: give it as an argument, with --file, or on a pipe\n")
 
 
-@pytest.mark.parametrize("command", [["redrive", "deliveries"], ["api", "--port", "0"], ["health"]])
-def test_a_store_file_that_is_not_sqlite_is_one_error_line(
-    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # They created the schema (or ran `select 1`) unguarded: a DatabaseError traceback, or only its class name.
-    (tmp_path / "store.db").write_bytes(b"not an SQLite database, but a text file\n" * 50)
+def no_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`health` pings Redis first: nothing to ping in a unit test."""
 
-    async def no_redis(_settings: object) -> object:  # `health` pings Redis first: nothing to ping in a unit test
+    async def connect(_settings: object) -> object:
         class Closed:
             async def aclose(self) -> None:
                 return None
 
         return Closed()
 
-    monkeypatch.setattr(cli, "_connect", no_redis)
+    monkeypatch.setattr(cli, "_connect", connect)
+
+
+@pytest.mark.parametrize("command", [["redrive", "deliveries"], ["api", "--port", "0"], ["health"]])
+def test_a_store_file_that_is_not_sqlite_is_one_error_line(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # They created the schema (or ran `select 1`) unguarded: a DatabaseError traceback, or only its class name.
+    (tmp_path / "store.db").write_bytes(b"not an SQLite database, but a text file\n" * 50)
+    no_redis(monkeypatch)
     line = one_error(invoke(*command), 1)
     assert line == f"error: cannot open the store at sqlite:///{tmp_path / 'store.db'}: file is not a database"
 
@@ -371,15 +376,7 @@ def test_a_postgresql_that_refuses_the_connection_is_one_error_line(
 ) -> None:
     # libpq puts its hint on a line of its own ("\n\tIs the server running on that host ..."): two lines.
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:1/test")
-
-    async def no_redis(_settings: object) -> object:  # `health` pings Redis first: nothing to ping in a unit test
-        class Closed:
-            async def aclose(self) -> None:
-                return None
-
-        return Closed()
-
-    monkeypatch.setattr(cli, "_connect", no_redis)
+    no_redis(monkeypatch)
     line = one_error(invoke(*command), 1)
     assert re.fullmatch(r"error: cannot (open|read) the store at postgresql\+psycopg://postgres@127\.0\.0\.1:1/test: "
                         r".*Connection refused; Is the server running on that host and accepting TCP/IP connections\?",
