@@ -190,12 +190,14 @@ async def test_a_slow_batch_on_a_live_worker_is_not_taken_for_a_crash(settings, 
     delivery: taken over by a second worker, valid entries were dead-lettered as crashers (or, claimed only
     by its own worker, counted as many deliveries as there were reclaims, dead-lettered at the next restart).
     Kept alive by the worker that holds it, it is never reclaimed: delivered once."""
-    settings = settings.model_copy(update={"max_attempts": 1, "claim_idle": timedelta(seconds=0.2), "batch_size": 5})
+    # CLAIM_IDLE 0.5 s: the keep-alive (every 0.125 s, of entries idle 0.167 s or more) has a third of a second to
+    # spare before a reclaim could take an entry; at 0.2 s a loaded machine's scheduling delays used up its 0.13 s.
+    settings = settings.model_copy(update={"max_attempts": 1, "claim_idle": timedelta(seconds=0.5), "batch_size": 5})
     keys = Keys(settings.stream_prefix)
     real = Pipeline.process_predictions
 
     async def slow(self, entries):
-        await asyncio.sleep(1.0)  # a slow store, a slow lookup
+        await asyncio.sleep(2.5)  # a slow store, a slow lookup
         return await real(self, entries)
 
     monkeypatch.setattr(Pipeline, "process_predictions", slow)
@@ -226,7 +228,7 @@ async def test_the_batch_a_stopping_worker_finishes_is_not_taken_over_meanwhile(
     stop began, so another worker's reclaim took the batch over after CLAIM_IDLE, counted a delivery and
     handled it too. Kept alive until the read loop ends, it is delivered once and handled once."""
     settings = settings.model_copy(update={
-        "max_attempts": 1, "claim_idle": timedelta(seconds=0.2), "batch_size": 5,
+        "max_attempts": 1, "claim_idle": timedelta(seconds=0.5), "batch_size": 5,  # see the test above
         "shutdown_timeout": timedelta(seconds=10),
     })
     keys = Keys(settings.stream_prefix)
@@ -237,7 +239,7 @@ async def test_the_batch_a_stopping_worker_finishes_is_not_taken_over_meanwhile(
     async def slow(self, entries):
         handled.extend(entry_id for entry_id, _ in entries)
         started.set()
-        await asyncio.sleep(1.5)  # a slow store: 7 x CLAIM_IDLE
+        await asyncio.sleep(2.5)  # a slow store: 5 x CLAIM_IDLE
         return await real(self, entries)
 
     monkeypatch.setattr(Pipeline, "process_predictions", slow)
