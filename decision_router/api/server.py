@@ -22,7 +22,6 @@ from sqlalchemy.engine import Engine
 
 from decision_router import tallies
 from decision_router.api.app import create_app
-from decision_router.consumer import infrastructure_failure
 from decision_router.keys import Keys
 from decision_router.reloads import Job, RulesFollower, finish_tasks, run_every
 from decision_router.rules import RuleSet, RulesWatcher
@@ -153,9 +152,11 @@ async def run_api(settings: Settings, ruleset: RuleSet, engine: Engine, redis: R
     def reload_now() -> None:  # SIGHUP: the task kept (the loop holds only a weak reference), waited for at stop
         tasks[:] = [t for t in tasks if not (t.done() and t.get_name() == "rules-sighup")] + [rules.reload_now()]
 
-    # `serve` folds the stats' running counts; a deployment whose stats are read by this API alone (or
-    # whose `serve` is down while the API acks) would otherwise sum ever more rows (tallies.py).
-    folding = asyncio.create_task(fold_tallies_until(engine, stop), name="tallies")
+    if engine.dialect.name == "postgresql":
+        # `serve` folds the stats' running counts; a deployment whose stats are read by this API alone (or
+        # whose `serve` is down while the API acks) would otherwise sum ever more rows (tallies.py). Several
+        # folding processes are safe: a fold already running makes the others skip.
+        every("tallies", tallies.FOLD_INTERVAL_S, lambda: asyncio.to_thread(tallies.fold_tallies, engine))
     try:
         # Subscribed before listening: a reload requested once the API answers reaches it.
         await rules.start(every, settings.rules_poll_interval.total_seconds())
@@ -168,22 +169,4 @@ async def run_api(settings: Settings, ruleset: RuleSet, engine: Engine, redis: R
             log.info("stopping")
     finally:
         stop.set()
-        await folding
         await finish_tasks(tasks, settings.shutdown_timeout.total_seconds(), log)
-
-
-async def fold_tallies_until(engine: Engine, stop: asyncio.Event) -> None:
-    """PostgreSQL: fold the tallies every FOLD_INTERVAL_S until `stop`, as `serve` does (several folding
-    processes are safe: a fold already running makes the others skip). A failed fold is retried."""
-    if engine.dialect.name != "postgresql":
-        return
-    while not stop.is_set():
-        try:
-            await asyncio.to_thread(tallies.fold_tallies, engine)
-        except Exception as exc:
-            if infrastructure_failure(exc) is not None:  # the store is down (or a read-only standby)
-                log.debug("tallies skipped: the store is unreachable", error=str(exc)[:300])
-            else:
-                log.exception("tallies failed; will retry")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), tallies.FOLD_INTERVAL_S)
