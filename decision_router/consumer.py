@@ -12,6 +12,12 @@ Failure handling, per batch:
 - anything else: the batch is split in halves until the failing entries are isolated, so the
   good entries in it go through; an entry failing on its own `max_attempts` times goes to its
   DLQ (reason `processing_failed`, the error as detail) and is acknowledged.
+- a worker gone while holding it (a crash, the OOM killer): no error is counted, but Redis counts the
+  deliveries. Read again more than 2 x max_attempts times, an entry is a crasher: finished if the store holds
+  its effects already (stored, then its worker gone before the ack), else dead-lettered (_drop_crashers).
+  Finishing gets max_attempts deliveries too: past 3 x max_attempts the finishing step stopped its worker
+  each time as well, and the entry is dead-lettered without it; alerts it stored stay in the outbox, which
+  every worker drains every sweep_interval (outbox.py).
 The pipeline is idempotent per stream entry, so retrying a batch that half-succeeded is safe.
 """
 
@@ -360,8 +366,11 @@ class Consumer:
         read ended with its worker gone (a crash, the OOM killer) before any error could be
         counted. Returns the others; None if stopping first. Outages do not count: retries do not
         redeliver. Those the store holds already (their worker went after the commit) are finished
-        and acknowledged instead: no failure."""
+        and acknowledged instead: no failure. Finishing is tried up to 3 x max_attempts deliveries, as
+        many as processing had; past that, it stopped its worker each time too (a crash, a hang killed
+        by a supervisor), and the entry is dead-lettered without trying again, or it would loop forever."""
         limit = 2 * self.settings.max_attempts
+        last_finish = 3 * self.settings.max_attempts
         pending = await self.redis.xpending_range(
             source.stream, self.group, min=entries[0][0], max=entries[-1][0],
             count=len(entries) + len(self.in_hand[source.stream]), consumername=self.name,
@@ -370,13 +379,21 @@ class Consumer:
         crashers = [entry for entry in entries if deliveries.get(entry[0], 0) > limit]
         if not crashers:
             return entries
-        stored = await self._finish_stored(source, crashers, deliveries)
+        stored = await self._finish_stored(
+            source, [entry for entry in crashers if deliveries[entry[0]] <= last_finish], deliveries)
         if stored is None:
             return None
         for entry in crashers:
             if entry[0] not in stored:
                 times = deliveries[entry[0]]
                 error = RuntimeError(f"delivered {times} times and never acknowledged: its worker stopped each time")
+                if times > last_finish and source.finish_stored is not None:
+                    # Not finished: nothing tells whether the store holds it. If it does, its alerts are in
+                    # the outbox, which outbox.py drains; a rejection it recorded stays counted once (_record).
+                    error = RuntimeError(
+                        f"delivered {times} times and never acknowledged: its worker stopped each time, also while"
+                        f" finishing what the store held of it (deliveries {limit + 1} to {last_finish}); not"
+                        " finished: alerts it stored reach their inboxes through the outbox drain")
                 if not await self._dead_letter(source, entry, error, attempts=times):
                     return None
         return [entry for entry in entries if deliveries.get(entry[0], 0) <= limit]
@@ -386,7 +403,7 @@ class Consumer:
     ) -> set[str] | None:
         """The ids of `crashers` the store holds already, finished (see Input.finish_stored) and acknowledged;
         None if stopping first. The store down is an outage (retried), not a reason to dead-letter."""
-        if source.finish_stored is None:
+        if source.finish_stored is None or not crashers:
             return set()
         while True:
             try:
@@ -500,27 +517,37 @@ class Consumer:
             payload=original_payload(fields),
         )
         writes = dlq_writes([rejection], stream=source.dlq, keys=self.keys)
-        wrote = await self.retrying(
-            lambda: xadd_once(self.redis, writes, ttl=self.settings.dedupe_ttl, wait=self.settings.replica_wait))
-        if not wrote:
+        written: list[int] = []
+
+        async def write() -> None:
+            written.append(await xadd_once(
+                self.redis, writes, ttl=self.settings.dedupe_ttl, wait=self.settings.replica_wait))
+
+        if not await self.retrying(write):
             return False
         log.error("entry dead-lettered after repeated failures", stream=source.stream, entry_id=entry_id,
                   attempts=attempts or self.settings.max_attempts, error=repr(error)[:300])
-        metrics.observe_batch(source.label, size=1, seconds=0.0, rejected={rejection.reason.value: 1})
-        await asyncio.to_thread(self._record, rejection)
+        recorded = await asyncio.to_thread(self._record, rejection)
+        # Counted once, as the pipeline counts a rejection read again: not if the store had the entry rejected
+        # already (its first pass's reason, or this very dead-lettering, its worker gone before the ack).
+        new = written[-1] > 0 if recorded is None else recorded
+        metrics.observe_batch(source.label, size=1, seconds=0.0, rejected={rejection.reason.value: 1} if new else {})
         return await self.retrying(lambda: self.redis.xack(source.stream, self.group, entry_id))
 
-    def _record(self, rejection: Rejection) -> None:
+    def _record(self, rejection: Rejection) -> bool | None:
         """Count it with the other rejections in the store, if the store takes it (it may be the
-        very thing refusing this entry: the DLQ entry is what counts)."""
+        very thing refusing this entry: the DLQ entry is what counts). Whether it was recorded now (False:
+        the store had it already); None if the store refused it."""
         try:
             with Session(self.engine) as session:
-                tracker.record_rejections(session, [rejection], now=self.clock())
+                recorded = tracker.record_rejections(session, [rejection], now=self.clock())
                 session.commit()
         except Exception as exc:  # noqa: BLE001 - the DLQ entry is the record that counts
             log.warning(
                 "dead-lettered entry not counted in the store", entry_id=rejection.source_id, error=repr(exc)[:300]
             )
+            return None
+        return bool(recorded)
 
     async def reclaim_once(self) -> int:
         """Take over entries idle on any consumer longer than claim_idle; returns how many."""

@@ -309,3 +309,130 @@ async def test_the_store_down_while_telling_stored_crashers_is_waited_out_not_de
     assert refused == [["p-stored"], ["p-stored"]]
     assert r.xpending(keys.predictions, group)["pending"] == 0
     assert r.xlen(keys.predictions_dlq) == 0 and count(engine, RejectionRecord) == 0
+
+
+class WorkerDied(BaseException):
+    """The worker gone in the middle of a step (a crash, the OOM killer, a hang its supervisor killed): no
+    handler of the router's runs, as none would in a process that is gone."""
+
+
+def deliveries_of(r, stream: str, group: str, entry_id: str) -> int:
+    return r.xpending_range(stream, group, entry_id, entry_id, 1)[0]["times_delivered"]
+
+
+async def finishing_stopped_its_worker(pipeline: Pipeline, r, entry_id: str, *, times: int) -> None:
+    """`times` reclaims of a prediction entry, each ending with its worker gone while finishing it."""
+    stream, group = pipeline.keys.predictions, pipeline.settings.consumer_group
+    for _ in range(times):
+        with pytest.raises(WorkerDied):
+            await reclaimed(pipeline)
+        crash_looped(r, stream, group, [entry_id], deliveries=deliveries_of(r, stream, group, entry_id))
+
+
+async def test_an_entry_whose_finishing_stops_its_worker_each_time_is_dead_lettered_and_its_alerts_drained_once(
+    pipeline, engine, r, monkeypatch
+) -> None:
+    # Stored, its inbox write undone, then over the crash limit; finishing it (writing that alert) stops the
+    # worker each time too. It is tried as often as processing was (max_attempts), then dead-lettered without
+    # finishing, or it would be redelivered forever. The periodic outbox drain delivers its alert, once.
+    from decision_router import metrics
+    from decision_router.outbox import GRACE, OutboxDrain
+
+    keys, settings = pipeline.keys, pipeline.settings
+    group, attempts = settings.consumer_group, settings.max_attempts
+    (stored,) = stored_then_stopped(r, keys.predictions, group, {"data": json.dumps(prediction("p-stored"))})
+    r.set(keys.inbox("alice-moreau"), "not a stream")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await pipeline.process_predictions(r.xrange(keys.predictions))
+    r.delete(keys.inbox("alice-moreau"))
+    crash_looped(r, keys.predictions, group, [stored], deliveries=2 * attempts)
+    failed_before = metrics.REJECTED.labels("predictions", "processing_failed")._value.get()
+    finishing = []
+
+    async def stops_its_worker(*, prediction_ids):
+        finishing.append(deliveries_of(r, keys.predictions, group, stored))
+        raise WorkerDied
+
+    monkeypatch.setattr(pipeline, "drain_outbox", stops_its_worker)
+    await finishing_stopped_its_worker(pipeline, r, stored, times=attempts)
+    assert r.xlen(keys.predictions_dlq) == 0
+    assert finishing == list(range(2 * attempts + 1, 3 * attempts + 1))  # each delivery up to 3 x max_attempts
+
+    assert await reclaimed(pipeline) == 1
+
+    assert len(finishing) == attempts  # not tried again
+    assert r.xpending(keys.predictions, group)["pending"] == 0
+    ((_, dead),) = r.xrange(keys.predictions_dlq)
+    assert (dead["source_id"], dead["reason"]) == (stored, "processing_failed")
+    assert dead["detail"] == (
+        f"delivered {3 * attempts + 1} times and never acknowledged: its worker stopped each time, also while"
+        f" finishing what the store held of it (deliveries {2 * attempts + 1} to {3 * attempts}); not finished:"
+        " alerts it stored reach their inboxes through the outbox drain")
+    assert metrics.REJECTED.labels("predictions", "processing_failed")._value.get() == failed_before + 1
+    assert count(engine, RejectionRecord) == 1 and count(engine, PredictionRecord) == 1  # not routed again
+    assert not r.exists(keys.inbox("alice-moreau"))
+
+    monkeypatch.undo()
+    pipeline.clock.now += GRACE + timedelta(seconds=1)
+    drain = OutboxDrain(pipeline)
+    assert await drain.drain_once() == 1
+    assert await drain.drain_once() == 0
+    delivered = [json.loads(fields["data"])["prediction_id"] for _, fields in r.xrange(keys.inbox("alice-moreau"))]
+    assert delivered == ["p-stored"]  # once
+    assert count(engine, AlertRecord, AlertRecord.delivered_at.is_(None)) == 0
+
+
+async def test_an_entry_read_for_the_last_time_before_the_finishing_bound_is_still_finished(
+    pipeline, engine, r
+) -> None:
+    keys, settings = pipeline.keys, pipeline.settings
+    group = settings.consumer_group
+    (stored,) = stored_then_stopped(r, keys.predictions, group, {"data": json.dumps(prediction("p-stored"))})
+    r.set(keys.inbox("alice-moreau"), "not a stream")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await pipeline.process_predictions(r.xrange(keys.predictions))
+    r.delete(keys.inbox("alice-moreau"))
+    crash_looped(r, keys.predictions, group, [stored], deliveries=3 * settings.max_attempts - 1)
+
+    assert await reclaimed(pipeline) == 1  # its delivery 3 x max_attempts
+
+    assert r.xpending(keys.predictions, group)["pending"] == 0
+    assert r.xlen(keys.predictions_dlq) == 0 and count(engine, RejectionRecord) == 0
+    delivered = [json.loads(fields["data"])["prediction_id"] for _, fields in r.xrange(keys.inbox("alice-moreau"))]
+    assert delivered == ["p-stored"]
+
+
+async def test_a_rejection_whose_finishing_stops_its_worker_each_time_keeps_its_reason_and_is_counted_once(
+    pipeline, engine, r, monkeypatch
+) -> None:
+    # Rejected (its DLQ entry written, counted), its worker gone before the ack, again and again, also while
+    # finishing it: past both bounds, the DLQ and the store keep its first reason, and processing_failed is
+    # not counted on top of it.
+    from decision_router import metrics
+
+    keys, settings = pipeline.keys, pipeline.settings
+    group = settings.consumer_group
+    (rejected,) = stored_then_stopped(
+        r, keys.predictions, group, {"data": json.dumps({**prediction("bad-score"), "score": 7})})
+    assert (await pipeline.process_predictions(r.xrange(keys.predictions))).rejected == {"score_out_of_range": 1}
+    crash_looped(r, keys.predictions, group, [rejected], deliveries=2 * settings.max_attempts)
+
+    async def stops_its_worker(entries):
+        raise WorkerDied
+
+    monkeypatch.setattr(pipeline, "finish_stored_predictions", stops_its_worker)
+    await finishing_stopped_its_worker(pipeline, r, rejected, times=settings.max_attempts)
+
+    def counted(reason: str) -> float:
+        return metrics.REJECTED.labels("predictions", reason)._value.get()
+
+    before = counted("score_out_of_range"), counted("processing_failed")
+
+    assert await reclaimed(pipeline) == 1
+
+    assert r.xpending(keys.predictions, group)["pending"] == 0
+    ((_, dead),) = r.xrange(keys.predictions_dlq)
+    assert (dead["source_id"], dead["reason"]) == (rejected, "score_out_of_range")
+    assert count(engine, RejectionRecord) == 1
+    assert count(engine, RejectionRecord, RejectionRecord.reason == "score_out_of_range") == 1
+    assert (counted("score_out_of_range"), counted("processing_failed")) == before
