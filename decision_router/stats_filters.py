@@ -5,6 +5,10 @@ an empty result. One place, so the CLI and the API cannot drift apart on what is
 A name is a typo when neither the rules nor the store know it: a rule since removed that still has alerts,
 or a model the store has seen with nothing in the window, is no error. Asked only of an empty result.
 
+An owner token's stats are its own decisions, so its filters are checked against those alone (unknown_to_owner):
+a name on no alert of its own is the error, whether or not the rules or other owners' alerts know it, and the
+close match is one of its own: the 422 tells it nothing an unfiltered `/v1/stats?by=rule` (`by=model`) does not.
+
 Each check returns an `Unknown`: the parameter's bare name (`rule`) and the message, which starts with it as
 the CLI names it (`prefix`: `--` for `--rule: ...`; None for the API, whose error names it in its `loc`). `rules_dir`
 is said in the message where the CLI reads the rules; the API passes None: a client is not told the server's
@@ -113,3 +117,32 @@ def unseen_model(
         rules = f"the rules in {rules_dir} do not load" if rules_dir is not None else "the rules do not load"
     return Unknown("model", f"{_head(prefix, 'model')}the store has no prediction, decision or rejection of model '{model}', "
                             f"and {rules}{did_you_mean(model, known)}")
+
+
+def unknown_to_api(
+    session: Any, ruleset: RuleSet, *, rule: str | None, owner: str | None, model: str | None
+) -> Unknown | None:
+    """The API's check of an empty result for ops and admin tokens (`/v1/stats`, the dashboard's ops view): rule
+    and owner, then model, as the CLI's; the messages name no server path."""
+    return unknown_rule_or_owner(
+        session, lambda: ruleset, rule=rule, owner=owner, rules_dir=None, prefix=None
+    ) or unknown_model(session, model, lambda: ruleset, rules_dir=None, prefix=None)
+
+
+def unknown_to_owner(session: Any, owner: str | None, *, rule: str | None, model: str | None) -> Unknown | None:
+    """The check of an owner token's empty result: a `rule` or `model` that none of `owner`'s decisions (any
+    action, any time: what its stats count) has, with the close match among theirs. A name only the rules or
+    other owners' alerts know gets the answer of a name no one knows, so neither is revealed."""
+    from sqlalchemy import select
+
+    from decision_router.tables import AlertRecord
+
+    for name, value, column in (("rule", rule, AlertRecord.rule), ("model", model, AlertRecord.model)):
+        if value is None:
+            continue
+        mine = select(column).where(AlertRecord.owner == owner)
+        if session.execute(mine.where(column == value).limit(1)).first() is None:
+            theirs = session.scalars(mine.distinct())
+            return Unknown(name, f"the store has no alerts of owner '{owner}' with {name} '{value}'"
+                                 f"{did_you_mean(value, theirs)}")
+    return None

@@ -32,6 +32,10 @@ def ruleset_of(request: Request) -> RuleSet:
     return request.app.state.ruleset()  # type: ignore[no-any-return]
 
 
+# The description of a name filter checked as stats_filters checks it (/v1/stats, the dashboard's ops view).
+UNKNOWN_IS_422 = "; when nothing matches, one that neither the rules nor the store know is a 422 with the close match."
+
+
 def query_error(field: str, message: str) -> HTTPException:
     return HTTPException(status_code=422, detail=[{"loc": ["query", field], "msg": message, "type": "value_error"}])
 

@@ -6,7 +6,9 @@ network asset, charts drawn as inline SVG by vanilla JS. A strict Content-Securi
 
 JSON endpoints (bearer token, like the rest of /v1):
 - GET /v1/dashboard/ops (ops, admin): funnel, uplift, time to act, owners' SLA, rejections
-  per day, for a period (since/until or the last N days), a model and a rule;
+  per day, for a period (since/until or the last N days), a model and a rule (a rule or model
+  that selects nothing and that neither the rules nor the store know is a 422 with the close
+  match, as on /v1/stats: a typo is not an empty view);
 - GET /v1/dashboard/owner (owner): the caller's open alerts and those escalated to it, with
   context and deadlines.
 The owner view's buttons call the alert endpoints (/v1/alerts/{id}/ack, ...).
@@ -25,9 +27,10 @@ from sqlmodel import Session
 
 from decision_router import insights
 from decision_router.api.auth import Principal, require
-from decision_router.api.common import parse_window, query_error, read_store, ruleset_of
+from decision_router.api.common import UNKNOWN_IS_422, parse_window, query_error, read_store, ruleset_of
 from decision_router.audit import iso
 from decision_router.pipeline import utcnow
+from decision_router.stats_filters import Unknown, unknown_to_api
 from decision_router.tables import AlertRecord, as_utc
 from decision_router.uplift import MIN_N
 
@@ -80,8 +83,8 @@ async def ops_view(
     since: Annotated[str | None, Query(description="A duration ago (7d) or an ISO date; alerts created since")] = None,
     until: Annotated[str | None, Query(description="A duration ago or an ISO date; alerts created before")] = None,
     days: Annotated[int | None, Query(ge=1, le=3660, description="The last N days (instead of since/until)")] = None,
-    model: Annotated[str | None, Query(description="Only this model")] = None,
-    rule: Annotated[str | None, Query(description="Only this rule")] = None,
+    model: Annotated[str | None, Query(description=f"Only this model{UNKNOWN_IS_422}")] = None,
+    rule: Annotated[str | None, Query(description=f"Only this rule{UNKNOWN_IS_422}")] = None,
 ) -> dict[str, Any]:
     """Everything the ops view draws, for one period, model and rule."""
     start, end = _period(since, until, days)
@@ -90,8 +93,12 @@ async def ops_view(
     holdouts = {r.name: r.holdout for r in ruleset.rules}
     now = utcnow()
 
-    def read(session: Session) -> dict[str, Any]:
+    def read(session: Session) -> dict[str, Any] | Unknown:
         rows = insights.rule_stats(session, since=start, until=end, rule=rule, model=model, holdouts=holdouts)
+        if not rows:  # a name with alerts in the period is known: only an empty view is checked, as in /v1/stats
+            unknown = unknown_to_api(session, ruleset, rule=rule, owner=None, model=model)
+            if unknown is not None:
+                return unknown
         histogram = insights.time_to_act_histogram(session, since=start, until=end, rule=rule, model=model)
         return {
             "window": {"since": iso(start), "until": iso(end)},
@@ -112,7 +119,10 @@ async def ops_view(
             "rejections": insights.as_json(insights.rejections_per_day(session, since=start, until=end, model=model)),
         }
 
-    return await read_store(request, read)
+    view = await read_store(request, read)
+    if isinstance(view, Unknown):
+        raise query_error(view.parameter, view.message)
+    return view
 
 
 def _owner_alert(record: AlertRecord, now: datetime, to_me: tuple[int, str] | None) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """GET /v1/stats: the numbers and filters of `decision-router stats` (stats.compute_stats).
 
 A filter that selects nothing and that neither the rules the API runs nor the store know is a 422 naming it,
-with the close match, as the CLI's exit 2 (stats_filters): a typo does not read as "no data"."""
+with the close match, as the CLI's exit 2 (stats_filters): a typo does not read as "no data". An owner token's
+filters are checked against its own alerts only, so the 422 names nothing it could not already see."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from sqlmodel import Session
 
 from decision_router.api.auth import Principal, require
-from decision_router.api.common import parse_window, query_error, read_store, ruleset_of
+from decision_router.api.common import UNKNOWN_IS_422, parse_window, query_error, read_store, ruleset_of
 from decision_router.stats import GroupBy, QualityReport, compute_quality, compute_stats
-from decision_router.stats_filters import Unknown, unknown_model, unknown_rule_or_owner
+from decision_router.stats_filters import Unknown, unknown_model, unknown_to_api, unknown_to_owner
 
 router = APIRouter(tags=["stats"])
 
-UNKNOWN_IS_422 = "; when nothing matches, one that neither the rules nor the store know is a 422 with the close match."
+OWNERS_OWN = " Owner tokens: one on none of their own alerts, the close match being one of theirs."
 
 
 @router.get("/v1/stats", summary="Outcome and uplift statistics, as `decision-router stats` (role: owner, ops, admin)")
@@ -27,18 +28,19 @@ async def stats(
     by: Annotated[GroupBy, Query(description="rule, owner, model, model_version, priority or week")] = GroupBy.RULE,
     since: Annotated[str | None, Query(description="Alerts created since: 7d, 24h or an ISO date.")] = None,
     until: Annotated[str | None, Query(description="Alerts created before: 1d or an ISO date.")] = None,
-    rule: Annotated[str | None, Query(description=f"Only this rule{UNKNOWN_IS_422}")] = None,
+    rule: Annotated[str | None, Query(description=f"Only this rule{UNKNOWN_IS_422}{OWNERS_OWN}")] = None,
     owner: Annotated[
         str | None, Query(description=f"Only alerts owned by this owner (owner tokens: their own){UNKNOWN_IS_422}")
     ] = None,
-    model: Annotated[str | None, Query(description=f"Only this model{UNKNOWN_IS_422}")] = None,
+    model: Annotated[str | None, Query(description=f"Only this model{UNKNOWN_IS_422}{OWNERS_OWN}")] = None,
 ) -> dict[str, Any]:
     owner, rule, model = owner or None, rule or None, model or None  # blank is no filter, as in /v1/alerts
-    checked_owner = owner  # an owner token's own is set by the token, not typed: never checked
-    if principal.role == "owner":
+    # An owner token's own owner is set by the token, not typed: never checked.
+    as_owner = principal.role == "owner"
+    if as_owner:
         if owner is not None and owner != principal.owner:
             raise HTTPException(status_code=403, detail="an owner token reads only its own statistics")
-        owner, checked_owner = principal.owner, None
+        owner = principal.owner
     start, end = parse_window(since, until)
     ruleset = ruleset_of(request)  # once: the holdouts and the check of an empty result read the same rules
     holdouts = {r.name: r.holdout for r in ruleset.rules}
@@ -49,10 +51,9 @@ async def stats(
         )
         if rows:
             return [row.as_dict(by) for row in rows], None
-        unknown = unknown_rule_or_owner(
-            session, lambda: ruleset, rule=rule, owner=checked_owner, rules_dir=None, prefix=None
-        )
-        return [], unknown or unknown_model(session, model, lambda: ruleset, rules_dir=None, prefix=None)
+        if as_owner:
+            return [], unknown_to_owner(session, owner, rule=rule, model=model)
+        return [], unknown_to_api(session, ruleset, rule=rule, owner=owner, model=model)
 
     rows, unknown = await read_store(request, compute)
     if unknown is not None:

@@ -315,9 +315,46 @@ async def test_a_stats_filter_neither_the_rules_nor_the_store_know_is_a_422_nami
         response = await api.http.get(path, params={name: value}, headers=api.ops)
         assert response.status_code == 422, (path, name, response.text)
         assert response.json()["detail"] == [{"loc": ["query", name], "msg": message, "type": "value_error"}]
-    # An owner token chooses its rule and model: checked as anyone's.
+    # An owner token chooses its rule and model: checked too, against its own alerts (the test below).
     response = await api.http.get("/v1/stats", params={"model": "chrun"}, headers=api.alice)
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "model"], response.text
+
+
+def not_alices(name: str, value: str) -> str:
+    return f"the store has no alerts of owner '{ALICE}' with {name} '{value}'"
+
+
+async def test_an_owner_tokens_stats_filters_are_checked_against_its_own_alerts_and_name_nothing_else(
+    standalone,
+) -> None:
+    """An owner token reads its own statistics only, yet its 422 named rules and models from the rules and from
+    other owners' alerts ("did you mean 'payment-fraud-block'?"), and a name known elsewhere was a 200 where one
+    known nowhere was a 422: the answer said which names exist. Now both get the same 422, whose close match is
+    one of the owner's own; ops tokens keep the rules' and the store's names."""
+    api, _ = standalone
+    month_old_alert(api.engine)  # gone-owner's: retired-rule, retired-model
+    with Session(api.engine) as session:
+        session.add(alert(2, rule=RULE, owner=ALICE, model="churn", created=datetime.now(UTC) - timedelta(days=30)))
+        session.commit()
+    elsewhere = ["retired-rule", "payment-fraud-block", "payment-fraud-blok"]  # another owner's, the rules' (+ typo)
+    cases = [
+        *[("rule", name, not_alices("rule", name)) for name in [*elsewhere, "nope"]],
+        *[("model", name, not_alices("model", name)) for name in ["retired-model", "payment-fraud", "payment-frad"]],
+        ("rule", "enterprise-churn-rsk", not_alices("rule", "enterprise-churn-rsk") + f"; did you mean '{RULE}'?"),
+        ("model", "chrun", not_alices("model", "chrun") + "; did you mean 'churn'?"),
+    ]
+    for name, value, message in cases:
+        response = await api.http.get("/v1/stats", params={name: value}, headers=api.alice)
+        assert response.status_code == 422, (name, value, response.text)
+        assert response.json()["detail"] == [{"loc": ["query", name], "msg": message, "type": "value_error"}]
+    # Its own rule and model with nothing in the window: no rows, as for ops.
+    for params in ({"rule": RULE}, {"model": "churn"}):
+        response = await api.http.get("/v1/stats", params={**params, "since": "7d"}, headers=api.alice)
+        assert (response.status_code, response.json()) == (200, {"by": "rule", "rows": []}), (params, response.text)
+    # An ops token still learns what the rules and the store know.
+    assert (await api.http.get("/v1/stats", params={"rule": "retired-rule"}, headers=api.ops)).status_code == 200
+    response = await api.http.get("/v1/stats", params={"rule": "payment-fraud-blok"}, headers=api.ops)
+    assert response.json()["detail"][0]["msg"].endswith("did you mean 'payment-fraud-block'?"), response.text
 
 
 async def test_a_stats_filter_the_rules_or_the_store_know_is_no_error_with_nothing_in_the_window(standalone) -> None:

@@ -111,6 +111,31 @@ async def test_bad_filters_are_a_422_naming_the_field(dash: Dashboard) -> None:
         assert any(field in error["loc"] for error in response.json()["detail"]), (params, response.json())
 
 
+async def test_a_rule_or_model_filter_no_one_knows_is_a_422_with_the_close_match_as_in_stats(dash: Dashboard) -> None:
+    """The ops view's rule and model filters were not checked: a typo drew an empty dashboard that reads as "no
+    alerts". Checked as /v1/stats checks them (stats_filters), same words; blank is no filter."""
+    ops = dash.headers["ops"]
+    unseen = "the store has no prediction, decision or rejection of model 'chrun', and the rules do not name it"
+    cases = [
+        ({"rule": "enterprise-churn-rsk"}, "rule", "rule 'enterprise-churn-rsk' is not in the rules, and the store "
+                                                   f"has no alerts for it; did you mean '{RISK}'?"),
+        ({"model": "chrun"}, "model", f"{unseen}; did you mean 'churn'?"),
+        ({"rule": RISK, "model": "chrun"}, "model", f"{unseen}; did you mean 'churn'?"),
+    ]
+    for params, name, message in cases:
+        dashboard = await dash.client.get("/v1/dashboard/ops", headers=ops, params=params)
+        stats = await dash.client.get("/v1/stats", headers=ops, params=params)
+        assert dashboard.status_code == stats.status_code == 422, (params, dashboard.text)
+        expected = [{"loc": ["query", name], "msg": message, "type": "value_error"}]
+        assert dashboard.json()["detail"] == stats.json()["detail"] == expected
+    everything = (await dash.client.get("/v1/dashboard/ops", headers=ops)).json()
+    blank = await dash.client.get("/v1/dashboard/ops", headers=ops, params={"rule": "", "model": ""})
+    assert blank.status_code == 200 and blank.json()["funnel"] == everything["funnel"], blank.text
+    # A rule of the rules with no alerts yet is no error: an empty view, as /v1/stats answers no rows.
+    quiet = await dash.client.get("/v1/dashboard/ops", headers=ops, params={"rule": "payment-fraud-block"})
+    assert quiet.status_code == 200 and quiet.json()["funnel"] == [] and quiet.json()["sla"] == [], quiet.text
+
+
 async def test_owner_view_lists_only_the_callers_open_alerts_with_context_and_deadlines(
     dash: Dashboard, engine: Engine
 ) -> None:
