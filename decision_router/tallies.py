@@ -21,8 +21,9 @@ scanning the alerts, when the store has them and the stats cover every alert.
 - Installed by create_schema (tallies_installed tells), with the alerts already stored counted in
   the same transaction while writes wait; triggers that are missing, disabled (or enabled for
   replication only) or of another version (the function's name) are replaced and the alerts counted
-  again, and the privileges others had on `alert_tallies` granted again. Only the owner of `alerts`
-  can: another role's create_schema logs a warning, and the stats count the alerts meanwhile.
+  again; what a DBA set on `alert_tallies` (owner, privileges, row-level security and its policies,
+  comments) is set again (table_settings.py). Only the owner of `alerts` can: another role's
+  create_schema logs a warning, and the stats count the alerts meanwhile.
 - The trigger and fold functions run with their owner's rights (whoever ran create_schema), so a
   role that writes `alerts`, or runs `serve`, needs no rights on `alert_tallies`; a reader without
   them gets the counts from the alerts. Nobody else may attach the trigger function to a table.
@@ -41,6 +42,8 @@ from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
+
+from decision_router.table_settings import read_settings, restore_settings
 
 TABLE = "alert_tallies"
 # The version is in the functions' names: triggers that call another are replaced.
@@ -187,8 +190,9 @@ def install_tallies(engine: Engine) -> None:
 
     Writes to `alerts` wait meanwhile (~1 s per million alerts, once). Several processes may call
     this at once (workers starting together): an advisory lock lets one do it, the others find it
-    done. Earlier triggers of these names, and their counts, are replaced and counted again; the
-    privileges others had on the counts (a read-only role's SELECT, say) are granted again.
+    done. Earlier triggers of these names, and their counts, are replaced and counted again; what was
+    set on the counts' table (owner, privileges, row-level security and policies, comments) is set
+    again (table_settings.py).
     """
     if engine.dialect.name != "postgresql":
         return
@@ -203,36 +207,14 @@ def install_tallies(engine: Engine) -> None:
                            " run create_schema (any command that opens the store) as its owner")
             return
         connection.execute(text("lock table alerts in share row exclusive mode"))
-        grants = _grants(connection, schema)
+        # A reinstall drops the table (its shape may have changed): what a DBA set on it is set again
+        # (a reader granted SELECT would otherwise fall back to scanning the alerts, say).
+        table = '"' + schema.replace('"', '""') + '".' + TABLE
+        settings = read_settings(connection, table)
         for statement in _ddl(schema):
             connection.exec_driver_sql(statement)
-        for statement in grants:
-            connection.exec_driver_sql(statement)
-
-
-# The privileges others hold on the tallies (table and columns), as GRANTs: a reinstall drops the
-# table (its shape may have changed), and a reader granted SELECT would fall back to scanning the
-# alerts. The new table's owner, who runs create_schema, has them all already.
-_GRANTS = text("""
-    select distinct a.privilege_type, g.attname, a.is_grantable,
-        case a.grantee when 0 then 'public' else quote_ident(pg_get_userbyid(a.grantee)) end as grantee
-    from (select relacl as acl, null::name as attname from pg_class where oid = to_regclass(:table)
-          union all
-          select attacl, attname from pg_attribute where attrelid = to_regclass(:table) and attnum > 0
-              and not attisdropped and attacl is not null) g, aclexplode(g.acl) a
-    where a.grantee <> (select oid from pg_roles where rolname = current_user)""")
-_TABLE_COLUMNS = {*(column.strip() for column in _COLUMNS.split(",")), "folded"}
-
-
-def _grants(connection: Connection, schema: str) -> list[str]:
-    """GRANT statements that give back, after a reinstall, what others may do with the tallies now."""
-    table = '"' + schema.replace('"', '""') + '".' + TABLE
-    return [
-        f"grant {privilege}{f' ({column})' if column else ''} on {table} to {grantee}"
-        f"{' with grant option' if grantable else ''}"
-        for privilege, column, grantable, grantee in connection.execute(_GRANTS, {"table": table})
-        if column is None or column in _TABLE_COLUMNS  # not a column the new table lacks
-    ]
+        if settings is not None:
+            restore_settings(connection, table, settings)
 
 
 _OWNS_ALERTS = text("select pg_has_role(relowner, 'USAGE') from pg_class where oid = to_regclass('alerts')")

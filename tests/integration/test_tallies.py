@@ -429,6 +429,108 @@ def test_a_reinstall_keeps_the_privileges_granted_on_the_tallies(pg_engine: Engi
         assert tallied(pg_engine) == counted(pg_engine)
 
 
+def table_settings(engine: Engine) -> dict[str, Any]:
+    """What a DBA may set on the tallies' table, as the catalog says: compared before and after a reinstall."""
+    with engine.connect() as connection:
+        def rows(statement: str) -> list[tuple]:
+            return sorted(tuple(row) for row in connection.execute(text(statement), {"table": tallies.TABLE}))
+
+        return {
+            "table": rows("select pg_get_userbyid(relowner), relrowsecurity, relforcerowsecurity,"
+                          " obj_description(oid, 'pg_class') from pg_class where oid = to_regclass(:table)"),
+            "privileges": rows("select pg_get_userbyid(a.grantor), pg_get_userbyid(a.grantee), a.privilege_type,"
+                               " a.is_grantable from pg_class c, aclexplode(c.relacl) a"
+                               " where c.oid = to_regclass(:table)"),
+            "policies": rows("select policyname, permissive, roles::text, cmd, qual, with_check from pg_policies"
+                             " where schemaname = current_schema() and tablename = :table"),
+            "column comments": rows("select attname, col_description(attrelid, attnum) from pg_attribute"
+                                    " where attrelid = to_regclass(:table) and col_description(attrelid, attnum)"
+                                    " is not null"),
+        }
+
+
+def quoted(value: str) -> str:  # a literal in DDL, which takes no parameters
+    return "'" + value.replace("'", "''") + "'"
+
+
+def table_oid(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return connection.execute(text(f"select to_regclass('{tallies.TABLE}')::oid")).scalar_one()
+
+
+def test_a_reinstall_keeps_the_owner_row_security_policies_and_comments_of_the_tallies(pg_engine: Engine) -> None:
+    # A DBA gave the counts to a role of theirs, let a reader see one rule's counts only (row-level
+    # security), and commented them: replacing the table with its triggers must not undo any of it.
+    alerts = random_alerts(67, 80)
+    shown = alerts[0].rule  # before the load, which expires the records
+    load(pg_engine, alerts)
+    with a_role(pg_engine, every_table=False) as (reader, _), a_role(pg_engine, every_table=False) as (owner, _):
+        for statement in [
+            f'alter table {tallies.TABLE} owner to "{owner}"',
+            f'grant select on {tallies.TABLE} to "{reader}"',
+            f"alter table {tallies.TABLE} enable row level security",
+            f"alter table {tallies.TABLE} force row level security",
+            f'create policy one_rule on {tallies.TABLE} for select to "{reader}" using (rule = {quoted(shown)})',
+            f"create policy no_forged_rows on {tallies.TABLE} as restrictive for insert to public"
+            " with check (n >= 0 and rule not like '%forged%')",  # a `%` too: not a placeholder
+            f"comment on table {tallies.TABLE} is 'kept by triggers: ask the DBA''s team (100% sure)'",
+            f"comment on column {tallies.TABLE}.live is 'not suppressed'",
+        ]:
+            update(pg_engine, statement)
+        before, oid = table_settings(pg_engine), table_oid(pg_engine)
+        assert len(before["policies"]) == 2 and before["table"][0][0] == owner
+        drop_trigger(pg_engine, tallies.TRIGGERS[1])
+        create_schema(pg_engine)
+        assert schema_is_current(pg_engine)
+        assert table_oid(pg_engine) != oid  # replaced, not left alone
+        assert table_settings(pg_engine) == before
+        assert tallied(pg_engine) == counted(pg_engine)
+        with Session(pg_engine) as session:  # the policy still holds: the reader sees its rule's counts only
+            session.execute(text(f'set local role "{reader}"'))
+            seen = {row.k for row in tallies.read_tallies(session)}
+        assert seen == {shown}
+
+
+def test_a_reinstall_logs_what_the_new_tallies_table_cannot_take(pg_engine: Engine) -> None:
+    # A column the new definition no longer has: its comment and grant are left out, a policy that names
+    # it denies (false) rather than vanish, and the log says each; the rest is kept.
+    from structlog.testing import capture_logs
+
+    load(pg_engine, random_alerts(68, 40))
+    with a_role(pg_engine, every_table=False) as (reader, _):
+        for statement in [
+            f"alter table {tallies.TABLE} add column retired integer",
+            f"comment on column {tallies.TABLE}.retired is 'gone next version'",
+            f"comment on column {tallies.TABLE}.rule is 'the rule'",
+            f'grant select on {tallies.TABLE} to "{reader}"',
+            f'grant update (retired) on {tallies.TABLE} to "{reader}"',
+            f"alter table {tallies.TABLE} enable row level security",
+            f'create policy everything on {tallies.TABLE} for select to "{reader}" using (true)',
+            f'create policy not_retired on {tallies.TABLE} as restrictive for select to "{reader}"'
+            " using (retired is null)",
+        ]:
+            update(pg_engine, statement)
+        drop_trigger(pg_engine, tallies.TRIGGERS[0])
+        with capture_logs() as logs:
+            create_schema(pg_engine)
+        assert schema_is_current(pg_engine)
+        warned = {(log["event"].split(":")[0], log.get("column") or log.get("policy"))
+                  for log in logs if log["log_level"] == "warning"}
+        assert warned == {("a column's comment is not kept", "retired"),
+                          ("a grant on a column is not kept", "retired"),
+                          ("a policy is kept denying (false)", "not_retired")}
+        after = table_settings(pg_engine)
+        assert after["column comments"] == [("rule", "the rule")]
+        assert {(name, qual) for name, _, _, _, qual, _ in after["policies"]} == {("everything", "true"),
+                                                                                 ("not_retired", "false")}
+        assert after["table"][0][1]  # row-level security still on
+        with Session(pg_engine) as session:
+            session.execute(text(f'set local role "{reader}"'))
+            assert tallies.tallies_installed(session)
+            assert tallies.read_tallies(session) == []  # denied, as the DBA's restrictive policy would have
+        assert tallied(pg_engine) == counted(pg_engine)
+
+
 async def test_the_api_alone_folds_the_tallies(pg_engine: Engine, settings: Any, ruleset: Any,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # `decision-router api` with no `serve` (the stats read by the API alone, or serve down while the API
