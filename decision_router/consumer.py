@@ -13,11 +13,13 @@ Failure handling, per batch:
   good entries in it go through; an entry failing on its own `max_attempts` times goes to its
   DLQ (reason `processing_failed`, the error as detail) and is acknowledged.
 - a worker gone while holding it (a crash, the OOM killer): no error is counted, but Redis counts the
-  deliveries. Read again more than 2 x max_attempts times, an entry is a crasher: finished if the store holds
-  its effects already (stored, then its worker gone before the ack), else dead-lettered (_drop_crashers).
-  Finishing gets max_attempts deliveries too: past 3 x max_attempts the finishing step stopped its worker
-  each time as well, and the entry is dead-lettered without it; alerts it stored stay in the outbox, which
-  every worker drains every sweep_interval (outbox.py).
+  deliveries. Read again more than 2 x max_attempts times, an entry is a suspect, and so is every entry of
+  the batch that killed the worker: finished if the store holds its effects already (stored, then its worker
+  gone before the ack), else handled on its own under a marker (_drop_crashers, _settle_alone). A worker
+  that dies then leaves the marker, which names the culprit: dead-lettered when read again, unprocessed,
+  while its neighbours go through. Finishing, a batch at once, gets max_attempts deliveries too: past
+  3 x max_attempts suspects are handled on their own without it (alerts the store holds stay in the outbox,
+  which every worker drains every sweep_interval: outbox.py).
 The pipeline is idempotent per stream entry, so retrying a batch that half-succeeded is safe.
 """
 
@@ -352,23 +354,30 @@ class Consumer:
             if gone and not await self.retrying(lambda: self.redis.xack(source.stream, self.group, *gone)):
                 return False
             if redelivered and entries:
-                kept = await self._drop_crashers(source, entries)
-                if kept is None:
+                sorted_out = await self._drop_crashers(source, entries)
+                if sorted_out is None:
                     return False
-                entries = kept
+                entries, suspects = sorted_out
+                for suspect in suspects:
+                    if not await self._settle_alone(source, suspect):
+                        return False
             return await self._settle(source, entries)
         finally:
             for entry_id in ids:
                 in_hand.pop(entry_id, None)
 
-    async def _drop_crashers(self, source: Input, entries: list[Entry]) -> list[Entry] | None:
-        """Dead-letter entries delivered more than 2 x max_attempts times without an ack: each
-        read ended with its worker gone (a crash, the OOM killer) before any error could be
-        counted. Returns the others; None if stopping first. Outages do not count: retries do not
-        redeliver. Those the store holds already (their worker went after the commit) are finished
-        and acknowledged instead: no failure. Finishing is tried up to 3 x max_attempts deliveries, as
-        many as processing had; past that, it stopped its worker each time too (a crash, a hang killed
-        by a supervisor), and the entry is dead-lettered without trying again, or it would loop forever."""
+    async def _drop_crashers(self, source: Input, entries: list[Entry]) -> tuple[list[Entry], list[Entry]] | None:
+        """Sort out entries delivered more than 2 x max_attempts times without an ack: each read ended with its
+        worker gone (a crash, the OOM killer) before any error could be counted, and the entry that did it may
+        be any one of the batch it came with. Returns (the others, the suspects to handle one at a time); None
+        if stopping first. Outages do not count: retries do not redeliver.
+
+        - One that was being handled on its own when its worker went (its handled_alone marker is there) is
+          the culprit: dead-lettered, unprocessed. Its neighbours are not: they were never alone.
+        - Those the store holds already (their worker went after the commit) are finished and acknowledged
+          instead: no failure. Finishing, all of them at once, is tried up to 3 x max_attempts deliveries, as
+          many as processing had; past that it stopped its worker each time too, and they are suspects.
+        - The rest are suspects: handled one at a time (_settle_alone), so the next crash names its entry."""
         limit = 2 * self.settings.max_attempts
         last_finish = 3 * self.settings.max_attempts
         pending = await self.redis.xpending_range(
@@ -377,26 +386,56 @@ class Consumer:
         )
         deliveries = {as_text(p["message_id"]): p["times_delivered"] for p in pending}
         crashers = [entry for entry in entries if deliveries.get(entry[0], 0) > limit]
+        others = [entry for entry in entries if deliveries.get(entry[0], 0) <= limit]
         if not crashers:
-            return entries
-        stored = await self._finish_stored(
-            source, [entry for entry in crashers if deliveries[entry[0]] <= last_finish], deliveries)
-        if stored is None:
+            return others, []
+        markers = {entry_id: self.keys.handled_alone(source.stream, entry_id) for entry_id, _ in crashers}
+        culprits: set[str] = set()
+
+        async def read_markers() -> None:
+            values = await self.redis.mget(list(markers.values()))
+            culprits.update(entry_id for entry_id, value in zip(markers, values, strict=True) if value)
+
+        if not await self.retrying(read_markers):
             return None
         for entry in crashers:
-            if entry[0] not in stored:
-                times = deliveries[entry[0]]
-                error = RuntimeError(f"delivered {times} times and never acknowledged: its worker stopped each time")
-                if times > last_finish and source.finish_stored is not None:
-                    # Not finished: nothing tells whether the store holds it. If it does, its alerts are in
-                    # the outbox, which outbox.py drains; a rejection it recorded stays counted once (_record).
-                    error = RuntimeError(
-                        f"delivered {times} times and never acknowledged: its worker stopped each time, also while"
-                        f" finishing what the store held of it (deliveries {limit + 1} to {last_finish}); not"
-                        " finished: alerts it stored reach their inboxes through the outbox drain")
-                if not await self._dead_letter(source, entry, error, attempts=times):
-                    return None
-        return [entry for entry in entries if deliveries.get(entry[0], 0) <= limit]
+            if entry[0] not in culprits:
+                continue
+            times = deliveries[entry[0]]
+            outbox = "; alerts the store holds from it reach their inboxes through the outbox drain" \
+                if source.finish_stored is not None else ""
+            error = RuntimeError(f"delivered {times} times and never acknowledged: its worker stopped each time, the"
+                                 f" last time while handling this entry on its own{outbox}")
+            if not await self._dead_letter(source, entry, error, attempts=times):
+                return None
+            await self.retrying(lambda: self.redis.delete(markers[entry[0]]))  # noqa: B023
+        rest = [entry for entry in crashers if entry[0] not in culprits]
+        stored = await self._finish_stored(
+            source, [entry for entry in rest if deliveries[entry[0]] <= last_finish], deliveries)
+        if stored is None:
+            return None
+        return others, [entry for entry in rest if entry[0] not in stored]
+
+    async def _settle_alone(self, source: Input, entry: Entry) -> bool:
+        """Handle a suspected crasher on its own, under its handled_alone marker: if its worker dies now, the
+        marker is left behind and the next reader dead-letters this entry, not its neighbours (_drop_crashers).
+        A stop (cancellation) is no death: the marker goes. A stop during an outage that leaves the marker
+        (Redis unreachable) would have the entry dead-lettered when read again: visible, and rare."""
+        marker = self.keys.handled_alone(source.stream, entry[0])
+        ttl = int(self.settings.dedupe_ttl.total_seconds())
+        if not await self.retrying(lambda: self.redis.set(marker, self.name, ex=ttl)):
+            return False
+        log.warning("entry delivered to workers that stopped each time; handling it on its own",
+                    stream=source.stream, entry_id=entry[0])
+        try:
+            settled = await self._settle(source, [entry])
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self.redis.delete(marker)
+            raise
+        with contextlib.suppress(Exception):
+            await self.redis.delete(marker)
+        return settled
 
     async def _finish_stored(
         self, source: Input, crashers: Sequence[Entry], deliveries: dict[str, int]

@@ -39,6 +39,11 @@ class Keys:
     def inbox(self, owner_id: str) -> str:
         return f"{self.prefix}alerts:{owner_id}"
 
+    def handled_alone(self, stream: str, entry_id: str) -> str:
+        """Set while a worker handles a suspected crasher of `stream` on its own (consumer.py): left behind if the
+        worker dies, it names the entry that killed it."""
+        return f"{self.prefix}alone:{stream}:{entry_id}"
+
     def dedupe(self, marker: str) -> str:
         """Marker that makes one stream write happen once (see delivery.inbox.xadd_once)."""
         return f"{self.prefix}dedupe:{marker}"

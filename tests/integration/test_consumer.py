@@ -143,8 +143,8 @@ async def test_an_idle_service_stops_without_waiting_out_its_blocking_read(setti
 
 
 async def test_entry_whose_worker_died_each_time_is_dead_lettered_on_reclaim(settings, ruleset, engine, r) -> None:
-    """No error to count when the process dies (OOM killer, segfault): the delivery count
-    Redis keeps is what stops the crash loop."""
+    """No error to count when the process dies (OOM killer, segfault): the delivery count Redis keeps, and the
+    marker a worker sets while it handles a suspect on its own, are what stop the crash loop."""
     keys = Keys(settings.stream_prefix)
     r.xgroup_create(keys.predictions, settings.consumer_group, id="0", mkstream=True)
     crasher = r.xadd(keys.predictions, {"data": json.dumps(prediction("p-crash", entity_id="acct-crash"))})
@@ -154,12 +154,13 @@ async def test_entry_whose_worker_died_each_time_is_dead_lettered_on_reclaim(set
     for n in range(2 * settings.max_attempts):
         r.xclaim(keys.predictions, settings.consumer_group, f"dead-{n + 2}", 0, [crasher])
     assert r.xpending_range(keys.predictions, settings.consumer_group, crasher, crasher, 1)[0]["times_delivered"] == 11
+    r.set(keys.handled_alone(keys.predictions, crasher), "dead-11")  # the last worker died handling it alone
     async with running_service(settings, ruleset, engine) as service:
         await wait_until(lambda: r.xlen(keys.predictions_dlq) == 1, what="the crasher in the DLQ")
         await wait_until(lambda: r.xpending(keys.predictions, service.group)["pending"] == 0, what="all acked")
     (_, dead), = r.xrange(keys.predictions_dlq)
     assert dead["reason"] == "processing_failed" and dead["source_id"] == crasher
-    assert "delivered 12 times and never acknowledged" in dead["detail"]
+    assert "delivered 12 times and never acknowledged" in dead["detail"] and "on its own" in dead["detail"]
     # The other entry, delivered twice (read, then reclaimed), was routed.
     assert count(engine, PredictionRecord) == 1
     assert count(engine, PredictionRecord, PredictionRecord.prediction_id == "p-fine") == 1

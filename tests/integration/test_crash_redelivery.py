@@ -213,7 +213,8 @@ async def test_a_prediction_stored_before_its_worker_stopped_each_time_is_finish
 ) -> None:
     # Stored, then the worker gone before the inbox write and the ack (here: the write fails), again and
     # again: over the crash limit. Its alerts go out, it is acknowledged, and it is no failure. An entry
-    # read as many times and never stored is still dead-lettered, unprocessed.
+    # read as many times, never stored, whose worker died while handling it on its own, is dead-lettered,
+    # unprocessed.
     from decision_router import metrics
 
     keys, settings = pipeline.keys, pipeline.settings
@@ -227,6 +228,7 @@ async def test_a_prediction_stored_before_its_worker_stopped_each_time_is_finish
         await pipeline.process_predictions(r.xrange(keys.predictions, stored, stored))
     r.delete(keys.inbox("alice-moreau"))
     crash_looped(r, keys.predictions, group, [stored, crasher], deliveries=2 * settings.max_attempts + 1)
+    r.set(keys.handled_alone(keys.predictions, crasher), "dead-worker")
     failed_before = metrics.REJECTED.labels("predictions", "processing_failed")._value.get()
 
     with capture_logs() as logs:
@@ -238,6 +240,9 @@ async def test_a_prediction_stored_before_its_worker_stopped_each_time_is_finish
     assert count(engine, AlertRecord, AlertRecord.delivered_at.is_(None)) == 0
     ((_, dead),) = r.xrange(keys.predictions_dlq)
     assert dead["source_id"] == crasher and dead["reason"] == "processing_failed"
+    assert dead["detail"].startswith(f"delivered {2 * settings.max_attempts + 2} times and never acknowledged: its"
+                                     " worker stopped each time, the last time while handling this entry on its own")
+    assert not r.exists(keys.handled_alone(keys.predictions, crasher))
     assert count(engine, RejectionRecord) == 1 and count(engine, RejectionRecord, RejectionRecord.source_id == stored) == 0
     assert metrics.REJECTED.labels("predictions", "processing_failed")._value.get() == failed_before + 1
     assert count(engine, PredictionRecord) == 1  # the crasher not routed
@@ -329,12 +334,90 @@ async def finishing_stopped_its_worker(pipeline: Pipeline, r, entry_id: str, *, 
         crash_looped(r, stream, group, [entry_id], deliveries=deliveries_of(r, stream, group, entry_id))
 
 
+async def test_the_entry_that_kills_its_worker_is_found_among_its_batch_and_only_it_is_dead_lettered(
+    pipeline, engine, r, monkeypatch
+) -> None:
+    # A batch of three whose worker died on each of its 2 x max_attempts deliveries: any of them may be the
+    # cause, so each is handled on its own. The first goes through; the worker dies on the second, which leaves
+    # its marker; the next reader dead-letters that one alone and routes the third. Before, all three were
+    # dead-lettered together as crashers.
+    keys, settings = pipeline.keys, pipeline.settings
+    group = settings.consumer_group
+    ids = stored_then_stopped(r, keys.predictions, group, *(
+        {"data": json.dumps(prediction(pid, entity_id=f"acct-{pid}"))} for pid in ("p-fine-1", "p-kills", "p-fine-2")))
+    crash_looped(r, keys.predictions, group, ids, deliveries=2 * settings.max_attempts)
+    real = Pipeline.process_predictions
+    handled: list[list[str]] = []
+
+    async def dies_on_one(self, entries):
+        names = [json.loads(fields["data"])["prediction_id"] for _, fields in entries]
+        handled.append(names)
+        if "p-kills" in names:
+            raise WorkerDied
+        return await real(self, entries)
+
+    monkeypatch.setattr(Pipeline, "process_predictions", dies_on_one)
+    with pytest.raises(WorkerDied):
+        await reclaimed(pipeline)
+    assert handled == [["p-fine-1"], ["p-kills"]]
+    assert r.exists(keys.handled_alone(keys.predictions, ids[1]))
+    crash_looped(r, keys.predictions, group, ids[1:], deliveries=2 * settings.max_attempts + 1)
+
+    assert await reclaimed(pipeline) == 2
+
+    assert handled == [["p-fine-1"], ["p-kills"], ["p-fine-2"]]  # the culprit not handled again
+    assert r.xpending(keys.predictions, group)["pending"] == 0
+    ((_, dead),) = r.xrange(keys.predictions_dlq)
+    assert (dead["source_id"], dead["reason"]) == (ids[1], "processing_failed")
+    assert "the last time while handling this entry on its own" in dead["detail"]
+    assert not any(r.exists(keys.handled_alone(keys.predictions, entry_id)) for entry_id in ids)
+    routed = {p for (p,) in _column(engine, PredictionRecord.prediction_id)}
+    assert routed == {"p-fine-1", "p-fine-2"}
+    delivered = [json.loads(fields["data"])["prediction_id"] for _, fields in r.xrange(keys.inbox("alice-moreau"))]
+    assert delivered == ["p-fine-1", "p-fine-2"]
+
+
+async def test_a_suspect_whose_handling_is_cancelled_by_a_stop_leaves_no_marker(pipeline, engine, r, monkeypatch) -> None:
+    # A stop that cancels the batch in hand (past SHUTDOWN_TIMEOUT) is no death: the marker, which would have the
+    # entry dead-lettered when read again, goes; the entry stays pending, to be handled again.
+    import asyncio
+
+    keys, settings = pipeline.keys, pipeline.settings
+    group = settings.consumer_group
+    (entry_id,) = stored_then_stopped(r, keys.predictions, group, {"data": json.dumps(prediction("p-slow"))})
+    crash_looped(r, keys.predictions, group, [entry_id], deliveries=2 * settings.max_attempts)
+    started = asyncio.Event()
+
+    async def hangs(self, entries):
+        started.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Pipeline, "process_predictions", hangs)
+    task = asyncio.create_task(reclaimed(pipeline))
+    await asyncio.wait_for(started.wait(), 30)
+    assert r.exists(keys.handled_alone(keys.predictions, entry_id))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not r.exists(keys.handled_alone(keys.predictions, entry_id))
+    assert r.xpending(keys.predictions, group)["pending"] == 1 and r.xlen(keys.predictions_dlq) == 0
+
+
+def _column(engine, column) -> list[tuple]:
+    from sqlalchemy import select
+    from sqlmodel import Session
+
+    with Session(engine) as session:
+        return list(session.execute(select(column)))
+
+
 async def test_an_entry_whose_finishing_stops_its_worker_each_time_is_dead_lettered_and_its_alerts_drained_once(
     pipeline, engine, r, monkeypatch
 ) -> None:
     # Stored, its inbox write undone, then over the crash limit; finishing it (writing that alert) stops the
-    # worker each time too. It is tried as often as processing was (max_attempts), then dead-lettered without
-    # finishing, or it would be redelivered forever. The periodic outbox drain delivers its alert, once.
+    # worker each time too. Finishing is tried as often as processing was (max_attempts), then the entry is
+    # handled on its own, which stops its worker again: the marker it leaves names it, and it is dead-lettered,
+    # or it would be redelivered forever. The periodic outbox drain delivers its alert, once.
     from decision_router import metrics
     from decision_router.outbox import GRACE, OutboxDrain
 
@@ -354,20 +437,23 @@ async def test_an_entry_whose_finishing_stops_its_worker_each_time_is_dead_lette
         raise WorkerDied
 
     monkeypatch.setattr(pipeline, "drain_outbox", stops_its_worker)
-    await finishing_stopped_its_worker(pipeline, r, stored, times=attempts)
+    await finishing_stopped_its_worker(pipeline, r, stored, times=attempts + 1)
     assert r.xlen(keys.predictions_dlq) == 0
-    assert finishing == list(range(2 * attempts + 1, 3 * attempts + 1))  # each delivery up to 3 x max_attempts
+    # Each delivery up to 3 x max_attempts finishing the batch of suspects, then one on its own.
+    assert finishing == list(range(2 * attempts + 1, 3 * attempts + 2))
+    assert r.exists(keys.handled_alone(keys.predictions, stored))  # left by the worker that died with it alone
 
     assert await reclaimed(pipeline) == 1
 
-    assert len(finishing) == attempts  # not tried again
+    assert len(finishing) == attempts + 1  # not tried again
     assert r.xpending(keys.predictions, group)["pending"] == 0
     ((_, dead),) = r.xrange(keys.predictions_dlq)
     assert (dead["source_id"], dead["reason"]) == (stored, "processing_failed")
     assert dead["detail"] == (
-        f"delivered {3 * attempts + 1} times and never acknowledged: its worker stopped each time, also while"
-        f" finishing what the store held of it (deliveries {2 * attempts + 1} to {3 * attempts}); not finished:"
-        " alerts it stored reach their inboxes through the outbox drain")
+        f"delivered {3 * attempts + 2} times and never acknowledged: its worker stopped each time, the last time"
+        " while handling this entry on its own; alerts the store holds from it reach their inboxes through the"
+        " outbox drain")
+    assert not r.exists(keys.handled_alone(keys.predictions, stored))
     assert metrics.REJECTED.labels("predictions", "processing_failed")._value.get() == failed_before + 1
     assert count(engine, RejectionRecord) == 1 and count(engine, PredictionRecord) == 1  # not routed again
     assert not r.exists(keys.inbox("alice-moreau"))
