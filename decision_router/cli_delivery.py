@@ -16,6 +16,7 @@ from decision_router.cli_common import (
     out,
     run_on_redis,
     settings_or_exit,
+    smtp_or_exit,
 )
 from decision_router.echo import counted
 from decision_router.keys import Keys
@@ -40,6 +41,7 @@ def redrive_deliveries() -> None:
     from decision_router.store import create_schema, make_engine
 
     settings = settings_or_exit()
+    smtp_or_exit(settings)  # re-sends email too
     try:
         ruleset = load_rules(settings.rules_dir)
     except RulesInvalid as exc:

@@ -23,6 +23,7 @@ every batch, so a hot reload that changes `context_sources` takes effect at once
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import re
@@ -30,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import date, datetime
 from datetime import time as clock_time
@@ -53,6 +55,10 @@ from decision_router.streams import as_text
 log = structlog.get_logger("decision_router.enrich")
 
 Fields = dict[str, Any]
+# Threads for SQL lookups, apart from the event loop's default ones on which the pipeline writes the
+# store: a source whose database hangs (each connect waiting out its connect_timeout, long after the
+# source's timeout_s) ties up these, never those, and no more than this many connects at once.
+SQL_THREADS = 4
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
@@ -219,6 +225,7 @@ class ContextEnricher:
         self._engines: dict[str, Engine] = {}  # engines made from database_url_env, by URL
         self._engines_lock = threading.Lock()
         self._active: tuple[RuleSet, tuple[ContextSource, ...]] | None = None
+        self._sql_threads = ThreadPoolExecutor(max_workers=SQL_THREADS, thread_name_prefix="context-sql")
 
     def sources(self) -> tuple[ContextSource, ...]:
         """The sources the current rule set uses (recomputed when the rule set changes)."""
@@ -242,7 +249,9 @@ class ContextEnricher:
         return result
 
     def close(self) -> None:
-        """Dispose of the engines made for `database_url_env` (not the service's own)."""
+        """Dispose of the engines made for `database_url_env` (not the service's own), and drop
+        queued SQL lookups (a query in progress ends at its deadline)."""
+        self._sql_threads.shutdown(wait=False, cancel_futures=True)
         with self._engines_lock:
             engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
@@ -309,9 +318,11 @@ class ContextEnricher:
             by_prediction[p.prediction_id] = tuple((name, values[name]) for name in source.parameters)
         distinct = list(dict.fromkeys(by_prediction.values()))  # one query per entity, not per prediction
         deadline = time.monotonic() + source.timeout_s
-        # The thread cannot be cancelled; the deadline inside stops its query (see _read_only).
+        # The thread cannot be cancelled; the deadline inside stops its query (see _read_only). A lookup
+        # still waiting for a thread at the timeout is dropped from the queue.
+        call = functools.partial(run_queries, engine, source.sql, distinct, deadline)
         rows = await asyncio.wait_for(
-            asyncio.to_thread(run_queries, engine, source.sql, distinct, deadline), source.timeout_s
+            asyncio.get_running_loop().run_in_executor(self._sql_threads, call), source.timeout_s
         )
         return {pid: dict(rows[params]) for pid, params in by_prediction.items()}
 

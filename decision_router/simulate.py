@@ -1370,6 +1370,9 @@ async def _run_together(
                         "rules_poll_interval": timedelta(0),
                         "max_prediction_age": timedelta(days=1),
                         "outcome_window": timedelta(days=30),
+                        # The simulated owners have an inbox only: the environment's mail server is not this
+                        # run's (a password file it cannot read stopped `demo` with a traceback).
+                        "smtp_host": None,
                     }
                 )
                 if on_start is not None:

@@ -430,8 +430,13 @@ class WebhookSender(Sender):
     async def _post(self, prepared: bytes, headers: dict[str, str]) -> _Outcome:
         async with self.client.stream("POST", self._url, content=prepared, headers=headers) as response:
             status = response.status_code
-            # Read the (small) body so the connection can be reused; a large one is cut off.
-            excerpt = await _read_excerpt(response)
+            try:
+                # Read the (small) body so the connection can be reused; a large one is cut off.
+                excerpt = await _read_excerpt(response)
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                # The connection closed mid-body: the status is the receiver's answer all the same (a 2xx
+                # is delivered: sending it again would duplicate it; a 4xx is not worth a retry).
+                excerpt = ""
         if 200 <= status < 300:
             return _Outcome(ok=True, status_code=status)
         # The receiver's words, which may echo what it was sent (the URL's token, an Authorization header).

@@ -33,6 +33,7 @@ from decision_router.rules.spec import (
     OwnerSpec,
     RoutingFile,
     RuleSpec,
+    WebhookSpec,
     read_secret_file,
 )
 
@@ -272,7 +273,7 @@ def _container(path: tuple[str, ...], in_item: bool, list_key: str) -> tuple[typ
             return ContextSourceSpec, "key"
         return (RoutingFile if list_key == "rules" else OwnersFile), "key"
     if list_key == "owners":
-        return OwnerSpec, "key"
+        return (WebhookSpec if path[:1] == ("webhook",) and len(path) == 2 else OwnerSpec), "key"
     if path[:1] == ("when",) and len(path) == 3:
         return RuleSpec, "operator"
     if path[:1] == ("owner",):

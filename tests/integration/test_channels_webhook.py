@@ -13,6 +13,7 @@ The server's behaviour is chosen by the request path:
 | /bad/...      | 400 with a JSON error body |
 | /redirect/... | 302 to /ok |
 | /echo/...     | 401 quoting the request's path and Authorization header, as some APIs do |
+| /cut/<status> | that status, then the connection closed before the promised body is complete |
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class ReceiverState:
         if mode == "echo":
             auth = self.requests[-1].headers.get("authorization", "")
             return 401, f"invalid token in {path} (authorization: {auth})".encode(), {}
+        if mode == "cut":
+            return int(path.strip("/").split("/")[1]), b"partial", {"Content-Length": "100"}
         return 404, b"no such mode", {}
 
 
@@ -116,6 +119,8 @@ async def _serve_connection(state: ReceiverState, reader: asyncio.StreamReader, 
                 + payload
             )
             await writer.drain()
+            if int(response_headers["Content-Length"]) > len(payload):
+                break  # a body cut short: the connection closes
     except (asyncio.IncompleteReadError, ConnectionError):
         pass  # the client closed the connection (or timed out and hung up)
     finally:
@@ -272,6 +277,17 @@ async def test_redirect_is_not_followed(receiver: ReceiverState, senders: Any) -
     assert (result.ok, result.attempts, result.status_code, result.retryable) == (False, 1, 302, False)
     assert "redirects are not followed" in (result.error or "")
     assert receiver.to("/ok/") == []
+
+
+@pytest.mark.parametrize(("status", "ok", "attempts"), [(200, True, 1), (400, False, 1), (503, False, 3)])
+async def test_a_reply_cut_short_after_its_status_counts_by_its_status(
+    receiver: ReceiverState, senders: Any, status: int, ok: bool, attempts: int
+) -> None:
+    # The receiver answered, then the connection closed mid-body: a 2xx was delivered (a retry would
+    # duplicate it), a 4xx is not retried, a 5xx is.
+    result = await senders(receiver.url(f"/cut/{status}"), max_attempts=3).send(make_alert())
+    assert (result.ok, result.attempts, result.status_code) == (ok, attempts, status)
+    assert len(receiver.to(f"/cut/{status}")) == attempts
 
 
 async def test_connection_refused_is_retried(senders: Any) -> None:

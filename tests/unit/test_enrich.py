@@ -4,6 +4,7 @@ hashes on fakeredis, SQL on SQLite, and failures that never fail routing."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime
@@ -23,6 +24,7 @@ from structlog.testing import capture_logs
 
 from decision_router.contracts import Prediction
 from decision_router.enrich import (
+    SQL_THREADS,
     ContextEnricher,
     build_enricher,
     hash_key,
@@ -283,6 +285,36 @@ async def test_slow_sql_times_out_and_the_query_is_interrupted(tmp_path: Path, s
     assert sqlite.pool.checkedout() == 0  # type: ignore[attr-defined]
     with sqlite.connect() as connection:
         assert connection.exec_driver_sql("pragma query_only").scalar() == 0
+
+
+async def test_a_database_that_never_answers_holds_none_of_the_threads_the_router_writes_on(tmp_path: Path) -> None:
+    # A PostgreSQL that accepts connections and never answers: each lookup's connect waits out its
+    # connect_timeout (30 s here) in a thread, long after the source's timeout_s.
+    hung: list[asyncio.StreamWriter] = []
+
+    async def accept_and_hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.append(writer)
+        await reader.read(-1)
+
+    server = await asyncio.start_server(accept_and_hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sources = '  billing: {sql: "select plan from b where account_id = :entity_id", database_url_env: CTX_URL, timeout_s: 0.2}\n'
+    environ = {"CTX_URL": f"postgresql+psycopg://u@127.0.0.1:{port}/x?connect_timeout=30"}
+    enricher = ContextEnricher(ruleset_with(tmp_path, sources), environ=environ)
+    loop_threads = min(32, (os.cpu_count() or 1) + 4)  # the size of asyncio's default executor
+    try:
+        with capture_logs() as logs:
+            for n in range(loop_threads + 2):  # a batch after another, each giving up at its timeout
+                assert await enricher.lookup([prediction(f"p{n}")]) == {}
+        assert [w["error"] for w in warnings_of(logs)] == ["timed out after 0.2s"] * (loop_threads + 2)
+        # The pipeline writes the store on the loop's default threads: none is waiting on the hung database.
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), timeout=10)
+        assert len(hung) <= SQL_THREADS  # lookups queued behind hung connects were dropped, not connected later
+    finally:
+        enricher.close()
+        for writer in hung:  # the hung connects fail at once, freeing their threads
+            writer.close()
+        server.close()
 
 
 async def test_sql_source_on_its_own_database_from_an_environment_variable(tmp_path: Path, sqlite: Engine) -> None:

@@ -427,6 +427,13 @@ WEBHOOK_PROBLEMS = [
      "owner desk: webhook.url: expected an http:// or https:// URL, got 'ftp://x'"),
     ("missing-secret-file", "channels: [webhook], webhook: {url: 'https://example.com/h', secret_file: nope.key}",
      "owner desk: webhook.secret_file: file not found: nope.key (relative to "),
+    # The webhook block's own keys are offered, not the owner's.
+    ("webhook-unknown-key", "channels: [webhook], webhook: {url: 'https://example.com/h', retries: 3, timeout: 2}",
+     "owner desk: webhook.retries: unknown key 'retries'; expected one of url, format, secret_file, secret_env, "
+     "timeout_s, max_attempts"),
+    ("webhook-key-typo", "channels: [webhook], webhook: {url: 'https://example.com/h', timeout: 2}",
+     "owner desk: webhook.timeout: unknown key 'timeout' (did you mean 'timeout_s'?); expected one of url, format, "
+     "secret_file, secret_env, timeout_s, max_attempts"),
     ("bad-digest", "digest: 15 minutes",
      "owner desk: digest: expected a duration like '30s', '15m', '4h', '2d' or '1w', got '15 minutes'"),
     ("zero-digest", "digest: 0s",

@@ -1,5 +1,5 @@
 """The email channel's settings (DECISION_ROUTER_SMTP_*) as README "Configuration" documents them: the
-defaults work once DECISION_ROUTER_SMTP_HOST is set, and a bad value or combination stops `serve` and `api`
+defaults work once DECISION_ROUTER_SMTP_HOST is set, and a bad value or combination stops `serve`, `api` and `redrive deliveries`
 at start with exit 2 and one line naming the variables, not a pydantic traceback from the channel."""
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def _invoke(*args: str) -> Result:
     return CliRunner().invoke(cli.app, list(args))
 
 
-@pytest.mark.parametrize("command", [["serve", "--no-api"], ["api"]])
-def test_an_unreadable_password_file_stops_serve_and_api_with_one_line(
+@pytest.mark.parametrize("command", [["serve", "--no-api"], ["api"], ["redrive", "deliveries"]])
+def test_an_unreadable_password_file_stops_serve_api_and_redrive_with_one_line(
     command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -88,3 +88,17 @@ def test_an_unreadable_password_file_stops_serve_and_api_with_one_line(
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: DECISION_ROUTER_SMTP_PASSWORD_FILE: cannot read secret file"), lines[0]
+
+
+@pytest.mark.parametrize("command", [["demo", "--predictions", "20"], ["simulate", "--entities", "20", "--days", "1"]])
+def test_the_simulator_does_not_use_the_environments_mail_server(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its owners have an inbox only; a password file it cannot read stopped it with a traceback.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DECISION_ROUTER_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("DECISION_ROUTER_SMTP_USERNAME", "router")
+    monkeypatch.setenv("DECISION_ROUTER_SMTP_PASSWORD_FILE", str(tmp_path / "missing.pw"))
+    result = _invoke(*command, "--database", f"sqlite:///{tmp_path / 'sim.db'}")
+    assert (result.exit_code, result.exception) == (0, None), result.output
+    assert "SMTP" not in result.output and "sim.db" in result.output, result.output  # ran to its end
