@@ -289,7 +289,7 @@ def health() -> None:
 
 
 # The commands defined in other modules register themselves on `app` (cli_common.py) when imported: here, after
-# this module's own, in this order (the order of `--help`), so the imports stay here and unsorted.
+# this module's own. `--help` lists them in the order given to `app` in cli_common.py, not in this one.
 # isort: off
 # audit, reassign, rules test, rules replay: defined in cli_governance.py on `app` and `rules_app`.
 from decision_router import cli_delivery, cli_governance  # noqa: E402, F401

@@ -4,7 +4,8 @@ outcome event.
 
 cli.py and the command modules (cli_stats.py, cli_governance.py, ...) import this module, and it imports
 none of them: the imports go one way, so any of them can be imported on its own. The commands are
-registered on `app` when their module is imported; cli.py imports them all, in the order of `--help`.
+registered on `app` when their module is imported; cli.py imports them all. `--help` lists them in the
+order given to `app` (and each group), whichever module was imported first.
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ class Utf8Command(_Utf8Only, TyperCommand):
 
 
 class Utf8Group(_Utf8Only, TyperGroup):
+    # The order `--help` lists the commands in (App's `order`); the rest follow in typer's order, that of
+    # registration, which is the order their modules were first imported in: a process that imported
+    # cli_stats.py before cli.py listed `stats` ahead of `redrive`.
+    order: tuple[str, ...] = ()
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        rank = {name: i for i, name in enumerate(self.order)}
+        return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
+
     def main(
         self,
         args: Sequence[str] | None = None,
@@ -94,10 +104,11 @@ class Utf8Group(_Utf8Only, TyperGroup):
 
 
 class App(typer.Typer):
-    """typer.Typer whose commands, and groups with options of their own (`stats`), take only UTF-8 text."""
+    """typer.Typer whose commands, and groups with options of their own (`stats`), take only UTF-8 text.
+    `order`: the names of its commands and groups, in the order `--help` lists them."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(cls=Utf8Group, **kwargs)
+    def __init__(self, *, order: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(cls=type("Utf8Group", (Utf8Group,), {"order": tuple(order)}), **kwargs)
 
     def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
         return super().command(*args, cls=cls or Utf8Command, **kwargs)
@@ -105,6 +116,9 @@ class App(typer.Typer):
 
 app = App(
     help="Route model predictions to named owners, track what they did and whether it worked.",
+    # The commands first, then the groups, as typer lists them when cli.py imports the command modules.
+    order=("serve", "demo", "publish", "outcome", "health", "audit", "reassign", "simulate", "api", "asyncapi",
+           "bench", "rules", "redrive", "stats", "tokens"),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -136,6 +150,7 @@ def _root(
 
 rules_app = App(
     help="Check the routing rules and owner directory, test them on a prediction, replay stored predictions.",
+    order=("check", "test", "replay"),  # check in cli.py, test and replay in cli_governance.py
     no_args_is_help=True,
 )
 app.add_typer(rules_app, name="rules")

@@ -17,7 +17,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from decision_router.cli_common import MAX_SIMULATED_ENTITIES, app, err, fail, fail_store, out, settings_or_exit
+from decision_router.cli_common import (
+    MAX_SIMULATED_ENTITIES,
+    app,
+    err,
+    fail,
+    fail_store,
+    out,
+    run_interruptibly,
+    settings_or_exit,
+)
 from decision_router.echo import counted
 
 if TYPE_CHECKING:  # simulate.py pulls in the whole service (monitor, notify, channels, httpx): imported when run
@@ -235,8 +244,6 @@ def simulate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the service's per-batch log lines.")] = False,
 ) -> None:
     """Simulate a world with a known truth through the real pipeline; print the truth next to the stats."""
-    import asyncio
-
     from sqlalchemy.exc import SQLAlchemyError
 
     from decision_router.redis_client import REDIS_ERRORS
@@ -267,7 +274,9 @@ def simulate(
             progress.print(f"day {day + 1}/{params.total_days} ({now:%Y-%m-%d})", end="\r", highlight=False)
 
     try:
-        result = asyncio.run(
+        # As `demo`: with asyncio.run, a Ctrl-C whose cancellation was lost (under load, in some await of
+        # the run) let the simulation go on to its end, 11-49 s later, and exit 0.
+        result = run_interruptibly(
             run_simulation(params, settings=settings, redis_url=redis, database_url=database, on_day=on_day)
         )
     except SQLAlchemyError as exc:

@@ -48,6 +48,7 @@ T = TypeVar("T")
 stats_app = App(
     help="Who acts, how fast, and whether it works: outcomes, uplift, data quality, model precision.",
     invoke_without_command=True,
+    order=("quality", "model", "drift"),  # drift in cli_drift.py
 )
 app.add_typer(stats_app, name="stats")
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -396,7 +398,72 @@ def check_database_url(value: str) -> str:
         raise ValueError(f"port {url.port} is outside 1..65535 in {shown}")
     if backend == "sqlite" and (url.host or url.port or url.username or url.password):
         raise ValueError(f"an SQLite URL names no host: sqlite:///relative.db or sqlite:////absolute.db, not {shown}")
+    if backend == "sqlite":
+        _check_sqlite_options(url, shown)
     return value
+
+
+# An SQLite URL's query options. SQLAlchemy hands these to Python's sqlite3.connect (its pysqlite dialect's
+# list), each read as its type: a value it cannot read was a ValueError traceback at the first connection.
+_TRUE = ("true", "yes", "on", "y", "t", "1")  # as SQLAlchemy reads a boolean option (util.asbool)
+_FALSE = ("false", "no", "off", "n", "f", "0")
+
+
+def _is_number(value: str, kind: type[int] | type[float]) -> bool:
+    try:
+        number = kind(value)
+    except ValueError:
+        return False
+    return math.isfinite(number) and number >= 0
+
+
+SQLITE_DRIVER_OPTIONS: dict[str, tuple[str, Callable[[str], bool]]] = {
+    "uri": ("true or false", lambda v: v.strip().lower() in _TRUE + _FALSE),
+    "check_same_thread": ("true or false", lambda v: v.strip().lower() in _TRUE + _FALSE),
+    "timeout": ("a number of seconds", lambda v: _is_number(v, float)),
+    "detect_types": ("a whole number", lambda v: _is_number(v, int)),
+    "cached_statements": ("a whole number", lambda v: _is_number(v, int)),
+    "isolation_level": ("DEFERRED, IMMEDIATE or EXCLUSIVE", lambda v: v.upper() in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE")),
+}
+# SQLite's own (https://www.sqlite.org/uri.html): read only with uri=true and a file: name. Without them
+# SQLAlchemy dropped them with a warning, so mode=ro opened the file for writing; and SQLite ignores a
+# name it does not know (a typo). None: any value (a VFS's name, a file's path).
+_ON_OFF = ("true", "false", "yes", "no", "on", "off", "1", "0")
+SQLITE_URI_OPTIONS: dict[str, tuple[str, ...] | None] = {
+    "mode": ("ro", "rw", "rwc", "memory"), "cache": ("shared", "private"), "immutable": _ON_OFF,
+    "nolock": _ON_OFF, "psow": _ON_OFF, "vfs": None, "modeof": None,
+}
+_SQLITE_URI_EXAMPLE = "sqlite:///file:PATH?mode=ro&uri=true"
+
+
+def _check_sqlite_options(url: Any, shown: str) -> None:
+    """ValueError naming the first query option of an SQLite URL that would be ignored or refused later."""
+    for name, value in url.query.items():
+        if not isinstance(value, str):  # ?mode=ro&mode=rw: a tuple
+            raise ValueError(f"the SQLite URL option {name} is given {len(value)} times: {shown}")
+        if name in SQLITE_DRIVER_OPTIONS:
+            expected, valid = SQLITE_DRIVER_OPTIONS[name]
+            if not valid(value):
+                raise ValueError(f"the SQLite URL option {name} must be {expected}, not {value!r}: {shown}")
+        elif name in SQLITE_URI_OPTIONS:
+            allowed = SQLITE_URI_OPTIONS[name]
+            # SQLite reads its booleans in any case, the names of modes as written.
+            if allowed is not None and (value.lower() if allowed is _ON_OFF else value) not in allowed:
+                choices = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+                raise ValueError(f"the SQLite URL option {name} must be {choices}, not {value!r}: {shown}")
+        else:
+            known = ", ".join(sorted([*SQLITE_DRIVER_OPTIONS, *SQLITE_URI_OPTIONS]))
+            raise ValueError(f"an SQLite URL takes no option {name!r} (its options: {known}): {shown}")
+    uri = url.query.get("uri", "false").strip().lower() in _TRUE
+    named = (url.database or "").startswith("file:")
+    sqlite_own = sorted(name for name in url.query if name in SQLITE_URI_OPTIONS)
+    if sqlite_own and not (uri and named):
+        # SQLAlchemy drops them without uri=true; with it, a name without file: is opened as a plain file
+        # whose name is the whole text, query included ("x.db?mode=ro").
+        raise ValueError(f"SQLite reads {', '.join(sqlite_own)} only with uri=true and a file: name, as "
+                         f"{_SQLITE_URI_EXAMPLE}: {shown}")
+    if named and not uri:  # a file of that name, "file:x.db", would be created in the working directory
+        raise ValueError(f"a file: name needs uri=true, as {_SQLITE_URI_EXAMPLE}: {shown}")
 
 
 def check_redis_url(value: str) -> str:

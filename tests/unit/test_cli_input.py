@@ -411,6 +411,26 @@ def test_serve_on_a_read_only_store_is_refused_at_start(tmp_path: Path) -> None:
         f"error: cannot open the store at {url}: attempt to write a readonly database")
 
 
+@pytest.mark.parametrize(("command", "option"), [
+    (["stats"], "DECISION_ROUTER_DATABASE_URL"),
+    (["demo", "--predictions", "10", "--database"], "--database"),
+])
+def test_an_sqlite_url_option_sqlite_would_ignore_is_one_error_line(command: list[str], option: str,
+                                                                    tmp_path: Path) -> None:
+    """SQLite takes mode=... only with uri=true and a file: name: SQLAlchemy printed its SAWarning, ignored the
+    option and went on (stats exit 0, the demo ran and wrote). A subprocess: the warning is stderr text there."""
+    url = f"sqlite:///{tmp_path / 'store.db'}?mode=bogus"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DECISION_ROUTER_")}
+    if option.startswith("DECISION_ROUTER_"):
+        env[option] = url
+    else:
+        command = [*command, url]
+    done = subprocess.run([sys.executable, "-m", "decision_router", *command], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stderr) == (
+        2, f"error: {option}: the SQLite URL option mode must be ro, rw, rwc or memory, not 'bogus': {url}\n")
+
+
 @pytest.mark.parametrize("command", [["simulate", "--entities", "10", "--days", "1"], ["demo", "--predictions", "10"]])
 def test_simulating_into_a_read_only_store_is_refused_at_start(command: list[str], tmp_path: Path) -> None:
     """It opened and read, and every write failed: the run waited them out as an outage, until Ctrl-C.

@@ -9,8 +9,12 @@ the test process already holds everything the other tests imported.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 # Each pulls in a large import tree (or is the root of one); none is needed to parse arguments.
 HEAVY = (
@@ -126,3 +130,37 @@ def test_rules_watcher_and_payload_limits_are_still_importable_where_they_were()
         "assert PayloadLimits is Setting\n"
     )
     assert "decision_router.rules.watch" in loaded
+
+
+# What `--help` lists, in order, as the installed CLI did when these tests were written.
+HELP_ORDER = {
+    (): ["serve", "demo", "publish", "outcome", "health", "audit", "reassign", "simulate", "api", "asyncapi",
+         "bench", "rules", "redrive", "stats", "tokens"],
+    ("rules",): ["check", "test", "replay"],
+    ("stats",): ["quality", "model", "drift"],
+}
+
+
+def _listed(first: str, args: tuple[str, ...]) -> list[str]:
+    """The command names of `decision-router ARGS --help`, in a process that imported `first` before the CLI."""
+    script = (
+        "import sys\n"
+        f"import {first}\n"
+        "from decision_router.cli import main\n"
+        f"sys.argv = ['decision-router', *{list(args)!r}, '--help']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    commands = done.stdout.split("Commands", 1)[1]
+    return re.findall(r"^│ (\S+) ", commands, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("first", ["decision_router.cli", "decision_router.cli_stats", "decision_router.cli_simulate",
+                                   "decision_router.cli_drift", "decision_router.cli_governance",
+                                   "decision_router.cli_api"])
+@pytest.mark.parametrize("args", list(HELP_ORDER), ids=lambda args: " ".join(args) or "top")
+def test_help_lists_the_commands_in_one_order_whichever_module_was_imported_first(first, args) -> None:
+    # A command module imported before cli.py registered its commands first: `stats` then came before `redrive`.
+    assert _listed(first, args) == HELP_ORDER[args]

@@ -94,6 +94,25 @@ def test_passwords_never_shown(url, shown) -> None:
         ("DATABASE_URL", "postgresqlfoo://x", "must be a sqlite:/// or postgresql+psycopg:// URL, not postgresqlfoo://"),
         ("DATABASE_URL", "postgresql://u:s3cret@db:99999/x", "port 99999 is outside 1..65535"),
         ("DATABASE_URL", "sqlite://host/x.db", "an SQLite URL names no host"),
+        # SQLAlchemy printed a warning and ignored them (mode=ro opened the file for writing); SQLite would
+        # ignore a name it does not know, or open a file named 'x.db?mode=ro' (uri=true without file:).
+        ("DATABASE_URL", "sqlite:///x.db?mode=bogus", "the SQLite URL option mode must be ro, rw, rwc or memory, not 'bogus'"),
+        ("DATABASE_URL", "sqlite:///x.db?mode=ro", "SQLite reads mode only with uri=true and a file: name, as "
+                                                   "sqlite:///file:PATH?mode=ro&uri=true: sqlite:///x.db?mode=ro"),
+        ("DATABASE_URL", "sqlite:///x.db?mode=ro&uri=true", "SQLite reads mode only with uri=true and a file: name"),
+        ("DATABASE_URL", "sqlite:///file:x.db?mode=ro", "SQLite reads mode only with uri=true and a file: name"),
+        ("DATABASE_URL", "sqlite:///file:x.db", "a file: name needs uri=true"),
+        ("DATABASE_URL", "sqlite:///x.db?foo=1", "an SQLite URL takes no option 'foo' (its options: cache, "),
+        ("DATABASE_URL", "sqlite:///file:x.db?mdoe=ro&uri=true", "an SQLite URL takes no option 'mdoe'"),
+        ("DATABASE_URL", "sqlite:///file:x.db?mode=ro&mode=rw&uri=true", "the SQLite URL option mode is given 2 times"),
+        ("DATABASE_URL", "sqlite:///file:x.db?cache=all&uri=true", "the SQLite URL option cache must be shared or private"),
+        ("DATABASE_URL", "sqlite:///file:x.db?immutable=maybe&uri=true", "the SQLite URL option immutable must be true, "),
+        # A ValueError traceback from SQLAlchemy or sqlite3 at the first connection.
+        ("DATABASE_URL", "sqlite:///x.db?timeout=abc", "the SQLite URL option timeout must be a number of seconds, not 'abc'"),
+        ("DATABASE_URL", "sqlite:///x.db?uri=maybe", "the SQLite URL option uri must be true or false, not 'maybe'"),
+        ("DATABASE_URL", "sqlite:///x.db?cached_statements=1.5", "the SQLite URL option cached_statements must be a whole"),
+        ("DATABASE_URL", "sqlite:///x.db?isolation_level=bogus",
+         "the SQLite URL option isolation_level must be DEFERRED, IMMEDIATE or EXCLUSIVE, not 'bogus'"),
         ("REDIS_URL", "redis://127.0.0.1:abc/0", "Port could not be cast to integer value as 'abc'"),
         ("REDIS_URL", "redis://127.0.0.1:99999/0", "Port out of range"),
         ("REDIS_URL", "redis://:s3cret@127.0.0.1:6379/0?socket_timeout=abc",
@@ -120,6 +139,11 @@ def test_malformed_urls_are_refused_at_start(monkeypatch, variable, value, messa
         ("DATABASE_URL", "sqlite+pysqlite:////tmp/x.db"),
         ("DATABASE_URL", "sqlite://"),
         ("DATABASE_URL", "sqlite:///file:x?mode=memory&uri=true"),
+        ("DATABASE_URL", "sqlite:///file:x?mode=memory&cache=shared&uri=true"),
+        ("DATABASE_URL", "sqlite:////tmp/x.db?timeout=5"),
+        ("DATABASE_URL", "sqlite:///file:/tmp/x.db?mode=ro&uri=true"),
+        ("DATABASE_URL", "sqlite:///file:x.db?immutable=1&uri=True"),
+        ("DATABASE_URL", "sqlite:///x.db?uri=true"),  # no SQLite option: x.db, as without uri
         ("DATABASE_URL", "postgresql+psycopg://u:p@[::1]:5432/x?sslmode=require"),
         ("DATABASE_URL", "postgresql+psycopg:///x?host=/var/run/postgresql"),
         ("REDIS_URL", "redis://127.0.0.1:6379"),
