@@ -157,11 +157,10 @@ def bounded(fields: Mapping[str, Any], limits: LookupLimits) -> tuple[dict[str, 
     dropped: list[str] = []
     total = 0
     for name, value in fields.items():
-        size = _size(value)
-        if size > limits.max_bytes:
-            dropped.append(f"{name}: {size} bytes")
-        elif _too_deep(value, limits.max_depth):
+        if _too_deep(value, limits.max_depth):  # first: it looks no deeper than the limit, the size's JSON text would
             dropped.append(f"{name}: nested more than {limits.max_depth} levels")
+        elif (size := _size(value)) > limits.max_bytes:
+            dropped.append(f"{name}: {size} bytes")
         else:
             kept[name] = value
             total += len(name) + size
