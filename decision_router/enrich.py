@@ -7,11 +7,18 @@ once per batch, before routing, and puts each prediction's result in its routing
 under `lookup`.
 
 Two kinds of source:
-- `redis_hash`: one HGETALL per distinct key, pipelined per batch (one round trip). The key
+- `redis_hash`: one HMGET per distinct key, pipelined per batch (one round trip). The key
   is the service's stream prefix followed by the pattern formatted with the prediction.
   Values are text, as stored.
 - `sql`: one SELECT per distinct parameter set in the batch (usually: per entity), run in a
-  worker thread inside a read-only transaction; the first row's columns are the fields.
+  worker thread inside a read-only transaction; the first row's columns are the fields. Its
+  engine (database_url_env) gives up connecting after the source's timeout_s (see _engine_for).
+
+Only the fields some rule reads are fetched (Redis) or kept (SQL), and they are bounded like a
+prediction (`lookup_limits`): a value over the size limit, or nested too deep, is dropped, and
+so is a source's whole result for a prediction still over the size limit without it. Dropped
+fields are missing, as if the source had not had them; one warning per batch names the source
+and the sizes, never the values.
 
 A lookup never fails routing. A source that errors or exceeds its `timeout_s` yields no
 fields for that batch (so the fields a rule asks for are listed in the alert's
@@ -30,9 +37,10 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import date, datetime
 from datetime import time as clock_time
 from decimal import Decimal
@@ -41,15 +49,15 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 from sqlalchemy import text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
 
 from decision_router.contracts import Prediction
 from decision_router.keys import Keys
 from decision_router.rules import ContextSource, RuleSet
 from decision_router.rules.spec import LOOKUP
-from decision_router.settings import redact_url
-from decision_router.store import make_engine
+from decision_router.settings import PayloadLimits, redact_url
+from decision_router.store import json_text, make_engine
 from decision_router.streams import as_text
 
 log = structlog.get_logger("decision_router.enrich")
@@ -59,6 +67,8 @@ Fields = dict[str, Any]
 # store: a source whose database hangs (each connect waiting out its connect_timeout, long after the
 # source's timeout_s) ties up these, never those, and no more than this many connects at once.
 SQL_THREADS = 4
+# libpq's least connect_timeout (it takes whole seconds, and raises anything under 2 to 2).
+MIN_CONNECT_TIMEOUT_S = 2
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
@@ -82,17 +92,82 @@ def hash_key(pattern: str, prediction: Prediction, *, prefix: str = "") -> str:
     return prefix + pattern.format_map(parameters(prediction))
 
 
-def referenced_sources(ruleset: RuleSet) -> tuple[str, ...]:
-    """Declared sources that some rule uses (lookup.<source>.<field> in when, context or
-    owner.from), in order of first use; the others are never queried."""
-    names: list[str] = []
+def referenced_fields(ruleset: RuleSet) -> dict[str, tuple[str, ...]]:
+    """Declared source -> the fields some rule reads of it (lookup.<source>.<field> in when,
+    context or owner.from; of lookup.<source>.<field>.<key>, the field), sources and fields in
+    order of first use. Other sources are never queried, other fields never fetched nor kept."""
+    fields: dict[str, dict[str, None]] = {}
     for rule in ruleset.rules:
         paths = [path for path, _ in rule.conditions] + [rule.owner_from or ""] + list(rule.context_fields)
         for path in paths:
             parts = path.split(".")
-            if parts[0] == LOOKUP and len(parts) >= 3:
-                names.append(parts[1])
-    return tuple(name for name in dict.fromkeys(names) if name in ruleset.context_sources)
+            if parts[0] == LOOKUP and len(parts) >= 3 and parts[1] in ruleset.context_sources:
+                fields.setdefault(parts[1], {})[parts[2]] = None
+    return {name: tuple(names) for name, names in fields.items()}
+
+
+def referenced_sources(ruleset: RuleSet) -> tuple[str, ...]:
+    """Declared sources that some rule uses, in order of first use (see referenced_fields)."""
+    return tuple(referenced_fields(ruleset))
+
+
+@dataclass(frozen=True)
+class LookupLimits:
+    """Bounds on what one source gives one prediction, derived from the prediction's own
+    (DECISION_ROUTER_MAX_PAYLOAD_BYTES / _DEPTH): a looked-up value lands in the stored document
+    (under lookup.<source>) and on the alert, and must not make either larger or deeper than a
+    prediction may be."""
+
+    max_bytes: int  # a value, and a source's kept fields together (names + values, UTF-8 bytes)
+    max_depth: int  # nesting of one value (a SQL json column): objects and lists, the value being level 1
+
+
+def lookup_limits(limits: PayloadLimits) -> LookupLimits:
+    """A quarter of the payload size (16 KiB by default), so that a prediction with a few sources
+    stays within a small multiple of its own limit; a value nested at most as deep as it can be
+    inside a prediction's document (document -> lookup -> source -> value)."""
+    return LookupLimits(max_bytes=limits.max_bytes // 4, max_depth=max(1, limits.max_depth - 3))
+
+
+def _size(value: Any) -> int:
+    """UTF-8 bytes of a looked-up value (Redis replies are bytes; others as their JSON text)."""
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, (dict, list)):
+        return _size(json_text(value))
+    return len(str(value))
+
+
+def _too_deep(value: Any, levels: int) -> bool:
+    """Whether objects and lists in `value` nest more than `levels` deep (the value itself is level 1)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    if levels <= 0:
+        return True
+    items = value.values() if isinstance(value, dict) else value
+    return any(_too_deep(item, levels - 1) for item in items)
+
+
+def bounded(fields: Mapping[str, Any], limits: LookupLimits) -> tuple[dict[str, Any], list[str]]:
+    """`fields` without the values over `limits`, or none of them if those left are still over the
+    size limit together; and what was dropped, described by name and size (never by value)."""
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    total = 0
+    for name, value in fields.items():
+        if _too_deep(value, limits.max_depth):  # first: it looks no deeper than the limit, the size's JSON text would
+            dropped.append(f"{name}: nested more than {limits.max_depth} levels")
+        elif (size := _size(value)) > limits.max_bytes:
+            dropped.append(f"{name}: {size} bytes")
+        else:
+            kept[name] = value
+            total += len(name) + size
+    if total > limits.max_bytes:
+        dropped.append(f"{', '.join(kept)} together: {total} bytes")
+        kept = {}
+    return kept, dropped
 
 
 def redact(message: str) -> str:
@@ -176,9 +251,12 @@ def _read_only(connection: Connection, deadline: float) -> Iterator[Callable[[],
         connection.exec_driver_sql("PRAGMA query_only = OFF")
 
 
-def run_queries(engine: Engine, sql: str, param_sets: Sequence[ParamSet], deadline: float) -> dict[ParamSet, Fields]:
+def run_queries(
+    engine: Engine, sql: str, param_sets: Sequence[ParamSet], deadline: float, fields: Collection[str] | None = None
+) -> dict[ParamSet, Fields]:
     """The first row of `sql` per parameter set ({} when there is none), read-only, within
-    `deadline` (time.monotonic()). Blocking: the enricher runs it in a thread."""
+    `deadline` (time.monotonic()); of its columns, only `fields` if given. Blocking: the
+    enricher runs it in a thread."""
     statement = text(sql)
     rows: dict[ParamSet, Fields] = {}
     with engine.connect() as connection:
@@ -192,7 +270,8 @@ def run_queries(engine: Engine, sql: str, param_sets: Sequence[ParamSet], deadli
                         if time.monotonic() >= deadline - 0.01:  # cancelled by the server / interrupted
                             raise TimeoutError from None
                         raise
-                    rows[params] = {} if row is None else {str(k): jsonable(v) for k, v in row.items()}
+                    columns = {} if row is None else {str(k): v for k, v in row.items()}
+                    rows[params] = {k: jsonable(v) for k, v in columns.items() if fields is None or k in fields}
         finally:
             connection.rollback()
     return rows
@@ -204,7 +283,9 @@ class ContextEnricher:
     `ruleset` is a RuleSet or a function returning the current one (the service passes
     `lambda: pipeline.ruleset`, so a hot reload is followed). `engine` is the service's own
     database, used by SQL sources without `database_url_env`; `keys` gives the stream prefix
-    put in front of every Redis hash key. `failures` counts failed batch lookups per source.
+    put in front of every Redis hash key; `limits` are the predictions' (settings.payload_limits),
+    from which the looked-up values' are derived (lookup_limits). `failures` counts failed batch
+    lookups per source, `oversized` the batches in which a source gave values over the limits.
     """
 
     def __init__(
@@ -215,33 +296,43 @@ class ContextEnricher:
         engine: Engine | None = None,
         keys: Keys | None = None,
         environ: Mapping[str, str] | None = None,
+        limits: PayloadLimits | None = None,
     ) -> None:
         self._ruleset: Callable[[], RuleSet] = ruleset if callable(ruleset) else (lambda: ruleset)
         self.redis = redis
         self.engine = engine
         self.prefix = keys.prefix if keys is not None else ""
         self.environ = os.environ if environ is None else environ
+        self.limits = lookup_limits(limits or PayloadLimits())
         self.failures: Counter[str] = Counter()
-        self._engines: dict[str, Engine] = {}  # engines made from database_url_env, by URL
+        self.oversized: Counter[str] = Counter()
+        self._engines: dict[tuple[str, int | None], Engine] = {}  # made from database_url_env, by URL and connect timeout
         self._engines_lock = threading.Lock()
-        self._active: tuple[RuleSet, tuple[ContextSource, ...]] | None = None
+        # The rule set last seen, the sources it uses and, by source, the fields it reads.
+        self._active: tuple[RuleSet, tuple[ContextSource, ...], dict[str, tuple[str, ...]]] | None = None
         self._sql_threads = ThreadPoolExecutor(max_workers=SQL_THREADS, thread_name_prefix="context-sql")
 
     def sources(self) -> tuple[ContextSource, ...]:
         """The sources the current rule set uses (recomputed when the rule set changes)."""
+        return self._current()[1]
+
+    def _current(self) -> tuple[RuleSet, tuple[ContextSource, ...], dict[str, tuple[str, ...]]]:
         ruleset = self._ruleset()
         active = self._active
         if active is None or active[0] is not ruleset:
-            names = referenced_sources(ruleset)
-            active = self._active = (ruleset, tuple(ruleset.context_sources[name] for name in names))
-        return active[1]
+            fields = referenced_fields(ruleset)
+            active = self._active = (ruleset, tuple(ruleset.context_sources[name] for name in fields), fields)
+        return active
 
     async def lookup(self, predictions: Sequence[Prediction]) -> dict[str, dict[str, Fields]]:
-        """prediction_id -> {source name: {field: value}}; a failed source is left out."""
-        sources = self.sources()
+        """prediction_id -> {source name: {field: value}} of the fields rules read, within the
+        limits; a failed source is left out."""
+        _, sources, fields = self._current()
         if not sources or not predictions:
             return {}
-        found = await asyncio.gather(*(self._lookup_source(source, predictions) for source in sources))
+        found = await asyncio.gather(
+            *(self._lookup_source(source, fields[source.name], predictions) for source in sources)
+        )
         result: dict[str, dict[str, Fields]] = {}
         for source, by_prediction in zip(sources, found, strict=True):
             for prediction_id, fields in by_prediction.items():
@@ -259,12 +350,14 @@ class ContextEnricher:
 
     # one source ---------------------------------------------------------------------
 
-    async def _lookup_source(self, source: ContextSource, predictions: Sequence[Prediction]) -> dict[str, Fields]:
+    async def _lookup_source(
+        self, source: ContextSource, fields: tuple[str, ...], predictions: Sequence[Prediction]
+    ) -> dict[str, Fields]:
         try:
             if source.kind == "redis_hash":
-                found, problem = await asyncio.wait_for(self._redis_hash(source, predictions), source.timeout_s)
+                found, problem = await asyncio.wait_for(self._redis_hash(source, fields, predictions), source.timeout_s)
             else:
-                found, problem = await self._sql(source, predictions), None
+                found, problem = await self._sql(source, fields, predictions), None
         except Exception as exc:  # noqa: BLE001 - a lookup never fails routing
             self._failed(source, len(predictions), _describe(exc, source))
             return {}
@@ -283,17 +376,44 @@ class ContextEnricher:
             failures=self.failures[source.name],
         )
 
+    def _bounded(
+        self, source: ContextSource, by_key: Mapping[Any, Fields], keys: Mapping[str, Any]
+    ) -> dict[str, Fields]:
+        """prediction_id -> its key's fields within the limits (`by_key`: the fields per distinct
+        Redis key or parameter set; `keys`: prediction_id -> its key). Warns once for the batch."""
+        kept: dict[Any, Fields] = {}
+        dropped: dict[Any, list[str]] = {}
+        for key, fields in by_key.items():
+            kept[key], problems = bounded(fields, self.limits)
+            if problems:
+                dropped[key] = problems
+        if dropped:
+            self.oversized[source.name] += 1
+            problems = [problem for key_problems in dropped.values() for problem in key_problems]
+            log.warning(
+                "looked-up context over the limits; those fields are missing for these predictions",
+                source=source.name,
+                kind=source.kind,
+                predictions=sum(1 for key in keys.values() if key in dropped),
+                dropped=problems[:5] + ([f"and {len(problems) - 5} more"] if len(problems) > 5 else []),
+                max_bytes=self.limits.max_bytes,
+                max_depth=self.limits.max_depth,
+            )
+        return {pid: dict(kept[key]) for pid, key in keys.items() if key in kept}
+
     async def _redis_hash(
-        self, source: ContextSource, predictions: Sequence[Prediction]
+        self, source: ContextSource, fields: tuple[str, ...], predictions: Sequence[Prediction]
     ) -> tuple[dict[str, Fields], str | None]:
         if self.redis is None:
             raise SourceError("no Redis client for redis_hash sources")
         assert source.key_pattern is not None
         keys = {p.prediction_id: hash_key(source.key_pattern, p, prefix=self.prefix) for p in predictions}
         distinct = list(dict.fromkeys(keys.values()))
+        # HMGET of the fields rules read, not HGETALL: a CRM hash's other fields (a 70 KB note)
+        # would cross the network each batch, to be stored with every prediction.
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in distinct:
-                pipe.hgetall(key)
+                pipe.hmget(key, fields)
             replies = await pipe.execute(raise_on_error=False)
         hashes: dict[str, Fields] = {}
         errors: list[tuple[str, BaseException]] = []
@@ -301,15 +421,20 @@ class ContextEnricher:
             if isinstance(reply, BaseException):
                 errors.append((key, reply))  # e.g. WRONGTYPE: that key is not a hash
             else:
-                hashes[key] = {as_text(field): as_text(value) for field, value in reply.items()}
-        found = {pid: dict(hashes[key]) for pid, key in keys.items() if key in hashes}
+                hashes[key] = {name: value for name, value in zip(fields, reply, strict=True) if value is not None}
+        found = {  # sized as sent (bytes), then decoded
+            pid: {name: as_text(value) for name, value in hashed.items()}
+            for pid, hashed in self._bounded(source, hashes, keys).items()
+        }
         problem = None
         if errors:
             key, error = errors[0]
             problem = f"{len(errors)} of {len(distinct)} keys failed, first {key}: {_first_line(str(error))}"
         return found, problem
 
-    async def _sql(self, source: ContextSource, predictions: Sequence[Prediction]) -> dict[str, Fields]:
+    async def _sql(
+        self, source: ContextSource, fields: tuple[str, ...], predictions: Sequence[Prediction]
+    ) -> dict[str, Fields]:
         assert source.sql is not None
         engine = self._engine_for(source)
         by_prediction: dict[str, ParamSet] = {}
@@ -320,11 +445,11 @@ class ContextEnricher:
         deadline = time.monotonic() + source.timeout_s
         # The thread cannot be cancelled; the deadline inside stops its query (see _read_only). A lookup
         # still waiting for a thread at the timeout is dropped from the queue.
-        call = functools.partial(run_queries, engine, source.sql, distinct, deadline)
+        call = functools.partial(run_queries, engine, source.sql, distinct, deadline, frozenset(fields))
         rows = await asyncio.wait_for(
             asyncio.get_running_loop().run_in_executor(self._sql_threads, call), source.timeout_s
         )
-        return {pid: dict(rows[params]) for pid, params in by_prediction.items()}
+        return self._bounded(source, rows, by_prediction)
 
     def _engine_for(self, source: ContextSource) -> Engine:
         if source.database_url_env is None:
@@ -340,10 +465,16 @@ class ContextEnricher:
             raise SourceError(
                 f"{source.database_url_env} is {redact_url(url)}: expected a sqlite:/// or postgresql+psycopg:// URL"
             )
+        connect_timeout = None
+        if url.startswith("postgresql") and "connect_timeout" not in make_url(url).query:
+            # Not store.CONNECT_TIMEOUT_S (10 s): a connect to a database that hangs outlives the lookup
+            # in its thread, and `serve` exits only once such threads have ended.
+            connect_timeout = max(MIN_CONNECT_TIMEOUT_S, math.ceil(source.timeout_s))
         with self._engines_lock:
-            if url not in self._engines:
-                self._engines[url] = make_engine(url)
-            return self._engines[url]
+            if (url, connect_timeout) not in self._engines:
+                options = {} if connect_timeout is None else {"connect_args": {"connect_timeout": connect_timeout}}
+                self._engines[url, connect_timeout] = make_engine(url, **options)
+            return self._engines[url, connect_timeout]
 
 
 def build_enricher(
@@ -352,6 +483,7 @@ def build_enricher(
     redis: Redis | None = None,
     engine: Engine | None = None,
     keys: Keys | None = None,
+    limits: PayloadLimits | None = None,
 ) -> ContextEnricher:
     """The enricher the service installs as `pipeline.enricher`; see ContextEnricher."""
-    return ContextEnricher(ruleset, redis=redis, engine=engine, keys=keys)
+    return ContextEnricher(ruleset, redis=redis, engine=engine, keys=keys, limits=limits)

@@ -21,7 +21,10 @@ Looked-up context (lookup.<source>.<field>) is replayed from what was stored wit
 prediction: the pipeline stores what it looked up under the document's `lookup` key. It
 looks up only for predictions whose routing read it, so a candidate that reads a source for
 other predictions (or for predictions stored before lookups were kept) routes them as if
-those fields were missing; the report counts them per source (`missing_lookups`).
+those fields were missing; the report counts them per source (`missing_lookups`). Of a
+source, only the fields the rules then read were kept (enrich.py): a candidate reading
+another field of it finds that field missing, which this cannot tell from one the source
+did not have, so it is not counted.
 """
 
 from __future__ import annotations

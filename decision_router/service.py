@@ -209,7 +209,9 @@ async def running_service(
     redis = redis_for(settings)
     pipeline = Pipeline(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=clock)
     # Reads pipeline.ruleset per batch, so a hot reload's context_sources apply at once.
-    pipeline.enricher = enricher = build_enricher(lambda: pipeline.ruleset, redis=redis, engine=engine, keys=pipeline.keys)
+    pipeline.enricher = enricher = build_enricher(
+        lambda: pipeline.ruleset, redis=redis, engine=engine, keys=pipeline.keys, limits=settings.payload_limits
+    )
     pipeline.channels = ChannelDelivery(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=clock)
     service = RouterService(pipeline, RulesWatcher(settings.rules_dir, ruleset) if watch_rules else None)
     try:

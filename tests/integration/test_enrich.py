@@ -151,6 +151,35 @@ async def test_looked_up_context_is_on_the_alert_or_listed_as_missing(settings, 
     assert (report.replayed, report.unchanged, report.missing_lookups) == (3, 3, {})
 
 
+async def test_an_over_long_value_is_missing_on_the_alert_and_only_read_fields_are_stored(settings, with_billing, r, tmp_path) -> None:
+    # The sweep's case: a 70 KB CRM field, over the 16 KiB a source may give a prediction (a quarter
+    # of DECISION_ROUTER_MAX_PAYLOAD_BYTES), went onto the alert and, with every other field of the
+    # hash, into each prediction's stored document.
+    engine = with_billing
+    keys = Keys(settings.stream_prefix)
+    routing = SOURCES + RULES.replace("lookup.crm.last_contact", "lookup.crm.notes")
+    r.hset(f"{settings.stream_prefix}context:account:acct-1",
+           mapping={"tier": "silver", "health_score": "42", "notes": "n" * 70 * 1024, "history": "h" * 4096})
+    ruleset = load_rules(rules_dir(tmp_path, routing))
+    with capture_logs() as logs:
+        async with running_service(settings, ruleset, engine):
+            publish(r, keys, document("p1", "acct-1"))
+            await wait_until(lambda: "p1" in inbox(r, keys, "am"), what="the alert")
+    alert = inbox(r, keys, "am")["p1"]
+    assert alert.context == {"context.arr": 120000, "lookup.crm.health_score": "42",
+                             "lookup.billing.overdue_amount": 1250.5, "lookup.billing.plan": "pro"}
+    assert alert.missing_context == ["lookup.crm.notes"]
+    assert stored(engine, "p1").missing_context == alert.missing_context
+    (warning,) = [e for e in logs if e.get("event", "").startswith("looked-up context over the limits")]
+    assert (warning["source"], warning["predictions"], warning["dropped"]) == ("crm", 1, [f"notes: {70 * 1024} bytes"])
+    assert "nnnnnnnn" not in json.dumps(logs, default=str)
+    with Session(engine) as session:
+        # Only what the rules read (not `history`), within the limits; replay routes it the same.
+        assert session.get(PredictionRecord, "p1").document["lookup"]["crm"] == {"tier": "silver", "health_score": "42"}
+        report = replay_store(session, ruleset, since=None, until=None)
+    assert (report.replayed, report.unchanged, report.missing_lookups) == (1, 1, {})
+
+
 async def test_failing_and_slow_sources_leave_fields_missing_but_never_fail_routing(settings, engine, r, tmp_path) -> None:
     keys = Keys(settings.stream_prefix)
     with engine.begin() as connection:

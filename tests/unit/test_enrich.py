@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime
@@ -26,15 +28,19 @@ from decision_router.contracts import Prediction
 from decision_router.enrich import (
     SQL_THREADS,
     ContextEnricher,
+    LookupLimits,
+    bounded,
     build_enricher,
     hash_key,
     jsonable,
     redact,
+    referenced_fields,
     referenced_sources,
     run_queries,
 )
 from decision_router.keys import Keys
 from decision_router.rules import RuleSet, load_rules
+from decision_router.settings import PayloadLimits
 from decision_router.store import make_engine
 
 OWNERS = "owners:\n  - {id: desk, name: Desk}\n  - {id: gold-desk, name: Gold Desk}\n"
@@ -43,11 +49,15 @@ BILLING = '  billing: {sql: "select overdue_amount, plan from billing_accounts w
 NOW = datetime.now(UTC)
 
 
+# The fields the default rule reads of every source: only fields some rule reads are kept.
+READ = ("tier", "overdue_amount", "plan")
+
+
 def ruleset_with(tmp_path: Path, sources: str, rules: str | None = None, name: str = "rules") -> RuleSet:
-    """A rule set declaring `sources`; by default one rule uses every one of them."""
+    """A rule set declaring `sources`; by default one rule uses every one of them (its READ fields)."""
     if rules is None:
         names = [line.split(":")[0].strip() for line in sources.splitlines() if line.strip()]
-        used = ", ".join(f"lookup.{n}.tier" for n in names)
+        used = ", ".join(f"lookup.{n}.{field}" for n in names for field in READ)
         rules = f"rules:\n  - {{name: a, when: {{}}, owner: desk, continue: true, context: [{used}]}}\n" \
                 "  - {name: rest, when: {}, owner: desk}\n"
     directory = tmp_path / name
@@ -121,6 +131,17 @@ rules:
     assert referenced_sources(load_rules(Path(__file__).resolve().parents[2] / "rules")) == ("crm",)
 
 
+def test_only_the_fields_rules_read_are_referenced(tmp_path: Path) -> None:
+    rules = """
+rules:
+  - {name: a, when: {lookup.crm.tier: gold}, owner: {from: lookup.crm.manager, fallback: desk}, context: [lookup.billing.plan]}
+  - {name: b, when: {model: churn}, owner: desk, context: [lookup.crm.tier, lookup.billing.meta.region, lookup.billing.plan]}
+  - {name: rest, when: {}, owner: desk}
+"""
+    assert referenced_fields(ruleset_with(tmp_path, CRM + BILLING, rules)) == {
+        "crm": ("tier", "manager"), "billing": ("plan", "meta")}  # of lookup.billing.meta.region, its field
+
+
 def test_jsonable_and_redact() -> None:
     assert jsonable(Decimal("1250.50")) == 1250.5 and jsonable(Decimal("3")) == 3 and isinstance(jsonable(Decimal("3")), int)
     assert jsonable(Decimal("NaN")) == "NaN" and jsonable(float("inf")) == "inf"
@@ -137,8 +158,11 @@ def test_jsonable_and_redact() -> None:
 
 
 async def test_redis_hash_fields_are_text_per_prediction_with_one_pipelined_read_per_key(tmp_path: Path, fake: Redis) -> None:
-    ruleset = ruleset_with(tmp_path, CRM)
-    await fake.hset("t:context:account:acct-1", mapping={"tier": "gold", "health_score": 42, "note": "é"})
+    rules = "\nrules:\n  - {name: a, when: {lookup.crm.tier: gold}, owner: desk, continue: true," \
+            " context: [lookup.crm.health_score, lookup.crm.note]}\n  - {name: rest, when: {}, owner: desk}\n"
+    ruleset = ruleset_with(tmp_path, CRM, rules)
+    # `history` is read by no rule: never fetched, nor stored with the predictions.
+    await fake.hset("t:context:account:acct-1", mapping={"tier": "gold", "health_score": 42, "note": "é", "history": "x" * 500})
     sent: list[list[tuple[Any, ...]]] = []
     original = fake.pipeline
 
@@ -162,7 +186,8 @@ async def test_redis_hash_fields_are_text_per_prediction_with_one_pipelined_read
         "p2": {"crm": {"tier": "gold", "health_score": "42", "note": "é"}},
         "p3": {"crm": {}},  # no hash: no fields
     }
-    assert sent == [[("HGETALL", "t:context:account:acct-1"), ("HGETALL", "t:context:account:acct-3")]]
+    fields = ("tier", "health_score", "note")
+    assert sent == [[("HMGET", "t:context:account:acct-1", *fields), ("HMGET", "t:context:account:acct-3", *fields)]]
     assert enricher.failures == {}
 
 
@@ -234,6 +259,57 @@ async def test_the_current_rule_set_is_read_on_every_batch(tmp_path: Path, fake:
     assert await enricher.lookup([prediction("p1", "acct-1")]) == {"p1": {"crm": {"tier": "silver"}}}
 
 
+# sizes and depth --------------------------------------------------------------------------
+
+BIG_NOTE = "n" * 70 * 1024  # the sweep's 70 KB CRM field: over the 16 KiB a source may give a prediction
+NOTE_RULES = "\nrules:\n  - {name: a, when: {lookup.crm.tier: gold}, owner: desk, continue: true," \
+             " context: [lookup.crm.note]}\n  - {name: rest, when: {}, owner: desk}\n"
+
+
+async def test_an_over_long_value_is_missing_and_warned_of_once_per_batch_without_the_value(
+    tmp_path: Path, fake: Redis
+) -> None:
+    enricher = ContextEnricher(ruleset_with(tmp_path, CRM, NOTE_RULES), redis=fake)
+    await fake.hset("context:account:acct-1", mapping={"tier": "gold", "note": BIG_NOTE})
+    await fake.hset("context:account:acct-2", mapping={"tier": "gold", "note": "renewal call booked"})
+    with capture_logs() as logs:
+        found = await enricher.lookup([prediction("p1", "acct-1"), prediction("p2", "acct-1"), prediction("p3", "acct-2")])
+    assert found == {
+        "p1": {"crm": {"tier": "gold"}},  # the note is missing, the rest as usual
+        "p2": {"crm": {"tier": "gold"}},
+        "p3": {"crm": {"tier": "gold", "note": "renewal call booked"}},
+    }
+    (warning,) = warnings_of(logs)
+    assert (warning["source"], warning["kind"], warning["predictions"], warning["dropped"]) == (
+        "crm", "redis_hash", 2, [f"note: {len(BIG_NOTE)} bytes"])
+    assert (warning["max_bytes"], warning["max_depth"]) == (16 * 1024, 7)  # from the default payload limits
+    assert "nnnnnnnn" not in str(logs)
+    assert (enricher.oversized, enricher.failures) == ({"crm": 1}, {})
+
+
+async def test_fields_over_the_limit_together_are_all_missing_for_that_prediction(tmp_path: Path, fake: Redis) -> None:
+    rules = "\nrules:\n  - {name: a, when: {}, owner: desk, context: [lookup.crm.a, lookup.crm.b, lookup.crm.c]}\n"
+    # DECISION_ROUTER_MAX_PAYLOAD_BYTES=4096: a source may give a prediction 1024 bytes.
+    enricher = ContextEnricher(ruleset_with(tmp_path, CRM, rules), redis=fake, limits=PayloadLimits(max_bytes=4096))
+    await fake.hset("context:account:acct-1", mapping={"a": "x" * 400, "b": "y" * 400, "c": "z" * 400})
+    await fake.hset("context:account:acct-2", mapping={"a": "x" * 400, "b": "y" * 400})
+    with capture_logs() as logs:
+        found = await enricher.lookup([prediction("p1", "acct-1"), prediction("p2", "acct-2")])
+    assert found == {"p1": {"crm": {}}, "p2": {"crm": {"a": "x" * 400, "b": "y" * 400}}}
+    (warning,) = warnings_of(logs)
+    assert (warning["predictions"], warning["dropped"], warning["max_bytes"]) == (1, ["a, b, c together: 1203 bytes"], 1024)
+
+
+def test_values_nested_too_deep_or_too_long_are_dropped_by_name_and_size() -> None:
+    limits = LookupLimits(max_bytes=100, max_depth=3)
+    deep: Any = {"a": [{"b": 1}]}  # 3 levels: the most
+    deeper: Any = {"a": [{"b": [1]}]}
+    assert bounded({"ok": deep, "deep": deeper, "long": "é" * 51, "n": 7}, limits) == (
+        {"ok": deep, "n": 7}, ["deep: nested more than 3 levels", "long: 102 bytes"])
+    assert bounded({"s": "x" * 99}, limits) == ({"s": "x" * 99}, [])  # name and value: the limit itself is within it
+    assert bounded({"s": "x" * 100}, limits) == ({}, ["s together: 101 bytes"])
+
+
 # SQL (SQLite) ------------------------------------------------------------------------------
 
 
@@ -252,6 +328,17 @@ async def test_sql_first_row_per_distinct_entity(tmp_path: Path, sqlite: Engine)
     assert enricher.failures == {}
     with sqlite.begin() as connection:  # the pooled connection is writable again afterwards
         connection.exec_driver_sql("insert into billing_accounts values ('acct-3', 1, 'pro')")
+
+
+async def test_sql_keeps_only_the_columns_rules_read_within_the_limits(tmp_path: Path, sqlite: Engine) -> None:
+    note = "replace(hex(zeroblob(10000)), '00', 'ab')"  # 20,000 characters
+    sources = f'  billing: {{sql: "select *, {note} as note, 1 as unread from billing_accounts where account_id = :entity_id"}}\n'
+    rules = "\nrules:\n  - {name: a, when: {}, owner: desk, context: [lookup.billing.plan, lookup.billing.note]}\n"
+    enricher = ContextEnricher(ruleset_with(tmp_path, sources, rules), engine=sqlite)
+    with capture_logs() as logs:
+        found = await enricher.lookup([prediction("p1", "acct-1")])
+    assert found == {"p1": {"billing": {"plan": "pro"}}}  # not account_id, overdue_amount or unread; the note too long
+    assert [(w["source"], w["kind"], w["dropped"]) for w in warnings_of(logs)] == [("billing", "sql", ["note: 20000 bytes"])]
 
 
 async def test_sql_error_yields_no_fields_and_warns_once_per_batch(tmp_path: Path, sqlite: Engine) -> None:
@@ -315,6 +402,66 @@ async def test_a_database_that_never_answers_holds_none_of_the_threads_the_route
         for writer in hung:  # the hung connects fail at once, freeing their threads
             writer.close()
         server.close()
+
+
+HUNG_SOURCE = '  billing: {sql: "select plan from b where account_id = :entity_id", database_url_env: CTX_URL, timeout_s: %s}\n'
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port whose listener accepts (the kernel's backlog) and never says a word: a hung PostgreSQL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("timeout_s", "query", "connect_timeout"),
+    [("0.2", "", 2), ("2.5", "", 3), ("7", "", 7), ("0.2", "?connect_timeout=30", "30")],
+    ids=["at-least-2", "whole-seconds", "as-the-source", "the-urls-own"],
+)
+def test_a_context_databases_connect_timeout_follows_the_source_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timeout_s: str, query: str, connect_timeout: int | str
+) -> None:
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "60")  # the store's setting, not the source's
+    ruleset = ruleset_with(tmp_path, HUNG_SOURCE % timeout_s)
+    enricher = ContextEnricher(ruleset, environ={"CTX_URL": f"postgresql://u@127.0.0.1:1/x{query}"})
+    engine = enricher._engine_for(ruleset.context_sources["billing"])
+    seen: list[dict[str, Any]] = []
+
+    @event.listens_for(engine, "do_connect")
+    def capture(dialect, record, cargs, cparams) -> None:  # noqa: ANN001
+        seen.append(cparams)
+        raise ConnectionAbortedError("not connecting")
+
+    try:
+        with pytest.raises(ConnectionAbortedError):
+            engine.connect()
+    finally:
+        enricher.close()
+    assert seen[0]["connect_timeout"] == connect_timeout
+
+
+async def test_a_hung_context_database_holds_its_lookup_thread_no_longer_than_the_bound(
+    tmp_path: Path, silent_server: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `serve` exits once the lookup threads have ended: a connect to a database that hangs must give up
+    # after max(2, timeout_s) seconds, not store.CONNECT_TIMEOUT_S (10 s), which this cannot beat.
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    environ = {"CTX_URL": f"postgresql+psycopg://u@127.0.0.1:{silent_server}/x"}
+    enricher = ContextEnricher(ruleset_with(tmp_path, HUNG_SOURCE % "0.2"), environ=environ)
+    started = time.monotonic()
+    with capture_logs() as logs:
+        assert await enricher.lookup([prediction("p1")]) == {}
+    assert [w["error"] for w in warnings_of(logs)] == ["timed out after 0.2s"]
+    enricher.close()  # as the service does on stopping: then the interpreter waits for these threads
+    for thread in [t for t in threading.enumerate() if t.name.startswith("context-sql")]:
+        await asyncio.to_thread(thread.join, 60)
+    assert time.monotonic() - started < 8
 
 
 async def test_sql_source_on_its_own_database_from_an_environment_variable(tmp_path: Path, sqlite: Engine) -> None:
