@@ -316,15 +316,21 @@ def rules_replay(
     candidate = _ruleset_or_exit(rules)
     settings = settings_or_exit()
     start, end = _window(since, until)
+    from decision_router.enrich import referenced_fields
+
+    # The fields of each context source the current rules read: the only ones stored (enrich.py).
+    kept: dict[str, tuple[str, ...]] | None
     try:
-        current: str | None = load_rules(settings.rules_dir).version
+        current_rules = load_rules(settings.rules_dir)
+        current: str | None = current_rules.version
+        kept = referenced_fields(current_rules)
     except RulesInvalid:
-        current = None
+        current, kept = None, None
     with read_store(settings) as session:
         if session is None:
             report = replay([], {}, candidate)  # no store yet: nothing received
         else:
-            report = replay_store(session, candidate, since=start, until=end, examples=examples)
+            report = replay_store(session, candidate, since=start, until=end, examples=examples, kept=kept)
     window = f"{_when(start)} .. {_when(end) if end else 'now'}"
     if fmt == "json":
         _json({"since": iso(start), "until": iso(end),

@@ -23,14 +23,15 @@ looks up only for predictions whose routing read it, so a candidate that reads a
 other predictions (or for predictions stored before lookups were kept) routes them as if
 those fields were missing; the report counts them per source (`missing_lookups`). Of a
 source, only the fields the rules then read were kept (enrich.py): a candidate reading
-another field of it finds that field missing, which this cannot tell from one the source
-did not have, so it is not counted.
+another field of it finds that field missing. Given the fields the current rules read
+(`kept`; the CLI passes them), a field neither stored nor among those counts as not kept;
+one the current rules read and the store lacks was not found by the source, as when routed.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -202,26 +203,39 @@ def candidate_outcomes(
     return outcomes
 
 
-def _sources(paths: Iterable[str]) -> set[str]:
-    """The source names of the lookup.<source>.<field> paths among `paths`."""
-    return {parts[1] for path in paths if len(parts := path.split(".")) >= 3 and parts[0] == LOOKUP}
+def _fields(paths: Iterable[str]) -> set[tuple[str, str]]:
+    """The (source, field) of the lookup.<source>.<field>[...] paths among `paths`."""
+    return {(parts[1], parts[2]) for path in paths if len(parts := path.split(".")) >= 3 and parts[0] == LOOKUP}
 
 
-def unstored_lookups(document: Mapping[str, Any], candidate: RuleSet) -> set[str]:
+def unstored_lookups(
+    document: Mapping[str, Any], candidate: RuleSet, *, kept: Mapping[str, Collection[str]] | None = None
+) -> set[str]:
     """The context sources that routing `document` through `candidate` reads (in the `when` of
     a rule it reaches, the owner or context of a rule it matches) but that were not stored
-    with it: replay can only take their fields as missing."""
+    with it: replay can only take their fields as missing. `kept`: source -> the fields the
+    current rules read (enrich.referenced_fields), the only ones the pipeline fetches and stores:
+    a source is counted too when the candidate reads a field of it that is not stored and that
+    the current rules do not read (it was not kept, rather than not found)."""
     stored = document.get(LOOKUP)
-    read: set[str] = set()
+    stored = stored if isinstance(stored, Mapping) else {}
+    read: set[tuple[str, str]] = set()
     for rule in candidate.candidates(document.get("model")):
         if rule.when_reads_lookup:
-            read |= _sources(path for path, _ in rule.conditions)
+            read |= _fields(path for path, _ in rule.conditions)
         if rule.matches(document):
             if rule.decision_reads_lookup:
-                read |= _sources((rule.owner_from or "", *rule.context_fields))
+                read |= _fields((rule.owner_from or "", *rule.context_fields))
             if not rule.continue_:
                 break
-    return read - set(stored) if isinstance(stored, Mapping) else read
+    missing = set()
+    for source, name in read:
+        fields = stored.get(source)
+        if not isinstance(fields, Mapping):
+            missing.add(source)
+        elif kept is not None and name not in fields and name not in kept.get(source, ()):
+            missing.add(source)
+    return missing
 
 
 def replay(
@@ -231,11 +245,12 @@ def replay(
     *,
     examples: int = 5,
     history: Mapping[CooldownKey, datetime] | None = None,
+    kept: Mapping[str, Collection[str]] | None = None,
 ) -> ReplayReport:
     """Route each prediction through `candidate` as of its receipt, in `routing_order`, and compare with `actual`.
 
     `history`: (rule, entity_type, entity_id) -> the latest unsuppressed decision before the
-    window, so a cooldown that started before the window still applies.
+    window, so a cooldown that started before the window still applies. `kept`: see unstored_lookups.
     """
     order = {rule.name: rule.index for rule in candidate.rules}
     last = dict(history or {})
@@ -246,7 +261,7 @@ def replay(
     reads_lookups = any(rule.when_reads_lookup or rule.decision_reads_lookup for rule in candidate.rules)
     for prediction in sorted(predictions, key=routing_order):
         if reads_lookups:
-            missing_lookups.update(unstored_lookups(prediction.document, candidate))
+            missing_lookups.update(unstored_lookups(prediction.document, candidate, kept=kept))
         decisions = route(prediction.document, candidate, now=prediction.received_at)
         after = candidate_outcomes(prediction, decisions, last)
         changes = compare(prediction, actual.get(prediction.prediction_id, ()), after, order)
@@ -328,9 +343,10 @@ def replay_store(
     since: datetime | None,
     until: datetime | None,
     examples: int = 5,
+    kept: Mapping[str, Collection[str]] | None = None,
 ) -> ReplayReport:
     """Load the window and replay it. Only SELECTs: the caller may open a read-only session."""
     predictions, actual = load_window(session, since=since, until=until)
     history = load_history(session, candidate, before=since)
-    return replay(predictions, actual, candidate, examples=examples, history=history)
+    return replay(predictions, actual, candidate, examples=examples, history=history, kept=kept)
 

@@ -139,3 +139,21 @@ def test_a_store_from_before_lookups_were_kept_replays_them_as_missing_and_says_
     assert bare.returncode == 1 and "expected rules gold-churn; got rest" in bare.stderr
     bad = run(["rules", "test", json.dumps({**prediction("p1", "acct-1"), "lookup": {"crm": "gold"}})], env, workdir)
     assert bad.returncode == 2 and "invalid prediction: schema: lookup: expected an object of sources" in bad.stderr
+
+
+def test_a_candidate_reading_a_field_the_rules_did_not_read_is_told_it_was_not_kept(workdir, env) -> None:
+    # Only the fields the rules read are fetched and stored: a candidate that reads another field of the
+    # same source replays without it, and the report counts it (as the current rules read no such field).
+    route_with_lookups(workdir, [prediction("p1", "acct-1"), prediction("p2", "acct-2")])
+    candidate = workdir / "candidate"
+    candidate.mkdir()
+    (candidate / "routing.yaml").write_text(ROUTING.replace(
+        "context: [lookup.crm.health]", "context: [lookup.crm.health, lookup.crm.segment]"))
+    (candidate / "owners.yaml").write_text(OWNERS)
+
+    shown = run(["rules", "replay", "--rules", "candidate", "--format", "json"], env, workdir)
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert (report["replayed"], report["missing_lookups"]) == (2, {"crm": 1})  # p1's gold-churn reads it
+    same = replay_report(workdir, env)  # the current rules: every field they read was kept
+    assert same["missing_lookups"] == {}

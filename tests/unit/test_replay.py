@@ -360,6 +360,28 @@ def test_unstored_lookups_are_the_sources_the_candidate_reads_and_the_store_lack
     assert unstored_lookups(document, candidate) == missing
 
 
+@pytest.mark.parametrize(
+    ("kept", "missing"),
+    [
+        ({"crm": ("tier",), "billing": ("payer",)}, {"crm"}),  # plan: read by no current rule, so never kept
+        ({"crm": ("tier", "plan"), "billing": ("payer",)}, set()),  # plan read, not found by the source
+        (None, set()),  # the current rules unknown: as before fields were kept by rule
+    ],
+    ids=["not-kept", "not-found", "unknown"],
+)
+def test_a_field_the_current_rules_do_not_read_was_not_kept_and_counts_as_missing(
+    tmp_path: Path, kept: dict | None, missing: set[str]
+) -> None:
+    # The pipeline stores only the fields of a source some rule reads (enrich.py): a candidate that reads
+    # another one finds it missing, and the report says so rather than replaying it silently without it.
+    from decision_router.replay import unstored_lookups
+
+    candidate = rules_dir(tmp_path, "lookups", LOOKUP_ROUTING.replace("lookup.billing.overdue", "lookup.crm.plan"))
+    p = stored("p1", 0.9)
+    document = {**p.document, "lookup": {"crm": {"tier": "silver"}, "billing": {"payer": "alice"}}}
+    assert unstored_lookups(document, candidate, kept=kept) == missing
+
+
 def test_replay_routes_with_the_stored_lookups_and_counts_the_missing_ones(tmp_path: Path) -> None:
     candidate = rules_dir(tmp_path, "lookups", LOOKUP_ROUTING)
     gold = stored("p1", 0.5)
