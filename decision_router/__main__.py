@@ -1,4 +1,4 @@
-from decision_router.cli import main
+from decision_router.entry import main
 
 if __name__ == "__main__":  # `python -m decision_router`; `import decision_router.__main__` runs nothing
     main()

@@ -56,7 +56,7 @@ from decision_router.contracts import Prediction
 from decision_router.keys import Keys
 from decision_router.rules import ContextSource, RuleSet
 from decision_router.rules.spec import LOOKUP
-from decision_router.settings import PayloadLimits, redact_url
+from decision_router.settings import PayloadLimits, check_database_url, redact_url
 from decision_router.store import json_text, make_engine
 from decision_router.streams import as_text
 
@@ -465,6 +465,10 @@ class ContextEnricher:
             raise SourceError(
                 f"{source.database_url_env} is {redact_url(url)}: expected a sqlite:/// or postgresql+psycopg:// URL"
             )
+        try:
+            check_database_url(url)  # as the store's URL: an option SQLite would ignore, a bad port, ...
+        except ValueError as exc:
+            raise SourceError(f"{source.database_url_env}: {exc}") from None
         connect_timeout = None
         if url.startswith("postgresql") and "connect_timeout" not in make_url(url).query:
             # Not store.CONNECT_TIMEOUT_S (10 s): a connect to a database that hangs outlives the lookup

@@ -35,7 +35,12 @@ def make_engine(
     million alerts. Not for the service: every page it ever read would then count in its RSS."""
     kwargs.setdefault("json_serializer", json_text)
     if database_url.startswith("sqlite"):
-        engine = create_engine(database_url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+        # The engine's connections are used from several threads; a lock is waited for 30 s unless the
+        # URL's ?timeout=N says otherwise (connect_args would win over it).
+        connect_args: dict[str, Any] = {"check_same_thread": False}
+        if "timeout" not in make_url(database_url).query:
+            connect_args["timeout"] = 30
+        engine = create_engine(database_url, connect_args=connect_args, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         if mapped_reads:
             event.listen(engine, "connect", _sqlite_memory_map)

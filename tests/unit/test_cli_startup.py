@@ -164,3 +164,41 @@ def _listed(first: str, args: tuple[str, ...]) -> list[str]:
 def test_help_lists_the_commands_in_one_order_whichever_module_was_imported_first(first, args) -> None:
     # A command module imported before cli.py registered its commands first: `stats` then came before `redrive`.
     assert _listed(first, args) == HELP_ORDER[args]
+
+
+CTRL_C_WHILE_IMPORTING = """
+import sys
+
+
+class CtrlC:
+    '''A Ctrl-C while the CLI's modules load (about half a second after the command starts).'''
+
+    def find_spec(self, name, path, target=None):
+        if name == "decision_router.cli":
+            raise KeyboardInterrupt
+
+
+sys.meta_path.insert(0, CtrlC())
+from decision_router.entry import main
+
+main()
+"""
+
+
+def test_ctrl_c_while_the_cli_loads_is_one_line_and_exit_130_not_a_traceback() -> None:
+    done = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr, done.stdout) == (130, "interrupted\n", "")
+
+
+def test_the_console_script_and_python_m_start_through_the_entry_that_catches_it() -> None:
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"decision-router": "decision_router.entry:main"}
+    assert "from decision_router.entry import main" in (root / "decision_router" / "__main__.py").read_text()
+    # The entry imports nothing of the CLI's before its guard.
+    done = subprocess.run([sys.executable, "-c", "import sys, decision_router.entry; print(sorted(m for m in sys.modules"
+                           " if m.startswith('decision_router')))"], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "['decision_router', 'decision_router.entry']"

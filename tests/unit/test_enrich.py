@@ -511,3 +511,19 @@ def test_sql_connection_is_read_only(tmp_path: Path, sqlite: Engine) -> None:
     with sqlite.connect() as connection:
         assert connection.exec_driver_sql("select count(*) from billing_accounts").scalar() == 2
         assert connection.exec_driver_sql("pragma query_only").scalar() == 0
+
+
+async def test_a_context_database_url_is_checked_as_the_stores_is(tmp_path: Path) -> None:
+    # An SQLite option SQLite would ignore (no uri=true) printed SQLAlchemy's warning into the log at each
+    # batch and opened the file for writing; it is now the source's error, named by its variable.
+    sources = '  billing: {sql: "select plan from b where account_id = :entity_id", database_url_env: CTX_URL}\n'
+    environ = {"CTX_URL": f"sqlite:///{tmp_path / 'context.db'}?mode=ro"}
+    enricher = ContextEnricher(ruleset_with(tmp_path, sources), environ=environ)
+    try:
+        with capture_logs() as logs:
+            assert await enricher.lookup([prediction("p1")]) == {}
+    finally:
+        enricher.close()
+    (warning,) = warnings_of(logs)
+    assert warning["error"].startswith("SourceError: CTX_URL: SQLite reads mode only with uri=true and a file: name")
+    assert not (tmp_path / "context.db").exists()
