@@ -268,9 +268,18 @@ def existing_store_or_exit(database_url: str) -> None:
     from decision_router.settings import redact_url
 
     url = make_url(database_url)
-    if url.database in (None, "", ":memory:") or url.query.get("uri") or url.query.get("mode") == "memory":
+    name = url.database or ""
+    if str(url.query.get("uri", "")).strip().lower() in ("true", "yes", "on", "y", "t", "1") and name.startswith("file:"):
+        # A URI (settings checks that SQLite's own options come with one): file:PATH, or file:///PATH.
+        name = name.removeprefix("file:")
+        if name.startswith("//"):
+            authority, _, rest = name[2:].partition("/")
+            if authority not in ("", "localhost"):
+                return  # another host's file: SQLite refuses it itself
+            name = "/" + rest
+    if name in ("", ":memory:") or url.query.get("mode") == "memory":
         return
-    path = Path(url.database)
+    path = Path(name)
     if not path.exists():
         where = "" if path.is_absolute() else f" ({path.resolve()})"
         fail(

@@ -70,6 +70,18 @@ def test_commands_on_the_store_outside_the_serve_directory_say_there_is_none(com
 
 
 @pytest.mark.usefixtures("redis_answers")
+@pytest.mark.parametrize("url", ["sqlite:///file:elsewhere.db?uri=true", "sqlite:///file:elsewhere.db?mode=rw&uri=true",
+                                 "sqlite:///elsewhere.db?uri=false", "sqlite:///file://{dir}/elsewhere.db?uri=true"])
+def test_a_store_named_by_an_sqlite_uri_is_looked_for_too(url: str, tmp_path: Path, monkeypatch) -> None:
+    """A `uri` option, true or false, skipped the check: `health` then created the file (or said it could
+    not open it) instead of saying there is no store."""
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", url.format(dir=tmp_path))
+    error = one_error(invoke("health"), 1)
+    assert error.startswith("error: no store at sqlite:///") and "elsewhere.db" in error, error
+    assert not list(tmp_path.glob("*elsewhere.db*"))
+
+
+@pytest.mark.usefixtures("redis_answers")
 def test_the_commands_that_make_a_store_still_do_and_the_others_then_read_it(tmp_path: Path) -> None:
     created = invoke("tokens", "create", "--role", "ops", "--name", "grafana")
     assert created.exit_code == 0, created.output
