@@ -156,4 +156,8 @@ def verify_token(engine: Engine, token: str) -> Principal | None:
         row = session.exec(select(ApiToken).where(ApiToken.token_hash == digest)).first()
     if row is None or not hmac.compare_digest(row.token_hash, digest) or row.revoked_at is not None:
         return None
+    # create_token never writes such a row; one written into the table by hand is refused, not read as
+    # something wider: an owner token without an owner would pass every "its own" filter as no filter.
+    if row.role not in ROLES or (row.role == "owner") != bool(row.owner):
+        return None
     return Principal(role=row.role, owner=row.owner, token_id=row.token_id)

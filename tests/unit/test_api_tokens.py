@@ -84,3 +84,15 @@ def test_a_mistyped_owner_gets_its_close_match_and_an_unknown_one_a_short_list(e
         "known: owner-00, owner-01, owner-02, owner-03, owner-04, +30 more"
     )
     assert list_tokens(engine) == []
+
+
+@pytest.mark.parametrize(("role", "owner"), [("owner", None), ("owner", ""), ("ops", "alice"), ("root", None)])
+def test_a_token_row_no_create_token_would_write_is_refused_not_read_as_wider(engine, role, owner) -> None:
+    # An owner token without an owner read every owner's stats (its "own" filter was no filter).
+    secret, info = create_token(engine, role="ops", name="hand-edited")
+    with Session(engine) as session:
+        row = session.scalars(select(ApiToken).where(ApiToken.token_id == info.token_id)).one()
+        row.role, row.owner = role, owner
+        session.add(row)
+        session.commit()
+    assert verify_token(engine, secret) is None
