@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import json
 from datetime import datetime
 from enum import StrEnum
@@ -39,6 +38,7 @@ from decision_router.api.common import (
 )
 from decision_router.audit import AlertSummary, alert_story, iso
 from decision_router.contracts import OutcomeResult, not_a_boolean
+from decision_router.echo import did_you_mean
 from decision_router.insights import NEWEST_FIRST, alerts_seen_by
 from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, EscalationRecord, as_utc
 
@@ -376,7 +376,5 @@ async def reassign(
 ) -> dict[str, Any]:
     owners = ruleset_of(request).owners
     if body.owner not in owners:
-        close = difflib.get_close_matches(body.owner, list(owners), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise body_error("owner", f"owner {body.owner!r} is not in the owner directory{hint}")
+        raise body_error("owner", f"owner {body.owner!r} is not in the owner directory{did_you_mean(body.owner, owners)}")
     return await _act(request, alert_id, principal, "reassigned", body, key)
