@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 from sqlmodel import Session
+from structlog.testing import capture_logs
 
 from decision_router.escalation import EscalationSweeper
 from decision_router.rules import load_rules
@@ -92,8 +93,12 @@ async def test_unacknowledged_alert_escalates_up_the_chain_then_breaches(gov, r,
     assert (await gov.sweeper.sweep_once()).escalated == 0
 
     clock.now = T0 + timedelta(hours=1, minutes=1)
-    first = await gov.sweeper.sweep_once()
+    with capture_logs() as logs:
+        first = await gov.sweeper.sweep_once()
     assert (first.escalated, first.breached, first.delivered) == (1, 0, 1)
+    # The sweep's log line counts in numbers (its conflicts were logged as null when there were none).
+    (line,) = [e for e in logs if e["event"] == "escalations"]
+    assert (line["escalated"], line["sla_breaches"], line["conflicts"]) == (1, 0, 0)
     (copy,) = inbox(r, keys, "lead")
     assert copy["alert_id"] == alert_id and copy["owner"] == "am"
     assert copy["escalation"] == {"level": 1, "kind": "ack", "reason": "not acknowledged within 1h",
