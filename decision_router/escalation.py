@@ -240,9 +240,8 @@ class EscalationSweeper:
         result = await asyncio.to_thread(self._sweep)
         result.delivered = await self.deliver()
         if result.escalated or result.breached:
-            log.info(
-                "escalations", escalated=result.escalated, sla_breaches=result.breached, conflicts=result.conflicts or None
-            )
+            # Counts always numbers: `conflicts=result.conflicts or None` logged "conflicts=None" (JSON null).
+            log.info("escalations", escalated=result.escalated, sla_breaches=result.breached, conflicts=result.conflicts)
         return result
 
     def _sweep(self) -> SweepResult:

@@ -625,10 +625,12 @@ def apply_outcome(
             record.escalated_to = None
             flag_modified(record, "escalated_to")
             # Deadlines not met yet start again for the new owner, also one the old owner's chain breached
-            # (the breach stays recorded); a closed alert has none.
-            if record.status == "open" and record.acknowledged_at is None:
+            # (the breach stays recorded); a closed alert has none, nor has a decision nobody receives (a
+            # control, recorded or suppressed one), as when it was routed.
+            timed = record.status == "open" and record.action == "alert" and not record.held_out
+            if timed and record.acknowledged_at is None:
                 record.ack_due_at = now + (as_utc(record.ack_by) - as_utc(record.created_at))
-            if record.status == "open" and record.intervened_at is None:
+            if timed and record.intervened_at is None:
                 record.act_due_at = now + (as_utc(record.act_by) - as_utc(record.created_at))
         # In SQL, not from the value read: a sweep that read the alert before this commits then fails its
         # compare-and-set, even one that read it after another sweep's step that this transaction overlaps.

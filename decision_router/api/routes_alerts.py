@@ -87,13 +87,17 @@ def _action_clause(action: Action) -> Any:
 
 
 def state_of(record: AlertRecord) -> str:
+    """As the `state` filter finds it (_state_clause)."""
     if record.status == "closed":
         return State.CLOSED.value
+    if record.status != "open":
+        # Suppressed: no one's to-do, whatever an event by its prediction recorded on it.
+        return record.status
     if record.intervened_at is not None:
         return State.INTERVENED.value
     if record.acknowledged_at is not None:
         return State.ACKNOWLEDGED.value
-    return State.OPEN.value if record.status == "open" else record.status
+    return State.OPEN.value
 
 
 def alert_view(record: AlertRecord) -> dict[str, Any]:

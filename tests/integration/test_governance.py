@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 from sqlmodel import Session
+from structlog.testing import capture_logs
 
 from decision_router.escalation import EscalationSweeper
 from decision_router.rules import load_rules
@@ -92,8 +93,12 @@ async def test_unacknowledged_alert_escalates_up_the_chain_then_breaches(gov, r,
     assert (await gov.sweeper.sweep_once()).escalated == 0
 
     clock.now = T0 + timedelta(hours=1, minutes=1)
-    first = await gov.sweeper.sweep_once()
+    with capture_logs() as logs:
+        first = await gov.sweeper.sweep_once()
     assert (first.escalated, first.breached, first.delivered) == (1, 0, 1)
+    # The sweep's log line counts in numbers (its conflicts were logged as null when there were none).
+    (line,) = [e for e in logs if e["event"] == "escalations"]
+    assert (line["escalated"], line["sla_breaches"], line["conflicts"]) == (1, 0, 0)
     (copy,) = inbox(r, keys, "lead")
     assert copy["alert_id"] == alert_id and copy["owner"] == "am"
     assert copy["escalation"] == {"level": 1, "kind": "ack", "reason": "not acknowledged within 1h",
@@ -195,6 +200,30 @@ async def test_reassignment_changes_the_accountable_owner_and_restarts_the_clock
     reassigned = [d for t, d in events(engine, alert_id) if t == "reassigned"]
     assert reassigned == [{"note": "am on a call", "from_owner": "am", "to_owner": "desk"}]
 
+
+
+async def test_a_reassigned_decision_nobody_receives_gets_no_deadlines(gov, r, engine, clock) -> None:
+    """A control or recorded decision has no deadlines when routed, and gets none when reassigned: the API
+    showed deadlines on them (nothing escalates them, nothing meets them)."""
+    from decision_router.router import in_holdout
+
+    keys = gov.keys
+    control = next(f"acct-c{n}" for n in range(100) if in_holdout("upsell", "account", f"acct-c{n}", 0.5))
+    publish(r, keys, "c1", model="upsell", entity_id=control)
+    publish(r, keys, "c2", model="other")  # the catch-all: recorded only
+    await wait_until(lambda: count(engine, AlertRecord) == 2, what="2 decisions")
+    for pid in ("c1", "c2"):
+        r.xadd(keys.outcomes, {"prediction_id": pid, "type": "reassigned", "actor": "lead", "owner": "am"})
+    await wait_until(lambda: count(engine, AuditEvent, AuditEvent.type == "reassigned") == 2, what="both reassignments")
+    with Session(engine) as session:
+        held_out = session.get(AlertRecord, alert_id_for("c1", "upsell"))
+        recorded = session.get(AlertRecord, alert_id_for("c2", "rest"))
+        assert held_out.held_out and recorded.action == "record"
+        for decision in (held_out, recorded):
+            assert (decision.owner, decision.ack_due_at, decision.act_due_at) == ("am", None, None)
+    clock.now = T0 + timedelta(hours=5)
+    assert (await gov.sweeper.sweep_once()).escalated == 0
+    assert r.xlen(keys.inbox("am")) == 0
 
 async def test_cooldown_suppresses_repeat_alerts_per_entity_and_rule(gov, r, engine) -> None:
     keys = gov.keys
