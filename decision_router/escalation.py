@@ -18,6 +18,7 @@ import structlog
 from sqlalchemy import func, select, union, update
 from sqlmodel import Session
 
+from decision_router import metrics
 from decision_router.contracts import Alert, Escalation
 from decision_router.durations import format_duration
 from decision_router.keys import Keys
@@ -238,6 +239,7 @@ class EscalationSweeper:
 
     async def sweep_once(self) -> SweepResult:
         result = await asyncio.to_thread(self._sweep)
+        metrics.observe_sweep(escalated=result.escalated, breached=result.breached)
         result.delivered = await self.deliver()
         if result.escalated or result.breached:
             # Counts always numbers: `conflicts=result.conflicts or None` logged "conflicts=None" (JSON null).

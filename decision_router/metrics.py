@@ -40,6 +40,14 @@ DELIVERIES_FAILED = Counter(
     "decision_router_deliveries_failed", "Channel deliveries that failed for good (sent to deliveries:dlq).",
     ["channel"], registry=REGISTRY,
 )
+ESCALATIONS = Counter(
+    "decision_router_escalations", "Escalation steps taken: an alert's missed deadline sent up to a manager.",
+    registry=REGISTRY,
+)
+SLA_BREACHES = Counter(
+    "decision_router_sla_breaches", "Deadlines missed with no manager left to escalate to (each deadline once).",
+    registry=REGISTRY,
+)
 BATCH_SECONDS = Histogram(
     "decision_router_batch_processing_seconds",
     "Time to gate, route, persist and deliver one batch read from a stream.",
@@ -63,6 +71,14 @@ def observe_batch(
             DECISIONS.labels(action).inc(count)
     for reason, count in rejected.items():
         REJECTED.labels(stream, reason).inc(count)
+
+
+def observe_sweep(*, escalated: int, breached: int) -> None:
+    """One SLA sweep's committed steps (escalation.py: each step is taken by one worker, so counted once)."""
+    if escalated:
+        ESCALATIONS.inc(escalated)
+    if breached:
+        SLA_BREACHES.inc(breached)
 
 
 def delivery_failed(channel: str) -> None:

@@ -636,6 +636,7 @@ async def test_metrics_read_consumer_group_lag_and_pending_at_scrape_time(standa
     assert metric(text, "decision_router_consumer_group_pending", **labels) == 2
     assert "decision_router_batch_processing_seconds_bucket" in text
     assert "decision_router_deliveries_failed" in text
+    assert "decision_router_escalations_total" in text and "decision_router_sla_breaches_total" in text
 
 
 # bad input ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlmodel import Session
 from structlog.testing import capture_logs
 
+from decision_router import metrics
 from decision_router.escalation import EscalationSweeper
 from decision_router.rules import load_rules
 from decision_router.service import running_service
@@ -93,9 +94,11 @@ async def test_unacknowledged_alert_escalates_up_the_chain_then_breaches(gov, r,
     assert (await gov.sweeper.sweep_once()).escalated == 0
 
     clock.now = T0 + timedelta(hours=1, minutes=1)
+    escalations, breaches = metrics.ESCALATIONS._value.get(), metrics.SLA_BREACHES._value.get()
     with capture_logs() as logs:
         first = await gov.sweeper.sweep_once()
     assert (first.escalated, first.breached, first.delivered) == (1, 0, 1)
+    assert (metrics.ESCALATIONS._value.get(), metrics.SLA_BREACHES._value.get()) == (escalations + 1, breaches)
     # The sweep's log line counts in numbers (its conflicts were logged as null when there were none).
     (line,) = [e for e in logs if e["event"] == "escalations"]
     assert (line["escalated"], line["sla_breaches"], line["conflicts"]) == (1, 0, 0)
@@ -120,6 +123,8 @@ async def test_unacknowledged_alert_escalates_up_the_chain_then_breaches(gov, r,
     # The act deadline is a second SLA; the chain is exhausted, so it breaches at once.
     assert (await gov.sweeper.sweep_once()).breached == 1
     assert (await gov.sweeper.sweep_once()).breached == 0
+    # GET /metrics: each step and breach once, however often swept.
+    assert (metrics.ESCALATIONS._value.get(), metrics.SLA_BREACHES._value.get()) == (escalations + 2, breaches + 2)
 
     with Session(engine) as session:
         row = session.get(AlertRecord, alert_id)
