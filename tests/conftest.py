@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -49,3 +51,15 @@ def unavailable(what: str, error: Exception) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port whose listener accepts (the kernel's backlog) and never says a word: a hung PostgreSQL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -405,18 +404,6 @@ async def test_a_database_that_never_answers_holds_none_of_the_threads_the_route
 
 
 HUNG_SOURCE = '  billing: {sql: "select plan from b where account_id = :entity_id", database_url_env: CTX_URL, timeout_s: %s}\n'
-
-
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A port whose listener accepts (the kernel's backlog) and never says a word: a hung PostgreSQL."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
 
 
 @pytest.mark.parametrize(

@@ -3,26 +3,12 @@ alone waited with no limit, so `health` (the compose healthcheck) hung and an ou
 
 from __future__ import annotations
 
-import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
 from decision_router import store
-
-
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A port whose listener accepts (the kernel's backlog) and never says a word."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
 
 
 def _seconds_to_fail(url: str) -> float:
