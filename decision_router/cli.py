@@ -219,11 +219,16 @@ def outcome(
     value: Annotated[float | None, typer.Option(help="A measured value (e.g. renewed ARR).")] = None,
     owner: Annotated[str | None, typer.Option(help="For TYPE reassigned: the new owner's id.")] = None,
     note: Annotated[str | None, typer.Option(help="Free text kept in the audit trail.")] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(help="When it happened, ISO-8601 (no offset: UTC), e.g. 2026-11-20T14:05Z; default: when the "
+                          "router processes it."),
+    ] = None,
 ) -> None:
     """Record an outcome event (it goes onto the outcomes stream, like any producer's)."""
     document: dict[str, Any] = {
         "type": type_, "actor": actor, "alert_id": alert, "prediction_id": prediction,
-        "action": action, "result": result, "value": value, "owner": owner, "note": note,
+        "action": action, "result": result, "value": value, "owner": owner, "note": note, "at": at,
     }
     if entity is not None:
         entity_type, entity_id = parse_entity(entity)

@@ -14,7 +14,7 @@ import gc
 import re
 import sys
 from collections.abc import Coroutine, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -383,7 +383,7 @@ MAX_SIMULATED_ENTITIES = 100_000
 OUTCOME_OPTIONS = {
     "type": "TYPE", "actor": "--actor", "alert_id": "--alert", "prediction_id": "--prediction",
     "entity_type": "--entity", "entity_id": "--entity", "action": "--action", "result": "--result",
-    "value": "--value", "owner": "--owner", "note": "--note",
+    "value": "--value", "owner": "--owner", "note": "--note", "at": "--at",
 }
 # The whole-event rules of contracts.OutcomeEvent, worded with the `outcome` command's options
 # (tests/unit/test_cli_messages.py breaks each one, so a reworded rule is noticed).
@@ -439,7 +439,9 @@ def send_outcome(
     stream = Keys(settings.stream_prefix).outcomes
     # The router's own gate, on the entry as it will be written: an empty id, a note over the size limit...
     # are refused here instead of being "recorded" and then dead-lettered.
-    checked = check_outcome(outcome_fields(event), source_stream=stream, limits=settings.payload_limits)
+    # With now and the skew, as the router: an `at` in the future is refused here, not dead-lettered there.
+    checked = check_outcome(outcome_fields(event), source_stream=stream, limits=settings.payload_limits,
+                            now=datetime.now(UTC), max_skew=settings.max_clock_skew)
     if isinstance(checked, Rejection):
         fail(f"invalid outcome event: the router would reject it as {describe(checked)}", code=2)
 

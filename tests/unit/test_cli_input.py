@@ -3,10 +3,12 @@ the CLI in-process (typer's CliRunner), on a SQLite store in a temporary directo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -216,6 +218,8 @@ def test_simulation_stores_that_do_not_open_are_one_line(args: list[str], code: 
         (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--note", "x" * 70_000], "as too_large: "),
         (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--owner", "bob"],
          "--owner is only allowed with TYPE reassigned"),  # the contract's rule, as the router applies it, in CLI words
+        (["outcome", "acknowledged", "--actor", "a", "--alert", "al-1", "--at", "last tuesday"], "--at: "),
+        (["outcome", "intervened", "--actor", "a", "--alert", "al-1", "--at", "2999-01-01"], "as from_future: at is "),
     ],
 )
 def test_an_outcome_the_router_would_reject_is_refused(
@@ -223,6 +227,35 @@ def test_an_outcome_the_router_would_reject_is_refused(
 ) -> None:
     monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing is written, whatever happens
     assert shown in one_error(invoke(*args), 2)
+
+
+def test_an_outcome_says_when_it_happened_with_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A business system reporting an outcome days later gives its time: without --at the router took the
+    moment it processed the event, and times to act and outcome windows counted from then."""
+    from decision_router import cli_common, publisher
+
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:1/0")
+    sent: list = []
+
+    class Client:
+        async def aclose(self) -> None:
+            return None
+
+    async def connect(_settings: object) -> Client:
+        return Client()
+
+    async def publish(_redis: object, _stream: str, event: object) -> str:
+        sent.append(event)
+        return "1-0"
+
+    monkeypatch.setattr(cli_common, "_connect", connect)
+    monkeypatch.setattr(publisher, "publish_outcome", publish)
+    result = invoke("outcome", "outcome", "--actor", "crm", "--alert", "al-1", "--result", "success",
+                    "--at", "2026-11-20T14:05")
+    assert result.exit_code == 0, result.output
+    (event,) = sent
+    assert event.at == datetime(2026, 11, 20, 14, 5, tzinfo=UTC)  # no offset: UTC
+    assert json.loads(publisher.outcome_fields(event)["data"])["at"].startswith("2026-11-20T14:05:00")
 
 
 # Text that is not valid UTF-8 (bytes a shell passes through) is refused, naming the option ---------------
