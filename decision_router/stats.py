@@ -227,7 +227,7 @@ class _Tally:
 
     def row(
         self, key: str, group: tuple[tuple[str, str], ...], holdouts: Mapping[str, float], *,
-        min_n: int, planned_n: int,
+        min_n: int, planned_n: int, srm: bool = True,
     ) -> StatsRow:
         treated_n = self.treated_successes + self.treated_failures
         control_n = self.control_successes + self.control_failures
@@ -237,8 +237,8 @@ class _Tally:
         median_ack, p90_ack = self.ack_quantiles or (median(self.times_to_ack), nearest_rank(self.times_to_ack, 0.9))
         median_act, p90_act = self.act_quantiles or (median(self.times_to_act), nearest_rank(self.times_to_act, 0.9))
         srm_expected = srm_observed = srm_p = srm_mismatch = None
-        # The check is sound only where one holdout fraction applies to the whole row.
-        if len(self.rules) == 1:
+        # The check is sound only where one holdout fraction applies to the whole row (and `srm`: see srm_applies).
+        if srm and len(self.rules) == 1:
             (rule,) = self.rules
             fraction = holdouts.get(rule, 0.0)
             if 0.0 < fraction < 1.0:
@@ -302,6 +302,16 @@ _STATS_COLUMNS = (
 )
 
 
+def srm_applies(by: GroupBy, owner: str | None) -> bool:
+    """Whether the sample ratio check means anything for rows grouped `by`, filtered to `owner`.
+
+    Not per current owner: a reassignment moves a routed alert to another owner, never the control
+    records the holdout set beside it (nobody sees those), so an owner's share of control drifts with
+    ordinary reassignments, and the check would call a sound rule's tracking broken.
+    """
+    return by is not GroupBy.OWNER and owner is None
+
+
 def _group(by: GroupBy, record: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
     if by is GroupBy.MODEL_VERSION:
         parts = (("model", record.model), ("model_version", record.model_version))
@@ -331,7 +341,8 @@ def compute_stats_reference(
     `holdouts` maps rule name -> configured holdout fraction (CompiledRule.holdout). It
     drives the sample ratio check, which runs only for rows whose routed and held-out
     decisions all come from one rule with a holdout (every `--by rule` row; other rows can
-    mix rules with different fractions, and then the srm_* fields are null). A rule counts
+    mix rules with different fractions, and then the srm_* fields are null), and never for rows
+    grouped or filtered by owner (srm_applies). A rule counts
     as having a control group when its holdout is > 0 or it has held-out records in the
     selection; only such rules' routed alerts are the treated group of the uplift.
 
@@ -384,7 +395,8 @@ def compute_stats_reference(
             tally.treated_successes += r.outcome == "success"
             tally.treated_failures += r.outcome == "failure"
     rows = [
-        tally.row(key, groups[key], holdouts, min_n=min_n, planned_n=planned_n) for key, tally in tallies.items()
+        tally.row(key, groups[key], holdouts, min_n=min_n, planned_n=planned_n, srm=srm_applies(by, owner))
+        for key, tally in tallies.items()
     ]
     if by is GroupBy.WEEK:
         return sorted(rows, key=lambda r: r.key)
@@ -636,7 +648,8 @@ def compute_stats(
     `holdouts` maps rule name -> configured holdout fraction (CompiledRule.holdout). It
     drives the sample ratio check, which runs only for rows whose routed and held-out
     decisions all come from one rule with a holdout (every `--by rule` row; other rows can
-    mix rules with different fractions, and then the srm_* fields are null). A rule counts
+    mix rules with different fractions, and then the srm_* fields are null), and never for rows
+    grouped or filtered by owner (srm_applies). A rule counts
     as having a control group when its holdout is > 0 or it has held-out records in the
     selection; only such rules' routed alerts are the treated group of the uplift.
 
@@ -727,7 +740,7 @@ def compute_stats(
             name, group = k, (("model", names[k][0]), ("model_version", names[k][1]))
         else:
             name, group = k, ((by.value, k),)
-        rows.append(tally.row(name, group, holdouts, min_n=min_n, planned_n=planned_n))
+        rows.append(tally.row(name, group, holdouts, min_n=min_n, planned_n=planned_n, srm=srm_applies(by, owner)))
     if by is GroupBy.WEEK:
         return sorted(rows, key=lambda r: r.key)
     return sorted(rows, key=lambda r: (-r.routed, -r.recorded, -r.held_out, r.key))
