@@ -184,19 +184,25 @@ class StatsRow:
     srm_mismatch: bool | None
     # The named parts of `key`: (("rule", "x"),) or (("model", "churn"), ("model_version", "3")).
     group: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # Some rule of the row has a control group (a holdout, or held-out records): without an uplift, the row
+    # lacks data ("not enough data"), not a control group, even before its first held-out record.
+    has_control: bool = field(default=False, compare=False)
 
     def as_dict(self, by: GroupBy | str | None = None) -> dict[str, Any]:
         """JSON/CSV form: the group column(s) first, then every statistic."""
-        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("key", "group")}
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_COLUMNS}
         group = dict(self.group) if self.group else {GroupBy(by or GroupBy.RULE).value: self.key}
         return {**group, **row}
+
+
+_NOT_COLUMNS = ("key", "group", "has_control")  # StatsRow's fields that JSON and CSV do not carry
 
 
 def stats_columns(by: GroupBy | str) -> list[str]:
     """Every JSON/CSV column of `compute_stats` rows grouped `by`, in order."""
     by = GroupBy(by)
     keys = ["model", "model_version"] if by is GroupBy.MODEL_VERSION else [by.value]
-    return keys + [f.name for f in fields(StatsRow) if f.name not in ("key", "group")]
+    return keys + [f.name for f in fields(StatsRow) if f.name not in _NOT_COLUMNS]
 
 
 @dataclass
@@ -227,7 +233,7 @@ class _Tally:
 
     def row(
         self, key: str, group: tuple[tuple[str, str], ...], holdouts: Mapping[str, float], *,
-        min_n: int, planned_n: int, srm: bool = True,
+        min_n: int, planned_n: int, srm: bool = True, controlled: Iterable[str] = (),
     ) -> StatsRow:
         treated_n = self.treated_successes + self.treated_failures
         control_n = self.control_successes + self.control_failures
@@ -280,6 +286,7 @@ class _Tally:
             srm_p_value=srm_p,
             srm_mismatch=srm_mismatch,
             group=group,
+            has_control=not self.rules.isdisjoint(controlled),
         )
 
 
@@ -395,7 +402,8 @@ def compute_stats_reference(
             tally.treated_successes += r.outcome == "success"
             tally.treated_failures += r.outcome == "failure"
     rows = [
-        tally.row(key, groups[key], holdouts, min_n=min_n, planned_n=planned_n, srm=srm_applies(by, owner))
+        tally.row(key, groups[key], holdouts, min_n=min_n, planned_n=planned_n, srm=srm_applies(by, owner),
+                  controlled=controlled)
         for key, tally in tallies.items()
     ]
     if by is GroupBy.WEEK:
@@ -740,7 +748,8 @@ def compute_stats(
             name, group = k, (("model", names[k][0]), ("model_version", names[k][1]))
         else:
             name, group = k, ((by.value, k),)
-        rows.append(tally.row(name, group, holdouts, min_n=min_n, planned_n=planned_n, srm=srm_applies(by, owner)))
+        rows.append(tally.row(name, group, holdouts, min_n=min_n, planned_n=planned_n, srm=srm_applies(by, owner),
+                              controlled=controlled))
     if by is GroupBy.WEEK:
         return sorted(rows, key=lambda r: r.key)
     return sorted(rows, key=lambda r: (-r.routed, -r.recorded, -r.held_out, r.key))

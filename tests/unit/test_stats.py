@@ -218,6 +218,27 @@ def test_treated_are_only_alerts_of_rules_with_a_control_group(session) -> None:
     assert fraud.treated_n == 0 and fraud.treated_success_rate is None
 
 
+def test_a_holdout_rule_before_its_first_control_record_lacks_data_not_a_control_group() -> None:
+    # A new rule with a 10% holdout: its first 6 alerts happen to be all treated. More data is what it needs,
+    # as the dashboard says; "no control group" (give the rule a holdout) is for rules without one.
+    from decision_router.cli_stats import TABLE_COLUMNS
+
+    engine = make_engine("sqlite:///:memory:")
+    create_schema(engine)
+    with Session(engine) as s:
+        s.add_all([alert(n, rule="fresh", owner="o", outcome="success") for n in range(6)]
+                  + [alert(n, rule="fraud", owner="o", outcome="success") for n in range(6)])
+        s.commit()
+        rows = {r.key: r for r in compute_stats(s, holdouts={"fresh": 0.1, "fraud": 0.0})}
+        reference = {r.key: r for r in compute_stats_reference(s, holdouts={"fresh": 0.1, "fraud": 0.0})}
+    engine.dispose()
+    (uplift_cell,) = [cell for column, _header, cell in TABLE_COLUMNS if column == "uplift"]
+    assert rows["fresh"].held_out == 0 and rows["fresh"].treated_n == 6
+    assert uplift_cell(rows["fresh"]) == uplift_cell(reference["fresh"]) == "not enough data"
+    assert uplift_cell(rows["fraud"]) == uplift_cell(reference["fraud"]) == "no control group"
+    assert list(rows["fresh"].as_dict()) == stats_columns(GroupBy.RULE)  # JSON and CSV are unchanged
+
+
 # sample ratio check ------------------------------------------------------------------------
 
 
