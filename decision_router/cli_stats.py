@@ -232,7 +232,7 @@ def _points(value: float) -> str:
 
 def _uplift_cell(row: StatsRow) -> str:
     if row.uplift is None or row.uplift_ci_low is None or row.uplift_ci_high is None:
-        return "no control group" if row.held_out == 0 else "not enough data"
+        return "not enough data" if row.has_control else "no control group"
     return f"{_points(row.uplift)} [{_points(row.uplift_ci_low)}, {_points(row.uplift_ci_high)}]"
 
 
@@ -272,7 +272,7 @@ LEGEND = (
     "uplift: treated minus control success rate, in percentage points, with its fixed 95% interval in brackets;",
     "  if you check these numbers regularly, read the always-valid interval instead (README, Stats).",
     f"not enough data: under {MIN_N} treated or control records with an outcome; "
-    "no control group: no held-out records;",
+    "no control group: no holdout and no held-out records;",
     "n/a: nothing to compute it from; SRM -: no single rule's holdout applies to this row.",
 )
 

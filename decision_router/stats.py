@@ -184,19 +184,25 @@ class StatsRow:
     srm_mismatch: bool | None
     # The named parts of `key`: (("rule", "x"),) or (("model", "churn"), ("model_version", "3")).
     group: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # Some rule of the row has a control group (a holdout, or held-out records): without an uplift, the row
+    # lacks data ("not enough data"), not a control group, even before its first held-out record.
+    has_control: bool = field(default=False, compare=False)
 
     def as_dict(self, by: GroupBy | str | None = None) -> dict[str, Any]:
         """JSON/CSV form: the group column(s) first, then every statistic."""
-        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("key", "group")}
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_COLUMNS}
         group = dict(self.group) if self.group else {GroupBy(by or GroupBy.RULE).value: self.key}
         return {**group, **row}
+
+
+_NOT_COLUMNS = ("key", "group", "has_control")  # StatsRow's fields that JSON and CSV do not carry
 
 
 def stats_columns(by: GroupBy | str) -> list[str]:
     """Every JSON/CSV column of `compute_stats` rows grouped `by`, in order."""
     by = GroupBy(by)
     keys = ["model", "model_version"] if by is GroupBy.MODEL_VERSION else [by.value]
-    return keys + [f.name for f in fields(StatsRow) if f.name not in ("key", "group")]
+    return keys + [f.name for f in fields(StatsRow) if f.name not in _NOT_COLUMNS]
 
 
 @dataclass
@@ -227,7 +233,7 @@ class _Tally:
 
     def row(
         self, key: str, group: tuple[tuple[str, str], ...], holdouts: Mapping[str, float], *,
-        min_n: int, planned_n: int,
+        min_n: int, planned_n: int, srm: bool = True, controlled: Iterable[str] = (),
     ) -> StatsRow:
         treated_n = self.treated_successes + self.treated_failures
         control_n = self.control_successes + self.control_failures
@@ -237,8 +243,8 @@ class _Tally:
         median_ack, p90_ack = self.ack_quantiles or (median(self.times_to_ack), nearest_rank(self.times_to_ack, 0.9))
         median_act, p90_act = self.act_quantiles or (median(self.times_to_act), nearest_rank(self.times_to_act, 0.9))
         srm_expected = srm_observed = srm_p = srm_mismatch = None
-        # The check is sound only where one holdout fraction applies to the whole row.
-        if len(self.rules) == 1:
+        # The check is sound only where one holdout fraction applies to the whole row (and `srm`: see srm_applies).
+        if srm and len(self.rules) == 1:
             (rule,) = self.rules
             fraction = holdouts.get(rule, 0.0)
             if 0.0 < fraction < 1.0:
@@ -280,6 +286,7 @@ class _Tally:
             srm_p_value=srm_p,
             srm_mismatch=srm_mismatch,
             group=group,
+            has_control=not self.rules.isdisjoint(controlled),
         )
 
 
@@ -300,6 +307,16 @@ _STATS_COLUMNS = (
     AlertRecord.ack_breached_at,
     AlertRecord.act_breached_at,
 )
+
+
+def srm_applies(by: GroupBy, owner: str | None) -> bool:
+    """Whether the sample ratio check means anything for rows grouped `by`, filtered to `owner`.
+
+    Not per current owner: a reassignment moves a routed alert to another owner, never the control
+    records the holdout set beside it (nobody sees those), so an owner's share of control drifts with
+    ordinary reassignments, and the check would call a sound rule's tracking broken.
+    """
+    return by is not GroupBy.OWNER and owner is None
 
 
 def _group(by: GroupBy, record: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -331,7 +348,8 @@ def compute_stats_reference(
     `holdouts` maps rule name -> configured holdout fraction (CompiledRule.holdout). It
     drives the sample ratio check, which runs only for rows whose routed and held-out
     decisions all come from one rule with a holdout (every `--by rule` row; other rows can
-    mix rules with different fractions, and then the srm_* fields are null). A rule counts
+    mix rules with different fractions, and then the srm_* fields are null), and never for rows
+    grouped or filtered by owner (srm_applies). A rule counts
     as having a control group when its holdout is > 0 or it has held-out records in the
     selection; only such rules' routed alerts are the treated group of the uplift.
 
@@ -384,7 +402,9 @@ def compute_stats_reference(
             tally.treated_successes += r.outcome == "success"
             tally.treated_failures += r.outcome == "failure"
     rows = [
-        tally.row(key, groups[key], holdouts, min_n=min_n, planned_n=planned_n) for key, tally in tallies.items()
+        tally.row(key, groups[key], holdouts, min_n=min_n, planned_n=planned_n, srm=srm_applies(by, owner),
+                  controlled=controlled)
+        for key, tally in tallies.items()
     ]
     if by is GroupBy.WEEK:
         return sorted(rows, key=lambda r: r.key)
@@ -636,7 +656,8 @@ def compute_stats(
     `holdouts` maps rule name -> configured holdout fraction (CompiledRule.holdout). It
     drives the sample ratio check, which runs only for rows whose routed and held-out
     decisions all come from one rule with a holdout (every `--by rule` row; other rows can
-    mix rules with different fractions, and then the srm_* fields are null). A rule counts
+    mix rules with different fractions, and then the srm_* fields are null), and never for rows
+    grouped or filtered by owner (srm_applies). A rule counts
     as having a control group when its holdout is > 0 or it has held-out records in the
     selection; only such rules' routed alerts are the treated group of the uplift.
 
@@ -727,7 +748,8 @@ def compute_stats(
             name, group = k, (("model", names[k][0]), ("model_version", names[k][1]))
         else:
             name, group = k, ((by.value, k),)
-        rows.append(tally.row(name, group, holdouts, min_n=min_n, planned_n=planned_n))
+        rows.append(tally.row(name, group, holdouts, min_n=min_n, planned_n=planned_n, srm=srm_applies(by, owner),
+                              controlled=controlled))
     if by is GroupBy.WEEK:
         return sorted(rows, key=lambda r: r.key)
     return sorted(rows, key=lambda r: (-r.routed, -r.recorded, -r.held_out, r.key))

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from sqlmodel import Session
 
-from decision_router.stats import GroupBy, compute_stats, iso_week, nearest_rank, stats_columns
+from decision_router.stats import GroupBy, compute_stats, compute_stats_reference, iso_week, nearest_rank, stats_columns
 from decision_router.store import create_schema, make_engine
 from decision_router.tables import AlertRecord
 
@@ -218,6 +218,27 @@ def test_treated_are_only_alerts_of_rules_with_a_control_group(session) -> None:
     assert fraud.treated_n == 0 and fraud.treated_success_rate is None
 
 
+def test_a_holdout_rule_before_its_first_control_record_lacks_data_not_a_control_group() -> None:
+    # A new rule with a 10% holdout: its first 6 alerts happen to be all treated. More data is what it needs,
+    # as the dashboard says; "no control group" (give the rule a holdout) is for rules without one.
+    from decision_router.cli_stats import TABLE_COLUMNS
+
+    engine = make_engine("sqlite:///:memory:")
+    create_schema(engine)
+    with Session(engine) as s:
+        s.add_all([alert(n, rule="fresh", owner="o", outcome="success") for n in range(6)]
+                  + [alert(n, rule="fraud", owner="o", outcome="success") for n in range(6)])
+        s.commit()
+        rows = {r.key: r for r in compute_stats(s, holdouts={"fresh": 0.1, "fraud": 0.0})}
+        reference = {r.key: r for r in compute_stats_reference(s, holdouts={"fresh": 0.1, "fraud": 0.0})}
+    engine.dispose()
+    (uplift_cell,) = [cell for column, _header, cell in TABLE_COLUMNS if column == "uplift"]
+    assert rows["fresh"].held_out == 0 and rows["fresh"].treated_n == 6
+    assert uplift_cell(rows["fresh"]) == uplift_cell(reference["fresh"]) == "not enough data"
+    assert uplift_cell(rows["fraud"]) == uplift_cell(reference["fraud"]) == "no control group"
+    assert list(rows["fresh"].as_dict()) == stats_columns(GroupBy.RULE)  # JSON and CSV are unchanged
+
+
 # sample ratio check ------------------------------------------------------------------------
 
 
@@ -258,6 +279,33 @@ def test_srm_not_applicable_below_twenty_decisions() -> None:
     engine.dispose()
     assert row.srm_expected_fraction == 0.5 and row.srm_observed_fraction == pytest.approx(1 / 16)
     assert row.srm_p_value is None and row.srm_mismatch is None
+
+
+def test_srm_is_not_judged_per_current_owner() -> None:
+    # A sound 50% holdout: alice and bob each get 100 alerts and 100 control records. Then 60 of alice's
+    # alerts are reassigned to bob; their control records stay alice's (nobody sees those to reassign them).
+    engine = make_engine("sqlite:///:memory:")
+    create_schema(engine)
+    records = []
+    for start, name in ((0, "alice"), (1000, "bob")):
+        records += [alert(start + n, rule="watch", owner=name, created=W48) for n in range(100)]
+        records += [alert(start + 500 + n, rule="watch", owner=name, created=W48, held_out=True) for n in range(100)]
+    for record in records[:60]:
+        record.owner = "bob"
+    with Session(engine) as s:
+        s.add_all(records)
+        s.commit()
+        holdouts = {"watch": 0.5}
+        (rule,) = compute_stats(s, holdouts=holdouts)
+        by_owner = compute_stats(s, by=GroupBy.OWNER, holdouts=holdouts)
+        reference = compute_stats_reference(s, by=GroupBy.OWNER, holdouts=holdouts)
+        owned = compute_stats(s, by=GroupBy.RULE, owner="bob", holdouts=holdouts)
+    engine.dispose()
+    assert rule.srm_mismatch is False and rule.srm_p_value == pytest.approx(1.0)  # the rule's split is sound
+    # 160 / 100 and 40 / 100 (p < 0.001 both): no "SRM!" (tracking broken) for ordinary reassignments.
+    assert [(r.key, r.routed, r.held_out) for r in by_owner] == [("bob", 160, 100), ("alice", 40, 100)]
+    for row in (*by_owner, *reference, *owned):
+        assert (row.srm_expected_fraction, row.srm_p_value, row.srm_mismatch) == (None, None, None), row.key
 
 
 # groupings and quantiles -----------------------------------------------------------------
