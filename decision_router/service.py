@@ -33,6 +33,7 @@ from decision_router.rules.watch import RulesWatcher
 from decision_router.settings import Settings, redact_url
 from decision_router.store import check_writable, create_schema, make_engine
 from decision_router.streams import ReplicasBehind, connected_replicas
+from decision_router.workers import stop_when_orphaned
 
 __all__ = ["RouterService", "ensure_group", "request_reload", "running_service", "serve"]
 
@@ -259,7 +260,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
     from decision_router.api.server import api_for_service
     ruleset = load_rules(settings.rules_dir)  # invalid rules: refuse to start, before anything else
     engine = make_engine(settings.database_url, background_checkpoints=True)
-    embedded = None
+    embedded = orphaned = None
     try:  # from here, so that a start that fails (a taken port, say) still stops the engine's thread
         create_schema(engine)
         check_writable(engine)  # a read-only store is a mistake to say now, not an outage to wait out
@@ -267,6 +268,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        orphaned = asyncio.create_task(stop_when_orphaned(stop))  # a `--workers` worker outlives no supervisor
         embedded = EmbeddedRedis(settings.embedded_host, settings.embedded_port).start() if settings.embedded else None
         if embedded:
             log.info("embedded Redis (fakeredis) serving", url=embedded.url, database=redact_url(settings.database_url))
@@ -282,6 +284,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, api: b
                     await stop.wait()
                     log.info("stopping")
     finally:
+        if orphaned:
+            orphaned.cancel()
         if embedded:
             embedded.stop()
         engine.dispose()

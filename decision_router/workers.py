@@ -18,6 +18,7 @@ a container restarting after crashes would otherwise fill its /tmp with them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -44,6 +45,8 @@ _STABLE_AFTER = 30.0  # a worker that ran this long resets its restart delay
 _TICK = 0.2  # seconds between the supervisor's looks at its workers
 _METRICS_PREFIX = "decision-router-metrics-"  # of the metrics directories we make in the temporary directory
 _OWNER_FILE = "supervisor.json"  # in each: the supervisor that made it (not *.db: prometheus_client reads those)
+SUPERVISOR_PID = f"{ENV_PREFIX}SUPERVISOR_PID"  # set by the supervisor for its workers only; not a setting
+_ORPHAN_CHECK = 0.5  # seconds between a worker's looks at whether its supervisor still runs
 
 
 class _Stop:
@@ -234,7 +237,7 @@ def _signal_running(workers: list[_Worker], signum: int) -> None:
 
 
 def _spawn(worker: _Worker) -> None:
-    env = {**os.environ, **worker.env, f"{ENV_PREFIX}CONSUMER_NAME": worker.name}
+    env = {**os.environ, **worker.env, f"{ENV_PREFIX}CONSUMER_NAME": worker.name, SUPERVISOR_PID: str(os.getpid())}
     # The worker starts with SIGHUP blocked (a signal mask outlives exec): one passed on while it starts stays
     # pending until its service has a handler (service.serve), instead of ending it. Ours is delivered after.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
@@ -291,3 +294,17 @@ def _forget_live_gauges(worker: _Worker) -> None:
     metrics_dir = worker.env.get(MULTIPROCESS_DIR)
     if metrics_dir and worker.process is not None:
         multiprocess.mark_process_dead(worker.process.pid, metrics_dir)
+
+
+async def stop_when_orphaned(stop: asyncio.Event) -> None:
+    """In a worker: set `stop` (as SIGTERM would) once its supervisor is gone. SIGKILL or the OOM killer
+    ends the supervisor alone; a worker left running would route unsupervised beside the workers of the
+    supervisor started next under the same names, keep the API port from them, and serve /metrics from a
+    directory that supervisor removes. Polled (getppid changes when the parent dies): no Linux-only prctl."""
+    supervisor = os.environ.get(SUPERVISOR_PID)
+    if not supervisor:
+        return  # a plain `serve`
+    while os.getppid() == int(supervisor):
+        await asyncio.sleep(_ORPHAN_CHECK)
+    log.warning("the supervisor is gone; stopping", supervisor=int(supervisor))
+    stop.set()

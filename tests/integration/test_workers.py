@@ -64,6 +64,53 @@ def test_two_workers_route_a_backlog_exactly_once_and_a_dead_worker_is_restarted
         client.close()
 
 
+def test_workers_stop_cleanly_when_their_supervisor_alone_is_killed_and_a_restart_finishes_the_backlog(
+    prefix, schema, redis_server, tmp_path
+) -> None:
+    """The OOM killer (or `kill -9 PID`) ends the supervisor alone. Its workers must not route on
+    unsupervised, beside the workers of the supervisor started next under the same names (holding the
+    API port, serving /metrics from a directory that supervisor removes): each stops as on SIGTERM,
+    finishing its batch, and the restarted supervisor routes the rest exactly once."""
+    client = redis.Redis.from_url(redis_server)
+    keys = Keys(prefix)
+    documents = publish_backlog(client, keys.predictions, 6_000)
+    settings = {"redis_url": redis_server, "database_url": schema.url(), "stream_prefix": prefix,
+                "consumer_name": "box", "batch_size": "100"}
+    killed = Router(tmp_path / "killed.log", workers=2, **settings)
+    try:
+        killed.wait_started(times=2)
+        (started,) = [e for e in killed.events() if e.get("event") == "workers started"]
+        wait_for(lambda: (client.xinfo_groups(keys.predictions)[0]["entries-read"] or 0) >= 500, timeout=60,
+                 what="the workers to get going")
+        os.kill(killed.process.pid, signal.SIGKILL)  # the supervisor only, not its process group
+        killed.process.wait()
+
+        def gone(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    return stat.read().rpartition(")")[2].split()[0] in ("Z", "X")
+            except OSError:
+                return True
+
+        wait_for(lambda: all(gone(pid) for pid in started["pids"]), timeout=60,
+                 what="the killed supervisor's workers to stop")
+        assert killed.said("the supervisor is gone; stopping") == 2, killed.log()[-4000:]
+        assert killed.said("stopping") == 2, killed.log()[-4000:]  # as on SIGTERM: the batch in hand finished
+        pending = client.xpending(keys.predictions, "decision-router")["pending"]
+        assert pending == 0, "a worker stopped without finishing its batch"
+        after = Router(tmp_path / "after.log", workers=2, **settings)
+        try:
+            after.wait_started(times=2)
+            wait_for(all_acknowledged(client, keys, "decision-router", 6_000), timeout=120, what="the whole backlog")
+            after.stop_cleanly()
+        finally:
+            after.close()
+        assert_exactly_once(client, keys, schema.engine, documents)
+    finally:
+        killed.close()
+        client.close()
+
+
 def test_a_killed_supervisors_metrics_directory_is_removed_at_the_next_start(
     prefix, redis_server, tmp_path, monkeypatch
 ) -> None:
