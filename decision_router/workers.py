@@ -301,9 +301,9 @@ async def stop_when_orphaned(stop: asyncio.Event) -> None:
     ends the supervisor alone; a worker left running would route unsupervised beside the workers of the
     supervisor started next under the same names, keep the API port from them, and serve /metrics from a
     directory that supervisor removes. Polled (getppid changes when the parent dies): no Linux-only prctl."""
-    supervisor = os.environ.get(SUPERVISOR_PID)
-    if not supervisor:
-        return  # a plain `serve`
+    supervisor = os.environ.get(SUPERVISOR_PID, "")
+    if not supervisor.isdigit():
+        return  # a plain `serve` (or a value no supervisor of ours set)
     while os.getppid() == int(supervisor):
         await asyncio.sleep(_ORPHAN_CHECK)
     log.warning("the supervisor is gone; stopping", supervisor=int(supervisor))
