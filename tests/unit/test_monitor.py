@@ -395,6 +395,7 @@ def test_stats_drift_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     add_predictions(store, rng, start=now - 4 * DAY, n=900, span=3 * DAY)
     add_predictions(store, rng, start=now - DAY + timedelta(minutes=1), n=300, score=normal(0.6, 0.1))
     add_predictions(store, rng, start=now - DAY + timedelta(minutes=1), n=20, model="payment-fraud")
+    add_predictions(store, rng, start=now - 5 * DAY, n=20, model="lead-scoring")  # known, idle lately
     store.dispose()
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
     monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(Path(__file__).resolve().parents[2] / "rules"))
@@ -410,5 +411,9 @@ def test_stats_drift_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     table = runner.invoke(cli.app, ["stats", "drift", "--model", "payment-fraud"])
     assert table.exit_code == 0, table.output
     assert "not enough data" in table.stdout and "churn" not in table.stdout
+    idle = runner.invoke(cli.app, ["stats", "drift", "--model", "lead-scoring"])
+    assert idle.exit_code == 0, idle.output
+    assert "no predictions or rejections in lead-scoring's recent window" in idle.stdout
+    assert "any model" not in idle.stdout  # the filter was applied, not ignored
     bad = runner.invoke(cli.app, ["stats", "drift", "--format", "csv"])
     assert bad.exit_code == 2
