@@ -35,7 +35,7 @@ def _flag(flagged: bool | None) -> Text:
     return Text("DRIFT", style="bold red") if flagged else Text("ok", style="green")
 
 
-def print_drift(rows: list[Any], fmt: str) -> None:
+def print_drift(rows: list[Any], fmt: str, model: str | None = None) -> None:
     if fmt == "json":
         sys.stdout.write(json.dumps([row.as_dict() for row in rows], indent=2, ensure_ascii=False) + "\n")
         return
@@ -52,7 +52,9 @@ def print_drift(rows: list[Any], fmt: str) -> None:
         )
     out.print(table)
     if not rows:
-        out.print("no predictions in any model's recent window", markup=False, highlight=False)
+        # --model names one model: "any model" would read as if the filter had been ignored.
+        where = "any model's recent window" if model is None else f"{model}'s recent window"
+        out.print(f"no predictions or rejections in {where}", markup=False, highlight=False)
         return
     out.print(
         "value: PSI for score and feature:<name>, the recent rate for *_rate; threshold: the PSI above which "
@@ -101,4 +103,4 @@ def drift(
         engine.dispose()
     if unknown is not None:
         fail(unknown, code=2)
-    print_drift(rows, fmt)
+    print_drift(rows, fmt, model)

@@ -39,16 +39,19 @@ def _quantile_cuts(sorted_ref: Sequence[float], bins: int) -> list[float]:
     return cuts
 
 
-def _shares(values: Sequence[float], cuts: Sequence[float]) -> list[float]:
+def _shares(values: Sequence[float], cuts: Sequence[float], missing: int | None = None) -> list[float]:
+    """Each bin's share of the sample; with `missing`, a last bin holds the units without a value."""
     counts = [0] * (len(cuts) + 1)
     for v in values:
         counts[bisect_left(cuts, v)] += 1
+    if missing is not None:
+        counts.append(missing)
     # Half an observation added to every bin (the Jeffreys / Krichevsky-Trofimov estimate):
     # an empty bin means "fewer than one in n", not "never", so it stays finite without an
     # arbitrary epsilon (a fixed 1e-4 lets one empty bin in a small sample dominate the
     # index). It also tames the log's long tail at small counts: with raw shares, PSI
     # exceeded its alpha = 1% threshold in ~2% of no-drift samples of 100; with this, ~1%.
-    return [(c + 0.5) / (len(values) + len(counts) / 2) for c in counts]
+    return [(c + 0.5) / (sum(counts) + len(counts) / 2) for c in counts]
 
 
 def _check_values(name: str, values: Sequence[float]) -> None:
@@ -57,20 +60,28 @@ def _check_values(name: str, values: Sequence[float]) -> None:
 
 
 def _psi_and_bins(
-    reference: Sequence[float], recent: Sequence[float], bins: int, min_n: int
+    reference: Sequence[float], recent: Sequence[float], bins: int, min_n: int,
+    reference_missing: int = 0, recent_missing: int = 0,
 ) -> tuple[float, int] | None:
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
     _check_values("reference", reference)
     _check_values("recent", recent)
-    if len(reference) < min_n or len(recent) < min_n:
+    if reference_missing < 0 or recent_missing < 0:
+        raise ValueError("missing counts must be >= 0")
+    if len(reference) + reference_missing < min_n or len(recent) + recent_missing < min_n:
         return None
-    cuts = _quantile_cuts(sorted(reference), bins)
-    if not cuts:
+    # Values are binned only when the reference has enough of them for its quantiles to mean
+    # something; otherwise they form one bin, and only their presence is compared.
+    cuts = _quantile_cuts(sorted(reference), bins) if len(reference) >= min_n else []
+    # A value missing in either window is a bin of its own ("missing"), so a feature that
+    # goes missing (or stops being a number) moves the index instead of shrinking the sample.
+    missing = (reference_missing, recent_missing) if reference_missing or recent_missing else (None, None)
+    if not cuts and missing[0] is None:
         return None  # a constant reference: no bins to compare against
-    e = _shares(reference, cuts)
-    a = _shares(recent, cuts)
-    return sum((ai - ei) * math.log(ai / ei) for ai, ei in zip(a, e, strict=False)), len(cuts) + 1
+    e = _shares(reference, cuts, missing[0])
+    a = _shares(recent, cuts, missing[1])
+    return sum((ai - ei) * math.log(ai / ei) for ai, ei in zip(a, e, strict=True)), len(e)
 
 
 def psi(reference: Sequence[float], recent: Sequence[float], bins: int = 10, *, min_n: int = PSI_MIN_N) -> float | None:
@@ -244,26 +255,33 @@ def psi_threshold(n_reference: int, n_recent: int, bins: int = 10, alpha: float 
 
 @dataclass(frozen=True)
 class DriftResult:
-    """psi, threshold and drifted are None when a sample is too small or the reference constant."""
+    """psi, threshold and drifted are None when a sample is too small or the reference constant.
+    n_reference, n_recent: the units of each window, those with a value and those missing one."""
 
     psi: float | None
     threshold: float | None
     drifted: bool | None
     n_reference: int
     n_recent: int
-    bins: int | None  # bins actually used (ties can merge some)
+    bins: int | None  # bins actually used (ties can merge some; "missing" counts as one)
 
 
 def drift_check(
-    reference: Sequence[float], recent: Sequence[float], bins: int = 10, alpha: float = 0.01, *, min_n: int = PSI_MIN_N
+    reference: Sequence[float], recent: Sequence[float], bins: int = 10, alpha: float = 0.01, *, min_n: int = PSI_MIN_N,
+    reference_missing: int = 0, recent_missing: int = 0,
 ) -> DriftResult:
-    """PSI compared with its sample-size aware threshold (for the bins actually used)."""
-    result = _psi_and_bins(reference, recent, bins, min_n)
+    """PSI compared with its sample-size aware threshold (for the bins actually used).
+
+    `reference_missing`, `recent_missing`: units of each window without a value (a feature
+    absent, null or not a number); when either is non-zero they form one more bin.
+    """
+    n_reference, n_recent = len(reference) + reference_missing, len(recent) + recent_missing
+    result = _psi_and_bins(reference, recent, bins, min_n, reference_missing, recent_missing)
     if result is None:
-        return DriftResult(None, None, None, len(reference), len(recent), None)
+        return DriftResult(None, None, None, n_reference, n_recent, None)
     value, used = result
-    threshold = psi_threshold(len(reference), len(recent), used, alpha)
-    return DriftResult(value, threshold, value > threshold, len(reference), len(recent), used)
+    threshold = psi_threshold(n_reference, n_recent, used, alpha)
+    return DriftResult(value, threshold, value > threshold, n_reference, n_recent, used)
 
 
 # --- rate jump (rejections, missing context) ---------------------------------------------

@@ -4,7 +4,8 @@ Per model and model version, the score distribution and every numeric feature
 (`features.<name>` values that are numbers) of a recent window (default: the last day) are
 compared with a reference window (default: the first `reference_days` of that version's
 stored predictions, or a pinned `baseline_version`'s) by population stability index,
-against the sample-size aware threshold of `decision_router.drift`. The missing-context rate
+against the sample-size aware threshold of `decision_router.drift`; a prediction without a
+feature's number counts in a "missing" bin, so a feature that goes missing is drift. The missing-context rate
 (per version) and the rejection rate (per model: rejections carry no version) are tested for
 a jump with Fisher's exact test. Nothing is judged on fewer than `min_samples` values per
 window: such a figure is reported with `flagged=None`, "not enough data".
@@ -186,7 +187,12 @@ def _values(sample: Sample, name: str) -> list[float]:
 
 
 def _mean(values: Sequence[float]) -> str:
-    return f"{sum(values) / len(values):.3g}" if values else "-"
+    # Each value divided first: a sum of values near the float maximum would overflow to inf.
+    return f"{sum(v / len(values) for v in values):.3g}" if values else "n/a"
+
+
+def _missing_share(missing: int, n: int) -> str:
+    return f"{missing / n:.1%}" if n else "-"
 
 
 @dataclass(frozen=True)
@@ -209,18 +215,28 @@ class _Judge:
             f"at least {self.config.min_samples} in each are needed (drift.min_samples)"
         )
 
-    def psi(self, metric: str, reference: list[float], recent: list[float], bins: int) -> ModelHealth:
+    def psi(
+        self, metric: str, reference: list[float], recent: list[float], bins: int, missing: tuple[int, int] = (0, 0)
+    ) -> ModelHealth:
+        """`missing`: predictions of each window without the value (a feature absent or not a number)."""
         min_n = self.config.min_samples
-        result = drift.drift_check(reference, recent, bins, self.alpha, min_n=min_n)
-        n_ref, n_rec = len(reference), len(recent)
+        result = drift.drift_check(
+            reference, recent, bins, self.alpha, min_n=min_n, reference_missing=missing[0], recent_missing=missing[1]
+        )
+        n_ref, n_rec = result.n_reference, result.n_recent
         if result.drifted is None:
             if self.no_reference or n_ref < min_n or n_rec < min_n:
-                note = self.not_enough(n_ref, n_rec, "values")
+                note = self.not_enough(n_ref, n_rec, "predictions" if any(missing) else "values")
             else:
                 note = f"every reference value is {reference[0]:g}, so there are no bins to compare"
             detail = f"not enough data: {note}"
         else:
             note = f"mean {_mean(recent)} recent, {_mean(reference)} reference"
+            if any(missing):
+                note += (
+                    f"; missing from {_missing_share(missing[1], n_rec)} of recent predictions, "
+                    f"{_missing_share(missing[0], n_ref)} of reference"
+                )
             detail = (
                 f"PSI {result.psi:.4f} {'above' if result.drifted else 'within'} its threshold {result.threshold:.4f} "
                 f"(n = {n_ref} reference, {n_rec} recent; {result.bins} bins; false-alarm rate {self.alpha:.2g}); "
@@ -336,7 +352,10 @@ def _version_health(
         no_reference=no_reference,
     )
     results = [judge.psi(SCORE, [score for score, _ in reference], [score for score, _ in recent], bins)]
-    results += [judge.psi(FEATURE + name, _values(reference, name), _values(recent, name), bins) for name in features]
+    for name in features:
+        ref_values, rec_values = _values(reference, name), _values(recent, name)
+        missing = (len(reference) - len(ref_values), len(recent) - len(rec_values))
+        results.append(judge.psi(FEATURE + name, ref_values, rec_values, bins, missing))
     ref_counts = (0, 0)
     if first is not None and reference_to is not None:
         ref_counts = _missing_context(session, model, reference_version, after=first, until=reference_to, recent=False)

@@ -172,6 +172,47 @@ def test_drift_check_reports_sizes_and_bins() -> None:
     assert result.drifted is True  # all recent values sit in the bottom 40% of the reference
 
 
+
+def _present(rng: random.Random, n: int, share: float) -> list[float]:
+    return [rng.random() for _ in range(n) if rng.random() < share]
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.1], ids=["gone", "half-gone", "mostly-gone"])
+def test_drift_check_counts_missing_values_as_a_bin(share: float) -> None:
+    # Every reference unit had a value; recently only `share` of them do. Without the "missing"
+    # bin the values left look alike (or are too few) and the loss would go unseen.
+    rng = random.Random(21)
+    reference = [rng.random() for _ in range(900)]
+    recent_values = _present(rng, 300, 1 - share)
+    result = drift_check(reference, recent_values, min_n=200, recent_missing=300 - len(recent_values))
+    assert (result.n_reference, result.n_recent, result.bins) == (900, 300, 11)
+    assert result.drifted is True and result.threshold == psi_threshold(900, 300, 11)
+
+
+def test_drift_check_missing_values_alone_are_compared_by_share() -> None:
+    # Too few reference values (45 of 900) for quantiles: one bin of values, one of missing ones.
+    reference, stable, gone = [0.5] * 45, [0.7] * 15, [0.7] * 2  # where values lie is not compared
+    same = drift_check(reference, stable, min_n=200, reference_missing=855, recent_missing=285)
+    assert (same.bins, same.drifted) == (2, False)  # 5% present in both
+    fewer = drift_check(reference, gone, min_n=200, reference_missing=855, recent_missing=298)
+    assert (fewer.bins, fewer.drifted) == (2, True)  # 0.7% against 5% (15 expected, 2 seen)
+    for kwargs in [{"reference_missing": -1}, {"recent_missing": -1}]:
+        with pytest.raises(ValueError):
+            drift_check([0.5] * 300, [0.5] * 300, **kwargs)
+
+
+def test_drift_check_false_alarm_rate_with_missing_values_under_no_drift() -> None:
+    rng = random.Random(23)
+    alarms = 0
+    for _ in range(200):
+        reference, recent = _present(rng, 1000, 0.6), _present(rng, 1000, 0.6)
+        result = drift_check(reference, recent, reference_missing=1000 - len(reference),
+                             recent_missing=1000 - len(recent))
+        assert result.bins == 11
+        alarms += bool(result.drifted)
+    assert alarms / 200 <= 0.02
+
+
 # --- rate jump -------------------------------------------------------------------------------------
 
 

@@ -146,6 +146,57 @@ def test_numeric_feature_shift_is_flagged_for_that_feature_only(engine: Engine) 
     assert not any("top_drivers" in metric or "is_new" in metric for _, metric in health)
 
 
+
+def _sometimes(gen: Gen, present: float) -> Gen:
+    """The feature's value in a share `present` of predictions, absent (None) in the others."""
+    return lambda rng: gen(rng) if rng.random() < present else None
+
+
+@pytest.mark.parametrize(
+    ("recent_tenure", "missing"),
+    [(None, "100.0%"), (lambda rng: "unknown", "100.0%"), (_sometimes(normal(24, 6), 0.1), "9")],
+    ids=["gone", "no-longer-a-number", "mostly-gone"],
+)
+def test_a_feature_going_missing_is_flagged_not_called_too_little_data(
+    engine: Engine, recent_tenure: Gen | None, missing: str
+) -> None:
+    # The producer stops sending tenure_months (or sends text, or sends it for 1 in 10): a data
+    # problem the model owner must hear of, not "not enough data" because few values are left.
+    recent = {"logins_7d": normal(10, 3)} | ({"tenure_months": recent_tenure} if recent_tenure else {})
+    add_days(engine, random.Random(12), 300, recent={"features": recent})
+    health = assess(engine)
+    assert flagged(health) == {"feature:tenure_months"}
+    tenure = health[("2026.11", "feature:tenure_months")]
+    assert (tenure.n_reference, tenure.n_recent) == (900, 300)  # predictions, with or without the value
+    assert tenure.value > tenure.threshold == pytest.approx(psi_threshold(900, 300, 11, 0.01 / 4))  # + "missing"
+    assert f"missing from {missing}" in tenure.note and tenure.note.endswith("0.0% of reference")
+    assert "; 11 bins;" in tenure.detail
+
+
+def test_an_optional_feature_missing_as_often_as_before_is_fine(engine: Engine) -> None:
+    optional = {"tenure_months": _sometimes(normal(24, 6), 0.5), "logins_7d": normal(10, 3)}
+    add_days(engine, random.Random(13), 400, features=optional)
+    tenure = assess(engine)[("2026.11", "feature:tenure_months")]
+    assert tenure.flagged is False, tenure.detail
+    assert (tenure.n_reference, tenure.n_recent) == (1200, 400)
+    assert re.search(r"missing from [45]\d\.\d% of recent predictions, [45]\d\.\d% of reference$", tenure.note)
+
+
+def test_a_feature_that_starts_to_arrive_within_a_version_is_flagged(engine: Engine) -> None:
+    recent = {"tenure_months": normal(24, 6), "logins_7d": normal(10, 3), "seats": normal(50, 10)}
+    add_days(engine, random.Random(15), 300, recent={"features": recent})
+    seats = assess(engine)[("2026.11", "feature:seats")]
+    assert seats.flagged is True and (seats.n_reference, seats.n_recent) == (900, 300)
+    assert seats.note.endswith(" recent, n/a reference; missing from 0.0% of recent predictions, 100.0% of reference")
+
+
+def test_huge_feature_values_have_a_finite_mean(engine: Engine) -> None:
+    huge = {"exposure": lambda rng: rng.choice([1e308, 1.5e308, 1.7e308])}
+    add_days(engine, random.Random(14), 300, features=huge)
+    exposure = assess(engine)[("2026.11", "feature:exposure")]
+    assert exposure.flagged is False and "inf" not in exposure.note and re.search(r"mean 1\.\d+e\+308 recent", exposure.note)
+
+
 def test_too_few_samples_are_not_judged_and_say_so(engine: Engine) -> None:
     # A huge shift, but only 60 recent predictions: below min_samples (200), nothing is claimed.
     add_days(engine, random.Random(5), 60, recent={"score": normal(0.9, 0.05)})
@@ -344,6 +395,7 @@ def test_stats_drift_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     add_predictions(store, rng, start=now - 4 * DAY, n=900, span=3 * DAY)
     add_predictions(store, rng, start=now - DAY + timedelta(minutes=1), n=300, score=normal(0.6, 0.1))
     add_predictions(store, rng, start=now - DAY + timedelta(minutes=1), n=20, model="payment-fraud")
+    add_predictions(store, rng, start=now - 5 * DAY, n=20, model="lead-scoring")  # known, idle lately
     store.dispose()
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
     monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(Path(__file__).resolve().parents[2] / "rules"))
@@ -359,5 +411,9 @@ def test_stats_drift_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     table = runner.invoke(cli.app, ["stats", "drift", "--model", "payment-fraud"])
     assert table.exit_code == 0, table.output
     assert "not enough data" in table.stdout and "churn" not in table.stdout
+    idle = runner.invoke(cli.app, ["stats", "drift", "--model", "lead-scoring"])
+    assert idle.exit_code == 0, idle.output
+    assert "no predictions or rejections in lead-scoring's recent window" in idle.stdout
+    assert "any model" not in idle.stdout  # the filter was applied, not ignored
     bad = runner.invoke(cli.app, ["stats", "drift", "--format", "csv"])
     assert bad.exit_code == 2
