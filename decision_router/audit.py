@@ -207,9 +207,15 @@ def describe(kind: str, prediction_id: str | None, detail: Mapping[str, Any]) ->
         value = f", value {d['value']:g}" if isinstance(d.get("value"), (int, float)) else ""
         text = f"outcome {d.get('result')}{value}"
     elif kind == "reassigned":
-        text = f"reassigned {d.get('from_owner')} -> {d.get('to_owner')}"
+        # Unchanged: its receiver held it already, an arrow from them to themselves would read as a hand-off.
+        unchanged = d.get("unchanged")
+        text = f"reassigned to {d.get('to_owner')}" if unchanged else f"reassigned {d.get('from_owner')} -> {d.get('to_owner')}"
         if d.get("delegated_from"):
             text += f" (delegate for away owner {d['delegated_from']})"
+        if unchanged:
+            text += ", who already held it: nothing changed"
+        elif d.get("closed"):
+            text += " (closed: not delivered again)"
     elif kind == "escalated":
         text = (f"escalated ({d.get('kind')} deadline missed, level {d.get('level')}) "
                 f"{d.get('from_owner')} -> {d.get('to_owner')}: {d.get('reason')}")

@@ -256,16 +256,11 @@ def fail_store(database_url: str, exc: Exception, *, doing: str = "open") -> NoR
     fail(f"cannot {doing} the store at {redact_url(database_url)}: {reason}")
 
 
-def existing_store_or_exit(database_url: str) -> None:
-    """Exit 1 when `database_url` names an SQLite file that does not exist. A command that only reads the
-    store or changes what is in it (`stats`, `audit`, `health`, `tokens list`, `tokens revoke`, `redrive
-    deliveries`) run outside the directory `serve` runs in would otherwise create an empty store there (the
-    default `decision_router.db` is relative to the working directory) and report "no alerts", or "ok"."""
+def missing_store_file(database_url: str) -> Path | None:
+    """The SQLite file `database_url` names, when it does not exist (opening it would create it)."""
     if not database_url.startswith("sqlite"):
-        return
+        return None
     from sqlalchemy.engine import make_url
-
-    from decision_router.settings import redact_url
 
     url = make_url(database_url)
     name = url.database or ""
@@ -275,12 +270,23 @@ def existing_store_or_exit(database_url: str) -> None:
         if name.startswith("//"):
             authority, _, rest = name[2:].partition("/")
             if authority not in ("", "localhost"):
-                return  # another host's file: SQLite refuses it itself
+                return None  # another host's file: SQLite refuses it itself
             name = "/" + rest
     if name in ("", ":memory:") or url.query.get("mode") == "memory":
-        return
+        return None
     path = Path(name)
-    if not path.exists():
+    return None if path.exists() else path
+
+
+def existing_store_or_exit(database_url: str) -> None:
+    """Exit 1 when `database_url` names an SQLite file that does not exist. A command that only reads the
+    store or changes what is in it (`stats`, `audit`, `health`, `tokens list`, `tokens revoke`, `redrive
+    deliveries`) run outside the directory `serve` runs in would otherwise create an empty store there (the
+    default `decision_router.db` is relative to the working directory) and report "no alerts", or "ok"."""
+    path = missing_store_file(database_url)
+    if path is not None:
+        from decision_router.settings import redact_url
+
         where = "" if path.is_absolute() else f" ({path.resolve()})"
         fail(
             f"no store at {redact_url(database_url)}{where}: no such file (`serve` creates it in its working "

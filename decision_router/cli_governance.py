@@ -191,7 +191,37 @@ def reassign(
         # The router hands it on as it does a routed alert: say so, or the user looks for it in the wrong inbox.
         if (present := present_owner(to, owners, datetime.now(UTC))) != to:
             say(f"note: '{to}' is away; the router gives the alert to their delegate '{present}'", stderr=True)
+        # Published all the same: the request is recorded (who asked), as the router applies it.
+        held = _held(settings, alert_id)
+        if held is not None and held[0] == present:
+            say(f"note: '{present}' already holds the alert; nothing changes", stderr=True)
+        elif held is not None and held[1] == "closed":
+            say(f"note: the alert is closed; '{present}' becomes accountable for it, and does not receive it",
+                stderr=True)
     send_outcome({"type": "reassigned", "alert_id": alert_id, "actor": by, "owner": to, "note": reason}, settings)
+
+
+def _held(settings: Settings, alert_id: str) -> tuple[str, str] | None:
+    """(owner, status) of the alert as the store has it now, or None when it cannot say (no store file, no
+    such alert, the store unreachable): for `reassign`'s notes only, so never an error of its own."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlmodel import Session
+
+    from decision_router.cli_common import missing_store_file
+    from decision_router.store import make_engine
+    from decision_router.tables import AlertRecord
+
+    if missing_store_file(settings.database_url) is not None:
+        return None  # opening it would create it
+    engine = make_engine(settings.database_url)
+    try:
+        with Session(engine) as session:
+            record = session.get(AlertRecord, alert_id)
+            return (record.owner, record.status) if record is not None else None
+    except SQLAlchemyError:
+        return None  # no alerts table yet, or no store to reach: the router will say what it made of it
+    finally:
+        engine.dispose()
 
 
 # rules test ----------------------------------------------------------------------------

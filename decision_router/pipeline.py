@@ -61,6 +61,8 @@ class BatchResult:
     held_out: int = 0
     suppressed: int = 0
     delivered: int = 0
+    # Outcome events: the alerts a reassignment left as they were, its receiver holding them already.
+    unchanged: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
     rejections: list[Rejection] = field(default_factory=list, repr=False)  # each with its detail, in order
     # Of `rejected`, the entries rejected for the first time (not a redelivered rejection): what the metrics count.
@@ -550,6 +552,7 @@ class Pipeline:
                         # Applied, but the crash or outage that brought it back may have come before its
                         # alerts reached the new owner: drained again below (the inbox write is deduped).
                         reassigned.extend(tracker.applied_to(session, source_id))
+                        result.unchanged.extend(tracker.left_unchanged(session, source_id))
                     continue
                 alerts, reason, detail = self._applicable(
                     item, tracker.find_alerts(session, item, now=now, outcome_window=self.settings.outcome_window)
@@ -565,12 +568,14 @@ class Pipeline:
                         )
                     )
                     continue
-                tracker.apply_outcome(
+                unchanged = tracker.apply_outcome(
                     session, event=item, alerts=alerts, source_id=source_id, now=now, owners=self.ruleset.owners
                 )
                 result.accepted += 1
+                result.unchanged.extend(unchanged)
                 if item.type is OutcomeType.REASSIGNED:
-                    reassigned.extend(a.prediction_id for a in alerts)
+                    # Those it moved go to their new owners: the drain sends those back in the outbox (not a closed one).
+                    reassigned.extend(a.prediction_id for a in alerts if a.alert_id not in unchanged)
             for rejection in rejections:
                 result.reject(rejection)
             result.count_new(tracker.record_rejections(session, rejections, now=now))

@@ -12,7 +12,22 @@ from datetime import datetime, timedelta
 from functools import cache, lru_cache
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Integer, Table, bindparam, func, insert, select, text, tuple_, update
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Integer,
+    Table,
+    bindparam,
+    case,
+    func,
+    insert,
+    null,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -562,6 +577,14 @@ def applied_to(session: Session, source_id: str) -> list[str]:
     ))
 
 
+def left_unchanged(session: Session, source_id: str) -> list[str]:
+    """The alerts an applied reassignment left as they were (its receiver held them already)."""
+    rows = session.execute(select(AuditEvent.alert_id, AuditEvent.detail).where(
+        AuditEvent.source_id == source_id, AuditEvent.type == OutcomeType.REASSIGNED.value
+    ).order_by(AuditEvent.id))
+    return [alert_id for alert_id, detail in rows if (detail or {}).get("unchanged")]
+
+
 def seen_at(record: AlertRecord, at: datetime) -> datetime:
     """When an acknowledgement or intervention at `at` happened for the stats: not before the alert was created.
 
@@ -575,14 +598,17 @@ def seen_at(record: AlertRecord, at: datetime) -> datetime:
 def apply_outcome(
     session: Session, *, event: OutcomeEvent, alerts: Sequence[AlertRecord], source_id: str | None, now: datetime,
     owners: Mapping[str, Owner] | None = None,
-) -> None:
-    """Record the event on each alert: acknowledged -> intervened -> outcome, first time wins.
+) -> list[str]:
+    """Record the event on each alert: acknowledged -> intervened -> outcome, first time wins. Returns the alerts
+    a reassignment left as they were: their receiver already held them.
 
     A reassignment to an owner away at `now` (in `owners`) goes to their present delegate, as routing
     and escalation do; without `owners`, nobody is away."""
     at = event.at or now
+    unchanged: list[str] = []
     for record in alerts:
         detail: dict[str, object] = {k: v for k, v in (("action", event.action), ("note", event.note)) if v is not None}
+        changed = True
         if event.type is OutcomeType.ACKNOWLEDGED:
             record.acknowledged_at = record.acknowledged_at or seen_at(record, at)
             record.ack_due_at = None
@@ -604,38 +630,14 @@ def apply_outcome(
                 # Closed: no deadline is pending any more (the API showed them still due).
                 record.ack_due_at = record.act_due_at = None
         elif event.type is OutcomeType.REASSIGNED:
-            assert event.owner is not None
-            receiver = present_owner(event.owner, owners, now) if owners is not None else event.owner
-            delegated_from = event.owner if receiver != event.owner else None
-            # As routing records a delegation: who receives it (and is accountable now), and for whom.
-            detail.update(from_owner=record.owner, to_owner=receiver)
-            if delegated_from is not None:
-                detail.update(delegated_from=delegated_from)
-            record.owner = receiver
-            # The alert the new owner receives says whether they have it for someone away; an earlier
-            # owner's delegation is not theirs.
-            record.delegated_from = delegated_from
-            # The new owner must receive it (back into the outbox) and gets fresh deadlines.
-            record.delivered_at = None
-            # Written even if it looked unchanged here: the inbox write to the old owner may
-            # have been marked delivered by another transaction since this row was read.
-            flag_modified(record, "delivered_at")
-            # The new owner's chain starts at them. Written even if it looked unchanged here: a sweep may
-            # have escalated the alert since this row was read (its old holder would stay).
-            record.escalated_to = None
-            flag_modified(record, "escalated_to")
-            # Deadlines not met yet start again for the new owner, also one the old owner's chain breached
-            # (the breach stays recorded); a closed alert has none, nor has a decision nobody receives (a
-            # control, recorded or suppressed one), as when it was routed.
-            timed = record.status == "open" and record.action == "alert" and not record.held_out
-            if timed and record.acknowledged_at is None:
-                record.ack_due_at = now + (as_utc(record.ack_by) - as_utc(record.created_at))
-            if timed and record.intervened_at is None:
-                record.act_due_at = now + (as_utc(record.act_by) - as_utc(record.created_at))
-        # In SQL, not from the value read: a sweep that read the alert before this commits then fails its
-        # compare-and-set, even one that read it after another sweep's step that this transaction overlaps.
-        record.sla_revision = AlertRecord.sla_revision + 1
-        session.add(record)
+            changed = _reassign(record, event, detail, owners=owners, now=now)
+            if not changed:
+                unchanged.append(record.alert_id)
+        if changed:
+            # In SQL, not from the value read: a sweep that read the alert before this commits then fails its
+            # compare-and-set, even one that read it after another sweep's step that this transaction overlaps.
+            record.sla_revision = AlertRecord.sla_revision + 1
+            session.add(record)
         session.add(
             AuditEvent(
                 alert_id=record.alert_id,
@@ -647,3 +649,48 @@ def apply_outcome(
                 detail=detail,
             )
         )
+    return unchanged
+
+
+def _reassign(
+    record: AlertRecord, event: OutcomeEvent, detail: dict[str, object], *, owners: Mapping[str, Owner] | None,
+    now: datetime,
+) -> bool:
+    """Hand `record` to the event's owner (or their present delegate), its audit `detail` saying so; False when
+    that receiver holds it already."""
+    assert event.owner is not None
+    receiver = present_owner(event.owner, owners, now) if owners is not None else event.owner
+    delegated_from = event.owner if receiver != event.owner else None
+    # As routing records a delegation: who receives it (and is accountable now), and for whom.
+    detail.update(from_owner=record.owner, to_owner=receiver)
+    if delegated_from is not None:
+        detail.update(delegated_from=delegated_from)
+    if receiver == record.owner:
+        # Theirs already: recorded (who asked), and nothing else. Fresh deadlines and a chain started again
+        # would silence an escalation with nobody new accountable, and the inbox write is deduplicated.
+        detail.update(unchanged=True)
+        return False
+    if record.outcome is not None:
+        detail.update(closed=True)  # for the story: why no delivery follows
+    record.owner = receiver
+    # The alert the new owner receives says whether they have it for someone away; an earlier
+    # owner's delegation is not theirs.
+    record.delegated_from = delegated_from
+    # The new owner must receive it (back into the outbox) and gets fresh deadlines; a closed alert (an
+    # outcome) has nothing left to act on: its new owner is accountable for the record, it is not sent
+    # again. In SQL, from the row as it is when written: an outcome committed since this row was read
+    # closed it; and an inbox write to the old owner may have marked it delivered since.
+    record.delivered_at = case((AlertRecord.outcome.is_(None), null()), else_=AlertRecord.delivered_at)
+    # The new owner's chain starts at them. Written even if it looked unchanged here: a sweep may
+    # have escalated the alert since this row was read (its old holder would stay).
+    record.escalated_to = None
+    flag_modified(record, "escalated_to")
+    # Deadlines not met yet start again for the new owner, also one the old owner's chain breached
+    # (the breach stays recorded); a closed alert has none, nor has a decision nobody receives (a
+    # control, recorded or suppressed one), as when it was routed.
+    timed = record.status == "open" and record.action == "alert" and not record.held_out
+    if timed and record.acknowledged_at is None:
+        record.ack_due_at = now + (as_utc(record.ack_by) - as_utc(record.created_at))
+    if timed and record.intervened_at is None:
+        record.act_due_at = now + (as_utc(record.act_by) - as_utc(record.created_at))
+    return True

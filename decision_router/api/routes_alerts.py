@@ -308,6 +308,14 @@ def actor_of(principal: Principal, requested: str | None) -> str:
 async def _act(
     request: Request, alert_id: str, principal: Principal, event_type: str, body: BaseModel, key: str | None
 ) -> dict[str, Any]:
+    await _apply(request, alert_id, principal, event_type, body, key)
+    return await _story(request, alert_id, principal)
+
+
+async def _apply(
+    request: Request, alert_id: str, principal: Principal, event_type: str, body: BaseModel, key: str | None
+) -> Applied:
+    """The action as an outcome event, applied; a refusal as the HTTP error that names its field."""
     await _visible(request, alert_id, principal)
     values = body.model_dump(exclude_none=True, mode="json")
     actor = actor_of(principal, values.pop("actor", None))
@@ -318,7 +326,7 @@ async def _act(
         if applied.reason == "unknown_alert":
             raise HTTPException(status_code=404, detail=f"no alert {alert_id!r}")
         raise body_error(_rejected_field(applied, body), f"{applied.reason}: {applied.detail}")
-    return await _story(request, alert_id, principal)
+    return applied
 
 
 def _rejected_field(applied: Applied, body: BaseModel) -> str | None:
@@ -381,4 +389,16 @@ async def reassign(
     owners = ruleset_of(request).owners
     if body.owner not in owners:
         raise body_error("owner", f"owner {body.owner!r} is not in the owner directory{did_you_mean(body.owner, owners)}")
-    return await _act(request, alert_id, principal, "reassigned", body, key)
+    applied = await _apply(request, alert_id, principal, "reassigned", body, key)
+    document = await _story(request, alert_id, principal)
+    alert = document["alert"]
+    # The alert's detail alone does not tell a request that had no effect from one that did.
+    document["unchanged"] = applied.unchanged
+    if applied.unchanged:
+        note = f"{alert['owner']!r} already holds the alert; nothing changes"
+    elif alert["status"] == "closed":
+        note = f"the alert is closed: {alert['owner']!r} is accountable for it now; it is not delivered again"
+    else:
+        note = None
+    document["note"] = note
+    return document

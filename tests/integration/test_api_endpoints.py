@@ -422,6 +422,7 @@ async def test_reassign_hands_the_alert_over_and_delivers_it_to_the_new_owner(
     )
     assert response.status_code == 200, response.text
     assert response.json()["alert"]["owner"] == ELENA
+    assert (response.json()["unchanged"], response.json()["note"]) == (False, None)
     assert [a.alert_id for a in inbox(r, keys, ELENA)] == [alert_id]  # delivered before the answer
     assert (await served.http.get(f"/v1/alerts/{alert_id}", headers=served.alice)).status_code == 404
     [event] = [e for e in response.json()["events"] if e["type"] == "reassigned"]
@@ -430,6 +431,41 @@ async def test_reassign_hands_the_alert_over_and_delivers_it_to_the_new_owner(
         ELENA,
         "on leave",
     )
+
+
+async def test_reassign_to_the_owner_holding_it_says_nothing_changes_and_a_closed_alert_is_not_delivered(
+    served: Client, service, r, engine
+) -> None:
+    """A reassignment to the present owner answered as if it handed the alert over (and restarted its deadlines);
+    a closed alert reassigned went to the new owner's inbox."""
+    keys = service.keys
+    r.xadd(keys.predictions, {"data": json.dumps(for_owner("g2", ALICE))})
+    alert_id = alert_id_for("g2", RULE)
+    await wait_until(lambda: count(engine, AlertRecord, AlertRecord.delivered_at.is_not(None)) == 1, what="delivered")
+    before = (await served.http.get(f"/v1/alerts/{alert_id}", headers=served.ops)).json()["alert"]
+    retry = {**served.ops, "Idempotency-Key": "same-owner-1"}
+    for _ in range(2):  # the retry is answered alike
+        same = await served.http.post(f"/v1/alerts/{alert_id}/reassign", json={"owner": ALICE}, headers=retry)
+        assert same.status_code == 200, same.text
+        answer = same.json()
+        assert (answer["unchanged"], answer["note"]) == (True, f"{ALICE!r} already holds the alert; nothing changes")
+        assert answer["alert"] == before  # same deadlines, same delivery, same escalation state
+    assert [e["type"] for e in answer["events"]][-2:] == ["delivered", "reassigned"]
+    assert answer["events"][-1]["detail"] == {"from_owner": ALICE, "to_owner": ALICE, "unchanged": True}
+    assert [a.alert_id for a in inbox(r, keys, ALICE)] == [alert_id]
+    assert count(engine, AuditEvent, AuditEvent.type == "reassigned") == 1
+
+    closed = await served.http.post(f"/v1/alerts/{alert_id}/outcome", json={"result": "success"}, headers=served.ops)
+    assert closed.status_code == 200, closed.text
+    moved = await served.http.post(f"/v1/alerts/{alert_id}/reassign", json={"owner": ELENA}, headers=served.ops)
+    assert moved.status_code == 200, moved.text
+    answer = moved.json()
+    assert (answer["unchanged"], answer["alert"]["owner"], answer["alert"]["delivered_at"]) == (
+        False, ELENA, before["delivered_at"]
+    )
+    assert answer["note"] == f"the alert is closed: {ELENA!r} is accountable for it now; it is not delivered again"
+    assert [e["type"] for e in answer["events"]][-1] == "reassigned"
+    assert inbox(r, keys, ELENA) == []
 
 
 async def test_outcome_webhook_addresses_by_alert_prediction_or_entity_and_dead_letters_the_rest(

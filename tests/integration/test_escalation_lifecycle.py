@@ -191,6 +191,28 @@ async def test_a_sweep_that_read_the_alert_before_a_reassignment_committed_does_
         ]
 
 
+async def test_an_alert_closed_after_a_reassignment_read_it_is_not_delivered_again(svc, r, engine) -> None:
+    """Another worker's outcome commits between the reassignment's read (the alert open) and its write: the alert
+    is closed when the reassignment lands, so it stays out of the outbox (the new owner has nothing to act on)."""
+    alert_id = await routed_alert(svc, r, "race3")
+    delivered_at = alert_row(engine, alert_id).delivered_at
+    now = T0 + timedelta(minutes=30)
+    with Session(engine) as reassigning:
+        (record,) = reassigning.scalars(select(AlertRecord).where(AlertRecord.alert_id == alert_id)).all()
+        assert record.status == "open"
+        with Session(engine) as closing:
+            outcome = OutcomeEvent(type="outcome", alert_id=alert_id, actor="crm", result="success")
+            apply_outcome(closing, event=outcome, alerts=[closing.get(AlertRecord, alert_id)], source_id=None, now=now)
+            closing.commit()
+        event = OutcomeEvent(type="reassigned", alert_id=alert_id, actor="ops", owner="desk")
+        apply_outcome(reassigning, event=event, alerts=[record], source_id=None, now=now)
+        reassigning.commit()
+    row = alert_row(engine, alert_id)
+    assert (row.owner, row.status, row.delivered_at) == ("desk", "closed", delivered_at)
+    assert await svc.outbox.drain_once(grace=timedelta(0)) == 0
+    assert inbox(r, svc.keys, "desk") == []
+
+
 async def test_an_escalation_to_an_away_manager_goes_to_their_delegate(svc, r, engine, clock) -> None:
     alert_id = await routed_alert(svc, r, "w1", owner="am-2")
     clock.now = T0 + timedelta(hours=1, minutes=1)

@@ -17,6 +17,7 @@ from decision_router import metrics
 from decision_router.escalation import EscalationSweeper
 from decision_router.rules import load_rules
 from decision_router.service import running_service
+from decision_router.stats import GroupBy, compute_stats
 from decision_router.tables import AlertRecord, AuditEvent, EscalationRecord
 from decision_router.tracker import alert_id_for
 from tests.integration.conftest import ManualClock, wait_until
@@ -229,6 +230,78 @@ async def test_a_reassigned_decision_nobody_receives_gets_no_deadlines(gov, r, e
     clock.now = T0 + timedelta(hours=5)
     assert (await gov.sweeper.sweep_once()).escalated == 0
     assert r.xlen(keys.inbox("am")) == 0
+
+def sla_state(engine, alert_id: str) -> tuple:
+    with Session(engine) as session:
+        row = session.get(AlertRecord, alert_id)
+        return (row.owner, row.delegated_from, row.delivered_at, row.ack_due_at, row.act_due_at,
+                row.escalation_level, row.escalated_to, row.sla_revision)
+
+
+async def reassign_entry(gov, entry_id: str, alert_id: str, owner: str):
+    """A reassignment as the outcomes consumer applies a stream entry, its inbox writes done on return."""
+    fields = {"alert_id": alert_id, "type": "reassigned", "actor": "lead", "owner": owner, "note": "back to you"}
+    return await gov.pipeline.process_outcomes([(entry_id, fields)])
+
+
+@pytest.mark.parametrize("to", ["am", "away-am"])  # the owner holding it, or an away owner whose delegate holds it
+async def test_a_reassignment_to_the_owner_holding_the_alert_keeps_its_escalation(gov, r, engine, clock, to) -> None:
+    """It restarted the deadlines and the chain (escalated_to reset) and audited a delivery deduplicated away:
+    a way to silence an escalation with nobody new accountable."""
+    keys = gov.keys
+    publish(r, keys, "n1")
+    alert_id = alert_id_for("n1", "churn-high")
+    await wait_until(lambda: len(inbox(r, keys, "am")) == 1, what="alert")
+    clock.now = T0 + timedelta(hours=1, minutes=1)
+    assert (await gov.sweeper.sweep_once()).escalated == 1  # to lead, the ack deadline again in 1h
+    before = sla_state(engine, alert_id)
+    clock.now = T0 + timedelta(hours=1, minutes=30)
+    for _ in range(2):  # the same entry redelivered changes nothing more
+        result = await reassign_entry(gov, "1-1", alert_id, to)
+        assert (result.accepted + result.redelivered, result.unchanged, result.delivered) == (1, [alert_id], 0)
+        assert sla_state(engine, alert_id) == before
+    assert len(inbox(r, keys, "am")) == 1
+    detail = {"note": "back to you", "from_owner": "am", "to_owner": "am", "unchanged": True}
+    if to != "am":
+        detail["delegated_from"] = to
+    assert events(engine, alert_id)[-1] == ("reassigned", detail)  # recorded, and no "delivered" after it
+    # The chain goes on from where it was: lead's step is due an hour after it, not after the reassignment.
+    clock.now = T0 + timedelta(hours=2, minutes=2)
+    assert (await gov.sweeper.sweep_once()).escalated == 1
+    assert inbox(r, keys, "vp")[0]["escalation"]["level"] == 2
+
+
+async def test_a_closed_alert_reassigned_changes_owner_and_is_not_delivered_again(gov, r, engine, clock) -> None:
+    """It went to the new owner's inbox, with nothing in it saying it was closed."""
+    keys = gov.keys
+    publish(r, keys, "n2")
+    alert_id = alert_id_for("n2", "churn-high")
+    await wait_until(lambda: len(inbox(r, keys, "am")) == 1, what="alert")
+    clock.now = T0 + timedelta(minutes=20)
+    closed = await gov.pipeline.process_outcomes(
+        [("1-1", {"alert_id": alert_id, "type": "outcome", "actor": "crm", "result": "success"})]
+    )
+    assert closed.accepted == 1
+    delivered_at = sla_state(engine, alert_id)[2]
+    clock.now = T0 + timedelta(minutes=30)
+    for _ in range(2):  # redelivered: still nothing sent
+        result = await reassign_entry(gov, "1-2", alert_id, "desk")
+        assert (result.accepted + result.redelivered, result.unchanged, result.delivered) == (1, [], 0)
+    assert await gov.outbox.drain_once(grace=timedelta(0)) == 0
+    assert r.xlen(keys.inbox("desk")) == 0
+    owner, _, still_delivered_at, ack_due, act_due, *_ = sla_state(engine, alert_id)
+    assert (owner, still_delivered_at, ack_due, act_due) == ("desk", delivered_at, None, None)
+    assert events(engine, alert_id)[-1] == (
+        "reassigned", {"note": "back to you", "from_owner": "am", "to_owner": "desk", "closed": True}
+    )
+    clock.now = T0 + timedelta(hours=5)
+    sweep = await gov.sweeper.sweep_once()
+    assert (sweep.escalated, sweep.breached) == (0, 0)
+    # Accountable for the record: the stats by owner count it (and its success) for desk now.
+    with Session(engine) as session:
+        rows = {row.key: row for row in compute_stats(session, by=GroupBy.OWNER)}
+    assert set(rows) == {"desk"} and rows["desk"].successes == 1
+
 
 async def test_cooldown_suppresses_repeat_alerts_per_entity_and_rule(gov, r, engine) -> None:
     keys = gov.keys

@@ -151,14 +151,19 @@ async def test_reassigned_alert_reaches_the_new_owner(service, r, engine) -> Non
 
 
 async def test_a_closed_alert_reassigned_gets_no_deadlines(service, r, engine) -> None:
+    """Nor is it delivered again: its new owner is accountable for the record, with nothing to act on."""
     keys = service.keys
     _, _, a3 = await route_three(service, r, engine)
+    delivered_at = alert_row(engine, a3).delivered_at
     r.xadd(keys.outcomes, {"alert_id": a3, "type": "outcome", "result": "success", "actor": "crm"})
     r.xadd(keys.outcomes, {"alert_id": a3, "type": "reassigned", "actor": "lead-strategic", "owner": "benoit-garnier"})
-    await wait_until(lambda: r.xlen(keys.inbox("benoit-garnier")) == 1, what="the new owner's inbox")
+    await wait_until(lambda: alert_row(engine, a3).owner == "benoit-garnier", what="the reassignment")
     row = alert_row(engine, a3)
     assert (row.status, row.owner) == ("closed", "benoit-garnier")
     assert row.ack_due_at is None and row.act_due_at is None
+    # Still marked delivered (to elena): out of the outbox, so no drain sends it to benoit.
+    assert row.delivered_at == delivered_at
+    assert r.xlen(keys.inbox("benoit-garnier")) == 0
 
 
 async def test_entity_outcomes_apply_within_the_outcome_window_only(settings, ruleset, engine, r) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
 from decision_router.contracts import OutcomeEvent, OutcomeType
+from decision_router.rules import Owner
 from decision_router.stats import GroupBy, compute_stats, compute_stats_reference
 from decision_router.store import create_schema, make_engine
-from decision_router.tables import AlertRecord, as_utc
+from decision_router.tables import OUTBOX_PENDING, AlertRecord, AuditEvent, as_utc
 from decision_router.tracker import apply_outcome, find_alerts
 from tests.unit.test_stats import T0, alert
 
@@ -86,3 +88,83 @@ def test_an_entity_outcome_reaches_treated_and_control_of_every_rule_within_the_
     rows = {row.key: row for row in compute_stats(session, by=GroupBy.RULE, holdouts={"upsell": 0.1})}
     assert (rows["churn"].successes, rows["upsell"].control_successes, rows["watch"].successes) == (1, 1, 1)
     assert rows["late"].successes == rows["old"].successes == 0 and rows["done"].failures == 1
+
+
+# reassignments that change nothing, and those of closed alerts ----------------------------------------------------
+
+
+def reassign(session: Session, record: AlertRecord, owner: str, *, owners=None, source_id: str | None = None) -> list[str]:
+    event = OutcomeEvent(alert_id=record.alert_id, type=OutcomeType.REASSIGNED, actor="lead", owner=owner)
+    left = apply_outcome(session, event=event, alerts=[record], source_id=source_id, now=T0 + timedelta(hours=3),
+                         owners=owners)
+    session.commit()
+    return left
+
+
+def reassigned_details(session: Session, alert_id: str) -> list[dict]:
+    return [e.detail for e in session.scalars(
+        select(AuditEvent).where(AuditEvent.alert_id == alert_id, AuditEvent.type == "reassigned").order_by(AuditEvent.id)
+    )]
+
+
+def escalated(record: AlertRecord) -> AlertRecord:
+    """Delivered to alice, its ack deadline missed and escalated once to her manager."""
+    record.delivered_at = T0 + timedelta(seconds=1)
+    record.ack_due_at, record.act_due_at = T0 + timedelta(hours=6), T0 + timedelta(days=2)
+    record.escalation_level, record.escalated_to, record.sla_revision = 1, "lead", 1
+    return record
+
+
+def state(record: AlertRecord) -> tuple:
+    return (record.owner, record.delegated_from, record.delivered_at, record.ack_due_at, record.act_due_at,
+            record.escalation_level, record.escalated_to, record.sla_revision)
+
+
+@pytest.mark.parametrize(("to", "delegated_from"), [("alice", None), ("hugo", "hugo")])
+def test_a_reassignment_to_the_owner_holding_the_alert_changes_nothing_but_is_recorded(session, to, delegated_from) -> None:
+    """It restarted the deadlines and the escalation chain, and put the alert back into the outbox for an inbox
+    write that is deduplicated: an escalation silenced with nobody new accountable. Also through an away owner
+    whose delegate holds it."""
+    record = escalated(alert(0, rule="r", owner="alice"))
+    session.add(record)
+    session.commit()
+    before = state(record)
+    hugo = Owner(id="hugo", name="Hugo", email=None, manager=None, team=None,
+                 away_until=T0 + timedelta(days=30), delegate="alice")
+    owners = {"alice": Owner(id="alice", name="Alice", email=None, manager="lead", team=None), "hugo": hugo}
+    assert reassign(session, record, to, owners=owners) == [record.alert_id]
+    session.refresh(record)
+    assert state(record) == before
+    expected = {"from_owner": "alice", "to_owner": "alice", "unchanged": True}
+    if delegated_from:
+        expected["delegated_from"] = delegated_from
+    assert reassigned_details(session, record.alert_id) == [expected]
+
+
+def test_a_closed_alert_reassigned_changes_owner_and_is_not_delivered_again(session) -> None:
+    """It went back into the outbox, to the new owner's inbox, with nothing saying it was closed."""
+    record = escalated(alert(0, rule="r", owner="alice", outcome="success"))
+    record.ack_due_at = record.act_due_at = None  # as the outcome left them
+    delivered = record.delivered_at
+    session.add(record)
+    session.commit()
+    assert reassign(session, record, "bob") == []
+    session.refresh(record)
+    assert (record.owner, record.status, as_utc(record.delivered_at)) == ("bob", "closed", delivered)
+    assert (record.ack_due_at, record.act_due_at) == (None, None)
+    assert session.scalars(select(AlertRecord).where(OUTBOX_PENDING)).all() == []
+    assert reassigned_details(session, record.alert_id) == [{"from_owner": "alice", "to_owner": "bob", "closed": True}]
+    # Accountable for the record: the stats by owner count it for bob.
+    (row,) = compute_stats(session, by=GroupBy.OWNER)
+    assert (row.key, row.successes) == ("bob", 1)
+
+
+def test_an_open_alert_reassigned_still_goes_back_into_the_outbox(session) -> None:
+    record = escalated(alert(0, rule="r", owner="alice"))
+    session.add(record)
+    session.commit()
+    assert reassign(session, record, "bob") == []
+    session.refresh(record)
+    assert (record.owner, record.delivered_at, record.escalated_to, record.sla_revision) == ("bob", None, None, 2)
+    assert [r.alert_id for r in session.scalars(select(AlertRecord).where(OUTBOX_PENDING))] == [record.alert_id]
+    assert as_utc(record.ack_due_at) == T0 + timedelta(hours=7)  # 3h + its 4h ack_within, fresh for bob

@@ -207,6 +207,14 @@ def test_entity_story_groups_every_decision(session: Session) -> None:
          "SLA breached (act): no intervention recorded within 1d; no manager above vp"),
         ("reassigned", {"from_owner": "alice", "to_owner": "felix", "delegated_from": "hugo", "note": "key account"},
          "reassigned alice -> felix (delegate for away owner hugo) (note: key account)"),
+        # A reassignment to the owner holding it: no hand-off from them to themselves.
+        ("reassigned", {"from_owner": "felix", "to_owner": "felix", "unchanged": True, "note": "again"},
+         "reassigned to felix, who already held it: nothing changed (note: again)"),
+        ("reassigned", {"from_owner": "felix", "to_owner": "felix", "delegated_from": "hugo", "unchanged": True},
+         "reassigned to felix (delegate for away owner hugo), who already held it: nothing changed"),
+        # A closed alert: accountable for the record, nothing to receive (no "delivered" follows).
+        ("reassigned", {"from_owner": "alice", "to_owner": "bob", "closed": True},
+         "reassigned alice -> bob (closed: not delivered again)"),
         ("intervened", {}, "intervened: no action named"),
         ("outcome", {"result": "failure", "value": None}, "outcome failure"),
         ("acknowledged", {"note": "on it"}, "acknowledged (note: on it)"),

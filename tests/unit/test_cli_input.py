@@ -368,6 +368,51 @@ def test_reassigning_to_an_away_owner_says_who_receives_it(tmp_path: Path, monke
     assert invoke("reassign", "al-1", "--to", "felix", "--by", "lead").stderr == ""
 
 
+def test_reassigning_to_the_owner_holding_the_alert_or_a_closed_one_says_what_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The router records such a request and changes nothing (or, closed, sends nothing): the user expected a
+    hand-over. What the store says now is noted; the event is published all the same."""
+    from sqlmodel import Session
+
+    from decision_router.store import create_schema, make_engine
+    from tests.unit.test_stats import alert
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "routing.yaml").write_text("rules:\n  - {name: rest, when: {}, owner: desk, action: record}\n")
+    (rules / "owners.yaml").write_text(
+        "owners:\n  - {id: desk, name: Desk}\n"
+        "  - {id: hugo, name: Hugo, away_until: '2999-01-01', delegate: felix}\n  - {id: felix, name: Felix}\n"
+    )
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = make_engine(url)
+    create_schema(engine)
+    with Session(engine) as session:
+        session.add_all([alert(0, rule="r", owner="felix"), alert(1, rule="r", owner="felix", outcome="success")])
+        session.commit()
+    engine.dispose()
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(rules))
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", url)
+    sent: list[dict] = []
+    monkeypatch.setattr("decision_router.cli_governance.send_outcome", lambda document, settings: sent.append(document))
+    held = "note: 'felix' already holds the alert; nothing changes\n"
+    assert invoke("reassign", "al-r-0", "--to", "felix", "--by", "lead").stderr == held
+    assert invoke("reassign", "al-r-0", "--to", "hugo", "--by", "lead").stderr == (
+        "note: 'hugo' is away; the router gives the alert to their delegate 'felix'\n" + held
+    )
+    assert invoke("reassign", "al-r-1", "--to", "desk", "--by", "lead").stderr == (
+        "note: the alert is closed; 'desk' becomes accountable for it, and does not receive it\n"
+    )
+    assert invoke("reassign", "al-r-0", "--to", "desk", "--by", "lead").stderr == ""  # a hand-over
+    assert invoke("reassign", "al-nope", "--to", "desk", "--by", "lead").stderr == ""  # the router says unknown_alert
+    assert [d["owner"] for d in sent] == ["felix", "hugo", "desk", "desk", "desk"]
+    # No store where the URL points: nothing to say, and none created by looking.
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    assert invoke("reassign", "al-r-0", "--to", "felix", "--by", "lead").stderr == ""
+    assert not (tmp_path / "elsewhere.db").exists()
+
+
 def test_rules_test_with_stdin_closed_says_where_to_give_the_prediction(tmp_path: Path) -> None:
     """`decision-router rules test <&-`: Python then has no sys.stdin (None), which was an AttributeError."""
     env = {**os.environ, "DECISION_ROUTER_RULES_DIR": str(SHIPPED_RULES)}
