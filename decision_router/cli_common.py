@@ -262,9 +262,11 @@ def missing_store_file(database_url: str) -> Path | None:
         return None
     from sqlalchemy.engine import make_url
 
+    from decision_router.settings import SQLITE_TRUE
+
     url = make_url(database_url)
     name = url.database or ""
-    if str(url.query.get("uri", "")).strip().lower() in ("true", "yes", "on", "y", "t", "1") and name.startswith("file:"):
+    if str(url.query.get("uri", "")).strip().lower() in SQLITE_TRUE and name.startswith("file:"):
         # A URI (settings checks that SQLite's own options come with one): file:PATH, or file:///PATH.
         name = name.removeprefix("file:")
         if name.startswith("//"):

@@ -405,7 +405,7 @@ def check_database_url(value: str) -> str:
 
 # An SQLite URL's query options. SQLAlchemy hands these to Python's sqlite3.connect (its pysqlite dialect's
 # list), each read as its type: a value it cannot read was a ValueError traceback at the first connection.
-_TRUE = ("true", "yes", "on", "y", "t", "1")  # as SQLAlchemy reads a boolean option (util.asbool)
+SQLITE_TRUE = ("true", "yes", "on", "y", "t", "1")  # as SQLAlchemy reads a boolean option (util.asbool)
 _FALSE = ("false", "no", "off", "n", "f", "0")
 
 
@@ -418,8 +418,8 @@ def _is_number(value: str, kind: type[int] | type[float]) -> bool:
 
 
 SQLITE_DRIVER_OPTIONS: dict[str, tuple[str, Callable[[str], bool]]] = {
-    "uri": ("true or false", lambda v: v.strip().lower() in _TRUE + _FALSE),
-    "check_same_thread": ("true or false", lambda v: v.strip().lower() in _TRUE + _FALSE),
+    "uri": ("true or false", lambda v: v.strip().lower() in SQLITE_TRUE + _FALSE),
+    "check_same_thread": ("true or false", lambda v: v.strip().lower() in SQLITE_TRUE + _FALSE),
     "timeout": ("a number of seconds", lambda v: _is_number(v, float)),
     "detect_types": ("a whole number", lambda v: _is_number(v, int)),
     "cached_statements": ("a whole number", lambda v: _is_number(v, int)),
@@ -454,7 +454,7 @@ def _check_sqlite_options(url: Any, shown: str) -> None:
         else:
             known = ", ".join(sorted([*SQLITE_DRIVER_OPTIONS, *SQLITE_URI_OPTIONS]))
             raise ValueError(f"an SQLite URL takes no option {name!r} (its options: {known}): {shown}")
-    uri = url.query.get("uri", "false").strip().lower() in _TRUE
+    uri = url.query.get("uri", "false").strip().lower() in SQLITE_TRUE
     named = (url.database or "").startswith("file:")
     sqlite_own = sorted(name for name in url.query if name in SQLITE_URI_OPTIONS)
     if sqlite_own and not (uri and named):
