@@ -213,7 +213,10 @@ def _held(settings: Settings, alert_id: str) -> tuple[str, str] | None:
 
     if missing_store_file(settings.database_url) is not None:
         return None  # opening it would create it
-    engine = make_engine(settings.database_url)
+    # A note is not worth the store's 10 s wait for a PostgreSQL that does not answer (unless the URL says).
+    quick = {"connect_args": {"connect_timeout": 2}} if settings.database_url.startswith("postgresql") and \
+        "connect_timeout" not in settings.database_url else {}
+    engine = make_engine(settings.database_url, **quick)
     try:
         with Session(engine) as session:
             record = session.get(AlertRecord, alert_id)

@@ -523,3 +523,17 @@ def test_simulating_into_a_read_only_store_is_refused_at_start(command: list[str
     )
     assert (done.returncode, done.stderr.decode()) == (
         1, f"error: cannot open the store at {url}: attempt to write a readonly database\n")
+
+
+def test_reassign_asks_a_postgresql_that_never_answers_only_briefly(silent_server: int, monkeypatch) -> None:
+    """Its notes read the store; a PostgreSQL that accepts and never answers held `reassign` for the store's
+    10 s connect timeout before it published. The note is not worth that: 2 s, then publish (here: no Redis)."""
+    import time
+
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"postgresql+psycopg://u@127.0.0.1:{silent_server}/x")
+    monkeypatch.setenv("DECISION_ROUTER_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    started = time.monotonic()
+    line = one_error(invoke("reassign", "al-1", "--to", "alice-moreau", "--by", "me"), 1)
+    assert line.startswith("error: cannot reach Redis at redis://127.0.0.1:1/0"), line
+    assert time.monotonic() - started < 8
