@@ -15,7 +15,7 @@ Failure handling, per batch:
 - a worker gone while holding it (a crash, the OOM killer): no error is counted, but Redis counts the
   deliveries. Read again more than 2 x max_attempts times, an entry is a suspect, and so is every entry of
   the batch that killed the worker: finished if the store holds its effects already (stored, then its worker
-  gone before the ack), else handled on its own under a marker (_drop_crashers, _settle_alone). A worker
+  gone before the ack), else handled on its own under a marker (_sort_out_crashers, _settle_alone). A worker
   that dies then leaves the marker, which names the culprit: dead-lettered when read again, unprocessed,
   while its neighbours go through. Finishing, a batch at once, gets max_attempts deliveries too: past
   3 x max_attempts suspects are handled on their own without it (alerts the store holds stay in the outbox,
@@ -354,7 +354,7 @@ class Consumer:
             if gone and not await self.retrying(lambda: self.redis.xack(source.stream, self.group, *gone)):
                 return False
             if redelivered and entries:
-                sorted_out = await self._drop_crashers(source, entries)
+                sorted_out = await self._sort_out_crashers(source, entries)
                 if sorted_out is None:
                     return False
                 entries, suspects = sorted_out
@@ -366,7 +366,7 @@ class Consumer:
             for entry_id in ids:
                 in_hand.pop(entry_id, None)
 
-    async def _drop_crashers(self, source: Input, entries: list[Entry]) -> tuple[list[Entry], list[Entry]] | None:
+    async def _sort_out_crashers(self, source: Input, entries: list[Entry]) -> tuple[list[Entry], list[Entry]] | None:
         """Sort out entries delivered more than 2 x max_attempts times without an ack: each read ended with its
         worker gone (a crash, the OOM killer) before any error could be counted, and the entry that did it may
         be any one of the batch it came with. Returns (the others, the suspects to handle one at a time); None
@@ -418,7 +418,7 @@ class Consumer:
 
     async def _settle_alone(self, source: Input, entry: Entry) -> bool:
         """Handle a suspected crasher on its own, under its handled_alone marker: if its worker dies now, the
-        marker is left behind and the next reader dead-letters this entry, not its neighbours (_drop_crashers).
+        marker is left behind and the next reader dead-letters this entry, not its neighbours (_sort_out_crashers).
         A stop (cancellation) is no death: the marker goes. A stop during an outage that leaves the marker
         (Redis unreachable) would have the entry dead-lettered when read again: visible, and rare."""
         marker = self.keys.handled_alone(source.stream, entry[0])
@@ -474,7 +474,7 @@ class Consumer:
         """Reset the idle time of every entry in hand for a while (a slow batch, a retry, an outage
         waited out), every claim_idle / 4 (RouterService). Otherwise a reclaim, another worker's or
         this one's own, takes it over and Redis counts a delivery: enough of them on a live worker
-        and _drop_crashers takes a valid entry for one that killed its worker each time."""
+        and _sort_out_crashers takes a valid entry for one that killed its worker each time."""
         for source in self.inputs.values():
             await self._touch(source, list(self.in_hand[source.stream]))
 

@@ -106,11 +106,6 @@ def referenced_fields(ruleset: RuleSet) -> dict[str, tuple[str, ...]]:
     return {name: tuple(names) for name, names in fields.items()}
 
 
-def referenced_sources(ruleset: RuleSet) -> tuple[str, ...]:
-    """Declared sources that some rule uses, in order of first use (see referenced_fields)."""
-    return tuple(referenced_fields(ruleset))
-
-
 @dataclass(frozen=True)
 class LookupLimits:
     """Bounds on what one source gives one prediction, derived from the prediction's own
@@ -335,8 +330,8 @@ class ContextEnricher:
         )
         result: dict[str, dict[str, Fields]] = {}
         for source, by_prediction in zip(sources, found, strict=True):
-            for prediction_id, fields in by_prediction.items():
-                result.setdefault(prediction_id, {})[source.name] = fields
+            for prediction_id, values in by_prediction.items():
+                result.setdefault(prediction_id, {})[source.name] = values
         return result
 
     def close(self) -> None:

@@ -34,7 +34,6 @@ from decision_router.enrich import (
     jsonable,
     redact,
     referenced_fields,
-    referenced_sources,
     run_queries,
 )
 from decision_router.keys import Keys
@@ -126,8 +125,8 @@ rules:
   - {name: b, when: {lookup.crm.tier: gold}, owner: desk, context: [lookup.billing.plan]}
   - {name: rest, when: {}, owner: desk}
 """
-    assert referenced_sources(ruleset_with(tmp_path, sources, rules)) == ("owners", "billing", "crm")
-    assert referenced_sources(load_rules(Path(__file__).resolve().parents[2] / "rules")) == ("crm",)
+    assert tuple(referenced_fields(ruleset_with(tmp_path, sources, rules))) == ("owners", "billing", "crm")
+    assert tuple(referenced_fields(load_rules(Path(__file__).resolve().parents[2] / "rules"))) == ("crm",)
 
 
 def test_only_the_fields_rules_read_are_referenced(tmp_path: Path) -> None:
