@@ -29,13 +29,23 @@ def _quantile_cuts(sorted_ref: Sequence[float], bins: int) -> list[float]:
     Bins are (cut[i-1], cut[i]], right-closed, so every value tied at a cut lands in one bin.
     Duplicate cuts (a value repeated across a quantile) are merged, and a cut equal to the
     reference maximum is dropped, so every bin holds reference values.
+
+    Unless that leaves a single bin: the reference maximum then holds at least 1 - 1/bins of
+    the reference (a constant, or a flag that is nearly always set), and one bin would compare
+    nothing. The bins are then below, at and above the maximum, so a value that was (almost)
+    always the same and starts to vary moves the index. Under no drift the recent values stay
+    in the bins the reference used, and the empty ones add next to nothing (half a count each).
     """
     n = len(sorted_ref)
+    top = sorted_ref[-1]
     cuts: list[float] = []
     for k in range(1, bins):
         cut = sorted_ref[math.ceil(k * n / bins) - 1]
-        if cut < sorted_ref[-1] and (not cuts or cut > cuts[-1]):
+        if cut < top and (not cuts or cut > cuts[-1]):
             cuts.append(cut)
+    if not cuts:
+        below = math.nextafter(top, -math.inf)  # (-inf, below] holds exactly the values < top
+        return [below, top] if below < top else [top]
     return cuts
 
 
@@ -73,12 +83,12 @@ def _psi_and_bins(
         return None
     # Values are binned only when the reference has enough of them for its quantiles to mean
     # something; otherwise they form one bin, and only their presence is compared.
-    cuts = _quantile_cuts(sorted(reference), bins) if len(reference) >= min_n else []
+    cuts = _quantile_cuts(sorted(reference), bins) if reference and len(reference) >= min_n else []
     # A value missing in either window is a bin of its own ("missing"), so a feature that
     # goes missing (or stops being a number) moves the index instead of shrinking the sample.
     missing = (reference_missing, recent_missing) if reference_missing or recent_missing else (None, None)
     if not cuts and missing[0] is None:
-        return None  # a constant reference: no bins to compare against
+        return None  # only when the reference has no values at all (min_n = 0)
     e = _shares(reference, cuts, missing[0])
     a = _shares(recent, cuts, missing[1])
     return sum((ai - ei) * math.log(ai / ei) for ai, ei in zip(a, e, strict=True)), len(e)
@@ -90,8 +100,9 @@ def psi(reference: Sequence[float], recent: Sequence[float], bins: int = 10, *, 
     PSI = sum over bins of (a_i - e_i) * ln(a_i / e_i), with e_i the reference share and a_i
     the recent share of bin i. Bins are the reference's quantiles (equal reference mass), so
     each bin is equally informative. Ties can merge bins: a variable with few distinct values
-    gets fewer than `bins`. None when either sample has fewer than `min_n` values or the
-    reference is constant. Read it against `psi_threshold`, not a fixed 0.1 / 0.25.
+    gets fewer than `bins`, and a reference that is (nearly) one value gets three: below, at
+    and above it. None when either sample has fewer than `min_n` values. Read it against
+    `psi_threshold`, not a fixed 0.1 / 0.25.
     """
     result = _psi_and_bins(reference, recent, bins, min_n)
     return None if result is None else result[0]
@@ -255,7 +266,7 @@ def psi_threshold(n_reference: int, n_recent: int, bins: int = 10, alpha: float 
 
 @dataclass(frozen=True)
 class DriftResult:
-    """psi, threshold and drifted are None when a sample is too small or the reference constant.
+    """psi, threshold and drifted are None when a sample is too small.
     n_reference, n_recent: the units of each window, those with a value and those missing one."""
 
     psi: float | None

@@ -224,11 +224,8 @@ class _Judge:
             reference, recent, bins, self.alpha, min_n=min_n, reference_missing=missing[0], recent_missing=missing[1]
         )
         n_ref, n_rec = result.n_reference, result.n_recent
-        if result.drifted is None:
-            if self.no_reference or n_ref < min_n or n_rec < min_n:
-                note = self.not_enough(n_ref, n_rec, "predictions" if any(missing) else "values")
-            else:
-                note = f"every reference value is {reference[0]:g}, so there are no bins to compare"
+        if result.drifted is None:  # a window below min_samples (drift_check judges any other)
+            note = self.not_enough(n_ref, n_rec, "predictions" if any(missing) else "values")
             detail = f"not enough data: {note}"
         else:
             note = f"mean {_mean(recent)} recent, {_mean(reference)} reference"

@@ -105,16 +105,53 @@ def test_psi_merges_bins_on_ties() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n_reference", "n_recent", "constant"),
-    [(49, 500, False), (500, 49, False), (0, 0, False), (500, 500, True)],
-    ids=["small-reference", "small-recent", "empty", "constant-reference"],
+    ("n_reference", "n_recent"), [(49, 500), (500, 49), (0, 0)], ids=["small-reference", "small-recent", "empty"]
 )
-def test_psi_none_when_data_cannot_tell(n_reference: int, n_recent: int, constant: bool) -> None:
+def test_psi_none_when_data_cannot_tell(n_reference: int, n_recent: int) -> None:
     rng = random.Random(3)
-    reference = [1.0] * n_reference if constant else [rng.random() for _ in range(n_reference)]
+    reference = [rng.random() for _ in range(n_reference)]
     recent = [rng.random() for _ in range(n_recent)]
     assert psi(reference, recent) is None
     assert drift_check(reference, recent) == DriftResult(None, None, None, n_reference, n_recent, None)
+
+
+@pytest.mark.parametrize("odd", [[0.0], [2.0], [0.0, 2.0]], ids=["below", "above", "both-sides"])
+def test_a_constant_reference_that_starts_to_vary_is_drift(odd: list[float]) -> None:
+    # A feature that was always 1 (a flag, a default) and now sometimes is not: its quantiles
+    # are all one value, which used to leave one bin and no judgement at all.
+    reference = [1.0] * 900
+    still = drift_check(reference, [1.0] * 300, min_n=200)
+    assert (still.bins, still.drifted) == (3, False)  # below, at and above 1
+    assert still.psi < still.threshold / 10  # the empty bins add next to nothing
+    varying = drift_check(reference, [1.0] * 284 + odd * (16 // len(odd)), min_n=200)  # 5% other values
+    assert (varying.bins, varying.drifted) == (3, True)
+    assert varying.threshold == psi_threshold(900, 300, 3)
+
+
+def test_a_nearly_constant_reference_is_judged_by_its_share_of_the_top_value() -> None:
+    # 95% ones, 5% zeros: every decile is 1, the maximum, so the cuts collapse too.
+    reference = [1.0] * 855 + [0.0] * 45
+    same = drift_check(reference, [1.0] * 285 + [0.0] * 15, min_n=200)
+    assert (same.bins, same.drifted) == (3, False)
+    halved = drift_check(reference, [1.0] * 150 + [0.0] * 150, min_n=200)
+    assert (halved.bins, halved.drifted) == (3, True)
+    # With missing values too, "missing" is one more bin.
+    gaps = drift_check(reference, [1.0] * 256 + [0.0] * 14, min_n=200, reference_missing=100, recent_missing=30)
+    assert gaps.bins == 4 and gaps.drifted is False
+
+
+@pytest.mark.parametrize(("n", "share"), [(300, 0.97), (1000, 0.97), (1000, 0.995)])
+def test_drift_check_false_alarm_rate_for_a_nearly_constant_variable(n: int, share: float) -> None:
+    # The three bins around a dominant value must not fire on noise more often than alpha (1%).
+    rng = random.Random(n + int(share * 1000))
+    alarms = 0
+    for _ in range(300):
+        reference = [1.0 if rng.random() < share else rng.random() for _ in range(n)]
+        recent = [1.0 if rng.random() < share else rng.random() for _ in range(n)]
+        result = drift_check(reference, recent)
+        assert result.bins == 3
+        alarms += bool(result.drifted)
+    assert alarms / 300 <= 0.02
 
 
 def test_psi_rejects_nan_and_too_few_bins() -> None:

@@ -190,6 +190,21 @@ def test_a_feature_that_starts_to_arrive_within_a_version_is_flagged(engine: Eng
     assert seats.note.endswith(" recent, n/a reference; missing from 0.0% of recent predictions, 100.0% of reference")
 
 
+def test_a_feature_constant_in_the_reference_that_starts_to_vary_is_flagged(engine: Engine) -> None:
+    # plan_tier was always 1 in the first days; now 1 prediction in 10 says 2 or 3. This read
+    # "not enough data: every reference value is 1" with 900 and 300 values at hand.
+    steady = {"plan_tier": lambda rng: 1, "seats": lambda rng: 5}
+    varying = {"plan_tier": lambda rng: 1 if rng.random() < 0.9 else rng.choice([2, 3]), "seats": lambda rng: 5}
+    add_days(engine, random.Random(16), 300, features=steady, recent={"features": varying})
+    health = assess(engine)
+    assert flagged(health) == {"feature:plan_tier"}
+    tier = health[("2026.11", "feature:plan_tier")]
+    assert (tier.n_reference, tier.n_recent) == (900, 300) and "; 3 bins;" in tier.detail
+    assert tier.note.endswith(" recent, 1 reference")
+    seats = health[("2026.11", "feature:seats")]  # still constant: judged, and fine
+    assert seats.flagged is False and seats.status == "ok", seats.detail
+
+
 def test_huge_feature_values_have_a_finite_mean(engine: Engine) -> None:
     huge = {"exposure": lambda rng: rng.choice([1e308, 1.5e308, 1.7e308])}
     add_days(engine, random.Random(14), 300, features=huge)
