@@ -357,7 +357,9 @@ def _version_health(
     if first is not None and reference_to is not None:
         ref_counts = _missing_context(session, model, reference_version, after=first, until=reference_to, recent=False)
     rec_counts = _missing_context(session, model, version, after=recent_from, until=now, recent=True)
-    results.append(judge.rate(MISSING_CONTEXT_RATE, (*ref_counts, *rec_counts), "predictions"))
+    # Counted over predictions with a decision (those whose context was read), not all of them:
+    # "0 recent predictions" beside a score figure of 300 would read as a contradiction.
+    results.append(judge.rate(MISSING_CONTEXT_RATE, (*ref_counts, *rec_counts), "predictions with a decision"))
     return results
 
 

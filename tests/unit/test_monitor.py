@@ -117,7 +117,9 @@ def test_no_drift_flags_nothing_at_small_or_large_samples(engine: Engine, per_da
     score = health[("2026.11", "score")]
     assert score.threshold == pytest.approx(psi_threshold(3 * per_day, per_day, 10, 0.01 / 4))
     assert health[(ALL_VERSIONS, "rejection_rate")].flagged is False  # nothing rejected in either window
-    assert health[("2026.11", "missing_context_rate")].flagged is None  # no decisions stored here
+    context = health[("2026.11", "missing_context_rate")]
+    assert context.flagged is None  # no decisions stored here, and the note says what is counted
+    assert context.note.startswith("0 reference and 0 recent predictions with a decision; at least 200")
 
 
 def test_half_sd_score_shift_in_the_recent_day_is_flagged(engine: Engine) -> None:
@@ -320,6 +322,7 @@ def test_missing_context_rate_jump_is_counted_per_prediction_and_flagged(engine:
     assert (rate.n_reference, rate.n_recent) == (900, 300)  # predictions, not their 2 decisions each
     assert rate.value == pytest.approx(0.15) and rate.reference_value == pytest.approx(0.02)
     assert rate.flagged is True and "jumped" in rate.detail
+    assert rate.note == "45 of 300 recent predictions with a decision (15.00%), 18 of 900 in the reference (2.00%)"
 
 
 def test_health_rows_are_json_ready(engine: Engine) -> None:
@@ -428,7 +431,7 @@ def test_stats_drift_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert "not enough data" in table.stdout and "churn" not in table.stdout
     idle = runner.invoke(cli.app, ["stats", "drift", "--model", "lead-scoring"])
     assert idle.exit_code == 0, idle.output
-    assert "no predictions or rejections in lead-scoring's recent window" in idle.stdout
+    assert idle.stdout.strip() == "no predictions or rejections in lead-scoring's recent window"  # no empty table
     assert "any model" not in idle.stdout  # the filter was applied, not ignored
     bad = runner.invoke(cli.app, ["stats", "drift", "--format", "csv"])
     assert bad.exit_code == 2
