@@ -71,7 +71,7 @@ def drift(
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
-    """Drift of scores and numeric features, rejection and missing-context rate jumps, per model version, now."""
+    """Drift of scores and features (numbers, or text by category), rejection and missing-context rate jumps, per model version, now."""
     from sqlalchemy import inspect
     from sqlalchemy.exc import SQLAlchemyError
     from sqlmodel import Session

@@ -9,6 +9,7 @@ import pytest
 
 from decision_router.drift import (
     DriftResult,
+    category_drift_check,
     chi2_cdf,
     chi2_quantile,
     chi2_sf,
@@ -248,6 +249,51 @@ def test_drift_check_false_alarm_rate_with_missing_values_under_no_drift() -> No
         assert result.bins == 11
         alarms += bool(result.drifted)
     assert alarms / 200 <= 0.02
+
+
+# --- categories -------------------------------------------------------------------------------------
+
+SEGMENTS = [f"segment-{i}" for i in range(15)]
+ZIPF = [1 / (i + 1) for i in range(15)]  # 15 categories: 9 get a bin, 6 share "other"
+
+
+@pytest.mark.parametrize("n", [300, 1000], ids=["n=300", "n=1000"])
+def test_category_drift_check_false_alarm_rate_under_no_drift(n: int) -> None:
+    rng = random.Random(n + 1)
+    alarms = 0
+    for _ in range(300):
+        result = category_drift_check(rng.choices(SEGMENTS, ZIPF, k=n), rng.choices(SEGMENTS, ZIPF, k=n))
+        assert result.bins == 10  # 9 categories and "other"
+        alarms += bool(result.drifted)
+    assert alarms / 300 <= 0.02
+
+
+def test_category_drift_check_flags_a_shift_and_a_new_category() -> None:
+    rng = random.Random(31)
+    reference = rng.choices(SEGMENTS, ZIPF, k=1000)
+    assert category_drift_check(reference, rng.choices(SEGMENTS, ZIPF, k=1000)).drifted is False
+    # The top segment's share goes from about 30% to about 45%.
+    heavier = [ZIPF[0] * 2, *ZIPF[1:]]
+    shifted = category_drift_check(reference, rng.choices(SEGMENTS, heavier, k=1000))
+    assert shifted.drifted is True and shifted.psi > shifted.threshold == psi_threshold(1000, 1000, 10)
+    # 10% of recent values are a category the reference never had: common enough over both
+    # windows to get a bin of its own. (At 5% it would join "other", 13% of values here, and
+    # at 1000 per sample that is within noise.)
+    novel = rng.choices(SEGMENTS, ZIPF, k=900) + ["segment-new"] * 100
+    assert category_drift_check(reference, novel).drifted is True
+
+
+def test_category_drift_check_constant_missing_and_too_few() -> None:
+    same = category_drift_check(["gold"] * 900, ["gold"] * 300, min_n=200)
+    assert (same.bins, same.drifted) == (2, False)  # "gold" and "other"
+    assert category_drift_check(["gold"] * 900, ["gold"] * 270 + ["silver"] * 30, min_n=200).drifted is True
+    gone = category_drift_check(["gold"] * 900, ["gold"] * 30, min_n=200, recent_missing=270)
+    assert (gone.bins, gone.drifted, gone.n_recent) == (3, True, 300)
+    assert category_drift_check(["gold"] * 900, ["gold"] * 150, min_n=200) == DriftResult(
+        None, None, None, 900, 150, None
+    )
+    with pytest.raises(ValueError):
+        category_drift_check(["gold"] * 300, ["gold"] * 300, bins=1)
 
 
 # --- rate jump -------------------------------------------------------------------------------------

@@ -207,6 +207,36 @@ def test_a_feature_constant_in_the_reference_that_starts_to_vary_is_flagged(engi
     assert seats.flagged is False and seats.status == "ok", seats.detail
 
 
+def _segment(weights: list[float]) -> Gen:
+    return lambda rng: rng.choices(["smb", "mid-market", "enterprise", "public-sector"], weights)[0]
+
+
+def test_a_text_feature_is_watched_by_category(engine: Engine) -> None:
+    # The segment mix moves from mostly SMB to mostly enterprise: the model now scores a
+    # population it was not checked on. Text features used to be skipped altogether.
+    before = {"tenure_months": normal(24, 6), "segment": _segment([6, 2, 1, 1])}
+    after = {"tenure_months": normal(24, 6), "segment": _segment([2, 2, 5, 1])}
+    add_days(engine, random.Random(17), 300, features=before, recent={"features": after})
+    health = assess(engine)
+    assert flagged(health) == {"feature:segment"}
+    segment = health[("2026.11", "feature:segment")]
+    assert (segment.n_reference, segment.n_recent) == (900, 300) and "; 5 bins;" in segment.detail  # 4 + "other"
+    assert re.fullmatch(r"'enterprise' [45]\d\.\d% of recent values, (9|1\d)\.\d% of reference", segment.note), segment.note
+    assert segment.alpha == pytest.approx(0.01 / 4)  # score, tenure, segment, missing context
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_stable_text_feature_is_not_flagged(engine: Engine, seed: int) -> None:
+    # 20 seeded checks at alpha = 1% split over 4 figures: an alarm in any would be a 1-in-400 event
+    # per figure; the false-alarm rate itself is measured in test_drift.
+    features = {"tenure_months": normal(24, 6), "segment": _segment([6, 2, 1, 1]), "region": lambda rng: "emea"}
+    add_days(engine, random.Random(100 + seed), 250, features=features)
+    health = assess(engine)
+    assert flagged(health) == set()
+    assert health[("2026.11", "feature:segment")].flagged is False
+    assert health[("2026.11", "feature:region")].flagged is False  # constant text: judged, fine
+
+
 def test_huge_feature_values_have_a_finite_mean(engine: Engine) -> None:
     huge = {"exposure": lambda rng: rng.choice([1e308, 1.5e308, 1.7e308])}
     add_days(engine, random.Random(14), 300, features=huge)
