@@ -39,6 +39,12 @@ def print_drift(rows: list[Any], fmt: str, model: str | None = None) -> None:
     if fmt == "json":
         sys.stdout.write(json.dumps([row.as_dict() for row in rows], indent=2, ensure_ascii=False) + "\n")
         return
+    if not rows:
+        # Only the sentence: an empty table's frame above it says nothing.
+        # --model names one model: "any model" would read as if the filter had been ignored.
+        where = "any model's recent window" if model is None else f"{model}'s recent window"
+        out.print(f"no predictions or rejections in {where}", markup=False, highlight=False)
+        return
     table = Table(title="drift and data quality by model version (recent window vs reference)", title_justify="left")
     numbers = ("value", "threshold", "n reference", "n recent")
     for header in ("model", "version", "metric", *numbers, "flag", "note"):
@@ -51,11 +57,6 @@ def print_drift(rows: list[Any], fmt: str, model: str | None = None) -> None:
             Text(row.note),
         )
     out.print(table)
-    if not rows:
-        # --model names one model: "any model" would read as if the filter had been ignored.
-        where = "any model's recent window" if model is None else f"{model}'s recent window"
-        out.print(f"no predictions or rejections in {where}", markup=False, highlight=False)
-        return
     out.print(
         "value: PSI for score and feature:<name>, the recent rate for *_rate; threshold: the PSI above which "
         "(or the rate from which) a figure is flagged, sample-size aware; not enough data: a window has fewer "
@@ -70,7 +71,7 @@ def drift(
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
-    """Drift of scores and numeric features, rejection and missing-context rate jumps, per model version, now."""
+    """Drift of scores and features (numbers, or text by category), rejection and missing-context rate jumps, per model version, now."""
     from sqlalchemy import inspect
     from sqlalchemy.exc import SQLAlchemyError
     from sqlmodel import Session

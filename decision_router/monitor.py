@@ -5,7 +5,9 @@ Per model and model version, the score distribution and every numeric feature
 compared with a reference window (default: the first `reference_days` of that version's
 stored predictions, or a pinned `baseline_version`'s) by population stability index,
 against the sample-size aware threshold of `decision_router.drift`; a prediction without a
-feature's number counts in a "missing" bin, so a feature that goes missing is drift. The missing-context rate
+feature's number counts in a "missing" bin, so a feature that goes missing is drift. A
+feature whose values are text (and never numbers) is compared the same way over its most
+common categories plus "other" (`drift.category_drift_check`). The missing-context rate
 (per version) and the rejection rate (per model: rejections carry no version) are tested for
 a jump with Fisher's exact test. Nothing is judged on fewer than `min_samples` values per
 window: such a figure is reported with `flagged=None`, "not enough data".
@@ -182,8 +184,29 @@ def _numeric_features(*samples: Sample) -> list[str]:
     return sorted(names)
 
 
+def _categorical_features(numeric: Collection[str], *samples: Sample) -> list[str]:
+    """Features with text values and no number in either window: a feature that was numeric
+    and turns to text stays numeric, where the text counts as missing (a feature gone wrong)."""
+    names = {name for sample in samples for _, doc in sample for name, v in _features(doc).items() if isinstance(v, str)}
+    return sorted(names - set(numeric))
+
+
 def _values(sample: Sample, name: str) -> list[float]:
     return [float(v) for _, doc in sample if _is_value(v := _features(doc).get(name))]
+
+
+def _categories(sample: Sample, name: str) -> list[str]:
+    return [v for _, doc in sample if isinstance(v := _features(doc).get(name), str)]
+
+
+def _largest_change(reference: Sequence[str], recent: Sequence[str]) -> str:
+    """The category whose share of values moved most, in words (text from the producer, cut short)."""
+    if not reference or not recent:
+        return f"{len(set(recent))} categories recent, {len(set(reference))} reference"
+    ref, rec = Counter(reference), Counter(recent)
+    category = max(ref.keys() | rec.keys(), key=lambda c: (abs(rec[c] / len(recent) - ref[c] / len(reference)), c))
+    shown = category if len(category) <= 40 else category[:39] + "…"
+    return f"{shown!r} {rec[category] / len(recent):.1%} of recent values, {ref[category] / len(reference):.1%} of reference"
 
 
 def _mean(values: Sequence[float]) -> str:
@@ -216,22 +239,22 @@ class _Judge:
         )
 
     def psi(
-        self, metric: str, reference: list[float], recent: list[float], bins: int, missing: tuple[int, int] = (0, 0)
+        self, metric: str, reference: Sequence[Any], recent: Sequence[Any], bins: int,
+        missing: tuple[int, int] = (0, 0), *, categories: bool = False,
     ) -> ModelHealth:
-        """`missing`: predictions of each window without the value (a feature absent or not a number)."""
+        """`missing`: predictions of each window without the value (a feature absent or not a
+        number, or not text for `categories`: values that are strings, not numbers)."""
         min_n = self.config.min_samples
-        result = drift.drift_check(
+        check = drift.category_drift_check if categories else drift.drift_check
+        result = check(
             reference, recent, bins, self.alpha, min_n=min_n, reference_missing=missing[0], recent_missing=missing[1]
         )
         n_ref, n_rec = result.n_reference, result.n_recent
-        if result.drifted is None:
-            if self.no_reference or n_ref < min_n or n_rec < min_n:
-                note = self.not_enough(n_ref, n_rec, "predictions" if any(missing) else "values")
-            else:
-                note = f"every reference value is {reference[0]:g}, so there are no bins to compare"
+        if result.drifted is None:  # a window below min_samples (drift_check judges any other)
+            note = self.not_enough(n_ref, n_rec, "predictions" if any(missing) else "values")
             detail = f"not enough data: {note}"
         else:
-            note = f"mean {_mean(recent)} recent, {_mean(reference)} reference"
+            note = _largest_change(reference, recent) if categories else f"mean {_mean(recent)} recent, {_mean(reference)} reference"
             if any(missing):
                 note += (
                     f"; missing from {_missing_share(missing[1], n_rec)} of recent predictions, "
@@ -344,23 +367,28 @@ def _version_health(
                 session, model, reference_version, after=first, until=reference_to, recent=False, limit=max_samples
             )
     features = _numeric_features(reference, recent)
+    categorical = _categorical_features(features, reference, recent)
     judge = _Judge(
         model, version, config,
         # Bonferroni: `alpha` is the false-alarm rate of the whole version per check, not of each figure.
-        alpha=config.alpha / (2 + len(features)),
+        alpha=config.alpha / (2 + len(features) + len(categorical)),
         window=Window(reference_version, first if reference_to else None, reference_to, recent_from, now),
         no_reference=no_reference,
     )
     results = [judge.psi(SCORE, [score for score, _ in reference], [score for score, _ in recent], bins)]
-    for name in features:
-        ref_values, rec_values = _values(reference, name), _values(recent, name)
+    for name in sorted([*features, *categorical]):
+        text = name in categorical
+        read = _categories if text else _values
+        ref_values, rec_values = read(reference, name), read(recent, name)
         missing = (len(reference) - len(ref_values), len(recent) - len(rec_values))
-        results.append(judge.psi(FEATURE + name, ref_values, rec_values, bins, missing))
+        results.append(judge.psi(FEATURE + name, ref_values, rec_values, bins, missing, categories=text))
     ref_counts = (0, 0)
     if first is not None and reference_to is not None:
         ref_counts = _missing_context(session, model, reference_version, after=first, until=reference_to, recent=False)
     rec_counts = _missing_context(session, model, version, after=recent_from, until=now, recent=True)
-    results.append(judge.rate(MISSING_CONTEXT_RATE, (*ref_counts, *rec_counts), "predictions"))
+    # Counted over predictions with a decision (those whose context was read), not all of them:
+    # "0 recent predictions" beside a score figure of 300 would read as a contradiction.
+    results.append(judge.rate(MISSING_CONTEXT_RATE, (*ref_counts, *rec_counts), "predictions with a decision"))
     return results
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from decision_router.drift import (
     DriftResult,
+    category_drift_check,
     chi2_cdf,
     chi2_quantile,
     chi2_sf,
@@ -105,16 +106,53 @@ def test_psi_merges_bins_on_ties() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n_reference", "n_recent", "constant"),
-    [(49, 500, False), (500, 49, False), (0, 0, False), (500, 500, True)],
-    ids=["small-reference", "small-recent", "empty", "constant-reference"],
+    ("n_reference", "n_recent"), [(49, 500), (500, 49), (0, 0)], ids=["small-reference", "small-recent", "empty"]
 )
-def test_psi_none_when_data_cannot_tell(n_reference: int, n_recent: int, constant: bool) -> None:
+def test_psi_none_when_data_cannot_tell(n_reference: int, n_recent: int) -> None:
     rng = random.Random(3)
-    reference = [1.0] * n_reference if constant else [rng.random() for _ in range(n_reference)]
+    reference = [rng.random() for _ in range(n_reference)]
     recent = [rng.random() for _ in range(n_recent)]
     assert psi(reference, recent) is None
     assert drift_check(reference, recent) == DriftResult(None, None, None, n_reference, n_recent, None)
+
+
+@pytest.mark.parametrize("odd", [[0.0], [2.0], [0.0, 2.0]], ids=["below", "above", "both-sides"])
+def test_a_constant_reference_that_starts_to_vary_is_drift(odd: list[float]) -> None:
+    # A feature that was always 1 (a flag, a default) and now sometimes is not: its quantiles
+    # are all one value, which used to leave one bin and no judgement at all.
+    reference = [1.0] * 900
+    still = drift_check(reference, [1.0] * 300, min_n=200)
+    assert (still.bins, still.drifted) == (3, False)  # below, at and above 1
+    assert still.psi < still.threshold / 10  # the empty bins add next to nothing
+    varying = drift_check(reference, [1.0] * 284 + odd * (16 // len(odd)), min_n=200)  # 5% other values
+    assert (varying.bins, varying.drifted) == (3, True)
+    assert varying.threshold == psi_threshold(900, 300, 3)
+
+
+def test_a_nearly_constant_reference_is_judged_by_its_share_of_the_top_value() -> None:
+    # 95% ones, 5% zeros: every decile is 1, the maximum, so the cuts collapse too.
+    reference = [1.0] * 855 + [0.0] * 45
+    same = drift_check(reference, [1.0] * 285 + [0.0] * 15, min_n=200)
+    assert (same.bins, same.drifted) == (3, False)
+    halved = drift_check(reference, [1.0] * 150 + [0.0] * 150, min_n=200)
+    assert (halved.bins, halved.drifted) == (3, True)
+    # With missing values too, "missing" is one more bin.
+    gaps = drift_check(reference, [1.0] * 256 + [0.0] * 14, min_n=200, reference_missing=100, recent_missing=30)
+    assert gaps.bins == 4 and gaps.drifted is False
+
+
+@pytest.mark.parametrize(("n", "share"), [(300, 0.97), (1000, 0.97), (1000, 0.995)])
+def test_drift_check_false_alarm_rate_for_a_nearly_constant_variable(n: int, share: float) -> None:
+    # The three bins around a dominant value must not fire on noise more often than alpha (1%).
+    rng = random.Random(n + int(share * 1000))
+    alarms = 0
+    for _ in range(300):
+        reference = [1.0 if rng.random() < share else rng.random() for _ in range(n)]
+        recent = [1.0 if rng.random() < share else rng.random() for _ in range(n)]
+        result = drift_check(reference, recent)
+        assert result.bins == 3
+        alarms += bool(result.drifted)
+    assert alarms / 300 <= 0.02
 
 
 def test_psi_rejects_nan_and_too_few_bins() -> None:
@@ -211,6 +249,51 @@ def test_drift_check_false_alarm_rate_with_missing_values_under_no_drift() -> No
         assert result.bins == 11
         alarms += bool(result.drifted)
     assert alarms / 200 <= 0.02
+
+
+# --- categories -------------------------------------------------------------------------------------
+
+SEGMENTS = [f"segment-{i}" for i in range(15)]
+ZIPF = [1 / (i + 1) for i in range(15)]  # 15 categories: 9 get a bin, 6 share "other"
+
+
+@pytest.mark.parametrize("n", [300, 1000], ids=["n=300", "n=1000"])
+def test_category_drift_check_false_alarm_rate_under_no_drift(n: int) -> None:
+    rng = random.Random(n + 1)
+    alarms = 0
+    for _ in range(300):
+        result = category_drift_check(rng.choices(SEGMENTS, ZIPF, k=n), rng.choices(SEGMENTS, ZIPF, k=n))
+        assert result.bins == 10  # 9 categories and "other"
+        alarms += bool(result.drifted)
+    assert alarms / 300 <= 0.02
+
+
+def test_category_drift_check_flags_a_shift_and_a_new_category() -> None:
+    rng = random.Random(31)
+    reference = rng.choices(SEGMENTS, ZIPF, k=1000)
+    assert category_drift_check(reference, rng.choices(SEGMENTS, ZIPF, k=1000)).drifted is False
+    # The top segment's share goes from about 30% to about 45%.
+    heavier = [ZIPF[0] * 2, *ZIPF[1:]]
+    shifted = category_drift_check(reference, rng.choices(SEGMENTS, heavier, k=1000))
+    assert shifted.drifted is True and shifted.psi > shifted.threshold == psi_threshold(1000, 1000, 10)
+    # 10% of recent values are a category the reference never had: common enough over both
+    # windows to get a bin of its own. (At 5% it would join "other", 13% of values here, and
+    # at 1000 per sample that is within noise.)
+    novel = rng.choices(SEGMENTS, ZIPF, k=900) + ["segment-new"] * 100
+    assert category_drift_check(reference, novel).drifted is True
+
+
+def test_category_drift_check_constant_missing_and_too_few() -> None:
+    same = category_drift_check(["gold"] * 900, ["gold"] * 300, min_n=200)
+    assert (same.bins, same.drifted) == (2, False)  # "gold" and "other"
+    assert category_drift_check(["gold"] * 900, ["gold"] * 270 + ["silver"] * 30, min_n=200).drifted is True
+    gone = category_drift_check(["gold"] * 900, ["gold"] * 30, min_n=200, recent_missing=270)
+    assert (gone.bins, gone.drifted, gone.n_recent) == (3, True, 300)
+    assert category_drift_check(["gold"] * 900, ["gold"] * 150, min_n=200) == DriftResult(
+        None, None, None, 900, 150, None
+    )
+    with pytest.raises(ValueError):
+        category_drift_check(["gold"] * 300, ["gold"] * 300, bins=1)
 
 
 # --- rate jump -------------------------------------------------------------------------------------
