@@ -626,7 +626,10 @@ def apply_outcome(
             detail.update(result=event.result.value, value=event.value)
             if record.outcome is None:
                 record.outcome, record.outcome_at, record.outcome_value = event.result.value, at, event.value
-                record.status = "closed"
+                # A decision its cooldown suppressed (reached by its prediction or alert id) stays suppressed:
+                # nobody's to-do, and not counted by the stats; only an open one closes.
+                if record.status == "open":
+                    record.status = "closed"
                 # Closed: no deadline is pending any more (the API showed them still due).
                 record.ack_due_at = record.act_due_at = None
         elif event.type is OutcomeType.REASSIGNED:
