@@ -18,11 +18,14 @@ from sqlalchemy import (
     DateTime,
     Integer,
     Table,
+    and_,
     bindparam,
     case,
     func,
     insert,
+    literal,
     null,
+    or_,
     select,
     text,
     tuple_,
@@ -609,23 +612,32 @@ def apply_outcome(
     for record in alerts:
         detail: dict[str, object] = {k: v for k, v in (("action", event.action), ("note", event.note)) if v is not None}
         changed = True
+        # The first event wins in the row as it is written, not only as it was read: another process (a second
+        # worker, the API) may have committed one since (_first_wins).
         if event.type is OutcomeType.ACKNOWLEDGED:
-            record.acknowledged_at = record.acknowledged_at or seen_at(record, at)
+            if record.acknowledged_at is None:
+                seen = seen_at(record, at)
+                record.acknowledged_at = _first_wins(AlertRecord.acknowledged_at.is_(None), AlertRecord.acknowledged_at, seen)
             record.ack_due_at = None
         elif event.type is OutcomeType.INTERVENED:
             if record.intervened_at is None:
                 acted = seen_at(record, at)
-                record.intervened_at, record.intervention = acted, event.action
+                first = AlertRecord.intervened_at.is_(None)
+                record.intervened_at = _first_wins(first, AlertRecord.intervened_at, acted)
+                record.intervention = _first_wins(first, AlertRecord.intervention, event.action)
                 # Acting on an alert implies having seen it, by then at the latest: an acknowledgement
                 # recorded before with a later `at` moves back (time to ack never exceeds time to act).
-                if record.acknowledged_at is None or acted < as_utc(record.acknowledged_at):
-                    record.acknowledged_at = acted
+                later_or_none = or_(AlertRecord.acknowledged_at.is_(None), AlertRecord.acknowledged_at > acted)
+                record.acknowledged_at = _first_wins(and_(first, later_or_none), AlertRecord.acknowledged_at, acted)
             record.ack_due_at = record.act_due_at = None
         elif event.type is OutcomeType.OUTCOME:
             assert event.result is not None
             detail.update(result=event.result.value, value=event.value)
             if record.outcome is None:
-                record.outcome, record.outcome_at, record.outcome_value = event.result.value, at, event.value
+                first = AlertRecord.outcome.is_(None)
+                record.outcome = _first_wins(first, AlertRecord.outcome, event.result.value)
+                record.outcome_at = _first_wins(first, AlertRecord.outcome_at, at)
+                record.outcome_value = _first_wins(first, AlertRecord.outcome_value, event.value)
                 # A decision its cooldown suppressed (reached by its prediction or alert id) stays suppressed:
                 # nobody's to-do, and not counted by the stats; only an open one closes.
                 if record.status == "open":
@@ -653,6 +665,13 @@ def apply_outcome(
             )
         )
     return unchanged
+
+
+def _first_wins(first: Any, column: Any, value: object) -> Any:
+    """`value` if `first` holds in the row as the UPDATE finds it, else what the column holds: in SQL, so an event
+    applied by another process after this one read the row (and committed before this writes) is not overwritten.
+    All the SET clauses of one UPDATE read the row as it was before it, so one event's columns stay together."""
+    return case((first, literal(value, column.type)), else_=column)
 
 
 def _reassign(
