@@ -554,16 +554,28 @@ def find_alerts(
     elif event.prediction_id is not None:
         query = query.where(AlertRecord.prediction_id == event.prediction_id)
     else:
-        at = event.at or now
-        since = earlier(at, outcome_window)  # a long DECISION_ROUTER_OUTCOME_WINDOW starts at the year 1
-        query = query.where(
-            AlertRecord.entity_type == event.entity_type,
-            AlertRecord.entity_id == event.entity_id,
-            AlertRecord.status == "open",
-            AlertRecord.predicted_at >= since,
-            AlertRecord.predicted_at <= at,
-        )
+        query = query.where(*_entity_window(event, now=now, outcome_window=outcome_window), AlertRecord.status == "open")
     return list(session.scalars(query.order_by(AlertRecord.created_at)))
+
+
+def closed_in_window(session: Session, event: OutcomeEvent, *, now: datetime, outcome_window: timedelta) -> int:
+    """How many of the decisions an event by entity would address are closed already (have an outcome): why
+    it found none open, when it is sent again. Read only for a refused event."""
+    query = select(func.count()).select_from(AlertRecord).where(
+        *_entity_window(event, now=now, outcome_window=outcome_window), AlertRecord.status == "closed"
+    )
+    return session.scalar(query) or 0
+
+
+def _entity_window(event: OutcomeEvent, *, now: datetime, outcome_window: timedelta) -> list[Any]:
+    at = event.at or now
+    since = earlier(at, outcome_window)  # a long DECISION_ROUTER_OUTCOME_WINDOW starts at the year 1
+    return [
+        AlertRecord.entity_type == event.entity_type,
+        AlertRecord.entity_id == event.entity_id,
+        AlertRecord.predicted_at >= since,
+        AlertRecord.predicted_at <= at,
+    ]
 
 
 def already_applied(session: Session, source_id: str | None) -> bool:
