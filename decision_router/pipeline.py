@@ -29,7 +29,14 @@ from decision_router.delivery import INBOX, inbox_writes
 from decision_router.durations import format_duration
 from decision_router.keys import Keys
 from decision_router.notify import ChannelDelivery, queue_deliveries
-from decision_router.quality import RawEntry, check_outcome, check_prediction, decode_entry, original_payload
+from decision_router.quality import (
+    RawEntry,
+    bounded_detail,
+    check_outcome,
+    check_prediction,
+    decode_entry,
+    original_payload,
+)
 from decision_router.router import Decision, route, route_without_lookups
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
@@ -563,7 +570,7 @@ class Pipeline:
                     rejections.append(
                         Rejection(
                             reason=reason,
-                            detail=detail,
+                            detail=bounded_detail(detail),
                             source_stream=self.keys.outcomes,
                             source_id=entry_id,
                             payload=original_payload(fields),

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
+from decision_router.quality import MAX_DETAIL_CHARS
 from decision_router.service import running_service
 from decision_router.stats import GroupBy, compute_stats
 from decision_router.tables import AlertRecord, AuditEvent, RejectionRecord, as_utc
@@ -274,3 +275,22 @@ async def test_an_entity_outcome_sent_again_says_its_decisions_already_have_one(
     )
     assert unknown["detail"].endswith("(30d) before the event")
     assert alert_row(engine, a1).outcome == "success"
+
+
+async def test_the_details_of_outcomes_refused_after_the_gate_are_bounded_like_the_gates(service, r, engine) -> None:
+    """unknown_alert and unknown_owner details quote what was sent: a 3,000-character entity id or owner gave a
+    3,000-character detail on outcomes:dlq and in the rejections table, past the documented 500."""
+    keys = service.keys
+    a1, _, _ = await route_three(service, r, engine)
+    long = "x" * 3000
+    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": long, "type": "outcome", "result": "success",
+                           "actor": "crm"})
+    r.xadd(keys.outcomes, {"alert_id": a1, "type": "reassigned", "actor": "ops", "owner": long})
+    await wait_until(lambda: r.xlen(keys.outcomes_dlq) == 2, what="both refused")
+    refused = [(fields["reason"], fields["detail"]) for _, fields in r.xrange(keys.outcomes_dlq)]
+    assert [reason for reason, _ in refused] == ["unknown_alert", "unknown_owner"]
+    with Session(engine) as session:
+        stored = list(session.scalars(select(RejectionRecord.detail).order_by(RejectionRecord.id)))
+    assert stored == [detail for _, detail in refused]
+    for detail in stored:
+        assert len(detail) <= MAX_DETAIL_CHARS + len("...") and detail.endswith("..."), len(detail)
