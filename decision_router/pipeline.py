@@ -29,7 +29,14 @@ from decision_router.delivery import INBOX, inbox_writes
 from decision_router.durations import format_duration
 from decision_router.keys import Keys
 from decision_router.notify import ChannelDelivery, queue_deliveries
-from decision_router.quality import RawEntry, check_outcome, check_prediction, decode_entry, original_payload
+from decision_router.quality import (
+    RawEntry,
+    bounded_detail,
+    check_outcome,
+    check_prediction,
+    decode_entry,
+    original_payload,
+)
 from decision_router.router import Decision, route, route_without_lookups
 from decision_router.rules import RuleSet
 from decision_router.settings import Settings
@@ -581,11 +588,13 @@ class Pipeline:
                 alerts, reason, detail = self._applicable(
                     item, tracker.find_alerts(session, item, now=now, outcome_window=self.settings.outcome_window)
                 )
+                if reason is RejectionReason.UNKNOWN_ALERT and item.alert_id is None and item.prediction_id is None:
+                    detail += self._already_closed(session, item, now)
                 if reason is not None:
                     rejections.append(
                         Rejection(
                             reason=reason,
-                            detail=detail,
+                            detail=bounded_detail(detail),
                             source_stream=self.keys.outcomes,
                             source_id=entry_id,
                             payload=original_payload(fields),
@@ -644,6 +653,15 @@ class Pipeline:
         if event.type is OutcomeType.REASSIGNED and event.owner not in self.ruleset.owners:
             return RejectionReason.UNKNOWN_OWNER, f"owner {event.owner!r} is not in the owner directory"
         return None, ""
+
+    def _already_closed(self, session: Session, event: OutcomeEvent, now: datetime) -> str:
+        """For an event by entity that found no open decision: whether those in the window are all closed (the
+        entity's outcome sent again, or a correction), not unknown to the router."""
+        closed = tracker.closed_in_window(session, event, now=now, outcome_window=self.settings.outcome_window)
+        if not closed:
+            return ""
+        decisions = "decision there already has" if closed == 1 else "decisions there already have"
+        return f": its {closed} {decisions} an outcome (the first one wins)"
 
     def _dated_before(self, event: OutcomeEvent, alert: AlertRecord) -> str | None:
         """Why `event` cannot be about `alert`, or None. Nobody acts on an alert before it exists, nor has an

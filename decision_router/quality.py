@@ -325,6 +325,12 @@ def _clean(text: str, limit: int) -> str:
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def bounded_detail(text: str) -> str:
+    """A rejection's detail written after the gate (an outcome's alert or owner not found), bounded and storable
+    as the gate's are: it quotes what was sent, an entity id or owner of any length."""
+    return _clean(text, MAX_DETAIL_CHARS)
+
+
 def _schema_detail(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:

@@ -18,11 +18,14 @@ from sqlalchemy import (
     DateTime,
     Integer,
     Table,
+    and_,
     bindparam,
     case,
     func,
     insert,
+    literal,
     null,
+    or_,
     select,
     text,
     tuple_,
@@ -551,16 +554,28 @@ def find_alerts(
     elif event.prediction_id is not None:
         query = query.where(AlertRecord.prediction_id == event.prediction_id)
     else:
-        at = event.at or now
-        since = earlier(at, outcome_window)  # a long DECISION_ROUTER_OUTCOME_WINDOW starts at the year 1
-        query = query.where(
-            AlertRecord.entity_type == event.entity_type,
-            AlertRecord.entity_id == event.entity_id,
-            AlertRecord.status == "open",
-            AlertRecord.predicted_at >= since,
-            AlertRecord.predicted_at <= at,
-        )
+        query = query.where(*_entity_window(event, now=now, outcome_window=outcome_window), AlertRecord.status == "open")
     return list(session.scalars(query.order_by(AlertRecord.created_at)))
+
+
+def closed_in_window(session: Session, event: OutcomeEvent, *, now: datetime, outcome_window: timedelta) -> int:
+    """How many of the decisions an event by entity would address are closed already (have an outcome): why
+    it found none open, when it is sent again. Read only for a refused event."""
+    query = select(func.count()).select_from(AlertRecord).where(
+        *_entity_window(event, now=now, outcome_window=outcome_window), AlertRecord.status == "closed"
+    )
+    return session.scalar(query) or 0
+
+
+def _entity_window(event: OutcomeEvent, *, now: datetime, outcome_window: timedelta) -> list[Any]:
+    at = event.at or now
+    since = earlier(at, outcome_window)  # a long DECISION_ROUTER_OUTCOME_WINDOW starts at the year 1
+    return [
+        AlertRecord.entity_type == event.entity_type,
+        AlertRecord.entity_id == event.entity_id,
+        AlertRecord.predicted_at >= since,
+        AlertRecord.predicted_at <= at,
+    ]
 
 
 def already_applied(session: Session, source_id: str | None) -> bool:
@@ -609,24 +624,36 @@ def apply_outcome(
     for record in alerts:
         detail: dict[str, object] = {k: v for k, v in (("action", event.action), ("note", event.note)) if v is not None}
         changed = True
+        # The first event wins in the row as it is written, not only as it was read: another process (a second
+        # worker, the API) may have committed one since (_first_wins).
         if event.type is OutcomeType.ACKNOWLEDGED:
-            record.acknowledged_at = record.acknowledged_at or seen_at(record, at)
+            if record.acknowledged_at is None:
+                seen = seen_at(record, at)
+                record.acknowledged_at = _first_wins(AlertRecord.acknowledged_at.is_(None), AlertRecord.acknowledged_at, seen)
             record.ack_due_at = None
         elif event.type is OutcomeType.INTERVENED:
             if record.intervened_at is None:
                 acted = seen_at(record, at)
-                record.intervened_at, record.intervention = acted, event.action
+                first = AlertRecord.intervened_at.is_(None)
+                record.intervened_at = _first_wins(first, AlertRecord.intervened_at, acted)
+                record.intervention = _first_wins(first, AlertRecord.intervention, event.action)
                 # Acting on an alert implies having seen it, by then at the latest: an acknowledgement
                 # recorded before with a later `at` moves back (time to ack never exceeds time to act).
-                if record.acknowledged_at is None or acted < as_utc(record.acknowledged_at):
-                    record.acknowledged_at = acted
+                later_or_none = or_(AlertRecord.acknowledged_at.is_(None), AlertRecord.acknowledged_at > acted)
+                record.acknowledged_at = _first_wins(and_(first, later_or_none), AlertRecord.acknowledged_at, acted)
             record.ack_due_at = record.act_due_at = None
         elif event.type is OutcomeType.OUTCOME:
             assert event.result is not None
             detail.update(result=event.result.value, value=event.value)
             if record.outcome is None:
-                record.outcome, record.outcome_at, record.outcome_value = event.result.value, at, event.value
-                record.status = "closed"
+                first = AlertRecord.outcome.is_(None)
+                record.outcome = _first_wins(first, AlertRecord.outcome, event.result.value)
+                record.outcome_at = _first_wins(first, AlertRecord.outcome_at, at)
+                record.outcome_value = _first_wins(first, AlertRecord.outcome_value, event.value)
+                # A decision its cooldown suppressed (reached by its prediction or alert id) stays suppressed:
+                # nobody's to-do, and not counted by the stats; only an open one closes.
+                if record.status == "open":
+                    record.status = "closed"
                 # Closed: no deadline is pending any more (the API showed them still due).
                 record.ack_due_at = record.act_due_at = None
         elif event.type is OutcomeType.REASSIGNED:
@@ -650,6 +677,13 @@ def apply_outcome(
             )
         )
     return unchanged
+
+
+def _first_wins(first: Any, column: Any, value: object) -> Any:
+    """`value` if `first` holds in the row as the UPDATE finds it, else what the column holds: in SQL, so an event
+    applied by another process after this one read the row (and committed before this writes) is not overwritten.
+    All the SET clauses of one UPDATE read the row as it was before it, so one event's columns stay together."""
+    return case((first, literal(value, column.type)), else_=column)
 
 
 def _reassign(

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
+from decision_router.quality import MAX_DETAIL_CHARS
 from decision_router.service import running_service
 from decision_router.stats import GroupBy, compute_stats
 from decision_router.tables import AlertRecord, AuditEvent, RejectionRecord, as_utc
@@ -253,3 +254,43 @@ async def test_an_entity_ack_applies_to_the_alerts_there_at_its_time_not_to_late
     assert refused["detail"].startswith(f"at {at.isoformat()} is before alert {alone_alert} was created (")
     assert alert_row(engine, alone_alert).acknowledged_at is None
     assert count(engine, RejectionRecord) == 1
+
+
+async def test_an_entity_outcome_sent_again_says_its_decisions_already_have_one(service, r, engine) -> None:
+    """A CRM resending "acct-o1 renewed" (or correcting it) is refused as unknown_alert, as documented; the detail said
+    only that no open alert was predicted in the window, which reads as an entity the router never saw."""
+    keys = service.keys
+    a1, _, _ = await route_three(service, r, engine)
+    event = {"entity_type": "account", "entity_id": "acct-o1", "type": "outcome", "actor": "crm"}
+    r.xadd(keys.outcomes, {**event, "result": "success"})
+    await wait_until(lambda: alert_row(engine, a1).outcome == "success", what="the first outcome")
+    r.xadd(keys.outcomes, {**event, "result": "failure"})
+    r.xadd(keys.outcomes, {**event, "entity_id": "acct-never-seen", "result": "failure"})
+    await wait_until(lambda: r.xlen(keys.outcomes_dlq) == 2, what="both refused")
+    (_, again), (_, unknown) = r.xrange(keys.outcomes_dlq)
+    assert again["reason"] == unknown["reason"] == "unknown_alert"
+    assert again["detail"] == (
+        "no open alert for account:acct-o1 predicted within the outcome window (30d) before the event: "
+        "its 1 decision there already has an outcome (the first one wins)"
+    )
+    assert unknown["detail"].endswith("(30d) before the event")
+    assert alert_row(engine, a1).outcome == "success"
+
+
+async def test_the_details_of_outcomes_refused_after_the_gate_are_bounded_like_the_gates(service, r, engine) -> None:
+    """unknown_alert and unknown_owner details quote what was sent: a 3,000-character entity id or owner gave a
+    3,000-character detail on outcomes:dlq and in the rejections table, past the documented 500."""
+    keys = service.keys
+    a1, _, _ = await route_three(service, r, engine)
+    long = "x" * 3000
+    r.xadd(keys.outcomes, {"entity_type": "account", "entity_id": long, "type": "outcome", "result": "success",
+                           "actor": "crm"})
+    r.xadd(keys.outcomes, {"alert_id": a1, "type": "reassigned", "actor": "ops", "owner": long})
+    await wait_until(lambda: r.xlen(keys.outcomes_dlq) == 2, what="both refused")
+    refused = [(fields["reason"], fields["detail"]) for _, fields in r.xrange(keys.outcomes_dlq)]
+    assert [reason for reason, _ in refused] == ["unknown_alert", "unknown_owner"]
+    with Session(engine) as session:
+        stored = list(session.scalars(select(RejectionRecord.detail).order_by(RejectionRecord.id)))
+    assert stored == [detail for _, detail in refused]
+    for detail in stored:
+        assert len(detail) <= MAX_DETAIL_CHARS + len("...") and detail.endswith("..."), len(detail)

@@ -168,3 +168,28 @@ def test_an_open_alert_reassigned_still_goes_back_into_the_outbox(session) -> No
     assert (record.owner, record.delivered_at, record.escalated_to, record.sla_revision) == ("bob", None, None, 2)
     assert [r.alert_id for r in session.scalars(select(AlertRecord).where(OUTBOX_PENDING))] == [record.alert_id]
     assert as_utc(record.ack_due_at) == T0 + timedelta(hours=7)  # 3h + its 4h ack_within, fresh for bob
+
+
+# decisions a cooldown suppressed ---------------------------------------------------------------------------------
+
+
+def test_an_outcome_by_prediction_leaves_a_suppressed_decision_suppressed(session) -> None:
+    """An outcome addressed by prediction (or alert) id reaches a decision its cooldown suppressed too. It turned it
+    `closed`: the API showed it as `closed` and listed it under `state=closed`, where docs/api.md says a suppressed
+    decision shows `suppressed` whatever was recorded on it (it is nobody's to-do, and the stats ignore it)."""
+    from decision_router.api.routes_alerts import State, _state_clause, state_of
+
+    record = alert(0, rule="r", owner="alice")
+    record.suppressed_by, record.status = "al-r-holder", "suppressed"
+    session.add(record)
+    session.commit()
+    event = OutcomeEvent(prediction_id=record.prediction_id, type=OutcomeType.OUTCOME, result="success", actor="crm",
+                         at=T0 + timedelta(minutes=5))
+    apply_outcome(session, event=event, alerts=[record], source_id="crm-1", now=T0 + timedelta(hours=1))
+    session.commit()
+    session.refresh(record)
+    assert (record.outcome, as_utc(record.outcome_at)) == ("success", T0 + timedelta(minutes=5))  # kept for the story
+    assert (record.status, state_of(record)) == ("suppressed", "suppressed")
+    assert session.scalars(select(AlertRecord.alert_id).where(_state_clause(State.CLOSED))).all() == []
+    (row,) = compute_stats(session, by=GroupBy.RULE)
+    assert (row.suppressed, row.routed, row.successes) == (1, 0, 0)
