@@ -114,6 +114,27 @@ rules:
         R + f"rule a: when.context.arr.between: expected [low, high] with two numbers, got [0, {SHOWN_BIG}]",
         R + f"rule a: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got {SHOWN_BIG}",
     ]),
+    # YAML 1.1 (PyYAML) reads 1e-3 and 1.0e3 as text: the author wrote a number, so say why it is not one.
+    ("exponent-without-dot-or-sign-is-text", """
+rules:
+  - {name: a, when: {score: {gte: 1e-3}, context.arr: {between: [1.0e3, 2E6]}}, owner: desk, holdout: 5e-2}
+""" + CATCH_ALL + """context_sources:
+  crm: {redis_hash: "context:{entity_id}", timeout_s: 5e0}
+""", [
+        R + "context_sources.crm.timeout_s: expected a number of seconds above 0 and at most 60, like 2, got '5e0' "
+        "(YAML reads 5e0 as text: an exponent needs a dot and a sign, like 5.0e+0)",
+        R + "rule a: when.score.gte: expected a number, got '1e-3' "
+        "(YAML reads 1e-3 as text: an exponent needs a dot and a sign, like 1.0e-3)",
+        R + "rule a: when.context.arr.between: expected [low, high] with two numbers, got ['1.0e3', '2E6'] "
+        "(YAML reads 1.0e3 as text: an exponent needs a dot and a sign, like 1.0e+3)",
+        R + "rule a: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got '5e-2' "
+        "(YAML reads 5e-2 as text: an exponent needs a dot and a sign, like 5.0e-2)",
+    ]),
+    # Written as the hint says, the same values load.
+    ("exponent-with-dot-and-sign-is-a-number", """
+rules:
+  - {name: a, when: {score: {gte: 1.0e-3}, context.arr: {between: [1.0e+3, 2.0e+6]}}, owner: desk, holdout: 5.0e-2}
+""" + CATCH_ALL, []),
     # A number of hundreds of digits is quoted by its start and length wherever a problem repeats it.
     ("long-numbers-are-not-echoed-whole", f"""
 rules:
@@ -719,6 +740,11 @@ models:
         R + "model churn: drift.alpha: expected a false-alarm rate of at least 1e-12, like 0.01, got 5e-324",
         R + "model churn: drift.min_samples: expected at most 50000 (the monitor reads at most 50000 values per "
         "window, so a PSI would never have enough), got 50001",
+    ]),
+    # alpha is usually written 1e-3, which YAML 1.1 reads as text.
+    ("drift-alpha-exponent-as-text", "models: {churn: {owner: desk, drift: {alpha: 1e-3}}}\n", [
+        R + "model churn: drift.alpha: expected a false-alarm rate with 0 < alpha < 1, like 0.01, got '1e-3' "
+        "(YAML reads 1e-3 as text: an exponent needs a dot and a sign, like 1.0e-3)",
     ]),
 ]
 
