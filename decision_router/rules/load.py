@@ -207,7 +207,11 @@ def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, An
             return b"", None
         raw = path.read_bytes()
     except FileNotFoundError:
-        out.add(-1, "-", "-", f"not found in {path.parent}/ (a rules directory holds {ROUTING_FILE} and {OWNERS_FILE})")
+        # routing.yml is the likeliest way to miss the name: say it is there rather than only "not found".
+        short = path.with_suffix(".yml")
+        hint = f"; {short.name} is there: rename it to {path.name}" if short.is_file() else ""
+        out.add(-1, "-", "-",
+                f"not found in {path.parent}/ (a rules directory holds {ROUTING_FILE} and {OWNERS_FILE}){hint}")
         return b"", None
     except OSError as exc:
         out.add(-1, "-", "-", f"cannot read: {exc.strerror}")

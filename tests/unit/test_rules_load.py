@@ -391,6 +391,18 @@ def test_missing_files_are_problems_not_tracebacks(tmp_path: Path) -> None:
     ]
 
 
+def test_files_named_yml_are_pointed_at(tmp_path: Path) -> None:
+    rules_dir = write(tmp_path, None, None)
+    (rules_dir / "routing.yml").write_text(GOOD_ROUTING)
+    (rules_dir / "owners.yml").write_text(OWNERS)
+    assert [str(p) for p in check_rules(rules_dir)] == [
+        R + f"not found in {rules_dir}/ (a rules directory holds routing.yaml and owners.yaml); "
+        "routing.yml is there: rename it to routing.yaml",
+        O + f"not found in {rules_dir}/ (a rules directory holds routing.yaml and owners.yaml); "
+        "owners.yml is there: rename it to owners.yaml",
+    ]
+
+
 def test_a_rules_file_given_for_the_directory_is_one_problem_naming_the_directory(tmp_path: Path) -> None:
     routing_file = write(tmp_path, GOOD_ROUTING) / "routing.yaml"
     assert [str(p) for p in check_rules(routing_file)] == [
