@@ -626,6 +626,18 @@ def _http_url(value: object) -> str:
     return value
 
 
+# Typed like every number in the rules files: `true` or "5" is a mistake, which pydantic's lax
+# coercion took as 1 or 5 (`max_attempts: true` delivered with one attempt and no retry).
+def _webhook_timeout(value: object) -> float:
+    if not _is_number(value) or not 0 < value <= 120:  # type: ignore[operator]
+        raise ValueError(f"expected a number of seconds above 0 and at most 120, like 5, got {_got(value)}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _attempts(value: object) -> int:
+    return _whole(value, 1, "attempts", 20, "attempts per delivery")
+
+
 class WebhookSpec(_Strict):
     """Where an owner's webhook channel posts. The secret never sits in this file: it is
     read from `secret_file` (relative to the rules directory) or the `secret_env` variable."""
@@ -635,8 +647,8 @@ class WebhookSpec(_Strict):
     format: Literal["json", "slack"] = "json"
     secret_file: Annotated[str | None, BeforeValidator(_text)] = None
     secret_env: Annotated[str | None, BeforeValidator(_text)] = None
-    timeout_s: float = Field(default=5.0, gt=0, le=120)
-    max_attempts: int = Field(default=5, ge=1, le=20)
+    timeout_s: Annotated[float, BeforeValidator(_webhook_timeout)] = 5.0
+    max_attempts: Annotated[int, BeforeValidator(_attempts)] = 5
 
 
 class OwnerSpec(_Strict):

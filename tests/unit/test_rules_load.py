@@ -437,6 +437,16 @@ def test_valid_set_loads_and_version_hashes_both_files(tmp_path: Path) -> None:
     assert load_rules(rules_dir).version != first.version
 
 
+def test_webhook_timeout_and_attempts_are_compiled(tmp_path: Path) -> None:
+    owners = ("owners:\n  - {id: desk, name: Desk, channels: [webhook],"
+              " webhook: {url: 'https://example.com/h', timeout_s: 3, max_attempts: 2}}\n"
+              "  - {id: bo, name: Bo, channels: [webhook], webhook: {url: 'https://example.com/b', timeout_s: 2.5}}\n")
+    owners_of = load_rules(write(tmp_path, GOOD_ROUTING, owners)).owners
+    desk, bo = owners_of["desk"].webhook, owners_of["bo"].webhook
+    assert (desk.timeout_s, desk.max_attempts) == (3.0, 2)
+    assert (bo.timeout_s, bo.max_attempts) == (2.5, 5)  # the default
+
+
 def test_owner_directory_is_compiled_with_defaults(tmp_path: Path) -> None:
     owners = (
         "owners:\n  - {id: desk, name: Desk, email: desk@example.com, team: ops, channels: [webhook, email, webhook],"
@@ -467,6 +477,17 @@ WEBHOOK_PROBLEMS = [
     ("webhook-key-typo", "channels: [webhook], webhook: {url: 'https://example.com/h', timeout: 2}",
      "owner desk: webhook.timeout: unknown key 'timeout' (did you mean 'timeout_s'?); expected one of url, format, "
      "secret_file, secret_env, timeout_s, max_attempts"),
+    # Typed like every number in the rules files: pydantic's lax coercion took `true` as one attempt (no retry).
+    ("webhook-attempts-true", "channels: [webhook], webhook: {url: 'https://example.com/h', max_attempts: true}",
+     "owner desk: webhook.max_attempts: expected a whole number >= 1 (attempts), got True"),
+    ("webhook-attempts-text", "channels: [webhook], webhook: {url: 'https://example.com/h', max_attempts: '3'}",
+     "owner desk: webhook.max_attempts: expected a whole number >= 1 (attempts), got '3'"),
+    ("webhook-attempts-too-many", "channels: [webhook], webhook: {url: 'https://example.com/h', max_attempts: 21}",
+     "owner desk: webhook.max_attempts: expected at most 20 (attempts per delivery), got 21"),
+    ("webhook-timeout-true", "channels: [webhook], webhook: {url: 'https://example.com/h', timeout_s: true}",
+     "owner desk: webhook.timeout_s: expected a number of seconds above 0 and at most 120, like 5, got True"),
+    ("webhook-timeout-text", "channels: [webhook], webhook: {url: 'https://example.com/h', timeout_s: '5'}",
+     "owner desk: webhook.timeout_s: expected a number of seconds above 0 and at most 120, like 5, got '5'"),
     ("bad-digest", "digest: 15 minutes",
      "owner desk: digest: expected a duration like '30s', '15m', '4h', '2d' or '1w', got '15 minutes'"),
     ("zero-digest", "digest: 0s",
