@@ -130,6 +130,17 @@ rules:
         R + "rule a: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got '5e-2' "
         "(YAML reads 5e-2 as text: an exponent needs a dot and a sign, like 5.0e-2)",
     ]),
+    # Prediction ids, models, versions and entities are text: a value YAML reads as a number that prints
+    # otherwise (2026.10 is 2026.1) never matched, silently. Numbers that print as written still load.
+    ("unquoted-version-that-is-not-its-number", """
+rules:
+  - {name: a, when: {model_version: 2026.10, model: {in: [churn, 1.50]}, entity_id: {eq: 1.0}, score: {eq: 0.50}}, owner: desk}
+""" + CATCH_ALL, [
+        R + "rule a: when.model_version: YAML reads 2026.10 as the number 2026.1, which never equals the text "
+        "'2026.10' that model_version holds: quote it, '2026.10'",
+        R + "rule a: when.model.in: YAML reads 1.50 as the number 1.5, which never equals the text '1.50' that "
+        "model holds: quote it, '1.50'",
+    ]),
     # Written as the hint says, the same values load.
     ("exponent-with-dot-and-sign-is-a-number", """
 rules:
