@@ -102,6 +102,12 @@ MAX_YAML_DEPTH = 64
 MAX_YAML_NODES = 200_000  # after expanding aliases; a large routing.yaml has a few thousand
 
 
+class _WrittenFloat(float):
+    """A float of a rules file with the text it was written as (`2026.10`, read as 2026.1)."""
+
+    written: str
+
+
 class _TooMuch(yaml.MarkedYAMLError):
     """Raised while composing; reported like any YAML error, with its line and column."""
 
@@ -199,6 +205,15 @@ def _check_expansion(root: yaml.Node) -> None:
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
 
 
+def _construct_float(loader: _Loader, node: yaml.ScalarNode) -> float:
+    value = _WrittenFloat(yaml.SafeLoader.construct_yaml_float(loader, node))
+    value.written = str(node.value)
+    return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
 def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, Any] | None]:
     """File bytes (for the version hash) and its top-level mapping, or None with problems."""
     try:
@@ -207,7 +222,11 @@ def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, An
             return b"", None
         raw = path.read_bytes()
     except FileNotFoundError:
-        out.add(-1, "-", "-", f"not found in {path.parent}/ (a rules directory holds {ROUTING_FILE} and {OWNERS_FILE})")
+        # routing.yml is the likeliest way to miss the name: say it is there rather than only "not found".
+        short = path.with_suffix(".yml")
+        hint = f"; {short.name} is there: rename it to {path.name}" if short.is_file() else ""
+        out.add(-1, "-", "-",
+                f"not found in {path.parent}/ (a rules directory holds {ROUTING_FILE} and {OWNERS_FILE}){hint}")
         return b"", None
     except OSError as exc:
         out.add(-1, "-", "-", f"cannot read: {exc.strerror}")
@@ -439,11 +458,36 @@ def _check_routing(data: dict[str, Any], labels: list[str], directory: set[str] 
         elif item.get("when") == {} and item.get("continue") is not True:
             catch_all = i
         _check_owner_ref(item.get("owner"), i, labels[i], directory, out)
+        _check_text_fields(item, i, labels[i], out)
         _check_deadlines(item, i, labels[i], defaults, out)
         _check_alert_only(item, i, labels[i], out)
     if not any(isinstance(item, dict) and item.get("when") == {} for item in raw):
         out.add(_END, "-", "rules", "no catch-all rule: some predictions could match no rule and go unowned; "
                 "add a last rule with when: {} (for example owner: analytics-desk, action: record)")
+
+
+# Prediction fields that are always text (the contract): a rule value YAML read as a number matches
+# the text str(number) only, so `model_version: 2026.10` (the number 2026.1) never matched '2026.10'.
+_TEXT_FIELDS = ("prediction_id", "model", "model_version", "entity_type", "entity_id")
+_EQUALITIES = ("eq", "ne", "in", "not_in")
+
+
+def _check_text_fields(item: dict[str, Any], i: int, label: str, out: _Problems) -> None:
+    when = item.get("when")
+    if not isinstance(when, dict):
+        return
+    for path, condition in when.items():
+        if path not in _TEXT_FIELDS:
+            continue
+        operators = condition if isinstance(condition, dict) else {"eq": condition}
+        for op in _EQUALITIES:
+            given = operators.get(op)
+            for value in given if isinstance(given, list) else [given]:
+                if isinstance(value, _WrittenFloat) and str(float(value)) != value.written.strip():
+                    field_ = f"when.{path}" if operators is not condition else f"when.{path}.{op}"
+                    out.add(i, label, field_, f"YAML reads {value.written} as the number {float(value)!r}, which "
+                            f"never equals the text {value.written!r} that {path} holds: quote it, '{value.written}'")
+                    break
 
 
 def _check_owner_ref(owner: Any, i: int, label: str, directory: set[str] | None, out: _Problems) -> None:

@@ -64,6 +64,24 @@ def _is_number(value: object) -> bool:
         return False
 
 
+# PyYAML reads YAML 1.1, where a float needs a dot and a signed exponent: 1e-3, 5e5 and 1.0e3 are
+# text there, so a threshold written so was refused as "expected a number" with no hint why.
+_TEXT_EXPONENT = re.compile(r"([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))[eE]([-+]?)([0-9]+)")
+
+
+def _got(value: object) -> str:
+    """A value where a number was expected, as a problem quotes it: with the way to write it
+    as a number when it is (or a list holds) a number in exponent form that YAML read as text."""
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, str) and (match := _TEXT_EXPONENT.fullmatch(item.strip())):
+            mantissa, sign, digits = match.groups()
+            written = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{sign or '+'}{digits}"
+            return (f"{value!r} (YAML reads {item.strip()} as text: an exponent needs a dot and a sign, "
+                    f"like {written})")
+    return repr(value)
+
+
 def _name(value: object) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValueError(f"expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got {value!r}")
@@ -110,13 +128,13 @@ def _number(value: object) -> float:
     # Rules are typed by their author, so a quoted number is a mistake here, unlike in
     # the documents, where flat Redis producers legitimately send "0.8".
     if not _is_number(value):
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected a number, got {_got(value)}")
     return value  # type: ignore[return-value]
 
 
 def _between(value: object) -> tuple[float, float]:
     if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)):
-        raise ValueError(f"expected [low, high] with two numbers, got {value!r}")
+        raise ValueError(f"expected [low, high] with two numbers, got {_got(value)}")
     if value[0] > value[1]:
         raise ValueError(f"expected [low, high] with low <= high, got {value!r}")
     return (value[0], value[1])
@@ -204,7 +222,7 @@ def _duration(value: object) -> timedelta:
 
 def _fraction(value: object) -> float:
     if not _is_number(value) or not 0 <= value < 1:  # type: ignore[operator]
-        raise ValueError(f"expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got {value!r}")
+        raise ValueError(f"expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got {_got(value)}")
     return float(value)  # type: ignore[arg-type]
 
 
@@ -361,7 +379,7 @@ SMALLEST_ALPHA = 1e-12
 
 def _alpha(value: object) -> float:
     if not _is_number(value) or not 0 < value < 1:  # type: ignore[operator]
-        raise ValueError(f"expected a false-alarm rate with 0 < alpha < 1, like 0.01, got {value!r}")
+        raise ValueError(f"expected a false-alarm rate with 0 < alpha < 1, like 0.01, got {_got(value)}")
     if value < SMALLEST_ALPHA:  # type: ignore[operator]
         raise ValueError(f"expected a false-alarm rate of at least {SMALLEST_ALPHA:g}, like 0.01, got {value!r}")
     return float(value)  # type: ignore[arg-type]
@@ -507,7 +525,7 @@ def _env_name(value: object) -> str:
 
 def _timeout(value: object) -> float:
     if not _is_number(value) or not 0 < value <= 60:  # type: ignore[operator]
-        raise ValueError(f"expected a number of seconds above 0 and at most 60, like 2, got {value!r}")
+        raise ValueError(f"expected a number of seconds above 0 and at most 60, like 2, got {_got(value)}")
     return float(value)  # type: ignore[arg-type]
 
 
@@ -608,6 +626,18 @@ def _http_url(value: object) -> str:
     return value
 
 
+# Typed like every number in the rules files: `true` or "5" is a mistake, which pydantic's lax
+# coercion took as 1 or 5 (`max_attempts: true` delivered with one attempt and no retry).
+def _webhook_timeout(value: object) -> float:
+    if not _is_number(value) or not 0 < value <= 120:  # type: ignore[operator]
+        raise ValueError(f"expected a number of seconds above 0 and at most 120, like 5, got {_got(value)}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _attempts(value: object) -> int:
+    return _whole(value, 1, "attempts", 20, "attempts per delivery")
+
+
 class WebhookSpec(_Strict):
     """Where an owner's webhook channel posts. The secret never sits in this file: it is
     read from `secret_file` (relative to the rules directory) or the `secret_env` variable."""
@@ -617,8 +647,8 @@ class WebhookSpec(_Strict):
     format: Literal["json", "slack"] = "json"
     secret_file: Annotated[str | None, BeforeValidator(_text)] = None
     secret_env: Annotated[str | None, BeforeValidator(_text)] = None
-    timeout_s: float = Field(default=5.0, gt=0, le=120)
-    max_attempts: int = Field(default=5, ge=1, le=20)
+    timeout_s: Annotated[float, BeforeValidator(_webhook_timeout)] = 5.0
+    max_attempts: Annotated[int, BeforeValidator(_attempts)] = 5
 
 
 class OwnerSpec(_Strict):

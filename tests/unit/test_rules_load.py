@@ -114,6 +114,38 @@ rules:
         R + f"rule a: when.context.arr.between: expected [low, high] with two numbers, got [0, {SHOWN_BIG}]",
         R + f"rule a: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got {SHOWN_BIG}",
     ]),
+    # YAML 1.1 (PyYAML) reads 1e-3 and 1.0e3 as text: the author wrote a number, so say why it is not one.
+    ("exponent-without-dot-or-sign-is-text", """
+rules:
+  - {name: a, when: {score: {gte: 1e-3}, context.arr: {between: [1.0e3, 2E6]}}, owner: desk, holdout: 5e-2}
+""" + CATCH_ALL + """context_sources:
+  crm: {redis_hash: "context:{entity_id}", timeout_s: 5e0}
+""", [
+        R + "context_sources.crm.timeout_s: expected a number of seconds above 0 and at most 60, like 2, got '5e0' "
+        "(YAML reads 5e0 as text: an exponent needs a dot and a sign, like 5.0e+0)",
+        R + "rule a: when.score.gte: expected a number, got '1e-3' "
+        "(YAML reads 1e-3 as text: an exponent needs a dot and a sign, like 1.0e-3)",
+        R + "rule a: when.context.arr.between: expected [low, high] with two numbers, got ['1.0e3', '2E6'] "
+        "(YAML reads 1.0e3 as text: an exponent needs a dot and a sign, like 1.0e+3)",
+        R + "rule a: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got '5e-2' "
+        "(YAML reads 5e-2 as text: an exponent needs a dot and a sign, like 5.0e-2)",
+    ]),
+    # Prediction ids, models, versions and entities are text: a value YAML reads as a number that prints
+    # otherwise (2026.10 is 2026.1) never matched, silently. Numbers that print as written still load.
+    ("unquoted-version-that-is-not-its-number", """
+rules:
+  - {name: a, when: {model_version: 2026.10, model: {in: [churn, 1.50]}, entity_id: {eq: 1.0}, score: {eq: 0.50}}, owner: desk}
+""" + CATCH_ALL, [
+        R + "rule a: when.model_version: YAML reads 2026.10 as the number 2026.1, which never equals the text "
+        "'2026.10' that model_version holds: quote it, '2026.10'",
+        R + "rule a: when.model.in: YAML reads 1.50 as the number 1.5, which never equals the text '1.50' that "
+        "model holds: quote it, '1.50'",
+    ]),
+    # Written as the hint says, the same values load.
+    ("exponent-with-dot-and-sign-is-a-number", """
+rules:
+  - {name: a, when: {score: {gte: 1.0e-3}, context.arr: {between: [1.0e+3, 2.0e+6]}}, owner: desk, holdout: 5.0e-2}
+""" + CATCH_ALL, []),
     # A number of hundreds of digits is quoted by its start and length wherever a problem repeats it.
     ("long-numbers-are-not-echoed-whole", f"""
 rules:
@@ -370,6 +402,18 @@ def test_missing_files_are_problems_not_tracebacks(tmp_path: Path) -> None:
     ]
 
 
+def test_files_named_yml_are_pointed_at(tmp_path: Path) -> None:
+    rules_dir = write(tmp_path, None, None)
+    (rules_dir / "routing.yml").write_text(GOOD_ROUTING)
+    (rules_dir / "owners.yml").write_text(OWNERS)
+    assert [str(p) for p in check_rules(rules_dir)] == [
+        R + f"not found in {rules_dir}/ (a rules directory holds routing.yaml and owners.yaml); "
+        "routing.yml is there: rename it to routing.yaml",
+        O + f"not found in {rules_dir}/ (a rules directory holds routing.yaml and owners.yaml); "
+        "owners.yml is there: rename it to owners.yaml",
+    ]
+
+
 def test_a_rules_file_given_for_the_directory_is_one_problem_naming_the_directory(tmp_path: Path) -> None:
     routing_file = write(tmp_path, GOOD_ROUTING) / "routing.yaml"
     assert [str(p) for p in check_rules(routing_file)] == [
@@ -404,6 +448,16 @@ def test_valid_set_loads_and_version_hashes_both_files(tmp_path: Path) -> None:
     assert load_rules(rules_dir).version != first.version
 
 
+def test_webhook_timeout_and_attempts_are_compiled(tmp_path: Path) -> None:
+    owners = ("owners:\n  - {id: desk, name: Desk, channels: [webhook],"
+              " webhook: {url: 'https://example.com/h', timeout_s: 3, max_attempts: 2}}\n"
+              "  - {id: bo, name: Bo, channels: [webhook], webhook: {url: 'https://example.com/b', timeout_s: 2.5}}\n")
+    owners_of = load_rules(write(tmp_path, GOOD_ROUTING, owners)).owners
+    desk, bo = owners_of["desk"].webhook, owners_of["bo"].webhook
+    assert (desk.timeout_s, desk.max_attempts) == (3.0, 2)
+    assert (bo.timeout_s, bo.max_attempts) == (2.5, 5)  # the default
+
+
 def test_owner_directory_is_compiled_with_defaults(tmp_path: Path) -> None:
     owners = (
         "owners:\n  - {id: desk, name: Desk, email: desk@example.com, team: ops, channels: [webhook, email, webhook],"
@@ -434,6 +488,17 @@ WEBHOOK_PROBLEMS = [
     ("webhook-key-typo", "channels: [webhook], webhook: {url: 'https://example.com/h', timeout: 2}",
      "owner desk: webhook.timeout: unknown key 'timeout' (did you mean 'timeout_s'?); expected one of url, format, "
      "secret_file, secret_env, timeout_s, max_attempts"),
+    # Typed like every number in the rules files: pydantic's lax coercion took `true` as one attempt (no retry).
+    ("webhook-attempts-true", "channels: [webhook], webhook: {url: 'https://example.com/h', max_attempts: true}",
+     "owner desk: webhook.max_attempts: expected a whole number >= 1 (attempts), got True"),
+    ("webhook-attempts-text", "channels: [webhook], webhook: {url: 'https://example.com/h', max_attempts: '3'}",
+     "owner desk: webhook.max_attempts: expected a whole number >= 1 (attempts), got '3'"),
+    ("webhook-attempts-too-many", "channels: [webhook], webhook: {url: 'https://example.com/h', max_attempts: 21}",
+     "owner desk: webhook.max_attempts: expected at most 20 (attempts per delivery), got 21"),
+    ("webhook-timeout-true", "channels: [webhook], webhook: {url: 'https://example.com/h', timeout_s: true}",
+     "owner desk: webhook.timeout_s: expected a number of seconds above 0 and at most 120, like 5, got True"),
+    ("webhook-timeout-text", "channels: [webhook], webhook: {url: 'https://example.com/h', timeout_s: '5'}",
+     "owner desk: webhook.timeout_s: expected a number of seconds above 0 and at most 120, like 5, got '5'"),
     ("bad-digest", "digest: 15 minutes",
      "owner desk: digest: expected a duration like '30s', '15m', '4h', '2d' or '1w', got '15 minutes'"),
     ("zero-digest", "digest: 0s",
@@ -719,6 +784,11 @@ models:
         R + "model churn: drift.alpha: expected a false-alarm rate of at least 1e-12, like 0.01, got 5e-324",
         R + "model churn: drift.min_samples: expected at most 50000 (the monitor reads at most 50000 values per "
         "window, so a PSI would never have enough), got 50001",
+    ]),
+    # alpha is usually written 1e-3, which YAML 1.1 reads as text.
+    ("drift-alpha-exponent-as-text", "models: {churn: {owner: desk, drift: {alpha: 1e-3}}}\n", [
+        R + "model churn: drift.alpha: expected a false-alarm rate with 0 < alpha < 1, like 0.01, got '1e-3' "
+        "(YAML reads 1e-3 as text: an exponent needs a dot and a sign, like 1.0e-3)",
     ]),
 ]
 
