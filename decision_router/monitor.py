@@ -525,7 +525,9 @@ class DataQualityMonitor:
 
     def _store(self, flagged: Sequence[ModelHealth], ruleset: RuleSet, now: datetime) -> list[DataQualityAlertRecord]:
         """Insert the alerts not stored yet (by alert_id), and in the same transaction the
-        channel outbox rows of each one that has an owner; returns the new ones."""
+        channel outbox rows of each one that has an owner; returns the new ones, and those
+        stored today without an owner that this call gave one (the model's owner was added
+        since): the figure is still flagged, so it is delivered today, once."""
         day = now.date().isoformat()
         records: dict[str, DataQualityAlertRecord] = {}
         for h in flagged:
@@ -556,6 +558,9 @@ class DataQualityMonitor:
             )
             new = [record for alert_id, record in records.items() if alert_id not in known]
             session.add_all(new)
+            # In `records` order (the figures'), the same in every worker: two never lock rows in opposite orders.
+            owned = [self._adopt(session, r) for alert_id, r in records.items() if alert_id in known and r.owner is not None]
+            new += [record for record in owned if record is not None]
             channels = self.pipeline.channels
             if channels is not None:
                 for record in new:
@@ -566,6 +571,20 @@ class DataQualityMonitor:
                         )
             session.commit()
         return new
+
+    @staticmethod
+    def _adopt(session: Session, record: DataQualityAlertRecord) -> DataQualityAlertRecord | None:
+        """Give a stored alert without an owner `record`'s owner; the stored alert (with its
+        first figures) if this call did. Only one of several workers' updates changes the row
+        (PostgreSQL re-reads it after the other's commit; SQLite runs one writer at a time), so
+        only that one queues its deliveries."""
+        changed = session.execute(
+            update(DataQualityAlertRecord)
+            .where(DataQualityAlertRecord.alert_id == record.alert_id, DataQualityAlertRecord.owner.is_(None))
+            .values(owner=record.owner)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        return session.get(DataQualityAlertRecord, record.alert_id) if changed else None
 
     async def deliver(self) -> int:
         """The outbox: stored alerts with an owner, not yet written to the owner's inbox."""

@@ -6,18 +6,22 @@ however many checks and workers find it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any
 
 import pytest
 from sqlmodel import Session, select
+from structlog.testing import capture_logs
 
 from decision_router.contracts import DataQualityAlert
 from decision_router.monitor import ALL_VERSIONS, data_quality_alert_id
 from decision_router.rules import load_rules
 from decision_router.service import running_service
-from decision_router.tables import DataQualityAlertRecord, PredictionRecord
+from decision_router.tables import DataQualityAlertRecord, DeliveryRecord, PredictionRecord
 from tests.integration.conftest import ManualClock, wait_until
 from tests.integration.test_router_loop import count
 
@@ -113,3 +117,61 @@ async def test_drift_alert_reaches_the_model_owner_once_a_day(settings, rules_di
     with Session(engine) as session:
         (record,) = session.exec(select(DataQualityAlertRecord)).all()
     assert record.alert_id == alert.alert_id and record.owner == "analyst" and record.delivered_at is not None
+
+
+async def test_an_owner_added_later_the_same_day_gets_the_alert_once_from_two_workers(
+    settings, rules_dir, engine, r
+) -> None:
+    clock = ManualClock(T0)
+    rng = random.Random(5)
+    owned = load_rules(rules_dir)
+    # Before: churn is in no one's hands (its drift settings kept, so the day is judged as above).
+    unowned = dataclasses.replace(owned, model_owners=MappingProxyType({}))
+    tuned = settings.model_copy(update={"rules_dir": rules_dir, "drift_interval": timedelta(hours=1)})
+    async with running_service(tuned, unowned, engine, clock=clock) as one:
+        keys = one.keys
+        for day in range(4):
+            clock.now = T0 + timedelta(days=day)
+            publish_day(r, keys, day, clock, rng, score_mean=0.6 if day == 3 else 0.4)
+            await wait_until(lambda n=PER_DAY * (day + 1): count(engine, PredictionRecord) == n, what=f"day {day} stored")
+        clock.now = T0 + timedelta(days=3, hours=1)
+        assert [h.metric for h in await one.monitor.check_once() if h.flagged] == ["score"]
+        assert r.xlen(keys.inbox("analyst")) == 0
+
+        # The owner is added to `models:` later that day: both workers run the new rules and check
+        # at once (the second's own periodic check is off, so these two are the only ones).
+        clock.now = T0 + timedelta(days=3, hours=3)
+        other = tuned.model_copy(update={"consumer_name": "worker-2", "drift_interval": timedelta(0)})
+        async with running_service(other, owned, engine, clock=clock) as two:
+            one.pipeline.ruleset = owned
+            for service in (one, two):  # a webhook for the owner: the outbox rows a worker queues show
+                service.pipeline.channels = WebhookForAll(service.pipeline.channels)
+            with capture_logs() as logs:
+                await asyncio.gather(asyncio.to_thread(one.monitor._check), asyncio.to_thread(two.monitor._check))
+            await asyncio.gather(one.monitor.deliver(), two.monitor.deliver())
+    alert_id = data_quality_alert_id("churn", "2026.11", "score", clock.now.date().isoformat())
+    (entry,) = inbox_entries(r, keys, "analyst")
+    alert = DataQualityAlert.model_validate_json(entry["data"])
+    # The alert as first stored, now with its owner.
+    assert (alert.alert_id, alert.owner, alert.created_at) == (alert_id, "analyst", T0 + timedelta(days=3, hours=1))
+    # One worker gave it its owner; only that one reports it and queues its deliveries.
+    assert [(e["alert_id"], e["owner"]) for e in logs if e["event"] == "data-quality alert"] == [(alert_id, "analyst")]
+    with Session(engine) as session:
+        (record,) = session.exec(select(DataQualityAlertRecord)).all()
+        deliveries = session.exec(select(DeliveryRecord.alert_id, DeliveryRecord.recipient, DeliveryRecord.channel)).all()
+    assert record.owner == "analyst" and record.delivered_at is not None
+    assert deliveries == [(alert_id, "analyst", "webhook")]
+
+
+class WebhookForAll:
+    """A service's channels as they are, except that every owner has a webhook: the monitor
+    queues rows for it, which nothing sends (the service has no such receiver)."""
+
+    def __init__(self, channels: Any) -> None:
+        self.channels = channels
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.channels, name)
+
+    def channels_for(self, owner: str) -> tuple[str, ...]:
+        return ("webhook",)

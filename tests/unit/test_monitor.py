@@ -31,7 +31,13 @@ from decision_router.monitor import (
     data_quality_alert_id,
 )
 from decision_router.rules import DriftConfig, ModelConfig, Owner, RuleSet
-from decision_router.tables import AlertRecord, DataQualityAlertRecord, PredictionRecord, RejectionRecord
+from decision_router.tables import (
+    AlertRecord,
+    DataQualityAlertRecord,
+    DeliveryRecord,
+    PredictionRecord,
+    RejectionRecord,
+)
 
 T0 = datetime(2026, 11, 2, tzinfo=UTC)
 NOW = T0 + timedelta(days=4)  # reference: days 0-2 (the version's first 3), recent: day 3
@@ -417,6 +423,29 @@ def test_away_model_owner_hands_alerts_to_their_delegate(engine: Engine) -> None
         health = assess_models(session, now=NOW, ruleset_models=monitor.pipeline.ruleset.models)
     (new,) = monitor._store([h for h in health if h.flagged], monitor.pipeline.ruleset, NOW)
     assert new.owner == "lead"
+
+
+def test_an_owner_added_later_the_same_day_gets_the_alert_still_flagged_once(engine: Engine) -> None:
+    add_days(engine, random.Random(3), 300, recent={"score": normal(0.45, 0.1)})
+    unowned = DataQualityMonitor(fake_pipeline(engine, {}))
+    unowned._store([h for h in assess(engine).values() if h.flagged], unowned.pipeline.ruleset, NOW - DAY)  # yesterday's
+    unowned._check()
+    assert unowned._pending() == []
+    # The owner is added to `models:` later the same day; both workers reload and check again.
+    owned = fake_pipeline(engine, {"churn": "lead"})
+    owned.channels = SimpleNamespace(channels_for=lambda owner: ("webhook", "email"))
+    first, second = DataQualityMonitor(owned), DataQualityMonitor(owned)
+    with capture_logs() as logs:
+        for monitor in (first, second, first):
+            assert [h.metric for h in monitor._check() if h.flagged] == ["score"]
+    today = data_quality_alert_id("churn", "2026.11", "score", NOW.date().isoformat())
+    (pending,) = first._pending()  # yesterday's stays unowned: stale, not delivered a day late
+    assert (pending.alert_id, pending.owner, pending.created_at) == (today, "lead", NOW)
+    with Session(engine) as session:
+        deliveries = session.execute(select(DeliveryRecord.alert_id, DeliveryRecord.recipient, DeliveryRecord.channel)).all()
+    assert sorted(deliveries) == [(today, "lead", "email"), (today, "lead", "webhook")]
+    # One worker gave it its owner, and only that one reports (and queued) it.
+    assert [(e["alert_id"], e["owner"]) for e in logs if e["event"] == "data-quality alert"] == [(today, "lead")]
 
 
 # --- `decision-router stats drift` ------------------------------------------------------------
