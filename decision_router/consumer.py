@@ -372,11 +372,12 @@ class Consumer:
         be any one of the batch it came with. Returns (the others, the suspects to handle one at a time); None
         if stopping first. Outages do not count: retries do not redeliver.
 
-        - One that was being handled on its own when its worker went (its handled_alone marker is there) is
-          the culprit: dead-lettered, unprocessed. Its neighbours are not: they were never alone.
         - Those the store holds already (their worker went after the commit) are finished and acknowledged
-          instead: no failure. Finishing, all of them at once, is tried up to 3 x max_attempts deliveries, as
-          many as processing had; past that it stopped its worker each time too, and they are suspects.
+          instead: no failure, and no culprit either, even with a marker (accepted once, not also dead-lettered).
+          Finishing, all of them at once, is tried up to 3 x max_attempts deliveries, as many as processing had;
+          past that it stopped its worker each time too, and they are suspects.
+        - Any other that was being handled on its own when its worker went (its handled_alone marker is there)
+          is the culprit: dead-lettered, unprocessed. Its neighbours are not: they were never alone.
         - The rest are suspects: handled one at a time (_settle_alone), so the next crash names its entry."""
         limit = 2 * self.settings.max_attempts
         last_finish = 3 * self.settings.max_attempts
@@ -398,8 +399,16 @@ class Consumer:
 
         if not await self.retrying(read_markers):
             return None
+        # Asked first, culprits too: one that stored before its worker went (after the commit, before the ack) is
+        # finished, not dead-lettered on top of being accepted.
+        stored = await self._finish_stored(
+            source, [entry for entry in crashers if deliveries[entry[0]] <= last_finish], deliveries)
+        if stored is None:
+            return None
+        for entry_id in culprits & stored:
+            await self.retrying(lambda: self.redis.delete(markers[entry_id]))  # noqa: B023
         for entry in crashers:
-            if entry[0] not in culprits:
+            if entry[0] not in culprits or entry[0] in stored:
                 continue
             times = deliveries[entry[0]]
             outbox = "; alerts the store holds from it reach their inboxes through the outbox drain" \
@@ -409,12 +418,7 @@ class Consumer:
             if not await self._dead_letter(source, entry, error, attempts=times):
                 return None
             await self.retrying(lambda: self.redis.delete(markers[entry[0]]))  # noqa: B023
-        rest = [entry for entry in crashers if entry[0] not in culprits]
-        stored = await self._finish_stored(
-            source, [entry for entry in rest if deliveries[entry[0]] <= last_finish], deliveries)
-        if stored is None:
-            return None
-        return others, [entry for entry in rest if entry[0] not in stored]
+        return others, [entry for entry in crashers if entry[0] not in culprits and entry[0] not in stored]
 
     async def _settle_alone(self, source: Input, entry: Entry) -> bool:
         """Handle a suspected crasher on its own, under its handled_alone marker: if its worker dies now, the

@@ -522,3 +522,45 @@ async def test_a_rejection_whose_finishing_stops_its_worker_each_time_keeps_its_
     assert count(engine, RejectionRecord) == 1
     assert count(engine, RejectionRecord, RejectionRecord.reason == "score_out_of_range") == 1
     assert (counted("score_out_of_range"), counted("processing_failed")) == before
+
+
+async def test_a_suspect_stored_before_its_worker_died_while_handling_it_alone_is_finished_not_dead_lettered(
+    pipeline, engine, r, monkeypatch
+) -> None:
+    # A suspect handled on its own under its marker: stored (routed, counted), then its worker gone before the ack.
+    # The marker left behind names it, but the store holds its effects: it is finished, not dead-lettered as
+    # processing_failed on top of being accepted (counted once, in the store and the metrics).
+    from decision_router import metrics
+
+    keys, settings = pipeline.keys, pipeline.settings
+    group = settings.consumer_group
+    (entry_id,) = stored_then_stopped(r, keys.predictions, group, {"data": json.dumps(prediction("p-stored-alone"))})
+    crash_looped(r, keys.predictions, group, [entry_id], deliveries=2 * settings.max_attempts)
+    real = Pipeline.process_predictions
+
+    async def stores_then_dies(self, entries):
+        await real(self, entries)
+        raise WorkerDied  # after the commit (and here the inbox write), before the ack
+
+    monkeypatch.setattr(Pipeline, "process_predictions", stores_then_dies)
+    with pytest.raises(WorkerDied):
+        await reclaimed(pipeline)
+    assert r.exists(keys.handled_alone(keys.predictions, entry_id))
+    monkeypatch.undo()
+    crash_looped(r, keys.predictions, group, [entry_id], deliveries=2 * settings.max_attempts + 1)
+
+    def counted() -> tuple[float, float]:
+        return (metrics.PREDICTIONS_ROUTED._value.get(),
+                metrics.REJECTED.labels("predictions", "processing_failed")._value.get())
+
+    before = counted()
+
+    assert await reclaimed(pipeline) == 1
+
+    assert counted() == before
+    assert r.xpending(keys.predictions, group)["pending"] == 0
+    assert r.xlen(keys.predictions_dlq) == 0 and count(engine, RejectionRecord) == 0
+    assert count(engine, PredictionRecord) == 1
+    assert not r.exists(keys.handled_alone(keys.predictions, entry_id))
+    delivered = [json.loads(fields["data"])["prediction_id"] for _, fields in r.xrange(keys.inbox("alice-moreau"))]
+    assert delivered == ["p-stored-alone"]  # once
