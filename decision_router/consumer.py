@@ -423,8 +423,7 @@ class Consumer:
     async def _settle_alone(self, source: Input, entry: Entry) -> bool:
         """Handle a suspected crasher on its own, under its handled_alone marker: if its worker dies now, the
         marker is left behind and the next reader dead-letters this entry, not its neighbours (_sort_out_crashers).
-        A stop (cancellation) is no death: the marker goes. A stop during an outage that leaves the marker
-        (Redis unreachable) would have the entry dead-lettered when read again: visible, and rare."""
+        A stop is no death: the marker goes, during a Redis outage once Redis answers (_drop_marker)."""
         marker = self.keys.handled_alone(source.stream, entry[0])
         ttl = int(self.settings.dedupe_ttl.total_seconds())
         if not await self.retrying(lambda: self.redis.set(marker, self.name, ex=ttl)):
@@ -437,9 +436,33 @@ class Consumer:
             with contextlib.suppress(Exception):
                 await self.redis.delete(marker)
             raise
-        with contextlib.suppress(Exception):
+        if not settled:  # stopping, maybe in an outage: the marker must go all the same
+            await self._drop_marker(marker, source, entry)
+            return False
+        with contextlib.suppress(Exception):  # acknowledged: never read again, a marker left expires unread
             await self.redis.delete(marker)
-        return settled
+        return True
+
+    async def _drop_marker(self, marker: str, source: Input, entry: Entry) -> None:
+        """Remove the marker of a suspect left pending by a stop, waiting for Redis if it is unreachable (the stop
+        waits too, up to shutdown_timeout): left behind, it would have a valid entry dead-lettered when read
+        again. Cancelled first (the shutdown timed out), it is logged, to be deleted by hand."""
+        delay = _FIRST_BACKOFF
+        try:
+            while True:
+                try:
+                    await self.redis.delete(marker)
+                    return
+                except Exception as exc:  # noqa: BLE001 - an outage is waited out; anything else, logged below
+                    if infrastructure_failure(exc) is None:
+                        raise
+                await asyncio.sleep(delay)
+                delay = min(self.outage.cap, delay * 2)
+        except (Exception, asyncio.CancelledError):
+            log.error("stopped with Redis unreachable: the marker of the entry handled on its own is left; delete it,"
+                      " or the entry is dead-lettered when read again", stream=source.stream, entry_id=entry[0],
+                      marker=marker)
+            raise
 
     async def _finish_stored(
         self, source: Input, crashers: Sequence[Entry], deliveries: dict[str, int]

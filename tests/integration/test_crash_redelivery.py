@@ -564,3 +564,53 @@ async def test_a_suspect_stored_before_its_worker_died_while_handling_it_alone_i
     assert not r.exists(keys.handled_alone(keys.predictions, entry_id))
     delivered = [json.loads(fields["data"])["prediction_id"] for _, fields in r.xrange(keys.inbox("alice-moreau"))]
     assert delivered == ["p-stored-alone"]  # once
+
+
+async def test_a_suspect_stopped_during_a_redis_outage_leaves_no_marker_and_is_routed_when_read_again(
+    pipeline, engine, r, monkeypatch
+) -> None:
+    # Handled on its own, the suspect meets a Redis outage and its worker is told to stop (SIGTERM): no death.
+    # The marker cannot be removed while Redis is down; left behind, it would have this valid entry
+    # dead-lettered when read again. The stopping worker removes it once Redis answers (within the shutdown).
+    import asyncio
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    keys, settings = pipeline.keys, pipeline.settings
+    group = settings.consumer_group
+    (entry_id,) = stored_then_stopped(r, keys.predictions, group, {"data": json.dumps(prediction("p-valid"))})
+    crash_looped(r, keys.predictions, group, [entry_id], deliveries=2 * settings.max_attempts)
+    in_outage = asyncio.Event()
+
+    async def redis_down(self, entries):
+        in_outage.set()
+        raise RedisConnectionError("Connection refused")
+
+    real_delete, refused = pipeline.redis.delete, []
+
+    async def delete_while_down(*names):
+        if len(refused) < 3:  # Redis still down for the stopping worker's first tries
+            refused.append(names)
+            raise RedisConnectionError("Connection refused")
+        return await real_delete(*names)
+
+    monkeypatch.setattr(Pipeline, "process_predictions", redis_down)
+    reader = RouterService(pipeline).reader
+    await reader.ensure_groups()
+    monkeypatch.setattr(reader.redis, "delete", delete_while_down)
+    task = asyncio.create_task(reader.reclaim_once())
+    await asyncio.wait_for(in_outage.wait(), 30)
+    assert r.exists(keys.handled_alone(keys.predictions, entry_id))
+    reader.stop()
+    await asyncio.wait_for(task, 30)
+
+    assert len(refused) == 3
+    assert not r.exists(keys.handled_alone(keys.predictions, entry_id))
+    assert r.xpending(keys.predictions, group)["pending"] == 1 and r.xlen(keys.predictions_dlq) == 0
+    monkeypatch.undo()
+    crash_looped(r, keys.predictions, group, [entry_id], deliveries=2 * settings.max_attempts + 1)
+
+    assert await reclaimed(pipeline) == 1
+
+    assert r.xlen(keys.predictions_dlq) == 0 and count(engine, RejectionRecord) == 0
+    assert count(engine, PredictionRecord) == 1 and r.xpending(keys.predictions, group)["pending"] == 0
