@@ -16,8 +16,8 @@ Failure handling, per batch:
   deliveries. Read again more than 2 x max_attempts times, an entry is a suspect, and so is every entry of
   the batch that killed the worker: finished if the store holds its effects already (stored, then its worker
   gone before the ack), else handled on its own under a marker (_sort_out_crashers, _settle_alone). A worker
-  that dies then leaves the marker, which names the culprit: dead-lettered when read again, unprocessed,
-  while its neighbours go through. Finishing, a batch at once, gets max_attempts deliveries too: past
+  that dies then leaves the marker, which names the culprit: dead-lettered when read again, unprocessed (unless
+  the store holds its effects by then: finished, as above), while its neighbours go through. Finishing, a batch at once, gets max_attempts deliveries too: past
   3 x max_attempts suspects are handled on their own without it (alerts the store holds stay in the outbox,
   which every worker drains every sweep_interval: outbox.py).
 The pipeline is idempotent per stream entry, so retrying a batch that half-succeeded is safe.
