@@ -16,8 +16,8 @@ Failure handling, per batch:
   deliveries. Read again more than 2 x max_attempts times, an entry is a suspect, and so is every entry of
   the batch that killed the worker: finished if the store holds its effects already (stored, then its worker
   gone before the ack), else handled on its own under a marker (_sort_out_crashers, _settle_alone). A worker
-  that dies then leaves the marker, which names the culprit: dead-lettered when read again, unprocessed,
-  while its neighbours go through. Finishing, a batch at once, gets max_attempts deliveries too: past
+  that dies then leaves the marker, which names the culprit: dead-lettered when read again, unprocessed (unless
+  the store holds its effects by then: finished, as above), while its neighbours go through. Finishing, a batch at once, gets max_attempts deliveries too: past
   3 x max_attempts suspects are handled on their own without it (alerts the store holds stay in the outbox,
   which every worker drains every sweep_interval: outbox.py).
 The pipeline is idempotent per stream entry, so retrying a batch that half-succeeded is safe.
@@ -419,11 +419,12 @@ class Consumer:
         be any one of the batch it came with. Returns (the others, the suspects to handle one at a time); None
         if stopping first. Outages do not count: retries do not redeliver.
 
-        - One that was being handled on its own when its worker went (its handled_alone marker is there) is
-          the culprit: dead-lettered, unprocessed. Its neighbours are not: they were never alone.
         - Those the store holds already (their worker went after the commit) are finished and acknowledged
-          instead: no failure. Finishing, all of them at once, is tried up to 3 x max_attempts deliveries, as
-          many as processing had; past that it stopped its worker each time too, and they are suspects.
+          instead: no failure, and no culprit either, even with a marker (accepted once, not also dead-lettered).
+          Finishing, all of them at once, is tried up to 3 x max_attempts deliveries, as many as processing had;
+          past that it stopped its worker each time too, and they are suspects.
+        - Any other that was being handled on its own when its worker went (its handled_alone marker is there)
+          is the culprit: dead-lettered, unprocessed. Its neighbours are not: they were never alone.
         - The rest are suspects: handled one at a time (_settle_alone), so the next crash names its entry."""
         limit = 2 * self.settings.max_attempts
         last_finish = 3 * self.settings.max_attempts
@@ -445,8 +446,16 @@ class Consumer:
 
         if not await self.retrying(read_markers):
             return None
+        # Asked first, culprits too: one that stored before its worker went (after the commit, before the ack) is
+        # finished, not dead-lettered on top of being accepted.
+        stored = await self._finish_stored(
+            source, [entry for entry in crashers if deliveries[entry[0]] <= last_finish], deliveries)
+        if stored is None:
+            return None
+        for entry_id in culprits & stored:
+            await self.retrying(lambda: self.redis.delete(markers[entry_id]))  # noqa: B023
         for entry in crashers:
-            if entry[0] not in culprits:
+            if entry[0] not in culprits or entry[0] in stored:
                 continue
             times = deliveries[entry[0]]
             outbox = "; alerts the store holds from it reach their inboxes through the outbox drain" \
@@ -456,18 +465,12 @@ class Consumer:
             if not await self._dead_letter(source, entry, error, attempts=times):
                 return None
             await self.retrying(lambda: self.redis.delete(markers[entry[0]]))  # noqa: B023
-        rest = [entry for entry in crashers if entry[0] not in culprits]
-        stored = await self._finish_stored(
-            source, [entry for entry in rest if deliveries[entry[0]] <= last_finish], deliveries)
-        if stored is None:
-            return None
-        return others, [entry for entry in rest if entry[0] not in stored]
+        return others, [entry for entry in crashers if entry[0] not in culprits and entry[0] not in stored]
 
     async def _settle_alone(self, source: Input, entry: Entry) -> bool:
         """Handle a suspected crasher on its own, under its handled_alone marker: if its worker dies now, the
         marker is left behind and the next reader dead-letters this entry, not its neighbours (_sort_out_crashers).
-        A stop (cancellation) is no death: the marker goes. A stop during an outage that leaves the marker
-        (Redis unreachable) would have the entry dead-lettered when read again: visible, and rare."""
+        A stop is no death: the marker goes, during a Redis outage once Redis answers (_drop_marker)."""
         marker = self.keys.handled_alone(source.stream, entry[0])
         ttl = int(self.settings.dedupe_ttl.total_seconds())
         if not await self.retrying(lambda: self.redis.set(marker, self.name, ex=ttl)):
@@ -480,9 +483,33 @@ class Consumer:
             with contextlib.suppress(Exception):
                 await self.redis.delete(marker)
             raise
-        with contextlib.suppress(Exception):
+        if not settled:  # stopping, maybe in an outage: the marker must go all the same
+            await self._drop_marker(marker, source, entry)
+            return False
+        with contextlib.suppress(Exception):  # acknowledged: never read again, a marker left expires unread
             await self.redis.delete(marker)
-        return settled
+        return True
+
+    async def _drop_marker(self, marker: str, source: Input, entry: Entry) -> None:
+        """Remove the marker of a suspect left pending by a stop, waiting for Redis if it is unreachable (the stop
+        waits too, up to shutdown_timeout): left behind, it would have a valid entry dead-lettered when read
+        again. Cancelled first (the shutdown timed out), it is logged, to be deleted by hand."""
+        delay = _FIRST_BACKOFF
+        try:
+            while True:
+                try:
+                    await self.redis.delete(marker)
+                    return
+                except Exception as exc:  # noqa: BLE001 - an outage is waited out; anything else, logged below
+                    if infrastructure_failure(exc) is None:
+                        raise
+                await asyncio.sleep(delay)
+                delay = min(self.outage.cap, delay * 2)
+        except (Exception, asyncio.CancelledError):
+            log.error("stopped with Redis unreachable: the marker of the entry handled on its own is left; delete it,"
+                      " or the entry is dead-lettered when read again", stream=source.stream, entry_id=entry[0],
+                      marker=marker)
+            raise
 
     async def _finish_stored(
         self, source: Input, crashers: Sequence[Entry], deliveries: dict[str, int]

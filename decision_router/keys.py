@@ -44,6 +44,17 @@ class Keys:
         worker dies, it names the entry that killed it."""
         return f"{self.prefix}alone:{stream}:{entry_id}"
 
+    @property
+    def outbox_attempts(self) -> str:
+        """Hash, alert id -> outbox-drain writes of it that never returned (their worker gone): outbox.py."""
+        return f"{self.prefix}outbox:attempts"
+
+    @property
+    def outbox_parked(self) -> str:
+        """Hash, alert id -> why: alerts the outbox drain no longer writes, their write having stopped the worker
+        each time (outbox.py). HDEL one to have the next drain try it again."""
+        return f"{self.prefix}outbox:parked"
+
     def dedupe(self, marker: str) -> str:
         """Marker that makes one stream write happen once (see delivery.inbox.xadd_once)."""
         return f"{self.prefix}dedupe:{marker}"

@@ -40,6 +40,11 @@ DELIVERIES_FAILED = Counter(
     "decision_router_deliveries_failed", "Channel deliveries that failed for good (sent to deliveries:dlq).",
     ["channel"], registry=REGISTRY,
 )
+OUTBOX_PARKED = Counter(
+    "decision_router_outbox_parked",
+    "Alerts the outbox drain set aside, undelivered: writing them to their inbox stopped the worker each time.",
+    registry=REGISTRY,
+)
 ESCALATIONS = Counter(
     "decision_router_escalations", "Escalation steps taken: an alert's missed deadline sent up to a manager.",
     registry=REGISTRY,

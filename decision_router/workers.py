@@ -56,6 +56,7 @@ class _Stop:
 
     signum: int | None = None
     at: float = 0.0  # time.monotonic() when it came
+    gone: tuple[str, ...] = ()  # the workers that had exited already when it came (dead, or awaiting restart)
 
     @property
     def requested(self) -> bool:
@@ -107,6 +108,8 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
     stop = _Stop()
 
     def forward(signum: int, _frame: object) -> None:
+        if not stop.requested:
+            stop.gone = tuple(w.name for w in workers if w.process is not None and w.process.poll() is not None)
         stop.signum, stop.at = signum, time.monotonic()
         _signal_running(workers, signum)
 
@@ -127,7 +130,7 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
             time.sleep(_TICK)  # the handler runs during it; the loop sees the stop within a tick
         # A worker restarted as the signal came, which the handler did not reach.
         _signal_running([w for w in workers if w.started >= stop.at], stop.signum)
-        return _wait_all(workers, settings.shutdown_timeout.total_seconds() + 5)
+        return _wait_all(workers, settings.shutdown_timeout.total_seconds() + 5, gone=stop.gone)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -268,8 +271,10 @@ def _supervise(worker: _Worker, stop: _Stop) -> None:
         log.info("worker restarted", worker=worker.name, pid=worker.process.pid)
 
 
-def _wait_all(workers: list[_Worker], timeout: float) -> int:
-    """After the stop signal: wait for each worker to finish its batch; kill what hangs."""
+def _wait_all(workers: list[_Worker], timeout: float, *, gone: tuple[str, ...] = ()) -> int:
+    """After the stop signal: wait for each worker to finish its batch; kill what hangs. The exit code is that of
+    the stop: a worker `gone` before it (its death logged then, its restart due) is named, not counted. Its
+    pending entries are picked up as after any crash: by the next start under its name, or reclaimed."""
     deadline = time.monotonic() + timeout
     codes = []
     for worker in workers:
@@ -282,10 +287,14 @@ def _wait_all(workers: list[_Worker], timeout: float) -> int:
             codes.append(worker.process.wait())
         _forget_live_gauges(worker)  # in a directory the user named, kept for the next run
     log.info("workers stopped", codes=codes)
+    for worker, code in zip(workers, codes, strict=True):
+        if worker.name in gone:
+            log.warning("worker had exited before the stop; not restarted", worker=worker.name, code=code)
     # Killed by the forwarded signal itself: a worker still starting, before its handlers were
     # installed, so it held no work. Anything else is a worker that failed.
     clean = (0, -signal.SIGTERM, -signal.SIGINT)
-    return 0 if all(c in clean for c in codes) else 1
+    stopped = [code for worker, code in zip(workers, codes, strict=True) if worker.name not in gone]
+    return 0 if all(c in clean for c in stopped) else 1
 
 
 def _forget_live_gauges(worker: _Worker) -> None:

@@ -522,3 +522,95 @@ async def test_a_rejection_whose_finishing_stops_its_worker_each_time_keeps_its_
     assert count(engine, RejectionRecord) == 1
     assert count(engine, RejectionRecord, RejectionRecord.reason == "score_out_of_range") == 1
     assert (counted("score_out_of_range"), counted("processing_failed")) == before
+
+
+async def test_a_suspect_stored_before_its_worker_died_while_handling_it_alone_is_finished_not_dead_lettered(
+    pipeline, engine, r, monkeypatch
+) -> None:
+    # A suspect handled on its own under its marker: stored (routed, counted), then its worker gone before the ack.
+    # The marker left behind names it, but the store holds its effects: it is finished, not dead-lettered as
+    # processing_failed on top of being accepted (counted once, in the store and the metrics).
+    from decision_router import metrics
+
+    keys, settings = pipeline.keys, pipeline.settings
+    group = settings.consumer_group
+    (entry_id,) = stored_then_stopped(r, keys.predictions, group, {"data": json.dumps(prediction("p-stored-alone"))})
+    crash_looped(r, keys.predictions, group, [entry_id], deliveries=2 * settings.max_attempts)
+    real = Pipeline.process_predictions
+
+    async def stores_then_dies(self, entries):
+        await real(self, entries)
+        raise WorkerDied  # after the commit (and here the inbox write), before the ack
+
+    monkeypatch.setattr(Pipeline, "process_predictions", stores_then_dies)
+    with pytest.raises(WorkerDied):
+        await reclaimed(pipeline)
+    assert r.exists(keys.handled_alone(keys.predictions, entry_id))
+    monkeypatch.undo()
+    crash_looped(r, keys.predictions, group, [entry_id], deliveries=2 * settings.max_attempts + 1)
+
+    def counted() -> tuple[float, float]:
+        return (metrics.PREDICTIONS_ROUTED._value.get(),
+                metrics.REJECTED.labels("predictions", "processing_failed")._value.get())
+
+    before = counted()
+
+    assert await reclaimed(pipeline) == 1
+
+    assert counted() == before
+    assert r.xpending(keys.predictions, group)["pending"] == 0
+    assert r.xlen(keys.predictions_dlq) == 0 and count(engine, RejectionRecord) == 0
+    assert count(engine, PredictionRecord) == 1
+    assert not r.exists(keys.handled_alone(keys.predictions, entry_id))
+    delivered = [json.loads(fields["data"])["prediction_id"] for _, fields in r.xrange(keys.inbox("alice-moreau"))]
+    assert delivered == ["p-stored-alone"]  # once
+
+
+async def test_a_suspect_stopped_during_a_redis_outage_leaves_no_marker_and_is_routed_when_read_again(
+    pipeline, engine, r, monkeypatch
+) -> None:
+    # Handled on its own, the suspect meets a Redis outage and its worker is told to stop (SIGTERM): no death.
+    # The marker cannot be removed while Redis is down; left behind, it would have this valid entry
+    # dead-lettered when read again. The stopping worker removes it once Redis answers (within the shutdown).
+    import asyncio
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    keys, settings = pipeline.keys, pipeline.settings
+    group = settings.consumer_group
+    (entry_id,) = stored_then_stopped(r, keys.predictions, group, {"data": json.dumps(prediction("p-valid"))})
+    crash_looped(r, keys.predictions, group, [entry_id], deliveries=2 * settings.max_attempts)
+    in_outage = asyncio.Event()
+
+    async def redis_down(self, entries):
+        in_outage.set()
+        raise RedisConnectionError("Connection refused")
+
+    real_delete, refused = pipeline.redis.delete, []
+
+    async def delete_while_down(*names):
+        if len(refused) < 3:  # Redis still down for the stopping worker's first tries
+            refused.append(names)
+            raise RedisConnectionError("Connection refused")
+        return await real_delete(*names)
+
+    monkeypatch.setattr(Pipeline, "process_predictions", redis_down)
+    reader = RouterService(pipeline).reader
+    await reader.ensure_groups()
+    monkeypatch.setattr(reader.redis, "delete", delete_while_down)
+    task = asyncio.create_task(reader.reclaim_once())
+    await asyncio.wait_for(in_outage.wait(), 30)
+    assert r.exists(keys.handled_alone(keys.predictions, entry_id))
+    reader.stop()
+    await asyncio.wait_for(task, 30)
+
+    assert len(refused) == 3
+    assert not r.exists(keys.handled_alone(keys.predictions, entry_id))
+    assert r.xpending(keys.predictions, group)["pending"] == 1 and r.xlen(keys.predictions_dlq) == 0
+    monkeypatch.undo()
+    crash_looped(r, keys.predictions, group, [entry_id], deliveries=2 * settings.max_attempts + 1)
+
+    assert await reclaimed(pipeline) == 1
+
+    assert r.xlen(keys.predictions_dlq) == 0 and count(engine, RejectionRecord) == 0
+    assert count(engine, PredictionRecord) == 1 and r.xpending(keys.predictions, group)["pending"] == 0

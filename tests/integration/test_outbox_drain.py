@@ -140,6 +140,70 @@ async def test_any_other_error_of_a_drain_is_one_log_line_and_an_outage_is_raise
         ("outbox drain failed; will retry", "KeyError: 'a bug in the read'", False)]
 
 
+class WorkerDied(BaseException):
+    """The worker gone in the middle of a write (a crash, the OOM killer): no handler of the router's runs."""
+
+
+async def test_an_alert_whose_inbox_write_stops_the_worker_each_time_is_parked_and_the_rest_delivered(
+    pipeline, engine, r, monkeypatch
+) -> None:
+    # A poison alert: writing it kills the worker, at start and every sweep. Without a bound the start-up drain
+    # never ends and the worker never routes. It is tried max_attempts times with its chunk, then on its own,
+    # which names it: parked (left undelivered in the store, logged, counted), and the others go out, once.
+    from decision_router import metrics
+
+    old = pipeline.clock.now - timedelta(minutes=5)
+    insert_alerts(engine, [alert_row(n, owner="fine", created_at=old + timedelta(seconds=n)) for n in range(3)])
+    real = pipeline.write_to_inboxes
+
+    async def dies_on_poison(alerts):
+        if any(alert.alert_id == "al-00001" for alert in alerts):
+            raise WorkerDied
+        return await real(alerts)
+
+    monkeypatch.setattr(pipeline, "write_to_inboxes", dies_on_poison)
+    parked_before = metrics.OUTBOX_PARKED._value.get()
+    deaths = 0
+    while True:
+        drain = OutboxDrain(pipeline)  # a fresh worker each time
+        try:
+            with capture_logs() as logs:
+                delivered = await drain.drain_once(grace=timedelta(0))
+        except WorkerDied:
+            deaths += 1
+            assert deaths <= pipeline.settings.max_attempts + 1, "the drain kept dying on the same alert"
+            continue
+        break
+
+    assert deaths == pipeline.settings.max_attempts + 1  # with its chunk, then once on its own
+    assert delivered == 1  # al-00000 went out, alone, before the poison: al-00002 now
+    assert [json.loads(f["data"])["alert_id"] for _, f in r.xrange(pipeline.keys.inbox("fine"))] == [
+        "al-00000", "al-00002"]
+    assert undelivered(engine) == 1 and alert_row_delivered(engine, "al-00001") is None
+    (parked,) = [e for e in logs if e["log_level"] == "error"]
+    assert parked["event"].startswith("alert parked in the outbox") and parked["alert_id"] == "al-00001"
+    assert metrics.OUTBOX_PARKED._value.get() == parked_before + 1
+    assert r.hkeys(pipeline.keys.outbox_parked) == ["al-00001"]
+
+    with capture_logs() as logs:
+        assert await OutboxDrain(pipeline).drain_once(grace=timedelta(0)) == 0  # skipped: no death
+    (skipped,) = [e for e in logs if e["log_level"] in ("warning", "error")]
+    assert skipped["event"].startswith("alerts parked in the outbox") and skipped["alert_ids"] == ["al-00001"]
+    assert metrics.OUTBOX_PARKED._value.get() == parked_before + 1  # counted once
+
+    # Its cause fixed, the operator lets it go again: delivered once.
+    monkeypatch.undo()
+    r.hdel(pipeline.keys.outbox_parked, "al-00001")
+    assert await OutboxDrain(pipeline).drain_once(grace=timedelta(0)) == 1
+    assert undelivered(engine) == 0 and r.xlen(pipeline.keys.inbox("fine")) == 3
+    assert not r.exists(pipeline.keys.outbox_attempts)
+
+
+def alert_row_delivered(engine: Engine, alert_id: str) -> datetime | None:
+    with Session(engine) as session:
+        return session.get(AlertRecord, alert_id).delivered_at
+
+
 async def test_two_drains_at_once_write_and_mark_each_alert_once(pipeline, settings, ruleset, engine, r) -> None:
     old = pipeline.clock.now - timedelta(minutes=5)
     insert_alerts(engine, [alert_row(n, created_at=old + timedelta(milliseconds=n)) for n in range(60)])

@@ -73,3 +73,54 @@ def test_sigterm_at_any_line_of_the_supervisor_loop_stops_it_and_its_workers(set
         code, processes = run_with_signal_at(line_number, settings)
         assert code == 0, line_number  # each worker ended by the forwarded SIGTERM
         assert [p.returncode for p in processes] == [-signal.SIGTERM] * 2, line_number
+
+
+def process_state(pid: int) -> str:
+    """The state letter in /proc/<pid>/stat (Z: exited, not yet reaped), without reaping it."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def stop_with_one_worker_gone(monkeypatch: pytest.MonkeyPatch, settings: Settings, *, seen: bool) -> tuple[int, list]:
+    """Run the supervisor with two stand-in workers, the second exiting (code 3) on its own; SIGTERM once it is
+    gone: `seen` by the supervisor (logged, its restart due), or not yet (between two of its looks)."""
+    from structlog.testing import capture_logs
+
+    monkeypatch.setattr(workers, "_RESTART_FIRST", 60.0)  # not restarted before the stop
+    if not seen:
+        monkeypatch.setattr(workers, "_TICK", 3.0)  # the supervisor sleeps past the worker's exit (0.3 s)
+    spawned: list[workers._Worker] = []
+
+    def spawn(worker: workers._Worker) -> None:
+        command = ["sleep", "60"] if not spawned else ["sh", "-c", "sleep 0.3; exit 3"]
+        worker.process = subprocess.Popen(command)
+        worker.started = workers.time.monotonic()
+        spawned.append(worker)
+
+    def signal_once_gone() -> None:
+        deadline = workers.time.monotonic() + 30
+        while workers.time.monotonic() < deadline:
+            if len(spawned) == 2 and (spawned[1].restart_at if seen else process_state(spawned[1].process.pid) == "Z"):
+                break
+            workers.time.sleep(0.01)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # its handler runs in the sleep
+
+    monkeypatch.setattr(workers, "_spawn", spawn)
+    threading.Thread(target=signal_once_gone, daemon=True).start()
+    with capture_logs() as logs:
+        code = workers.run_workers(settings, 2, api=False)
+    return code, logs
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seen", [True, False], ids=["seen-dead", "dead-unseen"])
+def test_a_stop_with_one_worker_already_dead_is_clean_and_names_it(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings, seen: bool
+) -> None:
+    # The stop itself went well: the live worker finished on the forwarded SIGTERM. The dead one was a crash
+    # the supervisor was handling (logged, restart due), not a failure of the stop: exit 0, the worker named.
+    code, logs = stop_with_one_worker_gone(monkeypatch, settings, seen=seen)
+
+    assert code == 0
+    (named,) = [e for e in logs if e["event"] == "worker had exited before the stop; not restarted"]
+    assert named["worker"].endswith("-2") and named["code"] == 3
+    assert [e["codes"] for e in logs if e["event"] == "workers stopped"] == [[-signal.SIGTERM, 3]]
