@@ -18,10 +18,12 @@ from sqlalchemy import (
     DateTime,
     Integer,
     Table,
+    and_,
     bindparam,
     case,
     func,
     insert,
+    literal,
     null,
     select,
     text,
@@ -687,10 +689,22 @@ def _reassign(
     flag_modified(record, "escalated_to")
     # Deadlines not met yet start again for the new owner, also one the old owner's chain breached
     # (the breach stays recorded); a closed alert has none, nor has a decision nobody receives (a
-    # control, recorded or suppressed one), as when it was routed.
+    # control, recorded or suppressed one), as when it was routed. In SQL, from the row as it is when
+    # written, as delivered_at: an outcome (or the ack, the intervention) committed since this row was
+    # read cleared the deadline, and a closed alert must not get one back.
     timed = record.status == "open" and record.action == "alert" and not record.held_out
     if timed and record.acknowledged_at is None:
-        record.ack_due_at = now + (as_utc(record.ack_by) - as_utc(record.created_at))
+        record.ack_due_at = _still_due(
+            AlertRecord.ack_due_at, AlertRecord.acknowledged_at, now + (as_utc(record.ack_by) - as_utc(record.created_at))
+        )
     if timed and record.intervened_at is None:
-        record.act_due_at = now + (as_utc(record.act_by) - as_utc(record.created_at))
+        record.act_due_at = _still_due(
+            AlertRecord.act_due_at, AlertRecord.intervened_at, now + (as_utc(record.act_by) - as_utc(record.created_at))
+        )
     return True
+
+
+def _still_due(due: Any, met: Any, fresh: datetime) -> Any:
+    """`fresh` for a deadline that is still to meet on the alert when the UPDATE writes it (open, not met); else
+    the due time the row has then (None: the concurrent outcome or action cleared it)."""
+    return case((and_(AlertRecord.status == "open", met.is_(None)), literal(fresh, due.type)), else_=due)
