@@ -579,12 +579,17 @@ def applied_to(session: Session, source_id: str) -> list[str]:
     ))
 
 
-def left_unchanged(session: Session, source_id: str) -> list[str]:
-    """The alerts an applied reassignment left as they were (its receiver held them already)."""
+def reassigned_by(session: Session, source_id: str) -> tuple[list[str], list[str]]:
+    """The alerts an applied reassignment handed to its receiver, and those it left as they were (its receiver
+    held them already)."""
     rows = session.execute(select(AuditEvent.alert_id, AuditEvent.detail).where(
         AuditEvent.source_id == source_id, AuditEvent.type == OutcomeType.REASSIGNED.value
     ).order_by(AuditEvent.id))
-    return [alert_id for alert_id, detail in rows if (detail or {}).get("unchanged")]
+    handed_over: list[str] = []
+    unchanged: list[str] = []
+    for alert_id, detail in rows:
+        (unchanged if (detail or {}).get("unchanged") else handed_over).append(alert_id)
+    return handed_over, unchanged
 
 
 def seen_at(record: AlertRecord, at: datetime) -> datetime:

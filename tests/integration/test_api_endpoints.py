@@ -501,6 +501,30 @@ async def test_outcome_webhook_addresses_by_alert_prediction_or_entity_and_dead_
     assert results[3]["detail"] == "no alert al-nope"
 
 
+async def test_the_outcome_webhook_says_per_item_whether_a_reassignment_changed_nothing(standalone) -> None:
+    """/v1/alerts/{id}/reassign answers `unchanged`; the batch answered a reassignment to the owner holding the
+    alert "applied" like one that handed it over, also when retried."""
+    api, app = standalone
+    await route(app, for_owner("u1", ALICE), for_owner("u2", ALICE))
+    events = [
+        {"alert_id": alert_id_for("u1", RULE), "type": "reassigned", "actor": "ops", "owner": ALICE},
+        {"prediction_id": "u2", "type": "reassigned", "actor": "ops", "owner": ELENA},
+        {"alert_id": alert_id_for("u1", RULE), "type": "acknowledged", "actor": "crm"},
+    ]
+    keyed = {**api.ops, "Idempotency-Key": "batch-unchanged-1"}
+    for replayed in (None, True):  # the retry is answered alike
+        response = await api.http.post("/v1/outcomes", json=events, headers=keyed)
+        assert response.status_code == 200, response.text
+        assert response.json()["results"] == [
+            {"index": 0, "status": "applied", "unchanged": True, **({"replayed": True} if replayed else {})},
+            {"index": 1, "status": "applied", "unchanged": False, **({"replayed": True} if replayed else {})},
+            {"index": 2, "status": "applied", **({"replayed": True} if replayed else {})},
+        ]
+    with Session(api.engine) as session:
+        owners = [session.get(AlertRecord, alert_id_for(p, RULE)).owner for p in ("u1", "u2")]
+    assert owners == [ALICE, ELENA]
+
+
 def events_of(engine: Engine, alert_id: str, kind: str) -> list[AuditEvent]:
     with Session(engine) as session:
         return list(session.scalars(select(AuditEvent).where(AuditEvent.alert_id == alert_id, AuditEvent.type == kind)))
