@@ -178,6 +178,7 @@ def reassign(
     """Hand an alert to another owner: the same event as `outcome reassigned --alert ID --owner ...`."""
     from decision_router.router import present_owner
     from decision_router.rules import RulesInvalid, load_rules
+    from decision_router.tracker import reassign_note
 
     settings = settings_or_exit()
     try:
@@ -193,11 +194,10 @@ def reassign(
             say(f"note: '{to}' is away; the router gives the alert to their delegate '{present}'", stderr=True)
         # Published all the same: the request is recorded (who asked), as the router applies it.
         held = _held(settings, alert_id)
-        if held is not None and held[0] == present:
-            say(f"note: '{present}' already holds the alert; nothing changes", stderr=True)
-        elif held is not None and held[1] == "closed":
-            say(f"note: the alert is closed; '{present}' becomes accountable for it, and does not receive it",
-                stderr=True)
+        # Worded as the API's answer to POST /v1/alerts/{id}/reassign.
+        if held is not None and (note := reassign_note(present, unchanged=held[0] == present,
+                                                       closed=held[1] == "closed")):
+            say(f"note: {note}", stderr=True)
     send_outcome({"type": "reassigned", "alert_id": alert_id, "actor": by, "owner": to, "note": reason}, settings)
 
 

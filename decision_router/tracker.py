@@ -709,6 +709,16 @@ def _reassign(
     return True
 
 
+def reassign_note(receiver: str, *, unchanged: bool, closed: bool) -> str | None:
+    """What a reassignment to `receiver` (the owner asked for, or their present delegate) does when it is no plain
+    hand-over, in the words the API's answer and the CLI's note both use; None for a plain one."""
+    if unchanged:
+        return f"'{receiver}' already holds the alert; nothing changes"
+    if closed:
+        return f"the alert is closed; '{receiver}' becomes accountable for it, and does not receive it"
+    return None
+
+
 def _still_due(due: Any, met: Any, fresh: datetime) -> Any:
     """`fresh` for a deadline that is still to meet on the alert when the UPDATE writes it (open, not met); else
     the due time the row has then (None: the concurrent outcome or action cleared it)."""

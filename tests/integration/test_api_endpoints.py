@@ -448,7 +448,7 @@ async def test_reassign_to_the_owner_holding_it_says_nothing_changes_and_a_close
         same = await served.http.post(f"/v1/alerts/{alert_id}/reassign", json={"owner": ALICE}, headers=retry)
         assert same.status_code == 200, same.text
         answer = same.json()
-        assert (answer["unchanged"], answer["note"]) == (True, f"{ALICE!r} already holds the alert; nothing changes")
+        assert (answer["unchanged"], answer["note"]) == (True, f"'{ALICE}' already holds the alert; nothing changes")
         assert answer["alert"] == before  # same deadlines, same delivery, same escalation state
     assert [e["type"] for e in answer["events"]][-2:] == ["delivered", "reassigned"]
     assert answer["events"][-1]["detail"] == {"from_owner": ALICE, "to_owner": ALICE, "unchanged": True}
@@ -463,7 +463,8 @@ async def test_reassign_to_the_owner_holding_it_says_nothing_changes_and_a_close
     assert (answer["unchanged"], answer["alert"]["owner"], answer["alert"]["delivered_at"]) == (
         False, ELENA, before["delivered_at"]
     )
-    assert answer["note"] == f"the alert is closed: {ELENA!r} is accountable for it now; it is not delivered again"
+    # In the words of `decision-router reassign`'s note (tests/unit/test_cli_input.py).
+    assert answer["note"] == f"the alert is closed; '{ELENA}' becomes accountable for it, and does not receive it"
     assert [e["type"] for e in answer["events"]][-1] == "reassigned"
     assert inbox(r, keys, ELENA) == []
 
