@@ -433,6 +433,20 @@ async def test_reassign_hands_the_alert_over_and_delivers_it_to_the_new_owner(
     )
 
 
+@pytest.mark.parametrize("alert_id", ["al-nope", "al-0%000", "al-" + "x" * 5000, "al-%C3%A9t%C3%A9", "%20", "al-%FF"])
+async def test_reassigning_an_alert_that_does_not_exist_is_a_404_that_changes_and_audits_nothing(
+    standalone, r, settings: Settings, alert_id: str
+) -> None:
+    api, _ = standalone
+    response = await api.http.post(f"/v1/alerts/{alert_id}/reassign", json={"owner": ELENA}, headers=api.ops)
+    assert response.status_code == 404, response.text
+    assert response.json()["detail"].startswith("no alert ")
+    with Session(api.engine) as session:
+        assert session.scalar(select(func.count()).select_from(AuditEvent)) == 0
+        assert session.scalar(select(func.count()).select_from(RejectionRecord)) == 0
+    assert r.xlen(f"{settings.stream_prefix}outcomes:dlq") == 0
+
+
 async def test_reassign_to_the_owner_holding_it_says_nothing_changes_and_a_closed_alert_is_not_delivered(
     served: Client, service, r, engine
 ) -> None:
