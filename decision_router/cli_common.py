@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import re
 import sys
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -429,10 +429,12 @@ def parse_entity(entity: str) -> tuple[str, str]:
 
 
 def send_outcome(
-    document: dict[str, Any], settings: Settings | None = None, *, options: Mapping[str, str] | None = None
+    document: dict[str, Any], settings: Settings | None = None, *, options: Mapping[str, str] | None = None,
+    before_publishing: Callable[[], None] | None = None,
 ) -> None:
     """Validate an outcome event (exit 2 when invalid, or when the router's gate would dead-letter it)
-    and publish it on the outcomes stream. `options`: how the command names the fields, for errors."""
+    and publish it on the outcomes stream. `options`: how the command names the fields, for errors;
+    `before_publishing`: the command's own checks of a valid event (it may exit)."""
     from pydantic import ValidationError
 
     from decision_router.contracts import OutcomeEvent, Rejection
@@ -452,6 +454,8 @@ def send_outcome(
                             now=datetime.now(UTC), max_skew=settings.max_clock_skew)
     if isinstance(checked, Rejection):
         fail(f"invalid outcome event: the router would reject it as {describe(checked)}", code=2)
+    if before_publishing is not None:
+        before_publishing()
 
     async def run() -> str:
         redis = await _connect(settings)

@@ -178,8 +178,11 @@ def reassign(
     """Hand an alert to another owner: the same event as `outcome reassigned --alert ID --owner ...`."""
     from decision_router.router import present_owner
     from decision_router.rules import RulesInvalid, load_rules
+    from decision_router.settings import redact_url
+    from decision_router.tracker import reassign_note
 
     settings = settings_or_exit()
+    present = to
     try:
         owners = load_rules(settings.rules_dir).owners
     except RulesInvalid:
@@ -191,19 +194,31 @@ def reassign(
         # The router hands it on as it does a routed alert: say so, or the user looks for it in the wrong inbox.
         if (present := present_owner(to, owners, datetime.now(UTC))) != to:
             say(f"note: '{to}' is away; the router gives the alert to their delegate '{present}'", stderr=True)
-        # Published all the same: the request is recorded (who asked), as the router applies it.
+
+    def check_alert() -> None:
+        """Once the event passed the router's gate (an empty or oversized id is refused there, as such)."""
         held = _held(settings, alert_id)
-        if held is not None and held[0] == present:
-            say(f"note: '{present}' already holds the alert; nothing changes", stderr=True)
-        elif held is not None and held[1] == "closed":
-            say(f"note: the alert is closed; '{present}' becomes accountable for it, and does not receive it",
-                stderr=True)
-    send_outcome({"type": "reassigned", "alert_id": alert_id, "actor": by, "owner": to, "note": reason}, settings)
+        if held is _NO_SUCH_ALERT:
+            # The router would dead-letter it (unknown_alert): "recorded" would read as done. Worded as `audit`.
+            fail(f"no alert {alert_id!r} in the store at {redact_url(settings.database_url)}; nothing was sent",
+                 code=2)
+        # Published all the same: the request is recorded (who asked), as the router applies it. Worded as the
+        # API's answer to POST /v1/alerts/{id}/reassign.
+        if isinstance(held, tuple) and (note := reassign_note(present, unchanged=held[0] == present,
+                                                              closed=held[1] == "closed")):
+            say(f"note: {note}", stderr=True)
+
+    send_outcome({"type": "reassigned", "alert_id": alert_id, "actor": by, "owner": to, "note": reason}, settings,
+                 before_publishing=check_alert)
 
 
-def _held(settings: Settings, alert_id: str) -> tuple[str, str] | None:
-    """(owner, status) of the alert as the store has it now, or None when it cannot say (no store file, no
-    such alert, the store unreachable): for `reassign`'s notes only, so never an error of its own."""
+_NO_SUCH_ALERT = "no such alert"  # _held: the store answered, and has no alert by that id
+
+
+def _held(settings: Settings, alert_id: str) -> tuple[str, str] | str | None:
+    """(owner, status) of the alert as the store has it now, _NO_SUCH_ALERT when the store has no such alert,
+    or None when it cannot say (no store file, no alerts table, the store unreachable): then the router says
+    what it made of the event, and this is never an error of its own."""
     from sqlalchemy.exc import SQLAlchemyError
     from sqlmodel import Session
 
@@ -220,7 +235,7 @@ def _held(settings: Settings, alert_id: str) -> tuple[str, str] | None:
     try:
         with Session(engine) as session:
             record = session.get(AlertRecord, alert_id)
-            return (record.owner, record.status) if record is not None else None
+            return (record.owner, record.status) if record is not None else _NO_SUCH_ALERT
     except SQLAlchemyError:
         return None  # no alerts table yet, or no store to reach: the router will say what it made of it
     finally:

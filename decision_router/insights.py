@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, literal, literal_column, select, union_all
+from sqlalchemy import and_, case, literal, literal_column, null, select, union_all
 from sqlalchemy.orm import Session
 
 from decision_router.durations import EARLIEST, format_duration
@@ -164,11 +164,55 @@ def time_to_act_histogram(
 # --- owners' SLA ----------------------------------------------------------------------------
 
 
+def overdue(alert: Any, now: datetime, last_step: str | None) -> tuple[bool, bool]:
+    """(ack, act): whether the accountable owner let the deadline to acknowledge, to act on, `alert` pass unmet.
+
+    Their deadline, not the alert's first one (ack_by, act_by): a reassignment gives the new owner fresh ones,
+    in ack_due_at / act_due_at, where the escalation sweep reads them. So a deadline is overdue when it is not
+    met and is no longer pending ahead: passed (the sweep takes it up on its next run), cleared by a breach at
+    the top of the chain (or, for the ack, by an escalation for the act: both missed), or moved on by an
+    escalation of the current chain (escalated_to: a reassignment starts a new chain), which pushes the due time
+    to the manager's. An escalation while unacknowledged was for the ack or also the act; whether the act's was
+    is `last_step`, the kind of the alert's latest escalation. `alert`: an AlertRecord or a row of its columns."""
+    def ahead(due: datetime | None) -> bool:
+        return due is not None and as_utc(due) > now
+
+    escalated = alert.escalated_to is not None
+    ack = alert.acknowledged_at is None and (escalated or not ahead(alert.ack_due_at))
+    act = alert.intervened_at is None and ((escalated and last_step == "act") or not ahead(alert.act_due_at))
+    return ack, act
+
+
+def last_steps(session: Session, alerts: Sequence[AlertRecord]) -> dict[str, str]:
+    """The kind (ack, act) of the latest escalation of each of these alerts escalated in their current chain."""
+    escalated = [alert.alert_id for alert in alerts if alert.escalated_to is not None]
+    if not escalated:
+        return {}
+    query = (
+        select(EscalationRecord.alert_id, EscalationRecord.kind)
+        .where(EscalationRecord.alert_id.in_(escalated))
+        .order_by(EscalationRecord.level)
+    )
+    return dict(session.execute(query).all())  # the highest level last
+
+
+# LAST_STEP for a row of the alerts: last_steps in SQL, one lookup by (alert_id, level) for an escalated alert.
+LAST_STEP = case(
+    (AlertRecord.escalated_to.is_(None), null()),
+    else_=select(EscalationRecord.kind)
+    .where(EscalationRecord.alert_id == AlertRecord.alert_id)
+    .order_by(EscalationRecord.level.desc())
+    .limit(1)
+    .correlate(AlertRecord)
+    .scalar_subquery(),
+)
+
+
 @dataclass(frozen=True)
 class OwnerSla:
     owner: str
     open: int  # routed alerts without an outcome
-    overdue: int  # of which past a deadline they have not met (ack_by unacknowledged, act_by not acted on)
+    overdue: int  # of which past a deadline of their owner's they have not met (see `overdue`)
     escalated: int  # of which escalated up the manager chain at least once
     breached: int  # of which missed a deadline at the top of the chain (an SLA breach)
 
@@ -179,18 +223,16 @@ def owner_sla(
 ) -> list[OwnerSla]:
     """Per accountable owner, their open alerts right now; most overdue first, then most open."""
     columns = (
-        AlertRecord.owner, AlertRecord.ack_by, AlertRecord.act_by, AlertRecord.acknowledged_at,
-        AlertRecord.intervened_at, AlertRecord.escalation_level, AlertRecord.ack_breached_at,
-        AlertRecord.act_breached_at,
+        AlertRecord.owner, AlertRecord.ack_due_at, AlertRecord.act_due_at, AlertRecord.acknowledged_at,
+        AlertRecord.intervened_at, AlertRecord.escalated_to, LAST_STEP.label("last_step"),
+        AlertRecord.escalation_level, AlertRecord.ack_breached_at, AlertRecord.act_breached_at,
     )
     query = _routed(within(select(*columns), AlertRecord.created_at, since, until)).where(AlertRecord.status == "open")
     tallies: dict[str, Counter[str]] = defaultdict(Counter)
     for r in session.execute(_filtered(query, rule, model)):
         tally = tallies[r.owner]
         tally["open"] += 1
-        late_ack = r.acknowledged_at is None and as_utc(r.ack_by) <= now
-        late_act = r.intervened_at is None and as_utc(r.act_by) <= now
-        tally["overdue"] += late_ack or late_act
+        tally["overdue"] += any(overdue(r, now, r.last_step))
         tally["escalated"] += r.escalation_level > 0
         tally["breached"] += r.ack_breached_at is not None or r.act_breached_at is not None
     rows = [

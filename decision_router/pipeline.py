@@ -68,8 +68,10 @@ class BatchResult:
     held_out: int = 0
     suppressed: int = 0
     delivered: int = 0
-    # Outcome events: the alerts a reassignment left as they were, its receiver holding them already.
+    # Outcome events: the alerts a reassignment left as they were, its receiver holding them already; and those
+    # it handed over (closed ones included).
     unchanged: list[str] = field(default_factory=list)
+    handed_over: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
     rejections: list[Rejection] = field(default_factory=list, repr=False)  # each with its detail, in order
     # Of `rejected`, the entries rejected for the first time (not a redelivered rejection): what the metrics count.
@@ -583,7 +585,9 @@ class Pipeline:
                         # Applied, but the crash or outage that brought it back may have come before its
                         # alerts reached the new owner: drained again below (the inbox write is deduped).
                         reassigned.extend(tracker.applied_to(session, source_id))
-                        result.unchanged.extend(tracker.left_unchanged(session, source_id))
+                        handed_over, unchanged = tracker.reassigned_by(session, source_id)
+                        result.handed_over.extend(handed_over)
+                        result.unchanged.extend(unchanged)
                     continue
                 alerts, reason, detail = self._applicable(
                     item, tracker.find_alerts(session, item, now=now, outcome_window=self.settings.outcome_window)
@@ -607,6 +611,7 @@ class Pipeline:
                 result.accepted += 1
                 result.unchanged.extend(unchanged)
                 if item.type is OutcomeType.REASSIGNED:
+                    result.handed_over.extend(a.alert_id for a in alerts if a.alert_id not in unchanged)
                     # Those it moved go to their new owners: the drain sends those back in the outbox (not a closed one).
                     reassigned.extend(a.prediction_id for a in alerts if a.alert_id not in unchanged)
             for rejection in rejections:

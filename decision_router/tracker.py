@@ -592,12 +592,17 @@ def applied_to(session: Session, source_id: str) -> list[str]:
     ))
 
 
-def left_unchanged(session: Session, source_id: str) -> list[str]:
-    """The alerts an applied reassignment left as they were (its receiver held them already)."""
+def reassigned_by(session: Session, source_id: str) -> tuple[list[str], list[str]]:
+    """The alerts an applied reassignment handed to its receiver, and those it left as they were (its receiver
+    held them already)."""
     rows = session.execute(select(AuditEvent.alert_id, AuditEvent.detail).where(
         AuditEvent.source_id == source_id, AuditEvent.type == OutcomeType.REASSIGNED.value
     ).order_by(AuditEvent.id))
-    return [alert_id for alert_id, detail in rows if (detail or {}).get("unchanged")]
+    handed_over: list[str] = []
+    unchanged: list[str] = []
+    for alert_id, detail in rows:
+        (unchanged if (detail or {}).get("unchanged") else handed_over).append(alert_id)
+    return handed_over, unchanged
 
 
 def seen_at(record: AlertRecord, at: datetime) -> datetime:
@@ -721,10 +726,32 @@ def _reassign(
     flag_modified(record, "escalated_to")
     # Deadlines not met yet start again for the new owner, also one the old owner's chain breached
     # (the breach stays recorded); a closed alert has none, nor has a decision nobody receives (a
-    # control, recorded or suppressed one), as when it was routed.
+    # control, recorded or suppressed one), as when it was routed. In SQL, from the row as it is when
+    # written, as delivered_at: an outcome (or the ack, the intervention) committed since this row was
+    # read cleared the deadline, and a closed alert must not get one back.
     timed = record.status == "open" and record.action == "alert" and not record.held_out
     if timed and record.acknowledged_at is None:
-        record.ack_due_at = now + (as_utc(record.ack_by) - as_utc(record.created_at))
+        record.ack_due_at = _still_due(
+            AlertRecord.ack_due_at, AlertRecord.acknowledged_at, now + (as_utc(record.ack_by) - as_utc(record.created_at))
+        )
     if timed and record.intervened_at is None:
-        record.act_due_at = now + (as_utc(record.act_by) - as_utc(record.created_at))
+        record.act_due_at = _still_due(
+            AlertRecord.act_due_at, AlertRecord.intervened_at, now + (as_utc(record.act_by) - as_utc(record.created_at))
+        )
     return True
+
+
+def reassign_note(receiver: str, *, unchanged: bool, closed: bool) -> str | None:
+    """What a reassignment to `receiver` (the owner asked for, or their present delegate) does when it is no plain
+    hand-over, in the words the API's answer and the CLI's note both use; None for a plain one."""
+    if unchanged:
+        return f"'{receiver}' already holds the alert; nothing changes"
+    if closed:
+        return f"the alert is closed; '{receiver}' becomes accountable for it, and does not receive it"
+    return None
+
+
+def _still_due(due: Any, met: Any, fresh: datetime) -> Any:
+    """`fresh` for a deadline that is still to meet on the alert when the UPDATE writes it (open, not met); else
+    the due time the row has then (None: the concurrent outcome or action cleared it)."""
+    return case((and_(AlertRecord.status == "open", met.is_(None)), literal(fresh, due.type)), else_=due)

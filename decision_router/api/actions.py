@@ -54,7 +54,7 @@ class Applied:
     reason: str | None = None
     detail: str | None = None
     replayed: bool = False  # applied by an earlier request with the same Idempotency-Key
-    unchanged: bool = False  # a reassignment whose receiver held the alert already
+    unchanged: bool = False  # a reassignment that changed nothing: its receiver held every alert it addressed
 
 
 def http_entry_id(token_id: int | str, key: str | None, document: Any, *where: object) -> str | None:
@@ -88,7 +88,7 @@ async def apply_event(request: Request, document: Any, *, entry_id: str | None =
     # ASCII escapes: a lone surrogate stays an escape for the gate to reject, not a crash in XADD.
     result = await pipeline.process_outcomes([(entry_id, {"data": json.dumps(document, default=str)})])
     if result.accepted or result.redelivered:
-        return Applied(True, replayed=not result.accepted, unchanged=bool(result.unchanged))
+        return Applied(True, replayed=not result.accepted, unchanged=bool(result.unchanged) and not result.handed_over)
     # The pipeline parsed the event once and says why it refused it (the DLQ entry's detail).
     [rejection] = result.rejections  # one entry, not applied: rejected
     return Applied(False, rejection.reason.value, rejection.detail)

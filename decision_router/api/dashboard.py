@@ -31,7 +31,7 @@ from decision_router.api.common import UNKNOWN_IS_422, parse_window, query_error
 from decision_router.audit import iso
 from decision_router.pipeline import utcnow
 from decision_router.stats_filters import Unknown, unknown_to_api
-from decision_router.tables import AlertRecord, as_utc
+from decision_router.tables import AlertRecord
 from decision_router.uplift import MIN_N
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -125,8 +125,12 @@ async def ops_view(
     return view
 
 
-def _owner_alert(record: AlertRecord, now: datetime, to_me: tuple[int, str] | None) -> dict[str, Any]:
-    ack_by, act_by = as_utc(record.ack_by), as_utc(record.act_by)
+def _owner_alert(
+    record: AlertRecord, now: datetime, to_me: tuple[int, str] | None, last_step: str | None
+) -> dict[str, Any]:
+    # Overdue by the owner's own deadlines, as the escalation sweep reads them: after a reassignment, the
+    # fresh ones, not ack_by / act_by (the alert's first deadlines, shown as they are documented).
+    ack_overdue, act_overdue = insights.overdue(record, now, last_step)
     return {
         "alert_id": record.alert_id,
         # Someone else's alert escalated to the caller: the owner stays accountable, the caller may act.
@@ -143,13 +147,16 @@ def _owner_alert(record: AlertRecord, now: datetime, to_me: tuple[int, str] | No
         "context": record.context,
         "missing_context": record.missing_context,
         "created_at": iso(record.created_at),
-        "ack_by": iso(ack_by),
-        "act_by": iso(act_by),
+        "ack_by": iso(record.ack_by),
+        "act_by": iso(record.act_by),
+        # The deadlines pending now (null once met or breached), as GET /v1/alerts/{id} shows them.
+        "ack_due_at": iso(record.ack_due_at),
+        "act_due_at": iso(record.act_due_at),
         "acknowledged_at": iso(record.acknowledged_at),
         "intervened_at": iso(record.intervened_at),
         "intervention": record.intervention,
-        "ack_overdue": record.acknowledged_at is None and ack_by <= now,
-        "act_overdue": record.intervened_at is None and act_by <= now,
+        "ack_overdue": ack_overdue,
+        "act_overdue": act_overdue,
         "escalation_level": record.escalation_level,
         "escalated_to": record.escalated_to,
     }
@@ -169,6 +176,9 @@ async def owner_view(
         records = insights.open_alerts(session, owner=owner)
         others = [record.alert_id for record in records if record.owner != owner]
         steps = insights.escalations_to(session, to_owner=owner, alert_ids=others)
-        return [_owner_alert(record, now, steps.get(record.alert_id)) for record in records]
+        last = insights.last_steps(session, records)
+        return [
+            _owner_alert(record, now, steps.get(record.alert_id), last.get(record.alert_id)) for record in records
+        ]
 
     return {"owner": owner, "now": iso(now), "alerts": await read_store(request, read)}

@@ -41,6 +41,7 @@ from decision_router.contracts import OutcomeResult, not_a_boolean
 from decision_router.echo import did_you_mean
 from decision_router.insights import NEWEST_FIRST, alerts_seen_by
 from decision_router.tables import DELIVERED_TO_OWNER, AlertRecord, EscalationRecord, as_utc
+from decision_router.tracker import reassign_note
 
 router = APIRouter(tags=["alerts"])
 
@@ -394,11 +395,6 @@ async def reassign(
     alert = document["alert"]
     # The alert's detail alone does not tell a request that had no effect from one that did.
     document["unchanged"] = applied.unchanged
-    if applied.unchanged:
-        note = f"{alert['owner']!r} already holds the alert; nothing changes"
-    elif alert["status"] == "closed":
-        note = f"the alert is closed: {alert['owner']!r} is accountable for it now; it is not delivered again"
-    else:
-        note = None
-    document["note"] = note
+    # Worded as `decision-router reassign` notes it.
+    document["note"] = reassign_note(alert["owner"], unchanged=applied.unchanged, closed=alert["status"] == "closed")
     return document

@@ -41,7 +41,13 @@ async def post_outcomes(
         entry_id = http_entry_id(principal.token_id, key, event, "outcomes", index)
         applied = await apply_event(request, event, entry_id=entry_id)
         if applied.applied:
-            results.append({"index": index, "status": "applied", **({"replayed": True} if applied.replayed else {})})
+            item: dict[str, Any] = {"index": index, "status": "applied"}
+            if applied.replayed:
+                item["replayed"] = True
+            if isinstance(event, dict) and event.get("type") == "reassigned":
+                # As /v1/alerts/{id}/reassign answers it: true when its receiver held every alert it addressed.
+                item["unchanged"] = applied.unchanged
+            results.append(item)
         else:
             results.append({"index": index, "status": "rejected", "reason": applied.reason, "detail": applied.detail})
     done = sum(1 for r in results if r["status"] == "applied")

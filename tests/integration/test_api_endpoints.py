@@ -433,6 +433,20 @@ async def test_reassign_hands_the_alert_over_and_delivers_it_to_the_new_owner(
     )
 
 
+@pytest.mark.parametrize("alert_id", ["al-nope", "al-0%000", "al-" + "x" * 5000, "al-%C3%A9t%C3%A9", "%20", "al-%FF"])
+async def test_reassigning_an_alert_that_does_not_exist_is_a_404_that_changes_and_audits_nothing(
+    standalone, r, settings: Settings, alert_id: str
+) -> None:
+    api, _ = standalone
+    response = await api.http.post(f"/v1/alerts/{alert_id}/reassign", json={"owner": ELENA}, headers=api.ops)
+    assert response.status_code == 404, response.text
+    assert response.json()["detail"].startswith("no alert ")
+    with Session(api.engine) as session:
+        assert session.scalar(select(func.count()).select_from(AuditEvent)) == 0
+        assert session.scalar(select(func.count()).select_from(RejectionRecord)) == 0
+    assert r.xlen(f"{settings.stream_prefix}outcomes:dlq") == 0
+
+
 async def test_reassign_to_the_owner_holding_it_says_nothing_changes_and_a_closed_alert_is_not_delivered(
     served: Client, service, r, engine
 ) -> None:
@@ -448,7 +462,7 @@ async def test_reassign_to_the_owner_holding_it_says_nothing_changes_and_a_close
         same = await served.http.post(f"/v1/alerts/{alert_id}/reassign", json={"owner": ALICE}, headers=retry)
         assert same.status_code == 200, same.text
         answer = same.json()
-        assert (answer["unchanged"], answer["note"]) == (True, f"{ALICE!r} already holds the alert; nothing changes")
+        assert (answer["unchanged"], answer["note"]) == (True, f"'{ALICE}' already holds the alert; nothing changes")
         assert answer["alert"] == before  # same deadlines, same delivery, same escalation state
     assert [e["type"] for e in answer["events"]][-2:] == ["delivered", "reassigned"]
     assert answer["events"][-1]["detail"] == {"from_owner": ALICE, "to_owner": ALICE, "unchanged": True}
@@ -463,7 +477,8 @@ async def test_reassign_to_the_owner_holding_it_says_nothing_changes_and_a_close
     assert (answer["unchanged"], answer["alert"]["owner"], answer["alert"]["delivered_at"]) == (
         False, ELENA, before["delivered_at"]
     )
-    assert answer["note"] == f"the alert is closed: {ELENA!r} is accountable for it now; it is not delivered again"
+    # In the words of `decision-router reassign`'s note (tests/unit/test_cli_input.py).
+    assert answer["note"] == f"the alert is closed; '{ELENA}' becomes accountable for it, and does not receive it"
     assert [e["type"] for e in answer["events"]][-1] == "reassigned"
     assert inbox(r, keys, ELENA) == []
 
@@ -499,6 +514,30 @@ async def test_outcome_webhook_addresses_by_alert_prediction_or_entity_and_dead_
     # The answer's reason and detail are the DLQ entry's: the event was parsed once, by the pipeline.
     assert dlq == [("unknown_alert", results[3]["detail"]), ("schema", results[4]["detail"])]
     assert results[3]["detail"] == "no alert al-nope"
+
+
+async def test_the_outcome_webhook_says_per_item_whether_a_reassignment_changed_nothing(standalone) -> None:
+    """/v1/alerts/{id}/reassign answers `unchanged`; the batch answered a reassignment to the owner holding the
+    alert "applied" like one that handed it over, also when retried."""
+    api, app = standalone
+    await route(app, for_owner("u1", ALICE), for_owner("u2", ALICE))
+    events = [
+        {"alert_id": alert_id_for("u1", RULE), "type": "reassigned", "actor": "ops", "owner": ALICE},
+        {"prediction_id": "u2", "type": "reassigned", "actor": "ops", "owner": ELENA},
+        {"alert_id": alert_id_for("u1", RULE), "type": "acknowledged", "actor": "crm"},
+    ]
+    keyed = {**api.ops, "Idempotency-Key": "batch-unchanged-1"}
+    for replayed in (None, True):  # the retry is answered alike
+        response = await api.http.post("/v1/outcomes", json=events, headers=keyed)
+        assert response.status_code == 200, response.text
+        assert response.json()["results"] == [
+            {"index": 0, "status": "applied", "unchanged": True, **({"replayed": True} if replayed else {})},
+            {"index": 1, "status": "applied", "unchanged": False, **({"replayed": True} if replayed else {})},
+            {"index": 2, "status": "applied", **({"replayed": True} if replayed else {})},
+        ]
+    with Session(api.engine) as session:
+        owners = [session.get(AlertRecord, alert_id_for(p, RULE)).owner for p in ("u1", "u2")]
+    assert owners == [ALICE, ELENA]
 
 
 def events_of(engine: Engine, alert_id: str, kind: str) -> list[AuditEvent]:

@@ -189,3 +189,33 @@ async def test_owner_view_of_a_manager_adds_the_open_alerts_escalated_to_them_ma
     view = (await dash.client.get("/v1/dashboard/owner", headers=dash.headers["lead"])).json()
     [card] = [a for a in view["alerts"] if a["alert_id"] == other]
     assert (card["owner"], card["escalated_from"], card["escalated_to"]) == ("elena-petrova", "alice-moreau", None)
+
+
+async def test_an_alert_reassigned_after_its_deadlines_passed_is_not_overdue_to_its_new_owner(
+    dash: Dashboard, engine: Engine
+) -> None:
+    """The owner view and the ops view's SLA read the alert's first deadlines (ack_by, act_by): one of alice's
+    alerts, escalated for its missed ack, handed to elena showed as overdue to her the moment she got it."""
+    alice = (await dash.client.get("/v1/dashboard/owner", headers=dash.headers["alice"])).json()
+    card = next(a for a in alice["alerts"] if a["acknowledged_at"] is None)
+    assert card["ack_overdue"] and card["escalation_level"] == 1  # alice missed it: overdue for her
+    ops = dash.headers["ops"]
+
+    def sla_of(view: dict) -> dict[str, tuple[int, int]]:
+        return {row["owner"]: (row["open"], row["overdue"]) for row in view["sla"]}
+
+    before = sla_of((await dash.client.get("/v1/dashboard/ops", headers=ops)).json())
+    moved = await dash.client.post(f"/v1/alerts/{card['alert_id']}/reassign", json={"owner": "elena-petrova"},
+                                   headers=ops)
+    assert moved.status_code == 200, moved.text
+    fresh = moved.json()["alert"]
+    elena = (await dash.client.get("/v1/dashboard/owner", headers=dash.headers["elena"])).json()
+    [mine] = [a for a in elena["alerts"] if a["alert_id"] == card["alert_id"]]
+    assert (mine["ack_overdue"], mine["act_overdue"]) == (False, False)
+    # Her deadlines are shown as GET /v1/alerts/{id} has them; ack_by / act_by stay the alert's first ones.
+    assert (mine["ack_due_at"], mine["act_due_at"]) == (fresh["ack_due_at"], fresh["act_due_at"])
+    assert (mine["ack_by"], mine["act_by"]) == (card["ack_by"], card["act_by"]) and mine["ack_by"] < dash.now.isoformat()
+    after = sla_of((await dash.client.get("/v1/dashboard/ops", headers=ops)).json())
+    # One more open alert for elena, none more overdue; alice has one fewer of each.
+    assert after["elena-petrova"] == (before["elena-petrova"][0] + 1, before["elena-petrova"][1])
+    assert after["alice-moreau"] == (before["alice-moreau"][0] - 1, before["alice-moreau"][1] - 1)

@@ -17,7 +17,7 @@ from decision_router.escalation import escalate
 from decision_router.rules import load_rules
 from decision_router.service import running_service
 from decision_router.stats import compute_stats
-from decision_router.tables import AlertRecord, AuditEvent, EscalationRecord
+from decision_router.tables import AlertRecord, AuditEvent, EscalationRecord, as_utc
 from decision_router.tracker import alert_id_for, apply_outcome
 from tests.integration.conftest import ManualClock, wait_until
 
@@ -195,6 +195,8 @@ async def test_an_alert_closed_after_a_reassignment_read_it_is_not_delivered_aga
     """Another worker's outcome commits between the reassignment's read (the alert open) and its write: the alert
     is closed when the reassignment lands, so it stays out of the outbox (the new owner has nothing to act on)."""
     alert_id = await routed_alert(svc, r, "race3")
+    # Marked delivered just after the inbox write routed_alert waits for: read before, it was None (a flaky test).
+    await wait_until(lambda: alert_row(engine, alert_id).delivered_at is not None, what="the delivery mark")
     delivered_at = alert_row(engine, alert_id).delivered_at
     now = T0 + timedelta(minutes=30)
     with Session(engine) as reassigning:
@@ -211,6 +213,32 @@ async def test_an_alert_closed_after_a_reassignment_read_it_is_not_delivered_aga
     assert (row.owner, row.status, row.delivered_at) == ("desk", "closed", delivered_at)
     assert await svc.outbox.drain_once(grace=timedelta(0)) == 0
     assert inbox(r, svc.keys, "desk") == []
+
+
+@pytest.mark.parametrize("meanwhile", ["outcome", "acknowledged"])
+async def test_a_reassignment_racing_an_outcome_or_ack_gives_no_deadline_back(svc, r, engine, meanwhile) -> None:
+    """The reassignment read the alert open and unacknowledged; another worker's outcome (or ack) commits before it
+    writes. Its fresh due times were written from what it read: a closed alert got both deadlines back (an
+    acknowledged one its ack deadline), as pending as a new alert's."""
+    alert_id = await routed_alert(svc, r, f"race-due-{meanwhile}")
+    now = T0 + timedelta(minutes=30)
+    with Session(engine) as reassigning:
+        (record,) = reassigning.scalars(select(AlertRecord).where(AlertRecord.alert_id == alert_id)).all()
+        assert (record.status, record.acknowledged_at) == ("open", None)
+        with Session(engine) as other:
+            event = OutcomeEvent(type=meanwhile, alert_id=alert_id, actor="crm",
+                                 **({"result": "success"} if meanwhile == "outcome" else {}))
+            apply_outcome(other, event=event, alerts=[other.get(AlertRecord, alert_id)], source_id=None, now=now)
+            other.commit()
+        event = OutcomeEvent(type="reassigned", alert_id=alert_id, actor="ops", owner="desk")
+        apply_outcome(reassigning, event=event, alerts=[record], source_id=None, now=now)
+        reassigning.commit()
+    row = alert_row(engine, alert_id)
+    assert (row.owner, row.ack_due_at) == ("desk", None)
+    if meanwhile == "outcome":
+        assert (row.status, row.act_due_at) == ("closed", None)
+    else:  # still open and not acted on: the act deadline starts again for desk (act_within 4h)
+        assert (row.status, as_utc(row.act_due_at)) == ("open", now + timedelta(hours=4))
 
 
 async def test_an_escalation_to_an_away_manager_goes_to_their_delegate(svc, r, engine, clock) -> None:

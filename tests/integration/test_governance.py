@@ -259,6 +259,7 @@ async def test_a_reassignment_to_the_owner_holding_the_alert_keeps_its_escalatio
     for _ in range(2):  # the same entry redelivered changes nothing more
         result = await reassign_entry(gov, "1-1", alert_id, to)
         assert (result.accepted + result.redelivered, result.unchanged, result.delivered) == (1, [alert_id], 0)
+        assert result.handed_over == []
         assert sla_state(engine, alert_id) == before
     assert len(inbox(r, keys, "am")) == 1
     detail = {"note": "back to you", "from_owner": "am", "to_owner": "am", "unchanged": True}
@@ -287,6 +288,7 @@ async def test_a_closed_alert_reassigned_changes_owner_and_is_not_delivered_agai
     for _ in range(2):  # redelivered: still nothing sent
         result = await reassign_entry(gov, "1-2", alert_id, "desk")
         assert (result.accepted + result.redelivered, result.unchanged, result.delivered) == (1, [], 0)
+        assert result.handed_over == [alert_id]  # accountable now, though not delivered
     assert await gov.outbox.drain_once(grace=timedelta(0)) == 0
     assert r.xlen(keys.inbox("desk")) == 0
     owner, _, still_delivered_at, ack_due, act_due, *_ = sla_state(engine, alert_id)

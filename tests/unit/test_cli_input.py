@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -349,6 +350,17 @@ def test_a_number_of_hundreds_of_digits_is_quoted_by_its_start_and_length() -> N
 # reassign: an owner who is away ------------------------------------------------------------------------
 
 
+def publishing_to(sent: list[dict]) -> Callable[..., None]:
+    """send_outcome without Redis: the command's own checks run (before_publishing), then `sent` gets the event."""
+
+    def send(document: dict, settings: object, *, before_publishing: Callable[[], None] | None = None) -> None:
+        if before_publishing is not None:
+            before_publishing()
+        sent.append(document)
+
+    return send
+
+
 def test_reassigning_to_an_away_owner_says_who_receives_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()
@@ -359,7 +371,7 @@ def test_reassigning_to_an_away_owner_says_who_receives_it(tmp_path: Path, monke
     )
     monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(rules))
     sent: list[dict] = []
-    monkeypatch.setattr("decision_router.cli_governance.send_outcome", lambda document, settings: sent.append(document))
+    monkeypatch.setattr("decision_router.cli_governance.send_outcome", publishing_to(sent))
     result = invoke("reassign", "al-1", "--to", "hugo", "--by", "lead")
     assert result.exit_code == 0, result.output
     assert result.stderr == "note: 'hugo' is away; the router gives the alert to their delegate 'felix'\n"
@@ -395,7 +407,7 @@ def test_reassigning_to_the_owner_holding_the_alert_or_a_closed_one_says_what_fo
     monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(rules))
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", url)
     sent: list[dict] = []
-    monkeypatch.setattr("decision_router.cli_governance.send_outcome", lambda document, settings: sent.append(document))
+    monkeypatch.setattr("decision_router.cli_governance.send_outcome", publishing_to(sent))
     held = "note: 'felix' already holds the alert; nothing changes\n"
     assert invoke("reassign", "al-r-0", "--to", "felix", "--by", "lead").stderr == held
     assert invoke("reassign", "al-r-0", "--to", "hugo", "--by", "lead").stderr == (
@@ -405,8 +417,10 @@ def test_reassigning_to_the_owner_holding_the_alert_or_a_closed_one_says_what_fo
         "note: the alert is closed; 'desk' becomes accountable for it, and does not receive it\n"
     )
     assert invoke("reassign", "al-r-0", "--to", "desk", "--by", "lead").stderr == ""  # a hand-over
-    assert invoke("reassign", "al-nope", "--to", "desk", "--by", "lead").stderr == ""  # the router says unknown_alert
-    assert [d["owner"] for d in sent] == ["felix", "hugo", "desk", "desk", "desk"]
+    # No such alert in the store: refused, not "recorded" for the router to dead-letter (unknown_alert).
+    line = one_error(invoke("reassign", "al-nope", "--to", "desk", "--by", "lead"), 2)
+    assert line == f"error: no alert 'al-nope' in the store at {url}; nothing was sent"
+    assert [d["owner"] for d in sent] == ["felix", "hugo", "desk", "desk"]
     # No store where the URL points: nothing to say, and none created by looking.
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'elsewhere.db'}")
     assert invoke("reassign", "al-r-0", "--to", "felix", "--by", "lead").stderr == ""

@@ -18,7 +18,7 @@ from decision_router.rules import load_rules
 from decision_router.settings import Settings
 from decision_router.stats import compute_quality, compute_stats
 from decision_router.store import create_schema, make_engine
-from decision_router.tables import EscalationRecord, RejectionRecord
+from decision_router.tables import AlertRecord, EscalationRecord, RejectionRecord
 from tests.browser.seed import Clock, seed
 from tests.unit.test_stats import HOLDOUTS, T0, alert, known_records
 
@@ -72,19 +72,28 @@ def test_time_to_act_edges_must_increase(known) -> None:
         insights.time_to_act_histogram(session, edges=(3600, 60))
 
 
+def timed(record: AlertRecord) -> AlertRecord:
+    """With the due times the pipeline gives a routed alert (its first deadlines, until met)."""
+    if record.status == "open" and record.action == "alert" and not record.held_out:
+        record.ack_due_at = record.ack_by if record.acknowledged_at is None else None
+        record.act_due_at = record.act_by if record.intervened_at is None else None
+    return record
+
+
 def test_owner_sla_counts_open_overdue_and_escalated() -> None:
     now = T0 + timedelta(hours=5)
-    late = alert(1, rule="r", owner="alice")  # ack_by T0+4h missed
-    acked = alert(2, rule="r", owner="alice", ack=True)  # act_by T0+2d still ahead
+    late = timed(alert(1, rule="r", owner="alice"))  # ack_by T0+4h missed
+    acked = timed(alert(2, rule="r", owner="alice", ack=True))  # act_by T0+2d still ahead
     closed = alert(3, rule="r", owner="alice", outcome="success")
-    escalated = alert(4, rule="r", owner="alice")
+    escalated = timed(alert(4, rule="r", owner="alice"))
     escalated.escalation_level, escalated.ack_breached_at = 2, T0 + timedelta(hours=4, minutes=30)
-    fresh = alert(5, rule="r", owner="bob", created=T0 + timedelta(hours=3))  # ack_by T0+7h
+    escalated.escalated_to, escalated.ack_due_at = "vp", None  # breached at the top of the chain
+    fresh = timed(alert(5, rule="r", owner="bob", created=T0 + timedelta(hours=3)))  # ack_by T0+7h
     control = alert(6, rule="r", owner="bob", held_out=True)
     record = alert(7, rule="r", owner="bob", action="record")
     suppressed = alert(8, rule="r", owner="bob")
     suppressed.suppressed_by = "al-r-5"
-    other_model = alert(9, rule="r", owner="carol", model="fraud")
+    other_model = timed(alert(9, rule="r", owner="carol", model="fraud"))
     engine = memory_store([late, acked, closed, escalated, fresh, control, record, suppressed, other_model])
     with Session(engine) as session:
         rows = insights.owner_sla(session, now=now)
@@ -93,6 +102,39 @@ def test_owner_sla_counts_open_overdue_and_escalated() -> None:
         ("alice", 3, 2, 1, 1), ("carol", 1, 1, 0, 0), ("bob", 1, 0, 0, 0),
     ]
     assert [r.owner for r in churn] == ["alice", "bob"]
+
+
+def test_overdue_is_by_the_owners_own_deadlines_as_the_escalation_sweep_reads_them() -> None:
+    """A reassignment gives the new owner fresh deadlines (ack_due_at, act_due_at); overdue read the alert's first
+    ones (ack_by, act_by), so an alert reassigned after its first ack deadline was overdue to its new owner at once."""
+    now = T0 + timedelta(hours=5)  # past every alert's ack_by (T0+4h); act_by T0+2d ahead
+    reassigned = timed(alert(1, rule="r", owner="bob"))
+    reassigned.original_owner, reassigned.escalation_level, reassigned.ack_breached_at = "alice", 1, T0 + timedelta(hours=4)
+    reassigned.ack_due_at = now - timedelta(minutes=10) + timedelta(hours=4)  # reassigned 10 min ago: fresh 4h
+    late_again = timed(alert(2, rule="r", owner="bob"))  # reassigned at T0: its fresh ack deadline passed too
+    late_again.original_owner = "alice"
+    # Escalated for the ack (the manager's deadline pushed it to T0+8h): overdue for its owner; the act is not due.
+    ack_step = timed(alert(3, rule="r", owner="carol"))
+    ack_step.escalation_level, ack_step.escalated_to, ack_step.ack_due_at = 1, "lead", T0 + timedelta(hours=8)
+    # Escalated for the act (both deadlines missed, the act's pushed to the manager's): both overdue.
+    act_step = timed(alert(4, rule="r", owner="dave"))
+    act_step.escalation_level, act_step.escalated_to = 1, "lead"
+    act_step.ack_due_at, act_step.act_due_at = None, now + timedelta(days=2)
+    steps = [
+        EscalationRecord(alert_id=ack_step.alert_id, level=1, kind="ack", from_owner="carol", to_owner="lead",
+                         reason="x", at=T0 + timedelta(hours=4)),
+        EscalationRecord(alert_id=act_step.alert_id, level=1, kind="act", from_owner="dave", to_owner="lead",
+                         reason="x", at=now),
+    ]
+    ids = [r.alert_id for r in (reassigned, late_again, ack_step, act_step)]
+    engine = memory_store([reassigned, late_again, ack_step, act_step, *steps])
+    with Session(engine) as session:
+        sla = {row.owner: (row.open, row.overdue) for row in insights.owner_sla(session, now=now)}
+        records = [session.get(AlertRecord, alert_id) for alert_id in ids]
+        last = insights.last_steps(session, records)
+        flags = [insights.overdue(r, now, last.get(r.alert_id)) for r in records]
+    assert flags == [(False, False), (True, False), (True, False), (True, True)]
+    assert sla == {"bob": (2, 1), "carol": (1, 1), "dave": (1, 1)}
 
 
 def rejection(day: datetime, reason: str, model: str | None, stream: str = "p:predictions") -> RejectionRecord:

@@ -166,9 +166,11 @@ function alertCard(alert, me) {
     textContent: `${alert.rule} · ${alert.priority} · ${alert.model} score ${alert.score.toFixed(2)} · created ${when(alert.created_at)}`,
   }));
   const dl = node("dl");
-  const ackState = alert.acknowledged_at ? `acknowledged ${when(alert.acknowledged_at)}` : `by ${when(alert.ack_by)}`;
+  // The deadline pending now (a reassigned alert's fresh one); the first one once none is (breached).
+  const ackState = alert.acknowledged_at
+    ? `acknowledged ${when(alert.acknowledged_at)}` : `by ${when(alert.ack_due_at || alert.ack_by)}`;
   const actState = alert.intervened_at
-    ? `${alert.intervention || "intervened"} ${when(alert.intervened_at)}` : `by ${when(alert.act_by)}`;
+    ? `${alert.intervention || "intervened"} ${when(alert.intervened_at)}` : `by ${when(alert.act_due_at || alert.act_by)}`;
   dl.append(node("dt", { textContent: "acknowledge" }),
     node("dd", { textContent: ackState + (alert.ack_overdue ? " — overdue" : ""), className: alert.ack_overdue ? "overdue" : "" }));
   dl.append(node("dt", { textContent: "act" }),
