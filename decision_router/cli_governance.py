@@ -91,14 +91,15 @@ def read_store(settings: Settings) -> Iterator[Any]:
         engine.dispose()
 
 
-def _ruleset_or_exit(directory: Path) -> Any:
-    """The rule set in `directory`, or every problem on stderr and exit 1 (as `rules check`)."""
+def _ruleset_or_exit(directory: Path, *, given: bool = True) -> Any:
+    """The rule set in `directory`, or every problem on stderr and exit 1 (as `rules check`); `given`: named
+    on the command line, not DECISION_ROUTER_RULES_DIR."""
     from decision_router.rules import RulesInvalid, load_rules
 
     try:
         return load_rules(directory)
     except RulesInvalid as exc:
-        fail_with_problems(exc.problems, directory)
+        fail_with_problems(exc.problems, directory, given=given)
 
 
 # audit ---------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ def rules_test(
     if file is not None and prediction is not None:
         fail("give the prediction as an argument or --file, not both", code=2)
     directory = rules or settings_or_exit().rules_dir
-    ruleset = _ruleset_or_exit(directory)
+    ruleset = _ruleset_or_exit(directory, given=rules is not None)
     # A byte that is not UTF-8 fails its own prediction (the gate: invalid_encoding), not the whole input;
     # stdin is read as bytes too, as its text decoding (and so what a bad byte does) depends on the locale.
     if file is not None and file.suffix.lower() == ".csv":  # a CSV by its extension, as `publish --format auto`

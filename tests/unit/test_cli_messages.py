@@ -213,6 +213,21 @@ def test_rules_check_of_the_routing_file_says_to_give_the_directory() -> None:
     ]
 
 
+def test_a_missing_rules_directory_is_one_line_as_serve_says_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rules check` printed "not found" for each of the two files, where `serve` says there is no directory."""
+    missing = tmp_path / "nowhere"
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(missing))
+    from_settings = (f"no rules directory at {missing} (DECISION_ROUTER_RULES_DIR, default: rules in the working "
+                     "directory): run this in the checkout, or set DECISION_ROUTER_RULES_DIR")
+    assert one_error(invoke("rules", "check"), 1) == from_settings
+    assert one_error(invoke("rules", "test", "{}"), 1) == from_settings
+    # Named on the command line: the variable has nothing to do with it.
+    assert one_error(invoke("rules", "check", str(missing)), 1) == f"no rules directory at {missing}"
+    assert one_error(invoke("rules", "test", "--rules", str(missing), "{}"), 1) == f"no rules directory at {missing}"
+
+
 def test_rules_test_reads_a_csv_file_as_publish_does(tmp_path: Path) -> None:
     now = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     csv_file = tmp_path / "predictions.csv"
