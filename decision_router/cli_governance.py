@@ -307,6 +307,19 @@ def rules_test(
             text, source = sys.stdin.buffer.read().decode("utf-8-sig", "surrogateescape"), "stdin"
         cases = parse_inputs(text, source)
     rule_names, owner_ids = split_expectations(expect_rule), split_expectations(expect_owner)
+    # A name that is in the rules nowhere (a typo) can never be met: said as such, not as a mismatch per case.
+    unknown = [
+        f"{option}: " + what.format(name=name, rules=_as_directory(directory)) + did_you_mean(name, known)
+        for option, expected, known, what in (
+            ("--expect-rule", rule_names, [rule.name for rule in ruleset.rules], "no rule is called '{name}' in {rules}"),
+            ("--expect-owner", owner_ids, list(ruleset.owners), "'{name}' is not in the owner directory ({rules})"),
+        )
+        for name in dict.fromkeys(expected) if name not in known
+    ]
+    for problem in unknown[:-1]:
+        err.print(Text.assemble(("error:", "bold red"), " ", problem), highlight=False, soft_wrap=True)
+    if unknown:
+        fail(unknown[-1], code=2)
     now = utcnow()
     results = run_cases(cases, ruleset, now=now, rules=rule_names, owners=owner_ids)
     if fmt == "json":

@@ -287,6 +287,27 @@ def test_rules_test_refuses_an_empty_name_in_its_lookup_as_the_gate_does_in_cont
     assert one_error(in_lookup, 2) == f"argument: invalid prediction: schema: {detail}"
 
 
+def test_rules_test_says_an_expected_rule_or_owner_is_in_the_rules_nowhere(tmp_path: Path) -> None:
+    """`--expect-rule nope` read only "mismatch: expected rules nope; got all", as if the rules had changed."""
+    directory = small_rules(tmp_path / "rules")
+    prediction = json.dumps({
+        "prediction_id": "p1", "model": "churn", "model_version": "1", "entity_type": "account", "entity_id": "a1",
+        "score": 0.9, "predicted_at": datetime.now(UTC).isoformat(),
+    })
+    tested = invoke("rules", "test", "--rules", str(directory), "--expect-rule", "al,all",
+                    "--expect-owner", "dsk", "--expect-owner", "nobody", prediction)
+    assert tested.exit_code == 2, tested.output
+    assert tested.stdout == ""
+    assert tested.stderr.splitlines() == [
+        f"error: --expect-rule: no rule is called 'al' in {directory}/; did you mean 'all'?",
+        f"error: --expect-owner: 'dsk' is not in the owner directory ({directory}/); did you mean 'desk'?",
+        f"error: --expect-owner: 'nobody' is not in the owner directory ({directory}/)",
+    ]
+    met = invoke("rules", "test", "--rules", str(directory), "--expect-rule", "all", "--expect-owner", "desk", prediction)
+    assert met.exit_code == 0, met.output
+    assert met.stderr.splitlines() == ["expectations met"]
+
+
 def test_rules_test_header_names_the_rules_directory(tmp_path: Path) -> None:
     directory = small_rules(tmp_path / "rules")
     tested = invoke("rules", "test", "--rules", str(directory), '{"prediction_id": "p1"}')
