@@ -34,6 +34,7 @@ from decision_router.rules.spec import (
     RoutingFile,
     RuleSpec,
     WebhookSpec,
+    got_text,
     read_secret_file,
 )
 
@@ -321,6 +322,8 @@ def _message(error: Any, path: tuple[str, ...], in_item: bool, list_key: str) ->
         return str(error["ctx"]["error"])
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"expected a mapping, got {value!r}"
+    if kind == "owner_shape":  # a list too: `owner: [desk]` read "expected an owner id or ..." and no more
+        return f"{error['msg']}, got {got_text(value)}"
     if kind == "literal_error":
         return f"expected {error['ctx']['expected']}, got {value!r}"
     if kind in ("list_type", "tuple_type"):
@@ -545,7 +548,7 @@ def _check_models(data: dict[str, Any], directory: set[str] | None, out: _Proble
     for i, (name, item) in enumerate(raw.items()):
         position = _END + 1 + i
         if not isinstance(name, str) or not name.strip():
-            out.add(position, f"model #{i + 1}", "-", f"a model name must be a non-empty string, got {name!r}")
+            out.add(position, f"model #{i + 1}", "-", f"a model name must be a non-empty string, got {got_text(name)}")
             continue
         label = f"model {name}"
         try:

@@ -82,15 +82,24 @@ def _got(value: object) -> str:
     return repr(value)
 
 
+def got_text(value: object) -> str:
+    """A value where a name or text was expected, as a problem quotes it: with the way to write it as
+    text when YAML read it as a boolean (YAML 1.1, as PyYAML reads it: `name: yes` is True)."""
+    if isinstance(value, bool):
+        words = "yes, on or true" if value else "no, off or false"
+        return f"{value!r} (YAML reads an unquoted {words} as a boolean: quote the text)"
+    return repr(value)
+
+
 def _name(value: object) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise ValueError(f"expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got {value!r}")
+        raise ValueError(f"expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got {got_text(value)}")
     return value
 
 
 def _path(value: object) -> str:
     if not isinstance(value, str) or not value or any(not part for part in value.split(".")):
-        raise ValueError(f"expected a dotted field path like 'context.segment', got {value!r}")
+        raise ValueError(f"expected a dotted field path like 'context.segment', got {got_text(value)}")
     if not storable_text(value):
         # The gate refuses such names in predictions, and the store cannot hold the path where a
         # decision names it (missing_context, fallback_reason): every batch the rule matched failed.
@@ -155,7 +164,7 @@ def compile_regex(pattern: str) -> Any:
 
 def _regex(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected a regular expression string, got {value!r}")
+        raise ValueError(f"expected a regular expression string, got {got_text(value)}")
     shown = value if len(value) <= 60 else value[:60] + "..."
     if len(value) > MAX_REGEX_LENGTH:
         raise ValueError(f"regular expression of {len(value)} characters is too long (at most {MAX_REGEX_LENGTH})")
@@ -184,13 +193,13 @@ def _bool(value: object) -> bool:
 
 def _text(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a non-empty string, got {value!r}")
+        raise ValueError(f"expected a non-empty string, got {got_text(value)}")
     return value
 
 
 def _email(value: object) -> str:
     if not isinstance(value, str) or not EMAIL.fullmatch(value) or not storable_text(value):
-        raise ValueError(f"expected an email address like name@example.com, got {value!r}")
+        raise ValueError(f"expected an email address like name@example.com, got {got_text(value)}")
     return value
 
 
@@ -423,13 +432,13 @@ _PLACEHOLDER_LIST = ", ".join(f"{{{name}}}" for name in SOURCE_PARAMETERS)
 
 def _source_name(value: object) -> str:
     if not isinstance(value, str) or not _SOURCE_NAME.fullmatch(value):
-        raise ValueError(f"expected a source name of letters, digits, '-' or '_' (no dots), got {value!r}")
+        raise ValueError(f"expected a source name of letters, digits, '-' or '_' (no dots), got {got_text(value)}")
     return value
 
 
 def _key_pattern(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a key pattern like {_KEY_EXAMPLE}, got {value!r}")
+        raise ValueError(f"expected a key pattern like {_KEY_EXAMPLE}, got {got_text(value)}")
     try:
         parts = list(string.Formatter().parse(value))
     except ValueError as exc:
@@ -494,7 +503,7 @@ def _select(value: object) -> str:
     """A single SELECT statement, with parameters only from SOURCE_PARAMETERS. (The enricher
     also runs it in a read-only transaction: this check is the author's early warning.)"""
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a SELECT statement, got {value!r}")
+        raise ValueError(f"expected a SELECT statement, got {got_text(value)}")
     code = _sql_code(value).strip()
     code = code[:-1].rstrip() if code.endswith(";") else code  # one trailing ';' is harmless
     first = re.match(r"[A-Za-z_]+", code)
@@ -519,7 +528,7 @@ def _env_name(value: object) -> str:
         raise ValueError("expected the name of an environment variable that holds the database URL, "
                          "like DECISION_ROUTER_CONTEXT_DB_URL, not the URL itself")
     if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
-        raise ValueError(f"expected an environment variable name like DECISION_ROUTER_CONTEXT_DB_URL, got {value!r}")
+        raise ValueError(f"expected an environment variable name like DECISION_ROUTER_CONTEXT_DB_URL, got {got_text(value)}")
     return value
 
 

@@ -275,6 +275,27 @@ rules:
         R + "rule b: owner.to: unknown key 'to'; expected one of from, fallback",
         R + "rule b: owner.fallback: 'nobody' is not in the owner directory",
     ]),
+    # YAML 1.1 (PyYAML) reads yes/no/on/off as booleans: "got True" alone did not say to quote the name.
+    ("boolean-where-a-name-is-expected", """
+models:
+  off: {owner: desk}
+rules:
+  - {name: yes, when: {model: churn}, owner: desk}
+  - {name: b, when: {model: churn}, owner: no}
+  - {name: c, when: {model: churn}, owner: [desk]}
+  - {name: d, when: {model: churn}, owner: {from: on, fallback: desk}}
+""" + CATCH_ALL, [
+        R + "rule #1: name: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got True "
+        "(YAML reads an unquoted yes, on or true as a boolean: quote the text)",
+        R + "rule b: owner: expected an owner id or {from: FIELD, fallback: OWNER_ID}, got False "
+        "(YAML reads an unquoted no, off or false as a boolean: quote the text)",
+        # A list read "expected an owner id or {from: FIELD, fallback: OWNER_ID}" without the value.
+        R + "rule c: owner: expected an owner id or {from: FIELD, fallback: OWNER_ID}, got ['desk']",
+        R + "rule d: owner.from: expected a dotted field path like 'context.segment', got True "
+        "(YAML reads an unquoted yes, on or true as a boolean: quote the text)",
+        R + "model #1: a model name must be a non-empty string, got False "
+        "(YAML reads an unquoted no, off or false as a boolean: quote the text)",
+    ]),
     ("deadlines", """
 defaults: {ack_within: 2d, act_within: 1d}
 rules:
@@ -361,6 +382,23 @@ owners:
         "(0001-01-01 to 9999-12-30)",
         O + "owner max: away_until: '9999-12-31T23:59:59-23:59' falls outside the calendar once in UTC "
         "(0001-01-01 to 9999-12-30)",
+    ]),
+    ("boolean-where-a-name-or-text-is-expected", """
+owners:
+  - {id: desk, name: Desk}
+  - {id: on, name: Desk 2}
+  - {id: ann, name: no, manager: yes, team: off, email: yes}
+""", [
+        O + "owner #2: id: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got True "
+        "(YAML reads an unquoted yes, on or true as a boolean: quote the text)",
+        O + "owner ann: name: expected a non-empty string, got False "
+        "(YAML reads an unquoted no, off or false as a boolean: quote the text)",
+        O + "owner ann: email: expected an email address like name@example.com, got True "
+        "(YAML reads an unquoted yes, on or true as a boolean: quote the text)",
+        O + "owner ann: manager: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got True "
+        "(YAML reads an unquoted yes, on or true as a boolean: quote the text)",
+        O + "owner ann: team: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got False "
+        "(YAML reads an unquoted no, off or false as a boolean: quote the text)",
     ]),
     ("self-delegation-is-not-also-a-loop", """
 owners:
