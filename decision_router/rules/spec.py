@@ -69,16 +69,23 @@ def _is_number(value: object) -> bool:
 _TEXT_EXPONENT = re.compile(r"([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))[eE]([-+]?)([0-9]+)")
 
 
+def exponent_text(value: object) -> str | None:
+    """For text that is a number in exponent form YAML did not read as one (1e5): why, and how to
+    write the number ("YAML reads 1e5 as text: ..."); else None."""
+    if not isinstance(value, str) or not (match := _TEXT_EXPONENT.fullmatch(value.strip())):
+        return None
+    mantissa, sign, digits = match.groups()
+    written = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{sign or '+'}{digits}"
+    return f"YAML reads {value.strip()} as text: an exponent needs a dot and a sign, like {written}"
+
+
 def _got(value: object) -> str:
     """A value where a number was expected, as a problem quotes it: with the way to write it
     as a number when it is (or a list holds) a number in exponent form that YAML read as text."""
     items = value if isinstance(value, list) else [value]
     for item in items:
-        if isinstance(item, str) and (match := _TEXT_EXPONENT.fullmatch(item.strip())):
-            mantissa, sign, digits = match.groups()
-            written = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{sign or '+'}{digits}"
-            return (f"{value!r} (YAML reads {item.strip()} as text: an exponent needs a dot and a sign, "
-                    f"like {written})")
+        if (why := exponent_text(item)) is not None:
+            return f"{value!r} ({why})"
     return repr(value)
 
 

@@ -130,6 +130,22 @@ rules:
         R + "rule a: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got '5e-2' "
         "(YAML reads 5e-2 as text: an exponent needs a dot and a sign, like 5.0e-2)",
     ]),
+    # ...and an equality on a field that may hold numbers: `eq: 1e5` was the text '1e5', which silently never
+    # equalled 100000. Quoted, it is text on purpose; on a text field (model_version) text is what it holds.
+    ("exponent-without-dot-or-sign-never-equals-a-number", """
+rules:
+  - {name: a, when: {context.arr: {eq: 1e5}, score: {in: [1, 2E-3]}, context.code: '1e5', model_version: 1e5}, owner: desk}
+  - {name: b, when: {context.arr: 1e5, context.y: {ne: "1e5"}, context.z: {not_in: [x, 5e3]}, label: {eq: 1.0e+5}}, owner: desk}
+""" + CATCH_ALL, [
+        R + "rule a: when.context.arr.eq: YAML reads 1e5 as text: an exponent needs a dot and a sign, like 1.0e+5, "
+        "and the text '1e5' never equals a number: write the number so, or quote the text, '1e5'",
+        R + "rule a: when.score.in: YAML reads 2E-3 as text: an exponent needs a dot and a sign, like 2.0e-3, "
+        "and the text '2E-3' never equals a number: write the number so, or quote the text, '2E-3'",
+        R + "rule b: when.context.arr: YAML reads 1e5 as text: an exponent needs a dot and a sign, like 1.0e+5, "
+        "and the text '1e5' never equals a number: write the number so, or quote the text, '1e5'",
+        R + "rule b: when.context.z.not_in: YAML reads 5e3 as text: an exponent needs a dot and a sign, like 5.0e+3, "
+        "and the text '5e3' never equals a number: write the number so, or quote the text, '5e3'",
+    ]),
     # Prediction ids, models, versions and entities are text: a value YAML reads as a number that prints
     # otherwise (2026.10 is 2026.1) never matched, silently. Numbers that print as written still load.
     ("unquoted-version-that-is-not-its-number", """
@@ -604,6 +620,21 @@ rules:
     a, b = load_rules(write(tmp_path, routing)).rules
     assert (a.cooldown, a.holdout) == (timedelta(hours=36), 0.25)
     assert (b.cooldown, b.holdout) == (None, 0.0)
+
+
+def test_exponent_text_quoted_or_on_a_text_field_loads_and_matches_that_text(tmp_path: Path) -> None:
+    from decision_router.router import route
+
+    routing = """
+rules:
+  - {name: code, when: {context.code: {in: ['1e5', "2e5"]}}, owner: desk, continue: true}
+  - {name: version, when: {model_version: 1e5}, owner: desk, continue: true}
+  - {name: b, when: {}, owner: desk, action: record}
+"""
+    ruleset = load_rules(write(tmp_path, routing))
+    document = {"model_version": "1e5", "context": {"code": "2e5"}}
+    assert [d.rule for d in route(document, ruleset)] == ["code", "version", "b"]
+    assert [d.rule for d in route({"model_version": "100000", "context": {"code": 100000}}, ruleset)] == ["b"]
 
 
 UTC = UTC
