@@ -236,6 +236,19 @@ def _duration(value: object) -> timedelta:
     return result
 
 
+# Escalation sweeps for missed deadlines at most once a second (DECISION_ROUTER_SWEEP_INTERVAL is at least 1s):
+# a shorter deadline cannot be kept, and `0.5s` is more likely a slip for 0.5h than a wish.
+SHORTEST_DEADLINE = timedelta(seconds=1)
+
+
+def _deadline(value: object) -> timedelta:
+    result = _duration(value)
+    if result < SHORTEST_DEADLINE:
+        raise ValueError(f"expected a deadline of at least 1s (escalation checks deadlines at most once a second), "
+                         f"got {value!r}")
+    return result
+
+
 def _fraction(value: object) -> float:
     if not _is_number(value) or not 0 <= value < 1:  # type: ignore[operator]
         raise ValueError(f"expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got {_got(value)}")
@@ -273,6 +286,7 @@ Scalar = Annotated[str | int | float | bool | None, BeforeValidator(_scalar)]
 Scalars = Annotated[list[str | int | float | bool] | None, BeforeValidator(_scalars)]
 Number = Annotated[float | None, BeforeValidator(_number)]
 Duration = Annotated[timedelta | None, BeforeValidator(_duration)]
+Deadline = Annotated[timedelta | None, BeforeValidator(_deadline)]
 
 
 class _Strict(BaseModel):
@@ -350,8 +364,8 @@ class RuleSpec(_Strict):
     priority: Priority | None = None
     action: Literal["alert", "record"] = "alert"
     continue_: Annotated[bool, BeforeValidator(_bool)] = Field(False, alias="continue")
-    ack_within: Duration = None
-    act_within: Duration = None
+    ack_within: Deadline = None
+    act_within: Deadline = None
     context: list[FieldPath] = Field(default_factory=list)
     # Alert rules only (load.py rejects them on record rules).
     cooldown: Duration = None
@@ -364,8 +378,8 @@ class RuleSpec(_Strict):
 
 
 class DefaultsSpec(_Strict):
-    ack_within: Annotated[timedelta, BeforeValidator(_duration)] = timedelta(hours=4)
-    act_within: Annotated[timedelta, BeforeValidator(_duration)] = timedelta(hours=48)
+    ack_within: Annotated[timedelta, BeforeValidator(_deadline)] = timedelta(hours=4)
+    act_within: Annotated[timedelta, BeforeValidator(_deadline)] = timedelta(hours=48)
     priority: Priority = "normal"
 
 

@@ -312,6 +312,18 @@ rules:
         R + "model #1: a model name must be a non-empty string, got False "
         "(YAML reads an unquoted no, off or false as a boolean: quote the text)",
     ]),
+    # Escalation sweeps at most once a second: a 0.5s deadline cannot be kept (and `rules test` showed it as 0s).
+    ("deadlines-under-a-second", """
+defaults: {ack_within: 0.5s}
+rules:
+  - {name: a, when: {model: churn}, owner: desk, ack_within: 0.9, act_within: 0.5m}
+  - {name: b, when: {model: churn}, owner: desk, ack_within: 1s, act_within: 1.5s, cooldown: 0.5s}
+""" + CATCH_ALL, [
+        R + "defaults.ack_within: expected a deadline of at least 1s (escalation checks deadlines at most once a "
+        "second), got '0.5s'",
+        R + "rule a: ack_within: expected a deadline of at least 1s (escalation checks deadlines at most once a "
+        "second), got 0.9",
+    ]),
     ("deadlines", """
 defaults: {ack_within: 2d, act_within: 1d}
 rules:
