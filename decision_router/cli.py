@@ -249,10 +249,11 @@ def rules_check(
     """Validate routing.yaml and owners.yaml; list every problem; exit 0 only when valid."""
     from decision_router.rules import check_rules, load_rules
 
+    given = directory is not None
     directory = directory or settings_or_exit().rules_dir
     problems = check_rules(directory)
     if problems:
-        fail_with_problems(problems, directory)
+        fail_with_problems(problems, directory, given=given)
     ruleset = load_rules(directory)
     out.print(
         f"{directory}: ok — {counted(len(ruleset.rules), 'rule')}, {counted(len(ruleset.owners), 'owner')}, "

@@ -228,9 +228,18 @@ def fail_rules(settings: Settings, exc: Exception, *, starting: bool = False) ->
     invalid" followed by a "not found" line per file."""
     prefix = "refusing to start: " if starting else ""
     if not settings.rules_dir.is_dir():
-        fail(f"{prefix}no rules directory at {settings.rules_dir.resolve()} (DECISION_ROUTER_RULES_DIR, "
-             "default: rules in the working directory): run this in the checkout, or set DECISION_ROUTER_RULES_DIR")
+        fail(prefix + no_rules_directory(settings.rules_dir, given=False))
     fail(f"{prefix}the rules in {settings.rules_dir} are invalid:\n{exc}")
+
+
+def no_rules_directory(directory: Path, *, given: bool) -> str:
+    """The one line for a rules directory that does not exist; `given`: named on the command line, so the
+    variable and its default are no part of the story."""
+    where = f"no rules directory at {directory.resolve()}"
+    if given:
+        return where
+    return (f"{where} (DECISION_ROUTER_RULES_DIR, default: rules in the working directory): run this in the "
+            "checkout, or set DECISION_ROUTER_RULES_DIR")
 
 
 def smtp_or_exit(settings: Settings) -> None:
@@ -492,8 +501,11 @@ def _since(value: str | None, option: str) -> datetime | None:
         fail(f"{option}: {exc}", code=2)
 
 
-def fail_with_problems(problems: list[Any], directory: Path) -> NoReturn:
-    """Every problem of a rules directory on stderr, then exit 1."""
+def fail_with_problems(problems: list[Any], directory: Path, *, given: bool = True) -> NoReturn:
+    """Every problem of a rules directory on stderr, then exit 1; a directory that does not exist in one
+    line, as `serve` says it, not a "not found" per file. `given`: as for no_rules_directory."""
+    if not directory.exists():  # a file is reported by the loader: "is a file: give the rules directory"
+        fail(no_rules_directory(directory, given=given))
     for problem in problems:
         err.print(str(problem), highlight=False, soft_wrap=True)
     err.print(f"{counted(len(problems), 'problem')} in {directory}", style="bold red")

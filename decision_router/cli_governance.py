@@ -91,14 +91,15 @@ def read_store(settings: Settings) -> Iterator[Any]:
         engine.dispose()
 
 
-def _ruleset_or_exit(directory: Path) -> Any:
-    """The rule set in `directory`, or every problem on stderr and exit 1 (as `rules check`)."""
+def _ruleset_or_exit(directory: Path, *, given: bool = True) -> Any:
+    """The rule set in `directory`, or every problem on stderr and exit 1 (as `rules check`); `given`: named
+    on the command line, not DECISION_ROUTER_RULES_DIR."""
     from decision_router.rules import RulesInvalid, load_rules
 
     try:
         return load_rules(directory)
     except RulesInvalid as exc:
-        fail_with_problems(exc.problems, directory)
+        fail_with_problems(exc.problems, directory, given=given)
 
 
 # audit ---------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ def rules_test(
     if file is not None and prediction is not None:
         fail("give the prediction as an argument or --file, not both", code=2)
     directory = rules or settings_or_exit().rules_dir
-    ruleset = _ruleset_or_exit(directory)
+    ruleset = _ruleset_or_exit(directory, given=rules is not None)
     # A byte that is not UTF-8 fails its own prediction (the gate: invalid_encoding), not the whole input;
     # stdin is read as bytes too, as its text decoding (and so what a bad byte does) depends on the locale.
     if file is not None and file.suffix.lower() == ".csv":  # a CSV by its extension, as `publish --format auto`
@@ -321,6 +322,19 @@ def rules_test(
             text, source = sys.stdin.buffer.read().decode("utf-8-sig", "surrogateescape"), "stdin"
         cases = parse_inputs(text, source)
     rule_names, owner_ids = split_expectations(expect_rule), split_expectations(expect_owner)
+    # A name that is in the rules nowhere (a typo) can never be met: said as such, not as a mismatch per case.
+    unknown = [
+        f"{option}: " + what.format(name=name, rules=_as_directory(directory)) + did_you_mean(name, known)
+        for option, expected, known, what in (
+            ("--expect-rule", rule_names, [rule.name for rule in ruleset.rules], "no rule is called '{name}' in {rules}"),
+            ("--expect-owner", owner_ids, list(ruleset.owners), "'{name}' is not in the owner directory ({rules})"),
+        )
+        for name in dict.fromkeys(expected) if name not in known
+    ]
+    for problem in unknown[:-1]:
+        err.print(Text.assemble(("error:", "bold red"), " ", problem), highlight=False, soft_wrap=True)
+    if unknown:
+        fail(unknown[-1], code=2)
     now = utcnow()
     results = run_cases(cases, ruleset, now=now, rules=rule_names, owners=owner_ids)
     if fmt == "json":

@@ -62,7 +62,10 @@ def _shown(value: object) -> str:
 
 
 def format_duration(value: timedelta) -> str:
-    """Inverse of parse_duration for whole units: 14400 s -> "4h"."""
+    """Inverse of parse_duration: 14400 s -> "4h"; with a fraction of a second, in seconds: "1.5s" (int()
+    of the seconds showed a 0.5s cooldown as "0s")."""
+    if value.microseconds:
+        return f"{value.total_seconds():.6f}".rstrip("0") + "s"
     seconds = int(value.total_seconds())
     for unit, size in sorted(_UNITS.items(), key=lambda kv: -kv[1]):
         if seconds and seconds % size == 0:

@@ -146,6 +146,20 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
     # An away manager's copy goes to their delegate, as a new alert would; the chain goes on from the
     # manager (escalated_to), so the next step is the manager's own manager.
     recipient = present_owner(manager, owners, now) if manager else None
+    # A delegate who already holds the alert (alice's manager away, delegating to alice) would get back the
+    # alert they missed: no escalation at all. The step goes on up, past that manager, in the same step.
+    holding = {record.owner, holder, below}
+    skipped: list[tuple[str, str]] = []
+    for _ in range(len(owners)):  # manager chains do not loop (load.py); the bound keeps this total even so
+        if manager is None or recipient not in holding:
+            break
+        skipped.append((manager, recipient))  # type: ignore[arg-type]
+        manager = owners[manager].manager if manager in owners else None
+        recipient = present_owner(manager, owners, now) if manager else None
+    if skipped:
+        passed = "; ".join(f"{away} is away and their delegate {delegate} already holds it" for away, delegate in skipped)
+        where = f"up to {manager}" if manager else f"{skipped[-1][0]} is the top of the chain"
+        reason = f"{reason} ({passed}: {where})"
     values: dict[str, object] = {"sla_revision": record.sla_revision + 1}
     if kind == "act":
         values["ack_due_at"] = None
@@ -178,9 +192,11 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
         )
         detail.update(level=level, to_owner=recipient)
     else:
-        detail.update(level=record.escalation_level, top_of_chain=below or holder)
+        detail.update(level=record.escalation_level, top_of_chain=skipped[-1][0] if skipped else below or holder)
     if gone:
         detail.update(removed_from_directory=gone)
+    if skipped:
+        detail.update(skipped=[away for away, _ in skipped])
     session.add(
         AuditEvent(
             alert_id=record.alert_id,

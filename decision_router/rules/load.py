@@ -34,6 +34,8 @@ from decision_router.rules.spec import (
     RoutingFile,
     RuleSpec,
     WebhookSpec,
+    exponent_text,
+    got_text,
     read_secret_file,
 )
 
@@ -106,6 +108,11 @@ class _WrittenFloat(float):
     """A float of a rules file with the text it was written as (`2026.10`, read as 2026.1)."""
 
     written: str
+
+
+class _PlainExponent(str):
+    """Text of a rules file written unquoted that looks like a number in exponent form (1e5), which YAML 1.1
+    reads as text: quoted, the same text is what its author meant."""
 
 
 class _TooMuch(yaml.MarkedYAMLError):
@@ -212,6 +219,15 @@ def _construct_float(loader: _Loader, node: yaml.ScalarNode) -> float:
 
 
 _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def _construct_str(loader: _Loader, node: yaml.ScalarNode) -> str:
+    value = yaml.SafeLoader.construct_yaml_str(loader, node)
+    # style None: a plain scalar, not quoted nor a block; the validated rules hold a plain str again.
+    return _PlainExponent(value) if node.style is None and exponent_text(value) is not None else value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:str", _construct_str)
 
 
 def _read(path: Path, out: _Problems, top_key: str) -> tuple[bytes, dict[str, Any] | None]:
@@ -321,6 +337,8 @@ def _message(error: Any, path: tuple[str, ...], in_item: bool, list_key: str) ->
         return str(error["ctx"]["error"])
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"expected a mapping, got {value!r}"
+    if kind == "owner_shape":  # a list too: `owner: [desk]` read "expected an owner id or ..." and no more
+        return f"{error['msg']}, got {got_text(value)}"
     if kind == "literal_error":
         return f"expected {error['ctx']['expected']}, got {value!r}"
     if kind in ("list_type", "tuple_type"):
@@ -477,14 +495,19 @@ def _check_text_fields(item: dict[str, Any], i: int, label: str, out: _Problems)
     if not isinstance(when, dict):
         return
     for path, condition in when.items():
-        if path not in _TEXT_FIELDS:
-            continue
         operators = condition if isinstance(condition, dict) else {"eq": condition}
         for op in _EQUALITIES:
             given = operators.get(op)
+            field_ = f"when.{path}" if operators is not condition else f"when.{path}.{op}"
             for value in given if isinstance(given, list) else [given]:
-                if isinstance(value, _WrittenFloat) and str(float(value)) != value.written.strip():
-                    field_ = f"when.{path}" if operators is not condition else f"when.{path}.{op}"
+                if path not in _TEXT_FIELDS:
+                    # Elsewhere text is legitimate (a code '1e5' in context), but this one was written as a number
+                    # that YAML read as text: it never equals 100000. Quoted, it is text on purpose and loads.
+                    if isinstance(value, _PlainExponent):
+                        out.add(i, label, field_, f"{exponent_text(value)}, and the text {value.strip()!r} never "
+                                f"equals a number: write the number so, or quote the text, '{value.strip()}'")
+                        break
+                elif isinstance(value, _WrittenFloat) and str(float(value)) != value.written.strip():
                     out.add(i, label, field_, f"YAML reads {value.written} as the number {float(value)!r}, which "
                             f"never equals the text {value.written!r} that {path} holds: quote it, '{value.written}'")
                     break
@@ -545,7 +568,7 @@ def _check_models(data: dict[str, Any], directory: set[str] | None, out: _Proble
     for i, (name, item) in enumerate(raw.items()):
         position = _END + 1 + i
         if not isinstance(name, str) or not name.strip():
-            out.add(position, f"model #{i + 1}", "-", f"a model name must be a non-empty string, got {name!r}")
+            out.add(position, f"model #{i + 1}", "-", f"a model name must be a non-empty string, got {got_text(name)}")
             continue
         label = f"model {name}"
         try:

@@ -69,28 +69,44 @@ def _is_number(value: object) -> bool:
 _TEXT_EXPONENT = re.compile(r"([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))[eE]([-+]?)([0-9]+)")
 
 
+def exponent_text(value: object) -> str | None:
+    """For text that is a number in exponent form YAML did not read as one (1e5): why, and how to
+    write the number ("YAML reads 1e5 as text: ..."); else None."""
+    if not isinstance(value, str) or not (match := _TEXT_EXPONENT.fullmatch(value.strip())):
+        return None
+    mantissa, sign, digits = match.groups()
+    written = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{sign or '+'}{digits}"
+    return f"YAML reads {value.strip()} as text: an exponent needs a dot and a sign, like {written}"
+
+
 def _got(value: object) -> str:
     """A value where a number was expected, as a problem quotes it: with the way to write it
     as a number when it is (or a list holds) a number in exponent form that YAML read as text."""
     items = value if isinstance(value, list) else [value]
     for item in items:
-        if isinstance(item, str) and (match := _TEXT_EXPONENT.fullmatch(item.strip())):
-            mantissa, sign, digits = match.groups()
-            written = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{sign or '+'}{digits}"
-            return (f"{value!r} (YAML reads {item.strip()} as text: an exponent needs a dot and a sign, "
-                    f"like {written})")
+        if (why := exponent_text(item)) is not None:
+            return f"{value!r} ({why})"
+    return repr(value)
+
+
+def got_text(value: object) -> str:
+    """A value where a name or text was expected, as a problem quotes it: with the way to write it as
+    text when YAML read it as a boolean (YAML 1.1, as PyYAML reads it: `name: yes` is True)."""
+    if isinstance(value, bool):
+        words = "yes, on or true" if value else "no, off or false"
+        return f"{value!r} (YAML reads an unquoted {words} as a boolean: quote the text)"
     return repr(value)
 
 
 def _name(value: object) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise ValueError(f"expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got {value!r}")
+        raise ValueError(f"expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got {got_text(value)}")
     return value
 
 
 def _path(value: object) -> str:
     if not isinstance(value, str) or not value or any(not part for part in value.split(".")):
-        raise ValueError(f"expected a dotted field path like 'context.segment', got {value!r}")
+        raise ValueError(f"expected a dotted field path like 'context.segment', got {got_text(value)}")
     if not storable_text(value):
         # The gate refuses such names in predictions, and the store cannot hold the path where a
         # decision names it (missing_context, fallback_reason): every batch the rule matched failed.
@@ -155,7 +171,7 @@ def compile_regex(pattern: str) -> Any:
 
 def _regex(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected a regular expression string, got {value!r}")
+        raise ValueError(f"expected a regular expression string, got {got_text(value)}")
     shown = value if len(value) <= 60 else value[:60] + "..."
     if len(value) > MAX_REGEX_LENGTH:
         raise ValueError(f"regular expression of {len(value)} characters is too long (at most {MAX_REGEX_LENGTH})")
@@ -184,13 +200,13 @@ def _bool(value: object) -> bool:
 
 def _text(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a non-empty string, got {value!r}")
+        raise ValueError(f"expected a non-empty string, got {got_text(value)}")
     return value
 
 
 def _email(value: object) -> str:
     if not isinstance(value, str) or not EMAIL.fullmatch(value) or not storable_text(value):
-        raise ValueError(f"expected an email address like name@example.com, got {value!r}")
+        raise ValueError(f"expected an email address like name@example.com, got {got_text(value)}")
     return value
 
 
@@ -217,6 +233,19 @@ def _duration(value: object) -> timedelta:
         raise ValueError(f"expected a duration above zero, got {value!r}")
     if result > LONGEST_DURATION:
         raise ValueError(f"expected at most {LONGEST_DURATION.days}d (100 years), got {value!r}")
+    return result
+
+
+# Escalation sweeps for missed deadlines at most once a second (DECISION_ROUTER_SWEEP_INTERVAL is at least 1s):
+# a shorter deadline cannot be kept, and `0.5s` is more likely a slip for 0.5h than a wish.
+SHORTEST_DEADLINE = timedelta(seconds=1)
+
+
+def _deadline(value: object) -> timedelta:
+    result = _duration(value)
+    if result < SHORTEST_DEADLINE:
+        raise ValueError(f"expected a deadline of at least 1s (escalation checks deadlines at most once a second), "
+                         f"got {value!r}")
     return result
 
 
@@ -257,6 +286,7 @@ Scalar = Annotated[str | int | float | bool | None, BeforeValidator(_scalar)]
 Scalars = Annotated[list[str | int | float | bool] | None, BeforeValidator(_scalars)]
 Number = Annotated[float | None, BeforeValidator(_number)]
 Duration = Annotated[timedelta | None, BeforeValidator(_duration)]
+Deadline = Annotated[timedelta | None, BeforeValidator(_deadline)]
 
 
 class _Strict(BaseModel):
@@ -334,8 +364,8 @@ class RuleSpec(_Strict):
     priority: Priority | None = None
     action: Literal["alert", "record"] = "alert"
     continue_: Annotated[bool, BeforeValidator(_bool)] = Field(False, alias="continue")
-    ack_within: Duration = None
-    act_within: Duration = None
+    ack_within: Deadline = None
+    act_within: Deadline = None
     context: list[FieldPath] = Field(default_factory=list)
     # Alert rules only (load.py rejects them on record rules).
     cooldown: Duration = None
@@ -348,8 +378,8 @@ class RuleSpec(_Strict):
 
 
 class DefaultsSpec(_Strict):
-    ack_within: Annotated[timedelta, BeforeValidator(_duration)] = timedelta(hours=4)
-    act_within: Annotated[timedelta, BeforeValidator(_duration)] = timedelta(hours=48)
+    ack_within: Annotated[timedelta, BeforeValidator(_deadline)] = timedelta(hours=4)
+    act_within: Annotated[timedelta, BeforeValidator(_deadline)] = timedelta(hours=48)
     priority: Priority = "normal"
 
 
@@ -423,13 +453,13 @@ _PLACEHOLDER_LIST = ", ".join(f"{{{name}}}" for name in SOURCE_PARAMETERS)
 
 def _source_name(value: object) -> str:
     if not isinstance(value, str) or not _SOURCE_NAME.fullmatch(value):
-        raise ValueError(f"expected a source name of letters, digits, '-' or '_' (no dots), got {value!r}")
+        raise ValueError(f"expected a source name of letters, digits, '-' or '_' (no dots), got {got_text(value)}")
     return value
 
 
 def _key_pattern(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a key pattern like {_KEY_EXAMPLE}, got {value!r}")
+        raise ValueError(f"expected a key pattern like {_KEY_EXAMPLE}, got {got_text(value)}")
     try:
         parts = list(string.Formatter().parse(value))
     except ValueError as exc:
@@ -494,7 +524,7 @@ def _select(value: object) -> str:
     """A single SELECT statement, with parameters only from SOURCE_PARAMETERS. (The enricher
     also runs it in a read-only transaction: this check is the author's early warning.)"""
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a SELECT statement, got {value!r}")
+        raise ValueError(f"expected a SELECT statement, got {got_text(value)}")
     code = _sql_code(value).strip()
     code = code[:-1].rstrip() if code.endswith(";") else code  # one trailing ';' is harmless
     first = re.match(r"[A-Za-z_]+", code)
@@ -519,7 +549,7 @@ def _env_name(value: object) -> str:
         raise ValueError("expected the name of an environment variable that holds the database URL, "
                          "like DECISION_ROUTER_CONTEXT_DB_URL, not the URL itself")
     if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
-        raise ValueError(f"expected an environment variable name like DECISION_ROUTER_CONTEXT_DB_URL, got {value!r}")
+        raise ValueError(f"expected an environment variable name like DECISION_ROUTER_CONTEXT_DB_URL, got {got_text(value)}")
     return value
 
 

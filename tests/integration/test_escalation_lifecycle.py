@@ -44,6 +44,8 @@ owners:
   - {id: director, name: Director, manager: vp, away_until: "2099-01-01", delegate: deputy}
   - {id: deputy, name: Deputy Director, manager: director}
   - {id: am-2, name: Account Manager 2, manager: director}
+  - {id: chief, name: Chief, away_until: "2099-01-01", delegate: aide}
+  - {id: aide, name: Aide, manager: chief}
 """
 T0 = datetime.now(UTC).replace(microsecond=0)
 
@@ -260,6 +262,47 @@ async def test_an_escalation_to_an_away_manager_goes_to_their_delegate(svc, r, e
         escalated = session.scalars(select(AuditEvent).where(AuditEvent.alert_id == alert_id,
                                                              AuditEvent.type == "escalated").order_by(AuditEvent.id)).all()
     assert (escalated[0].detail["to_owner"], escalated[0].detail["delegated_from"]) == ("deputy", "director")
+
+
+async def test_an_escalation_whose_delegate_already_holds_the_alert_goes_on_up(svc, r, engine, clock) -> None:
+    """deputy's manager, director, is away with deputy as delegate: deputy's missed alert went back to deputy."""
+    alert_id = await routed_alert(svc, r, "w2", owner="deputy")
+    clock.now = T0 + timedelta(hours=1, minutes=1)
+    assert (await svc.sweeper.sweep_once()).escalated == 1
+    assert len(inbox(r, svc.keys, "deputy")) == 1  # the alert itself, no copy of it
+    (copy,) = inbox(r, svc.keys, "vp")
+    assert copy["escalation"] == {
+        "level": 1, "kind": "ack",
+        "reason": "not acknowledged within 1h (director is away and their delegate deputy already holds it: up to vp)",
+        "original_owner": "deputy", "from_owner": "deputy", "to_owner": "vp",
+    }
+    row = alert_row(engine, alert_id)
+    assert (row.escalated_to, row.escalation_level) == ("vp", 1)
+    with Session(engine) as session:
+        (event,) = session.scalars(select(AuditEvent.detail).where(AuditEvent.alert_id == alert_id,
+                                                                   AuditEvent.type == "escalated")).all()
+    assert (event["to_owner"], event["skipped"]) == ("vp", ["director"])
+    # vp is the top of the chain: the next missed deadline is a breach, not a step back down.
+    clock.now += timedelta(hours=1, minutes=1)
+    assert (await svc.sweeper.sweep_once()).breached == 1
+    assert len(inbox(r, svc.keys, "deputy")) == 1
+
+
+async def test_an_escalation_whose_delegate_already_holds_the_alert_at_the_top_is_a_breach(
+    svc, r, engine, clock
+) -> None:
+    alert_id = await routed_alert(svc, r, "w3", owner="aide")
+    clock.now = T0 + timedelta(hours=1, minutes=1)
+    assert (await svc.sweeper.sweep_once()).breached == 1
+    assert len(inbox(r, svc.keys, "aide")) == 1
+    row = alert_row(engine, alert_id)
+    assert (row.escalated_to, row.escalation_level, row.ack_breached_at is not None) == (None, 0, True)
+    with Session(engine) as session:
+        (event,) = session.scalars(select(AuditEvent.detail).where(AuditEvent.alert_id == alert_id,
+                                                                   AuditEvent.type == "sla_breached")).all()
+    assert event["reason"] == ("not acknowledged within 1h (chief is away and their delegate aide already holds it: "
+                               "chief is the top of the chain)")
+    assert (event["top_of_chain"], event["skipped"]) == ("chief", ["chief"])
 
 
 async def test_a_reassignment_to_an_away_owner_goes_to_their_delegate(svc, r, engine, clock) -> None:

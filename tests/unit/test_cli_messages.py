@@ -213,6 +213,21 @@ def test_rules_check_of_the_routing_file_says_to_give_the_directory() -> None:
     ]
 
 
+def test_a_missing_rules_directory_is_one_line_as_serve_says_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rules check` printed "not found" for each of the two files, where `serve` says there is no directory."""
+    missing = tmp_path / "nowhere"
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(missing))
+    from_settings = (f"no rules directory at {missing} (DECISION_ROUTER_RULES_DIR, default: rules in the working "
+                     "directory): run this in the checkout, or set DECISION_ROUTER_RULES_DIR")
+    assert one_error(invoke("rules", "check"), 1) == from_settings
+    assert one_error(invoke("rules", "test", "{}"), 1) == from_settings
+    # Named on the command line: the variable has nothing to do with it.
+    assert one_error(invoke("rules", "check", str(missing)), 1) == f"no rules directory at {missing}"
+    assert one_error(invoke("rules", "test", "--rules", str(missing), "{}"), 1) == f"no rules directory at {missing}"
+
+
 def test_rules_test_reads_a_csv_file_as_publish_does(tmp_path: Path) -> None:
     now = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     csv_file = tmp_path / "predictions.csv"
@@ -270,6 +285,27 @@ def test_rules_test_refuses_an_empty_name_in_its_lookup_as_the_gate_does_in_cont
         "argument: invalid prediction: schema: context.: an empty name, which no rule path can address")
     in_lookup = invoke("rules", "test", json.dumps({**prediction, "lookup": lookup}))
     assert one_error(in_lookup, 2) == f"argument: invalid prediction: schema: {detail}"
+
+
+def test_rules_test_says_an_expected_rule_or_owner_is_in_the_rules_nowhere(tmp_path: Path) -> None:
+    """`--expect-rule nope` read only "mismatch: expected rules nope; got all", as if the rules had changed."""
+    directory = small_rules(tmp_path / "rules")
+    prediction = json.dumps({
+        "prediction_id": "p1", "model": "churn", "model_version": "1", "entity_type": "account", "entity_id": "a1",
+        "score": 0.9, "predicted_at": datetime.now(UTC).isoformat(),
+    })
+    tested = invoke("rules", "test", "--rules", str(directory), "--expect-rule", "al,all",
+                    "--expect-owner", "dsk", "--expect-owner", "nobody", prediction)
+    assert tested.exit_code == 2, tested.output
+    assert tested.stdout == ""
+    assert tested.stderr.splitlines() == [
+        f"error: --expect-rule: no rule is called 'al' in {directory}/; did you mean 'all'?",
+        f"error: --expect-owner: 'dsk' is not in the owner directory ({directory}/); did you mean 'desk'?",
+        f"error: --expect-owner: 'nobody' is not in the owner directory ({directory}/)",
+    ]
+    met = invoke("rules", "test", "--rules", str(directory), "--expect-rule", "all", "--expect-owner", "desk", prediction)
+    assert met.exit_code == 0, met.output
+    assert met.stderr.splitlines() == ["expectations met"]
 
 
 def test_rules_test_header_names_the_rules_directory(tmp_path: Path) -> None:

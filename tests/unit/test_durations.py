@@ -2,7 +2,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from decision_router.durations import EARLIEST, format_span, parse_duration, parse_since
+from decision_router.durations import EARLIEST, format_duration, format_span, parse_duration, parse_since
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -114,3 +114,15 @@ def test_a_bare_number_of_seconds_may_have_a_fraction(text: str, seconds: float)
 def test_a_bare_number_is_digits_with_at_most_one_fraction(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(timedelta(hours=4), "4h"), (timedelta(seconds=90), "90s"), (timedelta(0), "0s"),
+     # int() of the seconds showed these as "0s" and "1s": a 0.5s cooldown in `rules test`, an escalation reason.
+     (timedelta(seconds=0.5), "0.5s"), (timedelta(seconds=1.5), "1.5s"), (timedelta(microseconds=1), "0.000001s"),
+     (timedelta(days=1, milliseconds=250), "86400.25s")],
+)
+def test_format_duration_shows_a_fraction_of_a_second_and_reads_back(value: timedelta, shown: str) -> None:
+    assert format_duration(value) == shown
+    assert parse_duration(shown) == value

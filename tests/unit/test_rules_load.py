@@ -130,6 +130,22 @@ rules:
         R + "rule a: holdout: expected a fraction with 0 <= holdout < 1, like 0.1 for 10%, got '5e-2' "
         "(YAML reads 5e-2 as text: an exponent needs a dot and a sign, like 5.0e-2)",
     ]),
+    # ...and an equality on a field that may hold numbers: `eq: 1e5` was the text '1e5', which silently never
+    # equalled 100000. Quoted, it is text on purpose; on a text field (model_version) text is what it holds.
+    ("exponent-without-dot-or-sign-never-equals-a-number", """
+rules:
+  - {name: a, when: {context.arr: {eq: 1e5}, score: {in: [1, 2E-3]}, context.code: '1e5', model_version: 1e5}, owner: desk}
+  - {name: b, when: {context.arr: 1e5, context.y: {ne: "1e5"}, context.z: {not_in: [x, 5e3]}, label: {eq: 1.0e+5}}, owner: desk}
+""" + CATCH_ALL, [
+        R + "rule a: when.context.arr.eq: YAML reads 1e5 as text: an exponent needs a dot and a sign, like 1.0e+5, "
+        "and the text '1e5' never equals a number: write the number so, or quote the text, '1e5'",
+        R + "rule a: when.score.in: YAML reads 2E-3 as text: an exponent needs a dot and a sign, like 2.0e-3, "
+        "and the text '2E-3' never equals a number: write the number so, or quote the text, '2E-3'",
+        R + "rule b: when.context.arr: YAML reads 1e5 as text: an exponent needs a dot and a sign, like 1.0e+5, "
+        "and the text '1e5' never equals a number: write the number so, or quote the text, '1e5'",
+        R + "rule b: when.context.z.not_in: YAML reads 5e3 as text: an exponent needs a dot and a sign, like 5.0e+3, "
+        "and the text '5e3' never equals a number: write the number so, or quote the text, '5e3'",
+    ]),
     # Prediction ids, models, versions and entities are text: a value YAML reads as a number that prints
     # otherwise (2026.10 is 2026.1) never matched, silently. Numbers that print as written still load.
     ("unquoted-version-that-is-not-its-number", """
@@ -275,6 +291,39 @@ rules:
         R + "rule b: owner.to: unknown key 'to'; expected one of from, fallback",
         R + "rule b: owner.fallback: 'nobody' is not in the owner directory",
     ]),
+    # YAML 1.1 (PyYAML) reads yes/no/on/off as booleans: "got True" alone did not say to quote the name.
+    ("boolean-where-a-name-is-expected", """
+models:
+  off: {owner: desk}
+rules:
+  - {name: yes, when: {model: churn}, owner: desk}
+  - {name: b, when: {model: churn}, owner: no}
+  - {name: c, when: {model: churn}, owner: [desk]}
+  - {name: d, when: {model: churn}, owner: {from: on, fallback: desk}}
+""" + CATCH_ALL, [
+        R + "rule #1: name: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got True "
+        "(YAML reads an unquoted yes, on or true as a boolean: quote the text)",
+        R + "rule b: owner: expected an owner id or {from: FIELD, fallback: OWNER_ID}, got False "
+        "(YAML reads an unquoted no, off or false as a boolean: quote the text)",
+        # A list read "expected an owner id or {from: FIELD, fallback: OWNER_ID}" without the value.
+        R + "rule c: owner: expected an owner id or {from: FIELD, fallback: OWNER_ID}, got ['desk']",
+        R + "rule d: owner.from: expected a dotted field path like 'context.segment', got True "
+        "(YAML reads an unquoted yes, on or true as a boolean: quote the text)",
+        R + "model #1: a model name must be a non-empty string, got False "
+        "(YAML reads an unquoted no, off or false as a boolean: quote the text)",
+    ]),
+    # Escalation sweeps at most once a second: a 0.5s deadline cannot be kept (and `rules test` showed it as 0s).
+    ("deadlines-under-a-second", """
+defaults: {ack_within: 0.5s}
+rules:
+  - {name: a, when: {model: churn}, owner: desk, ack_within: 0.9, act_within: 0.5m}
+  - {name: b, when: {model: churn}, owner: desk, ack_within: 1s, act_within: 1.5s, cooldown: 0.5s}
+""" + CATCH_ALL, [
+        R + "defaults.ack_within: expected a deadline of at least 1s (escalation checks deadlines at most once a "
+        "second), got '0.5s'",
+        R + "rule a: ack_within: expected a deadline of at least 1s (escalation checks deadlines at most once a "
+        "second), got 0.9",
+    ]),
     ("deadlines", """
 defaults: {ack_within: 2d, act_within: 1d}
 rules:
@@ -361,6 +410,23 @@ owners:
         "(0001-01-01 to 9999-12-30)",
         O + "owner max: away_until: '9999-12-31T23:59:59-23:59' falls outside the calendar once in UTC "
         "(0001-01-01 to 9999-12-30)",
+    ]),
+    ("boolean-where-a-name-or-text-is-expected", """
+owners:
+  - {id: desk, name: Desk}
+  - {id: on, name: Desk 2}
+  - {id: ann, name: no, manager: yes, team: off, email: yes}
+""", [
+        O + "owner #2: id: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got True "
+        "(YAML reads an unquoted yes, on or true as a boolean: quote the text)",
+        O + "owner ann: name: expected a non-empty string, got False "
+        "(YAML reads an unquoted no, off or false as a boolean: quote the text)",
+        O + "owner ann: email: expected an email address like name@example.com, got True "
+        "(YAML reads an unquoted yes, on or true as a boolean: quote the text)",
+        O + "owner ann: manager: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got True "
+        "(YAML reads an unquoted yes, on or true as a boolean: quote the text)",
+        O + "owner ann: team: expected a name of letters, digits, '-', '_', '.' or '@' (no spaces), got False "
+        "(YAML reads an unquoted no, off or false as a boolean: quote the text)",
     ]),
     ("self-delegation-is-not-also-a-loop", """
 owners:
@@ -566,6 +632,21 @@ rules:
     a, b = load_rules(write(tmp_path, routing)).rules
     assert (a.cooldown, a.holdout) == (timedelta(hours=36), 0.25)
     assert (b.cooldown, b.holdout) == (None, 0.0)
+
+
+def test_exponent_text_quoted_or_on_a_text_field_loads_and_matches_that_text(tmp_path: Path) -> None:
+    from decision_router.router import route
+
+    routing = """
+rules:
+  - {name: code, when: {context.code: {in: ['1e5', "2e5"]}}, owner: desk, continue: true}
+  - {name: version, when: {model_version: 1e5}, owner: desk, continue: true}
+  - {name: b, when: {}, owner: desk, action: record}
+"""
+    ruleset = load_rules(write(tmp_path, routing))
+    document = {"model_version": "1e5", "context": {"code": "2e5"}}
+    assert [d.rule for d in route(document, ruleset)] == ["code", "version", "b"]
+    assert [d.rule for d in route({"model_version": "100000", "context": {"code": 100000}}, ruleset)] == ["b"]
 
 
 UTC = UTC
