@@ -6,17 +6,20 @@ or alone by `decision-router api`; see api/server.py.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import structlog
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decision_router import __version__
 from decision_router.api.actions import QueueOnlyChannels
@@ -128,6 +131,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         ]
         return JSONResponse({"detail": errors}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        why = unreadable_json(exc)
+        if why is None:
+            return await http_exception_handler(request, exc)
+        # Malformed JSON too, so the same 422 naming the body as a syntax error, not FastAPI's bare 400.
+        return JSONResponse(
+            {"detail": [{"loc": ["body"], "msg": f"the body is not JSON that can be read: {why}", "type": "json_invalid"}]},
+            status_code=422,
+        )
+
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable for a request", path=request.url.path, error=str(exc))
         return JSONResponse({"detail": "Redis is unavailable; retry later"}, status_code=503)
@@ -139,3 +153,19 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def database_down(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable for a request", path=request.url.path, error=exc.__class__.__name__)
         return JSONResponse({"detail": "the database is unavailable; retry later"}, status_code=503)
+
+
+def unreadable_json(exc: StarletteHTTPException) -> str | None:
+    """Why FastAPI could not parse a JSON body, when that is what its 400 stands for: it answers a syntax error
+    itself (a 422), but a body json.loads fails on otherwise becomes "There was an error parsing the body",
+    raised from the parser's error."""
+    cause = exc.__cause__
+    if exc.status_code != 400:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 (byte {cause.object[cause.start]:#04x} at offset {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "nested too deep to parse"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    return None

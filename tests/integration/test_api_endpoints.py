@@ -882,3 +882,30 @@ async def test_outcome_events_that_are_not_objects_are_invalid_json_dead_lettere
     dlq = [fields for _, fields in r.xrange(f"{settings.stream_prefix}outcomes:dlq")]
     assert [f["reason"] for f in dlq] == ["invalid_json"] * 4
     assert [json.loads(f["payload"])["data"] for f in dlq] == ["null", "5", "1", '"x"']
+
+
+async def test_a_json_body_that_cannot_be_read_is_a_422_naming_the_body_not_a_bare_400(standalone) -> None:
+    """Bytes that are not UTF-8, nesting deeper than the JSON parser goes, or a number with more digits than
+    Python reads: FastAPI answered a 400 "There was an error parsing the body" that names nothing. Malformed
+    JSON is documented as a 422 naming the body (`json_invalid`); these are malformed JSON too, and say why."""
+    api, app = standalone
+    await route(app, for_owner("j1", ALICE))
+    alert = alert_id_for("j1", RULE)
+    bodies = {
+        b'{"note": "caf\xe9"}': "not UTF-8",  # Latin-1
+        b"[" * 100_000 + b"]" * 100_000: "nested too deep",
+        b'{"value": ' + b"1" * 5000 + b"}": "digits",
+    }
+    targets = (("/v1/predictions", api.publisher), ("/v1/outcomes", api.publisher), (f"/v1/alerts/{alert}/ack", api.alice))
+    for path, token in targets:
+        for body, says in bodies.items():
+            headers = {**token, "content-type": "application/json"}
+            response = await api.http.post(path, content=body, headers=headers)
+            assert response.status_code == 422, (path, says, response.text)
+            [detail] = response.json()["detail"]
+            assert detail["loc"] == ["body"] and detail["type"] == "json_invalid", detail
+            assert says in detail["msg"], detail
+    # Other errors keep their status and shape.
+    assert (await api.http.get("/v1/alerts/al-nope", headers=api.ops)).json() == {"detail": "no alert 'al-nope'"}
+    missing = await api.http.get("/v1/alerts")
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
