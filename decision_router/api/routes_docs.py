@@ -42,7 +42,7 @@ def render_docs(spec: dict[str, Any]) -> str:
         f"<title>{escape(spec['info']['title'])} API</title><style>{_STYLE}</style></head><body>",
         f"<h1>{escape(spec['info']['title'])} HTTP API <small>{escape(spec['info']['version'])}</small></h1>",
         (
-            "<p>Every endpoint except <code>/healthz</code> and <code>/readyz</code> needs "
+            "<p>Every endpoint except <code>/healthz</code>, <code>/readyz</code> and these docs needs "
             "<code>Authorization: Bearer &lt;token&gt;</code> (<code>decision-router tokens create</code>). "
             'Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI) and '
             '<a href="/asyncapi.json">/asyncapi.json</a> (the stream contracts, AsyncAPI).</p>'
