@@ -309,9 +309,10 @@ class ChannelDelivery:
         digest windows) from the new owner directory; True if they changed.
 
         Nothing queued is lost: pending rows stay in the outbox and the next pump sends them
-        to the new receivers. The old dispatcher finishes what it has in hand (results are
-        recorded as usual); what it cannot finish within CLOSE_TIMEOUT_S goes back to
-        being pending, and is sent again (receivers dedupe on the delivery header)."""
+        to the new receivers. The old dispatcher finishes only what is in flight (results are
+        recorded as usual); what it has queued goes back to being pending at once, and what it
+        cannot finish within CLOSE_TIMEOUT_S too, and is sent again (receivers dedupe on the
+        delivery header)."""
         receivers, digests = await asyncio.to_thread(self._configure, ruleset)
         if (receivers, digests) == (self.receivers, self.digests):
             return False
@@ -326,8 +327,10 @@ class ChannelDelivery:
         return True
 
     async def _retire(self, dispatcher: Dispatcher) -> None:
+        # Only what is in flight finishes there: a queued delivery is handed back at once, for the new
+        # receivers (a moved webhook's new URL; a removed one's dead-letter), never sent to the old address.
         abandoned = [self._inflight.pop(_token(key, alert), None) for key, alert in
-                     await dispatcher.close(timeout=CLOSE_TIMEOUT_S)]
+                     await dispatcher.close(timeout=CLOSE_TIMEOUT_S, finish_queued=False)]
         # Not reported, so the rows are still pending: released, the next pump hands them over again.
         await asyncio.to_thread(self._release, [row_id for row_id in abandoned if row_id is not None])
         await self._dead_letter_removed([key for key in dispatcher.receivers if key not in self.receivers])

@@ -249,28 +249,33 @@ class Dispatcher:
         """Wait until every queued and in-flight delivery has finished (and been reported)."""
         await asyncio.gather(*(lane.queue.join() for lane in self._lanes.values()))
 
-    async def close(self, timeout: float | None = 10.0) -> list[tuple[str, AnyAlert]]:
+    async def close(self, timeout: float | None = 10.0, *, finish_queued: bool = True) -> list[tuple[str, AnyAlert]]:
         """Stop accepting alerts, give queued and in-flight deliveries up to `timeout`
         seconds (None: wait for all; 0: none) to finish, cancel the rest and close the
         senders. Returns the (receiver key, alert) pairs that did not finish and were not
         reported, so the caller can leave them undelivered (an in-flight one may have
         reached the receiver; receivers dedupe on X-Decision-Router-Delivery). An
-        unfinished digest appears as one pair per alert."""
+        unfinished digest appears as one pair per alert.
+
+        `finish_queued=False`: only the in-flight deliveries get the `timeout`; the queued
+        ones are returned at once, never started (a rules reload that moved a receiver
+        must not send them to its old address)."""
         if self._closed:
             return []
         self._closed = True
         lanes = list(self._lanes.values())
+        abandoned: list[tuple[str, AnyAlert]] = []
+        if not finish_queued:
+            for lane in lanes:
+                abandoned += self._unqueue(lane)
         if timeout is None or timeout > 0:
             try:
                 await asyncio.wait_for(self.drain(), timeout)
             except TimeoutError:
                 pass
-        abandoned: list[tuple[str, AnyAlert]] = []
         for lane in lanes:
             abandoned += [(lane.key, a) for item in lane.current if item is not None for a in _alerts(item)]
-            while not lane.queue.empty():
-                abandoned += [(lane.key, a) for a in _alerts(lane.queue.get_nowait())]
-                lane.queue.task_done()
+            abandoned += self._unqueue(lane)
             for task in lane.workers:
                 task.cancel()
         await asyncio.gather(*(t for lane in lanes for t in lane.workers), return_exceptions=True)
@@ -278,6 +283,15 @@ class Dispatcher:
             lane.workers = []
         await asyncio.gather(*(lane.sender.aclose() for lane in lanes), return_exceptions=True)
         return abandoned
+
+    @staticmethod
+    def _unqueue(lane: _Lane) -> list[tuple[str, AnyAlert]]:
+        """Take every queued, not yet started item off the lane, as (key, alert) pairs."""
+        taken: list[tuple[str, AnyAlert]] = []
+        while not lane.queue.empty():
+            taken += [(lane.key, a) for a in _alerts(lane.queue.get_nowait())]
+            lane.queue.task_done()
+        return taken
 
     async def __aenter__(self) -> Dispatcher:
         return self

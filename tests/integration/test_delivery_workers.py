@@ -572,3 +572,48 @@ async def test_a_dead_letter_of_a_row_already_re_sent_is_removed_without_sending
     finally:
         await channels.close()
         await redis.aclose()
+
+
+@pytest.mark.parametrize("moved", [True, False], ids=["webhook-moved", "webhook-removed"])
+async def test_a_reload_sends_no_queued_delivery_to_the_old_webhook(
+    settings, rules_dir, engine, receiver, moved  # noqa: F811
+) -> None:
+    """A reload that moves (or removes) a webhook hands the deliveries still waiting in the old
+    dispatcher's queue back to the outbox at once: they go to the new URL (or are dead-lettered as
+    removed), never to the old one once a worker frees up there. Only those in flight finish there."""
+    (rules_dir / "owners.yaml").write_text(
+        f"owners:\n  - {{id: am, name: AM, channels: [inbox, webhook], webhook: {{url: '{receiver.url('/hang/am')}'}}}}\n")
+    old = load_rules(rules_dir)
+    hook = f"webhook], webhook: {{url: '{receiver.url('/ok/moved')}'}}" if moved else "]"
+    (rules_dir / "owners.yaml").write_text(f"owners:\n  - {{id: am, name: AM, channels: [inbox, {hook}}}\n")
+    new = load_rules(rules_dir)
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+    channels = ChannelDelivery(settings=settings, ruleset=old, engine=engine, redis=redis, clock=utcnow)
+    try:
+        concurrency = channels.receivers["am:webhook"].max_concurrency
+        ids = queue(engine, concurrency + 2)
+        assert await channels.pump() == concurrency + 2
+        await wait_until(lambda: len(receiver.to("/hang/am")) == concurrency, what="the old webhook's workers busy")
+        retired = channels.dispatcher
+        assert retired.stats()["am:webhook"].queued == 2
+        assert await channels.reconfigure(new)
+        await wait_until(lambda: retired.stats()["am:webhook"].queued == 0, timeout=3,
+                         what="the queued deliveries handed back, not left for the old webhook")
+        receiver.stop.set()  # the old webhook answers its in-flight requests, and would take more
+        await asyncio.gather(*channels._retiring)
+        await channels.drain()
+        assert len(receiver.to("/hang/am")) == concurrency
+        with Session(engine) as session:
+            rows = {row.alert_id: row.status for row in session.scalars(select(DeliveryRecord))}
+        late = [row_id for row_id in ids if row_id not in {json.loads(r.body)["alert_id"] for r in receiver.to("/hang/am")}]
+        assert len(late) == 2
+        if moved:
+            assert sorted(r.headers["x-decision-router-alert"] for r in receiver.to("/ok/moved")) == sorted(late)
+            assert set(rows.values()) == {"delivered"}
+        else:
+            dead = [fields for _, fields in await redis.xrange(channels.keys.deliveries_dlq)]
+            assert sorted(f["alert_id"] for f in dead) == sorted(late)
+            assert {f["error"] for f in dead} == {RECEIVER_REMOVED}
+    finally:
+        await channels.close()
+        await redis.aclose()

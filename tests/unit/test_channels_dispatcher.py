@@ -148,6 +148,21 @@ async def test_close_waits_up_to_timeout_then_returns_the_unfinished() -> None:
     assert len(sender.delivered) == 3
 
 
+async def test_close_without_finishing_the_queued_starts_none_of_them() -> None:
+    """A rules reload retires a dispatcher this way: what is in flight gets the timeout, what waits in
+    the queue is handed back at once, even when a worker frees up meanwhile."""
+    sender = Gated("a", gate_open=False, max_concurrency=1)
+    dispatcher = Dispatcher({"a": sender})
+    first, *queued = alerts(3)
+    for alert in (first, *queued):
+        await dispatcher.submit("a", alert)
+    await settle()
+    asyncio.get_running_loop().call_later(0.05, sender.gate.set)
+    abandoned = await dispatcher.close(timeout=5, finish_queued=False)
+    assert sender.delivered == [first.alert_id]  # the one in flight finished
+    assert [(key, a.alert_id) for key, a in abandoned] == [("a", a.alert_id) for a in queued]
+
+
 async def test_callback_errors_do_not_stop_the_worker() -> None:
     calls = 0
 
