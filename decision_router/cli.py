@@ -233,7 +233,12 @@ def outcome(
     if entity is not None:
         entity_type, entity_id = parse_entity(entity)
         document.update(entity_type=entity_type, entity_id=entity_id)
-    send_outcome(document, options=OUTCOME_OPTIONS)
+    from decision_router.cli_governance import alert_check
+
+    settings = settings_or_exit()
+    # As `reassign`: an alert id the store lacks, or an action after the alert's outcome, is an error here, not
+    # "recorded" for the router to dead-letter.
+    send_outcome(document, settings, options=OUTCOME_OPTIONS, before_publishing=alert_check(settings, document))
 
 
 # rules / health ------------------------------------------------------------------------

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 from rich.table import Table
@@ -179,7 +179,6 @@ def reassign(
     """Hand an alert to another owner: the same event as `outcome reassigned --alert ID --owner ...`."""
     from decision_router.router import present_owner
     from decision_router.rules import RulesInvalid, load_rules
-    from decision_router.settings import redact_url
     from decision_router.tracker import reassign_note
 
     settings = settings_or_exit()
@@ -198,34 +197,73 @@ def reassign(
 
     def check_alert() -> None:
         """Once the event passed the router's gate (an empty or oversized id is refused there, as such)."""
-        held = _held(settings, alert_id)
-        if held is _NO_SUCH_ALERT:
-            # The router would dead-letter it (unknown_alert): "recorded" would read as done. Worded as `audit`.
-            fail(f"no alert {alert_id!r} in the store at {redact_url(settings.database_url)}; nothing was sent",
-                 code=2)
+        held = _held_or_exit(settings, alert_id)
         # Published all the same: the request is recorded (who asked), as the router applies it. Worded as the
         # API's answer to POST /v1/alerts/{id}/reassign.
-        if isinstance(held, tuple) and (note := reassign_note(present, unchanged=held[0] == present,
-                                                              closed=held[1] == "closed")):
+        if held is not None and (note := reassign_note(present, unchanged=held.owner == present,
+                                                       closed=held.status == "closed")):
             say(f"note: {note}", stderr=True)
 
     send_outcome({"type": "reassigned", "alert_id": alert_id, "actor": by, "owner": to, "note": reason}, settings,
                  before_publishing=check_alert)
 
 
+class Held(NamedTuple):
+    """What the store has of an alert now, for the commands' checks before they publish an event about it."""
+
+    owner: str
+    status: str
+    outcome_at: datetime | None
+
+
+def _held_or_exit(settings: Settings, alert_id: str) -> Held | None:
+    """The alert as the store has it (None: the store cannot say); exit 2, nothing sent, when the store has no such
+    alert: the router would dead-letter the event (unknown_alert), and "recorded" would read as done."""
+    from decision_router.settings import redact_url
+
+    held = _held(settings, alert_id)
+    if held is _NO_SUCH_ALERT:
+        # Worded as `audit`.
+        fail(f"no alert {alert_id!r} in the store at {redact_url(settings.database_url)}; nothing was sent", code=2)
+    return held if isinstance(held, Held) else None
+
+
+def alert_check(settings: Settings, document: dict[str, Any]) -> Callable[[], None]:
+    """`outcome TYPE --alert ID`'s check before it publishes (send_outcome's before_publishing), as `reassign`'s:
+    an alert id the store lacks is an error; so is an acknowledgement or intervention after the alert's outcome,
+    which the router refuses (it cannot have caused the outcome)."""
+    from decision_router.contracts import OutcomeEvent, OutcomeType
+
+    def check() -> None:
+        event = OutcomeEvent.model_validate({k: v for k, v in document.items() if v is not None})  # valid by now
+        if event.alert_id is None:
+            return
+        held = _held_or_exit(settings, event.alert_id)
+        if held is None or held.outcome_at is None or event.type not in (OutcomeType.ACKNOWLEDGED,
+                                                                         OutcomeType.INTERVENED):
+            return
+        at = event.at or datetime.now(UTC)
+        if at > held.outcome_at:
+            when = f"--at {_when(at)}" if event.at is not None else f"now ({_when(at)}; give --at if it was earlier)"
+            fail(f"alert {event.alert_id!r} has its outcome since {_when(held.outcome_at)}: {event.type.value} "
+                 f"{when} is after it, and the router would refuse it; nothing was sent", code=2)
+
+    return check
+
+
 _NO_SUCH_ALERT = "no such alert"  # _held: the store answered, and has no alert by that id
 
 
-def _held(settings: Settings, alert_id: str) -> tuple[str, str] | str | None:
-    """(owner, status) of the alert as the store has it now, _NO_SUCH_ALERT when the store has no such alert,
-    or None when it cannot say (no store file, no alerts table, the store unreachable): then the router says
-    what it made of the event, and this is never an error of its own."""
+def _held(settings: Settings, alert_id: str) -> Held | str | None:
+    """The alert as the store has it now, _NO_SUCH_ALERT when the store has no such alert, or None when it
+    cannot say (no store file, no alerts table, the store unreachable): then the router says what it made of
+    the event, and this is never an error of its own."""
     from sqlalchemy.exc import SQLAlchemyError
     from sqlmodel import Session
 
     from decision_router.cli_common import missing_store_file
     from decision_router.store import make_engine
-    from decision_router.tables import AlertRecord
+    from decision_router.tables import AlertRecord, as_utc
 
     if missing_store_file(settings.database_url) is not None:
         return None  # opening it would create it
@@ -236,7 +274,10 @@ def _held(settings: Settings, alert_id: str) -> tuple[str, str] | str | None:
     try:
         with Session(engine) as session:
             record = session.get(AlertRecord, alert_id)
-            return (record.owner, record.status) if record is not None else _NO_SUCH_ALERT
+            if record is None:
+                return _NO_SUCH_ALERT
+            outcome_at = as_utc(record.outcome_at)
+            return Held(record.owner, record.status, outcome_at)
     except SQLAlchemyError:
         return None  # no alerts table yet, or no store to reach: the router will say what it made of it
     finally:

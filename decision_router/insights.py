@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, literal, literal_column, null, select, union_all
+from sqlalchemy import and_, case, func, literal, literal_column, null, select, union_all
 from sqlalchemy.orm import Session
 
 from decision_router.durations import EARLIEST, format_duration
@@ -299,12 +299,21 @@ def rejections_per_day(
 # --- owner inbox --------------------------------------------------------------------------
 
 
-def next_deadline(record: AlertRecord) -> datetime | None:
-    """The deadline the owner has still to meet: acknowledge, then act; None once acted on.
-    NEXT_DEADLINE (below) is the same in SQL, for open_alerts to choose and order by."""
+def next_deadline(record: AlertRecord, last_step: str | None = None) -> datetime | None:
+    """The deadline the owner has still to meet: acknowledge, then act; None once acted on. NEXT_DEADLINE (below)
+    is the same in SQL, for open_alerts to choose and order by; `last_step` as for `overdue`.
+
+    The owner's own deadline, as `overdue` reads it: its due time while pending (after a reassignment, the new
+    owner's fresh one, later than ack_by / act_by). One `overdue` counts as passed (escalated past the owner,
+    or cleared by a breach) is the alert's first, ack_by / act_by: passed too, and never later than the owner's."""
+    escalated = record.escalated_to is not None
     if record.acknowledged_at is None:
-        return as_utc(record.ack_by)
-    return as_utc(record.act_by) if record.intervened_at is None else None
+        pending = record.ack_due_at is not None and not escalated
+        return as_utc(record.ack_due_at if pending else record.ack_by)
+    if record.intervened_at is None:
+        pending = record.act_due_at is not None and not (escalated and last_step == "act")
+        return as_utc(record.act_due_at if pending else record.act_by)
+    return None
 
 
 def others_escalated_to(owner: str) -> Any:
@@ -329,11 +338,16 @@ class SortKey:
 # A stand-in for "no deadline" that sorts after every real one, on both stores: SQLite has NULLS LAST only
 # from 3.30 on, and PostgreSQL sorts NULL last but SQLite first.
 NEVER = datetime.max.replace(tzinfo=UTC)
-# next_deadline in SQL: acknowledge by ack_by, then act by act_by; none (NEVER) once acted on.
+# next_deadline in SQL: acknowledge by the owner's ack due time (ack_by once passed), then act by their act due time
+# (act_by once passed); none (NEVER) once acted on. LAST_STEP is looked up only for an alert escalated in its chain.
 NEXT_DEADLINE = case(
+    (and_(AlertRecord.acknowledged_at.is_(None), AlertRecord.ack_due_at.is_not(None),
+          AlertRecord.escalated_to.is_(None)), AlertRecord.ack_due_at),
     (AlertRecord.acknowledged_at.is_(None), AlertRecord.ack_by),
-    (AlertRecord.intervened_at.is_(None), AlertRecord.act_by),
-    else_=literal(NEVER, AlertRecord.ack_by.type),
+    (AlertRecord.intervened_at.is_not(None), literal(NEVER, AlertRecord.ack_by.type)),
+    (and_(AlertRecord.act_due_at.is_not(None), AlertRecord.escalated_to.is_(None)), AlertRecord.act_due_at),
+    (and_(AlertRecord.act_due_at.is_not(None), func.coalesce(LAST_STEP, "") != "act"), AlertRecord.act_due_at),
+    else_=AlertRecord.act_by,
 )
 NEWEST_FIRST = (SortKey("created_at", AlertRecord.created_at, True), SortKey("alert_id", AlertRecord.alert_id, True))
 NEAREST_DEADLINE_FIRST = (

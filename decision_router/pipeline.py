@@ -337,7 +337,10 @@ class Pipeline:
                         rejections.append(
                             Rejection(
                                 reason=RejectionReason.DUPLICATE,
-                                detail=f"prediction_id {pid} was already accepted from entry {known[pid] or '?'}",
+                                # Quotes what was sent: a prediction_id of any length (up to the entry's size).
+                                detail=bounded_detail(
+                                    f"prediction_id {pid} was already accepted from entry {known[pid] or '?'}"
+                                ),
                                 model=item.model,
                                 source_stream=self.keys.predictions,
                                 source_id=entry_id,
@@ -589,9 +592,9 @@ class Pipeline:
                         result.handed_over.extend(handed_over)
                         result.unchanged.extend(unchanged)
                     continue
-                alerts, reason, detail = self._applicable(
-                    item, tracker.find_alerts(session, item, now=now, outcome_window=self.settings.outcome_window)
-                )
+                found = tracker.find_alerts(session, item, now=now, outcome_window=self.settings.outcome_window,
+                                            max_clock_skew=self.settings.max_clock_skew)
+                alerts, reason, detail = self._applicable(item, found, now)
                 if reason is RejectionReason.UNKNOWN_ALERT and item.alert_id is None and item.prediction_id is None:
                     detail += self._already_closed(session, item, now)
                 if reason is not None:
@@ -621,24 +624,28 @@ class Pipeline:
         return result, rejections, reassigned
 
     def _applicable(
-        self, event: OutcomeEvent, found: Sequence[AlertRecord]
+        self, event: OutcomeEvent, found: Sequence[AlertRecord], now: datetime
     ) -> tuple[Sequence[AlertRecord], RejectionReason | None, str]:
         """The alerts `event` applies to among those it addresses, or why it applies to none.
 
         An event by entity is about the entity's alerts of its `at`: those created later (beyond the clock skew)
         are left alone, and it is refused only if none was there yet. An event naming its alert or prediction
-        (whose alerts are all created together) and dated before it has a wrong clock: refused."""
+        (whose alerts are all created together) and dated before it has a wrong clock: refused. An
+        acknowledgement or intervention after an alert's outcome leaves that alert alone (by entity it is not
+        even found: only open alerts are); refused if it leaves every one alone."""
         reason, detail = self._outcome_problem(event, found)
         if reason is not None:
             return [], reason, detail
         too_early = {alert.alert_id: why for alert in found if (why := self._dated_before(event, alert))}
-        if not too_early:
-            return found, None, ""
         by_entity = event.alert_id is None and event.prediction_id is None
-        existing = [alert for alert in found if alert.alert_id not in too_early] if by_entity else []
-        if existing:
-            return existing, None, ""
-        return [], RejectionReason.SCHEMA, next(iter(too_early.values()))  # the earliest alert's
+        existing = [alert for alert in found if alert.alert_id not in too_early] if by_entity or not too_early else []
+        if not existing:
+            return [], RejectionReason.SCHEMA, next(iter(too_early.values()))  # the earliest alert's
+        too_late = {alert.alert_id: why for alert in existing if (why := self._dated_after_outcome(event, alert, now))}
+        applicable = [alert for alert in existing if alert.alert_id not in too_late]
+        if not applicable:
+            return [], RejectionReason.SCHEMA, next(iter(too_late.values()))
+        return applicable, None, ""
 
     def _outcome_problem(
         self, event: OutcomeEvent, alerts: Sequence[AlertRecord]
@@ -662,7 +669,8 @@ class Pipeline:
     def _already_closed(self, session: Session, event: OutcomeEvent, now: datetime) -> str:
         """For an event by entity that found no open decision: whether those in the window are all closed (the
         entity's outcome sent again, or a correction), not unknown to the router."""
-        closed = tracker.closed_in_window(session, event, now=now, outcome_window=self.settings.outcome_window)
+        closed = tracker.closed_in_window(session, event, now=now, outcome_window=self.settings.outcome_window,
+                                          max_clock_skew=self.settings.max_clock_skew)
         if not closed:
             return ""
         decisions = "decision there already has" if closed == 1 else "decisions there already have"
@@ -681,3 +689,18 @@ class Pipeline:
         if event.at >= as_utc(since) - self.settings.max_clock_skew:
             return None
         return f"at {event.at.isoformat()} is before alert {alert.alert_id} {what} ({as_utc(since).isoformat()})"
+
+    @staticmethod
+    def _dated_after_outcome(event: OutcomeEvent, alert: AlertRecord, now: datetime) -> str | None:
+        """Why an acknowledgement or intervention cannot be recorded on `alert`, or None: it came after the alert's
+        outcome, so it cannot have caused it; recorded, the alert would count as acted on, its time to act
+        running past its outcome. One dated before the outcome (reported late) is recorded."""
+        if event.type not in (OutcomeType.ACKNOWLEDGED, OutcomeType.INTERVENED) or alert.outcome_at is None:
+            return None
+        at, outcome_at = event.at or now, as_utc(alert.outcome_at)
+        if at <= outcome_at:
+            return None
+        when = f"at {at.isoformat()}" + ("" if event.at is not None else " (now: the event gives no `at`)")
+        return (f"{when} is after alert {alert.alert_id}'s outcome ({outcome_at.isoformat()}): an "
+                f"{'acknowledgement' if event.type is OutcomeType.ACKNOWLEDGED else 'intervention'} after the "
+                "outcome cannot have caused it")

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import orjson
-from sqlalchemy import Column, Index, UniqueConstraint, event, literal, text
+from sqlalchemy import Column, Index, UniqueConstraint, event, literal, select, text, update
 from sqlalchemy.engine import Connection, Dialect, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.schema import CreateIndex
@@ -425,7 +425,25 @@ def create_schema(engine: Engine) -> None:
             _concurrently(lambda index=index: _execute(engine, CreateIndex(index, if_not_exists=True)))
         for name in retired:  # replaced or unused: writes stop paying for it
             _execute(engine, text(f"drop index if exists {name}"))
+    repair_suppressed_closed(engine)
     install_tallies(engine)
+
+
+def repair_suppressed_closed(engine: Engine) -> int:
+    """Set the cooldown-suppressed decisions an older version closed on their outcome back to 'suppressed' (the
+    outcome stays): nobody's to-do, shown and filtered as suppressed, not as closed alerts. Read through
+    ix_alerts_suppressed_closed, which holds only those: nothing to read on a store repaired or written since.
+    Returns how many it repaired."""
+    alerts = tables.AlertRecord.__table__
+    with engine.begin() as connection:
+        # Looked for first: an UPDATE is a write even when it changes nothing, and a store opened read-only (or
+        # by a role that may not write the alerts) is not to be refused for a repair it does not need.
+        if connection.execute(select(alerts.c.alert_id).where(tables.SUPPRESSED_CLOSED).limit(1)).first() is None:
+            return 0
+        repaired = connection.execute(update(alerts).where(tables.SUPPRESSED_CLOSED).values(status="suppressed")).rowcount
+    if repaired:
+        _log().info("suppressed decisions closed by an older version set back to suppressed", alerts=repaired)
+    return repaired
 
 
 # One PostgreSQL session at a time builds or drops the indexes of a store (its schema): the others wait.

@@ -544,37 +544,48 @@ def to_alert(record: AlertRecord, escalation: Escalation | None = None) -> Alert
 
 
 def find_alerts(
-    session: Session, event: OutcomeEvent, *, now: datetime, outcome_window: timedelta
+    session: Session, event: OutcomeEvent, *, now: datetime, outcome_window: timedelta,
+    max_clock_skew: timedelta = timedelta(0),
 ) -> list[AlertRecord]:
     """The alerts an outcome event addresses. By entity: the open ones (control records
-    included) whose prediction was made within `outcome_window` before the event."""
+    included) whose prediction was made within `outcome_window` before the event, give or take
+    `max_clock_skew` (DECISION_ROUTER_MAX_CLOCK_SKEW), as an event naming its alert is checked."""
     query = select(AlertRecord)
     if event.alert_id is not None:
         query = query.where(AlertRecord.alert_id == event.alert_id)
     elif event.prediction_id is not None:
         query = query.where(AlertRecord.prediction_id == event.prediction_id)
     else:
-        query = query.where(*_entity_window(event, now=now, outcome_window=outcome_window), AlertRecord.status == "open")
+        window = _entity_window(event, now=now, outcome_window=outcome_window, max_clock_skew=max_clock_skew)
+        query = query.where(*window, AlertRecord.status == "open")
     return list(session.scalars(query.order_by(AlertRecord.created_at)))
 
 
-def closed_in_window(session: Session, event: OutcomeEvent, *, now: datetime, outcome_window: timedelta) -> int:
+def closed_in_window(
+    session: Session, event: OutcomeEvent, *, now: datetime, outcome_window: timedelta,
+    max_clock_skew: timedelta = timedelta(0),
+) -> int:
     """How many of the decisions an event by entity would address are closed already (have an outcome): why
     it found none open, when it is sent again. Read only for a refused event."""
     query = select(func.count()).select_from(AlertRecord).where(
-        *_entity_window(event, now=now, outcome_window=outcome_window), AlertRecord.status == "closed"
+        *_entity_window(event, now=now, outcome_window=outcome_window, max_clock_skew=max_clock_skew),
+        AlertRecord.status == "closed",
     )
     return session.scalar(query) or 0
 
 
-def _entity_window(event: OutcomeEvent, *, now: datetime, outcome_window: timedelta) -> list[Any]:
+def _entity_window(
+    event: OutcomeEvent, *, now: datetime, outcome_window: timedelta, max_clock_skew: timedelta
+) -> list[Any]:
     at = event.at or now
     since = earlier(at, outcome_window)  # a long DECISION_ROUTER_OUTCOME_WINDOW starts at the year 1
     return [
         AlertRecord.entity_type == event.entity_type,
         AlertRecord.entity_id == event.entity_id,
         AlertRecord.predicted_at >= since,
-        AlertRecord.predicted_at <= at,
+        # The sender's clock may be behind the model's: a prediction made up to the skew after the event's `at`
+        # is still the one it is about, as it is when the event names its alert (Pipeline._dated_before).
+        AlertRecord.predicted_at <= at + max_clock_skew,
     ]
 
 

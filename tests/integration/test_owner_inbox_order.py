@@ -58,3 +58,33 @@ def test_the_most_urgent_open_alerts_are_chosen_and_ordered_by_next_deadline(eng
     # The SQL order is next_deadline's, the Python reading of the same deadlines.
     assert chosen == sorted(chosen, key=lambda r: (insights.next_deadline(r) or insights.NEVER, as_utc(r.created_at)))
     assert first == {n: URGENCY[:n] for n in (2, 3, 7)}
+
+
+def test_the_order_reads_the_owners_own_deadlines_as_overdue_does(engine: Engine) -> None:
+    """The order read ack_by / act_by, the alert's first deadlines, where `overdue` reads the owner's own due times:
+    a reassigned alert, its fresh deadline hours away and not overdue, came before one due sooner."""
+    reassigned = alert(1, rule="r", owner="lead")  # ack_by 4; reassigned to lead at 3: due at 7
+    reassigned.original_owner, reassigned.ack_due_at, reassigned.act_due_at = "alice", T0 + at(7), T0 + at(51)
+    sooner = alert(2, rule="r", owner="lead", created=T0 + at(1))  # ack_by and due at 5
+    sooner.ack_due_at, sooner.act_due_at = T0 + at(5), T0 + at(49)
+    # Acknowledged, escalated for the act: due at the manager's time now (60); the owner's passed (act_by 30).
+    escalated_act = alert(3, rule="r", owner="lead", ack=True)
+    escalated_act.act_by, escalated_act.act_due_at, escalated_act.escalated_to = T0 + at(30), T0 + at(60), "boss"
+    # Acknowledged, not escalated: due at 35.
+    pending_act = alert(4, rule="r", owner="lead", ack=True)
+    pending_act.act_by = pending_act.act_due_at = T0 + at(35)
+    # Reassigned (act due at 40, act_by 20), escalated for the ack, then acknowledged: its act deadline is the owner's.
+    escalated_ack = alert(5, rule="r", owner="lead", ack=True)
+    escalated_ack.original_owner, escalated_ack.escalated_to = "alice", "boss"
+    escalated_ack.act_by, escalated_ack.act_due_at = T0 + at(20), T0 + at(40)
+    steps = [EscalationRecord(alert_id=a.alert_id, level=1, kind=kind, from_owner="lead", to_owner="boss",
+                              reason="late", at=T0) for a, kind in ((escalated_act, "act"), (escalated_ack, "ack"))]
+    with Session(engine) as session:
+        session.add_all([reassigned, sooner, escalated_act, pending_act, escalated_ack, *steps])
+        session.commit()
+    with Session(engine) as session:
+        chosen = insights.open_alerts(session, owner="lead")
+        last = insights.last_steps(session, chosen)
+    assert [r.alert_id for r in chosen] == ["al-r-2", "al-r-1", "al-r-3", "al-r-4", "al-r-5"]
+    deadlines = [insights.next_deadline(r, last.get(r.alert_id)) for r in chosen]
+    assert deadlines == [T0 + at(h) for h in (5, 7, 30, 35, 40)]

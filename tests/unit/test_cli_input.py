@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -425,6 +425,79 @@ def test_reassigning_to_the_owner_holding_the_alert_or_a_closed_one_says_what_fo
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", f"sqlite:///{tmp_path / 'elsewhere.db'}")
     assert invoke("reassign", "al-r-0", "--to", "felix", "--by", "lead").stderr == ""
     assert not (tmp_path / "elsewhere.db").exists()
+
+
+def closed_alert_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, datetime]:
+    """A store holding al-r-1, created at T0 and closed (its outcome) an hour later; the CLI's settings point at it.
+    Returns its URL and the outcome's time."""
+    from sqlmodel import Session
+
+    from decision_router.store import create_schema, make_engine
+    from tests.unit.test_stats import T0, alert
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = make_engine(url)
+    create_schema(engine)
+    outcome_at = T0 + timedelta(hours=1)
+    record = alert(1, rule="r", owner="felix", outcome="success")
+    record.outcome_at = outcome_at
+    with Session(engine) as session:
+        session.add(record)
+        session.commit()
+    engine.dispose()
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", url)
+    return url, outcome_at
+
+
+def sending_to(sent: list[dict]) -> Callable[..., None]:
+    """`outcome`'s send_outcome without Redis: its checks (before_publishing) run, then `sent` gets the event."""
+
+    def send(document: dict, settings: object, *, before_publishing: Callable[[], None] | None = None,
+             **_options: object) -> None:
+        if before_publishing is not None:
+            before_publishing()
+        sent.append(document)
+
+    return send
+
+
+@pytest.mark.parametrize("type_", ["acknowledged", "intervened", "outcome", "reassigned"])
+def test_outcome_for_an_alert_id_the_store_lacks_is_refused_as_reassign_refuses_it(
+    type_: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`outcome TYPE --alert al-nope` published an event the router dead-letters (unknown_alert), said "recorded"."""
+    url, _ = closed_alert_store(tmp_path, monkeypatch)
+    sent: list[dict] = []
+    monkeypatch.setattr("decision_router.cli.send_outcome", sending_to(sent))
+    extra = {"outcome": ["--result", "success"], "reassigned": ["--owner", "desk"]}.get(type_, [])
+    line = one_error(invoke("outcome", type_, "--alert", "al-nope", "--actor", "ops", *extra), 2)
+    assert line == f"error: no alert 'al-nope' in the store at {url}; nothing was sent"
+    assert sent == []
+    # By prediction or entity it addresses a set the router looks up: published.
+    assert invoke("outcome", type_, "--prediction", "p-nope", "--actor", "ops", *extra).exit_code == 0
+    assert len(sent) == 1
+
+
+def test_outcome_ack_or_intervention_after_the_alerts_outcome_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The router refuses it (it cannot have caused the outcome): an error here, not "recorded"."""
+    _, outcome_at = closed_alert_store(tmp_path, monkeypatch)
+    sent: list[dict] = []
+    monkeypatch.setattr("decision_router.cli.send_outcome", sending_to(sent))
+    after = (outcome_at + timedelta(minutes=5)).isoformat()
+    line = one_error(invoke("outcome", "intervened", "--alert", "al-r-1", "--actor", "felix", "--at", after), 2)
+    assert line == ("error: alert 'al-r-1' has its outcome since 2026-11-01T10:00:00Z: intervened --at "
+                    "2026-11-01T10:05:00Z is after it, and the router would refuse it; nothing was sent")
+    line = one_error(invoke("outcome", "acknowledged", "--alert", "al-r-1", "--actor", "felix"), 2)
+    assert line.startswith("error: alert 'al-r-1' has its outcome since 2026-11-01T10:00:00Z: acknowledged now (")
+    assert line.endswith("; give --at if it was earlier) is after it, and the router would refuse it; nothing was sent")
+    assert sent == []
+    # Dated before the outcome (reported late): sent.
+    before = (outcome_at - timedelta(minutes=5)).isoformat()
+    result = invoke("outcome", "intervened", "--alert", "al-r-1", "--actor", "felix", "--at", before)
+    assert result.exit_code == 0, result.output
+    assert [d["at"] for d in sent] == [before]
 
 
 def test_rules_test_with_stdin_closed_says_where_to_give_the_prediction(tmp_path: Path) -> None:
