@@ -264,9 +264,13 @@ class ChannelDelivery:
         # older than their result, and they must not be sent twice.
         self._done: set[int] = set()
         self._lock = asyncio.Lock()
-        # When each digest receiver was last handed a message by this process (the store's
-        # finished_at covers sends before a restart).
+        # When each digest receiver was last sent a message by this process (the store's finished_at
+        # covers sends before a restart): sends finished, or started (they may have reached it).
         self._last_sent: dict[str, datetime] = {}
+        # Digest receivers' sends planned and handed to the dispatcher, not yet finished: row id ->
+        # (receiver, when planned). They count for the window from then, but only one that started can
+        # have reached the receiver: a send handed back never started (a reload) is dropped uncounted.
+        self._planned: dict[int, tuple[str, datetime]] = {}
         # Dispatchers replaced by a rules reload, finishing what they had in hand.
         self._retiring: set[asyncio.Task[None]] = set()
         # Claims are per process: two of its tasks dead-lettering the same rows would both hold them.
@@ -327,13 +331,28 @@ class ChannelDelivery:
         return True
 
     async def _retire(self, dispatcher: Dispatcher) -> None:
-        # Only what is in flight finishes there: a queued delivery is handed back at once, for the new
-        # receivers (a moved webhook's new URL; a removed one's dead-letter), never sent to the old address.
-        abandoned = [self._inflight.pop(_token(key, alert), None) for key, alert in
-                     await dispatcher.close(timeout=CLOSE_TIMEOUT_S, finish_queued=False)]
-        # Not reported, so the rows are still pending: released, the next pump hands them over again.
-        await asyncio.to_thread(self._release, [row_id for row_id in abandoned if row_id is not None])
+        # A queued delivery is handed back at once, for the new receivers (a moved webhook's new URL; a
+        # removed one's dead-letter), never sent to the old address, and without waiting for those in flight.
+        await self._hand_back(dispatcher.unqueue(), started=False)
+        # Only what is in flight finishes there; what does not within CLOSE_TIMEOUT_S may have reached it.
+        await self._hand_back(await dispatcher.close(timeout=CLOSE_TIMEOUT_S, finish_queued=False), started=True)
         await self._dead_letter_removed([key for key in dispatcher.receivers if key not in self.receivers])
+
+    async def _hand_back(self, deliveries: Sequence[tuple[str, AnyAlert]], *, started: bool) -> None:
+        """Deliveries a dispatcher gave back unreported: their rows are still pending, released for the
+        next pump to hand over again. One never `started` reached no receiver: no send for its window."""
+        row_ids = [row_id for key, alert in deliveries
+                   if (row_id := self._inflight.pop(_token(key, alert), None)) is not None]
+        for row_id in row_ids:
+            self._settle(row_id, sent=started)
+        await asyncio.to_thread(self._release, row_ids)
+
+    def _settle(self, row_id: int, *, sent: bool) -> None:
+        """A planned digest-receiver send is over: finished, or given up after it started (it counts for
+        the receiver's window from when it was planned), or handed back never started (it does not)."""
+        key, at = self._planned.pop(row_id, (None, None))
+        if key is not None and at is not None and sent:
+            self._last_sent[key] = max(at, self._last_sent.get(key, at))
 
     async def _dead_letter_removed(self, keys: Sequence[str]) -> None:
         """Rows still pending for receivers the reload removed: no pump would ever send them (it reads
@@ -464,15 +483,23 @@ class ChannelDelivery:
                     grouped.setdefault(row.key, []).append(row)
                 else:
                     singles.append(row)
+            in_hand: dict[str, datetime] = {}  # the latest send planned per receiver, not finished
+            for key, at in self._planned.values():
+                in_hand[key] = max(at, in_hand.get(key, at))
+            planned: list[PendingDelivery] = []
             for key, group in grouped.items():
-                last = max((t for t in (stored_last.get(key), self._last_sent.get(key)) if t is not None), default=None)
+                last = max((t for t in (stored_last.get(key), self._last_sent.get(key), in_hand.get(key))
+                            if t is not None), default=None)
                 plan = plan_digest(group, last_sent=last, window=self.digests[key], now=now)
                 singles += plan.singles
                 digests += [(key, digest) for digest in plan.digests]
-                if plan.singles or plan.digests:
-                    self._last_sent[key] = now
+                planned += [*plan.singles, *(row for digest in plan.digests for row in digest)]
             wanted = [row.row_id for row in singles] + [row.row_id for _, digest in digests for row in digest]
             claimed = await asyncio.to_thread(self._claim, wanted) if wanted else set()
+            for row in planned:
+                self._planned[row.row_id] = (row.key, now)
+                if row.row_id not in claimed:
+                    self._settle(row.row_id, sent=True)  # another process is sending it
             return await self._submit_claimed(singles, digests, claimed)
 
     async def _submit_claimed(
@@ -649,6 +676,7 @@ class ChannelDelivery:
         tries = await asyncio.to_thread(
             self._record, row_id, ok, error, status_code, latency_ms, attempts, digest, digest_id
         )
+        self._settle(row_id, sent=True)
         if ok:
             return
         metrics.delivery_failed(key.rsplit(":", 1)[1])

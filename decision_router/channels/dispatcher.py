@@ -266,8 +266,7 @@ class Dispatcher:
         lanes = list(self._lanes.values())
         abandoned: list[tuple[str, AnyAlert]] = []
         if not finish_queued:
-            for lane in lanes:
-                abandoned += self._unqueue(lane)
+            abandoned += self.unqueue()
         if timeout is None or timeout > 0:
             try:
                 await asyncio.wait_for(self.drain(), timeout)
@@ -283,6 +282,12 @@ class Dispatcher:
             lane.workers = []
         await asyncio.gather(*(lane.sender.aclose() for lane in lanes), return_exceptions=True)
         return abandoned
+
+    def unqueue(self) -> list[tuple[str, AnyAlert]]:
+        """Take every queued delivery, not yet started, off the queues and return it as (receiver key,
+        alert) pairs, unreported (a digest as one pair per alert): none of them reached its receiver.
+        Deliveries in flight go on."""
+        return [pair for lane in self._lanes.values() for pair in self._unqueue(lane)]
 
     @staticmethod
     def _unqueue(lane: _Lane) -> list[tuple[str, AnyAlert]]:

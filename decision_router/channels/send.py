@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import random as _random
+import re
 import ssl
 import time
 from abc import ABC, abstractmethod
@@ -48,7 +49,7 @@ from decision_router.channels.config import (
     WebhookReceiver,
 )
 from decision_router.channels.render import PRIORITY_ORDER, RenderedEmail, Renderer, TemplateError, digest_recipient
-from decision_router.channels.signing import signature_headers
+from decision_router.channels.signing import SIGNATURE_HEADER, VERSION, signature_headers
 from decision_router.contracts import Alert, AnyAlert, DataQualityAlert, handoff_suffix
 
 __all__ = [
@@ -192,6 +193,20 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 def _clip(text: str, limit: int = ERROR_MAX) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# A webhook signature's HMAC as a receiver may quote it (`v1=<hex>`), whole or cut short by the excerpt's end.
+_QUOTED_SIGNATURE = re.compile(rf"(?<![0-9A-Za-z]){VERSION}=[0-9a-fA-F]{{8,}}")
+
+
+def _unsigned(text: str, signature: str | None) -> str:
+    """`text` (a receiver's reply) without webhook signatures: a valid one lets whoever reads the error
+    replay the request. Ours (the header value sent) wherever its HMAC appears, and any other `v1=`
+    HMAC quoted (the one the receiver expected is just as valid)."""
+    for part in (signature or "").split(","):
+        if digest := part.strip().removeprefix(f"{VERSION}="):
+            text = text.replace(digest, "***")
+    return _QUOTED_SIGNATURE.sub(f"{VERSION}=***", text)
 
 
 def _describe(exc: BaseException) -> str:
@@ -439,8 +454,9 @@ class WebhookSender(Sender):
                 excerpt = ""
         if 200 <= status < 300:
             return _Outcome(ok=True, status_code=status)
-        # The receiver's words, which may echo what it was sent (the URL's token, an Authorization header).
-        error = f"HTTP {status}" + (f": {self.scrub(excerpt)}" if excerpt else "")
+        # The receiver's words, which may echo what it was sent (the URL's token, an Authorization header,
+        # the signature).
+        error = f"HTTP {status}" + (f": {self.scrub(_unsigned(excerpt, headers.get(SIGNATURE_HEADER)))}" if excerpt else "")
         if status == 429 or status >= 500:
             return _Outcome(
                 ok=False, status_code=status, error=_clip(error), retryable=True, retry_after=parse_retry_after(response.headers.get("retry-after"), now=self._now())

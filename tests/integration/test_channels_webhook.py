@@ -13,6 +13,7 @@ The server's behaviour is chosen by the request path:
 | /bad/...      | 400 with a JSON error body |
 | /redirect/... | 302 to /ok |
 | /echo/...     | 401 quoting the request's path and Authorization header, as some APIs do |
+| /sigecho/<status> | that status, quoting the request's signature header and the one it expected |
 | /cut/<status> | that status, then the connection closed before the promised body is complete |
 """
 
@@ -86,6 +87,9 @@ class ReceiverState:
         if mode == "echo":
             auth = self.requests[-1].headers.get("authorization", "")
             return 401, f"invalid token in {path} (authorization: {auth})".encode(), {}
+        if mode == "sigecho":  # a receiver explaining a mismatch: what it got, what it wanted
+            got = self.requests[-1].headers.get("x-decision-router-signature", "")
+            return int(path.strip("/").split("/")[1]), f"bad signature {got}, expected v1={'0a1b' * 16}".encode(), {}
         if mode == "cut":
             return int(path.strip("/").split("/")[1]), b"partial", {"Content-Length": "100"}
         return 404, b"no such mode", {}
@@ -270,6 +274,21 @@ async def test_a_receiver_quoting_its_credentials_back_does_not_put_them_in_the_
     assert result.error is not None and result.error.startswith("HTTP 401: invalid token in ***")
     for secret in (token, api_key, SECRET):
         assert secret not in result.error and all(secret not in (a.error or "") for a in result.attempt_log)
+
+
+@pytest.mark.parametrize("status", [401, 503])
+async def test_a_receiver_quoting_the_signature_back_does_not_put_it_in_the_error(
+    receiver: ReceiverState, senders: Any, status: int
+) -> None:
+    """A valid signature lets its holder replay the request (within the timestamp's tolerance): neither
+    ours nor any `v1=` HMAC the receiver quotes reaches the store, the log or deliveries:dlq."""
+    result = await senders(receiver.url(f"/sigecho/{status}"), secret=SECRET, max_attempts=2).send(make_alert())
+    assert (result.ok, result.status_code) == (False, status)
+    sent = [r.headers[SIGNATURE_HEADER.lower()] for r in receiver.to("/sigecho/")]
+    assert len(sent) == len(result.attempt_log) == (2 if status == 503 else 1)
+    for error in [result.error, *(a.error for a in result.attempt_log)]:
+        assert error == f"HTTP {status}: bad signature v1=***, expected v1=***"
+    assert all(s.removeprefix("v1=") not in (result.error or "") for s in sent)
 
 
 async def test_redirect_is_not_followed(receiver: ReceiverState, senders: Any) -> None:

@@ -21,7 +21,7 @@ from decision_router import metrics, notify
 from decision_router.notify import CLAIM_LEASE, RECEIVER_REMOVED, ChannelDelivery, queue_deliveries, redrive
 from decision_router.rules import load_rules
 from decision_router.streams import StreamWrite, xadd_once
-from decision_router.tables import AuditEvent, DeliveryRecord
+from decision_router.tables import AuditEvent, DeliveryClaim, DeliveryRecord
 from tests.integration.conftest import ManualClock, wait_until
 from tests.integration.test_channels_webhook import ReceiverState, receiver  # noqa: F401  (fixture)
 from tests.integration.test_router_loop import count
@@ -59,11 +59,11 @@ def store_clock_is(monkeypatch: pytest.MonkeyPatch, clock: ManualClock) -> None:
                         lambda self, after=timedelta(0): literal(clock() + after, DateTime(timezone=True)))
 
 
-def queue(engine, n: int) -> list[str]:
+def queue(engine, n: int, now: datetime | None = None) -> list[str]:
     alerts = [make_alert(alert_id=f"al-{uuid.uuid4().hex[:24]}", owner="am") for _ in range(n)]
     with Session(engine) as session:
         for alert in alerts:
-            queue_deliveries(session, alert=alert, recipient="am", channels=("webhook",), now=utcnow())
+            queue_deliveries(session, alert=alert, recipient="am", channels=("webhook",), now=now or utcnow())
         session.commit()
     return [a.alert_id for a in alerts]
 
@@ -599,6 +599,12 @@ async def test_a_reload_sends_no_queued_delivery_to_the_old_webhook(
         assert await channels.reconfigure(new)
         await wait_until(lambda: retired.stats()["am:webhook"].queued == 0, timeout=3,
                          what="the queued deliveries handed back, not left for the old webhook")
+        # Back in the outbox at once, not once the requests in flight finish or time out (CLOSE_TIMEOUT_S).
+        await wait_until(lambda: count(engine, DeliveryClaim) == concurrency, timeout=3,
+                         what="the queued deliveries' rows released while the old webhook still hangs")
+        if moved:
+            assert await channels.pump() == 2
+            await wait_until(lambda: len(receiver.to("/ok/moved")) == 2, timeout=3, what="the new URL, at once")
         receiver.stop.set()  # the old webhook answers its in-flight requests, and would take more
         await asyncio.gather(*channels._retiring)
         await channels.drain()
@@ -615,5 +621,50 @@ async def test_a_reload_sends_no_queued_delivery_to_the_old_webhook(
             assert sorted(f["alert_id"] for f in dead) == sorted(late)
             assert {f["error"] for f in dead} == {RECEIVER_REMOVED}
     finally:
+        await channels.close()
+        await redis.aclose()
+
+
+async def test_a_digest_a_reload_hands_back_unsent_does_not_hold_its_receiver_another_window(
+    settings, rules_dir, engine, receiver, monkeypatch  # noqa: F811
+) -> None:
+    """A due digest waits in the queue behind deliveries in flight to a hung webhook; a reload hands it
+    back, never started. Nothing reached the receiver, so it is no send: the next pump sends the held
+    alerts to the new URL at once, not a whole window later."""
+    monkeypatch.setattr("decision_router.notify.CLOSE_TIMEOUT_S", 0.2)
+    window = timedelta(minutes=15)
+    owner = "{{id: am, name: AM, channels: [inbox, webhook], digest: 15m, webhook: {{url: '{}', timeout_s: 30}}}}"
+    (rules_dir / "owners.yaml").write_text(f"owners:\n  - {owner.format(receiver.url('/hang/am'))}\n")
+    old = load_rules(rules_dir)
+    (rules_dir / "owners.yaml").write_text(f"owners:\n  - {owner.format(receiver.url('/ok/moved'))}\n")
+    new = load_rules(rules_dir)
+    redis = aioredis.from_url(settings.effective_redis_url, decode_responses=True)
+    clock = ManualClock(utcnow())
+    channels = ChannelDelivery(settings=settings, ruleset=old, engine=engine, redis=redis, clock=clock)
+    try:
+        concurrency = channels.receivers["am:webhook"].max_concurrency
+        for _ in range(concurrency):  # one alert per quiet period, each sent at once: every worker hangs
+            queue(engine, 1, clock())
+            assert await channels.pump() == 1
+            clock.now += window + timedelta(seconds=1)
+        await wait_until(lambda: len(receiver.to("/hang/am")) == concurrency, what="the webhook's workers busy")
+        last_send = clock.now - window - timedelta(seconds=1)
+        held = queue(engine, 2, last_send + timedelta(seconds=1))  # within the window of the last send
+        assert await channels.pump() == 2  # due: one digest, queued behind the hung deliveries
+        retired = channels.dispatcher
+        assert retired.stats()["am:webhook"].queued == 1
+        assert await channels.reconfigure(new)
+        await asyncio.gather(*channels._retiring)  # the digest handed back; the hung ones given up
+        assert retired.stats()["am:webhook"].submitted == concurrency + 1
+        assert len(receiver.to("/hang/am")) == concurrency  # the digest never reached the old webhook
+
+        # The clock has not moved: the window since the last send that started is over, so they go now.
+        assert await channels.pump() > 0, "the handed-back digest was taken for a send: held another window"
+        await channels.drain()
+        (digest,) = receiver.to("/ok/moved")
+        assert set(held) <= {a["alert_id"] for a in json.loads(digest.body)["alerts"]}
+        assert count(engine, DeliveryRecord, DeliveryRecord.status == "delivered") == concurrency + 2
+    finally:
+        receiver.stop.set()
         await channels.close()
         await redis.aclose()

@@ -163,6 +163,25 @@ async def test_close_without_finishing_the_queued_starts_none_of_them() -> None:
     assert [(key, a.alert_id) for key, a in abandoned] == [("a", a.alert_id) for a in queued]
 
 
+async def test_unqueue_hands_back_only_what_never_started() -> None:
+    """A rules reload takes the queued deliveries (a digest as one pair per alert) before the close, to
+    tell them from those in flight: those never reached the receiver. The one in flight goes on."""
+    sender = Gated("a", gate_open=False, max_concurrency=1)
+    results: list[str] = []
+    dispatcher = Dispatcher({"a": sender}, on_result=lambda alert, result, attempts: results.append(alert.alert_id))
+    first, *queued = alerts(4)
+    await dispatcher.submit("a", first)
+    await dispatcher.submit("a", queued[0])
+    await dispatcher.submit_digest("a", queued[1:])
+    await settle()
+    assert [(key, a.alert_id) for key, a in dispatcher.unqueue()] == [("a", a.alert_id) for a in queued]
+    assert dispatcher.stats()["a"].queued == 0 and dispatcher.unqueue() == []
+    sender.gate.set()
+    await dispatcher.drain()
+    assert sender.delivered == results == [first.alert_id]
+    assert await dispatcher.close(timeout=1) == []
+
+
 async def test_callback_errors_do_not_stop_the_worker() -> None:
     calls = 0
 

@@ -13,6 +13,7 @@ from decision_router.channels.send import (
     Sender,
     WebhookSender,
     _Outcome,
+    _unsigned,
     backoff_delay,
     backoff_schedule,
     parse_retry_after,
@@ -164,3 +165,15 @@ async def test_results_serialise_for_storage() -> None:
     document = (await Scripted([E503, OK]).send(make_alert())).model_dump_json()
     assert '"attempt_log":[{"n":1,"ok":false,"status_code":503' in document
 
+
+
+def test_a_quoted_signature_is_taken_out_of_a_reply_excerpt() -> None:
+    ours = "v1=" + "c0ffee12" * 8
+    theirs = "v1=" + "9a" * 32
+    assert _unsigned(f"got {ours}, expected {theirs}", ours) == "got v1=***, expected v1=***"
+    # Ours however it is quoted (without its prefix, URL-encoded), and any HMAC cut short by the excerpt's end.
+    assert _unsigned(f"sig={ours[3:]} raw=v1%3D{ours[3:]}", ours) == "sig=*** raw=v1%3D***"
+    assert _unsigned(f"expected {theirs[:40]}", None) == "expected v1=***"
+    # Not what is no HMAC: a version tag, a word after `v1=`, a longer name ending in v1.
+    for text in ("api v1=ok", "schema v1=deadline", "tv1=0123456789abcdef"):
+        assert _unsigned(text, ours) == text
