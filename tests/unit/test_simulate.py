@@ -228,6 +228,17 @@ def test_precision_check_fails_on_any_count_the_stats_get_wrong(rows: list[BandR
     assert not precision_check(SIMULATED, rows).counts_equal
 
 
+def test_precision_check_passes_without_a_control_group_when_stats_model_is_empty() -> None:
+    # holdout 0: no account is held out, and `stats model` lists no row at all (it shows a model's
+    # bands only once it has a control prediction). Zero in every band is what the log says too.
+    empty = [replace(s, held_out=0, n=0, positives=0, true_precision=None) for s in SIMULATED]
+    check = precision_check(empty, [])
+    assert check.counts_equal and check.calibrated and check.judged == 0
+    assert all(band.counts_equal for band in check.bands)
+    # An empty report is no match for a log that held accounts out.
+    assert not precision_check(SIMULATED, []).counts_equal
+
+
 def test_precision_check_fails_when_intervals_miss_the_truth_too_often() -> None:
     # Counts right, but each interval collapsed onto its estimate: it contains neither true precision.
     rows = [replace(r, ci_low=r.precision, ci_high=r.precision) for r in
