@@ -196,6 +196,12 @@ class SimulationParams:
             problems.append("threshold must be in [0, 1]")
         if self.drift_from_day is not None and self.drift_from_day < 0:
             problems.append("drift_from_day must be >= 0")
+        elif self.drift_from_day is not None and self.drift_from_day >= self.days:
+            # Scores are published on days 0..days-1 only: a later drift would never happen, yet be reported.
+            problems.append(
+                f"drift_from_day must be below days ({self.days}): no prediction is published from day "
+                f"{self.drift_from_day} on (days count from 0)"
+            )
         if not 0.0 <= self.drift_shift <= 1.0:
             problems.append("drift_shift must be in [0, 1]")
         if self.score_a <= 0 or self.score_b <= 0:

@@ -61,6 +61,8 @@ def test_defaults_describe_a_two_week_world() -> None:
         ({"owners": DEFAULT_OWNERS[:4]}, "fallback desk"),
         ({"drift_min_samples": 10}, "drift_min_samples"),
         ({"report_rate": 0.0}, "report_rate"),
+        # Day 3 of a 3-day world publishes nothing: "drift injected, not flagged" would be a false story.
+        ({"days": 3, "drift_from_day": 3}, "drift_from_day must be below days"),
     ],
 )
 def test_bad_parameters_are_refused_with_the_reason(change: dict, message: str) -> None:
