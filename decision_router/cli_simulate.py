@@ -48,9 +48,10 @@ def _hours(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds / 3600:.1f}h"
 
 
-def _interval(low: float | None, high: float | None) -> str:
+def _interval(low: float | None, high: float | None, has_control: bool) -> str:
     if low is None or high is None:
-        return "not enough data"
+        # As `stats` says it: without a holdout, more accounts would not give the rule a control group.
+        return "not enough data" if has_control else "no control group"
     return f"[{low * 100:+.1f}, {high * 100:+.1f}]"
 
 
@@ -82,8 +83,13 @@ def print_result(result: SimulationResult, console: Console | None = None) -> No
         )),
         _points(m.uplift if m else None),
     )
-    table.add_row("  fixed 95% interval", "", "", _interval(m.uplift_ci_low, m.uplift_ci_high) if m else "n/a")
-    table.add_row("  always-valid 95% interval", "", "", _interval(m.uplift_seq_low, m.uplift_seq_high) if m else "n/a")
+    table.add_row(
+        "  fixed 95% interval", "", "", _interval(m.uplift_ci_low, m.uplift_ci_high, m.has_control) if m else "n/a"
+    )
+    table.add_row(
+        "  always-valid 95% interval", "", "",
+        _interval(m.uplift_seq_low, m.uplift_seq_high, m.has_control) if m else "n/a",
+    )
     table.add_row(
         "treated success", _rate(truth.treated_success_probability),
         _rate(_share(tally.treated_successes, tally.treated_failures)),

@@ -196,6 +196,12 @@ class SimulationParams:
             problems.append("threshold must be in [0, 1]")
         if self.drift_from_day is not None and self.drift_from_day < 0:
             problems.append("drift_from_day must be >= 0")
+        elif self.drift_from_day is not None and self.drift_from_day >= self.days:
+            # Scores are published on days 0..days-1 only: a later drift would never happen, yet be reported.
+            problems.append(
+                f"drift_from_day must be below days ({self.days}): no prediction is published from day "
+                f"{self.drift_from_day} on (days count from 0)"
+            )
         if not 0.0 <= self.drift_shift <= 1.0:
             problems.append("drift_shift must be in [0, 1]")
         if self.score_a <= 0 or self.score_b <= 0:
@@ -622,11 +628,16 @@ class BandCheck:
 
     simulated: BandTally
     measured: BandRow | None
+    # `stats model` listed no row at all: it shows a model's bands only once some prediction of it was
+    # held out, so every band then counts zero (a world with holdout 0), not "missing".
+    report_empty: bool = False
 
     @property
     def counts_equal(self) -> bool:
         s, m = self.simulated, self.measured
-        return m is not None and (m.band_low, m.band_high, m.held_out, m.n, m.positives) == (
+        if m is None:
+            return self.report_empty and s.held_out == 0
+        return (m.band_low, m.band_high, m.held_out, m.n, m.positives) == (
             s.band_low, s.band_high, s.held_out, s.n, s.positives
         )
 
@@ -694,7 +705,7 @@ class PrecisionCheck:
 
 def precision_check(simulated: Sequence[BandTally], measured: Sequence[BandRow]) -> PrecisionCheck:
     by_band = {(row.band_low, row.band_high): row for row in measured}
-    bands = tuple(BandCheck(s, by_band.get((s.band_low, s.band_high))) for s in simulated)
+    bands = tuple(BandCheck(s, by_band.get((s.band_low, s.band_high)), report_empty=not measured) for s in simulated)
     return PrecisionCheck(bands, extra_rows=len(measured) - sum(b.measured is not None for b in bands))
 
 

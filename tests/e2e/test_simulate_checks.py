@@ -124,3 +124,16 @@ def test_simulate_exits_1_when_a_check_fails(monkeypatch: pytest.MonkeyPatch) ->
     assert table.exit_code == 1
     assert "FAIL: model precision counts equal the simulated log" in table.stdout
     assert "Traceback" not in table.output
+
+
+def test_a_world_without_a_holdout_passes_and_says_there_is_no_control_group() -> None:
+    """--holdout 0: `stats model` has no row (no control prediction), which is what the log says, and the
+    uplift lacks a control group, not data: more accounts would not give it one."""
+    from decision_router import cli_simulate  # noqa: F401  cli_simulate registers `simulate` on the app
+    from decision_router.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--days", "1", "--entities", "60", "--holdout", "0"])
+    assert result.exit_code == 0, result.output
+    assert "FAIL" not in result.stdout
+    uplift_rows = [line for line in result.stdout.splitlines() if line.lstrip("│ ").startswith(("fixed 95% interval", "always-valid 95% interval"))]
+    assert len(uplift_rows) == 2 and all("no control group" in line for line in uplift_rows), uplift_rows

@@ -61,6 +61,8 @@ def test_defaults_describe_a_two_week_world() -> None:
         ({"owners": DEFAULT_OWNERS[:4]}, "fallback desk"),
         ({"drift_min_samples": 10}, "drift_min_samples"),
         ({"report_rate": 0.0}, "report_rate"),
+        # Day 3 of a 3-day world publishes nothing: "drift injected, not flagged" would be a false story.
+        ({"days": 3, "drift_from_day": 3}, "drift_from_day must be below days"),
     ],
 )
 def test_bad_parameters_are_refused_with_the_reason(change: dict, message: str) -> None:
@@ -226,6 +228,17 @@ def test_precision_check_passes_when_the_stats_match_the_log() -> None:
 )
 def test_precision_check_fails_on_any_count_the_stats_get_wrong(rows: list[BandRow]) -> None:
     assert not precision_check(SIMULATED, rows).counts_equal
+
+
+def test_precision_check_passes_without_a_control_group_when_stats_model_is_empty() -> None:
+    # holdout 0: no account is held out, and `stats model` lists no row at all (it shows a model's
+    # bands only once it has a control prediction). Zero in every band is what the log says too.
+    empty = [replace(s, held_out=0, n=0, positives=0, true_precision=None) for s in SIMULATED]
+    check = precision_check(empty, [])
+    assert check.counts_equal and check.calibrated and check.judged == 0
+    assert all(band.counts_equal for band in check.bands)
+    # An empty report is no match for a log that held accounts out.
+    assert not precision_check(SIMULATED, []).counts_equal
 
 
 def test_precision_check_fails_when_intervals_miss_the_truth_too_often() -> None:
