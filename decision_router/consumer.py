@@ -65,7 +65,6 @@ log = structlog.get_logger("decision_router.consumer")
 
 Process = Callable[[Sequence[Entry]], Awaitable[BatchResult]]
 Finish = Callable[[Sequence[Entry]], Awaitable[Sequence[str]]]
-Prepare = Callable[[Sequence[Entry]], None]
 
 _FIRST_BACKOFF = 0.2  # seconds; doubled per failed retry up to settings.retry_backoff_max
 
@@ -81,8 +80,6 @@ class Input:
     # Of entries about to be dead-lettered as crashers, finishes those the store holds already and returns
     # their ids (Pipeline.finish_stored_predictions); None: every one of them is dead-lettered.
     finish_stored: Finish | None = None
-    # Does a batch's pure work ahead (Pipeline.prepare_predictions), while the batch before is processed.
-    prepare: Prepare | None = None
 
 
 # Replies of a Redis that is failing over or not ready (READONLY: a replica just demoted), or that refuses
@@ -268,9 +265,7 @@ class Consumer:
 
     async def run(self) -> None:
         """Until stop(): first this consumer's own pending entries (left by an earlier run under
-        the same name), then new ones. Each batch is finished and acknowledged before the next is
-        processed. While a backlog lasts (a read filled a batch), the next batch is read and prepared
-        ahead, as the one in hand is stored: a stop finishes both."""
+        the same name), then new ones. Each batch is finished and acknowledged before the next read."""
 
         if not self.groups_ready and not await self.retrying(self.ensure_groups):
             return
@@ -278,48 +273,28 @@ class Consumer:
         # The last read found nothing new. Only then does a read block: one that stop() cuts short
         # was sent when the streams had nothing for us, so it rarely holds entries (see stop()).
         idle = False
-        ahead: asyncio.Task[tuple[list | None, float]] | None = None
-        try:
-            while ahead is not None or not self.stopping.is_set():
-                reading, ahead = ahead, None
-                idle, ahead = await self._next_batch(cursors, idle, reading)
-        finally:
-            if ahead is not None:  # cancelled: its entries stay pending, as after a crash
-                ahead.cancel()
-
-    async def _next_batch(
-        self, cursors: dict[str, str], idle: bool, reading: asyncio.Task[tuple[list | None, float]] | None
-    ) -> tuple[bool, asyncio.Task[tuple[list | None, float]] | None]:
-        """Read (or take what `reading` read ahead) and process one batch: (idle, the next batch's read-ahead)."""
-        history = any(c != ">" for c in cursors.values())
-        ahead = None
-        try:
+        while not self.stopping.is_set():
+            history = any(c != ">" for c in cursors.values())
             try:
-                if reading is not None:
-                    reply, read_at = await reading
-                else:
-                    reply = await self._read(cursors, block=self.settings.read_block_ms if idle and not history else None)
-                    read_at = time.monotonic()
+                reply = await self._read(cursors, block=self.settings.read_block_ms if idle and not history else None)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     # A failover reply (READONLY...) waits like an outage; anything else is logged.
                     # Never raise: nothing would restart this task.
                     await self._failed(exc, "read failed")
-                    return idle, None
+                    continue
                 # Redis restarted without persistence: the group is gone; recreate it (from 0).
                 log.warning("consumer group missing; recreating it", error=str(exc))
                 await self.retrying(self.ensure_groups)
-                return idle, None
+                continue
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failed read
                 await self._failed(exc, "read failed")
-                return idle, None
+                continue
             self.outage.ok()
             idle = not history and not reply
+            read_at = time.monotonic()
             if reply and len(reply) > 1:
                 self._hold(reply[1:], read_at)
-            if (not history and not self.stopping.is_set()
-                    and any(len(messages) >= self.settings.batch_size for _, messages in reply or [])):
-                ahead = asyncio.create_task(self._read_ahead(cursors))
             for raw_stream, messages in reply or []:
                 stream = as_text(raw_stream)
                 if cursors[stream] != ">":
@@ -329,28 +304,6 @@ class Consumer:
                         await self.handle(self.inputs[stream], messages, redelivered=history, read_at=read_at)
                     except Exception as exc:  # noqa: BLE001 - left pending; reclaimed after claim_idle
                         await self._failed(exc, "batch failed; left pending")
-        except BaseException:
-            if ahead is not None:
-                ahead.cancel()
-            raise
-        return idle, ahead
-
-    async def _read_ahead(self, cursors: dict[str, str]) -> tuple[list | None, float]:
-        """The next batch of new entries, read while the one in hand is processed, each stream's prepared
-        (Input.prepare) meanwhile: the gate and routing, pure CPU work in this thread, overlap the store's
-        own work in its thread (SQLite's C code and PostgreSQL's server run without the GIL)."""
-        reply = await self._read(cursors, block=None)
-        read_at = time.monotonic()
-        if reply:
-            self._hold(reply, read_at)  # in hand from now: kept alive, never reclaimed by this process
-            for raw_stream, messages in reply:
-                source = self.inputs[as_text(raw_stream)]
-                if source.prepare is not None and messages:
-                    try:
-                        source.prepare(decoded(messages)[0])
-                    except Exception:  # noqa: BLE001 - processing does the work again, and handles what fails
-                        log.debug("preparing a batch ahead failed", stream=source.stream, exc_info=True)
-        return reply, read_at
 
     def _hold(self, reply: list, read_at: float) -> None:
         """Entries read with another stream's batch, which is processed first: in hand (kept alive) from now."""

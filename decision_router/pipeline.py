@@ -136,17 +136,6 @@ def _prediction_id(fields: RawEntry) -> str | None:
     return pid if isinstance(pid, str) else None
 
 
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    """A batch checked by the gate and routed without lookups, at `now` under `ruleset`."""
-
-    entry_ids: list[str | None]
-    now: datetime
-    ruleset: RuleSet
-    checked: list[tuple[str | None, RawEntry, Prediction | Rejection]]
-    early: list[tuple[dict[str, Any], list[Decision] | None] | None]
-
-
 class Pipeline:
     def __init__(
         self, *, settings: Settings, ruleset: RuleSet, engine: Engine, redis: Redis, clock: Clock = utcnow
@@ -161,33 +150,20 @@ class Pipeline:
         self.channels: ChannelDelivery | None = None
         # Looks up extra context per prediction before routing (see enrich.py); optional.
         self.enricher: Enricher | None = None
-        self._prepared: _Prepared | None = None  # the next batch, checked and routed ahead (prepare_predictions)
 
     # predictions ------------------------------------------------------------------
 
-    def prepare_predictions(self, entries: Sequence[Entry]) -> None:
-        """Check and route `entries` ahead of their batch (the consumer's read-ahead, while the batch before
-        is in the store): process_predictions of the same entries then starts at the store. Pure work: if
-        the entries come otherwise, or the rules were reloaded meanwhile, it is done again."""
-        self._prepared = self._checked_and_routed(entries)
-
-    def _checked_and_routed(self, entries: Sequence[Entry]) -> _Prepared:
+    async def process_predictions(self, entries: Sequence[Entry]) -> BatchResult:
+        started = time.perf_counter()
         now = self.clock()
         ruleset = self.ruleset  # one rule set for the batch, even across a hot reload
-        checked = [(entry_id, fields, self._check(entry_id, fields, now)) for entry_id, fields in entries]
+        checked = [
+            (entry_id, fields, self._check(entry_id, fields, now)) for entry_id, fields in entries
+        ]
+        stale = self._stale_ids(checked, now)
         # Route first without looked-up context: most predictions never reach a rule that
         # reads it, and only the others need their lookups (a Redis or SQL round trip).
         early = [self._route_early(item, ruleset, now) for _, _, item in checked]
-        return _Prepared([entry_id for entry_id, _ in entries], now, ruleset, checked, early)
-
-    async def process_predictions(self, entries: Sequence[Entry]) -> BatchResult:
-        started = time.perf_counter()
-        prepared, self._prepared = self._prepared, None
-        if (prepared is None or prepared.ruleset is not self.ruleset
-                or prepared.entry_ids != [entry_id for entry_id, _ in entries]):
-            prepared = self._checked_and_routed(entries)
-        now, ruleset, checked, early = prepared.now, prepared.ruleset, prepared.checked, prepared.early
-        stale = self._stale_ids(checked, now)
         lookups = await self._lookups(
             [item for (_, _, item), pre in zip(checked, early, strict=True) if pre is not None and pre[1] is None]
         )

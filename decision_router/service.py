@@ -59,7 +59,7 @@ class RouterService:
             settings,
             [
                 Input(self.keys.predictions, "predictions", pipeline.process_predictions, self.keys.predictions_dlq,
-                      pipeline.finish_stored_predictions, pipeline.prepare_predictions),
+                      pipeline.finish_stored_predictions),
                 Input(self.keys.outcomes, "outcomes", pipeline.process_outcomes, self.keys.outcomes_dlq,
                       pipeline.finish_stored_outcomes),
             ],
