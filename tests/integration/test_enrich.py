@@ -374,3 +374,32 @@ def test_postgres_queries_run_read_only_and_are_cancelled_at_the_deadline(pg_eng
         assert connection.exec_driver_sql("show transaction_read_only").scalar() == "off"
         assert connection.exec_driver_sql("show statement_timeout").scalar() == "0"
         assert connection.exec_driver_sql("select nextval('ticket')").scalar() == 1
+
+
+@pytest.mark.postgres
+async def test_an_entity_id_the_column_type_refuses_loses_only_its_own_fields(pg_engine: Engine, tmp_path: Path) -> None:
+    with pg_engine.begin() as connection:
+        connection.exec_driver_sql("create table accounts (id integer primary key, plan varchar(32))")
+        connection.exec_driver_sql("insert into accounts values (1, 'pro'), (2, 'basic')")
+    ruleset = load_rules(rules_dir(tmp_path, """
+context_sources:
+  acc: {sql: "select plan from accounts where id = :entity_id"}
+rules:
+  - {name: a, when: {}, owner: desk, context: [lookup.acc.plan]}
+"""))
+    enricher = ContextEnricher(ruleset, engine=pg_engine)
+
+    def predicted(pid: str, entity_id: str) -> Prediction:
+        return Prediction.model_validate(document(pid, entity_id))
+
+    try:
+        with capture_logs() as logs:
+            # 'acct-x' is no integer: PostgreSQL refuses that query (and aborts its transaction).
+            found = await enricher.lookup([predicted("p1", "1"), predicted("p2", "acct-x"), predicted("p3", "2")])
+    finally:
+        enricher.close()
+    assert found == {"p1": {"acc": {"plan": "pro"}}, "p3": {"acc": {"plan": "basic"}}}
+    (warning,) = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["source"] == "acc" and warning["predictions"] == 3
+    assert warning["error"].startswith("1 of 3 parameter sets failed, first {'entity_id': 'acct-x'}: InvalidTextRepresentation")
+    assert enricher.failures["acc"] == 1
