@@ -54,6 +54,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DataError, DBAPIError
 
+from decision_router import metrics
 from decision_router.contracts import Prediction
 from decision_router.keys import Keys
 from decision_router.rules import ContextSource, RuleSet
@@ -382,6 +383,7 @@ class ContextEnricher:
 
     def _failed(self, source: ContextSource, predictions: int, error: str) -> None:
         self.failures[source.name] += 1
+        metrics.context_lookup_failed(source.name)  # in the logs alone, a source down for hours went unseen
         log.warning(
             "context lookup failed; its fields are missing for this batch",
             source=source.name,
@@ -404,6 +406,7 @@ class ContextEnricher:
                 dropped[key] = problems
         if dropped:
             self.oversized[source.name] += 1
+            metrics.context_lookup_oversized(source.name)
             problems = [problem for key_problems in dropped.values() for problem in key_problems]
             log.warning(
                 "looked-up context over the limits; those fields are missing for these predictions",
