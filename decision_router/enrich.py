@@ -338,7 +338,24 @@ class ContextEnricher:
         if active is None or active[0] is not ruleset:
             fields = referenced_fields(ruleset)
             active = self._active = (ruleset, tuple(ruleset.context_sources[name] for name in fields), fields)
+            self._dispose_unused(active[1])
         return active
+
+    def _dispose_unused(self, sources: Sequence[ContextSource]) -> None:
+        """Dispose of the engines no source of a new rule set uses: a reload that dropped a source, or
+        changed its timeout_s (another engine), left the old pool's connections open for good. A
+        lookup still running on one (past its timeout) keeps its connection until it returns it."""
+        wanted = set()
+        for source in sources:
+            if source.kind == "sql" and source.database_url_env is not None:
+                try:
+                    wanted.add(self._engine_key(source))
+                except SourceError:
+                    pass  # the lookup says so, each batch
+        with self._engines_lock:
+            unused = [self._engines.pop(key) for key in list(self._engines) if key not in wanted]
+        for engine in unused:
+            engine.dispose()
 
     async def lookup(self, predictions: Sequence[Prediction]) -> dict[str, dict[str, Fields]]:
         """prediction_id -> {source name: {field: value}} of the fields rules read, within the
@@ -479,6 +496,16 @@ class ContextEnricher:
             if self.engine is None:
                 raise SourceError("no database: the service's store is not available to sql sources")
             return self.engine
+        url, connect_timeout = key = self._engine_key(source)
+        with self._engines_lock:
+            if key not in self._engines:
+                options = {} if connect_timeout is None else {"connect_args": {"connect_timeout": connect_timeout}}
+                self._engines[key] = make_engine(url, **options)
+            return self._engines[key]
+
+    def _engine_key(self, source: ContextSource) -> tuple[str, int | None]:
+        """(URL, connect timeout) of the engine of a source with `database_url_env`."""
+        assert source.database_url_env is not None
         url = self.environ.get(source.database_url_env, "").strip()
         if not url:
             raise SourceError(f"environment variable {source.database_url_env} is not set")
@@ -497,11 +524,7 @@ class ContextEnricher:
             # Not store.CONNECT_TIMEOUT_S (10 s): a connect to a database that hangs outlives the lookup
             # in its thread, and `serve` exits only once such threads have ended.
             connect_timeout = max(MIN_CONNECT_TIMEOUT_S, math.ceil(source.timeout_s))
-        with self._engines_lock:
-            if (url, connect_timeout) not in self._engines:
-                options = {} if connect_timeout is None else {"connect_args": {"connect_timeout": connect_timeout}}
-                self._engines[url, connect_timeout] = make_engine(url, **options)
-            return self._engines[url, connect_timeout]
+        return url, connect_timeout
 
 
 def build_enricher(
