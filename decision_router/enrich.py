@@ -22,7 +22,9 @@ and the sizes, never the values.
 
 A lookup never fails routing. A source that errors or exceeds its `timeout_s` yields no
 fields for that batch (so the fields a rule asks for are listed in the alert's
-`missing_context`), logs one warning per batch and is counted in `failures`. Only sources
+`missing_context`), logs one warning per batch and is counted in `failures`; a Redis key that
+fails, or a SQL parameter set the database refuses as data (an entity id that is no integer for
+an integer column), fails only its own predictions. Only sources
 that some rule uses are looked up; the enricher reads the pipeline's current rule set on
 every batch, so a hot reload that changes `context_sources` takes effect at once.
 """
@@ -36,7 +38,7 @@ import os
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -50,8 +52,9 @@ import structlog
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 
+from decision_router import metrics
 from decision_router.contracts import Prediction
 from decision_router.keys import Keys
 from decision_router.rules import ContextSource, RuleSet
@@ -247,28 +250,46 @@ def _read_only(connection: Connection, deadline: float) -> Iterator[Callable[[],
 
 
 def run_queries(
-    engine: Engine, sql: str, param_sets: Sequence[ParamSet], deadline: float, fields: Collection[str] | None = None
+    engine: Engine,
+    sql: str,
+    param_sets: Sequence[ParamSet],
+    deadline: float,
+    fields: Collection[str] | None = None,
+    errors: list[tuple[ParamSet, DataError]] | None = None,
 ) -> dict[ParamSet, Fields]:
     """The first row of `sql` per parameter set ({} when there is none), read-only, within
     `deadline` (time.monotonic()); of its columns, only `fields` if given. Blocking: the
-    enricher runs it in a thread."""
+    enricher runs it in a thread.
+
+    With `errors`, a parameter set the database refuses as data (an entity id that is no integer
+    for an integer column: SQLSTATE class 22) is added there and left out, and the others are
+    still queried; without, or on any other error, the error is raised."""
     statement = text(sql)
     rows: dict[ParamSet, Fields] = {}
+    pending = deque(param_sets)
     with engine.connect() as connection:
-        try:
-            with _read_only(connection, deadline) as before_query:
-                for params in param_sets:
-                    before_query()
-                    try:
-                        row = connection.execute(statement, dict(params)).mappings().first()
-                    except DBAPIError:
-                        if time.monotonic() >= deadline - 0.01:  # cancelled by the server / interrupted
-                            raise TimeoutError from None
-                        raise
-                    columns = {} if row is None else {str(k): v for k, v in row.items()}
-                    rows[params] = {k: jsonable(v) for k, v in columns.items() if fields is None or k in fields}
-        finally:
-            connection.rollback()
+        while pending:
+            try:
+                with _read_only(connection, deadline) as before_query:
+                    while pending:
+                        params = pending[0]
+                        before_query()
+                        try:
+                            row = connection.execute(statement, dict(params)).mappings().first()
+                        except DBAPIError as exc:
+                            if time.monotonic() >= deadline - 0.01:  # cancelled by the server / interrupted
+                                raise TimeoutError from None
+                            if errors is None or not isinstance(exc, DataError):
+                                raise
+                            # One odd entity id must not blind the source for the whole batch. PostgreSQL
+                            # has aborted the transaction: the rest run in a new one.
+                            errors.append((pending.popleft(), exc))
+                            break
+                        pending.popleft()
+                        columns = {} if row is None else {str(k): v for k, v in row.items()}
+                        rows[params] = {k: jsonable(v) for k, v in columns.items() if fields is None or k in fields}
+            finally:
+                connection.rollback()
     return rows
 
 
@@ -317,7 +338,24 @@ class ContextEnricher:
         if active is None or active[0] is not ruleset:
             fields = referenced_fields(ruleset)
             active = self._active = (ruleset, tuple(ruleset.context_sources[name] for name in fields), fields)
+            self._dispose_unused(active[1])
         return active
+
+    def _dispose_unused(self, sources: Sequence[ContextSource]) -> None:
+        """Dispose of the engines no source of a new rule set uses: a reload that dropped a source, or
+        changed its timeout_s (another engine), left the old pool's connections open for good. A
+        lookup still running on one (past its timeout) keeps its connection until it returns it."""
+        wanted = set()
+        for source in sources:
+            if source.kind == "sql" and source.database_url_env is not None:
+                try:
+                    wanted.add(self._engine_key(source))
+                except SourceError:
+                    pass  # the lookup says so, each batch
+        with self._engines_lock:
+            unused = [self._engines.pop(key) for key in list(self._engines) if key not in wanted]
+        for engine in unused:
+            engine.dispose()
 
     async def lookup(self, predictions: Sequence[Prediction]) -> dict[str, dict[str, Fields]]:
         """prediction_id -> {source name: {field: value}} of the fields rules read, within the
@@ -352,7 +390,7 @@ class ContextEnricher:
             if source.kind == "redis_hash":
                 found, problem = await asyncio.wait_for(self._redis_hash(source, fields, predictions), source.timeout_s)
             else:
-                found, problem = await self._sql(source, fields, predictions), None
+                found, problem = await self._sql(source, fields, predictions)
         except Exception as exc:  # noqa: BLE001 - a lookup never fails routing
             self._failed(source, len(predictions), _describe(exc, source))
             return {}
@@ -362,6 +400,7 @@ class ContextEnricher:
 
     def _failed(self, source: ContextSource, predictions: int, error: str) -> None:
         self.failures[source.name] += 1
+        metrics.context_lookup_failed(source.name)  # in the logs alone, a source down for hours went unseen
         log.warning(
             "context lookup failed; its fields are missing for this batch",
             source=source.name,
@@ -384,6 +423,7 @@ class ContextEnricher:
                 dropped[key] = problems
         if dropped:
             self.oversized[source.name] += 1
+            metrics.context_lookup_oversized(source.name)
             problems = [problem for key_problems in dropped.values() for problem in key_problems]
             log.warning(
                 "looked-up context over the limits; those fields are missing for these predictions",
@@ -429,7 +469,7 @@ class ContextEnricher:
 
     async def _sql(
         self, source: ContextSource, fields: tuple[str, ...], predictions: Sequence[Prediction]
-    ) -> dict[str, Fields]:
+    ) -> tuple[dict[str, Fields], str | None]:
         assert source.sql is not None
         engine = self._engine_for(source)
         by_prediction: dict[str, ParamSet] = {}
@@ -440,17 +480,32 @@ class ContextEnricher:
         deadline = time.monotonic() + source.timeout_s
         # The thread cannot be cancelled; the deadline inside stops its query (see _read_only). A lookup
         # still waiting for a thread at the timeout is dropped from the queue.
-        call = functools.partial(run_queries, engine, source.sql, distinct, deadline, frozenset(fields))
+        errors: list[tuple[ParamSet, DataError]] = []
+        call = functools.partial(run_queries, engine, source.sql, distinct, deadline, frozenset(fields), errors)
         rows = await asyncio.wait_for(
             asyncio.get_running_loop().run_in_executor(self._sql_threads, call), source.timeout_s
         )
-        return self._bounded(source, rows, by_prediction)
+        problem = None
+        if errors:  # those predictions have no fields from this source, as a Redis key that failed
+            params, error = errors[0]
+            problem = f"{len(errors)} of {len(distinct)} parameter sets failed, first {dict(params)}: {_describe(error, source)}"
+        return self._bounded(source, rows, by_prediction), problem
 
     def _engine_for(self, source: ContextSource) -> Engine:
         if source.database_url_env is None:
             if self.engine is None:
                 raise SourceError("no database: the service's store is not available to sql sources")
             return self.engine
+        url, connect_timeout = key = self._engine_key(source)
+        with self._engines_lock:
+            if key not in self._engines:
+                options = {} if connect_timeout is None else {"connect_args": {"connect_timeout": connect_timeout}}
+                self._engines[key] = make_engine(url, **options)
+            return self._engines[key]
+
+    def _engine_key(self, source: ContextSource) -> tuple[str, int | None]:
+        """(URL, connect timeout) of the engine of a source with `database_url_env`."""
+        assert source.database_url_env is not None
         url = self.environ.get(source.database_url_env, "").strip()
         if not url:
             raise SourceError(f"environment variable {source.database_url_env} is not set")
@@ -469,11 +524,7 @@ class ContextEnricher:
             # Not store.CONNECT_TIMEOUT_S (10 s): a connect to a database that hangs outlives the lookup
             # in its thread, and `serve` exits only once such threads have ended.
             connect_timeout = max(MIN_CONNECT_TIMEOUT_S, math.ceil(source.timeout_s))
-        with self._engines_lock:
-            if (url, connect_timeout) not in self._engines:
-                options = {} if connect_timeout is None else {"connect_args": {"connect_timeout": connect_timeout}}
-                self._engines[url, connect_timeout] = make_engine(url, **options)
-            return self._engines[url, connect_timeout]
+        return url, connect_timeout
 
 
 def build_enricher(

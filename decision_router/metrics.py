@@ -53,6 +53,16 @@ SLA_BREACHES = Counter(
     "decision_router_sla_breaches", "Deadlines missed with no manager left to escalate to (each deadline once).",
     registry=REGISTRY,
 )
+CONTEXT_LOOKUP_FAILURES = Counter(
+    "decision_router_context_lookup_failures",
+    "Batches in which a context source failed or timed out, for all or some of its predictions (their fields missing).",
+    ["source"], registry=REGISTRY,
+)
+CONTEXT_LOOKUP_OVERSIZED = Counter(
+    "decision_router_context_lookup_oversized",
+    "Batches in which a context source gave values over the size or depth limits (those fields dropped).",
+    ["source"], registry=REGISTRY,
+)
 BATCH_SECONDS = Histogram(
     "decision_router_batch_processing_seconds",
     "Time to gate, route, persist and deliver one batch read from a stream.",
@@ -84,6 +94,14 @@ def observe_sweep(*, escalated: int, breached: int) -> None:
         ESCALATIONS.inc(escalated)
     if breached:
         SLA_BREACHES.inc(breached)
+
+
+def context_lookup_failed(source: str) -> None:
+    CONTEXT_LOOKUP_FAILURES.labels(source).inc()
+
+
+def context_lookup_oversized(source: str) -> None:
+    CONTEXT_LOOKUP_OVERSIZED.labels(source).inc()
 
 
 def delivery_failed(channel: str) -> None:

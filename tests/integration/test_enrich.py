@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -374,3 +375,64 @@ def test_postgres_queries_run_read_only_and_are_cancelled_at_the_deadline(pg_eng
         assert connection.exec_driver_sql("show transaction_read_only").scalar() == "off"
         assert connection.exec_driver_sql("show statement_timeout").scalar() == "0"
         assert connection.exec_driver_sql("select nextval('ticket')").scalar() == 1
+
+
+@pytest.mark.postgres
+async def test_an_entity_id_the_column_type_refuses_loses_only_its_own_fields(pg_engine: Engine, tmp_path: Path) -> None:
+    with pg_engine.begin() as connection:
+        connection.exec_driver_sql("create table accounts (id integer primary key, plan varchar(32))")
+        connection.exec_driver_sql("insert into accounts values (1, 'pro'), (2, 'basic')")
+    ruleset = load_rules(rules_dir(tmp_path, """
+context_sources:
+  acc: {sql: "select plan from accounts where id = :entity_id"}
+rules:
+  - {name: a, when: {}, owner: desk, context: [lookup.acc.plan]}
+"""))
+    enricher = ContextEnricher(ruleset, engine=pg_engine)
+
+    def predicted(pid: str, entity_id: str) -> Prediction:
+        return Prediction.model_validate(document(pid, entity_id))
+
+    try:
+        with capture_logs() as logs:
+            # 'acct-x' is no integer: PostgreSQL refuses that query (and aborts its transaction).
+            found = await enricher.lookup([predicted("p1", "1"), predicted("p2", "acct-x"), predicted("p3", "2")])
+    finally:
+        enricher.close()
+    assert found == {"p1": {"acc": {"plan": "pro"}}, "p3": {"acc": {"plan": "basic"}}}
+    (warning,) = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["source"] == "acc" and warning["predictions"] == 3
+    assert warning["error"].startswith("1 of 3 parameter sets failed, first {'entity_id': 'acct-x'}: InvalidTextRepresentation")
+    assert enricher.failures["acc"] == 1
+
+
+@pytest.mark.postgres
+async def test_a_reload_that_drops_a_sql_source_closes_its_connections(pg_engine: Engine, tmp_path: Path) -> None:
+    with pg_engine.begin() as connection:
+        connection.exec_driver_sql("create table accounts (id text primary key, plan varchar(32))")
+        connection.exec_driver_sql("insert into accounts values ('acct-1', 'pro')")
+        schema = connection.exec_driver_sql("select current_schema()").scalar_one()  # the test's own
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    name = f"ctx-{uuid.uuid4().hex[:12]}"  # tells the source's connections apart in pg_stat_activity
+    url = pg_engine.url.update_query_dict({"application_name": name}).render_as_string(hide_password=False)
+    sources = f'context_sources:\n  acc: {{sql: "select plan from {schema}.accounts where id = :entity_id", database_url_env: CTX_URL}}\n'
+    uses = "rules:\n  - {name: a, when: {}, owner: desk, context: [lookup.acc.plan]}\n"
+    current = {"ruleset": load_rules(rules_dir(tmp_path / "v1", sources + uses))}
+    enricher = ContextEnricher(lambda: current["ruleset"], engine=pg_engine, environ={"CTX_URL": url})
+
+    def connections() -> int:
+        with pg_engine.connect() as connection:
+            query = "select count(*) from pg_stat_activity where application_name = %(name)s"
+            return connection.exec_driver_sql(query, {"name": name}).scalar_one()
+
+    try:
+        prediction = Prediction.model_validate(document("p1", "acct-1"))
+        assert await enricher.lookup([prediction]) == {"p1": {"acc": {"plan": "pro"}}}
+        assert connections() == 1  # pooled for the next batch
+        # Reloaded without the source: its pool is of no more use, and held a connection for good.
+        current["ruleset"] = load_rules(rules_dir(tmp_path / "v2", "rules:\n  - {name: a, when: {}, owner: desk}\n"))
+        assert await enricher.lookup([prediction]) == {}
+        assert connections() == 0
+    finally:
+        enricher.close()

@@ -23,6 +23,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
 
+from decision_router import metrics
 from decision_router.contracts import Prediction
 from decision_router.enrich import (
     SQL_THREADS,
@@ -255,6 +256,30 @@ async def test_the_current_rule_set_is_read_on_every_batch(tmp_path: Path, fake:
     assert await enricher.lookup([prediction("p1", "acct-1")]) == {"p1": {"crm": {"tier": "gold"}}}
     current["ruleset"] = ruleset_with(tmp_path, '  crm: {redis_hash: "other:{entity_id}"}\n', name="v2")
     assert await enricher.lookup([prediction("p1", "acct-1")]) == {"p1": {"crm": {"tier": "silver"}}}
+
+
+
+def counted(metric: str, source: str) -> float:
+    return metrics.REGISTRY.get_sample_value(f"decision_router_context_lookup_{metric}_total", {"source": source}) or 0.0
+
+
+async def test_failed_and_oversized_lookups_are_counted_in_the_metrics_by_source(tmp_path: Path, fake: Redis) -> None:
+    # Only in the logs, a context source down for hours showed nowhere an operator alerts on.
+    sources = '  crm_m: {redis_hash: "context:{entity_type}:{entity_id}"}\n  down_m: {redis_hash: "down:{entity_id}"}\n'
+    rules = "\nrules:\n  - {name: a, when: {}, owner: desk, context: [lookup.crm_m.note, lookup.down_m.tier]}\n"
+    client = Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))  # fails at once
+    before = {(m, s): counted(m, s) for m in ("failures", "oversized") for s in ("crm_m", "down_m")}
+    enricher = ContextEnricher(ruleset_with(tmp_path, sources, rules), redis=fake)
+    await fake.hset("context:account:acct-1", "note", BIG_NOTE)
+    await enricher.lookup([prediction("p1", "acct-1")])
+    enricher.redis = client
+    try:
+        await enricher.lookup([prediction("p2", "acct-1")])
+        await enricher.lookup([prediction("p3", "acct-1")])
+    finally:
+        await client.aclose()
+    after = {key: counted(*key) - value for key, value in before.items()}
+    assert after == {("failures", "crm_m"): 2, ("failures", "down_m"): 2, ("oversized", "crm_m"): 1, ("oversized", "down_m"): 0}
 
 
 # sizes and depth --------------------------------------------------------------------------
