@@ -263,11 +263,12 @@ class EscalationSweeper:
     async def sweep_once(self) -> SweepResult:
         result = await asyncio.to_thread(self._sweep)
         metrics.observe_sweep(escalated=result.escalated, breached=result.breached - result.repeated_breaches)
-        result.delivered = await self.deliver()
+        # Logged once committed, before the copies go out: with Redis down, deliver() raises and the line was lost.
         if result.escalated or result.breached:
             # Counts always numbers: `conflicts=result.conflicts or None` logged "conflicts=None" (JSON null).
             log.info("escalations", escalated=result.escalated, sla_breaches=result.breached,
                      repeated_breaches=result.repeated_breaches, conflicts=result.conflicts)
+        result.delivered = await self.deliver()
         return result
 
     def _sweep(self) -> SweepResult:
