@@ -45,6 +45,9 @@ log = structlog.get_logger("decision_router.escalation")
 class SweepResult:
     escalated: int = 0
     breached: int = 0
+    # of which a deadline breached before (by the chain of an owner the alert was reassigned from): the stats
+    # and decision_router_sla_breaches_total count a breach once per alert and deadline
+    repeated_breaches: int = 0
     conflicts: int = 0  # another worker changed the alert first
     delivered: int = 0
 
@@ -129,7 +132,8 @@ def _next_manager(
 
 
 def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owner], now: datetime) -> str | None:
-    """One step for one alert: "escalated", "breached", "conflict", or None if nothing is due."""
+    """One step for one alert: "escalated", "breached", "breached again" (the deadline was breached before, by an
+    earlier owner's chain), "conflict", or None if nothing is due."""
     missed = _missed(record, now)
     if missed is None:
         return None
@@ -208,7 +212,10 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
             detail=detail,
         )
     )
-    return "escalated" if manager else "breached"
+    if manager:
+        return "escalated"
+    # As read, and the compare-and-set above held: nothing changed the row since.
+    return "breached" if getattr(record, f"{kind}_breached_at") is None else "breached again"
 
 
 def escalation_writes(session: Session, keys: Keys, *, limit: int = 500) -> list[tuple[int, StreamWrite, Alert]]:
@@ -255,11 +262,13 @@ class EscalationSweeper:
 
     async def sweep_once(self) -> SweepResult:
         result = await asyncio.to_thread(self._sweep)
-        metrics.observe_sweep(escalated=result.escalated, breached=result.breached)
-        result.delivered = await self.deliver()
+        metrics.observe_sweep(escalated=result.escalated, breached=result.breached - result.repeated_breaches)
+        # Logged once committed, before the copies go out: with Redis down, deliver() raises and the line was lost.
         if result.escalated or result.breached:
             # Counts always numbers: `conflicts=result.conflicts or None` logged "conflicts=None" (JSON null).
-            log.info("escalations", escalated=result.escalated, sla_breaches=result.breached, conflicts=result.conflicts)
+            log.info("escalations", escalated=result.escalated, sla_breaches=result.breached,
+                     repeated_breaches=result.repeated_breaches, conflicts=result.conflicts)
+        result.delivered = await self.deliver()
         return result
 
     def _sweep(self) -> SweepResult:
@@ -273,6 +282,9 @@ class EscalationSweeper:
                     result.escalated += 1
                 elif outcome == "breached":
                     result.breached += 1
+                elif outcome == "breached again":
+                    result.breached += 1
+                    result.repeated_breaches += 1
                 elif outcome == "conflict":
                     result.conflicts += 1
             session.commit()

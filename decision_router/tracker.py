@@ -616,14 +616,17 @@ def reassigned_by(session: Session, source_id: str) -> tuple[list[str], list[str
     return handed_over, unchanged
 
 
-def seen_at(record: AlertRecord, at: datetime) -> datetime:
-    """When an acknowledgement or intervention at `at` happened for the stats: not before the alert was created.
+def seen_at(record: AlertRecord, at: datetime, now: datetime) -> datetime:
+    """When an acknowledgement or intervention at `at`, received at `now`, happened for the stats: not before the
+    alert was created, nor after it was received.
 
     The gate lets an `at` up to DECISION_ROUTER_MAX_CLOCK_SKEW before the creation through (the sender's clock
     and the router's differ), and a worker whose clock is behind another's stamps its `now` early too. Nobody
-    sees an alert before it exists, so such a time is its creation: a time to ack or act is never negative.
+    sees an alert before it exists, so such a time is its creation: a time to ack or act is never negative. The
+    gate lets an `at` up to that skew after `now` through too: nobody acts later than the router hears of it, so
+    such a time is `now` (taken as sent, a time to ack grew by the sender's skew, past a deadline met).
     """
-    return max(at, as_utc(record.created_at))
+    return max(min(at, now), as_utc(record.created_at))
 
 
 def apply_outcome(
@@ -644,12 +647,12 @@ def apply_outcome(
         # worker, the API) may have committed one since (_first_wins).
         if event.type is OutcomeType.ACKNOWLEDGED:
             if record.acknowledged_at is None:
-                seen = seen_at(record, at)
+                seen = seen_at(record, at, now)
                 record.acknowledged_at = _first_wins(AlertRecord.acknowledged_at.is_(None), AlertRecord.acknowledged_at, seen)
             record.ack_due_at = None
         elif event.type is OutcomeType.INTERVENED:
             if record.intervened_at is None:
-                acted = seen_at(record, at)
+                acted = seen_at(record, at, now)
                 first = AlertRecord.intervened_at.is_(None)
                 record.intervened_at = _first_wins(first, AlertRecord.intervened_at, acted)
                 record.intervention = _first_wins(first, AlertRecord.intervention, event.action)

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
+from decision_router import metrics
 from decision_router.contracts import OutcomeEvent
 from decision_router.escalation import escalate
 from decision_router.rules import load_rules
@@ -137,6 +138,29 @@ async def test_a_breached_alert_reassigned_gets_fresh_deadlines_for_the_new_owne
     with Session(engine) as session:
         (stats,) = compute_stats(session, by="rule")
     assert (stats.escalations, stats.sla_breaches) == (3, 1)
+
+
+async def test_a_deadline_breached_again_after_a_reassignment_counts_once_in_the_metrics(svc, r, engine, clock) -> None:
+    """The stats count a breach once per alert and deadline (the first one's time stays); so must
+    decision_router_sla_breaches_total, or the two disagree after every reassignment of a breached alert."""
+    alert_id = await routed_alert(svc, r, "b2")
+    breaches = metrics.SLA_BREACHES._value.get()
+    for hours in (1, 2, 3):  # am -> lead -> vp, then the ack deadline breaches at vp
+        clock.now = T0 + timedelta(hours=hours, minutes=1)
+        await svc.sweeper.sweep_once()
+    assert metrics.SLA_BREACHES._value.get() == breaches + 1
+    r.xadd(svc.keys.outcomes, {"alert_id": alert_id, "type": "reassigned", "actor": "vp", "owner": "desk-lead"})
+    await wait_until(lambda: len(inbox(r, svc.keys, "desk-lead")) == 1, what="the new owner's inbox")
+    # desk-lead is the top of their own chain: their missed hour breaches the same ack deadline again.
+    clock.now += timedelta(hours=1, minutes=1)
+    again = await svc.sweeper.sweep_once()
+    assert (again.breached, again.repeated_breaches) == (1, 1)
+    with Session(engine) as session:
+        assert len(session.scalars(select(AuditEvent.id).where(AuditEvent.alert_id == alert_id,
+                                                               AuditEvent.type == "sla_breached")).all()) == 2
+        (stats,) = compute_stats(session, by="rule")
+    assert stats.sla_breaches == 1
+    assert metrics.SLA_BREACHES._value.get() == breaches + 1
 
 
 def as_naive(value: datetime) -> datetime:

@@ -50,6 +50,26 @@ def test_an_event_dated_within_the_clock_skew_before_the_alert_counts_from_its_c
         assert row.median_time_to_act_s == expected_act and row.p90_time_to_act_s == expected_act
 
 
+@pytest.mark.parametrize("type_", [OutcomeType.ACKNOWLEDGED, OutcomeType.INTERVENED])
+def test_an_event_dated_within_the_clock_skew_after_its_receipt_counts_from_its_receipt(session, type_) -> None:
+    """The gate lets an `at` up to MAX_CLOCK_SKEW (5 min) ahead of the router's clock through (the sender's clock runs
+    ahead): nobody acknowledges or acts later than the router hears of it, so the time to ack (to act) ends there, as
+    one dated before the alert starts at its creation. Taken as sent, an ack received 10 s after the alert's creation
+    counted 4 min 10 s, past an ack deadline it had met."""
+    record = alert(0, rule="r", owner="alice")
+    session.add(record)
+    session.commit()
+    received = T0 + timedelta(seconds=10)
+    event = OutcomeEvent(alert_id=record.alert_id, type=type_, actor="alice", at=received + timedelta(minutes=4))
+    apply_outcome(session, event=event, alerts=[record], source_id=None, now=received)
+    session.commit()
+    assert as_utc(record.acknowledged_at) == received
+    for compute in (compute_stats, compute_stats_reference):
+        (row,) = compute(session, by=GroupBy.RULE)
+        assert row.median_time_to_ack_s == 10.0
+        assert row.median_time_to_act_s == (10.0 if type_ is OutcomeType.INTERVENED else None)
+
+
 def test_the_first_intervention_is_kept_and_a_later_ack_moves_back_to_it(session) -> None:
     record = alert(0, rule="r", owner="alice")
     session.add(record)

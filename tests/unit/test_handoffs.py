@@ -11,9 +11,11 @@ from pathlib import Path
 
 import fakeredis.aioredis
 import pytest
+import redis.exceptions
 from sqlalchemy import select
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
+from structlog.testing import capture_logs
 
 from decision_router.escalation import EscalationSweeper
 from decision_router.pipeline import Pipeline
@@ -179,3 +181,20 @@ async def test_a_removed_top_of_chain_breaches_at_the_new_top(pipeline: Pipeline
     assert breach["reason"] == (
         "not acknowledged within 1h (vp no longer in the owner directory; lead is the top of the chain now)"
     )
+
+
+async def test_steps_taken_are_logged_even_when_writing_the_copies_fails(pipeline: Pipeline) -> None:
+    """The steps are committed before their copies go out: Redis down at that moment must not lose the sweep's
+    log line (the next sweep delivers the copies, with nothing left to escalate and so nothing to log)."""
+    await route_to(pipeline, "am")
+    pipeline.clock.now += timedelta(hours=1.1)  # type: ignore[attr-defined]
+    sweeper = EscalationSweeper(pipeline)
+
+    async def redis_down() -> int:
+        raise redis.exceptions.ConnectionError("Connection refused")
+
+    sweeper.deliver = redis_down  # type: ignore[method-assign]
+    with capture_logs() as logs, pytest.raises(redis.exceptions.ConnectionError):
+        await sweeper.sweep_once()
+    (line,) = [e for e in logs if e["event"] == "escalations"]
+    assert (line["escalated"], line["sla_breaches"]) == (1, 0)
