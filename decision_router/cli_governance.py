@@ -214,6 +214,8 @@ class Held(NamedTuple):
     owner: str
     status: str
     outcome_at: datetime | None
+    created_at: datetime
+    predicted_at: datetime
 
 
 def _held_or_exit(settings: Settings, alert_id: str) -> Held | None:
@@ -230,8 +232,9 @@ def _held_or_exit(settings: Settings, alert_id: str) -> Held | None:
 
 def alert_check(settings: Settings, document: dict[str, Any]) -> Callable[[], None]:
     """`outcome TYPE --alert ID`'s check before it publishes (send_outcome's before_publishing), as `reassign`'s:
-    an alert id the store lacks is an error; so is an acknowledgement or intervention after the alert's outcome,
-    which the router refuses (it cannot have caused the outcome)."""
+    an alert id the store lacks is an error; so is an `--at` before the alert was created (an outcome: before its
+    prediction), beyond the clock skew, and an acknowledgement or intervention after the alert's outcome, which the
+    router refuses (nobody acts before the alert exists; an action after the outcome cannot have caused it)."""
     from decision_router.contracts import OutcomeEvent, OutcomeType
 
     def check() -> None:
@@ -239,8 +242,16 @@ def alert_check(settings: Settings, document: dict[str, Any]) -> Callable[[], No
         if event.alert_id is None:
             return
         held = _held_or_exit(settings, event.alert_id)
-        if held is None or held.outcome_at is None or event.type not in (OutcomeType.ACKNOWLEDGED,
-                                                                         OutcomeType.INTERVENED):
+        if held is None:
+            return
+        if event.at is not None:
+            # As the router's gate (pipeline._dated_before), which dead-letters it as schema.
+            since, what = ((held.predicted_at, "was predicted") if event.type is OutcomeType.OUTCOME
+                           else (held.created_at, "was created"))
+            if event.at < since - settings.max_clock_skew:
+                fail(f"alert {event.alert_id!r} {what} at {_when(since)}: {event.type.value} --at {_when(event.at)} "
+                     "is before it, and the router would refuse it; nothing was sent", code=2)
+        if held.outcome_at is None or event.type not in (OutcomeType.ACKNOWLEDGED, OutcomeType.INTERVENED):
             return
         at = event.at or datetime.now(UTC)
         if at > held.outcome_at:
@@ -277,7 +288,7 @@ def _held(settings: Settings, alert_id: str) -> Held | str | None:
             if record is None:
                 return _NO_SUCH_ALERT
             outcome_at = as_utc(record.outcome_at)
-            return Held(record.owner, record.status, outcome_at)
+            return Held(record.owner, record.status, outcome_at, as_utc(record.created_at), as_utc(record.predicted_at))
     except SQLAlchemyError:
         return None  # no alerts table yet, or no store to reach: the router will say what it made of it
     finally:

@@ -500,6 +500,46 @@ def test_outcome_ack_or_intervention_after_the_alerts_outcome_is_refused(
     assert [d["at"] for d in sent] == [before]
 
 
+def test_outcome_dated_before_the_alert_existed_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`outcome intervened --alert ID --at T` with T before the alert was created said "recorded", and the router
+    then dead-lettered it (schema): the README says an `at` the router would refuse is refused here, exit 2."""
+    from sqlmodel import Session
+
+    from decision_router.store import create_schema, make_engine
+    from tests.unit.test_stats import T0, alert
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = make_engine(url)
+    create_schema(engine)
+    record = alert(1, rule="r", owner="felix")  # open, created at T0 (09:00)
+    record.predicted_at = T0 - timedelta(hours=1)
+    with Session(engine) as session:
+        session.add(record)
+        session.commit()
+    engine.dispose()
+    monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", url)
+    sent: list[dict] = []
+    monkeypatch.setattr("decision_router.cli.send_outcome", sending_to(sent))
+
+    def at(minutes: int) -> str:
+        return (T0 + timedelta(minutes=minutes)).isoformat()
+
+    line = one_error(invoke("outcome", "intervened", "--alert", "al-r-1", "--actor", "felix", "--at", at(-10)), 2)
+    assert line == ("error: alert 'al-r-1' was created at 2026-11-01T09:00:00Z: intervened --at 2026-11-01T08:50:00Z "
+                    "is before it, and the router would refuse it; nothing was sent")
+    # An outcome may come before the alert, not before its prediction.
+    line = one_error(invoke("outcome", "outcome", "--alert", "al-r-1", "--actor", "crm", "--result", "failure",
+                            "--at", at(-70)), 2)
+    assert line == ("error: alert 'al-r-1' was predicted at 2026-11-01T08:00:00Z: outcome --at 2026-11-01T07:50:00Z "
+                    "is before it, and the router would refuse it; nothing was sent")
+    assert sent == []
+    # Within the clock skew (5m) of its creation, and an outcome after the prediction: sent, as the router takes them.
+    for args in (["acknowledged", "--at", at(-4)], ["outcome", "--result", "failure", "--at", at(-30)]):
+        result = invoke("outcome", *args, "--alert", "al-r-1", "--actor", "felix")
+        assert result.exit_code == 0, result.output
+    assert [d["at"] for d in sent] == [at(-4), at(-30)]
+
+
 def test_rules_test_with_stdin_closed_says_where_to_give_the_prediction(tmp_path: Path) -> None:
     """`decision-router rules test <&-`: Python then has no sys.stdin (None), which was an AttributeError."""
     env = {**os.environ, "DECISION_ROUTER_RULES_DIR": str(SHIPPED_RULES)}
