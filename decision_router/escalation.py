@@ -77,8 +77,8 @@ def due_alerts(session: Session, *, now: datetime, limit: int = 500) -> list[Ale
     )
 
 
-def _missed(record: AlertRecord, now: datetime) -> tuple[str, timedelta, str] | None:
-    """(kind, window, reason) of the deadline to escalate for, if any."""
+def _missed(record: AlertRecord, now: datetime) -> tuple[str, timedelta, str, bool] | None:
+    """(kind, window, reason, whether the ack deadline is missed too) of the deadline to escalate for, if any."""
     created = as_utc(record.created_at)
     ack_window = as_utc(record.ack_by) - created
     act_window = as_utc(record.act_by) - created
@@ -89,9 +89,9 @@ def _missed(record: AlertRecord, now: datetime) -> tuple[str, timedelta, str] | 
         reason = f"no intervention recorded within {format_duration(act_window)}"
         if ack_missed:
             reason = f"not acknowledged within {format_duration(ack_window)}, and {reason}"
-        return "act", act_window, reason
+        return "act", act_window, reason, ack_missed
     if ack_missed:
-        return "ack", ack_window, f"not acknowledged within {format_duration(ack_window)}"
+        return "ack", ack_window, f"not acknowledged within {format_duration(ack_window)}", True
     return None
 
 
@@ -137,7 +137,7 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
     missed = _missed(record, now)
     if missed is None:
         return None
-    kind, window, reason = missed
+    kind, window, reason, ack_missed = missed
     holder = record.escalated_to or record.owner
     below, manager, gone = _next_manager(session, record, holder, owners)
     if gone:
@@ -165,7 +165,9 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
         where = f"up to {manager}" if manager else f"{skipped[-1][0]} is the top of the chain"
         reason = f"{reason} ({passed}: {where})"
     values: dict[str, object] = {"sla_revision": record.sla_revision + 1}
-    if kind == "act":
+    if kind == "act" and ack_missed:
+        # This one step stands for both misses. An ack deadline still ahead (the ack chain pushed it past the act's)
+        # stays pending: clearing it too, its chain would never go on nor breach.
         values["ack_due_at"] = None
     if manager:
         level = record.escalation_level + 1
