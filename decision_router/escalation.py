@@ -185,6 +185,8 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
     if changed.rowcount != 1:
         return "conflict"
     detail = {"kind": kind, "reason": reason, "original_owner": record.owner, "from_owner": holder}
+    # A breach of a deadline breached before. As read, and the compare-and-set above held: nothing changed the row since.
+    repeat = manager is None and getattr(record, f"{kind}_breached_at") is not None
     if manager:
         assert recipient is not None
         if recipient != manager:
@@ -199,6 +201,9 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
         detail.update(level=level, to_owner=recipient)
     else:
         detail.update(level=record.escalation_level, top_of_chain=skipped[-1][0] if skipped else below or holder)
+        if repeat:
+            # By a reassigned alert's new chain: the audit story must not read as a second, separate breach.
+            detail.update(again=True)
     if gone:
         detail.update(removed_from_directory=gone)
     if skipped:
@@ -216,8 +221,7 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
     )
     if manager:
         return "escalated"
-    # As read, and the compare-and-set above held: nothing changed the row since.
-    return "breached" if getattr(record, f"{kind}_breached_at") is None else "breached again"
+    return "breached again" if repeat else "breached"
 
 
 def escalation_writes(session: Session, keys: Keys, *, limit: int = 500) -> list[tuple[int, StreamWrite, Alert]]:
