@@ -220,7 +220,9 @@ def describe(kind: str, prediction_id: str | None, detail: Mapping[str, Any]) ->
         text = (f"escalated ({d.get('kind')} deadline missed, level {d.get('level')}) "
                 f"{d.get('from_owner')} -> {d.get('to_owner')}: {d.get('reason')}")
     elif kind == "sla_breached":
-        text = f"SLA breached ({d.get('kind')}): {d.get('reason')}; no manager above {d.get('top_of_chain') or d.get('from_owner')}"
+        again = " again" if d.get("again") else ""
+        text = (f"SLA breached{again} ({d.get('kind')}): {d.get('reason')}; "
+                f"no manager above {d.get('top_of_chain') or d.get('from_owner')}")
     else:
         return " ".join([kind, *(f"{k}={v}" for k, v in d.items() if v is not None)])
     if d.get("note") and kind not in DECISION_EVENTS:

@@ -77,8 +77,8 @@ def due_alerts(session: Session, *, now: datetime, limit: int = 500) -> list[Ale
     )
 
 
-def _missed(record: AlertRecord, now: datetime) -> tuple[str, timedelta, str] | None:
-    """(kind, window, reason) of the deadline to escalate for, if any."""
+def _missed(record: AlertRecord, now: datetime) -> tuple[str, timedelta, str, bool] | None:
+    """(kind, window, reason, whether the ack deadline is missed too) of the deadline to escalate for, if any."""
     created = as_utc(record.created_at)
     ack_window = as_utc(record.ack_by) - created
     act_window = as_utc(record.act_by) - created
@@ -89,9 +89,9 @@ def _missed(record: AlertRecord, now: datetime) -> tuple[str, timedelta, str] | 
         reason = f"no intervention recorded within {format_duration(act_window)}"
         if ack_missed:
             reason = f"not acknowledged within {format_duration(ack_window)}, and {reason}"
-        return "act", act_window, reason
+        return "act", act_window, reason, ack_missed
     if ack_missed:
-        return "ack", ack_window, f"not acknowledged within {format_duration(ack_window)}"
+        return "ack", ack_window, f"not acknowledged within {format_duration(ack_window)}", True
     return None
 
 
@@ -137,7 +137,7 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
     missed = _missed(record, now)
     if missed is None:
         return None
-    kind, window, reason = missed
+    kind, window, reason, ack_missed = missed
     holder = record.escalated_to or record.owner
     below, manager, gone = _next_manager(session, record, holder, owners)
     if gone:
@@ -165,7 +165,9 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
         where = f"up to {manager}" if manager else f"{skipped[-1][0]} is the top of the chain"
         reason = f"{reason} ({passed}: {where})"
     values: dict[str, object] = {"sla_revision": record.sla_revision + 1}
-    if kind == "act":
+    if kind == "act" and ack_missed:
+        # This one step stands for both misses. An ack deadline still ahead (the ack chain pushed it past the act's)
+        # stays pending: clearing it too, its chain would never go on nor breach.
         values["ack_due_at"] = None
     if manager:
         level = record.escalation_level + 1
@@ -183,6 +185,8 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
     if changed.rowcount != 1:
         return "conflict"
     detail = {"kind": kind, "reason": reason, "original_owner": record.owner, "from_owner": holder}
+    # A breach of a deadline breached before. As read, and the compare-and-set above held: nothing changed the row since.
+    repeat = manager is None and getattr(record, f"{kind}_breached_at") is not None
     if manager:
         assert recipient is not None
         if recipient != manager:
@@ -197,6 +201,9 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
         detail.update(level=level, to_owner=recipient)
     else:
         detail.update(level=record.escalation_level, top_of_chain=skipped[-1][0] if skipped else below or holder)
+        if repeat:
+            # By a reassigned alert's new chain: the audit story must not read as a second, separate breach.
+            detail.update(again=True)
     if gone:
         detail.update(removed_from_directory=gone)
     if skipped:
@@ -214,8 +221,7 @@ def escalate(session: Session, record: AlertRecord, *, owners: Mapping[str, Owne
     )
     if manager:
         return "escalated"
-    # As read, and the compare-and-set above held: nothing changed the row since.
-    return "breached" if getattr(record, f"{kind}_breached_at") is None else "breached again"
+    return "breached again" if repeat else "breached"
 
 
 def escalation_writes(session: Session, keys: Keys, *, limit: int = 500) -> list[tuple[int, StreamWrite, Alert]]:

@@ -23,7 +23,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, func, literal, literal_column, null, select, union_all
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from decision_router.durations import EARLIEST, format_duration
 from decision_router.stats import UNKNOWN_MODEL, GroupBy, StatsRow, compute_stats
@@ -173,7 +173,8 @@ def overdue(alert: Any, now: datetime, last_step: str | None) -> tuple[bool, boo
     the top of the chain (or, for the ack, by an escalation for the act: both missed), or moved on by an
     escalation of the current chain (escalated_to: a reassignment starts a new chain), which pushes the due time
     to the manager's. An escalation while unacknowledged was for the ack or also the act; whether the act's was
-    is `last_step`, the kind of the alert's latest escalation. `alert`: an AlertRecord or a row of its columns."""
+    is `last_step`: "act" if a step of the current chain was for the act (see last_steps). `alert`: an
+    AlertRecord or a row of its columns."""
     def ahead(due: datetime | None) -> bool:
         return due is not None and as_utc(due) > now
 
@@ -184,27 +185,52 @@ def overdue(alert: Any, now: datetime, last_step: str | None) -> tuple[bool, boo
 
 
 def last_steps(session: Session, alerts: Sequence[AlertRecord]) -> dict[str, str]:
-    """The kind (ack, act) of the latest escalation of each of these alerts escalated in their current chain."""
-    escalated = [alert.alert_id for alert in alerts if alert.escalated_to is not None]
-    if not escalated:
+    """For each of these alerts escalated in their current chain, "act" if a step of that chain was for the act,
+    else "ack". Not just the latest step's kind: an act step leaves an ack deadline not missed yet pending, so an
+    ack step may follow it in the same chain.
+
+    The current chain is the steps from the latest one up from the owner (its first: a reassignment starts a new
+    chain at the new owner), as escalation._chain_so_far reads it."""
+    owners = {alert.alert_id: alert.owner for alert in alerts if alert.escalated_to is not None}
+    if not owners:
         return {}
     query = (
-        select(EscalationRecord.alert_id, EscalationRecord.kind)
-        .where(EscalationRecord.alert_id.in_(escalated))
-        .order_by(EscalationRecord.level)
+        select(EscalationRecord.alert_id, EscalationRecord.kind, EscalationRecord.from_owner)
+        .where(EscalationRecord.alert_id.in_(list(owners)))
+        .order_by(EscalationRecord.level.desc())
     )
-    return dict(session.execute(query).all())  # the highest level last
+    kinds: dict[str, str] = {}
+    done: set[str] = set()
+    for alert_id, kind, from_owner in session.execute(query):  # the latest step first
+        if alert_id in done:
+            continue
+        if kind == "act" or alert_id not in kinds:
+            kinds[alert_id] = kind
+        if from_owner == owners[alert_id]:
+            done.add(alert_id)
+    return kinds
 
 
-# LAST_STEP for a row of the alerts: last_steps in SQL, one lookup by (alert_id, level) for an escalated alert.
+# LAST_STEP for a row of the alerts: last_steps in SQL, for an escalated alert. The chain starts at the owner's
+# latest step (none: every step counts, as last_steps).
+_STEP, _START = aliased(EscalationRecord), aliased(EscalationRecord)
+_CHAIN_START = (
+    select(func.max(_START.level))
+    .where(_START.alert_id == AlertRecord.alert_id, _START.from_owner == AlertRecord.owner)
+    .correlate(AlertRecord)
+    .scalar_subquery()
+)
 LAST_STEP = case(
     (AlertRecord.escalated_to.is_(None), null()),
-    else_=select(EscalationRecord.kind)
-    .where(EscalationRecord.alert_id == AlertRecord.alert_id)
-    .order_by(EscalationRecord.level.desc())
-    .limit(1)
-    .correlate(AlertRecord)
-    .scalar_subquery(),
+    (
+        select(_STEP.id)
+        .where(_STEP.alert_id == AlertRecord.alert_id, _STEP.kind == "act",
+               _STEP.level >= func.coalesce(_CHAIN_START, 0))
+        .correlate(AlertRecord)
+        .exists(),
+        literal("act"),
+    ),
+    else_=literal("ack"),
 )
 
 

@@ -1,7 +1,7 @@
 """Ownership over time on real Redis and both stores, driven by a controllable clock: an
 intervention reported before the acknowledgement, a reassignment after a breach, racing a
-sweep or to an owner who is away, an escalation to a manager who is away, and one to a
-manager a hot reload removed."""
+sweep or to an owner who is away, an escalation to a manager who is away, one to a
+manager a hot reload removed, and an act step taken while the ack deadline is still ahead."""
 
 from __future__ import annotations
 
@@ -72,6 +72,13 @@ def alert_row(engine, alert_id: str) -> AlertRecord:
         row = session.get(AlertRecord, alert_id)
         session.expunge(row)
         return row
+
+
+def breach_events(engine, alert_id: str) -> list[dict]:
+    with Session(engine) as session:
+        return list(session.scalars(select(AuditEvent.detail).where(AuditEvent.alert_id == alert_id,
+                                                                    AuditEvent.type == "sla_breached")
+                                    .order_by(AuditEvent.id)))
 
 
 async def routed_alert(svc, r, pid: str, owner: str = "am") -> str:
@@ -155,9 +162,10 @@ async def test_a_deadline_breached_again_after_a_reassignment_counts_once_in_the
     clock.now += timedelta(hours=1, minutes=1)
     again = await svc.sweeper.sweep_once()
     assert (again.breached, again.repeated_breaches) == (1, 1)
+    # The audit says which breach is the repeat.
+    assert [(b["top_of_chain"], b.get("again")) for b in breach_events(engine, alert_id)] == [("vp", None),
+                                                                                         ("desk-lead", True)]
     with Session(engine) as session:
-        assert len(session.scalars(select(AuditEvent.id).where(AuditEvent.alert_id == alert_id,
-                                                               AuditEvent.type == "sla_breached")).all()) == 2
         (stats,) = compute_stats(session, by="rule")
     assert stats.sla_breaches == 1
     assert metrics.SLA_BREACHES._value.get() == breaches + 1
@@ -377,3 +385,63 @@ async def test_a_manager_removed_by_a_hot_reload_does_not_end_the_chain(settings
         (breach,) = session.scalars(select(AuditEvent.detail).where(AuditEvent.alert_id == alert_id,
                                                                     AuditEvent.type == "sla_breached")).all()
     assert breach["top_of_chain"] == "vp"
+
+
+async def test_an_act_breach_leaves_an_ack_deadline_not_missed_yet_pending(svc, r, engine, clock) -> None:
+    """The ack chain reached vp at 3:30 (next due 4:30); the act deadline (4h) breaches at vp at 4:01. That act
+    step cleared the pending ack deadline: it never breached, and only the act's breach was recorded."""
+    alert_id = await routed_alert(svc, r, "ad1")
+    clock.now = T0 + timedelta(hours=1, minutes=1)  # ack: am -> lead, next due 2:01
+    assert (await svc.sweeper.sweep_once()).escalated == 1
+    clock.now = T0 + timedelta(hours=3, minutes=30)  # a late sweep: ack: lead -> vp, next due 4:30
+    assert (await svc.sweeper.sweep_once()).escalated == 1
+    clock.now = T0 + timedelta(hours=4, minutes=1)  # act missed at vp, the top; the ack is due at 4:30
+    assert (await svc.sweeper.sweep_once()).breached == 1
+    row = alert_row(engine, alert_id)
+    assert row.act_breached_at is not None and row.ack_breached_at is None
+    assert as_utc(row.ack_due_at) == T0 + timedelta(hours=4, minutes=30)
+    clock.now = T0 + timedelta(hours=4, minutes=31)
+    assert (await svc.sweeper.sweep_once()).breached == 1
+    row = alert_row(engine, alert_id)
+    assert (as_utc(row.ack_breached_at), row.ack_due_at) == (clock.now, None)
+    assert [(b["kind"], b["reason"], b["top_of_chain"]) for b in breach_events(engine, alert_id)] == [
+        ("act", "no intervention recorded within 4h", "vp"), ("ack", "not acknowledged within 1h", "vp"),
+    ]
+
+
+async def test_an_act_escalation_leaves_an_ack_deadline_not_missed_yet_pending(svc, r, engine, clock) -> None:
+    alert_id = await routed_alert(svc, r, "ad2")
+    clock.now = T0 + timedelta(hours=3, minutes=30)  # a late first sweep: ack: am -> lead, next due 4:30
+    assert (await svc.sweeper.sweep_once()).escalated == 1
+    clock.now = T0 + timedelta(hours=4, minutes=1)  # act: lead -> vp, next due 8:01
+    assert (await svc.sweeper.sweep_once()).escalated == 1
+    row = alert_row(engine, alert_id)
+    assert (row.escalated_to, as_utc(row.act_due_at)) == ("vp", clock.now + timedelta(hours=4))
+    assert as_utc(row.ack_due_at) == T0 + timedelta(hours=4, minutes=30)
+    clock.now = T0 + timedelta(hours=4, minutes=31)  # the ack chain goes on from vp, the top: its breach
+    assert (await svc.sweeper.sweep_once()).breached == 1
+    row = alert_row(engine, alert_id)
+    assert (row.ack_breached_at is not None, row.ack_due_at, row.act_breached_at) == (True, None, None)
+    assert as_utc(row.act_due_at) == T0 + timedelta(hours=8, minutes=1)
+
+
+async def test_two_sweeps_racing_an_act_step_with_the_ack_pending_take_it_once(svc, r, engine, clock) -> None:
+    alert_id = await routed_alert(svc, r, "ad3")
+    clock.now = T0 + timedelta(hours=3, minutes=30)
+    await svc.sweeper.sweep_once()  # ack: am -> lead, next due 4:30
+    owners = svc.pipeline.ruleset.owners
+    now = T0 + timedelta(hours=4, minutes=1)
+    with Session(engine) as first, Session(engine) as second:
+        # Both workers read the alert before either writes.
+        mine, theirs = first.get(AlertRecord, alert_id), second.get(AlertRecord, alert_id)
+        assert escalate(first, mine, owners=owners, now=now) == "escalated"
+        first.commit()
+        assert escalate(second, theirs, owners=owners, now=now) == "conflict"
+        second.commit()
+    with Session(engine) as session:
+        steps = session.execute(select(EscalationRecord.level, EscalationRecord.kind, EscalationRecord.to_owner)
+                                .where(EscalationRecord.alert_id == alert_id)
+                                .order_by(EscalationRecord.level)).all()
+    assert [tuple(s) for s in steps] == [(1, "ack", "lead"), (2, "act", "vp")]
+    row = alert_row(engine, alert_id)
+    assert (row.sla_revision, as_utc(row.ack_due_at)) == (2, T0 + timedelta(hours=4, minutes=30))

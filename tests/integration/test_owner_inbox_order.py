@@ -88,3 +88,36 @@ def test_the_order_reads_the_owners_own_deadlines_as_overdue_does(engine: Engine
     assert [r.alert_id for r in chosen] == ["al-r-2", "al-r-1", "al-r-3", "al-r-4", "al-r-5"]
     deadlines = [insights.next_deadline(r, last.get(r.alert_id)) for r in chosen]
     assert deadlines == [T0 + at(h) for h in (5, 7, 30, 35, 40)]
+
+
+def test_an_act_step_followed_by_an_ack_step_in_the_chain_still_counts(engine: Engine) -> None:
+    """An act step leaves an ack deadline not missed yet pending, so an ack step can follow it in the same chain. The
+    latest step's kind (ack) read as if the act was never escalated: the owner's passed act deadline as the manager's,
+    hours ahead, and not overdue."""
+    # lead -> boss for the ack, boss -> big for the act (its due time pushed to 60), big -> top for the ack; acked.
+    both = alert(1, rule="r", owner="lead", ack=True)
+    both.act_by, both.act_due_at, both.escalated_to, both.escalation_level = T0 + at(30), T0 + at(60), "top", 3
+    # An act step of an earlier owner's chain, then reassigned to lead (act due at 40), whose chain has an ack step.
+    earlier = alert(2, rule="r", owner="lead", ack=True)
+    earlier.original_owner, earlier.escalated_to, earlier.escalation_level = "alice", "boss", 2
+    earlier.act_by, earlier.act_due_at = T0 + at(20), T0 + at(40)
+    steps = [
+        EscalationRecord(alert_id=alert_id, level=level, kind=kind, from_owner=start, to_owner=end, reason="late",
+                         at=T0)
+        for alert_id, level, kind, start, end in (
+            (both.alert_id, 1, "ack", "lead", "boss"), (both.alert_id, 2, "act", "boss", "big"),
+            (both.alert_id, 3, "ack", "big", "top"),
+            (earlier.alert_id, 1, "act", "alice", "bob"), (earlier.alert_id, 2, "ack", "lead", "boss"),
+        )
+    ]
+    with Session(engine) as session:
+        session.add_all([both, earlier, *steps])
+        session.commit()
+    with Session(engine) as session:
+        chosen = insights.open_alerts(session, owner="lead")
+        last = insights.last_steps(session, chosen)
+        sla = insights.owner_sla(session, now=T0 + at(35))
+    assert [r.alert_id for r in chosen] == ["al-r-1", "al-r-2"]
+    assert [insights.next_deadline(r, last.get(r.alert_id)) for r in chosen] == [T0 + at(30), T0 + at(40)]
+    assert [insights.overdue(r, T0 + at(35), last.get(r.alert_id)) for r in chosen] == [(False, True), (False, False)]
+    assert [(row.owner, row.open, row.overdue) for row in sla] == [("lead", 2, 1)]

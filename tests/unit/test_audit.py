@@ -205,6 +205,10 @@ def test_entity_story_groups_every_decision(session: Session) -> None:
           "priority high")),
         ("sla_breached", {"kind": "act", "reason": "no intervention recorded within 1d", "top_of_chain": "vp"},
          "SLA breached (act): no intervention recorded within 1d; no manager above vp"),
+        # The same deadline breached again by a reassigned alert's new chain: not a second, separate breach.
+        ("sla_breached", {"kind": "ack", "reason": "not acknowledged within 1h", "top_of_chain": "desk-lead",
+                          "again": True},
+         "SLA breached again (ack): not acknowledged within 1h; no manager above desk-lead"),
         ("reassigned", {"from_owner": "alice", "to_owner": "felix", "delegated_from": "hugo", "note": "key account"},
          "reassigned alice -> felix (delegate for away owner hugo) (note: key account)"),
         # A reassignment to the owner holding it: no hand-off from them to themselves.
