@@ -10,12 +10,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from redis.asyncio import Redis
-from sqlmodel import Session
 
 from decision_router.pipeline import Pipeline
 from decision_router.quality import bounded_detail
 from decision_router.tables import AlertRecord, as_utc
 from tests.integration.test_router_loop import prediction
+from tests.unit.test_outcome_addressing import store, stored
 from tests.unit.test_stats import alert
 
 pytestmark = pytest.mark.redis
@@ -30,20 +30,6 @@ async def pipeline(settings, ruleset, engine) -> AsyncIterator[Pipeline]:
     redis = Redis.from_url(settings.redis_url, decode_responses=True)
     yield Pipeline(settings=settings, ruleset=ruleset, engine=engine, redis=redis, clock=lambda: NOW)
     await redis.aclose()
-
-
-def store(pipeline: Pipeline, *records: AlertRecord) -> None:
-    with Session(pipeline.engine, expire_on_commit=False) as session:
-        session.add_all(records)
-        session.commit()
-
-
-def stored(pipeline: Pipeline, alert_id: str) -> AlertRecord:
-    with Session(pipeline.engine) as session:
-        record = session.get(AlertRecord, alert_id)
-        assert record is not None
-        session.expunge(record)
-        return record
 
 
 def closed(n: int, *, prediction_id: str | None = None) -> AlertRecord:
