@@ -9,8 +9,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 from decision_router.settings import MASK, SECRET_NAMES, redact_text
+
+# structlog's dict_tracebacks without the frames' locals: each is cut to 80 characters, which can cut a URL
+# before its "@" so that no pattern knows it for one, and a local may hold a secret under a plain name.
+_DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    ExceptionDictTransformer(show_locals=False)
+)
 
 
 def _secret_key(key: object) -> bool:
@@ -55,7 +62,7 @@ def configure_logging(*, fmt: str = "auto", level: str = "info", stream=None) ->
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             # Exceptions are rendered as one field, never a multi-line dump in JSON mode.
-            structlog.processors.dict_tracebacks if as_json else structlog.processors.format_exc_info,
+            _DICT_TRACEBACKS if as_json else structlog.processors.format_exc_info,
             redact_secrets,
             renderer,
         ],

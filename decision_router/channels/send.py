@@ -77,6 +77,9 @@ ATTEMPT_HEADER = "X-Decision-Router-Attempt"
 DIGEST_HEADER = "X-Decision-Router-Digest"
 ERROR_MAX = 500  # characters of an error text kept (a response body excerpt included)
 BODY_EXCERPT = 300
+# The shortest start of a credential, cut short by the end of a reply's excerpt, that is masked (fewer
+# characters match too much ordinary text, and tell too little).
+CUT_CREDENTIAL_MIN = 4
 
 
 class Attempt(BaseModel):
@@ -263,6 +266,16 @@ class Sender(ABC):
     async def _attempt_digest(self, digest: Digest, prepared: Any, n: int) -> _Outcome:
         """One try of a digest; raises on transport problems (classified by `_classify`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot send digests")
+
+    def scrub_excerpt(self, text: str) -> str:
+        """`scrub` for the start of a reply: a credential the excerpt's end cuts short is no longer whole, so
+        `scrub` would leave its first characters; a tail that begins one (4 characters or more) is masked too."""
+        text = self.scrub(text)
+        for secret in self._secrets:
+            for size in range(min(len(secret), len(text) + 1) - 1, CUT_CREDENTIAL_MIN - 1, -1):
+                if text.endswith(secret[:size]):
+                    return text[:-size] + "***"
+        return text
 
     def _classify(self, exc: Exception) -> _Outcome:
         return _Outcome(ok=False, error=_clip(self.scrub(_describe(exc))), retryable=True)
@@ -456,7 +469,7 @@ class WebhookSender(Sender):
             return _Outcome(ok=True, status_code=status)
         # The receiver's words, which may echo what it was sent (the URL's token, an Authorization header,
         # the signature).
-        error = f"HTTP {status}" + (f": {self.scrub(_unsigned(excerpt, headers.get(SIGNATURE_HEADER)))}" if excerpt else "")
+        error = f"HTTP {status}" + (f": {self.scrub_excerpt(_unsigned(excerpt, headers.get(SIGNATURE_HEADER)))}" if excerpt else "")
         if status == 429 or status >= 500:
             return _Outcome(
                 ok=False, status_code=status, error=_clip(error), retryable=True, retry_after=parse_retry_after(response.headers.get("retry-after"), now=self._now())
@@ -472,6 +485,16 @@ class WebhookSender(Sender):
         text = text.replace(self._url, self.receiver.redacted_url)
         for secret in self._secrets:
             text = text.replace(secret, "***")
+        return text
+
+    def scrub_excerpt(self, text: str) -> str:
+        """`scrub` for the start of a reply: a credential the excerpt's end cuts short is no longer whole, so
+        `scrub` would leave its first characters; a tail that begins one (4 characters or more) is masked too."""
+        text = self.scrub(text)
+        for secret in self._secrets:
+            for size in range(min(len(secret), len(text) + 1) - 1, CUT_CREDENTIAL_MIN - 1, -1):
+                if text.endswith(secret[:size]):
+                    return text[:-size] + "***"
         return text
 
     def _classify(self, exc: Exception) -> _Outcome:
@@ -613,6 +636,16 @@ class EmailSender(Sender):
             refused = "; ".join(f"{rcpt}: {r.code} {r.message}" for rcpt, r in errors.items())
             return _Outcome(ok=True, status_code=code, error=_clip(f"refused for some recipients: {refused}"))
         return _Outcome(ok=True, status_code=code)
+
+    def scrub_excerpt(self, text: str) -> str:
+        """`scrub` for the start of a reply: a credential the excerpt's end cuts short is no longer whole, so
+        `scrub` would leave its first characters; a tail that begins one (4 characters or more) is masked too."""
+        text = self.scrub(text)
+        for secret in self._secrets:
+            for size in range(min(len(secret), len(text) + 1) - 1, CUT_CREDENTIAL_MIN - 1, -1):
+                if text.endswith(secret[:size]):
+                    return text[:-size] + "***"
+        return text
 
     def _classify(self, exc: Exception) -> _Outcome:
         text = _clip(_describe(exc))

@@ -160,6 +160,10 @@ def _between(value: object) -> tuple[float, float]:
 # make the router backtrack for ever. RE2 refuses backreferences and lookarounds, and its
 # compiled program is bounded in memory; the pattern's length is bounded here too.
 MAX_REGEX_LENGTH = 500
+# RE2's time is linear in the text times the compiled program's size once its DFA runs out of memory
+# (large counted repetitions: `.{0,1000}.{0,1000}`, `(a|b){999}`): 1-3 s on one 64 KiB value. Within this
+# many instructions, ~10 ms at worst; patterns rules use are 15-300.
+MAX_REGEX_PROGRAM = 1000
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # errors are reported by the loader, not written to stderr
 
@@ -184,11 +188,15 @@ def _regex(value: object) -> str:
     except re.error as exc:
         raise ValueError(f"invalid regular expression {shown!r}: {exc}") from None
     try:
-        compile_regex(value)
+        compiled = compile_regex(value)
     except re2.error as exc:
         reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise ValueError(f"regular expression {shown!r} is not supported by the linear-time engine (RE2): {reason}; "
                          "backreferences and lookarounds are not available") from None
+    if compiled.programsize > MAX_REGEX_PROGRAM:
+        raise ValueError(f"regular expression {shown!r} compiles to {compiled.programsize} instructions, more than "
+                         f"{MAX_REGEX_PROGRAM}: matching a long value could take seconds; use smaller repetition "
+                         "counts ({n}, {m,n})")
     return value
 
 

@@ -177,3 +177,32 @@ def test_a_quoted_signature_is_taken_out_of_a_reply_excerpt() -> None:
     # Not what is no HMAC: a version tag, a word after `v1=`, a longer name ending in v1.
     for text in ("api v1=ok", "schema v1=deadline", "tv1=0123456789abcdef"):
         assert _unsigned(text, ours) == text
+
+
+async def test_a_credential_cut_short_by_the_reply_excerpt_is_masked_too() -> None:
+    """A reply is read up to its first 300 bytes, then scrubbed: a receiver quoting the URL (a Slack
+    webhook's path is its credential) just before that cut left the credential's start, no longer whole,
+    in the stored error."""
+    import httpx
+
+    path_secret = "/services/T0SECRET1/B0SECRET2/XyZsEcReTtOkEnAbCdEf012345"
+    url = f"https://hooks.example.com{path_secret}"
+    header_secret = "api-key-0123456789abcdefSECRET"
+    # Each reply ends the excerpt inside one of the credentials: the URL, its path, a header value.
+    for quoted, secret in ((url, path_secret), (path_secret, path_secret), (header_secret, header_secret)):
+        kept = quoted[: quoted.index(secret) + 12]  # the cut leaves the credential's first 12 characters
+        body = "x" * (300 - len(kept) - len("no hook at ")) + "no hook at " + quoted + " " + "y" * 200
+
+        def handler(request: httpx.Request, body: str = body) -> httpx.Response:
+            return httpx.Response(404, stream=httpx.ByteStream(body.encode()))
+
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        receiver = WebhookReceiver(url=url, headers={"X-Api-Key": header_secret}, max_attempts=1)
+        sender = WebhookSender("hook", receiver, client=client)
+        try:
+            result = await sender.send(make_alert())
+        finally:
+            await client.aclose()
+        assert result.error is not None and result.error.startswith("HTTP 404: xxx")
+        assert secret[:12] not in result.error and secret[1:5] not in result.error, (quoted, result.error[-40:])
+        assert result.error.endswith("***")

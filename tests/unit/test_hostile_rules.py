@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from decision_router.rules import load_rules
 from decision_router.rules.compile import lookup
 from decision_router.rules.load import MAX_YAML_DEPTH, attempt_load
-from decision_router.rules.spec import MAX_REGEX_LENGTH, compile_regex
+from decision_router.rules.spec import MAX_REGEX_LENGTH, MAX_REGEX_PROGRAM, compile_regex
 
 SHIPPED = Path(__file__).resolve().parents[2] / "rules"
 ROUTING = (SHIPPED / "routing.yaml").read_text()
@@ -285,3 +285,21 @@ def test_patterns_re2_cannot_bound_are_refused_at_load_time(tmp_path, pattern, m
     [problem] = problems_of(rules_with_regex(tmp_path, pattern))
     assert (problem.rule, problem.field) == ("r", "when.context.name.regex")
     assert message in problem.message
+
+
+@pytest.mark.parametrize("pattern", [".{0,1000}.{0,1000}X", "[a-z]{1000}[a-z]{1000}X", "(a|b){999}X"])
+def test_a_pattern_whose_matching_cost_grows_with_its_program_is_refused(tmp_path, pattern) -> None:
+    """RE2's time is linear in the text, times the size of the compiled pattern once its DFA gives up:
+    each of these took 1 to 3 seconds on one 64 KiB value (the gate's limit), for every prediction."""
+    [problem] = problems_of(rules_with_regex(tmp_path, pattern))
+    assert (problem.rule, problem.field) == ("r", "when.context.name.regex")
+    assert f"more than {MAX_REGEX_PROGRAM}" in problem.message and "repetition" in problem.message
+
+
+def test_a_pattern_within_the_program_limit_matches_a_64kib_value_quickly(tmp_path) -> None:
+    import time
+
+    rule = load_rules(rules_with_regex(tmp_path, "[a-z]{490}[a-z]{490}X")).rules[0]
+    started = time.perf_counter()
+    assert rule.matches({"context": {"name": "ab" * 32_768}}) is False
+    assert time.perf_counter() - started < 0.5  # ~10 ms; 1.3 s at twice the repetition

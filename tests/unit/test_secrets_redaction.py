@@ -92,3 +92,25 @@ def test_exception_text_and_tracebacks_are_masked(fmt: str) -> None:
     assert SECRET not in text
     assert "cannot connect to postgresql+psycopg://app:***@db:5432/router: refused" in text
     assert "ConnectionError" in text and "ValueError" in text
+
+
+def test_a_traceback_never_carries_the_failing_frames_locals() -> None:
+    """JSON tracebacks (structlog's dict_tracebacks) used to list each frame's locals, each cut to 80
+    characters: a URL whose password ran past the cut lost its `@`, so no pattern knew it for a URL and
+    the password's start was logged; and a local holding a secret under a plain name (a webhook's HMAC
+    key, a password read from a file) was logged as it was."""
+    long_secret = SECRET * 8  # puts the URL's "@" past the 80-character cut
+
+    def emit(log) -> None:
+        target = f"postgresql+psycopg://router_service_account:{long_secret}@db.internal:5432/router"
+        key = SECRET.encode()  # a secret no name or pattern tells apart
+        try:
+            raise ConnectionError("cannot connect to the database: refused")
+        except ConnectionError:
+            log.exception("store unavailable", target_len=len(target), key_len=len(key))
+
+    text = logged("json", emit)
+    assert SECRET[:6] not in text
+    frames = json.loads(text)["exception"][0]["frames"]
+    assert frames and all("locals" not in frame for frame in frames)
+    assert "cannot connect to the database: refused" in text
