@@ -225,6 +225,9 @@ def describe(kind: str, prediction_id: str | None, detail: Mapping[str, Any]) ->
                 f"no manager above {d.get('top_of_chain') or d.get('from_owner')}")
     else:
         return " ".join([kind, *(f"{k}={v}" for k, v in d.items() if v is not None)])
+    if kind in ("acknowledged", "intervened") and d.get("after_outcome"):
+        # Its alert's outcome, dated earlier, was committed first (tracker.apply_outcome): not recorded on it.
+        text += f" after the outcome ({d['after_outcome']}): not recorded"
     if d.get("note") and kind not in DECISION_EVENTS:
         text += f" (note: {d['note']})"
     return text

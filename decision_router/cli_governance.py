@@ -308,6 +308,8 @@ def _print_case(result: Any) -> None:
     count = len(explanation.matches)
     say(f"{explanation.prediction_id} ({case.source}): {counted(count, 'rule')} match{'es' if count == 1 else ''}",
         style="bold")
+    if result.lookup_dropped:
+        say(f"   lookup over the router's limits, missing as when routed: {', '.join(result.lookup_dropped)}")
     for n, m in enumerate(explanation.matches, start=1):
         lines = [
             f"{n}. {m.rule}",

@@ -16,9 +16,10 @@ Two kinds of source:
 
 Only the fields some rule reads are fetched (Redis) or kept (SQL), and they are bounded like a
 prediction (`lookup_limits`): a value over the size limit, or nested too deep, is dropped, and
-so is a source's whole result for a prediction still over the size limit without it. Dropped
-fields are missing, as if the source had not had them; one warning per batch names the source
-and the sizes, never the values.
+so is a source's whole result for a prediction still over the size limit without it; so is text
+no store can hold (a NUL character, bytes that are not UTF-8), which the gate refuses in a
+prediction. Dropped fields are missing, as if the source had not had them; one warning per batch
+names the source and the sizes, never the values.
 
 A lookup never fails routing. A source that errors or exceeds its `timeout_s` yields no
 fields for that batch (so the fields a rule asks for are listed in the alert's
@@ -55,7 +56,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DataError, DBAPIError
 
 from decision_router import metrics
-from decision_router.contracts import Prediction
+from decision_router.contracts import Prediction, storable_text
 from decision_router.keys import Keys
 from decision_router.rules import ContextSource, RuleSet
 from decision_router.rules.spec import LOOKUP
@@ -138,6 +139,40 @@ def _size(value: Any) -> int:
     return len(str(value))
 
 
+class NotUtf8(bytes):
+    """A SQLite text value that is not UTF-8, as stored: sqlite3 fails the whole query on it (OperationalError
+    "Could not decode to UTF-8 column"), so the lookup reads it as this, and `bounded` drops it."""
+
+
+def _sqlite_text(data: bytes) -> str | bytes:
+    """sqlite3's text_factory during a lookup: text as str, or NotUtf8 when it cannot be decoded."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return NotUtf8(data)
+
+
+def _unstorable(value: Any) -> bool:
+    """Whether a looked-up value holds text no store can hold, as the gate refuses it in a prediction
+    (contracts.storable_text): a NUL character, or bytes that are not UTF-8 (a Redis reply as sent, NotUtf8),
+    also in a name or an item of a SQL json column's value."""
+    if isinstance(value, bytes):
+        if b"\x00" in value:
+            return True
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+        return False
+    if isinstance(value, str):
+        return not storable_text(value)
+    if isinstance(value, dict):
+        return any(_unstorable(k) or _unstorable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_unstorable(item) for item in value)
+    return False
+
+
 def _too_deep(value: Any, levels: int) -> bool:
     """Whether objects and lists in `value` nest more than `levels` deep (the value itself is level 1)."""
     if not isinstance(value, (dict, list)):
@@ -149,14 +184,16 @@ def _too_deep(value: Any, levels: int) -> bool:
 
 
 def bounded(fields: Mapping[str, Any], limits: LookupLimits) -> tuple[dict[str, Any], list[str]]:
-    """`fields` without the values over `limits`, or none of them if those left are still over the
-    size limit together; and what was dropped, described by name and size (never by value)."""
+    """`fields` without the values over `limits` or holding text no store can hold, or none of them if those left
+    are still over the size limit together; and what was dropped, described by name and size (never by value)."""
     kept: dict[str, Any] = {}
     dropped: list[str] = []
     total = 0
     for name, value in fields.items():
         if _too_deep(value, limits.max_depth):  # first: it looks no deeper than the limit, the size's JSON text would
             dropped.append(f"{name}: nested more than {limits.max_depth} levels")
+        elif _unstorable(value):  # routed on and stored, "4\x002" would fail the store's write (PostgreSQL)
+            dropped.append(f"{name}: {_size(value)} bytes holding a NUL character or text that is not UTF-8")
         elif (size := _size(value)) > limits.max_bytes:
             dropped.append(f"{name}: {size} bytes")
         else:
@@ -178,8 +215,8 @@ def jsonable(value: Any) -> Any:
     become ISO text, anything else unusual becomes text."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
+    if value is None or isinstance(value, (str, bool, int, float, NotUtf8)):
+        return value  # NotUtf8 as read, for `bounded` to drop
     if isinstance(value, Decimal):
         if not value.is_finite():
             return str(value)
@@ -242,9 +279,12 @@ def _read_only(connection: Connection, deadline: float) -> Iterator[Callable[[],
     raw = connection.connection.driver_connection
     connection.exec_driver_sql("PRAGMA query_only = ON")
     raw.set_progress_handler(lambda: time.monotonic() > deadline, 1000)  # type: ignore[union-attr]
+    # Text that is not UTF-8 fails only its value (NotUtf8), not the source's whole batch.
+    text_factory, raw.text_factory = raw.text_factory, _sqlite_text  # type: ignore[union-attr]
     try:
         yield check_deadline
     finally:
+        raw.text_factory = text_factory  # type: ignore[union-attr]
         raw.set_progress_handler(None, 0)  # type: ignore[union-attr]
         connection.exec_driver_sql("PRAGMA query_only = OFF")
 

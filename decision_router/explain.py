@@ -6,6 +6,8 @@ Like `amtool config routes test`, the result can be checked against expectations
 Nothing is looked up here (no context sources are queried): a `lookup` object given with the
 prediction, {source: {field: value}} as the store keeps it with a routed prediction, is the
 looked-up context the rules see as lookup.<source>.<field>; without it those fields are missing.
+The fields the rules read are bounded as the router bounds what a source gives (enrich.bounded):
+one over the limits is missing here too.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from decision_router.audit import iso
 from decision_router.contracts import Prediction, Rejection, RejectionReason, storable_text
 from decision_router.durations import format_duration
 from decision_router.echo import cap_digits
+from decision_router.enrich import bounded, lookup_limits, referenced_fields
 from decision_router.publisher import read_entries, undecoded, validate_entry
-from decision_router.quality import MAX_INT_BITS, original_payload
+from decision_router.quality import DEFAULT_LIMITS, MAX_INT_BITS, original_payload
 from decision_router.router import Decision, route
 from decision_router.rules import RuleSet
 from decision_router.rules.spec import LOOKUP
@@ -301,11 +304,30 @@ def _lookup_problem(looked_up: dict[str, Any]) -> Problem | None:
     return None
 
 
+def as_routed(looked_up: Mapping[str, Mapping[str, Any]], ruleset: RuleSet) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The lookup as the router would route with it: of each source, the fields the rules read within the
+    limits a source's values get (16 KiB, nesting 7 by default: enrich.lookup_limits of the gate's limits, which
+    `rules test` applies to the prediction), the others as given (no rule reads them); and what was dropped,
+    by lookup path and size."""
+    limits = lookup_limits(DEFAULT_LIMITS)
+    read = referenced_fields(ruleset)
+    routed: dict[str, dict[str, Any]] = {}
+    dropped: list[str] = []
+    for source, fields in looked_up.items():
+        names = read.get(source, ())
+        kept, problems = bounded({name: value for name, value in fields.items() if name in names}, limits)
+        routed[source] = {name: value for name, value in fields.items() if name not in names or name in kept}
+        # "note: 20000 bytes" names its field; "a, b together: 1203 bytes" its source's.
+        dropped.extend(f"{LOOKUP}.{source}{': ' if ' together: ' in problem else '.'}{problem}" for problem in problems)
+    return routed, dropped
+
+
 @dataclass(frozen=True)
 class CaseResult:
     case: Case
     explanation: Explanation | None  # None when the prediction was rejected
     mismatches: tuple[str, ...]
+    lookup_dropped: tuple[str, ...] = ()  # lookup fields over the router's limits: missing, as when routed
 
     def as_dict(self) -> dict[str, Any]:
         if self.case.rejection is not None:
@@ -313,7 +335,8 @@ class CaseResult:
             return {"source": self.case.source, "valid": False,
                     "rejection": {"reason": rejection.reason.value, "detail": rejection.detail}}
         assert self.explanation is not None
-        given = {"lookup": self.case.lookup} if self.case.lookup is not None else {}
+        given = {"lookup": self.case.lookup, "lookup_dropped": list(self.lookup_dropped)} \
+            if self.case.lookup is not None else {}
         return {
             "source": self.case.source,
             "valid": True,
@@ -333,8 +356,10 @@ def run_cases(
         if case.prediction is None:
             results.append(CaseResult(case, None, ()))
             continue
-        explanation = explain(case.prediction, ruleset, now=now, lookup=case.lookup)
-        results.append(CaseResult(case, explanation, tuple(mismatches(explanation, rules=rules, owners=owners))))
+        looked_up, dropped = as_routed(case.lookup, ruleset) if case.lookup is not None else (None, [])
+        explanation = explain(case.prediction, ruleset, now=now, lookup=looked_up)
+        results.append(CaseResult(case, explanation, tuple(mismatches(explanation, rules=rules, owners=owners)),
+                                  tuple(dropped)))
     return results
 
 

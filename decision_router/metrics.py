@@ -60,7 +60,8 @@ CONTEXT_LOOKUP_FAILURES = Counter(
 )
 CONTEXT_LOOKUP_OVERSIZED = Counter(
     "decision_router_context_lookup_oversized",
-    "Batches in which a context source gave values over the size or depth limits (those fields dropped).",
+    "Batches in which a context source gave values over the size or depth limits, or text no store can hold"
+    " (a NUL character, not UTF-8): those fields dropped.",
     ["source"], registry=REGISTRY,
 )
 BATCH_SECONDS = Histogram(

@@ -36,7 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
 
-from decision_router.audit import SYSTEM_ACTOR
+from decision_router.audit import SYSTEM_ACTOR, iso
 from decision_router.contracts import (
     Alert,
     Escalation,
@@ -645,15 +645,20 @@ def apply_outcome(
         changed = True
         # The first event wins in the row as it is written, not only as it was read: another process (a second
         # worker, the API) may have committed one since (_first_wins).
+        # An ack or intervention after the alert's outcome is refused (Pipeline._dated_after_outcome), also when that
+        # outcome was committed after this row was read: it cannot have caused it.
+        before_outcome = or_(AlertRecord.outcome_at.is_(None), AlertRecord.outcome_at >= at)
+        may_lose_to_outcome = event.type in (OutcomeType.ACKNOWLEDGED, OutcomeType.INTERVENED) and record.outcome is None
         if event.type is OutcomeType.ACKNOWLEDGED:
             if record.acknowledged_at is None:
                 seen = seen_at(record, at, now)
-                record.acknowledged_at = _first_wins(AlertRecord.acknowledged_at.is_(None), AlertRecord.acknowledged_at, seen)
+                first = and_(AlertRecord.acknowledged_at.is_(None), before_outcome)
+                record.acknowledged_at = _first_wins(first, AlertRecord.acknowledged_at, seen)
             record.ack_due_at = None
         elif event.type is OutcomeType.INTERVENED:
             if record.intervened_at is None:
                 acted = seen_at(record, at, now)
-                first = AlertRecord.intervened_at.is_(None)
+                first = and_(AlertRecord.intervened_at.is_(None), before_outcome)
                 record.intervened_at = _first_wins(first, AlertRecord.intervened_at, acted)
                 record.intervention = _first_wins(first, AlertRecord.intervention, event.action)
                 # Acting on an alert implies having seen it, by then at the latest: an acknowledgement
@@ -684,6 +689,13 @@ def apply_outcome(
             # compare-and-set, even one that read it after another sweep's step that this transaction overlaps.
             record.sla_revision = AlertRecord.sla_revision + 1
             session.add(record)
+        if may_lose_to_outcome:
+            # Written (flushed) by now: an outcome dated earlier committed since the row was read left it unchanged
+            # above, and its audit event must not read as applied.
+            outcome_at = session.scalar(select(AlertRecord.outcome_at).where(
+                AlertRecord.alert_id == record.alert_id, AlertRecord.outcome_at < at))
+            if outcome_at is not None:
+                detail.update(after_outcome=iso(outcome_at))
         session.add(
             AuditEvent(
                 alert_id=record.alert_id,

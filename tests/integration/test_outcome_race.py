@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlmodel import Session
+from sqlmodel import Session, select
 
+from decision_router.audit import describe
 from decision_router.contracts import OutcomeEvent, OutcomeType
 from decision_router.stats import GroupBy, compute_stats
-from decision_router.tables import AlertRecord, as_utc
+from decision_router.tables import AlertRecord, AuditEvent, as_utc
 from decision_router.tracker import apply_outcome, find_alerts
 from tests.unit.test_stats import T0, alert
 
@@ -65,3 +66,30 @@ def test_the_first_acknowledgement_and_intervention_committed_win_over_concurren
                          _event("al-r-1", OutcomeType.INTERVENED, 20, action="discount"))
     assert (as_utc(acted.intervened_at), acted.intervention) == (T0 + timedelta(minutes=30), "exec-call")
     assert as_utc(acted.acknowledged_at) == T0 + timedelta(minutes=30)  # not moved back by the losing event
+
+
+def test_an_ack_or_intervention_after_an_outcome_committed_first_is_not_recorded(engine) -> None:
+    """Refused when the outcome was read first, the ack dated after it was written when the outcome (dated
+    earlier) committed between its read and its write: the alert counted as acknowledged and acted on after its
+    outcome, its times to ack and act past it."""
+    with Session(engine) as session:
+        session.add_all([alert(n, rule="r", owner="alice") for n in range(3)])
+        session.commit()
+    acked = _interleaved(engine, _event("al-r-0", OutcomeType.OUTCOME, 20, result="success"),
+                         _event("al-r-0", OutcomeType.ACKNOWLEDGED, 30))
+    assert (acked.outcome, acked.acknowledged_at) == ("success", None)
+    acted = _interleaved(engine, _event("al-r-1", OutcomeType.OUTCOME, 20, result="success"),
+                         _event("al-r-1", OutcomeType.INTERVENED, 30, action="exec-call"))
+    assert (acted.intervened_at, acted.intervention, acted.acknowledged_at) == (None, None, None)
+    # One dated before the outcome (reported late) is recorded, as when the outcome was read first.
+    late = _interleaved(engine, _event("al-r-2", OutcomeType.OUTCOME, 20, result="success"),
+                        _event("al-r-2", OutcomeType.INTERVENED, 20, action="exec-call"))
+    assert (as_utc(late.intervened_at), late.intervention) == (T0 + timedelta(minutes=20), "exec-call")
+    with Session(engine) as session:
+        events = session.exec(select(AuditEvent).where(AuditEvent.source_id == "s-2").order_by(AuditEvent.id)).all()
+    outcome_at = (T0 + timedelta(minutes=20)).isoformat().replace("+00:00", "Z")
+    assert [describe(e.type, e.prediction_id, e.detail) for e in events] == [
+        f"acknowledged after the outcome ({outcome_at}): not recorded",
+        f"intervened: exec-call after the outcome ({outcome_at}): not recorded",
+        "intervened: exec-call",
+    ]

@@ -29,6 +29,7 @@ from decision_router.enrich import (
     SQL_THREADS,
     ContextEnricher,
     LookupLimits,
+    NotUtf8,
     bounded,
     build_enricher,
     hash_key,
@@ -331,6 +332,64 @@ def test_values_nested_too_deep_or_too_long_are_dropped_by_name_and_size() -> No
         {"ok": deep, "n": 7}, ["deep: nested more than 3 levels", "long: 102 bytes"])
     assert bounded({"s": "x" * 99}, limits) == ({"s": "x" * 99}, [])  # name and value: the limit itself is within it
     assert bounded({"s": "x" * 100}, limits) == ({}, ["s together: 101 bytes"])
+
+
+def test_text_no_store_can_hold_is_dropped_by_name_and_size() -> None:
+    limits = LookupLimits(max_bytes=100, max_depth=3)
+    fields = {"nul": "4\x002", "raw": b"\xff\xfe", "raw_nul": b"a\x00", "key": {"a\x00": 1}, "item": ["ok", "\ud800"],
+              "ok": b"\xc3\xa9", "sqlite": NotUtf8(b"\xff")}
+    assert bounded(fields, limits) == ({"ok": b"\xc3\xa9"}, [
+        "nul: 3 bytes holding a NUL character or text that is not UTF-8",
+        "raw: 2 bytes holding a NUL character or text that is not UTF-8",
+        "raw_nul: 2 bytes holding a NUL character or text that is not UTF-8",
+        "key: 13 bytes holding a NUL character or text that is not UTF-8",
+        "item: 16 bytes holding a NUL character or text that is not UTF-8",
+        "sqlite: 1 bytes holding a NUL character or text that is not UTF-8",
+    ])
+
+
+async def test_a_redis_value_with_a_nul_or_not_utf8_is_missing_warned_of_and_counted(tmp_path: Path, fake: Redis) -> None:
+    # The gate refuses NUL in a prediction (no store can hold it); looked up, "4\x002" was routed on and stored,
+    # and bytes that are not UTF-8 became U+FFFD.
+    rules = "\nrules:\n  - {name: a, when: {}, owner: desk, context: [lookup.crm_t.tier, lookup.crm_t.note]}\n"
+    sources = '  crm_t: {redis_hash: "context:{entity_type}:{entity_id}"}\n'
+    enricher = ContextEnricher(ruleset_with(tmp_path, sources, rules), redis=fake)
+    await fake.hset("context:account:acct-1", mapping={"tier": "4\x002", "note": "fine"})
+    await fake.hset("context:account:acct-2", mapping={"tier": b"\xffgold", "note": "fine"})
+    await fake.hset("context:account:acct-3", mapping={"tier": "gold", "note": "fine"})
+    before = counted("oversized", "crm_t")
+    with capture_logs() as logs:
+        found = await enricher.lookup([prediction("p1", "acct-1"), prediction("p2", "acct-2"), prediction("p3", "acct-3")])
+    assert found == {"p1": {"crm_t": {"note": "fine"}}, "p2": {"crm_t": {"note": "fine"}},
+                     "p3": {"crm_t": {"tier": "gold", "note": "fine"}}}
+    (warning,) = warnings_of(logs)
+    assert (warning["source"], warning["predictions"], warning["dropped"]) == ("crm_t", 2, [
+        "tier: 3 bytes holding a NUL character or text that is not UTF-8",
+        "tier: 5 bytes holding a NUL character or text that is not UTF-8"])
+    assert "gold" not in str(warning) and "\x00" not in str(logs)
+    assert (enricher.oversized, enricher.failures) == ({"crm_t": 1}, {})
+    assert counted("oversized", "crm_t") - before == 1
+
+
+async def test_sqlite_text_with_a_nul_or_not_utf8_loses_only_that_value(tmp_path: Path, sqlite: Engine) -> None:
+    # sqlite3 raised OperationalError "Could not decode to UTF-8 column" on the bad text: the whole batch
+    # lost the source.
+    with sqlite.begin() as connection:
+        connection.exec_driver_sql("insert into billing_accounts values ('acct-7', 1, cast(x'ff70726f' as text)),"
+                                   " ('acct-8', 2, 'pro' || char(0) || 'x')")
+    enricher = ContextEnricher(ruleset_with(tmp_path, BILLING), engine=sqlite)
+    with capture_logs() as logs:
+        found = await enricher.lookup([prediction("p1", "acct-1"), prediction("p7", "acct-7"), prediction("p8", "acct-8")])
+    assert found == {"p1": {"billing": {"overdue_amount": 1250.5, "plan": "pro"}},
+                     "p7": {"billing": {"overdue_amount": 1.0}}, "p8": {"billing": {"overdue_amount": 2.0}}}
+    (warning,) = warnings_of(logs)
+    assert (warning["source"], warning["kind"], warning["predictions"], warning["dropped"]) == ("billing", "sql", 2, [
+        "plan: 4 bytes holding a NUL character or text that is not UTF-8",
+        "plan: 5 bytes holding a NUL character or text that is not UTF-8"])
+    assert enricher.failures == {}
+    with sqlite.connect() as connection:  # the pooled connection decodes text as before
+        with pytest.raises(sqlalchemy.exc.OperationalError, match="Could not decode to UTF-8"):
+            connection.exec_driver_sql("select plan from billing_accounts where account_id = 'acct-7'").all()
 
 
 # SQL (SQLite) ------------------------------------------------------------------------------

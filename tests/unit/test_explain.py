@@ -289,6 +289,32 @@ def test_a_lookup_given_with_the_prediction_is_its_looked_up_context(lookup_rule
         "fallback: lookup.crm.manager missing", ("lookup.crm.health",))
 
 
+def test_a_lookup_is_bounded_as_the_router_bounds_a_sources_values(lookup_rules: RuleSet) -> None:
+    """`rules test` routed on a 20 KB field and one nested 9 deep, which the router drops (16 KiB, depth 7):
+    it said the rule matched where the router says it does not."""
+    big, deep = "n" * 20000, json.loads("[" * 9 + "]" * 9)
+    crm = {"crm": {"tier": "gold", "manager": "alice", "health": big, "unread": big}}
+    (result,) = run_cases(parse_inputs(line("a", lookup=crm), "argument"), lookup_rules, now=NOW)
+    (match,) = result.explanation.matches
+    assert (match.rule, match.owner, match.missing_context) == ("gold", "alice", ("lookup.crm.health",))
+    assert result.lookup_dropped == ("lookup.crm.health: 20000 bytes",)  # `unread`: no rule reads it
+    assert result.as_dict()["lookup"] == crm and result.as_dict()["lookup_dropped"] == ["lookup.crm.health: 20000 bytes"]
+
+    (result,) = run_cases(parse_inputs(line("b", lookup={"crm": {"tier": deep}}), "argument"), lookup_rules, now=NOW)
+    assert result.explanation.rules == ["catch-all"]
+    assert result.lookup_dropped == ("lookup.crm.tier: nested more than 7 levels",)
+
+    together = {"crm": {"tier": "gold", "manager": "m" * 9000, "health": "h" * 9000}}
+    (result,) = run_cases(parse_inputs(line("c", lookup=together), "argument"), lookup_rules, now=NOW)
+    assert result.explanation.rules == ["catch-all"]  # no field of the source left, as the router keeps none
+    assert result.lookup_dropped == ("lookup.crm: tier, manager, health together: 18021 bytes",)
+
+    (within,) = run_cases(parse_inputs(line("d", lookup={"crm": {"tier": "gold", "health": "h" * 9000}}), "argument"),
+                          lookup_rules, now=NOW)
+    assert within.explanation.rules == ["gold"] and within.lookup_dropped == ()
+    assert within.as_dict()["lookup_dropped"] == []
+
+
 @pytest.mark.parametrize("lookup", [None, "gold", {"crm": "gold"}, ["crm"]], ids=["null", "text", "flat", "list"])
 def test_a_lookup_that_is_not_sources_of_fields_is_rejected(lookup: Any, lookup_rules: RuleSet) -> None:
     (case,) = parse_inputs(line("a", lookup=lookup), "argument")
