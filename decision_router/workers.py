@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import structlog
 from prometheus_client import multiprocess
 
+from decision_router.api.listen import bind_api_socket
 from decision_router.metrics import MULTIPROCESS_DIR
 from decision_router.rules import load_rules
 from decision_router.settings import ENV_PREFIX, Settings
@@ -95,6 +96,13 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
         check_writable(engine)  # once here too: not N workers refusing it
     finally:
         engine.dispose()
+    if api and settings.api_port:
+        # A taken port, said now (ApiStartError, as by a single `serve`): found by worker 1, it would end
+        # it at each start, and the supervisor would restart it forever. Port 0 picks a free one.
+        bind_api_socket(settings.api_host, settings.api_port).close()
+    # Redis too, once: a worker that cannot reach it (or is refused its consumer groups) exits 1 at each
+    # start, as a single `serve` does, and would be restarted forever. Raises what `serve` reports.
+    asyncio.run(_ensure_groups(settings))
     first = ("--api-port", str(settings.api_port)) if api else ("--no-api",)
     # Each worker counts its metrics in files there, which the one serving /metrics sums (metrics.exposition).
     # A directory the user named is theirs to keep (and to empty between runs); ours goes at the end.
@@ -136,6 +144,21 @@ def run_workers(settings: Settings, count: int, *, api: bool = True) -> int:
             signal.signal(sig, handler)
         if metrics_dir != os.environ.get(MULTIPROCESS_DIR):
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+async def _ensure_groups(settings: Settings) -> None:
+    """The consumer groups the workers read from, created as each worker's start creates them."""
+    from decision_router.consumer import ensure_group
+    from decision_router.keys import Keys
+    from decision_router.redis_client import redis_for
+
+    keys = Keys(settings.stream_prefix)
+    redis = redis_for(settings)
+    try:
+        for stream in (keys.predictions, keys.outcomes):
+            await ensure_group(redis, stream, settings.consumer_group)
+    finally:
+        await redis.aclose()
 
 
 @dataclass(frozen=True)

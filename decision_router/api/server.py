@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
@@ -22,21 +21,13 @@ from sqlalchemy.engine import Engine
 
 from decision_router import tallies
 from decision_router.api.app import create_app
+from decision_router.api.listen import ApiStartError, bind_api_socket
 from decision_router.keys import Keys
 from decision_router.reloads import Job, RulesFollower, finish_tasks, run_every
 from decision_router.rules import RuleSet, RulesWatcher
 from decision_router.settings import Settings
 
 log = structlog.get_logger("decision_router.api")
-
-
-class ApiStartError(Exception):
-    """The API could not listen (port taken, bad host): one line for the CLI. `cannot_bind`: the address
-    was refused, so the CLI adds how to pick another (8080, the default, is often taken)."""
-
-    def __init__(self, message: str, *, cannot_bind: bool = False) -> None:
-        super().__init__(message)
-        self.cannot_bind = cannot_bind
 
 
 class _Server(uvicorn.Server):
@@ -54,16 +45,7 @@ class ApiServer:
 
     async def start(self) -> None:
         # Bind here, not in uvicorn, so a taken port is a clear error rather than sys.exit.
-        try:
-            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.requested_port))
-        except OSError as exc:
-            sock.close()
-            raise ApiStartError(
-                f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}", cannot_bind=True
-            ) from None
+        sock = bind_api_socket(self.host, self.requested_port)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", server_header=False)
         self._server = _Server(config)

@@ -111,6 +111,10 @@ def test_a_missing_temporary_directory_is_no_error(tmp_path: Path) -> None:
     assert sweep(tmp_path / "missing") == set()
 
 
+async def no_redis(_settings: Settings) -> None:
+    """The consumer groups, made by the supervisor before its workers start: no Redis here."""
+
+
 @needs_proc
 def test_run_workers_removes_a_killed_supervisors_directory_and_names_itself_in_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reaped_pid: int
@@ -118,6 +122,7 @@ def test_run_workers_removes_a_killed_supervisors_directory_and_names_itself_in_
     monkeypatch.setattr(workers.tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv(MULTIPROCESS_DIR, raising=False)
     monkeypatch.setattr(workers, "load_rules", lambda _directory: None)
+    monkeypatch.setattr(workers, "_ensure_groups", no_redis)
     dead = leftover(tmp_path, "dead", pid=reaped_pid, started=1)
     seen: list[tuple[Path, dict, bool]] = []
 

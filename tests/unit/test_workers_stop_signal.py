@@ -58,10 +58,15 @@ def run_with_signal_at(line_number: int, settings: Settings) -> tuple[int, list[
     return code, [w.process for w in spawned]
 
 
+async def _no_redis(_settings: Settings) -> None:
+    pass
+
+
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setattr(workers, "_TICK", 0.01, raising=False)  # more turns of the loop in less time
     monkeypatch.setattr(workers, "load_rules", lambda _directory: None)  # checked before the workers start, not here
+    monkeypatch.setattr(workers, "_ensure_groups", _no_redis)  # so is Redis
     # A Redis URL only so that --workers is allowed; the stand-in workers never connect.
     return Settings(redis_url="redis://127.0.0.1:1/0", database_url=f"sqlite:///{tmp_path / 'store.db'}",
                     rules_dir=RULES)
