@@ -142,19 +142,29 @@ def tokens_create(
 
 @tokens_app.command("list")
 def tokens_list(fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table") -> None:
-    """Every token: id, name, role, owner, created, revoked (never the secret)."""
+    """Every token: id, name, role, owner, created, revoked (never the secret); an owner token whose owner
+    is no longer in owners.yaml is marked "owner gone" (the API refuses it)."""
     from rich.table import Table
 
     from decision_router.audit import iso
-    from decision_router.tokens import list_tokens
+    from decision_router.rules import RulesInvalid, load_rules
+    from decision_router.tokens import list_tokens, owner_gone
 
     if fmt not in ("table", "json"):
         fail(f"--format must be table or json, not {fmt!r}", code=2)
-    _settings, engine = _engine(existing=True)
+    settings, engine = _engine(existing=True)
     try:
         tokens = list_tokens(engine)
     finally:
         engine.dispose()
+    owners = None
+    if any(t.role == "owner" for t in tokens):
+        try:
+            owners = load_rules(settings.rules_dir).owners
+        except RulesInvalid:
+            # Still list the tokens: which owners left is what cannot be told.
+            err.print(f"warning: the rules in {settings.rules_dir} do not load, so owner tokens whose owner left "
+                      "cannot be marked (decision-router rules check)", highlight=False)
     rows = [
         {
             "id": t.token_id,
@@ -163,6 +173,8 @@ def tokens_list(fmt: Annotated[str, typer.Option("--format", help="table or json
             "owner": t.owner,
             "created_at": iso(t.created_at),
             "revoked_at": iso(t.revoked_at),
+            # null: not an owner token, or the owner directory could not be read
+            "owner_gone": None if owners is None or t.role != "owner" else owner_gone(t.owner, owners),
         }
         for t in tokens
     ]
@@ -173,8 +185,16 @@ def tokens_list(fmt: Annotated[str, typer.Option("--format", help="table or json
     for column in ("id", "name", "role", "owner", "created_at", "revoked_at"):
         table.add_column(column.replace("_", " "))
     for row in rows:
-        table.add_row(*(str(row[c] or "-") for c in ("id", "name", "role", "owner", "created_at", "revoked_at")))
+        cells = [str(row[c] or "-") for c in ("id", "name", "role", "owner", "created_at", "revoked_at")]
+        if row["owner_gone"]:
+            cells[3] += " (owner gone)"
+        table.add_row(*cells)
     out.print(table)
+    gone = sorted({str(r["owner"]) for r in rows if r["owner_gone"] and r["revoked_at"] is None})
+    if gone:
+        err.print(f"owner gone: {', '.join(gone)} no longer in {settings.rules_dir}/owners.yaml; the API refuses "
+                  "their tokens (403): revoke them, or add the owner back if the removal was a mistake",
+                  highlight=False)
 
 
 @tokens_app.command("revoke")

@@ -149,6 +149,19 @@ def revoke_token(engine: Engine, token_id: str) -> TokenInfo:
         return _info(row)
 
 
+def owner_gone(owner: str | None, owners: Mapping[str, object]) -> bool:
+    """An owner token's owner is no longer in the owner directory `owners` (someone who left).
+
+    Checked against the rules in force at each request rather than revoking the token: a reload that
+    drops an owner by mistake is undone by the next one, with nothing stored to repair."""
+    return owner is not None and owner not in owners
+
+
+def gone_message(owner: str) -> str:
+    return (f"owner {owner!r} is no longer in the owner directory (owners.yaml); "
+            "ask an admin for a token of the alert's new owner")
+
+
 def verify_token(engine: Engine, token: str) -> Principal | None:
     """The principal for a live token, or None for an unknown or revoked one."""
     digest = hash_token(token)

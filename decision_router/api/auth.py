@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from fastapi import HTTPException, Request
 
-from decision_router.tokens import ROLES, Principal, verify_token
+from decision_router.tokens import ROLES, Principal, gone_message, owner_gone, verify_token
 
 __all__ = ["ROLES", "Principal", "require"]
 
@@ -29,6 +29,9 @@ def require(*roles: str) -> Callable[[Request], Principal]:
         principal = verify_token(request.app.state.engine, token.strip())
         if principal is None:
             raise _unauthorized("unknown or revoked token")
+        # A leaver's token stops acting for them as soon as the API's rules (hot reloads included) lose them.
+        if principal.role == "owner" and owner_gone(principal.owner, request.app.state.ruleset().owners):
+            raise HTTPException(status_code=403, detail=gone_message(principal.owner or ""))
         if principal.role not in allowed:
             raise HTTPException(status_code=403, detail=f"role {principal.role!r} may not do this")
         return principal

@@ -374,12 +374,18 @@ async def test_a_stats_filter_the_rules_or_the_store_know_is_no_error_with_nothi
 
 
 async def test_an_owner_tokens_own_owner_is_never_checked(standalone) -> None:
-    """The token sets it: an owner since removed from the directory, with no alert yet, reads empty stats."""
+    """The token sets it: an owner of the directory with no alert yet reads empty stats. One since removed
+    from the directory is refused as a leaver (403), never told its own owner is unknown (422)."""
     api, _ = standalone
+    fresh = {"Authorization": f"Bearer {create_token(api.engine, role='owner', owner='giulia-conti')[0]}"}
     gone = {"Authorization": f"Bearer {create_token(api.engine, role='owner', owner='left-the-company')[0]}"}
+    for params in ({}, {"owner": "giulia-conti"}, {"since": "7d"}):
+        response = await api.http.get("/v1/stats", params=params, headers=fresh)
+        assert (response.status_code, response.json()) == (200, {"by": "rule", "rows": []}), (params, response.text)
     for params in ({}, {"owner": "left-the-company"}, {"since": "7d"}):
         response = await api.http.get("/v1/stats", params=params, headers=gone)
-        assert (response.status_code, response.json()) == (200, {"by": "rule", "rows": []}), (params, response.text)
+        assert response.status_code == 403, (params, response.text)
+        assert "'left-the-company' is no longer in the owner directory" in response.json()["detail"]
 
 
 async def test_an_alerts_times_read_the_same_from_the_api_as_from_the_owners_inbox(

@@ -511,3 +511,45 @@ async def test_a_standalone_api_reloads_once_for_its_own_request(settings, engin
             await wait_until(lambda: any(e["event"] == "rules reload requested" for e in logs), what="the marker")
     assert [e["by"] for e in logs if e["event"] == "rules reload requested"] == ["marker"]
     assert len([e for e in logs if e["event"] == "rules reloaded"]) == 1  # the files did not change since
+
+
+async def test_a_leavers_owner_token_is_refused_while_they_are_out_of_the_directory(
+    settings, engine, tmp_path: Path
+) -> None:
+    """An owner removed from owners.yaml kept acting through their token after a reload: whoami, their
+    alerts, stats, dashboard and ack all still worked. Refused (403) while the owner is out of the API's
+    current rules; nothing is stored, so a reload that put them back by mistake undoes it."""
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules_dir)
+    original = (rules_dir / "owners.yaml").read_text()
+    add_an_owner(rules_dir)
+    leaver = {"Authorization": f"Bearer {create_token(engine, role='owner', owner='new-hire')[0]}"}
+    admin = {"Authorization": f"Bearer {create_token(engine, role='admin')[0]}"}
+    async with standalone_api(settings, engine, rules_dir, rules_poll_interval=timedelta(hours=1)) as api:
+        async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+
+            async def reload() -> None:
+                body = (await client.post("/v1/rules/reload", headers=admin)).json()
+                assert body["changed"] is True, body
+
+            async def answers() -> dict[str, int]:
+                return {
+                    path: (await client.request(method, path, headers=leaver)).status_code
+                    for method, path in (
+                        ("GET", "/v1/whoami"), ("GET", "/v1/alerts"), ("GET", "/v1/stats"),
+                        ("GET", "/v1/dashboard/owner"), ("POST", "/v1/alerts/al-0123456789abcdef/ack"),
+                    )
+                }
+
+            assert (await client.get("/v1/whoami", headers=leaver)).json() == {"role": "owner", "owner": "new-hire"}
+            (rules_dir / "owners.yaml").write_text(original)  # new-hire leaves
+            await reload()
+            assert set((await answers()).values()) == {403}
+            refused = await client.get("/v1/whoami", headers=leaver)
+            assert refused.json() == {"detail": "owner 'new-hire' is no longer in the owner directory (owners.yaml); "
+                                                "ask an admin for a token of the alert's new owner"}
+            assert (await client.get("/v1/alerts", headers=admin)).status_code == 200  # other roles unaffected
+            add_an_owner(rules_dir)  # the removal was a mistake: back, and the same token works again
+            await reload()
+            assert (await answers())["/v1/whoami"] == 200
+            assert (await answers())["/v1/dashboard/owner"] == 200

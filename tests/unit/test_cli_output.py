@@ -129,6 +129,29 @@ def test_tokens_list_writes_its_times_with_a_z() -> None:
     assert utc_z(token["revoked_at"]) >= utc_z(token["created_at"])
 
 
+def test_tokens_list_marks_an_owner_token_whose_owner_left_the_directory(tmp_path: Path, monkeypatch) -> None:
+    """The API refuses a leaver's token; `tokens list` showed it like any other, so nobody knew to revoke it."""
+    with_hire = tmp_path / "rules"
+    with_hire.mkdir()
+    (with_hire / "routing.yaml").write_text((SHIPPED_RULES / "routing.yaml").read_text())
+    (with_hire / "owners.yaml").write_text((SHIPPED_RULES / "owners.yaml").read_text()
+                                           + "  - {id: new-hire, name: New Hire, channels: [inbox]}\n")
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(with_hire))
+    for owner in ("new-hire", "alice-moreau"):
+        assert invoke("tokens", "create", "--role", "owner", "--owner", owner).exit_code == 0
+    assert invoke("tokens", "create", "--role", "ops").exit_code == 0
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(SHIPPED_RULES))  # new-hire has left
+    listed = json.loads(invoke("tokens", "list", "--format", "json").stdout)
+    assert [(t["owner"], t["owner_gone"]) for t in listed] == [("new-hire", True), ("alice-moreau", False), (None, None)]
+    table = invoke("tokens", "list")
+    assert table.exit_code == 0, table.output
+    assert "new-hire (owner gone)" in table.stdout and "alice-moreau (owner gone)" not in table.stdout
+    assert table.stderr.startswith("owner gone: new-hire no longer in ")
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(with_hire))  # back: nothing to mark
+    table = invoke("tokens", "list")
+    assert "owner gone" not in table.stdout and table.stderr == ""
+
+
 def test_rules_test_writes_its_times_with_a_z() -> None:
     prediction = {
         "prediction_id": "p1", "model": "churn", "model_version": "2026.11", "entity_type": "account",
