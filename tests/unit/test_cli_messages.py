@@ -195,6 +195,7 @@ def test_a_token_for_a_mistyped_owner_suggests_the_close_one() -> None:
         (["done", "--actor", "", "--alert", "al-1"],
          "TYPE: Input should be 'acknowledged', 'intervened', 'outcome' or 'reassigned'; "
          "--actor: String should have at least 1 character"),
+        (["acknowledged", "--actor", "  ", "--alert", "al-1"], "--actor: blank (only whitespace)"),
     ],
 )
 def test_outcome_errors_name_the_commands_options_not_the_events_fields(args: list[str], message: str) -> None:
@@ -285,6 +286,16 @@ def test_rules_test_refuses_an_empty_name_in_its_lookup_as_the_gate_does_in_cont
         "argument: invalid prediction: schema: context.: an empty name, which no rule path can address")
     in_lookup = invoke("rules", "test", json.dumps({**prediction, "lookup": lookup}))
     assert one_error(in_lookup, 2) == f"argument: invalid prediction: schema: {detail}"
+
+
+@pytest.mark.parametrize("field", ["model", "model_version"])
+def test_rules_test_refuses_a_blank_model_or_version_as_the_gate_does(field: str) -> None:
+    prediction = {
+        "prediction_id": "p1", "model": "churn", "model_version": "1", "entity_type": "account", "entity_id": "a1",
+        "score": 0.9, "predicted_at": datetime.now(UTC).isoformat(), field: " ",
+    }
+    assert one_error(invoke("rules", "test", json.dumps(prediction)), 2) == (
+        f"argument: invalid prediction: schema: {field}: blank (only whitespace)")
 
 
 def test_rules_test_says_an_expected_rule_or_owner_is_in_the_rules_nowhere(tmp_path: Path) -> None:
