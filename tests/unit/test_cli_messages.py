@@ -93,8 +93,29 @@ def test_stats_for_a_retired_rule_or_owner_the_store_knows_is_no_error(tmp_path:
     for args in (["--rule", "retired-rule"], ["--owner", "gone-owner"]):
         shown = invoke("stats", *args, "--since", "7d")  # none in the window, but the store has some
         assert shown.exit_code == 0, shown.output
-        assert "no alerts in this window yet" in shown.stdout and shown.stderr == ""
+        assert f"no alerts match {' '.join(args)} in this window" in shown.stdout and shown.stderr == ""
         assert json.loads(invoke("stats", *args, "--format", "json").stdout)[0]["routed"] == 1
+
+
+def test_stats_for_a_rule_and_an_owner_with_no_alert_in_common_says_the_filters_not_the_window(
+    tmp_path: Path,
+) -> None:
+    """Both known, with alerts in the window, none of them both: "no alerts in this window yet" blamed the window."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    create_schema(engine)
+    with Session(engine) as session:
+        session.add_all([alert(1, rule="churn-risk", owner="alice", created=datetime.now(UTC)),
+                         alert(2, rule="upsell", owner="analytics desk", created=datetime.now(UTC))])
+        session.commit()
+    engine.dispose()
+    shown = invoke("stats", "--rule", "churn-risk", "--owner", "analytics desk", "--since", "7d")
+    assert shown.exit_code == 0, shown.output
+    assert "no alerts match --rule churn-risk --owner 'analytics desk' in this window" in shown.stdout
+    assert "yet" not in shown.stdout and shown.stderr == ""
+    assert "no alerts in this window yet" in invoke("stats", "--since", "2030-01-01").stdout  # no filter: the window
+    quality = invoke("stats", "quality", "--model", "churn", "--since", "2030-01-01")
+    assert quality.exit_code == 0, quality.output
+    assert "no predictions match --model churn in this window" in quality.stdout
 
 
 MODEL_COMMANDS = [["stats"], ["stats", "quality"], ["stats", "model"], ["stats", "drift"]]
