@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -286,8 +287,17 @@ def _srm_warning(row: StatsRow) -> str:
     )
 
 
-def print_stats(rows: list[StatsRow], by: GroupBy | str, fmt: str) -> None:
-    """The main stats in `fmt` (table, json or csv)."""
+def nothing_shown(what: str, filters: Mapping[str, str | None] | None = None) -> str:
+    """The line under an empty table. With filters given (option -> value), they name the reason: the window
+    may hold alerts, none of them matching (a rule and an owner that share none); "yet" would blame the window."""
+    given = " ".join(f"{option} {shlex.quote(value)}" for option, value in (filters or {}).items() if value is not None)
+    return f"no {what} match {given} in this window" if given else f"no {what} in this window yet"
+
+
+def print_stats(
+    rows: list[StatsRow], by: GroupBy | str, fmt: str, filters: Mapping[str, str | None] | None = None
+) -> None:
+    """The main stats in `fmt` (table, json or csv); `filters` (option -> value) name an empty result."""
     from decision_router.stats import GroupBy, stats_columns
 
     by = GroupBy(by)
@@ -307,7 +317,7 @@ def print_stats(rows: list[StatsRow], by: GroupBy | str, fmt: str) -> None:
         table.add_row(Text(row.key), *(Text(cell(row)) for _column, _header, cell in TABLE_COLUMNS))
     out.print(table)
     if not rows:
-        say("no alerts in this window yet")
+        say(nothing_shown("alerts", filters))
         return
     for line in LEGEND:
         say(line, style="dim")
@@ -371,7 +381,7 @@ def stats(
         fail(unknown, code=2)
     if fmt != "table":
         _warn_srm(rows)
-    print_stats(rows, group, fmt)
+    print_stats(rows, group, fmt, {"--rule": rule, "--owner": owner, "--model": model})
 
 
 def _unknown_filter(
@@ -418,7 +428,7 @@ def _top(pairs: tuple[tuple[str, int], ...], limit: int = 3) -> str:
     return shown + (f", +{len(pairs) - limit} more" if len(pairs) > limit else "") if shown else "-"
 
 
-def print_quality(report: QualityReport, fmt: str) -> None:
+def print_quality(report: QualityReport, fmt: str, model: str | None = None) -> None:
     from decision_router.stats import UNKNOWN_MODEL
 
     if fmt == "json":
@@ -439,7 +449,7 @@ def print_quality(report: QualityReport, fmt: str) -> None:
         )))
     out.print(table)
     if not report.models:
-        say("no predictions in this window yet")
+        say(nothing_shown("predictions", {"--model": model}))
     if report.rejections:
         rejections = Table(title="rejected predictions by model and reason", title_justify="left")
         for header in ("model", "reason", "rejected"):
@@ -476,7 +486,7 @@ def quality(
     report, unknown = _read(settings, read)
     if unknown is not None:
         fail(unknown, code=2)
-    print_quality(report, fmt)
+    print_quality(report, fmt, model)
 
 
 # stats model ---------------------------------------------------------------------------

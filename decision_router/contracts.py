@@ -8,11 +8,22 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NonEmpty = Field(min_length=1, max_length=200)
+
+
+def not_blank(value: str) -> str:
+    """Whitespace alone names nothing: refused as an empty value is (the gate refuses blank ids alike)."""
+    if value.isspace():
+        raise ValueError("blank (only whitespace)")
+    return value
+
+
+# A required name that is not an id (the gate checks those first, as missing_id): not empty, not whitespace alone.
+NonBlank = Annotated[str, NonEmpty, AfterValidator(not_blank)]
 
 
 def utc(value: datetime) -> datetime:
@@ -40,8 +51,8 @@ class Prediction(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prediction_id: str = NonEmpty
-    model: str = NonEmpty
-    model_version: str = NonEmpty
+    model: NonBlank
+    model_version: NonBlank
     entity_type: str = NonEmpty
     entity_id: str = NonEmpty
     # Range is checked by the quality gate so it gets its own rejection reason.
@@ -137,7 +148,7 @@ class OutcomeEvent(BaseModel):
     entity_type: str | None = None
     entity_id: str | None = None
     type: OutcomeType
-    actor: str = NonEmpty
+    actor: NonBlank
     action: str | None = None
     result: OutcomeResult | None = None
     value: float | None = Field(default=None, allow_inf_nan=False)

@@ -357,7 +357,9 @@ def _rejection(rejected: _Reject, entry: RawEntry, limits: PayloadLimits, **fiel
 
 def _model_name(document: dict[str, Any]) -> str | None:
     model = document.get("model")
-    if isinstance(model, str) and model and len(model) <= MAX_MODEL_CHARS and storable_text(model):
+    # A blank model names none: its rejections count under the unknown model, not under "  ".
+    if (isinstance(model, str) and model and not model.isspace() and len(model) <= MAX_MODEL_CHARS
+            and storable_text(model)):
         return model
     return None
 

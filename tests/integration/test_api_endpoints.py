@@ -622,6 +622,26 @@ async def test_a_boolean_outcome_value_is_a_422_on_the_alert_endpoint_too(standa
     assert response.json()["detail"][0]["loc"][-1] == "value"
 
 
+async def test_a_blank_required_text_is_refused_by_each_endpoint_as_the_gate_refuses_it(standalone) -> None:
+    """Whitespace alone in model_version or actor names nothing: refused with the stream gate's reason and detail."""
+    api, app = standalone
+    await route(app, for_owner("bl1", ALICE))
+    posted = await api.http.post("/v1/predictions", json=prediction("bl2", model_version=" "), headers=api.publisher)
+    assert posted.status_code == 202, posted.text
+    assert [(i["status"], i.get("reason"), i.get("detail")) for i in posted.json()["results"]] == [
+        ("rejected", "schema", "model_version: blank (only whitespace)")]
+    event = {"alert_id": alert_id_for("bl1", RULE), "type": "acknowledged", "actor": " "}
+    webhook = await api.http.post("/v1/outcomes", json=[event], headers=api.publisher)
+    assert webhook.status_code == 200, webhook.text
+    assert [(x["status"], x.get("reason"), x.get("detail")) for x in webhook.json()["results"]] == [
+        ("rejected", "schema", "actor: blank (only whitespace)")]
+    acked = await api.http.post(f"/v1/alerts/{alert_id_for('bl1', RULE)}/ack", json={"actor": "\t"}, headers=api.ops)
+    assert acked.status_code == 422, acked.text
+    assert acked.json()["detail"] == [
+        {"loc": ["body", "actor"], "msg": "schema: actor: blank (only whitespace)", "type": "value_error"}]
+    assert events_of(api.engine, alert_id_for("bl1", RULE), "acknowledged") == []
+
+
 @pytest.mark.parametrize("key", ["", "x" * 201, "two words", "caf\u00e9"])
 async def test_a_bad_idempotency_key_is_a_422_naming_the_header(standalone, key) -> None:
     api, _ = standalone

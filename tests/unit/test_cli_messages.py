@@ -93,8 +93,29 @@ def test_stats_for_a_retired_rule_or_owner_the_store_knows_is_no_error(tmp_path:
     for args in (["--rule", "retired-rule"], ["--owner", "gone-owner"]):
         shown = invoke("stats", *args, "--since", "7d")  # none in the window, but the store has some
         assert shown.exit_code == 0, shown.output
-        assert "no alerts in this window yet" in shown.stdout and shown.stderr == ""
+        assert f"no alerts match {' '.join(args)} in this window" in shown.stdout and shown.stderr == ""
         assert json.loads(invoke("stats", *args, "--format", "json").stdout)[0]["routed"] == 1
+
+
+def test_stats_for_a_rule_and_an_owner_with_no_alert_in_common_says_the_filters_not_the_window(
+    tmp_path: Path,
+) -> None:
+    """Both known, with alerts in the window, none of them both: "no alerts in this window yet" blamed the window."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    create_schema(engine)
+    with Session(engine) as session:
+        session.add_all([alert(1, rule="churn-risk", owner="alice", created=datetime.now(UTC)),
+                         alert(2, rule="upsell", owner="analytics desk", created=datetime.now(UTC))])
+        session.commit()
+    engine.dispose()
+    shown = invoke("stats", "--rule", "churn-risk", "--owner", "analytics desk", "--since", "7d")
+    assert shown.exit_code == 0, shown.output
+    assert "no alerts match --rule churn-risk --owner 'analytics desk' in this window" in shown.stdout
+    assert "yet" not in shown.stdout and shown.stderr == ""
+    assert "no alerts in this window yet" in invoke("stats", "--since", "2030-01-01").stdout  # no filter: the window
+    quality = invoke("stats", "quality", "--model", "churn", "--since", "2030-01-01")
+    assert quality.exit_code == 0, quality.output
+    assert "no predictions match --model churn in this window" in quality.stdout
 
 
 MODEL_COMMANDS = [["stats"], ["stats", "quality"], ["stats", "model"], ["stats", "drift"]]
@@ -195,6 +216,7 @@ def test_a_token_for_a_mistyped_owner_suggests_the_close_one() -> None:
         (["done", "--actor", "", "--alert", "al-1"],
          "TYPE: Input should be 'acknowledged', 'intervened', 'outcome' or 'reassigned'; "
          "--actor: String should have at least 1 character"),
+        (["acknowledged", "--actor", "  ", "--alert", "al-1"], "--actor: blank (only whitespace)"),
     ],
 )
 def test_outcome_errors_name_the_commands_options_not_the_events_fields(args: list[str], message: str) -> None:
@@ -285,6 +307,16 @@ def test_rules_test_refuses_an_empty_name_in_its_lookup_as_the_gate_does_in_cont
         "argument: invalid prediction: schema: context.: an empty name, which no rule path can address")
     in_lookup = invoke("rules", "test", json.dumps({**prediction, "lookup": lookup}))
     assert one_error(in_lookup, 2) == f"argument: invalid prediction: schema: {detail}"
+
+
+@pytest.mark.parametrize("field", ["model", "model_version"])
+def test_rules_test_refuses_a_blank_model_or_version_as_the_gate_does(field: str) -> None:
+    prediction = {
+        "prediction_id": "p1", "model": "churn", "model_version": "1", "entity_type": "account", "entity_id": "a1",
+        "score": 0.9, "predicted_at": datetime.now(UTC).isoformat(), field: " ",
+    }
+    assert one_error(invoke("rules", "test", json.dumps(prediction)), 2) == (
+        f"argument: invalid prediction: schema: {field}: blank (only whitespace)")
 
 
 def test_rules_test_says_an_expected_rule_or_owner_is_in_the_rules_nowhere(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from decision_router import quality
 from decision_router.contracts import OutcomeEvent, OutcomeType, Prediction, Rejection, RejectionReason
 from decision_router.quality import check_outcome, check_prediction
 from decision_router.rules.compile import lookup
@@ -106,6 +107,15 @@ BAD = [
     ("no-entity-type", flat(_without("entity_type")), RejectionReason.MISSING_ID, "entity_type"),
     ("score-not-number", as_data({**GOOD, "score": "high"}), RejectionReason.SCHEMA, "score"),
     ("no-model", as_data(_without("model")), RejectionReason.SCHEMA, "model"),
+    # Whitespace alone is refused as an empty value is, in every required text field: for an id as missing_id
+    # (the gate checks ids first), for the others as schema, as "" is.
+    ("blank-prediction-id", as_data({**GOOD, "prediction_id": " "}), RejectionReason.MISSING_ID,
+     "missing or empty: prediction_id"),
+    ("blank-model", as_data({**GOOD, "model": " "}), RejectionReason.SCHEMA, "model: blank (only whitespace)"),
+    ("blank-model-version", as_data({**GOOD, "model_version": " \t"}), RejectionReason.SCHEMA,
+     "model_version: blank (only whitespace)"),
+    ("flat-blank-model-version", flat({**GOOD, "model_version": "\u00a0"}), RejectionReason.SCHEMA,
+     "model_version: blank (only whitespace)"),
     ("unknown-field", as_data({**GOOD, "colour": "red"}), RejectionReason.SCHEMA, "colour"),
     ("bad-timestamp", as_data({**GOOD, "predicted_at": "yesterday"}), RejectionReason.SCHEMA, "predicted_at"),
     ("score-above-1", as_data({**GOOD, "score": 1.2}), RejectionReason.SCORE_OUT_OF_RANGE, "1.2"),
@@ -153,6 +163,30 @@ def test_bad_input_is_rejected_with_reason(entry: dict, reason: RejectionReason,
     assert result.source_id == "1-0"
     # The original entry is kept verbatim so the producer can see what it sent.
     assert json.loads(result.payload) == {k.decode(): v.decode() for k, v in entry.items()}
+
+
+@pytest.mark.parametrize("field", ["prediction_id", "entity_type", "entity_id", "model", "model_version"])
+@pytest.mark.parametrize("value", ["", " ", "\t\n"], ids=["empty", "space", "tab-newline"])
+def test_a_blank_required_text_field_is_refused_alike_on_both_paths(
+    field: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `data` entry of a plain prediction takes the orjson path (`_proven_document`); with that path
+    declined it takes the json path: both give the same rejection, and a blank is refused as an empty value."""
+    entry = as_data({**GOOD, field: value})
+    fast = gate(entry)
+    monkeypatch.setattr(quality, "_proven_document", lambda entry, max_depth: None)
+    slow = gate(entry)
+    assert isinstance(fast, Rejection) and isinstance(slow, Rejection), (fast, slow)
+    assert (fast.reason, fast.detail, fast.model) == (slow.reason, slow.detail, slow.model)
+    empty = gate(as_data({**GOOD, field: ""}))
+    assert isinstance(empty, Rejection) and fast.reason is empty.reason
+    assert field in fast.detail
+
+
+def test_a_blank_model_is_not_named_as_the_rejections_model() -> None:
+    # Per-model rejection counts (stats quality, the drift monitor) would list a model called "  ".
+    result = gate(as_data({**GOOD, "model": "  ", "score": 3}))
+    assert isinstance(result, Rejection) and result.model is None
 
 
 def test_rejection_names_the_model_when_known() -> None:
@@ -242,6 +276,7 @@ OUTCOMES_BAD = [
     ("bad-type", {"alert_id": "x", "type": "liked", "actor": "a"}, "type"),
     ("bad-result", {"alert_id": "x", "type": "outcome", "result": "meh", "actor": "a"}, "result"),
     ("no-actor", {"alert_id": "x", "type": "acknowledged"}, "actor"),
+    ("blank-actor", {"alert_id": "x", "type": "acknowledged", "actor": "  "}, "actor: blank (only whitespace)"),
     ("reassign-without-owner", {"alert_id": "x", "type": "reassigned", "actor": "ops"}, "new owner"),
     ("owner-on-ack", {"alert_id": "x", "type": "acknowledged", "actor": "a", "owner": "bob"}, "only allowed on type: reassigned"),
 ]
@@ -253,6 +288,9 @@ def test_bad_outcome_events_are_rejected(fields: dict, detail_part: str) -> None
     assert isinstance(result, Rejection)
     assert result.reason is RejectionReason.SCHEMA
     assert detail_part in result.detail
+    flat_result = check_outcome(fields, source_stream="outcomes", source_id="9-0")  # a flat producer's entry
+    assert isinstance(flat_result, Rejection)
+    assert (flat_result.reason, flat_result.detail) == (result.reason, result.detail)
 
 
 @pytest.mark.parametrize("stamp", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"])
