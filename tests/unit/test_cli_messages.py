@@ -118,6 +118,19 @@ def test_stats_for_a_rule_and_an_owner_with_no_alert_in_common_says_the_filters_
     assert "no predictions match --model churn in this window" in quality.stdout
 
 
+def test_stats_model_with_nothing_for_the_model_names_the_filter(tmp_path: Path) -> None:
+    """`stats model --model X` said "no control predictions in this window", as `stats` used to."""
+    create_schema(engine := make_engine(f"sqlite:///{tmp_path / 'store.db'}"))
+    engine.dispose()
+    shown = invoke("stats", "model", "--model", "churn", "--since", "2030-01-01")
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.splitlines()[-1] == (
+        "no control predictions match --model churn in this window: precision needs a rule with a holdout "
+        "(README, Control groups)")
+    unfiltered = invoke("stats", "model", "--since", "2030-01-01")
+    assert unfiltered.stdout.splitlines()[-1].startswith("no control predictions in this window yet: ")
+
+
 MODEL_COMMANDS = [["stats"], ["stats", "quality"], ["stats", "model"], ["stats", "drift"]]
 
 
