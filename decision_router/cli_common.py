@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, NoReturn, TypeVar
 
 import click
 import typer
@@ -396,36 +396,50 @@ MAX_SIMULATED_ENTITIES = 100_000
 # outcome events: the `outcome` command (cli.py) and `reassign` (cli_governance.py) ---------------
 
 
-# An outcome event's fields as the `outcome` command names them, for its error messages.
-OUTCOME_OPTIONS = {
-    "type": "TYPE", "actor": "--actor", "alert_id": "--alert", "prediction_id": "--prediction",
-    "entity_type": "--entity", "entity_id": "--entity", "action": "--action", "result": "--result",
-    "value": "--value", "owner": "--owner", "note": "--note", "at": "--at",
-}
-# The whole-event rules of contracts.OutcomeEvent, worded with the `outcome` command's options
-# (tests/unit/test_cli_messages.py breaks each one, so a reworded rule is noticed).
-_OUTCOME_RULES_AS_OPTIONS = {
-    "address the event by exactly one of alert_id, prediction_id, or entity_type+entity_id":
-        "address the event by exactly one of --alert, --prediction or --entity",
-    "an outcome event needs result: success or failure": "TYPE outcome needs --result success or failure",
-    "result is only allowed on type: outcome": "--result is only allowed with TYPE outcome",
-    "a reassigned event needs owner: the new owner's id": "TYPE reassigned needs --owner: the new owner's id",
-    "owner is only allowed on type: reassigned": "--owner is only allowed with TYPE reassigned",
-}
+class OptionNames(NamedTuple):
+    """How a command names an outcome event's fields (field -> option) and words the contract's whole-event
+    rules (the rule's message -> the command's), for its error messages."""
+
+    fields: Mapping[str, str]
+    rules: Mapping[str, str]
 
 
-def _outcome_problems(exc: Any, options: Mapping[str, str] | None) -> str:
-    """An invalid outcome event's problems, naming `options` (field -> option) instead of its fields."""
+# An outcome event's fields and rules as the `outcome` command names them
+# (tests/unit/test_cli_messages.py breaks each rule, so a reworded one is noticed).
+OUTCOME_OPTIONS = OptionNames(
+    fields={
+        "type": "TYPE", "actor": "--actor", "alert_id": "--alert", "prediction_id": "--prediction",
+        "entity_type": "--entity", "entity_id": "--entity", "action": "--action", "result": "--result",
+        "value": "--value", "owner": "--owner", "note": "--note", "at": "--at",
+    },
+    rules={
+        "address the event by exactly one of alert_id, prediction_id, or entity_type+entity_id":
+            "address the event by exactly one of --alert, --prediction or --entity",
+        "an outcome event needs result: success or failure": "TYPE outcome needs --result success or failure",
+        "result is only allowed on type: outcome": "--result is only allowed with TYPE outcome",
+        "a reassigned event needs owner: the new owner's id": "TYPE reassigned needs --owner: the new owner's id",
+        "owner is only allowed on type: reassigned": "--owner is only allowed with TYPE reassigned",
+    },
+)
+# As `reassign ALERT_ID --to OWNER --by ACTOR --reason NOTE` names them: it has no --actor or --owner.
+REASSIGN_OPTIONS = OptionNames(
+    fields={"alert_id": "ALERT_ID", "actor": "--by", "owner": "--to", "note": "--reason"},
+    rules={"a reassigned event needs owner: the new owner's id": "--to needs the new owner's id"},
+)
+
+
+def _outcome_problems(exc: Any, options: OptionNames | None) -> str:
+    """An invalid outcome event's problems, naming the command's `options` instead of the event's fields."""
     if options is None:
         return validation_problems(exc, nameless="event")
     parts = []
     for error in exc.errors():
         message = error["msg"].removeprefix("Value error, ")
         if error["loc"]:
-            where = options.get(str(error["loc"][0])) or ".".join(str(part) for part in error["loc"])
+            where = options.fields.get(str(error["loc"][0])) or ".".join(str(part) for part in error["loc"])
             parts.append(f"{where}: {message}")
         else:
-            parts.append(_OUTCOME_RULES_AS_OPTIONS.get(message, message))
+            parts.append(options.rules.get(message, message))
     return "; ".join(parts)
 
 
@@ -438,7 +452,7 @@ def parse_entity(entity: str) -> tuple[str, str]:
 
 
 def send_outcome(
-    document: dict[str, Any], settings: Settings | None = None, *, options: Mapping[str, str] | None = None,
+    document: dict[str, Any], settings: Settings | None = None, *, options: OptionNames | None = None,
     before_publishing: Callable[[], None] | None = None,
 ) -> None:
     """Validate an outcome event (exit 2 when invalid, or when the router's gate would dead-letter it)

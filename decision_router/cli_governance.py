@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from decision_router.cli_common import (
+    REASSIGN_OPTIONS,
     _window,
     app,
     err,
@@ -205,7 +206,7 @@ def reassign(
             say(f"note: {note}", stderr=True)
 
     send_outcome({"type": "reassigned", "alert_id": alert_id, "actor": by, "owner": to, "note": reason}, settings,
-                 before_publishing=check_alert)
+                 options=REASSIGN_OPTIONS, before_publishing=check_alert)
 
 
 class Held(NamedTuple):

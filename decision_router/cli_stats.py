@@ -496,7 +496,7 @@ def _band(row: BandRow) -> str:
     return f"{row.band_low:g}-{row.band_high:g}"
 
 
-def print_model_precision(rows: list[BandRow], fmt: str) -> None:
+def print_model_precision(rows: list[BandRow], fmt: str, model: str | None = None) -> None:
     from decision_router.stats import BandRow
 
     dicts = [row.as_dict() for row in rows]
@@ -517,7 +517,8 @@ def print_model_precision(rows: list[BandRow], fmt: str) -> None:
         )
     out.print(table)
     if not rows:
-        say("no control predictions in this window: precision needs a rule with a holdout (README, Control groups)")
+        say(f"{nothing_shown('control predictions', {'--model': model})}: precision needs a rule with a holdout "
+            "(README, Control groups)")
         return
     say("precision: of the control predictions in the band (nobody alerted, nobody intervened) that have an outcome,",
         style="dim")
@@ -556,4 +557,4 @@ def model_precision(
     rows, unknown = _read(settings, read)
     if unknown is not None:
         fail(unknown, code=2)
-    print_model_precision(rows, fmt)
+    print_model_precision(rows, fmt, model)

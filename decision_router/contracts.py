@@ -24,6 +24,9 @@ def not_blank(value: str) -> str:
 
 # A required name that is not an id (the gate checks those first, as missing_id): not empty, not whitespace alone.
 NonBlank = Annotated[str, NonEmpty, AfterValidator(not_blank)]
+# An optional id or name (an outcome's address, a new owner): no length limit of its own, but whitespace alone would
+# be looked up as a name and end as unknown_alert or unknown_owner; refused as blank instead.
+NotBlank = Annotated[str, AfterValidator(not_blank)]
 
 
 def utc(value: datetime) -> datetime:
@@ -143,17 +146,17 @@ class OutcomeEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    alert_id: str | None = None
-    prediction_id: str | None = None
-    entity_type: str | None = None
-    entity_id: str | None = None
+    alert_id: NotBlank | None = None
+    prediction_id: NotBlank | None = None
+    entity_type: NotBlank | None = None
+    entity_id: NotBlank | None = None
     type: OutcomeType
     actor: NonBlank
     action: str | None = None
     result: OutcomeResult | None = None
     value: float | None = Field(default=None, allow_inf_nan=False)
     # New owner of a reassigned alert.
-    owner: str | None = None
+    owner: NotBlank | None = None
     note: str | None = None
     at: datetime | None = None
 

@@ -21,7 +21,10 @@ Looked-up context (lookup.<source>.<field>) is replayed from what was stored wit
 prediction: the pipeline stores what it looked up under the document's `lookup` key. It
 looks up only for predictions whose routing read it, so a candidate that reads a source for
 other predictions (or for predictions stored before lookups were kept) routes them as if
-those fields were missing; the report counts them per source (`missing_lookups`). Of a
+those fields were missing; the report counts them per source (`missing_lookups`). A source
+whose lookup failed for a prediction (its Redis key or SQL parameters, or the whole source)
+is absent from its `lookup` too: the store cannot tell it from one not looked up, and it is
+counted alike. Of a
 source, only the fields the rules then read were kept (enrich.py): a candidate reading
 another field of it finds that field missing. Given the fields the current rules read
 (`kept`; the CLI passes them), a field neither stored nor among those counts as not kept;
@@ -213,7 +216,8 @@ def unstored_lookups(
 ) -> set[str]:
     """The context sources that routing `document` through `candidate` reads (in the `when` of
     a rule it reaches, the owner or context of a rule it matches) but that were not stored
-    with it: replay can only take their fields as missing. `kept`: source -> the fields the
+    with it (not looked up for it, or the lookup failed: the store keeps no trace of which):
+    replay can only take their fields as missing. `kept`: source -> the fields the
     current rules read (enrich.referenced_fields), the only ones the pipeline fetches and stores:
     a source is counted too when the candidate reads a field of it that is not stored and that
     the current rules do not read (it was not kept, rather than not found)."""

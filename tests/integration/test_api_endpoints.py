@@ -642,6 +642,25 @@ async def test_a_blank_required_text_is_refused_by_each_endpoint_as_the_gate_ref
     assert events_of(api.engine, alert_id_for("bl1", RULE), "acknowledged") == []
 
 
+async def test_a_blank_address_or_new_owner_on_the_webhook_is_refused_as_blank_not_unknown(standalone) -> None:
+    """Whitespace alone was looked up as an alert id or owner: unknown_alert / unknown_owner, not schema."""
+    api, app = standalone
+    await route(app, for_owner("bl3", ALICE))
+    events = [
+        {"alert_id": " ", "type": "acknowledged", "actor": "crm"},
+        {"entity_type": "account", "entity_id": "\t", "type": "acknowledged", "actor": "crm"},
+        {"alert_id": alert_id_for("bl3", RULE), "type": "reassigned", "actor": "crm", "owner": "  "},
+    ]
+    webhook = await api.http.post("/v1/outcomes", json=events, headers=api.ops)  # a reassignment needs ops
+    assert webhook.status_code == 200, webhook.text
+    assert [(x["status"], x.get("reason"), x.get("detail")) for x in webhook.json()["results"]] == [
+        ("rejected", "schema", "alert_id: blank (only whitespace)"),
+        ("rejected", "schema", "entity_id: blank (only whitespace)"),
+        ("rejected", "schema", "owner: blank (only whitespace)"),
+    ]
+    assert events_of(api.engine, alert_id_for("bl3", RULE), "reassigned") == []
+
+
 @pytest.mark.parametrize("key", ["", "x" * 201, "two words", "caf\u00e9"])
 async def test_a_bad_idempotency_key_is_a_422_naming_the_header(standalone, key) -> None:
     api, _ = standalone

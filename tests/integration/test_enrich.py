@@ -232,6 +232,13 @@ rules:
     assert all("no_such_table" in error for error in by_source["broken"]) and len(by_source["broken"]) == batches
     assert len(by_source["remote"]) == batches and "s3cret" not in json.dumps(logs, default=str)
     assert stored(engine, "p2").missing_context == alerts["p2"].missing_context
+    # A failed source is absent from the stored `lookup`, as one never looked up (p2, every source failed, has
+    # none at all, as a prediction whose routing read no lookup): replay cannot tell them apart and counts both.
+    with Session(engine) as session:
+        assert session.get(PredictionRecord, "p1").document["lookup"] == {"crm": {"tier": "gold"}}
+        assert "lookup" not in session.get(PredictionRecord, "p2").document
+        report = replay_store(session, load_rules(rules_dir(tmp_path, routing)), since=None, until=None)
+    assert report.missing_lookups == {"broken": 2, "crm": 1, "remote": 2, "slow": 2}
 
 
 async def test_hot_reload_swaps_context_sources(settings, engine, r, tmp_path) -> None:

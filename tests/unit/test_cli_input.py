@@ -353,7 +353,8 @@ def test_a_number_of_hundreds_of_digits_is_quoted_by_its_start_and_length() -> N
 def publishing_to(sent: list[dict]) -> Callable[..., None]:
     """send_outcome without Redis: the command's own checks run (before_publishing), then `sent` gets the event."""
 
-    def send(document: dict, settings: object, *, before_publishing: Callable[[], None] | None = None) -> None:
+    def send(document: dict, settings: object, *, before_publishing: Callable[[], None] | None = None,
+             **_options: object) -> None:
         if before_publishing is not None:
             before_publishing()
         sent.append(document)

@@ -118,6 +118,19 @@ def test_stats_for_a_rule_and_an_owner_with_no_alert_in_common_says_the_filters_
     assert "no predictions match --model churn in this window" in quality.stdout
 
 
+def test_stats_model_with_nothing_for_the_model_names_the_filter(tmp_path: Path) -> None:
+    """`stats model --model X` said "no control predictions in this window", as `stats` used to."""
+    create_schema(engine := make_engine(f"sqlite:///{tmp_path / 'store.db'}"))
+    engine.dispose()
+    shown = invoke("stats", "model", "--model", "churn", "--since", "2030-01-01")
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.splitlines()[-1] == (
+        "no control predictions match --model churn in this window: precision needs a rule with a holdout "
+        "(README, Control groups)")
+    unfiltered = invoke("stats", "model", "--since", "2030-01-01")
+    assert unfiltered.stdout.splitlines()[-1].startswith("no control predictions in this window yet: ")
+
+
 MODEL_COMMANDS = [["stats"], ["stats", "quality"], ["stats", "model"], ["stats", "drift"]]
 
 
@@ -217,10 +230,42 @@ def test_a_token_for_a_mistyped_owner_suggests_the_close_one() -> None:
          "TYPE: Input should be 'acknowledged', 'intervened', 'outcome' or 'reassigned'; "
          "--actor: String should have at least 1 character"),
         (["acknowledged", "--actor", "  ", "--alert", "al-1"], "--actor: blank (only whitespace)"),
+        (["acknowledged", "--actor", "a", "--alert", " "], "--alert: blank (only whitespace)"),
+        (["acknowledged", "--actor", "a", "--prediction", "\t"], "--prediction: blank (only whitespace)"),
+        (["acknowledged", "--actor", "a", "--entity", " :a1"], "--entity: blank (only whitespace)"),
+        (["acknowledged", "--actor", "a", "--entity", "account: "], "--entity: blank (only whitespace)"),
+        (["reassigned", "--actor", "a", "--alert", "al-1", "--owner", " "], "--owner: blank (only whitespace)"),
     ],
 )
 def test_outcome_errors_name_the_commands_options_not_the_events_fields(args: list[str], message: str) -> None:
     assert one_error(invoke("outcome", *args), 2) == f"invalid outcome event: {message}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["al-1", "--to", "alice-moreau", "--by", " "], "--by: blank (only whitespace)"),
+        (["al-1", "--to", "alice-moreau", "--by", ""], "--by: String should have at least 1 character"),
+        ([" ", "--to", "alice-moreau", "--by", "lead"], "ALERT_ID: blank (only whitespace)"),
+    ],
+)
+def test_reassign_errors_name_its_own_options_not_the_events_fields(args: list[str], message: str) -> None:
+    """`--by " "` said "actor: ...": reassign has no --actor."""
+    assert one_error(invoke("reassign", *args), 2) == f"invalid outcome event: {message}"
+
+
+def test_reassign_to_no_owner_names_its_own_option_when_the_rules_do_not_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unchecked against the directory (the rules do not load), an empty --to reached the contract's rule, worded
+    with `outcome`'s options (TYPE reassigned needs --owner)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "routing.yaml").write_text("rules: [")
+    monkeypatch.setenv("DECISION_ROUTER_RULES_DIR", str(broken))
+    shown = invoke("reassign", "al-1", "--to", "", "--by", "lead")
+    assert shown.exit_code == 2, shown.output
+    assert shown.stderr.splitlines()[-1] == "error: invalid outcome event: --to needs the new owner's id"
 
 
 # rules check and rules test --------------------------------------------------------------------------

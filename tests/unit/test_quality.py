@@ -278,6 +278,17 @@ OUTCOMES_BAD = [
     ("no-actor", {"alert_id": "x", "type": "acknowledged"}, "actor"),
     ("blank-actor", {"alert_id": "x", "type": "acknowledged", "actor": "  "}, "actor: blank (only whitespace)"),
     ("reassign-without-owner", {"alert_id": "x", "type": "reassigned", "actor": "ops"}, "new owner"),
+    # Whitespace alone addresses no alert and names no owner: refused as blank, not looked up as unknown_alert or
+    # unknown_owner.
+    ("blank-alert-id", {"alert_id": " ", "type": "acknowledged", "actor": "a"}, "alert_id: blank (only whitespace)"),
+    ("blank-prediction-id", {"prediction_id": "\t", "type": "acknowledged", "actor": "a"},
+     "prediction_id: blank (only whitespace)"),
+    ("blank-entity-type", {"entity_type": " ", "entity_id": "a1", "type": "acknowledged", "actor": "a"},
+     "entity_type: blank (only whitespace)"),
+    ("blank-entity-id", {"entity_type": "account", "entity_id": "\n ", "type": "acknowledged", "actor": "a"},
+     "entity_id: blank (only whitespace)"),
+    ("blank-owner", {"alert_id": "x", "type": "reassigned", "actor": "ops", "owner": " "},
+     "owner: blank (only whitespace)"),
     ("owner-on-ack", {"alert_id": "x", "type": "acknowledged", "actor": "a", "owner": "bob"}, "only allowed on type: reassigned"),
 ]
 
