@@ -228,6 +228,10 @@ def describe(kind: str, prediction_id: str | None, detail: Mapping[str, Any]) ->
     if kind in ("acknowledged", "intervened") and d.get("after_outcome"):
         # Its alert's outcome, dated earlier, was committed first (tracker.apply_outcome): not recorded on it.
         text += f" after the outcome ({d['after_outcome']}): not recorded"
+    if kind in ("acknowledged", "intervened", "outcome") and d.get("already_at"):
+        # Not the first of its type: the first wins (tracker.apply_outcome), this one is in the audit log only.
+        first = f"outcome {d.get('already_result')} already recorded" if kind == "outcome" else f"already {kind}"
+        text += f"; {first} at {d['already_at']}: not recorded"
     if d.get("note") and kind not in DECISION_EVENTS:
         text += f" (note: {d['note']})"
     return text
