@@ -287,3 +287,20 @@ def test_predictions_of_one_instant_keep_the_order_they_were_written_in(old_stor
         ]
         assert [e.type for e in alert_story(s, "al-1").events] == ["received", "suppressed"]
     engine.dispose()
+
+
+def test_a_delivery_stored_without_its_prediction_id_shows_its_alerts(session: Session) -> None:
+    """The channels' and the escalated copies' delivery events are stored without the prediction id: the JSON
+    story showed `prediction_id: null` on those alone."""
+    session.add_all([
+        event("delivered", T0 + 2 * H, "al-a", pid=None, channel="inbox", owner="lead", escalation_level=1),
+        event("delivery_failed", T0 + 2 * H, "al-a", pid=None, channel="webhook", owner="alice", attempts=3),
+    ])
+    session.commit()
+    story = alert_story(session, "al-a")
+    assert story is not None
+    late = [e for e in story.events if e.at == T0 + 2 * H and e.detail.get("owner") in ("lead", "alice")]
+    assert [(e.type, e.prediction_id) for e in late] == [("delivered", "p1"), ("delivery_failed", "p1")]
+    entity = entity_story(session, "account", "acct-17")
+    assert entity is not None
+    assert all(e.prediction_id is not None for e in entity.events)
