@@ -196,9 +196,17 @@ def describe(kind: str, prediction_id: str | None, detail: Mapping[str, Any]) ->
             "held_out": "; held out as control, not delivered",
             "suppressed": f"; suppressed by cooldown (alert {d.get('suppressed_by')}), not delivered",
         }[kind]
-    elif kind == "delivered":
+    elif kind in ("delivered", "delivery_failed"):
         level = f" (escalation level {d['escalation_level']})" if d.get("escalation_level") else ""
-        text = f"delivered to {d.get('owner')} via {d.get('channel')}{level}"
+        digest = f" in a digest of {d['digest']}" if d.get("digest") else ""
+        if kind == "delivered":
+            text = f"delivered to {d.get('owner')} via {d.get('channel')}{digest}{level}"
+        else:
+            tries = d.get("attempts")
+            text = (f"delivery to {d.get('owner')} via {d.get('channel')}{digest}{level} failed"
+                    + (f" after {tries} attempt{'s' if tries != 1 else ''}" if tries else "")
+                    + (f" (status {d['status_code']})" if d.get("status_code") else "")
+                    + (f": {d['error']}" if d.get("error") else ""))
     elif kind == "acknowledged":
         text = "acknowledged"
     elif kind == "intervened":

@@ -220,6 +220,15 @@ def test_entity_story_groups_every_decision(session: Session) -> None:
         ("reassigned", {"from_owner": "alice", "to_owner": "bob", "closed": True},
          "reassigned alice -> bob (closed: not delivered again)"),
         ("intervened", {}, "intervened: no action named"),
+        # A channel's failure read as a list of fields ("delivery_failed channel=webhook owner=...").
+        ("delivery_failed", {"channel": "webhook", "owner": "alice", "status_code": 503, "attempts": 3,
+                             "latency_ms": 12.5, "error": "HTTP 503"},
+         "delivery to alice via webhook failed after 3 attempts (status 503): HTTP 503"),
+        ("delivery_failed", {"channel": "email", "owner": "lead", "status_code": None, "attempts": 1,
+                             "error": "connection refused", "escalation_level": 1, "digest": 4},
+         "delivery to lead via email in a digest of 4 (escalation level 1) failed after 1 attempt: connection refused"),
+        ("delivered", {"channel": "webhook", "owner": "alice", "status_code": 200, "attempts": 2, "digest": 3},
+         "delivered to alice via webhook in a digest of 3"),
         # Not the first of its type: kept in the audit log only, which the story must say.
         ("outcome", {"result": "failure", "value": None, "already_at": "2026-11-02T10:00:00Z",
                      "already_result": "success"},
