@@ -196,9 +196,17 @@ def describe(kind: str, prediction_id: str | None, detail: Mapping[str, Any]) ->
             "held_out": "; held out as control, not delivered",
             "suppressed": f"; suppressed by cooldown (alert {d.get('suppressed_by')}), not delivered",
         }[kind]
-    elif kind == "delivered":
+    elif kind in ("delivered", "delivery_failed"):
         level = f" (escalation level {d['escalation_level']})" if d.get("escalation_level") else ""
-        text = f"delivered to {d.get('owner')} via {d.get('channel')}{level}"
+        digest = f" in a digest of {d['digest']}" if d.get("digest") else ""
+        if kind == "delivered":
+            text = f"delivered to {d.get('owner')} via {d.get('channel')}{digest}{level}"
+        else:
+            tries = d.get("attempts")
+            text = (f"delivery to {d.get('owner')} via {d.get('channel')}{digest}{level} failed"
+                    + (f" after {tries} attempt{'s' if tries != 1 else ''}" if tries else "")
+                    + (f" (status {d['status_code']})" if d.get("status_code") else "")
+                    + (f": {d['error']}" if d.get("error") else ""))
     elif kind == "acknowledged":
         text = "acknowledged"
     elif kind == "intervened":
@@ -228,14 +236,21 @@ def describe(kind: str, prediction_id: str | None, detail: Mapping[str, Any]) ->
     if kind in ("acknowledged", "intervened") and d.get("after_outcome"):
         # Its alert's outcome, dated earlier, was committed first (tracker.apply_outcome): not recorded on it.
         text += f" after the outcome ({d['after_outcome']}): not recorded"
+    if kind in ("acknowledged", "intervened", "outcome") and d.get("already_at"):
+        # Not the first of its type: the first wins (tracker.apply_outcome), this one is in the audit log only.
+        first = f"outcome {d.get('already_result')} already recorded" if kind == "outcome" else f"already {kind}"
+        text += f"; {first} at {d['already_at']}: not recorded"
     if d.get("note") and kind not in DECISION_EVENTS:
         text += f" (note: {d['note']})"
     return text
 
 
-def _events(session: Session, condition: Any, predictions: Iterable[PredictionRecord]) -> list[StoryEvent]:
+def _events(
+    session: Session, condition: Any, predictions: Iterable[PredictionRecord], prediction_of: Mapping[str, str]
+) -> list[StoryEvent]:
     """The stored events matching `condition` and the `received` event of each of `predictions`,
-    once, in time order."""
+    once, in time order. `prediction_of` maps alert ids to their prediction's: the delivery events
+    of the channels and of escalated copies are stored without it."""
     rows = session.scalars(select(AuditEvent).where(condition).order_by(AuditEvent.id))  # type: ignore[arg-type]
     stored: list[StoryEvent] = []
     received: set[str | None] = set()
@@ -244,7 +259,8 @@ def _events(session: Session, condition: Any, predictions: Iterable[PredictionRe
             if row.prediction_id in received:
                 continue
             received.add(row.prediction_id)
-        stored.append(StoryEvent(row.id, as_utc(row.at), row.type, row.actor, row.alert_id, row.prediction_id,  # type: ignore[arg-type]
+        prediction_id = row.prediction_id or prediction_of.get(row.alert_id or "")
+        stored.append(StoryEvent(row.id, as_utc(row.at), row.type, row.actor, row.alert_id, prediction_id,  # type: ignore[arg-type]
                                  dict(row.detail or {})))
     built = [_received_event(p) for p in predictions if p.prediction_id not in received]
     # Time order; events written together (same instant) keep their insertion order. A received
@@ -299,7 +315,7 @@ def alert_story(session: Session, alert_id: str) -> AlertStory | None:
         .order_by(AlertRecord.created_at, AlertRecord.alert_id)
     )
     events = _events(session, or_(AuditEvent.alert_id == alert_id, _received([record.prediction_id])),
-                     [prediction] if prediction else [])
+                     [prediction] if prediction else [], {alert_id: record.prediction_id})
     return AlertStory(
         alert=AlertSummary.of(record),
         prediction=_prediction(prediction) if prediction else None,
@@ -324,7 +340,8 @@ def entity_story(session: Session, entity_type: str, entity_id: str) -> EntitySt
         return None
     prediction_ids = {p.prediction_id for p in predictions} | {r.prediction_id for r in records}
     alert_ids = [r.alert_id for r in records]
-    everything = _events(session, or_(AuditEvent.alert_id.in_(alert_ids), _received(prediction_ids)), predictions)
+    everything = _events(session, or_(AuditEvent.alert_id.in_(alert_ids), _received(prediction_ids)), predictions,
+                         {r.alert_id: r.prediction_id for r in records})
     summaries = {p.prediction_id: _prediction(p) for p in predictions}
     # `everything` is in time order, so each alert's part of it is too: its own events and its
     # prediction's received event.

@@ -643,6 +643,7 @@ def apply_outcome(
     for record in alerts:
         detail: dict[str, object] = {k: v for k, v in (("action", event.action), ("note", event.note)) if v is not None}
         changed = True
+        first_read = _first_as_read(record, event)
         # The first event wins in the row as it is written, not only as it was read: another process (a second
         # worker, the API) may have committed one since (_first_wins).
         # An ack or intervention after the alert's outcome is refused (Pipeline._dated_after_outcome), also when that
@@ -696,6 +697,8 @@ def apply_outcome(
                 AlertRecord.alert_id == record.alert_id, AlertRecord.outcome_at < at))
             if outcome_at is not None:
                 detail.update(after_outcome=iso(outcome_at))
+        if "after_outcome" not in detail:
+            detail.update(_already_recorded(session, record, event, first_read, now))
         session.add(
             AuditEvent(
                 alert_id=record.alert_id,
@@ -708,6 +711,42 @@ def apply_outcome(
             )
         )
     return unchanged
+
+
+def _first_as_read(record: AlertRecord, event: OutcomeEvent) -> bool:
+    """Whether `event` is the first of its type on `record` as read (apply_outcome may still lose a race)."""
+    column = {OutcomeType.ACKNOWLEDGED: "acknowledged_at", OutcomeType.INTERVENED: "intervened_at",
+              OutcomeType.OUTCOME: "outcome_at"}.get(event.type)
+    return column is not None and getattr(record, column) is None
+
+
+def _already_recorded(
+    session: Session, record: AlertRecord, event: OutcomeEvent, first_read: bool, now: datetime
+) -> dict[str, Any]:
+    """For an acknowledgement, intervention or outcome that is not the first of its type on `record` (the first
+    wins: this one is kept in the audit log only), what the row holds instead, so the story does not read it as
+    applied: `already_at` (and for an outcome `already_result`). Empty for the first one, and for other types.
+
+    Read after the write when it was first as read: another process may have committed one since."""
+    if event.type not in (OutcomeType.ACKNOWLEDGED, OutcomeType.INTERVENED, OutcomeType.OUTCOME):
+        return {}
+    column = {OutcomeType.ACKNOWLEDGED: AlertRecord.acknowledged_at, OutcomeType.INTERVENED: AlertRecord.intervened_at,
+              OutcomeType.OUTCOME: AlertRecord.outcome_at}[event.type]
+    if first_read:
+        # Did the row take this event's values? (An intervention also sets acknowledged_at, but only where none
+        # was recorded or a later one was: an ack losing to it finds the intervention's time.)
+        row = session.execute(select(column, AlertRecord.outcome).where(AlertRecord.alert_id == record.alert_id)).one()
+        held_at, held_result = row
+        mine = (event.at or now) if event.type is OutcomeType.OUTCOME else seen_at(record, event.at or now, now)
+        if held_at is None or (as_utc(held_at) == as_utc(mine) and (
+                event.type is not OutcomeType.OUTCOME or held_result == event.result.value)):  # type: ignore[union-attr]
+            return {}
+    else:
+        held_at, held_result = getattr(record, column.key), record.outcome
+    already: dict[str, Any] = {"already_at": iso(held_at)}
+    if event.type is OutcomeType.OUTCOME:
+        already.update(already_result=held_result)
+    return already
 
 
 def _first_wins(first: Any, column: Any, value: object) -> Any:

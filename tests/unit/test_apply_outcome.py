@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
@@ -213,3 +213,64 @@ def test_an_outcome_by_prediction_leaves_a_suppressed_decision_suppressed(sessio
     assert session.scalars(select(AlertRecord.alert_id).where(_state_clause(State.CLOSED))).all() == []
     (row,) = compute_stats(session, by=GroupBy.RULE)
     assert (row.suppressed, row.routed, row.successes) == (1, 0, 0)
+
+
+def details(session: Session, alert_id: str) -> list[tuple[str, dict]]:
+    return [(e.type, e.detail) for e in session.scalars(
+        select(AuditEvent).where(AuditEvent.alert_id == alert_id).order_by(AuditEvent.id))]
+
+
+def test_a_later_ack_intervention_or_outcome_says_in_its_audit_event_that_it_was_not_recorded(session) -> None:
+    """The first of each wins; a later one is kept in the audit log only. Its event said so nowhere: the story read
+    "outcome failure" after "outcome success", the alert's outcome staying success."""
+    record = alert(0, rule="r", owner="alice")
+    session.add(record)
+    session.commit()
+    first = {OutcomeType.ACKNOWLEDGED: 10, OutcomeType.INTERVENED: 20}
+    for type_, minutes in first.items():
+        apply(session, record, type_, timedelta(minutes=minutes))
+        apply(session, record, type_, timedelta(minutes=minutes + 5))
+    outcome = {"alert_id": record.alert_id, "type": OutcomeType.OUTCOME, "actor": "crm"}
+    for result, minutes in (("success", 30), ("failure", 40)):
+        apply_outcome(session, event=OutcomeEvent(**outcome, result=result, at=T0 + timedelta(minutes=minutes)),
+                      alerts=[record], source_id=None, now=T0 + timedelta(hours=1))
+        session.commit()
+    at = {m: (T0 + timedelta(minutes=m)).isoformat().replace("+00:00", "Z") for m in (10, 20, 30)}
+    assert [(kind, {k: v for k, v in d.items() if k.startswith("already")}) for kind, d in details(
+        session, record.alert_id)] == [
+        ("acknowledged", {}), ("acknowledged", {"already_at": at[10]}),
+        ("intervened", {}), ("intervened", {"already_at": at[20]}),
+        ("outcome", {}), ("outcome", {"already_at": at[30], "already_result": "success"}),
+    ]
+
+
+def test_an_ack_after_an_intervention_acknowledged_the_alert_is_not_recorded(session) -> None:
+    """An intervention acknowledges too: a later acknowledgement (dated later) changes nothing."""
+    record = alert(0, rule="r", owner="alice")
+    session.add(record)
+    session.commit()
+    apply(session, record, OutcomeType.INTERVENED, timedelta(minutes=10))
+    apply(session, record, OutcomeType.ACKNOWLEDGED, timedelta(minutes=20))
+    assert as_utc(record.acknowledged_at) == T0 + timedelta(minutes=10)
+    assert details(session, record.alert_id)[-1][1] == {
+        "already_at": (T0 + timedelta(minutes=10)).isoformat().replace("+00:00", "Z")}
+
+
+def test_an_outcome_that_lost_a_race_says_which_one_was_recorded(session) -> None:
+    """Read with no outcome, written after another process committed one: first as read, not as written."""
+    record = alert(0, rule="r", owner="alice")
+    session.add(record)
+    session.commit()
+    assert record.outcome is None  # read now, before the other process writes
+    session.execute(update(AlertRecord).where(AlertRecord.alert_id == record.alert_id)
+                    .values(outcome="success", outcome_at=T0 + timedelta(minutes=5), status="closed")
+                    .execution_options(synchronize_session=False))
+    event = OutcomeEvent(alert_id=record.alert_id, type=OutcomeType.OUTCOME, actor="crm", result="failure",
+                         at=T0 + timedelta(minutes=10))
+    apply_outcome(session, event=event, alerts=[record], source_id=None, now=T0 + timedelta(hours=1))
+    session.commit()
+    session.refresh(record)
+    assert record.outcome == "success"
+    assert details(session, record.alert_id)[-1][1] == {
+        "result": "failure", "value": None, "already_result": "success",
+        "already_at": (T0 + timedelta(minutes=5)).isoformat().replace("+00:00", "Z")}

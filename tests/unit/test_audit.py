@@ -220,6 +220,23 @@ def test_entity_story_groups_every_decision(session: Session) -> None:
         ("reassigned", {"from_owner": "alice", "to_owner": "bob", "closed": True},
          "reassigned alice -> bob (closed: not delivered again)"),
         ("intervened", {}, "intervened: no action named"),
+        # A channel's failure read as a list of fields ("delivery_failed channel=webhook owner=...").
+        ("delivery_failed", {"channel": "webhook", "owner": "alice", "status_code": 503, "attempts": 3,
+                             "latency_ms": 12.5, "error": "HTTP 503"},
+         "delivery to alice via webhook failed after 3 attempts (status 503): HTTP 503"),
+        ("delivery_failed", {"channel": "email", "owner": "lead", "status_code": None, "attempts": 1,
+                             "error": "connection refused", "escalation_level": 1, "digest": 4},
+         "delivery to lead via email in a digest of 4 (escalation level 1) failed after 1 attempt: connection refused"),
+        ("delivered", {"channel": "webhook", "owner": "alice", "status_code": 200, "attempts": 2, "digest": 3},
+         "delivered to alice via webhook in a digest of 3"),
+        # Not the first of its type: kept in the audit log only, which the story must say.
+        ("outcome", {"result": "failure", "value": None, "already_at": "2026-11-02T10:00:00Z",
+                     "already_result": "success"},
+         "outcome failure; outcome success already recorded at 2026-11-02T10:00:00Z: not recorded"),
+        ("acknowledged", {"already_at": "2026-11-02T10:00:00Z"},
+         "acknowledged; already acknowledged at 2026-11-02T10:00:00Z: not recorded"),
+        ("intervened", {"action": "email", "already_at": "2026-11-02T10:00:00Z", "note": "again"},
+         "intervened: email; already intervened at 2026-11-02T10:00:00Z: not recorded (note: again)"),
         ("outcome", {"result": "failure", "value": None}, "outcome failure"),
         ("acknowledged", {"note": "on it"}, "acknowledged (note: on it)"),
         ("something-new", {"a": 1, "b": None}, "something-new a=1"),
@@ -279,3 +296,20 @@ def test_predictions_of_one_instant_keep_the_order_they_were_written_in(old_stor
         ]
         assert [e.type for e in alert_story(s, "al-1").events] == ["received", "suppressed"]
     engine.dispose()
+
+
+def test_a_delivery_stored_without_its_prediction_id_shows_its_alerts(session: Session) -> None:
+    """The channels' and the escalated copies' delivery events are stored without the prediction id: the JSON
+    story showed `prediction_id: null` on those alone."""
+    session.add_all([
+        event("delivered", T0 + 2 * H, "al-a", pid=None, channel="inbox", owner="lead", escalation_level=1),
+        event("delivery_failed", T0 + 2 * H, "al-a", pid=None, channel="webhook", owner="alice", attempts=3),
+    ])
+    session.commit()
+    story = alert_story(session, "al-a")
+    assert story is not None
+    late = [e for e in story.events if e.at == T0 + 2 * H and e.detail.get("owner") in ("lead", "alice")]
+    assert [(e.type, e.prediction_id) for e in late] == [("delivered", "p1"), ("delivery_failed", "p1")]
+    entity = entity_story(session, "account", "acct-17")
+    assert entity is not None
+    assert all(e.prediction_id is not None for e in entity.events)
