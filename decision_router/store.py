@@ -221,14 +221,18 @@ def _concurrently(step: Callable[[], None]) -> None:
     """Run a schema step that another process (a worker starting at the same moment) may be
     running too: when it created the table or index between our check and our CREATE, check
     again, which skips what exists now. A step that fails for another reason fails every
-    attempt and raises on the last."""
+    attempt and raises on the last; one refused for want of a right (a reader role's `stats` on a
+    store not yet upgraded) raises at once: no other process's work gives it that right."""
     for attempt in range(_SCHEMA_ATTEMPTS):
         try:
             step()
             return
-        except (OperationalError, ProgrammingError, IntegrityError):
-            if attempt == _SCHEMA_ATTEMPTS - 1:
+        except (OperationalError, ProgrammingError, IntegrityError) as exc:
+            if attempt == _SCHEMA_ATTEMPTS - 1 or getattr(exc.orig, "sqlstate", None) == _INSUFFICIENT_PRIVILEGE:
                 raise
+
+
+_INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE: not the owner, no grant
 
 
 def _execute(engine: Engine, statement: Any) -> None:

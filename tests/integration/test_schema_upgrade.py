@@ -12,12 +12,13 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlmodel import Session
 from structlog.testing import capture_logs
 
 from decision_router import tables
-from decision_router.store import create_schema, schema_is_current
+from decision_router.store import create_schema, make_engine, schema_is_current
+from tests.integration.test_tallies import a_role
 from tests.unit.test_stats import alert
 
 pytestmark = pytest.mark.postgres
@@ -216,3 +217,19 @@ def test_workers_starting_together_on_an_index_left_invalid_build_it_once(pg_eng
     assert not failures, failures
     assert index_validity(pg_engine)["ix_alerts_entity"]
     assert built(logs) == ["ix_alerts_entity"]
+
+
+def test_a_role_that_may_not_build_an_index_is_refused_at_its_first_attempt(pg_engine: Engine) -> None:
+    # A reporting role (it may read the store, not own its tables) runs `stats` on a store the new version
+    # has not opened yet: the build is refused for want of a right, which no second attempt gets. It used
+    # to be tried 10 times, logging "building index" 10 times for one index never built.
+    with pg_engine.begin() as connection:
+        connection.execute(text("drop index ix_alerts_suppressed_closed"))
+    with a_role(pg_engine, every_table=True) as (role, schema):
+        reader = make_engine(pg_engine.url.set(username=role).render_as_string(hide_password=False), connect_args={"options": f"-csearch_path={schema}"})
+        try:
+            with capture_logs() as logs, pytest.raises(ProgrammingError, match="must be owner of table alerts"):
+                create_schema(reader)
+        finally:
+            reader.dispose()
+    assert built(logs) == ["ix_alerts_suppressed_closed"]
