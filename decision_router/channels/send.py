@@ -267,16 +267,6 @@ class Sender(ABC):
         """One try of a digest; raises on transport problems (classified by `_classify`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot send digests")
 
-    def scrub_excerpt(self, text: str) -> str:
-        """`scrub` for the start of a reply: a credential the excerpt's end cuts short is no longer whole, so
-        `scrub` would leave its first characters; a tail that begins one (4 characters or more) is masked too."""
-        text = self.scrub(text)
-        for secret in self._secrets:
-            for size in range(min(len(secret), len(text) + 1) - 1, CUT_CREDENTIAL_MIN - 1, -1):
-                if text.endswith(secret[:size]):
-                    return text[:-size] + "***"
-        return text
-
     def _classify(self, exc: Exception) -> _Outcome:
         return _Outcome(ok=False, error=_clip(self.scrub(_describe(exc))), retryable=True)
 
@@ -636,16 +626,6 @@ class EmailSender(Sender):
             refused = "; ".join(f"{rcpt}: {r.code} {r.message}" for rcpt, r in errors.items())
             return _Outcome(ok=True, status_code=code, error=_clip(f"refused for some recipients: {refused}"))
         return _Outcome(ok=True, status_code=code)
-
-    def scrub_excerpt(self, text: str) -> str:
-        """`scrub` for the start of a reply: a credential the excerpt's end cuts short is no longer whole, so
-        `scrub` would leave its first characters; a tail that begins one (4 characters or more) is masked too."""
-        text = self.scrub(text)
-        for secret in self._secrets:
-            for size in range(min(len(secret), len(text) + 1) - 1, CUT_CREDENTIAL_MIN - 1, -1):
-                if text.endswith(secret[:size]):
-                    return text[:-size] + "***"
-        return text
 
     def _classify(self, exc: Exception) -> _Outcome:
         text = _clip(_describe(exc))
