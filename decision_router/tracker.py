@@ -690,15 +690,8 @@ def apply_outcome(
             # compare-and-set, even one that read it after another sweep's step that this transaction overlaps.
             record.sla_revision = AlertRecord.sla_revision + 1
             session.add(record)
-        if may_lose_to_outcome:
-            # Written (flushed) by now: an outcome dated earlier committed since the row was read left it unchanged
-            # above, and its audit event must not read as applied.
-            outcome_at = session.scalar(select(AlertRecord.outcome_at).where(
-                AlertRecord.alert_id == record.alert_id, AlertRecord.outcome_at < at))
-            if outcome_at is not None:
-                detail.update(after_outcome=iso(outcome_at))
-        if "after_outcome" not in detail:
-            detail.update(_already_recorded(session, record, event, first_read, now))
+        detail.update(_not_recorded(session, record, event, first_read=first_read, may_lose=may_lose_to_outcome,
+                                    at=at, now=now))
         session.add(
             AuditEvent(
                 alert_id=record.alert_id,
@@ -720,29 +713,36 @@ def _first_as_read(record: AlertRecord, event: OutcomeEvent) -> bool:
     return column is not None and getattr(record, column) is None
 
 
-def _already_recorded(
-    session: Session, record: AlertRecord, event: OutcomeEvent, first_read: bool, now: datetime
+def _not_recorded(
+    session: Session, record: AlertRecord, event: OutcomeEvent, *, first_read: bool, may_lose: bool, at: datetime,
+    now: datetime,
 ) -> dict[str, Any]:
-    """For an acknowledgement, intervention or outcome that is not the first of its type on `record` (the first
-    wins: this one is kept in the audit log only), what the row holds instead, so the story does not read it as
-    applied: `already_at` (and for an outcome `already_result`). Empty for the first one, and for other types.
+    """Why an acknowledgement, intervention or outcome is kept in the audit log only, so that the story does not
+    read it as applied: `after_outcome` (an ack or intervention that an outcome dated earlier, committed since the
+    row was read, left unchanged), or `already_at` (and for an outcome `already_result`) when it is not the first
+    of its type (the first wins). Empty when the row took it, and for other types.
 
-    Read after the write when it was first as read: another process may have committed one since."""
+    One read of the row after the write (flushed by now) when it was first, or had no outcome, as read: another
+    process may have committed one since."""
     if event.type not in (OutcomeType.ACKNOWLEDGED, OutcomeType.INTERVENED, OutcomeType.OUTCOME):
         return {}
     column = {OutcomeType.ACKNOWLEDGED: AlertRecord.acknowledged_at, OutcomeType.INTERVENED: AlertRecord.intervened_at,
               OutcomeType.OUTCOME: AlertRecord.outcome_at}[event.type]
+    if first_read or may_lose:
+        held_at, held_result, outcome_at = session.execute(
+            select(column, AlertRecord.outcome, AlertRecord.outcome_at).where(AlertRecord.alert_id == record.alert_id)
+        ).one()
+        if may_lose and outcome_at is not None and as_utc(outcome_at) < at:
+            return {"after_outcome": iso(outcome_at)}
+    else:
+        held_at, held_result = getattr(record, column.key), record.outcome
     if first_read:
         # Did the row take this event's values? (An intervention also sets acknowledged_at, but only where none
         # was recorded or a later one was: an ack losing to it finds the intervention's time.)
-        row = session.execute(select(column, AlertRecord.outcome).where(AlertRecord.alert_id == record.alert_id)).one()
-        held_at, held_result = row
-        mine = (event.at or now) if event.type is OutcomeType.OUTCOME else seen_at(record, event.at or now, now)
+        mine = at if event.type is OutcomeType.OUTCOME else seen_at(record, at, now)
         if held_at is None or (as_utc(held_at) == as_utc(mine) and (
                 event.type is not OutcomeType.OUTCOME or held_result == event.result.value)):  # type: ignore[union-attr]
             return {}
-    else:
-        held_at, held_result = getattr(record, column.key), record.outcome
     already: dict[str, Any] = {"already_at": iso(held_at)}
     if event.type is OutcomeType.OUTCOME:
         already.update(already_result=held_result)
