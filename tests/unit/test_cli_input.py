@@ -450,18 +450,6 @@ def closed_alert_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple
     return url, outcome_at
 
 
-def sending_to(sent: list[dict]) -> Callable[..., None]:
-    """`outcome`'s send_outcome without Redis: its checks (before_publishing) run, then `sent` gets the event."""
-
-    def send(document: dict, settings: object, *, before_publishing: Callable[[], None] | None = None,
-             **_options: object) -> None:
-        if before_publishing is not None:
-            before_publishing()
-        sent.append(document)
-
-    return send
-
-
 @pytest.mark.parametrize("type_", ["acknowledged", "intervened", "outcome", "reassigned"])
 def test_outcome_for_an_alert_id_the_store_lacks_is_refused_as_reassign_refuses_it(
     type_: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -469,7 +457,7 @@ def test_outcome_for_an_alert_id_the_store_lacks_is_refused_as_reassign_refuses_
     """`outcome TYPE --alert al-nope` published an event the router dead-letters (unknown_alert), said "recorded"."""
     url, _ = closed_alert_store(tmp_path, monkeypatch)
     sent: list[dict] = []
-    monkeypatch.setattr("decision_router.cli.send_outcome", sending_to(sent))
+    monkeypatch.setattr("decision_router.cli.send_outcome", publishing_to(sent))
     extra = {"outcome": ["--result", "success"], "reassigned": ["--owner", "desk"]}.get(type_, [])
     line = one_error(invoke("outcome", type_, "--alert", "al-nope", "--actor", "ops", *extra), 2)
     assert line == f"error: no alert 'al-nope' in the store at {url}; nothing was sent"
@@ -485,7 +473,7 @@ def test_outcome_ack_or_intervention_after_the_alerts_outcome_is_refused(
     """The router refuses it (it cannot have caused the outcome): an error here, not "recorded"."""
     _, outcome_at = closed_alert_store(tmp_path, monkeypatch)
     sent: list[dict] = []
-    monkeypatch.setattr("decision_router.cli.send_outcome", sending_to(sent))
+    monkeypatch.setattr("decision_router.cli.send_outcome", publishing_to(sent))
     after = (outcome_at + timedelta(minutes=5)).isoformat()
     line = one_error(invoke("outcome", "intervened", "--alert", "al-r-1", "--actor", "felix", "--at", after), 2)
     assert line == ("error: alert 'al-r-1' has its outcome since 2026-11-01T10:00:00Z: intervened --at "
@@ -520,7 +508,7 @@ def test_outcome_dated_before_the_alert_existed_is_refused(tmp_path: Path, monke
     engine.dispose()
     monkeypatch.setenv("DECISION_ROUTER_DATABASE_URL", url)
     sent: list[dict] = []
-    monkeypatch.setattr("decision_router.cli.send_outcome", sending_to(sent))
+    monkeypatch.setattr("decision_router.cli.send_outcome", publishing_to(sent))
 
     def at(minutes: int) -> str:
         return (T0 + timedelta(minutes=minutes)).isoformat()
